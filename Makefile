@@ -1,0 +1,38 @@
+# searchsvc — `make run` and `make test` are all a newcomer needs; both call `make setup` first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/quickstart.yaml
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: setup run test test-all bench clean-store help
+
+help:            ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/ —/'
+
+setup: $(STAMP)  ## create .venv and install the package editable with its dev extra (fast when nothing changed)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing searchsvc and its dependencies into $(VENV) (first time: a few minutes)"
+	@$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v 'is ignored: it is neither' || true
+	@$(BIN)/python -c "import searchsvc, torch, ray" || { echo "setup: install failed"; exit 1; }
+	@bash scripts/install-datasets.sh
+	@touch $(STAMP)
+
+run: setup       ## run the quickstart search (CONFIG=... to choose another config)
+	$(BIN)/searchsvc run $(CONFIG)
+
+test: setup      ## the test suite that runs on a 2-core CPU machine (no slow, no gpu tests)
+	$(BIN)/python -m pytest -m "not slow and not gpu" --durations=15
+
+test-all: setup  ## every test, slow ones included
+	$(BIN)/python -m pytest
+
+bench: setup     ## CPU benchmarks; JSON lands in benchmarks/results/
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/store_throughput.py
+
+clean-store:     ## delete the default local store
+	rm -rf ./searchsvc-store

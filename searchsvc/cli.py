@@ -1,0 +1,167 @@
+"""The `searchsvc` command. User errors end with exit code 2 and one line per problem; `--debug` shows tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from typing import Any, Sequence
+
+from storage import DEFAULT_STORE
+from storage.errors import SearchsvcError
+
+EXIT_USAGE = 2
+
+DESCRIPTION = """\
+searchsvc: find smaller, faster networks. A driver proposes candidate networks derived from a
+teacher; workers build, distill and measure each one; every result lands in an artifact store.
+
+Typical use:
+  searchsvc validate configs/quickstart.yaml
+  searchsvc run configs/quickstart.yaml
+  searchsvc results --store ./searchsvc-store
+"""
+
+STORE_HELP = (f"artifact store: a folder, file:///abs/dir or s3://bucket/prefix (default: the config's store:, "
+              f"else {DEFAULT_STORE})")
+ENDPOINT_HELP = ("S3 endpoint URL for s3:// stores, e.g. http://127.0.0.1:9000 for MinIO (default: boto3's "
+                 "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS). Credentials come only from boto3's chain: "
+                 "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, or an instance role")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, with help for every flag."""
+    parser = argparse.ArgumentParser(prog="searchsvc", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    parser.add_argument("--version", action="version", version=_version_text())
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # --debug is accepted after the command too (`searchsvc run x.yaml --debug`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show full tracebacks and debug logs")
+
+    validate = commands.add_parser("validate", parents=[common], help="check a job config against the schema",
+                                   description="Check CONFIG; print every problem with its key path (exit 2).")
+    validate.add_argument("config", metavar="CONFIG", help="job config YAML file")
+    _add_set(validate)
+
+    run = commands.add_parser("run", parents=[common], help="run one search job",
+                              description="Run the job in CONFIG: train or load the teacher, search, record "
+                                          "everything in the store, print the ranked table.")
+    run.add_argument("config", metavar="CONFIG", help="job config YAML file")
+    run.add_argument("--store", help=STORE_HELP)
+    run.add_argument("--s3-endpoint", help=ENDPOINT_HELP)
+    _add_set(run)
+    run.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+
+    results = commands.add_parser("results", parents=[common], help="show a run's ranked results",
+                                  description="Print the consolidated results of a run, best first.")
+    results.add_argument("--store", default=DEFAULT_STORE, help=f"artifact store (default {DEFAULT_STORE})")
+    results.add_argument("--s3-endpoint", help=ENDPOINT_HELP)
+    results.add_argument("--run", help="run id (default: the latest run in the store)")
+    results.add_argument("--top", type=int, metavar="K", help="show only the best K rows")
+    results.add_argument("--json", action="store_true", help="print a JSON list of row objects instead of a table")
+    return parser
+
+
+def _add_set(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                     help="override a config key, e.g. --set train.epochs=3 --set dataset.subset=0.1 "
+                          "(value parsed as YAML; repeatable)")
+
+
+def _version_text() -> str:
+    from searchsvc.version import code_version
+
+    return f"searchsvc {code_version()}"
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from searchsvc.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    print(f"{args.config}: ok (method {config.method}, dataset {config.dataset.name}, teacher {config.teacher.arch})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from searchsvc.config import load_config
+    from searchsvc.job import run
+
+    config = load_config(args.config, args.overrides)
+    result = run(config, store=args.store, endpoint=args.s3_endpoint, progress=not args.no_progress)
+    print(f"run {result.run_id}: {result.status}; teacher {result.teacher_hash} test accuracy "
+          f"{result.teacher_accuracy:.4f}; {result.summary.get('evaluations', 0)} evaluations, "
+          f"{result.summary.get('cache_hits', 0)} cache hits")
+    print(format_table(table_rows(result.table)))
+    print(f"store: {result.store_uri}   (searchsvc results --store {result.store_uri} --run {result.run_id})")
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from storage import open_store
+    from storage.tables import latest_run, read_results
+
+    if args.top is not None and args.top < 1:
+        raise SearchsvcError(f"--top: must be a positive integer, got {args.top}")
+    store = open_store(args.store, endpoint=args.s3_endpoint, create=False)
+    run_id = args.run or latest_run(store)
+    rows = table_rows(read_results(store, run_id))[: args.top]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"run {run_id} in {store.uri}")
+        print(format_table(rows))
+    return 0
+
+
+def table_rows(table: Any) -> list[dict[str, Any]]:
+    """Table rows as JSON-safe dicts (NaN → null)."""
+    clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
+    return [{k: clean(v) for k, v in row.items()} for row in table.to_pylist()]
+
+
+_COLUMNS = [("spec_hash", "spec_hash", "{}"), ("method", "method", "{}"), ("status", "status", "{}"),
+            ("reward", "reward", "{:.4f}"), ("compression", "x-factor", "{:.2f}"), ("accuracy", "accuracy", "{:.4f}"),
+            ("params", "params", "{:,}"), ("macs", "MACs", "{:,}"), ("latency_ms", "latency ms", "{:.2f}"),
+            ("artifact", "artifact", "{}")]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of result rows, ranked as given."""
+    if not rows:
+        return "(no results yet)"
+    header = ["#"] + [title for _, title, _ in _COLUMNS]
+    body = [[str(rank)] + ["-" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in _COLUMNS]
+            for rank, row in enumerate(rows, start=1)]
+    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header] + body]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
+
+
+COMMANDS = {"validate": cmd_validate, "run": cmd_run, "results": cmd_results}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except SearchsvcError as err:
+        if args.debug:
+            raise
+        for line in str(err).splitlines() or [type(err).__name__]:
+            print(f"searchsvc: error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("searchsvc: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,132 @@
+"""Job configs: YAML (read with yaml.safe_load) → frozen dataclasses, every problem named by its key path."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import yaml
+
+from searchsvc.methods import get_method, list_methods
+from storage import DEFAULT_STORE
+from storage.errors import SearchsvcError
+from storage.records import RecordError, from_data, to_data
+from workers.data import DatasetConfig
+from workers.teacher import TeacherConfig
+from workers.train import TrainConfig
+
+
+class ConfigError(RecordError):
+    """A config file that cannot be read or does not match the schema."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one candidate evaluation gets from Ray."""
+
+    gpus_per_eval: float = field(default=0.25, metadata={"min": 0, "help": "GPU share per evaluation (0.25: 4/GPU)"})
+    cpus_per_eval: float = field(default=1.0, metadata={"gt": 0, "help": "CPU cores per evaluation"})
+    max_concurrent: int | None = field(default=None, metadata={"min": 1, "help": "cap on evaluations in flight"})
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One search job (DESIGN §3)."""
+
+    method: str = field(metadata={"choices": list_methods, "help": "n2n | taylor | agp | rigl"})
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    search: Any = None  # the method's own section, validated against its schema (searchsvc.methods)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resources: Resources = field(default_factory=Resources)
+    store: str = field(default=DEFAULT_STORE, metadata={"help": "folder, file:///abs/dir or s3://bucket/prefix"})
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: the GPU if any"})
+    seed: int = field(default=0, metadata={"min": 0, "help": "seed of the search"})
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply `key.path=value` overrides (values parsed as YAML: 3 → int, true → bool, [1, 2] → list)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError([f"--set {item!r}: expected key.path=value"])
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError([f"--set {key}: value {text!r} is not valid YAML"]) from None
+        node = raw
+        parts = key.strip().split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError([f"--set {key}: {'.'.join(parts[: depth + 1])} is not a mapping"])
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML file; ConfigError naming the file (and line) otherwise."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+        raise ConfigError([f"{path}: cannot read ({err.__class__.__name__})"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError([f"{path}{where}: invalid YAML: {problem}"]) from None
+    if raw is None:
+        raise ConfigError([f"{path}: the file is empty"])
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of keys (method:, dataset:, ...)"])
+    return raw
+
+
+def parse_config(raw: dict[str, Any], source: str = "") -> JobConfig:
+    """Validate plain data into a JobConfig; ConfigError lists every problem with its key path."""
+    problems: list[str] = []
+    config = None
+    try:
+        config = from_data(JobConfig, raw)
+    except RecordError as err:
+        problems.extend(err.problems)
+    method_name = raw.get("method")
+    search = None
+    if isinstance(method_name, str) and method_name in list_methods():
+        try:
+            search = from_data(get_method(method_name).search_schema, raw.get("search") or {}, path="search")
+        except RecordError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise ConfigError(problems, source)
+    assert config is not None
+    return dataclasses.replace(config, search=search)
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> JobConfig:
+    """Read, override and validate a job config file."""
+    raw = apply_overrides(read_yaml(path), overrides)
+    try:
+        return parse_config(raw, source=str(path))
+    except ConfigError as err:
+        raise ConfigError(err.problems, str(path)) from None
+
+
+def config_to_yaml(config: JobConfig) -> str:
+    """The resolved config as YAML (every default filled in), as stored in runs/<id>/config.yaml."""
+    header = "# resolved searchsvc job config: every default filled in\n"
+    return header + yaml.safe_dump(to_data(config), sort_keys=False, default_flow_style=False)
+
+
+__all__ = ["ConfigError", "JobConfig", "Resources", "SearchsvcError", "apply_overrides", "config_to_yaml",
+           "load_config", "parse_config", "read_yaml"]

@@ -1,0 +1,107 @@
+"""One search job from start to end: store → run record → data → teacher → the method's driver → results.
+
+    runs/<run_id>/config.yaml      the resolved config, written first and once
+    runs/<run_id>/run.json         status, teacher, counts and timings, rewritten as the run goes
+    runs/<run_id>/results.parquet  the consolidated table
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+
+from searchsvc.config import JobConfig, config_to_yaml
+from searchsvc.methods import get_method
+from searchsvc.version import code_version
+from storage import ArtifactStore, open_store
+from storage.tables import run_prefix, write_results
+from workers.data import Splits, load_dataset
+from workers.teacher import Teacher, load_or_train_teacher
+from workers.train import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """What a driver gets: the config, the store, the run id, the data and the trained teacher."""
+
+    config: JobConfig
+    store: ArtifactStore
+    run_id: str
+    splits: Splits
+    teacher: Teacher
+    progress: bool = True
+    rows: list[dict[str, Any]] = field(default_factory=list)  # result rows; the driver appends
+    summary: dict[str, Any] = field(default_factory=dict)  # counts the driver reports (evaluations, cache_hits)
+
+
+@dataclass
+class RunResult:
+    """What `run` returns: where the run lives and its ranked results."""
+
+    run_id: str
+    store_uri: str
+    status: str
+    teacher_hash: str
+    teacher_accuracy: float
+    table: pa.Table
+    summary: dict[str, Any]
+
+
+def new_run_id() -> str:
+    """UTC timestamp plus 6 random hex digits: sorts by start time, unique across machines."""
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run(config: JobConfig, store: ArtifactStore | str | None = None, endpoint: str | None = None,
+        progress: bool = True) -> RunResult:
+    """Run one search job; every artifact goes to `store` (default: the config's `store`)."""
+    if not isinstance(store, ArtifactStore):
+        store = open_store(store or config.store, endpoint=endpoint)
+    method = get_method(config.method)
+    run_id = new_run_id()
+    prefix = run_prefix(run_id)
+    store.put_bytes(f"{prefix}/config.yaml", config_to_yaml(config).encode(), write_once=True)
+    record: dict[str, Any] = {"run_id": run_id, "method": config.method, "status": "running", "started_at": _now(),
+                              "code_version": code_version(), "store": store.uri}
+    store.put_json(f"{prefix}/run.json", record)
+    log.info("run %s (%s) recording to %s", run_id, config.method, store.uri_for(prefix))
+    started = time.perf_counter()
+    try:
+        splits = load_dataset(config.dataset)
+        log.info("dataset %s: %s, %d classes, %d channels, %dx%d px", config.dataset.name, splits.sizes(),
+                 splits.num_classes, splits.in_channels, splits.image_size, splits.image_size)
+        device = resolve_device(config.device)
+        teacher = load_or_train_teacher(store, config.teacher, config.dataset, splits, device, progress=progress,
+                                        extra_meta={"code_version": code_version()})
+        record.update(teacher_hash=teacher.teacher_hash, teacher_accuracy=teacher.test_accuracy,
+                      teacher_cached=teacher.cached)
+        store.put_json(f"{prefix}/run.json", record)
+        context = RunContext(config, store, run_id, splits, teacher, progress)
+        if method.driver is None:
+            log.warning("method %s has no search driver yet: the run stops after the teacher", config.method)
+            status = "prepared"
+        else:
+            method.driver(context)
+            status = "finished"
+        table = write_results(store, run_id, context.rows)
+    except BaseException as err:
+        record.update(status="failed", error=f"{type(err).__name__}: {err}", finished_at=_now(),
+                      wall_s=time.perf_counter() - started)
+        store.put_json(f"{prefix}/run.json", record)
+        raise
+    summary = {"evaluations": len(context.rows), "cache_hits": 0, **context.summary}
+    record.update(status=status, finished_at=_now(), wall_s=time.perf_counter() - started, **summary)
+    store.put_json(f"{prefix}/run.json", record)
+    return RunResult(run_id, store.uri, status, teacher.teacher_hash, teacher.test_accuracy, table, summary)

@@ -1,0 +1,108 @@
+"""The search methods: a small explicit registry of name → (search-section schema, driver).
+
+A method's `search:` section is validated against its schema dataclass. The driver is the code
+that proposes candidates; a method whose driver is not built yet still validates and prepares a
+run (data, teacher, run record) so configs can be written and checked ahead of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from storage.errors import SearchsvcError
+from storage.records import did_you_mean
+
+Driver = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    search_schema: type
+    description: str
+    driver: Driver | None = None
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, search_schema: type, description: str, driver: Driver | None = None) -> Method:
+    """Add a method (or replace its entry when its driver module registers the driver)."""
+    _METHODS[name] = Method(name, search_schema, description, driver)
+    return _METHODS[name]
+
+
+def list_methods() -> list[str]:
+    """Registered method names."""
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    """The method registered as `name`; a SearchsvcError with a did-you-mean otherwise."""
+    if name not in _METHODS:
+        raise SearchsvcError(f"method: unknown method {name!r}{did_you_mean(name, _METHODS)}; "
+                             f"choose one of {', '.join(list_methods())}")
+    return _METHODS[name]
+
+
+# ---- search sections --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class N2NSearch:
+    """Network-to-network compression by reinforcement learning (remove, then shrink layers)."""
+
+    agent: Literal["ppo", "random"] = field(default="ppo", metadata={"help": "ppo, or random as the baseline"})
+    max_evaluations: int = field(default=64, metadata={"min": 1, "help": "candidate evaluations, cache hits excluded"})
+    time_budget_s: float | None = field(default=None, metadata={"gt": 0, "help": "stop after this many seconds"})
+    target_compression: float | None = field(default=None, metadata={"gt": 1, "help": "stop at this x-factor"})
+    reward: Literal["c_2_minus_c", "c_over_2_minus_c"] = field(
+        default="c_2_minus_c", metadata={"help": "C(2-C)·As/A (paper's code) or C·As/((2-C)·A) (paper's text)"})
+    num_envs: int = field(default=4, metadata={"min": 1, "help": "candidates in flight at once"})
+    shrink: bool = field(default=True, metadata={"help": "run the layer-shrinkage stage after removal"})
+    top_k: int = field(default=5, metadata={"min": 0, "help": "best networks to fine-tune at the end"})
+    finetune_epochs: int = field(default=0, metadata={"min": 0, "help": "epochs of distillation for the top-k"})
+
+
+@dataclass(frozen=True)
+class TaylorStop:
+    min_accuracy: float | None = field(default=None, metadata={"min": 0, "max": 1, "help": "stop below this"})
+    max_drop: float = field(default=2.0, metadata={"min": 0, "help": "stop this many points below the start"})
+
+
+@dataclass(frozen=True)
+class TaylorSearch:
+    """Iterative filter pruning ranked by first-order Taylor importance."""
+
+    iterations: int = field(default=5, metadata={"min": 1, "help": "prune / fine-tune rounds"})
+    filters_per_iteration: int | float = field(
+        default=0.1, metadata={"gt": 0, "help": "filters removed per round: a count, or a fraction of all filters"})
+    importance_batches: int = field(default=8, metadata={"min": 1, "help": "batches averaged for importance"})
+    num_samples: int = field(default=1, metadata={"min": 1, "help": "Tune trials"})
+    stop: TaylorStop = field(default_factory=TaylorStop)
+
+
+@dataclass(frozen=True)
+class AgpSearch:
+    """Distiller-style gradual magnitude pruning driven by a YAML schedule."""
+
+    schedule: str = field(default="", metadata={"help": "path of the Distiller schedule YAML"})
+    num_samples: int = field(default=1, metadata={"min": 1, "help": "Tune trials"})
+
+
+@dataclass(frozen=True)
+class RigLSearch:
+    """RigL dynamic sparse training."""
+
+    dense_allocation: float = field(default=0.1, metadata={"gt": 0, "max": 1, "help": "fraction of weights kept"})
+    delta: int = field(default=100, metadata={"min": 1, "help": "steps between mask updates"})
+    alpha: float = field(default=0.3, metadata={"gt": 0, "max": 1, "help": "initial fraction updated"})
+    t_end_fraction: float = field(default=0.75, metadata={"gt": 0, "max": 1, "help": "stop updates at this share"})
+    distribution: Literal["uniform", "erk"] = field(default="uniform", metadata={"help": "per-layer density rule"})
+    static_topo: bool = field(default=False, metadata={"help": "never change masks (static sparse baseline)"})
+    num_samples: int = field(default=1, metadata={"min": 1, "help": "Tune trials"})
+
+
+register_method("n2n", N2NSearch, "RLlib PPO agent removes and shrinks layers of the teacher")
+register_method("taylor", TaylorSearch, "iterative Taylor filter pruning as a Ray Tune sweep")
+register_method("agp", AgpSearch, "gradual magnitude pruning from a Distiller YAML schedule")
+register_method("rigl", RigLSearch, "RigL dynamic sparse training")

@@ -1,0 +1,210 @@
+"""The `ArtifactStore` interface: one set of operations, the same keys on every backend.
+
+Backends implement five primitives (`_put`, `_get`, `exists`, `list`, `_get_to_file`/`_put_file`);
+everything else — write-once semantics, JSON, Parquet tables, manifests — is built here once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.errors import CorruptArtifactError, InvalidKeyError, KeyNotFoundError, WriteConflictError
+
+MANIFEST = "manifest.json"
+_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=+-]*$")
+_HASH_CHUNK = 1 << 20  # bytes read at a time when hashing a file
+
+
+def check_key(key: str) -> str:
+    """Return `key` if it is a safe relative key ('a/b.json'); raise InvalidKeyError otherwise."""
+    if not isinstance(key, str) or not key or key.startswith("/") or key.endswith("/"):
+        raise InvalidKeyError(f"invalid store key {key!r}: must be a relative path like 'runs/x/config.yaml'")
+    for segment in key.split("/"):
+        if segment in ("", ".", "..") or not _SEGMENT.match(segment):
+            raise InvalidKeyError(f"invalid store key {key!r}: segment {segment!r} is not allowed")
+    return key
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """Validate a run id or spec hash that becomes one key segment (no '/', no '..')."""
+    if not isinstance(value, str) or not _SEGMENT.match(value) or value in (".", ".."):
+        raise InvalidKeyError(f"invalid {what} {value!r}: use letters, digits, '.', '_', '-' only")
+    return value
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of a byte string."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ArtifactStore(ABC):
+    """A key/value store of artifacts addressed by relative keys such as 'runs/<id>/config.yaml'."""
+
+    uri: str
+
+    # ---- primitives each backend implements -------------------------------------------------
+    @abstractmethod
+    def _put(self, key: str, data: bytes, if_absent: bool) -> bool:
+        """Store `data`; with `if_absent`, store only if the key is new. Return False if it was not."""
+
+    @abstractmethod
+    def _put_file(self, key: str, path: Path, if_absent: bool) -> bool:
+        """Like `_put` for a file on disk (large files stream; S3 uses multipart)."""
+
+    @abstractmethod
+    def _get(self, key: str) -> bytes:
+        """Return the bytes at `key`; raise KeyNotFoundError if it is missing."""
+
+    @abstractmethod
+    def _get_to_file(self, key: str, path: Path) -> None:
+        """Copy the object at `key` to the local file `path`."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """True if an object is stored at `key`."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """All keys under `prefix` (recursive), sorted."""
+
+    @abstractmethod
+    def uri_for(self, key: str) -> str:
+        """A URI a user can paste: file:///... or s3://bucket/prefix/key."""
+
+    # ---- bytes and files ----------------------------------------------------------------------
+    def put_bytes(self, key: str, data: bytes, write_once: bool = False) -> str:
+        """Store `data` at `key` and return its sha256.
+
+        With `write_once`, a second writer of identical content succeeds (idempotent) and one with
+        different content raises WriteConflictError; the stored object is never replaced.
+        """
+        check_key(key)
+        digest = sha256_bytes(data)
+        if not self._put(key, data, if_absent=write_once):
+            self._check_same(key, digest)
+        return digest
+
+    def put_file(self, key: str, path: str | Path, write_once: bool = False) -> str:
+        """Store a local file at `key` (multipart on S3 for large files); return its sha256."""
+        check_key(key)
+        path = Path(path)
+        digest = sha256_file(path)
+        if not self._put_file(key, path, if_absent=write_once):
+            self._check_same(key, digest)
+        return digest
+
+    def get_bytes(self, key: str) -> bytes:
+        """The bytes stored at `key`."""
+        return self._get(check_key(key))
+
+    def get_file(self, key: str, path: str | Path) -> Path:
+        """Download `key` to `path` (parent folders are created); return the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._get_to_file(check_key(key), path)
+        return path
+
+    def _check_same(self, key: str, digest: str) -> None:
+        existing = sha256_bytes(self._get(key))
+        if existing != digest:
+            raise WriteConflictError(
+                f"{self.uri_for(key)} already exists with different content "
+                f"(stored sha256 {existing[:12]}, new {digest[:12]}); it is write-once and was kept"
+            )
+
+    # ---- structured data ------------------------------------------------------------------------
+    def put_json(self, key: str, obj: Any, write_once: bool = False) -> str:
+        """Store `obj` as indented, key-sorted JSON."""
+        text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+        return self.put_bytes(key, text.encode(), write_once=write_once)
+
+    def get_json(self, key: str) -> Any:
+        """Load the JSON stored at `key`."""
+        try:
+            return json.loads(self.get_bytes(key))
+        except json.JSONDecodeError as err:
+            raise CorruptArtifactError(f"{self.uri_for(key)} is not valid JSON: {err}") from None
+
+    def put_table(self, key: str, table: pa.Table) -> str:
+        """Store a Parquet table; the whole object is replaced atomically."""
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        return self.put_bytes(key, sink.getvalue().to_pybytes())
+
+    def get_table(self, key: str) -> pa.Table:
+        """Read the Parquet table at `key`."""
+        try:
+            return pq.read_table(io.BytesIO(self.get_bytes(key)))
+        except (pa.ArrowInvalid, OSError) as err:
+            raise CorruptArtifactError(f"{self.uri_for(key)} is not a readable Parquet file: {err}") from None
+
+    # ---- manifests ------------------------------------------------------------------------------
+    def write_manifest(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """Record sha256 and size of every object under `prefix` in `<prefix>/manifest.json`.
+
+        The manifest is written last and once, so its presence marks the folder as complete.
+        """
+        prefix = check_key(prefix)
+        entries: dict[str, dict[str, Any]] = {}
+        for key in self.list(prefix + "/"):
+            name = key[len(prefix) + 1 :]
+            if name == MANIFEST:
+                continue
+            data = self._get(key)
+            entries[name] = {"sha256": sha256_bytes(data), "bytes": len(data)}
+        self.put_json(f"{prefix}/{MANIFEST}", {"files": entries}, write_once=True)
+        return entries
+
+    def verify(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """Check every file listed in `<prefix>/manifest.json`; raise CorruptArtifactError on a mismatch."""
+        manifest_key = f"{check_key(prefix)}/{MANIFEST}"
+        if not self.exists(manifest_key):
+            raise KeyNotFoundError(f"{self.uri_for(prefix)} has no {MANIFEST}: the artifact is incomplete")
+        files = self.get_json(manifest_key).get("files", {})
+        for name, entry in files.items():
+            key = f"{prefix}/{name}"
+            try:
+                digest = sha256_bytes(self._get(key))
+            except KeyNotFoundError:
+                raise CorruptArtifactError(f"{self.uri_for(key)} is listed in the manifest but missing") from None
+            if digest != entry["sha256"]:
+                raise CorruptArtifactError(
+                    f"{self.uri_for(key)} is corrupt: sha256 {digest[:12]} does not match the manifest's "
+                    f"{entry['sha256'][:12]}"
+                )
+        return files
+
+    def get_verified(self, prefix: str, name: str) -> bytes:
+        """The bytes of `<prefix>/<name>`, checked against the folder's manifest."""
+        manifest_key = f"{check_key(prefix)}/{MANIFEST}"
+        if not self.exists(manifest_key):
+            raise KeyNotFoundError(f"{self.uri_for(prefix)} has no {MANIFEST}: the artifact is incomplete")
+        entry = self.get_json(manifest_key).get("files", {}).get(name)
+        key = f"{prefix}/{name}"
+        if entry is None:
+            raise KeyNotFoundError(f"{self.uri_for(key)} is not in the manifest")
+        data = self.get_bytes(key)
+        if sha256_bytes(data) != entry["sha256"]:
+            raise CorruptArtifactError(f"{self.uri_for(key)} is corrupt: its sha256 does not match the manifest")
+        return data
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"

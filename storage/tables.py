@@ -1,0 +1,84 @@
+"""The results table: one row per evaluation, the same columns for every method (DESIGN §2)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from storage.base import ArtifactStore, check_id
+from storage.errors import KeyNotFoundError, StoreError
+
+RESULT_SCHEMA = pa.schema([
+    ("spec_hash", pa.string()),
+    ("method", pa.string()),
+    ("run_id", pa.string()),
+    ("code_version", pa.string()),
+    ("status", pa.string()),  # ok | invalid
+    ("accuracy", pa.float64()),  # top-1 on the test split, 0..1
+    ("params", pa.int64()),
+    ("macs", pa.int64()),  # multiply-accumulates for one image
+    ("latency_ms", pa.float64()),  # batch-1 median on the worker's device
+    ("compression", pa.float64()),  # x-factor: teacher params / candidate params
+    ("reward", pa.float64()),
+    ("wall_s", pa.float64()),  # seconds the evaluation took
+    ("worker", pa.string()),
+    ("artifact", pa.string()),  # URI of the kept model, or null
+])
+
+
+def run_prefix(run_id: str) -> str:
+    """`runs/<run_id>`, with the id checked so no key escapes its prefix."""
+    return f"runs/{check_id(run_id, 'run id')}"
+
+
+def results_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
+    """Rows (dicts; extra keys kept as extra columns) → a table with the result schema first."""
+    rows = list(rows)
+    extra = sorted({k for row in rows for k in row} - set(RESULT_SCHEMA.names))
+    columns = {name: [row.get(name) for row in rows] for name in RESULT_SCHEMA.names + extra}
+    fields = list(RESULT_SCHEMA) + [pa.field(name, pa.array(columns[name]).type) for name in extra]
+    return pa.table(columns, schema=pa.schema(fields))
+
+
+def rank(table: pa.Table) -> pa.Table:
+    """Best first: valid results by reward, then accuracy, then fewest params."""
+    if table.num_rows == 0:
+        return table
+    invalid = pc.not_equal(table["status"], "ok").cast(pa.int8())
+    keyed = table.append_column("_invalid", invalid)
+    order = [("_invalid", "ascending"), ("reward", "descending"), ("accuracy", "descending"), ("params", "ascending")]
+    return keyed.sort_by(order).drop_columns(["_invalid"])
+
+
+def write_results(store: ArtifactStore, run_id: str, rows: Iterable[dict[str, Any]]) -> pa.Table:
+    """(Re)write `runs/<id>/results.parquet` atomically from all rows so far; return the ranked table."""
+    table = rank(results_table(rows))
+    store.put_table(f"{run_prefix(run_id)}/results.parquet", table)
+    return table
+
+
+def list_runs(store: ArtifactStore) -> list[str]:
+    """Run ids in the store, oldest first (ids start with a UTC timestamp)."""
+    return sorted({key.split("/")[1] for key in store.list("runs/") if key.count("/") >= 2})
+
+
+def latest_run(store: ArtifactStore) -> str:
+    """The newest run id; StoreError if the store holds none."""
+    runs = list_runs(store)
+    if not runs:
+        raise StoreError(f"{store.uri} holds no runs yet: start one with `searchsvc run CONFIG`")
+    return runs[-1]
+
+
+def read_results(store: ArtifactStore, run_id: str | None = None) -> pa.Table:
+    """The ranked results of `run_id` (latest run by default); an empty table if none were written."""
+    run_id = run_id or latest_run(store)
+    prefix = run_prefix(run_id)
+    if not store.exists(f"{prefix}/config.yaml"):
+        raise KeyNotFoundError(f"run '{run_id}' does not exist in {store.uri}")
+    key = f"{prefix}/results.parquet"
+    if not store.exists(key):
+        return RESULT_SCHEMA.empty_table()
+    return rank(store.get_table(key))

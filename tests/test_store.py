@@ -1,0 +1,203 @@
+"""The artifact store contract, run against the local folder and a real S3 server (SeaweedFS)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+
+import pyarrow as pa
+import pytest
+
+from storage import (
+    BucketNotFoundError,
+    CorruptArtifactError,
+    InvalidKeyError,
+    KeyNotFoundError,
+    LocalStore,
+    S3Store,
+    StoreAccessError,
+    StoreError,
+    StoreUnreachableError,
+    WriteConflictError,
+    open_store,
+)
+from storage.tables import read_results, write_results
+
+
+def test_bytes_round_trip(store):
+    digest = store.put_bytes("runs/r1/blob.bin", b"\x00\x01payload")
+    assert store.get_bytes("runs/r1/blob.bin") == b"\x00\x01payload"
+    assert digest == hashlib.sha256(b"\x00\x01payload").hexdigest()
+    assert store.exists("runs/r1/blob.bin")
+    assert not store.exists("runs/r1/other.bin")
+
+
+def test_write_once_same_content_is_idempotent(store):
+    store.put_bytes("candidates/abc/spec.json", b"{}", write_once=True)
+    store.put_bytes("candidates/abc/spec.json", b"{}", write_once=True)
+    assert store.get_bytes("candidates/abc/spec.json") == b"{}"
+
+
+def test_write_once_different_content_fails_and_keeps_the_original(store):
+    store.put_bytes("candidates/abc/spec.json", b"first", write_once=True)
+    with pytest.raises(WriteConflictError, match="candidates/abc/spec.json"):
+        store.put_bytes("candidates/abc/spec.json", b"second", write_once=True)
+    assert store.get_bytes("candidates/abc/spec.json") == b"first"
+
+
+def test_plain_put_replaces(store):
+    store.put_bytes("runs/r1/run.json", b"old")
+    store.put_bytes("runs/r1/run.json", b"new")
+    assert store.get_bytes("runs/r1/run.json") == b"new"
+
+
+def test_list_by_prefix_is_recursive_and_sorted(store):
+    for key in ["runs/b/x.json", "runs/a/evals/2.json", "runs/a/evals/1.json", "teachers/t/model.pt"]:
+        store.put_bytes(key, b"1")
+    assert store.list("runs/a/") == ["runs/a/evals/1.json", "runs/a/evals/2.json"]
+    assert store.list("runs/") == ["runs/a/evals/1.json", "runs/a/evals/2.json", "runs/b/x.json"]
+    assert len(store.list()) == 4
+    assert store.list("nothing/") == []
+
+
+def test_missing_key_is_a_clear_error(store):
+    with pytest.raises(KeyNotFoundError, match="runs/none/config.yaml"):
+        store.get_bytes("runs/none/config.yaml")
+
+
+@pytest.mark.parametrize("key", ["../escape", "runs/../../etc/passwd", "/abs", "runs//x", "runs/x/", "a\\b", ""])
+def test_keys_that_escape_their_prefix_are_rejected(store, key):
+    with pytest.raises(InvalidKeyError):
+        store.put_bytes(key, b"x")
+
+
+def test_json_round_trip(store):
+    store.put_json("runs/r/run.json", {"b": [1, 2.5], "a": None})
+    assert store.get_json("runs/r/run.json") == {"a": None, "b": [1, 2.5]}
+
+
+def test_parquet_round_trip_keeps_schema_and_values(store):
+    table = pa.table({"spec_hash": ["a", "b"], "accuracy": [0.5, 0.75], "params": pa.array([10, 20], pa.int64())})
+    store.put_table("runs/r/t.parquet", table)
+    back = store.get_table("runs/r/t.parquet")
+    assert back.schema == table.schema
+    assert back.to_pylist() == table.to_pylist()
+
+
+def test_results_table_is_ranked_best_first(store):
+    rows = [
+        {"spec_hash": "low", "status": "ok", "reward": 0.1, "accuracy": 0.9, "params": 5},
+        {"spec_hash": "bad", "status": "invalid", "reward": 2.0, "accuracy": 0.0, "params": 1},
+        {"spec_hash": "high", "status": "ok", "reward": 0.7, "accuracy": 0.8, "params": 9},
+    ]
+    store.put_bytes("runs/r1/config.yaml", b"method: n2n\n")
+    write_results(store, "r1", rows)
+    assert read_results(store, "r1")["spec_hash"].to_pylist() == ["high", "low", "bad"]
+
+
+def test_manifest_detects_a_corrupt_file(store):
+    store.put_bytes("teachers/t/model.pt", b"weights")
+    store.put_bytes("teachers/t/meta.json", b"{}")
+    files = store.write_manifest("teachers/t")
+    assert set(files) == {"model.pt", "meta.json"}
+    store.verify("teachers/t")
+    assert store.get_verified("teachers/t", "model.pt") == b"weights"
+    store.put_bytes("teachers/t/model.pt", b"weightz")  # bit rot, or a partial overwrite
+    with pytest.raises(CorruptArtifactError, match="model.pt"):
+        store.verify("teachers/t")
+    with pytest.raises(CorruptArtifactError, match="model.pt"):
+        store.get_verified("teachers/t", "model.pt")
+
+
+def test_verify_without_manifest_says_incomplete(store):
+    store.put_bytes("teachers/t/model.pt", b"weights")
+    with pytest.raises(KeyNotFoundError, match="manifest"):
+        store.verify("teachers/t")
+
+
+def test_large_file_round_trip_50_mb(store, tmp_path):
+    """50 MB goes up in parts on S3 (8 MiB each) and comes back byte-identical; write-once holds."""
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(50 * 1000 * 1000))
+    digest = store.put_file("candidates/big/model.pt", source, write_once=True)
+    assert store.put_file("candidates/big/model.pt", source, write_once=True) == digest
+    target = store.get_file("candidates/big/model.pt", tmp_path / "down" / "big.bin")
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == digest
+    other = tmp_path / "other.bin"
+    other.write_bytes(os.urandom(20 * 1000 * 1000))
+    with pytest.raises(WriteConflictError):
+        store.put_file("candidates/big/model.pt", other, write_once=True)
+
+
+def test_store_survives_pickling(store):
+    """Ray ships stores to actors by pickling them."""
+    store.put_bytes("runs/r/a", b"1")
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone.get_bytes("runs/r/a") == b"1"
+    assert clone.uri == store.uri
+
+
+# ---- S3-specific errors ---------------------------------------------------------------------------
+@pytest.mark.s3
+def test_missing_bucket_says_so(s3_env):
+    with pytest.raises(BucketNotFoundError, match="bucket 'no-such-bucket' does not exist"):
+        open_store("s3://no-such-bucket/x", endpoint=s3_env.endpoint)
+
+
+@pytest.mark.s3
+def test_endpoint_down_is_a_clear_error(s3_env):
+    from tests.conftest import free_port_pair
+
+    endpoint = f"http://127.0.0.1:{free_port_pair()}"
+    with pytest.raises(StoreUnreachableError, match="cannot reach S3 endpoint http://127.0.0.1"):
+        open_store("s3://bucket/x", endpoint=endpoint, max_attempts=2)
+
+
+@pytest.mark.s3
+def test_wrong_credentials_are_access_denied_and_never_printed(s3_env, monkeypatch):
+    bucket = s3_env.new_bucket()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
+    with pytest.raises(StoreAccessError) as caught:
+        open_store(f"s3://{bucket}/x", endpoint=s3_env.endpoint, max_attempts=1)
+    assert "wrong-secret-value" not in str(caught.value)
+    assert s3_env.access_key not in str(caught.value)
+
+
+@pytest.mark.s3
+def test_missing_credentials_are_a_clear_error(s3_env, monkeypatch, tmp_path):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(StoreAccessError, match="credentials"):
+        open_store("s3://bucket/x", endpoint=s3_env.endpoint, max_attempts=1)
+
+
+@pytest.mark.s3
+def test_endpoint_comes_from_boto3_environment(s3_env, monkeypatch):
+    bucket = s3_env.new_bucket()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_env.endpoint)
+    store = open_store(f"s3://{bucket}/p")
+    store.put_bytes("k", b"v")
+    assert store.get_bytes("k") == b"v"
+
+
+def test_endpoint_with_credentials_in_url_is_rejected():
+    with pytest.raises(StoreError, match="credentials in the URL"):
+        S3Store("bucket", endpoint="http://key:secret@127.0.0.1:9000", check=False)
+
+
+@pytest.mark.parametrize("uri", ["s3://", "ftp://host/x", "file://remote-host/x"])
+def test_bad_store_uris_are_rejected(uri):
+    with pytest.raises(StoreError):
+        open_store(uri)
+
+
+def test_uri_forms_for_local_folders(tmp_path):
+    by_path = open_store(str(tmp_path / "a"))
+    by_uri = open_store((tmp_path / "a").as_uri())
+    assert isinstance(by_path, LocalStore) and by_path.uri == by_uri.uri
+    with pytest.raises(StoreError, match="does not exist"):
+        open_store(str(tmp_path / "missing"), create=False)

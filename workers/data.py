@@ -1,0 +1,156 @@
+"""Datasets as tensors: each split is one uint8 tensor [N, C, H, W] plus int64 labels, ready for the GPU.
+
+No DataLoader: CIFAR-10 and Fashion-MNIST fit in device memory many times over, so the training loop
+indexes one resident tensor. Splits are fixed by `split_seed`: the validation split is carved from
+the official training set, the official test set is the test split.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+
+from storage.errors import SearchsvcError
+from workers import sources
+
+DatasetName = Literal["cifar10", "fashion_mnist", "imagefolder", "synthetic"]
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Class-dependent patterns plus noise: learnable, tiny, no files needed (tests, smoke runs)."""
+
+    num_classes: int = field(default=4, metadata={"min": 2, "help": "number of classes"})
+    channels: int = field(default=1, metadata={"min": 1, "help": "image channels"})
+    image_size: int = field(default=16, metadata={"min": 4, "help": "height = width, pixels"})
+    train_size: int = field(default=1024, metadata={"min": 2, "help": "images in the official train split"})
+    test_size: int = field(default=256, metadata={"min": 1, "help": "images in the test split"})
+    noise: float = field(default=0.35, metadata={"min": 0, "help": "noise std relative to the pattern range"})
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Which data, where it is, and how it is split."""
+
+    name: DatasetName = "fashion_mnist"
+    root: str | None = field(default=None, metadata={"help": "folder with the files; null: search known places"})
+    subset: int | float | None = field(
+        default=None, metadata={"gt": 0, "help": "int: training images kept; float in (0, 1]: fraction of each split"})
+    val_fraction: float = field(default=0.1, metadata={"min": 0, "lt": 1, "help": "share of train held out"})
+    split_seed: int = field(default=0, metadata={"min": 0, "help": "seed of the train/val split and subset"})
+    image_size: int | None = field(default=None, metadata={"min": 4, "help": "imagefolder: resize to this"})
+    download: bool = field(default=True, metadata={"help": "let torchvision download if no files are found"})
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class Splits:
+    """Train / val / test tensors of one dataset, plus what a model needs to know about them."""
+
+    name: str
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    num_classes: int
+    mean: tuple[float, ...]  # per channel, on the 0..1 scale
+    std: tuple[float, ...]
+
+    @property
+    def in_channels(self) -> int:
+        return self.train[0].shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train[0].shape[-1]
+
+    def to(self, device: torch.device | str) -> "Splits":
+        """A copy with every tensor on `device` (the fast path keeps data resident on the GPU)."""
+        move = lambda pair: (pair[0].to(device), pair[1].to(device))  # noqa: E731
+        return Splits(self.name, move(self.train), move(self.val), move(self.test), self.num_classes,
+                      self.mean, self.std)
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train[1]), "val": len(self.val[1]), "test": len(self.test[1])}
+
+
+def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 images → float, standardised per channel (runs on whatever device the images are on)."""
+    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - m) / s
+
+
+Raw = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]  # train x, y, test x, y, classes
+
+
+def _synthetic(config: DatasetConfig) -> Raw:
+    syn = config.synthetic
+    gen = torch.Generator().manual_seed(config.split_seed + 1)
+    # Smooth class prototypes: low-resolution noise upsampled, so convolutions can pick them up.
+    low = torch.rand(syn.num_classes, syn.channels, 4, 4, generator=gen)
+    protos = torch.nn.functional.interpolate(low, size=syn.image_size, mode="bilinear", align_corners=False)
+
+    def draw(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(0, syn.num_classes, (count,), generator=gen)
+        noise = syn.noise * torch.randn(count, syn.channels, syn.image_size, syn.image_size, generator=gen)
+        images = (protos[labels] + noise).clamp(0, 1)
+        return (images * 255).round().to(torch.uint8), labels
+
+    train_x, train_y = draw(syn.train_size)
+    test_x, test_y = draw(syn.test_size)
+    return train_x, train_y, test_x, test_y, syn.num_classes
+
+
+_LOADERS: dict[str, Callable[[DatasetConfig], Raw]] = {
+    "synthetic": _synthetic,
+    "fashion_mnist": lambda c: sources.fashion_mnist(c.root, c.download),
+    "cifar10": lambda c: sources.cifar10(c.root, c.download),
+    "imagefolder": lambda c: sources.imagefolder(c.root, c.image_size, c.split_seed),
+}
+
+
+def _take(pair: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return pair[0][index].contiguous(), pair[1][index].contiguous()
+
+
+def load_dataset(config: DatasetConfig) -> Splits:
+    """Load `config`'s dataset into three fixed splits (same seed → same split, on any machine)."""
+    if config.name not in _LOADERS:
+        raise SearchsvcError(f"dataset.name: unknown dataset {config.name!r}; choose one of {', '.join(_LOADERS)}")
+    train_x, train_y, test_x, test_y, classes = _LOADERS[config.name](config)
+    gen = torch.Generator().manual_seed(config.split_seed)
+    order = torch.randperm(len(train_y), generator=gen)
+    n_val = int(round(config.val_fraction * len(train_y)))
+    if len(train_y) - n_val < 1:
+        raise SearchsvcError(f"dataset.val_fraction: {config.val_fraction} leaves no training images")
+    val_index, train_index = order[:n_val], order[n_val:]
+    test_index = torch.randperm(len(test_y), generator=gen)
+    if config.subset is not None:
+        fraction = _subset_fraction(config.subset, len(train_index))
+        keep = lambda index: index[: max(1, math.ceil(fraction * len(index)))]  # noqa: E731
+        train_index, val_index, test_index = keep(train_index), keep(val_index), keep(test_index)
+        if n_val == 0:
+            val_index = val_index[:0]
+    train = _take((train_x, train_y), train_index)
+    mean, std = _channel_stats(train[0])
+    return Splits(config.name, train, _take((train_x, train_y), val_index), _take((test_x, test_y), test_index),
+                  classes, mean, std)
+
+
+def _subset_fraction(subset: int | float, n_train: int) -> float:
+    if isinstance(subset, float):
+        if not 0 < subset <= 1:
+            raise SearchsvcError(f"dataset.subset: a fraction must be in (0, 1], got {subset}")
+        return subset
+    return min(1.0, subset / n_train)
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images on the 0..1 scale (from the training split only)."""
+    x = images.float().div_(255.0).transpose(0, 1).reshape(images.shape[1], -1)
+    std = x.std(dim=1).clamp_min(1e-3)
+    return tuple(round(v, 6) for v in x.mean(dim=1).tolist()), tuple(round(v, 6) for v in std.tolist())
+

@@ -1,0 +1,60 @@
+"""A candidate is data: a frozen, hashable `CandidateSpec` whose `spec_hash` keys everything downstream."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from storage.records import canonical_json, from_data
+from workers.data import DatasetConfig
+from workers.train import TrainConfig
+
+
+def short_hash(text: str) -> str:
+    """First 16 hex digits of sha256: the identity format of specs and teachers."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class CandidateSpec:
+    """Everything needed to rebuild, train and measure one candidate network on any worker.
+
+    The transformation is relative to the teacher `arch`: blocks removed, per-layer output widths
+    (layer name → channels), an optional sparsity-mask artifact and pruning-schedule reference.
+    """
+
+    arch: str  # registered base architecture, e.g. "resnet20"
+    teacher: str  # teacher_hash the candidate inherits its weights from
+    dataset: DatasetConfig
+    train: TrainConfig
+    method: str = "grid"
+    removed: tuple[str, ...] = ()  # block names, e.g. ("layer2.1",)
+    widths: tuple[tuple[str, int], ...] = ()  # (layer name, output channels), sorted by name
+    masks: str | None = None  # store key of a sparsity-mask artifact
+    schedule: str | None = None  # hash of a pruning schedule (agp / rigl)
+    seed: int = 0
+    params: tuple[tuple[str, bool | int | float | str], ...] = ()  # method hyper-parameters, sorted by key
+
+    def __post_init__(self) -> None:
+        # Canonical order, so the same transformation always has the same hash.
+        object.__setattr__(self, "removed", tuple(sorted(self.removed)))
+        object.__setattr__(self, "widths", tuple(sorted((str(k), int(v)) for k, v in self.widths)))
+        object.__setattr__(self, "params", tuple(sorted(self.params)))
+
+    def canonical_json(self) -> str:
+        """Sorted keys, no whitespace: what the hash is taken of."""
+        return canonical_json(self)
+
+    @property
+    def spec_hash(self) -> str:
+        """sha256 of the canonical JSON, first 16 hex digits."""
+        return short_hash(self.canonical_json())
+
+    @classmethod
+    def from_json(cls, text: str) -> "CandidateSpec":
+        """Rebuild a spec from its JSON (as stored in `candidates/<hash>/spec.json`)."""
+        return from_data(cls, json.loads(text), source="spec.json")
+
+
+__all__ = ["CandidateSpec", "short_hash"]

@@ -1,0 +1,130 @@
+"""Teachers are trained once per (architecture, data, recipe) and shared across runs via the store.
+
+    teachers/<teacher_hash>/model.pt       state_dict (loads with weights_only=True)
+    teachers/<teacher_hash>/meta.json      architecture, data identity, recipe, accuracy, history
+    teachers/<teacher_hash>/manifest.json  sha256 of both, written last: present = complete
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from storage import ArtifactStore, CorruptArtifactError, WriteConflictError
+from storage.records import canonical_json, from_data, to_data
+from workers.data import DatasetConfig, Splits
+from workers.spec import short_hash
+from workers.train import Recipe, evaluate, train_model
+from workers.zoo import ResNet, ResNetArch, build_model, list_models, model_arch
+
+log = logging.getLogger(__name__)
+TEACHER_FORMAT = 1  # bump when the saved layout or the training code changes what a teacher is
+
+
+@dataclass(frozen=True)
+class TeacherConfig(Recipe):
+    """The teacher network and its training recipe."""
+
+    arch: str = field(default="resnet20", metadata={"choices": list_models, "help": "registered model name"})
+    epochs: int = field(default=15, metadata={"min": 1, "help": "passes over the training split"})
+    lr: float = field(default=0.1, metadata={"gt": 0, "help": "peak learning rate of the one-cycle schedule"})
+    seed: int = field(default=0, metadata={"min": 0, "help": "seed of the initial weights and batch order"})
+
+
+@dataclass
+class Teacher:
+    """A trained teacher: the model (eval mode) plus what is known about it."""
+
+    model: ResNet
+    teacher_hash: str
+    meta: dict[str, Any]
+    cached: bool  # True when loaded from the store rather than trained now
+
+    @property
+    def test_accuracy(self) -> float:
+        return float(self.meta["test_accuracy"])
+
+
+def data_identity(dataset: DatasetConfig) -> dict[str, Any]:
+    """The parts of a dataset config that change the data (not where the files are, nor downloads)."""
+    identity = to_data(replace(dataset, root=None, download=True))
+    identity.pop("root"), identity.pop("download")
+    if dataset.name != "synthetic":
+        identity.pop("synthetic")
+    return identity
+
+
+def teacher_hash(config: TeacherConfig, dataset: DatasetConfig) -> str:
+    """Identity of a teacher: architecture, recipe, seed and data, 16 hex digits."""
+    return short_hash(canonical_json({"format": TEACHER_FORMAT, "teacher": to_data(config),
+                                      "dataset": data_identity(dataset)}))
+
+
+def load_or_train_teacher(store: ArtifactStore, config: TeacherConfig, dataset: DatasetConfig, splits: Splits,
+                          device: torch.device, progress: bool = True,
+                          extra_meta: dict[str, Any] | None = None) -> Teacher:
+    """Load the teacher from `teachers/<hash>/` if a complete one is there, else train and store it."""
+    key = teacher_hash(config, dataset)
+    prefix = f"teachers/{key}"
+    if store.exists(f"{prefix}/manifest.json"):
+        teacher = load_teacher(store, key)
+        log.info("teacher %s (%s) loaded from %s: test accuracy %.4f, trained in %.0f s", key, config.arch,
+                 store.uri_for(prefix), teacher.test_accuracy, teacher.meta["train_seconds"])
+        return teacher
+    log.info("training teacher %s (%s, %d epochs) on %s", key, config.arch, config.epochs, device)
+    arch = model_arch(config.arch, splits.in_channels, splits.num_classes)
+    torch.manual_seed(config.seed)
+    model = build_model(arch)
+    started = time.perf_counter()
+    history = train_model(model, splits, config, device, seed=config.seed, desc=f"teacher {config.arch}",
+                          progress=progress)
+    seconds = time.perf_counter() - started
+    data = splits.to(device)
+    meta = {
+        "teacher_hash": key, "arch": to_data(arch), "config": to_data(config), "dataset": data_identity(dataset),
+        "test_accuracy": history[-1]["test_accuracy"],
+        "val_accuracy": evaluate(model, *data.val, data.mean, data.std),
+        "train_seconds": seconds, "device": str(device), "history": history, "mean": data.mean, "std": data.std,
+        **(extra_meta or {}),
+    }
+    model.eval()
+    _save(store, prefix, model, meta)
+    log.info("teacher %s trained in %.0f s: test accuracy %.4f; stored at %s", key, seconds,
+             meta["test_accuracy"], store.uri_for(prefix))
+    return Teacher(model, key, meta, cached=False)
+
+
+def _save(store: ArtifactStore, prefix: str, model: ResNet, meta: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    torch.save(state, buffer)
+    try:
+        store.put_bytes(f"{prefix}/model.pt", buffer.getvalue(), write_once=True)
+        store.put_json(f"{prefix}/meta.json", meta, write_once=True)
+    except WriteConflictError:
+        # Another run trained the same teacher at the same time and stored first: use theirs.
+        log.warning("teacher %s was stored by another run meanwhile; keeping the stored one", prefix)
+        return
+    store.write_manifest(prefix)
+
+
+def load_teacher(store: ArtifactStore, key: str, device: torch.device | str = "cpu") -> Teacher:
+    """Load a stored teacher, checking each file against the manifest (a corrupt file is an error)."""
+    prefix = f"teachers/{key}"
+    meta = store.get_json(f"{prefix}/meta.json")
+    store.verify(prefix)
+    raw = store.get_bytes(f"{prefix}/model.pt")
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 — torch raises many kinds for a damaged file
+        raise CorruptArtifactError(f"{store.uri_for(prefix + '/model.pt')} is not a loadable checkpoint: {err}") from None
+    arch = from_data(ResNetArch, meta["arch"], source=store.uri_for(prefix + "/meta.json"))
+    model = build_model(arch)
+    model.load_state_dict(state)
+    model.to(device).eval()
+    return Teacher(model, key, meta, cached=True)

@@ -1,0 +1,145 @@
+"""The training step, on one screen: resident data, GPU-side augmentation, channels_last, bf16 autocast.
+
+No host synchronisation inside the step loop: the running loss stays a device tensor and is read once
+per epoch, when the progress bar is updated.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from workers.data import Splits, normalize
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a network is trained (SGD with Nesterov momentum, one-cycle learning rate)."""
+
+    epochs: int = field(default=1, metadata={"min": 1, "help": "passes over the training split"})
+    batch_size: int = field(default=256, metadata={"min": 1, "help": "images per step"})
+    lr: float = field(default=0.05, metadata={"gt": 0, "help": "peak learning rate of the one-cycle schedule"})
+    momentum: float = field(default=0.9, metadata={"min": 0, "lt": 1, "help": "SGD (Nesterov) momentum"})
+    weight_decay: float = field(default=5e-4, metadata={"min": 0, "help": "L2 weight decay"})
+    label_smoothing: float = field(default=0.0, metadata={"min": 0, "lt": 1, "help": "cross-entropy smoothing"})
+    augment: bool = field(default=True, metadata={"help": "random crop (pad 1/8 of the size) and horizontal flip"})
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation: loss = (1-alpha)·CE + alpha·T²·KL(teacher_T || student_T)."""
+
+    alpha: float = field(default=0.9, metadata={"min": 0, "max": 1, "help": "weight of the distillation term"})
+    temperature: float = field(default=4.0, metadata={"gt": 0, "help": "softmax temperature T"})
+    loss: Literal["kl", "logits"] = field(default="kl", metadata={"help": "kl (Hinton) or logits (L2 regression)"})
+
+
+@dataclass(frozen=True)
+class TrainConfig(Recipe):
+    """How each candidate is trained: a recipe plus distillation from the teacher."""
+
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` → the GPU Ray (or CUDA_VISIBLE_DEVICES) gave this process if any, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random crop after zero-padding by 1/8 of the size, and random horizontal flip, batched on device."""
+    n, c, h, w = images.shape
+    pad = max(1, h // 8)
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=images.device, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=images.device, generator=generator)
+    rows = (dy + torch.arange(h, device=images.device).view(1, h, 1)).expand(n, h, w)
+    cols = (dx + torch.arange(w, device=images.device).view(1, 1, w)).expand(n, h, w)
+    flip = torch.rand(n, 1, 1, device=images.device, generator=generator) < 0.5
+    cols = torch.where(flip, dx + (w - 1) - torch.arange(w, device=images.device).view(1, 1, w), cols)
+    flat = (rows * (w + 2 * pad) + cols).view(n, 1, h * w).expand(n, c, h * w)
+    return padded.flatten(2).gather(2, flat).view(n, c, h, w)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: tuple[float, ...],
+             std: tuple[float, ...], batch_size: int = 1024) -> float:
+    """Top-1 accuracy (0..1) of `model` on uint8 `images` already on the model's device."""
+    if len(labels) == 0:
+        return float("nan")
+    model.eval()
+    device = images.device
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for start in range(0, len(labels), batch_size):
+            x = normalize(images[start : start + batch_size], mean, std).contiguous(memory_format=torch.channels_last)
+            correct += (model(x).argmax(1) == labels[start : start + batch_size]).sum()
+    return correct.item() / len(labels)
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels, batch index)
+
+
+def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.device, seed: int = 0,
+                desc: str = "train", progress: bool = True, loss_fn: LossFn | None = None) -> list[dict[str, Any]]:
+    """Train `model` in place on `splits` (moved to `device`); return one dict per epoch.
+
+    Each epoch's dict holds loss (mean over steps), images_per_s and test_accuracy. `loss_fn`
+    replaces plain cross-entropy (distillation passes the batch's teacher logits through it).
+    """
+    torch.manual_seed(seed)
+    data = splits.to(device)
+    x_train, y_train = data.train
+    model.to(device=device, memory_format=torch.channels_last)
+    n = len(y_train)
+    batch = min(recipe.batch_size, n)
+    steps = n // batch  # drop the ragged last batch: static shapes, no tiny noisy steps
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                nesterov=recipe.momentum > 0, weight_decay=recipe.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=recipe.epochs * steps,
+                                                   pct_start=0.25, anneal_strategy="linear")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    criterion = loss_fn or (lambda logits, labels, _: F.cross_entropy(logits, labels,
+                                                                     label_smoothing=recipe.label_smoothing))
+    history: list[dict[str, Any]] = []
+    bar = tqdm(total=recipe.epochs * steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    for epoch in range(1, recipe.epochs + 1):
+        model.train()
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        order = torch.randperm(n, device=device, generator=generator)
+        for step in range(steps):
+            index = order[step * batch : (step + 1) * batch]
+            images = x_train[index]
+            if recipe.augment:
+                images = augment(images, generator)
+            images = normalize(images, data.mean, data.std).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = criterion(model(images), y_train[index], index)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.detach()
+            bar.update(1)
+        mean_loss = loss_sum.item() / steps  # the one host sync of the epoch
+        seconds = time.perf_counter() - started
+        accuracy = evaluate(model, *data.test, data.mean, data.std)
+        record = {"epoch": epoch, "loss": mean_loss, "images_per_s": steps * batch / seconds,
+                  "test_accuracy": accuracy, "seconds": seconds}
+        history.append(record)
+        bar.set_description(f"{desc} epoch {epoch}/{recipe.epochs}")
+        bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{record['images_per_s']:.0f}", test_acc=f"{accuracy:.4f}")
+        if not math.isfinite(mean_loss):
+            break  # a diverged run: the caller decides what an invalid result means
+    bar.close()
+    return history

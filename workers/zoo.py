@@ -1,0 +1,236 @@
+"""Model zoo: models are data. A registry maps a name to an architecture; one module builds any of them.
+
+    arch = model_arch("resnet20", in_channels=1, num_classes=10)   # a frozen ResNetArch
+    model = build_model(arch)                                       # an nn.Module
+    model.describe()                                                # layer descriptors (the RL state)
+
+Every model is a CIFAR-style residual network: a 3x3 stem, stages of basic blocks, global average
+pooling and a linear classifier. A pruned or compressed variant is just another `ResNetArch` (blocks
+removed, narrower widths), which is what surgery produces.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+from torch import nn
+
+from storage.errors import SearchsvcError
+from storage.records import did_you_mean
+
+
+@dataclass(frozen=True)
+class BlockArch:
+    """One basic block: conv3x3(in→mid, stride) → conv3x3(mid→out); shortcut added to the output.
+
+    A removed block keeps only its shortcut: identity when shapes match, else a 1x1 projection.
+    """
+
+    mid: int  # channels after the first conv
+    out: int  # channels after the block (the residual stream width)
+    stride: int = 1
+    removed: bool = False
+
+
+@dataclass(frozen=True)
+class ResNetArch:
+    """A whole network as data: stem width, stages of blocks, input channels, classes."""
+
+    name: str
+    in_channels: int
+    num_classes: int
+    stem: int  # channels after the stem conv
+    stages: tuple[tuple[BlockArch, ...], ...]
+
+    def block_names(self) -> list[str]:
+        """Names as in the module tree, e.g. 'layer2.1'."""
+        return [f"layer{s + 1}.{b}" for s, stage in enumerate(self.stages) for b in range(len(stage))]
+
+    def blocks(self) -> list[tuple[str, BlockArch]]:
+        """(name, block) pairs in forward order."""
+        flat = [block for stage in self.stages for block in stage]
+        return list(zip(self.block_names(), flat))
+
+    def out_channels(self) -> int:
+        """Channels reaching the classifier."""
+        width = self.stem
+        for _, block in self.blocks():
+            width = block.out
+        return width
+
+
+class LayerType(enum.IntEnum):
+    """Layer kinds in the descriptors (the RL observation encodes them as numbers)."""
+
+    CONV = 0
+    BLOCK = 1
+    LINEAR = 2
+
+
+@dataclass(frozen=True)
+class LayerDescriptor:
+    """One layer as the RL agent sees it (DESIGN §4): where it sits, what it is, how big it is."""
+
+    name: str
+    start: int  # index of the feature map the layer reads
+    end: int  # index of the feature map it writes
+    type: LayerType
+    filters: int  # output channels (or features)
+    kernel: int
+    stride: int
+    padding: int
+    memory: int  # bytes of fp32 parameters
+    removable: bool
+
+    def as_row(self) -> list[float]:
+        """The 8 numbers of the RL state row, unnormalised."""
+        return [self.start, self.end, int(self.type), self.filters, self.kernel, self.stride, self.padding, self.memory]
+
+
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int) -> nn.Sequential:
+    conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(cout))
+
+
+class BasicBlock(nn.Module):
+    """conv-bn-relu-conv-bn plus shortcut, then relu. A removed block is its shortcut alone."""
+
+    def __init__(self, cin: int, arch: BlockArch) -> None:
+        super().__init__()
+        self.removed = arch.removed
+        needs_projection = arch.stride != 1 or cin != arch.out
+        self.shortcut = _conv_bn(cin, arch.out, 1, arch.stride) if needs_projection else nn.Identity()
+        if not arch.removed:
+            self.conv1 = _conv_bn(cin, arch.mid, 3, arch.stride)
+            self.conv2 = _conv_bn(arch.mid, arch.out, 3, 1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.removed:
+            return self.shortcut(x)
+        y = self.conv2(self.act(self.conv1(x)))
+        return self.act(y + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A CIFAR-style ResNet built from a `ResNetArch`."""
+
+    def __init__(self, arch: ResNetArch) -> None:
+        super().__init__()
+        self.arch = arch
+        self.stem = _conv_bn(arch.in_channels, arch.stem, 3, 1)
+        self.act = nn.ReLU(inplace=True)
+        cin = arch.stem
+        for index, stage in enumerate(arch.stages):
+            blocks = []
+            for block in stage:
+                blocks.append(BasicBlock(cin, block))
+                cin = block.out
+            self.add_module(f"layer{index + 1}", nn.Sequential(*blocks))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, arch.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.stem(x))
+        for index in range(len(self.arch.stages)):
+            x = getattr(self, f"layer{index + 1}")(x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+    def describe(self) -> list[LayerDescriptor]:
+        """Layer descriptors in forward order: the stem, every block, the classifier."""
+        rows = [LayerDescriptor("stem", 0, 1, LayerType.CONV, self.arch.stem, 3, 1, 1, _bytes(self.stem), False)]
+        for index, (name, block) in enumerate(self.arch.blocks(), start=1):
+            module = self.get_submodule(name)
+            rows.append(LayerDescriptor(
+                name, index, index + 1, LayerType.BLOCK, block.out, 3, block.stride, 1, _bytes(module),
+                removable=not block.removed,
+            ))
+        last = len(rows)
+        rows.append(LayerDescriptor("fc", last, last + 1, LayerType.LINEAR, self.arch.num_classes, 1, 1, 0,
+                                    _bytes(self.fc), False))
+        return rows
+
+
+def _bytes(module: nn.Module) -> int:
+    return 4 * sum(p.numel() for p in module.parameters())
+
+
+# ---- the registry --------------------------------------------------------------------------------
+ArchFactory = Callable[[int, int], ResNetArch]
+_MODELS: dict[str, ArchFactory] = {}
+
+
+def register_model(name: str) -> Callable[[ArchFactory], ArchFactory]:
+    """Decorator: register an architecture factory `(in_channels, num_classes) -> ResNetArch`."""
+
+    def add(factory: ArchFactory) -> ArchFactory:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        _MODELS[name] = factory
+        return factory
+
+    return add
+
+
+def list_models() -> list[str]:
+    """Registered model names."""
+    return sorted(_MODELS)
+
+
+def model_arch(name: str, in_channels: int = 3, num_classes: int = 10) -> ResNetArch:
+    """The architecture registered as `name`, for this input and number of classes."""
+    if name not in _MODELS:
+        raise SearchsvcError(f"unknown model {name!r}{did_you_mean(name, _MODELS)}; known: {', '.join(list_models())}")
+    return _MODELS[name](in_channels, num_classes)
+
+
+def create_model(name: str, in_channels: int = 3, num_classes: int = 10) -> ResNet:
+    """Build the registered model `name` with fresh weights."""
+    return ResNet(model_arch(name, in_channels, num_classes))
+
+
+def build_model(arch: ResNetArch) -> ResNet:
+    """Build any architecture, registered or derived."""
+    return ResNet(arch)
+
+
+def _stages(widths: tuple[int, ...], depth: int, first_stride: int = 1) -> tuple[tuple[BlockArch, ...], ...]:
+    """Stages of `depth` blocks each; every stage after the first halves the resolution."""
+    return tuple(
+        tuple(BlockArch(w, w, (first_stride if s == 0 else 2) if b == 0 else 1) for b in range(depth))
+        for s, w in enumerate(widths)
+    )
+
+
+@register_model("resnet18_cifar")
+def resnet18_cifar(in_channels: int, num_classes: int) -> ResNetArch:
+    """ResNet-18 for 32x32 inputs (3x3 stem, no max-pool): the teacher of the N2N paper. 11.2 M params."""
+    return ResNetArch("resnet18_cifar", in_channels, num_classes, 64, _stages((64, 128, 256, 512), 2))
+
+
+@register_model("resnet20")
+def resnet20(in_channels: int, num_classes: int) -> ResNetArch:
+    """He et al.'s CIFAR ResNet-20 (3 stages x 3 blocks, 16/32/64 channels, projection shortcuts)."""
+    return ResNetArch("resnet20", in_channels, num_classes, 16, _stages((16, 32, 64), 3))
+
+
+@register_model("resnet56")
+def resnet56(in_channels: int, num_classes: int) -> ResNetArch:
+    """He et al.'s CIFAR ResNet-56 (3 stages x 9 blocks)."""
+    return ResNetArch("resnet56", in_channels, num_classes, 16, _stages((16, 32, 64), 9))
+
+
+@register_model("tiny_cnn")
+def tiny_cnn(in_channels: int, num_classes: int) -> ResNetArch:
+    """A few thousand parameters for tests: stem 8, one block at 8, one strided block at 16."""
+    return ResNetArch("tiny_cnn", in_channels, num_classes, 8, _stages((8, 16), 1))
+
+
+def with_blocks(arch: ResNetArch, change: Callable[[str, BlockArch], BlockArch]) -> ResNetArch:
+    """A copy of `arch` with every block replaced by `change(name, block)`: the hook surgery uses."""
+    names = iter(arch.block_names())
+    stages = tuple(tuple(change(next(names), block) for block in stage) for stage in arch.stages)
+    return replace(arch, stages=stages)
