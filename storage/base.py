@@ -86,6 +86,10 @@ class ArtifactStore(ABC):
         """All keys under `prefix` (recursive), sorted."""
 
     @abstractmethod
+    def arrow_filesystem(self) -> tuple[Any, str]:
+        """(pyarrow filesystem, base path) addressing this store's root, for Ray Tune's storage_path."""
+
+    @abstractmethod
     def uri_for(self, key: str) -> str:
         """A URI a user can paste: file:///... or s3://bucket/prefix/key."""
 

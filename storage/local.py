@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 from storage.base import ArtifactStore
 from storage.errors import KeyNotFoundError, StoreError
@@ -97,6 +97,12 @@ class LocalStore(ArtifactStore):
                 if key.startswith(prefix):
                     keys.append(key)
         return sorted(keys)
+
+    def arrow_filesystem(self) -> tuple[Any, str]:
+        """(pyarrow LocalFileSystem, root path) for libraries that write through pyarrow (Ray Tune)."""
+        from pyarrow import fs
+
+        return fs.LocalFileSystem(), str(self.root)
 
     def uri_for(self, key: str) -> str:
         return self._path(key).as_uri()

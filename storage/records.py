@@ -111,6 +111,9 @@ def _convert_union(args: tuple, value: Any, path: str, problems: list[str], meta
     if value is None and type(None) in args:
         return None
     options = [a for a in args if a is not type(None)]
+    exact = type(value) if type(value) in (bool, int, float, str) else None
+    if exact in options:  # `int | float` given 3: check it as the int it is, bounds included
+        return _convert(exact, value, path, problems, meta)
     for option in options:
         trial: list[str] = []
         converted = _convert(option, value, path, trial, meta)

@@ -134,6 +134,21 @@ class S3Store(ArtifactStore):
             # head_bucket answers a bare 404 for a missing bucket.
             raise self._no_bucket() from None
 
+    def arrow_filesystem(self) -> tuple[Any, str]:
+        """(pyarrow S3FileSystem, "bucket/prefix") for libraries that write through pyarrow (Ray Tune).
+
+        The bucket is checked with boto3 first: pyarrow's own error for a missing bucket is misleading.
+        """
+        from pyarrow import fs
+
+        self.check_bucket()
+        options: dict[str, Any] = {}
+        if self.endpoint:
+            parts = urlsplit(self.endpoint)
+            options = {"endpoint_override": parts.netloc, "scheme": parts.scheme}
+        region = self.client.meta.region_name or "us-east-1"
+        return fs.S3FileSystem(region=region, **options), f"{self.bucket}/{self.prefix}".rstrip("/")
+
     def _put(self, key: str, data: bytes, if_absent: bool) -> bool:
         extra = {"IfNoneMatch": "*"} if if_absent else {}
         try:

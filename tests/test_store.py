@@ -201,3 +201,17 @@ def test_uri_forms_for_local_folders(tmp_path):
     assert isinstance(by_path, LocalStore) and by_path.uri == by_uri.uri
     with pytest.raises(StoreError, match="does not exist"):
         open_store(str(tmp_path / "missing"), create=False)
+
+
+def test_pyarrow_filesystem_addresses_the_same_keys(store):
+    """Ray Tune writes through pyarrow: a file written there is a key in the store, and back."""
+    import pyarrow.parquet as pq
+
+    filesystem, base = store.arrow_filesystem()
+    filesystem.create_dir(f"{base}/runs/r/state", recursive=True)
+    pq.write_table(pa.table({"x": [1, 2]}), f"{base}/runs/r/state/t.parquet", filesystem=filesystem)
+    assert "runs/r/state/t.parquet" in store.list("runs/r/")
+    assert store.get_table("runs/r/state/t.parquet")["x"].to_pylist() == [1, 2]
+    store.put_bytes("runs/r/note.txt", b"hi")
+    with filesystem.open_input_stream(f"{base}/runs/r/note.txt") as handle:
+        assert handle.read() == b"hi"

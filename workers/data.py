@@ -129,23 +129,30 @@ def load_dataset(config: DatasetConfig) -> Splits:
     val_index, train_index = order[:n_val], order[n_val:]
     test_index = torch.randperm(len(test_y), generator=gen)
     if config.subset is not None:
-        fraction = _subset_fraction(config.subset, len(train_index))
-        keep = lambda index: index[: max(1, math.ceil(fraction * len(index)))]  # noqa: E731
-        train_index, val_index, test_index = keep(train_index), keep(val_index), keep(test_index)
-        if n_val == 0:
-            val_index = val_index[:0]
+        n_train = len(train_index)
+        train_index, val_index, test_index = (index[: _subset_size(config.subset, len(index), n_train)]
+                                              for index in (train_index, val_index, test_index))
     train = _take((train_x, train_y), train_index)
     mean, std = _channel_stats(train[0])
     return Splits(config.name, train, _take((train_x, train_y), val_index), _take((test_x, test_y), test_index),
                   classes, mean, std)
 
 
-def _subset_fraction(subset: int | float, n_train: int) -> float:
+def _subset_size(subset: int | float, size: int, n_train: int) -> int:
+    """How many of a split's `size` images a subset keeps: the same share of every split, rounded up.
+
+    An int subset keeps exactly that many training images; the arithmetic is integer so that float
+    rounding never adds one.
+    """
+    if size == 0:
+        return 0
     if isinstance(subset, float):
         if not 0 < subset <= 1:
             raise SearchsvcError(f"dataset.subset: a fraction must be in (0, 1], got {subset}")
-        return subset
-    return min(1.0, subset / n_train)
+        return max(1, math.ceil(subset * size))
+    if subset >= n_train:
+        return size
+    return max(1, -(-size * subset // n_train))  # ceil(size * subset / n_train)
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

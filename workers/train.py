@@ -7,6 +7,7 @@ per epoch, when the progress bar is updated.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -111,7 +112,10 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
     criterion = loss_fn or (lambda logits, labels, _: F.cross_entropy(logits, labels,
                                                                      label_smoothing=recipe.label_smoothing))
     history: list[dict[str, Any]] = []
-    bar = tqdm(total=recipe.epochs * steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    # In a log file (Ray job, CI) redraws become lines: redraw at most every 15 s there.
+    interactive = sys.stderr.isatty()
+    bar = tqdm(total=recipe.epochs * steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True,
+               mininterval=0.2 if interactive else 15.0)
     for epoch in range(1, recipe.epochs + 1):
         model.train()
         started = time.perf_counter()

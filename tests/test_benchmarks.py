@@ -1,0 +1,27 @@
+"""Each benchmark runs in a tiny mode and writes its JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("script, args, keys", [
+    ("train_throughput.py", ["--arch", "tiny_cnn", "--batch", "8", "--size", "16", "--steps", "2", "--device", "cpu"],
+     ["channels_last_images_per_s", "contiguous_images_per_s", "channels_last_speedup"]),
+    ("store_throughput.py", ["--mb", "2", "--small", "5"], ["put_mb_per_s", "get_mb_per_s", "small_json_writes_per_s"]),
+])
+def test_benchmark_tiny_mode_writes_json(tmp_path, script, args, keys):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args, "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / script.replace(".py", ".json")).read_text())
+    for key in keys:
+        assert result[key] > 0
+    assert result["code_version"] and result["date"]
