@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from searchsvc.candidates import load_candidate
 from searchsvc.config import ConfigError, JobConfig, load_config
 from searchsvc.job import RunResult, run
 from storage import ArtifactStore, SearchsvcError, open_store
@@ -25,4 +26,5 @@ def results(store: ArtifactStore | str, run_id: str | None = None, endpoint: str
     return read_results(store, run_id)
 
 
-__all__ = ["ConfigError", "JobConfig", "RunResult", "SearchsvcError", "load_config", "results", "run"]
+__all__ = ["ConfigError", "JobConfig", "RunResult", "SearchsvcError", "load_candidate", "load_config", "results",
+           "run"]

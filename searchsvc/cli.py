@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", metavar="CONFIG", help="job config YAML file")
     run.add_argument("--store", help=STORE_HELP)
     run.add_argument("--s3-endpoint", help=ENDPOINT_HELP)
+    run.add_argument("--address", help="Ray cluster address, e.g. ray://head:10001 or auto (default: RAY_ADDRESS, "
+                                       "else a Ray started for this run on this machine)")
     _add_set(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
 
@@ -65,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--run", help="run id (default: the latest run in the store)")
     results.add_argument("--top", type=int, metavar="K", help="show only the best K rows")
     results.add_argument("--json", action="store_true", help="print a JSON list of row objects instead of a table")
+
+    export = commands.add_parser("export", parents=[common], help="export a kept candidate to ONNX or TorchScript",
+                                 description="Rebuild a kept candidate (spec + weights, sha256-checked) and write "
+                                             "it as ONNX (.onnx) or TorchScript (.pt / .ts).")
+    export.add_argument("candidate", metavar="SPEC_HASH", help="spec hash, or a candidates/<hash> URI in a store")
+    export.add_argument("-o", "--output", required=True, help="output file: model.onnx, model.pt or model.ts")
+    export.add_argument("--store", default=DEFAULT_STORE, help=f"artifact store (default {DEFAULT_STORE})")
+    export.add_argument("--s3-endpoint", help=ENDPOINT_HELP)
     return parser
 
 
@@ -93,7 +103,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from searchsvc.job import run
 
     config = load_config(args.config, args.overrides)
-    result = run(config, store=args.store, endpoint=args.s3_endpoint, progress=not args.no_progress)
+    result = run(config, store=args.store, endpoint=args.s3_endpoint, progress=not args.no_progress,
+                 address=args.address)
     print(f"run {result.run_id}: {result.status}; teacher {result.teacher_hash} test accuracy "
           f"{result.teacher_accuracy:.4f}; {result.summary.get('evaluations', 0)} evaluations, "
           f"{result.summary.get('cache_hits', 0)} cache hits")
@@ -116,6 +127,21 @@ def cmd_results(args: argparse.Namespace) -> int:
     else:
         print(f"run {run_id} in {store.uri}")
         print(format_table(rows))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from searchsvc.candidates import export_model, load_candidate, split_candidate_uri
+    from storage import open_store
+
+    store_uri, spec_hash = split_candidate_uri(args.candidate)
+    store = open_store(store_uri or args.store, endpoint=args.s3_endpoint, create=False)
+    model = load_candidate(spec_hash, store=store)
+    teacher = store.get_json(f"teachers/{json.loads(store.get_bytes(f'candidates/{spec_hash}/spec.json'))['teacher']}"
+                             f"/meta.json")
+    path = export_model(model, args.output, teacher.get("image_size", 32))
+    params = sum(p.numel() for p in model.parameters())
+    print(f"candidate {spec_hash} ({params:,} parameters) written to {path}")
     return 0
 
 
@@ -143,7 +169,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 
-COMMANDS = {"validate": cmd_validate, "run": cmd_run, "results": cmd_results}
+COMMANDS = {"validate": cmd_validate, "run": cmd_run, "results": cmd_results, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,6 +38,7 @@ class RunContext:
     splits: Splits
     teacher: Teacher
     progress: bool = True
+    address: str | None = None  # Ray cluster to use (None: RAY_ADDRESS, else a local one)
     rows: list[dict[str, Any]] = field(default_factory=list)  # result rows; the driver appends
     summary: dict[str, Any] = field(default_factory=dict)  # counts the driver reports (evaluations, cache_hits)
 
@@ -56,8 +57,9 @@ class RunResult:
 
 
 def new_run_id() -> str:
-    """UTC timestamp plus 6 random hex digits: sorts by start time, unique across machines."""
-    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+    """UTC start time to the millisecond plus 6 random hex digits: sorts by start, unique across machines."""
+    now = datetime.now(timezone.utc)
+    return f"{now:%Y%m%d-%H%M%S}.{now.microsecond // 1000:03d}-{secrets.token_hex(3)}"
 
 
 def _now() -> str:
@@ -65,11 +67,14 @@ def _now() -> str:
 
 
 def run(config: JobConfig, store: ArtifactStore | str | None = None, endpoint: str | None = None,
-        progress: bool = True) -> RunResult:
-    """Run one search job; every artifact goes to `store` (default: the config's `store`)."""
+        progress: bool = True, address: str | None = None) -> RunResult:
+    """Run one search job; every artifact goes to `store` (default: the config's `store`).
+
+    `address` is the Ray cluster the workers run on (default: RAY_ADDRESS, else a local Ray).
+    """
     if not isinstance(store, ArtifactStore):
         store = open_store(store or config.store, endpoint=endpoint)
-    method = get_method(config.method)
+    driver = get_method(config.method).load_driver()
     run_id = new_run_id()
     prefix = run_prefix(run_id)
     store.put_bytes(f"{prefix}/config.yaml", config_to_yaml(config).encode(), write_once=True)
@@ -88,12 +93,12 @@ def run(config: JobConfig, store: ArtifactStore | str | None = None, endpoint: s
         record.update(teacher_hash=teacher.teacher_hash, teacher_accuracy=teacher.test_accuracy,
                       teacher_cached=teacher.cached)
         store.put_json(f"{prefix}/run.json", record)
-        context = RunContext(config, store, run_id, splits, teacher, progress)
-        if method.driver is None:
+        context = RunContext(config, store, run_id, splits, teacher, progress, address)
+        if driver is None:
             log.warning("method %s has no search driver yet: the run stops after the teacher", config.method)
             status = "prepared"
         else:
-            method.driver(context)
+            driver(context)
             status = "finished"
         table = write_results(store, run_id, context.rows)
     except BaseException as err:

@@ -7,28 +7,34 @@ run (data, teacher, run record) so configs can be written and checked ahead of i
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
+from searchsvc.rewards import RewardForm
 from storage.errors import SearchsvcError
 from storage.records import did_you_mean
-
-Driver = Callable[..., Any]
-
 
 @dataclass(frozen=True)
 class Method:
     name: str
     search_schema: type
     description: str
-    driver: Driver | None = None
+    driver: str | None = None  # "module:function", imported only when a run starts (validate stays light)
+
+    def load_driver(self) -> Callable[..., Any] | None:
+        """The driver function, or None for a method whose driver is not built yet."""
+        if self.driver is None:
+            return None
+        module, _, name = self.driver.partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
 _METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, search_schema: type, description: str, driver: Driver | None = None) -> Method:
-    """Add a method (or replace its entry when its driver module registers the driver)."""
+def register_method(name: str, search_schema: type, description: str, driver: str | None = None) -> Method:
+    """Add a method: its `search:` schema and its driver as "module:function"."""
     _METHODS[name] = Method(name, search_schema, description, driver)
     return _METHODS[name]
 
@@ -48,6 +54,25 @@ def get_method(name: str) -> Method:
 
 # ---- search sections --------------------------------------------------------------------------
 @dataclass(frozen=True)
+class GridCandidate:
+    """One transformation: blocks to remove, a width multiplier, explicit widths (applied last)."""
+
+    remove: tuple[str, ...] = field(default=(), metadata={"help": "block names, e.g. layer2.1"})
+    scale: float | None = field(default=None, metadata={"gt": 0, "max": 1, "help": "multiplier on every width"})
+    widths: dict[str, int] = field(default_factory=dict, metadata={"help": "width key → channels"})
+
+
+@dataclass(frozen=True)
+class GridSearch:
+    """An explicit list of candidates."""
+
+    candidates: tuple[GridCandidate, ...] = field(default=(GridCandidate(scale=0.5),),
+                                                  metadata={"help": "the transformations to evaluate"})
+    round_to: int = field(default=1, metadata={"min": 1, "help": "round channel counts up to a multiple"})
+    reward: RewardForm = field(default="c_2_minus_c", metadata={"help": "c_2_minus_c or c_over_2_minus_c"})
+
+
+@dataclass(frozen=True)
 class N2NSearch:
     """Network-to-network compression by reinforcement learning (remove, then shrink layers)."""
 
@@ -55,7 +80,7 @@ class N2NSearch:
     max_evaluations: int = field(default=64, metadata={"min": 1, "help": "candidate evaluations, cache hits excluded"})
     time_budget_s: float | None = field(default=None, metadata={"gt": 0, "help": "stop after this many seconds"})
     target_compression: float | None = field(default=None, metadata={"gt": 1, "help": "stop at this x-factor"})
-    reward: Literal["c_2_minus_c", "c_over_2_minus_c"] = field(
+    reward: RewardForm = field(
         default="c_2_minus_c", metadata={"help": "C(2-C)·As/A (paper's code) or C·As/((2-C)·A) (paper's text)"})
     num_envs: int = field(default=4, metadata={"min": 1, "help": "candidates in flight at once"})
     shrink: bool = field(default=True, metadata={"help": "run the layer-shrinkage stage after removal"})
@@ -102,6 +127,7 @@ class RigLSearch:
     num_samples: int = field(default=1, metadata={"min": 1, "help": "Tune trials"})
 
 
+register_method("grid", GridSearch, "evaluate an explicit list of transformations", "searchsvc.grid:run_grid")
 register_method("n2n", N2NSearch, "RLlib PPO agent removes and shrinks layers of the teacher")
 register_method("taylor", TaylorSearch, "iterative Taylor filter pruning as a Ray Tune sweep")
 register_method("agp", AgpSearch, "gradual magnitude pruning from a Distiller YAML schedule")

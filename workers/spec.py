@@ -39,7 +39,7 @@ class CandidateSpec:
     def __post_init__(self) -> None:
         # Canonical order, so the same transformation always has the same hash.
         object.__setattr__(self, "removed", tuple(sorted(self.removed)))
-        object.__setattr__(self, "widths", tuple(sorted((str(k), int(v)) for k, v in self.widths)))
+        object.__setattr__(self, "widths", tuple(sorted((str(k), v) for k, v in self.widths)))
         object.__setattr__(self, "params", tuple(sorted(self.params)))
 
     def canonical_json(self) -> str:

@@ -90,6 +90,7 @@ def load_or_train_teacher(store: ArtifactStore, config: TeacherConfig, dataset: 
         "test_accuracy": history[-1]["test_accuracy"],
         "val_accuracy": evaluate(model, *data.val, data.mean, data.std),
         "train_seconds": seconds, "device": str(device), "history": history, "mean": data.mean, "std": data.std,
+        "image_size": data.image_size, "in_channels": data.in_channels, "num_classes": data.num_classes,
         **(extra_meta or {}),
     }
     model.eval()

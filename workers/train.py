@@ -87,7 +87,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean:
     return correct.item() / len(labels)
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels, batch index)
+# (student logits, labels, indices of the batch in the training split, the normalised batch) → loss
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.device, seed: int = 0,
@@ -95,7 +96,7 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
     """Train `model` in place on `splits` (moved to `device`); return one dict per epoch.
 
     Each epoch's dict holds loss (mean over steps), images_per_s and test_accuracy. `loss_fn`
-    replaces plain cross-entropy (distillation passes the batch's teacher logits through it).
+    replaces plain cross-entropy (distillation looks up or computes the batch's teacher logits).
     """
     torch.manual_seed(seed)
     data = splits.to(device)
@@ -109,8 +110,8 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=recipe.epochs * steps,
                                                    pct_start=0.25, anneal_strategy="linear")
     generator = torch.Generator(device=device).manual_seed(seed)
-    criterion = loss_fn or (lambda logits, labels, _: F.cross_entropy(logits, labels,
-                                                                     label_smoothing=recipe.label_smoothing))
+    criterion = loss_fn or (lambda logits, labels, _index, _images: F.cross_entropy(
+        logits, labels, label_smoothing=recipe.label_smoothing))
     history: list[dict[str, Any]] = []
     # In a log file (Ray job, CI) redraws become lines: redraw at most every 15 s there.
     interactive = sys.stderr.isatty()
@@ -128,7 +129,7 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
                 images = augment(images, generator)
             images = normalize(images, data.mean, data.std).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = criterion(model(images), y_train[index], index)
+                loss = criterion(model(images), y_train[index], index, images)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

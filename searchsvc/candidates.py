@@ -1,0 +1,66 @@
+"""Kept candidates back as models: rebuilt from spec (the history) + weights, and exported."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import torch
+
+from storage import ArtifactStore, CorruptArtifactError, KeyNotFoundError, SearchsvcError, check_id, open_store
+from storage.records import from_data
+from workers.spec import CandidateSpec
+from workers.surgery import derive_arch
+from workers.zoo import ResNet, ResNetArch, build_model
+
+
+def split_candidate_uri(uri_or_hash: str) -> tuple[str | None, str]:
+    """'s3://b/p/candidates/<hash>/model.pt' → ('s3://b/p', hash); a bare hash → (None, hash)."""
+    if "/candidates/" in uri_or_hash:
+        store_uri, _, rest = uri_or_hash.partition("/candidates/")
+        return store_uri, check_id(rest.split("/")[0], "spec hash")
+    return None, check_id(uri_or_hash, "spec hash")
+
+
+def load_candidate(uri_or_hash: str, store: ArtifactStore | str | None = None,
+                   endpoint: str | None = None) -> ResNet:
+    """The kept candidate as a real, smaller nn.Module: eval mode, on the CPU, weights checked by sha256."""
+    store_uri, spec_hash = split_candidate_uri(uri_or_hash)
+    if not isinstance(store, ArtifactStore):
+        store = open_store(store_uri or store, endpoint=endpoint, create=False)
+    prefix = f"candidates/{spec_hash}"
+    if not store.exists(f"{prefix}/manifest.json"):
+        raise KeyNotFoundError(f"candidate {spec_hash} is not in {store.uri} (or its evaluation is incomplete)")
+    spec = CandidateSpec.from_json(store.get_verified(prefix, "spec.json").decode())
+    if not store.exists(f"{prefix}/model.pt"):
+        raise KeyNotFoundError(f"candidate {spec_hash} has no kept model (it was invalid)")
+    teacher_meta = store.get_json(f"teachers/{spec.teacher}/meta.json")
+    teacher_arch = from_data(ResNetArch, teacher_meta["arch"], source=f"teachers/{spec.teacher}/meta.json")
+    model = build_model(derive_arch(teacher_arch, spec.removed, spec.widths))
+    raw = store.get_verified(prefix, "model.pt")
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as err:  # noqa: BLE001 — a damaged or mismatched checkpoint, whatever torch raises
+        raise CorruptArtifactError(f"{store.uri_for(prefix + '/model.pt')} does not load: {err}") from None
+    return model.eval()
+
+
+def export_model(model: ResNet, path: str | Path, image_size: int) -> Path:
+    """Write ONNX (.onnx, dynamic batch) or TorchScript (.pt / .ts) depending on the file name."""
+    path = Path(path)
+    example = torch.zeros(1, model.arch.in_channels, image_size, image_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".onnx":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript-based exporter warns it is legacy
+            torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["images"],
+                              output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    elif path.suffix in (".pt", ".ts"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.trace(model, example).save(str(path))
+    else:
+        raise SearchsvcError(f"-o {path}: use a .onnx, .pt or .ts file name")
+    return path

@@ -1,0 +1,123 @@
+"""The driver's side of evaluation: candidate specs in, result rows out, each evaluation recorded once.
+
+Every driver (grid, n2n, Tune methods) goes through an `Evaluator`: it owns the actor pool, turns
+metrics into result rows (compression, reward), writes `runs/<id>/evals/<spec_hash>.json` once per
+candidate, keeps `results.parquet` current, and shows a progress bar with the best result so far.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Iterable, Iterator
+
+import ray
+from tqdm.auto import tqdm
+
+from searchsvc.job import RunContext
+from searchsvc.rewards import INVALID_REWARD, RewardForm, compression_ratio, reward
+from searchsvc.version import code_version
+from storage.tables import run_prefix, write_results
+from workers.measure import count_parameters
+from workers.pool import EvalOutcome, EvalPool, PoolResources
+from workers.spec import CandidateSpec
+
+log = logging.getLogger(__name__)
+RESULTS_EVERY_S = 5.0  # seconds between rewrites of results.parquet while the run goes
+
+
+class Evaluator:
+    """Evaluate specs through the pool and record them as rows of the run."""
+
+    def __init__(self, context: RunContext, reward_form: RewardForm = "c_2_minus_c", total: int | None = None,
+                 pool: EvalPool | None = None) -> None:
+        self.ctx = context
+        self.reward_form = reward_form
+        self.teacher_params = count_parameters(context.teacher.model)
+        self.teacher_accuracy = context.teacher.test_accuracy
+        resources = context.config.resources
+        self.pool = pool or EvalPool(context.store, context.teacher.teacher_hash, context.config.dataset,
+                                     PoolResources(resources.gpus_per_eval, resources.cpus_per_eval,
+                                                   resources.max_concurrent))
+        self.rows: dict[str, dict[str, Any]] = {}  # spec_hash → row, this run
+        self.evaluations = 0  # trained in this run
+        self.cache_hits = 0  # found in the store
+        self.started = time.perf_counter()
+        self._last_write = 0.0
+        self.bar = tqdm(total=total, desc="candidates", unit="eval", disable=not context.progress,
+                        dynamic_ncols=True)
+
+    def evaluate(self, specs: Iterable[CandidateSpec]) -> list[dict[str, Any]]:
+        """Rows for `specs`, in order (evaluated concurrently; repeats within the run are free)."""
+        specs = list(specs)
+        for _ in self.stream(specs):
+            pass
+        return [self.rows[s.spec_hash] for s in specs]
+
+    def stream(self, specs: Iterable[CandidateSpec]) -> Iterator[dict[str, Any]]:
+        """Rows as candidates finish; a spec already evaluated in this run is not sent again."""
+        fresh = [s for s in dict.fromkeys(specs) if s.spec_hash not in self.rows]
+        for outcome in self.pool.map_unordered(fresh):
+            yield self._record(outcome)
+
+    def _record(self, outcome: EvalOutcome) -> dict[str, Any]:
+        row = self.row(outcome)
+        self.rows[row["spec_hash"]] = row
+        self.ctx.store.put_json(f"{run_prefix(self.ctx.run_id)}/evals/{row['spec_hash']}.json", row, write_once=True)
+        self.ctx.rows.append(row)
+        if outcome.cached:
+            self.cache_hits += 1
+        else:
+            self.evaluations += 1
+        self._progress(row)
+        if time.perf_counter() - self._last_write > RESULTS_EVERY_S:
+            self.flush()
+        return row
+
+    def row(self, outcome: EvalOutcome) -> dict[str, Any]:
+        """A results-table row from a candidate's metrics."""
+        m, spec = outcome.metrics, outcome.spec
+        ok = m.get("status") == "ok"
+        row = {
+            "spec_hash": spec.spec_hash, "method": self.ctx.config.method, "run_id": self.ctx.run_id,
+            "code_version": code_version(), "status": m.get("status", "invalid"),
+            "accuracy": m.get("accuracy", 0.0), "params": m.get("params"), "macs": m.get("macs"),
+            "latency_ms": m.get("latency_ms"), "wall_s": m.get("wall_s"), "worker": m.get("worker"),
+            "artifact": m.get("artifact"),
+            "compression": compression_ratio(self.teacher_params, m["params"]) if ok else None,
+            "reward": reward(m["params"], m["accuracy"], self.teacher_params, self.teacher_accuracy,
+                             self.reward_form) if ok else INVALID_REWARD,
+            "val_accuracy": m.get("val_accuracy"), "latency_b256_ms": m.get("latency_b256_ms"),
+            "model_bytes": m.get("model_bytes"), "cached": outcome.cached, "error": m.get("error"),
+            "removed": json.dumps(list(spec.removed)), "widths": json.dumps(dict(spec.widths)),
+        }
+        return row
+
+    def _progress(self, row: dict[str, Any]) -> None:
+        best = max(self.rows.values(), key=lambda r: r["reward"])
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        self.bar.update(1)
+        self.bar.set_postfix(evals_min=f"{60 * len(self.rows) / elapsed:.1f}", best_reward=f"{best['reward']:.3f}",
+                             best_x=f"{best['compression'] or 0:.2f}", best_acc=f"{best['accuracy']:.4f}",
+                             cache=self.cache_hits)
+
+    def flush(self) -> None:
+        """Rewrite results.parquet from every row so far."""
+        write_results(self.ctx.store, self.ctx.run_id, self.ctx.rows)
+        self._last_write = time.perf_counter()
+
+    def close(self) -> None:
+        """Write the final table, stop the actors, report counts to the run."""
+        self.flush()
+        self.bar.close()
+        self.ctx.summary.update(evaluations=self.evaluations, cache_hits=self.cache_hits,
+                                workers_replaced=self.pool.replaced)
+        self.pool.shutdown()
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to the Ray cluster at `address` (or RAY_ADDRESS), or start a local one, once per process."""
+    if ray.is_initialized():
+        return
+    ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)

@@ -1,0 +1,66 @@
+"""Knowledge distillation: Hinton's soft-target KL (or the N2N paper's logit regression) plus cross-entropy.
+
+Without augmentation the teacher sees the same images every epoch, so its logits for the whole
+training split are computed once (`teacher_logits`) and looked up by batch index: no teacher
+forward per student step. With augmentation the teacher runs on each augmented batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.data import normalize
+from workers.train import DistillConfig, LossFn
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, config: DistillConfig) -> torch.Tensor:
+    """(1 − α)·CE(student, labels) + α·distillation term.
+
+    kl:     T²·KL(softmax(teacher/T) ‖ softmax(student/T)), batch mean (Hinton et al. 2015; T² keeps
+            the gradient scale independent of T);
+    logits: mean squared error between the raw logits (Ba & Caruana; the N2N paper's option).
+    """
+    student, teacher = student.float(), teacher.float()
+    hard = F.cross_entropy(student, labels)
+    if config.loss == "logits":
+        soft = F.mse_loss(student, teacher)
+    else:
+        t = config.temperature
+        soft = F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
+                        reduction="batchmean", log_target=True) * (t * t)
+    return (1.0 - config.alpha) * hard + config.alpha * soft
+
+
+@torch.inference_mode()
+def teacher_logits(teacher: nn.Module, images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+                   batch_size: int = 1024) -> torch.Tensor:
+    """The teacher's float32 logits for every uint8 image (on the images' device), in eval mode."""
+    teacher.eval()
+    device = images.device
+    chunks = []
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for start in range(0, len(images), batch_size):
+            x = normalize(images[start : start + batch_size], mean, std).contiguous(memory_format=torch.channels_last)
+            chunks.append(teacher(x).float())
+    return torch.cat(chunks)
+
+
+def distill_loss_fn(config: DistillConfig, cached: torch.Tensor | None = None,
+                    teacher: nn.Module | None = None) -> LossFn:
+    """A training-loop loss: cached logits looked up by index, else the teacher run on the batch."""
+    if cached is None and teacher is None:
+        raise ValueError("distill_loss_fn needs cached teacher logits or the teacher")
+    if teacher is not None:
+        teacher.eval()
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        if cached is not None:
+            target = cached[index]
+        else:
+            with torch.no_grad():
+                target = teacher(images)
+        return kd_loss(logits, target, labels, config)
+
+    return loss

@@ -1,0 +1,140 @@
+"""How a candidate becomes a measured model: surgery → distillation → measurement → the store.
+
+    candidates/<spec_hash>/spec.json      the CandidateSpec (canonical JSON)
+    candidates/<spec_hash>/model.pt       state_dict of the small model (weights_only=True loads it)
+    candidates/<spec_hash>/metrics.json   accuracy, params, MACs, latency, bytes, wall time, history
+    candidates/<spec_hash>/manifest.json  sha256 of each file; written last, so present = complete
+
+A candidate that cannot be built, runs out of memory or diverges is a result with status `invalid`,
+never a crash of the worker.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from storage import ArtifactStore, WriteConflictError
+from storage.records import to_data
+from workers.data import Splits
+from workers.distill import distill_loss_fn, teacher_logits
+from workers.measure import measure
+from workers.spec import CandidateSpec
+from workers.surgery import InvalidTransform, shrink
+from workers.teacher import Teacher
+from workers.train import train_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalContext:
+    """What one worker holds for all its candidates: data and teacher on its device, cached logits."""
+
+    store: ArtifactStore
+    teacher: Teacher
+    splits: Splits  # already on `device`
+    device: torch.device
+    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    _logits: torch.Tensor | None = None
+
+    def train_logits(self) -> torch.Tensor:
+        """The teacher's logits for the training split, computed on first use."""
+        if self._logits is None:
+            self.teacher.model.to(self.device, memory_format=torch.channels_last)
+            self._logits = teacher_logits(self.teacher.model, self.splits.train[0], self.splits.mean, self.splits.std)
+        return self._logits
+
+
+def candidate_prefix(spec_hash: str) -> str:
+    return f"candidates/{spec_hash}"
+
+
+def stored_metrics(store: ArtifactStore, spec_hash: str) -> dict[str, Any] | None:
+    """The metrics of a complete stored evaluation, or None (the cache lookup)."""
+    prefix = candidate_prefix(spec_hash)
+    if not store.exists(f"{prefix}/manifest.json"):
+        return None
+    return store.get_json(f"{prefix}/metrics.json")
+
+
+def invalid(spec: CandidateSpec, reason: str, started: float, ctx: EvalContext) -> dict[str, Any]:
+    """The result of a candidate that could not be built or trained."""
+    return {"spec_hash": spec.spec_hash, "status": "invalid", "error": reason, "accuracy": 0.0,
+            "wall_s": time.perf_counter() - started, "worker": ctx.worker, "artifact": None}
+
+
+def evaluate_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = False) -> dict[str, Any]:
+    """Build, distill, measure and store one candidate; return its metrics (status ok or invalid)."""
+    started = time.perf_counter()
+    try:
+        student = shrink(ctx.teacher.model, spec.removed, spec.widths)
+    except InvalidTransform as err:
+        return _store_invalid(spec, ctx, invalid(spec, f"invalid transform: {err}", started, ctx))
+    distill = spec.train.distill
+    if distill.alpha == 0:
+        loss_fn = None
+    elif spec.train.augment:  # the teacher must see the same augmented batch
+        loss_fn = distill_loss_fn(distill, teacher=ctx.teacher.model.to(ctx.device, memory_format=torch.channels_last))
+    else:
+        loss_fn = distill_loss_fn(distill, cached=ctx.train_logits())
+    try:
+        history = train_model(student, ctx.splits, spec.train, ctx.device, seed=spec.seed,
+                              desc=f"candidate {spec.spec_hash}", progress=progress, loss_fn=loss_fn)
+    except torch.OutOfMemoryError:
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return invalid(spec, "out of memory", started, ctx)  # not stored: it may fit another time
+    train_seconds = time.perf_counter() - started
+    if not all(math.isfinite(epoch["loss"]) for epoch in history):
+        return _store_invalid(spec, ctx, invalid(spec, "training diverged (non-finite loss)", started, ctx))
+    metrics = {"spec_hash": spec.spec_hash, "status": "ok", **measure(student, ctx.splits, ctx.device),
+               "train_seconds": train_seconds, "history": history, "worker": ctx.worker,
+               "device": str(ctx.device), "arch": to_data(student.arch)}
+    metrics["wall_s"] = time.perf_counter() - started
+    return save_candidate(ctx.store, spec, student, metrics)
+
+
+def _store_invalid(spec: CandidateSpec, ctx: EvalContext, metrics: dict[str, Any]) -> dict[str, Any]:
+    return save_candidate(ctx.store, spec, None, metrics)
+
+
+def save_candidate(store: ArtifactStore, spec: CandidateSpec, model: torch.nn.Module | None,
+                   metrics: dict[str, Any]) -> dict[str, Any]:
+    """Write the candidate's files once. If another worker finished it first, return theirs (idempotent)."""
+    prefix = candidate_prefix(spec.spec_hash)
+    existing = stored_metrics(store, spec.spec_hash)
+    if existing is not None:
+        return existing
+    try:
+        store.put_bytes(f"{prefix}/spec.json", spec.canonical_json().encode(), write_once=True)
+        if model is not None:
+            buffer = io.BytesIO()
+            torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buffer)
+            store.put_bytes(f"{prefix}/model.pt", buffer.getvalue(), write_once=True)
+            metrics["artifact"] = store.uri_for(f"{prefix}/model.pt")
+        store.put_json(f"{prefix}/metrics.json", metrics, write_once=True)
+        store.write_manifest(prefix)
+    except WriteConflictError:
+        log.info("candidate %s was stored by another worker first; using that result", spec.spec_hash)
+        return _wait_for_other_writer(store, spec.spec_hash, metrics)
+    return metrics
+
+
+def _wait_for_other_writer(store: ArtifactStore, spec_hash: str, fallback: dict[str, Any],
+                           timeout: float = 30.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout  # seconds; the other writer is at most a few writes ahead
+    while time.monotonic() < deadline:
+        stored = stored_metrics(store, spec_hash)
+        if stored is not None:
+            return stored
+        time.sleep(0.2)
+    return fallback

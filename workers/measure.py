@@ -1,0 +1,79 @@
+"""What a candidate costs: parameters, MACs (counted), latency (measured), bytes on disk, and accuracy."""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from workers.data import Splits
+from workers.train import evaluate
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable and frozen parameters (buffers such as BN statistics excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, in_channels: int, image_size: int) -> int:
+    """Multiply-accumulates for one image, counted by torch's FLOP counter (FLOPs / 2) on the CPU."""
+    probe = next(model.parameters())
+    x = torch.zeros(1, in_channels, image_size, image_size, device=probe.device, dtype=probe.dtype)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Size of the saved state_dict (what `candidates/<hash>/model.pt` takes)."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    return buffer.tell()
+
+
+@torch.inference_mode()
+def latency_ms(model: nn.Module, device: torch.device, in_channels: int, image_size: int, batch: int,
+               repeats: int, warmup: int = 2) -> float:
+    """Median wall time of one forward pass at `batch` on `device`, milliseconds."""
+    model.eval()
+    x = torch.randn(batch, in_channels, image_size, image_size, device=device).contiguous(
+        memory_format=torch.channels_last)
+    times = []
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for step in range(warmup + repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= warmup:
+                times.append((time.perf_counter() - started) * 1000.0)
+    return statistics.median(times)
+
+
+def measure(model: nn.Module, splits: Splits, device: torch.device, latency_repeats: int = 10,
+            large_batch: int = 256) -> dict[str, Any]:
+    """Accuracy on the test split, params, MACs, latency at batch 1 and `large_batch`, model bytes.
+
+    `splits` must already be on `device`. Large-batch latency uses a third of the repeats: it is the
+    slow one on a CPU and its median is stable sooner.
+    """
+    c, size = splits.in_channels, splits.image_size
+    return {
+        "accuracy": evaluate(model, *splits.test, splits.mean, splits.std),
+        "val_accuracy": evaluate(model, *splits.val, splits.mean, splits.std),
+        "params": count_parameters(model),
+        "macs": count_macs(model, c, size),
+        "latency_ms": latency_ms(model, device, c, size, 1, latency_repeats),
+        "latency_b256_ms": latency_ms(model, device, c, size, large_batch, max(1, latency_repeats // 3)),
+        "model_bytes": model_bytes(model),
+    }

@@ -1,0 +1,183 @@
+"""Surgery: a real, smaller `nn.Module` from a teacher — blocks removed, widths shrunk, weights inherited.
+
+Two kinds of width, named as in the module tree:
+- a block's inner width, key `layer2.1`: the output channels of its first conv (free to shrink);
+- a residual stream, key `layer2`: the channels shared by every tensor joined by identity shortcuts
+  (the stem and all of stage 1 are one stream in a CIFAR ResNet). Its channels are ranked as a group
+  (summed, per-member normalised importance) and removed together, so additions stay aligned.
+
+Kept channels stay in their original order, so keeping every channel reproduces the teacher exactly.
+A removed block keeps only its shortcut: identity, or the teacher's 1x1 projection where the block
+changed stride or width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from workers.importance import Importance, l1_importance
+from workers.zoo import BasicBlock, BlockArch, ResNet, ResNetArch, build_model, with_blocks
+
+
+class InvalidTransform(ValueError):
+    """A transformation that cannot give a valid network: the candidate is a result with status invalid."""
+
+
+@dataclass(frozen=True)
+class Streams:
+    """The residual streams of an architecture: key → names of the layers whose outputs it joins."""
+
+    producers: dict[str, tuple[str, ...]]  # e.g. "layer1" → ("stem", "layer1.0", "layer1.1", "layer1.2")
+    of_output: dict[str, str]  # producer name ("stem" or a block) → its stream key
+
+
+def streams(arch: ResNetArch) -> Streams:
+    """Group the stem and block outputs into streams joined by identity shortcuts."""
+    members: dict[str, list[str]] = {"stem": ["stem"]}
+    of_output, current, cin = {"stem": "stem"}, "stem", arch.stem
+    for name, block in arch.blocks():
+        if block.stride != 1 or cin != block.out:  # a projection: a new stream starts here
+            current = name.split(".")[0] if name.split(".")[0] not in members else name
+            members[current] = []
+        members[current].append(name)
+        of_output[name] = current
+        cin = block.out
+    if len(members["stem"]) > 1:  # the stem shares its stream with stage 1: call it by the stage
+        first = members["stem"][1].split(".")[0]
+        members[first] = members.pop("stem")
+        of_output = {k: first if v == "stem" else v for k, v in of_output.items()}
+    return Streams({k: tuple(v) for k, v in members.items()}, of_output)
+
+
+def width_keys(arch: ResNetArch) -> dict[str, int]:
+    """Every width a transformation may set, with the teacher's value: streams and block inner widths."""
+    keys = {key: _stream_width(arch, key, streams(arch)) for key in streams(arch).producers}
+    keys.update({name: block.mid for name, block in arch.blocks() if not block.removed})
+    return keys
+
+
+def _stream_width(arch: ResNetArch, key: str, groups: Streams) -> int:
+    first = groups.producers[key][0]
+    return arch.stem if first == "stem" else dict(arch.blocks())[first].out
+
+
+def round_width(width: int, multiple: int, limit: int) -> int:
+    """Round up to a multiple (hardware-friendly channel counts), never above the teacher's width."""
+    return min(limit, max(multiple, int(math.ceil(width / multiple)) * multiple)) if multiple > 1 else width
+
+
+def derive_arch(arch: ResNetArch, removed: Iterable[str] = (), widths: Mapping[str, int] | Iterable = (),
+                round_to: int = 1) -> ResNetArch:
+    """The architecture after removing blocks and setting widths; InvalidTransform if it cannot exist."""
+    removed, widths = set(removed), dict(widths)
+    names = set(arch.block_names())
+    if removed - names:
+        raise InvalidTransform(f"unknown blocks to remove: {sorted(removed - names)}; blocks: {sorted(names)}")
+    allowed = width_keys(arch)
+    for key, width in widths.items():
+        if key not in allowed:
+            raise InvalidTransform(f"unknown width key {key!r}; keys: {sorted(allowed)}")
+        if not isinstance(width, int) or not 1 <= width <= allowed[key]:
+            raise InvalidTransform(f"width of {key} must be an integer in [1, {allowed[key]}], got {width!r}")
+    final = {k: round_width(w, round_to, allowed[k]) for k, w in widths.items()}
+    groups = streams(arch)
+    stream = {key: final.get(key, allowed[key]) for key in groups.producers}
+
+    def change(name: str, block: BlockArch) -> BlockArch:
+        return replace(block, mid=final.get(name, block.mid), out=stream[groups.of_output[name]],
+                       removed=block.removed or name in removed)
+
+    derived = replace(with_blocks(arch, change), stem=stream[groups.of_output["stem"]])
+    if streams(derived).of_output != groups.of_output:
+        raise InvalidTransform("these widths would merge two residual streams (a projection would vanish)")
+    return derived
+
+
+def _group_scores(convs: list[nn.Conv2d], importance: Importance) -> torch.Tensor:
+    """Summed importance of a coupled group, each member normalised by its mean so no layer dominates."""
+    total = torch.zeros(convs[0].out_channels)
+    for conv in convs:
+        scores = importance(conv.weight).float().cpu()
+        total += scores / scores.mean().clamp_min(1e-12)
+    return total
+
+
+def _top(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the `keep` largest scores, in ascending index order (keeping order keeps outputs exact)."""
+    if keep >= len(scores):
+        return torch.arange(len(scores))
+    return torch.topk(scores, keep).indices.sort().values
+
+
+@torch.no_grad()
+def _copy_conv_bn(dst: nn.Sequential, src: nn.Sequential, out_idx: torch.Tensor, in_idx: torch.Tensor) -> None:
+    conv, bn = src[0], src[1]
+    dst[0].weight.copy_(conv.weight[out_idx][:, in_idx])
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(dst[1], name).copy_(getattr(bn, name)[out_idx])
+    dst[1].num_batches_tracked.copy_(bn.num_batches_tracked)
+
+
+def shrink(teacher: ResNet, removed: Iterable[str] = (), widths: Mapping[str, int] | Iterable = (),
+           importance: Importance = l1_importance, round_to: int = 1) -> ResNet:
+    """Build the smaller network on the CPU, initialised from the teacher's weights (eval mode)."""
+    arch = derive_arch(teacher.arch, removed, widths, round_to)
+    student = build_model(arch).eval()
+    groups = streams(teacher.arch)
+    teacher_blocks = {name: teacher.get_submodule(name) for name in teacher.arch.block_names()}
+    kept: dict[str, torch.Tensor] = {}
+    for key, producers in groups.producers.items():
+        convs = [conv for p in producers for conv in _producer_convs(teacher, teacher_blocks, p, arch)]
+        kept[key] = _top(_group_scores(convs, importance), _stream_width(arch, key, groups))
+    _copy_conv_bn(student.stem, teacher.stem, kept[groups.of_output["stem"]], torch.arange(arch.in_channels))
+    cin = kept[groups.of_output["stem"]]
+    for name, block in arch.blocks():
+        out = kept[groups.of_output[name]]
+        _copy_block(student.get_submodule(name), teacher_blocks[name], block, cin, out, importance)
+        cin = out
+    with torch.no_grad():
+        student.fc.weight.copy_(teacher.fc.weight[:, cin])
+        student.fc.bias.copy_(teacher.fc.bias)
+    return student
+
+
+def _producer_convs(teacher: ResNet, blocks: dict[str, nn.Module], producer: str, arch: ResNetArch) -> list[nn.Conv2d]:
+    """The convs whose filters make a stream's channels at `producer` in the student."""
+    if producer == "stem":
+        return [teacher.stem[0]]
+    block = blocks[producer]
+    convs = [] if isinstance(block.shortcut, nn.Identity) else [block.shortcut[0]]
+    if not dict(arch.blocks())[producer].removed:
+        convs.append(block.conv2[0])
+    return convs
+
+
+def _copy_block(dst: BasicBlock, src: BasicBlock, arch: BlockArch, cin: torch.Tensor, out: torch.Tensor,
+                importance: Importance) -> None:
+    if not isinstance(src.shortcut, nn.Identity):
+        _copy_conv_bn(dst.shortcut, src.shortcut, out, cin)
+    if arch.removed:
+        return
+    mid = _top(importance(src.conv1[0].weight).float().cpu(), arch.mid)
+    _copy_conv_bn(dst.conv1, src.conv1, mid, cin)
+    _copy_conv_bn(dst.conv2, src.conv2, out, mid)
+
+
+def count_params(arch: ResNetArch) -> int:
+    """Parameters of an architecture without building it (what a spec predicts)."""
+    def conv_bn(cin: int, cout: int, k: int) -> int:
+        return cin * cout * k * k + 2 * cout
+
+    total, cin = conv_bn(arch.in_channels, arch.stem, 3), arch.stem
+    for _, block in arch.blocks():
+        if block.stride != 1 or cin != block.out:
+            total += conv_bn(cin, block.out, 1)
+        if not block.removed:
+            total += conv_bn(cin, block.mid, 3) + conv_bn(block.mid, block.out, 3)
+        cin = block.out
+    return total + cin * arch.num_classes + arch.num_classes
