@@ -33,6 +33,7 @@ test-all: setup  ## every test, slow ones included
 bench: setup     ## CPU benchmarks; JSON lands in benchmarks/results/
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/store_throughput.py
+	$(BIN)/python benchmarks/pool_overhead.py
 
 clean-store:     ## delete the default local store
 	rm -rf ./searchsvc-store

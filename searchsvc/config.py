@@ -14,21 +14,13 @@ from storage import DEFAULT_STORE
 from storage.errors import SearchsvcError
 from storage.records import RecordError, from_data, to_data
 from workers.data import DatasetConfig
+from workers.resources import Resources
 from workers.teacher import TeacherConfig
 from workers.train import TrainConfig
 
 
 class ConfigError(RecordError):
     """A config file that cannot be read or does not match the schema."""
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What one candidate evaluation gets from Ray."""
-
-    gpus_per_eval: float = field(default=0.25, metadata={"min": 0, "help": "GPU share per evaluation (0.25: 4/GPU)"})
-    cpus_per_eval: float = field(default=1.0, metadata={"gt": 0, "help": "CPU cores per evaluation"})
-    max_concurrent: int | None = field(default=None, metadata={"min": 1, "help": "cap on evaluations in flight"})
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,10 @@ from searchsvc.rewards import INVALID_REWARD, RewardForm, compression_ratio, rew
 from searchsvc.version import code_version
 from storage.tables import run_prefix, write_results
 from workers.measure import count_parameters
-from workers.pool import EvalOutcome, EvalPool, PoolResources
+from workers.pool import EvalOutcome, EvalPool
 from workers.spec import CandidateSpec
+from workers.teacher import ensure_train_logits
+from workers.train import resolve_device
 
 log = logging.getLogger(__name__)
 RESULTS_EVERY_S = 5.0  # seconds between rewrites of results.parquet while the run goes
@@ -36,10 +38,11 @@ class Evaluator:
         self.reward_form = reward_form
         self.teacher_params = count_parameters(context.teacher.model)
         self.teacher_accuracy = context.teacher.test_accuracy
-        resources = context.config.resources
+        train = context.config.train
+        if train.distill.alpha > 0 and not train.augment:  # workers will look teacher logits up: compute once
+            ensure_train_logits(context.store, context.teacher, context.splits, resolve_device(context.config.device))
         self.pool = pool or EvalPool(context.store, context.teacher.teacher_hash, context.config.dataset,
-                                     PoolResources(resources.gpus_per_eval, resources.cpus_per_eval,
-                                                   resources.max_concurrent))
+                                     context.config.resources)
         self.rows: dict[str, dict[str, Any]] = {}  # spec_hash → row, this run
         self.evaluations = 0  # trained in this run
         self.cache_hits = 0  # found in the store

@@ -14,7 +14,7 @@ from searchsvc.evaluator import Evaluator, ensure_ray
 from searchsvc.job import RunContext
 from searchsvc.methods import GridCandidate, GridSearch
 from workers.spec import CandidateSpec
-from workers.surgery import round_width, width_keys
+from workers.surgery import is_int, round_width, width_keys
 from workers.zoo import ResNetArch
 
 
@@ -29,7 +29,7 @@ def candidate_widths(arch: ResNetArch, candidate: GridCandidate, round_to: int) 
     if candidate.scale is not None:
         widths = {k: round_width(max(1, round(w * candidate.scale)), round_to, w) for k, w in teacher.items()}
     for key, width in candidate.widths.items():
-        valid = key in teacher and isinstance(width, int) and 1 <= width <= teacher[key]
+        valid = key in teacher and is_int(width) and 1 <= width <= teacher[key]
         widths[key] = round_width(width, round_to, teacher[key]) if valid else width
     return {k: w for k, w in widths.items() if teacher.get(k) != w}
 

@@ -140,3 +140,26 @@ def store(request: pytest.FixtureRequest, tmp_path: Path):
         return LocalStore(tmp_path / "store")
     server = request.getfixturevalue("s3_env")
     return S3Store(server.shared_bucket, f"tests/{uuid.uuid4().hex[:12]}", endpoint=server.endpoint)
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One Ray runtime for the whole test session (ray.init costs several seconds and ~700 MiB)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests need CUDA: on a machine without it they are reported as skipped (DESIGN §6)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(no_gpu)

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
     ("train_throughput.py", ["--arch", "tiny_cnn", "--batch", "8", "--size", "16", "--steps", "2", "--device", "cpu"],
      ["channels_last_images_per_s", "contiguous_images_per_s", "channels_last_speedup"]),
     ("store_throughput.py", ["--mb", "2", "--small", "5"], ["put_mb_per_s", "get_mb_per_s", "small_json_writes_per_s"]),
+    ("pool_overhead.py", ["--candidates", "1", "--train-size", "256"], ["in_process_s_per_eval", "pool_s_per_eval"]),
 ])
 def test_benchmark_tiny_mode_writes_json(tmp_path, script, args, keys):
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args, "--out", str(tmp_path)],

@@ -29,7 +29,7 @@ from workers.distill import distill_loss_fn, teacher_logits
 from workers.measure import measure
 from workers.spec import CandidateSpec
 from workers.surgery import InvalidTransform, shrink
-from workers.teacher import Teacher
+from workers.teacher import Teacher, load_train_logits
 from workers.train import train_model
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,14 @@ class EvalContext:
     splits: Splits  # already on `device`
     device: torch.device
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    compile_model: bool = False  # torch.compile the training step
     _logits: torch.Tensor | None = None
 
     def train_logits(self) -> torch.Tensor:
-        """The teacher's logits for the training split, computed on first use."""
+        """The teacher's logits for the training split: from the store if cached there, else computed here."""
         if self._logits is None:
+            self._logits = load_train_logits(self.store, self.teacher.teacher_hash, self.device)
+        if self._logits is None or len(self._logits) != len(self.splits.train[1]):
             self.teacher.model.to(self.device, memory_format=torch.channels_last)
             self._logits = teacher_logits(self.teacher.model, self.splits.train[0], self.splits.mean, self.splits.std)
         return self._logits
@@ -88,7 +91,8 @@ def evaluate_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = F
         loss_fn = distill_loss_fn(distill, cached=ctx.train_logits())
     try:
         history = train_model(student, ctx.splits, spec.train, ctx.device, seed=spec.seed,
-                              desc=f"candidate {spec.spec_hash}", progress=progress, loss_fn=loss_fn)
+                              desc=f"candidate {spec.spec_hash}", progress=progress, loss_fn=loss_fn,
+                              compile_model=ctx.compile_model)
     except torch.OutOfMemoryError:
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()

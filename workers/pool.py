@@ -21,17 +21,11 @@ from ray.exceptions import RayActorError, RayTaskError
 from storage import ArtifactStore
 from workers.data import DatasetConfig, load_dataset
 from workers.evaluate import EvalContext, evaluate_candidate, stored_metrics
+from workers.resources import Resources
 from workers.spec import CandidateSpec
 from workers.teacher import load_teacher
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PoolResources:
-    gpus_per_eval: float = 0.25  # GPU share per actor; ignored on a cluster without GPUs
-    cpus_per_eval: float = 1.0
-    max_concurrent: int | None = None  # cap on actors (candidates in flight)
 
 
 @dataclass
@@ -47,11 +41,14 @@ class EvalOutcome:
 class EvalWorker:
     """One Ray actor: data and teacher resident on its device, evaluating one candidate at a time."""
 
-    def __init__(self, store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig, cpus: float) -> None:
-        torch.set_num_threads(max(1, int(cpus)))
+    def __init__(self, store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig,
+                 resources: Resources) -> None:
+        torch.set_num_threads(max(1, int(resources.cpus_per_eval)))
+        # Ray sets CUDA_VISIBLE_DEVICES to the GPU it assigned: "cuda" is that GPU, never a fixed index.
         device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
         teacher = load_teacher(store, teacher_hash, device)
-        self.ctx = EvalContext(store, teacher, load_dataset(dataset).to(device), device)
+        self.ctx = EvalContext(store, teacher, load_dataset(dataset).to(device), device,
+                               compile_model=resources.compile)
 
     def evaluate(self, spec: CandidateSpec) -> dict[str, Any]:
         return evaluate_candidate(spec, self.ctx)
@@ -60,7 +57,7 @@ class EvalWorker:
         return f"{self.ctx.worker} on {self.ctx.device}"
 
 
-def default_pool_size(resources: PoolResources) -> int:
+def default_pool_size(resources: Resources) -> int:
     """Actors that fit the cluster now: by GPU share when there are GPUs, else by CPU cores."""
     total = ray.cluster_resources()
     if total.get("GPU", 0) > 0 and resources.gpus_per_eval > 0:
@@ -76,13 +73,13 @@ class EvalPool:
     """Evaluate candidates on Ray actors; see the module docstring."""
 
     def __init__(self, store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig,
-                 resources: PoolResources = PoolResources(), size: int | None = None, max_retries: int = 2) -> None:
+                 resources: Resources = Resources(), size: int | None = None, max_retries: int = 2) -> None:
         self.store = store
         self.max_retries = max_retries  # extra attempts after an actor died under a candidate
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and resources.gpus_per_eval > 0
         options = {"num_cpus": resources.cpus_per_eval, "num_gpus": resources.gpus_per_eval if use_gpu else 0}
         self._actor_class = ray.remote(**options)(EvalWorker)
-        self._args = (store, teacher_hash, dataset, resources.cpus_per_eval)
+        self._args = (store, teacher_hash, dataset, resources)
         self.size = size or default_pool_size(resources)
         self.actors = [self._new_actor() for _ in range(self.size)]
         self.replaced = 0  # actors that died and were replaced

@@ -66,6 +66,11 @@ def _stream_width(arch: ResNetArch, key: str, groups: Streams) -> int:
     return arch.stem if first == "stem" else dict(arch.blocks())[first].out
 
 
+def is_int(value: object) -> bool:
+    """A true integer: YAML's `true` is a bool, which Python would also accept as the int 1."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def round_width(width: int, multiple: int, limit: int) -> int:
     """Round up to a multiple (hardware-friendly channel counts), never above the teacher's width."""
     return min(limit, max(multiple, int(math.ceil(width / multiple)) * multiple)) if multiple > 1 else width
@@ -82,7 +87,7 @@ def derive_arch(arch: ResNetArch, removed: Iterable[str] = (), widths: Mapping[s
     for key, width in widths.items():
         if key not in allowed:
             raise InvalidTransform(f"unknown width key {key!r}; keys: {sorted(allowed)}")
-        if not isinstance(width, int) or not 1 <= width <= allowed[key]:
+        if not is_int(width) or not 1 <= width <= allowed[key]:
             raise InvalidTransform(f"width of {key} must be an integer in [1, {allowed[key]}], got {width!r}")
     final = {k: round_width(w, round_to, allowed[k]) for k, w in widths.items()}
     groups = streams(arch)

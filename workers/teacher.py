@@ -129,3 +129,40 @@ def load_teacher(store: ArtifactStore, key: str, device: torch.device | str = "c
     model.load_state_dict(state)
     model.to(device).eval()
     return Teacher(model, key, meta, cached=True)
+
+
+def logits_prefix(key: str) -> str:
+    """Where a teacher's cached training-split logits live (with their own manifest)."""
+    return f"teachers/{key}/logits"
+
+
+def ensure_train_logits(store: ArtifactStore, teacher: Teacher, splits: Splits, device: torch.device) -> str:
+    """Compute the teacher's logits for the training split once per teacher and store them; return the key.
+
+    Workers then load 2 MB (54k x 10 floats for Fashion-MNIST) instead of each running the teacher over
+    the whole training split.
+    """
+    prefix = logits_prefix(teacher.teacher_hash)
+    if not store.exists(f"{prefix}/manifest.json"):
+        from workers.distill import teacher_logits
+
+        data = splits.to(device)
+        teacher.model.to(device, memory_format=torch.channels_last)
+        logits = teacher_logits(teacher.model, data.train[0], data.mean, data.std).cpu()
+        buffer = io.BytesIO()
+        torch.save(logits, buffer)
+        try:
+            store.put_bytes(f"{prefix}/train.pt", buffer.getvalue(), write_once=True)
+            store.write_manifest(prefix)
+        except WriteConflictError:  # another run stored them first (bf16 on a GPU may differ slightly)
+            log.info("teacher logits %s were stored by another run; using those", prefix)
+    return f"{prefix}/train.pt"
+
+
+def load_train_logits(store: ArtifactStore, key: str, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """The stored training-split logits of teacher `key` (sha256-checked), or None if none are stored."""
+    prefix = logits_prefix(key)
+    if not store.exists(f"{prefix}/manifest.json"):
+        return None
+    raw = store.get_verified(prefix, "train.pt")
+    return torch.load(io.BytesIO(raw), map_location=device, weights_only=True)

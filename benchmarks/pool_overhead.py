@@ -1,0 +1,83 @@
+"""What the actor pool costs per candidate: the same evaluation in-process vs through a Ray actor.
+
+    python benchmarks/pool_overhead.py [--candidates 6] [--epochs 1] [--out benchmarks/results]
+
+Both paths evaluate candidates of identical cost (same transformation, different seeds, so none is a
+cache hit) on the synthetic dataset with a warm worker; the overhead is (pool − in-process) / n, in
+ms and as a fraction of one evaluation. One actor with one CPU; the two paths alternate so both
+see the same machine load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+import time
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from common import write_result  # noqa: E402
+from storage import LocalStore  # noqa: E402
+from workers.data import DatasetConfig, SyntheticConfig, load_dataset  # noqa: E402
+from workers.evaluate import EvalContext, evaluate_candidate  # noqa: E402
+from workers.pool import EvalPool
+from workers.resources import Resources  # noqa: E402
+from workers.spec import CandidateSpec  # noqa: E402
+from workers.teacher import TeacherConfig, load_or_train_teacher, load_teacher  # noqa: E402
+from workers.train import TrainConfig  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--candidates", type=int, default=6, help="evaluations per path (default 6)")
+    parser.add_argument("--epochs", type=int, default=1, help="training epochs per evaluation (default 1)")
+    parser.add_argument("--train-size", type=int, default=4096, help="synthetic training images (default 4096)")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON result")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # the actor gets one CPU: give the in-process path the same
+    data = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(train_size=args.train_size, image_size=16))
+    train = TrainConfig(epochs=args.epochs, batch_size=128, augment=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = LocalStore(f"{tmp}/store")
+        splits = load_dataset(data)
+        teacher = load_or_train_teacher(store, TeacherConfig(arch="resnet20", epochs=1, batch_size=128), data, splits,
+                                        torch.device("cpu"), progress=False)
+
+        def specs(offset: int) -> list[CandidateSpec]:
+            base = CandidateSpec(arch="resnet20", teacher=teacher.teacher_hash, dataset=data, train=train,
+                                 widths=(("layer3", 32),))
+            return [dataclasses.replace(base, seed=offset + i) for i in range(args.candidates + 1)]
+
+        ctx = EvalContext(store, load_teacher(store, teacher.teacher_hash), splits, torch.device("cpu"))
+        ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING")
+        pool = EvalPool(store, teacher.teacher_hash, data, Resources(gpus_per_eval=0, cpus_per_eval=1), size=1)
+        local_specs, pool_specs = specs(1000), specs(2000)
+        evaluate_candidate(local_specs[0], ctx)  # warm-up: teacher logits, allocator
+        list(pool.map_unordered(pool_specs[:1]))  # warm-up: actor start, data and teacher load, logits
+        local_s = pool_s = 0.0
+        for local_spec, pool_spec in zip(local_specs[1:], pool_specs[1:]):  # interleaved: same machine state
+            started = time.perf_counter()
+            evaluate_candidate(local_spec, ctx)
+            local_s += (time.perf_counter() - started) / args.candidates
+            started = time.perf_counter()
+            list(pool.map_unordered([pool_spec]))
+            pool_s += (time.perf_counter() - started) / args.candidates
+        pool.shutdown()
+        ray.shutdown()
+    overhead_ms = (pool_s - local_s) * 1000.0
+    result = {"benchmark": "pool_overhead", "candidates": args.candidates, "epochs": args.epochs,
+              "train_size": args.train_size, "in_process_s_per_eval": round(local_s, 4),
+              "pool_s_per_eval": round(pool_s, 4), "overhead_ms_per_eval": round(overhead_ms, 2),
+              "overhead_fraction": round(overhead_ms / 1000.0 / local_s, 4)}
+    path = write_result(args.out, "pool_overhead", result)
+    print(f"in-process {local_s:.3f} s/eval, pool {pool_s:.3f} s/eval: overhead {overhead_ms:.1f} ms "
+          f"({100 * result['overhead_fraction']:.2f} % of an evaluation)  → {path}")
+
+
+if __name__ == "__main__":
+    main()

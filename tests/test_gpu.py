@@ -1,0 +1,85 @@
+"""The GPU fast path: resident data, channels_last, bf16 autocast, fractional GPUs. Runs only with CUDA."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from workers.data import DatasetConfig, SyntheticConfig, load_dataset
+from workers.distill import distill_loss_fn, teacher_logits
+from workers.measure import measure
+from workers.train import DistillConfig, Recipe, augment, train_model
+from workers.zoo import create_model
+
+pytestmark = pytest.mark.gpu
+DATA = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(train_size=2048, test_size=256, image_size=32,
+                                                                  channels=3))
+
+
+def test_training_on_the_gpu_learns_with_resident_data():
+    device = torch.device("cuda")
+    splits = load_dataset(DATA).to(device)
+    model = create_model("resnet20", 3, 4)
+    history = train_model(model, splits, Recipe(epochs=4, batch_size=256, lr=0.1), device, progress=False)
+    assert next(model.parameters()).device.type == "cuda"
+    assert model.layer1[0].conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["test_accuracy"] > 0.5
+
+
+def test_distillation_with_cached_logits_on_the_gpu():
+    device = torch.device("cuda")
+    splits = load_dataset(DATA).to(device)
+    teacher = create_model("resnet20", 3, 4).to(device)
+    train_model(teacher, splits, Recipe(epochs=2, batch_size=256, lr=0.1), device, progress=False)
+    cached = teacher_logits(teacher, splits.train[0], splits.mean, splits.std)
+    assert cached.device.type == "cuda" and cached.dtype == torch.float32
+    student = create_model("tiny_cnn", 3, 4)
+    loss_fn = distill_loss_fn(DistillConfig(alpha=0.9), cached=cached)
+    history = train_model(student, splits, Recipe(epochs=2, batch_size=256, augment=False), device,
+                          progress=False, loss_fn=loss_fn)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    metrics = measure(student, splits, device, latency_repeats=3)
+    assert metrics["latency_ms"] > 0 and metrics["macs"] > 0
+
+
+def test_augment_on_the_gpu_matches_the_cpu_semantics():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.uint8).view(2, 3, 8, 8).cuda()
+    out = augment(images, torch.Generator(device="cuda").manual_seed(0))
+    assert out.shape == images.shape and out.dtype == images.dtype and out.device.type == "cuda"
+
+
+def test_compiled_training_step_runs():
+    device = torch.device("cuda")
+    splits = load_dataset(dataclasses.replace(DATA, synthetic=dataclasses.replace(DATA.synthetic, train_size=512)))
+    model = create_model("tiny_cnn", 3, 4)
+    history = train_model(model, splits.to(device), Recipe(epochs=1, batch_size=128), device, progress=False,
+                          compile_model=True)
+    assert torch.isfinite(torch.tensor(history[0]["loss"]))
+
+
+def test_fractional_gpus_put_four_actors_on_one_gpu(tmp_path):
+    import ray
+
+    from storage import LocalStore
+    from workers.pool import EvalPool, default_pool_size
+    from workers.resources import Resources
+    from workers.teacher import TeacherConfig, load_or_train_teacher
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False)
+    try:
+        store = LocalStore(tmp_path / "s")
+        teacher = load_or_train_teacher(store, TeacherConfig(arch="tiny_cnn", epochs=1), DATA, load_dataset(DATA),
+                                        torch.device("cuda"), progress=False)
+        resources = Resources(gpus_per_eval=0.25, cpus_per_eval=1)
+        assert default_pool_size(resources) == 4
+        pool = EvalPool(store, teacher.teacher_hash, DATA, resources)
+        names = ray.get([a.name.remote() for a in pool.actors])
+        assert len(names) == 4 and all(name.endswith("on cuda") for name in names)
+        pool.shutdown()
+    finally:
+        ray.shutdown()

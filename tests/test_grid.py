@@ -1,0 +1,127 @@
+"""`method: grid` end to end on real Ray: config → teacher → candidates → actors → store → ranked results → export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import searchsvc
+from searchsvc.cli import main
+from searchsvc.grid import candidate_widths
+from searchsvc.methods import GridCandidate
+from storage import LocalStore
+from workers.zoo import model_arch
+
+REPO = Path(__file__).resolve().parent.parent
+GRID = REPO / "configs" / "grid-smoke.yaml"
+FAST = ["--no-progress", "--set", "train.epochs=1", "--set", "dataset.synthetic.train_size=512"]
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory, ray_session):
+    store_dir = tmp_path_factory.mktemp("grid") / "store"
+    assert main(["run", str(GRID), "--store", str(store_dir), *FAST]) == 0
+    store = LocalStore(store_dir)
+    run_id = store.list("runs/")[0].split("/")[1]
+    return store_dir, store, run_id
+
+
+def test_grid_run_records_every_candidate_once(grid_run):
+    _, store, run_id = grid_run
+    record = store.get_json(f"runs/{run_id}/run.json")
+    assert record["status"] == "finished" and record["evaluations"] == 5 and record["cache_hits"] == 0
+    assert len(store.list(f"runs/{run_id}/evals/")) == 5
+    table = searchsvc.results(store, run_id)
+    assert table.num_rows == 5
+    rewards = [r for r, s in zip(table["reward"].to_pylist(), table["status"].to_pylist()) if s == "ok"]
+    assert rewards == sorted(rewards, reverse=True)
+
+
+def test_rerunning_the_same_config_evaluates_nothing_twice(grid_run, capsys):
+    store_dir, store, _ = grid_run
+    assert main(["run", str(GRID), "--store", str(store_dir), *FAST]) == 0
+    runs = sorted({k.split("/")[1] for k in store.list("runs/")})
+    record = store.get_json(f"runs/{runs[-1]}/run.json")
+    assert record["evaluations"] == 0 and record["cache_hits"] == 5
+    assert "5 cache hits" in capsys.readouterr().out
+
+
+def test_results_json_has_the_contract_keys(grid_run, capsys):
+    store_dir, _, run_id = grid_run
+    capsys.readouterr()
+    assert main(["results", "--store", str(store_dir), "--run", run_id, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 5
+    for row in rows:
+        for key in ("spec_hash", "method", "accuracy", "params", "macs", "compression", "reward", "artifact"):
+            assert key in row
+        assert row["method"] == "grid" and row["artifact"].endswith("/model.pt")
+
+
+def test_load_candidate_rebuilds_the_small_model(grid_run):
+    _, store, run_id = grid_run
+    row = max(searchsvc.results(store, run_id).to_pylist(), key=lambda r: r["compression"])
+    model = searchsvc.load_candidate(row["spec_hash"], store=store)
+    assert not model.training
+    assert sum(p.numel() for p in model.parameters()) == row["params"]
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 4)
+    same = searchsvc.load_candidate(row["artifact"].replace("file://", "file://"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values()))
+
+
+def test_export_onnx_matches_pytorch(grid_run, tmp_path, capsys):
+    import onnx
+    import onnxruntime
+
+    store_dir, store, run_id = grid_run
+    spec_hash = searchsvc.results(store, run_id)["spec_hash"][0].as_py()
+    path = tmp_path / "m.onnx"
+    assert main(["export", "--store", str(store_dir), spec_hash, "-o", str(path)]) == 0
+    onnx.checker.check_model(onnx.load(str(path)))
+    images = torch.randn(5, 1, 16, 16)
+    expected = searchsvc.load_candidate(spec_hash, store=store)(images).detach().numpy()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": images.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_export_torchscript_matches_pytorch(grid_run, tmp_path):
+    store_dir, store, run_id = grid_run
+    spec_hash = searchsvc.results(store, run_id)["spec_hash"][0].as_py()
+    path = tmp_path / "m.pt"
+    assert main(["export", "--store", str(store_dir), spec_hash, "-o", str(path)]) == 0
+    images = torch.randn(3, 1, 16, 16)
+    expected = searchsvc.load_candidate(spec_hash, store=store)(images)
+    assert torch.allclose(torch.jit.load(str(path))(images), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["0123456789abcdef", "-o", "m.onnx"], "is not in"),
+    (["../../etc", "-o", "m.onnx"], "invalid spec hash"),
+])
+def test_export_bad_input_exits_2(grid_run, tmp_path, capsys, args, fragment):
+    store_dir, _, _ = grid_run
+    args = [a if a != "m.onnx" else str(tmp_path / a) for a in args]
+    assert main(["export", "--store", str(store_dir), *args]) == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_export_refuses_unknown_formats(grid_run, tmp_path, capsys):
+    store_dir, store, run_id = grid_run
+    spec_hash = searchsvc.results(store, run_id)["spec_hash"][0].as_py()
+    assert main(["export", "--store", str(store_dir), spec_hash, "-o", str(tmp_path / "m.zip")]) == 2
+    assert ".onnx" in capsys.readouterr().err
+
+
+def test_scaled_widths_round_up_to_multiples_and_stay_within_the_teacher():
+    arch = model_arch("resnet20", 1, 10)
+    widths = candidate_widths(arch, GridCandidate(scale=0.3), round_to=8)
+    # 16 * 0.3 = 4.8 → 5 → 8; 32 * 0.3 = 9.6 → 10 → 16; 64 * 0.3 = 19.2 → 19 → 24
+    assert widths["layer1"] == 8 and widths["layer2"] == 16 and widths["layer3"] == 24
+    assert widths["layer1.0"] == 8 and widths["layer3.2"] == 24
+    assert candidate_widths(arch, GridCandidate(scale=1.0), round_to=8) == {}
+    assert candidate_widths(arch, GridCandidate(widths={"layer3": 64}), round_to=1) == {}

@@ -1,0 +1,118 @@
+"""The actor pool on a real Ray runtime: streaming evaluation, cache, retries after a killed actor, invalid results."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import pytest
+import ray
+
+from storage import LocalStore
+from workers.data import DatasetConfig, SyntheticConfig, load_dataset
+from workers.pool import EvalPool
+from workers.resources import Resources
+from workers.spec import CandidateSpec
+from workers.teacher import TeacherConfig, load_or_train_teacher
+from workers.train import DistillConfig, TrainConfig
+
+import torch
+
+DATA = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(train_size=512, test_size=128))
+TRAIN = TrainConfig(epochs=1, batch_size=64, augment=False, distill=DistillConfig(alpha=0.5))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, ray_session):
+    store = LocalStore(tmp_path_factory.mktemp("pool") / "store")
+    teacher = load_or_train_teacher(store, TeacherConfig(arch="tiny_cnn", epochs=3, batch_size=64), DATA,
+                                    load_dataset(DATA), torch.device("cpu"), progress=False)
+    return store, teacher.teacher_hash
+
+
+def spec(teacher_hash: str, **changes) -> CandidateSpec:
+    base = CandidateSpec(arch="tiny_cnn", teacher=teacher_hash, dataset=DATA, train=TRAIN)
+    return dataclasses.replace(base, **changes)
+
+
+def pool_for(prepared, size: int = 2) -> EvalPool:
+    store, teacher_hash = prepared
+    return EvalPool(store, teacher_hash, DATA, Resources(gpus_per_eval=0, cpus_per_eval=1), size=size)
+
+
+def test_pool_streams_results_and_stores_each_candidate(prepared):
+    store, teacher_hash = prepared
+    specs = [spec(teacher_hash, widths=(("layer2", w),)) for w in (4, 8, 12)]
+    pool = pool_for(prepared)
+    try:
+        outcomes = list(pool.map_unordered(specs))
+    finally:
+        pool.shutdown()
+    assert sorted(o.spec.spec_hash for o in outcomes) == sorted(s.spec_hash for s in specs)
+    for outcome in outcomes:
+        m = outcome.metrics
+        assert m["status"] == "ok" and not outcome.cached and outcome.attempts == 1
+        assert 0 <= m["accuracy"] <= 1 and m["params"] > 0 and m["macs"] > 0 and m["latency_ms"] > 0
+        prefix = f"candidates/{outcome.spec.spec_hash}"
+        assert set(store.verify(prefix)) == {"spec.json", "model.pt", "metrics.json"}
+        assert CandidateSpec.from_json(store.get_bytes(f"{prefix}/spec.json").decode()) == outcome.spec
+    params = {dict(o.spec.widths)["layer2"]: o.metrics["params"] for o in outcomes}
+    assert params[4] < params[8] < params[12]
+
+
+def test_stored_candidates_are_not_evaluated_again(prepared):
+    _, teacher_hash = prepared
+    specs = [spec(teacher_hash, seed=s) for s in (11, 12)]
+    pool = pool_for(prepared)
+    try:
+        first = {o.spec.spec_hash: o for o in pool.map_unordered(specs)}
+        # a pool with no live actors can only answer from the store
+        for actor in pool.actors:
+            ray.kill(actor)
+        second = {o.spec.spec_hash: o for o in pool.map_unordered(specs)}
+    finally:
+        pool.shutdown()
+    assert all(not o.cached for o in first.values())
+    assert all(o.cached and o.attempts == 0 for o in second.values())
+    assert pool.cache_hits == 2 and pool.replaced == 0
+    for key, outcome in second.items():
+        assert outcome.metrics == first[key].metrics
+
+
+def test_killed_actor_leads_to_one_retried_result(prepared):
+    store, teacher_hash = prepared
+    slow = spec(teacher_hash, seed=21, train=dataclasses.replace(TRAIN, epochs=40))
+    pool = pool_for(prepared, size=1)
+    ray.get(pool.actors[0].name.remote())  # the actor has loaded data and teacher
+    victim = pool.actors[0]
+    killer = threading.Timer(1.0, lambda: ray.kill(victim))
+    killer.start()
+    try:
+        started = time.perf_counter()
+        outcomes = list(pool.map_unordered([slow]))
+    finally:
+        killer.cancel()
+        pool.shutdown()
+    assert len(outcomes) == 1
+    assert outcomes[0].attempts == 2 and pool.replaced == 1
+    assert outcomes[0].metrics["status"] == "ok"
+    assert store.list(f"candidates/{slow.spec_hash}/").count(f"candidates/{slow.spec_hash}/model.pt") == 1
+    assert time.perf_counter() - started > 1.0
+
+
+def test_invalid_candidates_are_results_and_the_rest_finish(prepared):
+    _, teacher_hash = prepared
+    bad_width = spec(teacher_hash, widths=(("layer9", 3),))
+    too_wide = spec(teacher_hash, widths=(("layer2", 999),))
+    diverging = spec(teacher_hash, seed=31, train=dataclasses.replace(TRAIN, lr=1e12, distill=DistillConfig(alpha=0)))
+    fine = spec(teacher_hash, seed=32)
+    pool = pool_for(prepared)
+    try:
+        outcomes = pool.evaluate([bad_width, too_wide, diverging, fine])
+    finally:
+        pool.shutdown()
+    statuses = [o.metrics["status"] for o in outcomes]
+    assert statuses == ["invalid", "invalid", "invalid", "ok"]
+    assert "layer9" in outcomes[0].metrics["error"]
+    assert "diverged" in outcomes[2].metrics["error"]
