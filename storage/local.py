@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from storage.base import ArtifactStore
-from storage.errors import KeyNotFoundError, StoreError
+from storage.errors import InvalidKeyError, KeyNotFoundError, StoreError
 
 _TMP_PREFIX = ".tmp-"
 
@@ -87,8 +87,12 @@ class LocalStore(ArtifactStore):
         return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> list[str]:
+        if prefix.startswith("/") or any(part in ("..", ".") for part in prefix.split("/")):
+            raise InvalidKeyError(f"invalid store prefix {prefix!r}")
         keys = []
-        for dirpath, _, filenames in os.walk(self.root):
+        # Walk only below the deepest folder the prefix names, not the whole store.
+        start = self.root.joinpath(*prefix.split("/")[:-1]) if "/" in prefix else self.root
+        for dirpath, _, filenames in os.walk(start):
             rel = Path(dirpath).relative_to(self.root).as_posix()
             for name in filenames:
                 if name.startswith(_TMP_PREFIX):

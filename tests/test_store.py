@@ -215,3 +215,10 @@ def test_pyarrow_filesystem_addresses_the_same_keys(store):
     store.put_bytes("runs/r/note.txt", b"hi")
     with filesystem.open_input_stream(f"{base}/runs/r/note.txt") as handle:
         assert handle.read() == b"hi"
+
+
+def test_listing_outside_the_store_is_rejected(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    with pytest.raises(InvalidKeyError):
+        store.list("../")
+    assert store.list("runs/x") == []
