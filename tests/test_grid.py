@@ -125,3 +125,15 @@ def test_scaled_widths_round_up_to_multiples_and_stay_within_the_teacher():
     assert widths["layer1.0"] == 8 and widths["layer3.2"] == 24
     assert candidate_widths(arch, GridCandidate(scale=1.0), round_to=8) == {}
     assert candidate_widths(arch, GridCandidate(widths={"layer3": 64}), round_to=1) == {}
+
+
+def test_an_invalid_candidate_is_a_result_and_the_run_finishes(tmp_path, ray_session, capsys):
+    store_dir = tmp_path / "store"
+    candidates = "[{widths: {layer9: 3}}, {scale: 0.5}]"
+    assert main(["run", str(GRID), "--store", str(store_dir), *FAST, "--set", f"search.candidates={candidates}"]) == 0
+    store = LocalStore(store_dir)
+    run_id = store.list("runs/")[0].split("/")[1]
+    assert store.get_json(f"runs/{run_id}/run.json")["status"] == "finished"
+    rows = searchsvc.results(store, run_id).to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "invalid"]  # ranked: valid first
+    assert rows[1]["reward"] == -1.0 and "layer9" in rows[1]["error"] and rows[1]["artifact"] is None
