@@ -356,3 +356,10 @@ def test_spec_is_frozen():
     spec = make_spec()
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.seed = 3  # type: ignore[misc]
+
+
+def test_spec_hash_does_not_depend_on_where_the_data_files_are():
+    here = make_spec(dataset=DatasetConfig(name="fashion_mnist", root="/data/a", download=False))
+    there = make_spec(dataset=DatasetConfig(name="fashion_mnist", root="/mnt/b", download=True))
+    assert here.spec_hash == there.spec_hash
+    assert here.spec_hash != make_spec(dataset=DatasetConfig(name="fashion_mnist", subset=100)).spec_hash
