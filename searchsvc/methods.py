@@ -82,8 +82,12 @@ class N2NSearch:
     target_compression: float | None = field(default=None, metadata={"gt": 1, "help": "stop at this x-factor"})
     reward: RewardForm = field(
         default="c_2_minus_c", metadata={"help": "C(2-C)·As/A (paper's code) or C·As/((2-C)·A) (paper's text)"})
-    num_envs: int = field(default=4, metadata={"min": 1, "help": "candidates in flight at once"})
+    num_envs: int = field(default=4, metadata={"min": 1, "help": "candidates in flight at once (vector env size)"})
+    iteration_evaluations: int = field(default=16, metadata={"min": 2, "help": "PPO train batch: steps per iteration"})
     shrink: bool = field(default=True, metadata={"help": "run the layer-shrinkage stage after removal"})
+    shrink_share: float = field(default=0.4, metadata={"gt": 0, "lt": 1, "help": "share of the budget for shrinkage"})
+    width_scales: tuple[float, ...] = field(default=(0.25, 0.5, 0.75, 1.0),
+                                            metadata={"help": "inner-width multipliers the shrink stage chooses from"})
     top_k: int = field(default=5, metadata={"min": 0, "help": "best networks to fine-tune at the end"})
     finetune_epochs: int = field(default=0, metadata={"min": 0, "help": "epochs of distillation for the top-k"})
 
@@ -128,7 +132,8 @@ class RigLSearch:
 
 
 register_method("grid", GridSearch, "evaluate an explicit list of transformations", "searchsvc.grid:run_grid")
-register_method("n2n", N2NSearch, "RLlib PPO agent removes and shrinks layers of the teacher")
+register_method("n2n", N2NSearch, "RLlib PPO agent removes and shrinks layers of the teacher",
+                "searchsvc.n2n:run_n2n")
 register_method("taylor", TaylorSearch, "iterative Taylor filter pruning as a Ray Tune sweep")
 register_method("agp", AgpSearch, "gradual magnitude pruning from a Distiller YAML schedule")
 register_method("rigl", RigLSearch, "RigL dynamic sparse training")

@@ -1,0 +1,182 @@
+"""`method: n2n` — network-to-network compression by reinforcement learning (Ashok et al., 2018).
+
+Two stages, as in the paper: an agent first chooses which blocks of the teacher to remove, then how
+much to shrink each block the best removal result kept. Every action is a candidate the actor pool
+distills and scores; the reward trades compression against accuracy (`searchsvc.rewards`).
+
+The agent is RLlib PPO on the new API stack (RLlib 2.x has no A3C) with an MLP over the flattened
+layer descriptors, or `random` as the baseline. The budget counts candidates trained in this run:
+cache hits are free and still rewarded, so the agent can revisit good networks cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from searchsvc.evaluator import Evaluator, ensure_ray
+from searchsvc.job import RunContext
+from searchsvc.methods import N2NSearch
+from searchsvc.n2n_env import (
+    CompressionEnv,
+    CompressionVectorEnv,
+    Stage,
+    observation_rows,
+    removable_blocks,
+    removal_stage,
+    shrink_stage,
+)
+from workers.evaluate import stored_metrics
+from workers.spec import CandidateSpec
+from workers.surgery import width_keys
+
+log = logging.getLogger(__name__)
+ENV_NAME = "searchsvc-n2n"
+STEP_CAP = 4  # total env steps (cache hits included) are capped at this many times the budget
+
+
+@dataclass
+class Session:
+    """The budget and the evaluator one stage's environments share (looked up by `key`)."""
+
+    evaluator: Evaluator
+    search: N2NSearch
+    budget: int  # candidates this stage may train
+    deadline: float  # time.monotonic() past which nothing new is trained
+    stage: Stage
+    observation: np.ndarray
+    trained: int = 0
+    steps: int = 0
+    key: str = field(default_factory=lambda: secrets.token_hex(6))
+
+    def exhausted(self) -> bool:
+        """Budget spent, time up, target compression reached, or too many (cached) steps."""
+        target = self.search.target_compression
+        reached = target is not None and any(
+            (r["compression"] or 0) >= target and r["status"] == "ok" for r in self.evaluator.rows.values())
+        return (self.trained >= self.budget or time.monotonic() >= self.deadline or reached
+                or self.steps >= STEP_CAP * self.budget)
+
+    def evaluate(self, specs: list[CandidateSpec]) -> list[float | None]:
+        """Rewards for `specs`; None for a spec that would need training past the budget."""
+        self.steps += len(specs)
+        allowed: list[CandidateSpec] = []
+        for spec in specs:
+            known = spec.spec_hash in self.evaluator.rows or stored_metrics(self.evaluator.ctx.store, spec.spec_hash)
+            if known or (self.trained < self.budget and time.monotonic() < self.deadline):
+                allowed.append(spec)
+                self.trained += 0 if known else 1
+        rows = {row["spec_hash"]: row for row in self.evaluator.evaluate(allowed)}
+        return [rows[s.spec_hash]["reward"] if s.spec_hash in rows else None for s in specs]
+
+
+_SESSIONS: dict[str, Session] = {}  # process-local: RLlib builds the env from env_config in this process
+
+
+def make_env(env_config: dict[str, Any]) -> CompressionEnv | CompressionVectorEnv:
+    """RLlib's env creator: the vector env when it asks for `num_envs`, else a single env."""
+    session = _SESSIONS[env_config["session"]]
+    if "num_envs" in env_config:
+        return CompressionVectorEnv(session.observation, session.stage, session.evaluate, env_config["num_envs"])
+    return CompressionEnv(session.observation, session.stage, session.evaluate)
+
+
+def run_random(session: Session, seed: int) -> None:
+    """The baseline: uniform random actions, `num_envs` candidates at a time, until the budget is spent."""
+    space = session.stage.action_space()
+    space.seed(seed)
+    while not session.exhausted():
+        session.evaluate([session.stage.make_spec(space.sample()) for _ in range(session.search.num_envs)])
+
+
+def run_ppo(session: Session, seed: int) -> list[dict[str, Any]]:
+    """PPO on the vector env until the stage's budget is spent; returns per-iteration summaries."""
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.connectors.env_to_module import FlattenObservations
+    from ray.tune.registry import register_env
+
+    register_env(ENV_NAME, make_env)
+    search = session.search
+    batch = max(search.iteration_evaluations, search.num_envs)
+    config = (
+        PPOConfig()
+        .environment(ENV_NAME, env_config={"session": session.key})
+        .env_runners(num_env_runners=0, num_envs_per_env_runner=search.num_envs,
+                     gym_env_vectorize_mode="vector_entry_point", rollout_fragment_length="auto",
+                     env_to_module_connector=lambda env, spaces=None, device=None: FlattenObservations())
+        .training(train_batch_size_per_learner=batch, minibatch_size=min(batch, 32), num_epochs=4, lr=3e-4,
+                  entropy_coeff=0.01)
+        .fault_tolerance(restart_failed_env_runners=True)
+        .debugging(seed=seed)
+    )
+    algo = config.build_algo()
+    history = []
+    try:
+        while not session.exhausted():
+            result = algo.train()
+            runners = result.get("env_runners", {})
+            history.append({"iteration": len(history) + 1, "trained": session.trained,
+                            "episode_return_mean": runners.get("episode_return_mean")})
+            log.info("n2n PPO iteration %d: mean reward %s, %d/%d trained", len(history),
+                     runners.get("episode_return_mean"), session.trained, session.budget)
+    finally:
+        algo.stop()
+    return history
+
+
+def run_n2n(context: RunContext) -> None:
+    """The n2n driver: removal stage, then shrink stage on the best removal result."""
+    ensure_ray(context.address)
+    search: N2NSearch = context.config.search
+    teacher = context.teacher.model
+    base = CandidateSpec(arch=context.config.teacher.arch, teacher=context.teacher.teacher_hash,
+                         dataset=context.config.dataset, train=context.config.train, method="n2n",
+                         seed=context.config.seed)
+    shrink_budget = math.floor(search.max_evaluations * search.shrink_share) if search.shrink else 0
+    budgets = {"removal": search.max_evaluations - shrink_budget, "shrink": shrink_budget}
+    deadline = time.monotonic() + (search.time_budget_s or math.inf)
+    evaluator = Evaluator(context, search.reward, total=search.max_evaluations)
+    blocks = removable_blocks(teacher)
+    history: dict[str, Any] = {}
+    try:
+        stage = removal_stage(blocks, base)
+        history["removal"] = _run_stage(evaluator, search, budgets["removal"], deadline, stage,
+                                        observation_rows(teacher, blocks), context.config.seed)
+        if budgets["shrink"] > 0:
+            best = _best_removal(evaluator, base)
+            teacher_widths = {k: v for k, v in width_keys(teacher.arch).items() if k in blocks}
+            stage = shrink_stage(best, teacher_widths, search.width_scales)
+            history["shrink"] = _run_stage(evaluator, search, budgets["shrink"], deadline, stage,
+                                           observation_rows(teacher, stage.blocks), context.config.seed + 1)
+    finally:
+        evaluator.close()
+    context.store.put_json(f"runs/{context.run_id}/state/n2n_history.json", history)
+
+
+def _run_stage(evaluator: Evaluator, search: N2NSearch, budget: int, deadline: float, stage: Stage,
+               observation: np.ndarray, seed: int) -> list[dict[str, Any]]:
+    session = Session(evaluator, search, budget, deadline, stage, observation)
+    _SESSIONS[session.key] = session
+    try:
+        if search.agent == "random":
+            run_random(session, seed)
+            return [{"trained": session.trained}]
+        return run_ppo(session, seed)
+    finally:
+        del _SESSIONS[session.key]
+
+
+def _best_removal(evaluator: Evaluator, base: CandidateSpec) -> CandidateSpec:
+    """The removal-stage candidate with the highest reward (the teacher's shape if none was valid)."""
+    valid = [r for r in evaluator.rows.values() if r["status"] == "ok" and r["widths"] == "{}"]
+    if not valid:
+        return base
+    best = max(valid, key=lambda r: r["reward"])
+    return replace(base, removed=tuple(json.loads(best["removed"])))

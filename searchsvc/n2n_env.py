@@ -1,0 +1,135 @@
+"""The N2N environment (Ashok et al., 2018): observe the teacher's layers, act on all of them at once.
+
+An episode is one step. The observation is the teacher's layer descriptors, one row of 8 numbers per
+removable block (start, end, type, filters, kernel, stride, padding, memory), each column scaled to
+[0, 1]. The action is one choice per block:
+- removal stage: keep (0) or remove (1) each block, `MultiDiscrete([2] * n)`;
+- shrink stage:  an index into `width_scales` for each block kept by the best removal result.
+The reward comes from evaluating the candidate on the actor pool.
+
+`CompressionVectorEnv` holds K such episodes and sends all K candidates to the pool in one call, so
+they train concurrently (gymnasium's default vectorisation would step them one after another).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import gymnasium as gym
+import numpy as np
+
+from workers.spec import CandidateSpec
+from workers.zoo import LayerType, ResNet
+
+# (specs) → one reward per spec, or None for a spec past the evaluation budget
+EvaluateFn = Callable[[list[CandidateSpec]], list[float | None]]
+
+
+def removable_blocks(teacher: ResNet) -> tuple[str, ...]:
+    """Names of the teacher's blocks the agent may act on, in forward order."""
+    return tuple(d.name for d in teacher.describe() if d.type == LayerType.BLOCK and d.removable)
+
+
+def observation_rows(teacher: ResNet, blocks: tuple[str, ...]) -> np.ndarray:
+    """Descriptor rows of `blocks` (n x 8), each column divided by its largest value, so 0..1."""
+    by_name = {d.name: d.as_row() for d in teacher.describe()}
+    rows = np.array([by_name[name] for name in blocks], dtype=np.float32)
+    scale = np.abs(rows).max(axis=0)
+    return rows / np.where(scale > 0, scale, 1.0)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What the actions mean: which blocks are acted on and how an action becomes a candidate."""
+
+    blocks: tuple[str, ...]  # block names, one per action entry
+    choices: int  # options per entry (2 for removal)
+    make_spec: Callable[[np.ndarray], CandidateSpec]
+
+    def action_space(self) -> gym.spaces.MultiDiscrete:
+        return gym.spaces.MultiDiscrete([self.choices] * len(self.blocks))
+
+
+def removal_stage(blocks: tuple[str, ...], base: CandidateSpec) -> Stage:
+    """Remove (1) or keep (0) each block of the teacher."""
+
+    def make(action: np.ndarray) -> CandidateSpec:
+        removed = tuple(name for name, a in zip(blocks, action) if int(a) == 1)
+        return replace(base, removed=removed)
+
+    return Stage(blocks, 2, make)
+
+
+def shrink_stage(base: CandidateSpec, teacher_widths: dict[str, int], scales: tuple[float, ...]) -> Stage:
+    """Scale the inner width of each block the removal result kept by one of `scales`."""
+    blocks = tuple(name for name in teacher_widths if name not in base.removed)
+
+    def make(action: np.ndarray) -> CandidateSpec:
+        widths = {name: max(1, round(teacher_widths[name] * scales[int(a)])) for name, a in zip(blocks, action)}
+        widths = tuple((k, w) for k, w in widths.items() if w != teacher_widths[k])
+        return replace(base, widths=widths)
+
+    return Stage(blocks, len(scales), make)
+
+
+class CompressionEnv(gym.Env):
+    """One episode = one candidate. For tests and tools; the driver uses the vector form."""
+
+    def __init__(self, observation: np.ndarray, stage: Stage, evaluate: EvaluateFn) -> None:
+        self._obs = observation.astype(np.float32)
+        self.observation_space = gym.spaces.Box(0.0, 1.0, self._obs.shape, np.float32)
+        self.action_space = stage.action_space()
+        self.stage, self.evaluate = stage, evaluate
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        return self._obs.copy(), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        spec = self.stage.make_spec(np.asarray(action))
+        (reward,) = self.evaluate([spec])
+        if reward is None:  # past the budget: nothing was evaluated
+            return self._obs.copy(), 0.0, False, True, {"spec_hash": spec.spec_hash}
+        return self._obs.copy(), float(reward), True, False, {"spec_hash": spec.spec_hash}
+
+
+class CompressionVectorEnv(gym.vector.VectorEnv):
+    """K single-step episodes whose K candidates are evaluated together.
+
+    Autoreset follows gymnasium's NEXT_STEP mode, which RLlib's env runner expects: the step after an
+    episode ends returns the reset observation and evaluates nothing.
+    """
+
+    metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
+
+    def __init__(self, observation: np.ndarray, stage: Stage, evaluate: EvaluateFn, num_envs: int) -> None:
+        self.num_envs = num_envs
+        self._obs = observation.astype(np.float32)
+        self.single_observation_space = gym.spaces.Box(0.0, 1.0, self._obs.shape, np.float32)
+        self.single_action_space = stage.action_space()
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
+        self.stage, self.evaluate = stage, evaluate
+        self._needs_reset = np.ones(num_envs, dtype=bool)
+
+    def _batch_obs(self) -> np.ndarray:
+        return np.repeat(self._obs[None], self.num_envs, axis=0)
+
+    def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        self._needs_reset[:] = False
+        return self._batch_obs(), {}
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        rewards = np.zeros(self.num_envs, dtype=np.float32)
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        live = [i for i in range(self.num_envs) if not self._needs_reset[i]]
+        specs = [self.stage.make_spec(np.asarray(actions[i])) for i in live]
+        for i, reward in zip(live, self.evaluate(specs) if specs else []):
+            if reward is None:
+                truncated[i] = True
+            else:
+                rewards[i], terminated[i] = reward, True
+        self._needs_reset = terminated | truncated  # ended now: reset on the next step
+        return self._batch_obs(), rewards, terminated, truncated, {}

@@ -1,0 +1,133 @@
+"""N2N: the environment, the reward, the budget, and PPO / random search end to end on real Ray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from searchsvc.cli import main
+from searchsvc.n2n_env import (
+    CompressionEnv,
+    CompressionVectorEnv,
+    observation_rows,
+    removable_blocks,
+    removal_stage,
+    shrink_stage,
+)
+from searchsvc.rewards import reward
+from storage import LocalStore
+from workers.data import DatasetConfig
+from workers.spec import CandidateSpec
+from workers.train import TrainConfig
+from workers.zoo import create_model
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "configs" / "n2n-smoke.yaml"
+BASE = CandidateSpec(arch="resnet20", teacher="t" * 16, dataset=DatasetConfig(name="synthetic"), train=TrainConfig())
+
+
+def test_reward_forms_match_hand_computed_values():
+    # teacher 1000 params at 0.9; student 250 params at 0.8: C = 0.75, accuracy ratio 8/9
+    assert reward(250, 0.8, 1000, 0.9, "c_2_minus_c") == pytest.approx(0.75 * 1.25 * 8 / 9)
+    assert reward(250, 0.8, 1000, 0.9, "c_over_2_minus_c") == pytest.approx(0.75 * 8 / 9 / 1.25)
+    assert reward(1000, 0.9, 1000, 0.9) == 0.0  # no compression, no reward
+
+
+def test_observation_is_one_normalised_row_of_8_per_removable_block():
+    teacher = create_model("resnet20", 1, 10)
+    blocks = removable_blocks(teacher)
+    assert blocks == tuple(f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3))
+    obs = observation_rows(teacher, blocks)
+    assert obs.shape == (9, 8) and obs.dtype == np.float32
+    assert obs.min() >= 0 and obs.max() == 1.0
+    # column 3 is filters: 16, 32, 64 per stage → 0.25, 0.5, 1.0 after scaling by the largest
+    assert obs[:, 3].tolist() == [0.25] * 3 + [0.5] * 3 + [1.0] * 3
+    # column 5 is stride: the first block of stages 2 and 3 has stride 2
+    assert obs[:, 5].tolist() == [0.5, 0.5, 0.5, 1.0, 0.5, 0.5, 1.0, 0.5, 0.5]
+
+
+def test_removal_action_removes_the_marked_blocks():
+    blocks = ("layer1.0", "layer1.1", "layer2.0")
+    stage = removal_stage(blocks, BASE)
+    assert stage.action_space().nvec.tolist() == [2, 2, 2]
+    assert stage.make_spec(np.array([1, 0, 1])).removed == ("layer1.0", "layer2.0")
+    assert stage.make_spec(np.array([0, 0, 0])) == BASE
+
+
+def test_shrink_action_scales_the_kept_blocks_inner_widths():
+    base = CandidateSpec(**{**BASE.__dict__, "removed": ("layer1.1",)})
+    stage = shrink_stage(base, {"layer1.0": 16, "layer1.1": 16, "layer2.0": 32}, (0.25, 0.5, 1.0))
+    assert stage.blocks == ("layer1.0", "layer2.0")
+    spec = stage.make_spec(np.array([0, 1]))
+    assert dict(spec.widths) == {"layer1.0": 4, "layer2.0": 16}
+    assert spec.removed == ("layer1.1",)
+    assert stage.make_spec(np.array([2, 2])).widths == ()  # scale 1.0 everywhere: the base itself
+
+
+def test_single_env_episode_is_one_step():
+    calls = []
+    stage = removal_stage(("a", "b"), BASE)
+    env = CompressionEnv(np.zeros((2, 8), np.float32), stage, lambda specs: calls.append(specs) or [0.5] * len(specs))
+    obs, _ = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
+    _, r, terminated, truncated, info = env.step(np.array([1, 0]))
+    assert (r, terminated, truncated) == (0.5, True, False) and len(calls) == 1
+    assert info["spec_hash"] == stage.make_spec(np.array([1, 0])).spec_hash
+
+
+def test_vector_env_evaluates_all_candidates_in_one_call_then_resets():
+    batches = []
+
+    def evaluate(specs):
+        batches.append(len(specs))
+        return [float(len(s.removed)) for s in specs]
+
+    env = CompressionVectorEnv(np.zeros((2, 8), np.float32), removal_stage(("a", "b"), BASE), evaluate, num_envs=3)
+    env.reset()
+    _, rewards, terminated, truncated, _ = env.step(np.array([[1, 1], [0, 1], [0, 0]]))
+    assert batches == [3] and rewards.tolist() == [2.0, 1.0, 0.0]
+    assert terminated.all() and not truncated.any()
+    _, rewards, terminated, truncated, _ = env.step(np.array([[1, 1], [1, 1], [1, 1]]))  # autoreset step
+    assert batches == [3] and not rewards.any() and not terminated.any() and not truncated.any()
+
+
+def test_vector_env_truncates_candidates_past_the_budget():
+    env = CompressionVectorEnv(np.zeros((2, 8), np.float32), removal_stage(("a", "b"), BASE),
+                               lambda specs: [0.3, None], num_envs=2)
+    env.reset()
+    _, rewards, terminated, truncated, _ = env.step(np.array([[1, 0], [0, 1]]))
+    assert terminated.tolist() == [True, False] and truncated.tolist() == [False, True]
+    assert rewards.tolist() == pytest.approx([0.3, 0.0])
+
+
+def _run(store: Path, *sets: str) -> dict:
+    args = ["run", str(SMOKE), "--store", str(store), "--no-progress"]
+    for item in sets:
+        args += ["--set", item]
+    assert main(args) == 0
+    local = LocalStore(store)
+    run_id = sorted({k.split("/")[1] for k in local.list("runs/")})[-1]
+    return {"store": local, "run_id": run_id, "record": local.get_json(f"runs/{run_id}/run.json")}
+
+
+def test_ppo_smoke_run_trains_at_least_two_iterations_and_writes_results(tmp_path, ray_session):
+    run = _run(tmp_path / "s", "teacher.arch=resnet20", "teacher.epochs=1", "dataset.synthetic.train_size=256",
+               "search.max_evaluations=12", "search.iteration_evaluations=4", "search.shrink_share=0.34")
+    store, run_id, record = run["store"], run["run_id"], run["record"]
+    assert record["status"] == "finished"
+    assert 1 <= record["evaluations"] <= 12
+    history = store.get_json(f"runs/{run_id}/state/n2n_history.json")
+    assert len(history["removal"]) >= 2 and len(history["shrink"]) >= 1
+    rows = store.get_table(f"runs/{run_id}/results.parquet").to_pylist()
+    assert len(rows) == len(store.list(f"runs/{run_id}/evals/")) == record["evaluations"] + record["cache_hits"]
+    assert {r["method"] for r in rows} == {"n2n"}
+    assert any(json.loads(r["widths"]) for r in rows)  # the shrink stage produced candidates
+
+
+def test_random_agent_respects_the_evaluation_budget(tmp_path, ray_session):
+    run = _run(tmp_path / "s", "teacher.arch=resnet20", "teacher.epochs=1", "dataset.synthetic.train_size=256",
+               "search.agent=random", "search.max_evaluations=6", "search.shrink=false")
+    assert run["record"]["evaluations"] == 6
