@@ -50,8 +50,10 @@ def grid_specs(context: RunContext) -> list[CandidateSpec]:
 
 def run_grid(context: RunContext) -> None:
     """The grid driver: every candidate through the pool, rows into the run."""
-    ensure_ray(context.address)
     specs = grid_specs(context)
+    if not specs:
+        return  # an empty grid: the run records its teacher and nothing else (no Ray needed)
+    ensure_ray(context.address)
     evaluator = Evaluator(context, context.config.search.reward, total=len(specs))
     try:
         evaluator.evaluate(specs)

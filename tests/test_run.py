@@ -32,7 +32,8 @@ def test_run_records_config_teacher_and_results(tmp_path, capsys):
     run_id = store.list("runs/")[0].split("/")[1]
     assert f"run {run_id}" in out
     record = store.get_json(f"runs/{run_id}/run.json")
-    assert record["status"] == "prepared" and record["teacher_cached"] is False
+    assert record["status"] == "finished" and record["teacher_cached"] is False
+    assert record["evaluations"] == 0
     config_text = store.get_bytes(f"runs/{run_id}/config.yaml").decode()
     assert "epochs: 2" in config_text and "distill:" in config_text  # resolved: defaults filled in
     assert store.exists(f"runs/{run_id}/results.parquet")
@@ -94,7 +95,7 @@ def test_failed_run_is_recorded_and_keeps_earlier_runs(tmp_path, capsys):
     for key, data in before.items():
         assert store.get_bytes(key) == data
     failed = [store.get_json(k) for k in store.list("runs/") if k.endswith("run.json")]
-    assert sorted(r["status"] for r in failed) == ["failed", "prepared"]
+    assert sorted(r["status"] for r in failed) == ["failed", "finished"]
 
 
 def test_results_json_lists_ranked_rows(tmp_path, capsys):
