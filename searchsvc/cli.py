@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from storage import DEFAULT_STORE
+from storage import DEFAULT_STORE, check_id
 from storage.errors import SearchsvcError
 
 EXIT_USAGE = 2
@@ -68,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--top", type=int, metavar="K", help="show only the best K rows")
     results.add_argument("--json", action="store_true", help="print a JSON list of row objects instead of a table")
 
+    resume = commands.add_parser("resume", parents=[common], help="continue an interrupted run",
+                                 description="Continue run ID from what the store holds: its resolved config, "
+                                             "the evaluations it recorded (not trained again) and the driver's "
+                                             "checkpoints.")
+    resume.add_argument("--store", default=DEFAULT_STORE, help=f"artifact store (default {DEFAULT_STORE})")
+    resume.add_argument("--s3-endpoint", help=ENDPOINT_HELP)
+    resume.add_argument("--run", required=True, help="id of the run to continue")
+    resume.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    resume.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+
     export = commands.add_parser("export", parents=[common], help="export a kept candidate to ONNX or TorchScript",
                                  description="Rebuild a kept candidate (spec + weights, sha256-checked) and write "
                                              "it as ONNX (.onnx) or TorchScript (.pt / .ts).")
@@ -105,11 +115,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     result = run(config, store=args.store, endpoint=args.s3_endpoint, progress=not args.no_progress,
                  address=args.address)
+    _print_run(result)
+    return 0
+
+
+def _print_run(result: Any) -> None:
     print(f"run {result.run_id}: {result.status}; teacher {result.teacher_hash} test accuracy "
           f"{result.teacher_accuracy:.4f}; {result.summary.get('evaluations', 0)} evaluations, "
           f"{result.summary.get('cache_hits', 0)} cache hits")
     print(format_table(table_rows(result.table)))
     print(f"store: {result.store_uri}   (searchsvc results --store {result.store_uri} --run {result.run_id})")
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from searchsvc.job import resume
+
+    check_id(args.run, "run id")
+    result = resume(args.store, args.run, endpoint=args.s3_endpoint, progress=not args.no_progress,
+                    address=args.address)
+    _print_run(result)
     return 0
 
 
@@ -169,7 +193,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 
-COMMANDS = {"validate": cmd_validate, "run": cmd_run, "results": cmd_results, "export": cmd_export}
+COMMANDS = {"validate": cmd_validate, "run": cmd_run, "resume": cmd_resume, "results": cmd_results,
+            "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -50,6 +50,20 @@ class Evaluator:
         self._last_write = 0.0
         self.bar = tqdm(total=total, desc="candidates", unit="eval", disable=not context.progress,
                         dynamic_ncols=True)
+        if context.resumed:
+            self._preload()
+
+    def _preload(self) -> None:
+        """A resumed run: the evaluations it already recorded count as done and are not sent again."""
+        prefix = f"{run_prefix(self.ctx.run_id)}/evals/"
+        for key in self.ctx.store.list(prefix):
+            row = self.ctx.store.get_json(key)
+            self.rows[row["spec_hash"]] = row
+            self.ctx.rows.append(row)
+            self.cache_hits += bool(row.get("cached"))
+            self.evaluations += not row.get("cached")
+            self.bar.update(1)
+        log.info("resumed run %s: %d evaluations already recorded", self.ctx.run_id, len(self.rows))
 
     def evaluate(self, specs: Iterable[CandidateSpec]) -> list[dict[str, Any]]:
         """Rows for `specs`, in order (evaluated concurrently; repeats within the run are free)."""

@@ -19,7 +19,7 @@ import pyarrow as pa
 from searchsvc.config import JobConfig, config_to_yaml
 from searchsvc.methods import get_method
 from searchsvc.version import code_version
-from storage import ArtifactStore, open_store
+from storage import ArtifactStore, KeyNotFoundError, SearchsvcError, open_store
 from storage.tables import run_prefix, write_results
 from workers.data import Splits, load_dataset
 from workers.teacher import Teacher, load_or_train_teacher
@@ -39,6 +39,7 @@ class RunContext:
     teacher: Teacher
     progress: bool = True
     address: str | None = None  # Ray cluster to use (None: RAY_ADDRESS, else a local one)
+    resumed: bool = False  # continuing an interrupted run: drivers pick up their state from the store
     rows: list[dict[str, Any]] = field(default_factory=list)  # result rows; the driver appends
     summary: dict[str, Any] = field(default_factory=dict)  # counts the driver reports (evaluations, cache_hits)
 
@@ -74,14 +75,44 @@ def run(config: JobConfig, store: ArtifactStore | str | None = None, endpoint: s
     """
     if not isinstance(store, ArtifactStore):
         store = open_store(store or config.store, endpoint=endpoint)
-    driver = get_method(config.method).load_driver()
     run_id = new_run_id()
-    prefix = run_prefix(run_id)
-    store.put_bytes(f"{prefix}/config.yaml", config_to_yaml(config).encode(), write_once=True)
+    store.put_bytes(f"{run_prefix(run_id)}/config.yaml", config_to_yaml(config).encode(), write_once=True)
     record: dict[str, Any] = {"run_id": run_id, "method": config.method, "status": "running", "started_at": _now(),
                               "code_version": code_version(), "store": store.uri}
+    return _execute(config, store, run_id, record, progress, address, resumed=False)
+
+
+def resume(store: ArtifactStore | str, run_id: str, endpoint: str | None = None, progress: bool = True,
+           address: str | None = None) -> RunResult:
+    """Continue an interrupted run from what the store holds: its config, its evaluations, driver state."""
+    from searchsvc.config import ConfigError, parse_config
+    import yaml
+
+    if not isinstance(store, ArtifactStore):
+        store = open_store(store, endpoint=endpoint, create=False)
+    prefix = run_prefix(run_id)
+    if not store.exists(f"{prefix}/config.yaml"):
+        raise KeyNotFoundError(f"run '{run_id}' does not exist in {store.uri}")
+    record = store.get_json(f"{prefix}/run.json") if store.exists(f"{prefix}/run.json") else {"run_id": run_id}
+    if record.get("status") == "finished":
+        raise SearchsvcError(f"run '{run_id}' already finished; nothing to resume")
+    source = store.uri_for(f"{prefix}/config.yaml")
+    try:
+        config = parse_config(yaml.safe_load(store.get_bytes(f"{prefix}/config.yaml")), source=source)
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{source}: invalid YAML: {err}"]) from None
+    record.update(status="running", resumed_at=_now(), resumes=record.get("resumes", 0) + 1,
+                  code_version=code_version())
+    return _execute(config, store, run_id, record, progress, address, resumed=True)
+
+
+def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[str, Any], progress: bool,
+             address: str | None, resumed: bool) -> RunResult:
+    driver = get_method(config.method).load_driver()
+    prefix = run_prefix(run_id)
     store.put_json(f"{prefix}/run.json", record)
-    log.info("run %s (%s) recording to %s", run_id, config.method, store.uri_for(prefix))
+    log.info("run %s (%s) %s %s", run_id, config.method, "resumed in" if resumed else "recording to",
+             store.uri_for(prefix))
     started = time.perf_counter()
     try:
         splits = load_dataset(config.dataset)
@@ -93,7 +124,7 @@ def run(config: JobConfig, store: ArtifactStore | str | None = None, endpoint: s
         record.update(teacher_hash=teacher.teacher_hash, teacher_accuracy=teacher.test_accuracy,
                       teacher_cached=teacher.cached)
         store.put_json(f"{prefix}/run.json", record)
-        context = RunContext(config, store, run_id, splits, teacher, progress, address)
+        context = RunContext(config, store, run_id, splits, teacher, progress, address, resumed=resumed)
         if driver is None:
             log.warning("method %s has no search driver yet: the run stops after the teacher", config.method)
             status = "prepared"

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import secrets
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -96,8 +97,12 @@ def run_random(session: Session, seed: int) -> None:
         session.evaluate([session.stage.make_spec(space.sample()) for _ in range(session.search.num_envs)])
 
 
-def run_ppo(session: Session, seed: int) -> list[dict[str, Any]]:
-    """PPO on the vector env until the stage's budget is spent; returns per-iteration summaries."""
+def run_ppo(session: Session, seed: int, checkpoints: str, restore: bool) -> list[dict[str, Any]]:
+    """PPO on the vector env until the stage's budget is spent; returns per-iteration summaries.
+
+    The algorithm is checkpointed to the store under `checkpoints` every `checkpoint_every`
+    iterations; with `restore`, training continues from the last checkpoint there.
+    """
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.connectors.env_to_module import FlattenObservations
     from ray.tune.registry import register_env
@@ -117,8 +122,14 @@ def run_ppo(session: Session, seed: int) -> list[dict[str, Any]]:
         .debugging(seed=seed)
     )
     algo = config.build_algo()
-    history = []
+    store = session.evaluator.ctx.store
+    history: list[dict[str, Any]] = []
     try:
+        if restore and store.exists(f"{checkpoints}/rllib_checkpoint.json"):
+            with tempfile.TemporaryDirectory() as folder:
+                store.get_tree(checkpoints, folder)
+                algo.restore_from_path(folder)
+            log.info("n2n: PPO restored from %s", store.uri_for(checkpoints))
         while not session.exhausted():
             result = algo.train()
             runners = result.get("env_runners", {})
@@ -126,13 +137,17 @@ def run_ppo(session: Session, seed: int) -> list[dict[str, Any]]:
                             "episode_return_mean": runners.get("episode_return_mean")})
             log.info("n2n PPO iteration %d: mean reward %s, %d/%d trained", len(history),
                      runners.get("episode_return_mean"), session.trained, session.budget)
+            if len(history) % search.checkpoint_every == 0:
+                with tempfile.TemporaryDirectory() as folder:
+                    algo.save_to_path(folder)
+                    store.put_tree(checkpoints, folder)
     finally:
         algo.stop()
     return history
 
 
 def run_n2n(context: RunContext) -> None:
-    """The n2n driver: removal stage, then shrink stage on the best removal result."""
+    """The n2n driver: removal stage, then shrink stage on the best removal result; resumable."""
     ensure_ray(context.address)
     search: N2NSearch = context.config.search
     teacher = context.teacher.model
@@ -142,33 +157,44 @@ def run_n2n(context: RunContext) -> None:
     shrink_budget = math.floor(search.max_evaluations * search.shrink_share) if search.shrink else 0
     budgets = {"removal": search.max_evaluations - shrink_budget, "shrink": shrink_budget}
     deadline = time.monotonic() + (search.time_budget_s or math.inf)
+    state_key = f"runs/{context.run_id}/state/n2n.json"
+    state = {"done": [], "history": {}}
+    if context.resumed and context.store.exists(state_key):
+        state = context.store.get_json(state_key)
     evaluator = Evaluator(context, search.reward, total=search.max_evaluations)
     blocks = removable_blocks(teacher)
-    history: dict[str, Any] = {}
     try:
-        stage = removal_stage(blocks, base)
-        history["removal"] = _run_stage(evaluator, search, budgets["removal"], deadline, stage,
-                                        observation_rows(teacher, blocks), context.config.seed)
-        if budgets["shrink"] > 0:
-            best = _best_removal(evaluator, base)
-            teacher_widths = {k: v for k, v in width_keys(teacher.arch).items() if k in blocks}
-            stage = shrink_stage(best, teacher_widths, search.width_scales)
-            history["shrink"] = _run_stage(evaluator, search, budgets["shrink"], deadline, stage,
-                                           observation_rows(teacher, stage.blocks), context.config.seed + 1)
+        for name in ("removal", "shrink"):
+            if name in state["done"] or budgets[name] == 0:
+                continue
+            if name == "removal":
+                stage = removal_stage(blocks, base)
+            else:
+                teacher_widths = {k: v for k, v in width_keys(teacher.arch).items() if k in blocks}
+                stage = shrink_stage(_best_removal(evaluator, base), teacher_widths, search.width_scales)
+            session = Session(evaluator, search, budgets[name], deadline, stage, observation_rows(teacher, stage.blocks),
+                              trained=_trained_in_stage(evaluator, name))
+            state["history"][name] = _run_stage(session, context.config.seed + len(state["done"]),
+                                                f"runs/{context.run_id}/state/{name}", context.resumed)
+            state["done"].append(name)
+            context.store.put_json(state_key, state)
     finally:
         evaluator.close()
-    context.store.put_json(f"runs/{context.run_id}/state/n2n_history.json", history)
 
 
-def _run_stage(evaluator: Evaluator, search: N2NSearch, budget: int, deadline: float, stage: Stage,
-               observation: np.ndarray, seed: int) -> list[dict[str, Any]]:
-    session = Session(evaluator, search, budget, deadline, stage, observation)
+def _trained_in_stage(evaluator: Evaluator, stage: str) -> int:
+    """Candidates a resumed run already trained in `stage` (removal rows have no widths)."""
+    return sum(1 for r in evaluator.rows.values()
+               if not r.get("cached") and (r["widths"] == "{}") == (stage == "removal"))
+
+
+def _run_stage(session: Session, seed: int, checkpoints: str, restore: bool) -> list[dict[str, Any]]:
     _SESSIONS[session.key] = session
     try:
-        if search.agent == "random":
+        if session.search.agent == "random":
             run_random(session, seed)
             return [{"trained": session.trained}]
-        return run_ppo(session, seed)
+        return run_ppo(session, seed, f"{checkpoints}/checkpoint", restore)
     finally:
         del _SESSIONS[session.key]
 

@@ -126,6 +126,21 @@ class ArtifactStore(ABC):
         self._get_to_file(check_key(key), path)
         return path
 
+    def put_tree(self, prefix: str, folder: str | Path) -> int:
+        """Upload every file under a local folder to `<prefix>/<relative path>`; return the file count."""
+        folder = Path(folder)
+        files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+        for path in files:
+            self.put_file(f"{check_key(prefix)}/{path.relative_to(folder).as_posix()}", path)
+        return len(files)
+
+    def get_tree(self, prefix: str, folder: str | Path) -> int:
+        """Download every object under `<prefix>/` into a local folder; return the file count."""
+        keys = self.list(check_key(prefix) + "/")
+        for key in keys:
+            self.get_file(key, Path(folder) / key[len(prefix) + 1 :])
+        return len(keys)
+
     def _check_same(self, key: str, digest: str) -> None:
         existing = sha256_bytes(self._get(key))
         if existing != digest:

@@ -119,8 +119,10 @@ def test_ppo_smoke_run_trains_at_least_two_iterations_and_writes_results(tmp_pat
     store, run_id, record = run["store"], run["run_id"], run["record"]
     assert record["status"] == "finished"
     assert 1 <= record["evaluations"] <= 12
-    history = store.get_json(f"runs/{run_id}/state/n2n_history.json")
-    assert len(history["removal"]) >= 2 and len(history["shrink"]) >= 1
+    state = store.get_json(f"runs/{run_id}/state/n2n.json")
+    assert state["done"] == ["removal", "shrink"]
+    assert len(state["history"]["removal"]) >= 2 and len(state["history"]["shrink"]) >= 1
+    assert store.exists(f"runs/{run_id}/state/removal/checkpoint/rllib_checkpoint.json")
     rows = store.get_table(f"runs/{run_id}/results.parquet").to_pylist()
     assert len(rows) == len(store.list(f"runs/{run_id}/evals/")) == record["evaluations"] + record["cache_hits"]
     assert {r["method"] for r in rows} == {"n2n"}
@@ -131,3 +133,55 @@ def test_random_agent_respects_the_evaluation_budget(tmp_path, ray_session):
     run = _run(tmp_path / "s", "teacher.arch=resnet20", "teacher.epochs=1", "dataset.synthetic.train_size=256",
                "search.agent=random", "search.max_evaluations=6", "search.shrink=false")
     assert run["record"]["evaluations"] == 6
+
+
+def test_resume_after_kill_9_reuses_every_stored_evaluation(tmp_path, ray_session):
+    """A driver killed mid-run (SIGKILL, its Ray with it) is resumed; nothing is trained twice."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    store_dir = tmp_path / "store"
+    sets = ["teacher.arch=resnet20", "teacher.epochs=1", "dataset.synthetic.train_size=256",
+            "search.max_evaluations=16", "search.iteration_evaluations=4", "search.shrink_share=0.25",
+            "train.epochs=2"]
+    command = [sys.executable, "-m", "searchsvc", "run", str(SMOKE), "--store", str(store_dir), "--no-progress"]
+    for item in sets:
+        command += ["--set", item]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    store = LocalStore(store_dir)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and driver.poll() is None:
+            checkpoints = store.list("runs/") if store_dir.exists() else []
+            if any(k.endswith("removal/checkpoint/rllib_checkpoint.json") for k in checkpoints):
+                break
+            time.sleep(0.5)
+        assert driver.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+        driver.wait()
+    run_id = sorted({k.split("/")[1] for k in store.list("runs/")})[-1]
+    assert store.get_json(f"runs/{run_id}/run.json")["status"] == "running"  # killed: nothing wrote an end
+    before = {k: store.get_bytes(k) for k in store.list(f"runs/{run_id}/evals/")}
+    assert before
+    assert main(["resume", "--store", str(store_dir), "--run", run_id, "--no-progress"]) == 0
+    record = store.get_json(f"runs/{run_id}/run.json")
+    assert record["status"] == "finished" and record["resumes"] == 1
+    for key, data in before.items():  # recorded evaluations are untouched
+        assert store.get_bytes(key) == data
+    evals = [store.get_json(k) for k in store.list(f"runs/{run_id}/evals/")]
+    trained = [e["spec_hash"] for e in evals if not e["cached"]]
+    assert len(trained) == len(set(trained)) == record["evaluations"] <= 16
+    # every recorded evaluation is in the store (a candidate in flight at the kill may be stored
+    # without a row: proposed again, it would be a cache hit)
+    assert {e["spec_hash"] for e in evals} <= {k.split("/")[1] for k in store.list("candidates/")}
+
+
+def test_resume_of_a_finished_or_unknown_run_is_a_clear_error(tmp_path, capsys):
+    assert main(["resume", "--store", str(tmp_path / "none"), "--run", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["resume", "--store", str(tmp_path), "--run", "../x"]) == 2
+    assert "invalid run id" in capsys.readouterr().err
