@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import warnings
 from pathlib import Path
 
 import torch
 
-from storage import ArtifactStore, CorruptArtifactError, KeyNotFoundError, SearchsvcError, check_id, open_store
-from storage.records import from_data
-from workers.spec import CandidateSpec
-from workers.surgery import derive_arch
-from workers.zoo import ResNet, ResNetArch, build_model
+from storage import ArtifactStore, SearchsvcError, check_id, open_store
+from workers.evaluate import load_candidate_model
+from workers.zoo import ResNet
 
 
 def split_candidate_uri(uri_or_hash: str) -> tuple[str | None, str]:
@@ -29,22 +26,7 @@ def load_candidate(uri_or_hash: str, store: ArtifactStore | str | None = None,
     store_uri, spec_hash = split_candidate_uri(uri_or_hash)
     if not isinstance(store, ArtifactStore):
         store = open_store(store_uri or store, endpoint=endpoint, create=False)
-    prefix = f"candidates/{spec_hash}"
-    if not store.exists(f"{prefix}/manifest.json"):
-        raise KeyNotFoundError(f"candidate {spec_hash} is not in {store.uri} (or its evaluation is incomplete)")
-    spec = CandidateSpec.from_json(store.get_verified(prefix, "spec.json").decode())
-    if not store.exists(f"{prefix}/model.pt"):
-        raise KeyNotFoundError(f"candidate {spec_hash} has no kept model (it was invalid)")
-    teacher_meta = store.get_json(f"teachers/{spec.teacher}/meta.json")
-    teacher_arch = from_data(ResNetArch, teacher_meta["arch"], source=f"teachers/{spec.teacher}/meta.json")
-    model = build_model(derive_arch(teacher_arch, spec.removed, spec.widths))
-    raw = store.get_verified(prefix, "model.pt")
-    try:
-        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    except Exception as err:  # noqa: BLE001 — a damaged or mismatched checkpoint, whatever torch raises
-        raise CorruptArtifactError(f"{store.uri_for(prefix + '/model.pt')} does not load: {err}") from None
-    return model.eval()
+    return load_candidate_model(store, spec_hash)
 
 
 def export_model(model: ResNet, path: str | Path, image_size: int) -> Path:

@@ -108,6 +108,8 @@ class Evaluator:
             "val_accuracy": m.get("val_accuracy"), "latency_b256_ms": m.get("latency_b256_ms"),
             "model_bytes": m.get("model_bytes"), "cached": outcome.cached, "error": m.get("error"),
             "removed": json.dumps(list(spec.removed)), "widths": json.dumps(dict(spec.widths)),
+            "finetuned_from": spec.init,  # fine-tuned from this candidate; its accuracy is kept beside
+            "parent_accuracy": self.rows[spec.init]["accuracy"] if spec.init in self.rows else None,
         }
         return row
 

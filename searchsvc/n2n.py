@@ -178,14 +178,33 @@ def run_n2n(context: RunContext) -> None:
                                                 f"runs/{context.run_id}/state/{name}", context.resumed)
             state["done"].append(name)
             context.store.put_json(state_key, state)
+        if search.top_k and search.finetune_epochs:
+            finetune_top(evaluator, search)
     finally:
         evaluator.close()
 
 
+def finetune_top(evaluator: Evaluator, search: N2NSearch) -> list[dict[str, Any]]:
+    """Distill the top-k networks further (from their own weights) and measure them again.
+
+    Each fine-tuned network is a new candidate (`init` = the parent's hash), so both accuracies are
+    in the results: the fine-tuned row's `accuracy` and its `parent_accuracy`.
+    """
+    searched = [r for r in evaluator.rows.values() if r["status"] == "ok" and not r.get("finetuned_from")]
+    top = sorted(searched, key=lambda r: r["reward"], reverse=True)[: search.top_k]
+    store = evaluator.ctx.store
+    specs = []
+    for row in top:
+        parent = CandidateSpec.from_json(store.get_bytes(f"candidates/{row['spec_hash']}/spec.json").decode())
+        specs.append(replace(parent, init=row["spec_hash"], train=replace(parent.train, epochs=search.finetune_epochs)))
+    log.info("n2n: fine-tuning the top %d networks for %d epochs", len(specs), search.finetune_epochs)
+    return evaluator.evaluate(specs)
+
+
 def _trained_in_stage(evaluator: Evaluator, stage: str) -> int:
     """Candidates a resumed run already trained in `stage` (removal rows have no widths)."""
-    return sum(1 for r in evaluator.rows.values()
-               if not r.get("cached") and (r["widths"] == "{}") == (stage == "removal"))
+    return sum(1 for r in evaluator.rows.values() if not r.get("cached") and not r.get("finetuned_from")
+               and (r["widths"] == "{}") == (stage == "removal"))
 
 
 def _run_stage(session: Session, seed: int, checkpoints: str, restore: bool) -> list[dict[str, Any]]:
@@ -201,7 +220,8 @@ def _run_stage(session: Session, seed: int, checkpoints: str, restore: bool) -> 
 
 def _best_removal(evaluator: Evaluator, base: CandidateSpec) -> CandidateSpec:
     """The removal-stage candidate with the highest reward (the teacher's shape if none was valid)."""
-    valid = [r for r in evaluator.rows.values() if r["status"] == "ok" and r["widths"] == "{}"]
+    valid = [r for r in evaluator.rows.values()
+             if r["status"] == "ok" and r["widths"] == "{}" and not r.get("finetuned_from")]
     if not valid:
         return base
     best = max(valid, key=lambda r: r["reward"])

@@ -129,6 +129,24 @@ def test_ppo_smoke_run_trains_at_least_two_iterations_and_writes_results(tmp_pat
     assert any(json.loads(r["widths"]) for r in rows)  # the shrink stage produced candidates
 
 
+def test_top_k_are_fine_tuned_from_their_own_weights_and_both_accuracies_kept(tmp_path, ray_session):
+    run = _run(tmp_path / "s", "teacher.arch=resnet20", "teacher.epochs=1", "dataset.synthetic.train_size=256",
+               "search.agent=random", "search.max_evaluations=4", "search.shrink=false", "search.top_k=2",
+               "search.finetune_epochs=2")
+    store, run_id = run["store"], run["run_id"]
+    rows = store.get_table(f"runs/{run_id}/results.parquet").to_pylist()
+    tuned = [r for r in rows if r["finetuned_from"]]
+    searched = {r["spec_hash"]: r for r in rows if not r["finetuned_from"]}
+    best_two = sorted((r for r in searched.values() if r["status"] == "ok"), key=lambda r: -r["reward"])[:2]
+    assert sorted(r["finetuned_from"] for r in tuned) == sorted(r["spec_hash"] for r in best_two)
+    for row in tuned:
+        parent = searched[row["finetuned_from"]]
+        assert row["parent_accuracy"] == parent["accuracy"] and row["params"] == parent["params"]
+        spec = json.loads(store.get_bytes(f"candidates/{row['spec_hash']}/spec.json"))
+        assert spec["init"] == parent["spec_hash"] and spec["train"]["epochs"] == 2
+    assert run["record"]["evaluations"] == 4 + 2  # fine-tuning is on top of the search budget
+
+
 def test_random_agent_respects_the_evaluation_budget(tmp_path, ray_session):
     run = _run(tmp_path / "s", "teacher.arch=resnet20", "teacher.epochs=1", "dataset.synthetic.train_size=256",
                "search.agent=random", "search.max_evaluations=6", "search.shrink=false")

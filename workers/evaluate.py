@@ -22,15 +22,16 @@ from typing import Any
 
 import torch
 
-from storage import ArtifactStore, WriteConflictError
-from storage.records import to_data
+from storage import ArtifactStore, CorruptArtifactError, KeyNotFoundError, WriteConflictError, check_id
+from storage.records import from_data, to_data
 from workers.data import Splits
 from workers.distill import distill_loss_fn, teacher_logits
 from workers.measure import measure
 from workers.spec import CandidateSpec
-from workers.surgery import InvalidTransform, shrink
+from workers.surgery import InvalidTransform, derive_arch, shrink
 from workers.teacher import Teacher, load_train_logits
 from workers.train import train_model
+from workers.zoo import ResNet, ResNetArch, build_model
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,10 @@ def evaluate_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = F
     """Build, distill, measure and store one candidate; return its metrics (status ok or invalid)."""
     started = time.perf_counter()
     try:
-        student = shrink(ctx.teacher.model, spec.removed, spec.widths)
+        if spec.init is not None:
+            student = load_candidate_model(ctx.store, spec.init)
+        else:
+            student = shrink(ctx.teacher.model, spec.removed, spec.widths)
     except InvalidTransform as err:
         return _store_invalid(spec, ctx, invalid(spec, f"invalid transform: {err}", started, ctx))
     distill = spec.train.distill
@@ -105,6 +109,25 @@ def evaluate_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = F
                "device": str(ctx.device), "arch": to_data(student.arch)}
     metrics["wall_s"] = time.perf_counter() - started
     return save_candidate(ctx.store, spec, student, metrics)
+
+
+def load_candidate_model(store: ArtifactStore, spec_hash: str) -> ResNet:
+    """A stored candidate as its small nn.Module (eval mode, CPU), every file checked against the manifest."""
+    prefix = candidate_prefix(check_id(spec_hash, "spec hash"))
+    if not store.exists(f"{prefix}/manifest.json"):
+        raise KeyNotFoundError(f"candidate {spec_hash} is not in {store.uri} (or its evaluation is incomplete)")
+    spec = CandidateSpec.from_json(store.get_verified(prefix, "spec.json").decode())
+    if not store.exists(f"{prefix}/model.pt"):
+        raise KeyNotFoundError(f"candidate {spec_hash} has no kept model (it was invalid)")
+    teacher_meta = store.get_json(f"teachers/{spec.teacher}/meta.json")
+    teacher_arch = from_data(ResNetArch, teacher_meta["arch"], source=f"teachers/{spec.teacher}/meta.json")
+    model = build_model(derive_arch(teacher_arch, spec.removed, spec.widths))
+    raw = store.get_verified(prefix, "model.pt")
+    try:
+        model.load_state_dict(torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True))
+    except Exception as err:  # noqa: BLE001 — a damaged or mismatched checkpoint, whatever torch raises
+        raise CorruptArtifactError(f"{store.uri_for(prefix + '/model.pt')} does not load: {err}") from None
+    return model.eval()
 
 
 def _store_invalid(spec: CandidateSpec, ctx: EvalContext, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -31,6 +31,7 @@ class CandidateSpec:
     method: str = "grid"
     removed: tuple[str, ...] = ()  # block names, e.g. ("layer2.1",)
     widths: tuple[tuple[str, int], ...] = ()  # (layer name, output channels), sorted by name
+    init: str | None = None  # spec hash of a stored candidate to start from (fine-tuning); None: the teacher
     masks: str | None = None  # store key of a sparsity-mask artifact
     schedule: str | None = None  # hash of a pruning schedule (agp / rigl)
     seed: int = 0
