@@ -291,6 +291,7 @@ CHANGES = {
     "method": "n2n",
     "removed": ("layer1.0",),
     "widths": (("layer1.0", 8),),
+    "init": "fedcba9876543210",
     "masks": "candidates/abc/masks.pt",
     "schedule": "0011223344556677",
     "seed": 1,
