@@ -68,13 +68,14 @@ class Session:
     def evaluate(self, specs: list[CandidateSpec]) -> list[float | None]:
         """Rewards for `specs`; None for a spec that would need training past the budget."""
         self.steps += len(specs)
-        allowed: list[CandidateSpec] = []
+        allowed: dict[str, CandidateSpec] = {}  # a spec twice in one batch is trained (and counted) once
         for spec in specs:
-            known = spec.spec_hash in self.evaluator.rows or stored_metrics(self.evaluator.ctx.store, spec.spec_hash)
+            known = (spec.spec_hash in allowed or spec.spec_hash in self.evaluator.rows
+                     or stored_metrics(self.evaluator.ctx.store, spec.spec_hash) is not None)
             if known or (self.trained < self.budget and time.monotonic() < self.deadline):
-                allowed.append(spec)
+                allowed[spec.spec_hash] = spec
                 self.trained += 0 if known else 1
-        rows = {row["spec_hash"]: row for row in self.evaluator.evaluate(allowed)}
+        rows = {row["spec_hash"]: row for row in self.evaluator.evaluate(list(allowed.values()))}
         return [rows[s.spec_hash]["reward"] if s.spec_hash in rows else None for s in specs]
 
 

@@ -203,3 +203,27 @@ def test_resume_of_a_finished_or_unknown_run_is_a_clear_error(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["resume", "--store", str(tmp_path), "--run", "../x"]) == 2
     assert "invalid run id" in capsys.readouterr().err
+
+
+def test_a_candidate_proposed_twice_in_one_batch_counts_once_against_the_budget(tmp_path):
+    """The session's budget logic alone: a recording stand-in replaces the Ray-backed evaluator."""
+    from types import SimpleNamespace
+
+    from searchsvc.n2n import Session
+
+    class FakeEvaluator:
+        def __init__(self):
+            self.rows, self.sent = {}, []
+            self.ctx = SimpleNamespace(store=LocalStore(tmp_path / "store"))
+
+        def evaluate(self, specs):
+            self.sent.append([s.spec_hash for s in specs])
+            return [{"spec_hash": s.spec_hash, "reward": 0.5} for s in specs]
+
+    stage = removal_stage(("a", "b"), BASE)
+    evaluator = FakeEvaluator()
+    session = Session(evaluator, None, budget=2, deadline=float("inf"), stage=stage, observation=np.zeros((2, 8)))
+    one, two = stage.make_spec(np.array([1, 0])), stage.make_spec(np.array([0, 1]))
+    three = stage.make_spec(np.array([1, 1]))
+    assert session.evaluate([one, one, two, three]) == [0.5, 0.5, 0.5, None]  # budget 2: `three` is past it
+    assert session.trained == 2 and evaluator.sent == [[one.spec_hash, two.spec_hash]]
