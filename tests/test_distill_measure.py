@@ -26,13 +26,7 @@ from workers.zoo import BlockArch, ResNetArch, build_model, create_model
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small CPU ops run faster on one thread, and far faster when the machine is busy; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- hand arithmetic --------------------------------------------------------------------------------------
@@ -299,28 +293,20 @@ def test_measure_returns_every_metric_with_sane_values():
 
 # ---- training with distillation ---------------------------------------------------------------------------------
 
-def test_train_model_with_cached_distillation_lowers_the_loss():
+@pytest.mark.parametrize("live_teacher", [False, True], ids=["cached_logits", "live_teacher_with_augmentation"])
+def test_train_model_with_distillation_lowers_the_loss(live_teacher):
     splits = small_splits()
     torch.manual_seed(0)
     teacher = create_model("tiny_cnn", in_channels=1, num_classes=4)
-    cached = teacher_logits(teacher, splits.train[0], splits.mean, splits.std)
-    assert cached.shape == (len(splits.train[1]), 4)
     student = create_model("tiny_cnn", in_channels=1, num_classes=4)
-    loss_fn = distill_loss_fn(DistillConfig(alpha=0.5, temperature=4.0), cached=cached)
-    history = train_model(student, splits, Recipe(epochs=4, batch_size=64, augment=False), CPU, seed=0,
-                          progress=False, loss_fn=loss_fn)
-    losses = [epoch["loss"] for epoch in history]
-    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
-    assert losses[0] > losses[-1]
-
-
-def test_train_model_with_a_live_teacher_and_augmentation_lowers_the_loss():
-    splits = small_splits()
-    torch.manual_seed(1)
-    teacher = create_model("tiny_cnn", in_channels=1, num_classes=4)
-    student = create_model("tiny_cnn", in_channels=1, num_classes=4)
-    loss_fn = distill_loss_fn(DistillConfig(alpha=0.5, temperature=4.0), teacher=teacher)
-    history = train_model(student, splits, Recipe(epochs=4, batch_size=64, augment=True), CPU, seed=0,
+    config = DistillConfig(alpha=0.5, temperature=4.0)
+    if live_teacher:
+        loss_fn = distill_loss_fn(config, teacher=teacher)
+    else:
+        cached = teacher_logits(teacher, splits.train[0], splits.mean, splits.std)
+        assert cached.shape == (len(splits.train[1]), 4)
+        loss_fn = distill_loss_fn(config, cached=cached)
+    history = train_model(student, splits, Recipe(epochs=4, batch_size=64, augment=live_teacher), CPU, seed=0,
                           progress=False, loss_fn=loss_fn)
     losses = [epoch["loss"] for epoch in history]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)

@@ -22,13 +22,7 @@ from workers.zoo import create_model, list_models
 IN_CHANNELS, IMAGE, BATCH, CLASSES = 3, 32, 2, 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small CPU ops run faster on one thread, and far faster when the machine is busy; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # name → (stem width, stage widths, blocks per stage); every stage after the first starts with stride 2.
 ZOO = {
