@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/quickstart.yaml
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup run test test-all bench clean-store help
+.PHONY: setup run test test-all bench bench-n2n clean-store help
 
 help:            ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/ —/'
@@ -34,6 +34,9 @@ bench: setup     ## CPU benchmarks; JSON lands in benchmarks/results/
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/store_throughput.py
 	$(BIN)/python benchmarks/pool_overhead.py
+
+bench-n2n: setup ## PPO vs random search, 3 seeds x 64 evaluations (about 10 minutes on 2 cores)
+	$(BIN)/python benchmarks/n2n_agents.py
 
 clean-store:     ## delete the default local store
 	rm -rf ./searchsvc-store
