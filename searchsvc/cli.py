@@ -178,7 +178,7 @@ def table_rows(table: Any) -> list[dict[str, Any]]:
 _COLUMNS = [("spec_hash", "spec_hash", "{}"), ("method", "method", "{}"), ("status", "status", "{}"),
             ("reward", "reward", "{:.4f}"), ("compression", "x-factor", "{:.2f}"), ("accuracy", "accuracy", "{:.4f}"),
             ("params", "params", "{:,}"), ("macs", "MACs", "{:,}"), ("latency_ms", "latency ms", "{:.2f}"),
-            ("artifact", "artifact", "{}")]
+            ("finetuned_from", "fine-tuned from", "{}"), ("artifact", "artifact", "{}")]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

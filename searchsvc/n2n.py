@@ -197,7 +197,8 @@ def finetune_top(evaluator: Evaluator, search: N2NSearch) -> list[dict[str, Any]
     specs = []
     for row in top:
         parent = CandidateSpec.from_json(store.get_bytes(f"candidates/{row['spec_hash']}/spec.json").decode())
-        specs.append(replace(parent, init=row["spec_hash"], train=replace(parent.train, epochs=search.finetune_epochs)))
+        recipe = replace(parent.train, epochs=search.finetune_epochs, max_images=None)  # full epochs
+        specs.append(replace(parent, init=row["spec_hash"], train=recipe))
     log.info("n2n: fine-tuning the top %d networks for %d epochs", len(specs), search.finetune_epochs)
     return evaluator.evaluate(specs)
 

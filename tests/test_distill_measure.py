@@ -362,3 +362,20 @@ def test_augment_with_the_same_generator_seed_is_reproducible():
     c = augment(images, torch.Generator().manual_seed(6))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+def test_max_images_limits_each_epoch_to_a_fresh_random_subset():
+    splits = small_splits()
+    seen: list[torch.Tensor] = []
+
+    def recording_loss(logits, labels, index, images):
+        seen.append(index.clone())
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    model = create_model("tiny_cnn", in_channels=1, num_classes=4)
+    history = train_model(model, splits, Recipe(epochs=2, batch_size=16, max_images=64, augment=False), CPU,
+                          progress=False, loss_fn=recording_loss)
+    assert len(history) == 2 and len(seen) == 2 * (64 // 16)
+    first, second = torch.cat(seen[:4]), torch.cat(seen[4:])
+    assert len(first.unique()) == 64 and len(second.unique()) == 64  # no image twice within an epoch
+    assert not torch.equal(first.sort().values, second.sort().values)  # a different subset next epoch

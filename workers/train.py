@@ -31,6 +31,8 @@ class Recipe:
     weight_decay: float = field(default=5e-4, metadata={"min": 0, "help": "L2 weight decay"})
     label_smoothing: float = field(default=0.0, metadata={"min": 0, "lt": 1, "help": "cross-entropy smoothing"})
     augment: bool = field(default=True, metadata={"help": "random crop (pad 1/8 of the size) and horizontal flip"})
+    max_images: int | None = field(default=None, metadata={
+        "min": 1, "help": "images per epoch, a fresh random subset each epoch; null: the whole training split"})
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,9 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
     model.to(device=device, memory_format=torch.channels_last)
     forward = torch.compile(model) if compile_model else model
     n = len(y_train)
-    batch = min(recipe.batch_size, n)
-    steps = n // batch  # drop the ragged last batch: static shapes, no tiny noisy steps
+    per_epoch = min(n, recipe.max_images or n)
+    batch = min(recipe.batch_size, per_epoch)
+    steps = per_epoch // batch  # drop the ragged last batch: static shapes, no tiny noisy steps
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 nesterov=recipe.momentum > 0, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=recipe.epochs * steps,
@@ -124,7 +127,7 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
         model.train()
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        order = torch.randperm(n, device=device, generator=generator)
+        order = torch.randperm(n, device=device, generator=generator)[:per_epoch]
         for step in range(steps):
             index = order[step * batch : (step + 1) * batch]
             images = x_train[index]
