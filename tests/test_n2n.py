@@ -227,3 +227,11 @@ def test_a_candidate_proposed_twice_in_one_batch_counts_once_against_the_budget(
     three = stage.make_spec(np.array([1, 1]))
     assert session.evaluate([one, one, two, three]) == [0.5, 0.5, 0.5, None]  # budget 2: `three` is past it
     assert session.trained == 2 and evaluator.sent == [[one.spec_hash, two.spec_hash]]
+
+
+@pytest.mark.parametrize("stop", ["search.target_compression=1.01", "search.time_budget_s=0.001"])
+def test_a_stop_rule_ends_the_search_before_the_budget(tmp_path, ray_session, stop):
+    run = _run(tmp_path / "s", "teacher.arch=resnet20", "teacher.epochs=1", "dataset.synthetic.train_size=256",
+               "search.agent=random", "search.max_evaluations=40", "search.num_envs=2", "search.shrink=false", stop)
+    assert run["record"]["status"] == "finished"
+    assert run["record"]["evaluations"] < 40
