@@ -173,6 +173,9 @@ def run_n2n(context: RunContext) -> None:
             else:
                 teacher_widths = {k: v for k, v in width_keys(teacher.arch).items() if k in blocks}
                 stage = shrink_stage(_best_removal(evaluator, base), teacher_widths, search.width_scales)
+                if not stage.blocks:  # the best removal kept no block: nothing left to shrink
+                    log.info("n2n: the best removal result keeps no block; skipping the shrink stage")
+                    continue
             session = Session(evaluator, search, budgets[name], deadline, stage, observation_rows(teacher, stage.blocks),
                               trained=_trained_in_stage(evaluator, name))
             state["history"][name] = _run_stage(session, context.config.seed + len(state["done"]),
