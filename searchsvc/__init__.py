@@ -5,26 +5,25 @@
     table = results("./searchsvc-store", result.run_id)     # a pyarrow.Table, best first
 
 `searchsvc` decides what to try, `workers` how a candidate becomes a measured model, `storage` where
-everything lives.
+everything lives. The names below are imported on first use, so `searchsvc --help` does not pay for
+torch and Ray.
 """
 
 from __future__ import annotations
 
-import pyarrow as pa
+import importlib
+from typing import Any
 
-from searchsvc.candidates import load_candidate
-from searchsvc.config import ConfigError, JobConfig, load_config
-from searchsvc.job import RunResult, run
-from storage import ArtifactStore, SearchsvcError, open_store
-from storage.tables import read_results
+_EXPORTS = {
+    "ConfigError": "searchsvc.config", "JobConfig": "searchsvc.config", "load_config": "searchsvc.config",
+    "RunResult": "searchsvc.job", "run": "searchsvc.job", "resume": "searchsvc.job",
+    "load_candidate": "searchsvc.candidates", "results": "searchsvc.api", "SearchsvcError": "storage.errors",
+}
 
-
-def results(store: ArtifactStore | str, run_id: str | None = None, endpoint: str | None = None) -> pa.Table:
-    """The ranked results table of `run_id` (the latest run by default)."""
-    if not isinstance(store, ArtifactStore):
-        store = open_store(store, endpoint=endpoint, create=False)
-    return read_results(store, run_id)
+__all__ = sorted(_EXPORTS)
 
 
-__all__ = ["ConfigError", "JobConfig", "RunResult", "SearchsvcError", "load_candidate", "load_config", "results",
-           "run"]
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'searchsvc' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
