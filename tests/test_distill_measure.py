@@ -379,3 +379,21 @@ def test_max_images_limits_each_epoch_to_a_fresh_random_subset():
     first, second = torch.cat(seen[:4]), torch.cat(seen[4:])
     assert len(first.unique()) == 64 and len(second.unique()) == 64  # no image twice within an epoch
     assert not torch.equal(first.sort().values, second.sort().values)  # a different subset next epoch
+
+
+@pytest.mark.parametrize("batch_size", [7, 115])
+def test_odd_batches_train_on_the_cpu(batch_size):
+    """torch 2.14.1's oneDNN crashes (SIGSEGV) on odd channels_last batches through a strided 1x1 conv."""
+    splits = small_splits()
+    model = create_model("tiny_cnn", in_channels=1, num_classes=4)
+    history = train_model(model, splits, Recipe(epochs=1, batch_size=batch_size, augment=False), CPU, progress=False)
+    assert math.isfinite(history[0]["loss"])
+
+
+@pytest.mark.parametrize("train_size", [40, 90])
+def test_runs_with_only_a_few_steps_train(train_size):
+    """One to four steps in all: the one-cycle schedule would have empty phases."""
+    splits = small_splits(train_size=train_size)
+    model = create_model("tiny_cnn", in_channels=1, num_classes=4)
+    history = train_model(model, splits, Recipe(epochs=1, batch_size=20, augment=False), CPU, progress=False)
+    assert math.isfinite(history[0]["loss"])

@@ -116,3 +116,17 @@ def test_invalid_candidates_are_results_and_the_rest_finish(prepared):
     assert statuses == ["invalid", "invalid", "invalid", "ok"]
     assert "layer9" in outcomes[0].metrics["error"]
     assert "diverged" in outcomes[2].metrics["error"]
+
+
+def test_a_worker_that_cannot_start_fails_the_pool_with_its_cause(prepared, tmp_path):
+    """Workers that cannot load their data are a configuration error, not a stream of invalid candidates."""
+    from storage import SearchsvcError
+
+    store, teacher_hash = prepared
+    missing = DatasetConfig(name="fashion_mnist", root=str(tmp_path / "nowhere"), download=False)
+    pool = EvalPool(store, teacher_hash, missing, Resources(gpus_per_eval=0, cpus_per_eval=1), size=1)
+    try:
+        with pytest.raises(SearchsvcError, match="failed to start.*dataset.root"):
+            list(pool.map_unordered([spec(teacher_hash, seed=41)]))
+    finally:
+        pool.shutdown()

@@ -18,7 +18,7 @@ import ray
 import torch
 from ray.exceptions import RayActorError, RayTaskError
 
-from storage import ArtifactStore
+from storage import ArtifactStore, SearchsvcError
 from workers.data import DatasetConfig, load_dataset
 from workers.evaluate import EvalContext, evaluate_candidate, stored_metrics
 from workers.resources import Resources
@@ -110,6 +110,8 @@ class EvalPool:
             try:
                 metrics = ray.get(ready[0])
             except RayActorError as err:
+                if err.actor_init_failed:  # the worker cannot start (data, teacher, store): not this candidate
+                    raise SearchsvcError(f"an evaluation worker failed to start: {_first_line(err)}") from None
                 idle.append(self._replace(actor))
                 if attempt <= self.max_retries:
                     log.warning("worker died evaluating %s (attempt %d); retrying", spec.spec_hash, attempt)
@@ -138,6 +140,13 @@ class EvalPool:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+
+
+def _first_line(err: Exception) -> str:
+    """The last line of a Ray error that names the cause ("SearchsvcError: dataset.root: ...")."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    causes = [line for line in lines if "Error:" in line and not line.startswith("ray.")]
+    return (causes or lines or [type(err).__name__])[-1][:500]
 
 
 def _failed(spec: CandidateSpec, reason: str) -> dict[str, Any]:

@@ -20,6 +20,9 @@ from tqdm.auto import tqdm
 from workers.data import Splits, normalize
 
 
+MIN_ONE_CYCLE_STEPS = 8  # below this, the one-cycle schedule has empty phases
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How a network is trained (SGD with Nesterov momentum, one-cycle learning rate)."""
@@ -110,11 +113,19 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
     n = len(y_train)
     per_epoch = min(n, recipe.max_images or n)
     batch = min(recipe.batch_size, per_epoch)
+    if device.type == "cpu" and batch > 1 and batch % 2:
+        # torch 2.14.1's oneDNN segfaults in the backward pass of a strided 1x1 conv (our projection
+        # shortcuts) on channels_last CPU tensors when the batch is odd: use the even size below.
+        batch -= 1
     steps = per_epoch // batch  # drop the ragged last batch: static shapes, no tiny noisy steps
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 nesterov=recipe.momentum > 0, weight_decay=recipe.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=recipe.epochs * steps,
-                                                   pct_start=0.25, anneal_strategy="linear")
+    total = recipe.epochs * steps
+    if total >= MIN_ONE_CYCLE_STEPS:
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=total,
+                                                       pct_start=0.25, anneal_strategy="linear")
+    else:  # OneCycleLR divides by zero when a phase has no steps: a constant rate for tiny runs
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     generator = torch.Generator(device=device).manual_seed(seed)
     criterion = loss_fn or (lambda logits, labels, _index, _images: F.cross_entropy(
         logits, labels, label_smoothing=recipe.label_smoothing))
