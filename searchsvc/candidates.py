@@ -9,6 +9,7 @@ import torch
 
 from storage import ArtifactStore, SearchsvcError, check_id, open_store
 from workers.evaluate import load_candidate_model
+from workers.spec import CandidateSpec
 from workers.zoo import ResNet
 
 
@@ -27,6 +28,12 @@ def load_candidate(uri_or_hash: str, store: ArtifactStore | str | None = None,
     if not isinstance(store, ArtifactStore):
         store = open_store(store_uri or store, endpoint=endpoint, create=False)
     return load_candidate_model(store, spec_hash)
+
+
+def candidate_image_size(store: ArtifactStore, spec_hash: str) -> int:
+    """The input size (pixels) the candidate's teacher was trained at, for export's example input."""
+    spec = CandidateSpec.from_json(store.get_bytes(f"candidates/{check_id(spec_hash, 'spec hash')}/spec.json").decode())
+    return store.get_json(f"teachers/{spec.teacher}/meta.json").get("image_size", 32)
 
 
 def export_model(model: ResNet, path: str | Path, image_size: int) -> Path:

@@ -155,15 +155,13 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from searchsvc.candidates import export_model, load_candidate, split_candidate_uri
+    from searchsvc.candidates import candidate_image_size, export_model, load_candidate, split_candidate_uri
     from storage import open_store
 
     store_uri, spec_hash = split_candidate_uri(args.candidate)
     store = open_store(store_uri or args.store, endpoint=args.s3_endpoint, create=False)
     model = load_candidate(spec_hash, store=store)
-    teacher = store.get_json(f"teachers/{json.loads(store.get_bytes(f'candidates/{spec_hash}/spec.json'))['teacher']}"
-                             f"/meta.json")
-    path = export_model(model, args.output, teacher.get("image_size", 32))
+    path = export_model(model, args.output, candidate_image_size(store, spec_hash))
     params = sum(p.numel() for p in model.parameters())
     print(f"candidate {spec_hash} ({params:,} parameters) written to {path}")
     return 0

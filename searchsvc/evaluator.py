@@ -44,8 +44,6 @@ class Evaluator:
         self.pool = pool or EvalPool(context.store, context.teacher.teacher_hash, context.config.dataset,
                                      context.config.resources)
         self.rows: dict[str, dict[str, Any]] = {}  # spec_hash → row, this run
-        self.evaluations = 0  # trained in this run
-        self.cache_hits = 0  # found in the store
         self.started = time.perf_counter()
         self._last_write = 0.0
         self.bar = tqdm(total=total, desc="candidates", unit="eval", disable=not context.progress,
@@ -60,10 +58,18 @@ class Evaluator:
             row = self.ctx.store.get_json(key)
             self.rows[row["spec_hash"]] = row
             self.ctx.rows.append(row)
-            self.cache_hits += bool(row.get("cached"))
-            self.evaluations += not row.get("cached")
             self.bar.update(1)
         log.info("resumed run %s: %d evaluations already recorded", self.ctx.run_id, len(self.rows))
+
+    @property
+    def evaluations(self) -> int:
+        """Candidates trained for this run."""
+        return sum(not row["cached"] for row in self.rows.values())
+
+    @property
+    def cache_hits(self) -> int:
+        """Candidates this run found in the store, untrained."""
+        return sum(bool(row["cached"]) for row in self.rows.values())
 
     def evaluate(self, specs: Iterable[CandidateSpec]) -> list[dict[str, Any]]:
         """Rows for `specs`, in order (evaluated concurrently; repeats within the run are free)."""
@@ -83,10 +89,6 @@ class Evaluator:
         self.rows[row["spec_hash"]] = row
         self.ctx.store.put_json(f"{run_prefix(self.ctx.run_id)}/evals/{row['spec_hash']}.json", row, write_once=True)
         self.ctx.rows.append(row)
-        if outcome.cached:
-            self.cache_hits += 1
-        else:
-            self.evaluations += 1
         self._progress(row)
         if time.perf_counter() - self._last_write > RESULTS_EVERY_S:
             self.flush()

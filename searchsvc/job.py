@@ -15,8 +15,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
+import yaml
 
-from searchsvc.config import JobConfig, config_to_yaml
+from searchsvc.config import ConfigError, JobConfig, config_to_yaml, parse_config
 from searchsvc.methods import get_method
 from searchsvc.version import code_version
 from storage import ArtifactStore, KeyNotFoundError, SearchsvcError, open_store
@@ -85,9 +86,6 @@ def run(config: JobConfig, store: ArtifactStore | str | None = None, endpoint: s
 def resume(store: ArtifactStore | str, run_id: str, endpoint: str | None = None, progress: bool = True,
            address: str | None = None) -> RunResult:
     """Continue an interrupted run from what the store holds: its config, its evaluations, driver state."""
-    from searchsvc.config import ConfigError, parse_config
-    import yaml
-
     if not isinstance(store, ArtifactStore):
         store = open_store(store, endpoint=endpoint, create=False)
     prefix = run_prefix(run_id)

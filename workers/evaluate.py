@@ -11,7 +11,6 @@ never a crash of the worker.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from storage import ArtifactStore, CorruptArtifactError, KeyNotFoundError, WriteConflictError, check_id
+from storage import ArtifactStore, KeyNotFoundError, WriteConflictError, check_id
 from storage.records import from_data, to_data
 from workers.data import Splits
 from workers.distill import distill_loss_fn, teacher_logits
@@ -31,7 +30,7 @@ from workers.spec import CandidateSpec
 from workers.surgery import InvalidTransform, derive_arch, shrink
 from workers.teacher import Teacher, load_train_logits
 from workers.train import train_model
-from workers.zoo import ResNet, ResNetArch, build_model
+from workers.zoo import ResNet, ResNetArch, build_model, load_state_bytes, state_dict_bytes
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +69,15 @@ def stored_metrics(store: ArtifactStore, spec_hash: str) -> dict[str, Any] | Non
     return store.get_json(f"{prefix}/metrics.json")
 
 
+def invalid_metrics(spec_hash: str, reason: str, wall_s: float = 0.0, worker: str | None = None) -> dict[str, Any]:
+    """The result of a candidate that could not be built, trained or evaluated."""
+    return {"spec_hash": spec_hash, "status": "invalid", "error": reason, "accuracy": 0.0, "wall_s": wall_s,
+            "worker": worker, "artifact": None}
+
+
 def invalid(spec: CandidateSpec, reason: str, started: float, ctx: EvalContext) -> dict[str, Any]:
-    """The result of a candidate that could not be built or trained."""
-    return {"spec_hash": spec.spec_hash, "status": "invalid", "error": reason, "accuracy": 0.0,
-            "wall_s": time.perf_counter() - started, "worker": ctx.worker, "artifact": None}
+    """`invalid_metrics` for a candidate this worker gave up on, timed from `started`."""
+    return invalid_metrics(spec.spec_hash, reason, time.perf_counter() - started, ctx.worker)
 
 
 def evaluate_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = False) -> dict[str, Any]:
@@ -123,11 +127,7 @@ def load_candidate_model(store: ArtifactStore, spec_hash: str) -> ResNet:
     teacher_arch = from_data(ResNetArch, teacher_meta["arch"], source=f"teachers/{spec.teacher}/meta.json")
     model = build_model(derive_arch(teacher_arch, spec.removed, spec.widths))
     raw = store.get_verified(prefix, "model.pt")
-    try:
-        model.load_state_dict(torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True))
-    except Exception as err:  # noqa: BLE001 — a damaged or mismatched checkpoint, whatever torch raises
-        raise CorruptArtifactError(f"{store.uri_for(prefix + '/model.pt')} does not load: {err}") from None
-    return model.eval()
+    return load_state_bytes(model, raw, store.uri_for(f"{prefix}/model.pt")).eval()
 
 
 def _store_invalid(spec: CandidateSpec, ctx: EvalContext, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -144,9 +144,7 @@ def save_candidate(store: ArtifactStore, spec: CandidateSpec, model: torch.nn.Mo
     try:
         store.put_bytes(f"{prefix}/spec.json", spec.canonical_json().encode(), write_once=True)
         if model is not None:
-            buffer = io.BytesIO()
-            torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buffer)
-            store.put_bytes(f"{prefix}/model.pt", buffer.getvalue(), write_once=True)
+            store.put_bytes(f"{prefix}/model.pt", state_dict_bytes(model), write_once=True)
             metrics["artifact"] = store.uri_for(f"{prefix}/model.pt")
         store.put_json(f"{prefix}/metrics.json", metrics, write_once=True)
         store.write_manifest(prefix)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import statistics
 import time
 from typing import Any
@@ -13,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from workers.data import Splits
 from workers.train import evaluate
+from workers.zoo import state_dict_bytes
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -34,9 +34,7 @@ def count_macs(model: nn.Module, in_channels: int, image_size: int) -> int:
 
 def model_bytes(model: nn.Module) -> int:
     """Size of the saved state_dict (what `candidates/<hash>/model.pt` takes)."""
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
-    return buffer.tell()
+    return len(state_dict_bytes(model))
 
 
 @torch.inference_mode()

@@ -20,7 +20,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from storage import ArtifactStore, SearchsvcError
 from workers.data import DatasetConfig, load_dataset
-from workers.evaluate import EvalContext, evaluate_candidate, stored_metrics
+from workers.evaluate import EvalContext, evaluate_candidate, invalid_metrics, stored_metrics
 from workers.resources import Resources
 from workers.spec import CandidateSpec
 from workers.teacher import load_teacher
@@ -117,10 +117,10 @@ class EvalPool:
                     log.warning("worker died evaluating %s (attempt %d); retrying", spec.spec_hash, attempt)
                     pending.appendleft((spec, attempt + 1))
                     continue
-                metrics = _failed(spec, f"worker died {attempt} times: {type(err).__name__}")
+                metrics = invalid_metrics(spec.spec_hash, f"worker died {attempt} times: {type(err).__name__}")
             except RayTaskError as err:  # an unexpected error inside evaluate: this candidate only
                 idle.append(actor)
-                metrics = _failed(spec, f"evaluation raised {err.cause!r}"[:500])
+                metrics = invalid_metrics(spec.spec_hash, f"evaluation raised {err.cause!r}"[:500])
             else:
                 idle.append(actor)
             yield EvalOutcome(spec, metrics, cached=False, attempts=attempt)
@@ -148,7 +148,3 @@ def _first_line(err: Exception) -> str:
     causes = [line for line in lines if "Error:" in line and not line.startswith("ray.")]
     return (causes or lines or [type(err).__name__])[-1][:500]
 
-
-def _failed(spec: CandidateSpec, reason: str) -> dict[str, Any]:
-    return {"spec_hash": spec.spec_hash, "status": "invalid", "error": reason, "accuracy": 0.0,
-            "wall_s": 0.0, "worker": None, "artifact": None}

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -15,12 +16,15 @@ from typing import Any
 
 import torch
 
-from storage import ArtifactStore, CorruptArtifactError, WriteConflictError
+from storage import ArtifactStore, WriteConflictError
 from storage.records import canonical_json, from_data, to_data
 from workers.data import DatasetConfig, Splits
+from workers.distill import teacher_logits
 from workers.spec import short_hash
 from workers.train import Recipe, evaluate, train_model
-from workers.zoo import ResNet, ResNetArch, build_model, list_models, model_arch
+from workers.zoo import (
+    ResNet, ResNetArch, build_model, list_models, load_state_bytes, model_arch, state_dict_bytes,
+)
 
 log = logging.getLogger(__name__)
 TEACHER_FORMAT = 1  # bump when the saved layout or the training code changes what a teacher is
@@ -101,11 +105,8 @@ def load_or_train_teacher(store: ArtifactStore, config: TeacherConfig, dataset: 
 
 
 def _save(store: ArtifactStore, prefix: str, model: ResNet, meta: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    torch.save(state, buffer)
     try:
-        store.put_bytes(f"{prefix}/model.pt", buffer.getvalue(), write_once=True)
+        store.put_bytes(f"{prefix}/model.pt", state_dict_bytes(model), write_once=True)
         store.put_json(f"{prefix}/meta.json", meta, write_once=True)
     except WriteConflictError:
         # Another run trained the same teacher at the same time and stored first: use theirs.
@@ -117,16 +118,10 @@ def _save(store: ArtifactStore, prefix: str, model: ResNet, meta: dict[str, Any]
 def load_teacher(store: ArtifactStore, key: str, device: torch.device | str = "cpu") -> Teacher:
     """Load a stored teacher, checking each file against the manifest (a corrupt file is an error)."""
     prefix = f"teachers/{key}"
-    meta = store.get_json(f"{prefix}/meta.json")
-    store.verify(prefix)
-    raw = store.get_bytes(f"{prefix}/model.pt")
-    try:
-        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 — torch raises many kinds for a damaged file
-        raise CorruptArtifactError(f"{store.uri_for(prefix + '/model.pt')} is not a loadable checkpoint: {err}") from None
+    meta = json.loads(store.get_verified(prefix, "meta.json"))
     arch = from_data(ResNetArch, meta["arch"], source=store.uri_for(prefix + "/meta.json"))
-    model = build_model(arch)
-    model.load_state_dict(state)
+    model = load_state_bytes(build_model(arch), store.get_verified(prefix, "model.pt"),
+                             store.uri_for(prefix + "/model.pt"))
     model.to(device).eval()
     return Teacher(model, key, meta, cached=True)
 
@@ -144,8 +139,6 @@ def ensure_train_logits(store: ArtifactStore, teacher: Teacher, splits: Splits, 
     """
     prefix = logits_prefix(teacher.teacher_hash)
     if not store.exists(f"{prefix}/manifest.json"):
-        from workers.distill import teacher_logits
-
         data = splits.to(device)
         teacher.model.to(device, memory_format=torch.channels_last)
         logits = teacher_logits(teacher.model, data.train[0], data.mean, data.std).cpu()

@@ -12,13 +12,14 @@ removed, narrower widths), which is what surgery produces.
 from __future__ import annotations
 
 import enum
+import io
 from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 from torch import nn
 
-from storage.errors import SearchsvcError
+from storage.errors import CorruptArtifactError, SearchsvcError
 from storage.records import did_you_mean
 
 
@@ -195,6 +196,22 @@ def create_model(name: str, in_channels: int = 3, num_classes: int = 10) -> ResN
 def build_model(arch: ResNetArch) -> ResNet:
     """Build any architecture, registered or derived."""
     return ResNet(arch)
+
+
+def state_dict_bytes(model: nn.Module) -> bytes:
+    """The model's weights as a torch.save'd plain dict of contiguous CPU tensors (what model.pt holds)."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buffer)
+    return buffer.getvalue()
+
+
+def load_state_bytes(model: nn.Module, raw: bytes, where: str) -> nn.Module:
+    """Load `state_dict_bytes` output into `model` (weights_only=True); CorruptArtifactError naming `where`."""
+    try:
+        model.load_state_dict(torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True))
+    except Exception as err:  # noqa: BLE001 — a damaged or mismatched checkpoint, whatever torch raises
+        raise CorruptArtifactError(f"{where} is not a loadable checkpoint: {err}") from None
+    return model
 
 
 def _stages(widths: tuple[int, ...], depth: int, first_stride: int = 1) -> tuple[tuple[BlockArch, ...], ...]:
