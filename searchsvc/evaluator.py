@@ -1,8 +1,9 @@
 """The driver's side of evaluation: candidate specs in, result rows out, each evaluation recorded once.
 
-Every driver (grid, n2n, Tune methods) goes through an `Evaluator`: it owns the actor pool, turns
-metrics into result rows (compression, reward), writes `runs/<id>/evals/<spec_hash>.json` once per
-candidate, keeps `results.parquet` current, and shows a progress bar with the best result so far.
+Every driver records through a `Recorder`: it turns metrics into result rows (compression, reward),
+writes `runs/<id>/evals/<spec_hash>.json` once per candidate, keeps `results.parquet` current, and
+shows a progress bar with the best result so far. An `Evaluator` is a Recorder that also owns the
+actor pool (grid, n2n); Tune methods evaluate inside their trials and record the trials' reports.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from searchsvc.rewards import INVALID_REWARD, RewardForm, compression_ratio, rew
 from searchsvc.version import code_version
 from storage.tables import run_prefix, write_results
 from workers.measure import count_parameters
-from workers.pool import EvalOutcome, EvalPool
+from workers.pool import EvalPool
 from workers.spec import CandidateSpec
 from workers.teacher import ensure_train_logits
 from workers.train import resolve_device
@@ -29,20 +30,14 @@ log = logging.getLogger(__name__)
 RESULTS_EVERY_S = 5.0  # seconds between rewrites of results.parquet while the run goes
 
 
-class Evaluator:
-    """Evaluate specs through the pool and record them as rows of the run."""
+class Recorder:
+    """The rows of a run: each recorded once (evals/<hash>.json), results.parquet kept current, a progress bar."""
 
-    def __init__(self, context: RunContext, reward_form: RewardForm = "c_2_minus_c", total: int | None = None,
-                 pool: EvalPool | None = None) -> None:
+    def __init__(self, context: RunContext, reward_form: RewardForm = "c_2_minus_c", total: int | None = None) -> None:
         self.ctx = context
         self.reward_form = reward_form
         self.teacher_params = count_parameters(context.teacher.model)
         self.teacher_accuracy = context.teacher.test_accuracy
-        train = context.config.train
-        if train.distill.alpha > 0 and not train.augment:  # workers will look teacher logits up: compute once
-            ensure_train_logits(context.store, context.teacher, context.splits, resolve_device(context.config.device))
-        self.pool = pool or EvalPool(context.store, context.teacher.teacher_hash, context.config.dataset,
-                                     context.config.resources)
         self.rows: dict[str, dict[str, Any]] = {}  # spec_hash → row, this run
         self.started = time.perf_counter()
         self._last_write = 0.0
@@ -71,21 +66,11 @@ class Evaluator:
         """Candidates this run found in the store, untrained."""
         return sum(bool(row["cached"]) for row in self.rows.values())
 
-    def evaluate(self, specs: Iterable[CandidateSpec]) -> list[dict[str, Any]]:
-        """Rows for `specs`, in order (evaluated concurrently; repeats within the run are free)."""
-        specs = list(specs)
-        for _ in self.stream(specs):
-            pass
-        return [self.rows[s.spec_hash] for s in specs]
-
-    def stream(self, specs: Iterable[CandidateSpec]) -> Iterator[dict[str, Any]]:
-        """Rows as candidates finish; a spec already evaluated in this run is not sent again."""
-        fresh = [s for s in dict.fromkeys(specs) if s.spec_hash not in self.rows]
-        for outcome in self.pool.map_unordered(fresh):
-            yield self._record(outcome)
-
-    def _record(self, outcome: EvalOutcome) -> dict[str, Any]:
-        row = self.row(outcome)
+    def record(self, spec: CandidateSpec, metrics: dict[str, Any], cached: bool, **extra: Any) -> dict[str, Any]:
+        """Add a candidate's row (plus `extra` columns) to the run; a candidate already recorded keeps its row."""
+        if spec.spec_hash in self.rows:
+            return self.rows[spec.spec_hash]
+        row = {**self.row(spec, metrics, cached), **extra}
         self.rows[row["spec_hash"]] = row
         self.ctx.store.put_json(f"{run_prefix(self.ctx.run_id)}/evals/{row['spec_hash']}.json", row, write_once=True)
         self.ctx.rows.append(row)
@@ -94,11 +79,10 @@ class Evaluator:
             self.flush()
         return row
 
-    def row(self, outcome: EvalOutcome) -> dict[str, Any]:
+    def row(self, spec: CandidateSpec, m: dict[str, Any], cached: bool) -> dict[str, Any]:
         """A results-table row from a candidate's metrics."""
-        m, spec = outcome.metrics, outcome.spec
         ok = m.get("status") == "ok"
-        row = {
+        return {
             "spec_hash": spec.spec_hash, "method": self.ctx.config.method, "run_id": self.ctx.run_id,
             "code_version": code_version(), "status": m.get("status", "invalid"),
             "accuracy": m.get("accuracy", 0.0), "params": m.get("params"), "macs": m.get("macs"),
@@ -108,12 +92,11 @@ class Evaluator:
             "reward": reward(m["params"], m["accuracy"], self.teacher_params, self.teacher_accuracy,
                              self.reward_form) if ok else INVALID_REWARD,
             "val_accuracy": m.get("val_accuracy"), "latency_b256_ms": m.get("latency_b256_ms"),
-            "model_bytes": m.get("model_bytes"), "cached": outcome.cached, "error": m.get("error"),
+            "model_bytes": m.get("model_bytes"), "cached": cached, "error": m.get("error"),
             "removed": json.dumps(list(spec.removed)), "widths": json.dumps(dict(spec.widths)),
-            "finetuned_from": spec.init,  # fine-tuned from this candidate; its accuracy is kept beside
+            "finetuned_from": spec.init,  # built from this candidate; its accuracy is kept beside
             "parent_accuracy": self.rows[spec.init]["accuracy"] if spec.init in self.rows else None,
         }
-        return row
 
     def _progress(self, row: dict[str, Any]) -> None:
         best = max(self.rows.values(), key=lambda r: r["reward"])
@@ -129,11 +112,46 @@ class Evaluator:
         self._last_write = time.perf_counter()
 
     def close(self) -> None:
-        """Write the final table, stop the actors, report counts to the run."""
+        """Write the final table and report the counts to the run."""
         self.flush()
         self.bar.close()
-        self.ctx.summary.update(evaluations=self.evaluations, cache_hits=self.cache_hits,
-                                workers_replaced=self.pool.replaced)
+        self.ctx.summary.update(evaluations=self.evaluations, cache_hits=self.cache_hits)
+
+
+def prepare_teacher_logits(context: RunContext) -> None:
+    """Compute the teacher's training-split logits once, before workers look them up (distillation only)."""
+    train = context.config.train
+    if train.distill.alpha > 0 and not train.augment:
+        ensure_train_logits(context.store, context.teacher, context.splits, resolve_device(context.config.device))
+
+
+class Evaluator(Recorder):
+    """Evaluate specs through the actor pool and record them as rows of the run."""
+
+    def __init__(self, context: RunContext, reward_form: RewardForm = "c_2_minus_c", total: int | None = None,
+                 pool: EvalPool | None = None) -> None:
+        super().__init__(context, reward_form, total)
+        prepare_teacher_logits(context)
+        self.pool = pool or EvalPool(context.store, context.teacher.teacher_hash, context.config.dataset,
+                                     context.config.resources)
+
+    def evaluate(self, specs: Iterable[CandidateSpec]) -> list[dict[str, Any]]:
+        """Rows for `specs`, in order (evaluated concurrently; repeats within the run are free)."""
+        specs = list(specs)
+        for _ in self.stream(specs):
+            pass
+        return [self.rows[s.spec_hash] for s in specs]
+
+    def stream(self, specs: Iterable[CandidateSpec]) -> Iterator[dict[str, Any]]:
+        """Rows as candidates finish; a spec already evaluated in this run is not sent again."""
+        fresh = [s for s in dict.fromkeys(specs) if s.spec_hash not in self.rows]
+        for outcome in self.pool.map_unordered(fresh):
+            yield self.record(outcome.spec, outcome.metrics, outcome.cached)
+
+    def close(self) -> None:
+        """Write the final table, stop the actors, report counts to the run."""
+        super().close()
+        self.ctx.summary.update(workers_replaced=self.pool.replaced)
         self.pool.shutdown()
 
 

@@ -95,20 +95,72 @@ class N2NSearch:
 
 @dataclass(frozen=True)
 class TaylorStop:
+    """The seed's stop rule: a trial ends at the first iteration that breaks either bound."""
+
     min_accuracy: float | None = field(default=None, metadata={"min": 0, "max": 1, "help": "stop below this"})
-    max_drop: float = field(default=2.0, metadata={"min": 0, "help": "stop this many points below the start"})
+    max_drop: float = field(default=2.0, metadata={"min": 0, "help": "stop this many points below the teacher"})
+
+
+@dataclass(frozen=True)
+class LogRange:
+    """A log-uniform range [low, high] (learning rates)."""
+
+    low: float = field(metadata={"gt": 0, "help": "smallest value"})
+    high: float = field(metadata={"gt": 0, "help": "largest value"})
+
+    def __post_init__(self) -> None:
+        if self.high < self.low:
+            raise ValueError(f"high: must be at least low ({self.low}), got {self.high}")
+
+
+@dataclass(frozen=True)
+class TaylorTune:
+    """The Ray Tune sweep: what each trial samples, and how trials are scheduled and stopped.
+
+    Each sampled key is a list of choices (one value: fixed) or, for lr, {low, high} sampled
+    log-uniformly. An empty list keeps the value of `search` / `train`.
+    """
+
+    num_samples: int = field(default=2, metadata={"min": 1, "help": "trials"})
+    filters_per_iteration: tuple[int | float, ...] = field(default=(), metadata={"help": "choices"})
+    lr: tuple[float, ...] | LogRange = field(default=(), metadata={"help": "fine-tune lr: choices or {low, high}"})
+    epochs: tuple[int, ...] = field(default=(), metadata={"help": "fine-tune epochs per iteration: choices"})
+    distill: tuple[bool, ...] = field(default=(), metadata={"help": "fine-tune with distillation: choices"})
+    metric: Literal["reward", "accuracy"] = field(
+        default="reward", metadata={"help": "per-iteration metric ASHA compares (reward weighs size and accuracy)"})
+    grace_period: int = field(default=1, metadata={"min": 1, "help": "iterations before ASHA may stop a trial"})
+    reduction_factor: int = field(default=2, metadata={"min": 2, "help": "ASHA keeps 1/reduction_factor per rung"})
+    max_failures: int = field(default=2, metadata={"min": 0, "help": "restarts of a trial whose worker fails"})
+
+    def __post_init__(self) -> None:
+        for i, epochs in enumerate(self.epochs):
+            if epochs < 1:
+                raise ValueError(f"epochs[{i}]: must be a positive integer, got {epochs}")
+        for i, lr in enumerate(self.lr if isinstance(self.lr, tuple) else ()):
+            if lr <= 0:
+                raise ValueError(f"lr[{i}]: must be a positive number, got {lr}")
 
 
 @dataclass(frozen=True)
 class TaylorSearch:
-    """Iterative filter pruning ranked by first-order Taylor importance."""
+    """Iterative filter pruning ranked by first-order Taylor importance, one Tune trial per sample."""
 
-    iterations: int = field(default=5, metadata={"min": 1, "help": "prune / fine-tune rounds"})
-    filters_per_iteration: int | float = field(
-        default=0.1, metadata={"gt": 0, "help": "filters removed per round: a count, or a fraction of all filters"})
-    importance_batches: int = field(default=8, metadata={"min": 1, "help": "batches averaged for importance"})
-    num_samples: int = field(default=1, metadata={"min": 1, "help": "Tune trials"})
+    iterations: int = field(default=5, metadata={"min": 1, "help": "prune / fine-tune rounds per trial"})
+    filters_per_iteration: int | float = field(default=0.1, metadata={
+        "gt": 0, "help": "channels removed per round: a count, or a fraction (< 1) of the teacher's channels"})
+    importance_batches: int = field(default=8, metadata={"min": 1, "help": "training batches averaged for importance"})
     stop: TaylorStop = field(default_factory=TaylorStop)
+    tune: TaylorTune = field(default_factory=TaylorTune)
+    reward: RewardForm = field(default="c_2_minus_c", metadata={"help": "c_2_minus_c or c_over_2_minus_c"})
+
+    def __post_init__(self) -> None:
+        for where, value in [("filters_per_iteration", self.filters_per_iteration),
+                             *((f"tune.filters_per_iteration[{i}]", v)
+                               for i, v in enumerate(self.tune.filters_per_iteration))]:
+            if isinstance(value, float) and not 0 < value < 1:
+                raise ValueError(f"{where}: a fraction must be in (0, 1), got {value} (write a count as an integer)")
+            if isinstance(value, int) and value < 1:
+                raise ValueError(f"{where}: a count must be a positive integer, got {value}")
 
 
 @dataclass(frozen=True)
@@ -135,6 +187,7 @@ class RigLSearch:
 register_method("grid", GridSearch, "evaluate an explicit list of transformations", "searchsvc.grid:run_grid")
 register_method("n2n", N2NSearch, "RLlib PPO agent removes and shrinks layers of the teacher",
                 "searchsvc.n2n:run_n2n")
-register_method("taylor", TaylorSearch, "iterative Taylor filter pruning as a Ray Tune sweep")
+register_method("taylor", TaylorSearch, "iterative Taylor filter pruning as a Ray Tune sweep",
+                "searchsvc.taylor:run_taylor")
 register_method("agp", AgpSearch, "gradual magnitude pruning from a Distiller YAML schedule")
 register_method("rigl", RigLSearch, "RigL dynamic sparse training")

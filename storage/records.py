@@ -7,6 +7,7 @@ packages that define records need nothing from here:
 
     epochs: int = field(default=1, metadata={"min": 1, "help": "passes over the training set"})
 
+A record may check rules across its fields in `__post_init__` by raising ValueError("key: message").
 Metadata keys: min / max (inclusive), gt / lt (exclusive), choices (a list, or a callable returning
 one, for registries), help (shown by `--help`-style listings).
 """
@@ -131,6 +132,7 @@ def _convert_record(cls: type, value: Any, path: str, problems: list[str]) -> An
         problems.append(f"{_name(path)}: must be a mapping, got {_describe(value)}")
         return None
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    before = len(problems)
     for key in value:
         if key not in fields:
             where = f"{path}.{key}" if path else str(key)
@@ -144,7 +146,13 @@ def _convert_record(cls: type, value: Any, path: str, problems: list[str]) -> An
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             problems.append(f"{where}: missing required key")
             missing = True
-    return None if missing else cls(**kwargs)
+    if missing or len(problems) > before:  # not built: its __post_init__ would see unchecked values
+        return None
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a rule across fields, checked in __post_init__: "key: message"
+        problems.append(f"{path}.{err}" if path else str(err))
+        return None
 
 
 def _convert_tuple(args: tuple, value: Any, path: str, problems: list[str]) -> Any:

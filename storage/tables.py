@@ -82,3 +82,16 @@ def read_results(store: ArtifactStore, run_id: str | None = None) -> pa.Table:
     if not store.exists(key):
         return RESULT_SCHEMA.empty_table()
     return rank(store.get_table(key))
+
+
+def pareto_front(rows: Iterable[dict[str, Any]], size: str = "params") -> set[str]:
+    """Spec hashes of the valid rows no other valid row beats: fewer or equal `size` and higher accuracy,
+    or strictly fewer `size` at equal accuracy."""
+    valid = sorted((r for r in rows if r.get("status") == "ok" and r.get(size) is not None),
+                   key=lambda r: (r[size], -r["accuracy"]))
+    front, best = set(), float("-inf")
+    for row in valid:  # by size ascending: a row is on the front if it beats every smaller one
+        if row["accuracy"] > best:
+            front.add(row["spec_hash"])
+            best = row["accuracy"]
+    return front

@@ -11,6 +11,8 @@ never a crash of the worker.
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
 import math
 import os
@@ -84,10 +86,7 @@ def evaluate_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = F
     """Build, distill, measure and store one candidate; return its metrics (status ok or invalid)."""
     started = time.perf_counter()
     try:
-        if spec.init is not None:
-            student = load_candidate_model(ctx.store, spec.init)
-        else:
-            student = shrink(ctx.teacher.model, spec.removed, spec.widths)
+        student, built = build_student(spec, ctx)
     except InvalidTransform as err:
         return _store_invalid(spec, ctx, invalid(spec, f"invalid transform: {err}", started, ctx))
     distill = spec.train.distill
@@ -108,11 +107,27 @@ def evaluate_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = F
     train_seconds = time.perf_counter() - started
     if not all(math.isfinite(epoch["loss"]) for epoch in history):
         return _store_invalid(spec, ctx, invalid(spec, "training diverged (non-finite loss)", started, ctx))
-    metrics = {"spec_hash": spec.spec_hash, "status": "ok", **measure(student, ctx.splits, ctx.device),
+    metrics = {"spec_hash": spec.spec_hash, "status": "ok", **built, **measure(student, ctx.splits, ctx.device),
                "train_seconds": train_seconds, "history": history, "worker": ctx.worker,
                "device": str(ctx.device), "arch": to_data(student.arch)}
     metrics["wall_s"] = time.perf_counter() - started
     return save_candidate(ctx.store, spec, student, metrics)
+
+
+# Methods whose candidates are built by their own step from the parent model ("module:function",
+# imported when first used): builder(parent, spec, ctx) → (student, extra metrics).
+BUILDERS: dict[str, str] = {"taylor": "workers.taylor:taylor_step"}
+
+
+def build_student(spec: CandidateSpec, ctx: EvalContext) -> tuple[ResNet, dict[str, Any]]:
+    """The untrained student: the method's builder, else surgery on the teacher (or the `init` model as is)."""
+    parent = load_candidate_model(ctx.store, spec.init) if spec.init is not None else ctx.teacher.model
+    if spec.method in BUILDERS:
+        module, _, name = BUILDERS[spec.method].partition(":")
+        return getattr(importlib.import_module(module), name)(parent, spec, ctx)
+    if spec.init is not None:
+        return parent, {}
+    return shrink(parent, spec.removed, spec.widths), {}
 
 
 def load_candidate_model(store: ArtifactStore, spec_hash: str) -> ResNet:
@@ -123,9 +138,14 @@ def load_candidate_model(store: ArtifactStore, spec_hash: str) -> ResNet:
     spec = CandidateSpec.from_json(store.get_verified(prefix, "spec.json").decode())
     if not store.exists(f"{prefix}/model.pt"):
         raise KeyNotFoundError(f"candidate {spec_hash} has no kept model (it was invalid)")
-    teacher_meta = store.get_json(f"teachers/{spec.teacher}/meta.json")
-    teacher_arch = from_data(ResNetArch, teacher_meta["arch"], source=f"teachers/{spec.teacher}/meta.json")
-    model = build_model(derive_arch(teacher_arch, spec.removed, spec.widths))
+    metrics = json.loads(store.get_verified(prefix, "metrics.json"))
+    if "arch" in metrics:  # what was built (a method's builder decides widths on the worker)
+        arch = from_data(ResNetArch, metrics["arch"], source=store.uri_for(f"{prefix}/metrics.json"))
+    else:
+        teacher_meta = store.get_json(f"teachers/{spec.teacher}/meta.json")
+        teacher_arch = from_data(ResNetArch, teacher_meta["arch"], source=f"teachers/{spec.teacher}/meta.json")
+        arch = derive_arch(teacher_arch, spec.removed, spec.widths)
+    model = build_model(arch)
     raw = store.get_verified(prefix, "model.pt")
     return load_state_bytes(model, raw, store.uri_for(f"{prefix}/model.pt")).eval()
 

@@ -38,17 +38,28 @@ class EvalOutcome:
     attempts: int  # 1 unless an actor died under it
 
 
+def worker_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig,
+                   resources: Resources) -> EvalContext:
+    """Inside a Ray actor or Tune trial: data and teacher loaded onto the device Ray assigned."""
+    torch.set_num_threads(max(1, int(resources.cpus_per_eval)))
+    # Ray sets CUDA_VISIBLE_DEVICES to the GPU it assigned: "cuda" is that GPU, never a fixed index.
+    device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+    teacher = load_teacher(store, teacher_hash, device)
+    return EvalContext(store, teacher, load_dataset(dataset).to(device), device, compile_model=resources.compile)
+
+
+def ray_resources(resources: Resources) -> dict[str, float]:
+    """Ray's resource request for one evaluation: GPU share only where the cluster has GPUs."""
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and resources.gpus_per_eval > 0
+    return {"CPU": resources.cpus_per_eval, "GPU": resources.gpus_per_eval if use_gpu else 0}
+
+
 class EvalWorker:
     """One Ray actor: data and teacher resident on its device, evaluating one candidate at a time."""
 
     def __init__(self, store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig,
                  resources: Resources) -> None:
-        torch.set_num_threads(max(1, int(resources.cpus_per_eval)))
-        # Ray sets CUDA_VISIBLE_DEVICES to the GPU it assigned: "cuda" is that GPU, never a fixed index.
-        device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
-        teacher = load_teacher(store, teacher_hash, device)
-        self.ctx = EvalContext(store, teacher, load_dataset(dataset).to(device), device,
-                               compile_model=resources.compile)
+        self.ctx = worker_context(store, teacher_hash, dataset, resources)
 
     def evaluate(self, spec: CandidateSpec) -> dict[str, Any]:
         return evaluate_candidate(spec, self.ctx)
@@ -76,9 +87,8 @@ class EvalPool:
                  resources: Resources = Resources(), size: int | None = None, max_retries: int = 2) -> None:
         self.store = store
         self.max_retries = max_retries  # extra attempts after an actor died under a candidate
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and resources.gpus_per_eval > 0
-        options = {"num_cpus": resources.cpus_per_eval, "num_gpus": resources.gpus_per_eval if use_gpu else 0}
-        self._actor_class = ray.remote(**options)(EvalWorker)
+        request = ray_resources(resources)
+        self._actor_class = ray.remote(num_cpus=request["CPU"], num_gpus=request["GPU"])(EvalWorker)
         self._args = (store, teacher_hash, dataset, resources)
         self.size = size or default_pool_size(resources)
         self.actors = [self._new_actor() for _ in range(self.size)]

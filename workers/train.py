@@ -92,6 +92,17 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean:
     return correct.item() / len(labels)
 
 
+def training_memory_format(model: nn.Module, device: torch.device) -> torch.memory_format:
+    """channels_last, except on the CPU for a network with a strided 1x1 conv whose input channels are
+    not a multiple of 8: torch 2.14.1's oneDNN corrupts the heap in that conv's backward pass on
+    channels_last CPU tensors (pruned networks have such widths). NCHW is slower there but correct."""
+    if device.type == "cpu" and any(
+            m.kernel_size == (1, 1) and m.stride != (1, 1) and m.in_channels % 8
+            for m in model.modules() if isinstance(m, nn.Conv2d)):
+        return torch.contiguous_format
+    return torch.channels_last
+
+
 # (student logits, labels, indices of the batch in the training split, the normalised batch) → loss
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -108,7 +119,8 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
     torch.manual_seed(seed)
     data = splits.to(device)
     x_train, y_train = data.train
-    model.to(device=device, memory_format=torch.channels_last)
+    layout = training_memory_format(model, device)
+    model.to(device=device, memory_format=layout)
     forward = torch.compile(model) if compile_model else model
     n = len(y_train)
     per_epoch = min(n, recipe.max_images or n)
@@ -144,7 +156,7 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
             images = x_train[index]
             if recipe.augment:
                 images = augment(images, generator)
-            images = normalize(images, data.mean, data.std).contiguous(memory_format=torch.channels_last)
+            images = normalize(images, data.mean, data.std).contiguous(memory_format=layout)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = criterion(forward(images), y_train[index], index, images)
             optimizer.zero_grad(set_to_none=True)

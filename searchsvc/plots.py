@@ -1,0 +1,52 @@
+"""Plots of a run, as PNG bytes (matplotlib's Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from storage.tables import pareto_front  # noqa: E402
+
+
+def trajectory_png(rows: list[dict[str, Any]], teacher_params: int, teacher_accuracy: float, title: str) -> bytes:
+    """Parameters vs accuracy, one colour per trial, each trajectory starting at the teacher (the seed's plot).
+
+    The Pareto front across all trials is the dashed line; accuracy in %, parameters on a log axis.
+    """
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    trials = sorted({r["trial"] for r in rows})
+    colours = plt.get_cmap("tab10")
+    for index, trial in enumerate(trials):
+        path = sorted((r for r in rows if r["trial"] == trial and r["status"] == "ok"), key=lambda r: r["iteration"])
+        sample = json.loads(path[0]["sample"]) if path else {}
+        label = f"trial {index + 1}: " + ", ".join(f"{k}={_short(v)}" for k, v in sorted(sample.items()))
+        xs = [teacher_params] + [r["params"] for r in path]
+        ys = [100 * teacher_accuracy] + [100 * r["accuracy"] for r in path]
+        ax.plot(xs, ys, marker="o", markersize=4, color=colours(index % 10), label=label, alpha=0.85)
+    front = sorted((r for r in rows if r["spec_hash"] in pareto_front(rows)), key=lambda r: r["params"])
+    if front:
+        ax.step([r["params"] for r in front], [100 * r["accuracy"] for r in front], where="post",
+                linestyle="--", color="black", linewidth=1, label="Pareto front")
+    ax.scatter([teacher_params], [100 * teacher_accuracy], marker="*", s=180, color="black", zorder=5,
+               label=f"teacher ({teacher_params:,} params, {100 * teacher_accuracy:.2f} %)")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (count, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

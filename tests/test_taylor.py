@@ -1,0 +1,255 @@
+"""Taylor pruning: the importance against brute force, exact surgery per iteration, the stop rule,
+and the Tune sweep end to end (local and S3 stores, kill -9 and resume)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from searchsvc.cli import main
+from searchsvc.config import ConfigError, load_config
+from searchsvc.methods import TaylorStop
+from searchsvc.taylor import prune_count, stop_reason
+from storage import LocalStore, open_store
+from storage.tables import pareto_front
+from workers.data import DatasetConfig, load_dataset, normalize
+from workers.measure import count_parameters
+from workers.surgery import count_params, width_keys
+from workers.taylor import count_filters, plan_removal, prunable_channels, prune_groups, taylor_prune, taylor_scores
+from workers.train import TrainConfig, train_model
+from workers.zoo import create_model
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "configs" / "taylor-smoke.yaml"
+BATCH = 256
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return load_dataset(DatasetConfig(name="synthetic"))
+
+
+def _batch_loss(model, splits, batch: int = BATCH, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch `taylor_scores(batches=1, seed=seed)` sees, normalised."""
+    order = torch.randperm(len(splits.train[1]), generator=torch.Generator().manual_seed(seed))[:batch]
+    return normalize(splits.train[0][order], splits.mean, splits.std), splits.train[1][order]
+
+
+def _loss_without(model, group, channel: int, x, y) -> float:
+    """Batch loss with `channel` of `group` zeroed in every member (what removing it does)."""
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in group.members:
+            bn = pruned.get_submodule(name)[1]
+            bn.weight[channel] = 0
+            bn.bias[channel] = 0
+        return F.cross_entropy(pruned(x), y).item()
+
+
+@pytest.mark.parametrize("seed,epochs,tolerance", [(0, 0, 0.05), (1, 0, 0.05), (2, 0, 0.05), (1, 1, 0.1)])
+def test_lowest_taylor_score_is_the_channel_whose_removal_changes_the_loss_least(splits, seed, epochs, tolerance):
+    torch.manual_seed(seed)
+    model = create_model("tiny_cnn", splits.in_channels, splits.num_classes)
+    if epochs:
+        train_model(model, splits, TrainConfig(epochs=epochs, batch_size=64, augment=False), torch.device("cpu"),
+                    seed=seed, progress=False)
+    model.eval()
+    scores = taylor_scores(model, splits, batches=1, batch_size=BATCH, seed=0)
+    x, y = _batch_loss(model, splits)
+    with torch.no_grad():
+        base = F.cross_entropy(model(x), y).item()
+    for group in prune_groups(model.arch):
+        change = torch.tensor([abs(_loss_without(model, group, k, x, y) - base)
+                               for k in range(width_keys(model.arch)[group.key])])
+        lowest = int(scores[group.key].argmin())
+        gap = (change[lowest] - change.min()) / (change.max() - change.min())
+        assert gap <= tolerance, f"{group.key}: Taylor's lowest channel {lowest} changes the loss by {change[lowest]:.4f}, " \
+                                 f"the least any channel does is {change.min():.4f}"
+        assert torch.isclose(scores[group.key].norm(), torch.tensor(1.0))  # L2-normalised per group
+
+
+def test_a_dead_channel_scores_zero_and_the_model_is_left_unchanged(splits):
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn", splits.in_channels, splits.num_classes).eval()
+    with torch.no_grad():
+        bn = model.get_submodule("layer2.0.conv1")[1]
+        bn.weight[5] = 0
+        bn.bias[5] = 0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = taylor_scores(model, splits, batches=2, batch_size=64)
+    assert scores["layer2.0"][5] == 0 and int(scores["layer2.0"].argmin()) == 5
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", ["tiny_cnn", "resnet20", "resnet18_cifar"])
+def test_groups_cover_every_conv_exactly_once(arch):
+    model = create_model(arch, 3, 10)
+    members = [m for g in prune_groups(model.arch) for m in g.members]
+    convs = [name.removesuffix(".0") for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sorted(members) == sorted(convs)
+    assert count_filters(model.arch) == sum(m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    streams = [g for g in prune_groups(model.arch) if "." not in g.key]
+    assert all(len(g.members) >= 2 for g in streams)  # residual-coupled layers are one group
+
+
+def test_plan_removes_the_lowest_scores_across_groups_and_keeps_one_channel_each():
+    scores = {"a": torch.tensor([0.1, 0.9, 0.05]), "b": torch.tensor([0.2, 0.01]), "c": torch.tensor([0.0])}
+    assert plan_removal(scores, 2) == {"a": 1, "b": 1}  # 0.01 (b) and 0.05 (a); c's only channel stays
+    assert plan_removal(scores, 3) == {"a": 2, "b": 1}
+    assert plan_removal(scores, 100) == {"a": 2, "b": 1}  # every group keeps its last channel
+
+
+def test_each_iteration_removes_exactly_the_planned_filters_and_parameters(splits):
+    torch.manual_seed(0)
+    model = create_model("resnet20", splits.in_channels, splits.num_classes)
+    count = prune_count(0.1, prunable_channels(model.arch))
+    assert count == round(0.1 * (16 + 32 + 64 + 3 * (16 + 32 + 64)))
+    for _ in range(3):
+        scores = taylor_scores(model, splits, batches=1, batch_size=64)
+        student, plan = taylor_prune(model, splits, count, batches=1, batch_size=64)
+        assert sum(plan.values()) == count
+        members = {g.key: len(g.members) for g in prune_groups(model.arch)}
+        assert count_filters(student.arch) == count_filters(model.arch) - sum(n * members[k] for k, n in plan.items())
+        before, after = width_keys(model.arch), width_keys(student.arch)
+        assert all(after[k] == before[k] - plan.get(k, 0) for k in before)
+        # the channels removed are the lowest scored: every kept one scores at least as high
+        for key, n in plan.items():
+            ordered = scores[key].sort().values
+            assert ordered[n - 1] <= ordered[n]
+        assert count_parameters(student) == count_params(student.arch) < count_parameters(model)
+        out = student(torch.zeros(2, splits.in_channels, splits.image_size, splits.image_size))
+        assert out.shape == (2, splits.num_classes)
+        model = student
+
+
+def test_stop_rule_bounds():
+    assert stop_reason(0.90, 0.91, TaylorStop(max_drop=2.0)) is None
+    assert "points below" in stop_reason(0.885, 0.91, TaylorStop(max_drop=2.0))
+    assert "min_accuracy" in stop_reason(0.80, 0.81, TaylorStop(min_accuracy=0.85, max_drop=50))
+
+
+def test_bad_taylor_settings_name_the_key(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"search.filters_per_iteration: a fraction must be in \(0, 1\)"):
+        load_config(SMOKE, ["search.filters_per_iteration=1.5"])
+    with pytest.raises(ConfigError, match=r"search.tune.lr.high: must be at least low"):
+        load_config(SMOKE, ["search.tune.lr={low: 0.1, high: 0.01}"])
+    assert main(["validate", str(SMOKE), "--set", "search.tune.epochs=[0]"]) == 2
+    assert "search.tune.epochs[0]" in capsys.readouterr().err
+
+
+def test_pareto_front_keeps_only_undominated_rows():
+    rows = [{"spec_hash": h, "status": "ok", "params": p, "accuracy": a}
+            for h, p, a in [("a", 100, 0.9), ("b", 50, 0.85), ("c", 60, 0.80), ("d", 50, 0.84), ("e", 10, 0.5)]]
+    rows.append({"spec_hash": "x", "status": "invalid", "params": None, "accuracy": 0.0})
+    assert pareto_front(rows) == {"a", "b", "e"}
+
+
+# ---- the Tune sweep end to end ----------------------------------------------------------------------------
+
+def _run(store: str, *sets: str, endpoint: str | None = None) -> dict:
+    args = ["run", str(SMOKE), "--store", store, "--no-progress"]
+    if endpoint:
+        args += ["--s3-endpoint", endpoint]
+    for item in sets:
+        args += ["--set", item]
+    assert main(args) == 0
+    opened = open_store(store, endpoint=endpoint)
+    run_id = sorted({k.split("/")[1] for k in opened.list("runs/")})[-1]
+    return {"store": opened, "run_id": run_id, "record": opened.get_json(f"runs/{run_id}/run.json")}
+
+
+def test_a_huge_prune_step_fires_the_stop_rule_after_one_iteration(tmp_path, ray_session):
+    run = _run(str(tmp_path / "s"), "search.tune.num_samples=1", "search.tune.filters_per_iteration=[]",
+               "search.tune.distill=[]", "search.filters_per_iteration=1000", "search.stop.max_drop=2")
+    store, run_id = run["store"], run["run_id"]
+    rows = store.get_table(f"runs/{run_id}/results.parquet").to_pylist()
+    assert len(rows) == 1 and rows[0]["iteration"] == 1
+    assert "points below the start" in rows[0]["stop_reason"]
+    arch = json.loads(store.get_bytes(f"candidates/{rows[0]['spec_hash']}/metrics.json"))["arch"]
+    assert {s[0]["mid"] for s in arch["stages"]} == {1} and arch["stem"] == 1  # every group down to one channel
+    trials = store.get_json(f"runs/{run_id}/trials.json")
+    assert [t["best"] for t in trials.values()] == [None]  # nothing within the rule
+
+
+@pytest.mark.s3
+def test_tune_sweep_of_two_trials_by_three_iterations_on_the_s3_store(s3_server, s3_env, ray_session):
+    store_uri = f"s3://{s3_server.shared_bucket}/taylor-{time.time_ns()}"
+    run = _run(store_uri, "search.stop.max_drop=100", "search.tune.grace_period=3", endpoint=s3_server.endpoint)
+    store, run_id, record = run["store"], run["run_id"], run["record"]
+    assert record["status"] == "finished" and record["trials"] == 2 and record["evaluations"] == 6
+    rows = store.get_table(f"runs/{run_id}/results.parquet").to_pylist()
+    by_trial: dict[str, list[dict]] = {}
+    for row in rows:
+        by_trial.setdefault(row["trial"], []).append(row)
+    assert len(by_trial) == 2
+    for trial_rows in by_trial.values():
+        trial_rows.sort(key=lambda r: r["iteration"])
+        assert [r["iteration"] for r in trial_rows] == [1, 2, 3]
+        assert trial_rows[0]["finetuned_from"] is None  # iteration 1 prunes the teacher
+        for parent, child in zip(trial_rows, trial_rows[1:]):
+            assert child["finetuned_from"] == parent["spec_hash"]  # each prunes the one before
+            assert child["params"] < parent["params"] and child["filters"] < parent["filters"]
+        assert all(r["macs"] > 0 and r["status"] == "ok" for r in trial_rows)
+    assert {r["spec_hash"] for r in rows if r["pareto"]} == pareto_front(rows)
+    png = store.get_bytes(f"runs/{run_id}/plots/trajectory.png")
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    # Tune's own experiment is on the S3 store, beside the run
+    assert store.exists(f"runs/{run_id}/state/tune/tuner.pkl")
+    assert any("checkpoint_" in k for k in store.list(f"runs/{run_id}/state/tune/"))
+    # the best model of a trial loads from the store
+    trials = store.get_json(f"runs/{run_id}/trials.json")
+    best = next(t["best"] for t in trials.values() if t["best"])
+    assert main(["export", "--store", store_uri, "--s3-endpoint", s3_server.endpoint, best["spec_hash"],
+                 "-o", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"{best['spec_hash']}.pt")]) == 0
+
+
+def test_a_tune_run_killed_mid_way_resumes_its_trials_without_retraining(tmp_path, ray_session):
+    store_dir = tmp_path / "store"
+    sets = ["search.iterations=4", "search.stop.max_drop=100", "search.tune.grace_period=4", "train.epochs=2",
+            "resources.max_concurrent=1"]
+    command = [sys.executable, "-m", "searchsvc", "run", str(SMOKE), "--store", str(store_dir), "--no-progress"]
+    for item in sets:
+        command += ["--set", item]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    store = LocalStore(store_dir)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and driver.poll() is None:
+            keys = store.list("runs/") if store_dir.exists() else []
+            if sum("/evals/" in k for k in keys) >= 2 and any("experiment_state" in k for k in keys):
+                break
+            time.sleep(0.2)
+        assert driver.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+        driver.wait()
+    run_id = sorted({k.split("/")[1] for k in store.list("runs/")})[-1]
+    assert store.get_json(f"runs/{run_id}/run.json")["status"] == "running"
+    stored_before = {k.split("/")[1] for k in store.list("candidates/") if k.endswith("manifest.json")}
+    recorded = [json.loads(store.get_bytes(k)) for k in store.list(f"runs/{run_id}/evals/")]
+    trials_before = {row["trial"] for row in recorded}
+    recorded_before = {row["spec_hash"] for row in recorded}
+    assert main(["resume", "--store", str(store_dir), "--run", run_id, "--no-progress"]) == 0
+    record = store.get_json(f"runs/{run_id}/run.json")
+    assert record["status"] == "finished" and record["resumes"] == 1
+    rows = store.get_table(f"runs/{run_id}/results.parquet").to_pylist()
+    assert trials_before <= {r["trial"] for r in rows}  # the same trials, restored, not a new sweep
+    assert len({r["trial"] for r in rows}) == 2
+    assert sorted(r["iteration"] for r in rows) == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert len({r["spec_hash"] for r in rows}) == len(rows) == 8
+    for row in rows:  # what the store held at the kill and the run had not recorded was looked up, not trained
+        if row["spec_hash"] in stored_before and row["spec_hash"] not in recorded_before:
+            assert row["cached"], row

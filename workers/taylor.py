@@ -1,0 +1,177 @@
+"""First-order Taylor filter pruning (Molchanov et al., "Pruning Convolutional Neural Networks for
+Resource Efficient Inference", ICLR 2017): importance → removal plan → surgery, kept apart.
+
+Importance of output channel k of a layer, averaged over `batches` training batches b:
+
+    Θ(k) = mean_b | Σ_{n∈b} Σ_{h,w} a_n[k,h,w] · ∂L_b/∂a_n[k,h,w] |     (a: the layer's conv-bn output,
+                                                                          L_b: the batch's mean loss)
+
+the first-order estimate of how much the batch loss changes when channel k is zeroed,
+L2-normalised per group, so groups of any size compete in one global ranking. A *group* is
+what surgery removes as one: a block's inner width (`layer2.1`, one conv) or a residual stream
+(`layer2`, every conv whose output is added into it). A stream channel's contribution is summed over
+all its members before the absolute value: removing it zeroes the channel in every addition at once.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.data import Splits, normalize
+from workers.surgery import shrink, streams, width_keys
+from workers.train import training_memory_format
+from workers.zoo import ResNet, ResNetArch
+
+if TYPE_CHECKING:
+    from workers.evaluate import EvalContext
+    from workers.spec import CandidateSpec
+
+MIN_CHANNELS = 1  # a group never loses its last channel (the network must stay connected)
+
+
+@dataclass(frozen=True)
+class PruneGroup:
+    """Channels removed together: a width key of surgery and the conv-bn outputs that carry them."""
+
+    key: str  # "layer2" (a residual stream) or "layer2.1" (a block's inner width)
+    members: tuple[str, ...]  # module names of nn.Sequential(conv, bn): "stem", "layer2.0.shortcut", ...
+
+
+def prune_groups(arch: ResNetArch) -> list[PruneGroup]:
+    """Every prunable group of a network: its streams, then the inner width of each kept block."""
+    blocks = dict(arch.blocks())
+    cin = {name: None for name in blocks}
+    previous = arch.stem
+    for name, block in arch.blocks():
+        cin[name] = previous
+        previous = block.out
+    groups = []
+    for key, producers in streams(arch).producers.items():
+        members: list[str] = []
+        for producer in producers:
+            if producer == "stem":
+                members.append("stem")
+                continue
+            block = blocks[producer]
+            if block.stride != 1 or cin[producer] != block.out:
+                members.append(f"{producer}.shortcut")
+            if not block.removed:
+                members.append(f"{producer}.conv2")
+        groups.append(PruneGroup(key, tuple(members)))
+    groups += [PruneGroup(name, (f"{name}.conv1",)) for name, block in arch.blocks() if not block.removed]
+    return groups
+
+
+def count_filters(arch: ResNetArch) -> int:
+    """Output channels summed over every conv of the network (what "filters" counts)."""
+    widths = width_keys(arch)
+    return sum(widths[g.key] * len(g.members) for g in prune_groups(arch))
+
+
+def taylor_scores(model: ResNet, splits: Splits, batches: int, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Θ per group key (L2-normalised, on the CPU) from `batches` training batches; the model is unchanged.
+
+    Runs in eval mode (batch-norm uses its running statistics, as the pruned model will), on the
+    device the model and `splits` are on.
+    """
+    groups = prune_groups(model.arch)
+    sums: dict[str, torch.Tensor] = {}  # member → Σ_hw a·g of the current batch, [N, C]
+
+    def keep(name: str):
+        def forward_hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            output.register_hook(lambda grad: sums.__setitem__(name, (output.detach() * grad).sum((2, 3)).float()))
+        return forward_hook
+
+    handles = [model.get_submodule(m).register_forward_hook(keep(m)) for g in groups for m in g.members]
+    was_training = model.training
+    model.eval()
+    images, labels = splits.train
+    device = images.device
+    totals = {g.key: torch.zeros(width_keys(model.arch)[g.key], device=device) for g in groups}
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=generator)
+    layout = training_memory_format(model, device)
+    model.to(memory_format=layout)
+    seen = 0
+    try:
+        for start in range(0, min(batches * batch_size, len(labels)), batch_size):
+            index = order[start:start + batch_size].to(device)
+            x = normalize(images[index], splits.mean, splits.std).contiguous(memory_format=layout)
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), labels[index]).backward()
+            for g in groups:
+                totals[g.key] += sum(sums[m] for m in g.members).sum(0).abs()
+            seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return {key: _l2_normalise(total / max(seen, 1)).cpu() for key, total in totals.items()}  # mean over batches
+
+
+def _l2_normalise(scores: torch.Tensor) -> torch.Tensor:
+    return scores / scores.norm().clamp_min(1e-12)
+
+
+def plan_removal(scores: Mapping[str, torch.Tensor], count: int) -> dict[str, int]:
+    """Channels to remove per group: the `count` lowest scores across all groups, each keeping MIN_CHANNELS.
+
+    Ties are broken by group key then channel index, so the plan is deterministic.
+    """
+    entries = sorted((float(s), key, i) for key, values in scores.items() for i, s in enumerate(values))
+    removed = {key: 0 for key in scores}
+    left = count
+    for _, key, _ in entries:
+        if left == 0:
+            break
+        if len(scores[key]) - removed[key] > MIN_CHANNELS:
+            removed[key] += 1
+            left -= 1
+    return {key: n for key, n in removed.items() if n}
+
+
+class ScoreTable:
+    """Surgery's importance interface (conv weight → score per filter) over precomputed group scores."""
+
+    def __init__(self, model: ResNet, scores: Mapping[str, torch.Tensor]) -> None:
+        self._by_weight = {id(model.get_submodule(m)[0].weight): scores[g.key]
+                           for g in prune_groups(model.arch) for m in g.members}
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return self._by_weight[id(weight)]
+
+
+def prunable_channels(arch: ResNetArch) -> int:
+    """Channels the ranking chooses among: one per stream channel and per inner channel."""
+    widths = width_keys(arch)
+    return sum(widths[g.key] for g in prune_groups(arch))
+
+
+def taylor_prune(model: ResNet, splits: Splits, count: int, batches: int, batch_size: int,
+                 seed: int = 0) -> tuple[ResNet, dict[str, int]]:
+    """Remove the `count` least important channels: a real smaller network (CPU, eval mode) and the plan."""
+    scores = taylor_scores(model, splits, batches, batch_size, seed)
+    plan = plan_removal(scores, count)
+    widths = width_keys(model.arch)
+    new_widths = {key: widths[key] - n for key, n in plan.items()}
+    return shrink(model, widths=new_widths, importance=ScoreTable(model, scores)), plan
+
+
+def taylor_step(parent: ResNet, spec: "CandidateSpec", ctx: "EvalContext") -> tuple[ResNet, dict[str, object]]:
+    """The builder of `method: taylor` candidates: prune `params.prune` channels of the parent.
+
+    The parent is the teacher or the previous iteration's stored model; its weights are not changed.
+    """
+    params = dict(spec.params)
+    model = copy.deepcopy(parent).to(ctx.device).requires_grad_(True)
+    student, plan = taylor_prune(model, ctx.splits, int(params["prune"]), int(params["importance_batches"]),
+                                 spec.train.batch_size, spec.seed)
+    return student, {"pruned": plan, "filters": count_filters(student.arch),
+                     "parent_filters": count_filters(parent.arch)}
