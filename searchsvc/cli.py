@@ -176,15 +176,19 @@ def table_rows(table: Any) -> list[dict[str, Any]]:
 _COLUMNS = [("spec_hash", "spec_hash", "{}"), ("method", "method", "{}"), ("status", "status", "{}"),
             ("reward", "reward", "{:.4f}"), ("compression", "x-factor", "{:.2f}"), ("accuracy", "accuracy", "{:.4f}"),
             ("params", "params", "{:,}"), ("macs", "MACs", "{:,}"), ("latency_ms", "latency ms", "{:.2f}"),
-            ("finetuned_from", "fine-tuned from", "{}"), ("artifact", "artifact", "{}")]
+            ("finetuned_from", "built from", "{}"), ("artifact", "artifact", "{}")]
+# Method-specific columns, shown after `status` when the run has them (Tune methods: trial, iteration).
+_OPTIONAL = [("trial", "trial", "{}"), ("iteration", "iter", "{}"), ("pareto", "pareto", "{}")]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of result rows, ranked as given."""
     if not rows:
         return "(no results yet)"
-    header = ["#"] + [title for _, title, _ in _COLUMNS]
-    body = [[str(rank)] + ["-" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in _COLUMNS]
+    optional = [c for c in _OPTIONAL if any(row.get(c[0]) is not None for row in rows)]
+    columns = _COLUMNS[:3] + optional + _COLUMNS[3:]
+    header = ["#"] + [title for _, title, _ in columns]
+    body = [[str(rank)] + ["-" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in columns]
             for rank, row in enumerate(rows, start=1)]
     widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header] + body]

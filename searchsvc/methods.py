@@ -115,13 +115,14 @@ class LogRange:
 
 @dataclass(frozen=True)
 class TaylorTune:
-    """The Ray Tune sweep: what each trial samples, and how trials are scheduled and stopped.
+    """The Ray Tune sweep: what the trials try, and how they are scheduled and stopped.
 
-    Each sampled key is a list of choices (one value: fixed) or, for lr, {low, high} sampled
-    log-uniformly. An empty list keeps the value of `search` / `train`.
+    Each key is a list of choices: every combination of the lists is one trial (a grid, so no two
+    trials repeat each other's work); an empty list keeps the value of `search` / `train`. lr may
+    instead be a {low, high} range: then each combination is tried with `num_samples` lr samples.
     """
 
-    num_samples: int = field(default=2, metadata={"min": 1, "help": "trials"})
+    num_samples: int = field(default=1, metadata={"min": 1, "help": "lr samples per combination (lr a range)"})
     filters_per_iteration: tuple[int | float, ...] = field(default=(), metadata={"help": "choices"})
     lr: tuple[float, ...] | LogRange = field(default=(), metadata={"help": "fine-tune lr: choices or {low, high}"})
     epochs: tuple[int, ...] = field(default=(), metadata={"help": "fine-tune epochs per iteration: choices"})

@@ -4,7 +4,7 @@
       iterations: 5                  # prune / fine-tune rounds per trial
       filters_per_iteration: 0.1     # a fraction of the teacher's channels, or a count
       stop: {max_drop: 2.0}          # end a trial 2 points below the teacher
-      tune: {num_samples: 4, filters_per_iteration: [0.05, 0.1], lr: {low: 0.005, high: 0.05}}
+      tune: {filters_per_iteration: [0.05, 0.1], lr: {low: 0.005, high: 0.05}, num_samples: 2}  # 2 x 2 trials
 
 A trial's iteration i prunes the model of iteration i-1 (the teacher for i = 1) by Taylor importance
 (workers/taylor.py), fine-tunes it, and measures it: a candidate in the store whose `init` is its
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -64,9 +65,10 @@ class TrialJob:
 
 
 def param_space(search: TaylorSearch, train: TrainConfig) -> dict[str, Any]:
-    """Tune's param_space: each key sampled from its choices, or fixed at the config's value."""
+    """Tune's param_space: every combination of the choice lists (a grid: no two trials alike), the lr
+    range sampled log-uniformly, other keys fixed at the config's value."""
     def choose(values: tuple, default: Any) -> Any:
-        return default if not values else values[0] if len(values) == 1 else tune.choice(list(values))
+        return default if not values else values[0] if len(values) == 1 else tune.grid_search(list(values))
 
     lr = search.tune.lr
     return {
@@ -75,6 +77,15 @@ def param_space(search: TaylorSearch, train: TrainConfig) -> dict[str, Any]:
         "epochs": choose(search.tune.epochs, train.epochs),
         "distill": choose(search.tune.distill, train.distill.alpha > 0),
     }
+
+
+def trial_count(search: TaylorSearch) -> int:
+    """Trials of the sweep: the grid's combinations, times `num_samples` when lr is a sampled range (a
+    grid point without a range would only repeat itself)."""
+    grid = math.prod(max(1, len(v)) for v in (search.tune.filters_per_iteration, search.tune.epochs,
+                                                search.tune.distill, () if isinstance(search.tune.lr, LogRange)
+                                                else search.tune.lr))
+    return grid * (search.tune.num_samples if isinstance(search.tune.lr, LogRange) else 1)
 
 
 def prune_count(filters_per_iteration: int | float, teacher_channels: int) -> int:
@@ -187,7 +198,7 @@ def build_tuner(context: RunContext, job: TrialJob) -> tune.Tuner:
         trainable,
         param_space=param_space(search, context.config.train),
         tune_config=tune.TuneConfig(metric=search.tune.metric, mode="max", scheduler=scheduler,
-                                    num_samples=search.tune.num_samples,
+                                    num_samples=search.tune.num_samples if isinstance(search.tune.lr, LogRange) else 1,
                                     max_concurrent_trials=context.config.resources.max_concurrent,
                                     search_alg=BasicVariantGenerator(random_state=context.config.seed)),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=path.rsplit("/", 1)[0],
@@ -208,7 +219,7 @@ def run_taylor(context: RunContext) -> None:
                    teacher_channels=prunable_channels(teacher.model.arch), dataset=_absolute(context.config.dataset),
                    train=context.config.train, search=search, resources=context.config.resources,
                    seed=context.config.seed)
-    recorder = TrialRecorder(context, search.reward, total=search.tune.num_samples * search.iterations)
+    recorder = TrialRecorder(context, search.reward, total=trial_count(search) * search.iterations)
     _RECORDERS[context.run_id] = recorder
     try:
         grid = build_tuner(context, job).fit()

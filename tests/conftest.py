@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import boto3
 import pytest
@@ -174,3 +174,19 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def kill_when(command: list[str], ready: "Callable[[], bool]", timeout: float = 240.0) -> None:
+    """Start `command` in its own session, wait until `ready()`, then SIGKILL the session (the driver
+    and the Ray it started) — the crash a resume must survive. Fails if the command ends first."""
+    import signal
+
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and driver.poll() is None and not ready():
+            time.sleep(0.2)
+        assert driver.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()

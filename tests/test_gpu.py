@@ -83,3 +83,23 @@ def test_fractional_gpus_put_four_actors_on_one_gpu(tmp_path):
         pool.shutdown()
     finally:
         ray.shutdown()
+
+
+def test_taylor_pruning_on_the_gpu_matches_the_cpu_ranking_and_trains_the_pruned_model():
+    from workers.taylor import taylor_prune, taylor_scores
+
+    torch.manual_seed(0)
+    cpu_splits = load_dataset(DATA)
+    model = create_model("resnet20", 3, 4)
+    on_cpu = taylor_scores(model, cpu_splits, batches=2, batch_size=128)
+    gpu_model = create_model("resnet20", 3, 4)
+    gpu_model.load_state_dict(model.state_dict())
+    splits = cpu_splits.to("cuda")
+    on_gpu = taylor_scores(gpu_model.cuda(), splits, batches=2, batch_size=128)
+    for key, scores in on_cpu.items():  # fp32 on both (no autocast in the importance pass)
+        assert torch.allclose(scores, on_gpu[key], atol=1e-3), key
+    student, plan = taylor_prune(gpu_model, splits, 40, batches=2, batch_size=128)
+    assert sum(plan.values()) == 40
+    history = train_model(student, splits, Recipe(epochs=1, batch_size=256, lr=0.05), torch.device("cuda"),
+                          progress=False)
+    assert history[-1]["loss"] == history[-1]["loss"]  # finite

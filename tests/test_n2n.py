@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from searchsvc.cli import main
+from tests.conftest import kill_when
 from searchsvc.n2n_env import (
     CompressionEnv,
     CompressionVectorEnv,
@@ -155,11 +156,7 @@ def test_random_agent_respects_the_evaluation_budget(tmp_path, ray_session):
 
 def test_resume_after_kill_9_reuses_every_stored_evaluation(tmp_path, ray_session):
     """A driver killed mid-run (SIGKILL, its Ray with it) is resumed; nothing is trained twice."""
-    import os
-    import signal
-    import subprocess
     import sys
-    import time
 
     store_dir = tmp_path / "store"
     sets = ["teacher.arch=resnet20", "teacher.epochs=1", "dataset.synthetic.train_size=256",
@@ -168,19 +165,13 @@ def test_resume_after_kill_9_reuses_every_stored_evaluation(tmp_path, ray_sessio
     command = [sys.executable, "-m", "searchsvc", "run", str(SMOKE), "--store", str(store_dir), "--no-progress"]
     for item in sets:
         command += ["--set", item]
-    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     store = LocalStore(store_dir)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and driver.poll() is None:
-            checkpoints = store.list("runs/") if store_dir.exists() else []
-            if any(k.endswith("removal/checkpoint/rllib_checkpoint.json") for k in checkpoints):
-                break
-            time.sleep(0.5)
-        assert driver.poll() is None, "the run ended before it could be killed"
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
-        driver.wait()
+
+    def ready() -> bool:
+        keys = store.list("runs/") if store_dir.exists() else []
+        return any(k.endswith("removal/checkpoint/rllib_checkpoint.json") for k in keys)
+
+    kill_when(command, ready)
     run_id = sorted({k.split("/")[1] for k in store.list("runs/")})[-1]
     assert store.get_json(f"runs/{run_id}/run.json")["status"] == "running"  # killed: nothing wrote an end
     before = {k: store.get_bytes(k) for k in store.list(f"runs/{run_id}/evals/")}

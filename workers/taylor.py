@@ -81,11 +81,18 @@ def taylor_scores(model: ResNet, splits: Splits, batches: int, batch_size: int, 
     device the model and `splits` are on.
     """
     groups = prune_groups(model.arch)
+    activations: dict[str, torch.Tensor] = {}  # member → its output in this batch, until its gradient comes
     sums: dict[str, torch.Tensor] = {}  # member → Σ_hw a·g of the current batch, [N, C]
 
     def keep(name: str):
+        def on_gradient(grad: torch.Tensor) -> None:
+            sums[name] = (activations.pop(name) * grad).sum((2, 3)).float()
+
         def forward_hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-            output.register_hook(lambda grad: sums.__setitem__(name, (output.detach() * grad).sum((2, 3)).float()))
+            # The gradient hook must not reference `output` itself: a tensor whose own hook holds it
+            # is a reference cycle that keeps every batch's activations alive.
+            activations[name] = output.detach()
+            output.register_hook(on_gradient)
         return forward_hook
 
     handles = [model.get_submodule(m).register_forward_hook(keep(m)) for g in groups for m in g.members]
