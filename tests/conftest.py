@@ -176,17 +176,24 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def kill_when(command: list[str], ready: "Callable[[], bool]", timeout: float = 240.0) -> None:
-    """Start `command` in its own session, wait until `ready()`, then SIGKILL the session (the driver
-    and the Ray it started) — the crash a resume must survive. Fails if the command ends first."""
+def kill_run_when(config: Path, store_dir: Path, sets: list[str], ready: Callable[[LocalStore], bool],
+                  timeout: float = 240.0) -> LocalStore:
+    """Start `searchsvc run config --store store_dir --set ...` in its own session, wait until
+    `ready(store)`, then SIGKILL the session (the driver and the Ray it started): the crash a resume
+    must survive. Fails if the run ends first. Returns the store."""
     import signal
 
+    command = [sys.executable, "-m", "searchsvc", "run", str(config), "--store", str(store_dir), "--no-progress"]
+    for item in sets:
+        command += ["--set", item]
+    store = LocalStore(store_dir)
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < deadline and driver.poll() is None and not ready():
+        while time.monotonic() < deadline and driver.poll() is None and not ready(store):
             time.sleep(0.2)
         assert driver.poll() is None, "the run ended before it could be killed"
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
+    return store

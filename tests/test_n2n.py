@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from searchsvc.cli import main
-from tests.conftest import kill_when
+from tests.conftest import kill_run_when
 from searchsvc.n2n_env import (
     CompressionEnv,
     CompressionVectorEnv,
@@ -156,22 +156,16 @@ def test_random_agent_respects_the_evaluation_budget(tmp_path, ray_session):
 
 def test_resume_after_kill_9_reuses_every_stored_evaluation(tmp_path, ray_session):
     """A driver killed mid-run (SIGKILL, its Ray with it) is resumed; nothing is trained twice."""
-    import sys
-
     store_dir = tmp_path / "store"
     sets = ["teacher.arch=resnet20", "teacher.epochs=1", "dataset.synthetic.train_size=256",
             "search.max_evaluations=16", "search.iteration_evaluations=4", "search.shrink_share=0.25",
             "train.epochs=2"]
-    command = [sys.executable, "-m", "searchsvc", "run", str(SMOKE), "--store", str(store_dir), "--no-progress"]
-    for item in sets:
-        command += ["--set", item]
-    store = LocalStore(store_dir)
 
-    def ready() -> bool:
-        keys = store.list("runs/") if store_dir.exists() else []
+    def ready(store: LocalStore) -> bool:
+        keys = store.list("runs/")
         return any(k.endswith("removal/checkpoint/rllib_checkpoint.json") for k in keys)
 
-    kill_when(command, ready)
+    store = kill_run_when(SMOKE, store_dir, sets, ready)
     run_id = sorted({k.split("/")[1] for k in store.list("runs/")})[-1]
     assert store.get_json(f"runs/{run_id}/run.json")["status"] == "running"  # killed: nothing wrote an end
     before = {k: store.get_bytes(k) for k in store.list(f"runs/{run_id}/evals/")}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from searchsvc.cli import main
-from tests.conftest import kill_when
+from tests.conftest import kill_run_when
 from searchsvc.config import ConfigError, load_config
 from searchsvc.methods import TaylorStop
 from searchsvc.taylor import prune_count, stop_reason
@@ -219,16 +218,12 @@ def test_a_tune_run_killed_mid_way_resumes_its_trials_without_retraining(tmp_pat
     store_dir = tmp_path / "store"
     sets = ["search.iterations=4", "search.stop.max_drop=100", "search.tune.grace_period=4", "train.epochs=2",
             "resources.max_concurrent=1"]
-    command = [sys.executable, "-m", "searchsvc", "run", str(SMOKE), "--store", str(store_dir), "--no-progress"]
-    for item in sets:
-        command += ["--set", item]
-    store = LocalStore(store_dir)
 
-    def ready() -> bool:
-        keys = store.list("runs/") if store_dir.exists() else []
+    def ready(store: LocalStore) -> bool:
+        keys = store.list("runs/")
         return sum("/evals/" in k for k in keys) >= 2 and any("experiment_state" in k for k in keys)
 
-    kill_when(command, ready)
+    store = kill_run_when(SMOKE, store_dir, sets, ready)
     run_id = sorted({k.split("/")[1] for k in store.list("runs/")})[-1]
     assert store.get_json(f"runs/{run_id}/run.json")["status"] == "running"
     stored_before = {k.split("/")[1] for k in store.list("candidates/") if k.endswith("manifest.json")}
