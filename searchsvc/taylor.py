@@ -79,13 +79,16 @@ def param_space(search: TaylorSearch, train: TrainConfig) -> dict[str, Any]:
     }
 
 
+def samples_per_point(search: TaylorSearch) -> int:
+    """Tune's num_samples: lr draws per grid point when lr is a range; else 1 (a repeat would be identical)."""
+    return search.tune.num_samples if isinstance(search.tune.lr, LogRange) else 1
+
+
 def trial_count(search: TaylorSearch) -> int:
-    """Trials of the sweep: the grid's combinations, times `num_samples` when lr is a sampled range (a
-    grid point without a range would only repeat itself)."""
-    grid = math.prod(max(1, len(v)) for v in (search.tune.filters_per_iteration, search.tune.epochs,
-                                                search.tune.distill, () if isinstance(search.tune.lr, LogRange)
-                                                else search.tune.lr))
-    return grid * (search.tune.num_samples if isinstance(search.tune.lr, LogRange) else 1)
+    """Trials of the sweep: the grid's combinations times the samples per grid point."""
+    lists = (search.tune.filters_per_iteration, search.tune.epochs, search.tune.distill,
+             () if isinstance(search.tune.lr, LogRange) else search.tune.lr)
+    return math.prod(max(1, len(v)) for v in lists) * samples_per_point(search)
 
 
 def prune_count(filters_per_iteration: int | float, teacher_channels: int) -> int:
@@ -198,7 +201,7 @@ def build_tuner(context: RunContext, job: TrialJob) -> tune.Tuner:
         trainable,
         param_space=param_space(search, context.config.train),
         tune_config=tune.TuneConfig(metric=search.tune.metric, mode="max", scheduler=scheduler,
-                                    num_samples=search.tune.num_samples if isinstance(search.tune.lr, LogRange) else 1,
+                                    num_samples=samples_per_point(search),
                                     max_concurrent_trials=context.config.resources.max_concurrent,
                                     search_alg=BasicVariantGenerator(random_state=context.config.seed)),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=path.rsplit("/", 1)[0],

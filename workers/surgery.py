@@ -39,14 +39,13 @@ class Streams:
 def streams(arch: ResNetArch) -> Streams:
     """Group the stem and block outputs into streams joined by identity shortcuts."""
     members: dict[str, list[str]] = {"stem": ["stem"]}
-    of_output, current, cin = {"stem": "stem"}, "stem", arch.stem
-    for name, block in arch.blocks():
-        if block.stride != 1 or cin != block.out:  # a projection: a new stream starts here
+    of_output, current = {"stem": "stem"}, "stem"
+    for name, block, cin in arch.block_inputs():
+        if block.needs_projection(cin):  # a new stream starts here
             current = name.split(".")[0] if name.split(".")[0] not in members else name
             members[current] = []
         members[current].append(name)
         of_output[name] = current
-        cin = block.out
     if len(members["stem"]) > 1:  # the stem shares its stream with stage 1: call it by the stage
         first = members["stem"][1].split(".")[0]
         members[first] = members.pop("stem")
@@ -178,11 +177,10 @@ def count_params(arch: ResNetArch) -> int:
     def conv_bn(cin: int, cout: int, k: int) -> int:
         return cin * cout * k * k + 2 * cout
 
-    total, cin = conv_bn(arch.in_channels, arch.stem, 3), arch.stem
-    for _, block in arch.blocks():
-        if block.stride != 1 or cin != block.out:
+    total = conv_bn(arch.in_channels, arch.stem, 3)
+    for _, block, cin in arch.block_inputs():
+        if block.needs_projection(cin):
             total += conv_bn(cin, block.out, 1)
         if not block.removed:
             total += conv_bn(cin, block.mid, 3) + conv_bn(block.mid, block.out, 3)
-        cin = block.out
-    return total + cin * arch.num_classes + arch.num_classes
+    return total + arch.out_channels() * arch.num_classes + arch.num_classes

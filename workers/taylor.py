@@ -46,11 +46,7 @@ class PruneGroup:
 def prune_groups(arch: ResNetArch) -> list[PruneGroup]:
     """Every prunable group of a network: its streams, then the inner width of each kept block."""
     blocks = dict(arch.blocks())
-    cin = {name: None for name in blocks}
-    previous = arch.stem
-    for name, block in arch.blocks():
-        cin[name] = previous
-        previous = block.out
+    projected = {name for name, block, cin in arch.block_inputs() if block.needs_projection(cin)}
     groups = []
     for key, producers in streams(arch).producers.items():
         members: list[str] = []
@@ -59,7 +55,7 @@ def prune_groups(arch: ResNetArch) -> list[PruneGroup]:
                 members.append("stem")
                 continue
             block = blocks[producer]
-            if block.stride != 1 or cin[producer] != block.out:
+            if producer in projected:
                 members.append(f"{producer}.shortcut")
             if not block.removed:
                 members.append(f"{producer}.conv2")
@@ -100,7 +96,8 @@ def taylor_scores(model: ResNet, splits: Splits, batches: int, batch_size: int, 
     model.eval()
     images, labels = splits.train
     device = images.device
-    totals = {g.key: torch.zeros(width_keys(model.arch)[g.key], device=device) for g in groups}
+    widths = width_keys(model.arch)
+    totals = {g.key: torch.zeros(widths[g.key], device=device) for g in groups}
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=generator)
     layout = training_memory_format(model, device)

@@ -35,6 +35,10 @@ class BlockArch:
     stride: int = 1
     removed: bool = False
 
+    def needs_projection(self, cin: int) -> bool:
+        """Whether the shortcut is a 1x1 conv-bn (the block changes resolution or width) rather than identity."""
+        return self.stride != 1 or cin != self.out
+
 
 @dataclass(frozen=True)
 class ResNetArch:
@@ -54,6 +58,14 @@ class ResNetArch:
         """(name, block) pairs in forward order."""
         flat = [block for stage in self.stages for block in stage]
         return list(zip(self.block_names(), flat))
+
+    def block_inputs(self) -> list[tuple[str, BlockArch, int]]:
+        """(name, block, input channels) in forward order."""
+        inputs, cin = [], self.stem
+        for name, block in self.blocks():
+            inputs.append((name, block, cin))
+            cin = block.out
+        return inputs
 
     def out_channels(self) -> int:
         """Channels reaching the classifier."""
@@ -102,8 +114,7 @@ class BasicBlock(nn.Module):
     def __init__(self, cin: int, arch: BlockArch) -> None:
         super().__init__()
         self.removed = arch.removed
-        needs_projection = arch.stride != 1 or cin != arch.out
-        self.shortcut = _conv_bn(cin, arch.out, 1, arch.stride) if needs_projection else nn.Identity()
+        self.shortcut = _conv_bn(cin, arch.out, 1, arch.stride) if arch.needs_projection(cin) else nn.Identity()
         if not arch.removed:
             self.conv1 = _conv_bn(cin, arch.mid, 3, arch.stride)
             self.conv2 = _conv_bn(arch.mid, arch.out, 3, 1)
