@@ -7,8 +7,11 @@ from pathlib import Path
 
 import torch
 
-from storage import ArtifactStore, SearchsvcError, check_id, open_store
+from torch import nn
+
+from storage import ArtifactStore, KeyNotFoundError, SearchsvcError, check_id, open_store
 from workers.evaluate import load_candidate_model
+from workers.teacher import load_teacher
 from workers.spec import CandidateSpec
 from workers.zoo import ResNet
 
@@ -34,6 +37,16 @@ def candidate_image_size(store: ArtifactStore, spec_hash: str) -> int:
     """The input size (pixels) the candidate's teacher was trained at, for export's example input."""
     spec = CandidateSpec.from_json(store.get_bytes(f"candidates/{check_id(spec_hash, 'spec hash')}/spec.json").decode())
     return store.get_json(f"teachers/{spec.teacher}/meta.json").get("image_size", 32)
+
+
+def stored_model(store: ArtifactStore, model_hash: str) -> tuple[nn.Module, int]:
+    """A kept candidate (by spec hash) or a teacher (by teacher hash) and its input size in pixels."""
+    if store.exists(f"candidates/{model_hash}/manifest.json"):
+        return load_candidate_model(store, model_hash), candidate_image_size(store, model_hash)
+    if store.exists(f"teachers/{model_hash}/meta.json"):
+        teacher = load_teacher(store, model_hash)
+        return teacher.model, teacher.meta.get("image_size", 32)
+    raise KeyNotFoundError(f"{model_hash} is neither a kept candidate nor a teacher in {store.uri}")
 
 
 def export_model(model: ResNet, path: str | Path, image_size: int) -> Path:

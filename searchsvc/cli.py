@@ -53,8 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Run the job in CONFIG: train or load the teacher, search, record "
                                           "everything in the store, print the ranked table.")
     run.add_argument("config", metavar="CONFIG", help="job config YAML file")
-    run.add_argument("--store", help=STORE_HELP)
-    run.add_argument("--s3-endpoint", help=ENDPOINT_HELP)
+    _add_store(run, from_config=True)
     run.add_argument("--address", help="Ray cluster address, e.g. ray://head:10001 or auto (default: RAY_ADDRESS, "
                                        "else a Ray started for this run on this machine)")
     _add_set(run)
@@ -62,8 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     results = commands.add_parser("results", parents=[common], help="show a run's ranked results",
                                   description="Print the consolidated results of a run, best first.")
-    results.add_argument("--store", default=DEFAULT_STORE, help=f"artifact store (default {DEFAULT_STORE})")
-    results.add_argument("--s3-endpoint", help=ENDPOINT_HELP)
+    _add_store(results)
     results.add_argument("--run", help="run id (default: the latest run in the store)")
     results.add_argument("--top", type=int, metavar="K", help="show only the best K rows")
     results.add_argument("--json", action="store_true", help="print a JSON list of row objects instead of a table")
@@ -72,8 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Continue run ID from what the store holds: its resolved config, "
                                              "the evaluations it recorded (not trained again) and the driver's "
                                              "checkpoints.")
-    resume.add_argument("--store", default=DEFAULT_STORE, help=f"artifact store (default {DEFAULT_STORE})")
-    resume.add_argument("--s3-endpoint", help=ENDPOINT_HELP)
+    _add_store(resume)
     resume.add_argument("--run", required=True, help="id of the run to continue")
     resume.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     resume.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
@@ -83,9 +80,47 @@ def build_parser() -> argparse.ArgumentParser:
                                              "it as ONNX (.onnx) or TorchScript (.pt / .ts).")
     export.add_argument("candidate", metavar="SPEC_HASH", help="spec hash, or a candidates/<hash> URI in a store")
     export.add_argument("-o", "--output", required=True, help="output file: model.onnx, model.pt or model.ts")
-    export.add_argument("--store", default=DEFAULT_STORE, help=f"artifact store (default {DEFAULT_STORE})")
-    export.add_argument("--s3-endpoint", help=ENDPOINT_HELP)
+    _add_store(export)
+
+    summary = commands.add_parser("summary", parents=[common], help="per-layer sparsity or compute table of a model",
+                                  description="Print Distiller's summary of a kept candidate or a teacher: per "
+                                              "weight shape, params, non-zeros and sparsity (--kind sparsity), or per "
+                                              "layer feature maps, weights and MACs (--kind compute), with totals. "
+                                              "The table is also stored as summaries/<HASH>-<kind>.csv.")
+    summary.add_argument("model", metavar="HASH", help="spec hash of a kept candidate, or a teacher hash")
+    summary.add_argument("--kind", choices=("sparsity", "compute"), default="sparsity",
+                         help="sparsity: zeros per weight and 'Total sparsity'; compute: MACs per layer "
+                              "(default sparsity)")
+    _add_store(summary)
+
+    sens = commands.add_parser("sensitivity", parents=[common], help="prune each layer alone; accuracy per level",
+                               description="Sensitivity analysis of CONFIG's teacher: each weight pruned alone to "
+                                           "each level and evaluated without fine-tuning, in parallel on the actor "
+                                           "pool. Stores a CSV, a plot (accuracy vs sparsity, a line per layer) and "
+                                           "a starting AGP schedule as a run; CONFIG's method and search are "
+                                           "replaced by these flags (or CONFIG is a `method: sensitivity` config).")
+    sens.add_argument("config", metavar="CONFIG", help="job config YAML file (dataset, teacher, resources)")
+    sens.add_argument("--levels", help="comma-separated sparsity levels in [0, 1) (default 0,0.1,...,0.9)")
+    sens.add_argument("--structure", choices=("element", "filter"),
+                      help="element: smallest weights; filter: whole filters by L1 norm (default element)")
+    sens.add_argument("--weights", help="comma-separated parameter names (default: every conv / linear weight)")
+    sens.add_argument("--tolerance", type=float, metavar="POINTS",
+                      help="accuracy points a layer may lose in the starting schedule (default 1.0)")
+    sens.add_argument("--schedule-out", metavar="PATH", help="also write the starting schedule YAML to this file")
+    _add_store(sens, from_config=True)
+    sens.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    _add_set(sens)
+    sens.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     return parser
+
+
+def _add_store(sub: argparse.ArgumentParser, from_config: bool = False) -> None:
+    """--store and --s3-endpoint; `from_config`: the default is the config's `store:`."""
+    if from_config:
+        sub.add_argument("--store", help=STORE_HELP)
+    else:
+        sub.add_argument("--store", default=DEFAULT_STORE, help=f"artifact store (default {DEFAULT_STORE})")
+    sub.add_argument("--s3-endpoint", help=ENDPOINT_HELP)
 
 
 def _add_set(sub: argparse.ArgumentParser) -> None:
@@ -167,6 +202,73 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_summary(args: argparse.Namespace) -> int:
+    from searchsvc.candidates import stored_model
+    from storage import open_store
+    from workers.summary import format_summary, summary, to_csv
+
+    store = open_store(args.store, endpoint=args.s3_endpoint, create=False)
+    model, image_size = stored_model(store, check_id(args.model, "model hash"))
+    rows = summary(model, args.kind, model.arch.in_channels, image_size)
+    key = f"summaries/{args.model}-{args.kind}.csv"
+    store.put_bytes(key, to_csv(rows))
+    print(f"{args.kind} summary of {args.model} ({model.arch.name}, {image_size}x{image_size} input)")
+    print(format_summary(rows))
+    print(f"stored: {store.uri_for(key)}")
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from searchsvc.config import apply_overrides, parse_config, read_yaml
+    from searchsvc.job import run
+    from searchsvc.sensitivity import SCHEDULE_KEY
+    from storage.tables import run_prefix
+
+    raw = apply_overrides(read_yaml(args.config), args.overrides)
+    search = dict(raw.get("search") or {}) if raw.get("method") == "sensitivity" else {}
+    flags = {"levels": _floats(args.levels, "--levels"), "structure": args.structure,
+             "weights": args.weights.split(",") if args.weights else None, "tolerance": args.tolerance}
+    search.update({k: v for k, v in flags.items() if v is not None})
+    config = parse_config({**raw, "method": "sensitivity", "search": search}, source=args.config)
+    result = run(config, store=args.store, endpoint=args.s3_endpoint, progress=not args.no_progress,
+                 address=args.address)
+    rows = table_rows(result.table)
+    print(f"run {result.run_id}: {result.status}; teacher {result.teacher_hash} test accuracy "
+          f"{result.teacher_accuracy:.4f}; {len(rows)} points")
+    print(format_sensitivity(rows, config.search.levels))
+    for key in ("sensitivity", "plot", "schedule"):
+        print(f"{key}: {result.summary.get(key)}")
+    if args.schedule_out:
+        from storage import open_store
+
+        store = open_store(result.store_uri, endpoint=args.s3_endpoint, create=False)
+        with open(args.schedule_out, "wb") as handle:
+            handle.write(store.get_bytes(f"{run_prefix(result.run_id)}/{SCHEDULE_KEY}"))
+        print(f"starting schedule written to {args.schedule_out}")
+    return 0
+
+
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise SearchsvcError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+
+
+def format_sensitivity(rows: list[dict[str, Any]], levels: Sequence[float]) -> str:
+    """Test accuracy (%) per weight (rows) and level (columns)."""
+    accuracy = {(r["weight"], r["level"]): r["accuracy"] for r in rows}
+    weights = sorted({r["weight"] for r in rows})
+    width = max([len(w) for w in weights] + [6])
+    lines = ["weight".ljust(width) + "".join(f"{level:>8.2f}" for level in levels)]
+    for weight in weights:
+        cells = (accuracy.get((weight, float(level))) for level in levels)
+        lines.append(weight.ljust(width) + "".join("       -" if a is None else f"{100 * a:8.2f}" for a in cells))
+    return "\n".join(lines)
+
+
 def table_rows(table: Any) -> list[dict[str, Any]]:
     """Table rows as JSON-safe dicts (NaN → null)."""
     clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
@@ -196,7 +298,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 COMMANDS = {"validate": cmd_validate, "run": cmd_run, "resume": cmd_resume, "results": cmd_results,
-            "export": cmd_export}
+            "export": cmd_export, "summary": cmd_summary, "sensitivity": cmd_sensitivity}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -99,6 +99,8 @@ def parse_config(raw: dict[str, Any], source: str = "") -> JobConfig:
             search = from_data(get_method(method_name).search_schema, raw.get("search") or {}, path="search")
         except RecordError as err:
             problems.extend(err.problems)
+    if not problems and search is not None:
+        problems.extend(get_method(method_name).check_config(dataclasses.replace(config, search=search)))
     if problems:
         raise ConfigError(problems, source)
     assert config is not None

@@ -33,6 +33,8 @@ RESULTS_EVERY_S = 5.0  # seconds between rewrites of results.parquet while the r
 class Recorder:
     """The rows of a run: each recorded once (evals/<hash>.json), results.parquet kept current, a progress bar."""
 
+    size = "params"  # the metric compression and reward count (a sparse method counts non-zero parameters)
+
     def __init__(self, context: RunContext, reward_form: RewardForm = "c_2_minus_c", total: int | None = None) -> None:
         self.ctx = context
         self.reward_form = reward_form
@@ -88,8 +90,8 @@ class Recorder:
             "accuracy": m.get("accuracy", 0.0), "params": m.get("params"), "macs": m.get("macs"),
             "latency_ms": m.get("latency_ms"), "wall_s": m.get("wall_s"), "worker": m.get("worker"),
             "artifact": m.get("artifact"),
-            "compression": compression_ratio(self.teacher_params, m["params"]) if ok else None,
-            "reward": reward(m["params"], m["accuracy"], self.teacher_params, self.teacher_accuracy,
+            "compression": compression_ratio(self.teacher_params, m[self.size]) if ok else None,
+            "reward": reward(m[self.size], m["accuracy"], self.teacher_params, self.teacher_accuracy,
                              self.reward_form) if ok else INVALID_REWARD,
             "val_accuracy": m.get("val_accuracy"), "latency_b256_ms": m.get("latency_b256_ms"),
             "model_bytes": m.get("model_bytes"), "cached": cached, "error": m.get("error"),

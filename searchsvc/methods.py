@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from searchsvc.rewards import RewardForm
+from workers.pruners import is_number
 from storage.errors import SearchsvcError
 from storage.records import did_you_mean
 
@@ -21,21 +22,36 @@ class Method:
     search_schema: type
     description: str
     driver: str | None = None  # "module:function", imported only when a run starts (validate stays light)
+    residual_only: bool = False  # needs a residual teacher (surgery on blocks and streams)
+    check: str | None = None  # "module:function": JobConfig → problems, beyond the schema (at validate)
 
     def load_driver(self) -> Callable[..., Any] | None:
         """The driver function, or None for a method whose driver is not built yet."""
-        if self.driver is None:
-            return None
-        module, _, name = self.driver.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return None if self.driver is None else _load(self.driver)
+
+    def check_config(self, config: Any) -> list[str]:
+        """Problems of a schema-valid config that only this method knows about."""
+        from workers.zoo import is_residual, list_models
+
+        arch = config.teacher.arch
+        if self.residual_only and arch in list_models() and not is_residual(arch):
+            return [f"teacher.arch: method {self.name} needs a residual network (resnet20, resnet56, "
+                    f"resnet18_cifar, tiny_cnn); {arch} is a plain CNN (use method agp)"]
+        return _load(self.check)(config) if self.check else []
+
+
+def _load(target: str) -> Callable[..., Any]:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 _METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, search_schema: type, description: str, driver: str | None = None) -> Method:
-    """Add a method: its `search:` schema and its driver as "module:function"."""
-    _METHODS[name] = Method(name, search_schema, description, driver)
+def register_method(name: str, search_schema: type, description: str, driver: str | None = None,
+                    residual_only: bool = False, check: str | None = None) -> Method:
+    """Add a method: its `search:` schema, its driver and config check as "module:function"."""
+    _METHODS[name] = Method(name, search_schema, description, driver, residual_only, check)
     return _METHODS[name]
 
 
@@ -114,32 +130,41 @@ class LogRange:
 
 
 @dataclass(frozen=True)
-class TaylorTune:
-    """The Ray Tune sweep: what the trials try, and how they are scheduled and stopped.
+class SweepTune:
+    """What every Tune sweep shares: the lr to try, ASHA's rungs, restarts of failed trials.
 
-    Each key is a list of choices: every combination of the lists is one trial (a grid, so no two
-    trials repeat each other's work); an empty list keeps the value of `search` / `train`. lr may
-    instead be a {low, high} range: then each combination is tried with `num_samples` lr samples.
+    Each method adds its own keys as lists of choices: every combination of the lists is one trial
+    (a grid, so no two trials repeat each other's work); an empty list keeps the value of `search` /
+    `train`. lr may instead be a {low, high} range: each combination then gets `num_samples` lr draws.
     """
 
     num_samples: int = field(default=1, metadata={"min": 1, "help": "lr samples per combination (lr a range)"})
-    filters_per_iteration: tuple[int | float, ...] = field(default=(), metadata={"help": "choices"})
-    lr: tuple[float, ...] | LogRange = field(default=(), metadata={"help": "fine-tune lr: choices or {low, high}"})
-    epochs: tuple[int, ...] = field(default=(), metadata={"help": "fine-tune epochs per iteration: choices"})
-    distill: tuple[bool, ...] = field(default=(), metadata={"help": "fine-tune with distillation: choices"})
-    metric: Literal["reward", "accuracy"] = field(
-        default="reward", metadata={"help": "per-iteration metric ASHA compares (reward weighs size and accuracy)"})
-    grace_period: int = field(default=1, metadata={"min": 1, "help": "iterations before ASHA may stop a trial"})
+    lr: tuple[float, ...] | LogRange = field(default=(), metadata={"help": "lr: choices or {low, high}"})
+    grace_period: int = field(default=1, metadata={"min": 1, "help": "iterations / epochs before ASHA may stop a trial"})
     reduction_factor: int = field(default=2, metadata={"min": 2, "help": "ASHA keeps 1/reduction_factor per rung"})
     max_failures: int = field(default=2, metadata={"min": 0, "help": "restarts of a trial whose worker fails"})
 
     def __post_init__(self) -> None:
-        for i, epochs in enumerate(self.epochs):
-            if epochs < 1:
-                raise ValueError(f"epochs[{i}]: must be a positive integer, got {epochs}")
         for i, lr in enumerate(self.lr if isinstance(self.lr, tuple) else ()):
             if lr <= 0:
                 raise ValueError(f"lr[{i}]: must be a positive number, got {lr}")
+
+
+@dataclass(frozen=True)
+class TaylorTune(SweepTune):
+    """The Taylor sweep: step size, fine-tune epochs and distillation per trial; ASHA per iteration."""
+
+    filters_per_iteration: tuple[int | float, ...] = field(default=(), metadata={"help": "choices"})
+    epochs: tuple[int, ...] = field(default=(), metadata={"help": "fine-tune epochs per iteration: choices"})
+    distill: tuple[bool, ...] = field(default=(), metadata={"help": "fine-tune with distillation: choices"})
+    metric: Literal["reward", "accuracy"] = field(
+        default="reward", metadata={"help": "per-iteration metric ASHA compares (reward weighs size and accuracy)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for i, epochs in enumerate(self.epochs):
+            if epochs < 1:
+                raise ValueError(f"epochs[{i}]: must be a positive integer, got {epochs}")
 
 
 @dataclass(frozen=True)
@@ -165,11 +190,61 @@ class TaylorSearch:
 
 
 @dataclass(frozen=True)
-class AgpSearch:
-    """Distiller-style gradual magnitude pruning driven by a YAML schedule."""
+class AgpTune(SweepTune):
+    """The AGP sweep: each trial runs the schedule with its own final sparsities, ending epoch and lr;
+    ASHA compares trials on test accuracy after every epoch."""
 
-    schedule: str = field(default="", metadata={"help": "path of the Distiller schedule YAML"})
-    num_samples: int = field(default=1, metadata={"min": 1, "help": "Tune trials"})
+    final_sparsity: tuple[float | dict[str, float], ...] = field(default=(), metadata={
+        "help": "choices; a number sets every AGP pruner's final_sparsity, a mapping sets named pruners"})
+    ending_epoch: tuple[int, ...] = field(default=(), metadata={
+        "help": "choices; each sets the ending_epoch of every pruner policy"})
+    epochs: tuple[int, ...] = field(default=(), metadata={"help": "training epochs per trial: choices"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for i, value in enumerate(self.final_sparsity):
+            for name, level in (value.items() if isinstance(value, dict) else [("", value)]):
+                if not is_number(level) or not 0 <= level < 1:
+                    where = f"final_sparsity[{i}]" + (f".{name}" if name else "")
+                    raise ValueError(f"{where}: a sparsity must be in [0, 1), got {level}")
+        for key, values in (("ending_epoch", self.ending_epoch), ("epochs", self.epochs)):
+            for i, value in enumerate(values):
+                if value < 1:
+                    raise ValueError(f"{key}[{i}]: must be a positive integer, got {value}")
+
+
+@dataclass(frozen=True)
+class AgpSearch:
+    """Distiller-style gradual pruning from a YAML schedule, thinned afterwards; one Tune trial per sample."""
+
+    schedule: str | dict[str, Any] = field(metadata={
+        "help": "a Distiller schedule: the path of its YAML file (relative to the working directory), or inline"})
+    tune: AgpTune = field(default_factory=AgpTune)
+    reward: RewardForm = field(default="c_2_minus_c", metadata={
+        "help": "c_2_minus_c or c_over_2_minus_c; size is the non-zero parameter count"})
+
+
+@dataclass(frozen=True)
+class SensitivitySearch:
+    """Sensitivity analysis: each weight pruned alone to each level, evaluated without fine-tuning."""
+
+    levels: tuple[float, ...] = field(default=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+                                      metadata={"help": "sparsity levels in [0, 1)"})
+    structure: Literal["element", "filter"] = field(default="element", metadata={
+        "help": "element: smallest |w| zeroed; filter: whole filters by L1 (with their channel group)"})
+    weights: tuple[str, ...] = field(default=(), metadata={
+        "help": "parameter names to analyse; empty: every conv / linear weight (one per channel group for filter)"})
+    tolerance: float = field(default=1.0, metadata={
+        "min": 0, "help": "accuracy points a layer may lose at its level in the written starting schedule"})
+    schedule_ending_epoch: int = field(default=10, metadata={
+        "min": 1, "help": "ending_epoch of the policies in the written starting schedule"})
+
+    def __post_init__(self) -> None:
+        if not self.levels:
+            raise ValueError("levels: give at least one level")
+        for i, level in enumerate(self.levels):
+            if not 0 <= level < 1:
+                raise ValueError(f"levels[{i}]: a sparsity must be in [0, 1), got {level}")
 
 
 @dataclass(frozen=True)
@@ -185,10 +260,14 @@ class RigLSearch:
     num_samples: int = field(default=1, metadata={"min": 1, "help": "Tune trials"})
 
 
-register_method("grid", GridSearch, "evaluate an explicit list of transformations", "searchsvc.grid:run_grid")
+register_method("grid", GridSearch, "evaluate an explicit list of transformations", "searchsvc.grid:run_grid",
+                residual_only=True)
 register_method("n2n", N2NSearch, "RLlib PPO agent removes and shrinks layers of the teacher",
-                "searchsvc.n2n:run_n2n")
+                "searchsvc.n2n:run_n2n", residual_only=True)
 register_method("taylor", TaylorSearch, "iterative Taylor filter pruning as a Ray Tune sweep",
-                "searchsvc.taylor:run_taylor")
-register_method("agp", AgpSearch, "gradual magnitude pruning from a Distiller YAML schedule")
+                "searchsvc.taylor:run_taylor", residual_only=True)
+register_method("agp", AgpSearch, "gradual pruning from a Distiller YAML schedule, then thinning, as a Tune sweep",
+                "searchsvc.agp:run_agp", check="searchsvc.schedules:check_agp")
+register_method("sensitivity", SensitivitySearch, "prune each layer alone to each level (searchsvc sensitivity)",
+                "searchsvc.sensitivity:run_sensitivity")
 register_method("rigl", RigLSearch, "RigL dynamic sparse training")

@@ -14,8 +14,10 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from storage.tables import pareto_front  # noqa: E402
 
 
-def trajectory_png(rows: list[dict[str, Any]], teacher_params: int, teacher_accuracy: float, title: str) -> bytes:
-    """Parameters vs accuracy, one colour per trial, each trajectory starting at the teacher (the seed's plot).
+def trajectory_png(rows: list[dict[str, Any]], teacher_params: int, teacher_accuracy: float, title: str,
+                   size: str = "params") -> bytes:
+    """Parameters (or another `size` column) vs accuracy, one colour per trial, each trajectory starting
+    at the teacher (the seed's plot); a trial without iterations is one point.
 
     The Pareto front across all trials is the dashed line; accuracy in %, parameters on a log axis.
     """
@@ -23,24 +25,46 @@ def trajectory_png(rows: list[dict[str, Any]], teacher_params: int, teacher_accu
     trials = sorted({r["trial"] for r in rows})
     colours = plt.get_cmap("tab10")
     for index, trial in enumerate(trials):
-        path = sorted((r for r in rows if r["trial"] == trial and r["status"] == "ok"), key=lambda r: r["iteration"])
+        path = sorted((r for r in rows if r["trial"] == trial and r["status"] == "ok"), key=lambda r: r.get("iteration") or 0)
         sample = json.loads(path[0]["sample"]) if path else {}
         label = f"trial {index + 1}: " + ", ".join(f"{k}={_short(v)}" for k, v in sorted(sample.items()))
-        xs = [teacher_params] + [r["params"] for r in path]
+        xs = [teacher_params] + [r[size] for r in path]
         ys = [100 * teacher_accuracy] + [100 * r["accuracy"] for r in path]
         ax.plot(xs, ys, marker="o", markersize=4, color=colours(index % 10), label=label, alpha=0.85)
-    front = sorted((r for r in rows if r["spec_hash"] in pareto_front(rows)), key=lambda r: r["params"])
+    front = sorted((r for r in rows if r["spec_hash"] in pareto_front(rows, size)), key=lambda r: r[size])
     if front:
-        ax.step([r["params"] for r in front], [100 * r["accuracy"] for r in front], where="post",
+        ax.step([r[size] for r in front], [100 * r["accuracy"] for r in front], where="post",
                 linestyle="--", color="black", linewidth=1, label="Pareto front")
     ax.scatter([teacher_params], [100 * teacher_accuracy], marker="*", s=180, color="black", zorder=5,
                label=f"teacher ({teacher_params:,} params, {100 * teacher_accuracy:.2f} %)")
     ax.set_xscale("log")
-    ax.set_xlabel("parameters (count, log scale)")
+    ax.set_xlabel(f"{size.replace('_', ' ')} (count, log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)
+
+
+def sensitivity_png(table: list[dict[str, Any]], baseline: float, title: str) -> bytes:
+    """Accuracy vs sparsity level, one line per pruned weight (Distiller's sensitivity plot)."""
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    weights = sorted({t["weight"] for t in table})
+    colours = plt.get_cmap("tab20")
+    for index, weight in enumerate(weights):
+        points = sorted((t for t in table if t["weight"] == weight), key=lambda t: t["level"])
+        ax.plot([100 * t["level"] for t in points], [100 * t["accuracy"] for t in points], marker="o", markersize=3,
+                color=colours(index % 20), label=weight.removesuffix(".weight"), alpha=0.85)
+    ax.axhline(100 * baseline, color="black", linestyle="--", linewidth=1, label="unpruned")
+    ax.set_xlabel("sparsity of the one pruned layer (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=6, loc="lower left", ncol=2)
+    return _png(fig)
+
+
+def _png(fig: Any) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

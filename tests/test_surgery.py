@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from workers.surgery import InvalidTransform, count_params, derive_arch, shrink, width_keys
-from workers.zoo import create_model, list_models
+from workers.zoo import create_model, is_residual, list_models
 
 IN_CHANNELS, IMAGE, BATCH, CLASSES = 3, 32, 2, 10
 
@@ -152,13 +152,14 @@ def test_width_keys_are_the_stage_streams_and_every_block_with_teacher_widths(na
     assert width_keys(shared_teacher(name).arch) == teacher_width_keys(name)
 
 
-def test_every_zoo_model_is_covered_by_these_tests():
-    assert set(list_models()) == set(ZOO)
+def test_every_residual_zoo_model_is_covered_by_these_tests():
+    # plain CNNs (simplenet_cifar) have no surgery of their own: thinning covers them (test_agp.py)
+    assert {name for name in list_models() if is_residual(name)} == set(ZOO)
 
 
 # ---- keep everything: the teacher, bit for bit ---------------------------------------------------------
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", sorted(ZOO))
 def test_keep_all_widths_reproduce_the_teacher_bit_for_bit(name):
     teacher = shared_teacher(name)
     student = shrink(teacher)

@@ -19,20 +19,20 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
 from storage import ArtifactStore, KeyNotFoundError, WriteConflictError, check_id
-from storage.records import from_data, to_data
+from storage.records import to_data
 from workers.data import Splits
 from workers.distill import distill_loss_fn, teacher_logits
 from workers.measure import measure
 from workers.spec import CandidateSpec
 from workers.surgery import InvalidTransform, derive_arch, shrink
 from workers.teacher import Teacher, load_train_logits
-from workers.train import train_model
-from workers.zoo import ResNet, ResNetArch, build_model, load_state_bytes, state_dict_bytes
+from workers.train import LossFn, TrainCallback, train_model
+from workers.zoo import Model, arch_from_data, build_model, load_state_bytes, state_dict_bytes
 
 log = logging.getLogger(__name__)
 
@@ -82,55 +82,83 @@ def invalid(spec: CandidateSpec, reason: str, started: float, ctx: EvalContext) 
     return invalid_metrics(spec.spec_hash, reason, time.perf_counter() - started, ctx.worker)
 
 
-def evaluate_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = False) -> dict[str, Any]:
-    """Build, distill, measure and store one candidate; return its metrics (status ok or invalid)."""
+def evaluate_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = False,
+                       callbacks: Sequence[TrainCallback] = ()) -> dict[str, Any]:
+    """Build, distill, measure and store one candidate; return its metrics (status ok or invalid).
+
+    `callbacks` join the method's own in the training loop (a Tune trial reports epochs through one).
+    """
     started = time.perf_counter()
     try:
-        student, built = build_student(spec, ctx)
+        built = build_student(spec, ctx)
     except InvalidTransform as err:
         return _store_invalid(spec, ctx, invalid(spec, f"invalid transform: {err}", started, ctx))
-    distill = spec.train.distill
-    if distill.alpha == 0:
-        loss_fn = None
-    elif spec.train.augment:  # the teacher must see the same augmented batch
-        loss_fn = distill_loss_fn(distill, teacher=ctx.teacher.model.to(ctx.device, memory_format=torch.channels_last))
-    else:
-        loss_fn = distill_loss_fn(distill, cached=ctx.train_logits())
-    try:
-        history = train_model(student, ctx.splits, spec.train, ctx.device, seed=spec.seed,
-                              desc=f"candidate {spec.spec_hash}", progress=progress, loss_fn=loss_fn,
-                              compile_model=ctx.compile_model)
-    except torch.OutOfMemoryError:
-        if ctx.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return invalid(spec, "out of memory", started, ctx)  # not stored: it may fit another time
+    student, history = built.model, []
+    if built.train:
+        try:
+            history = train_model(student, ctx.splits, spec.train, ctx.device, seed=spec.seed,
+                                  desc=f"candidate {spec.spec_hash}", progress=progress, loss_fn=_loss_fn(spec, ctx),
+                                  compile_model=ctx.compile_model, callbacks=(*built.callbacks, *callbacks))
+        except torch.OutOfMemoryError:
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return invalid(spec, "out of memory", started, ctx)  # not stored: it may fit another time
     train_seconds = time.perf_counter() - started
     if not all(math.isfinite(epoch["loss"]) for epoch in history):
         return _store_invalid(spec, ctx, invalid(spec, "training diverged (non-finite loss)", started, ctx))
-    metrics = {"spec_hash": spec.spec_hash, "status": "ok", **built, **measure(student, ctx.splits, ctx.device),
+    extra = dict(built.metrics)
+    if built.finish is not None:
+        student, finished = built.finish(student)
+        extra.update(finished)
+    student.to(ctx.device)
+    metrics = {"spec_hash": spec.spec_hash, "status": "ok", **extra,
+               **measure(student, ctx.splits, ctx.device, timed=built.keep_model),
                "train_seconds": train_seconds, "history": history, "worker": ctx.worker,
                "device": str(ctx.device), "arch": to_data(student.arch)}
     metrics["wall_s"] = time.perf_counter() - started
-    return save_candidate(ctx.store, spec, student, metrics)
+    return save_candidate(ctx.store, spec, student if built.keep_model else None, metrics)
+
+
+def _loss_fn(spec: CandidateSpec, ctx: EvalContext) -> LossFn | None:
+    """Cross-entropy (None), or distillation from the teacher: live when augmenting, else cached logits."""
+    distill = spec.train.distill
+    if distill.alpha == 0:
+        return None
+    if spec.train.augment:  # the teacher must see the same augmented batch
+        return distill_loss_fn(distill, teacher=ctx.teacher.model.to(ctx.device, memory_format=torch.channels_last))
+    return distill_loss_fn(distill, cached=ctx.train_logits())
+
+
+@dataclass
+class Built:
+    """What a builder hands to evaluation: the untrained student and how it is trained and kept."""
+
+    model: Model
+    metrics: dict[str, Any] = field(default_factory=dict)  # added to the candidate's metrics
+    callbacks: tuple[TrainCallback, ...] = ()  # in the training loop (a compression schedule)
+    train: bool = True  # False: measured as built (sensitivity analysis)
+    keep_model: bool = True  # False: only metrics are stored, and latency is not measured
+    finish: Callable[[Model], tuple[Model, dict[str, Any]]] | None = None  # after training: e.g. thinning
 
 
 # Methods whose candidates are built by their own step from the parent model ("module:function",
-# imported when first used): builder(parent, spec, ctx) → (student, extra metrics).
-BUILDERS: dict[str, str] = {"taylor": "workers.taylor:taylor_step"}
+# imported when first used): builder(parent, spec, ctx) → Built.
+BUILDERS: dict[str, str] = {"taylor": "workers.taylor:taylor_step", "agp": "workers.agp:agp_step",
+                            "sensitivity": "workers.agp:sensitivity_step"}
 
 
-def build_student(spec: CandidateSpec, ctx: EvalContext) -> tuple[ResNet, dict[str, Any]]:
+def build_student(spec: CandidateSpec, ctx: EvalContext) -> Built:
     """The untrained student: the method's builder, else surgery on the teacher (or the `init` model as is)."""
     parent = load_candidate_model(ctx.store, spec.init) if spec.init is not None else ctx.teacher.model
     if spec.method in BUILDERS:
         module, _, name = BUILDERS[spec.method].partition(":")
         return getattr(importlib.import_module(module), name)(parent, spec, ctx)
     if spec.init is not None:
-        return parent, {}
-    return shrink(parent, spec.removed, spec.widths), {}
+        return Built(parent)
+    return Built(shrink(parent, spec.removed, spec.widths))
 
 
-def load_candidate_model(store: ArtifactStore, spec_hash: str) -> ResNet:
+def load_candidate_model(store: ArtifactStore, spec_hash: str) -> Model:
     """A stored candidate as its small nn.Module (eval mode, CPU), every file checked against the manifest."""
     prefix = candidate_prefix(check_id(spec_hash, "spec hash"))
     if not store.exists(f"{prefix}/manifest.json"):
@@ -140,10 +168,10 @@ def load_candidate_model(store: ArtifactStore, spec_hash: str) -> ResNet:
         raise KeyNotFoundError(f"candidate {spec_hash} has no kept model (it was invalid)")
     metrics = json.loads(store.get_verified(prefix, "metrics.json"))
     if "arch" in metrics:  # what was built (a method's builder decides widths on the worker)
-        arch = from_data(ResNetArch, metrics["arch"], source=store.uri_for(f"{prefix}/metrics.json"))
+        arch = arch_from_data(metrics["arch"], source=store.uri_for(f"{prefix}/metrics.json"))
     else:
         teacher_meta = store.get_json(f"teachers/{spec.teacher}/meta.json")
-        teacher_arch = from_data(ResNetArch, teacher_meta["arch"], source=f"teachers/{spec.teacher}/meta.json")
+        teacher_arch = arch_from_data(teacher_meta["arch"], source=f"teachers/{spec.teacher}/meta.json")
         arch = derive_arch(teacher_arch, spec.removed, spec.widths)
     model = build_model(arch)
     raw = store.get_verified(prefix, "model.pt")

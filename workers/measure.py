@@ -59,18 +59,24 @@ def latency_ms(model: nn.Module, device: torch.device, in_channels: int, image_s
 
 
 def measure(model: nn.Module, splits: Splits, device: torch.device, latency_repeats: int = 10,
-            large_batch: int = 256) -> dict[str, Any]:
+            large_batch: int = 256, timed: bool = True) -> dict[str, Any]:
     """Accuracy on the test split, params, MACs, latency at batch 1 and `large_batch`, model bytes.
 
     `splits` must already be on `device`. Large-batch latency uses a third of the repeats: it is the
-    slow one on a CPU and its median is stable sooner.
+    slow one on a CPU and its median is stable sooner. `timed=False` skips the latencies and bytes
+    (a sensitivity point only needs accuracy).
     """
     c, size = splits.in_channels, splits.image_size
-    return {
+    counted = {
         "accuracy": evaluate(model, *splits.test, splits.mean, splits.std),
         "val_accuracy": evaluate(model, *splits.val, splits.mean, splits.std),
         "params": count_parameters(model),
         "macs": count_macs(model, c, size),
+    }
+    if not timed:
+        return counted
+    return {
+        **counted,
         "latency_ms": latency_ms(model, device, c, size, 1, latency_repeats),
         "latency_b256_ms": latency_ms(model, device, c, size, large_batch, max(1, latency_repeats // 3)),
         "model_bytes": model_bytes(model),

@@ -102,6 +102,46 @@ def derive_arch(arch: ResNetArch, removed: Iterable[str] = (), widths: Mapping[s
     return derived
 
 
+@dataclass(frozen=True)
+class PruneGroup:
+    """Channels removed together: a width key of surgery and the conv-bn outputs that carry them."""
+
+    key: str  # "layer2" (a residual stream) or "layer2.1" (a block's inner width)
+    members: tuple[str, ...]  # module names of nn.Sequential(conv, bn): "stem", "layer2.0.shortcut", ...
+
+
+def prune_groups(arch: ResNetArch) -> list[PruneGroup]:
+    """Every prunable group of a network: its streams, then the inner width of each kept block."""
+    blocks = dict(arch.blocks())
+    projected = {name for name, block, cin in arch.block_inputs() if block.needs_projection(cin)}
+    groups = []
+    for key, producers in streams(arch).producers.items():
+        members: list[str] = []
+        for producer in producers:
+            if producer == "stem":
+                members.append("stem")
+                continue
+            block = blocks[producer]
+            if producer in projected:
+                members.append(f"{producer}.shortcut")
+            if not block.removed:
+                members.append(f"{producer}.conv2")
+        groups.append(PruneGroup(key, tuple(members)))
+    groups += [PruneGroup(name, (f"{name}.conv1",)) for name, block in arch.blocks() if not block.removed]
+    return groups
+
+
+class ScoreTable:
+    """Surgery's importance interface (conv weight → score per filter) over precomputed group scores."""
+
+    def __init__(self, model: ResNet, scores: Mapping[str, torch.Tensor]) -> None:
+        self._by_weight = {id(model.get_submodule(m)[0].weight): scores[g.key]
+                           for g in prune_groups(model.arch) for m in g.members}
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return self._by_weight[id(weight)]
+
+
 def _group_scores(convs: list[nn.Conv2d], importance: Importance) -> torch.Tensor:
     """Summed importance of a coupled group, each member normalised by its mean so no layer dominates."""
     total = torch.zeros(convs[0].out_channels)

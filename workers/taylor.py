@@ -16,7 +16,6 @@ all its members before the absolute value: removing it zeroes the channel in eve
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
 import torch
@@ -24,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.data import Splits, normalize
-from workers.surgery import shrink, streams, width_keys
+from workers.evaluate import Built
+from workers.surgery import ScoreTable, prune_groups, shrink, width_keys
 from workers.train import training_memory_format
 from workers.zoo import ResNet, ResNetArch
 
@@ -33,35 +33,6 @@ if TYPE_CHECKING:
     from workers.spec import CandidateSpec
 
 MIN_CHANNELS = 1  # a group never loses its last channel (the network must stay connected)
-
-
-@dataclass(frozen=True)
-class PruneGroup:
-    """Channels removed together: a width key of surgery and the conv-bn outputs that carry them."""
-
-    key: str  # "layer2" (a residual stream) or "layer2.1" (a block's inner width)
-    members: tuple[str, ...]  # module names of nn.Sequential(conv, bn): "stem", "layer2.0.shortcut", ...
-
-
-def prune_groups(arch: ResNetArch) -> list[PruneGroup]:
-    """Every prunable group of a network: its streams, then the inner width of each kept block."""
-    blocks = dict(arch.blocks())
-    projected = {name for name, block, cin in arch.block_inputs() if block.needs_projection(cin)}
-    groups = []
-    for key, producers in streams(arch).producers.items():
-        members: list[str] = []
-        for producer in producers:
-            if producer == "stem":
-                members.append("stem")
-                continue
-            block = blocks[producer]
-            if producer in projected:
-                members.append(f"{producer}.shortcut")
-            if not block.removed:
-                members.append(f"{producer}.conv2")
-        groups.append(PruneGroup(key, tuple(members)))
-    groups += [PruneGroup(name, (f"{name}.conv1",)) for name, block in arch.blocks() if not block.removed]
-    return groups
 
 
 def count_filters(arch: ResNetArch) -> int:
@@ -141,17 +112,6 @@ def plan_removal(scores: Mapping[str, torch.Tensor], count: int) -> dict[str, in
     return {key: n for key, n in removed.items() if n}
 
 
-class ScoreTable:
-    """Surgery's importance interface (conv weight → score per filter) over precomputed group scores."""
-
-    def __init__(self, model: ResNet, scores: Mapping[str, torch.Tensor]) -> None:
-        self._by_weight = {id(model.get_submodule(m)[0].weight): scores[g.key]
-                           for g in prune_groups(model.arch) for m in g.members}
-
-    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        return self._by_weight[id(weight)]
-
-
 def prunable_channels(arch: ResNetArch) -> int:
     """Channels the ranking chooses among: one per stream channel and per inner channel."""
     widths = width_keys(arch)
@@ -168,7 +128,7 @@ def taylor_prune(model: ResNet, splits: Splits, count: int, batches: int, batch_
     return shrink(model, widths=new_widths, importance=ScoreTable(model, scores)), plan
 
 
-def taylor_step(parent: ResNet, spec: "CandidateSpec", ctx: "EvalContext") -> tuple[ResNet, dict[str, object]]:
+def taylor_step(parent: ResNet, spec: "CandidateSpec", ctx: "EvalContext") -> Built:
     """The builder of `method: taylor` candidates: prune `params.prune` channels of the parent.
 
     The parent is the teacher or the previous iteration's stored model; its weights are not changed.
@@ -177,5 +137,5 @@ def taylor_step(parent: ResNet, spec: "CandidateSpec", ctx: "EvalContext") -> tu
     model = copy.deepcopy(parent).to(ctx.device).requires_grad_(True)
     student, plan = taylor_prune(model, ctx.splits, int(params["prune"]), int(params["importance_batches"]),
                                  spec.train.batch_size, spec.seed)
-    return student, {"pruned": plan, "filters": count_filters(student.arch),
-                     "parent_filters": count_filters(parent.arch)}
+    return Built(student, {"pruned": plan, "filters": count_filters(student.arch),
+                           "parent_filters": count_filters(parent.arch)})

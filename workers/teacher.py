@@ -17,13 +17,13 @@ from typing import Any
 import torch
 
 from storage import ArtifactStore, WriteConflictError
-from storage.records import canonical_json, from_data, to_data
+from storage.records import canonical_json, to_data
 from workers.data import DatasetConfig, Splits
 from workers.distill import teacher_logits
 from workers.spec import short_hash
 from workers.train import Recipe, evaluate, train_model
 from workers.zoo import (
-    ResNet, ResNetArch, build_model, list_models, load_state_bytes, model_arch, state_dict_bytes,
+    Model, arch_from_data, build_model, list_models, load_state_bytes, model_arch, state_dict_bytes,
 )
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class TeacherConfig(Recipe):
 class Teacher:
     """A trained teacher: the model (eval mode) plus what is known about it."""
 
-    model: ResNet
+    model: Model
     teacher_hash: str
     meta: dict[str, Any]
     cached: bool  # True when loaded from the store rather than trained now
@@ -104,7 +104,7 @@ def load_or_train_teacher(store: ArtifactStore, config: TeacherConfig, dataset: 
     return Teacher(model, key, meta, cached=False)
 
 
-def _save(store: ArtifactStore, prefix: str, model: ResNet, meta: dict[str, Any]) -> None:
+def _save(store: ArtifactStore, prefix: str, model: Model, meta: dict[str, Any]) -> None:
     try:
         store.put_bytes(f"{prefix}/model.pt", state_dict_bytes(model), write_once=True)
         store.put_json(f"{prefix}/meta.json", meta, write_once=True)
@@ -119,7 +119,7 @@ def load_teacher(store: ArtifactStore, key: str, device: torch.device | str = "c
     """Load a stored teacher, checking each file against the manifest (a corrupt file is an error)."""
     prefix = f"teachers/{key}"
     meta = json.loads(store.get_verified(prefix, "meta.json"))
-    arch = from_data(ResNetArch, meta["arch"], source=store.uri_for(prefix + "/meta.json"))
+    arch = arch_from_data(meta["arch"], source=store.uri_for(prefix + "/meta.json"))
     model = load_state_bytes(build_model(arch), store.get_verified(prefix, "model.pt"),
                              store.uri_for(prefix + "/model.pt"))
     model.to(device).eval()

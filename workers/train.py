@@ -10,7 +10,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -107,14 +107,39 @@ def training_memory_format(model: nn.Module, device: torch.device) -> torch.memo
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class TrainCallback:
+    """Hooks into `train_model`'s loop (Distiller's scheduler interface). Epochs count from 0 here.
+
+    on_minibatch_end runs after optimizer.step(). A callback with `controls_lr` steps the learning
+    rate itself (from on_train_begin's optimizer): train_model then keeps the recipe's lr constant.
+    """
+
+    controls_lr = False
+
+    def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def on_epoch_begin(self, epoch: int) -> None: ...
+
+    def on_minibatch_begin(self, epoch: int, step: int, steps: int) -> None: ...
+
+    def before_backward_pass(self, epoch: int, step: int, steps: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def on_minibatch_end(self, epoch: int, step: int, steps: int) -> None: ...
+
+    def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
+        """`record` is the epoch's history entry (loss, test_accuracy, ...): a callback may add to it."""
+
+
 def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.device, seed: int = 0,
                 desc: str = "train", progress: bool = True, loss_fn: LossFn | None = None,
-                compile_model: bool = False) -> list[dict[str, Any]]:
+                compile_model: bool = False, callbacks: Sequence[TrainCallback] = ()) -> list[dict[str, Any]]:
     """Train `model` in place on `splits` (moved to `device`); return one dict per epoch.
 
     Each epoch's dict holds loss (mean over steps), images_per_s and test_accuracy. `loss_fn`
     replaces plain cross-entropy (distillation looks up or computes the batch's teacher logits).
     `compile_model` runs the steps through `torch.compile` (pays off on a GPU for many steps).
+    `callbacks` see every epoch and step (a compression schedule prunes through them).
     """
     torch.manual_seed(seed)
     data = splits.to(device)
@@ -133,10 +158,11 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 nesterov=recipe.momentum > 0, weight_decay=recipe.weight_decay)
     total = recipe.epochs * steps
-    if total >= MIN_ONE_CYCLE_STEPS:
+    if total >= MIN_ONE_CYCLE_STEPS and not any(cb.controls_lr for cb in callbacks):
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=total,
                                                        pct_start=0.25, anneal_strategy="linear")
-    else:  # OneCycleLR divides by zero when a phase has no steps: a constant rate for tiny runs
+    else:  # OneCycleLR divides by zero when a phase has no steps: a constant rate for tiny runs (or a
+        # callback's own lr schedule on top)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     generator = torch.Generator(device=device).manual_seed(seed)
     criterion = loss_fn or (lambda logits, labels, _index, _images: F.cross_entropy(
@@ -146,12 +172,18 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
     interactive = sys.stderr.isatty()
     bar = tqdm(total=recipe.epochs * steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True,
                mininterval=0.2 if interactive else 15.0)
+    for cb in callbacks:
+        cb.on_train_begin(model, optimizer)
     for epoch in range(1, recipe.epochs + 1):
+        for cb in callbacks:
+            cb.on_epoch_begin(epoch - 1)
         model.train()
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         order = torch.randperm(n, device=device, generator=generator)[:per_epoch]
         for step in range(steps):
+            for cb in callbacks:
+                cb.on_minibatch_begin(epoch - 1, step, steps)
             index = order[step * batch : (step + 1) * batch]
             images = x_train[index]
             if recipe.augment:
@@ -159,10 +191,14 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
             images = normalize(images, data.mean, data.std).contiguous(memory_format=layout)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = criterion(forward(images), y_train[index], index, images)
+            for cb in callbacks:
+                loss = cb.before_backward_pass(epoch - 1, step, steps, loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
+            for cb in callbacks:
+                cb.on_minibatch_end(epoch - 1, step, steps)
             loss_sum += loss.detach()
             bar.update(1)
         mean_loss = loss_sum.item() / steps  # the one host sync of the epoch
@@ -170,6 +206,8 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
         accuracy = evaluate(model, *data.test, data.mean, data.std)
         record = {"epoch": epoch, "loss": mean_loss, "images_per_s": steps * batch / seconds,
                   "test_accuracy": accuracy, "seconds": seconds}
+        for cb in callbacks:
+            cb.on_epoch_end(epoch - 1, record)
         history.append(record)
         bar.set_description(f"{desc} epoch {epoch}/{recipe.epochs}")
         bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{record['images_per_s']:.0f}", test_acc=f"{accuracy:.4f}")

@@ -4,9 +4,12 @@
     model = build_model(arch)                                       # an nn.Module
     model.describe()                                                # layer descriptors (the RL state)
 
-Every model is a CIFAR-style residual network: a 3x3 stem, stages of basic blocks, global average
-pooling and a linear classifier. A pruned or compressed variant is just another `ResNetArch` (blocks
-removed, narrower widths), which is what surgery produces.
+Two families:
+- CIFAR-style residual networks (`ResNetArch`): a 3x3 stem, stages of basic blocks, global average
+  pooling and a linear classifier. A pruned or compressed variant is just another `ResNetArch`
+  (blocks removed, narrower widths), which is what surgery produces.
+- plain CNNs (`PlainArch`): conv-relu-maxpool layers then fully-connected layers, e.g. Distiller's
+  `simplenet_cifar` (conv1-conv2-fc1-fc2-fc3), whose parameter names Distiller schedules use.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 from storage.errors import CorruptArtifactError, SearchsvcError
-from storage.records import did_you_mean
+from storage.records import did_you_mean, from_data
 
 
 @dataclass(frozen=True)
@@ -170,13 +173,64 @@ def _bytes(module: nn.Module) -> int:
     return 4 * sum(p.numel() for p in module.parameters())
 
 
+@dataclass(frozen=True)
+class PlainArch:
+    """A plain CNN as data: 5x5 valid convs (each followed by ReLU and 2x2 max-pooling; the last pool
+    adapts to `pooled` x `pooled`, so any input from 14 px works), then ReLU'd linear layers."""
+
+    name: str
+    in_channels: int
+    num_classes: int
+    convs: tuple[int, ...]  # output channels of conv1, conv2, ...
+    fcs: tuple[int, ...]  # output features of fc1, fc2, ... (the classifier comes after them)
+    kernel: int = 5
+    pooled: int = 5  # spatial side after the last pool (32x32 CIFAR input: 5, as in Distiller)
+
+    def layer_names(self) -> list[str]:
+        """Module names in forward order, classifier last: conv1, conv2, fc1, fc2, fc3."""
+        return [f"conv{i + 1}" for i in range(len(self.convs))] + [f"fc{i + 1}" for i in range(len(self.fcs) + 1)]
+
+
+class PlainCNN(nn.Module):
+    """A `PlainArch` network. Modules are named conv1.., fc1..: Distiller's names for simplenet."""
+
+    def __init__(self, arch: PlainArch) -> None:
+        super().__init__()
+        self.arch = arch
+        cin = arch.in_channels
+        for index, width in enumerate(arch.convs, start=1):
+            self.add_module(f"conv{index}", nn.Conv2d(cin, width, arch.kernel))
+            cin = width
+        self.pool = nn.MaxPool2d(2, 2)
+        self.last_pool = nn.AdaptiveMaxPool2d(arch.pooled)
+        features = cin * arch.pooled * arch.pooled
+        for index, width in enumerate((*arch.fcs, arch.num_classes), start=1):
+            self.add_module(f"fc{index}", nn.Linear(features, width))
+            features = width
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        count = len(self.arch.convs)
+        for index in range(1, count + 1):
+            pool = self.last_pool if index == count else self.pool
+            x = pool(self.act(getattr(self, f"conv{index}")(x)))
+        x = torch.flatten(x, 1)
+        for index in range(1, len(self.arch.fcs) + 1):
+            x = self.act(getattr(self, f"fc{index}")(x))
+        return getattr(self, f"fc{len(self.arch.fcs) + 1}")(x)
+
+
+Arch = ResNetArch | PlainArch
+Model = ResNet | PlainCNN
+
+
 # ---- the registry --------------------------------------------------------------------------------
-ArchFactory = Callable[[int, int], ResNetArch]
+ArchFactory = Callable[[int, int], Arch]
 _MODELS: dict[str, ArchFactory] = {}
 
 
 def register_model(name: str) -> Callable[[ArchFactory], ArchFactory]:
-    """Decorator: register an architecture factory `(in_channels, num_classes) -> ResNetArch`."""
+    """Decorator: register an architecture factory `(in_channels, num_classes) -> ResNetArch | PlainArch`."""
 
     def add(factory: ArchFactory) -> ArchFactory:
         if name in _MODELS:
@@ -192,21 +246,31 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def model_arch(name: str, in_channels: int = 3, num_classes: int = 10) -> ResNetArch:
+def model_arch(name: str, in_channels: int = 3, num_classes: int = 10) -> Arch:
     """The architecture registered as `name`, for this input and number of classes."""
     if name not in _MODELS:
         raise SearchsvcError(f"unknown model {name!r}{did_you_mean(name, _MODELS)}; known: {', '.join(list_models())}")
     return _MODELS[name](in_channels, num_classes)
 
 
-def create_model(name: str, in_channels: int = 3, num_classes: int = 10) -> ResNet:
+def create_model(name: str, in_channels: int = 3, num_classes: int = 10) -> Model:
     """Build the registered model `name` with fresh weights."""
-    return ResNet(model_arch(name, in_channels, num_classes))
+    return build_model(model_arch(name, in_channels, num_classes))
 
 
-def build_model(arch: ResNetArch) -> ResNet:
+def build_model(arch: Arch) -> Model:
     """Build any architecture, registered or derived."""
-    return ResNet(arch)
+    return PlainCNN(arch) if isinstance(arch, PlainArch) else ResNet(arch)
+
+
+def arch_from_data(data: dict, source: str) -> Arch:
+    """An architecture from its stored JSON (teacher meta.json, candidate metrics.json), either family."""
+    return from_data(PlainArch if "convs" in data else ResNetArch, data, source=source)
+
+
+def is_residual(name: str) -> bool:
+    """Whether the registered model `name` is a residual network (what surgery-based methods need)."""
+    return isinstance(model_arch(name), ResNetArch)
 
 
 def state_dict_bytes(model: nn.Module) -> bytes:
@@ -255,6 +319,12 @@ def resnet56(in_channels: int, num_classes: int) -> ResNetArch:
 def tiny_cnn(in_channels: int, num_classes: int) -> ResNetArch:
     """A few thousand parameters for tests: stem 8, one block at 8, one strided block at 16."""
     return ResNetArch("tiny_cnn", in_channels, num_classes, 8, _stages((8, 16), 1))
+
+
+@register_model("simplenet_cifar")
+def simplenet_cifar(in_channels: int, num_classes: int) -> PlainArch:
+    """Distiller's simplenet_cifar (LeNet-5 style): conv1 6, conv2 16 (5x5), fc1 120, fc2 84, fc3. 62 k params."""
+    return PlainArch("simplenet_cifar", in_channels, num_classes, convs=(6, 16), fcs=(120, 84))
 
 
 def with_blocks(arch: ResNetArch, change: Callable[[str, BlockArch], BlockArch]) -> ResNetArch:

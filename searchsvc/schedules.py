@@ -1,0 +1,97 @@
+"""The schedule of an `agp` job: read from `search.schedule` (a file or inline), and its Tune variants.
+
+Each combination of `search.tune.final_sparsity` and `search.tune.ending_epoch` is one variant of the
+schedule, validated against the teacher's architecture when the config is validated, so a bad value
+fails `searchsvc validate` (exit 2) with its key, not a trial an hour later.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any
+
+import yaml
+
+from searchsvc.methods import AgpSearch
+from storage.records import RecordError
+from workers.schedule import Schedule, ScheduleError, parse_schedule
+from workers.zoo import create_model
+
+
+def base_schedule(search: AgpSearch) -> dict[str, Any]:
+    """The schedule mapping: the file `search.schedule` names, or the inline mapping itself."""
+    if isinstance(search.schedule, dict):
+        return copy.deepcopy(search.schedule)
+    try:
+        with open(search.schedule) as handle:
+            raw = yaml.safe_load(handle)
+    except OSError as err:
+        raise ScheduleError([f"search.schedule: cannot read {search.schedule!r}: {err.strerror}"]) from None
+    except yaml.YAMLError as err:
+        raise ScheduleError([f"search.schedule: {search.schedule}: invalid YAML: {str(err).splitlines()[0]}"]) from None
+    return raw
+
+
+def variant(raw: dict[str, Any], final_sparsity: float | dict[str, float] | None,
+            ending_epoch: int | None, where: str = "search.tune") -> dict[str, Any]:
+    """A copy of the schedule with every AGP pruner's final sparsity (a number) or the named ones (a
+    mapping) replaced, and every pruner policy's ending_epoch replaced."""
+    out = copy.deepcopy(raw)
+    pruners = out.get("pruners") if isinstance(out.get("pruners"), dict) else {}
+    agp = {name: p for name, p in pruners.items() if isinstance(p, dict) and "final_sparsity" in p}
+    if isinstance(final_sparsity, dict):
+        for name, level in final_sparsity.items():
+            if name not in agp:
+                raise ScheduleError([f"{where}.final_sparsity.{name}: the schedule has no AGP pruner named {name!r} "
+                                     f"(its AGP pruners: {', '.join(sorted(agp)) or 'none'})"])
+            agp[name]["final_sparsity"] = level
+    elif final_sparsity is not None:
+        for settings in agp.values():
+            settings["final_sparsity"] = final_sparsity
+    if ending_epoch is not None:
+        for policy in out.get("policies") or []:
+            if isinstance(policy, dict) and "pruner" in policy and "epochs" not in policy:
+                policy["ending_epoch"] = ending_epoch
+    return out
+
+
+def schedule_variants(search: AgpSearch, arch: str) -> list[dict[str, Any]]:
+    """Every variant the sweep runs, each {"raw", "final_sparsity", "ending_epoch"}, validated against `arch`.
+
+    ScheduleError lists every problem (the base schedule's, then each variant's, by its key).
+    """
+    model = create_model(arch)
+    raw = base_schedule(search)
+    parse_schedule(raw, model, source=f"search.schedule ({_name(search)})")
+    finals = search.tune.final_sparsity or (None,)
+    endings = search.tune.ending_epoch or (None,)
+    out, problems = [], []
+    for (i, final), (j, ending) in itertools.product(enumerate(finals), enumerate(endings)):
+        where = f"search.tune (final_sparsity[{i}], ending_epoch[{j}])"
+        try:
+            changed = variant(raw, final, ending)
+            parse_schedule(changed, model, source=where)
+        except RecordError as err:
+            problems.extend(str(err).splitlines())
+            continue
+        out.append({"raw": changed, "final_sparsity": final, "ending_epoch": ending})
+    if problems:
+        raise ScheduleError(sorted(set(problems)))
+    return out
+
+
+def check_agp(config: Any) -> list[str]:
+    """Config-time check of an agp job: its schedule and every Tune variant run on the teacher's arch."""
+    try:
+        schedule_variants(config.search, config.teacher.arch)
+    except RecordError as err:
+        return str(err).splitlines()
+    return []
+
+
+def _name(search: AgpSearch) -> str:
+    return search.schedule if isinstance(search.schedule, str) else "inline"
+
+
+__all__ = ["Schedule", "base_schedule", "check_agp", "schedule_variants", "variant"]

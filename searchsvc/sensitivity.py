@@ -1,0 +1,131 @@
+"""Sensitivity analysis (`searchsvc sensitivity CONFIG`): prune each layer alone, see what it costs.
+
+For every weight (or filter group) and every level in `levels`, the teacher with only that weight
+pruned to that sparsity is evaluated without fine-tuning — all points in parallel on the actor pool
+(workers/agp.py:sensitivity_step). The run stores
+
+    runs/<id>/sensitivity.csv          weight, level, accuracy, drop (points), sparsity, non-zero params
+    runs/<id>/plots/sensitivity.png    accuracy vs sparsity, one line per layer
+    runs/<id>/sensitivity.agp.yaml     a starting AGP schedule: each layer's final sparsity is the
+                                       highest level whose drop (and every lower level's) is within
+                                       `tolerance` points of the unpruned network
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import yaml
+
+from searchsvc.evaluator import Evaluator, ensure_ray
+from searchsvc.job import RunContext
+from searchsvc.methods import SensitivitySearch
+from searchsvc.plots import sensitivity_png
+from storage import SearchsvcError
+from storage.records import did_you_mean
+from storage.tables import run_prefix
+from workers.pruners import prunable_weights
+from workers.spec import CandidateSpec
+from workers.summary import to_csv
+from workers.thinning import channel_groups
+from workers.zoo import Model
+
+SCHEDULE_KEY = "sensitivity.agp.yaml"
+
+
+def analysed_weights(model: Model, search: SensitivitySearch) -> list[str]:
+    """The weights to prune one at a time: as configured, else every conv / linear weight (element) or
+    one weight per channel group (filter: pruning it prunes the group)."""
+    allowed = prunable_weights(model) if search.structure == "element" else \
+        [g.weights[0] for g in channel_groups(model)]
+    every = prunable_weights(model) if search.structure == "element" else \
+        [w for g in channel_groups(model) for w in g.weights]
+    for i, name in enumerate(search.weights):
+        if name not in every:
+            raise SearchsvcError(f"search.weights[{i}]: {name!r} is not a prunable weight of {model.arch.name} "
+                                 f"({search.structure} structure){did_you_mean(name, every)}")
+    return list(search.weights) or allowed
+
+
+def sensitivity_specs(context: RunContext, weights: list[str]) -> list[CandidateSpec]:
+    search: SensitivitySearch = context.config.search
+    return [CandidateSpec(arch=context.config.teacher.arch, teacher=context.teacher.teacher_hash,
+                          dataset=context.config.dataset, train=context.config.train, method="sensitivity",
+                          seed=context.config.seed,
+                          params=(("level", float(level)), ("structure", search.structure), ("weight", weight)))
+            for weight in weights for level in search.levels]
+
+
+class SensitivityEvaluator(Evaluator):
+    """Rows with the pruned weight, its level and structure beside the usual columns."""
+
+    def row(self, spec: CandidateSpec, m: dict[str, Any], cached: bool) -> dict[str, Any]:
+        params = dict(spec.params)
+        return {**super().row(spec, m, cached), "weight": params["weight"], "level": params["level"],
+                "structure": params["structure"], "sparsity": m.get("sparsity"),
+                "nonzero_params": m.get("nonzero_params")}
+
+
+def run_sensitivity(context: RunContext) -> None:
+    """The sensitivity driver: every (weight, level) point through the pool; CSV, plot, schedule."""
+    search: SensitivitySearch = context.config.search
+    weights = analysed_weights(context.teacher.model, search)
+    specs = sensitivity_specs(context, weights)
+    ensure_ray(context.address)
+    evaluator = SensitivityEvaluator(context, total=len(specs))
+    try:
+        rows = evaluator.evaluate(specs)
+    finally:
+        evaluator.close()
+    table = sensitivity_table(rows, context.teacher.test_accuracy)
+    prefix = run_prefix(context.run_id)
+    store = context.store
+    store.put_bytes(f"{prefix}/sensitivity.csv", to_csv(table))
+    store.put_bytes(f"{prefix}/plots/sensitivity.png", sensitivity_png(table, context.teacher.test_accuracy,
+                                                                      title=f"{search.structure} sensitivity, "
+                                                                            f"{context.config.teacher.arch}"))
+    schedule = starting_schedule(table, search)
+    store.put_bytes(f"{prefix}/{SCHEDULE_KEY}", yaml.safe_dump(schedule, sort_keys=False).encode())
+    context.summary.update(sensitivity=store.uri_for(f"{prefix}/sensitivity.csv"),
+                           plot=store.uri_for(f"{prefix}/plots/sensitivity.png"),
+                           schedule=store.uri_for(f"{prefix}/{SCHEDULE_KEY}"))
+
+
+def sensitivity_table(rows: list[dict[str, Any]], baseline: float) -> list[dict[str, Any]]:
+    """One entry per point, by weight then level; `drop` in accuracy points below `baseline` (0..1)."""
+    table = [{"weight": r["weight"], "level": r["level"], "accuracy": r["accuracy"],
+              "drop": 100 * (baseline - r["accuracy"]), "sparsity": r.get("sparsity"),
+              "nonzero_params": r.get("nonzero_params"), "status": r["status"]} for r in rows]
+    return sorted(table, key=lambda t: (t["weight"], t["level"]))
+
+
+def tolerated_levels(table: list[dict[str, Any]], tolerance: float) -> dict[str, float]:
+    """Per weight, the highest level such that it and every lower level drop at most `tolerance` points."""
+    by_weight: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for entry in table:
+        by_weight[entry["weight"]].append(entry)
+    chosen = {}
+    for weight, entries in by_weight.items():
+        level = 0.0
+        for entry in sorted(entries, key=lambda e: e["level"]):
+            if entry["status"] != "ok" or entry["drop"] > tolerance:
+                break
+            level = entry["level"]
+        chosen[weight] = level
+    return chosen
+
+
+def starting_schedule(table: list[dict[str, Any]], search: SensitivitySearch) -> dict[str, Any]:
+    """A Distiller schedule: one AGP pruner per tolerated level (layers that tolerate none are left out)."""
+    by_level: dict[float, list[str]] = defaultdict(list)
+    for weight, level in sorted(tolerated_levels(table, search.tolerance).items()):
+        if level > 0:
+            by_level[level].append(weight)
+    cls = "AutomatedGradualPruner" if search.structure == "element" else "StructuredAGP"
+    pruners = {f"level_{round(100 * level)}": {"class": cls, "initial_sparsity": 0.0, "final_sparsity": level,
+                                                "weights": weights}
+               for level, weights in sorted(by_level.items())}
+    policies = [{"pruner": {"instance_name": name}, "starting_epoch": 0,
+                 "ending_epoch": search.schedule_ending_epoch, "frequency": 1} for name in pruners]
+    return {"version": 1, "pruners": pruners, "policies": policies}

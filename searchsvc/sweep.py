@@ -1,0 +1,152 @@
+"""What every Ray Tune method shares: the sweep's search space, the Tuner on the run's store, and the
+recorder that turns trial reports into result rows.
+
+A method supplies a trial function `trial(sample, job)` that evaluates candidates inside the trial
+(worker_context + evaluate_candidate) and reports with `report_row`; a report that carries a `spec`
+becomes a row of the run (an epoch-only report just feeds ASHA). Tune's experiment lives in
+runs/<id>/state/tune on the run's own store, so `searchsvc resume` restores it from there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from searchsvc.evaluator import Recorder
+from searchsvc.job import RunContext
+from searchsvc.methods import LogRange, SweepTune
+from storage import ArtifactStore, SearchsvcError
+from storage.tables import pareto_front, run_prefix
+from workers.data import DatasetConfig
+from workers.evaluate import invalid_metrics, stored_metrics
+from workers.pool import ray_resources
+from workers.spec import CandidateSpec
+
+log = logging.getLogger(__name__)
+EXPERIMENT = "tune"  # Tune's experiment folder name under runs/<id>/state/
+
+
+def choose(values: tuple, default: Any) -> Any:
+    """A list of choices as a Tune grid (one value: that value; none: the default)."""
+    return default if not values else values[0] if len(values) == 1 else tune.grid_search(list(values))
+
+
+def lr_space(sweep: SweepTune, default: float) -> Any:
+    """lr as choices (a grid) or a log-uniform range."""
+    lr = sweep.lr
+    return tune.loguniform(lr.low, lr.high) if isinstance(lr, LogRange) else choose(lr, default)
+
+
+def samples_per_point(sweep: SweepTune) -> int:
+    """Tune's num_samples: lr draws per grid point when lr is a range; else 1 (a repeat would be identical)."""
+    return sweep.num_samples if isinstance(sweep.lr, LogRange) else 1
+
+
+def trial_count(sweep: SweepTune, *choice_lists: tuple) -> int:
+    """Trials of the sweep: the grid's combinations (lr's choices included) times the samples per point."""
+    lists = (*choice_lists, () if isinstance(sweep.lr, LogRange) else sweep.lr)
+    return math.prod(max(1, len(v)) for v in lists) * samples_per_point(sweep)
+
+
+# The driver's recorder of each run, found by run id: Tune pickles its callbacks into the experiment
+# state, so the callback carries only the id and finds the live recorder (also after a restore).
+_RECORDERS: dict[str, "TrialRecorder"] = {}
+
+
+class TrialRecorder(Recorder):
+    """Rows from trial reports: a report with a `spec` is one row, with the trial and its `row` extras."""
+
+    def record_report(self, trial_id: str, sample: dict[str, Any], result: dict[str, Any]) -> None:
+        if "spec" not in result:
+            return
+        spec = CandidateSpec.from_json(result["spec"])
+        metrics = stored_metrics(self.ctx.store, spec.spec_hash)  # the store is the truth
+        if metrics is None:  # not stored (out of memory): what the trial said
+            metrics = invalid_metrics(spec.spec_hash, result["error"] or "not stored")
+        self.record(spec, metrics, bool(result["cached"]), trial=trial_id, sample=json.dumps(sample, sort_keys=True),
+                    **json.loads(result.get("row", "{}")))
+
+
+class _ReportRows(tune.Callback):
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any) -> None:
+        recorder = _RECORDERS.get(self.run_id)
+        if recorder is not None:
+            recorder.record_report(trial.trial_id, trial.config, result)
+
+
+def report_fields(spec: CandidateSpec, metrics: dict[str, Any], cached: bool, **row: Any) -> dict[str, Any]:
+    """The keys of a report that becomes a row: the spec, whether it was cached, its status, `row` extras."""
+    return {"spec_hash": spec.spec_hash, "spec": spec.canonical_json(), "cached": cached,
+            "status": metrics["status"], "error": metrics.get("error") or "", "row": json.dumps(row)}
+
+
+def experiment_path(store: ArtifactStore, run_id: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path) of the run's Tune experiment: on the store itself, local or S3."""
+    filesystem, base = store.arrow_filesystem()
+    return filesystem, f"{base}/{run_prefix(run_id)}/state/{EXPERIMENT}"
+
+
+def build_tuner(context: RunContext, trial: Callable[..., None], job: Any, param_space: dict[str, Any],
+                sweep: SweepTune, metric: str, time_attr: str, max_t: int) -> tune.Tuner:
+    """A new Tuner (ASHA on `metric` per `time_attr`), or the run's own restored from the store when resuming."""
+    trainable = tune.with_parameters(tune.with_resources(trial, ray_resources(context.config.resources)), job=job)
+    filesystem, path = experiment_path(context.store, context.run_id)
+    if context.resumed and tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        log.info("restoring the Tune experiment of run %s", context.run_id)
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=filesystem)
+    scheduler = ASHAScheduler(time_attr=time_attr, max_t=max_t, grace_period=min(sweep.grace_period, max_t),
+                              reduction_factor=sweep.reduction_factor)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric=metric, mode="max", scheduler=scheduler,
+                                    num_samples=samples_per_point(sweep),
+                                    max_concurrent_trials=context.config.resources.max_concurrent,
+                                    search_alg=BasicVariantGenerator(random_state=context.config.seed)),
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=path.rsplit("/", 1)[0],
+                                  storage_filesystem=filesystem, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                                  callbacks=[_ReportRows(context.run_id)]),
+    )
+
+
+def fit(context: RunContext, tuner: tune.Tuner, recorder: TrialRecorder) -> tune.ResultGrid:
+    """Run the sweep, recording rows as trials report; SearchsvcError if every trial failed."""
+    _RECORDERS[context.run_id] = recorder
+    try:
+        grid = tuner.fit()
+    finally:
+        _RECORDERS.pop(context.run_id, None)
+    failed = [str(err).splitlines()[0][:300] for err in grid.errors]
+    if failed and len(failed) == len(grid):
+        recorder.close()
+        raise SearchsvcError(f"every Tune trial failed; first error: {failed[0]}")
+    for err in failed:
+        log.warning("a Tune trial failed: %s", err)
+    context.summary.update(failed_trials=len(failed))
+    return grid
+
+
+def absolute_dataset(dataset: DatasetConfig) -> DatasetConfig:
+    """Tune runs trials in their own working folder: a relative dataset root must not move with them."""
+    return replace(dataset, root=str(Path(dataset.root).resolve())) if dataset.root else dataset
+
+
+def mark_pareto(rows: list[dict[str, Any]], size: str = "params") -> set[str]:
+    """Set each row's `pareto` column (accuracy vs `size`); return the front's spec hashes."""
+    front = pareto_front(rows, size)
+    for row in rows:
+        row["pareto"] = row["spec_hash"] in front
+    return front

@@ -1,0 +1,111 @@
+"""The builders of `method: agp` and of sensitivity analysis (one layer pruned alone, no training).
+
+An AGP candidate starts from the trained teacher (Distiller's `--resume`), trains for `train.epochs`
+with the schedule's scheduler in the loop, then is *thinned*: channels that structured pruning zeroed
+are removed, so the stored model is physically smaller. Its metrics keep both sides:
+
+    sparsity, nonzero_params         zeros among conv / linear weights after training, and what is left
+    macs_before_thinning             dense MACs of the trained network before thinning
+    macs (from measure)              dense MACs of the stored, thinned network
+    nonzero_macs                     MACs that touch a non-zero weight (what sparse kernels could skip to)
+    thinned                          channels removed per group key
+
+Schedules live in the store under `schedules/<hash>.yaml` (the hash of their canonical JSON), so a
+candidate names its schedule by hash (`CandidateSpec.schedule`) and any worker can load it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+import torch
+import yaml
+from torch import nn
+
+from storage import ArtifactStore
+from storage.records import canonical_json
+from workers.evaluate import Built
+from workers.pruners import channel_keep, group_l1, magnitude_mask
+from workers.schedule import CompressionScheduler, Schedule, parse_schedule
+from workers.spec import short_hash
+from workers.summary import compute_summary, sparsity_summary
+from workers.thinning import group_of_weight, thin
+from workers.zoo import Model
+
+if TYPE_CHECKING:
+    from workers.evaluate import EvalContext
+    from workers.spec import CandidateSpec
+
+
+def schedule_hash(raw: dict[str, Any]) -> str:
+    return short_hash(canonical_json(raw))
+
+
+def put_schedule(store: ArtifactStore, raw: dict[str, Any]) -> str:
+    """Store a schedule mapping once under its hash; return the hash (what `CandidateSpec.schedule` holds)."""
+    key = schedule_hash(raw)
+    if not store.exists(f"schedules/{key}.yaml"):
+        store.put_bytes(f"schedules/{key}.yaml", yaml.safe_dump(raw, sort_keys=False).encode())
+    return key
+
+
+def get_schedule(store: ArtifactStore, key: str, model: nn.Module) -> Schedule:
+    """A stored schedule, validated against `model` (yaml.safe_load)."""
+    where = store.uri_for(f"schedules/{key}.yaml")
+    return parse_schedule(yaml.safe_load(store.get_bytes(f"schedules/{key}.yaml")), model, source=where)
+
+
+def weight_stats(model: nn.Module, in_channels: int, image_size: int) -> dict[str, Any]:
+    """Sparsity (0..1) of the conv / linear weights (Distiller's "Total sparsity"), non-zero parameters
+    (all of them: biases and batch-norm too, so they compare with `params`), dense and non-zero MACs."""
+    total = sparsity_summary(model)[-1]
+    compute = compute_summary(model, in_channels, image_size)[-1]
+    nonzero = sum(int(p.count_nonzero()) for p in model.parameters())
+    return {"sparsity": total["sparsity_pct"] / 100, "nonzero_params": nonzero, "dense_macs": compute["macs"],
+            "nonzero_macs": compute["nonzero_macs"]}
+
+
+def agp_step(parent: Model, spec: "CandidateSpec", ctx: "EvalContext") -> Built:
+    """Train a copy of the teacher under the candidate's schedule; thin it when training is done."""
+    model = copy.deepcopy(parent).cpu().train()
+    schedule = get_schedule(ctx.store, spec.schedule, model)
+    scheduler = CompressionScheduler(schedule, model)
+    c, size = ctx.splits.in_channels, ctx.splits.image_size
+
+    def finish(trained: Model) -> tuple[Model, dict[str, Any]]:
+        before = weight_stats(trained, c, size)
+        thinned, removed = thin(trained.cpu())
+        after = weight_stats(thinned, c, size)
+        return thinned, {"sparsity": after["sparsity"], "nonzero_params": after["nonzero_params"],
+                         "nonzero_macs": after["nonzero_macs"], "macs_before_thinning": before["dense_macs"],
+                         "sparsity_before_thinning": before["sparsity"], "thinned": removed,
+                         "schedule_epochs": schedule.last_epoch() + 1}
+
+    return Built(model, {"schedule": spec.schedule}, callbacks=(scheduler,), finish=finish)
+
+
+def prune_alone(model: Model, weight: str, level: float, structure: str) -> Model:
+    """A copy of `model` with one weight pruned to `level`: element-wise by magnitude, or whole filters
+    (with their bias / batch-norm channel, and in a ResNet the rest of the residual stream) by L1."""
+    pruned = copy.deepcopy(model).cpu().eval()
+    params = dict(pruned.named_parameters())
+    with torch.no_grad():
+        if structure == "element":
+            params[weight].mul_(magnitude_mask(params[weight], level))
+            return pruned
+        group = group_of_weight(pruned)[weight]
+        keep = channel_keep(group_l1(params, group.weights), level)
+        for name in group.params:
+            params[name][~keep] = 0
+    return pruned
+
+
+def sensitivity_step(parent: Model, spec: "CandidateSpec", ctx: "EvalContext") -> Built:
+    """One point of a sensitivity analysis: the teacher with `params.weight` pruned to `params.level`,
+    measured without fine-tuning and not kept (only its metrics are stored)."""
+    params = dict(spec.params)
+    model = prune_alone(parent, str(params["weight"]), float(params["level"]), str(params["structure"]))
+    stats = weight_stats(model, ctx.splits.in_channels, ctx.splits.image_size)
+    return Built(model, {"weight": params["weight"], "level": params["level"], **stats}, train=False,
+                 keep_model=False)

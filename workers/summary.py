@@ -1,0 +1,119 @@
+"""Distiller's model summaries, as rows: `sparsity` (per weight) and `compute` (per layer).
+
+    sparsity: name, shape, params, nnz, sparsity %, zero filters %   + "Total sparsity" row
+    compute:  name, type, kernel/stride, IFM, OFM, weights, MACs, non-zero MACs   + totals row
+
+MACs are per image (a multiply-accumulate per weight use). "Non-zero MACs" counts only the uses of
+non-zero weights: what a sparse kernel could skip, while dense hardware still pays the full MACs —
+which is why thinning (removing whole channels) is what makes a pruned network faster.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+import torch
+from torch import nn
+
+SUMMARY_KINDS = ("sparsity", "compute")
+TOTAL = "Total"
+
+
+def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+@torch.no_grad()
+def sparsity_summary(model: nn.Module) -> list[dict[str, Any]]:
+    """Per conv / linear weight: shape, params, non-zeros, sparsity %, and all-zero filters (rows) %."""
+    rows, params, nnz = [], 0, 0
+    for name, layer in _layers(model):
+        weight = layer.weight.detach()
+        count, nonzero = weight.numel(), int(weight.count_nonzero())
+        dead = int(weight.reshape(weight.shape[0], -1).ne(0).any(1).logical_not().sum())
+        rows.append({"name": f"{name}.weight", "shape": "x".join(map(str, weight.shape)), "params": count,
+                     "nnz": nonzero, "sparsity_pct": 100.0 * (1 - nonzero / count),
+                     "zero_filters_pct": 100.0 * dead / weight.shape[0]})
+        params, nnz = params + count, nnz + nonzero
+    rows.append({"name": f"{TOTAL} sparsity", "shape": "", "params": params, "nnz": nnz,
+                 "sparsity_pct": 100.0 * (1 - nnz / max(params, 1)), "zero_filters_pct": None})
+    return rows
+
+
+@torch.no_grad()
+def compute_summary(model: nn.Module, in_channels: int, image_size: int) -> list[dict[str, Any]]:
+    """Per conv / linear layer for one image: feature-map shapes, weights, MACs and non-zero MACs."""
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+    def hook(name: str):
+        def record(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            shapes[name] = (tuple(inputs[0].shape[1:]), tuple(output.shape[1:]))
+        return record
+
+    layers = _layers(model)
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers]
+    probe = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, in_channels, image_size, image_size, device=probe.device, dtype=probe.dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    rows, totals = [], {"weights": 0, "macs": 0, "nonzero_macs": 0}
+    for name, layer in layers:
+        ifm, ofm = shapes[name]
+        weight = layer.weight.detach()
+        positions = ofm[1] * ofm[2] if isinstance(layer, nn.Conv2d) else 1  # output pixels per image
+        macs = weight.numel() * positions
+        density = int(weight.count_nonzero()) / weight.numel()
+        attrs = f"k={layer.kernel_size[0]} s={layer.stride[0]}" if isinstance(layer, nn.Conv2d) else ""
+        row = {"name": name, "type": type(layer).__name__, "attrs": attrs, "ifm": "x".join(map(str, ifm)),
+               "ofm": "x".join(map(str, ofm)), "weights": weight.numel(), "macs": macs,
+               "nonzero_macs": int(round(macs * density))}
+        rows.append(row)
+        for key in totals:
+            totals[key] += row[key]
+    rows.append({"name": TOTAL, "type": "", "attrs": "", "ifm": "", "ofm": "", **totals})
+    return rows
+
+
+def summary(model: nn.Module, kind: str, in_channels: int, image_size: int) -> list[dict[str, Any]]:
+    """The `kind` summary (sparsity or compute) of `model`."""
+    if kind == "sparsity":
+        return sparsity_summary(model)
+    if kind == "compute":
+        return compute_summary(model, in_channels, image_size)
+    raise ValueError(f"unknown summary kind {kind!r}; choose one of {', '.join(SUMMARY_KINDS)}")
+
+
+def to_csv(rows: list[dict[str, Any]]) -> bytes:
+    """The rows as CSV (header from the first row's keys)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue().encode()
+
+
+def format_summary(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table: numbers right-aligned with thousands separators, percentages to 2 places."""
+    def cell(key: str, value: Any) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, float):
+            return f"{value:.2f}"
+        return f"{value:,}" if isinstance(value, int) else str(value)
+
+    header = [k.replace("_pct", " %").replace("_", " ") for k in rows[0]]
+    body = [[cell(k, v) for k, v in row.items()] for row in rows]
+    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
+    numeric = [isinstance(rows[0][k], (int, float)) for k in rows[0]]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(cells, widths, numeric)).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(b) for b in body])

@@ -1,0 +1,109 @@
+"""Thinning: turn channels that structured pruning zeroed into a physically smaller network.
+
+A *channel group* is what can leave the network as one: the output channels of one or more layers
+that every consumer sees together, with every parameter that carries them (conv / linear weight
+rows, biases, batch-norm scale and shift). In a ResNet these are surgery's width keys — a block's
+inner width (`layer2.1`) or a whole residual stream (`layer2`); in a plain CNN each hidden layer.
+
+A channel is *dead* when every parameter of its group is exactly zero at that channel: then the
+layer outputs exactly 0 there (BN gives 0·x̂ + 0), ReLU keeps it 0, and every consumer's input
+slice multiplies zeros. Removing dead channels therefore leaves the outputs unchanged (up to float
+summation order) while MACs, parameters and latency fall.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from workers.surgery import ScoreTable, prune_groups, shrink
+from workers.zoo import Model, PlainArch, PlainCNN, build_model
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels removed together: surgery's width key and the parameters whose dim 0 they index."""
+
+    key: str  # "layer2", "layer2.1" (ResNet) or "conv1", "fc1" (plain CNN)
+    weights: tuple[str, ...]  # conv / linear weights whose rows are the channels (what ranks them)
+    params: tuple[str, ...]  # every parameter indexed by the channels: weights, biases, BN scale/shift
+
+
+def channel_groups(model: Model) -> list[ChannelGroup]:
+    """Every prunable group of the model (the classifier's outputs are never one)."""
+    if isinstance(model, PlainCNN):
+        names = model.arch.layer_names()[:-1]
+        return [ChannelGroup(n, (f"{n}.weight",), (f"{n}.weight", f"{n}.bias")) for n in names]
+    groups = []
+    for group in prune_groups(model.arch):
+        weights = tuple(f"{m}.0.weight" for m in group.members)
+        bn = tuple(f"{m}.1.{p}" for m in group.members for p in ("weight", "bias"))
+        groups.append(ChannelGroup(group.key, weights, weights + bn))
+    return groups
+
+
+def group_of_weight(model: Model) -> dict[str, ChannelGroup]:
+    """Weight name → its channel group (what a structured pruner naming one weight prunes)."""
+    return {w: g for g in channel_groups(model) for w in g.weights}
+
+
+@torch.no_grad()
+def alive_channels(model: Model) -> dict[str, torch.Tensor]:
+    """Group key → bool per channel: True where any parameter of the group is non-zero."""
+    params = dict(model.named_parameters())
+    alive = {}
+    for group in channel_groups(model):
+        flags = [params[p].detach().reshape(params[p].shape[0], -1).ne(0).any(1).cpu() for p in group.params]
+        alive[group.key] = torch.stack(flags).any(0)
+    return alive
+
+
+def thin(model: Model) -> tuple[Model, dict[str, int]]:
+    """The network without its dead channels (CPU, eval mode), and channels removed per group key.
+
+    Every group keeps at least one channel (a layer cannot vanish); the model itself is unchanged.
+    """
+    alive = alive_channels(model)
+    removed = {key: int((~flags).sum()) for key, flags in alive.items() if not flags.all()}
+    if not removed:
+        return _copy(model), {}
+    if isinstance(model, PlainCNN):
+        return _thin_plain(model, alive), removed
+    widths = {key: max(1, int(flags.sum())) for key, flags in alive.items()}
+    scores = {key: flags.float() for key, flags in alive.items()}
+    return shrink(model.cpu(), widths=widths, importance=ScoreTable(model, scores)), removed
+
+
+def _copy(model: Model) -> Model:
+    clone = build_model(model.arch)
+    clone.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    return clone.eval()
+
+
+@torch.no_grad()
+def _thin_plain(model: PlainCNN, alive: dict[str, torch.Tensor]) -> PlainCNN:
+    """Keep the live output channels of every hidden layer and the matching inputs of the next."""
+    arch: PlainArch = model.arch
+    keep = {key: _kept(flags) for key, flags in alive.items()}
+    convs = tuple(len(keep[f"conv{i + 1}"]) for i in range(len(arch.convs)))
+    fcs = tuple(len(keep[f"fc{i + 1}"]) for i in range(len(arch.fcs)))
+    student = build_model(replace(arch, convs=convs, fcs=fcs)).eval()
+    inputs = torch.arange(arch.in_channels)
+    area = arch.pooled * arch.pooled  # features per channel after the last pool (flatten is channel-major)
+    names = arch.layer_names()
+    for name in names:
+        # every layer's outputs are a group but the classifier's, which keeps all its classes
+        outputs = keep[name] if name in keep else torch.arange(arch.num_classes)
+        src, dst = getattr(model, name), getattr(student, name)
+        if name == "fc1":  # its inputs are the last conv's channels, `area` features each
+            inputs = (inputs.view(-1, 1) * area + torch.arange(area)).reshape(-1)
+        dst.weight.copy_(src.weight[outputs][:, inputs])
+        dst.bias.copy_(src.bias[outputs])
+        inputs = outputs
+    return student
+
+
+def _kept(flags: torch.Tensor) -> torch.Tensor:
+    """Indices of the live channels, in order; channel 0 if none is live (a layer cannot vanish)."""
+    index = flags.nonzero().flatten()
+    return index if len(index) else torch.zeros(1, dtype=torch.long)
