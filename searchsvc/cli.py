@@ -279,8 +279,10 @@ _COLUMNS = [("spec_hash", "spec_hash", "{}"), ("method", "method", "{}"), ("stat
             ("reward", "reward", "{:.4f}"), ("compression", "x-factor", "{:.2f}"), ("accuracy", "accuracy", "{:.4f}"),
             ("params", "params", "{:,}"), ("macs", "MACs", "{:,}"), ("latency_ms", "latency ms", "{:.2f}"),
             ("finetuned_from", "built from", "{}"), ("artifact", "artifact", "{}")]
-# Method-specific columns, shown after `status` when the run has them (Tune methods: trial, iteration).
-_OPTIONAL = [("trial", "trial", "{}"), ("iteration", "iter", "{}"), ("pareto", "pareto", "{}")]
+# Method-specific columns, shown after `status` when the run has them (Tune methods: trial, iteration;
+# sparse methods: sparsity of the conv / linear weights, 0..1).
+_OPTIONAL = [("trial", "trial", "{}"), ("iteration", "iter", "{}"), ("pareto", "pareto", "{}"),
+             ("sparsity", "sparsity", "{:.3f}")]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
