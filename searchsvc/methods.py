@@ -247,17 +247,51 @@ class SensitivitySearch:
                 raise ValueError(f"levels[{i}]: a sparsity must be in [0, 1), got {level}")
 
 
+Distribution = Literal["uniform", "erk"]
+
+
+@dataclass(frozen=True)
+class RigLTune(SweepTune):
+    """The RigL sweep: each combination of the lists is one trial; ASHA compares test accuracy per epoch."""
+
+    dense_allocation: tuple[float, ...] = field(default=(), metadata={"help": "density choices, each in (0, 1]"})
+    delta: tuple[int, ...] = field(default=(), metadata={"help": "steps between mask updates: choices"})
+    alpha: tuple[float, ...] = field(default=(), metadata={"help": "initial update fraction: choices"})
+    distribution: tuple[Distribution, ...] = field(default=(), metadata={"help": "uniform / erk choices"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key, values, low in (("dense_allocation", self.dense_allocation, 0), ("alpha", self.alpha, 0)):
+            for i, value in enumerate(values):
+                if not low < value <= 1:
+                    raise ValueError(f"{key}[{i}]: must be in (0, 1], got {value}")
+        for i, value in enumerate(self.delta):
+            if value < 1:
+                raise ValueError(f"delta[{i}]: must be a positive number of steps, got {value}")
+
+
 @dataclass(frozen=True)
 class RigLSearch:
-    """RigL dynamic sparse training."""
+    """RigL dynamic sparse training (fixed non-zero budget, drop by magnitude, grow by gradient)."""
 
     dense_allocation: float = field(default=0.1, metadata={"gt": 0, "max": 1, "help": "fraction of weights kept"})
     delta: int = field(default=100, metadata={"min": 1, "help": "steps between mask updates"})
     alpha: float = field(default=0.3, metadata={"gt": 0, "max": 1, "help": "initial fraction updated"})
     t_end_fraction: float = field(default=0.75, metadata={"gt": 0, "max": 1, "help": "stop updates at this share"})
-    distribution: Literal["uniform", "erk"] = field(default="uniform", metadata={"help": "per-layer density rule"})
+    distribution: Distribution = field(default="uniform", metadata={
+        "help": "uniform (first layer dense) or erk (Erdős–Rényi-Kernel)"})
+    ignore_linear_layers: bool = field(default=True, metadata={"help": "keep linear layers dense"})
+    grad_accumulation_n: int = field(default=1, metadata={"min": 1, "help": "steps of dense gradient per regrowth"})
     static_topo: bool = field(default=False, metadata={"help": "never change masks (static sparse baseline)"})
-    num_samples: int = field(default=1, metadata={"min": 1, "help": "Tune trials"})
+    init: Literal["scratch", "teacher"] = field(default="scratch", metadata={
+        "help": "scratch: fresh weights of the teacher's arch; teacher: start from its trained weights"})
+    tune: RigLTune = field(default_factory=RigLTune)
+    reward: RewardForm = field(default="c_2_minus_c", metadata={
+        "help": "c_2_minus_c or c_over_2_minus_c; size is the non-zero parameter count"})
+
+    def __post_init__(self) -> None:
+        if self.grad_accumulation_n >= max(self.delta, 2):
+            raise ValueError(f"grad_accumulation_n: must be below delta ({self.delta}), got {self.grad_accumulation_n}")
 
 
 register_method("grid", GridSearch, "evaluate an explicit list of transformations", "searchsvc.grid:run_grid",
@@ -270,4 +304,4 @@ register_method("agp", AgpSearch, "gradual pruning from a Distiller YAML schedul
                 "searchsvc.agp:run_agp", check="searchsvc.schedules:check_agp")
 register_method("sensitivity", SensitivitySearch, "prune each layer alone to each level (searchsvc sensitivity)",
                 "searchsvc.sensitivity:run_sensitivity")
-register_method("rigl", RigLSearch, "RigL dynamic sparse training")
+register_method("rigl", RigLSearch, "RigL dynamic sparse training as a Ray Tune sweep", "searchsvc.rigl:run_rigl")

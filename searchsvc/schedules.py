@@ -57,7 +57,8 @@ def variant(raw: dict[str, Any], final_sparsity: float | dict[str, float] | None
 
 
 def schedule_variants(search: AgpSearch, arch: str) -> list[dict[str, Any]]:
-    """Every variant the sweep runs, each {"raw", "final_sparsity", "ending_epoch"}, validated against `arch`.
+    """Every variant the sweep runs, each {"raw", "schedule" (parsed), "final_sparsity", "ending_epoch"},
+    validated against `arch`.
 
     ScheduleError lists every problem (the base schedule's, then each variant's, by its key).
     """
@@ -71,11 +72,11 @@ def schedule_variants(search: AgpSearch, arch: str) -> list[dict[str, Any]]:
         where = f"search.tune (final_sparsity[{i}], ending_epoch[{j}])"
         try:
             changed = variant(raw, final, ending)
-            parse_schedule(changed, model, source=where)
+            parsed = parse_schedule(changed, model, source=where)
         except RecordError as err:
             problems.extend(str(err).splitlines())
             continue
-        out.append({"raw": changed, "final_sparsity": final, "ending_epoch": ending})
+        out.append({"raw": changed, "schedule": parsed, "final_sparsity": final, "ending_epoch": ending})
     if problems:
         raise ScheduleError(sorted(set(problems)))
     return out

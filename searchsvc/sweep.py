@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,15 +20,19 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from searchsvc.evaluator import Recorder
+from searchsvc.evaluator import Recorder, ensure_ray, prepare_teacher_logits
 from searchsvc.job import RunContext
 from searchsvc.methods import LogRange, SweepTune
+from searchsvc.plots import trajectory_png
 from storage import ArtifactStore, SearchsvcError
 from storage.tables import pareto_front, run_prefix
 from workers.data import DatasetConfig
-from workers.evaluate import invalid_metrics, stored_metrics
-from workers.pool import ray_resources
+from workers.evaluate import evaluate_candidate, invalid_metrics, load_candidate_model, stored_metrics
+from workers.pool import ray_resources, worker_context
+from workers.resources import Resources
 from workers.spec import CandidateSpec
+from workers.summary import SUMMARY_KINDS, summary, to_csv
+from workers.train import TrainCallback, TrainConfig
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "tune"  # Tune's experiment folder name under runs/<id>/state/
@@ -150,3 +154,85 @@ def mark_pareto(rows: list[dict[str, Any]], size: str = "params") -> set[str]:
     for row in rows:
         row["pareto"] = row["spec_hash"] in front
     return front
+
+
+class EpochReport(TrainCallback):
+    """Test accuracy (and the record's `extra` keys) to Tune after each epoch but the last: the trial's
+    final report, with the stored candidate, is that one (ASHA stops a trial that reaches max_t)."""
+
+    def __init__(self, epochs: int, *extra: str) -> None:
+        self.epochs, self.extra = epochs, extra
+
+    def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
+        if epoch + 1 < self.epochs:
+            tune.report({"epoch": epoch + 1, "accuracy": record["test_accuracy"],
+                         **{k: record.get(k, 0.0) for k in self.extra}})
+
+
+class SparseRecorder(TrialRecorder):
+    size = "nonzero_params"  # what a sparse model stores: compression, reward and the front count it
+
+
+def finish_sparse(recorder: SparseRecorder, trials: int, title: str) -> None:
+    """Pareto front by non-zero parameters, sparsity / compute summaries of every kept model, the plot."""
+    ctx = recorder.ctx
+    rows = list(recorder.rows.values())
+    front = mark_pareto(rows, size=SparseRecorder.size)
+    prefix = run_prefix(ctx.run_id)
+    size = ctx.splits.in_channels, ctx.splits.image_size
+    for row in rows:
+        if row["status"] != "ok" or not row.get("artifact"):
+            continue
+        model = load_candidate_model(ctx.store, row["spec_hash"])
+        for kind in SUMMARY_KINDS:
+            ctx.store.put_bytes(f"{prefix}/summaries/{row['spec_hash']}-{kind}.csv", to_csv(summary(model, kind, *size)))
+    png = trajectory_png(rows, recorder.teacher_params, recorder.teacher_accuracy, title=title, size=SparseRecorder.size)
+    ctx.store.put_bytes(f"{prefix}/plots/trajectory.png", png)
+    recorder.close()
+    ctx.summary.update(trials=trials, pareto=len(front), plot=ctx.store.uri_for(f"{prefix}/plots/trajectory.png"),
+                       summaries=ctx.store.uri_for(f"{prefix}/summaries/"))
+
+
+@dataclass(frozen=True)
+class CandidateJob:
+    """What a one-candidate-per-trial method's trials need from the driver (sent once, with_parameters)."""
+
+    store: ArtifactStore
+    arch: str
+    teacher_hash: str
+    dataset: DatasetConfig
+    train: TrainConfig
+    resources: Resources
+    seed: int
+
+    @classmethod
+    def of(cls, context: RunContext, **extra: Any) -> "CandidateJob":
+        config = context.config
+        return cls(store=context.store, arch=config.teacher.arch, teacher_hash=context.teacher.teacher_hash,
+                   dataset=absolute_dataset(config.dataset), train=config.train, resources=config.resources,
+                   seed=config.seed, **extra)
+
+
+def candidate_trial(job: CandidateJob, spec: CandidateSpec, progress_key: str, row_keys: tuple[str, ...]) -> None:
+    """A trial that is one candidate: evaluate it (or find it stored), reporting test accuracy and
+    `progress_key` after each epoch, then one final report that becomes its row (`row_keys` as columns)."""
+    ctx = worker_context(job.store, job.teacher_hash, job.dataset, job.resources)
+    metrics = stored_metrics(job.store, spec.spec_hash)
+    cached = metrics is not None
+    if metrics is None:
+        metrics = evaluate_candidate(spec, ctx, callbacks=[EpochReport(spec.train.epochs, progress_key)])
+    row = {k: json.dumps(v) if isinstance(v, dict) else v for k in row_keys if (v := metrics.get(k)) is not None}
+    tune.report({"epoch": spec.train.epochs, "accuracy": metrics["accuracy"], progress_key: row.get(progress_key, 0.0),
+                 **report_fields(spec, metrics, cached, **row)})
+
+
+def run_sparse_sweep(context: RunContext, trial: Callable[..., None], job: CandidateJob, space: dict[str, Any],
+                     sweep: SweepTune, reward_form: str, total: int, epochs: int, title: str) -> None:
+    """A sweep of one-candidate trials (agp, rigl): ASHA on test accuracy per epoch, rows sized by their
+    non-zero parameters, then the Pareto front, summaries and the plot."""
+    ensure_ray(context.address)
+    prepare_teacher_logits(context)
+    recorder = SparseRecorder(context, reward_form, total=total)
+    tuner = build_tuner(context, trial, job, space, sweep, metric="accuracy", time_attr="epoch", max_t=epochs)
+    grid = fit(context, tuner, recorder)
+    finish_sparse(recorder, trials=len(grid), title=title)

@@ -29,7 +29,7 @@ from workers.evaluate import Built
 from workers.pruners import channel_keep, group_l1, magnitude_mask
 from workers.schedule import CompressionScheduler, Schedule, parse_schedule
 from workers.spec import short_hash
-from workers.summary import compute_summary, sparsity_summary
+from workers.summary import weight_stats
 from workers.thinning import group_of_weight, thin
 from workers.zoo import Model
 
@@ -54,16 +54,6 @@ def get_schedule(store: ArtifactStore, key: str, model: nn.Module) -> Schedule:
     """A stored schedule, validated against `model` (yaml.safe_load)."""
     where = store.uri_for(f"schedules/{key}.yaml")
     return parse_schedule(yaml.safe_load(store.get_bytes(f"schedules/{key}.yaml")), model, source=where)
-
-
-def weight_stats(model: nn.Module, in_channels: int, image_size: int) -> dict[str, Any]:
-    """Sparsity (0..1) of the conv / linear weights (Distiller's "Total sparsity"), non-zero parameters
-    (all of them: biases and batch-norm too, so they compare with `params`), dense and non-zero MACs."""
-    total = sparsity_summary(model)[-1]
-    compute = compute_summary(model, in_channels, image_size)[-1]
-    nonzero = sum(int(p.count_nonzero()) for p in model.parameters())
-    return {"sparsity": total["sparsity_pct"] / 100, "nonzero_params": nonzero, "dense_macs": compute["macs"],
-            "nonzero_macs": compute["nonzero_macs"]}
 
 
 def agp_step(parent: Model, spec: "CandidateSpec", ctx: "EvalContext") -> Built:

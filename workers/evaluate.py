@@ -144,7 +144,7 @@ class Built:
 # Methods whose candidates are built by their own step from the parent model ("module:function",
 # imported when first used): builder(parent, spec, ctx) → Built.
 BUILDERS: dict[str, str] = {"taylor": "workers.taylor:taylor_step", "agp": "workers.agp:agp_step",
-                            "sensitivity": "workers.agp:sensitivity_step"}
+                            "sensitivity": "workers.agp:sensitivity_step", "rigl": "workers.rigl:rigl_step"}
 
 
 def build_student(spec: CandidateSpec, ctx: EvalContext) -> Built:

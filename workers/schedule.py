@@ -242,7 +242,7 @@ class CompressionScheduler(TrainCallback):
         self.lr: dict[str, Any] = {}
         self.controls_lr = any(p.kind == "lr_scheduler" for p in schedule.policies)
 
-    def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int = 0) -> None:
         self.model = model
         self.lr = {name: getattr(torch.optim.lr_scheduler, cls)(optimizer, **kwargs)
                    for name, (cls, kwargs) in self.schedule.lr_schedulers.items()}

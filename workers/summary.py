@@ -81,6 +81,16 @@ def compute_summary(model: nn.Module, in_channels: int, image_size: int) -> list
     return rows
 
 
+def weight_stats(model: nn.Module, in_channels: int, image_size: int) -> dict[str, Any]:
+    """Sparsity (0..1) of the conv / linear weights (Distiller's "Total sparsity"), non-zero parameters
+    (all of them: biases and batch-norm too, so they compare with `params`), dense and non-zero MACs."""
+    total = sparsity_summary(model)[-1]
+    compute = compute_summary(model, in_channels, image_size)[-1]
+    nonzero = sum(int(p.count_nonzero()) for p in model.parameters())
+    return {"sparsity": total["sparsity_pct"] / 100, "nonzero_params": nonzero, "dense_macs": compute["macs"],
+            "nonzero_macs": compute["nonzero_macs"]}
+
+
 def summary(model: nn.Module, kind: str, in_channels: int, image_size: int) -> list[dict[str, Any]]:
     """The `kind` summary (sparsity or compute) of `model`."""
     if kind == "sparsity":

@@ -110,13 +110,14 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torc
 class TrainCallback:
     """Hooks into `train_model`'s loop (Distiller's scheduler interface). Epochs count from 0 here.
 
-    on_minibatch_end runs after optimizer.step(). A callback with `controls_lr` steps the learning
-    rate itself (from on_train_begin's optimizer): train_model then keeps the recipe's lr constant.
+    before_optimizer_step may veto the step (RigL updates masks instead); on_minibatch_end runs after
+    it. A callback with `controls_lr` steps the learning rate itself (from on_train_begin's optimizer):
+    train_model then keeps the recipe's lr constant.
     """
 
     controls_lr = False
 
-    def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+    def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int = 0) -> None: ...
 
     def on_epoch_begin(self, epoch: int) -> None: ...
 
@@ -124,6 +125,10 @@ class TrainCallback:
 
     def before_backward_pass(self, epoch: int, step: int, steps: int, loss: torch.Tensor) -> torch.Tensor:
         return loss
+
+    def before_optimizer_step(self, epoch: int, step: int, steps: int) -> bool:
+        """False skips this step's optimizer.step()."""
+        return True
 
     def on_minibatch_end(self, epoch: int, step: int, steps: int) -> None: ...
 
@@ -173,7 +178,7 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
     bar = tqdm(total=recipe.epochs * steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True,
                mininterval=0.2 if interactive else 15.0)
     for cb in callbacks:
-        cb.on_train_begin(model, optimizer)
+        cb.on_train_begin(model, optimizer, total)
     for epoch in range(1, recipe.epochs + 1):
         for cb in callbacks:
             cb.on_epoch_begin(epoch - 1)
@@ -195,7 +200,8 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
                 loss = cb.before_backward_pass(epoch - 1, step, steps, loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            if all([cb.before_optimizer_step(epoch - 1, step, steps) for cb in callbacks]):  # every one is asked
+                optimizer.step()
             schedule.step()
             for cb in callbacks:
                 cb.on_minibatch_end(epoch - 1, step, steps)

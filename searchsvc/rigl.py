@@ -1,0 +1,67 @@
+"""`method: rigl` — RigL dynamic sparse training, one Ray Tune trial per combination of settings.
+
+    search:
+      dense_allocation: 0.1          # the fixed share of non-zero weights in the sparse layers
+      delta: 100                     # steps between drop / grow updates, until t_end_fraction of all steps
+      init: scratch                  # or teacher (distillation from the teacher: train.distill.alpha > 0)
+      tune: {dense_allocation: [0.05, 0.1], distribution: [uniform, erk]}   # 4 trials
+
+Each trial trains one candidate (workers/rigl.py: the teacher's architecture, fresh or the teacher's
+weights) with RigL gating every optimizer step, reporting test accuracy and density to Tune after
+each epoch (ASHA stops weak trials), then stores it. Rows carry density, sparsity and non-zero
+parameters; compression, reward and the Pareto front count non-zero parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from searchsvc import sweep
+from searchsvc.job import RunContext
+from searchsvc.methods import RigLSearch
+from searchsvc.sweep import CandidateJob, choose
+from workers.spec import CandidateSpec
+from workers.train import TrainConfig
+
+ROW_KEYS = ("density", "sparsity", "nonzero_params", "nonzero_macs", "rigl_updates")
+
+
+@dataclass(frozen=True)
+class RigLJob(CandidateJob):
+    search: RigLSearch | None = None
+
+
+def param_space(search: RigLSearch, train: TrainConfig) -> dict[str, Any]:
+    """A grid over the choice lists (a list left empty keeps `search`'s value), lr as choices or a range."""
+    t = search.tune
+    return {"dense_allocation": choose(t.dense_allocation, search.dense_allocation), "delta": choose(t.delta, search.delta),
+            "alpha": choose(t.alpha, search.alpha), "distribution": choose(t.distribution, search.distribution),
+            "lr": sweep.lr_space(t, train.lr)}
+
+
+def trial_spec(job: RigLJob, sample: dict[str, Any]) -> CandidateSpec:
+    s = job.search
+    params = {"alpha": float(sample["alpha"]), "delta": int(sample["delta"]),
+              "dense_allocation": float(sample["dense_allocation"]), "grad_accumulation_n": s.grad_accumulation_n,
+              "ignore_linear_layers": s.ignore_linear_layers, "init": s.init,
+              "sparsity_distribution": str(sample["distribution"]), "static_topo": s.static_topo,
+              "t_end_fraction": s.t_end_fraction}
+    return CandidateSpec(arch=job.arch, teacher=job.teacher_hash, dataset=job.dataset,
+                         train=replace(job.train, lr=float(sample["lr"])), method="rigl", seed=job.seed,
+                         params=tuple(params.items()))
+
+
+def rigl_trial(sample: dict[str, Any], job: RigLJob) -> None:
+    """One Tune trial: train one sparse candidate under RigL, store it, report it."""
+    sweep.candidate_trial(job, trial_spec(job, sample), "density", ROW_KEYS)
+
+
+def run_rigl(context: RunContext) -> None:
+    """The rigl driver: a Tune sweep of RigL trainings, recorded row by row; summaries and plot at the end."""
+    search: RigLSearch = context.config.search
+    t = search.tune
+    sweep.run_sparse_sweep(context, rigl_trial, RigLJob.of(context, search=search),
+                           param_space(search, context.config.train), t, search.reward,
+                           total=sweep.trial_count(t, t.dense_allocation, t.delta, t.alpha, t.distribution),
+                           epochs=context.config.train.epochs, title=f"RigL, run {context.run_id}")
