@@ -290,8 +290,9 @@ class RigLSearch:
         "help": "c_2_minus_c or c_over_2_minus_c; size is the non-zero parameter count"})
 
     def __post_init__(self) -> None:
-        if self.grad_accumulation_n >= max(self.delta, 2):
-            raise ValueError(f"grad_accumulation_n: must be below delta ({self.delta}), got {self.grad_accumulation_n}")
+        delta = min((self.delta, *self.tune.delta))  # every trial's delta must leave room for the accumulation
+        if self.grad_accumulation_n >= max(delta, 2):
+            raise ValueError(f"grad_accumulation_n: must be below delta ({delta}), got {self.grad_accumulation_n}")
 
 
 register_method("grid", GridSearch, "evaluate an explicit list of transformations", "searchsvc.grid:run_grid",
