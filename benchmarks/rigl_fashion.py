@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=12000, help="training images per epoch")
     parser.add_argument("--batch", type=int, default=64, help="images per step")
     parser.add_argument("--delta", type=int, default=75, help="steps between RigL updates")
+    parser.add_argument("--grad-accumulation", type=int, default=1, help="grad_accumulation_n")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -39,13 +40,14 @@ def main() -> None:
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch, lr=0.1, augment=False, max_images=args.images)
     modes = ("rigl", "static") if args.mode == "both" else (args.mode,)
     results = {"density": args.density, "distribution": args.distribution, "recipe": vars(recipe) | {},
-               "delta": args.delta, "runs": {m: [] for m in modes}}
+               "delta": args.delta, "grad_accumulation_n": args.grad_accumulation, "runs": {m: [] for m in modes}}
     for mode in modes:
         for seed in range(args.seeds):
             torch.manual_seed(seed)
             model = create_model("resnet20", splits.in_channels, splits.num_classes)
             callback = RigLCallback(dense_allocation=args.density, sparsity_distribution=args.distribution,
-                                    delta=args.delta, alpha=0.3, static_topo=mode == "static", seed=seed)
+                                    delta=args.delta, alpha=0.3, static_topo=mode == "static", seed=seed,
+                                    grad_accumulation_n=args.grad_accumulation)
             started = time.perf_counter()
             history = train_model(model, splits, recipe, torch.device("cpu"), seed=seed, progress=False,
                                   callbacks=[callback])
@@ -56,7 +58,8 @@ def main() -> None:
             print(mode, run, flush=True)
         accuracies = [r["test_accuracy"] for r in results["runs"][mode]]
         results[f"{mode}_mean_accuracy"] = statistics.mean(accuracies)
-    suffix = "" if args.mode == "both" else f"_{args.mode}"
+    suffix = ("" if args.distribution == "uniform" else f"_{args.distribution}") + \
+        ("" if args.mode == "both" else f"_{args.mode}")
     print(common.write_result("benchmarks/results", f"rigl_fashion_resnet20{suffix}", results))
 
 

@@ -2,8 +2,9 @@
 recorder that turns trial reports into result rows.
 
 A method supplies a trial function `trial(sample, job)` that evaluates candidates inside the trial
-(worker_context + evaluate_candidate) and reports with `report_row`; a report that carries a `spec`
-becomes a row of the run (an epoch-only report just feeds ASHA). Tune's experiment lives in
+(worker_context + evaluate_candidate) and reports with `report_fields`; a report that carries a
+`spec` becomes a row of the run (an epoch-only report just feeds ASHA). Methods whose trial is one
+candidate (agp, rigl) use `candidate_trial` and `run_sparse_sweep` whole. Tune's experiment lives in
 runs/<id>/state/tune on the run's own store, so `searchsvc resume` restores it from there.
 """
 
