@@ -15,7 +15,7 @@ import yaml
 
 from searchsvc.methods import AgpSearch
 from storage.records import RecordError
-from workers.schedule import Schedule, ScheduleError, parse_schedule
+from workers.schedule import ScheduleError, parse_schedule
 from workers.zoo import create_model
 
 
@@ -95,4 +95,4 @@ def _name(search: AgpSearch) -> str:
     return search.schedule if isinstance(search.schedule, str) else "inline"
 
 
-__all__ = ["Schedule", "base_schedule", "check_agp", "schedule_variants", "variant"]
+__all__ = ["base_schedule", "check_agp", "schedule_variants", "variant"]

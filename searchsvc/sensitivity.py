@@ -37,15 +37,16 @@ SCHEDULE_KEY = "sensitivity.agp.yaml"
 def analysed_weights(model: Model, search: SensitivitySearch) -> list[str]:
     """The weights to prune one at a time: as configured, else every conv / linear weight (element) or
     one weight per channel group (filter: pruning it prunes the group)."""
-    allowed = prunable_weights(model) if search.structure == "element" else \
-        [g.weights[0] for g in channel_groups(model)]
-    every = prunable_weights(model) if search.structure == "element" else \
-        [w for g in channel_groups(model) for w in g.weights]
+    if search.structure == "element":
+        every = default = prunable_weights(model)
+    else:
+        groups = channel_groups(model)
+        every, default = [w for g in groups for w in g.weights], [g.weights[0] for g in groups]
     for i, name in enumerate(search.weights):
         if name not in every:
             raise SearchsvcError(f"search.weights[{i}]: {name!r} is not a prunable weight of {model.arch.name} "
                                  f"({search.structure} structure){did_you_mean(name, every)}")
-    return list(search.weights) or allowed
+    return list(search.weights) or default
 
 
 def sensitivity_specs(context: RunContext, weights: list[str]) -> list[CandidateSpec]:

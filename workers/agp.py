@@ -26,11 +26,11 @@ from torch import nn
 from storage import ArtifactStore
 from storage.records import canonical_json
 from workers.evaluate import Built
-from workers.pruners import channel_keep, group_l1, magnitude_mask
+from workers.pruners import filter_masks, magnitude_mask
 from workers.schedule import CompressionScheduler, Schedule, parse_schedule
 from workers.spec import short_hash
 from workers.summary import weight_stats
-from workers.thinning import group_of_weight, thin
+from workers.thinning import thin
 from workers.zoo import Model
 
 if TYPE_CHECKING:
@@ -80,14 +80,11 @@ def prune_alone(model: Model, weight: str, level: float, structure: str) -> Mode
     (with their bias / batch-norm channel, and in a ResNet the rest of the residual stream) by L1."""
     pruned = copy.deepcopy(model).cpu().eval()
     params = dict(pruned.named_parameters())
+    masks = {weight: magnitude_mask(params[weight], level)} if structure == "element" else \
+        filter_masks(pruned, [weight], level)
     with torch.no_grad():
-        if structure == "element":
-            params[weight].mul_(magnitude_mask(params[weight], level))
-            return pruned
-        group = group_of_weight(pruned)[weight]
-        keep = channel_keep(group_l1(params, group.weights), level)
-        for name in group.params:
-            params[name][~keep] = 0
+        for name, mask in masks.items():
+            params[name].mul_(mask)
     return pruned
 
 

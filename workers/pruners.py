@@ -21,7 +21,10 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
+from workers.importance import l1_importance
+from workers.surgery import group_scores
 from workers.thinning import group_of_weight
+from workers.zoo import weight_layers
 
 Masks = dict[str, torch.Tensor]
 ANY = "*"  # a thresholds / levels key that stands for every conv and linear weight
@@ -56,7 +59,7 @@ def is_number(value: object) -> bool:
 
 def prunable_weights(model: nn.Module) -> list[str]:
     """Conv and linear weight names: what element-wise pruning may touch (biases and BN never)."""
-    return [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return [f"{name}.weight" for name, _ in weight_layers(model)]
 
 
 @dataclass(frozen=True)
@@ -134,26 +137,21 @@ class StructuredAGP(AutomatedGradualPruner):
     group_type: Literal["Filters", "Rows"] = field(default="Filters", metadata={"help": "Filters or Rows"})
 
     def masks(self, model: nn.Module, step: PolicyStep) -> Masks:
-        target = agp_sparsity(self.initial_sparsity, self.final_sparsity, step)
-        groups = group_of_weight(model)
-        params = dict(model.named_parameters())
-        masks: Masks = {}
-        for group in {groups[name].key: groups[name] for name in self.targets()}.values():
-            keep = channel_keep(group_l1(params, group.weights), target)
-            for name in group.params:
-                shape = (-1,) + (1,) * (params[name].dim() - 1)
-                masks[name] = keep.to(params[name].dtype).view(shape).expand_as(params[name]).clone()
-        return masks
+        return filter_masks(model, self.targets(), agp_sparsity(self.initial_sparsity, self.final_sparsity, step))
 
 
-def group_l1(params: dict[str, torch.Tensor], weights: tuple[str, ...]) -> torch.Tensor:
-    """L1 norm per output channel summed over a group's weights, each normalised by its mean."""
-    total = None
-    for name in weights:
-        norms = params[name].detach().abs().reshape(params[name].shape[0], -1).sum(1).float()
-        norms = norms / norms.mean().clamp_min(1e-12)
-        total = norms if total is None else total + norms
-    return total
+def filter_masks(model: nn.Module, weights: tuple[str, ...] | list[str], sparsity: float) -> Masks:
+    """Masks that zero the `sparsity` share of each named weight's channel group (lowest summed L1 norms),
+    over every parameter that carries those channels."""
+    groups = group_of_weight(model)
+    params = dict(model.named_parameters())
+    masks: Masks = {}
+    for group in {groups[name].key: groups[name] for name in weights}.values():
+        keep = channel_keep(group_scores([params[w] for w in group.weights], l1_importance), sparsity)
+        for name in group.params:
+            shape = (-1,) + (1,) * (params[name].dim() - 1)
+            masks[name] = keep.to(params[name].dtype).view(shape).expand_as(params[name]).clone()
+    return masks
 
 
 def channel_keep(scores: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch import nn
 from workers.evaluate import Built
 from workers.summary import weight_stats
 from workers.train import TrainCallback
-from workers.zoo import build_model
+from workers.zoo import build_model, weight_layers
 
 if TYPE_CHECKING:
     from workers.evaluate import EvalContext
@@ -82,7 +82,7 @@ class RigLScheduler(TrainCallback):
                  state_dict: dict[str, Any] | None = None, seed: int = 0) -> None:
         _check(dense_allocation, T_end, sparsity_distribution, delta, alpha, grad_accumulation_n)
         self.model, self.optimizer = model, optimizer
-        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        layers = weight_layers(model)
         self.names = [f"{n}.weight" for n, _ in layers]
         self.W = [m.weight for _, m in layers]
         self.dense_allocation, self.T_end, self.distribution = dense_allocation, int(T_end), sparsity_distribution

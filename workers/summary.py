@@ -17,19 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers.zoo import weight_layers
+
 SUMMARY_KINDS = ("sparsity", "compute")
 TOTAL = "Total"
-
-
-def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
 @torch.no_grad()
 def sparsity_summary(model: nn.Module) -> list[dict[str, Any]]:
     """Per conv / linear weight: shape, params, non-zeros, sparsity %, and all-zero filters (rows) %."""
     rows, params, nnz = [], 0, 0
-    for name, layer in _layers(model):
+    for name, layer in weight_layers(model):
         weight = layer.weight.detach()
         count, nonzero = weight.numel(), int(weight.count_nonzero())
         dead = int(weight.reshape(weight.shape[0], -1).ne(0).any(1).logical_not().sum())
@@ -52,7 +50,7 @@ def compute_summary(model: nn.Module, in_channels: int, image_size: int) -> list
             shapes[name] = (tuple(inputs[0].shape[1:]), tuple(output.shape[1:]))
         return record
 
-    layers = _layers(model)
+    layers = weight_layers(model)
     handles = [layer.register_forward_hook(hook(name)) for name, layer in layers]
     probe = next(model.parameters())
     was_training = model.training

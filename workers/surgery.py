@@ -142,12 +142,14 @@ class ScoreTable:
         return self._by_weight[id(weight)]
 
 
-def _group_scores(convs: list[nn.Conv2d], importance: Importance) -> torch.Tensor:
-    """Summed importance of a coupled group, each member normalised by its mean so no layer dominates."""
-    total = torch.zeros(convs[0].out_channels)
-    for conv in convs:
-        scores = importance(conv.weight).float().cpu()
-        total += scores / scores.mean().clamp_min(1e-12)
+def group_scores(weights: list[torch.Tensor], importance: Importance) -> torch.Tensor:
+    """Summed importance of a coupled group's weights, each member normalised by its mean so no layer
+    dominates; on the device the scores come from."""
+    total = None
+    for weight in weights:
+        scores = importance(weight).float()
+        scores = scores / scores.mean().clamp_min(1e-12)
+        total = scores if total is None else total + scores
     return total
 
 
@@ -177,7 +179,7 @@ def shrink(teacher: ResNet, removed: Iterable[str] = (), widths: Mapping[str, in
     kept: dict[str, torch.Tensor] = {}
     for key, producers in groups.producers.items():
         convs = [conv for p in producers for conv in _producer_convs(teacher, teacher_blocks, p, arch)]
-        kept[key] = _top(_group_scores(convs, importance), _stream_width(arch, key, groups))
+        kept[key] = _top(group_scores([c.weight for c in convs], importance).cpu(), _stream_width(arch, key, groups))
     _copy_conv_bn(student.stem, teacher.stem, kept[groups.of_output["stem"]], torch.arange(arch.in_channels))
     cin = kept[groups.of_output["stem"]]
     for name, block in arch.blocks():

@@ -13,6 +13,7 @@ summation order) while MACs, parameters and latency fall.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 
 import torch
@@ -66,18 +67,12 @@ def thin(model: Model) -> tuple[Model, dict[str, int]]:
     alive = alive_channels(model)
     removed = {key: int((~flags).sum()) for key, flags in alive.items() if not flags.all()}
     if not removed:
-        return _copy(model), {}
+        return copy.deepcopy(model).cpu().eval(), {}
     if isinstance(model, PlainCNN):
         return _thin_plain(model, alive), removed
     widths = {key: max(1, int(flags.sum())) for key, flags in alive.items()}
     scores = {key: flags.float() for key, flags in alive.items()}
     return shrink(model.cpu(), widths=widths, importance=ScoreTable(model, scores)), removed
-
-
-def _copy(model: Model) -> Model:
-    clone = build_model(model.arch)
-    clone.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    return clone.eval()
 
 
 @torch.no_grad()

@@ -263,6 +263,11 @@ def build_model(arch: Arch) -> Model:
     return PlainCNN(arch) if isinstance(arch, PlainArch) else ResNet(arch)
 
 
+def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every conv and linear layer, in module order: what pruning and summaries see."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
 def arch_from_data(data: dict, source: str) -> Arch:
     """An architecture from its stored JSON (teacher meta.json, candidate metrics.json), either family."""
     return from_data(PlainArch if "convs" in data else ResNetArch, data, source=source)
