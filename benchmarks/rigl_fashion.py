@@ -1,6 +1,6 @@
-"""RigL vs a static sparse network at the same density, steps and seed (Fashion-MNIST, ResNet-20 from
+"""RigL vs a static sparse network at the same density, steps and seed (Fashion-MNIST, a zoo model from
 scratch, CPU). The static baseline is RigL with `static_topo=True`: the same random initial masks,
-never updated. Writes benchmarks/results/rigl_fashion_resnet20[_static|_rigl].json.
+never updated. Writes benchmarks/results/rigl_fashion_<arch>[_erk][_static|_rigl].json.
 
     python benchmarks/rigl_fashion.py --mode rigl & python benchmarks/rigl_fashion.py --mode static
 
@@ -33,6 +33,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="images per step")
     parser.add_argument("--delta", type=int, default=75, help="steps between RigL updates")
     parser.add_argument("--grad-accumulation", type=int, default=1, help="grad_accumulation_n")
+    parser.add_argument("--arch", default="resnet20", help="zoo model, e.g. resnet20 or simplenet_cifar")
+    parser.add_argument("--include-linear", action="store_true",
+                        help="sparsify linear layers too (ignore_linear_layers=False)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -40,14 +43,16 @@ def main() -> None:
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch, lr=0.1, augment=False, max_images=args.images)
     modes = ("rigl", "static") if args.mode == "both" else (args.mode,)
     results = {"density": args.density, "distribution": args.distribution, "recipe": vars(recipe) | {},
-               "delta": args.delta, "grad_accumulation_n": args.grad_accumulation, "runs": {m: [] for m in modes}}
+               "delta": args.delta, "grad_accumulation_n": args.grad_accumulation,
+               "arch": args.arch, "ignore_linear_layers": not args.include_linear, "runs": {m: [] for m in modes}}
     for mode in modes:
         for seed in range(args.seeds):
             torch.manual_seed(seed)
-            model = create_model("resnet20", splits.in_channels, splits.num_classes)
+            model = create_model(args.arch, splits.in_channels, splits.num_classes)
             callback = RigLCallback(dense_allocation=args.density, sparsity_distribution=args.distribution,
                                     delta=args.delta, alpha=0.3, static_topo=mode == "static", seed=seed,
-                                    grad_accumulation_n=args.grad_accumulation)
+                                    grad_accumulation_n=args.grad_accumulation,
+                                    ignore_linear_layers=not args.include_linear)
             started = time.perf_counter()
             history = train_model(model, splits, recipe, torch.device("cpu"), seed=seed, progress=False,
                                   callbacks=[callback])
@@ -60,7 +65,7 @@ def main() -> None:
         results[f"{mode}_mean_accuracy"] = statistics.mean(accuracies)
     suffix = ("" if args.distribution == "uniform" else f"_{args.distribution}") + \
         ("" if args.mode == "both" else f"_{args.mode}")
-    print(common.write_result("benchmarks/results", f"rigl_fashion_resnet20{suffix}", results))
+    print(common.write_result("benchmarks/results", f"rigl_fashion_{args.arch}{suffix}", results))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 from searchsvc.job import RunContext
 from searchsvc.rewards import INVALID_REWARD, RewardForm, compression_ratio, reward
 from searchsvc.version import code_version
+from storage import StoreUnreachableError, spool
+from storage.base import json_bytes as store_json_bytes
 from storage.tables import run_prefix, write_results
 from workers.measure import count_parameters
 from workers.pool import EvalPool
@@ -43,6 +45,7 @@ class Recorder:
         self.rows: dict[str, dict[str, Any]] = {}  # spec_hash → row, this run
         self.started = time.perf_counter()
         self._last_write = 0.0
+        self._store_down = False  # set when the store stayed unreachable: nothing more is written
         self.bar = tqdm(total=total, desc="candidates", unit="eval", disable=not context.progress,
                         dynamic_ncols=True)
         if context.resumed:
@@ -68,18 +71,44 @@ class Recorder:
         """Candidates this run found in the store, untrained."""
         return sum(bool(row["cached"]) for row in self.rows.values())
 
-    def record(self, spec: CandidateSpec, metrics: dict[str, Any], cached: bool, **extra: Any) -> dict[str, Any]:
-        """Add a candidate's row (plus `extra` columns) to the run; a candidate already recorded keeps its row."""
+    def record(self, spec: CandidateSpec, metrics: dict[str, Any], cached: bool, unsaved: dict[str, bytes] | None = None,
+               **extra: Any) -> dict[str, Any]:
+        """Add a candidate's row (plus `extra` columns) to the run; a candidate already recorded keeps its row.
+
+        `unsaved`: the candidate's files a worker could not store (the store is down): kept locally with the
+        row, then the run stops."""
         if spec.spec_hash in self.rows:
             return self.rows[spec.spec_hash]
         row = {**self.row(spec, metrics, cached), **extra}
         self.rows[row["spec_hash"]] = row
-        self.ctx.store.put_json(f"{run_prefix(self.ctx.run_id)}/evals/{row['spec_hash']}.json", row, write_once=True)
+        self._store_row(row, unsaved)
         self.ctx.rows.append(row)
         self._progress(row)
         if time.perf_counter() - self._last_write > RESULTS_EVERY_S:
             self.flush()
         return row
+
+    def _store_row(self, row: dict[str, Any], unsaved: dict[str, bytes] | None) -> None:
+        """evals/<hash>.json, once; if the store stays unreachable the row (and the candidate's unsaved files)
+        are kept on local disk and the run stops with a message that says where (`searchsvc resume` uploads
+        them)."""
+        store, key = self.ctx.store, f"{run_prefix(self.ctx.run_id)}/evals/{row['spec_hash']}.json"
+        try:
+            if unsaved is not None:
+                raise StoreUnreachableError(f"the store {store.uri} is unreachable: a worker could not save "
+                                            f"candidate {row['spec_hash']}")
+            store.put_json(key, row, write_once=True)
+        except StoreUnreachableError as err:
+            for name, data in (unsaved or {}).items():
+                spool.keep_bytes(store, name, data)
+            spool.keep_bytes(store, key, store_json_bytes(row))
+            raise self._store_down_error(err, f"the finished result is kept in {spool.spool_dir(store)}") from None
+
+    def _store_down_error(self, err: StoreUnreachableError, kept: str) -> StoreUnreachableError:
+        """Stop writing, and say how the run goes on once the store is back."""
+        self._store_down = True
+        return StoreUnreachableError(f"{err}; {kept}. Once the store is back, `searchsvc resume --store "
+                                     f"{self.ctx.store.uri} --run {self.ctx.run_id}` continues the run")
 
     def row(self, spec: CandidateSpec, m: dict[str, Any], cached: bool) -> dict[str, Any]:
         """A results-table row from a candidate's metrics."""
@@ -109,8 +138,13 @@ class Recorder:
                              cache=self.cache_hits)
 
     def flush(self) -> None:
-        """Rewrite results.parquet from every row so far."""
-        write_results(self.ctx.store, self.ctx.run_id, self.ctx.rows)
+        """Rewrite results.parquet from every row so far (not while the store is down: resume rebuilds it)."""
+        if self._store_down:
+            return
+        try:
+            write_results(self.ctx.store, self.ctx.run_id, self.ctx.rows)
+        except StoreUnreachableError as err:
+            raise self._store_down_error(err, "every recorded result is stored") from None
         self._last_write = time.perf_counter()
 
     def close(self) -> None:
@@ -148,7 +182,7 @@ class Evaluator(Recorder):
         """Rows as candidates finish; a spec already evaluated in this run is not sent again."""
         fresh = [s for s in dict.fromkeys(specs) if s.spec_hash not in self.rows]
         for outcome in self.pool.map_unordered(fresh):
-            yield self.record(outcome.spec, outcome.metrics, outcome.cached)
+            yield self.record(outcome.spec, outcome.metrics, outcome.cached, unsaved=outcome.unsaved)
 
     def close(self) -> None:
         """Write the final table, stop the actors, report counts to the run."""

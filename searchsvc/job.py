@@ -20,7 +20,8 @@ import yaml
 from searchsvc.config import ConfigError, JobConfig, config_to_yaml, parse_config
 from searchsvc.methods import get_method
 from searchsvc.version import code_version
-from storage import ArtifactStore, KeyNotFoundError, SearchsvcError, open_store
+from storage import ArtifactStore, KeyNotFoundError, SearchsvcError, StoreUnreachableError, open_store, spool
+from storage.base import MANIFEST
 from storage.tables import run_prefix, write_results
 from workers.data import Splits, load_dataset
 from workers.teacher import Teacher, load_or_train_teacher
@@ -91,6 +92,7 @@ def resume(store: ArtifactStore | str, run_id: str, endpoint: str | None = None,
     prefix = run_prefix(run_id)
     if not store.exists(f"{prefix}/config.yaml"):
         raise KeyNotFoundError(f"run '{run_id}' does not exist in {store.uri}")
+    upload_kept(store)
     record = store.get_json(f"{prefix}/run.json") if store.exists(f"{prefix}/run.json") else {"run_id": run_id}
     if record.get("status") == "finished":
         raise SearchsvcError(f"run '{run_id}' already finished; nothing to resume")
@@ -102,6 +104,16 @@ def resume(store: ArtifactStore | str, run_id: str, endpoint: str | None = None,
     record.update(status="running", resumed_at=_now(), resumes=record.get("resumes", 0) + 1,
                   code_version=code_version())
     return _execute(config, store, run_id, record, progress, address, resumed=True)
+
+
+def upload_kept(store: ArtifactStore) -> None:
+    """Store what a run kept on local disk while the store was unreachable: candidates (files, then their
+    manifest), then the run rows that point to them."""
+    candidates = spool.upload(store, "candidates/")
+    for prefix in sorted({key.rsplit("/", 1)[0] for key in candidates}):
+        if not store.exists(f"{prefix}/{MANIFEST}"):
+            store.write_manifest(prefix)
+    spool.upload(store, "runs/")
 
 
 def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[str, Any], progress: bool,
@@ -133,7 +145,8 @@ def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[
     except BaseException as err:
         record.update(status="failed", error=f"{type(err).__name__}: {err}", finished_at=_now(),
                       wall_s=time.perf_counter() - started)
-        store.put_json(f"{prefix}/run.json", record)
+        if not isinstance(err, StoreUnreachableError):  # else the record stays "running": resume continues it
+            store.put_json(f"{prefix}/run.json", record)
         raise
     summary = {"evaluations": len(context.rows), "cache_hits": 0, **context.summary}
     record.update(status=status, finished_at=_now(), wall_s=time.perf_counter() - started, **summary)

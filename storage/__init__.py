@@ -18,6 +18,7 @@ from storage.errors import (
     StoreAccessError,
     StoreError,
     StoreUnreachableError,
+    UnsavedResult,
     WriteConflictError,
 )
 from storage.local import LocalStore
@@ -28,13 +29,13 @@ DEFAULT_STORE = "./searchsvc-store"
 __all__ = [
     "DEFAULT_STORE", "ArtifactStore", "BucketNotFoundError", "CorruptArtifactError", "InvalidKeyError",
     "KeyNotFoundError", "LocalStore", "S3Store", "SearchsvcError", "StoreAccessError", "StoreError",
-    "StoreUnreachableError", "WriteConflictError", "check_id", "check_key", "open_store", "sha256_bytes",
+    "StoreUnreachableError", "UnsavedResult", "WriteConflictError", "check_id", "check_key", "open_store", "sha256_bytes",
     "sha256_file",
 ]
 
 
 def open_store(
-    uri: str | None = None, endpoint: str | None = None, create: bool = True, max_attempts: int = 10
+    uri: str | None = None, endpoint: str | None = None, create: bool = True, max_attempts: int = 4
 ) -> ArtifactStore:
     """Open the store at `uri`: a folder path, `file:///abs/dir` or `s3://bucket/prefix`.
 

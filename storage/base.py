@@ -55,6 +55,11 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def json_bytes(obj: Any) -> bytes:
+    """The stored form of JSON: indented, key-sorted, newline-terminated (same object, same bytes)."""
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
 class ArtifactStore(ABC):
     """A key/value store of artifacts addressed by relative keys such as 'runs/<id>/config.yaml'."""
 
@@ -151,9 +156,8 @@ class ArtifactStore(ABC):
 
     # ---- structured data ------------------------------------------------------------------------
     def put_json(self, key: str, obj: Any, write_once: bool = False) -> str:
-        """Store `obj` as indented, key-sorted JSON."""
-        text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
-        return self.put_bytes(key, text.encode(), write_once=write_once)
+        """Store `obj` as indented, key-sorted JSON (`json_bytes`)."""
+        return self.put_bytes(key, json_bytes(obj), write_once=write_once)
 
     def get_json(self, key: str) -> Any:
         """Load the JSON stored at `key`."""

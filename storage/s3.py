@@ -3,11 +3,18 @@
 Credentials come only from boto3's own chain (environment, profile, instance role); this module never
 reads, stores or prints them. The endpoint is the `endpoint` argument, else boto3's own
 `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, else AWS.
+
+Outages: boto3 retries each request a few times; on top of that, once the store has answered, a
+store that stops answering (a restarted MinIO, a network blip) is retried with exponential backoff
+for `retry_window_s` seconds (env `SEARCHSVC_STORE_RETRY_S`, default 120) before the call fails. A
+store that never answered fails at once, so a typo in the endpoint is reported in seconds.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
@@ -30,7 +37,21 @@ PART_SIZE = 8 << 20  # bytes per multipart part (S3 minimum is 5 MiB)
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "InvalidToken", "ExpiredToken"}
 _MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
 _PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
+_TRANSIENT = {"ServiceUnavailable", "SlowDown", "InternalError", "RequestTimeout", "500", "502", "503", "504"}
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+def default_retry_window() -> float:
+    """Seconds a reached store may stay unreachable before a call fails (SEARCHSVC_STORE_RETRY_S)."""
+    raw = os.environ.get("SEARCHSVC_STORE_RETRY_S", "120")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise StoreError(f"SEARCHSVC_STORE_RETRY_S: expected seconds, got {raw!r}") from None
+    if value < 0:
+        raise StoreError(f"SEARCHSVC_STORE_RETRY_S: must be >= 0, got {raw!r}")
+    return value
 
 
 class _PreconditionFailed(StoreError):
@@ -61,15 +82,18 @@ class S3Store(ArtifactStore):
         bucket: str,
         prefix: str = "",
         endpoint: str | None = None,
-        max_attempts: int = 10,
+        max_attempts: int = 4,
         check: bool = True,
+        retry_window_s: float | None = None,
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint = check_endpoint(endpoint) or _endpoint_from_env()
-        self.max_attempts = max_attempts  # per request, first try included; backoff grows to 20 s
+        self.max_attempts = max_attempts  # boto3's tries per request, first included (backoff 1, 2, 4 s)
+        self.retry_window_s = default_retry_window() if retry_window_s is None else retry_window_s
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self._client: Any = None
+        self._reached = False  # True once any call succeeded: from then on outages are waited out
         if check:
             self.check_bucket()
 
@@ -102,10 +126,33 @@ class S3Store(ArtifactStore):
         return self.endpoint or "AWS S3"
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """`_call_once`, retried with backoff while a store that answered before is unreachable."""
+        deadline, delay = None, 0.5  # seconds; the delay doubles up to 8 s
+        while True:
+            try:
+                result = self._call_once(what, fn)
+                if deadline is not None:
+                    log.warning("S3 endpoint %s answers again", self._where())
+                self._reached = True
+                return result
+            except StoreUnreachableError as err:
+                if not self._reached:
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.retry_window_s
+                    log.warning("%s; retrying for up to %.0f s", err, self.retry_window_s)
+                if now >= deadline:
+                    raise StoreUnreachableError(f"{err} (still unreachable after {self.retry_window_s:.0f} s of "
+                                                "retries)") from None
+                time.sleep(min(delay, deadline - now))
+                delay = min(2 * delay, 8.0)
+
+    def _call_once(self, what: str, fn: Callable[[], T]) -> T:
         """Run one boto3 call, turning its exceptions into store errors that name the key."""
         try:
             return fn()
-        except (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ReadTimeoutError) as err:
+        except (bex.ConnectionError, bex.ReadTimeoutError) as err:  # refused, reset, timed out
             raise StoreUnreachableError(f"cannot reach S3 endpoint {self._where()} ({what}): {err}") from None
         except (bex.NoCredentialsError, bex.PartialCredentialsError):
             raise StoreAccessError(
@@ -121,6 +168,8 @@ class S3Store(ArtifactStore):
                 raise _PreconditionFailed(f"{what} already exists") from None
             if code in _MISSING_KEY:
                 raise KeyNotFoundError(f"{what} does not exist") from None
+            if code in _TRANSIENT:  # boto3 retried it already: the server is up but not serving
+                raise StoreUnreachableError(f"S3 endpoint {self._where()} is not serving ({what}): {code}") from None
             raise StoreError(f"S3 error for {what}: {code}: {err.response.get('Error', {}).get('Message', '')}") from None
 
     def _no_bucket(self) -> BucketNotFoundError:
@@ -197,8 +246,8 @@ class S3Store(ArtifactStore):
 
     def _get(self, key: str) -> bytes:
         uri = self.uri_for(key)
-        response = self._call(uri, lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key)))
-        return self._call(uri, lambda: response["Body"].read())
+        # One call for request and body, so a connection lost mid-body is retried as a whole.
+        return self._call(uri, lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read())
 
     def _get_to_file(self, key: str, path: Path) -> None:
         self._call(self.uri_for(key), lambda: self.client.download_file(self.bucket, self._key(key), str(path)))

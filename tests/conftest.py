@@ -23,6 +23,7 @@ from storage import LocalStore, S3Store
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+REPO = Path(__file__).resolve().parent.parent
 ACCESS_KEY = "searchsvc-test-access"
 SECRET_KEY = "searchsvc-test-secret-do-not-log"
 
@@ -50,9 +51,14 @@ class S3Server:
     endpoint: str
     access_key: str
     secret_key: str
-    process: subprocess.Popen
-    log: Path
+    command: list[str]
+    root: Path
+    process: subprocess.Popen | None = None
     shared_bucket: str = "searchsvc-tests"  # most tests use their own prefix in this one bucket
+
+    @property
+    def log(self) -> Path:
+        return self.root / "weed.log"
 
     def client(self):
         return boto3.client(
@@ -67,6 +73,18 @@ class S3Server:
         self.client().create_bucket(Bucket=name)
         return name
 
+    def start(self) -> None:
+        """Start (or restart, on the same ports and data) and wait until it answers."""
+        with open(self.log, "ab") as handle:
+            self.process = subprocess.Popen(self.command, stdout=handle, stderr=subprocess.STDOUT, cwd=self.root)
+        _wait_ready(self)
+
+    def stop(self) -> None:
+        """Stop at once (KILL: on TERM it drains for ~27 s, which tests do not wait for); data stays on disk."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
 
 def _weed_binary() -> str:
     candidate = Path(sys.executable).parent / "weed"
@@ -76,16 +94,13 @@ def _weed_binary() -> str:
     return found
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """SeaweedFS (`weed server -s3`) bound to 127.0.0.1 on free ports, telemetry off, test keys."""
-    root = tmp_path_factory.mktemp("weed")
+def start_s3_server(root: Path) -> S3Server:
+    """SeaweedFS (`weed server -s3`) bound to 127.0.0.1 on free ports, telemetry off, test keys, data in `root`."""
     config = {"identities": [{"name": "test", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
                               "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
     (root / "s3.json").write_text(json.dumps(config))
     (root / "data").mkdir()
     master, volume, filer, s3 = (free_port_pair() for _ in range(4))
-    log = root / "weed.log"
     command = [
         _weed_binary(), "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", "-s3", f"-s3.port={s3}",
@@ -93,20 +108,24 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         # Every bucket is a collection that takes volumes of its own: small volumes, no fixed cap.
         "-volume.max=0", "-master.volumeSizeLimitMB=64",
     ]
-    with open(log, "wb") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=root)
-    server = S3Server(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY, process, log)
+    server = S3Server(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY, command, root)
     try:
-        _wait_ready(server)
+        server.start()
         server.client().create_bucket(Bucket=server.shared_bucket)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """The session's S3 server (see `start_s3_server`)."""
+    server = start_s3_server(tmp_path_factory.mktemp("weed"))
+    try:
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=3)
-        except subprocess.TimeoutExpired:  # it drains for ~27 s on TERM; tests do not wait for that
-            process.kill()
-            process.wait(timeout=10)
+        server.stop()
 
 
 def _wait_ready(server: S3Server, timeout: float = 60.0) -> None:

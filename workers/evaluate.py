@@ -23,7 +23,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from storage import ArtifactStore, KeyNotFoundError, WriteConflictError, check_id
+from storage import ArtifactStore, KeyNotFoundError, StoreUnreachableError, UnsavedResult, WriteConflictError, check_id
+from storage.base import json_bytes
 from storage.records import to_data
 from workers.data import Splits
 from workers.distill import distill_loss_fn, teacher_logits
@@ -186,19 +187,23 @@ def save_candidate(store: ArtifactStore, spec: CandidateSpec, model: torch.nn.Mo
                    metrics: dict[str, Any]) -> dict[str, Any]:
     """Write the candidate's files once. If another worker finished it first, return theirs (idempotent)."""
     prefix = candidate_prefix(spec.spec_hash)
-    existing = stored_metrics(store, spec.spec_hash)
-    if existing is not None:
-        return existing
+    files = {f"{prefix}/spec.json": spec.canonical_json().encode()}
+    if model is not None:
+        files[f"{prefix}/model.pt"] = state_dict_bytes(model)
+        metrics["artifact"] = store.uri_for(f"{prefix}/model.pt")
+    files[f"{prefix}/metrics.json"] = json_bytes(metrics)
     try:
-        store.put_bytes(f"{prefix}/spec.json", spec.canonical_json().encode(), write_once=True)
-        if model is not None:
-            store.put_bytes(f"{prefix}/model.pt", state_dict_bytes(model), write_once=True)
-            metrics["artifact"] = store.uri_for(f"{prefix}/model.pt")
-        store.put_json(f"{prefix}/metrics.json", metrics, write_once=True)
+        existing = stored_metrics(store, spec.spec_hash)
+        if existing is not None:
+            return existing
+        for key, data in files.items():
+            store.put_bytes(key, data, write_once=True)
         store.write_manifest(prefix)
     except WriteConflictError:
         log.info("candidate %s was stored by another worker first; using that result", spec.spec_hash)
         return _wait_for_other_writer(store, spec.spec_hash, metrics)
+    except StoreUnreachableError as err:  # the driver keeps the files on local disk; resume stores them
+        raise UnsavedResult(str(err), files, metrics) from None
     return metrics
 
 

@@ -18,7 +18,7 @@ import ray
 import torch
 from ray.exceptions import RayActorError, RayTaskError
 
-from storage import ArtifactStore, SearchsvcError
+from storage import ArtifactStore, SearchsvcError, StoreAccessError, StoreUnreachableError, UnsavedResult
 from workers.data import DatasetConfig, load_dataset
 from workers.evaluate import EvalContext, evaluate_candidate, invalid_metrics, stored_metrics
 from workers.resources import Resources
@@ -36,6 +36,7 @@ class EvalOutcome:
     metrics: dict[str, Any]
     cached: bool  # from the store, no training
     attempts: int  # 1 unless an actor died under it
+    unsaved: dict[str, bytes] | None = None  # the candidate's files when the store was unreachable
 
 
 def worker_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig,
@@ -129,6 +130,10 @@ class EvalPool:
                     continue
                 metrics = invalid_metrics(spec.spec_hash, f"worker died {attempt} times: {type(err).__name__}")
             except RayTaskError as err:  # an unexpected error inside evaluate: this candidate only
+                if isinstance(err.cause, UnsavedResult):  # trained, but the store is gone: the driver keeps it
+                    yield EvalOutcome(spec, err.cause.metrics, False, attempt, unsaved=err.cause.files)
+                if isinstance(err.cause, (StoreUnreachableError, StoreAccessError)):
+                    raise err.cause from None  # the store, not the candidate: the run stops (and can resume)
                 idle.append(actor)
                 metrics = invalid_metrics(spec.spec_hash, f"evaluation raised {err.cause!r}"[:500])
             else:
