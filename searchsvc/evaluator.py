@@ -187,7 +187,7 @@ class Evaluator(Recorder):
     def close(self) -> None:
         """Write the final table, stop the actors, report counts to the run."""
         super().close()
-        self.ctx.summary.update(workers_replaced=self.pool.replaced)
+        self.ctx.summary.update(workers_lost=self.pool.lost, workers_replaced=self.pool.replaced)
         self.pool.shutdown()
 
 

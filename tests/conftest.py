@@ -176,6 +176,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """`gpu` tests need CUDA: on a machine without it they are reported as skipped (DESIGN §6)."""
     import torch
 
+    # Multi-node tests replace the session's Ray with a cluster of their own: they run last.
+    items.sort(key=lambda item: "cluster" in item.keywords)
     if torch.cuda.is_available():
         return
     no_gpu = pytest.mark.skip(reason="needs CUDA")

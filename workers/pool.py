@@ -2,14 +2,23 @@
 
 Each actor loads the data and the teacher once onto the device Ray gave it (`gpus_per_eval: 0.25`
 puts four actors on one GPU; without a GPU they run on CPU cores). Candidates go to whichever actor
-is free; results come back as each finishes, with no barrier. A dead actor is replaced and its
-candidate retried (bounded); a stored evaluation is returned from the store without training.
+is ready and free; results come back as each finishes, with no barrier. A stored evaluation is
+returned from the store without training.
+
+On a cluster the actors are placed by resources alone (SPREAD over the nodes that have them, never
+by host name). The pool follows the cluster: an actor whose node died is dropped and its candidate
+retried on another (bounded); a replacement starts when the cluster has room, and a node that joins
+mid-run gets new actors within GROW_EVERY_S. An actor takes work only once it is ready, so a
+replacement waiting for a node never holds a candidate.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -26,6 +35,7 @@ from workers.spec import CandidateSpec
 from workers.teacher import load_teacher
 
 log = logging.getLogger(__name__)
+GROW_EVERY_S = 5.0  # seconds between looks at the cluster's size while candidates wait
 
 
 @dataclass
@@ -46,7 +56,9 @@ def worker_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConf
     # Ray sets CUDA_VISIBLE_DEVICES to the GPU it assigned: "cuda" is that GPU, never a fixed index.
     device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
     teacher = load_teacher(store, teacher_hash, device)
-    return EvalContext(store, teacher, load_dataset(dataset).to(device), device, compile_model=resources.compile)
+    where = f"{socket.gethostname()}:{os.getpid()}@{ray.get_runtime_context().get_node_id()[:8]}"  # host:pid@node
+    return EvalContext(store, teacher, load_dataset(dataset).to(device), device, worker=where,
+                       compile_model=resources.compile)
 
 
 def ray_resources(resources: Resources) -> dict[str, float]:
@@ -68,6 +80,9 @@ class EvalWorker:
     def name(self) -> str:
         return f"{self.ctx.worker} on {self.ctx.device}"
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
 
 def default_pool_size(resources: Resources) -> int:
     """Actors that fit the cluster now: by GPU share when there are GPUs, else by CPU cores."""
@@ -85,19 +100,47 @@ class EvalPool:
     """Evaluate candidates on Ray actors; see the module docstring."""
 
     def __init__(self, store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig,
-                 resources: Resources = Resources(), size: int | None = None, max_retries: int = 2) -> None:
+                 resources: Resources = Resources(), size: int | None = None, max_retries: int = 2,
+                 worker_class: type[EvalWorker] = EvalWorker) -> None:
         self.store = store
+        self.resources = resources
         self.max_retries = max_retries  # extra attempts after an actor died under a candidate
         request = ray_resources(resources)
-        self._actor_class = ray.remote(num_cpus=request["CPU"], num_gpus=request["GPU"])(EvalWorker)
+        self._actor_class = ray.remote(num_cpus=request["CPU"], num_gpus=request["GPU"],
+                                       scheduling_strategy="SPREAD")(worker_class)
         self._args = (store, teacher_hash, dataset, resources)
-        self.size = size or default_pool_size(resources)
-        self.actors = [self._new_actor() for _ in range(self.size)]
-        self.replaced = 0  # actors that died and were replaced
+        self.fixed_size = size  # None: as many actors as the cluster holds, growing when nodes join
+        self.actors: list[Any] = []
+        self._starting: dict[Any, Any] = {}  # readiness ref → actor still loading data and teacher
+        self.grow_every_s = GROW_EVERY_S
+        self.lost = 0  # actors that died (their node went away, or a candidate killed them)
+        self.replaced = 0  # of those, replaced at once (the cluster still had room)
         self.cache_hits = 0
+        for _ in range(self.target_size()):
+            self._start_actor()
+        self._looked = time.monotonic()
 
-    def _new_actor(self) -> Any:
-        return self._actor_class.remote(*self._args)
+    @property
+    def size(self) -> int:
+        return len(self.actors)
+
+    def target_size(self) -> int:
+        """Actors wanted now: the fixed size, else what the cluster's resources hold."""
+        return self.fixed_size or default_pool_size(self.resources)
+
+    def _start_actor(self) -> None:
+        actor = self._actor_class.remote(*self._args)
+        self.actors.append(actor)
+        self._starting[actor.name.remote()] = actor
+
+    def _grow(self) -> None:
+        """Start actors for resources that appeared (a node joined), at most every `grow_every_s`."""
+        if self.fixed_size is not None or time.monotonic() - self._looked < self.grow_every_s:
+            return
+        self._looked = time.monotonic()
+        for _ in range(self.target_size() - len(self.actors)):
+            log.info("the cluster has room for another evaluation worker: starting one")
+            self._start_actor()
 
     def map_unordered(self, specs: Iterable[CandidateSpec]) -> Iterator[EvalOutcome]:
         """Yield an outcome per spec as soon as it is ready; stored evaluations come first, untrained."""
@@ -109,21 +152,28 @@ class EvalPool:
                 yield EvalOutcome(spec, stored, cached=True, attempts=0)
             else:
                 pending.append((spec, 1))
-        idle = list(self.actors)
+        starting = {id(a) for a in self._starting.values()}
+        idle = [a for a in self.actors if id(a) not in starting]
         in_flight: dict[Any, tuple[Any, CandidateSpec, int]] = {}
         while pending or in_flight:
             while pending and idle:
                 spec, attempt = pending.popleft()
                 actor = idle.pop()
                 in_flight[actor.evaluate.remote(spec)] = (actor, spec, attempt)
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            if pending:
+                self._grow()
+            timeout = self.grow_every_s if pending and self.fixed_size is None else None
+            ready, _ = ray.wait([*in_flight, *self._starting], num_returns=1, timeout=timeout)
+            if not ready:
+                continue
+            if ready[0] in self._starting:
+                idle.extend(self._started(ready[0]))
+                continue
             actor, spec, attempt = in_flight.pop(ready[0])
             try:
                 metrics = ray.get(ready[0])
             except RayActorError as err:
-                if err.actor_init_failed:  # the worker cannot start (data, teacher, store): not this candidate
-                    raise SearchsvcError(f"an evaluation worker failed to start: {_first_line(err)}") from None
-                idle.append(self._replace(actor))
+                self._lost(actor)
                 if attempt <= self.max_retries:
                     log.warning("worker died evaluating %s (attempt %d); retrying", spec.spec_hash, attempt)
                     pending.appendleft((spec, attempt + 1))
@@ -140,11 +190,25 @@ class EvalPool:
                 idle.append(actor)
             yield EvalOutcome(spec, metrics, cached=False, attempts=attempt)
 
-    def _replace(self, dead: Any) -> Any:
-        self.replaced += 1
-        fresh = self._new_actor()
-        self.actors = [fresh if a is dead else a for a in self.actors]
-        return fresh
+    def _started(self, ref: Any) -> list[Any]:
+        """The actor behind a readiness ref: [actor] once it loaded its data, [] if it died starting."""
+        actor = self._starting.pop(ref)
+        try:
+            ray.get(ref)
+        except RayActorError as err:
+            if err.actor_init_failed:  # the worker cannot start (data, teacher, store): not a candidate's fault
+                raise SearchsvcError(f"an evaluation worker failed to start: {_first_line(err)}") from None
+            self._lost(actor)  # its node went away before it was ready
+            return []
+        return [actor]
+
+    def _lost(self, dead: Any) -> None:
+        """Drop a dead actor; start a replacement when the cluster (or the fixed size) has room for it."""
+        self.actors = [a for a in self.actors if a is not dead]
+        self.lost += 1
+        if len(self.actors) < self.target_size():
+            self.replaced += 1
+            self._start_actor()
 
     def evaluate(self, specs: list[CandidateSpec]) -> list[EvalOutcome]:
         """All outcomes in the order of `specs` (they still run concurrently)."""
@@ -154,7 +218,7 @@ class EvalPool:
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
-        self.actors = []
+        self.actors, self._starting = [], {}
 
 
 def _first_line(err: Exception) -> str:
