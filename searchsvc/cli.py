@@ -7,10 +7,12 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from typing import Any, Sequence
 
 from storage import DEFAULT_STORE, check_id
+from searchsvc.stopping import Stopped
 from storage.errors import SearchsvcError
 
 EXIT_USAGE = 2
@@ -322,3 +324,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("searchsvc: interrupted", file=sys.stderr)
         return 130
+    except Stopped as err:  # SIGTERM: `ray job stop`; the run is recorded as stopped and can be resumed
+        print(f"searchsvc: {err}; `searchsvc resume` continues the run", file=sys.stderr)
+        return 128 + signal.SIGTERM

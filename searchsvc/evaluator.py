@@ -17,6 +17,8 @@ import ray
 from tqdm.auto import tqdm
 
 from searchsvc.job import RunContext
+from searchsvc import stopping
+from searchsvc.stopping import stop_on_sigterm
 from searchsvc.rewards import INVALID_REWARD, RewardForm, compression_ratio, reward
 from searchsvc.version import code_version
 from storage import StoreUnreachableError, spool
@@ -86,6 +88,7 @@ class Recorder:
         self._progress(row)
         if time.perf_counter() - self._last_write > RESULTS_EVERY_S:
             self.flush()
+        stopping.check()  # SIGTERM: stop after this result is recorded
         return row
 
     def _store_row(self, row: dict[str, Any], unsaved: dict[str, bytes] | None) -> None:
@@ -169,7 +172,7 @@ class Evaluator(Recorder):
         super().__init__(context, reward_form, total)
         prepare_teacher_logits(context)
         self.pool = pool or EvalPool(context.store, context.teacher.teacher_hash, context.config.dataset,
-                                     context.config.resources)
+                                     context.config.resources, on_wait=stopping.check)
 
     def evaluate(self, specs: Iterable[CandidateSpec]) -> list[dict[str, Any]]:
         """Rows for `specs`, in order (evaluated concurrently; repeats within the run are free)."""
@@ -196,3 +199,4 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+    stop_on_sigterm()  # ray.init may have put its own handler in place of the run's

@@ -19,6 +19,7 @@ import yaml
 
 from searchsvc.config import ConfigError, JobConfig, config_to_yaml, parse_config
 from searchsvc.methods import get_method
+from searchsvc.stopping import Stopped, stop_on_sigterm
 from searchsvc.version import code_version
 from storage import ArtifactStore, KeyNotFoundError, SearchsvcError, StoreUnreachableError, open_store, spool
 from storage.base import MANIFEST
@@ -119,6 +120,7 @@ def upload_kept(store: ArtifactStore) -> None:
 def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[str, Any], progress: bool,
              address: str | None, resumed: bool) -> RunResult:
     driver = get_method(config.method).load_driver()
+    stop_on_sigterm()
     prefix = run_prefix(run_id)
     store.put_json(f"{prefix}/run.json", record)
     log.info("run %s (%s) %s %s", run_id, config.method, "resumed in" if resumed else "recording to",
@@ -143,8 +145,9 @@ def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[
             status = "finished"
         table = write_results(store, run_id, context.rows)
     except BaseException as err:
-        record.update(status="failed", error=f"{type(err).__name__}: {err}", finished_at=_now(),
-                      wall_s=time.perf_counter() - started)
+        stopped = isinstance(err, (Stopped, KeyboardInterrupt))  # by the user: resume continues it
+        record.update(status="stopped" if stopped else "failed", error=f"{type(err).__name__}: {err}",
+                      finished_at=_now(), wall_s=time.perf_counter() - started)
         if not isinstance(err, StoreUnreachableError):  # else the record stays "running": resume continues it
             store.put_json(f"{prefix}/run.json", record)
         raise

@@ -21,7 +21,7 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import ray
 import torch
@@ -36,6 +36,7 @@ from workers.teacher import load_teacher
 
 log = logging.getLogger(__name__)
 GROW_EVERY_S = 5.0  # seconds between looks at the cluster's size while candidates wait
+WAKE_EVERY_S = 0.5  # seconds the driver waits on Ray at most before checking signals
 
 
 @dataclass
@@ -101,8 +102,9 @@ class EvalPool:
 
     def __init__(self, store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig,
                  resources: Resources = Resources(), size: int | None = None, max_retries: int = 2,
-                 worker_class: type[EvalWorker] = EvalWorker) -> None:
+                 worker_class: type[EvalWorker] = EvalWorker, on_wait: Callable[[], None] | None = None) -> None:
         self.store = store
+        self.on_wait = on_wait  # called after every wait on Ray (at least twice a second)
         self.resources = resources
         self.max_retries = max_retries  # extra attempts after an actor died under a candidate
         request = ray_resources(resources)
@@ -162,8 +164,11 @@ class EvalPool:
                 in_flight[actor.evaluate.remote(spec)] = (actor, spec, attempt)
             if pending:
                 self._grow()
-            timeout = self.grow_every_s if pending and self.fixed_size is None else None
+            # A bounded wait: the driver looks at stop requests (SIGTERM) twice a second.
+            timeout = min(self.grow_every_s, WAKE_EVERY_S) if pending and self.fixed_size is None else WAKE_EVERY_S
             ready, _ = ray.wait([*in_flight, *self._starting], num_returns=1, timeout=timeout)
+            if self.on_wait is not None:
+                self.on_wait()  # the driver's stop check (SIGTERM): may raise
             if not ready:
                 continue
             if ready[0] in self._starting:
