@@ -21,7 +21,7 @@ from searchsvc import stopping
 from searchsvc.stopping import stop_on_sigterm
 from searchsvc.rewards import INVALID_REWARD, RewardForm, compression_ratio, reward
 from searchsvc.version import code_version
-from storage import StoreUnreachableError, spool
+from storage import StoreUnreachableError, UnsavedResult, spool
 from storage.base import json_bytes as store_json_bytes
 from storage.tables import run_prefix, write_results
 from workers.measure import count_parameters
@@ -73,12 +73,12 @@ class Recorder:
         """Candidates this run found in the store, untrained."""
         return sum(bool(row["cached"]) for row in self.rows.values())
 
-    def record(self, spec: CandidateSpec, metrics: dict[str, Any], cached: bool, unsaved: dict[str, bytes] | None = None,
+    def record(self, spec: CandidateSpec, metrics: dict[str, Any], cached: bool, unsaved: UnsavedResult | None = None,
                **extra: Any) -> dict[str, Any]:
         """Add a candidate's row (plus `extra` columns) to the run; a candidate already recorded keeps its row.
 
-        `unsaved`: the candidate's files a worker could not store (the store is down): kept locally with the
-        row, then the run stops."""
+        `unsaved`: a worker could not store the candidate (the store is down): its files are kept locally
+        with the row, then the run stops."""
         if spec.spec_hash in self.rows:
             return self.rows[spec.spec_hash]
         row = {**self.row(spec, metrics, cached), **extra}
@@ -91,18 +91,17 @@ class Recorder:
         stopping.check()  # SIGTERM: stop after this result is recorded
         return row
 
-    def _store_row(self, row: dict[str, Any], unsaved: dict[str, bytes] | None) -> None:
+    def _store_row(self, row: dict[str, Any], unsaved: UnsavedResult | None) -> None:
         """evals/<hash>.json, once; if the store stays unreachable the row (and the candidate's unsaved files)
         are kept on local disk and the run stops with a message that says where (`searchsvc resume` uploads
         them)."""
         store, key = self.ctx.store, f"{run_prefix(self.ctx.run_id)}/evals/{row['spec_hash']}.json"
         try:
             if unsaved is not None:
-                raise StoreUnreachableError(f"the store {store.uri} is unreachable: a worker could not save "
-                                            f"candidate {row['spec_hash']}")
+                raise unsaved
             store.put_json(key, row, write_once=True)
         except StoreUnreachableError as err:
-            for name, data in (unsaved or {}).items():
+            for name, data in (unsaved.files if unsaved else {}).items():
                 spool.keep_bytes(store, name, data)
             spool.keep_bytes(store, key, store_json_bytes(row))
             raise self._store_down_error(err, f"the finished result is kept in {spool.spool_dir(store)}") from None

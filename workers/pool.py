@@ -47,7 +47,7 @@ class EvalOutcome:
     metrics: dict[str, Any]
     cached: bool  # from the store, no training
     attempts: int  # 1 unless an actor died under it
-    unsaved: dict[str, bytes] | None = None  # the candidate's files when the store was unreachable
+    unsaved: UnsavedResult | None = None  # the store was unreachable: the candidate's files travel here
 
 
 def worker_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig,
@@ -186,7 +186,7 @@ class EvalPool:
                 metrics = invalid_metrics(spec.spec_hash, f"worker died {attempt} times: {type(err).__name__}")
             except RayTaskError as err:  # an unexpected error inside evaluate: this candidate only
                 if isinstance(err.cause, UnsavedResult):  # trained, but the store is gone: the driver keeps it
-                    yield EvalOutcome(spec, err.cause.metrics, False, attempt, unsaved=err.cause.files)
+                    yield EvalOutcome(spec, err.cause.metrics, False, attempt, unsaved=err.cause)
                 if isinstance(err.cause, (StoreUnreachableError, StoreAccessError)):
                     raise err.cause from None  # the store, not the candidate: the run stops (and can resume)
                 idle.append(actor)
