@@ -447,6 +447,22 @@ def test_cifar10_corrupt_batch_is_an_error_naming_the_file(tmp_path):
     assert str(bad) in str(info.value)
 
 
+def test_cifar10_batch_that_would_run_code_is_refused(tmp_path):
+    """A tampered batch (a pickle that calls a function on load) is an error, and the function never runs."""
+    write_cifar_folder(tmp_path / "cifar-10-batches-py")
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_2", "wb") as handle:
+        pickle.dump({"data": Payload(), "labels": [0]}, handle)
+    with pytest.raises(SearchsvcError, match="refusing to load"):
+        load_dataset(DatasetConfig(name="cifar10", root=str(tmp_path), download=False))
+    assert not marker.exists()
+
+
 # ---- image folders --------------------------------------------------------------------------------------
 
 # Created in this (unsorted) order; sorted, the classes are ant=0, bird=1, cat=2.

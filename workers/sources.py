@@ -12,6 +12,7 @@ import os
 import pickle
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -116,11 +117,24 @@ def cifar10(root: str | None, download: bool) -> Raw:
     return (torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), test_x, test_y, 10)
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR-10's python batches are pickles of dicts, lists and numpy arrays: nothing else may load, so a
+    tampered file cannot run code (as `torch.load(weights_only=True)` does for checkpoints)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are expected")
+        return super().find_class(module, name)
+
+
 def _cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    # The official python release is a pickle; it is only read from a folder the user points at.
+    # The official python release is a pickle: read with an unpickler that loads data, never code.
     try:
         with open(path, "rb") as handle:
-            batch = pickle.load(handle, encoding="latin1")
+            batch = _ArraysOnly(handle, encoding="latin1").load()
         data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(batch["labels"], dtype=np.int64)
     except (OSError, KeyError, ValueError, pickle.UnpicklingError, EOFError) as err:
