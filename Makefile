@@ -21,10 +21,11 @@ $(STAMP): pyproject.toml
 	@bash scripts/install-datasets.sh
 	@touch $(STAMP)
 
-run: setup       ## run the quickstart search (CONFIG=... to choose another config)
-	$(BIN)/searchsvc run $(CONFIG)
+run: setup       ## run the quickstart search (CONFIG=... to choose another config), then write report.html
+	$(BIN)/searchsvc run $(CONFIG) --report report.html
 
 test: setup      ## the test suite that runs on a 2-core CPU machine (no slow, no gpu tests)
+	@bash scripts/install-chromium.sh
 	$(BIN)/python -m pytest -m "not slow and not gpu" --durations=15
 
 test-all: setup  ## every test, slow ones included

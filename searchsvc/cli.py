@@ -9,10 +9,11 @@ import math
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
-from storage import DEFAULT_STORE, check_id
 from searchsvc.stopping import Stopped
+from storage import DEFAULT_STORE, check_id, open_store
 from storage.errors import SearchsvcError
 
 EXIT_USAGE = 2
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "else a Ray started for this run on this machine)")
     _add_set(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    run.add_argument("--report", metavar="HTML", help="when the run ends, write its HTML report here")
 
     results = commands.add_parser("results", parents=[common], help="show a run's ranked results",
                                   description="Print the consolidated results of a run, best first.")
@@ -67,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--run", help="run id (default: the latest run in the store)")
     results.add_argument("--top", type=int, metavar="K", help="show only the best K rows")
     results.add_argument("--json", action="store_true", help="print a JSON list of row objects instead of a table")
+
+    report = commands.add_parser("report", parents=[common], help="write a run's HTML report",
+                                 description="Write one self-contained HTML file (plots inline) with the run's "
+                                             "summary, Pareto fronts, best candidates and the method's plots.")
+    _add_store(report)
+    report.add_argument("--run", help="run id (default: the latest run in the store)")
+    report.add_argument("-o", "--output", default="report.html", help="HTML file to write (default report.html)")
+    report.add_argument("--top", type=int, default=10, metavar="K", help="rows of the best-candidates table (10)")
 
     resume = commands.add_parser("resume", parents=[common], help="continue an interrupted run",
                                  description="Continue run ID from what the store holds: its resolved config, "
@@ -150,10 +160,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     from searchsvc.job import run
 
     config = load_config(args.config, args.overrides)
+    report = _report_path(args.report) if args.report else None
     result = run(config, store=args.store, endpoint=args.s3_endpoint, progress=not args.no_progress,
                  address=args.address)
     _print_run(result)
+    if report is not None:
+        _write_report(open_store(result.store_uri, endpoint=args.s3_endpoint), result.run_id, report)
     return 0
+
+
+def _report_path(path: str, flag: str = "--report") -> Path:
+    """The report's path, its folder checked before any work is done."""
+    output = Path(path)
+    if not output.parent.is_dir():
+        raise SearchsvcError(f"{flag}: folder {output.parent} does not exist")
+    return output
+
+
+def _write_report(store: Any, run_id: str, output: Path, top: int = 10) -> None:
+    from searchsvc.report import build_report
+
+    output.write_text(build_report(store, run_id, top=top))
+    print(f"report of run {run_id}: {output.resolve()}")
 
 
 def _print_run(result: Any) -> None:
@@ -188,6 +216,20 @@ def cmd_results(args: argparse.Namespace) -> int:
     else:
         print(f"run {run_id} in {store.uri}")
         print(format_table(rows))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from storage.tables import latest_run
+
+    if args.top < 1:
+        raise SearchsvcError(f"--top: must be a positive integer, got {args.top}")
+    output = _report_path(args.output, "--output")
+    store = open_store(args.store, endpoint=args.s3_endpoint, create=False)
+    run_id = check_id(args.run, "run id") if args.run else latest_run(store)
+    if not store.exists(f"runs/{run_id}/run.json"):
+        raise SearchsvcError(f"--run: run '{run_id}' does not exist in {store.uri}")
+    _write_report(store, run_id, output, args.top)
     return 0
 
 
@@ -301,7 +343,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 
-COMMANDS = {"validate": cmd_validate, "run": cmd_run, "resume": cmd_resume, "results": cmd_results,
+COMMANDS = {"validate": cmd_validate, "run": cmd_run, "resume": cmd_resume, "results": cmd_results, "report": cmd_report,
             "export": cmd_export, "summary": cmd_summary, "sensitivity": cmd_sensitivity}
 
 

@@ -81,7 +81,7 @@ class Recorder:
         with the row, then the run stops."""
         if spec.spec_hash in self.rows:
             return self.rows[spec.spec_hash]
-        row = {**self.row(spec, metrics, cached), **extra}
+        row = {**self.row(spec, metrics, cached), "order": len(self.rows) + 1, **extra}  # 1, 2, ... as recorded
         self.rows[row["spec_hash"]] = row
         self._store_row(row, unsaved)
         self.ctx.rows.append(row)

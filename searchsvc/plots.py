@@ -64,6 +64,48 @@ def sensitivity_png(table: list[dict[str, Any]], baseline: float, title: str) ->
     return _png(fig)
 
 
+def front_png(rows: list[dict[str, Any]], front: set[str], metric: str, label: str, teacher: dict[str, Any]) -> bytes:
+    """Accuracy vs one cost metric: every valid candidate, the Pareto front as a step line, the teacher ★."""
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=110)
+    ax.scatter([r[metric] for r in rows], [100 * r["accuracy"] for r in rows], s=14, alpha=0.5, label="candidates")
+    best = sorted((r for r in rows if r["spec_hash"] in front), key=lambda r: r[metric])
+    ax.step([r[metric] for r in best], [100 * r["accuracy"] for r in best], where="post", color="black",
+            linestyle="--", linewidth=1, marker="o", markersize=4, label="Pareto front")
+    if teacher.get(metric) is not None:
+        ax.scatter([teacher[metric]], [100 * teacher["accuracy"]], marker="*", s=180, color="crimson", zorder=5,
+                   label="teacher")
+    logscale = metric != "latency_ms"  # counts span decades; latencies do not
+    if logscale:
+        ax.set_xscale("log")
+    ax.set_xlabel(f"{label}{', log scale' if logscale else ''}")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)
+
+
+def progress_png(rows: list[dict[str, Any]]) -> bytes:
+    """Reward (and accuracy) of each evaluation in the order they were recorded, with the best so far: the
+    agent's learning curve for n2n, the sweep's progress for the others."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5), dpi=110, sharex=True)
+    index = list(range(1, len(rows) + 1))
+    rewards = [r["reward"] if r["status"] == "ok" else float("nan") for r in rows]
+    best, running = [], float("-inf")
+    for value in rewards:
+        running = max(running, value) if value == value else running  # NaN (invalid) leaves the best alone
+        best.append(running)
+    top.scatter(index, rewards, s=10, alpha=0.6, label="reward")
+    top.plot(index, best, color="black", linewidth=1, label="best so far")
+    top.set_ylabel("reward")
+    top.legend(fontsize=7, loc="lower right")
+    bottom.scatter(index, [100 * r["accuracy"] for r in rows], s=10, alpha=0.6, color="tab:green")
+    bottom.set_ylabel("test accuracy (%)")
+    bottom.set_xlabel("evaluation (in the order recorded)")
+    for ax in (top, bottom):
+        ax.grid(True, alpha=0.3)
+    return _png(fig)
+
+
 def _png(fig: Any) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()

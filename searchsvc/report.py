@@ -1,0 +1,118 @@
+"""One self-contained HTML report of a run: summary, Pareto fronts, the top candidates, the method's plots.
+
+    searchsvc report --store URI --run ID -o report.html
+
+Everything comes from the store (config.yaml, run.json, results.parquet, the teacher's meta.json, the
+PNGs a method stored under runs/<id>/plots/); images are inlined as base64 PNG, so the file can be
+mailed or archived and opens without a network.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from typing import Any
+
+from searchsvc.plots import front_png, progress_png
+from storage import ArtifactStore
+from storage.tables import pareto_front, run_prefix
+from workers.measure import count_macs, count_parameters
+from workers.zoo import arch_from_data, build_model
+
+# (metric, axis title, unit) of the Pareto plots; accuracy is always the other axis.
+FRONTS = [("params", "parameters", "count"), ("macs", "MACs per image", "count"),
+          ("latency_ms", "latency at batch 1", "ms")]
+TOP_COLUMNS = [("accuracy", "accuracy", "{:.2%}"), ("params", "params", "{:,}"), ("macs", "MACs", "{:,}"),
+               ("latency_ms", "latency ms", "{:.2f}"), ("compression", "x-factor", "{:.2f}"),
+               ("reward", "reward", "{:.3f}"), ("sparsity", "sparsity", "{:.3f}")]
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.9em}td,th{padding:.25em .7em;border-bottom:1px solid #eee;text-align:right}
+th{background:#f6f6f6}td:first-child,th:first-child{text-align:left}img{max-width:100%}
+pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:.8em}.grid{display:grid;grid-template-columns:1fr 1fr;gap:1em}"""
+
+
+def teacher_point(store: ArtifactStore, teacher_hash: str | None) -> dict[str, Any]:
+    """The teacher as a row of the plots: accuracy, params and MACs from its stored architecture."""
+    if not teacher_hash or not store.exists(f"teachers/{teacher_hash}/meta.json"):
+        return {}
+    meta = store.get_json(f"teachers/{teacher_hash}/meta.json")
+    model = build_model(arch_from_data(meta["arch"], source=f"teachers/{teacher_hash}/meta.json"))
+    return {"accuracy": meta["test_accuracy"], "params": count_parameters(model),
+            "macs": count_macs(model, meta["in_channels"], meta["image_size"]), "latency_ms": None}
+
+
+def run_summary(record: dict[str, Any], rows: list[dict[str, Any]], gpus_per_eval: float) -> list[tuple[str, str]]:
+    """(label, value) pairs of the run: status, teacher, counts, wall time and GPU-hours."""
+    trained = [r for r in rows if not r.get("cached")]
+    gpu_hours = gpus_per_eval * sum(r.get("wall_s") or 0.0 for r in trained) / 3600
+    return [("run", record.get("run_id", "?")), ("method", str(record.get("method"))),
+            ("status", str(record.get("status"))), ("started", str(record.get("started_at", "-"))),
+            ("teacher", f"{record.get('teacher_hash', '-')} ({100 * (record.get('teacher_accuracy') or 0):.2f} % test)"),
+            ("evaluations", f"{len(trained)} trained, {len(rows) - len(trained)} from the store (cache hits)"),
+            ("valid", f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)}"),
+            ("wall time", f"{(record.get('wall_s') or 0) / 60:.1f} min"),
+            ("GPU-hours", f"{gpu_hours:.3f} ({gpus_per_eval:g} GPU per evaluation)" if gpus_per_eval else "0 (CPU run)")]
+
+
+def build_report(store: ArtifactStore, run_id: str, top: int = 10) -> str:
+    """The HTML text of run `run_id`'s report."""
+    import yaml
+
+    prefix = run_prefix(run_id)
+    record = store.get_json(f"{prefix}/run.json")
+    config_text = store.get_bytes(f"{prefix}/config.yaml").decode()
+    config = yaml.safe_load(config_text) or {}
+    rows = [store.get_json(k) for k in store.list(f"{prefix}/evals/")]
+    rows.sort(key=lambda r: r.get("order") or 0)
+    teacher = teacher_point(store, record.get("teacher_hash"))
+    gpus = float((config.get("resources") or {}).get("gpus_per_eval") or 0)
+    ok = [r for r in rows if r["status"] == "ok"]
+    parts = [f"<h1>searchsvc run {_e(run_id)}</h1>", "<h2>Summary</h2>", _table(["", ""], run_summary(record, rows, gpus))]
+    parts.append("<h2>Pareto fronts (accuracy vs size and speed; ★ the teacher)</h2><div class='grid'>")
+    for metric, title, unit in FRONTS:
+        points = [r for r in ok if r.get(metric) is not None]
+        if points:
+            front = pareto_front(points, metric)
+            parts.append(_img(front_png(points, front, metric, f"{title} ({unit})", teacher), f"accuracy vs {title}"))
+    parts.append("</div>")
+    parts.append(f"<h2>Top {top}</h2>" + top_table(ok, top))
+    parts.append("<h2>The search over time</h2>" + _img(progress_png(rows), "reward and accuracy per evaluation"))
+    for key in store.list(f"{prefix}/plots/"):
+        if key.endswith(".png"):
+            parts.append(f"<h3>{_e(key.rsplit('/', 1)[1])}</h3>" + _img(store.get_bytes(key), key))
+    parts.append(f"<h2>Config</h2><pre>{_e(config_text)}</pre>")
+    body = "\n".join(parts)
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>searchsvc {_e(run_id)}</title>"
+            f"<style>{STYLE}</style></head><body>\n{body}\n</body></html>\n")
+
+
+def top_table(rows: list[dict[str, Any]], top: int) -> str:
+    """The best `top` valid candidates by reward, with links to their kept models."""
+    best = sorted(rows, key=lambda r: (-(r.get("reward") or 0), -r["accuracy"]))[:top]
+    columns = [c for c in TOP_COLUMNS if any(r.get(c[0]) is not None for r in best)]
+    body = []
+    for rank, row in enumerate(best, start=1):
+        cells = [str(rank), _e(row["spec_hash"])]
+        cells += ["-" if row.get(k) is None else fmt.format(row[k]) for k, _, fmt in columns]
+        link = row.get("artifact")
+        cells.append(f"<a href='{_e(link)}'>model.pt</a>" if link else "-")
+        body.append(cells)
+    return _table(["#", "candidate", *(title for _, title, _ in columns), "artifact"], body, escape=False)
+
+
+def _table(header: list[str], rows: list, escape: bool = True) -> str:
+    def cell(value: Any) -> str:
+        return _e(str(value)) if escape else str(value)
+
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f"<img alt='{_e(alt)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+
+
+def _e(text: str) -> str:
+    return html.escape(text, quote=True)

@@ -1,0 +1,91 @@
+"""The HTML report of a real grid run: self-contained (every image inline, nothing fetched), the numbers of
+the run in it, and it opens in headless Chromium (Debian `chromium`, installed by `make test`)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from searchsvc.cli import main
+from storage import LocalStore
+from tests.conftest import REPO
+
+GRID = REPO / "configs" / "grid-smoke.yaml"
+
+
+class Collect(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.links: list[str] = []
+        self.cells: list[str] = []
+        self._in_td = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        if tag in ("a", "link", "script"):
+            self.links.append(attrs.get("href") or attrs.get("src") or "")
+        self._in_td = tag == "td"
+
+    def handle_data(self, data):
+        if self._in_td:
+            self.cells.append(data.strip())
+
+
+@pytest.fixture(scope="module")
+def grid_report(tmp_path_factory, ray_session) -> tuple[Path, Path, str]:
+    folder = tmp_path_factory.mktemp("report")
+    report = folder / "report.html"
+    assert main(["run", str(GRID), "--store", str(folder / "store"), "--no-progress", "--report", str(report)]) == 0
+    run_id = LocalStore(folder / "store").list("runs/")[0].split("/")[1]
+    return report, folder / "store", run_id
+
+
+def test_report_is_self_contained_and_holds_the_runs_numbers(grid_report):
+    report, store_dir, run_id = grid_report
+    text = report.read_text()
+    page = Collect()
+    page.feed(text)
+    assert len(page.images) >= 4  # three Pareto fronts and the progress plot
+    assert all(src.startswith("data:image/png;base64,") for src in page.images)
+    assert not re.search(r"""(src|href)=['"]https?://""", text)  # nothing fetched from a network
+    store = LocalStore(store_dir)
+    rows = [store.get_json(k) for k in store.list(f"runs/{run_id}/evals/")]
+    assert sorted(r["order"] for r in rows) == [1, 2, 3, 4, 5]  # the order of recording, for the progress plot
+    model_links = [link for link in page.links if link.endswith("model.pt")]
+    assert len(model_links) == sum(r["status"] == "ok" for r in rows)  # top-10 table: every valid candidate
+    for row in rows:
+        if row["status"] == "ok":
+            assert row["spec_hash"] in page.cells
+            assert f"{row['accuracy']:.2%}" in page.cells
+    assert f"{len(rows)} trained, 0 from the store (cache hits)" in page.cells
+
+
+def test_report_cli_errors_are_one_line(grid_report, tmp_path, capsys):
+    _, store_dir, _ = grid_report
+    assert main(["report", "--store", str(store_dir), "--run", "no-such-run", "-o", str(tmp_path / "r.html")]) == 2
+    assert "run 'no-such-run' does not exist" in capsys.readouterr().err
+    assert main(["report", "--store", str(store_dir), "-o", str(tmp_path / "missing" / "r.html")]) == 2
+    assert "--output: folder" in capsys.readouterr().err
+
+
+def test_report_opens_in_headless_chromium(grid_report, tmp_path):
+    report, _, run_id = grid_report
+    chromium = shutil.which("chromium")
+    assert chromium, "headless Chromium is missing: `make test` installs it (Debian package chromium)"
+    common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--user-data-dir="
+              + str(tmp_path / "profile")]
+    dom = subprocess.run([*common, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert f"searchsvc run {run_id}" in dom.stdout and dom.stdout.count("<img") >= 4
+    shot = tmp_path / "report.png"
+    taken = subprocess.run([*common, "--window-size=1200,2000", f"--screenshot={shot}", report.as_uri()],
+                           capture_output=True, text=True, timeout=120)
+    assert taken.returncode == 0 and shot.stat().st_size > 20_000, taken.stderr[-2000:]
