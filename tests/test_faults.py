@@ -113,6 +113,7 @@ def test_s3_down_for_good_keeps_the_result_locally_and_resume_uploads_it(own_s3,
     kept = sorted(p.relative_to(spool).as_posix() for p in spool.rglob("*") if p.is_file())
     assert any(f"runs/{run_id}/evals/" in k for k in kept), kept
     kept_candidates = {k.split("/")[2] for k in kept if "/candidates/" in k}
+    assert kept_candidates  # the store went down between two results: the next one was a worker's save
 
     own_s3.start()
     resumed = searchsvc("resume", "--store", f"s3://{bucket}/faults", "--s3-endpoint", own_s3.endpoint,
