@@ -35,6 +35,7 @@ bench: setup     ## CPU benchmarks; JSON lands in benchmarks/results/
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/store_throughput.py
 	$(BIN)/python benchmarks/pool_overhead.py
+	$(BIN)/python benchmarks/scaling.py
 
 bench-n2n: setup ## PPO vs random search, 3 seeds x 64 evaluations (about 10 minutes on 2 cores)
 	$(BIN)/python benchmarks/n2n_agents.py

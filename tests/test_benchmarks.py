@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
      ["channels_last_images_per_s", "contiguous_images_per_s", "channels_last_speedup"]),
     ("store_throughput.py", ["--mb", "2", "--small", "5"], ["put_mb_per_s", "get_mb_per_s", "small_json_writes_per_s"]),
     ("pool_overhead.py", ["--candidates", "1", "--train-size", "256"], ["in_process_s_per_eval", "pool_s_per_eval"]),
+    ("scaling.py", ["--nodes", "1,2", "--per-node", "2", "--cost-s", "0.2"], ["speedup_max_nodes", "efficiency_max_nodes"]),
     ("n2n_agents.py", ["--seeds", "0", "--budget", "4", "--iteration", "4", "--teacher-epochs", "1", "--train-size",
                        "256"], ["budget"]),
 ])
