@@ -96,15 +96,17 @@ class Recorder:
         are kept on local disk and the run stops with a message that says where (`searchsvc resume` uploads
         them)."""
         store, key = self.ctx.store, f"{run_prefix(self.ctx.run_id)}/evals/{row['spec_hash']}.json"
-        try:
-            if unsaved is not None:
-                raise unsaved
-            store.put_json(key, row, write_once=True)
-        except StoreUnreachableError as err:
-            for name, data in (unsaved.files if unsaved else {}).items():
-                spool.keep_bytes(store, name, data)
-            spool.keep_bytes(store, key, store_json_bytes(row))
-            raise self._store_down_error(err, f"the finished result is kept in {spool.spool_dir(store)}") from None
+        cause: StoreUnreachableError | None = unsaved
+        if cause is None:
+            try:
+                store.put_json(key, row, write_once=True)
+                return
+            except StoreUnreachableError as err:
+                cause = err
+        for name, data in (unsaved.files if unsaved else {}).items():
+            spool.keep_bytes(store, name, data)
+        spool.keep_bytes(store, key, store_json_bytes(row))
+        raise self._store_down_error(cause, f"the finished result is kept in {spool.spool_dir(store)}") from None
 
     def _store_down_error(self, err: StoreUnreachableError, kept: str) -> StoreUnreachableError:
         """Stop writing, and say how the run goes on once the store is back."""

@@ -13,9 +13,11 @@ import base64
 import html
 from typing import Any
 
+import yaml
+
 from searchsvc.plots import front_png, progress_png
 from storage import ArtifactStore
-from storage.tables import pareto_front, run_prefix
+from storage.tables import pareto_front, rank, results_table, run_prefix
 from workers.measure import count_macs, count_parameters
 from workers.zoo import arch_from_data, build_model
 
@@ -57,8 +59,6 @@ def run_summary(record: dict[str, Any], rows: list[dict[str, Any]], gpus_per_eva
 
 def build_report(store: ArtifactStore, run_id: str, top: int = 10) -> str:
     """The HTML text of run `run_id`'s report."""
-    import yaml
-
     prefix = run_prefix(run_id)
     record = store.get_json(f"{prefix}/run.json")
     config_text = store.get_bytes(f"{prefix}/config.yaml").decode()
@@ -89,11 +89,11 @@ def build_report(store: ArtifactStore, run_id: str, top: int = 10) -> str:
 
 def top_table(rows: list[dict[str, Any]], top: int) -> str:
     """The best `top` valid candidates by reward, with links to their kept models."""
-    best = sorted(rows, key=lambda r: (-(r.get("reward") or 0), -r["accuracy"]))[:top]
+    best = rank(results_table(rows)).to_pylist()[:top]  # the order of results.parquet and `searchsvc results`
     columns = [c for c in TOP_COLUMNS if any(r.get(c[0]) is not None for r in best)]
     body = []
-    for rank, row in enumerate(best, start=1):
-        cells = [str(rank), _e(row["spec_hash"])]
+    for place, row in enumerate(best, start=1):
+        cells = [str(place), _e(row["spec_hash"])]
         cells += ["-" if row.get(k) is None else fmt.format(row[k]) for k, _, fmt in columns]
         link = row.get("artifact")
         cells.append(f"<a href='{_e(link)}'>model.pt</a>" if link else "-")

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from storage.base import MANIFEST, ArtifactStore, check_key
+from storage.base import ArtifactStore, check_key
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,10 @@ def pending(store: ArtifactStore, prefix: str = "") -> list[str]:
 
 def upload(store: ArtifactStore, prefix: str = "") -> list[str]:
     """Put every kept file under `prefix` into the store (write-once), deleting each once stored; return
-    the keys. A folder's manifest.json is written after its other files, so it still marks completeness."""
+    the keys. Manifests are never kept here: the caller writes them after the files (`job.upload_kept`)."""
     root = spool_dir(store)
     keys = pending(store, prefix)
-    for key in sorted(keys, key=lambda k: k.endswith("/" + MANIFEST)):
+    for key in keys:
         path = root / key
         store.put_bytes(key, path.read_bytes(), write_once=True)
         path.unlink()

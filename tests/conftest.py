@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -118,14 +119,21 @@ def start_s3_server(root: Path) -> S3Server:
     return server
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """The session's S3 server (see `start_s3_server`)."""
-    server = start_s3_server(tmp_path_factory.mktemp("weed"))
+@contextlib.contextmanager
+def running_s3_server(root: Path) -> Iterator[S3Server]:
+    """`start_s3_server` for the length of a `with` block."""
+    server = start_s3_server(root)
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """The session's S3 server (see `start_s3_server`)."""
+    with running_s3_server(tmp_path_factory.mktemp("weed")) as server:
+        yield server
 
 
 def _wait_ready(server: S3Server, timeout: float = 60.0) -> None:

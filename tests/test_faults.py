@@ -13,7 +13,7 @@ from typing import Iterator
 import pytest
 
 from storage import S3Store
-from tests.conftest import REPO, S3Server, start_s3_server
+from tests.conftest import REPO, S3Server, running_s3_server
 
 GRID = REPO / "configs" / "grid-smoke.yaml"
 SLOW_CANDIDATES = ["train.epochs=12"]  # ~2 s per candidate on one core: the outage lands mid-run
@@ -24,11 +24,8 @@ pytestmark = pytest.mark.s3
 @pytest.fixture(scope="module")
 def own_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """An S3 server of this module's own: these tests stop and restart it."""
-    server = start_s3_server(tmp_path_factory.mktemp("weed-faults"))
-    try:
+    with running_s3_server(tmp_path_factory.mktemp("weed-faults")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def run_env(server: S3Server, tmp_path: Path, retry_s: float) -> dict[str, str]:
@@ -69,24 +66,36 @@ def finish(driver: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     return driver.returncode, err
 
 
+def stop_s3_mid_run(server: S3Server, tmp_path: Path, retry_s: float) -> tuple[str, dict[str, str], subprocess.Popen, str]:
+    """Start the grid run on a fresh bucket, stop the server once the run has recorded a result: (bucket,
+    the driver's environment, the driver, run id)."""
+    bucket = server.new_bucket()
+    env = run_env(server, tmp_path, retry_s)
+    driver = start_grid(server, bucket, env)
+    run_id = wait_for_rows(server, bucket, driver, 1)
+    server.stop()
+    return bucket, env, driver, run_id
+
+
+def open_faults_store(server: S3Server, bucket: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> S3Store:
+    """The run's store, opened here with the keys the driver had."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, env[name])
+    return S3Store(bucket, "faults", endpoint=server.endpoint)
+
+
 def rows_of(store: S3Store, run_id: str) -> list[dict]:
     return [store.get_json(k) for k in store.list(f"runs/{run_id}/evals/")]
 
 
 def test_s3_down_for_10_s_mid_run_is_waited_out(own_s3, tmp_path, monkeypatch):
-    bucket = own_s3.new_bucket()
-    env = run_env(own_s3, tmp_path, retry_s=120)
-    driver = start_grid(own_s3, bucket, env)
-    run_id = wait_for_rows(own_s3, bucket, driver, 1)
-    own_s3.stop()
+    bucket, env, driver, run_id = stop_s3_mid_run(own_s3, tmp_path, retry_s=120)
     time.sleep(10)
     own_s3.start()
     code, err = finish(driver)
     assert code == 0, err[-3000:]
     assert "retrying for up to 120 s" in err  # said by whichever process met the outage (Ray forwards workers' logs)
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(name, env[name])
-    store = S3Store(bucket, "faults", endpoint=own_s3.endpoint)
+    store = open_faults_store(own_s3, bucket, env, monkeypatch)
     assert store.get_json(f"runs/{run_id}/run.json")["status"] == "finished"
     rows = rows_of(store, run_id)
     assert len(rows) == 5 and len({r["spec_hash"] for r in rows}) == 5  # every result once
@@ -97,11 +106,7 @@ def test_s3_down_for_10_s_mid_run_is_waited_out(own_s3, tmp_path, monkeypatch):
 
 
 def test_s3_down_for_good_keeps_the_result_locally_and_resume_uploads_it(own_s3, tmp_path, monkeypatch):
-    bucket = own_s3.new_bucket()
-    env = run_env(own_s3, tmp_path, retry_s=5)
-    driver = start_grid(own_s3, bucket, env)
-    run_id = wait_for_rows(own_s3, bucket, driver, 1)
-    own_s3.stop()
+    bucket, env, driver, run_id = stop_s3_mid_run(own_s3, tmp_path, retry_s=5)
     code, err = finish(driver)
     errors = [line for line in err.splitlines() if line.startswith("searchsvc: error:")]
     assert len(errors) == 1, err[-3000:]  # one line (worker log lines forwarded by Ray may follow it)
@@ -121,9 +126,7 @@ def test_s3_down_for_good_keeps_the_result_locally_and_resume_uploads_it(own_s3,
     code, err = finish(resumed)
     assert code == 0, err[-3000:]
     assert not [p for p in spool.rglob("*") if p.is_file()]  # everything kept was stored
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(name, env[name])
-    store = S3Store(bucket, "faults", endpoint=own_s3.endpoint)
+    store = open_faults_store(own_s3, bucket, env, monkeypatch)
     assert store.get_json(f"runs/{run_id}/run.json")["status"] == "finished"
     rows = rows_of(store, run_id)
     assert len(rows) == 5 and not any(r["cached"] for r in rows)  # no result lost, none evaluated twice

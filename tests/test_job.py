@@ -73,17 +73,13 @@ class RayHead:
 def node_args(temp_dir: Path) -> list[str]:
     """Every port a node opens, free and on loopback, so two clusters on one machine do not collide."""
     manager, objects, client, agent, agent_grpc, metrics, runtime_env, low = free_ports(8)
-    _reserve_worker_ports(low)
+    _HANDED_OUT.update(range(low, low + 61))  # the worker ports span after the last
     return ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", f"--temp-dir={temp_dir}",
             f"--node-manager-port={manager}", f"--object-manager-port={objects}",
             f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
             f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
             f"--runtime-env-agent-port={runtime_env}", f"--min-worker-port={low + 1}",
             f"--max-worker-port={low + 60}"]
-
-
-def _reserve_worker_ports(low: int) -> None:
-    _HANDED_OUT.update(range(low, low + 61))
 
 
 @pytest.fixture(scope="module")

@@ -164,9 +164,8 @@ class EvalPool:
                 in_flight[actor.evaluate.remote(spec)] = (actor, spec, attempt)
             if pending:
                 self._grow()
-            # A bounded wait: the driver looks at stop requests (SIGTERM) twice a second.
-            timeout = min(self.grow_every_s, WAKE_EVERY_S) if pending and self.fixed_size is None else WAKE_EVERY_S
-            ready, _ = ray.wait([*in_flight, *self._starting], num_returns=1, timeout=timeout)
+            # A bounded wait: the driver looks at stop requests (SIGTERM) and the cluster's size twice a second.
+            ready, _ = ray.wait([*in_flight, *self._starting], num_returns=1, timeout=WAKE_EVERY_S)
             if self.on_wait is not None:
                 self.on_wait()  # the driver's stop check (SIGTERM): may raise
             if not ready:
