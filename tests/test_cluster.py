@@ -114,10 +114,10 @@ def test_a_candidate_that_keeps_killing_its_worker_becomes_invalid_alone(cluster
     poison = dataclasses.replace(good[0], seed=4242)
 
     class CrashingWorker(EvalWorker):  # defined here so Ray ships it by value
-        def evaluate(self, spec):
+        def evaluate(self, spec, takeover=False):
             if spec.seed == 4242:
                 os._exit(1)
-            return super().evaluate(spec)
+            return super().evaluate(spec, takeover)
 
     pool = EvalPool(store, teacher_hash, DATA, ONE_CPU, max_retries=2, worker_class=CrashingWorker)
     try:

@@ -130,3 +130,28 @@ def test_a_worker_that_cannot_start_fails_the_pool_with_its_cause(prepared, tmp_
             list(pool.map_unordered([spec(teacher_hash, seed=41)]))
     finally:
         pool.shutdown()
+
+
+@pytest.mark.parametrize("takeover", [True, False])
+def test_files_left_by_a_writer_that_died_mid_save_are_replaced(prepared, monkeypatch, takeover):
+    """A node removed while its worker saved a candidate leaves files but no manifest. The retry (takeover,
+    what the pool asks after an actor died) replaces them at once; any other writer after OTHER_WRITER_S."""
+    from workers import evaluate
+
+    store, teacher_hash = prepared
+    dead = spec(teacher_hash, seed=77 if takeover else 78)
+    prefix = f"candidates/{dead.spec_hash}"
+    store.put_bytes(f"{prefix}/spec.json", dead.canonical_json().encode(), write_once=True)
+    store.put_bytes(f"{prefix}/metrics.json", b'{"half": "written"}', write_once=True)
+    monkeypatch.setattr(evaluate, "OTHER_WRITER_S", 0.5)
+    metrics = {"spec_hash": dead.spec_hash, "status": "ok", "accuracy": 0.5}
+    started = time.monotonic()
+    kept = evaluate.save_candidate(store, dead, torch.nn.Linear(2, 2), dict(metrics), takeover=takeover)
+    waited = time.monotonic() - started
+    assert kept["accuracy"] == 0.5 and kept["artifact"].endswith(f"{prefix}/model.pt")
+    assert set(store.verify(prefix)) == {"spec.json", "model.pt", "metrics.json"}
+    assert evaluate.stored_metrics(store, dead.spec_hash) == kept
+    assert (waited < 0.5) if takeover else (waited >= 0.5)
+    # a finished candidate is never replaced: a later writer gets the stored result
+    again = evaluate.save_candidate(store, dead, None, dict(metrics, accuracy=0.9), takeover=True)
+    assert again == kept

@@ -37,6 +37,9 @@ from workers.zoo import Model, arch_from_data, build_model, load_state_bytes, st
 
 log = logging.getLogger(__name__)
 
+# Seconds to wait for another writer's manifest: it is at most a few writes ahead, unless it died mid-save.
+OTHER_WRITER_S = 30.0
+
 
 @dataclass
 class EvalContext:
@@ -84,16 +87,18 @@ def invalid(spec: CandidateSpec, reason: str, started: float, ctx: EvalContext) 
 
 
 def evaluate_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = False,
-                       callbacks: Sequence[TrainCallback] = ()) -> dict[str, Any]:
+                       callbacks: Sequence[TrainCallback] = (), takeover: bool = False) -> dict[str, Any]:
     """Build, distill, measure and store one candidate; return its metrics (status ok or invalid).
 
     `callbacks` join the method's own in the training loop (a Tune trial reports epochs through one).
+    `takeover`: an earlier writer of this candidate is known dead (see `save_candidate`).
     """
     started = time.perf_counter()
     try:
         built = build_student(spec, ctx)
     except InvalidTransform as err:
-        return _store_invalid(spec, ctx, invalid(spec, f"invalid transform: {err}", started, ctx))
+        return save_candidate(ctx.store, spec, None, invalid(spec, f"invalid transform: {err}", started, ctx),
+                              takeover)
     student, history = built.model, []
     if built.train:
         try:
@@ -106,7 +111,8 @@ def evaluate_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = F
             return invalid(spec, "out of memory", started, ctx)  # not stored: it may fit another time
     train_seconds = time.perf_counter() - started
     if not all(math.isfinite(epoch["loss"]) for epoch in history):
-        return _store_invalid(spec, ctx, invalid(spec, "training diverged (non-finite loss)", started, ctx))
+        return save_candidate(ctx.store, spec, None, invalid(spec, "training diverged (non-finite loss)", started,
+                                                             ctx), takeover)
     extra = dict(built.metrics)
     if built.finish is not None:
         student, finished = built.finish(student)
@@ -117,7 +123,7 @@ def evaluate_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = F
                "train_seconds": train_seconds, "history": history, "worker": ctx.worker,
                "device": str(ctx.device), "arch": to_data(student.arch)}
     metrics["wall_s"] = time.perf_counter() - started
-    return save_candidate(ctx.store, spec, student if built.keep_model else None, metrics)
+    return save_candidate(ctx.store, spec, student if built.keep_model else None, metrics, takeover)
 
 
 def _loss_fn(spec: CandidateSpec, ctx: EvalContext) -> LossFn | None:
@@ -179,13 +185,14 @@ def load_candidate_model(store: ArtifactStore, spec_hash: str) -> Model:
     return load_state_bytes(model, raw, store.uri_for(f"{prefix}/model.pt")).eval()
 
 
-def _store_invalid(spec: CandidateSpec, ctx: EvalContext, metrics: dict[str, Any]) -> dict[str, Any]:
-    return save_candidate(ctx.store, spec, None, metrics)
-
-
 def save_candidate(store: ArtifactStore, spec: CandidateSpec, model: torch.nn.Module | None,
-                   metrics: dict[str, Any]) -> dict[str, Any]:
-    """Write the candidate's files once. If another worker finished it first, return theirs (idempotent)."""
+                   metrics: dict[str, Any], takeover: bool = False) -> dict[str, Any]:
+    """Write the candidate's files once. If another worker finished it first, return theirs (idempotent).
+
+    Files without a manifest belong to a writer still at work, or to one that died mid-save (its node was
+    removed). With `takeover` (the pool retries a candidate because its actor died) they are replaced at
+    once; otherwise after `OTHER_WRITER_S` without the other writer's manifest.
+    """
     prefix = candidate_prefix(spec.spec_hash)
     files = {f"{prefix}/spec.json": spec.canonical_json().encode()}
     if model is not None:
@@ -196,23 +203,34 @@ def save_candidate(store: ArtifactStore, spec: CandidateSpec, model: torch.nn.Mo
         existing = stored_metrics(store, spec.spec_hash)
         if existing is not None:
             return existing
-        for key, data in files.items():
-            store.put_bytes(key, data, write_once=True)
-        store.write_manifest(prefix)
-    except WriteConflictError:
-        log.info("candidate %s was stored by another worker first; using that result", spec.spec_hash)
-        return _wait_for_other_writer(store, spec.spec_hash, metrics)
+        try:
+            _write_candidate(store, prefix, files, write_once=not takeover)
+        except WriteConflictError:
+            log.info("candidate %s is being stored by another worker; waiting for it", spec.spec_hash)
+            stored = _wait_for_other_writer(store, spec.spec_hash)
+            if stored is not None:
+                return stored
+            log.warning("candidate %s: the other writer left no manifest in %.0f s; replacing its files",
+                        spec.spec_hash, OTHER_WRITER_S)
+            _write_candidate(store, prefix, files, write_once=False)
+    except WriteConflictError:  # the manifest: the other writer finished after all
+        return stored_metrics(store, spec.spec_hash) or metrics
     except StoreUnreachableError as err:  # the driver keeps the files on local disk; resume stores them
         raise UnsavedResult(str(err), files, metrics) from None
     return metrics
 
 
-def _wait_for_other_writer(store: ArtifactStore, spec_hash: str, fallback: dict[str, Any],
-                           timeout: float = 30.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout  # seconds; the other writer is at most a few writes ahead
+def _write_candidate(store: ArtifactStore, prefix: str, files: dict[str, bytes], write_once: bool) -> None:
+    for key, data in files.items():
+        store.put_bytes(key, data, write_once=write_once)
+    store.write_manifest(prefix)  # last, and always write-once: its presence marks the folder complete
+
+
+def _wait_for_other_writer(store: ArtifactStore, spec_hash: str) -> dict[str, Any] | None:
+    deadline = time.monotonic() + OTHER_WRITER_S
     while time.monotonic() < deadline:
         stored = stored_metrics(store, spec_hash)
         if stored is not None:
             return stored
         time.sleep(0.2)
-    return fallback
+    return None

@@ -75,8 +75,9 @@ class EvalWorker:
                  resources: Resources) -> None:
         self.ctx = worker_context(store, teacher_hash, dataset, resources)
 
-    def evaluate(self, spec: CandidateSpec) -> dict[str, Any]:
-        return evaluate_candidate(spec, self.ctx)
+    def evaluate(self, spec: CandidateSpec, takeover: bool = False) -> dict[str, Any]:
+        """`takeover`: a retry after the actor evaluating `spec` died, maybe mid-save (its files are replaced)."""
+        return evaluate_candidate(spec, self.ctx, takeover=takeover)
 
     def name(self) -> str:
         return f"{self.ctx.worker} on {self.ctx.device}"
@@ -161,7 +162,7 @@ class EvalPool:
             while pending and idle:
                 spec, attempt = pending.popleft()
                 actor = idle.pop()
-                in_flight[actor.evaluate.remote(spec)] = (actor, spec, attempt)
+                in_flight[actor.evaluate.remote(spec, attempt > 1)] = (actor, spec, attempt)
             if pending:
                 self._grow()
             # A bounded wait: the driver looks at stop requests (SIGTERM) and the cluster's size twice a second.
