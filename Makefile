@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/quickstart.yaml
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup run test test-all bench bench-n2n clean-store help
+.PHONY: setup run test test-all bench bench-gpu bench-n2n clean-store help
 
 help:            ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/ —/'
@@ -36,6 +36,18 @@ bench: setup     ## CPU benchmarks; JSON lands in benchmarks/results/
 	$(BIN)/python benchmarks/store_throughput.py
 	$(BIN)/python benchmarks/pool_overhead.py
 	$(BIN)/python benchmarks/scaling.py
+	$(BIN)/python benchmarks/epoch_time.py --device cpu
+	$(BIN)/python benchmarks/evals_per_hour.py
+	$(BIN)/python benchmarks/driver_overhead.py
+
+bench-gpu: setup ## GPU benchmarks on one NVIDIA GPU (about 15 minutes on an H100); JSON in benchmarks/results/
+	$(BIN)/python -m pytest -q -m gpu -p no:cacheprovider
+	$(BIN)/python benchmarks/epoch_time.py --device cuda
+	$(BIN)/python benchmarks/epoch_time.py --device cuda --compile
+	$(BIN)/python benchmarks/evals_per_hour.py --teacher resnet18_cifar
+	$(BIN)/python benchmarks/evals_per_hour.py --teacher resnet20
+	$(BIN)/python benchmarks/driver_overhead.py
+	$(BIN)/python benchmarks/train_throughput.py --arch resnet18_cifar --channels 3 --size 32 --batch 512 --device cuda
 
 bench-n2n: setup ## PPO vs random search, 3 seeds x 64 evaluations (about 10 minutes on 2 cores)
 	$(BIN)/python benchmarks/n2n_agents.py

@@ -45,7 +45,7 @@ class FixedCostWorker(EvalWorker):
     def name(self) -> str:
         return ray.get_runtime_context().get_node_id()[:8]
 
-    def evaluate(self, spec: CandidateSpec) -> dict:
+    def evaluate(self, spec: CandidateSpec, takeover: bool = False) -> dict:
         time.sleep(self.cost_s)
         metrics = {"spec_hash": spec.spec_hash, "status": "ok", "accuracy": 0.5, "params": 1000, "macs": 10_000,
                    "latency_ms": 1.0, "wall_s": self.cost_s, "worker": ray.get_runtime_context().get_node_id()[:8]}
@@ -59,6 +59,7 @@ def measure(store: LocalStore, nodes: int, count: int, cost_s: float, tag: str) 
     pool = EvalPool(store, "none", DatasetConfig(name="synthetic"), Resources(gpus_per_eval=0, cpus_per_eval=1),
                     worker_class=worker)
     ray.get([actor.name.remote() for actor in pool.actors])  # started: the clock measures evaluation only
+    actors = pool.size  # before shutdown empties the pool
     specs = [CandidateSpec(arch="tiny_cnn", teacher=tag, dataset=DatasetConfig(name="synthetic"),
                            train=TrainConfig(), seed=i) for i in range(count)]
     rows, last_write = [], 0.0
@@ -76,7 +77,7 @@ def measure(store: LocalStore, nodes: int, count: int, cost_s: float, tag: str) 
         pool.shutdown()
     wall = time.perf_counter() - started
     ideal = count * cost_s / nodes
-    return {"nodes": nodes, "actors": pool.size, "evaluations": len(rows), "wall_s": wall,
+    return {"nodes": nodes, "actors": actors, "evaluations": len(rows), "wall_s": wall,
             "evals_per_s": len(rows) / wall, "ideal_evals_per_s": nodes / cost_s, "efficiency": ideal / wall,
             "driver_ms_per_eval": 1000 * max(0.0, wall - ideal) / len(rows),
             "nodes_used": len({r["worker"] for r in rows})}

@@ -122,6 +122,7 @@ class Recorder:
             "code_version": code_version(), "status": m.get("status", "invalid"),
             "accuracy": m.get("accuracy", 0.0), "params": m.get("params"), "macs": m.get("macs"),
             "latency_ms": m.get("latency_ms"), "wall_s": m.get("wall_s"), "worker": m.get("worker"),
+            "device": m.get("device"),
             "artifact": m.get("artifact"),
             "compression": compression_ratio(self.teacher_params, m[self.size]) if ok else None,
             "reward": reward(m[self.size], m["accuracy"], self.teacher_params, self.teacher_accuracy,

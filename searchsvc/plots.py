@@ -106,6 +106,25 @@ def progress_png(rows: list[dict[str, Any]]) -> bytes:
     return _png(fig)
 
 
+def schedule_png(histories: dict[str, list[dict[str, Any]]], panels: list[tuple[str, str]], title: str) -> bytes:
+    """Per-epoch values of each candidate's training history, one panel per (history key, axis label), one
+    line per candidate: AGP's sparsity schedule, RigL's density and the share of weights it moved."""
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.6 * len(panels) + 0.6), dpi=110, sharex=True,
+                             squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for ax, (key, label) in zip(axes[:, 0], panels):
+        for index, (name, history) in enumerate(histories.items()):
+            points = [(h["epoch"], 100 * h[key]) for h in history if h.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, color=colours(index % 10), label=name, alpha=0.85)
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    axes[0, 0].set_title(title)
+    axes[0, 0].legend(fontsize=7, loc="best", ncol=2)
+    axes[-1, 0].set_xlabel("epoch")
+    return _png(fig)
+
+
 def _png(fig: Any) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from searchsvc.plots import front_png, progress_png
+from searchsvc.plots import front_png, progress_png, schedule_png
 from storage import ArtifactStore
 from storage.tables import pareto_front, rank, results_table, run_prefix
 from workers.measure import count_macs, count_parameters
@@ -27,6 +27,9 @@ FRONTS = [("params", "parameters", "count"), ("macs", "MACs per image", "count")
 TOP_COLUMNS = [("accuracy", "accuracy", "{:.2%}"), ("params", "params", "{:,}"), ("macs", "MACs", "{:,}"),
                ("latency_ms", "latency ms", "{:.2f}"), ("compression", "x-factor", "{:.2f}"),
                ("reward", "reward", "{:.3f}"), ("sparsity", "sparsity", "{:.3f}")]
+# Methods whose candidates record a sparsity schedule per epoch: (history key, axis title) per panel.
+SCHEDULES = {"agp": [("sparsity", "sparsity (%)")],
+             "rigl": [("density", "non-zero weights (%)"), ("moved", "weights moved in the epoch (% of non-zero)")]}
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.9em}td,th{padding:.25em .7em;border-bottom:1px solid #eee;text-align:right}
@@ -47,14 +50,21 @@ def teacher_point(store: ArtifactStore, teacher_hash: str | None) -> dict[str, A
 def run_summary(record: dict[str, Any], rows: list[dict[str, Any]], gpus_per_eval: float) -> list[tuple[str, str]]:
     """(label, value) pairs of the run: status, teacher, counts, wall time and GPU-hours."""
     trained = [r for r in rows if not r.get("cached")]
-    gpu_hours = gpus_per_eval * sum(r.get("wall_s") or 0.0 for r in trained) / 3600
+    on_gpu = [r for r in trained if _on_gpu(r)] if gpus_per_eval else []
+    gpu_hours = gpus_per_eval * sum(r.get("wall_s") or 0.0 for r in on_gpu) / 3600
     return [("run", record.get("run_id", "?")), ("method", str(record.get("method"))),
             ("status", str(record.get("status"))), ("started", str(record.get("started_at", "-"))),
             ("teacher", f"{record.get('teacher_hash', '-')} ({100 * (record.get('teacher_accuracy') or 0):.2f} % test)"),
             ("evaluations", f"{len(trained)} trained, {len(rows) - len(trained)} from the store (cache hits)"),
             ("valid", f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)}"),
             ("wall time", f"{(record.get('wall_s') or 0) / 60:.1f} min"),
-            ("GPU-hours", f"{gpu_hours:.3f} ({gpus_per_eval:g} GPU per evaluation)" if gpus_per_eval else "0 (CPU run)")]
+            ("GPU-hours", f"{gpu_hours:.3f} ({gpus_per_eval:g} GPU per evaluation)" if on_gpu
+             else "0 (evaluations ran on the CPU)")]
+
+
+def _on_gpu(row: dict[str, Any]) -> bool:
+    """Whether an evaluation ran on a GPU (rows from before `device` was recorded: as the config asked)."""
+    return row.get("device") is None or str(row["device"]).startswith("cuda")
 
 
 def build_report(store: ArtifactStore, run_id: str, top: int = 10) -> str:
@@ -78,6 +88,8 @@ def build_report(store: ArtifactStore, run_id: str, top: int = 10) -> str:
     parts.append("</div>")
     parts.append(f"<h2>Top {top}</h2>" + top_table(ok, top))
     parts.append("<h2>The search over time</h2>" + _img(progress_png(rows), "reward and accuracy per evaluation"))
+    if record.get("method") in SCHEDULES and ok:
+        parts.append("<h2>Sparsity schedule</h2>" + _img(schedule_plot(store, ok, record["method"], top), "schedule"))
     for key in store.list(f"{prefix}/plots/"):
         if key.endswith(".png"):
             parts.append(f"<h3>{_e(key.rsplit('/', 1)[1])}</h3>" + _img(store.get_bytes(key), key))
@@ -85,6 +97,14 @@ def build_report(store: ArtifactStore, run_id: str, top: int = 10) -> str:
     body = "\n".join(parts)
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>searchsvc {_e(run_id)}</title>"
             f"<style>{STYLE}</style></head><body>\n{body}\n</body></html>\n")
+
+
+def schedule_plot(store: ArtifactStore, ok: list[dict[str, Any]], method: str, top: int) -> bytes:
+    """The per-epoch schedule of the best `top` candidates, from their stored training histories."""
+    best = rank(results_table(ok)).to_pylist()[:top]
+    histories = {f"{r['spec_hash'][:8]} ({100 * r['accuracy']:.1f} %)":
+                 store.get_json(f"candidates/{r['spec_hash']}/metrics.json").get("history") or [] for r in best}
+    return schedule_png(histories, SCHEDULES[method], f"{method}: the best {len(best)} candidates")
 
 
 def top_table(rows: list[dict[str, Any]], top: int) -> str:

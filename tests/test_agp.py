@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from searchsvc.cli import main
+from searchsvc.report import build_report
 from storage import open_store
 from workers.data import DatasetConfig, SyntheticConfig, load_dataset
 from workers.measure import count_macs
@@ -302,6 +303,7 @@ def test_agp_sweep_thins_records_and_summarises(tmp_path, ray_session, capsys):
             assert store.exists(f"runs/{run_id}/summaries/{row['spec_hash']}-{kind}.csv")
     assert {json.loads(r["sample"])["variant"]["final_sparsity"]["filters"] for r in rows} == {0.5, 0.7}
     assert capsys.readouterr().out.count("agp") >= 2
+    assert "<h2>Sparsity schedule</h2><img" in build_report(store, run_id)
     # the summary command on a kept candidate: the table, and its CSV in the store
     best = rows[0]["spec_hash"]
     assert main(["summary", "--store", str(store_dir), best, "--kind", "compute"]) == 0

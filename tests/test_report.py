@@ -89,3 +89,13 @@ def test_report_opens_in_headless_chromium(grid_report, tmp_path):
     taken = subprocess.run([*common, "--window-size=1200,2000", f"--screenshot={shot}", report.as_uri()],
                            capture_output=True, text=True, timeout=120)
     assert taken.returncode == 0 and shot.stat().st_size > 20_000, taken.stderr[-2000:]
+
+
+def test_gpu_hours_count_only_evaluations_that_ran_on_a_gpu():
+    from searchsvc.report import run_summary
+
+    rows = [{"status": "ok", "cached": False, "wall_s": 1800.0, "device": "cuda"},
+            {"status": "ok", "cached": False, "wall_s": 3600.0, "device": "cpu"},  # no GPU on that node
+            {"status": "ok", "cached": True, "wall_s": 3600.0, "device": "cuda"}]  # a cache hit costs nothing
+    assert dict(run_summary({}, rows, 0.5))["GPU-hours"] == "0.250 (0.5 GPU per evaluation)"
+    assert dict(run_summary({}, rows[1:2], 0.5))["GPU-hours"] == "0 (evaluations ran on the CPU)"

@@ -175,6 +175,11 @@ def test_rigl_in_train_model_with_a_resnet(data):
     assert scheduler.rigl_steps == len(range(4, scheduler.T_end, 4))
     weights = sum(w.numel() for w in scheduler.W)
     assert history[-1]["density"] == pytest.approx(sum(scheduler.target_nonzeros()) / weights)
+    assert history[0]["moved"] > 0  # the update at step 4 moved weights; the share is what the report plots
+    static = RigLCallback(dense_allocation=0.25, delta=4, static_topo=True)
+    history = train_model(create_model("tiny_cnn", 3, 4), splits, Recipe(epochs=1, batch_size=64, lr=0.05),
+                          torch.device("cpu"), progress=False, callbacks=[static])
+    assert history[0]["moved"] == 0
     assert "next update: None" in repr(scheduler) and "layer1.0.conv1.0.weight" in repr(scheduler)
 
 
@@ -209,3 +214,6 @@ def test_rigl_sweep_records_density_and_non_zero_params(tmp_path, ray_session):
         nonzero = sum(int(p.count_nonzero()) for p in model.parameters())
         assert nonzero == row["nonzero_params"]  # what was stored is as sparse as recorded
         assert store.exists(f"runs/{run_id}/summaries/{row['spec_hash']}-sparsity.csv")
+    from searchsvc.report import build_report
+
+    assert "<h2>Sparsity schedule</h2><img" in build_report(store, run_id)

@@ -93,7 +93,7 @@ def evaluate_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = F
     `callbacks` join the method's own in the training loop (a Tune trial reports epochs through one).
     `takeover`: an earlier writer of this candidate is known dead (see `save_candidate`).
     """
-    started = time.perf_counter()
+    started, started_unix_s = time.perf_counter(), time.time()
     try:
         built = build_student(spec, ctx)
     except InvalidTransform as err:
@@ -120,8 +120,8 @@ def evaluate_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = F
     student.to(ctx.device)
     metrics = {"spec_hash": spec.spec_hash, "status": "ok", **extra,
                **measure(student, ctx.splits, ctx.device, timed=built.keep_model),
-               "train_seconds": train_seconds, "history": history, "worker": ctx.worker,
-               "device": str(ctx.device), "arch": to_data(student.arch)}
+               "train_seconds": train_seconds, "history": history, "worker": ctx.worker, "device": str(ctx.device),
+               "arch": to_data(student.arch), "started_unix_s": started_unix_s}  # when: the driver's idle-gap benchmark
     metrics["wall_s"] = time.perf_counter() - started
     return save_candidate(ctx.store, spec, student if built.keep_model else None, metrics, takeover)
 

@@ -227,10 +227,14 @@ class RigLCallback(TrainCallback):
     def __init__(self, t_end_fraction: float = 0.75, seed: int = 0, **options: Any) -> None:
         self.t_end_fraction, self.seed, self.options = t_end_fraction, seed, options
         self.scheduler: RigLScheduler | None = None
+        self._epoch_masks: list[torch.Tensor] = []  # the masks when the epoch began
 
     def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int = 0) -> None:
         T_end = max(1, int(self.t_end_fraction * total_steps))
         self.scheduler = RigLScheduler(model, optimizer, T_end=T_end, seed=self.seed, **self.options)
+
+    def on_epoch_begin(self, epoch: int) -> None:
+        self._epoch_masks = [m.clone() for m in self.scheduler.masks]
 
     def before_optimizer_step(self, epoch: int, step: int, steps: int) -> bool:
         return self.scheduler()
@@ -239,8 +243,12 @@ class RigLCallback(TrainCallback):
         self.scheduler.apply_masks()
 
     def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
+        """Density, and the share of active weights that moved this epoch (each move drops one, grows one)."""
         masks = self.scheduler.masks
-        record["density"] = sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+        active = sum(int(m.sum()) for m in masks)
+        record["density"] = active / sum(m.numel() for m in masks)
+        grown = sum(int((m & ~before).sum()) for m, before in zip(masks, self._epoch_masks))
+        record["moved"] = grown / max(active, 1)
 
 
 # The RigL options a candidate's params carry (CandidateSpec.params), with the scheduler's names.

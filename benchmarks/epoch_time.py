@@ -1,0 +1,155 @@
+"""One epoch of distillation (ResNet-18 student from a ResNet-18 teacher, CIFAR-10 shape) on this device:
+the worker's training loop against a plain PyTorch loop, in the same process.
+
+    python benchmarks/epoch_time.py [--images 50000] [--batch 512] [--compile] [--out benchmarks/results]
+
+ours:  `workers.train.train_model` as a candidate evaluation runs it: the split resident on the device,
+       augmentation (random crop + flip) batched on the device, channels_last, bf16 autocast on a GPU,
+       the teacher run on each augmented batch, no host sync inside the epoch.
+plain: the textbook loop: a DataLoader over the uint8 images with per-image torchvision transforms in
+       worker processes, fp32, NCHW, `loss.item()` every step.
+Each loop trains two epochs; the second is timed (the first pays for cuDNN autotuning and compilation).
+The ratio plain/ours is the figure to read. Achieved TFLOP/s counts the student's forward and backward
+(3 x forward) plus the teacher's forward, at 2 FLOPs per multiply-accumulate; the fraction of the
+device's dense bf16 peak is given for the GPUs in `BF16_PEAK_TFLOPS`. Images are synthetic (their
+content does not change the speed), so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from common import write_result
+from workers.data import DatasetConfig, Splits, SyntheticConfig, load_dataset
+from workers.distill import distill_loss_fn, kd_loss
+from workers.measure import count_macs
+from workers.train import DistillConfig, TrainConfig, resolve_device, train_model
+from workers.zoo import create_model
+
+# Dense bf16 tensor-core peak in TFLOP/s (vendor data sheets), matched against torch's device name.
+BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "A100": 312.0,
+                    "L40S": 362.1, "A10G": 70.0, "L4": 121.0}
+
+
+def bf16_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
+
+
+def cifar_shaped(images: int, seed: int = 0) -> Splits:
+    synthetic = SyntheticConfig(num_classes=10, channels=3, image_size=32, train_size=images, test_size=256)
+    return load_dataset(DatasetConfig(name="synthetic", synthetic=synthetic, val_fraction=0.0, split_seed=seed))
+
+
+def ours(student: torch.nn.Module, teacher: torch.nn.Module, splits: Splits, batch: int, device: torch.device,
+         compile_model: bool) -> float:
+    """Seconds of the second epoch of `train_model` with live distillation (what a worker runs)."""
+    teacher = teacher.to(device, memory_format=torch.channels_last)
+    recipe = TrainConfig(epochs=2, batch_size=batch, augment=True)
+    loss_fn = distill_loss_fn(recipe.distill, teacher=teacher)
+    history = train_model(student, splits, recipe, device, progress=False, loss_fn=loss_fn,
+                          compile_model=compile_model)
+    return history[1]["seconds"]
+
+
+class AugmentedImages(Dataset):
+    """Per-image random crop (padding 4) + horizontal flip + normalisation: the torchvision recipe."""
+
+    def __init__(self, splits: Splits) -> None:
+        from torchvision.transforms import v2
+
+        self.images, self.labels = splits.train
+        self.transform = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(),
+                                     v2.ToDtype(torch.float32, scale=True), v2.Normalize(splits.mean, splits.std)])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def plain(student: torch.nn.Module, teacher: torch.nn.Module, splits: Splits, batch: int, device: torch.device,
+          workers: int) -> float:
+    """Seconds of the second epoch of a plain DataLoader loop (fp32, NCHW, a host sync every step)."""
+    student, teacher = student.to(device).train(), teacher.to(device).eval()
+    config = DistillConfig()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    loader = DataLoader(AugmentedImages(splits), batch_size=batch, shuffle=True, drop_last=True,
+                        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    seconds = 0.0
+    for _ in range(2):
+        sync(device)
+        started = time.perf_counter()
+        total = 0.0
+        for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.no_grad():
+                target = teacher(images)
+            loss = kd_loss(student(images), target, labels, config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+        sync(device)
+        seconds = time.perf_counter() - started
+    return seconds
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet18_cifar", help="student and teacher model (default resnet18_cifar)")
+    parser.add_argument("--images", type=int, default=None,
+                        help="images per epoch (default 50000 on a GPU, 256 on the CPU, where 50k takes hours)")
+    parser.add_argument("--batch", type=int, default=None, help="images per step (default 512 on a GPU, 64 on the CPU)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="DataLoader processes of the plain loop (default: the cores, at most 8)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our training step")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON result")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    on_gpu = device.type == "cuda"
+    images = args.images or (50_000 if on_gpu else 256)
+    batch = args.batch or (512 if on_gpu else 64)
+    torch.backends.cudnn.benchmark = True  # both loops: fixed shapes
+    splits = cifar_shaped(images)
+    torch.manual_seed(0)
+    teacher, student = create_model(args.arch, 3, 10), create_model(args.arch, 3, 10)
+    start_state = {k: v.clone() for k, v in student.state_dict().items()}
+    ours_s = ours(student, teacher, splits, batch, device, args.compile)
+    student.load_state_dict(start_state)
+    plain_s = plain(student.to(memory_format=torch.contiguous_format), teacher, splits, batch, device, args.workers)
+    trained = (images // batch) * batch  # both loops drop the ragged last batch
+    macs = count_macs(create_model(args.arch, 3, 10), 3, 32)
+    flops_per_image = 2 * (3 * macs + macs)  # student forward + backward, teacher forward
+    tflops = flops_per_image * trained / ours_s / 1e12
+    peak = bf16_peak(device)
+    result = {"benchmark": "epoch_time", "arch": args.arch, "images": images, "batch": batch, "device": str(device),
+              "compile": args.compile, "threads": torch.get_num_threads(), "dataloader_workers": args.workers,
+              "ours_epoch_s": round(ours_s, 3), "ours_images_per_s": round(trained / ours_s, 1),
+              "plain_epoch_s": round(plain_s, 3), "plain_images_per_s": round(trained / plain_s, 1),
+              "speedup_vs_plain": round(plain_s / ours_s, 3),
+              "ours_epoch_s_at_50k": round(ours_s * 50_000 / trained, 2),
+              "gflops_per_image": round(flops_per_image / 1e9, 3), "achieved_tflops": round(tflops, 3),
+              "bf16_peak_tflops": peak, "fraction_of_peak": round(tflops / peak, 4) if peak else None}
+    path = write_result(args.out, f"epoch_time_{device.type}{'_compile' if args.compile else ''}", result)
+    print(f"{args.arch} KD epoch of {trained} images on {device}: ours {ours_s:.2f} s ({trained / ours_s:.0f} img/s, "
+          f"{tflops:.2f} TFLOP/s{f', {100 * tflops / peak:.1f} % of bf16 peak' if peak else ''}), "
+          f"plain {plain_s:.2f} s: {plain_s / ours_s:.2f}x  → {path}")
+
+
+if __name__ == "__main__":
+    main()
