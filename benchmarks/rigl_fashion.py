@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--include-linear", action="store_true",
                         help="sparsify linear layers too (ignore_linear_layers=False)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tag", default="", help="appended to the JSON file's name (e.g. _40ep), so runs coexist")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     splits = load_dataset(DatasetConfig(name="fashion_mnist"))
@@ -65,7 +66,7 @@ def main() -> None:
         results[f"{mode}_mean_accuracy"] = statistics.mean(accuracies)
     suffix = ("" if args.distribution == "uniform" else f"_{args.distribution}") + \
         ("" if args.mode == "both" else f"_{args.mode}")
-    print(common.write_result("benchmarks/results", f"rigl_fashion_{args.arch}{suffix}", results))
+    print(common.write_result("benchmarks/results", f"rigl_fashion_{args.arch}{args.tag}{suffix}", results))
 
 
 if __name__ == "__main__":
