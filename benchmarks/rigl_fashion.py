@@ -26,6 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("rigl", "static", "both"), default="both")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed, first-seed + 1, ...")
     parser.add_argument("--density", type=float, default=0.1, help="dense_allocation")
     parser.add_argument("--distribution", choices=("uniform", "erk"), default="uniform")
     parser.add_argument("--epochs", type=int, default=4)
@@ -47,7 +48,7 @@ def main() -> None:
                "delta": args.delta, "grad_accumulation_n": args.grad_accumulation,
                "arch": args.arch, "ignore_linear_layers": not args.include_linear, "runs": {m: [] for m in modes}}
     for mode in modes:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             torch.manual_seed(seed)
             model = create_model(args.arch, splits.in_channels, splits.num_classes)
             callback = RigLCallback(dense_allocation=args.density, sparsity_distribution=args.distribution,

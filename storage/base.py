@@ -180,19 +180,18 @@ class ArtifactStore(ABC):
             raise CorruptArtifactError(f"{self.uri_for(key)} is not a readable Parquet file: {err}") from None
 
     # ---- manifests ------------------------------------------------------------------------------
-    def write_manifest(self, prefix: str) -> dict[str, dict[str, Any]]:
+    def write_manifest(self, prefix: str, written: dict[str, bytes] | None = None) -> dict[str, dict[str, Any]]:
         """Record sha256 and size of every object under `prefix` in `<prefix>/manifest.json`.
 
+        `written`: the caller's files (name under `prefix` → the bytes it just stored), hashed from memory:
+        no listing and no read-back, which a candidate's save would otherwise pay per file (S3 GETs).
         The manifest is written last and once, so its presence marks the folder as complete.
         """
         prefix = check_key(prefix)
-        entries: dict[str, dict[str, Any]] = {}
-        for key in self.list(prefix + "/"):
-            name = key[len(prefix) + 1 :]
-            if name == MANIFEST:
-                continue
-            data = self._get(key)
-            entries[name] = {"sha256": sha256_bytes(data), "bytes": len(data)}
+        if written is None:
+            names = [key[len(prefix) + 1 :] for key in self.list(prefix + "/")]
+            written = {name: self._get(f"{prefix}/{name}") for name in names if name != MANIFEST}
+        entries = {name: {"sha256": sha256_bytes(data), "bytes": len(data)} for name, data in written.items()}
         self.put_json(f"{prefix}/{MANIFEST}", {"files": entries}, write_once=True)
         return entries
 

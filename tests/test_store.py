@@ -110,6 +110,18 @@ def test_manifest_detects_a_corrupt_file(store):
         store.get_verified("teachers/t", "model.pt")
 
 
+def test_a_manifest_from_the_bytes_just_written_equals_one_read_back(store):
+    files = {"model.pt": b"weights", "metrics.json": b'{"accuracy": 0.5}'}
+    for name, data in files.items():
+        store.put_bytes(f"candidates/a/{name}", data)
+        store.put_bytes(f"candidates/b/{name}", data)
+    assert store.write_manifest("candidates/a", files) == store.write_manifest("candidates/b")
+    store.verify("candidates/a")
+    store.put_bytes("candidates/a/model.pt", b"weightz")
+    with pytest.raises(CorruptArtifactError, match="model.pt"):
+        store.verify("candidates/a")
+
+
 def test_verify_without_manifest_says_incomplete(store):
     store.put_bytes("teachers/t/model.pt", b"weights")
     with pytest.raises(KeyNotFoundError, match="manifest"):

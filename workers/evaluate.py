@@ -223,7 +223,8 @@ def save_candidate(store: ArtifactStore, spec: CandidateSpec, model: torch.nn.Mo
 def _write_candidate(store: ArtifactStore, prefix: str, files: dict[str, bytes], write_once: bool) -> None:
     for key, data in files.items():
         store.put_bytes(key, data, write_once=write_once)
-    store.write_manifest(prefix)  # last, and always write-once: its presence marks the folder complete
+    # last, and always write-once: its presence marks the folder complete
+    store.write_manifest(prefix, {key[len(prefix) + 1 :]: data for key, data in files.items()})
 
 
 def _wait_for_other_writer(store: ArtifactStore, spec_hash: str) -> dict[str, Any] | None:
