@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("script, args, keys", [
     ("epoch_time.py", ["--arch", "tiny_cnn", "--images", "128", "--batch", "32", "--workers", "0", "--device", "cpu"],
      ["ours_epoch_s", "plain_epoch_s", "speedup_vs_plain", "achieved_tflops"]),
-    ("evals_per_hour.py", ["--teacher", "tiny_cnn", "--images", "256", "--batch", "64", "--candidates", "2",
+    ("evals_per_hour.py", ["--teacher", "tiny_cnn", "--images", "256", "--batch", "64", "--candidates", "1",
                            "--shares", "1", "0.5"], ["best_evals_per_hour"]),
     ("driver_overhead.py", ["--budget", "4", "--iteration", "2", "--teacher", "tiny_cnn", "--images", "256"],
      ["mean_eval_s", "overhead_median_ms", "overhead_fraction"]),

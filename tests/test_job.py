@@ -63,7 +63,7 @@ class RayHead:
                 os.killpg(process.pid, signal.SIGTERM)
         for process in self.processes:
             try:
-                process.wait(timeout=10)  # a --block head can linger after SIGTERM: its group is killed
+                process.wait(timeout=3)  # a --block head can linger after SIGTERM: its group is killed
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
