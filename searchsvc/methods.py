@@ -36,7 +36,7 @@ class Method:
         arch = config.teacher.arch
         if self.residual_only and arch in list_models() and not is_residual(arch):
             return [f"teacher.arch: method {self.name} needs a residual network (resnet20, resnet56, "
-                    f"resnet18_cifar, tiny_cnn); {arch} is a plain CNN (use method agp)"]
+                    f"resnet18_cifar, tiny_cnn); {arch} is a plain network (use method agp or rigl)"]
         return _load(self.check)(config) if self.check else []
 
 
@@ -258,6 +258,8 @@ class RigLTune(SweepTune):
     delta: tuple[int, ...] = field(default=(), metadata={"help": "steps between mask updates: choices"})
     alpha: tuple[float, ...] = field(default=(), metadata={"help": "initial update fraction: choices"})
     distribution: tuple[Distribution, ...] = field(default=(), metadata={"help": "uniform / erk choices"})
+    static_topo: tuple[bool, ...] = field(default=(), metadata={
+        "help": "[false, true]: RigL and the static sparse baseline side by side"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -295,6 +297,19 @@ class RigLSearch:
             raise ValueError(f"grad_accumulation_n: must be below delta ({delta}), got {self.grad_accumulation_n}")
 
 
+def check_rigl(config: Any) -> list[str]:
+    """A rigl job must leave some layer sparse: an MLP teacher has nothing but linear layers."""
+    from workers.zoo import PlainArch, list_models, model_arch
+
+    arch = config.teacher.arch
+    if config.search.ignore_linear_layers and arch in list_models():
+        family = model_arch(arch)
+        if isinstance(family, PlainArch) and not family.convs:
+            return [f"search.ignore_linear_layers: {arch} has only linear layers, so nothing would be sparse; "
+                    "set it to false"]
+    return []
+
+
 register_method("grid", GridSearch, "evaluate an explicit list of transformations", "searchsvc.grid:run_grid",
                 residual_only=True)
 register_method("n2n", N2NSearch, "RLlib PPO agent removes and shrinks layers of the teacher",
@@ -305,4 +320,5 @@ register_method("agp", AgpSearch, "gradual pruning from a Distiller YAML schedul
                 "searchsvc.agp:run_agp", check="searchsvc.schedules:check_agp")
 register_method("sensitivity", SensitivitySearch, "prune each layer alone to each level (searchsvc sensitivity)",
                 "searchsvc.sensitivity:run_sensitivity")
-register_method("rigl", RigLSearch, "RigL dynamic sparse training as a Ray Tune sweep", "searchsvc.rigl:run_rigl")
+register_method("rigl", RigLSearch, "RigL dynamic sparse training as a Ray Tune sweep", "searchsvc.rigl:run_rigl",
+                check="searchsvc.methods:check_rigl")

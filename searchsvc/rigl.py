@@ -5,6 +5,7 @@
       delta: 100                     # steps between drop / grow updates, until t_end_fraction of all steps
       init: scratch                  # or teacher (distillation from the teacher: train.distill.alpha > 0)
       tune: {dense_allocation: [0.05, 0.1], distribution: [uniform, erk]}   # 4 trials
+      # tune: {static_topo: [false, true]}: RigL against the static sparse baseline, same masks and seed
 
 Each trial trains one candidate (workers/rigl.py: the teacher's architecture, fresh or the teacher's
 weights) with RigL gating every optimizer step, reporting test accuracy and density to Tune after
@@ -37,7 +38,7 @@ def param_space(search: RigLSearch, train: TrainConfig) -> dict[str, Any]:
     t = search.tune
     return {"dense_allocation": choose(t.dense_allocation, search.dense_allocation), "delta": choose(t.delta, search.delta),
             "alpha": choose(t.alpha, search.alpha), "distribution": choose(t.distribution, search.distribution),
-            "lr": sweep.lr_space(t, train.lr)}
+            "static_topo": choose(t.static_topo, search.static_topo), "lr": sweep.lr_space(t, train.lr)}
 
 
 def trial_spec(job: RigLJob, sample: dict[str, Any]) -> CandidateSpec:
@@ -45,7 +46,7 @@ def trial_spec(job: RigLJob, sample: dict[str, Any]) -> CandidateSpec:
     params = {"alpha": float(sample["alpha"]), "delta": int(sample["delta"]),
               "dense_allocation": float(sample["dense_allocation"]), "grad_accumulation_n": s.grad_accumulation_n,
               "ignore_linear_layers": s.ignore_linear_layers, "init": s.init,
-              "sparsity_distribution": str(sample["distribution"]), "static_topo": s.static_topo,
+              "sparsity_distribution": str(sample["distribution"]), "static_topo": bool(sample["static_topo"]),
               "t_end_fraction": s.t_end_fraction}
     return CandidateSpec(arch=job.arch, teacher=job.teacher_hash, dataset=job.dataset,
                          train=replace(job.train, lr=float(sample["lr"])), method="rigl", seed=job.seed,
@@ -63,5 +64,6 @@ def run_rigl(context: RunContext) -> None:
     t = search.tune
     sweep.run_sparse_sweep(context, rigl_trial, RigLJob.of(context, search=search),
                            param_space(search, context.config.train), t, search.reward,
-                           total=sweep.trial_count(t, t.dense_allocation, t.delta, t.alpha, t.distribution),
+                           total=sweep.trial_count(t, t.dense_allocation, t.delta, t.alpha, t.distribution,
+                                                   t.static_topo),
                            epochs=context.config.train.epochs, title=f"RigL, run {context.run_id}")

@@ -164,6 +164,21 @@ def test_thinning_a_plain_cnn_keeps_outputs_and_drops_the_expected_macs(rgb32):
     assert compute_summary(small, 3, 32)[-1]["macs"] == expected
 
 
+def test_thinning_an_mlp_keeps_outputs_and_drops_the_pixels_of_no_unit(rgb32):
+    model = create_model("lenet_300_100", 3, rgb32.num_classes)
+    scheduler = _structured(model, ["fc1.weight", "fc2.weight"])
+    train_model(model, rgb32, Recipe(epochs=2, batch_size=64, lr=0.05), CPU, progress=False, callbacks=[scheduler])
+    model.eval()
+    small, removed = thin(model)
+    assert removed == {"fc1": 150, "fc2": 50}
+    assert (small.fc1.weight.shape, small.fc2.weight.shape, small.fc3.weight.shape) == ((150, 3 * 28 * 28), (50, 150),
+                                                                                        (rgb32.num_classes, 50))
+    x = torch.randn(8, 3, 32, 32)  # 32 px: max-pooled to the 28 x 28 it was built for
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
+    assert count_macs(small, 3, 32) == 150 * 3 * 28 * 28 + 50 * 150 + rgb32.num_classes * 50
+
+
 def test_thinning_a_resnet_is_residual_aware_and_exact(rgb32):
     model = create_model("tiny_cnn", 3, rgb32.num_classes)
     before = compute_summary(model, 3, 32)

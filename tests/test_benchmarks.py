@@ -24,6 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
     ("store_throughput.py", ["--mb", "2", "--small", "5"], ["put_mb_per_s", "get_mb_per_s", "small_json_writes_per_s"]),
     ("pool_overhead.py", ["--candidates", "1", "--train-size", "256"], ["in_process_s_per_eval", "pool_s_per_eval"]),
     ("scaling.py", ["--nodes", "1,2", "--per-node", "2", "--cost-s", "0.2"], ["speedup_max_nodes", "efficiency_max_nodes"]),
+    ("rigl_fashion.py", ["--arch", "mlp_32", "--distribution", "erk", "--include-linear", "--epochs", "1", "--images",
+                         "640", "--delta", "3", "--seeds", "1"], ["rigl_mean_accuracy", "static_mean_accuracy"]),
     ("n2n_agents.py", ["--seeds", "0", "--budget", "4", "--iteration", "4", "--teacher-epochs", "1", "--train-size",
                        "256"], ["budget"]),
 ])

@@ -193,6 +193,44 @@ def test_bad_settings_name_the_argument():
             RigLScheduler(copy.deepcopy(model), optimizer, **{"T_end": 10, **kwargs})
 
 
+def test_an_mlp_is_sparse_only_with_its_linear_layers_and_erk_thins_the_input_layer(data, capsys):
+    from searchsvc.cli import main
+
+    model = create_model("mlp_32", 3, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with pytest.raises(ValueError, match="dense_allocation: no layer is left sparse"):
+        RigLScheduler(model, optimizer, dense_allocation=0.1, T_end=50)
+    scheduler = RigLScheduler(model, optimizer, dense_allocation=0.1, T_end=50, delta=5,
+                              sparsity_distribution="erk", ignore_linear_layers=False)
+    fc1, fc2 = scheduler.densities  # ERK: (784·3 + 32) / (784·3 · 32) vs (32 + 4) / (32 · 4)
+    assert fc2 / fc1 == pytest.approx((36 / 128) / (2384 / (2352 * 32)))
+    target = scheduler.target_nonzeros()
+    assert sum(target) == pytest.approx(0.1 * sum(w.numel() for w in scheduler.W), abs=1)
+    counts = []
+    _steps(model, optimizer, scheduler, data, 40, check=lambda s: counts.append([int(m.sum()) for m in s.masks]))
+    assert counts == [target] * 40
+    assert scheduler.rigl_steps == 8
+    # the job's check refuses the config that would train nothing sparse, naming the key
+    assert main(["validate", str(REPO / "configs" / "rigl-smoke.yaml"), "--set", "teacher.arch=mlp_32"]) == 2
+    assert "search.ignore_linear_layers: mlp_32 has only linear layers" in capsys.readouterr().err
+
+
+def test_the_sweep_can_put_rigl_and_the_static_baseline_side_by_side():
+    from searchsvc.config import load_config
+    from searchsvc.rigl import RigLJob, param_space, trial_spec
+
+    config = load_config(REPO / "configs" / "fashion-mlp-rigl.yaml")
+    space = param_space(config.search, config.train)
+    assert space["static_topo"] == {"grid_search": [False, True]}
+    job = RigLJob(store=None, arch="mlp_32", teacher_hash="0" * 16, dataset=config.dataset, train=config.train,
+                  resources=config.resources, seed=0, search=config.search)
+    sample = {k: v for k, v in space.items() if k != "static_topo"}
+    specs = [trial_spec(job, {**sample, "static_topo": static}) for static in (False, True)]
+    assert [dict(s.params)["static_topo"] for s in specs] == [False, True]
+    assert specs[0].spec_hash != specs[1].spec_hash  # two candidates, stored apart
+    assert dict(specs[0].params)["ignore_linear_layers"] is False
+
+
 def test_rigl_sweep_records_density_and_non_zero_params(tmp_path, ray_session):
     from searchsvc.cli import main
     from storage import open_store

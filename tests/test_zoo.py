@@ -119,6 +119,14 @@ def test_tiny_cnn_rgb_100_classes_parameter_count_matches_hand_formula():
     assert n_params(create_model("tiny_cnn", in_channels=3, num_classes=100)) == expected
 
 
+@pytest.mark.parametrize("name, hidden", [("lenet_300_100", (300, 100)), ("mlp_32", (32,))])
+def test_mlp_parameter_counts_match_hand_formula(name, hidden):
+    widths = (28 * 28, *hidden, 10)  # an MLP sees the image as 28 x 28 pixels
+    expected = sum(a * b + b for a, b in zip(widths, widths[1:]))
+    assert n_params(create_model(name, in_channels=1, num_classes=10)) == expected
+    assert expected == {"lenet_300_100": 266_610, "mlp_32": 25_450}[name]
+
+
 @pytest.mark.parametrize("name, millions", [("resnet20", 0.27), ("resnet18_cifar", 11.2), ("resnet56", 0.85)])
 def test_published_parameter_counts_within_two_percent(name, millions):
     count = n_params(create_model(name, in_channels=3, num_classes=10))

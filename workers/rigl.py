@@ -93,6 +93,9 @@ class RigLScheduler(TrainCallback):
             self.densities = [1.0 if i in dense else dense_allocation for i in range(len(layers))]
         else:
             self.densities = erk_densities([tuple(w.shape) for w in self.W], dense_allocation, linear)
+        if dense_allocation < 1 and all(d >= 1 for d in self.densities):
+            raise ValueError("dense_allocation: no layer is left sparse (a model of linear layers only with "
+                             "ignore_linear_layers=True?)")
         self.step = 0
         self.rigl_steps = 0
         self.masks = [torch.ones_like(w, dtype=torch.bool) for w in self.W]
