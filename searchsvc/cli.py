@@ -324,9 +324,9 @@ _COLUMNS = [("spec_hash", "spec_hash", "{}"), ("method", "method", "{}"), ("stat
             ("params", "params", "{:,}"), ("macs", "MACs", "{:,}"), ("latency_ms", "latency ms", "{:.2f}"),
             ("finetuned_from", "built from", "{}"), ("artifact", "artifact", "{}")]
 # Method-specific columns, shown after `status` when the run has them (Tune methods: trial, iteration;
-# sparse methods: sparsity of the conv / linear weights, 0..1).
+# sparse methods: sparsity of the conv / linear weights, 0..1; rigl: mask updates, 0 for the static baseline).
 _OPTIONAL = [("trial", "trial", "{}"), ("iteration", "iter", "{}"), ("pareto", "pareto", "{}"),
-             ("sparsity", "sparsity", "{:.3f}")]
+             ("sparsity", "sparsity", "{:.3f}"), ("rigl_updates", "updates", "{}")]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -26,7 +26,8 @@ FRONTS = [("params", "parameters", "count"), ("macs", "MACs per image", "count")
           ("latency_ms", "latency at batch 1", "ms")]
 TOP_COLUMNS = [("accuracy", "accuracy", "{:.2%}"), ("params", "params", "{:,}"), ("macs", "MACs", "{:,}"),
                ("latency_ms", "latency ms", "{:.2f}"), ("compression", "x-factor", "{:.2f}"),
-               ("reward", "reward", "{:.3f}"), ("sparsity", "sparsity", "{:.3f}")]
+               ("reward", "reward", "{:.3f}"), ("sparsity", "sparsity", "{:.3f}"),
+               ("rigl_updates", "RigL updates", "{}")]
 # Methods whose candidates record a sparsity schedule per epoch: (history key, axis title) per panel.
 SCHEDULES = {"agp": [("sparsity", "sparsity (%)")],
              "rigl": [("density", "non-zero weights (%)"), ("moved", "weights moved in the epoch (% of non-zero)")]}

@@ -252,6 +252,9 @@ def test_rigl_sweep_records_density_and_non_zero_params(tmp_path, ray_session):
         nonzero = sum(int(p.count_nonzero()) for p in model.parameters())
         assert nonzero == row["nonzero_params"]  # what was stored is as sparse as recorded
         assert store.exists(f"runs/{run_id}/summaries/{row['spec_hash']}-sparsity.csv")
+    from searchsvc.cli import format_table
     from searchsvc.report import build_report
 
+    header = format_table(rows).splitlines()[0].split()
+    assert header[header.index("sparsity") + 1] == "updates"  # 0 would mark a static baseline
     assert "<h2>Sparsity schedule</h2><img" in build_report(store, run_id)
