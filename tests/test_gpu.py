@@ -10,7 +10,8 @@ import torch
 from workers.data import DatasetConfig, SyntheticConfig, load_dataset
 from workers.distill import distill_loss_fn, teacher_logits
 from workers.measure import measure
-from workers.train import DistillConfig, Recipe, augment, train_model
+from workers.rigl import RigLCallback
+from workers.train import DistillConfig, Recipe, TrainCallback, augment, train_model
 from workers.zoo import create_model
 
 pytestmark = pytest.mark.gpu
@@ -103,3 +104,26 @@ def test_taylor_pruning_on_the_gpu_matches_the_cpu_ranking_and_trains_the_pruned
     history = train_model(student, splits, Recipe(epochs=1, batch_size=256, lr=0.05), torch.device("cuda"),
                           progress=False)
     assert history[-1]["loss"] == history[-1]["loss"]  # finite
+
+
+def test_rigl_on_the_gpu_keeps_exact_budgets_under_bf16_autocast():
+    device = torch.device("cuda")
+    splits = load_dataset(DATA).to(device)
+    model = create_model("resnet20", 3, 4)
+    rigl = RigLCallback(dense_allocation=0.1, sparsity_distribution="erk", delta=2, seed=0)
+    seen = []
+
+    class Check(TrainCallback):  # after RigL's own on_minibatch_end: the masks are applied
+        def on_minibatch_end(self, epoch: int, step: int, steps: int) -> None:
+            s = rigl.scheduler
+            outside = sum(int((w.detach()[~m] != 0).sum()) for w, m in zip(s.W, s.masks))
+            seen.append(([int(m.sum()) for m in s.masks], outside))
+
+    history = train_model(model, splits, Recipe(epochs=2, batch_size=256, lr=0.1), device, progress=False,
+                          callbacks=[rigl, Check()])
+    target, scheduler = rigl.scheduler.target_nonzeros(), rigl.scheduler
+    assert len(seen) == 2 * (len(splits.train[1]) // 256) == scheduler.step
+    assert all(counts == target and outside == 0 for counts, outside in seen)
+    assert scheduler.rigl_steps == len(range(2, scheduler.T_end, 2)) >= 3 and history[0]["moved"] > 0
+    assert all(m.device.type == "cuda" for m in rigl.scheduler.masks)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)

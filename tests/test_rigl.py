@@ -37,14 +37,15 @@ def _setup(seed: int = 0, **options):
     return model, optimizer, RigLScheduler(model, optimizer, **options)
 
 
-def _steps(model, optimizer, scheduler, data, count: int, start: int = 0, check=None) -> list[float]:
-    """The seed's loop over fixed batches (batch i is the same for every caller)."""
+def _steps(model, optimizer, scheduler, data, count: int, start: int = 0, check=None, amp: bool = False) -> list[float]:
+    """The seed's loop over fixed batches (batch i is the same for every caller); `amp`: bf16 autocast."""
     x, y = data
     losses = []
     for i in range(start, start + count):
         index = torch.arange(i * 32, i * 32 + 32) % len(y)
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x[index]), y[index])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(model(x[index]), y[index])
         loss.backward()
         if scheduler():
             optimizer.step()
@@ -55,8 +56,9 @@ def _steps(model, optimizer, scheduler, data, count: int, start: int = 0, check=
     return losses
 
 
-@pytest.mark.parametrize("distribution", ["uniform", "erk"])
-def test_non_zero_count_equals_the_target_after_every_step(data, distribution):
+@pytest.mark.parametrize("distribution, amp", [("uniform", False), ("erk", False), ("erk", True)],
+                         ids=["uniform", "erk", "erk-bf16-autocast"])
+def test_non_zero_count_equals_the_target_after_every_step(data, distribution, amp):
     model, optimizer, scheduler = _setup(dense_allocation=0.2, T_end=150, delta=10, alpha=0.3,
                                          sparsity_distribution=distribution)
     target = scheduler.target_nonzeros()
@@ -68,7 +70,8 @@ def test_non_zero_count_equals_the_target_after_every_step(data, distribution):
             assert bool((w[~m] == 0).all())  # nothing outside the mask is non-zero
         seen.append([m.clone() for m in s.masks])
 
-    _steps(model, optimizer, scheduler, data, 200, check=check)
+    losses = _steps(model, optimizer, scheduler, data, 200, check=check, amp=amp)
+    assert all(math.isfinite(v) for v in losses)
     assert scheduler.rigl_steps == 14  # steps 10, 20, ..., 140 (< T_end = 150)
     assert any(not torch.equal(a, b) for a, b in zip(seen[0], seen[-1]))  # the topology moved
     weights = sum(w.numel() for w in scheduler.W)
