@@ -5,35 +5,62 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-@pytest.mark.parametrize("script, args, keys", [
-    ("epoch_time.py", ["--arch", "tiny_cnn", "--images", "128", "--batch", "32", "--workers", "0", "--device", "cpu"],
-     ["ours_epoch_s", "plain_epoch_s", "speedup_vs_plain", "achieved_tflops"]),
-    ("evals_per_hour.py", ["--teacher", "tiny_cnn", "--images", "256", "--batch", "64", "--candidates", "1",
-                           "--shares", "1", "0.5"], ["best_evals_per_hour"]),
-    ("driver_overhead.py", ["--budget", "4", "--iteration", "2", "--teacher", "tiny_cnn", "--images", "256"],
-     ["mean_eval_s", "overhead_median_ms", "overhead_fraction"]),
-    ("train_throughput.py", ["--arch", "tiny_cnn", "--batch", "8", "--size", "16", "--steps", "2", "--device", "cpu"],
-     ["channels_last_images_per_s", "contiguous_images_per_s", "channels_last_speedup"]),
-    ("store_throughput.py", ["--mb", "2", "--small", "5"], ["put_mb_per_s", "get_mb_per_s", "small_json_writes_per_s"]),
-    ("pool_overhead.py", ["--candidates", "1", "--train-size", "256"], ["in_process_s_per_eval", "pool_s_per_eval"]),
-    ("scaling.py", ["--nodes", "1,2", "--per-node", "2", "--cost-s", "0.2"], ["speedup_max_nodes", "efficiency_max_nodes"]),
-    ("rigl_fashion.py", ["--arch", "mlp_32", "--distribution", "erk", "--include-linear", "--epochs", "1", "--images",
-                         "640", "--delta", "3", "--seeds", "1"], ["rigl_mean_accuracy", "static_mean_accuracy"]),
+# (script, arguments of its tiny mode, keys its JSON must have > 0), the longest first
+CASES = [
     ("n2n_agents.py", ["--seeds", "0", "--budget", "4", "--iteration", "4", "--teacher-epochs", "1", "--train-size",
                        "256"], ["budget"]),
-])
-def test_benchmark_tiny_mode_writes_json(tmp_path, script, args, keys):
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args, "--out", str(tmp_path)],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    ("evals_per_hour.py", ["--teacher", "tiny_cnn", "--images", "256", "--batch", "64", "--candidates", "1",
+                           "--shares", "1", "0.5"], ["best_evals_per_hour"]),
+    ("scaling.py", ["--nodes", "1,2", "--per-node", "2", "--cost-s", "0.2"], ["speedup_max_nodes", "efficiency_max_nodes"]),
+    ("driver_overhead.py", ["--budget", "4", "--iteration", "2", "--teacher", "tiny_cnn", "--images", "256"],
+     ["mean_eval_s", "overhead_median_ms", "overhead_fraction"]),
+    ("pool_overhead.py", ["--candidates", "1", "--train-size", "256"], ["in_process_s_per_eval", "pool_s_per_eval"]),
+    ("rigl_fashion.py", ["--arch", "mlp_32", "--distribution", "erk", "--include-linear", "--epochs", "1", "--images",
+                         "640", "--delta", "3", "--seeds", "1"], ["rigl_mean_accuracy", "static_mean_accuracy"]),
+    ("epoch_time.py", ["--arch", "tiny_cnn", "--images", "128", "--batch", "32", "--workers", "0", "--device", "cpu"],
+     ["ours_epoch_s", "plain_epoch_s", "speedup_vs_plain", "achieved_tflops"]),
+    ("store_throughput.py", ["--mb", "2", "--small", "5"], ["put_mb_per_s", "get_mb_per_s", "small_json_writes_per_s"]),
+    ("train_throughput.py", ["--arch", "tiny_cnn", "--batch", "8", "--size", "16", "--steps", "2", "--device", "cpu"],
+     ["channels_last_images_per_s", "contiguous_images_per_s", "channels_last_speedup"]),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future]]:
+    """The selected tiny modes, two at a time: each is mostly its process's imports and Ray's start-up,
+    which overlap on 2 cores (all nine: 143 s, against about 190 s one after another). Script → its future."""
+    selected = {item.callspec.params["script"] for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec")}
+
+    def run(script: str, args: list[str]) -> tuple[subprocess.CompletedProcess, Path]:
+        out = tmp_path_factory.mktemp(script.removesuffix(".py"))
+        done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args, "--out", str(out)],
+                              capture_output=True, text=True, cwd=REPO, timeout=300)
+        return done, out
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {script: pool.submit(run, script, args) for script, args, _ in CASES if script in selected}
+
+
+# Slow (not in `make test`): n2n_agents is two N2N searches, PPO and random, whose paths test_n2n.py runs
+# end to end (the PPO smoke run, the random agent's budget); only its comparison of the two is left out.
+SLOW = {"n2n_agents.py"}
+
+
+@pytest.mark.parametrize("script, args, keys", [
+    pytest.param(*case, id=case[0], marks=[pytest.mark.slow] if case[0] in SLOW else []) for case in CASES])
+def test_benchmark_tiny_mode_writes_json(tiny_runs, script, args, keys):
+    done, out = tiny_runs[script].result()
     assert done.returncode == 0, done.stderr
-    (written,) = tmp_path.glob(script.replace(".py", "*.json"))  # some name the device or model in the file
+    (written,) = out.glob(script.replace(".py", "*.json"))  # some name the device or model in the file
     result = json.loads(written.read_text())
     for key in keys:
         assert result[key] > 0
