@@ -46,8 +46,9 @@ def trial_spec(job: RigLJob, sample: dict[str, Any]) -> CandidateSpec:
     params = {"alpha": float(sample["alpha"]), "delta": int(sample["delta"]),
               "dense_allocation": float(sample["dense_allocation"]), "grad_accumulation_n": s.grad_accumulation_n,
               "ignore_linear_layers": s.ignore_linear_layers, "init": s.init,
-              "sparsity_distribution": str(sample["distribution"]), "static_topo": bool(sample["static_topo"]),
-              "t_end_fraction": s.t_end_fraction}
+              # (a run started before tune.static_topo existed has no such key in its samples)
+              "sparsity_distribution": str(sample["distribution"]),
+              "static_topo": bool(sample.get("static_topo", s.static_topo)), "t_end_fraction": s.t_end_fraction}
     return CandidateSpec(arch=job.arch, teacher=job.teacher_hash, dataset=job.dataset,
                          train=replace(job.train, lr=float(sample["lr"])), method="rigl", seed=job.seed,
                          params=tuple(params.items()))
