@@ -164,7 +164,7 @@ def test_thinning_a_plain_cnn_keeps_outputs_and_drops_the_expected_macs(rgb32):
     assert compute_summary(small, 3, 32)[-1]["macs"] == expected
 
 
-def test_thinning_an_mlp_keeps_outputs_and_drops_the_pixels_of_no_unit(rgb32):
+def test_thinning_an_mlp_keeps_outputs_and_drops_the_expected_macs(rgb32):
     model = create_model("lenet_300_100", 3, rgb32.num_classes)
     scheduler = _structured(model, ["fc1.weight", "fc2.weight"])
     train_model(model, rgb32, Recipe(epochs=2, batch_size=64, lr=0.05), CPU, progress=False, callbacks=[scheduler])
