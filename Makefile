@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/quickstart.yaml
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup run test test-all bench bench-gpu bench-n2n clean-store help
+.PHONY: setup run test test-all soak bench bench-gpu bench-n2n clean-store help
 
 help:            ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/ —/'
@@ -30,6 +30,9 @@ test: setup      ## the test suite that runs on a 2-core CPU machine (no slow, n
 
 test-all: setup  ## every test, slow ones included
 	$(BIN)/python -m pytest
+
+soak: setup      ## every read-only command hundreds of times under full CPU load (~20 min); benchmarks/results/soak.json
+	$(BIN)/python benchmarks/soak.py
 
 bench: setup     ## CPU benchmarks; JSON lands in benchmarks/results/
 	$(BIN)/python benchmarks/train_throughput.py

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +99,19 @@ def test_export_torchscript_matches_pytorch(grid_run, tmp_path):
     images = torch.randn(3, 1, 16, 16)
     expected = searchsvc.load_candidate(spec_hash, store=store)(images)
     assert torch.allclose(torch.jit.load(str(path))(images), expected, atol=1e-6)
+
+
+def test_read_only_commands_exit_cleanly_under_load(grid_run, tmp_path):
+    """Issue 17: `results` aborted at exit (134) in 1 call in 3 under load before get_table handed Arrow
+    memory of its own (storage.base.arrow_owned); 24 calls then fail with probability ~(2/3)^24 per clean call."""
+    store_dir, _, run_id = grid_run
+    calls = "results=24,validate=3,report=2,export=2,summary=2,bad=2"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "soak.py"), "--store", str(store_dir), "--run",
+                           run_id, "--calls", calls, "--max-seconds", "50", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    soak = json.loads((tmp_path / "soak.json").read_text())
+    assert done.returncode == 0 and soak["failures"] == [], done.stdout[-2000:] + done.stderr[-2000:]
+    assert soak["calls"]["results"]["ran"] >= 12 and all(c["ran"] >= 1 for c in soak["calls"].values())
 
 
 @pytest.mark.parametrize("args, fragment", [
