@@ -168,9 +168,13 @@ def parse_calls(text: str) -> dict[str, int]:
 
 
 def soak(target: Target, calls: dict[str, int], jobs: int, max_seconds: float, seed: int = 0) -> dict:
-    """Every call in a shuffled order, `jobs` at a time, until done or `max_seconds` have passed."""
-    order = [(name, i) for name, count in calls.items() for i in range(count)]
-    random.Random(seed).shuffle(order)
+    """Every call, `jobs` at a time, until done or `max_seconds` have passed. Round-robin over the commands
+    (each round in a shuffled order), so every command has run before a deadline cuts the rest."""
+    rng, order = random.Random(seed), []
+    for index in range(max(calls.values(), default=0)):
+        round_ = [(name, index) for name, count in calls.items() if index < count]
+        rng.shuffle(round_)
+        order += round_
     deadline = time.monotonic() + max_seconds
     start = time.perf_counter()
 

@@ -5,7 +5,7 @@
       tune: {final_sparsity: [0.8, {stages: 0.9}], ending_epoch: [6], lr: [0.02]}   # 2 trials
 
 Each trial trains a copy of the teacher for `train.epochs` with its schedule variant in the loop
-(workers/agp.py), reporting test accuracy and sparsity to Tune after every epoch (ASHA stops the weak
+(workers/agp.py), reporting validation accuracy and sparsity to Tune after every epoch (ASHA stops the weak
 ones), then thins the network and stores it as one candidate. Result rows carry sparsity, non-zero
 parameters, and MACs before and after thinning; size for compression, reward and the Pareto front is
 the non-zero parameter count. At the end the run stores, per kept model, its sparsity and compute

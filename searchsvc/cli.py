@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="element: smallest weights; filter: whole filters by L1 norm (default element)")
     sens.add_argument("--weights", help="comma-separated parameter names (default: every conv / linear weight)")
     sens.add_argument("--tolerance", type=float, metavar="POINTS",
-                      help="accuracy points a layer may lose in the starting schedule (default 1.0)")
+                      help="validation accuracy points a layer may lose in the starting schedule (default 1.0)")
     sens.add_argument("--schedule-out", metavar="PATH", help="also write the starting schedule YAML to this file")
     _add_store(sens, from_config=True)
     sens.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
@@ -302,8 +302,8 @@ def _floats(text: str | None, flag: str) -> list[float] | None:
 
 
 def format_sensitivity(rows: list[dict[str, Any]], levels: Sequence[float]) -> str:
-    """Test accuracy (%) per weight (rows) and level (columns)."""
-    accuracy = {(r["weight"], r["level"]): r["accuracy"] for r in rows}
+    """Validation accuracy (%) per weight (rows) and level (columns): what the starting schedule is chosen on."""
+    accuracy = {(r["weight"], r["level"]): r["val_accuracy"] for r in rows}
     weights = sorted({r["weight"] for r in rows})
     width = max([len(w) for w in weights] + [6])
     lines = ["weight".ljust(width) + "".join(f"{level:>8.2f}" for level in levels)]
@@ -320,7 +320,8 @@ def table_rows(table: Any) -> list[dict[str, Any]]:
 
 
 _COLUMNS = [("spec_hash", "spec_hash", "{}"), ("method", "method", "{}"), ("status", "status", "{}"),
-            ("reward", "reward", "{:.4f}"), ("compression", "x-factor", "{:.2f}"), ("accuracy", "accuracy", "{:.4f}"),
+            ("reward", "reward", "{:.4f}"), ("compression", "x-factor", "{:.2f}"),
+            ("val_accuracy", "val acc", "{:.4f}"), ("accuracy", "test acc", "{:.4f}"),
             ("params", "params", "{:,}"), ("macs", "MACs", "{:,}"), ("latency_ms", "latency ms", "{:.2f}"),
             ("finetuned_from", "built from", "{}"), ("artifact", "artifact", "{}")]
 # Method-specific columns, shown after `status` when the run has them (Tune methods: trial, iteration;

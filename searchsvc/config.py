@@ -99,6 +99,9 @@ def parse_config(raw: dict[str, Any], source: str = "") -> JobConfig:
             search = from_data(get_method(method_name).search_schema, raw.get("search") or {}, path="search")
         except RecordError as err:
             problems.extend(err.problems)
+    if config is not None and config.dataset.val_fraction == 0:
+        problems.append("dataset.val_fraction: must be above 0: validation accuracy decides every choice (rewards, "
+                        "stop rules, ranking); test accuracy only reports")
     if not problems and search is not None:
         problems.extend(get_method(method_name).check_config(dataclasses.replace(config, search=search)))
     if problems:

@@ -43,7 +43,8 @@ class Recorder:
         self.ctx = context
         self.reward_form = reward_form
         self.teacher_params = count_parameters(context.teacher.model)
-        self.teacher_accuracy = context.teacher.test_accuracy
+        self.teacher_accuracy = context.teacher.test_accuracy  # reported beside the candidates
+        self.teacher_val_accuracy = context.teacher.val_accuracy  # what rewards compare against
         self.rows: dict[str, dict[str, Any]] = {}  # spec_hash → row, this run
         self.started = time.perf_counter()
         self._last_write = 0.0
@@ -125,8 +126,8 @@ class Recorder:
             "device": m.get("device"),
             "artifact": m.get("artifact"),
             "compression": compression_ratio(self.teacher_params, m[self.size]) if ok else None,
-            "reward": reward(m[self.size], m["accuracy"], self.teacher_params, self.teacher_accuracy,
-                             self.reward_form) if ok else INVALID_REWARD,
+            "reward": reward(m[self.size], m["val_accuracy"], self.teacher_params, self.teacher_val_accuracy,
+                             self.reward_form) if ok else INVALID_REWARD,  # validation decides, test reports
             "val_accuracy": m.get("val_accuracy"), "latency_b256_ms": m.get("latency_b256_ms"),
             "model_bytes": m.get("model_bytes"), "cached": cached, "error": m.get("error"),
             "removed": json.dumps(list(spec.removed)), "widths": json.dumps(dict(spec.widths)),
@@ -139,7 +140,7 @@ class Recorder:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         self.bar.update(1)
         self.bar.set_postfix(evals_min=f"{60 * len(self.rows) / elapsed:.1f}", best_reward=f"{best['reward']:.3f}",
-                             best_x=f"{best['compression'] or 0:.2f}", best_acc=f"{best['accuracy']:.4f}",
+                             best_x=f"{best['compression'] or 0:.2f}", best_val=f"{best['val_accuracy'] or 0:.4f}",
                              cache=self.cache_hits)
 
     def flush(self) -> None:

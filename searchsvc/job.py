@@ -134,7 +134,7 @@ def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[
         teacher = load_or_train_teacher(store, config.teacher, config.dataset, splits, device, progress=progress,
                                         extra_meta={"code_version": code_version()})
         record.update(teacher_hash=teacher.teacher_hash, teacher_accuracy=teacher.test_accuracy,
-                      teacher_cached=teacher.cached)
+                      teacher_val_accuracy=teacher.val_accuracy, teacher_cached=teacher.cached)
         store.put_json(f"{prefix}/run.json", record)
         context = RunContext(config, store, run_id, splits, teacher, progress, address, resumed=resumed)
         if driver is None:

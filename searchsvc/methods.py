@@ -158,7 +158,7 @@ class TaylorTune(SweepTune):
     epochs: tuple[int, ...] = field(default=(), metadata={"help": "fine-tune epochs per iteration: choices"})
     distill: tuple[bool, ...] = field(default=(), metadata={"help": "fine-tune with distillation: choices"})
     metric: Literal["reward", "accuracy"] = field(
-        default="reward", metadata={"help": "per-iteration metric ASHA compares (reward weighs size and accuracy)"})
+        default="reward", metadata={"help": "per-iteration metric ASHA compares: reward (size and validation accuracy) or accuracy (validation)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -192,7 +192,7 @@ class TaylorSearch:
 @dataclass(frozen=True)
 class AgpTune(SweepTune):
     """The AGP sweep: each trial runs the schedule with its own final sparsities, ending epoch and lr;
-    ASHA compares trials on test accuracy after every epoch."""
+    ASHA compares trials on validation accuracy after every epoch."""
 
     final_sparsity: tuple[float | dict[str, float], ...] = field(default=(), metadata={
         "help": "choices; a number sets every AGP pruner's final_sparsity, a mapping sets named pruners"})
@@ -252,7 +252,7 @@ Distribution = Literal["uniform", "erk"]
 
 @dataclass(frozen=True)
 class RigLTune(SweepTune):
-    """The RigL sweep: each combination of the lists is one trial; ASHA compares test accuracy per epoch."""
+    """The RigL sweep: each combination of the lists is one trial; ASHA compares validation accuracy per epoch."""
 
     dense_allocation: tuple[float, ...] = field(default=(), metadata={"help": "density choices, each in (0, 1]"})
     delta: tuple[int, ...] = field(default=(), metadata={"help": "steps between mask updates: choices"})

@@ -34,7 +34,7 @@ def trajectory_png(rows: list[dict[str, Any]], teacher_params: int, teacher_accu
     front = sorted((r for r in rows if r["spec_hash"] in pareto_front(rows, size)), key=lambda r: r[size])
     if front:
         ax.step([r[size] for r in front], [100 * r["accuracy"] for r in front], where="post",
-                linestyle="--", color="black", linewidth=1, label="Pareto front")
+                linestyle="--", color="black", linewidth=1, label="Pareto front (chosen on validation)")
     ax.scatter([teacher_params], [100 * teacher_accuracy], marker="*", s=180, color="black", zorder=5,
                label=f"teacher ({teacher_params:,} params, {100 * teacher_accuracy:.2f} %)")
     ax.set_xscale("log")
@@ -47,17 +47,17 @@ def trajectory_png(rows: list[dict[str, Any]], teacher_params: int, teacher_accu
 
 
 def sensitivity_png(table: list[dict[str, Any]], baseline: float, title: str) -> bytes:
-    """Accuracy vs sparsity level, one line per pruned weight (Distiller's sensitivity plot)."""
+    """Validation accuracy vs sparsity level, one line per pruned weight (Distiller's sensitivity plot)."""
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     weights = sorted({t["weight"] for t in table})
     colours = plt.get_cmap("tab20")
     for index, weight in enumerate(weights):
         points = sorted((t for t in table if t["weight"] == weight), key=lambda t: t["level"])
-        ax.plot([100 * t["level"] for t in points], [100 * t["accuracy"] for t in points], marker="o", markersize=3,
-                color=colours(index % 20), label=weight.removesuffix(".weight"), alpha=0.85)
+        ax.plot([100 * t["level"] for t in points], [100 * (t["val_accuracy"] or 0) for t in points], marker="o",
+                markersize=3, color=colours(index % 20), label=weight.removesuffix(".weight"), alpha=0.85)
     ax.axhline(100 * baseline, color="black", linestyle="--", linewidth=1, label="unpruned")
     ax.set_xlabel("sparsity of the one pruned layer (%)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("validation accuracy (%): the schedule is chosen on it")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=6, loc="lower left", ncol=2)
@@ -70,7 +70,7 @@ def front_png(rows: list[dict[str, Any]], front: set[str], metric: str, label: s
     ax.scatter([r[metric] for r in rows], [100 * r["accuracy"] for r in rows], s=14, alpha=0.5, label="candidates")
     best = sorted((r for r in rows if r["spec_hash"] in front), key=lambda r: r[metric])
     ax.step([r[metric] for r in best], [100 * r["accuracy"] for r in best], where="post", color="black",
-            linestyle="--", linewidth=1, marker="o", markersize=4, label="Pareto front")
+            linestyle="--", linewidth=1, marker="o", markersize=4, label="Pareto front (chosen on validation)")
     if teacher.get(metric) is not None:
         ax.scatter([teacher[metric]], [100 * teacher["accuracy"]], marker="*", s=180, color="crimson", zorder=5,
                    label="teacher")

@@ -24,7 +24,8 @@ from workers.zoo import arch_from_data, build_model
 # (metric, axis title, unit) of the Pareto plots; accuracy is always the other axis.
 FRONTS = [("params", "parameters", "count"), ("macs", "MACs per image", "count"),
           ("latency_ms", "latency at batch 1", "ms")]
-TOP_COLUMNS = [("accuracy", "accuracy", "{:.2%}"), ("params", "params", "{:,}"), ("macs", "MACs", "{:,}"),
+TOP_COLUMNS = [("val_accuracy", "val accuracy", "{:.2%}"), ("accuracy", "test accuracy", "{:.2%}"),
+               ("params", "params", "{:,}"), ("macs", "MACs", "{:,}"),
                ("latency_ms", "latency ms", "{:.2f}"), ("compression", "x-factor", "{:.2f}"),
                ("reward", "reward", "{:.3f}"), ("sparsity", "sparsity", "{:.3f}"),
                ("rigl_updates", "RigL updates", "{}")]
@@ -55,7 +56,8 @@ def run_summary(record: dict[str, Any], rows: list[dict[str, Any]], gpus_per_eva
     gpu_hours = gpus_per_eval * sum(r.get("wall_s") or 0.0 for r in on_gpu) / 3600
     return [("run", record.get("run_id", "?")), ("method", str(record.get("method"))),
             ("status", str(record.get("status"))), ("started", str(record.get("started_at", "-"))),
-            ("teacher", f"{record.get('teacher_hash', '-')} ({100 * (record.get('teacher_accuracy') or 0):.2f} % test)"),
+            ("teacher", f"{record.get('teacher_hash', '-')} ({100 * (record.get('teacher_val_accuracy') or 0):.2f} % "
+                        f"validation, {100 * (record.get('teacher_accuracy') or 0):.2f} % test)"),
             ("evaluations", f"{len(trained)} trained, {len(rows) - len(trained)} from the store (cache hits)"),
             ("valid", f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)}"),
             ("wall time", f"{(record.get('wall_s') or 0) / 60:.1f} min"),
@@ -80,7 +82,9 @@ def build_report(store: ArtifactStore, run_id: str, top: int = 10) -> str:
     gpus = float((config.get("resources") or {}).get("gpus_per_eval") or 0)
     ok = [r for r in rows if r["status"] == "ok"]
     parts = [f"<h1>searchsvc run {_e(run_id)}</h1>", "<h2>Summary</h2>", _table(["", ""], run_summary(record, rows, gpus))]
-    parts.append("<h2>Pareto fronts (accuracy vs size and speed; ★ the teacher)</h2><div class='grid'>")
+    parts.append("<h2>Pareto fronts (test accuracy vs size and speed; ★ the teacher)</h2>"
+                 "<p>Each front is chosen on validation accuracy and drawn at test accuracy, which only reports; "
+                 "the ranking below is by reward (validation), with both accuracies shown.</p><div class='grid'>")
     for metric, title, unit in FRONTS:
         points = [r for r in ok if r.get(metric) is not None]
         if points:

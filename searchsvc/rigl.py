@@ -8,7 +8,7 @@
       # tune: {static_topo: [false, true]}: RigL against the static sparse baseline, same masks and seed
 
 Each trial trains one candidate (workers/rigl.py: the teacher's architecture, fresh or the teacher's
-weights) with RigL gating every optimizer step, reporting test accuracy and density to Tune after
+weights) with RigL gating every optimizer step, reporting validation accuracy and density to Tune after
 each epoch (ASHA stops weak trials), then stores it. Rows carry density, sparsity and non-zero
 parameters; compression, reward and the Pareto front count non-zero parameters.
 """

@@ -37,6 +37,8 @@ from workers.train import TrainCallback, TrainConfig
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "tune"  # Tune's experiment folder name under runs/<id>/state/
+# A config's metric → the report key ASHA compares: "accuracy" is validation accuracy (test only reports).
+TUNE_METRICS = {"reward": "reward", "accuracy": "val_accuracy"}  # Tune's experiment folder name under runs/<id>/state/
 
 
 def choose(values: tuple, default: Any) -> Any:
@@ -158,7 +160,7 @@ def mark_pareto(rows: list[dict[str, Any]], size: str = "params") -> set[str]:
 
 
 class EpochReport(TrainCallback):
-    """Test accuracy (and the record's `extra` keys) to Tune after each epoch but the last: the trial's
+    """Validation accuracy (and the record's `extra` keys) to Tune after each epoch but the last: the trial's
     final report, with the stored candidate, is that one (ASHA stops a trial that reaches max_t)."""
 
     def __init__(self, epochs: int, *extra: str) -> None:
@@ -166,7 +168,7 @@ class EpochReport(TrainCallback):
 
     def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
         if epoch + 1 < self.epochs:
-            tune.report({"epoch": epoch + 1, "accuracy": record["test_accuracy"],
+            tune.report({"epoch": epoch + 1, "val_accuracy": record["val_accuracy"],
                          **{k: record.get(k, 0.0) for k in self.extra}})
 
 
@@ -215,7 +217,7 @@ class CandidateJob:
 
 
 def candidate_trial(job: CandidateJob, spec: CandidateSpec, progress_key: str, row_keys: tuple[str, ...]) -> None:
-    """A trial that is one candidate: evaluate it (or find it stored), reporting test accuracy and
+    """A trial that is one candidate: evaluate it (or find it stored), reporting validation accuracy and
     `progress_key` after each epoch, then one final report that becomes its row (`row_keys` as columns)."""
     ctx = worker_context(job.store, job.teacher_hash, job.dataset, job.resources)
     metrics = stored_metrics(job.store, spec.spec_hash)
@@ -223,17 +225,19 @@ def candidate_trial(job: CandidateJob, spec: CandidateSpec, progress_key: str, r
     if metrics is None:
         metrics = evaluate_candidate(spec, ctx, callbacks=[EpochReport(spec.train.epochs, progress_key)])
     row = {k: json.dumps(v) if isinstance(v, dict) else v for k in row_keys if (v := metrics.get(k)) is not None}
-    tune.report({"epoch": spec.train.epochs, "accuracy": metrics["accuracy"], progress_key: row.get(progress_key, 0.0),
+    tune.report({"epoch": spec.train.epochs, "val_accuracy": metrics.get("val_accuracy") or 0.0,
+                 progress_key: row.get(progress_key, 0.0),
                  **report_fields(spec, metrics, cached, **row)})
 
 
 def run_sparse_sweep(context: RunContext, trial: Callable[..., None], job: CandidateJob, space: dict[str, Any],
                      sweep: SweepTune, reward_form: str, total: int, epochs: int, title: str) -> None:
-    """A sweep of one-candidate trials (agp, rigl): ASHA on test accuracy per epoch, rows sized by their
+    """A sweep of one-candidate trials (agp, rigl): ASHA on validation accuracy per epoch, rows sized by their
     non-zero parameters, then the Pareto front, summaries and the plot."""
     ensure_ray(context.address)
     prepare_teacher_logits(context)
     recorder = SparseRecorder(context, reward_form, total=total)
-    tuner = build_tuner(context, trial, job, space, sweep, metric="accuracy", time_attr="epoch", max_t=epochs)
+    tuner = build_tuner(context, trial, job, space, sweep, metric=TUNE_METRICS["accuracy"], time_attr="epoch",
+                        max_t=epochs)
     grid = fit(context, tuner, recorder)
     finish_sparse(recorder, trials=len(grid), title=title)

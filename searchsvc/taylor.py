@@ -3,7 +3,7 @@
     search:
       iterations: 5                  # prune / fine-tune rounds per trial
       filters_per_iteration: 0.1     # a fraction of the teacher's channels, or a count
-      stop: {max_drop: 2.0}          # end a trial 2 points below the teacher
+      stop: {max_drop: 2.0}          # end a trial 2 points below the teacher (validation accuracy)
       tune: {filters_per_iteration: [0.05, 0.1], lr: {low: 0.005, high: 0.05}, num_samples: 2}  # 2 x 2 trials
 
 A trial's iteration i prunes the model of iteration i-1 (the teacher for i = 1) by Taylor importance
@@ -52,7 +52,7 @@ class TrialJob:
     store: ArtifactStore
     arch: str
     teacher_hash: str
-    teacher_accuracy: float
+    teacher_val_accuracy: float  # the stop rule and the reward compare validation accuracies
     teacher_params: int
     teacher_channels: int  # prunable channels of the teacher: what a fractional step is a share of
     dataset: DatasetConfig
@@ -97,11 +97,11 @@ def iteration_spec(job: TrialJob, sample: dict[str, Any], parent: str | None) ->
 
 
 def stop_reason(accuracy: float, start: float, stop: TaylorStop) -> str | None:
-    """Why a trial must end at this accuracy (the seed's rule), or None to go on. Accuracies in 0..1."""
+    """Why a trial must end at this validation accuracy (the seed's rule), or None to go on. 0..1."""
     if stop.min_accuracy is not None and accuracy < stop.min_accuracy:
-        return f"accuracy {accuracy:.4f} below min_accuracy {stop.min_accuracy}"
+        return f"validation accuracy {accuracy:.4f} below min_accuracy {stop.min_accuracy}"
     if (start - accuracy) * 100 > stop.max_drop:
-        return f"accuracy {accuracy:.4f} more than {stop.max_drop} points below the start ({start:.4f})"
+        return f"validation accuracy {accuracy:.4f} more than {stop.max_drop} points below the teacher's ({start:.4f})"
     return None
 
 
@@ -121,12 +121,13 @@ def taylor_trial(sample: dict[str, Any], job: TrialJob) -> None:
         if metrics is None:
             metrics = evaluate_candidate(spec, ctx)
         ok = metrics["status"] == "ok"
-        reason = stop_reason(metrics["accuracy"], job.teacher_accuracy, job.search.stop) if ok else \
+        reason = stop_reason(metrics["val_accuracy"], job.teacher_val_accuracy, job.search.stop) if ok else \
             f"invalid: {metrics.get('error')}"
-        score = reward(metrics["params"], metrics["accuracy"], job.teacher_params, job.teacher_accuracy,
+        score = reward(metrics["params"], metrics["val_accuracy"], job.teacher_params, job.teacher_val_accuracy,
                        job.search.reward) if ok else INVALID_REWARD
         state = {"iteration": iteration, "parent": spec.spec_hash}
-        report = {"iteration": iteration, "accuracy": metrics["accuracy"], "params": metrics.get("params") or 0,
+        report = {"iteration": iteration, "val_accuracy": metrics.get("val_accuracy") or 0.0,
+                  "params": metrics.get("params") or 0,
                   "reward": score, **report_fields(spec, metrics, cached, iteration=iteration,
                                                    filters=metrics.get("filters"), stop_reason=reason)}
         with tempfile.TemporaryDirectory() as folder:
@@ -143,13 +144,14 @@ def run_taylor(context: RunContext) -> None:
     prepare_teacher_logits(context)
     teacher = context.teacher
     job = TrialJob(store=context.store, arch=context.config.teacher.arch, teacher_hash=teacher.teacher_hash,
-                   teacher_accuracy=teacher.test_accuracy, teacher_params=count_parameters(teacher.model),
+                   teacher_val_accuracy=teacher.val_accuracy, teacher_params=count_parameters(teacher.model),
                    teacher_channels=prunable_channels(teacher.model.arch), dataset=absolute_dataset(context.config.dataset),
                    train=context.config.train, search=search, resources=context.config.resources,
                    seed=context.config.seed)
     recorder = TrialRecorder(context, search.reward, total=trial_count(search) * search.iterations)
     tuner = sweep.build_tuner(context, taylor_trial, job, param_space(search, context.config.train), search.tune,
-                              metric=search.tune.metric, time_attr="iteration", max_t=search.iterations)
+                              metric=sweep.TUNE_METRICS[search.tune.metric], time_attr="iteration",
+                              max_t=search.iterations)
     sweep.fit(context, tuner, recorder)
     finish(recorder)
 

@@ -16,7 +16,8 @@ RESULT_SCHEMA = pa.schema([
     ("run_id", pa.string()),
     ("code_version", pa.string()),
     ("status", pa.string()),  # ok | invalid
-    ("accuracy", pa.float64()),  # top-1 on the test split, 0..1
+    ("accuracy", pa.float64()),  # top-1 on the test split, 0..1: reported, never used to choose
+    ("val_accuracy", pa.float64()),  # top-1 on the validation split, 0..1: what every choice uses
     ("params", pa.int64()),
     ("macs", pa.int64()),  # multiply-accumulates for one image
     ("latency_ms", pa.float64()),  # batch-1 median on the worker's device
@@ -43,12 +44,14 @@ def results_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
 
 
 def rank(table: pa.Table) -> pa.Table:
-    """Best first: valid results by reward, then accuracy, then fewest params."""
+    """Best first: valid results by reward, then validation accuracy, then fewest params (test accuracy
+    plays no part: it only reports)."""
     if table.num_rows == 0:
         return table
     invalid = pc.not_equal(table["status"], "ok").cast(pa.int8())
     keyed = table.append_column("_invalid", invalid)
-    order = [("_invalid", "ascending"), ("reward", "descending"), ("accuracy", "descending"), ("params", "ascending")]
+    order = [("_invalid", "ascending"), ("reward", "descending"), ("val_accuracy", "descending"),
+             ("params", "ascending")]
     return keyed.sort_by(order).drop_columns(["_invalid"])
 
 
@@ -84,14 +87,14 @@ def read_results(store: ArtifactStore, run_id: str | None = None) -> pa.Table:
     return rank(store.get_table(key))
 
 
-def pareto_front(rows: Iterable[dict[str, Any]], size: str = "params") -> set[str]:
-    """Spec hashes of the valid rows no other valid row beats: fewer or equal `size` and higher accuracy,
-    or strictly fewer `size` at equal accuracy."""
-    valid = sorted((r for r in rows if r.get("status") == "ok" and r.get(size) is not None),
-                   key=lambda r: (r[size], -r["accuracy"]))
+def pareto_front(rows: Iterable[dict[str, Any]], size: str = "params", accuracy: str = "val_accuracy") -> set[str]:
+    """Spec hashes of the valid rows no other valid row beats: fewer or equal `size` and higher `accuracy`
+    (validation by default: the front is a choice), or strictly fewer `size` at equal accuracy."""
+    valid = sorted((r for r in rows if r.get("status") == "ok" and r.get(size) is not None
+                    and r.get(accuracy) is not None), key=lambda r: (r[size], -r[accuracy]))
     front, best = set(), float("-inf")
     for row in valid:  # by size ascending: a row is on the front if it beats every smaller one
-        if row["accuracy"] > best:
+        if row[accuracy] > best:
             front.add(row["spec_hash"])
-            best = row["accuracy"]
+            best = row[accuracy]
     return front

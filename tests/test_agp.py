@@ -293,7 +293,11 @@ def test_sensitivity_runs_each_layer_level_on_the_pool(tmp_path, ray_session, ca
     assert by_point[("fc1.weight", 0.9)]["sparsity"] == pytest.approx(0.9 * 48000 / weights)
     assert all(r["artifact"] is None for r in rows)  # points are measured, not kept
     csv_lines = store.get_bytes(f"runs/{run_id}/sensitivity.csv").decode().strip().splitlines()
-    assert csv_lines[0].startswith("weight,level,accuracy,drop") and len(csv_lines) == 7
+    assert csv_lines[0].startswith("weight,level,val_accuracy,accuracy,drop") and len(csv_lines) == 7
+    val_teacher = store.get_json(f"runs/{run_id}/run.json")["teacher_val_accuracy"]
+    point = by_point[("fc1.weight", 0.9)]  # the drop that picks the schedule is in validation points
+    expected = f"fc1.weight,0.9,{point['val_accuracy']},{point['accuracy']},{100 * (val_teacher - point['val_accuracy'])},"
+    assert any(line.startswith(expected) for line in csv_lines), csv_lines
     assert store.get_bytes(f"runs/{run_id}/plots/sensitivity.png")[:4] == b"\x89PNG"
     schedule = parse_schedule(yaml.safe_load(out.read_text()), create_model("simplenet_cifar", 3, 4))
     assert {p.final_sparsity for p in schedule.pruners.values()} == {0.9}  # tolerance 100: every layer at 0.9

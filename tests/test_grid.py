@@ -64,6 +64,22 @@ def test_results_json_has_the_contract_keys(grid_run, capsys):
         assert row["method"] == "grid" and row["artifact"].endswith("/model.pt")
 
 
+def test_reward_uses_validation_accuracies_only(grid_run):
+    """reward = C(2-C)·A_s/A with both accuracies on the validation split: reward / (C(2-C)·val_accuracy) is
+    one constant, 1 / the teacher's validation accuracy, for every valid row; stored values are not rounded."""
+    _, store, run_id = grid_run
+    teacher_val = store.get_json(f"runs/{run_id}/run.json")["teacher_val_accuracy"]
+    rows = [r for r in searchsvc.results(store, run_id).to_pylist() if r["status"] == "ok"]
+    ratios = []
+    for row in rows:
+        c = 1 - 1 / row["compression"]
+        if abs(c) > 1e-9:  # the teacher's own shape: C = 0, reward 0 whatever the accuracy
+            ratios.append(row["reward"] / (c * (2 - c) * row["val_accuracy"]))
+    assert len(ratios) >= 3
+    assert all(r == pytest.approx(1 / teacher_val, rel=1e-12) for r in ratios), (ratios, 1 / teacher_val)
+    assert any(r["val_accuracy"] != r["accuracy"] for r in rows)  # the two splits really differ here
+
+
 def test_load_candidate_rebuilds_the_small_model(grid_run):
     _, store, run_id = grid_run
     row = max(searchsvc.results(store, run_id).to_pylist(), key=lambda r: r["compression"])

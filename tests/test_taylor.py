@@ -149,10 +149,11 @@ def test_bad_taylor_settings_name_the_key(tmp_path, capsys):
 
 
 def test_pareto_front_keeps_only_undominated_rows():
-    rows = [{"spec_hash": h, "status": "ok", "params": p, "accuracy": a}
+    rows = [{"spec_hash": h, "status": "ok", "params": p, "val_accuracy": a, "accuracy": 1 - a}
             for h, p, a in [("a", 100, 0.9), ("b", 50, 0.85), ("c", 60, 0.80), ("d", 50, 0.84), ("e", 10, 0.5)]]
-    rows.append({"spec_hash": "x", "status": "invalid", "params": None, "accuracy": 0.0})
-    assert pareto_front(rows) == {"a", "b", "e"}
+    rows.append({"spec_hash": "x", "status": "invalid", "params": None, "val_accuracy": None, "accuracy": 0.0})
+    assert pareto_front(rows) == {"a", "b", "e"}  # chosen on validation accuracy: test accuracy plays no part
+    assert pareto_front(rows, accuracy="accuracy") == {"e"}
 
 
 # ---- the Tune sweep end to end ----------------------------------------------------------------------------
@@ -175,7 +176,7 @@ def test_a_huge_prune_step_fires_the_stop_rule_after_one_iteration(tmp_path, ray
     store, run_id = run["store"], run["run_id"]
     rows = store.get_table(f"runs/{run_id}/results.parquet").to_pylist()
     assert len(rows) == 1 and rows[0]["iteration"] == 1
-    assert "points below the start" in rows[0]["stop_reason"]
+    assert "points below the teacher's" in rows[0]["stop_reason"]
     arch = json.loads(store.get_bytes(f"candidates/{rows[0]['spec_hash']}/metrics.json"))["arch"]
     assert {s[0]["mid"] for s in arch["stages"]} == {1} and arch["stem"] == 1  # every group down to one channel
     trials = store.get_json(f"runs/{run_id}/trials.json")
@@ -184,10 +185,12 @@ def test_a_huge_prune_step_fires_the_stop_rule_after_one_iteration(tmp_path, ray
 
 @pytest.mark.s3
 def test_tune_sweep_of_two_trials_by_three_iterations_on_the_s3_store(s3_server, s3_env, ray_session):
+    """The smoke config as shipped (its 10-point stop rule live): with batch-norm statistics re-estimated after
+    each fine-tune both trials go past iteration 1 (without, the lagging statistics fired the rule at once)."""
     store_uri = f"s3://{s3_server.shared_bucket}/taylor-{time.time_ns()}"
-    run = _run(store_uri, "search.stop.max_drop=100", "search.tune.grace_period=3", endpoint=s3_server.endpoint)
+    run = _run(store_uri, "search.tune.grace_period=3", endpoint=s3_server.endpoint)
     store, run_id, record = run["store"], run["run_id"], run["record"]
-    assert record["status"] == "finished" and record["trials"] == 2 and record["evaluations"] == 6
+    assert record["status"] == "finished" and record["trials"] == 2 and record["evaluations"] >= 4
     rows = store.get_table(f"runs/{run_id}/results.parquet").to_pylist()
     by_trial: dict[str, list[dict]] = {}
     for row in rows:
@@ -195,7 +198,7 @@ def test_tune_sweep_of_two_trials_by_three_iterations_on_the_s3_store(s3_server,
     assert len(by_trial) == 2
     for trial_rows in by_trial.values():
         trial_rows.sort(key=lambda r: r["iteration"])
-        assert [r["iteration"] for r in trial_rows] == [1, 2, 3]
+        assert [r["iteration"] for r in trial_rows] in ([1, 2], [1, 2, 3]), trial_rows
         assert trial_rows[0]["finetuned_from"] is None  # iteration 1 prunes the teacher
         for parent, child in zip(trial_rows, trial_rows[1:]):
             assert child["finetuned_from"] == parent["spec_hash"]  # each prunes the one before

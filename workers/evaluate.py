@@ -32,7 +32,7 @@ from workers.measure import measure
 from workers.spec import CandidateSpec
 from workers.surgery import InvalidTransform, derive_arch, shrink
 from workers.teacher import Teacher, load_train_logits
-from workers.train import LossFn, TrainCallback, train_model
+from workers.train import LossFn, TrainCallback, recalibrate_batchnorm, train_model
 from workers.zoo import Model, arch_from_data, build_model, load_state_bytes, state_dict_bytes
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,13 @@ def evaluate_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = F
         student, finished = built.finish(student)
         extra.update(finished)
     student.to(ctx.device)
+    # Training re-estimated the batch-norm statistics after its last epoch; a model changed since (thinned)
+    # or never trained (sensitivity) gets them here, so every candidate is measured with fresh ones.
+    recalibrated = history[-1].get("bn_recalibration_batches", 0) if history else 0
+    if not built.train or built.finish is not None:
+        recalibrated = recalibrate_batchnorm(student, ctx.splits, spec.train.bn_recalibration_batches,
+                                             spec.train.batch_size, spec.seed)
+    extra["bn_recalibration_batches"] = recalibrated
     metrics = {"spec_hash": spec.spec_hash, "status": "ok", **extra,
                **measure(student, ctx.splits, ctx.device, timed=built.keep_model),
                "train_seconds": train_seconds, "history": history, "worker": ctx.worker, "device": str(ctx.device),

@@ -51,7 +51,13 @@ class Teacher:
 
     @property
     def test_accuracy(self) -> float:
+        """Top-1 on the test split: reported, never used to choose."""
         return float(self.meta["test_accuracy"])
+
+    @property
+    def val_accuracy(self) -> float:
+        """Top-1 on the validation split: what candidates' rewards and stop rules compare against."""
+        return float(self.meta["val_accuracy"])
 
 
 def data_identity(dataset: DatasetConfig) -> dict[str, Any]:
@@ -77,6 +83,7 @@ def load_or_train_teacher(store: ArtifactStore, config: TeacherConfig, dataset: 
     prefix = f"teachers/{key}"
     if store.exists(f"{prefix}/manifest.json"):
         teacher = load_teacher(store, key)
+        ensure_val_accuracy(store, teacher, splits, device)
         log.info("teacher %s (%s) loaded from %s: test accuracy %.4f, trained in %.0f s", key, config.arch,
                  store.uri_for(prefix), teacher.test_accuracy, teacher.meta["train_seconds"])
         return teacher
@@ -124,6 +131,34 @@ def load_teacher(store: ArtifactStore, key: str, device: torch.device | str = "c
                              store.uri_for(prefix + "/model.pt"))
     model.to(device).eval()
     return Teacher(model, key, meta, cached=True)
+
+
+def validation_prefix(key: str) -> str:
+    """Where the validation accuracy of a teacher stored without one is recorded (with its own manifest)."""
+    return f"teachers/{key}/validation"
+
+
+def ensure_val_accuracy(store: ArtifactStore, teacher: Teacher, splits: Splits, device: torch.device) -> float:
+    """The teacher's validation accuracy. Teachers stored before it was part of meta.json get it computed
+    once and recorded beside them (`validation/val.json`), since their own files are write-once."""
+    if teacher.meta.get("val_accuracy") is not None:
+        return teacher.val_accuracy
+    prefix = validation_prefix(teacher.teacher_hash)
+    if store.exists(f"{prefix}/manifest.json"):
+        accuracy = float(json.loads(store.get_verified(prefix, "val.json"))["val_accuracy"])
+    else:
+        data = splits.to(device)
+        teacher.model.to(device, memory_format=torch.channels_last)
+        accuracy = evaluate(teacher.model, *data.val, data.mean, data.std)
+        try:
+            store.put_json(f"{prefix}/val.json", {"val_accuracy": accuracy}, write_once=True)
+            store.write_manifest(prefix)
+        except WriteConflictError:  # another run recorded it first (bf16 on a GPU may differ slightly)
+            accuracy = float(json.loads(store.get_verified(prefix, "val.json"))["val_accuracy"])
+        log.info("teacher %s: validation accuracy %.4f computed and recorded at %s", teacher.teacher_hash,
+                 accuracy, store.uri_for(prefix))
+    teacher.meta["val_accuracy"] = accuracy
+    return accuracy
 
 
 def logits_prefix(key: str) -> str:
