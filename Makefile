@@ -52,7 +52,7 @@ bench-gpu: setup ## GPU benchmarks on one NVIDIA GPU (about 15 minutes on an H10
 	$(BIN)/python benchmarks/driver_overhead.py
 	$(BIN)/python benchmarks/train_throughput.py --arch resnet18_cifar --channels 3 --size 32 --batch 512 --device cuda
 
-bench-n2n: setup ## PPO vs random search, 3 seeds x 64 evaluations (about 10 minutes on 2 cores)
+bench-n2n: setup ## PPO vs random search on Fashion-MNIST with the stored quickstart teacher (make run first), 5 seeds x 64 evaluations
 	$(BIN)/python benchmarks/n2n_agents.py
 
 clean-store:     ## delete the default local store

@@ -4,7 +4,7 @@
 
 The setup of `configs/cifar10-resnet18-n2n.yaml`: a teacher on CIFAR-10-shaped data (synthetic, 45k training
 images after the validation split), students from random removal actions (each block kept or removed
-at random, as the agent's first actions are), one epoch of distillation from cached teacher logits,
+at random, as the agent's first actions are; the same list of actions at every share), one epoch of distillation from cached teacher logits,
 then measurement and the store write, through the real actor pool. For each `gpus_per_eval` share the
 pool holds 1/share actors on the one GPU; after a warm-up round (actor start, data and teacher load),
 `--candidates` evaluations are timed. evals/GPU-hour = candidates / wall hours; the packing gain is
@@ -57,11 +57,18 @@ class UtilisationSampler:
         return [float(line.split(",")[0]) for line in out.split() if line.strip().replace(".", "").isdigit()]
 
 
-def random_removals(base: CandidateSpec, blocks: tuple[str, ...], count: int, seed: int) -> list[CandidateSpec]:
-    """`count` distinct candidates: random keep/remove per block, each with its own seed (no cache hits)."""
+def random_actions(blocks: tuple[str, ...], count: int, seed: int = 0) -> list[np.ndarray]:
+    """`count` random keep/remove actions, one per block: the same list is timed at every share."""
     rng = np.random.default_rng(seed)
+    return [rng.integers(0, 2, len(blocks)) for _ in range(count)]
+
+
+def removal_specs(base: CandidateSpec, blocks: tuple[str, ...], actions: list[np.ndarray],
+                  seed: int) -> list[CandidateSpec]:
+    """The candidates of `actions`, each with its own training seed from `seed` on: the same architectures
+    as at any other share, yet never a cache hit of another share's run."""
     stage = removal_stage(blocks, base)
-    return [dataclasses.replace(stage.make_spec(rng.integers(0, 2, len(blocks))), seed=seed + i) for i in range(count)]
+    return [dataclasses.replace(stage.make_spec(action), seed=seed + i) for i, action in enumerate(actions)]
 
 
 def measure_share(store: LocalStore, teacher_hash: str, data: DatasetConfig, resources: Resources,
@@ -92,7 +99,8 @@ def main() -> None:
                         help="teacher model (default resnet18_cifar; on a CPU resnet20, ResNet-18 takes minutes there)")
     parser.add_argument("--shares", type=float, nargs="+", default=None,
                         help="gpus_per_eval values (default 1 0.5 0.25; on a CPU 1 0.5 of the cores)")
-    parser.add_argument("--candidates", type=int, default=None, help="timed evaluations per share (default 32, CPU 4)")
+    parser.add_argument("--candidates", type=int, default=None,
+                        help="timed evaluations per share, the same architectures at every share (default 32, CPU 16)")
     parser.add_argument("--images", type=int, default=None, help="synthetic training images (default 50000, CPU 512)")
     parser.add_argument("--batch", type=int, default=None, help="images per step (default 512, CPU 64)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON result")
@@ -101,7 +109,7 @@ def main() -> None:
     on_gpu = device.type == "cuda"
     teacher_arch = args.teacher or ("resnet18_cifar" if on_gpu else "resnet20")
     shares = args.shares or ([1.0, 0.5, 0.25] if on_gpu else [1.0, 0.5])
-    candidates = args.candidates or (32 if on_gpu else 4)
+    candidates = args.candidates or (32 if on_gpu else 16)
     images, batch = args.images or (50_000 if on_gpu else 512), args.batch or (512 if on_gpu else 64)
     cores = os.cpu_count() or 1
     data = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(num_classes=10, channels=3, image_size=32,
@@ -115,11 +123,12 @@ def main() -> None:
                                             load_dataset(data), device, progress=False)
             base = CandidateSpec(arch=teacher_arch, teacher=teacher.teacher_hash, dataset=data, train=train)
             blocks = removable_blocks(teacher.model)
+            actions = random_actions(blocks, 8 + candidates)
             runs = {}
             for n, share in enumerate(shares):
                 resources = (Resources(gpus_per_eval=share, cpus_per_eval=max(1, int(cores * share))) if on_gpu
                              else Resources(gpus_per_eval=0, cpus_per_eval=max(1, int(cores * share))))
-                specs = random_removals(base, blocks, 8 + candidates, seed=100_000 * (n + 1))
+                specs = removal_specs(base, blocks, actions, seed=100_000 * (n + 1))
                 runs[str(share)] = measure_share(store, teacher.teacher_hash, data, resources, specs[:8], specs[8:])
                 print(f"share {share}: {runs[str(share)]}")
     finally:

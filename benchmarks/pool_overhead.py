@@ -82,8 +82,9 @@ def main() -> None:
               "overhead_fraction": round(overhead_ms / 1000.0 / (local_s / n), 5),
               "end_to_end_difference_ms": round((pool_s - local_s) / n * 1000.0, 1)}
     path = write_result(args.out, "pool_overhead", result)
-    print(f"in-process {local_s / n:.3f} s/eval, pool {pool_s / n:.3f} s/eval: pool overhead {overhead_ms:.1f} ms "
-          f"({100 * result['overhead_fraction']:.2f} % of an evaluation)  → {path}")
+    print(f"in-process {local_s / n:.3f} s/eval, pool {pool_s / n:.3f} s/eval (end to end "
+          f"{result['end_to_end_difference_ms']:+.1f} ms, training noise included): pool overhead {overhead_ms:.1f} ms "
+          f"beyond each evaluation's own time ({100 * result['overhead_fraction']:.2f} % of an evaluation)  → {path}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from workers.data import DatasetConfig, SyntheticConfig, load_dataset
 from workers.distill import distill_loss_fn, kd_loss, teacher_logits
 from workers.measure import count_macs, count_parameters, latency_ms, measure, model_bytes
 from workers.surgery import shrink
-from workers.train import DistillConfig, Recipe, augment, train_model
+from workers.train import DistillConfig, Recipe, TrainConfig, augment, recalibrate_batchnorm, train_model
 from workers.zoo import BlockArch, ResNetArch, build_model, create_model
 
 CPU = torch.device("cpu")
@@ -397,3 +397,41 @@ def test_runs_with_only_a_few_steps_train(train_size):
     model = create_model("tiny_cnn", in_channels=1, num_classes=4)
     history = train_model(model, splits, Recipe(epochs=1, batch_size=20, augment=False), CPU, progress=False)
     assert math.isfinite(history[0]["loss"])
+
+
+# ---- batch-norm recalibration -----------------------------------------------------------------------------
+
+def test_recalibration_replaces_lagging_statistics_with_the_training_batches_own():
+    """After recalibration every BN layer's running mean / variance are the mean of the per-batch statistics
+    over the calibration batches (a cumulative average), the weights are untouched, and eval-mode accuracy
+    recovers from statistics that describe another network."""
+    splits = load_dataset(DatasetConfig(name="synthetic", synthetic=SyntheticConfig(train_size=512, test_size=256)))
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn", splits.in_channels, splits.num_classes)
+    train_model(model, splits, TrainConfig(epochs=4, batch_size=64, augment=False, bn_recalibration_batches=0), CPU,
+                progress=False)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    trained = evaluate_model(model, splits)
+    for m in model.modules():  # statistics of some other network: what a pruning step or 7 steps leave
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.add_(3.0)
+            m.running_var.mul_(9.0)
+    lagging = evaluate_model(model, splits)
+    stem = model.get_submodule("stem")[1]  # the first BN: its input does not depend on other BN statistics
+    inputs = []
+    hook = stem.register_forward_hook(lambda mod, args, out: inputs.append(args[0].detach().clone()))
+    used = recalibrate_batchnorm(model, splits, batches=4, batch_size=64, seed=3)
+    hook.remove()
+    assert used == 4 and len(inputs) == 4
+    expected_mean = torch.stack([x.mean(dim=(0, 2, 3)) for x in inputs]).mean(0)
+    assert torch.allclose(stem.running_mean, expected_mean, atol=1e-5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    recalibrated = evaluate_model(model, splits)
+    assert lagging < trained - 0.2 and recalibrated > lagging + 0.2, (trained, lagging, recalibrated)
+    assert recalibrate_batchnorm(model, splits, batches=0, batch_size=64) == 0
+
+
+def evaluate_model(model: nn.Module, splits) -> float:
+    from workers.train import evaluate
+
+    return evaluate(model, *splits.test, splits.mean, splits.std)

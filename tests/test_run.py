@@ -71,6 +71,29 @@ def test_stored_teacher_reproduces_its_outputs(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in teacher.model.state_dict().items())
 
 
+def test_a_teacher_stored_without_validation_accuracy_gets_it_once_beside_it(tmp_path, monkeypatch):
+    """Teachers stored before validation decided have no val_accuracy in their (write-once) meta.json: it is
+    computed on first load, recorded under teachers/<hash>/validation/ with its own manifest, then read back."""
+    import workers.teacher as teachers
+
+    config = searchsvc.load_config(SMOKE, ["teacher.epochs=1", "dataset.synthetic.train_size=256"])
+    first = searchsvc.run(config, store=str(tmp_path / "new"), progress=False)
+    new = LocalStore(tmp_path / "new")
+    prefix = f"teachers/{first.teacher_hash}"
+    meta = new.get_json(f"{prefix}/meta.json")
+    expected = meta.pop("val_accuracy")
+    old = LocalStore(tmp_path / "old")  # the same teacher as an older version stored it
+    teachers._save(old, prefix, load_teacher(new, first.teacher_hash).model, meta)
+    second = searchsvc.run(config, store=old, progress=False)
+    record = old.get_json(f"runs/{second.run_id}/run.json")
+    assert record["teacher_cached"] and record["teacher_val_accuracy"] == pytest.approx(expected)
+    assert set(old.verify(f"{prefix}/validation")) == {"val.json"}
+    assert "val_accuracy" not in old.get_json(f"{prefix}/meta.json")  # the teacher's own files are untouched
+    monkeypatch.setattr(teachers, "evaluate", lambda *a, **k: pytest.fail("computed again"))
+    third = searchsvc.run(config, store=old, progress=False)
+    assert old.get_json(f"runs/{third.run_id}/run.json")["teacher_val_accuracy"] == pytest.approx(expected)
+
+
 def test_corrupt_teacher_checkpoint_is_a_clear_error(tmp_path, capsys):
     store_dir = tmp_path / "store"
     assert _run(str(store_dir)) == 0
