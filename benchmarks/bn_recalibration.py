@@ -12,6 +12,7 @@ candidate and setting, and the mean per setting.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 from dataclasses import replace
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides", help="config override (repeatable)")
     parser.add_argument("--batches", default="0,2,4,8,16,32", help="recalibration settings to compare")
     parser.add_argument("--name", help="result name (default: the config's file name)")
+    parser.add_argument("--teacher-store", help="a local store whose teachers/ are copied in (not trained again)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -60,6 +62,8 @@ def main() -> None:
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory(prefix="bnrecal-") as folder:
         store = LocalStore(Path(folder) / "store")
+        if args.teacher_store:
+            shutil.copytree(Path(args.teacher_store) / "teachers", Path(folder) / "store" / "teachers")
         result = run(config, store=store, progress=False)
         specs = trained_specs(store, result.run_id)
         data = load_dataset(config.dataset)

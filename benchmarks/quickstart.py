@@ -30,11 +30,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"))
     parser.add_argument("--set", action="append", default=[], dest="overrides", help="config override (repeatable)")
+    parser.add_argument("--store", help="an empty folder to keep the store in (its teacher serves other benchmarks); "
+                                        "default: a temporary one")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     config = searchsvc.load_config(args.config, args.overrides)
     with tempfile.TemporaryDirectory(prefix="quickstart-") as folder:
-        store = LocalStore(Path(folder) / "store")
+        store = LocalStore(args.store or Path(folder) / "store")
+        if store.list("runs/") or store.list("teachers/"):
+            raise SystemExit(f"quickstart: {args.store} is not empty: the figures are from an empty store")
         started = time.perf_counter()
         result = searchsvc.run(config, store=store, progress=False)
         wall = time.perf_counter() - started
