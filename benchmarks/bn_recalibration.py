@@ -79,7 +79,8 @@ def main() -> None:
         "teacher_test_accuracy": result.teacher_accuracy})
     print(f"{len(candidates)} candidates of {args.config}; mean accuracy (val / test) per recalibration setting:")
     for b in batches:
-        print(f"  {b:>3} batches: {100 * means[str(b)]['val_accuracy']:6.2f} / {100 * means[str(b)]['accuracy']:6.2f} %")
+        mean = means[str(b)]
+        print(f"  {b:>3} batches: {100 * mean['val_accuracy']:6.2f} / {100 * mean['accuracy']:6.2f} %")
     print(path)
 
 

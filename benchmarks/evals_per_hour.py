@@ -4,7 +4,8 @@
 
 The setup of `configs/cifar10-resnet18-n2n.yaml`: a teacher on CIFAR-10-shaped data (synthetic, 45k training
 images after the validation split), students from random removal actions (each block kept or removed
-at random, as the agent's first actions are; the same list of actions at every share), one epoch of distillation from cached teacher logits,
+at random, as the agent's first actions are; the same list of actions at every share), one epoch of
+distillation from cached teacher logits,
 then measurement and the store write, through the real actor pool. For each `gpus_per_eval` share the
 pool holds 1/share actors on the one GPU; after a warm-up round (actor start, data and teacher load),
 `--candidates` evaluations are timed. evals/GPU-hour = candidates / wall hours; the packing gain is

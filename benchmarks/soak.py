@@ -223,7 +223,8 @@ def main() -> int:
     result.update(jobs=args.jobs, load_processes=args.load, cores=os.cpu_count())
     path = write_result(args.out, "soak", result)
     for name, row in result["calls"].items():
-        print(f"{name:>9}: {row['ran']:4d} of {row['asked']:4d} calls, {row['failed']} failed, mean {row['mean_s'] or 0:.2f} s")
+        print(f"{name:>9}: {row['ran']:4d} of {row['asked']:4d} calls, {row['failed']} failed, "
+              f"mean {row['mean_s'] or 0:.2f} s")
     for failure in result["failures"][:10]:
         print(f"FAILED {failure['command']} #{failure['index']}: {failure['problem']}")
     print(f"{result['total_calls']} calls in {result['seconds']:.0f} s, {len(result['failures'])} failed: {path}")

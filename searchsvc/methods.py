@@ -158,7 +158,8 @@ class TaylorTune(SweepTune):
     epochs: tuple[int, ...] = field(default=(), metadata={"help": "fine-tune epochs per iteration: choices"})
     distill: tuple[bool, ...] = field(default=(), metadata={"help": "fine-tune with distillation: choices"})
     metric: Literal["reward", "accuracy"] = field(
-        default="reward", metadata={"help": "per-iteration metric ASHA compares: reward (size and validation accuracy) or accuracy (validation)"})
+        default="reward", metadata={"help": "per-iteration metric ASHA compares: reward (size and validation "
+                                            "accuracy) or accuracy (validation)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -66,3 +66,36 @@ def test_benchmark_tiny_mode_writes_json(tiny_runs, script, args, keys):
     for key in keys:
         assert result[key] > 0
     assert result["code_version"] and result["date"]
+
+
+def test_code_version_is_dirty_for_changed_code_not_for_benchmark_results(tmp_path):
+    """A benchmark's JSON written into the checkout used to mark every later JSON of `make bench` '-dirty'.
+    A checkout of its own: this package's version.py, a code file and a tracked result, committed."""
+    clone = tmp_path / "checkout"
+    (clone / "searchsvc").mkdir(parents=True)
+    (clone / "benchmarks" / "results").mkdir(parents=True)
+    (clone / "searchsvc" / "__init__.py").write_text("")
+    (clone / "searchsvc" / "version.py").write_text((REPO / "searchsvc" / "version.py").read_text())
+    (clone / "benchmarks" / "results" / "soak.json").write_text("{}\n")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    def version() -> str:
+        code = "from searchsvc.version import code_version; print(code_version())"
+        env = {"PYTHONPATH": str(clone), "PATH": "/usr/bin:/bin"}
+        return subprocess.run([sys.executable, "-c", code], cwd=clone, env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "-m", "c")
+    commit = git("rev-parse", "--short=12", "HEAD")
+    assert version() == commit
+    (clone / "benchmarks" / "results" / "soak.json").write_text('{"calls": 1}\n')  # a tracked result, rewritten
+    (clone / "benchmarks" / "results" / "new.json").write_text("{}\n")
+    assert version() == commit
+    with open(clone / "searchsvc" / "version.py", "a") as handle:
+        handle.write("# changed\n")
+    assert version() == commit + "-dirty"
