@@ -38,7 +38,7 @@ from workers.train import TrainCallback, TrainConfig
 log = logging.getLogger(__name__)
 EXPERIMENT = "tune"  # Tune's experiment folder name under runs/<id>/state/
 # A config's metric → the report key ASHA compares: "accuracy" is validation accuracy (test only reports).
-TUNE_METRICS = {"reward": "reward", "accuracy": "val_accuracy"}  # Tune's experiment folder name under runs/<id>/state/
+TUNE_METRICS = {"reward": "reward", "accuracy": "val_accuracy"}
 
 
 def choose(values: tuple, default: Any) -> Any:
