@@ -296,7 +296,8 @@ def test_sensitivity_runs_each_layer_level_on_the_pool(tmp_path, ray_session, ca
     assert csv_lines[0].startswith("weight,level,val_accuracy,accuracy,drop") and len(csv_lines) == 7
     val_teacher = store.get_json(f"runs/{run_id}/run.json")["teacher_val_accuracy"]
     point = by_point[("fc1.weight", 0.9)]  # the drop that picks the schedule is in validation points
-    expected = f"fc1.weight,0.9,{point['val_accuracy']},{point['accuracy']},{100 * (val_teacher - point['val_accuracy'])},"
+    drop = 100 * (val_teacher - point["val_accuracy"])
+    expected = f"fc1.weight,0.9,{point['val_accuracy']},{point['accuracy']},{drop},"
     assert any(line.startswith(expected) for line in csv_lines), csv_lines
     assert store.get_bytes(f"runs/{run_id}/plots/sensitivity.png")[:4] == b"\x89PNG"
     schedule = parse_schedule(yaml.safe_load(out.read_text()), create_model("simplenet_cifar", 3, 4))
