@@ -124,14 +124,16 @@ def run_call(command: str, index: int, target: Target) -> dict:
             "problem": problem}
 
 
-def _spin() -> None:
-    while True:
-        pass
+def _spin(parent: int) -> None:
+    """Burn a core until the soak ends, or its process dies without stopping us (a killed test)."""
+    while os.getppid() == parent:
+        for _ in range(1_000_000):
+            pass
 
 
 def start_load(processes: int) -> list[multiprocessing.Process]:
     """CPU-bound processes, one per core asked for (the load under which the aborts showed)."""
-    load = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(processes)]
+    load = [multiprocessing.Process(target=_spin, args=(os.getpid(),), daemon=True) for _ in range(processes)]
     for proc in load:
         proc.start()
     return load
