@@ -26,7 +26,7 @@ from searchsvc.config import load_config
 from searchsvc.job import run
 from storage import LocalStore
 from workers.data import load_dataset
-from workers.evaluate import EvalContext, evaluate_candidate
+from workers.evaluate import EvalContext, candidate_prefix, evaluate_candidate, stored_metrics
 from workers.spec import CandidateSpec
 from workers.teacher import load_teacher
 
@@ -34,16 +34,17 @@ from workers.teacher import load_teacher
 def trained_specs(store: LocalStore, run_id: str) -> list[CandidateSpec]:
     """The run's candidates that it trained (valid, not cache hits), in the order recorded."""
     rows = sorted((store.get_json(k) for k in store.list(f"runs/{run_id}/evals/")), key=lambda r: r["order"])
-    return [CandidateSpec.from_json(store.get_bytes(f"candidates/{r['spec_hash']}/spec.json").decode())
+    return [CandidateSpec.from_json(store.get_verified(candidate_prefix(r["spec_hash"]), "spec.json").decode())
             for r in rows if r["status"] == "ok" and not r["cached"]]
 
 
 def remeasure(ctx: EvalContext, spec: CandidateSpec, batches: list[int]) -> dict[str, dict[str, float]]:
-    """Validation and test accuracy of `spec` trained again with each recalibration setting."""
+    """Validation and test accuracy of `spec` trained again with each recalibration setting (the run's own
+    setting is already in the store: looked up, not trained a second time)."""
     out = {}
     for count in batches:
         variant = replace(spec, train=replace(spec.train, bn_recalibration_batches=count))
-        metrics = evaluate_candidate(variant, ctx)
+        metrics = stored_metrics(ctx.store, variant.spec_hash) or evaluate_candidate(variant, ctx)
         out[str(count)] = {"val_accuracy": metrics["val_accuracy"], "accuracy": metrics["accuracy"]}
     return out
 

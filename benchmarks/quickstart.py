@@ -11,6 +11,7 @@ dataset-fashion-mnist, as `make setup` installs it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -43,7 +44,7 @@ def main() -> None:
         result = searchsvc.run(config, store=store, progress=False)
         wall = time.perf_counter() - started
         record = store.get_json(f"runs/{result.run_id}/run.json")
-        teacher = store.get_json(f"teachers/{result.teacher_hash}/meta.json")
+        teacher = json.loads(store.get_verified(f"teachers/{result.teacher_hash}", "meta.json"))
     rows = result.table.to_pylist()
     trained = [r for r in rows if not r.get("cached")]
     search_s = sum(r["wall_s"] or 0.0 for r in trained)

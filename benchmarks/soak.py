@@ -2,10 +2,10 @@
 every core. Every call must exit with its own status (0; 2 for the bad config) and complete output.
 
 Why: under load `searchsvc results` used to abort at interpreter exit (status 134, "terminate called
-without an active exception") in about 1 call in 5; see `storage.base.arrow_owned`. An idle machine
+without an active exception") in about 1 call in 3; see `storage.base.arrow_owned`. An idle machine
 rarely shows it, so this loads the cores on purpose.
 
-    python benchmarks/soak.py                          # make soak: builds a grid-smoke store, ~15 minutes
+    python benchmarks/soak.py                          # make soak: builds a grid-smoke store, ~21 minutes
     python benchmarks/soak.py --store DIR --run ID --calls results=24,validate=6 --max-seconds 60
 
 Writes soak.json (calls, failures, seconds) to --out; exits 1 if any call failed.
@@ -115,7 +115,6 @@ def run_call(command: str, index: int, target: Target) -> dict:
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "searchsvc", *check.argv], capture_output=True, text=True,
                           cwd=target.work, env=env, timeout=300)
-    problem = None
     if done.returncode != check.status:
         problem = f"exit status {done.returncode}, expected {check.status}: {done.stderr.strip()[-300:]!r}"
     else:
@@ -139,21 +138,23 @@ def start_load(processes: int) -> list[multiprocessing.Process]:
     return load
 
 
-def build_store(folder: Path) -> tuple[str, str]:
-    """A grid-smoke run (5 kept candidates) in a new store; (store, run id)."""
+def build_store(folder: Path) -> str:
+    """A new store holding one grid-smoke run (5 kept candidates)."""
     store = folder / "store"
     argv = [sys.executable, "-m", "searchsvc", "run", str(GRID), "--store", str(store), *FAST]
     subprocess.run(argv, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-    run_id = sorted(p.name for p in (store / "runs").iterdir())[-1]
-    return str(store), run_id
+    return str(store)
 
 
-def open_target(store: str, run_id: str, work: Path) -> Target:
-    """Read the run's rows once, here, and pick its best kept candidate to export and summarise."""
+def open_target(store: str, run_id: str | None, work: Path) -> Target:
+    """Read the run's rows (the latest run's by default) once, here, and pick its best kept candidate to
+    export and summarise."""
     from storage import open_store
-    from storage.tables import read_results
+    from storage.tables import latest_run, read_results
 
-    rows = read_results(open_store(store, create=False), run_id).to_pylist()
+    opened = open_store(store, create=False)
+    run_id = run_id or latest_run(opened)
+    rows = read_results(opened, run_id).to_pylist()
     kept = [row["spec_hash"] for row in rows if row.get("artifact")]
     if not kept:
         raise SystemExit(f"soak: run {run_id} in {store} kept no candidate to export")
@@ -210,12 +211,10 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         work = Path(tmp)
-        store, run_id = (args.store, args.run) if args.store else build_store(work)
+        store = args.store or build_store(work)
         if "://" not in store:
             store = str(Path(store).resolve())  # the calls run in the work folder
-        if run_id is None:
-            run_id = sorted(p.name for p in (Path(store) / "runs").iterdir())[-1]
-        target = open_target(store, run_id, work)
+        target = open_target(store, args.run, work)
         load = start_load(args.load)
         try:
             result = soak(target, parse_calls(args.calls), args.jobs, args.max_seconds)
