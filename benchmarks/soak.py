@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from common import write_result  # noqa: E402  (common puts the checkout on sys.path)
+from storage.errors import SearchsvcError  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GRID = REPO / "configs" / "grid-smoke.yaml"
@@ -214,7 +215,11 @@ def main() -> int:
         store = args.store or build_store(work)
         if "://" not in store:
             store = str(Path(store).resolve())  # the calls run in the work folder
-        target = open_target(store, args.run, work)
+        try:
+            target = open_target(store, args.run, work)
+        except SearchsvcError as err:  # a missing store or run: one line, as the CLI says it
+            print(f"soak: {err}", file=sys.stderr)
+            return 2
         load = start_load(args.load)
         try:
             result = soak(target, parse_calls(args.calls), args.jobs, args.max_seconds)
