@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 
@@ -28,9 +26,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
-import torch  # noqa: E402
 
-from common import write_result  # noqa: E402
+from common import UtilisationSampler, write_result  # noqa: E402
 from searchsvc.n2n_env import removable_blocks, removal_stage  # noqa: E402
 from storage import LocalStore  # noqa: E402
 from workers.data import DatasetConfig, SyntheticConfig, load_dataset  # noqa: E402
@@ -39,23 +36,6 @@ from workers.resources import Resources  # noqa: E402
 from workers.spec import CandidateSpec  # noqa: E402
 from workers.teacher import TeacherConfig, load_or_train_teacher  # noqa: E402
 from workers.train import TrainConfig, resolve_device  # noqa: E402
-
-
-class UtilisationSampler:
-    """`nvidia-smi` sampling GPU utilisation (%) every 0.5 s in the background; None without one."""
-
-    def __init__(self) -> None:
-        self.proc = None
-        if shutil.which("nvidia-smi"):
-            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                          "-lms", "500"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-
-    def stop(self) -> list[float] | None:
-        if self.proc is None:
-            return None
-        self.proc.terminate()
-        out, _ = self.proc.communicate(timeout=10)
-        return [float(line.split(",")[0]) for line in out.split() if line.strip().replace(".", "").isdigit()]
 
 
 def random_actions(blocks: tuple[str, ...], count: int, seed: int = 0) -> list[np.ndarray]:

@@ -20,15 +20,11 @@ import gymnasium as gym
 import numpy as np
 
 from workers.spec import CandidateSpec
-from workers.zoo import LayerType, ResNet
+from workers.surgery import removable_blocks  # noqa: F401 — the agent's blocks, part of this module's API
+from workers.zoo import ResNet
 
 # (specs) → one reward per spec, or None for a spec past the evaluation budget
 EvaluateFn = Callable[[list[CandidateSpec]], list[float | None]]
-
-
-def removable_blocks(teacher: ResNet) -> tuple[str, ...]:
-    """Names of the teacher's blocks the agent may act on, in forward order."""
-    return tuple(d.name for d in teacher.describe() if d.type == LayerType.BLOCK and d.removable)
 
 
 def observation_rows(teacher: ResNet, blocks: tuple[str, ...]) -> np.ndarray:

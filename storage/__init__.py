@@ -1,5 +1,8 @@
 """Where everything lives: one `ArtifactStore` interface, a local-folder and an S3 backend.
 
+The S3 backend (boto3) is imported only when an s3:// store is opened or `S3Store` is named: a worker
+with a local store runs without boto3 (the GPU check's bare machine has none).
+
     store = open_store("./searchsvc-store")            # or file:///abs/dir, s3://bucket/prefix
     store.put_json("runs/r1/evals/abc.json", {...}, write_once=True)
 """
@@ -22,9 +25,16 @@ from storage.errors import (
     WriteConflictError,
 )
 from storage.local import LocalStore
-from storage.s3 import S3Store
 
 DEFAULT_STORE = "./searchsvc-store"
+
+
+def __getattr__(name: str):  # PEP 562: `from storage import S3Store` imports boto3 only then
+    if name == "S3Store":
+        from storage.s3 import S3Store
+
+        return S3Store
+    raise AttributeError(f"module 'storage' has no attribute {name!r}")
 
 __all__ = [
     "DEFAULT_STORE", "ArtifactStore", "BucketNotFoundError", "CorruptArtifactError", "InvalidKeyError",
@@ -47,6 +57,8 @@ def open_store(
     if parts.scheme == "s3":
         if not parts.netloc:
             raise StoreError(f"store URI {uri!r} has no bucket: expected s3://bucket/prefix")
+        from storage.s3 import S3Store
+
         return S3Store(parts.netloc, parts.path, endpoint=endpoint, max_attempts=max_attempts)
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):

@@ -16,11 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import boto3
 import pytest
-from botocore.config import Config
 
-from storage import LocalStore, S3Store
+from storage import LocalStore  # boto3 only where an S3 test needs it: the GPU check imports this without it
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -62,6 +60,9 @@ class S3Server:
         return self.root / "weed.log"
 
     def client(self):
+        import boto3
+        from botocore.config import Config
+
         return boto3.client(
             "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
             aws_secret_access_key=self.secret_key, region_name="us-east-1",
@@ -165,6 +166,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path):
     """The same tests run against both backends."""
     if request.param == "local":
         return LocalStore(tmp_path / "store")
+    from storage import S3Store
+
     server = request.getfixturevalue("s3_env")
     return S3Store(server.shared_bucket, f"tests/{uuid.uuid4().hex[:12]}", endpoint=server.endpoint)
 

@@ -7,6 +7,7 @@ the official training set, the official test set is the test split.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal
@@ -78,9 +79,16 @@ class Splits:
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 images → float, standardised per channel (runs on whatever device the images are on)."""
-    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    m, s = channel_stats_on(tuple(mean), tuple(std), images.device)
     return (images.float() / 255.0 - m) / s
+
+
+@functools.lru_cache(maxsize=32)
+def channel_stats_on(mean: tuple[float, ...], std: tuple[float, ...],
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mean` and `std` as [1, C, 1, 1] tensors on `device`, built once per device: a fresh tensor per
+    step would be a host-to-device copy, and a host sync, twice per training step."""
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
 
 
 Raw = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]  # train x, y, test x, y, classes

@@ -7,6 +7,8 @@ forward per student step. With augmentation the teacher runs on each augmented b
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,6 +47,15 @@ def teacher_logits(teacher: nn.Module, images: torch.Tensor, mean: tuple[float, 
             x = normalize(images[start : start + batch_size], mean, std).contiguous(memory_format=torch.channels_last)
             chunks.append(teacher(x).float())
     return torch.cat(chunks)
+
+
+def inference_copy(teacher: nn.Module, device: torch.device) -> nn.Module:
+    """`teacher` ready to run on every training batch: eval mode, channels_last, on `device`. On a GPU it is
+    a bf16 copy, cast once: fp32 weights under autocast are cast to bf16 again at every step (a copy of
+    the weights per step). On the CPU (no autocast) it is the teacher itself, moved."""
+    if device.type != "cuda":
+        return teacher.to(device, memory_format=torch.channels_last).eval()
+    return copy.deepcopy(teacher).to(device=device, dtype=torch.bfloat16, memory_format=torch.channels_last).eval()
 
 
 def distill_loss_fn(config: DistillConfig, cached: torch.Tensor | None = None,

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -26,12 +27,13 @@ import torch
 from storage import ArtifactStore, KeyNotFoundError, StoreUnreachableError, UnsavedResult, WriteConflictError, check_id
 from storage.base import json_bytes
 from storage.records import to_data
-from workers.data import Splits
-from workers.distill import distill_loss_fn, teacher_logits
+from workers.data import DatasetConfig, Splits, load_dataset
+from workers.distill import distill_loss_fn, inference_copy, teacher_logits
 from workers.measure import measure
 from workers.spec import CandidateSpec
 from workers.surgery import InvalidTransform, derive_arch, shrink
-from workers.teacher import Teacher, load_train_logits
+from workers.resources import Resources
+from workers.teacher import Teacher, load_teacher, load_train_logits
 from workers.train import LossFn, TrainCallback, recalibrate_batchnorm, train_model
 from workers.zoo import Model, arch_from_data, build_model, load_state_bytes, state_dict_bytes
 
@@ -51,7 +53,16 @@ class EvalContext:
     device: torch.device
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     compile_model: bool = False  # torch.compile the training step
+    # Held while a candidate uses the device: a second thread may store the previous one meanwhile.
+    device_lock: threading.Lock = field(default_factory=threading.Lock)
     _logits: torch.Tensor | None = None
+    _live: torch.nn.Module | None = None
+
+    def live_teacher(self) -> torch.nn.Module:
+        """The teacher run on every augmented batch, prepared once (on a GPU a bf16 copy: see `inference_copy`)."""
+        if self._live is None:
+            self._live = inference_copy(self.teacher.model, self.device)
+        return self._live
 
     def train_logits(self) -> torch.Tensor:
         """The teacher's logits for the training split: from the store if cached there, else computed here."""
@@ -61,6 +72,20 @@ class EvalContext:
             self.teacher.model.to(self.device, memory_format=torch.channels_last)
             self._logits = teacher_logits(self.teacher.model, self.splits.train[0], self.splits.mean, self.splits.std)
         return self._logits
+
+
+def local_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig, resources: Resources,
+                  device: torch.device, where: str) -> EvalContext:
+    """A worker's context on `device` (a Ray actor's, or a worker process's without Ray): threads, the GPU
+    share as a memory cap, cuDNN autotuning, then data and teacher loaded onto the device."""
+    torch.set_num_threads(max(1, int(resources.cpus_per_eval)))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes within a candidate: autotuning pays at once
+        if 0 < resources.gpus_per_eval < 1:  # a share of the GPU is a share of its memory too
+            torch.cuda.set_per_process_memory_fraction(resources.gpus_per_eval, device)
+    teacher = load_teacher(store, teacher_hash, device)
+    return EvalContext(store, teacher, load_dataset(dataset).to(device), device, worker=where,
+                       compile_model=resources.compile)
 
 
 def candidate_prefix(spec_hash: str) -> str:
@@ -92,45 +117,92 @@ def evaluate_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = F
 
     `callbacks` join the method's own in the training loop (a Tune trial reports epochs through one).
     `takeover`: an earlier writer of this candidate is known dead (see `save_candidate`).
+    A worker that evaluates a stream of candidates calls the two halves itself, so that the store write
+    of one overlaps the training of the next (`workers.pool.EvalWorker`).
     """
-    started, started_unix_s = time.perf_counter(), time.time()
-    try:
-        built = build_student(spec, ctx)
-    except InvalidTransform as err:
-        return save_candidate(ctx.store, spec, None, invalid(spec, f"invalid transform: {err}", started, ctx),
-                              takeover)
-    student, history = built.model, []
-    if built.train:
+    return save_evaluated(ctx.store, compute_candidate(spec, ctx, progress, callbacks), takeover)
+
+
+@dataclass
+class Evaluated:
+    """A candidate the device is done with: its metrics and the model to keep (on the CPU)."""
+
+    spec: CandidateSpec
+    metrics: dict[str, Any]
+    model: torch.nn.Module | None = None
+    stored: bool = True  # False: not written (out of memory: it may fit another time)
+
+
+def save_evaluated(store: ArtifactStore, done: Evaluated, takeover: bool = False) -> dict[str, Any]:
+    """The store half of `evaluate_candidate`: no device work, so it can run beside the next candidate."""
+    if not done.stored:
+        return done.metrics
+    return save_candidate(store, done.spec, done.model, done.metrics, takeover)
+
+
+def compute_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = False,
+                      callbacks: Sequence[TrainCallback] = ()) -> Evaluated:
+    """The device half of `evaluate_candidate`: build, train, measure. Holds `ctx.device_lock`."""
+    with ctx.device_lock:
+        started, started_unix_s = time.perf_counter(), time.time()
         try:
-            history = train_model(student, ctx.splits, spec.train, ctx.device, seed=spec.seed,
-                                  desc=f"candidate {spec.spec_hash}", progress=progress, loss_fn=_loss_fn(spec, ctx),
-                                  compile_model=ctx.compile_model, callbacks=(*built.callbacks, *callbacks))
-        except torch.OutOfMemoryError:
-            if ctx.device.type == "cuda":
-                torch.cuda.empty_cache()
-            return invalid(spec, "out of memory", started, ctx)  # not stored: it may fit another time
+            built = build_student(spec, ctx)
+        except InvalidTransform as err:
+            return Evaluated(spec, invalid(spec, f"invalid transform: {err}", started, ctx))
+        history: list[dict[str, Any]] = []
+        if built.train:
+            trained = _train(spec, ctx, built, progress, callbacks)
+            if trained is None:
+                del built  # the student's tensors, before the cache is emptied
+                if ctx.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                return Evaluated(spec, invalid(spec, "out of memory", started, ctx), stored=False)
+            history = trained
+        if not all(math.isfinite(epoch["loss"]) for epoch in history):
+            return Evaluated(spec, invalid(spec, "training diverged (non-finite loss)", started, ctx))
+        return _measured(spec, ctx, built, history, (started, started_unix_s))
+
+
+def _train(spec: CandidateSpec, ctx: EvalContext, built: Built, progress: bool,
+           callbacks: Sequence[TrainCallback]) -> list[dict[str, Any]] | None:
+    """`train_model` on the built student; None when the device ran out of memory. Returning (rather than
+    handling the error in the caller's except block) drops the traceback that holds the step's tensors."""
+    try:
+        return train_model(built.model, ctx.splits, spec.train, ctx.device, seed=spec.seed,
+                           desc=f"candidate {spec.spec_hash}", progress=progress, loss_fn=_loss_fn(spec, ctx),
+                           compile_model=ctx.compile_model, callbacks=(*built.callbacks, *callbacks))
+    except torch.OutOfMemoryError:
+        return None
+
+
+def _measured(spec: CandidateSpec, ctx: EvalContext, built: Built, history: list[dict[str, Any]],
+              start: tuple[float, float]) -> Evaluated:
+    """Finish (thin), recalibrate batch norm where training did not, measure; the kept model moves to the CPU.
+    `start`: (perf_counter, unix time) when the candidate's evaluation began."""
+    started, started_unix_s = start
+    student, extra = built.model, dict(built.metrics)
     train_seconds = time.perf_counter() - started
-    if not all(math.isfinite(epoch["loss"]) for epoch in history):
-        return save_candidate(ctx.store, spec, None, invalid(spec, "training diverged (non-finite loss)", started,
-                                                             ctx), takeover)
-    extra = dict(built.metrics)
     if built.finish is not None:
         student, finished = built.finish(student)
         extra.update(finished)
     student.to(ctx.device)
     # Training re-estimated the batch-norm statistics after its last epoch; a model changed since (thinned)
     # or never trained (sensitivity) gets them here, so every candidate is measured with fresh ones.
+    unchanged = built.train and built.finish is None
     recalibrated = history[-1].get("bn_recalibration_batches", 0) if history else 0
-    if not built.train or built.finish is not None:
+    if not unchanged:
         recalibrated = recalibrate_batchnorm(student, ctx.splits, spec.train.bn_recalibration_batches,
                                              spec.train.batch_size, spec.seed)
     extra["bn_recalibration_batches"] = recalibrated
+    # The last epoch evaluated this very model on both splits: its figures are the candidate's.
+    accuracies = ({"accuracy": history[-1]["test_accuracy"], "val_accuracy": history[-1]["val_accuracy"]}
+                  if unchanged and history else None)
     metrics = {"spec_hash": spec.spec_hash, "status": "ok", **extra,
-               **measure(student, ctx.splits, ctx.device, timed=built.keep_model),
+               **measure(student, ctx.splits, ctx.device, timed=built.keep_model, accuracies=accuracies),
                "train_seconds": train_seconds, "history": history, "worker": ctx.worker, "device": str(ctx.device),
-               "arch": to_data(student.arch), "started_unix_s": started_unix_s}  # when: the driver's idle-gap benchmark
-    metrics["wall_s"] = time.perf_counter() - started
-    return save_candidate(ctx.store, spec, student if built.keep_model else None, metrics, takeover)
+               "arch": to_data(student.arch), "started_unix_s": started_unix_s}
+    metrics["wall_s"] = time.perf_counter() - started  # build, train, measure: the store write is apart
+    return Evaluated(spec, metrics, student.cpu() if built.keep_model else None)
 
 
 def _loss_fn(spec: CandidateSpec, ctx: EvalContext) -> LossFn | None:
@@ -139,7 +211,7 @@ def _loss_fn(spec: CandidateSpec, ctx: EvalContext) -> LossFn | None:
     if distill.alpha == 0:
         return None
     if spec.train.augment:  # the teacher must see the same augmented batch
-        return distill_loss_fn(distill, teacher=ctx.teacher.model.to(ctx.device, memory_format=torch.channels_last))
+        return distill_loss_fn(distill, teacher=ctx.live_teacher())
     return distill_loss_fn(distill, cached=ctx.train_logits())
 
 

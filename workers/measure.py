@@ -20,8 +20,25 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# MACs by (model class, architecture, input shape): the FLOP counter's traced forward costs more than a
+# small candidate's measurement, and a search builds the same architecture many times (seeds, methods).
+_MACS: dict[tuple[Any, ...], int] = {}
+
+
 def count_macs(model: nn.Module, in_channels: int, image_size: int) -> int:
-    """Multiply-accumulates for one image, counted by torch's FLOP counter (FLOPs / 2) on the CPU."""
+    """Multiply-accumulates for one image (FLOPs / 2 of torch's FLOP counter); remembered per architecture
+    for models that describe theirs (`model.arch`, frozen data), counted afresh for any other model."""
+    arch = getattr(model, "arch", None)
+    key = (type(model), arch, in_channels, image_size) if arch is not None else None
+    if key is not None and key in _MACS:
+        return _MACS[key]
+    macs = _count_macs(model, in_channels, image_size)
+    if key is not None:
+        _MACS[key] = macs
+    return macs
+
+
+def _count_macs(model: nn.Module, in_channels: int, image_size: int) -> int:
     probe = next(model.parameters())
     x = torch.zeros(1, in_channels, image_size, image_size, device=probe.device, dtype=probe.dtype)
     was_training = model.training
@@ -59,17 +76,19 @@ def latency_ms(model: nn.Module, device: torch.device, in_channels: int, image_s
 
 
 def measure(model: nn.Module, splits: Splits, device: torch.device, latency_repeats: int = 10,
-            large_batch: int = 256, timed: bool = True) -> dict[str, Any]:
+            large_batch: int = 256, timed: bool = True, accuracies: dict[str, float] | None = None) -> dict[str, Any]:
     """Accuracy on the test split, params, MACs, latency at batch 1 and `large_batch`, model bytes.
 
     `splits` must already be on `device`. Large-batch latency uses a third of the repeats: it is the
     slow one on a CPU and its median is stable sooner. `timed=False` skips the latencies and bytes
-    (a sensitivity point only needs accuracy).
+    (a sensitivity point only needs accuracy). `accuracies` (accuracy, val_accuracy) are this model's,
+    already measured (by the last training epoch): the splits are not evaluated again.
     """
     c, size = splits.in_channels, splits.image_size
+    accuracies = accuracies or {"accuracy": evaluate(model, *splits.test, splits.mean, splits.std),
+                                "val_accuracy": evaluate(model, *splits.val, splits.mean, splits.std)}
     counted = {
-        "accuracy": evaluate(model, *splits.test, splits.mean, splits.std),
-        "val_accuracy": evaluate(model, *splits.val, splits.mean, splits.std),
+        **accuracies,
         "params": count_parameters(model),
         "macs": count_macs(model, c, size),
     }

@@ -3,7 +3,9 @@
 Each actor loads the data and the teacher once onto the device Ray gave it (`gpus_per_eval: 0.25`
 puts four actors on one GPU; without a GPU they run on CPU cores). Candidates go to whichever actor
 is ready and free; results come back as each finishes, with no barrier. A stored evaluation is
-returned from the store without training.
+returned from the store without training. An actor takes its next candidate as soon as the device is
+done with the last one: the last one's store write (serialise, hash, fsync) runs beside the next one's
+training, and its result comes back once it is stored.
 
 On a cluster the actors are placed by resources alone (SPREAD over the nodes that have them, never
 by host name). The pool follows the cluster: an actor whose node died is dropped and its candidate
@@ -20,6 +22,7 @@ import os
 import socket
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -28,11 +31,11 @@ import torch
 from ray.exceptions import RayActorError, RayTaskError
 
 from storage import ArtifactStore, SearchsvcError, StoreAccessError, StoreUnreachableError, UnsavedResult
-from workers.data import DatasetConfig, load_dataset
-from workers.evaluate import EvalContext, evaluate_candidate, invalid_metrics, stored_metrics
+from workers.data import DatasetConfig
+from workers.evaluate import (EvalContext, compute_candidate, invalid_metrics, local_context, save_evaluated,
+                              stored_metrics)
 from workers.resources import Resources
 from workers.spec import CandidateSpec
-from workers.teacher import load_teacher
 
 log = logging.getLogger(__name__)
 GROW_EVERY_S = 5.0  # seconds between looks at the cluster's size while candidates wait
@@ -53,13 +56,10 @@ class EvalOutcome:
 def worker_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig,
                    resources: Resources) -> EvalContext:
     """Inside a Ray actor or Tune trial: data and teacher loaded onto the device Ray assigned."""
-    torch.set_num_threads(max(1, int(resources.cpus_per_eval)))
     # Ray sets CUDA_VISIBLE_DEVICES to the GPU it assigned: "cuda" is that GPU, never a fixed index.
     device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
-    teacher = load_teacher(store, teacher_hash, device)
     where = f"{socket.gethostname()}:{os.getpid()}@{ray.get_runtime_context().get_node_id()[:8]}"  # host:pid@node
-    return EvalContext(store, teacher, load_dataset(dataset).to(device), device, worker=where,
-                       compile_model=resources.compile)
+    return local_context(store, teacher_hash, dataset, resources, device, where)
 
 
 def ray_resources(resources: Resources) -> dict[str, float]:
@@ -69,15 +69,28 @@ def ray_resources(resources: Resources) -> dict[str, float]:
 
 
 class EvalWorker:
-    """One Ray actor: data and teacher resident on its device, evaluating one candidate at a time."""
+    """One Ray actor: data and teacher resident on its device, one candidate at a time on the device while
+    the previous one is stored (two threads: `evaluate`, then `saved` for the same candidate)."""
 
     def __init__(self, store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig,
                  resources: Resources) -> None:
         self.ctx = worker_context(store, teacher_hash, dataset, resources)
+        self._saver = ThreadPoolExecutor(1, thread_name_prefix="store-write")
+        self._saving: dict[str, Future] = {}
 
-    def evaluate(self, spec: CandidateSpec, takeover: bool = False) -> dict[str, Any]:
-        """`takeover`: a retry after the actor evaluating `spec` died, maybe mid-save (its files are replaced)."""
-        return evaluate_candidate(spec, self.ctx, takeover=takeover)
+    def evaluate(self, spec: CandidateSpec, takeover: bool = False) -> tuple[dict[str, Any], bool]:
+        """Build, train and measure `spec`, then start its store write; return (metrics, saving). While
+        `saving`, `saved(spec_hash)` gives the stored metrics (maybe another writer's) once written.
+        `takeover`: a retry after the actor evaluating `spec` died, maybe mid-save (its files are replaced)."""
+        done = compute_candidate(spec, self.ctx)
+        if not done.stored:
+            return done.metrics, False
+        self._saving[spec.spec_hash] = self._saver.submit(save_evaluated, self.ctx.store, done, takeover)
+        return done.metrics, True
+
+    def saved(self, spec_hash: str) -> dict[str, Any]:
+        """Wait for the store write `evaluate` started; raises what it raised (UnsavedResult, store errors)."""
+        return self._saving.pop(spec_hash).result()
 
     def name(self) -> str:
         return f"{self.ctx.worker} on {self.ctx.device}"
@@ -109,7 +122,8 @@ class EvalPool:
         self.resources = resources
         self.max_retries = max_retries  # extra attempts after an actor died under a candidate
         request = ray_resources(resources)
-        self._actor_class = ray.remote(num_cpus=request["CPU"], num_gpus=request["GPU"],
+        # Two threads per actor: one candidate on the device, one `saved` waiting for the last one's write.
+        self._actor_class = ray.remote(num_cpus=request["CPU"], num_gpus=request["GPU"], max_concurrency=2,
                                        scheduling_strategy="SPREAD")(worker_class)
         self._args = (store, teacher_hash, dataset, resources)
         self.fixed_size = size  # None: as many actors as the cluster holds, growing when nodes join
@@ -157,12 +171,12 @@ class EvalPool:
                 pending.append((spec, 1))
         starting = {id(a) for a in self._starting.values()}
         idle = [a for a in self.actors if id(a) not in starting]
-        in_flight: dict[Any, tuple[Any, CandidateSpec, int]] = {}
+        in_flight: dict[Any, tuple[Any, CandidateSpec, int, str]] = {}  # ref → (actor, spec, attempt, phase)
         while pending or in_flight:
             while pending and idle:
                 spec, attempt = pending.popleft()
                 actor = idle.pop()
-                in_flight[actor.evaluate.remote(spec, attempt > 1)] = (actor, spec, attempt)
+                in_flight[actor.evaluate.remote(spec, attempt > 1)] = (actor, spec, attempt, "device")
             if pending:
                 self._grow()
             # A bounded wait: the driver looks at stop requests (SIGTERM) and the cluster's size twice a second.
@@ -174,11 +188,12 @@ class EvalPool:
             if ready[0] in self._starting:
                 idle.extend(self._started(ready[0]))
                 continue
-            actor, spec, attempt = in_flight.pop(ready[0])
+            actor, spec, attempt, phase = in_flight.pop(ready[0])
             try:
-                metrics = ray.get(ready[0])
+                result = ray.get(ready[0])
             except RayActorError as err:
                 self._lost(actor)
+                idle = [a for a in idle if a is not actor]
                 if attempt <= self.max_retries:
                     log.warning("worker died evaluating %s (attempt %d); retrying", spec.spec_hash, attempt)
                     pending.appendleft((spec, attempt + 1))
@@ -189,10 +204,18 @@ class EvalPool:
                     yield EvalOutcome(spec, err.cause.metrics, False, attempt, unsaved=err.cause)
                 if isinstance(err.cause, (StoreUnreachableError, StoreAccessError)):
                     raise err.cause from None  # the store, not the candidate: the run stops (and can resume)
-                idle.append(actor)
+                if phase == "device":
+                    idle.append(actor)
                 metrics = invalid_metrics(spec.spec_hash, f"evaluation raised {err.cause!r}"[:500])
             else:
-                idle.append(actor)
+                if phase == "device":
+                    idle.append(actor)  # free for the next candidate while this one is stored
+                    metrics, saving = result
+                    if saving:
+                        in_flight[actor.saved.remote(spec.spec_hash)] = (actor, spec, attempt, "store")
+                        continue
+                else:
+                    metrics = result
             yield EvalOutcome(spec, metrics, cached=False, attempts=attempt)
 
     def _started(self, ref: Any) -> list[Any]:
@@ -209,6 +232,8 @@ class EvalPool:
 
     def _lost(self, dead: Any) -> None:
         """Drop a dead actor; start a replacement when the cluster (or the fixed size) has room for it."""
+        if all(a is not dead for a in self.actors):
+            return  # already dropped: its other call in flight failed first
         self.actors = [a for a in self.actors if a is not dead]
         self.lost += 1
         if len(self.actors) < self.target_size():

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from workers.importance import Importance, l1_importance
-from workers.zoo import BasicBlock, BlockArch, ResNet, ResNetArch, build_model, with_blocks
+from workers.zoo import BasicBlock, BlockArch, LayerType, ResNet, ResNetArch, build_model, with_blocks
 
 
 class InvalidTransform(ValueError):
@@ -226,3 +226,8 @@ def count_params(arch: ResNetArch) -> int:
         if not block.removed:
             total += conv_bn(cin, block.mid, 3) + conv_bn(block.mid, block.out, 3)
     return total + arch.out_channels() * arch.num_classes + arch.num_classes
+
+
+def removable_blocks(teacher: ResNet) -> tuple[str, ...]:
+    """Names of the teacher's blocks that removal may act on (the N2N agent's), in forward order."""
+    return tuple(d.name for d in teacher.describe() if d.type == LayerType.BLOCK and d.removable)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from workers.data import Splits, normalize
+from workers.data import Splits, channel_stats_on, normalize
 
 
 MIN_ONE_CYCLE_STEPS = 8  # below this, the one-cycle schedule has empty phases
@@ -219,6 +219,7 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
     criterion = loss_fn or (lambda logits, labels, _index, _images: F.cross_entropy(
         logits, labels, label_smoothing=recipe.label_smoothing))
     history: list[dict[str, Any]] = []
+    channel_stats_on(tuple(data.mean), tuple(data.std), x_train.device)  # on the device before the step loop
     # In a log file (Ray job, CI) redraws become lines: redraw at most every 15 s there.
     interactive = sys.stderr.isatty()
     bar = tqdm(total=recipe.epochs * steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True,
