@@ -64,8 +64,8 @@ def ours(student: torch.nn.Module, teacher: torch.nn.Module, splits: Splits, bat
         loss_fn = distill_loss_fn(recipe.distill, teacher=inference_copy(teacher, device))
     else:
         teacher = teacher.to(device, memory_format=torch.channels_last)
-        loss_fn = distill_loss_fn(recipe.distill, cached=teacher_logits(teacher, splits.train[0], splits.mean,
-                                                                         splits.std))
+        loss_fn = distill_loss_fn(recipe.distill, cached=teacher_logits(teacher, splits.train[0].to(device),
+                                                                         splits.mean, splits.std))
     history = train_model(student, splits, recipe, device, progress=False, loss_fn=loss_fn,
                           compile_model=compile_model)
     return history[0]["seconds"], history[1]["seconds"]

@@ -82,7 +82,7 @@ def local_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfi
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes within a candidate: autotuning pays at once
         if 0 < resources.gpus_per_eval < 1:  # a share of the GPU is a share of its memory too
-            torch.cuda.set_per_process_memory_fraction(resources.gpus_per_eval, device)
+            torch.cuda.set_per_process_memory_fraction(resources.gpus_per_eval, torch.cuda.current_device())
     teacher = load_teacher(store, teacher_hash, device)
     return EvalContext(store, teacher, load_dataset(dataset).to(device), device, worker=where,
                        compile_model=resources.compile)
