@@ -1,0 +1,127 @@
+"""Why packing small candidates on one GPU gains little, and what would: the same KD epochs run one after
+another, by N threads of one process (one CUDA stream each), and by N processes.
+
+    PYTHONPATH=. python3 benchmarks/packing_probe.py --out DIR [--arch resnet20] [--n 4] [--images 50000]
+
+Processes get the GPU by time-slicing between their CUDA contexts (no MPS): kernels of two processes never
+run at once. Threads of one process share one context, so kernels on their streams can overlap; the
+GIL serialises only their Python. Each worker first runs a warm-up epoch (cuDNN autotuning), then the
+timed one; gain = sequential seconds / concurrent seconds for the same N epochs. torch alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from common import write_result  # noqa: E402
+from workers.data import DatasetConfig, Splits, SyntheticConfig, load_dataset  # noqa: E402
+from workers.distill import distill_loss_fn, teacher_logits  # noqa: E402
+from workers.train import TrainConfig, train_model  # noqa: E402
+from workers.zoo import create_model  # noqa: E402
+
+
+def data(images: int) -> Splits:
+    synthetic = SyntheticConfig(num_classes=10, channels=3, image_size=32, train_size=images, test_size=256)
+    return load_dataset(DatasetConfig(name="synthetic", synthetic=synthetic))
+
+
+def epoch(arch: str, splits: Splits, logits: torch.Tensor, batch: int, seed: int) -> float:
+    """Seconds of one cached-logits KD epoch of a fresh `arch` student on the current stream."""
+    recipe = TrainConfig(epochs=1, batch_size=batch, augment=False)
+    model = create_model(arch, 3, 10)
+    started = time.perf_counter()
+    train_model(model, splits, recipe, torch.device("cuda"), seed=seed, progress=False,
+                loss_fn=distill_loss_fn(recipe.distill, cached=logits))
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def prepared(arch: str, images: int) -> tuple[Splits, torch.Tensor]:
+    torch.backends.cudnn.benchmark = True
+    splits = data(images).to("cuda")
+    teacher = create_model(arch, 3, 10).cuda().to(memory_format=torch.channels_last)
+    return splits, teacher_logits(teacher, splits.train[0], splits.mean, splits.std)
+
+
+def threaded(arch: str, splits: Splits, logits: torch.Tensor, batch: int, n: int) -> float:
+    """N threads, one stream each, one epoch each at once (after a warm-up epoch each); wall seconds."""
+    barrier, times = threading.Barrier(n + 1), []
+
+    def work(rank: int) -> None:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            epoch(arch, splits, logits, batch, seed=rank)
+            barrier.wait()
+            barrier.wait()
+            epoch(arch, splits, logits, batch, seed=100 + rank)
+        times.append(time.perf_counter())
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    barrier.wait()
+    for t in threads:
+        t.join()
+    return max(times) - started
+
+
+def _process(rank: int, arch: str, images: int, batch: int, ready, go, done) -> None:
+    splits, logits = prepared(arch, images)
+    epoch(arch, splits, logits, batch, seed=rank)
+    ready.put(rank)
+    go.wait()
+    epoch(arch, splits, logits, batch, seed=100 + rank)
+    done.put(time.perf_counter())
+
+
+def processes(arch: str, images: int, batch: int, n: int) -> float:
+    """N spawned processes (time-sliced contexts), one epoch each at once after a warm-up; wall seconds."""
+    ctx = mp.get_context("spawn")
+    ready, done, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_process, args=(r, arch, images, batch, ready, go, done)) for r in range(n)]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.get(timeout=300)
+    started = time.perf_counter()
+    go.set()
+    ends = [done.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    return max(ends) - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--arch", default="resnet20")
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--images", type=int, default=50_000)
+    parser.add_argument("--batch", type=int, default=512)
+    args = parser.parse_args()
+    splits, logits = prepared(args.arch, args.images)
+    epoch(args.arch, splits, logits, args.batch, seed=0)  # warm-up
+    one = [epoch(args.arch, splits, logits, args.batch, seed=1 + i) for i in range(args.n)]
+    sequential = sum(one)
+    in_threads = threaded(args.arch, splits, logits, args.batch, args.n)
+    in_processes = processes(args.arch, args.images, args.batch, args.n)
+    result = {"benchmark": "packing_probe", "arch": args.arch, "n": args.n, "images": args.images, "batch": args.batch,
+              "sequential_s": round(sequential, 3), "epoch_s": [round(t, 3) for t in one],
+              "threads_s": round(in_threads, 3), "processes_s": round(in_processes, 3),
+              "gain_threads": round(sequential / in_threads, 3), "gain_processes": round(sequential / in_processes, 3)}
+    write_result(args.out, f"packing_probe_{args.arch}", result)
+    print(result)
+
+
+if __name__ == "__main__":
+    main()
