@@ -7,6 +7,8 @@ Processes get the GPU by time-slicing between their CUDA contexts (no MPS): kern
 run at once. Threads of one process share one context, so kernels on their streams can overlap; the
 GIL serialises only their Python. Each worker first runs a warm-up epoch (cuDNN autotuning), then the
 timed one; gain = sequential seconds / concurrent seconds for the same N epochs. torch alone.
+With --graph: a small student's training step eager against the same step captured once as a CUDA graph
+(launch overhead is what packing tries to hide).
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from common import write_result  # noqa: E402
-from workers.data import DatasetConfig, Splits, SyntheticConfig, load_dataset  # noqa: E402
-from workers.distill import distill_loss_fn, teacher_logits  # noqa: E402
-from workers.train import TrainConfig, train_model  # noqa: E402
+from workers.data import DatasetConfig, Splits, SyntheticConfig, load_dataset, normalize  # noqa: E402
+from workers.distill import distill_loss_fn, kd_loss, teacher_logits  # noqa: E402
+from workers.train import DistillConfig, TrainConfig, train_model  # noqa: E402
 from workers.zoo import create_model  # noqa: E402
 
 
@@ -101,6 +103,55 @@ def processes(arch: str, images: int, batch: int, n: int) -> float:
     return max(ends) - started
 
 
+def graph_probe(arch: str, splits: Splits, logits: torch.Tensor, batch: int, steps: int = 80) -> dict[str, float]:
+    """Seconds for `steps` KD training steps (cached logits, fused SGD), eager and replayed as one CUDA graph:
+    how much of a small student's step is kernel-launch overhead."""
+    model = create_model(arch, 3, 10).cuda().to(memory_format=torch.channels_last).train()
+    try:  # a tensor learning rate lets a schedule change it between replays
+        lr: float | torch.Tensor = torch.tensor(0.05, device="cuda")
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                                    fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                                    fused=True)
+    x, y = splits.train
+    index = torch.zeros(batch, dtype=torch.long, device="cuda")
+    order = torch.randperm(len(y), device="cuda")
+    config = DistillConfig()
+
+    def step() -> torch.Tensor:
+        images = normalize(x[index], splits.mean, splits.std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            loss = kd_loss(model(images), logits[index], y[index], config)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+        return loss.detach()
+
+    def timed(fn, n: int) -> float:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for s in range(n):
+            index.copy_(order[(s * batch) % (len(y) - batch):][:batch])
+            fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream: autotuning, grads, momentum buffers
+        timed(step, 3)
+    torch.cuda.current_stream().wait_stream(side)
+    eager = timed(step, steps)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    replayed = timed(graph.replay, steps)
+    return {"steps": steps, "eager_s": round(eager, 4), "graph_s": round(replayed, 4),
+            "eager_ms_per_step": round(1000 * eager / steps, 3), "graph_ms_per_step": round(1000 * replayed / steps, 3),
+            "graph_speedup": round(eager / replayed, 3), "tensor_lr": isinstance(lr, torch.Tensor)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -108,8 +159,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--images", type=int, default=50_000)
     parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--graph", action="store_true", help="instead: eager steps against one CUDA graph replayed")
     args = parser.parse_args()
     splits, logits = prepared(args.arch, args.images)
+    if args.graph:
+        result = {"benchmark": "graph_probe", "arch": args.arch, "batch": args.batch,
+                  **graph_probe(args.arch, splits, logits, args.batch)}
+        write_result(args.out, f"graph_probe_{args.arch}", result)
+        print(result)
+        return
     epoch(args.arch, splits, logits, args.batch, seed=0)  # warm-up
     one = [epoch(args.arch, splits, logits, args.batch, seed=1 + i) for i in range(args.n)]
     sequential = sum(one)

@@ -46,12 +46,12 @@ class FixedCostWorker(EvalWorker):
     def name(self) -> str:
         return ray.get_runtime_context().get_node_id()[:8]
 
-    def evaluate(self, spec: CandidateSpec, takeover: bool = False) -> dict:
+    def evaluate(self, spec: CandidateSpec, takeover: bool = False) -> tuple[dict, bool]:
         time.sleep(self.cost_s)
         metrics = {"spec_hash": spec.spec_hash, "status": "ok", "accuracy": 0.5, "params": 1000, "macs": 10_000,
                    "latency_ms": 1.0, "wall_s": self.cost_s, "worker": ray.get_runtime_context().get_node_id()[:8]}
         self.store.put_json(f"candidates/{spec.spec_hash}/metrics.json", metrics, write_once=True)
-        return metrics
+        return metrics, False  # stored already: nothing for `saved` to wait for
 
 
 def measure(store: LocalStore, nodes: int, count: int, cost_s: float, tag: str) -> dict:
