@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/quickstart.yaml
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup run test test-all soak bench bench-gpu bench-n2n clean-store help
+.PHONY: setup run test test-all soak bench gpu-check bench-gpu bench-n2n clean-store help
 
 help:            ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/ —/'
@@ -43,9 +43,14 @@ bench: setup     ## CPU benchmarks; JSON lands in benchmarks/results/
 	$(BIN)/python benchmarks/evals_per_hour.py
 	$(BIN)/python benchmarks/driver_overhead.py
 
-bench-gpu: setup ## GPU benchmarks on one NVIDIA GPU (about 15 minutes on an H100); JSON in benchmarks/results/
-	$(BIN)/python -m pytest -q -m gpu -p no:cacheprovider
+gpu-check:       ## the GPU check with torch alone, no make setup (about 4 minutes on an H100); JSON in benchmarks/results/gpu/
+	PYTHONPATH=. $(PYTHON) benchmarks/gpu_check.py --out benchmarks/results/gpu
+
+bench-gpu: setup ## the GPU check, then the Ray GPU tests and benchmarks on one NVIDIA GPU; JSON in benchmarks/results/
+	PYTHONPATH=. $(BIN)/python benchmarks/gpu_check.py --out benchmarks/results/gpu
+	$(BIN)/python -m pytest -q -m "gpu and ray" -p no:cacheprovider
 	$(BIN)/python benchmarks/epoch_time.py --device cuda
+	$(BIN)/python benchmarks/epoch_time.py --device cuda --cached
 	$(BIN)/python benchmarks/epoch_time.py --device cuda --compile
 	$(BIN)/python benchmarks/evals_per_hour.py --teacher resnet18_cifar
 	$(BIN)/python benchmarks/evals_per_hour.py --teacher resnet20

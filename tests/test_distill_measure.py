@@ -435,3 +435,47 @@ def evaluate_model(model: nn.Module, splits) -> float:
     from workers.train import evaluate
 
     return evaluate(model, *splits.test, splits.mean, splits.std)
+
+
+def test_count_macs_counts_each_architecture_once_and_other_models_every_time(monkeypatch):
+    import workers.measure as measure_module
+
+    calls = []
+    real = measure_module._count_macs
+    monkeypatch.setattr(measure_module, "_MACS", {})  # other tests filled the process's cache
+    monkeypatch.setattr(measure_module, "_count_macs", lambda *args: calls.append(args[1:]) or real(*args))
+    first, second = create_model("tiny_cnn", 1, 10), create_model("tiny_cnn", 1, 10)
+    assert count_macs(first, 1, 16) == count_macs(second, 1, 16) == 542_880
+    assert count_macs(second, 1, 8) < 542_880  # another input size is another count
+    other = ResNetArch("probe", in_channels=2, num_classes=5, stem=4, stages=((BlockArch(mid=6, out=4, stride=1),),))
+    expected = conv_macs(2, 4, 3, 8) + conv_macs(4, 6, 3, 8) + conv_macs(6, 4, 3, 8) + 4 * 5
+    assert count_macs(build_model(other), 2, 8) == count_macs(build_model(other), 2, 8) == expected
+    assert calls == [(1, 16), (1, 8), (2, 8)]
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 14 * 14, 3))  # no `arch`: never remembered
+    assert count_macs(plain, 1, 16) == count_macs(plain, 1, 16) == 2 * 14 * 14 * 9 + 2 * 14 * 14 * 3
+    assert calls[3:] == [(1, 16), (1, 16)]
+
+
+def test_a_trained_candidate_is_measured_with_its_last_epochs_accuracies_not_a_second_pass(tmp_path, monkeypatch):
+    import workers.measure as measure_module
+    from storage import LocalStore
+    from workers.evaluate import EvalContext, evaluate_candidate, load_candidate_model
+    from workers.spec import CandidateSpec
+    from workers.teacher import TeacherConfig, load_or_train_teacher
+    from workers.train import evaluate
+
+    data = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(train_size=256, test_size=64))
+    splits = load_dataset(data)
+    store = LocalStore(tmp_path / "store")
+    teacher = load_or_train_teacher(store, TeacherConfig(arch="tiny_cnn", epochs=1, batch_size=64), data, splits, CPU,
+                                    progress=False)
+    passes = []
+    monkeypatch.setattr(measure_module, "evaluate", lambda *args, **kw: passes.append(1) or evaluate(*args, **kw))
+    spec = CandidateSpec(arch="tiny_cnn", teacher=teacher.teacher_hash, dataset=data,
+                         train=TrainConfig(epochs=2, batch_size=64, augment=False), widths=(("layer1.0", 4),))
+    metrics = evaluate_candidate(spec, EvalContext(store, teacher, splits, CPU))
+    assert metrics["status"] == "ok" and passes == []
+    stored = load_candidate_model(store, spec.spec_hash)  # the figures are the kept model's own
+    assert metrics["accuracy"] == metrics["history"][-1]["test_accuracy"] == evaluate(stored, *splits.test, splits.mean,
+                                                                                          splits.std)
+    assert metrics["val_accuracy"] == evaluate(stored, *splits.val, splits.mean, splits.std)
