@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from dataclasses import replace
 
 import common  # noqa: F401 — puts the checkout on sys.path
 import torch

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from common import write_result  # noqa: E402  (common puts the checkout on sys.path)
-from storage.errors import SearchsvcError  # noqa: E402
+from core.errors import SearchsvcError  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GRID = REPO / "configs" / "grid-smoke.yaml"

@@ -6,13 +6,13 @@ import warnings
 from pathlib import Path
 
 import torch
-
 from torch import nn
 
-from storage import ArtifactStore, KeyNotFoundError, SearchsvcError, check_id, open_store
+from core.errors import SearchsvcError
+from storage import ArtifactStore, KeyNotFoundError, check_id, open_store
 from workers.evaluate import load_candidate_model
-from workers.teacher import load_teacher
 from workers.spec import CandidateSpec
+from workers.teacher import load_teacher
 from workers.zoo import ResNet
 
 

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from core.errors import SearchsvcError
 from searchsvc.stopping import Stopped
 from storage import DEFAULT_STORE, check_id, open_store
-from storage.errors import SearchsvcError
 
 EXIT_USAGE = 2
 

@@ -9,10 +9,10 @@ from typing import Any, Iterable, Literal
 
 import yaml
 
+from core.errors import SearchsvcError
+from core.records import RecordError, from_data, to_data
 from searchsvc.methods import get_method, list_methods
 from storage import DEFAULT_STORE
-from storage.errors import SearchsvcError
-from storage.records import RecordError, from_data, to_data
 from workers.data import DatasetConfig
 from workers.resources import Resources
 from workers.teacher import TeacherConfig

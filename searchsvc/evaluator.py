@@ -16,10 +16,10 @@ from typing import Any, Iterable, Iterator
 import ray
 from tqdm.auto import tqdm
 
-from searchsvc.job import RunContext
 from searchsvc import stopping
-from searchsvc.stopping import stop_on_sigterm
+from searchsvc.job import RunContext
 from searchsvc.rewards import INVALID_REWARD, RewardForm, compression_ratio, reward
+from searchsvc.stopping import stop_on_sigterm
 from searchsvc.version import code_version
 from storage import StoreUnreachableError, UnsavedResult, spool
 from storage.base import json_bytes as store_json_bytes

@@ -10,11 +10,12 @@
 
 from __future__ import annotations
 
+from core.names import is_int
 from searchsvc.evaluator import Evaluator, ensure_ray
 from searchsvc.job import RunContext
 from searchsvc.methods import GridCandidate, GridSearch
 from workers.spec import CandidateSpec
-from workers.surgery import is_int, round_width, width_keys
+from workers.surgery import round_width, width_keys
 from workers.zoo import ResNetArch
 
 

@@ -17,11 +17,12 @@ from typing import Any
 import pyarrow as pa
 import yaml
 
+from core.errors import SearchsvcError
 from searchsvc.config import ConfigError, JobConfig, config_to_yaml, parse_config
 from searchsvc.methods import get_method
 from searchsvc.stopping import Stopped, stop_on_sigterm
 from searchsvc.version import code_version
-from storage import ArtifactStore, KeyNotFoundError, SearchsvcError, StoreUnreachableError, open_store, spool
+from storage import ArtifactStore, KeyNotFoundError, StoreUnreachableError, open_store, spool
 from storage.base import MANIFEST
 from storage.tables import run_prefix, write_results
 from workers.data import Splits, load_dataset
@@ -137,12 +138,8 @@ def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[
                       teacher_val_accuracy=teacher.val_accuracy, teacher_cached=teacher.cached)
         store.put_json(f"{prefix}/run.json", record)
         context = RunContext(config, store, run_id, splits, teacher, progress, address, resumed=resumed)
-        if driver is None:
-            log.warning("method %s has no search driver yet: the run stops after the teacher", config.method)
-            status = "prepared"
-        else:
-            driver(context)
-            status = "finished"
+        driver(context)
+        status = "finished"
         table = write_results(store, run_id, context.rows)
     except BaseException as err:
         stopped = isinstance(err, (Stopped, KeyboardInterrupt))  # by the user: resume continues it

@@ -1,33 +1,31 @@
 """The search methods: a small explicit registry of name → (search-section schema, driver).
 
-A method's `search:` section is validated against its schema dataclass. The driver is the code
-that proposes candidates; a method whose driver is not built yet still validates and prepares a
-run (data, teacher, run record) so configs can be written and checked ahead of it.
+A method's `search:` section is validated against its schema dataclass. The driver is the code that
+proposes candidates, named "module:function" and imported when a run starts (`validate` stays light).
+To add a method: a schema dataclass, a driver `run_x(context: RunContext)`, one `register_method` line.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
+from core.names import is_number, load_object, lookup
 from searchsvc.rewards import RewardForm
-from workers.pruners import is_number
-from storage.errors import SearchsvcError
-from storage.records import did_you_mean
+
 
 @dataclass(frozen=True)
 class Method:
     name: str
     search_schema: type
     description: str
-    driver: str | None = None  # "module:function", imported only when a run starts (validate stays light)
+    driver: str  # "module:function", imported only when a run starts (validate stays light)
     residual_only: bool = False  # needs a residual teacher (surgery on blocks and streams)
     check: str | None = None  # "module:function": JobConfig → problems, beyond the schema (at validate)
 
-    def load_driver(self) -> Callable[..., Any] | None:
-        """The driver function, or None for a method whose driver is not built yet."""
-        return None if self.driver is None else _load(self.driver)
+    def load_driver(self) -> Callable[..., Any]:
+        """The driver function."""
+        return load_object(self.driver)
 
     def check_config(self, config: Any) -> list[str]:
         """Problems of a schema-valid config that only this method knows about."""
@@ -37,18 +35,13 @@ class Method:
         if self.residual_only and arch in list_models() and not is_residual(arch):
             return [f"teacher.arch: method {self.name} needs a residual network (resnet20, resnet56, "
                     f"resnet18_cifar, tiny_cnn); {arch} is a plain network (use method agp or rigl)"]
-        return _load(self.check)(config) if self.check else []
-
-
-def _load(target: str) -> Callable[..., Any]:
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
+        return load_object(self.check)(config) if self.check else []
 
 
 _METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, search_schema: type, description: str, driver: str | None = None,
+def register_method(name: str, search_schema: type, description: str, driver: str,
                     residual_only: bool = False, check: str | None = None) -> Method:
     """Add a method: its `search:` schema, its driver and config check as "module:function"."""
     _METHODS[name] = Method(name, search_schema, description, driver, residual_only, check)
@@ -62,10 +55,7 @@ def list_methods() -> list[str]:
 
 def get_method(name: str) -> Method:
     """The method registered as `name`; a SearchsvcError with a did-you-mean otherwise."""
-    if name not in _METHODS:
-        raise SearchsvcError(f"method: unknown method {name!r}{did_you_mean(name, _METHODS)}; "
-                             f"choose one of {', '.join(list_methods())}")
-    return _METHODS[name]
+    return lookup(_METHODS, name, "method", key="method")
 
 
 # ---- search sections --------------------------------------------------------------------------

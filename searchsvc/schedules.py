@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
+from core.records import RecordError
 from searchsvc.methods import AgpSearch
-from storage.records import RecordError
 from workers.schedule import ScheduleError, parse_schedule
 from workers.zoo import create_model
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import yaml
 
+from core.errors import SearchsvcError
+from core.names import did_you_mean
 from searchsvc.evaluator import Evaluator, ensure_ray
 from searchsvc.job import RunContext
 from searchsvc.methods import SensitivitySearch
 from searchsvc.plots import sensitivity_png
-from storage import SearchsvcError
-from storage.records import did_you_mean
 from storage.tables import run_prefix
 from workers.pruners import prunable_weights
 from workers.spec import CandidateSpec

@@ -21,11 +21,12 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from core.errors import SearchsvcError
 from searchsvc.evaluator import Recorder, ensure_ray, prepare_teacher_logits
 from searchsvc.job import RunContext
 from searchsvc.methods import LogRange, SweepTune
 from searchsvc.plots import trajectory_png
-from storage import ArtifactStore, SearchsvcError
+from storage import ArtifactStore
 from storage.tables import pareto_front, run_prefix
 from workers.data import DatasetConfig
 from workers.evaluate import evaluate_candidate, invalid_metrics, load_candidate_model, stored_metrics

@@ -7,7 +7,6 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-
 # Outputs, not code: a benchmark's JSON written into the checkout must not mark the next one's code as
 # modified (every JSON of a `make bench` run after the first used to say "-dirty").
 NOT_CODE = ("benchmarks/results",)

@@ -17,7 +17,6 @@ from storage.errors import (
     CorruptArtifactError,
     InvalidKeyError,
     KeyNotFoundError,
-    SearchsvcError,
     StoreAccessError,
     StoreError,
     StoreUnreachableError,
@@ -38,7 +37,7 @@ def __getattr__(name: str):  # PEP 562: `from storage import S3Store` imports bo
 
 __all__ = [
     "DEFAULT_STORE", "ArtifactStore", "BucketNotFoundError", "CorruptArtifactError", "InvalidKeyError",
-    "KeyNotFoundError", "LocalStore", "S3Store", "SearchsvcError", "StoreAccessError", "StoreError",
+    "KeyNotFoundError", "LocalStore", "S3Store", "StoreAccessError", "StoreError",
     "StoreUnreachableError", "UnsavedResult", "WriteConflictError", "check_id", "check_key", "open_store", "sha256_bytes",
     "sha256_file",
 ]

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+
 from storage.base import ArtifactStore, check_key
 
 log = logging.getLogger(__name__)

@@ -8,11 +8,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from searchsvc.cli import main
 from searchsvc.config import ConfigError, config_to_yaml, load_config, parse_config
 from searchsvc.methods import RigLSearch
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD = """\

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from storage.errors import SearchsvcError
+from core.errors import SearchsvcError
 from workers import sources
 from workers.data import DatasetConfig, Splits, SyntheticConfig, load_dataset, normalize
 

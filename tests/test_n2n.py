@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from searchsvc.cli import main
-from tests.conftest import kill_run_when
 from searchsvc.n2n_env import (
     CompressionEnv,
     CompressionVectorEnv,
@@ -20,6 +19,7 @@ from searchsvc.n2n_env import (
 )
 from searchsvc.rewards import reward
 from storage import LocalStore
+from tests.conftest import kill_run_when
 from workers.data import DatasetConfig
 from workers.spec import CandidateSpec
 from workers.train import TrainConfig

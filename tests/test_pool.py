@@ -8,6 +8,7 @@ import time
 
 import pytest
 import ray
+import torch
 
 from storage import LocalStore
 from workers.data import DatasetConfig, SyntheticConfig, load_dataset
@@ -16,8 +17,6 @@ from workers.resources import Resources
 from workers.spec import CandidateSpec
 from workers.teacher import TeacherConfig, load_or_train_teacher
 from workers.train import DistillConfig, TrainConfig
-
-import torch
 
 DATA = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(train_size=512, test_size=128))
 TRAIN = TrainConfig(epochs=1, batch_size=64, augment=False, distill=DistillConfig(alpha=0.5))
@@ -120,7 +119,7 @@ def test_invalid_candidates_are_results_and_the_rest_finish(prepared):
 
 def test_a_worker_that_cannot_start_fails_the_pool_with_its_cause(prepared, tmp_path):
     """Workers that cannot load their data are a configuration error, not a stream of invalid candidates."""
-    from storage import SearchsvcError
+    from core.errors import SearchsvcError
 
     store, teacher_hash = prepared
     missing = DatasetConfig(name="fashion_mnist", root=str(tmp_path / "nowhere"), download=False)

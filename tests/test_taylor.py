@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from searchsvc.cli import main
-from tests.conftest import kill_run_when
 from searchsvc.config import ConfigError, load_config
 from searchsvc.methods import TaylorStop
 from searchsvc.taylor import prune_count, stop_reason
 from storage import LocalStore, open_store
 from storage.tables import pareto_front
+from tests.conftest import kill_run_when
 from workers.data import DatasetConfig, load_dataset, normalize
 from workers.measure import count_parameters
 from workers.surgery import count_params, width_keys

@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from storage.errors import SearchsvcError
+from core.errors import SearchsvcError
 from workers.data import DatasetConfig
 from workers.spec import CandidateSpec
 from workers.train import TrainConfig

@@ -23,8 +23,8 @@ import torch
 import yaml
 from torch import nn
 
+from core.records import canonical_json
 from storage import ArtifactStore
-from storage.records import canonical_json
 from workers.evaluate import Built
 from workers.pruners import filter_masks, magnitude_mask
 from workers.schedule import CompressionScheduler, Schedule, parse_schedule

@@ -14,7 +14,7 @@ from typing import Callable, Literal
 
 import torch
 
-from storage.errors import SearchsvcError
+from core.errors import SearchsvcError
 from workers import sources
 
 DatasetName = Literal["cifar10", "fashion_mnist", "imagefolder", "synthetic"]

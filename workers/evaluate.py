@@ -11,7 +11,6 @@ never a crash of the worker.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
@@ -24,15 +23,16 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from core.names import load_object
+from core.records import to_data
 from storage import ArtifactStore, KeyNotFoundError, StoreUnreachableError, UnsavedResult, WriteConflictError, check_id
 from storage.base import json_bytes
-from storage.records import to_data
 from workers.data import DatasetConfig, Splits, load_dataset
 from workers.distill import distill_loss_fn, inference_copy, teacher_logits
 from workers.measure import measure
+from workers.resources import Resources
 from workers.spec import CandidateSpec
 from workers.surgery import InvalidTransform, derive_arch, shrink
-from workers.resources import Resources
 from workers.teacher import Teacher, load_teacher, load_train_logits
 from workers.train import LossFn, TrainCallback, recalibrate_batchnorm, train_model
 from workers.zoo import Model, arch_from_data, build_model, load_state_bytes, state_dict_bytes
@@ -237,8 +237,7 @@ def build_student(spec: CandidateSpec, ctx: EvalContext) -> Built:
     """The untrained student: the method's builder, else surgery on the teacher (or the `init` model as is)."""
     parent = load_candidate_model(ctx.store, spec.init) if spec.init is not None else ctx.teacher.model
     if spec.method in BUILDERS:
-        module, _, name = BUILDERS[spec.method].partition(":")
-        return getattr(importlib.import_module(module), name)(parent, spec, ctx)
+        return load_object(BUILDERS[spec.method])(parent, spec, ctx)
     if spec.init is not None:
         return Built(parent)
     return Built(shrink(parent, spec.removed, spec.widths))

@@ -10,8 +10,7 @@ from typing import Callable
 
 import torch
 
-from storage.errors import SearchsvcError
-from storage.records import did_you_mean
+from core.names import lookup
 
 Importance = Callable[[torch.Tensor], torch.Tensor]
 
@@ -31,7 +30,4 @@ IMPORTANCE: dict[str, Importance] = {"l1": l1_importance, "l2": l2_importance}
 
 def get_importance(name: str) -> Importance:
     """The importance function registered as `name`."""
-    if name not in IMPORTANCE:
-        raise SearchsvcError(f"unknown importance {name!r}{did_you_mean(name, IMPORTANCE)}; "
-                             f"choose one of {', '.join(sorted(IMPORTANCE))}")
-    return IMPORTANCE[name]
+    return lookup(IMPORTANCE, name, "importance")

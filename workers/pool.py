@@ -30,10 +30,17 @@ import ray
 import torch
 from ray.exceptions import RayActorError, RayTaskError
 
-from storage import ArtifactStore, SearchsvcError, StoreAccessError, StoreUnreachableError, UnsavedResult
+from core.errors import SearchsvcError
+from storage import ArtifactStore, StoreAccessError, StoreUnreachableError, UnsavedResult
 from workers.data import DatasetConfig
-from workers.evaluate import (EvalContext, compute_candidate, invalid_metrics, local_context, save_evaluated,
-                              stored_metrics)
+from workers.evaluate import (
+    EvalContext,
+    compute_candidate,
+    invalid_metrics,
+    local_context,
+    save_evaluated,
+    stored_metrics,
+)
 from workers.resources import Resources
 from workers.spec import CandidateSpec
 

@@ -21,6 +21,7 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
+from core.names import is_number
 from workers.importance import l1_importance
 from workers.surgery import group_scores
 from workers.thinning import group_of_weight
@@ -50,11 +51,6 @@ def agp_sparsity(initial: float, final: float, step: PolicyStep) -> float:
         return final
     progress = min(1.0, max(0.0, (step.current - step.starting) / span))
     return final + (initial - final) * (1.0 - progress) ** 3
-
-
-def is_number(value: object) -> bool:
-    """An int or float, not a bool (YAML's `true` would pass as 1)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def prunable_weights(model: nn.Module) -> list[str]:

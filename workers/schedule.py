@@ -32,7 +32,8 @@ import torch
 import yaml
 from torch import nn
 
-from storage.records import RecordError, did_you_mean, from_data
+from core.names import did_you_mean, is_int
+from core.records import RecordError, from_data
 from workers.pruners import ANY, Masks, PolicyStep, Pruner, StructuredAGP, prunable_weights, pruner_classes
 from workers.thinning import group_of_weight
 from workers.train import TrainCallback
@@ -209,7 +210,7 @@ def _policy(where: str, entry: Any, instances: dict[str, dict], problems: list[s
 def _epochs(where: str, entry: dict, problems: list[str]) -> tuple[int, ...] | None:
     """The epochs a policy acts in, or None after recording what is wrong."""
     def natural(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        return is_int(value) and value >= 0
 
     if "epochs" in entry:
         epochs = entry["epochs"]

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from storage.errors import SearchsvcError
+from core.errors import SearchsvcError
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 DOWNLOAD_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "searchsvc" / "datasets"

@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 
-from storage.records import canonical_json, from_data
+from core.records import canonical_json, from_data
 from workers.data import DatasetConfig
 from workers.train import TrainConfig
 

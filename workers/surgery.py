@@ -20,6 +20,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from core.names import is_int
 from workers.importance import Importance, l1_importance
 from workers.zoo import BasicBlock, BlockArch, LayerType, ResNet, ResNetArch, build_model, with_blocks
 
@@ -63,11 +64,6 @@ def width_keys(arch: ResNetArch) -> dict[str, int]:
 def _stream_width(arch: ResNetArch, key: str, groups: Streams) -> int:
     first = groups.producers[key][0]
     return arch.stem if first == "stem" else dict(arch.blocks())[first].out
-
-
-def is_int(value: object) -> bool:
-    """A true integer: YAML's `true` is a bool, which Python would also accept as the int 1."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def round_width(width: int, multiple: int, limit: int) -> int:

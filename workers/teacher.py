@@ -16,14 +16,20 @@ from typing import Any
 
 import torch
 
+from core.records import canonical_json, to_data
 from storage import ArtifactStore, WriteConflictError
-from storage.records import canonical_json, to_data
 from workers.data import DatasetConfig, Splits
 from workers.distill import teacher_logits
 from workers.spec import short_hash
 from workers.train import Recipe, evaluate, train_model
 from workers.zoo import (
-    Model, arch_from_data, build_model, list_models, load_state_bytes, model_arch, state_dict_bytes,
+    Model,
+    arch_from_data,
+    build_model,
+    list_models,
+    load_state_bytes,
+    model_arch,
+    state_dict_bytes,
 )
 
 log = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ import copy
 from dataclasses import dataclass, replace
 
 import torch
+
 from workers.surgery import ScoreTable, prune_groups, shrink
 from workers.zoo import Model, PlainArch, PlainCNN, build_model
 

@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 
 from workers.data import Splits, channel_stats_on, normalize
 
-
 MIN_ONE_CYCLE_STEPS = 8  # below this, the one-cycle schedule has empty phases
 
 

@@ -22,8 +22,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from storage.errors import CorruptArtifactError, SearchsvcError
-from storage.records import did_you_mean, from_data
+from core.names import lookup
+from core.records import from_data
+from storage.errors import CorruptArtifactError
 
 
 @dataclass(frozen=True)
@@ -252,9 +253,7 @@ def list_models() -> list[str]:
 
 def model_arch(name: str, in_channels: int = 3, num_classes: int = 10) -> Arch:
     """The architecture registered as `name`, for this input and number of classes."""
-    if name not in _MODELS:
-        raise SearchsvcError(f"unknown model {name!r}{did_you_mean(name, _MODELS)}; known: {', '.join(list_models())}")
-    return _MODELS[name](in_channels, num_classes)
+    return lookup(_MODELS, name, "model")(in_channels, num_classes)
 
 
 def create_model(name: str, in_channels: int = 3, num_classes: int = 10) -> Model:

@@ -15,14 +15,14 @@ one, for registries), help (shown by `--help`-style listings).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import re
 import types
 import typing
 from typing import Any, Literal, Union
 
-from storage.errors import SearchsvcError
+from core.errors import SearchsvcError
+from core.names import did_you_mean, is_int, is_number
 
 _FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")  # YAML 1.1 reads 1e-3 as a string
 
@@ -35,12 +35,6 @@ class RecordError(SearchsvcError):
         self.source = source
         prefix = f"{source}: " if source else ""
         super().__init__("\n".join(prefix + p for p in problems))
-
-
-def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
-    """' (did you mean 'x'?)' for the closest option, or ''."""
-    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def to_data(record: Any) -> Any:
@@ -172,8 +166,8 @@ def _convert_scalar(tp: Any, value: Any, path: str, problems: list[str], meta: d
         value = float(value)
     ok = {
         bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        int: is_int(value),
+        float: is_number(value),
         str: isinstance(value, str),
     }.get(tp)
     if ok is None:
