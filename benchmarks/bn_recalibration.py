@@ -26,7 +26,8 @@ from searchsvc.config import load_config
 from searchsvc.job import run
 from storage import LocalStore
 from workers.data import load_dataset
-from workers.evaluate import EvalContext, candidate_prefix, evaluate_candidate, stored_metrics
+from storage import layout  # noqa: E402
+from workers.evaluate import EvalContext, evaluate_candidate, stored_metrics
 from workers.spec import CandidateSpec
 from workers.teacher import load_teacher
 
@@ -34,7 +35,7 @@ from workers.teacher import load_teacher
 def trained_specs(store: LocalStore, run_id: str) -> list[CandidateSpec]:
     """The run's candidates that it trained (valid, not cache hits), in the order recorded."""
     rows = sorted((store.get_json(k) for k in store.list(f"runs/{run_id}/evals/")), key=lambda r: r["order"])
-    return [CandidateSpec.from_json(store.get_verified(candidate_prefix(r["spec_hash"]), "spec.json").decode())
+    return [CandidateSpec.from_json(store.get_verified(layout.candidate(r["spec_hash"]), "spec.json").decode())
             for r in rows if r["status"] == "ok" and not r["cached"]]
 
 

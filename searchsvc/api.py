@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from storage import ArtifactStore, open_store
+from storage import ArtifactStore, StoreOptions, open_store
 from storage.tables import read_results
 
 
 def results(store: ArtifactStore | str, run_id: str | None = None, endpoint: str | None = None) -> pa.Table:
     """The ranked results table of `run_id` (the latest run by default)."""
     if not isinstance(store, ArtifactStore):
-        store = open_store(store, endpoint=endpoint, create=False)
+        store = open_store(store, endpoint=endpoint, create=False, options=StoreOptions.from_env())
     return read_results(store, run_id)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from core.errors import SearchsvcError
-from storage import ArtifactStore, KeyNotFoundError, check_id, open_store
+from storage import ArtifactStore, KeyNotFoundError, StoreOptions, check_id, layout, open_store
 from workers.evaluate import load_candidate_model
 from workers.spec import CandidateSpec
 from workers.teacher import load_teacher
@@ -29,21 +29,22 @@ def load_candidate(uri_or_hash: str, store: ArtifactStore | str | None = None,
     """The kept candidate as a real, smaller nn.Module: eval mode, on the CPU, weights checked by sha256."""
     store_uri, spec_hash = split_candidate_uri(uri_or_hash)
     if not isinstance(store, ArtifactStore):
-        store = open_store(store_uri or store, endpoint=endpoint, create=False)
+        store = open_store(store_uri or store, endpoint=endpoint, create=False,
+                           options=StoreOptions.from_env())
     return load_candidate_model(store, spec_hash)
 
 
 def candidate_image_size(store: ArtifactStore, spec_hash: str) -> int:
     """The input size (pixels) the candidate's teacher was trained at, for export's example input."""
-    spec = CandidateSpec.from_json(store.get_bytes(f"candidates/{check_id(spec_hash, 'spec hash')}/spec.json").decode())
-    return store.get_json(f"teachers/{spec.teacher}/meta.json").get("image_size", 32)
+    spec = CandidateSpec.from_json(store.get_bytes(layout.candidate_file(spec_hash, "spec.json")).decode())
+    return store.get_json(layout.teacher_file(spec.teacher, "meta.json")).get("image_size", 32)
 
 
 def stored_model(store: ArtifactStore, model_hash: str) -> tuple[nn.Module, int]:
     """A kept candidate (by spec hash) or a teacher (by teacher hash) and its input size in pixels."""
-    if store.exists(f"candidates/{model_hash}/manifest.json"):
+    if store.exists(layout.manifest(layout.candidate(model_hash))):
         return load_candidate_model(store, model_hash), candidate_image_size(store, model_hash)
-    if store.exists(f"teachers/{model_hash}/meta.json"):
+    if store.exists(layout.teacher_file(model_hash, "meta.json")):
         teacher = load_teacher(store, model_hash)
         return teacher.model, teacher.meta.get("image_size", 32)
     raise KeyNotFoundError(f"{model_hash} is neither a kept candidate nor a teacher in {store.uri}")

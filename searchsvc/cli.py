@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from core.errors import SearchsvcError
 from searchsvc.stopping import Stopped
-from storage import DEFAULT_STORE, check_id, open_store
+from storage import DEFAULT_STORE, ArtifactStore, StoreOptions, check_id, open_store
 
 EXIT_USAGE = 2
 
@@ -34,6 +34,11 @@ ENDPOINT_HELP = ("S3 endpoint URL for s3:// stores, e.g. http://127.0.0.1:9000 f
                  "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS). Credentials come only from boto3's chain: "
                  "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, or an instance role")
 
+
+
+def _open(args: argparse.Namespace, uri: str, create: bool = False) -> ArtifactStore:
+    """The store at `uri` with this command's endpoint and the environment's store options (read here, once)."""
+    return open_store(uri, endpoint=args.s3_endpoint, create=create, options=StoreOptions.from_env())
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with help for every flag."""
@@ -165,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                  address=args.address)
     _print_run(result)
     if report is not None:
-        _write_report(open_store(result.store_uri, endpoint=args.s3_endpoint), result.run_id, report)
+        _write_report(_open(args, result.store_uri, create=True), result.run_id, report)
     return 0
 
 
@@ -203,12 +208,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from storage import open_store
     from storage.tables import latest_run, read_results
 
     if args.top is not None and args.top < 1:
         raise SearchsvcError(f"--top: must be a positive integer, got {args.top}")
-    store = open_store(args.store, endpoint=args.s3_endpoint, create=False)
+    store = _open(args, args.store)
     run_id = args.run or latest_run(store)
     rows = table_rows(read_results(store, run_id))[: args.top]
     if args.json:
@@ -220,14 +224,15 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from storage import layout
     from storage.tables import latest_run
 
     if args.top < 1:
         raise SearchsvcError(f"--top: must be a positive integer, got {args.top}")
     output = _report_path(args.output, "--output")
-    store = open_store(args.store, endpoint=args.s3_endpoint, create=False)
+    store = _open(args, args.store)
     run_id = check_id(args.run, "run id") if args.run else latest_run(store)
-    if not store.exists(f"runs/{run_id}/run.json"):
+    if not store.exists(layout.run_file(run_id, "run.json")):
         raise SearchsvcError(f"--run: run '{run_id}' does not exist in {store.uri}")
     _write_report(store, run_id, output, args.top)
     return 0
@@ -235,10 +240,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from searchsvc.candidates import candidate_image_size, export_model, load_candidate, split_candidate_uri
-    from storage import open_store
 
     store_uri, spec_hash = split_candidate_uri(args.candidate)
-    store = open_store(store_uri or args.store, endpoint=args.s3_endpoint, create=False)
+    store = _open(args, store_uri or args.store)
     model = load_candidate(spec_hash, store=store)
     path = export_model(model, args.output, candidate_image_size(store, spec_hash))
     params = sum(p.numel() for p in model.parameters())
@@ -248,10 +252,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     from searchsvc.candidates import stored_model
-    from storage import open_store
     from workers.summary import format_summary, summary, to_csv
 
-    store = open_store(args.store, endpoint=args.s3_endpoint, create=False)
+    store = _open(args, args.store)
     model, image_size = stored_model(store, check_id(args.model, "model hash"))
     rows = summary(model, args.kind, model.arch.in_channels, image_size)
     key = f"summaries/{args.model}-{args.kind}.csv"
@@ -266,7 +269,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from searchsvc.config import apply_overrides, parse_config, read_yaml
     from searchsvc.job import run
     from searchsvc.sensitivity import SCHEDULE_KEY
-    from storage.tables import run_prefix
+    from storage import layout
 
     raw = apply_overrides(read_yaml(args.config), args.overrides)
     search = dict(raw.get("search") or {}) if raw.get("method") == "sensitivity" else {}
@@ -283,11 +286,10 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     for key in ("sensitivity", "plot", "schedule"):
         print(f"{key}: {result.summary.get(key)}")
     if args.schedule_out:
-        from storage import open_store
 
-        store = open_store(result.store_uri, endpoint=args.s3_endpoint, create=False)
+        store = _open(args, result.store_uri)
         with open(args.schedule_out, "wb") as handle:
-            handle.write(store.get_bytes(f"{run_prefix(result.run_id)}/{SCHEDULE_KEY}"))
+            handle.write(store.get_bytes(layout.run_file(result.run_id, SCHEDULE_KEY)))
         print(f"starting schedule written to {args.schedule_out}")
     return 0
 

@@ -27,7 +27,7 @@ class ConfigError(RecordError):
 class JobConfig:
     """One search job (DESIGN §3)."""
 
-    method: str = field(metadata={"choices": list_methods, "help": "n2n | taylor | agp | rigl"})
+    method: str = field(metadata={"choices": list_methods, "help": "grid | n2n | taylor | agp | sensitivity | rigl"})
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     search: Any = None  # the method's own section, validated against its schema (searchsvc.methods)

@@ -21,9 +21,9 @@ from searchsvc.job import RunContext
 from searchsvc.rewards import INVALID_REWARD, RewardForm, compression_ratio, reward
 from searchsvc.stopping import stop_on_sigterm
 from searchsvc.version import code_version
-from storage import StoreUnreachableError, UnsavedResult, spool
+from storage import StoreUnreachableError, UnsavedResult, layout, spool
 from storage.base import json_bytes as store_json_bytes
-from storage.tables import run_prefix, write_results
+from storage.tables import write_results
 from workers.measure import count_parameters
 from workers.pool import EvalPool
 from workers.spec import CandidateSpec
@@ -56,7 +56,7 @@ class Recorder:
 
     def _preload(self) -> None:
         """A resumed run: the evaluations it already recorded count as done and are not sent again."""
-        prefix = f"{run_prefix(self.ctx.run_id)}/evals/"
+        prefix = f"{layout.run(self.ctx.run_id)}/evals/"
         for key in self.ctx.store.list(prefix):
             row = self.ctx.store.get_json(key)
             self.rows[row["spec_hash"]] = row
@@ -96,7 +96,7 @@ class Recorder:
         """evals/<hash>.json, once; if the store stays unreachable the row (and the candidate's unsaved files)
         are kept on local disk and the run stops with a message that says where (`searchsvc resume` uploads
         them)."""
-        store, key = self.ctx.store, f"{run_prefix(self.ctx.run_id)}/evals/{row['spec_hash']}.json"
+        store, key = self.ctx.store, f"{layout.run(self.ctx.run_id)}/evals/{row['spec_hash']}.json"
         cause: StoreUnreachableError | None = unsaved
         if cause is None:
             try:

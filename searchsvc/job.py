@@ -22,9 +22,9 @@ from searchsvc.config import ConfigError, JobConfig, config_to_yaml, parse_confi
 from searchsvc.methods import get_method
 from searchsvc.stopping import Stopped, stop_on_sigterm
 from searchsvc.version import code_version
-from storage import ArtifactStore, KeyNotFoundError, StoreUnreachableError, open_store, spool
+from storage import ArtifactStore, KeyNotFoundError, StoreOptions, StoreUnreachableError, layout, open_store, spool
 from storage.base import MANIFEST
-from storage.tables import run_prefix, write_results
+from storage.tables import write_results
 from workers.data import Splits, load_dataset
 from workers.teacher import Teacher, load_or_train_teacher
 from workers.train import resolve_device
@@ -78,9 +78,9 @@ def run(config: JobConfig, store: ArtifactStore | str | None = None, endpoint: s
     `address` is the Ray cluster the workers run on (default: RAY_ADDRESS, else a local Ray).
     """
     if not isinstance(store, ArtifactStore):
-        store = open_store(store or config.store, endpoint=endpoint)
+        store = open_store(store or config.store, endpoint=endpoint, options=StoreOptions.from_env())
     run_id = new_run_id()
-    store.put_bytes(f"{run_prefix(run_id)}/config.yaml", config_to_yaml(config).encode(), write_once=True)
+    store.put_bytes(f"{layout.run(run_id)}/config.yaml", config_to_yaml(config).encode(), write_once=True)
     record: dict[str, Any] = {"run_id": run_id, "method": config.method, "status": "running", "started_at": _now(),
                               "code_version": code_version(), "store": store.uri}
     return _execute(config, store, run_id, record, progress, address, resumed=False)
@@ -90,8 +90,8 @@ def resume(store: ArtifactStore | str, run_id: str, endpoint: str | None = None,
            address: str | None = None) -> RunResult:
     """Continue an interrupted run from what the store holds: its config, its evaluations, driver state."""
     if not isinstance(store, ArtifactStore):
-        store = open_store(store, endpoint=endpoint, create=False)
-    prefix = run_prefix(run_id)
+        store = open_store(store, endpoint=endpoint, create=False, options=StoreOptions.from_env())
+    prefix = layout.run(run_id)
     if not store.exists(f"{prefix}/config.yaml"):
         raise KeyNotFoundError(f"run '{run_id}' does not exist in {store.uri}")
     upload_kept(store)
@@ -111,18 +111,18 @@ def resume(store: ArtifactStore | str, run_id: str, endpoint: str | None = None,
 def upload_kept(store: ArtifactStore) -> None:
     """Store what a run kept on local disk while the store was unreachable: candidates (files, then their
     manifest), then the run rows that point to them."""
-    candidates = spool.upload(store, "candidates/")
+    candidates = spool.upload(store, layout.CANDIDATES)
     for prefix in sorted({key.rsplit("/", 1)[0] for key in candidates}):
         if not store.exists(f"{prefix}/{MANIFEST}"):
             store.write_manifest(prefix)
-    spool.upload(store, "runs/")
+    spool.upload(store, layout.RUNS)
 
 
 def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[str, Any], progress: bool,
              address: str | None, resumed: bool) -> RunResult:
     driver = get_method(config.method).load_driver()
     stop_on_sigterm()
-    prefix = run_prefix(run_id)
+    prefix = layout.run(run_id)
     store.put_json(f"{prefix}/run.json", record)
     log.info("run %s (%s) %s %s", run_id, config.method, "resumed in" if resumed else "recording to",
              store.uri_for(prefix))

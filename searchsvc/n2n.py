@@ -34,6 +34,7 @@ from searchsvc.n2n_env import (
     removal_stage,
     shrink_stage,
 )
+from storage import layout
 from workers.evaluate import stored_metrics
 from workers.spec import CandidateSpec
 from workers.surgery import width_keys
@@ -44,8 +45,8 @@ STEP_CAP = 4  # total env steps (cache hits included) are capped at this many ti
 
 
 @dataclass
-class Session:
-    """The budget and the evaluator one stage's environments share (looked up by `key`)."""
+class StageBudget:
+    """One stage's budget, deadline and evaluator, shared by its environments (looked up by `key`)."""
 
     evaluator: Evaluator
     search: N2NSearch
@@ -79,7 +80,7 @@ class Session:
         return [rows[s.spec_hash]["reward"] if s.spec_hash in rows else None for s in specs]
 
 
-_SESSIONS: dict[str, Session] = {}  # process-local: RLlib builds the env from env_config in this process
+_SESSIONS: dict[str, StageBudget] = {}  # process-local: RLlib builds the env from env_config in this process
 
 
 def make_env(env_config: dict[str, Any]) -> CompressionEnv | CompressionVectorEnv:
@@ -90,7 +91,7 @@ def make_env(env_config: dict[str, Any]) -> CompressionEnv | CompressionVectorEn
     return CompressionEnv(session.observation, session.stage, session.evaluate)
 
 
-def run_random(session: Session, seed: int) -> None:
+def run_random(session: StageBudget, seed: int) -> None:
     """The baseline: uniform random actions, `num_envs` candidates at a time, until the budget is spent."""
     space = session.stage.action_space()
     space.seed(seed)
@@ -98,7 +99,7 @@ def run_random(session: Session, seed: int) -> None:
         session.evaluate([session.stage.make_spec(space.sample()) for _ in range(session.search.num_envs)])
 
 
-def run_ppo(session: Session, seed: int, checkpoints: str, restore: bool) -> list[dict[str, Any]]:
+def run_ppo(session: StageBudget, seed: int, checkpoints: str, restore: bool) -> list[dict[str, Any]]:
     """PPO on the vector env until the stage's budget is spent; returns per-iteration summaries.
 
     The algorithm is checkpointed to the store under `checkpoints` every `checkpoint_every`
@@ -158,7 +159,7 @@ def run_n2n(context: RunContext) -> None:
     shrink_budget = math.floor(search.max_evaluations * search.shrink_share) if search.shrink else 0
     budgets = {"removal": search.max_evaluations - shrink_budget, "shrink": shrink_budget}
     deadline = time.monotonic() + (search.time_budget_s or math.inf)
-    state_key = f"runs/{context.run_id}/state/n2n.json"
+    state_key = layout.run_file(context.run_id, "state/n2n.json")
     state = {"done": [], "history": {}}
     if context.resumed and context.store.exists(state_key):
         state = context.store.get_json(state_key)
@@ -176,10 +177,10 @@ def run_n2n(context: RunContext) -> None:
                 if not stage.blocks:  # the best removal kept no block: nothing left to shrink
                     log.info("n2n: the best removal result keeps no block; skipping the shrink stage")
                     continue
-            session = Session(evaluator, search, budgets[name], deadline, stage, observation_rows(teacher, stage.blocks),
+            session = StageBudget(evaluator, search, budgets[name], deadline, stage, observation_rows(teacher, stage.blocks),
                               trained=_trained_in_stage(evaluator, name))
             state["history"][name] = _run_stage(session, context.config.seed + len(state["done"]),
-                                                f"runs/{context.run_id}/state/{name}", context.resumed)
+                                                layout.run_file(context.run_id, f"state/{name}"), context.resumed)
             state["done"].append(name)
             context.store.put_json(state_key, state)
         if search.top_k and search.finetune_epochs:
@@ -199,7 +200,7 @@ def finetune_top(evaluator: Evaluator, search: N2NSearch) -> list[dict[str, Any]
     store = evaluator.ctx.store
     specs = []
     for row in top:
-        parent = CandidateSpec.from_json(store.get_bytes(f"candidates/{row['spec_hash']}/spec.json").decode())
+        parent = CandidateSpec.from_json(store.get_bytes(layout.candidate_file(row["spec_hash"], "spec.json")).decode())
         recipe = replace(parent.train, epochs=search.finetune_epochs, max_images=None)  # full epochs
         specs.append(replace(parent, init=row["spec_hash"], train=recipe))
     log.info("n2n: fine-tuning the top %d networks for %d epochs", len(specs), search.finetune_epochs)
@@ -212,7 +213,7 @@ def _trained_in_stage(evaluator: Evaluator, stage: str) -> int:
                and (r["widths"] == "{}") == (stage == "removal"))
 
 
-def _run_stage(session: Session, seed: int, checkpoints: str, restore: bool) -> list[dict[str, Any]]:
+def _run_stage(session: StageBudget, seed: int, checkpoints: str, restore: bool) -> list[dict[str, Any]]:
     _SESSIONS[session.key] = session
     try:
         if session.search.agent == "random":

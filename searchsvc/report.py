@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 
 from searchsvc.plots import front_png, progress_png, schedule_png
-from storage import ArtifactStore
-from storage.tables import pareto_front, rank, results_table, run_prefix
+from storage import ArtifactStore, layout
+from storage.tables import pareto_front, rank, results_table
 from workers.measure import count_macs, count_parameters
 from workers.zoo import arch_from_data, build_model
 
@@ -41,10 +41,10 @@ pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:.8em}.grid{display:gr
 
 def teacher_point(store: ArtifactStore, teacher_hash: str | None) -> dict[str, Any]:
     """The teacher as a row of the plots: accuracy, params and MACs from its stored architecture."""
-    if not teacher_hash or not store.exists(f"teachers/{teacher_hash}/meta.json"):
+    if not teacher_hash or not store.exists(layout.teacher_file(teacher_hash, "meta.json")):
         return {}
-    meta = store.get_json(f"teachers/{teacher_hash}/meta.json")
-    model = build_model(arch_from_data(meta["arch"], source=f"teachers/{teacher_hash}/meta.json"))
+    meta = store.get_json(layout.teacher_file(teacher_hash, "meta.json"))
+    model = build_model(arch_from_data(meta["arch"], source=layout.teacher_file(teacher_hash, "meta.json")))
     return {"accuracy": meta["test_accuracy"], "params": count_parameters(model),
             "macs": count_macs(model, meta["in_channels"], meta["image_size"]), "latency_ms": None}
 
@@ -72,7 +72,7 @@ def _on_gpu(row: dict[str, Any]) -> bool:
 
 def build_report(store: ArtifactStore, run_id: str, top: int = 10) -> str:
     """The HTML text of run `run_id`'s report."""
-    prefix = run_prefix(run_id)
+    prefix = layout.run(run_id)
     record = store.get_json(f"{prefix}/run.json")
     config_text = store.get_bytes(f"{prefix}/config.yaml").decode()
     config = yaml.safe_load(config_text) or {}
@@ -108,7 +108,7 @@ def schedule_plot(store: ArtifactStore, ok: list[dict[str, Any]], method: str, t
     """The per-epoch schedule of the best `top` candidates, from their stored training histories."""
     best = rank(results_table(ok)).to_pylist()[:top]
     histories = {f"{r['spec_hash'][:8]} ({100 * r['accuracy']:.1f} %)":
-                 store.get_json(f"candidates/{r['spec_hash']}/metrics.json").get("history") or [] for r in best}
+                 store.get_json(layout.candidate_file(r["spec_hash"], "metrics.json")).get("history") or [] for r in best}
     return schedule_png(histories, SCHEDULES[method], f"{method}: the best {len(best)} candidates")
 
 

@@ -24,7 +24,7 @@ from searchsvc.evaluator import Evaluator, ensure_ray
 from searchsvc.job import RunContext
 from searchsvc.methods import SensitivitySearch
 from searchsvc.plots import sensitivity_png
-from storage.tables import run_prefix
+from storage import layout
 from workers.pruners import prunable_weights
 from workers.spec import CandidateSpec
 from workers.summary import to_csv
@@ -80,7 +80,7 @@ def run_sensitivity(context: RunContext) -> None:
     finally:
         evaluator.close()
     table = sensitivity_table(rows, context.teacher.val_accuracy)
-    prefix = run_prefix(context.run_id)
+    prefix = layout.run(context.run_id)
     store = context.store
     store.put_bytes(f"{prefix}/sensitivity.csv", to_csv(table))
     store.put_bytes(f"{prefix}/plots/sensitivity.png", sensitivity_png(table, context.teacher.val_accuracy,

@@ -26,8 +26,8 @@ from searchsvc.evaluator import Recorder, ensure_ray, prepare_teacher_logits
 from searchsvc.job import RunContext
 from searchsvc.methods import LogRange, SweepTune
 from searchsvc.plots import trajectory_png
-from storage import ArtifactStore
-from storage.tables import pareto_front, run_prefix
+from storage import ArtifactStore, layout
+from storage.tables import pareto_front
 from workers.data import DatasetConfig
 from workers.evaluate import evaluate_candidate, invalid_metrics, load_candidate_model, stored_metrics
 from workers.pool import ray_resources, worker_context
@@ -102,7 +102,7 @@ def report_fields(spec: CandidateSpec, metrics: dict[str, Any], cached: bool, **
 def experiment_path(store: ArtifactStore, run_id: str) -> tuple[Any, str]:
     """(pyarrow filesystem, path) of the run's Tune experiment: on the store itself, local or S3."""
     filesystem, base = store.arrow_filesystem()
-    return filesystem, f"{base}/{run_prefix(run_id)}/state/{EXPERIMENT}"
+    return filesystem, f"{base}/{layout.run(run_id)}/state/{EXPERIMENT}"
 
 
 def build_tuner(context: RunContext, trial: Callable[..., None], job: Any, param_space: dict[str, Any],
@@ -182,7 +182,7 @@ def finish_sparse(recorder: SparseRecorder, trials: int, title: str) -> None:
     ctx = recorder.ctx
     rows = list(recorder.rows.values())
     front = mark_pareto(rows, size=SparseRecorder.size)
-    prefix = run_prefix(ctx.run_id)
+    prefix = layout.run(ctx.run_id)
     size = ctx.splits.in_channels, ctx.splits.image_size
     for row in rows:
         if row["status"] != "ok" or not row.get("artifact"):

@@ -31,8 +31,7 @@ from searchsvc.methods import TaylorSearch, TaylorStop
 from searchsvc.plots import trajectory_png
 from searchsvc.rewards import INVALID_REWARD, reward
 from searchsvc.sweep import TrialRecorder, absolute_dataset, choose, report_fields
-from storage import ArtifactStore
-from storage.tables import run_prefix
+from storage import ArtifactStore, layout
 from workers.data import DatasetConfig
 from workers.evaluate import evaluate_candidate, stored_metrics
 from workers.measure import count_parameters
@@ -161,7 +160,7 @@ def finish(recorder: TrialRecorder) -> None:
     ctx = recorder.ctx
     rows = list(recorder.rows.values())
     front = sweep.mark_pareto(rows)
-    prefix = run_prefix(ctx.run_id)
+    prefix = layout.run(ctx.run_id)
     png = trajectory_png(rows, recorder.teacher_params, recorder.teacher_accuracy,
                          title=f"Taylor pruning, run {ctx.run_id}")
     ctx.store.put_bytes(f"{prefix}/plots/trajectory.png", png)

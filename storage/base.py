@@ -210,38 +210,41 @@ class ArtifactStore(ABC):
         self.put_json(f"{prefix}/{MANIFEST}", {"files": entries}, write_once=True)
         return entries
 
+    def manifest_files(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """The files `<prefix>/manifest.json` lists (name → sha256 and bytes); KeyNotFoundError without one."""
+        manifest_key = f"{check_key(prefix)}/{MANIFEST}"
+        try:
+            return self.get_json(manifest_key).get("files", {})
+        except KeyNotFoundError:
+            raise KeyNotFoundError(f"{self.uri_for(prefix)} has no {MANIFEST}: the artifact is incomplete") from None
+
     def verify(self, prefix: str) -> dict[str, dict[str, Any]]:
         """Check every file listed in `<prefix>/manifest.json`; raise CorruptArtifactError on a mismatch."""
-        manifest_key = f"{check_key(prefix)}/{MANIFEST}"
-        if not self.exists(manifest_key):
-            raise KeyNotFoundError(f"{self.uri_for(prefix)} has no {MANIFEST}: the artifact is incomplete")
-        files = self.get_json(manifest_key).get("files", {})
-        for name, entry in files.items():
-            key = f"{prefix}/{name}"
-            try:
-                digest = sha256_bytes(self._get(key))
-            except KeyNotFoundError:
-                raise CorruptArtifactError(f"{self.uri_for(key)} is listed in the manifest but missing") from None
-            if digest != entry["sha256"]:
-                raise CorruptArtifactError(
-                    f"{self.uri_for(key)} is corrupt: sha256 {digest[:12]} does not match the manifest's "
-                    f"{entry['sha256'][:12]}"
-                )
+        files = self.manifest_files(prefix)
+        for name in files:
+            self._checked(prefix, name, files)
         return files
 
     def get_verified(self, prefix: str, name: str) -> bytes:
         """The bytes of `<prefix>/<name>`, checked against the folder's manifest."""
-        manifest_key = f"{check_key(prefix)}/{MANIFEST}"
-        if not self.exists(manifest_key):
-            raise KeyNotFoundError(f"{self.uri_for(prefix)} has no {MANIFEST}: the artifact is incomplete")
-        entry = self.get_json(manifest_key).get("files", {}).get(name)
+        return self._checked(prefix, name, self.manifest_files(prefix))
+
+    def _checked(self, prefix: str, name: str, files: dict[str, dict[str, Any]]) -> bytes:
         key = f"{prefix}/{name}"
-        if entry is None:
+        if name not in files:
             raise KeyNotFoundError(f"{self.uri_for(key)} is not in the manifest")
-        data = self.get_bytes(key)
-        if sha256_bytes(data) != entry["sha256"]:
-            raise CorruptArtifactError(f"{self.uri_for(key)} is corrupt: its sha256 does not match the manifest")
+        try:
+            data = self._get(check_key(key))
+        except KeyNotFoundError:
+            raise CorruptArtifactError(f"{self.uri_for(key)} is listed in the manifest but missing") from None
+        digest = sha256_bytes(data)
+        if digest != files[name]["sha256"]:
+            raise CorruptArtifactError(f"{self.uri_for(key)} is corrupt: sha256 {digest[:12]} does not match the "
+                                       f"manifest's {files[name]['sha256'][:12]}")
         return data
+
+    # Where results that cannot reach this store are kept meanwhile (storage.spool); `open_store` sets it.
+    spool_root: Path = Path.home() / ".cache" / "searchsvc" / "pending"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"

@@ -6,7 +6,7 @@ reads, stores or prints them. The endpoint is the `endpoint` argument, else boto
 
 Outages: boto3 retries each request a few times; on top of that, once the store has answered, a
 store that stops answering (a restarted MinIO, a network blip) is retried with exponential backoff
-for `retry_window_s` seconds (env `SEARCHSVC_STORE_RETRY_S`, default 120) before the call fails. A
+for `retry_window_s` seconds (`StoreOptions`, default 120) before the call fails. A
 store that never answered fails at once, so a typo in the endpoint is reported in seconds.
 """
 
@@ -42,18 +42,6 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-def default_retry_window() -> float:
-    """Seconds a reached store may stay unreachable before a call fails (SEARCHSVC_STORE_RETRY_S)."""
-    raw = os.environ.get("SEARCHSVC_STORE_RETRY_S", "120")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise StoreError(f"SEARCHSVC_STORE_RETRY_S: expected seconds, got {raw!r}") from None
-    if value < 0:
-        raise StoreError(f"SEARCHSVC_STORE_RETRY_S: must be >= 0, got {raw!r}")
-    return value
-
-
 class _PreconditionFailed(StoreError):
     """A conditional write found the key already present (internal: becomes a write-once check)."""
 
@@ -84,13 +72,13 @@ class S3Store(ArtifactStore):
         endpoint: str | None = None,
         max_attempts: int = 4,
         check: bool = True,
-        retry_window_s: float | None = None,
+        retry_window_s: float = 120.0,
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint = check_endpoint(endpoint) or _endpoint_from_env()
         self.max_attempts = max_attempts  # boto3's tries per request, first included (backoff 1, 2, 4 s)
-        self.retry_window_s = default_retry_window() if retry_window_s is None else retry_window_s
+        self.retry_window_s = retry_window_s  # seconds a reached store may stay unreachable before a call fails
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self._client: Any = None
         self._reached = False  # True once any call succeeded: from then on outages are waited out

@@ -4,14 +4,13 @@ When the store stays unreachable past its retry window, the driver writes the re
 recording here instead of dropping it, and stops the run with a message naming this folder.
 `searchsvc resume` uploads what is kept (write-once, so nothing stored is replaced) before it goes on.
 
-    <SEARCHSVC_SPOOL_DIR or ~/.cache/searchsvc/pending>/<sha256(store uri)[:16]>/<store key>
+    <store.spool_root: StoreOptions.spool_root, default ~/.cache/searchsvc/pending>/<sha256(store uri)[:16]>/<key>
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 from storage.base import ArtifactStore, check_key
@@ -21,8 +20,7 @@ log = logging.getLogger(__name__)
 
 def spool_dir(store: ArtifactStore) -> Path:
     """The local folder that holds `store`'s pending writes (one folder per store URI)."""
-    root = os.environ.get("SEARCHSVC_SPOOL_DIR") or Path.home() / ".cache" / "searchsvc" / "pending"
-    return Path(root) / hashlib.sha256(store.uri.encode()).hexdigest()[:16]
+    return store.spool_root / hashlib.sha256(store.uri.encode()).hexdigest()[:16]
 
 
 def keep_bytes(store: ArtifactStore, key: str, data: bytes) -> Path:

@@ -7,7 +7,8 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage.base import ArtifactStore, check_id
+from storage import layout
+from storage.base import ArtifactStore
 from storage.errors import KeyNotFoundError, StoreError
 
 RESULT_SCHEMA = pa.schema([
@@ -27,11 +28,6 @@ RESULT_SCHEMA = pa.schema([
     ("worker", pa.string()),
     ("artifact", pa.string()),  # URI of the kept model, or null
 ])
-
-
-def run_prefix(run_id: str) -> str:
-    """`runs/<run_id>`, with the id checked so no key escapes its prefix."""
-    return f"runs/{check_id(run_id, 'run id')}"
 
 
 def results_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
@@ -58,13 +54,13 @@ def rank(table: pa.Table) -> pa.Table:
 def write_results(store: ArtifactStore, run_id: str, rows: Iterable[dict[str, Any]]) -> pa.Table:
     """(Re)write `runs/<id>/results.parquet` atomically from all rows so far; return the ranked table."""
     table = rank(results_table(rows))
-    store.put_table(f"{run_prefix(run_id)}/results.parquet", table)
+    store.put_table(f"{layout.run(run_id)}/results.parquet", table)
     return table
 
 
 def list_runs(store: ArtifactStore) -> list[str]:
     """Run ids in the store, oldest first (ids start with a UTC timestamp)."""
-    return sorted({key.split("/")[1] for key in store.list("runs/") if key.count("/") >= 2})
+    return layout.run_ids(store.list(layout.RUNS))
 
 
 def latest_run(store: ArtifactStore) -> str:
@@ -78,7 +74,7 @@ def latest_run(store: ArtifactStore) -> str:
 def read_results(store: ArtifactStore, run_id: str | None = None) -> pa.Table:
     """The ranked results of `run_id` (latest run by default); an empty table if none were written."""
     run_id = run_id or latest_run(store)
-    prefix = run_prefix(run_id)
+    prefix = layout.run(run_id)
     if not store.exists(f"{prefix}/config.yaml"):
         raise KeyNotFoundError(f"run '{run_id}' does not exist in {store.uri}")
     key = f"{prefix}/results.parquet"

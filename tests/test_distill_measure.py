@@ -479,3 +479,34 @@ def test_a_trained_candidate_is_measured_with_its_last_epochs_accuracies_not_a_s
     assert metrics["accuracy"] == metrics["history"][-1]["test_accuracy"] == evaluate(stored, *splits.test, splits.mean,
                                                                                           splits.std)
     assert metrics["val_accuracy"] == evaluate(stored, *splits.val, splits.mean, splits.std)
+
+
+PROBE = """
+import sys, torch
+conv = torch.nn.Conv2d(int(sys.argv[2]), 16, 1, stride=2).to(memory_format=torch.channels_last)
+x = torch.randn(int(sys.argv[1]), int(sys.argv[2]), 16, 16).contiguous(memory_format=torch.channels_last)
+for _ in range(20):
+    conv(x.requires_grad_(True)).sum().backward()
+"""
+
+
+def test_the_onednn_workaround_is_still_needed():
+    """`training_memory_format` trains some CPU networks in NCHW because oneDNN crashes in the backward pass
+    of a strided 1x1 conv on odd channels_last batches with few input channels. When this test fails, the
+    installed torch no longer crashes: remove the workaround (and this test)."""
+    import subprocess
+    import sys
+
+    crashed = [subprocess.run([sys.executable, "-c", PROBE, str(batch), str(channels)], capture_output=True,
+                              timeout=120).returncode != 0 for batch, channels in ((7, 8), (7, 12), (115, 4))]
+    assert any(crashed), "oneDNN no longer crashes here: training_memory_format's NCHW fallback can go"
+
+
+@pytest.mark.parametrize("batch, channels, expected", [
+    (8, 16, torch.channels_last), (7, 16, torch.contiguous_format), (8, 12, torch.contiguous_format)])
+def test_training_memory_format_falls_back_to_nchw_only_where_onednn_crashes(batch, channels, expected):
+    from workers.train import training_memory_format
+
+    model = nn.Sequential(nn.Conv2d(3, channels, 3), nn.Conv2d(channels, 16, 1, stride=2))
+    assert training_memory_format(model, CPU, batch) == expected
+    assert training_memory_format(nn.Sequential(nn.Conv2d(3, channels, 3)), CPU, batch) == torch.channels_last

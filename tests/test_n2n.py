@@ -194,7 +194,7 @@ def test_a_candidate_proposed_twice_in_one_batch_counts_once_against_the_budget(
     """The session's budget logic alone: a recording stand-in replaces the Ray-backed evaluator."""
     from types import SimpleNamespace
 
-    from searchsvc.n2n import Session
+    from searchsvc.n2n import StageBudget
 
     class FakeEvaluator:
         def __init__(self):
@@ -207,7 +207,7 @@ def test_a_candidate_proposed_twice_in_one_batch_counts_once_against_the_budget(
 
     stage = removal_stage(("a", "b"), BASE)
     evaluator = FakeEvaluator()
-    session = Session(evaluator, None, budget=2, deadline=float("inf"), stage=stage, observation=np.zeros((2, 8)))
+    session = StageBudget(evaluator, None, budget=2, deadline=float("inf"), stage=stage, observation=np.zeros((2, 8)))
     one, two = stage.make_spec(np.array([1, 0])), stage.make_spec(np.array([0, 1]))
     three = stage.make_spec(np.array([1, 1]))
     assert session.evaluate([one, one, two, three]) == [0.5, 0.5, 0.5, None]  # budget 2: `three` is past it

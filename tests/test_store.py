@@ -234,3 +234,16 @@ def test_listing_outside_the_store_is_rejected(tmp_path):
     with pytest.raises(InvalidKeyError):
         store.list("../")
     assert store.list("runs/x") == []
+
+
+def test_store_options_are_passed_in_and_read_from_the_environment_only_at_the_edge(tmp_path, monkeypatch):
+    from storage import StoreOptions, spool
+
+    options = StoreOptions.from_env({"SEARCHSVC_STORE_RETRY_S": "7.5", "SEARCHSVC_SPOOL_DIR": str(tmp_path / "spool")})
+    assert options == StoreOptions(7.5, tmp_path / "spool")
+    assert spool.spool_dir(open_store(str(tmp_path / "s"), options=options)).parent == tmp_path / "spool"
+    monkeypatch.setenv("SEARCHSVC_SPOOL_DIR", str(tmp_path / "ignored"))  # storage itself never reads it
+    assert open_store(str(tmp_path / "t")).spool_root == StoreOptions().spool_root
+    for bad in ("soon", "-1", "nan"):
+        with pytest.raises(StoreError, match="SEARCHSVC_STORE_RETRY_S"):
+            StoreOptions.from_env({"SEARCHSVC_STORE_RETRY_S": bad})

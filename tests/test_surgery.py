@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from workers.surgery import InvalidTransform, count_params, derive_arch, shrink, width_keys
+from workers.surgery import InvalidTransform, predicted_params, derive_arch, shrink, width_keys
 from workers.zoo import create_model, is_residual, list_models
 
 IN_CHANNELS, IMAGE, BATCH, CLASSES = 3, 32, 2, 10
@@ -223,7 +223,7 @@ def test_count_params_predicts_the_hand_count_without_building(name, seed):
     removed = set(rng.sample(block_names(name), k=seed % 3))
     widths = random_widths(name, seed)
     arch = derive_arch(shared_teacher(name).arch, removed, widths)
-    assert count_params(arch) == hand_params(name, removed=removed, widths=widths)
+    assert predicted_params(arch) == hand_params(name, removed=removed, widths=widths)
 
 
 # ---- which channels are kept ----------------------------------------------------------------------------

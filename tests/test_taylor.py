@@ -22,7 +22,7 @@ from storage.tables import pareto_front
 from tests.conftest import kill_run_when
 from workers.data import DatasetConfig, load_dataset, normalize
 from workers.measure import count_parameters
-from workers.surgery import count_params, width_keys
+from workers.surgery import predicted_params, width_keys
 from workers.taylor import count_filters, plan_removal, prunable_channels, prune_groups, taylor_prune, taylor_scores
 from workers.train import TrainConfig, train_model
 from workers.zoo import create_model
@@ -129,7 +129,7 @@ def test_each_iteration_removes_exactly_the_planned_filters_and_parameters(split
         for key, n in plan.items():
             ordered = scores[key].sort().values
             assert ordered[n - 1] <= ordered[n]
-        assert count_parameters(student) == count_params(student.arch) < count_parameters(model)
+        assert count_parameters(student) == predicted_params(student.arch) < count_parameters(model)
         out = student(torch.zeros(2, splits.in_channels, splits.image_size, splits.image_size))
         assert out.shape == (2, splits.num_classes)
         model = student

@@ -25,7 +25,14 @@ import torch
 
 from core.names import load_object
 from core.records import to_data
-from storage import ArtifactStore, KeyNotFoundError, StoreUnreachableError, UnsavedResult, WriteConflictError, check_id
+from storage import (
+    ArtifactStore,
+    KeyNotFoundError,
+    StoreUnreachableError,
+    UnsavedResult,
+    WriteConflictError,
+    layout,
+)
 from storage.base import json_bytes
 from workers.data import DatasetConfig, Splits, load_dataset
 from workers.distill import distill_loss_fn, inference_copy, teacher_logits
@@ -88,13 +95,9 @@ def local_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfi
                        compile_model=resources.compile)
 
 
-def candidate_prefix(spec_hash: str) -> str:
-    return f"candidates/{spec_hash}"
-
-
 def stored_metrics(store: ArtifactStore, spec_hash: str) -> dict[str, Any] | None:
     """The metrics of a complete stored evaluation, or None (the cache lookup)."""
-    prefix = candidate_prefix(spec_hash)
+    prefix = layout.candidate(spec_hash)
     if not store.exists(f"{prefix}/manifest.json"):
         return None
     return store.get_json(f"{prefix}/metrics.json")
@@ -245,7 +248,7 @@ def build_student(spec: CandidateSpec, ctx: EvalContext) -> Built:
 
 def load_candidate_model(store: ArtifactStore, spec_hash: str) -> Model:
     """A stored candidate as its small nn.Module (eval mode, CPU), every file checked against the manifest."""
-    prefix = candidate_prefix(check_id(spec_hash, "spec hash"))
+    prefix = layout.candidate(spec_hash)
     if not store.exists(f"{prefix}/manifest.json"):
         raise KeyNotFoundError(f"candidate {spec_hash} is not in {store.uri} (or its evaluation is incomplete)")
     spec = CandidateSpec.from_json(store.get_verified(prefix, "spec.json").decode())
@@ -255,8 +258,8 @@ def load_candidate_model(store: ArtifactStore, spec_hash: str) -> Model:
     if "arch" in metrics:  # what was built (a method's builder decides widths on the worker)
         arch = arch_from_data(metrics["arch"], source=store.uri_for(f"{prefix}/metrics.json"))
     else:
-        teacher_meta = store.get_json(f"teachers/{spec.teacher}/meta.json")
-        teacher_arch = arch_from_data(teacher_meta["arch"], source=f"teachers/{spec.teacher}/meta.json")
+        teacher_meta = store.get_json(layout.teacher_file(spec.teacher, "meta.json"))
+        teacher_arch = arch_from_data(teacher_meta["arch"], source=layout.teacher_file(spec.teacher, "meta.json"))
         arch = derive_arch(teacher_arch, spec.removed, spec.widths)
     model = build_model(arch)
     raw = store.get_verified(prefix, "model.pt")
@@ -271,7 +274,7 @@ def save_candidate(store: ArtifactStore, spec: CandidateSpec, model: torch.nn.Mo
     removed). With `takeover` (the pool retries a candidate because its actor died) they are replaced at
     once; otherwise after `OTHER_WRITER_S` without the other writer's manifest.
     """
-    prefix = candidate_prefix(spec.spec_hash)
+    prefix = layout.candidate(spec.spec_hash)
     files = {f"{prefix}/spec.json": spec.canonical_json().encode()}
     if model is not None:
         files[f"{prefix}/model.pt"] = state_dict_bytes(model)

@@ -232,7 +232,7 @@ class EvalPool:
             ray.get(ref)
         except RayActorError as err:
             if err.actor_init_failed:  # the worker cannot start (data, teacher, store): not a candidate's fault
-                raise SearchsvcError(f"an evaluation worker failed to start: {_first_line(err)}") from None
+                raise SearchsvcError(f"an evaluation worker failed to start: {_cause_line(err)}") from None
             self._lost(actor)  # its node went away before it was ready
             return []
         return [actor]
@@ -258,7 +258,7 @@ class EvalPool:
         self.actors, self._starting = [], {}
 
 
-def _first_line(err: Exception) -> str:
+def _cause_line(err: Exception) -> str:
     """The last line of a Ray error that names the cause ("SearchsvcError: dataset.root: ...")."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     causes = [line for line in lines if "Error:" in line and not line.startswith("ray.")]

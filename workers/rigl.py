@@ -72,9 +72,9 @@ def drop_and_grow(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, 
     return kept.reshape(mask.shape)
 
 
-class RigLScheduler(TrainCallback):
-    """Sparse masks on a model's conv / linear weights, updated by RigL. Also a `TrainCallback`:
-    `train_model(..., callbacks=[RigLCallback(...)])` wires it into the training step."""
+class RigLScheduler:
+    """Sparse masks on a model's conv / linear weights, updated by RigL. `RigLCallback` (below) wires it into
+    the training step: `train_model(..., callbacks=[RigLCallback(...)])`."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, dense_allocation: float = 0.1,
                  T_end: int | None = None, sparsity_distribution: str = "uniform", ignore_linear_layers: bool = True,

@@ -210,7 +210,7 @@ def _copy_block(dst: BasicBlock, src: BasicBlock, arch: BlockArch, cin: torch.Te
     _copy_conv_bn(dst.conv2, src.conv2, out, mid)
 
 
-def count_params(arch: ResNetArch) -> int:
+def predicted_params(arch: ResNetArch) -> int:
     """Parameters of an architecture without building it (what a spec predicts)."""
     def conv_bn(cin: int, cout: int, k: int) -> int:
         return cin * cout * k * k + 2 * cout

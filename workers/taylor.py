@@ -71,7 +71,7 @@ def taylor_scores(model: ResNet, splits: Splits, batches: int, batch_size: int, 
     totals = {g.key: torch.zeros(widths[g.key], device=device) for g in groups}
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=generator)
-    layout = training_memory_format(model, device)
+    layout = training_memory_format(model, device, batch_size)
     model.to(memory_format=layout)
     seen = 0
     try:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from core.records import canonical_json, to_data
-from storage import ArtifactStore, WriteConflictError
+from storage import ArtifactStore, WriteConflictError, layout
 from workers.data import DatasetConfig, Splits
 from workers.distill import teacher_logits
 from workers.spec import short_hash
@@ -86,7 +86,7 @@ def load_or_train_teacher(store: ArtifactStore, config: TeacherConfig, dataset: 
                           extra_meta: dict[str, Any] | None = None) -> Teacher:
     """Load the teacher from `teachers/<hash>/` if a complete one is there, else train and store it."""
     key = teacher_hash(config, dataset)
-    prefix = f"teachers/{key}"
+    prefix = layout.teacher(key)
     if store.exists(f"{prefix}/manifest.json"):
         teacher = load_teacher(store, key)
         ensure_val_accuracy(store, teacher, splits, device)
@@ -130,7 +130,7 @@ def _save(store: ArtifactStore, prefix: str, model: Model, meta: dict[str, Any])
 
 def load_teacher(store: ArtifactStore, key: str, device: torch.device | str = "cpu") -> Teacher:
     """Load a stored teacher, checking each file against the manifest (a corrupt file is an error)."""
-    prefix = f"teachers/{key}"
+    prefix = layout.teacher(key)
     meta = json.loads(store.get_verified(prefix, "meta.json"))
     arch = arch_from_data(meta["arch"], source=store.uri_for(prefix + "/meta.json"))
     model = load_state_bytes(build_model(arch), store.get_verified(prefix, "model.pt"),
@@ -141,7 +141,7 @@ def load_teacher(store: ArtifactStore, key: str, device: torch.device | str = "c
 
 def validation_prefix(key: str) -> str:
     """Where the validation accuracy of a teacher stored without one is recorded (with its own manifest)."""
-    return f"teachers/{key}/validation"
+    return layout.teacher_file(key, "validation")
 
 
 def ensure_val_accuracy(store: ArtifactStore, teacher: Teacher, splits: Splits, device: torch.device) -> float:
@@ -169,7 +169,7 @@ def ensure_val_accuracy(store: ArtifactStore, teacher: Teacher, splits: Splits, 
 
 def logits_prefix(key: str) -> str:
     """Where a teacher's cached training-split logits live (with their own manifest)."""
-    return f"teachers/{key}/logits"
+    return layout.teacher_file(key, "logits")
 
 
 def ensure_train_logits(store: ArtifactStore, teacher: Teacher, splits: Splits, device: torch.device) -> str:

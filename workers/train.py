@@ -114,7 +114,7 @@ def recalibrate_batchnorm(model: nn.Module, splits: Splits, batches: int, batch_
     if batches <= 0 or not norms:
         return 0
     images, _ = splits.train
-    layout = layout or training_memory_format(model, images.device)
+    layout = layout or training_memory_format(model, images.device, min(batch_size, len(images)))
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
@@ -135,12 +135,14 @@ def recalibrate_batchnorm(model: nn.Module, splits: Splits, batches: int, batch_
     return used
 
 
-def training_memory_format(model: nn.Module, device: torch.device) -> torch.memory_format:
-    """channels_last, except on the CPU for a network with a strided 1x1 conv whose input channels are
-    not a multiple of 8: torch 2.14.1's oneDNN corrupts the heap in that conv's backward pass on
-    channels_last CPU tensors (pruned networks have such widths). NCHW is slower there but correct."""
+def training_memory_format(model: nn.Module, device: torch.device, batch: int) -> torch.memory_format:
+    """channels_last, except on the CPU for a network with a strided 1x1 conv (a projection shortcut) when
+    the batch is odd or that conv's input channels are not a multiple of 8: there torch 2.14.1's oneDNN
+    corrupts the heap in the conv's backward pass on channels_last tensors (pruned networks have such widths;
+    SIGSEGV or abort). NCHW is slower there but correct. `tests/test_distill_measure.py::
+    test_the_onednn_workaround_is_still_needed` fails once a torch release no longer crashes: then this can go."""
     if device.type == "cpu" and any(
-            m.kernel_size == (1, 1) and m.stride != (1, 1) and m.in_channels % 8
+            m.kernel_size == (1, 1) and m.stride != (1, 1) and (batch % 2 or m.in_channels % 8)
             for m in model.modules() if isinstance(m, nn.Conv2d)):
         return torch.contiguous_format
     return torch.channels_last
@@ -186,87 +188,128 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
 
     Each epoch's dict holds loss (mean over steps), images_per_s, val_accuracy and test_accuracy, measured
     after the batch-norm statistics are re-estimated when the recipe asks for it (candidates' TrainConfig;
-    a teacher's recipe does not). `loss_fn`
-    replaces plain cross-entropy (distillation looks up or computes the batch's teacher logits).
-    `compile_model` runs the steps through `torch.compile` (pays off on a GPU for many steps).
-    `callbacks` see every epoch and step (a compression schedule prunes through them).
+    a teacher's recipe does not). `loss_fn` replaces plain cross-entropy (distillation looks up or computes
+    the batch's teacher logits). `compile_model` runs the steps through `torch.compile` (pays off on a GPU
+    for many epochs: README). `callbacks` see every epoch and step (a compression schedule prunes through them).
     """
     torch.manual_seed(seed)
     data = splits.to(device)
-    x_train, y_train = data.train
-    layout = training_memory_format(model, device)
-    model.to(device=device, memory_format=layout)
-    forward = torch.compile(model) if compile_model else model
-    n = len(y_train)
-    per_epoch = min(n, recipe.max_images or n)
+    per_epoch = min(len(data.train[1]), recipe.max_images or len(data.train[1]))
     batch = min(recipe.batch_size, per_epoch)
-    if device.type == "cpu" and batch > 1 and batch % 2:
-        # torch 2.14.1's oneDNN segfaults in the backward pass of a strided 1x1 conv (our projection
-        # shortcuts) on channels_last CPU tensors when the batch is odd: use the even size below.
-        batch -= 1
     steps = per_epoch // batch  # drop the ragged last batch: static shapes, no tiny noisy steps
+    layout = training_memory_format(model, device, batch)
+    model.to(device=device, memory_format=layout)
+    optimizer, schedule = _optimizer(model, recipe, recipe.epochs * steps, callbacks)
+    loop = _Loop(model, torch.compile(model) if compile_model else model, data, recipe, layout, optimizer, schedule,
+                 torch.Generator(device=device).manual_seed(seed), loss_fn, callbacks)
+    bar = _progress_bar(recipe.epochs * steps, desc, progress)
+    for cb in callbacks:
+        cb.on_train_begin(model, optimizer, recipe.epochs * steps)
+    history: list[dict[str, Any]] = []
+    for epoch in range(recipe.epochs):
+        started = time.perf_counter()
+        mean_loss = loop.epoch(epoch, per_epoch, batch, bar)
+        record = _epoch_record(model, data, recipe, epoch, mean_loss, steps * batch, time.perf_counter() - started,
+                               seed, batch, layout)
+        for cb in callbacks:
+            cb.on_epoch_end(epoch, record)
+        history.append(record)
+        bar.set_description(f"{desc} epoch {epoch + 1}/{recipe.epochs}")
+        bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{record['images_per_s']:.0f}",
+                        test_acc=f"{record['test_accuracy']:.4f}")
+        if not math.isfinite(mean_loss):
+            break  # a diverged run: the caller decides what an invalid result means
+    bar.close()
+    return history
+
+
+def _optimizer(model: nn.Module, recipe: Recipe, total: int,
+               callbacks: Sequence[TrainCallback]) -> tuple[torch.optim.Optimizer, Any]:
+    """SGD with Nesterov momentum and the one-cycle learning rate over `total` steps."""
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 nesterov=recipe.momentum > 0, weight_decay=recipe.weight_decay)
-    total = recipe.epochs * steps
     if total >= MIN_ONE_CYCLE_STEPS and not any(cb.controls_lr for cb in callbacks):
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=total,
                                                        pct_start=0.25, anneal_strategy="linear")
     else:  # OneCycleLR divides by zero when a phase has no steps: a constant rate for tiny runs (or a
         # callback's own lr schedule on top)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    criterion = loss_fn or (lambda logits, labels, _index, _images: F.cross_entropy(
-        logits, labels, label_smoothing=recipe.label_smoothing))
-    history: list[dict[str, Any]] = []
-    channel_stats_on(tuple(data.mean), tuple(data.std), x_train.device)  # on the device before the step loop
+    return optimizer, schedule
+
+
+def _progress_bar(total: int, desc: str, progress: bool) -> tqdm:
     # In a log file (Ray job, CI) redraws become lines: redraw at most every 15 s there.
     interactive = sys.stderr.isatty()
-    bar = tqdm(total=recipe.epochs * steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True,
-               mininterval=0.2 if interactive else 15.0)
-    for cb in callbacks:
-        cb.on_train_begin(model, optimizer, total)
-    for epoch in range(1, recipe.epochs + 1):
-        for cb in callbacks:
-            cb.on_epoch_begin(epoch - 1)
-        model.train()
-        started = time.perf_counter()
+    return tqdm(total=total, desc=desc, unit="step", disable=not progress, dynamic_ncols=True,
+                mininterval=0.2 if interactive else 15.0)
+
+
+@dataclass
+class _Loop:
+    """The step loop of `train_model`: one epoch of steps, no host sync until its mean loss is read."""
+
+    model: nn.Module
+    forward: Callable[[torch.Tensor], torch.Tensor]  # the model, or its compiled form
+    data: Splits
+    recipe: Recipe
+    layout: torch.memory_format
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    generator: torch.Generator
+    loss_fn: LossFn | None
+    callbacks: Sequence[TrainCallback]
+
+    def criterion(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
+                  images: torch.Tensor) -> torch.Tensor:
+        if self.loss_fn is not None:
+            return self.loss_fn(logits, labels, index, images)
+        return F.cross_entropy(logits, labels, label_smoothing=self.recipe.label_smoothing)
+
+    def epoch(self, epoch: int, per_epoch: int, batch: int, bar: tqdm) -> float:
+        """Train one epoch (counted from 0) on a fresh random `per_epoch` images; return the mean loss."""
+        x_train, y_train = self.data.train
+        device = x_train.device
+        channel_stats_on(tuple(self.data.mean), tuple(self.data.std), device)  # on the device before the loop
+        for cb in self.callbacks:
+            cb.on_epoch_begin(epoch)
+        self.model.train()
         loss_sum = torch.zeros((), device=device)
-        order = torch.randperm(n, device=device, generator=generator)[:per_epoch]
+        order = torch.randperm(len(y_train), device=device, generator=self.generator)[:per_epoch]
+        steps = per_epoch // batch
         for step in range(steps):
-            for cb in callbacks:
-                cb.on_minibatch_begin(epoch - 1, step, steps)
             index = order[step * batch : (step + 1) * batch]
-            images = x_train[index]
-            if recipe.augment:
-                images = augment(images, generator)
-            images = normalize(images, data.mean, data.std).contiguous(memory_format=layout)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = criterion(forward(images), y_train[index], index, images)
-            for cb in callbacks:
-                loss = cb.before_backward_pass(epoch - 1, step, steps, loss)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if all([cb.before_optimizer_step(epoch - 1, step, steps) for cb in callbacks]):  # every one is asked
-                optimizer.step()
-            schedule.step()
-            for cb in callbacks:
-                cb.on_minibatch_end(epoch - 1, step, steps)
-            loss_sum += loss.detach()
+            loss_sum += self.step(epoch, step, steps, index, x_train[index], y_train[index])
             bar.update(1)
-        mean_loss = loss_sum.item() / steps  # the one host sync of the epoch
-        seconds = time.perf_counter() - started
-        recalibrated = recalibrate_batchnorm(model, data, getattr(recipe, "bn_recalibration_batches", 0), batch,
-                                             seed + epoch, layout)
-        accuracy = evaluate(model, *data.test, data.mean, data.std)
-        record = {"epoch": epoch, "loss": mean_loss, "images_per_s": steps * batch / seconds,
-                  "val_accuracy": evaluate(model, *data.val, data.mean, data.std), "test_accuracy": accuracy,
-                  "seconds": seconds, "bn_recalibration_batches": recalibrated}
-        for cb in callbacks:
-            cb.on_epoch_end(epoch - 1, record)
-        history.append(record)
-        bar.set_description(f"{desc} epoch {epoch}/{recipe.epochs}")
-        bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{record['images_per_s']:.0f}", test_acc=f"{accuracy:.4f}")
-        if not math.isfinite(mean_loss):
-            break  # a diverged run: the caller decides what an invalid result means
-    bar.close()
-    return history
+        return loss_sum.item() / steps  # the one host sync of the epoch
+
+    def step(self, epoch: int, step: int, steps: int, index: torch.Tensor, images: torch.Tensor,
+             labels: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on a batch; returns its loss (a device tensor, detached)."""
+        for cb in self.callbacks:
+            cb.on_minibatch_begin(epoch, step, steps)
+        if self.recipe.augment:
+            images = augment(images, self.generator)
+        images = normalize(images, self.data.mean, self.data.std).contiguous(memory_format=self.layout)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+            loss = self.criterion(self.forward(images), labels, index, images)
+        for cb in self.callbacks:
+            loss = cb.before_backward_pass(epoch, step, steps, loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if all([cb.before_optimizer_step(epoch, step, steps) for cb in self.callbacks]):  # every one is asked
+            self.optimizer.step()
+        self.schedule.step()
+        for cb in self.callbacks:
+            cb.on_minibatch_end(epoch, step, steps)
+        return loss.detach()
+
+
+def _epoch_record(model: nn.Module, data: Splits, recipe: Recipe, epoch: int, mean_loss: float, images: int,
+                  seconds: float, seed: int, batch: int, layout: torch.memory_format) -> dict[str, Any]:
+    """After an epoch: batch-norm statistics re-estimated (if the recipe says so), both splits evaluated."""
+    recalibrated = recalibrate_batchnorm(model, data, getattr(recipe, "bn_recalibration_batches", 0), batch,
+                                         seed + epoch + 1, layout)
+    return {"epoch": epoch + 1, "loss": mean_loss, "images_per_s": images / seconds,
+            "val_accuracy": evaluate(model, *data.val, data.mean, data.std),
+            "test_accuracy": evaluate(model, *data.test, data.mean, data.std),
+            "seconds": seconds, "bn_recalibration_batches": recalibrated}
