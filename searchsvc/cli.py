@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show full tracebacks and debug logs")
 
+    _add_run_commands(commands, common)
+    _add_inspect_commands(commands, common)
+    return parser
+
+
+def _add_run_commands(commands: Any, common: argparse.ArgumentParser) -> None:
+    """validate, run, resume, sensitivity: the commands that check or start work."""
     validate = commands.add_parser("validate", parents=[common], help="check a job config against the schema",
                                    description="Check CONFIG; print every problem with its key path (exit 2).")
     validate.add_argument("config", metavar="CONFIG", help="job config YAML file")
@@ -68,21 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     run.add_argument("--report", metavar="HTML", help="when the run ends, write its HTML report here")
 
-    results = commands.add_parser("results", parents=[common], help="show a run's ranked results",
-                                  description="Print the consolidated results of a run, best first.")
-    _add_store(results)
-    results.add_argument("--run", help="run id (default: the latest run in the store)")
-    results.add_argument("--top", type=int, metavar="K", help="show only the best K rows")
-    results.add_argument("--json", action="store_true", help="print a JSON list of row objects instead of a table")
-
-    report = commands.add_parser("report", parents=[common], help="write a run's HTML report",
-                                 description="Write one self-contained HTML file (plots inline) with the run's "
-                                             "summary, Pareto fronts, best candidates and the method's plots.")
-    _add_store(report)
-    report.add_argument("--run", help="run id (default: the latest run in the store)")
-    report.add_argument("-o", "--output", default="report.html", help="HTML file to write (default report.html)")
-    report.add_argument("--top", type=int, default=10, metavar="K", help="rows of the best-candidates table (10)")
-
     resume = commands.add_parser("resume", parents=[common], help="continue an interrupted run",
                                  description="Continue run ID from what the store holds: its resolved config, "
                                              "the evaluations it recorded (not trained again) and the driver's "
@@ -91,24 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--run", required=True, help="id of the run to continue")
     resume.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     resume.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-
-    export = commands.add_parser("export", parents=[common], help="export a kept candidate to ONNX or TorchScript",
-                                 description="Rebuild a kept candidate (spec + weights, sha256-checked) and write "
-                                             "it as ONNX (.onnx) or TorchScript (.pt / .ts).")
-    export.add_argument("candidate", metavar="SPEC_HASH", help="spec hash, or a candidates/<hash> URI in a store")
-    export.add_argument("-o", "--output", required=True, help="output file: model.onnx, model.pt or model.ts")
-    _add_store(export)
-
-    summary = commands.add_parser("summary", parents=[common], help="per-layer sparsity or compute table of a model",
-                                  description="Print Distiller's summary of a kept candidate or a teacher: per "
-                                              "weight shape, params, non-zeros and sparsity (--kind sparsity), or per "
-                                              "layer feature maps, weights and MACs (--kind compute), with totals. "
-                                              "The table is also stored as summaries/<HASH>-<kind>.csv.")
-    summary.add_argument("model", metavar="HASH", help="spec hash of a kept candidate, or a teacher hash")
-    summary.add_argument("--kind", choices=("sparsity", "compute"), default="sparsity",
-                         help="sparsity: zeros per weight and 'Total sparsity'; compute: MACs per layer "
-                              "(default sparsity)")
-    _add_store(summary)
 
     sens = commands.add_parser("sensitivity", parents=[common], help="prune each layer alone; accuracy per level",
                                description="Sensitivity analysis of CONFIG's teacher: each weight pruned alone to "
@@ -128,7 +102,42 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     _add_set(sens)
     sens.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    return parser
+
+
+def _add_inspect_commands(commands: Any, common: argparse.ArgumentParser) -> None:
+    """results, report, export, summary: the commands that read what a run stored."""
+    results = commands.add_parser("results", parents=[common], help="show a run's ranked results",
+                                  description="Print the consolidated results of a run, best first.")
+    _add_store(results)
+    results.add_argument("--run", help="run id (default: the latest run in the store)")
+    results.add_argument("--top", type=int, metavar="K", help="show only the best K rows")
+    results.add_argument("--json", action="store_true", help="print a JSON list of row objects instead of a table")
+
+    report = commands.add_parser("report", parents=[common], help="write a run's HTML report",
+                                 description="Write one self-contained HTML file (plots inline) with the run's "
+                                             "summary, Pareto fronts, best candidates and the method's plots.")
+    _add_store(report)
+    report.add_argument("--run", help="run id (default: the latest run in the store)")
+    report.add_argument("-o", "--output", default="report.html", help="HTML file to write (default report.html)")
+    report.add_argument("--top", type=int, default=10, metavar="K", help="rows of the best-candidates table (10)")
+
+    export = commands.add_parser("export", parents=[common], help="export a kept candidate to ONNX or TorchScript",
+                                 description="Rebuild a kept candidate (spec + weights, sha256-checked) and write "
+                                             "it as ONNX (.onnx) or TorchScript (.pt / .ts).")
+    export.add_argument("candidate", metavar="SPEC_HASH", help="spec hash, or a candidates/<hash> URI in a store")
+    export.add_argument("-o", "--output", required=True, help="output file: model.onnx, model.pt or model.ts")
+    _add_store(export)
+
+    summary = commands.add_parser("summary", parents=[common], help="per-layer sparsity or compute table of a model",
+                                  description="Print Distiller's summary of a kept candidate or a teacher: per "
+                                              "weight shape, params, non-zeros and sparsity (--kind sparsity), or per "
+                                              "layer feature maps, weights and MACs (--kind compute), with totals. "
+                                              "The table is also stored as summaries/<HASH>-<kind>.csv.")
+    summary.add_argument("model", metavar="HASH", help="spec hash of a kept candidate, or a teacher hash")
+    summary.add_argument("--kind", choices=("sparsity", "compute"), default="sparsity",
+                         help="sparsity: zeros per weight and 'Total sparsity'; compute: MACs per layer "
+                              "(default sparsity)")
+    _add_store(summary)
 
 
 def _add_store(sub: argparse.ArgumentParser, from_config: bool = False) -> None:

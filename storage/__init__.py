@@ -24,7 +24,6 @@ from storage.errors import (
     StoreAccessError,
     StoreError,
     StoreUnreachableError,
-    UnsavedResult,
     WriteConflictError,
 )
 from storage.local import LocalStore
@@ -42,7 +41,7 @@ def __getattr__(name: str):  # PEP 562: `from storage import S3Store` imports bo
 __all__ = [
     "DEFAULT_STORE", "ArtifactStore", "BucketNotFoundError", "CorruptArtifactError", "InvalidKeyError",
     "KeyNotFoundError", "LocalStore", "S3Store", "StoreAccessError", "StoreError", "StoreOptions",
-    "StoreUnreachableError", "UnsavedResult", "WriteConflictError", "check_id", "check_key", "open_store",
+    "StoreUnreachableError", "WriteConflictError", "check_id", "check_key", "open_store",
     "sha256_bytes", "sha256_file",
 ]
 

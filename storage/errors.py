@@ -21,18 +21,6 @@ class StoreUnreachableError(StoreError):
     """The S3 endpoint does not answer."""
 
 
-class UnsavedResult(StoreUnreachableError):
-    """A finished evaluation whose files could not be stored: they travel with the error (key → bytes)
-    so the driver can keep them on local disk instead of losing them."""
-
-    def __init__(self, message: str, files: dict[str, bytes], metrics: dict) -> None:
-        super().__init__(message)
-        self.files, self.metrics = files, metrics
-
-    def __reduce__(self):  # Ray pickles a worker's exception back to the driver: keep the payload
-        return (type(self), (str(self), self.files, self.metrics))
-
-
 class BucketNotFoundError(StoreError):
     """The S3 bucket does not exist."""
 

@@ -11,39 +11,32 @@ A folder with a manifest.json is complete: the manifest is written last, once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from storage.base import MANIFEST, check_id
 
 RUNS, CANDIDATES, TEACHERS = "runs/", "candidates/", "teachers/"
 
 
-def run(run_id: str) -> str:
-    """`runs/<run_id>`."""
-    return f"{RUNS}{check_id(run_id, 'run id')}"
+@dataclass(frozen=True)
+class Folder:
+    """One kind of folder: `folder(id)` is its key (the id checked), `folder.file(id, name)` a file in it."""
+
+    root: str  # "runs/", ...
+    what: str  # what the id is, for the error message
+
+    def __call__(self, value: str) -> str:
+        return f"{self.root}{check_id(value, self.what)}"
+
+    def file(self, value: str, name: str) -> str:
+        """`<root><id>/<name>` (name may hold folders: `state/n2n.json`, `logits/meta.json`)."""
+        return f"{self(value)}/{name}"
 
 
-def run_file(run_id: str, name: str) -> str:
-    """`runs/<run_id>/<name>` (name may hold folders: `state/n2n.json`)."""
-    return f"{run(run_id)}/{name}"
-
-
-def candidate(spec_hash: str) -> str:
-    """`candidates/<spec_hash>`."""
-    return f"{CANDIDATES}{check_id(spec_hash, 'spec hash')}"
-
-
-def candidate_file(spec_hash: str, name: str) -> str:
-    """`candidates/<spec_hash>/<name>`."""
-    return f"{candidate(spec_hash)}/{name}"
-
-
-def teacher(teacher_hash: str) -> str:
-    """`teachers/<teacher_hash>`."""
-    return f"{TEACHERS}{check_id(teacher_hash, 'teacher hash')}"
-
-
-def teacher_file(teacher_hash: str, name: str) -> str:
-    """`teachers/<teacher_hash>/<name>` (name may hold folders: `logits/meta.json`)."""
-    return f"{teacher(teacher_hash)}/{name}"
+run = Folder(RUNS, "run id")  # runs/<run_id>
+candidate = Folder(CANDIDATES, "spec hash")  # candidates/<spec_hash>
+teacher = Folder(TEACHERS, "teacher hash")  # teachers/<teacher_hash>
+run_file, candidate_file, teacher_file = run.file, candidate.file, teacher.file
 
 
 def manifest(prefix: str) -> str:

@@ -247,3 +247,18 @@ def test_store_options_are_passed_in_and_read_from_the_environment_only_at_the_e
     for bad in ("soon", "-1", "nan"):
         with pytest.raises(StoreError, match="SEARCHSVC_STORE_RETRY_S"):
             StoreOptions.from_env({"SEARCHSVC_STORE_RETRY_S": bad})
+
+
+def test_the_layout_builds_every_key_and_refuses_ids_that_would_escape():
+    from storage import layout
+
+    run_id = "20261126-000000.000-abc123"
+    assert layout.run_file(run_id, "state/n2n.json") == f"runs/{run_id}/state/n2n.json"
+    assert layout.candidate_file("0123456789abcdef", "model.pt") == "candidates/0123456789abcdef/model.pt"
+    assert layout.manifest(layout.teacher("fedcba9876543210")) == "teachers/fedcba9876543210/manifest.json"
+    for folder in (layout.run, layout.candidate, layout.teacher):
+        for bad in ("..", "a/b", "", "x y"):
+            with pytest.raises(InvalidKeyError, match=folder.what):
+                folder(bad)
+    keys = ["runs/b/run.json", "runs/a/config.yaml", "runs/a/run.json", "runs/loose", "teachers/t/x"]
+    assert layout.run_ids(keys) == ["a", "b"]

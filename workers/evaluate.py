@@ -29,7 +29,6 @@ from storage import (
     ArtifactStore,
     KeyNotFoundError,
     StoreUnreachableError,
-    UnsavedResult,
     WriteConflictError,
     layout,
 )
@@ -48,6 +47,19 @@ log = logging.getLogger(__name__)
 
 # Seconds to wait for another writer's manifest: it is at most a few writes ahead, unless it died mid-save.
 OTHER_WRITER_S = 30.0
+
+
+class UnsavedResult(StoreUnreachableError):
+    """A finished evaluation whose files could not be stored: they travel with the error (key → bytes)
+    so the driver can keep them on local disk instead of losing them (`storage.spool`)."""
+
+    def __init__(self, message: str, files: dict[str, bytes], metrics: dict) -> None:
+        super().__init__(message)
+        self.files, self.metrics = files, metrics
+
+    def __reduce__(self):  # Ray pickles a worker's exception back to the driver: keep the payload
+        return (type(self), (str(self), self.files, self.metrics))
+
 
 
 @dataclass

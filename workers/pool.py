@@ -31,10 +31,11 @@ import torch
 from ray.exceptions import RayActorError, RayTaskError
 
 from core.errors import SearchsvcError
-from storage import ArtifactStore, StoreAccessError, StoreUnreachableError, UnsavedResult
+from storage import ArtifactStore, StoreAccessError, StoreUnreachableError
 from workers.data import DatasetConfig
 from workers.evaluate import (
     EvalContext,
+    UnsavedResult,
     compute_candidate,
     invalid_metrics,
     local_context,
