@@ -41,7 +41,7 @@ class Recorder:
     size = "params"  # the metric compression and reward count (a sparse method counts non-zero parameters)
 
     def __init__(self, context: RunContext, reward_form: RewardForm = "c_2_minus_c", total: int | None = None) -> None:
-        self.ctx = context
+        self.context = context
         self.reward_form = reward_form
         self.teacher_params = count_parameters(context.teacher.model)
         self.teacher_accuracy = context.teacher.test_accuracy  # reported beside the candidates
@@ -57,13 +57,13 @@ class Recorder:
 
     def _preload(self) -> None:
         """A resumed run: the evaluations it already recorded count as done and are not sent again."""
-        prefix = f"{layout.run(self.ctx.run_id)}/evals/"
-        for key in self.ctx.store.list(prefix):
-            row = self.ctx.store.get_json(key)
+        prefix = f"{layout.run(self.context.run_id)}/evals/"
+        for key in self.context.store.list(prefix):
+            row = self.context.store.get_json(key)
             self.rows[row["spec_hash"]] = row
-            self.ctx.rows.append(row)
+            self.context.rows.append(row)
             self.bar.update(1)
-        log.info("resumed run %s: %d evaluations already recorded", self.ctx.run_id, len(self.rows))
+        log.info("resumed run %s: %d evaluations already recorded", self.context.run_id, len(self.rows))
 
     @property
     def evaluations(self) -> int:
@@ -86,7 +86,7 @@ class Recorder:
         row = {**self.row(spec, metrics, cached), "order": len(self.rows) + 1, **extra}  # 1, 2, ... as recorded
         self.rows[row["spec_hash"]] = row
         self._store_row(row, unsaved)
-        self.ctx.rows.append(row)
+        self.context.rows.append(row)
         self._progress(row)
         if time.perf_counter() - self._last_write > RESULTS_EVERY_S:
             self.flush()
@@ -97,7 +97,7 @@ class Recorder:
         """evals/<hash>.json, once; if the store stays unreachable the row (and the candidate's unsaved files)
         are kept on local disk and the run stops with a message that says where (`searchsvc resume` uploads
         them)."""
-        store, key = self.ctx.store, f"{layout.run(self.ctx.run_id)}/evals/{row['spec_hash']}.json"
+        store, key = self.context.store, f"{layout.run(self.context.run_id)}/evals/{row['spec_hash']}.json"
         cause: StoreUnreachableError | None = unsaved
         if cause is None:
             try:
@@ -114,13 +114,13 @@ class Recorder:
         """Stop writing, and say how the run goes on once the store is back."""
         self._store_down = True
         return StoreUnreachableError(f"{err}; {kept}. Once the store is back, `searchsvc resume --store "
-                                     f"{self.ctx.store.uri} --run {self.ctx.run_id}` continues the run")
+                                     f"{self.context.store.uri} --run {self.context.run_id}` continues the run")
 
     def row(self, spec: CandidateSpec, m: dict[str, Any], cached: bool) -> dict[str, Any]:
         """A results-table row from a candidate's metrics."""
         ok = m.get("status") == "ok"
         return {
-            "spec_hash": spec.spec_hash, "method": self.ctx.config.method, "run_id": self.ctx.run_id,
+            "spec_hash": spec.spec_hash, "method": self.context.config.method, "run_id": self.context.run_id,
             "code_version": code_version(), "status": m.get("status", "invalid"),
             "accuracy": m.get("accuracy", 0.0), "params": m.get("params"), "macs": m.get("macs"),
             "latency_ms": m.get("latency_ms"), "wall_s": m.get("wall_s"), "worker": m.get("worker"),
@@ -149,7 +149,7 @@ class Recorder:
         if self._store_down:
             return
         try:
-            write_results(self.ctx.store, self.ctx.run_id, self.ctx.rows)
+            write_results(self.context.store, self.context.run_id, self.context.rows)
         except StoreUnreachableError as err:
             raise self._store_down_error(err, "every recorded result is stored") from None
         self._last_write = time.perf_counter()
@@ -158,7 +158,7 @@ class Recorder:
         """Write the final table and report the counts to the run."""
         self.flush()
         self.bar.close()
-        self.ctx.summary.update(evaluations=self.evaluations, cache_hits=self.cache_hits)
+        self.context.summary.update(evaluations=self.evaluations, cache_hits=self.cache_hits)
 
 
 def prepare_teacher_logits(context: RunContext) -> None:
@@ -194,7 +194,7 @@ class Evaluator(Recorder):
     def close(self) -> None:
         """Write the final table, stop the actors, report counts to the run."""
         super().close()
-        self.ctx.summary.update(workers_lost=self.pool.lost, workers_replaced=self.pool.replaced)
+        self.context.summary.update(workers_lost=self.pool.lost, workers_replaced=self.pool.replaced)
         self.pool.shutdown()
 
 

@@ -72,7 +72,7 @@ class StageBudget:
         allowed: dict[str, CandidateSpec] = {}  # a spec twice in one batch is trained (and counted) once
         for spec in specs:
             known = (spec.spec_hash in allowed or spec.spec_hash in self.evaluator.rows
-                     or stored_metrics(self.evaluator.ctx.store, spec.spec_hash) is not None)
+                     or stored_metrics(self.evaluator.context.store, spec.spec_hash) is not None)
             if known or (self.trained < self.budget and time.monotonic() < self.deadline):
                 allowed[spec.spec_hash] = spec
                 self.trained += 0 if known else 1
@@ -124,7 +124,7 @@ def run_ppo(session: StageBudget, seed: int, checkpoints: str, restore: bool) ->
         .debugging(seed=seed)
     )
     algo = config.build_algo()
-    store = session.evaluator.ctx.store
+    store = session.evaluator.context.store
     history: list[dict[str, Any]] = []
     try:
         if restore and store.exists(f"{checkpoints}/rllib_checkpoint.json"):
@@ -197,7 +197,7 @@ def finetune_top(evaluator: Evaluator, search: N2NSearch) -> list[dict[str, Any]
     """
     searched = [r for r in evaluator.rows.values() if r["status"] == "ok" and not r.get("finetuned_from")]
     top = sorted(searched, key=lambda r: r["reward"], reverse=True)[: search.top_k]
-    store = evaluator.ctx.store
+    store = evaluator.context.store
     specs = []
     for row in top:
         parent = CandidateSpec.from_json(store.get_bytes(layout.candidate_file(row["spec_hash"], "spec.json")).decode())

@@ -76,7 +76,7 @@ class TrialRecorder(Recorder):
         if "spec" not in result:
             return
         spec = CandidateSpec.from_json(result["spec"])
-        metrics = stored_metrics(self.ctx.store, spec.spec_hash)  # the store is the truth
+        metrics = stored_metrics(self.context.store, spec.spec_hash)  # the store is the truth
         if metrics is None:  # not stored (out of memory): what the trial said
             metrics = invalid_metrics(spec.spec_hash, result["error"] or "not stored")
         self.record(spec, metrics, bool(result["cached"]), trial=trial_id, sample=json.dumps(sample, sort_keys=True),
@@ -179,22 +179,24 @@ class SparseRecorder(TrialRecorder):
 
 def finish_sparse(recorder: SparseRecorder, trials: int, title: str) -> None:
     """Pareto front by non-zero parameters, sparsity / compute summaries of every kept model, the plot."""
-    ctx = recorder.ctx
+    context = recorder.context
     rows = list(recorder.rows.values())
     front = mark_pareto(rows, size=SparseRecorder.size)
-    prefix = layout.run(ctx.run_id)
-    size = ctx.splits.in_channels, ctx.splits.image_size
+    prefix = layout.run(context.run_id)
+    size = context.splits.in_channels, context.splits.image_size
     for row in rows:
         if row["status"] != "ok" or not row.get("artifact"):
             continue
-        model = load_candidate_model(ctx.store, row["spec_hash"])
+        model = load_candidate_model(context.store, row["spec_hash"])
         for kind in SUMMARY_KINDS:
-            ctx.store.put_bytes(f"{prefix}/summaries/{row['spec_hash']}-{kind}.csv", to_csv(summary(model, kind, *size)))
+            context.store.put_bytes(f"{prefix}/summaries/{row['spec_hash']}-{kind}.csv",
+                                    to_csv(summary(model, kind, *size)))
     png = trajectory_png(rows, recorder.teacher_params, recorder.teacher_accuracy, title=title, size=SparseRecorder.size)
-    ctx.store.put_bytes(f"{prefix}/plots/trajectory.png", png)
+    context.store.put_bytes(f"{prefix}/plots/trajectory.png", png)
     recorder.close()
-    ctx.summary.update(trials=trials, pareto=len(front), plot=ctx.store.uri_for(f"{prefix}/plots/trajectory.png"),
-                       summaries=ctx.store.uri_for(f"{prefix}/summaries/"))
+    context.summary.update(trials=trials, pareto=len(front),
+                           plot=context.store.uri_for(f"{prefix}/plots/trajectory.png"),
+                           summaries=context.store.uri_for(f"{prefix}/summaries/"))
 
 
 @dataclass(frozen=True)

@@ -157,18 +157,18 @@ def run_taylor(context: RunContext) -> None:
 
 def finish(recorder: TrialRecorder) -> None:
     """Mark the Pareto front, store the trajectory plot and a per-trial summary, write the table."""
-    ctx = recorder.ctx
+    context = recorder.context
     rows = list(recorder.rows.values())
     front = sweep.mark_pareto(rows)
-    prefix = layout.run(ctx.run_id)
+    prefix = layout.run(context.run_id)
     png = trajectory_png(rows, recorder.teacher_params, recorder.teacher_accuracy,
-                         title=f"Taylor pruning, run {ctx.run_id}")
-    ctx.store.put_bytes(f"{prefix}/plots/trajectory.png", png)
+                         title=f"Taylor pruning, run {context.run_id}")
+    context.store.put_bytes(f"{prefix}/plots/trajectory.png", png)
     trials = trial_summaries(rows)
-    ctx.store.put_json(f"{prefix}/trials.json", trials)
+    context.store.put_json(f"{prefix}/trials.json", trials)
     recorder.close()
-    ctx.summary.update(trials=len(trials), pareto=len(front),
-                       plot=ctx.store.uri_for(f"{prefix}/plots/trajectory.png"))
+    context.summary.update(trials=len(trials), pareto=len(front),
+                           plot=context.store.uri_for(f"{prefix}/plots/trajectory.png"))
 
 
 def trial_summaries(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

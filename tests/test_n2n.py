@@ -199,7 +199,7 @@ def test_a_candidate_proposed_twice_in_one_batch_counts_once_against_the_budget(
     class FakeEvaluator:
         def __init__(self):
             self.rows, self.sent = {}, []
-            self.ctx = SimpleNamespace(store=LocalStore(tmp_path / "store"))
+            self.context = SimpleNamespace(store=LocalStore(tmp_path / "store"))
 
         def evaluate(self, specs):
             self.sent.append([s.spec_hash for s in specs])
