@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from common import write_result  # noqa: E402  (common puts the checkout on sys.path)
+
 from core.errors import SearchsvcError  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -150,8 +151,9 @@ def build_store(folder: Path) -> str:
 def open_target(store: str, run_id: str | None, work: Path) -> Target:
     """Read the run's rows (the latest run's by default) once, here, and pick its best kept candidate to
     export and summarise."""
+    from searchsvc.results import read_results
     from storage import open_store
-    from storage.tables import latest_run, read_results
+    from storage.layout import latest_run
 
     opened = open_store(store, create=False)
     run_id = run_id or latest_run(opened)

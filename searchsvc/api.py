@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from searchsvc.results import read_results
 from storage import ArtifactStore, StoreOptions, open_store
-from storage.tables import read_results
 
 
 def results(store: ArtifactStore | str, run_id: str | None = None, endpoint: str | None = None) -> pa.Table:

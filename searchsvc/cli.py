@@ -217,7 +217,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from storage.tables import latest_run, read_results
+    from searchsvc.results import read_results
+    from storage.layout import latest_run
 
     if args.top is not None and args.top < 1:
         raise SearchsvcError(f"--top: must be a positive integer, got {args.top}")
@@ -234,7 +235,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from storage import layout
-    from storage.tables import latest_run
+    from storage.layout import latest_run
 
     if args.top < 1:
         raise SearchsvcError(f"--top: must be a positive integer, got {args.top}")

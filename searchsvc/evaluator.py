@@ -18,12 +18,12 @@ from tqdm.auto import tqdm
 
 from searchsvc import stopping
 from searchsvc.job import RunContext
+from searchsvc.results import write_results
 from searchsvc.rewards import INVALID_REWARD, RewardForm, compression_ratio, reward
 from searchsvc.stopping import stop_on_sigterm
 from searchsvc.version import code_version
 from storage import StoreUnreachableError, layout, spool
 from storage.base import json_bytes as store_json_bytes
-from storage.tables import write_results
 from workers.evaluate import UnsavedResult
 from workers.measure import count_parameters
 from workers.pool import EvalPool

@@ -20,11 +20,11 @@ import yaml
 from core.errors import SearchsvcError
 from searchsvc.config import ConfigError, JobConfig, config_to_yaml, parse_config
 from searchsvc.methods import get_method
+from searchsvc.results import write_results
 from searchsvc.stopping import Stopped, stop_on_sigterm
 from searchsvc.version import code_version
 from storage import ArtifactStore, KeyNotFoundError, StoreOptions, StoreUnreachableError, layout, open_store, spool
 from storage.base import MANIFEST
-from storage.tables import write_results
 from workers.data import Splits, load_dataset
 from workers.teacher import Teacher, load_or_train_teacher
 from workers.train import resolve_device

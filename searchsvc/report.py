@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 
 from searchsvc.plots import front_png, progress_png, schedule_png
+from searchsvc.results import pareto_front, rank, results_table
 from storage import ArtifactStore, layout
-from storage.tables import pareto_front, rank, results_table
 from workers.measure import count_macs, count_parameters
 from workers.zoo import arch_from_data, build_model
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from storage.base import MANIFEST, check_id
+from storage.base import MANIFEST, ArtifactStore, check_id
+from storage.errors import StoreError
 
 RUNS, CANDIDATES, TEACHERS = "runs/", "candidates/", "teachers/"
 
@@ -47,3 +48,16 @@ def manifest(prefix: str) -> str:
 def run_ids(keys: list[str]) -> list[str]:
     """The run ids among `keys` listed under runs/, sorted (ids start with a UTC timestamp: oldest first)."""
     return sorted({key.split("/")[1] for key in keys if key.startswith(RUNS) and key.count("/") >= 2})
+
+
+def list_runs(store: ArtifactStore) -> list[str]:
+    """Run ids in the store, oldest first (ids start with a UTC timestamp)."""
+    return run_ids(store.list(RUNS))
+
+
+def latest_run(store: ArtifactStore) -> str:
+    """The newest run id; StoreError if the store holds none."""
+    runs = list_runs(store)
+    if not runs:
+        raise StoreError(f"{store.uri} holds no runs yet: start one with `searchsvc run CONFIG`")
+    return runs[-1]

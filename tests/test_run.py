@@ -11,8 +11,8 @@ import torch
 
 import searchsvc
 from searchsvc.cli import main
+from searchsvc.results import write_results
 from storage import LocalStore, open_store
-from storage.tables import write_results
 from workers.teacher import load_teacher
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,6 +9,7 @@ import pickle
 import pyarrow as pa
 import pytest
 
+from searchsvc.results import read_results, write_results
 from storage import (
     BucketNotFoundError,
     CorruptArtifactError,
@@ -22,7 +23,6 @@ from storage import (
     WriteConflictError,
     open_store,
 )
-from storage.tables import read_results, write_results
 
 
 def test_bytes_round_trip(store):

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from searchsvc.cli import main
 from searchsvc.config import ConfigError, load_config
 from searchsvc.methods import TaylorStop
+from searchsvc.results import pareto_front
 from searchsvc.taylor import prune_count, stop_reason
 from storage import LocalStore, open_store
-from storage.tables import pareto_front
 from tests.conftest import kill_run_when
 from workers.data import DatasetConfig, load_dataset, normalize
 from workers.measure import count_parameters

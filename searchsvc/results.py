@@ -1,4 +1,6 @@
-"""The results table: one row per evaluation, the same columns for every method (DESIGN §2)."""
+"""The results table: one row per evaluation, the same columns for every method (DESIGN §2), and how a
+search ranks them (reward on validation data; test accuracy only reports). The search owns this; the
+store only holds the Parquet file at `runs/<run_id>/results.parquet`."""
 
 from __future__ import annotations
 
@@ -7,9 +9,8 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage import layout
+from storage import KeyNotFoundError, layout
 from storage.base import ArtifactStore
-from storage.errors import KeyNotFoundError, StoreError
 
 RESULT_SCHEMA = pa.schema([
     ("spec_hash", pa.string()),
@@ -58,22 +59,9 @@ def write_results(store: ArtifactStore, run_id: str, rows: Iterable[dict[str, An
     return table
 
 
-def list_runs(store: ArtifactStore) -> list[str]:
-    """Run ids in the store, oldest first (ids start with a UTC timestamp)."""
-    return layout.run_ids(store.list(layout.RUNS))
-
-
-def latest_run(store: ArtifactStore) -> str:
-    """The newest run id; StoreError if the store holds none."""
-    runs = list_runs(store)
-    if not runs:
-        raise StoreError(f"{store.uri} holds no runs yet: start one with `searchsvc run CONFIG`")
-    return runs[-1]
-
-
 def read_results(store: ArtifactStore, run_id: str | None = None) -> pa.Table:
     """The ranked results of `run_id` (latest run by default); an empty table if none were written."""
-    run_id = run_id or latest_run(store)
+    run_id = run_id or layout.latest_run(store)
     prefix = layout.run(run_id)
     if not store.exists(f"{prefix}/config.yaml"):
         raise KeyNotFoundError(f"run '{run_id}' does not exist in {store.uri}")
