@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 
 from searchsvc import stopping
 from searchsvc.job import RunContext
-from searchsvc.results import write_results
 from searchsvc.rewards import INVALID_REWARD, RewardForm, compression_ratio, reward
 from searchsvc.stopping import stop_on_sigterm
 from searchsvc.version import code_version
@@ -149,7 +148,7 @@ class Recorder:
         if self._store_down:
             return
         try:
-            write_results(self.context.store, self.context.run_id, self.context.rows)
+            self.context.write_results()
         except StoreUnreachableError as err:
             raise self._store_down_error(err, "every recorded result is stored") from None
         self._last_write = time.perf_counter()

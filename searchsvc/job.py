@@ -47,6 +47,11 @@ class RunContext:
     rows: list[dict[str, Any]] = field(default_factory=list)  # result rows; the driver appends
     summary: dict[str, Any] = field(default_factory=dict)  # counts the driver reports (evaluations, cache_hits)
 
+    def write_results(self) -> pa.Table:
+        """(Re)write the run's results.parquet from every row so far: the one writer of that file (the
+        recorder calls it as rows arrive, the job once the driver is done); returns the ranked table."""
+        return write_results(self.store, self.run_id, self.rows)
+
 
 @dataclass
 class RunResult:
@@ -140,7 +145,7 @@ def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[
         context = RunContext(config, store, run_id, splits, teacher, progress, address, resumed=resumed)
         driver(context)
         status = "finished"
-        table = write_results(store, run_id, context.rows)
+        table = context.write_results()
     except BaseException as err:
         stopped = isinstance(err, (Stopped, KeyboardInterrupt))  # by the user: resume continues it
         record.update(status="stopped" if stopped else "failed", error=f"{type(err).__name__}: {err}",
