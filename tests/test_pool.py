@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 
@@ -10,7 +11,7 @@ import pytest
 import ray
 import torch
 
-from storage import LocalStore
+from storage import CorruptArtifactError, LocalStore
 from workers.data import DatasetConfig, SyntheticConfig, load_dataset
 from workers.pool import EvalPool
 from workers.resources import Resources
@@ -77,6 +78,22 @@ def test_stored_candidates_are_not_evaluated_again(prepared):
     assert pool.cache_hits == 2 and pool.replaced == 0
     for key, outcome in second.items():
         assert outcome.metrics == first[key].metrics
+
+
+def test_an_edited_stored_result_is_refused_not_taken_as_a_cache_hit(prepared):
+    """Trust no stored byte: the cache lookup checks metrics.json against the candidate's manifest."""
+    store, teacher_hash = prepared
+    edited = spec(teacher_hash, seed=13)
+    pool = pool_for(prepared, size=1)
+    try:
+        [outcome] = pool.map_unordered([edited])
+        path = store.root / "candidates" / edited.spec_hash / "metrics.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "accuracy": 0.9999}))
+        with pytest.raises(CorruptArtifactError, match=f"candidates/{edited.spec_hash}/metrics.json is corrupt"):
+            list(pool.map_unordered([edited]))
+    finally:
+        pool.shutdown()
+    assert outcome.metrics["status"] == "ok" and outcome.metrics["accuracy"] != 0.9999
 
 
 def test_killed_actor_leads_to_one_retried_result(prepared):

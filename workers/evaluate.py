@@ -108,11 +108,13 @@ def local_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfi
 
 
 def stored_metrics(store: ArtifactStore, spec_hash: str) -> dict[str, Any] | None:
-    """The metrics of a complete stored evaluation, or None (the cache lookup)."""
+    """The metrics of a complete stored evaluation, or None (the cache lookup). Checked against the
+    candidate's manifest like every stored byte: an edited metrics.json is a CorruptArtifactError naming it,
+    never a result (write-once: it cannot be recomputed in place, so the run stops on it)."""
     prefix = layout.candidate(spec_hash)
-    if not store.exists(f"{prefix}/manifest.json"):
+    if not store.exists(layout.manifest(prefix)):
         return None
-    return store.get_json(f"{prefix}/metrics.json")
+    return json.loads(store.get_verified(prefix, "metrics.json"))
 
 
 def invalid_metrics(spec_hash: str, reason: str, wall_s: float = 0.0, worker: str | None = None) -> dict[str, Any]:
