@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -95,11 +96,20 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str], meta: dict | N
     if origin is tuple:
         return _convert_tuple(args, value, path, problems)
     if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{_name(path)}: must be a mapping, got {_describe(value)}")
-            return {}
-        return dict(value)
+        return _convert_mapping(args, value, path, problems)
     return _convert_scalar(tp, value, path, problems, meta)
+
+
+def _convert_mapping(args: tuple, value: Any, path: str, problems: list[str]) -> dict:
+    """A `dict[K, V]` field: every key and value checked as K and V (a bare `dict` takes any)."""
+    if not isinstance(value, dict):
+        problems.append(f"{_name(path)}: must be a mapping, got {_describe(value)}")
+        return {}
+    if not args:
+        return dict(value)
+    key_type, value_type = args
+    return {_convert(key_type, k, f"{path}.{k}", problems): _convert(value_type, v, f"{path}.{k}", problems)
+            for k, v in value.items()}
 
 
 def _convert_union(args: tuple, value: Any, path: str, problems: list[str], meta: dict) -> Any:
@@ -177,6 +187,9 @@ def _convert_scalar(tp: Any, value: Any, path: str, problems: list[str], meta: d
         return value
     if tp is float:
         value = float(value)
+        if not math.isfinite(value):  # .nan, .inf, 1e400: no training or JSON record survives them
+            problems.append(f"{_name(path)}: must be a finite number, got {value}")
+            return value
     if tp in (int, float) and not _in_bounds(value, meta):
         problems.append(f"{_name(path)}: {_expected(tp, meta)}, got {_describe(value)}")
     choices = meta.get("choices")

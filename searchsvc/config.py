@@ -1,4 +1,5 @@
-"""Job configs: YAML (read with yaml.safe_load) → frozen dataclasses, every problem named by its key path."""
+"""Job configs: YAML (core.yamlio: safe types, no aliases, no duplicate keys) → frozen dataclasses, every problem
+named by its key path."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import yaml
 
 from core.errors import SearchsvcError
 from core.records import RecordError, from_data, to_data
+from core.yamlio import load_yaml
 from searchsvc.methods import get_method, list_methods
 from storage import DEFAULT_STORE
 from workers.data import DatasetConfig
@@ -45,7 +47,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
         if not sep or not key.strip():
             raise ConfigError([f"--set {item!r}: expected key.path=value"])
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = load_yaml(text) if text.strip() else None
         except yaml.YAMLError:
             raise ConfigError([f"--set {key}: value {text!r} is not valid YAML"]) from None
         node = raw
@@ -71,7 +73,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
         raise ConfigError([f"{path}: cannot read ({err.__class__.__name__})"]) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from core.records import RecordError
+from core.yamlio import load_yaml
 from searchsvc.methods import AgpSearch
 from workers.schedule import ScheduleError, parse_schedule
 from workers.zoo import create_model
@@ -25,7 +26,7 @@ def base_schedule(search: AgpSearch) -> dict[str, Any]:
         return copy.deepcopy(search.schedule)
     try:
         with open(search.schedule) as handle:
-            raw = yaml.safe_load(handle)
+            raw = load_yaml(handle.read())
     except OSError as err:
         raise ScheduleError([f"search.schedule: cannot read {search.schedule!r}: {err.strerror}"]) from None
     except yaml.YAMLError as err:

@@ -49,6 +49,18 @@ MALFORMED = [
     ("fraction_out_of_range", GOOD.replace("{name: synthetic}", "{name: synthetic, val_fraction: 1.5}"),
      "dataset.val_fraction: must be a number in [0, 1), got 1.5"),
     ("missing_file", None, "no such file"),
+    # numbers that are not numbers, values inside typed mappings, YAML that hides what it says
+    ("nan_lr", GOOD.replace("epochs: 2}", "epochs: 2, lr: .nan}"), "teacher.lr: must be a finite number, got nan"),
+    ("inf_lr", GOOD.replace("batch_size: 64}", "batch_size: 64, lr: .inf}"),
+     "train.lr: must be a finite number, got inf"),
+    ("overflowing_lr", GOOD.replace("batch_size: 64}", "batch_size: 64, lr: 1e400}"),
+     "train.lr: must be a finite number, got inf"),
+    ("nan_fraction", GOOD.replace("{name: synthetic}", "{name: synthetic, val_fraction: .nan}"),
+     "dataset.val_fraction: must be a finite number, got nan"),
+    ("width_not_an_int", "method: grid\ndataset: {name: synthetic}\nteacher: {arch: tiny_cnn}\n"
+     "search: {candidates: [{widths: {layer2: .nan}}]}\n", "search.candidates[0].widths.layer2: must be an integer"),
+    ("duplicate_key", GOOD + "train: {epochs: 600}\n", ":5:1: invalid YAML: duplicate key 'train'"),
+    ("recursive_alias", GOOD + "seed: &loop [*loop]\n", "invalid YAML: YAML aliases (*name) are not accepted"),
 ]
 
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from core.names import did_you_mean, is_int
 from core.records import RecordError, from_data
+from core.yamlio import load_yaml
 from workers.pruners import ANY, Masks, PolicyStep, Pruner, StructuredAGP, prunable_weights, pruner_classes
 from workers.thinning import group_of_weight
 from workers.train import TrainCallback
@@ -78,10 +79,10 @@ class Schedule:
 
 
 def load_schedule(path: str, model: nn.Module | None = None) -> Schedule:
-    """Read and validate a schedule file (yaml.safe_load); ScheduleError naming the file and key."""
+    """Read and validate a schedule file (core.yamlio); ScheduleError naming the file and key."""
     try:
         with open(path) as handle:
-            raw = yaml.safe_load(handle)
+            raw = load_yaml(handle.read())
     except OSError as err:
         raise ScheduleError([f"cannot read the schedule: {err.strerror}"], path) from None
     except yaml.YAMLError as err:
