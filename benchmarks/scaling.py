@@ -21,11 +21,11 @@ import time
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray  # noqa: E402
+from common import write_result  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from common import write_result  # noqa: E402
+from searchsvc.result_table import write_results  # noqa: E402
 from storage import LocalStore  # noqa: E402
-from searchsvc.results import write_results  # noqa: E402
 from workers.data import DatasetConfig  # noqa: E402
 from workers.pool import EvalPool, EvalWorker  # noqa: E402
 from workers.resources import Resources  # noqa: E402

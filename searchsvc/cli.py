@@ -217,7 +217,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from searchsvc.results import read_results
+    from searchsvc.result_table import read_results
     from storage.layout import latest_run
 
     if args.top is not None and args.top < 1:

@@ -20,7 +20,7 @@ import yaml
 from core.errors import SearchsvcError
 from searchsvc.config import ConfigError, JobConfig, config_to_yaml, parse_config
 from searchsvc.methods import get_method
-from searchsvc.results import write_results
+from searchsvc.result_table import write_results
 from searchsvc.stopping import Stopped, stop_on_sigterm
 from searchsvc.version import code_version
 from storage import ArtifactStore, KeyNotFoundError, StoreOptions, StoreUnreachableError, layout, open_store, spool

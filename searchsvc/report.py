@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from searchsvc.plots import front_png, progress_png, schedule_png
-from searchsvc.results import pareto_front, rank, results_table
+from searchsvc.result_table import pareto_front, rank, results_table
 from storage import ArtifactStore, layout
 from workers.measure import count_macs, count_parameters
 from workers.zoo import arch_from_data, build_model

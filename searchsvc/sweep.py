@@ -26,7 +26,7 @@ from searchsvc.evaluator import Recorder, ensure_ray, prepare_teacher_logits
 from searchsvc.job import RunContext
 from searchsvc.methods import LogRange, SweepTune
 from searchsvc.plots import trajectory_png
-from searchsvc.results import pareto_front
+from searchsvc.result_table import pareto_front
 from storage import ArtifactStore, layout
 from workers.data import DatasetConfig
 from workers.evaluate import evaluate_candidate, invalid_metrics, load_candidate_model, stored_metrics

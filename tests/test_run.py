@@ -11,7 +11,7 @@ import torch
 
 import searchsvc
 from searchsvc.cli import main
-from searchsvc.results import write_results
+from searchsvc.result_table import write_results
 from storage import LocalStore, open_store
 from workers.teacher import load_teacher
 

@@ -9,7 +9,7 @@ import pickle
 import pyarrow as pa
 import pytest
 
-from searchsvc.results import read_results, write_results
+from searchsvc.result_table import read_results, write_results
 from storage import (
     BucketNotFoundError,
     CorruptArtifactError,

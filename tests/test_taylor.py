@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from searchsvc.cli import main
 from searchsvc.config import ConfigError, load_config
 from searchsvc.methods import TaylorStop
-from searchsvc.results import pareto_front
+from searchsvc.result_table import pareto_front
 from searchsvc.taylor import prune_count, stop_reason
 from storage import LocalStore, open_store
 from tests.conftest import kill_run_when
