@@ -79,8 +79,9 @@ class TrialRecorder(Recorder):
         metrics = stored_metrics(self.context.store, spec.spec_hash)  # the store is the truth
         if metrics is None:  # not stored (out of memory): what the trial said
             metrics = invalid_metrics(spec.spec_hash, result["error"] or "not stored")
+        extras = {key[len(ROW):]: value for key, value in result.items() if key.startswith(ROW)}
         self.record(spec, metrics, bool(result["cached"]), trial=trial_id, sample=json.dumps(sample, sort_keys=True),
-                    **json.loads(result.get("row", "{}")))
+                    **extras)
 
 
 class _ReportRows(tune.Callback):
@@ -93,10 +94,17 @@ class _ReportRows(tune.Callback):
             recorder.record_report(trial.trial_id, trial.config, result)
 
 
+# Report keys with this prefix become columns of the candidate's row (the prefix dropped). Reports stay flat:
+# numbers and strings, a mapping or list as its JSON text (a Parquet column holds it as such).
+ROW = "row_"
+
+
 def report_fields(spec: CandidateSpec, metrics: dict[str, Any], cached: bool, **row: Any) -> dict[str, Any]:
     """The keys of a report that becomes a row: the spec, whether it was cached, its status, `row` extras."""
+    flat = {ROW + key: json.dumps(value, sort_keys=True) if isinstance(value, (dict, list, tuple)) else value
+            for key, value in row.items()}
     return {"spec_hash": spec.spec_hash, "spec": spec.canonical_json(), "cached": cached,
-            "status": metrics["status"], "error": metrics.get("error") or "", "row": json.dumps(row)}
+            "status": metrics["status"], "error": metrics.get("error") or "", **flat}
 
 
 def experiment_path(store: ArtifactStore, run_id: str) -> tuple[Any, str]:
@@ -227,7 +235,7 @@ def candidate_trial(job: CandidateJob, spec: CandidateSpec, progress_key: str, r
     cached = metrics is not None
     if metrics is None:
         metrics = evaluate_candidate(spec, ctx, callbacks=[EpochReport(spec.train.epochs, progress_key)])
-    row = {k: json.dumps(v) if isinstance(v, dict) else v for k in row_keys if (v := metrics.get(k)) is not None}
+    row = {k: v for k in row_keys if (v := metrics.get(k)) is not None}
     tune.report({"epoch": spec.train.epochs, "val_accuracy": metrics.get("val_accuracy") or 0.0,
                  progress_key: row.get(progress_key, 0.0),
                  **report_fields(spec, metrics, cached, **row)})
