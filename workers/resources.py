@@ -12,4 +12,5 @@ class Resources:
     gpus_per_eval: float = field(default=0.25, metadata={"min": 0, "help": "GPU share per evaluation (0.25: 4/GPU)"})
     cpus_per_eval: float = field(default=1.0, metadata={"gt": 0, "help": "CPU cores per evaluation"})
     max_concurrent: int | None = field(default=None, metadata={"min": 1, "help": "cap on evaluations in flight"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile each candidate's training step (GPU)"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile each candidate's training step (GPU; pays beyond about 60-110 epochs: README)"})
