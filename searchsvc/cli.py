@@ -174,7 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from searchsvc.job import run
 
     config = load_config(args.config, args.overrides)
-    report = _report_path(args.report) if args.report else None
+    report = _output_path(args.report, "--report") if args.report else None
     result = run(config, store=args.store, endpoint=args.s3_endpoint, progress=not args.no_progress,
                  address=args.address)
     _print_run(result)
@@ -183,11 +183,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_path(path: str, flag: str = "--report") -> Path:
-    """The report's path, its folder checked before any work is done."""
+def _output_path(path: str, flag: str, suffixes: tuple[str, ...] = (), create_folders: bool = False) -> Path:
+    """A file a command will write, checked before any work is done: not a folder, a name the file system
+    takes, in a folder that exists (or, with `create_folders`, can be made) and can be written."""
     output = Path(path)
-    if not output.parent.is_dir():
-        raise SearchsvcError(f"{flag}: folder {output.parent} does not exist")
+    if suffixes and output.suffix not in suffixes:
+        raise SearchsvcError(f"{flag}: {path}: use a {', '.join(suffixes)} file name")
+    longest = max(len(part.encode()) for part in output.parts) if output.parts else 0
+    if longest > 255:  # checked first: the file system refuses even to look such a name up
+        raise SearchsvcError(f"{flag}: the file name is too long ({longest} bytes; at most 255)")
+    if output.is_dir():
+        raise SearchsvcError(f"{flag}: {path} is a folder; give a file name")
+    folder = output.parent
+    while create_folders and not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the nearest folder that exists: the rest is created
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise SearchsvcError(f"{flag}: folder {folder} {what}")
+    if not os.access(folder, os.W_OK):
+        raise SearchsvcError(f"{flag}: cannot write into {folder}")
     return output
 
 
@@ -239,7 +253,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise SearchsvcError(f"--top: must be a positive integer, got {args.top}")
-    output = _report_path(args.output, "--output")
+    output = _output_path(args.output, "--output")
     store = _open(args, args.store)
     run_id = check_id(args.run, "run id") if args.run else latest_run(store)
     if not store.exists(layout.run_file(run_id, "run.json")):
@@ -251,10 +265,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from searchsvc.candidates import candidate_image_size, export_model, load_candidate, split_candidate_uri
 
+    output = _output_path(args.output, "--output", (".onnx", ".pt", ".ts"), create_folders=True)
     store_uri, spec_hash = split_candidate_uri(args.candidate)
     store = _open(args, store_uri or args.store)
     model = load_candidate(spec_hash, store=store)
-    path = export_model(model, args.output, candidate_image_size(store, spec_hash))
+    path = export_model(model, output, candidate_image_size(store, spec_hash))
     params = sum(p.numel() for p in model.parameters())
     print(f"candidate {spec_hash} ({params:,} parameters) written to {path}")
     return 0
@@ -281,6 +296,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from searchsvc.sensitivity import SCHEDULE_KEY
     from storage import layout
 
+    schedule_out = _output_path(args.schedule_out, "--schedule-out") if args.schedule_out else None
     raw = apply_overrides(read_yaml(args.config), args.overrides)
     search = dict(raw.get("search") or {}) if raw.get("method") == "sensitivity" else {}
     flags = {"levels": _floats(args.levels, "--levels"), "structure": args.structure,
@@ -295,12 +311,10 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     print(format_sensitivity(rows, config.search.levels))
     for key in ("sensitivity", "plot", "schedule"):
         print(f"{key}: {result.summary.get(key)}")
-    if args.schedule_out:
-
+    if schedule_out is not None:
         store = _open(args, result.store_uri)
-        with open(args.schedule_out, "wb") as handle:
-            handle.write(store.get_bytes(layout.run_file(result.run_id, SCHEDULE_KEY)))
-        print(f"starting schedule written to {args.schedule_out}")
+        schedule_out.write_bytes(store.get_bytes(layout.run_file(result.run_id, SCHEDULE_KEY)))
+        print(f"starting schedule written to {schedule_out}")
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -74,6 +75,27 @@ def test_report_cli_errors_are_one_line(grid_report, tmp_path, capsys):
     assert "run 'no-such-run' does not exist" in capsys.readouterr().err
     assert main(["report", "--store", str(store_dir), "-o", str(tmp_path / "missing" / "r.html")]) == 2
     assert "--output: folder" in capsys.readouterr().err
+
+
+
+def test_unwritable_outputs_are_refused_before_any_work(grid_report, tmp_path, capsys):
+    """A folder, a path through a file, a name too long: one line naming the flag, exit 2, nothing written."""
+    _, store_dir, _ = grid_report
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    cases = [(["report", "-o", str(tmp_path)], f"--output: {tmp_path} is a folder"),
+             (["report", "-o", str(a_file / "r.html")], f"--output: folder {a_file} is a file, not a folder"),
+             (["report", "-o", str(tmp_path / ("r" * 300 + ".html"))], "--output: the file name is too long"),
+             (["export", "0123456789abcdef", "-o", str(a_file / "deeper" / "m.onnx")],
+              f"--output: folder {a_file} is a file, not a folder"),
+             (["export", "0123456789abcdef", "-o", str(tmp_path)], "use a .onnx, .pt, .ts file name")]
+    for args, expected in cases:
+        started = time.perf_counter()
+        assert main([*args, "--store", str(store_dir)]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], (args, err)
+        assert time.perf_counter() - started < 5  # checked first: no report built, no model loaded
+    assert a_file.read_text() == "" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
 def test_report_opens_in_headless_chromium(grid_report, tmp_path):
