@@ -96,7 +96,8 @@ def main() -> None:
     data = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(num_classes=10, channels=3, image_size=32,
                                                                      train_size=images, test_size=1000))
     train = TrainConfig(epochs=1, batch_size=batch, augment=False)  # cached teacher logits, as in the n2n config
-    ray.init(num_cpus=cores, num_gpus=1 if on_gpu else 0, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=cores, num_gpus=1 if on_gpu else 0, include_dashboard=False,
+             logging_level="WARNING")  # a Ray of its own, never another process's
     try:
         with tempfile.TemporaryDirectory() as tmp:
             store = LocalStore(f"{tmp}/store")

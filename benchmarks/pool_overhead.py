@@ -55,7 +55,7 @@ def main() -> None:
             return [dataclasses.replace(base, seed=offset + i) for i in range(args.candidates + 1)]
 
         ctx = EvalContext(store, load_teacher(store, teacher.teacher_hash), splits, torch.device("cpu"))
-        ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="WARNING")
         pool = EvalPool(store, teacher.teacher_hash, data, Resources(gpus_per_eval=0, cpus_per_eval=1), size=1)
         local_specs, pool_specs = specs(1000), specs(2000)
         evaluate_candidate(local_specs[0], ctx)  # warm-up: teacher logits, allocator

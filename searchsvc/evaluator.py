@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any, Iterable, Iterator
 
@@ -198,8 +199,12 @@ class Evaluator(Recorder):
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to the Ray cluster at `address` (or RAY_ADDRESS), or start a local one, once per process."""
+    """Connect to the Ray cluster at `address` (or RAY_ADDRESS), or start a local one, once per process.
+
+    Without either, a Ray of this run's own ("local"): never the cluster another process recorded in
+    /tmp/ray/ray_current_cluster, which may belong to another run and end under this one."""
     if ray.is_initialized():
         return
-    ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.WARNING,
+             configure_logging=False)
     stop_on_sigterm()  # ray.init may have put its own handler in place of the run's

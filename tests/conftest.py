@@ -178,7 +178,8 @@ def ray_session() -> Iterator[None]:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="WARNING")
+        # "local": a Ray of the session's own, never one another process recorded as the current cluster
+        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 

@@ -72,7 +72,7 @@ def test_fractional_gpus_put_four_actors_on_one_gpu(tmp_path):
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False)
     try:
         store = LocalStore(tmp_path / "s")
         teacher = load_or_train_teacher(store, TeacherConfig(arch="tiny_cnn", epochs=1), DATA, load_dataset(DATA),
