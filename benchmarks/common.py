@@ -9,12 +9,24 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from searchsvc.version import code_version  # noqa: E402
+
+if TYPE_CHECKING:
+    from workers.data import DatasetConfig
+
+
+def cifar_shaped(images: int, test: int = 256, val_fraction: float = 0.1) -> "DatasetConfig":
+    """CIFAR-10-shaped synthetic data (10 classes, 3x32x32; the content does not change the speed), so that no
+    benchmark downloads anything: `images` official training images, `test` test images."""
+    from workers.data import DatasetConfig, SyntheticConfig
+
+    synthetic = SyntheticConfig(num_classes=10, channels=3, image_size=32, train_size=images, test_size=test)
+    return DatasetConfig(name="synthetic", synthetic=synthetic, val_fraction=val_fraction)
 
 
 def write_result(folder: str | Path, name: str, result: dict[str, Any], version: str | None = None) -> Path:

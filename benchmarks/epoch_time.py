@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from common import write_result
-from workers.data import DatasetConfig, Splits, SyntheticConfig, load_dataset
+from common import cifar_shaped, write_result
+from workers.data import Splits, load_dataset
 from workers.distill import distill_loss_fn, inference_copy, kd_loss, teacher_logits
 from workers.measure import count_macs
 from workers.train import DistillConfig, TrainConfig, resolve_device, train_model
@@ -48,11 +48,6 @@ def bf16_peak(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
-
-
-def cifar_shaped(images: int, seed: int = 0) -> Splits:
-    synthetic = SyntheticConfig(num_classes=10, channels=3, image_size=32, train_size=images, test_size=256)
-    return load_dataset(DatasetConfig(name="synthetic", synthetic=synthetic, val_fraction=0.0, split_seed=seed))
 
 
 def ours(student: torch.nn.Module, teacher: torch.nn.Module, splits: Splits, batch: int, device: torch.device,
@@ -138,7 +133,7 @@ def kd_epoch(arch: str, images: int, batch: int, device: torch.device, workers: 
              compile_model: bool = False, plain_loops: bool = True) -> dict[str, Any]:
     """One KD epoch of `arch` from `arch` on `images` CIFAR-shaped images: ours, then (`plain_loops`) the plain
     loop matched and in fp32, each from the same initial weights; seconds, images/s, TFLOP/s, peak share."""
-    splits = cifar_shaped(images)
+    splits = load_dataset(cifar_shaped(images, val_fraction=0.0))
     torch.manual_seed(0)
     teacher, student = create_model(arch, 3, 10), create_model(arch, 3, 10)
     start_state = {k: v.clone() for k, v in student.state_dict().items()}

@@ -27,10 +27,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
-from common import UtilisationSampler, write_result  # noqa: E402
+from common import UtilisationSampler, cifar_shaped, write_result  # noqa: E402
 from searchsvc.n2n_env import removable_blocks, removal_stage  # noqa: E402
 from storage import LocalStore  # noqa: E402
-from workers.data import DatasetConfig, SyntheticConfig, load_dataset  # noqa: E402
+from workers.data import DatasetConfig, load_dataset  # noqa: E402
 from workers.pool import EvalPool  # noqa: E402
 from workers.resources import Resources  # noqa: E402
 from workers.spec import CandidateSpec  # noqa: E402
@@ -93,8 +93,7 @@ def main() -> None:
     candidates = args.candidates or (32 if on_gpu else 16)
     images, batch = args.images or (50_000 if on_gpu else 512), args.batch or (512 if on_gpu else 64)
     cores = os.cpu_count() or 1
-    data = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(num_classes=10, channels=3, image_size=32,
-                                                                     train_size=images, test_size=1000))
+    data = cifar_shaped(images, test=1000)
     train = TrainConfig(epochs=1, batch_size=batch, augment=False)  # cached teacher logits, as in the n2n config
     ray.init(address="local", num_cpus=cores, num_gpus=1 if on_gpu else 0, include_dashboard=False,
              logging_level="WARNING")  # a Ray of its own, never another process's

@@ -36,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # common, epoch_time, 
 
 import torch  # noqa: E402
 
-from common import REPO, UtilisationSampler, write_result  # noqa: E402
+from common import REPO, UtilisationSampler, cifar_shaped, write_result  # noqa: E402
 from epoch_time import kd_epoch  # noqa: E402
 from process_pool import Job, removal_specs, time_processes  # noqa: E402
 from storage import LocalStore  # noqa: E402
-from workers.data import DatasetConfig, SyntheticConfig, load_dataset  # noqa: E402
+from workers.data import load_dataset  # noqa: E402
 from workers.distill import distill_loss_fn, inference_copy, teacher_logits  # noqa: E402
 from workers.resources import Resources  # noqa: E402
 from workers.spec import CandidateSpec  # noqa: E402
@@ -109,7 +109,7 @@ class SyncGuard(TrainCallback):
 
 def sync_check(device: torch.device, size: dict[str, Any]) -> dict[str, Any]:
     """`train_model`'s second epoch under the sync guard, with cached logits and with a live teacher."""
-    splits = cifar(size["sync_images"], 256).to(device)
+    splits = load_dataset(cifar_shaped(size["sync_images"])).to(device)
     teacher = create_model(size["arch"], 3, 10).to(device, memory_format=torch.channels_last)
     variants = {}
     for live in (False, True):
@@ -146,22 +146,13 @@ def epoch_times(device: torch.device, size: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def cifar(images: int, test: int) -> Any:
-    return load_dataset(cifar_config(images, test))
-
-
-def cifar_config(images: int, test: int) -> DatasetConfig:
-    return DatasetConfig(name="synthetic", synthetic=SyntheticConfig(num_classes=10, channels=3, image_size=32,
-                                                                     train_size=images, test_size=test))
-
-
 def pool_rates(device: torch.device, size: dict[str, Any]) -> dict[str, Any]:
     """Candidates per hour with 1, 2, 4 worker processes, for each teacher; the packing gain of each count."""
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalStore(f"{tmp}/store")
         for arch in size["setups"]:
-            data = cifar_config(size["pool_images"], 1000 if size["pool_images"] >= 10_000 else 128)
+            data = cifar_shaped(size["pool_images"], 1000 if size["pool_images"] >= 10_000 else 128)
             teacher = load_or_train_teacher(store, TeacherConfig(arch=arch, epochs=1, batch_size=size["batch"]), data,
                                             load_dataset(data), device, progress=False)
             if device.type == "cuda":
@@ -209,8 +200,8 @@ def summary(results: dict[str, dict[str, Any]], device: torch.device, tiny: bool
         e = results["epoch"]
         for key, target in (("cached", "epoch_cached_s"), ("live", "epoch_live_s")):
             r = e[key]
-            rows.append((f"{r['arch']} KD epoch of {r['images']} images, {r['teacher']} (s)", f"{r['ours_epoch_s']:.2f}",
-                         f"<= {TARGETS[target]}" if aim else ""))
+            rows.append((f"{r['arch']} KD epoch of {r['images']} images, {r['teacher']} (s)",
+                         f"{r['ours_epoch_s']:.2f}", f"<= {TARGETS[target]}" if aim else ""))
             rows.append(("  plain matched / plain fp32 (s)",
                          f"{r['plain_matched_epoch_s']:.2f} / {r['plain_epoch_s']:.2f}", ""))
             rows.append(("  TFLOP/s, share of bf16 peak", f"{r['achieved_tflops']:.1f}, " +

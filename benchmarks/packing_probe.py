@@ -24,16 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import write_result  # noqa: E402
-from workers.data import DatasetConfig, Splits, SyntheticConfig, load_dataset, normalize  # noqa: E402
+from common import cifar_shaped, write_result  # noqa: E402
+from workers.data import Splits, load_dataset, normalize  # noqa: E402
 from workers.distill import distill_loss_fn, kd_loss, teacher_logits  # noqa: E402
 from workers.train import DistillConfig, TrainConfig, train_model  # noqa: E402
 from workers.zoo import create_model  # noqa: E402
-
-
-def data(images: int) -> Splits:
-    synthetic = SyntheticConfig(num_classes=10, channels=3, image_size=32, train_size=images, test_size=256)
-    return load_dataset(DatasetConfig(name="synthetic", synthetic=synthetic))
 
 
 def epoch(arch: str, splits: Splits, logits: torch.Tensor, batch: int, seed: int) -> float:
@@ -49,7 +44,7 @@ def epoch(arch: str, splits: Splits, logits: torch.Tensor, batch: int, seed: int
 
 def prepared(arch: str, images: int) -> tuple[Splits, torch.Tensor]:
     torch.backends.cudnn.benchmark = True
-    splits = data(images).to("cuda")
+    splits = load_dataset(cifar_shaped(images)).to("cuda")
     teacher = create_model(arch, 3, 10).cuda().to(memory_format=torch.channels_last)
     return splits, teacher_logits(teacher, splits.train[0], splits.mean, splits.std)
 

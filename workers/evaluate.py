@@ -61,7 +61,6 @@ class UnsavedResult(StoreUnreachableError):
         return (type(self), (str(self), self.files, self.metrics))
 
 
-
 @dataclass
 class EvalContext:
     """What one worker holds for all its candidates: data and teacher on its device, cached logits."""
@@ -263,7 +262,7 @@ def build_student(spec: CandidateSpec, ctx: EvalContext) -> Built:
 def load_candidate_model(store: ArtifactStore, spec_hash: str) -> Model:
     """A stored candidate as its small nn.Module (eval mode, CPU), every file checked against the manifest."""
     prefix = layout.candidate(spec_hash)
-    if not store.exists(f"{prefix}/manifest.json"):
+    if not store.exists(layout.manifest(prefix)):
         raise KeyNotFoundError(f"candidate {spec_hash} is not in {store.uri} (or its evaluation is incomplete)")
     spec = CandidateSpec.from_json(store.get_verified(prefix, "spec.json").decode())
     if not store.exists(f"{prefix}/model.pt"):
@@ -272,8 +271,8 @@ def load_candidate_model(store: ArtifactStore, spec_hash: str) -> Model:
     if "arch" in metrics:  # what was built (a method's builder decides widths on the worker)
         arch = arch_from_data(metrics["arch"], source=store.uri_for(f"{prefix}/metrics.json"))
     else:
-        teacher_meta = store.get_json(layout.teacher_file(spec.teacher, "meta.json"))
-        teacher_arch = arch_from_data(teacher_meta["arch"], source=layout.teacher_file(spec.teacher, "meta.json"))
+        meta_key = layout.teacher_file(spec.teacher, "meta.json")
+        teacher_arch = arch_from_data(store.get_json(meta_key)["arch"], source=meta_key)
         arch = derive_arch(teacher_arch, spec.removed, spec.widths)
     model = build_model(arch)
     raw = store.get_verified(prefix, "model.pt")
