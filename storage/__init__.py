@@ -10,12 +10,12 @@ with a local store runs without boto3 (the GPU check's bare machine has none).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
 
-from storage.base import ArtifactStore, check_id, check_key, sha256_bytes, sha256_file
+from storage.base import DEFAULT_SPOOL_ROOT, ArtifactStore, check_id, check_key, sha256_bytes, sha256_file
 from storage.errors import (
     BucketNotFoundError,
     CorruptArtifactError,
@@ -52,7 +52,7 @@ class StoreOptions:
     once (`from_env`) and pass them in."""
 
     retry_window_s: float = 120.0  # seconds a reached S3 store may stay unreachable before a call fails
-    spool_root: Path = field(default_factory=lambda: Path.home() / ".cache" / "searchsvc" / "pending")
+    spool_root: Path = DEFAULT_SPOOL_ROOT
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "StoreOptions":

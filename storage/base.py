@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 from storage.errors import CorruptArtifactError, InvalidKeyError, KeyNotFoundError, WriteConflictError
 
 MANIFEST = "manifest.json"
+# Where results that cannot reach a store are kept meanwhile (storage.spool), unless StoreOptions says otherwise.
+DEFAULT_SPOOL_ROOT = Path.home() / ".cache" / "searchsvc" / "pending"
 _SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=+-]*$")
 _HASH_CHUNK = 1 << 20  # bytes read at a time when hashing a file
 
@@ -243,8 +245,7 @@ class ArtifactStore(ABC):
                                        f"manifest's {files[name]['sha256'][:12]}")
         return data
 
-    # Where results that cannot reach this store are kept meanwhile (storage.spool); `open_store` sets it.
-    spool_root: Path = Path.home() / ".cache" / "searchsvc" / "pending"
+    spool_root: Path = DEFAULT_SPOOL_ROOT  # this store's pending writes (storage.spool); `open_store` sets it
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
