@@ -9,7 +9,8 @@ packages that define records need nothing from here:
 
 A record may check rules across its fields in `__post_init__` by raising ValueError("key: message").
 Metadata keys: min / max (inclusive), gt / lt (exclusive), choices (a list, or a callable returning
-one, for registries), help (shown by `--help`-style listings).
+one, for registries), help (shown by `--help`-style listings), omit_default (a field added after stores
+existed: `to_data` leaves it out while it holds its default, so adding it changes no stored hash).
 """
 
 from __future__ import annotations
@@ -41,12 +42,18 @@ class RecordError(SearchsvcError):
 def to_data(record: Any) -> Any:
     """A record as plain dicts, lists and scalars (tuples become lists), ready for JSON or YAML."""
     if dataclasses.is_dataclass(record) and not isinstance(record, type):
-        return {f.name: to_data(getattr(record, f.name)) for f in dataclasses.fields(record)}
+        return {f.name: to_data(getattr(record, f.name)) for f in dataclasses.fields(record)
+                if not (f.metadata.get("omit_default") and _is_default(f, getattr(record, f.name)))}
     if isinstance(record, (list, tuple)):
         return [to_data(v) for v in record]
     if isinstance(record, dict):
         return {str(k): to_data(v) for k, v in record.items()}
     return record
+
+
+def _is_default(f: dataclasses.Field, value: Any) -> bool:
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return value == default
 
 
 def canonical_json(record: Any) -> str:

@@ -13,7 +13,6 @@ from storage import ArtifactStore, KeyNotFoundError, StoreOptions, check_id, lay
 from workers.evaluate import load_candidate_model
 from workers.spec import CandidateSpec
 from workers.teacher import load_teacher
-from workers.zoo import ResNet
 
 
 def split_candidate_uri(uri_or_hash: str) -> tuple[str | None, str]:
@@ -25,7 +24,7 @@ def split_candidate_uri(uri_or_hash: str) -> tuple[str | None, str]:
 
 
 def load_candidate(uri_or_hash: str, store: ArtifactStore | str | None = None,
-                   endpoint: str | None = None) -> ResNet:
+                   endpoint: str | None = None) -> nn.Module:
     """The kept candidate as a real, smaller nn.Module: eval mode, on the CPU, weights checked by sha256."""
     store_uri, spec_hash = split_candidate_uri(uri_or_hash)
     if not isinstance(store, ArtifactStore):
@@ -34,26 +33,37 @@ def load_candidate(uri_or_hash: str, store: ArtifactStore | str | None = None,
     return load_candidate_model(store, spec_hash)
 
 
-def candidate_image_size(store: ArtifactStore, spec_hash: str) -> int:
-    """The input size (pixels) the candidate's teacher was trained at, for export's example input."""
-    spec = CandidateSpec.from_json(store.get_bytes(layout.candidate_file(spec_hash, "spec.json")).decode())
-    return store.get_json(layout.teacher_file(spec.teacher, "meta.json")).get("image_size", 32)
+InputShape = tuple[int, int]  # (channels, side in pixels) of the images a model takes
 
 
-def stored_model(store: ArtifactStore, model_hash: str) -> tuple[nn.Module, int]:
-    """A kept candidate (by spec hash) or a teacher (by teacher hash) and its input size in pixels."""
+def _input_shape(meta: dict, model: nn.Module) -> InputShape:
+    """What the teacher was trained or evaluated on (teachers stored before `in_channels` was recorded: the
+    zoo architecture's own)."""
+    channels = meta.get("in_channels") or model.arch.in_channels
+    return int(channels), int(meta.get("image_size", 32))
+
+
+def candidate_input(store: ArtifactStore, spec_hash: str, model: nn.Module) -> InputShape:
+    """The input shape of the candidate's teacher, for export's example input."""
+    spec = CandidateSpec.from_json(store.get_verified(layout.candidate(spec_hash), "spec.json").decode())
+    return _input_shape(store.get_json(layout.teacher_file(spec.teacher, "meta.json")), model)
+
+
+def stored_model(store: ArtifactStore, model_hash: str) -> tuple[nn.Module, InputShape]:
+    """A kept candidate (by spec hash) or a teacher (by teacher hash) and its input shape."""
     if store.exists(layout.manifest(layout.candidate(model_hash))):
-        return load_candidate_model(store, model_hash), candidate_image_size(store, model_hash)
+        model = load_candidate_model(store, model_hash)
+        return model, candidate_input(store, model_hash, model)
     if store.exists(layout.teacher_file(model_hash, "meta.json")):
         teacher = load_teacher(store, model_hash)
-        return teacher.model, teacher.meta.get("image_size", 32)
+        return teacher.model, _input_shape(teacher.meta, teacher.model)
     raise KeyNotFoundError(f"{model_hash} is neither a kept candidate nor a teacher in {store.uri}")
 
 
-def export_model(model: ResNet, path: str | Path, image_size: int) -> Path:
+def export_model(model: nn.Module, path: str | Path, shape: InputShape) -> Path:
     """Write ONNX (.onnx, dynamic batch) or TorchScript (.pt / .ts) depending on the file name."""
     path = Path(path)
-    example = torch.zeros(1, model.arch.in_channels, image_size, image_size)
+    example = torch.zeros(1, shape[0], shape[1], shape[1])
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".onnx":
         with warnings.catch_warnings():

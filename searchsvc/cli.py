@@ -165,7 +165,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from searchsvc.config import load_config
 
     config = load_config(args.config, args.overrides)
-    print(f"{args.config}: ok (method {config.method}, dataset {config.dataset.name}, teacher {config.teacher.arch})")
+    print(f"{args.config}: ok (method {config.method}, dataset {config.dataset.name}, teacher {config.teacher.base})")
     return 0
 
 
@@ -263,13 +263,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from searchsvc.candidates import candidate_image_size, export_model, load_candidate, split_candidate_uri
+    from searchsvc.candidates import candidate_input, export_model, load_candidate, split_candidate_uri
 
     output = _output_path(args.output, "--output", (".onnx", ".pt", ".ts"), create_folders=True)
     store_uri, spec_hash = split_candidate_uri(args.candidate)
     store = _open(args, store_uri or args.store)
     model = load_candidate(spec_hash, store=store)
-    path = export_model(model, output, candidate_image_size(store, spec_hash))
+    path = export_model(model, output, candidate_input(store, spec_hash, model))
     params = sum(p.numel() for p in model.parameters())
     print(f"candidate {spec_hash} ({params:,} parameters) written to {path}")
     return 0
@@ -280,11 +280,12 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from workers.summary import format_summary, summary, to_csv
 
     store = _open(args, args.store)
-    model, image_size = stored_model(store, check_id(args.model, "model hash"))
-    rows = summary(model, args.kind, model.arch.in_channels, image_size)
+    model, (channels, image_size) = stored_model(store, check_id(args.model, "model hash"))
+    rows = summary(model, args.kind, channels, image_size)
     key = f"summaries/{args.model}-{args.kind}.csv"
     store.put_bytes(key, to_csv(rows))
-    print(f"{args.kind} summary of {args.model} ({model.arch.name}, {image_size}x{image_size} input)")
+    name = model.arch.name if hasattr(model, "arch") else type(model).__name__
+    print(f"{args.kind} summary of {args.model} ({name}, {image_size}x{image_size} input)")
     print(format_summary(rows))
     print(f"stored: {store.uri_for(key)}")
     return 0

@@ -113,12 +113,38 @@ def parse_config(raw: dict[str, Any], source: str = "") -> JobConfig:
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> JobConfig:
-    """Read, override and validate a job config file."""
+    """Read, override and validate a job config file. A relative `teacher.weights` is relative to the
+    config file's folder (where the user keeps the two together), made absolute here."""
     raw = apply_overrides(read_yaml(path), overrides)
     try:
-        return parse_config(raw, source=str(path))
+        config = parse_config(raw, source=str(path))
     except ConfigError as err:
         raise ConfigError(err.problems, str(path)) from None
+    weights = config.teacher.weights
+    if weights is not None and "://" not in weights and not Path(weights).is_absolute():
+        weights = str((Path(path).resolve().parent / weights))
+        config = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, weights=weights))
+    problems = _user_model_problems(config)
+    if problems:
+        raise ConfigError(problems, str(path))
+    return config
+
+
+def _user_model_problems(config: JobConfig) -> list[str]:
+    """What `validate` can tell of the user's own network without building it: its constructor imports, its
+    local weights file exists."""
+    from workers.user_model import constructor
+
+    problems = []
+    if config.teacher.model is not None:
+        try:
+            constructor(config.teacher.model)
+        except SearchsvcError as err:
+            problems.append(str(err))
+    weights = config.teacher.weights
+    if weights is not None and "://" not in weights and not Path(weights).is_file():
+        problems.append(f"teacher.weights: {weights}: no such file")
+    return problems
 
 
 def config_to_yaml(config: JobConfig) -> str:

@@ -10,22 +10,39 @@
 
 from __future__ import annotations
 
+import copy
+
+from torch import nn
+
 from core.names import is_int
 from searchsvc.evaluator import Evaluator, ensure_ray
 from searchsvc.job import RunContext
 from searchsvc.methods import GridCandidate, GridSearch
+from workers.graph import channel_groups, example_input, removable_units, remove_units
 from workers.spec import CandidateSpec
 from workers.surgery import round_width, width_keys
-from workers.zoo import ResNetArch
 
 
-def candidate_widths(arch: ResNetArch, candidate: GridCandidate, round_to: int) -> dict[str, int]:
-    """Final widths (only those that differ from the teacher's), after scaling and rounding.
+def teacher_widths(teacher: nn.Module, removed: tuple[str, ...], in_channels: int, image_size: int) -> dict[str, int]:
+    """Every width a candidate may set, with the teacher's value: the zoo's width keys, or for a user's
+    network the channel groups (by root layer) left after `removed` units go (none if a unit is unknown:
+    the worker then reports the candidate invalid, naming it)."""
+    if hasattr(teacher, "arch"):
+        return width_keys(teacher.arch)
+    example = example_input(teacher, in_channels, image_size)
+    if not set(removed) <= set(removable_units(teacher, example)):
+        return {}
+    cut = remove_units(copy.deepcopy(teacher), removed)
+    return {group.key: group.channels for group in channel_groups(cut, example)}
+
+
+def candidate_widths(teacher: dict[str, int], candidate: GridCandidate, round_to: int) -> dict[str, int]:
+    """Final widths (only those that differ from the teacher's `width key → channels`), after scaling and
+    rounding.
 
     Explicit widths that are not integers or not known keys pass through unchanged, so surgery
     reports them as an invalid candidate rather than the driver guessing.
     """
-    teacher = width_keys(arch)
     widths: dict[str, int] = {}
     if candidate.scale is not None:
         widths = {k: round_width(max(1, round(w * candidate.scale)), round_to, w) for k, w in teacher.items()}
@@ -38,14 +55,14 @@ def candidate_widths(arch: ResNetArch, candidate: GridCandidate, round_to: int) 
 def grid_specs(context: RunContext) -> list[CandidateSpec]:
     """The specs of the configured candidates (duplicates kept once)."""
     search: GridSearch = context.config.search
-    arch = context.teacher.model.arch
-    specs = [
-        CandidateSpec(arch=context.config.teacher.arch, teacher=context.teacher.teacher_hash,
-                      dataset=context.config.dataset, train=context.config.train, method="grid",
-                      removed=tuple(c.remove), widths=tuple(candidate_widths(arch, c, search.round_to).items()),
-                      seed=context.config.seed)
-        for c in search.candidates
-    ]
+    splits = context.splits
+    specs = []
+    for c in search.candidates:
+        teacher = teacher_widths(context.teacher.model, tuple(c.remove), splits.in_channels, splits.image_size)
+        specs.append(CandidateSpec(
+            arch=context.config.teacher.base, teacher=context.teacher.teacher_hash, dataset=context.config.dataset,
+            train=context.config.train, method="grid", removed=tuple(c.remove),
+            widths=tuple(candidate_widths(teacher, c, search.round_to).items()), seed=context.config.seed))
     return list(dict.fromkeys(specs))
 
 

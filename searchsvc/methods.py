@@ -22,6 +22,7 @@ class Method:
     driver: str  # "module:function", imported only when a run starts (validate stays light)
     residual_only: bool = False  # needs a residual teacher (surgery on blocks and streams)
     check: str | None = None  # "module:function": JobConfig → problems, beyond the schema (at validate)
+    user_models: bool = False  # takes the user's own network (teacher.model), cut through its traced graph
 
     def load_driver(self) -> Callable[..., Any]:
         """The driver function."""
@@ -31,6 +32,9 @@ class Method:
         """Problems of a schema-valid config that only this method knows about."""
         from workers.zoo import is_residual, list_models
 
+        if config.teacher.model is not None and not self.user_models:
+            takers = ", ".join(m.name for m in _METHODS.values() if m.user_models)
+            return [f"teacher.model: method {self.name} does not take your own network yet; methods that do: {takers}"]
         arch = config.teacher.arch
         if self.residual_only and arch in list_models() and not is_residual(arch):
             return [f"teacher.arch: method {self.name} needs a residual network (resnet20, resnet56, "
@@ -42,9 +46,9 @@ _METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, search_schema: type, description: str, driver: str,
-                    residual_only: bool = False, check: str | None = None) -> Method:
+                    residual_only: bool = False, check: str | None = None, user_models: bool = False) -> Method:
     """Add a method: its `search:` schema, its driver and config check as "module:function"."""
-    _METHODS[name] = Method(name, search_schema, description, driver, residual_only, check)
+    _METHODS[name] = Method(name, search_schema, description, driver, residual_only, check, user_models)
     return _METHODS[name]
 
 
@@ -302,7 +306,7 @@ def check_rigl(config: Any) -> list[str]:
 
 
 register_method("grid", GridSearch, "evaluate an explicit list of transformations", "searchsvc.grid:run_grid",
-                residual_only=True)
+                residual_only=True, user_models=True)
 register_method("n2n", N2NSearch, "RLlib PPO agent removes and shrinks layers of the teacher",
                 "searchsvc.n2n:run_n2n", residual_only=True)
 register_method("taylor", TaylorSearch, "iterative Taylor filter pruning as a Ray Tune sweep",

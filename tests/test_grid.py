@@ -14,6 +14,7 @@ import torch
 import searchsvc
 from searchsvc.cli import main
 from searchsvc.grid import candidate_widths
+from workers.surgery import width_keys
 from searchsvc.methods import GridCandidate
 from storage import LocalStore
 from workers.zoo import model_arch
@@ -149,7 +150,7 @@ def test_export_refuses_unknown_formats(grid_run, tmp_path, capsys):
 
 
 def test_scaled_widths_round_up_to_multiples_and_stay_within_the_teacher():
-    arch = model_arch("resnet20", 1, 10)
+    arch = width_keys(model_arch("resnet20", 1, 10))
     widths = candidate_widths(arch, GridCandidate(scale=0.3), round_to=8)
     # 16 * 0.3 = 4.8 → 5 → 8; 32 * 0.3 = 9.6 → 10 → 16; 64 * 0.3 = 19.2 → 19 → 24
     assert widths["layer1"] == 8 and widths["layer2"] == 16 and widths["layer3"] == 24

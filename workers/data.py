@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
@@ -42,9 +43,26 @@ class DatasetConfig:
         default=None, metadata={"gt": 0, "help": "int: training images kept; float in (0, 1]: fraction of each split"})
     val_fraction: float = field(default=0.1, metadata={"min": 0, "lt": 1, "help": "share of train held out"})
     split_seed: int = field(default=0, metadata={"min": 0, "help": "seed of the train/val split and subset"})
-    image_size: int | None = field(default=None, metadata={"min": 4, "help": "imagefolder: resize to this"})
+    image_size: int | None = field(default=None, metadata={
+        "min": 4, "help": "resize every image to this side, pixels (a model trained at another size); null: as stored"})
     download: bool = field(default=True, metadata={"help": "let torchvision download if no files are found"})
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # The input contract of a model trained elsewhere (teacher.model): its normalisation and channels.
+    mean: tuple[float, ...] | None = field(default=None, metadata={
+        "omit_default": True, "help": "per-channel mean the model was trained with (0..1 scale); null: this data's"})
+    std: tuple[float, ...] | None = field(default=None, metadata={
+        "omit_default": True, "help": "per-channel std the model was trained with; null: this data's"})
+    channels: int | None = field(default=None, metadata={
+        "omit_default": True, "min": 1,
+        "help": "channels fed to the model: 3 repeats a 1-channel image (grayscale data, RGB model); null: as stored"})
+
+    def __post_init__(self) -> None:
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is not None and (not value or (key == "std" and min(value) <= 0)):
+                raise ValueError(f"{key}: must be a non-empty list{' of positive numbers' if key == 'std' else ''}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean: mean and std are given together (the model's normalisation), or neither")
 
 
 @dataclass
@@ -67,9 +85,9 @@ class Splits:
     def image_size(self) -> int:
         return self.train[0].shape[-1]
 
-    def to(self, device: torch.device | str) -> "Splits":
+    def to(self, device: torch.device | str) -> Splits:
         """A copy with every tensor on `device` (the fast path keeps data resident on the GPU)."""
-        move = lambda pair: (pair[0].to(device), pair[1].to(device))  # noqa: E731
+        move = lambda pair: (pair[0].to(device), pair[1].to(device))
         return Splits(self.name, move(self.train), move(self.val), move(self.test), self.num_classes,
                       self.mean, self.std)
 
@@ -140,13 +158,42 @@ def load_dataset(config: DatasetConfig) -> Splits:
         n_train = len(train_index)
         train_index, val_index, test_index = (index[: _subset_size(config.subset, len(index), n_train)]
                                               for index in (train_index, val_index, test_index))
+    train_x, test_x = (_model_input(x, config) for x in (train_x, test_x))
     train = _take((train_x, train_y), train_index)
     mean, std = _channel_stats(train[0])
+    if config.mean is not None:  # the normalisation the model was trained with, not this data's own
+        mean, std = _stated_stats(config, train[0].shape[1])
     return Splits(config.name, train, _take((train_x, train_y), val_index), _take((test_x, test_y), test_index),
                   classes, mean, std)
 
 
-def _subset_size(subset: int | float, size: int, n_train: int) -> int:
+def _model_input(images: torch.Tensor, config: DatasetConfig) -> torch.Tensor:
+    """Images as the model takes them: `channels` (a single channel repeated) and `image_size` (resized;
+    imagefolder resizes while reading)."""
+    if config.channels is not None and config.channels != images.shape[1]:
+        if images.shape[1] != 1:
+            raise SearchsvcError(f"dataset.channels: {config.channels} channels cannot be made from "
+                                 f"{images.shape[1]}-channel images (only a single channel is repeated)")
+        images = images.expand(-1, config.channels, -1, -1).contiguous()
+    if config.image_size is not None and config.name != "imagefolder" and images.shape[-1] != config.image_size:
+        resized = torch.nn.functional.interpolate(images.float(), size=(config.image_size, config.image_size),
+                                                  mode="bilinear", antialias=True, align_corners=False)
+        images = resized.round_().clamp_(0, 255).to(torch.uint8)
+    return images
+
+
+def _stated_stats(config: DatasetConfig, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """dataset.mean / std, one value per channel the model sees (one value is used for every channel)."""
+    mean, std = tuple(config.mean or ()), tuple(config.std or ())
+    if len(mean) == 1 and len(std) == 1:
+        return mean * channels, std * channels
+    if len(mean) != channels or len(std) != channels:
+        raise SearchsvcError(f"dataset.mean: {len(mean)} values (std: {len(std)}) for {channels}-channel images; "
+                             f"give one per channel, or one for all")
+    return mean, std
+
+
+def _subset_size(subset: float, size: int, n_train: int) -> int:
     """How many of a split's `size` images a subset keeps: the same share of every split, rounded up.
 
     An int subset keeps exactly that many training images; the arithmetic is integer so that float

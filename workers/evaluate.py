@@ -27,6 +27,7 @@ from core.names import load_object
 from core.records import to_data
 from storage import (
     ArtifactStore,
+    CorruptArtifactError,
     KeyNotFoundError,
     StoreUnreachableError,
     WriteConflictError,
@@ -35,13 +36,15 @@ from storage import (
 from storage.base import json_bytes
 from workers.data import DatasetConfig, Splits, load_dataset
 from workers.distill import distill_loss_fn, inference_copy, teacher_logits
+from workers.graph import example_input, rebuild, shrink_graph
 from workers.measure import measure
 from workers.resources import Resources
 from workers.spec import CandidateSpec
 from workers.surgery import InvalidTransform, derive_arch, shrink
 from workers.teacher import Teacher, load_teacher, load_train_logits
 from workers.train import LossFn, TrainCallback, recalibrate_batchnorm, train_model
-from workers.zoo import Model, arch_from_data, build_model, load_state_bytes, state_dict_bytes
+from workers.user_model import ModelSource, construct
+from workers.zoo import Model, arch_from_data, build_model, load_state_bytes, read_state_bytes, state_dict_bytes
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +219,9 @@ def _measured(spec: CandidateSpec, ctx: EvalContext, built: Built, history: list
     metrics = {"spec_hash": spec.spec_hash, "status": "ok", **extra,
                **measure(student, ctx.splits, ctx.device, timed=built.keep_model, accuracies=accuracies),
                "train_seconds": train_seconds, "history": history, "worker": ctx.worker, "device": str(ctx.device),
-               "arch": to_data(student.arch), "started_unix_s": started_unix_s}
+               "started_unix_s": started_unix_s}
+    if hasattr(student, "arch"):  # a zoo model records what was built; a user's network is rebuilt from the
+        metrics["arch"] = to_data(student.arch)  # teacher's constructor and the stored tensors' shapes
     metrics["wall_s"] = time.perf_counter() - started  # build, train, measure: the store write is apart
     return Evaluated(spec, metrics, student.cpu() if built.keep_model else None)
 
@@ -256,6 +261,9 @@ def build_student(spec: CandidateSpec, ctx: EvalContext) -> Built:
         return load_object(BUILDERS[spec.method])(parent, spec, ctx)
     if spec.init is not None:
         return Built(parent)
+    if not hasattr(parent, "arch"):  # a user's network: its structure traced, cut through its dependency graph
+        example = example_input(parent, ctx.splits.in_channels, ctx.splits.image_size)
+        return Built(shrink_graph(parent, example, spec.removed, spec.widths))
     return Built(shrink(parent, spec.removed, spec.widths))
 
 
@@ -268,15 +276,21 @@ def load_candidate_model(store: ArtifactStore, spec_hash: str) -> Model:
     if not store.exists(f"{prefix}/model.pt"):
         raise KeyNotFoundError(f"candidate {spec_hash} has no kept model (it was invalid)")
     metrics = json.loads(store.get_verified(prefix, "metrics.json"))
+    raw = store.get_verified(prefix, "model.pt")
+    where = store.uri_for(f"{prefix}/model.pt")
     if "arch" in metrics:  # what was built (a method's builder decides widths on the worker)
         arch = arch_from_data(metrics["arch"], source=store.uri_for(f"{prefix}/metrics.json"))
-    else:
-        meta_key = layout.teacher_file(spec.teacher, "meta.json")
-        teacher_arch = arch_from_data(store.get_json(meta_key)["arch"], source=meta_key)
-        arch = derive_arch(teacher_arch, spec.removed, spec.widths)
-    model = build_model(arch)
-    raw = store.get_verified(prefix, "model.pt")
-    return load_state_bytes(model, raw, store.uri_for(f"{prefix}/model.pt")).eval()
+        return load_state_bytes(build_model(arch), raw, where).eval()
+    teacher_prefix = layout.teacher(spec.teacher)
+    meta = json.loads(store.get_verified(teacher_prefix, "meta.json"))
+    if "source" in meta:  # a user's network: its constructor, its units removed, layers at the stored shapes
+        model = construct(ModelSource.from_data(meta["source"]))
+        try:
+            return rebuild(model, spec.removed, read_state_bytes(raw, where))
+        except (InvalidTransform, RuntimeError, AttributeError) as err:  # tensors that fit no such structure
+            raise CorruptArtifactError(f"{where} does not fit {meta['source']['model']}: {err}") from None
+    teacher_arch = arch_from_data(meta["arch"], source=store.uri_for(f"{teacher_prefix}/meta.json"))
+    return load_state_bytes(build_model(derive_arch(teacher_arch, spec.removed, spec.widths)), raw, where).eval()
 
 
 def save_candidate(store: ArtifactStore, spec: CandidateSpec, model: torch.nn.Module | None,

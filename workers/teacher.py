@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from core.records import canonical_json, to_data
 from storage import ArtifactStore, WriteConflictError, layout
@@ -22,6 +23,7 @@ from workers.data import DatasetConfig, Splits
 from workers.distill import teacher_logits
 from workers.spec import short_hash
 from workers.train import Recipe, evaluate, train_model
+from workers.user_model import ModelSource, check_outputs, construct, load_weights, read_weights, weights_file
 from workers.zoo import (
     Model,
     arch_from_data,
@@ -38,19 +40,53 @@ TEACHER_FORMAT = 1  # bump when the saved layout or the training code changes wh
 
 @dataclass(frozen=True)
 class TeacherConfig(Recipe):
-    """The teacher network and its training recipe."""
+    """The teacher network and its training recipe: a zoo model (`arch`, trained here), or the user's own
+    (`model` + `kwargs`, from `weights` as given, else trained here)."""
 
-    arch: str = field(default="resnet20", metadata={"choices": list_models, "help": "registered model name"})
+    arch: str | None = field(default=None, metadata={
+        "choices": list_models, "help": "zoo model name (default resnet20); or give teacher.model"})
     epochs: int = field(default=15, metadata={"min": 1, "help": "passes over the training split"})
     lr: float = field(default=0.1, metadata={"gt": 0, "help": "peak learning rate of the one-cycle schedule"})
     seed: int = field(default=0, metadata={"min": 0, "help": "seed of the initial weights and batch order"})
+    model: str | None = field(default=None, metadata={
+        "omit_default": True, "help": "your own network: torchvision:NAME or package.module:factory"})
+    kwargs: dict[str, Any] = field(default_factory=dict, metadata={
+        "omit_default": True, "help": "keyword arguments of teacher.model's constructor, e.g. {num_classes: 10}"})
+    weights: str | None = field(default=None, metadata={
+        "omit_default": True, "help": "teacher.model's state_dict (.pt/.pth/.safetensors; path relative to the "
+                                      "config file, or s3://); given weights are evaluated, not trained"})
+    finetune_epochs: int = field(default=0, metadata={
+        "omit_default": True, "min": 0, "help": "given weights: epochs of fine-tuning on this data first (a new "
+                                                 "teacher, stored apart); 0: used as given"})
+
+    def __post_init__(self) -> None:
+        if self.model is not None and self.arch is not None:
+            raise ValueError("arch: give teacher.arch (a zoo model) or teacher.model (your own network), not both")
+        for key in ("kwargs", "weights", "finetune_epochs"):
+            if self.model is None and getattr(self, key):
+                raise ValueError(f"{key}: only with teacher.model (your own network)")
+        if self.finetune_epochs and self.weights is None:
+            raise ValueError("finetune_epochs: fine-tunes given weights; without teacher.weights the model is "
+                             "trained for teacher.epochs")
+        if self.model is None and self.arch is None:
+            object.__setattr__(self, "arch", "resnet20")  # the default zoo teacher
+
+    @property
+    def base(self) -> str:
+        """What candidates are cut from: the zoo name, or the user's constructor."""
+        return self.model or self.arch or ""
+
+    @property
+    def source(self) -> ModelSource | None:
+        """The user's model as data (weights by hash once read), or None for a zoo teacher."""
+        return None if self.model is None else ModelSource(self.model, self.kwargs)
 
 
 @dataclass
 class Teacher:
     """A trained teacher: the model (eval mode) plus what is known about it."""
 
-    model: Model
+    model: nn.Module  # a zoo `Model`, or the user's own network
     teacher_hash: str
     meta: dict[str, Any]
     cached: bool  # True when loaded from the store rather than trained now
@@ -75,36 +111,49 @@ def data_identity(dataset: DatasetConfig) -> dict[str, Any]:
     return identity
 
 
-def teacher_hash(config: TeacherConfig, dataset: DatasetConfig) -> str:
-    """Identity of a teacher: architecture, recipe, seed and data, 16 hex digits."""
-    return short_hash(canonical_json({"format": TEACHER_FORMAT, "teacher": to_data(config),
+def teacher_hash(config: TeacherConfig, dataset: DatasetConfig, weights_sha256: str | None = None) -> str:
+    """Identity of a teacher, 16 hex digits: architecture, recipe, seed and data; for given weights, the
+    constructor, its kwargs, the weights' sha256 and the data (plus the recipe when fine-tuned)."""
+    teacher = to_data(config)
+    if weights_sha256 is not None:
+        if config.finetune_epochs:  # the recipe makes it another teacher; where the file was does not
+            teacher.pop("weights")
+        else:
+            teacher = {"model": config.model, "kwargs": teacher.get("kwargs", {})}
+        teacher["weights_sha256"] = weights_sha256
+    return short_hash(canonical_json({"format": TEACHER_FORMAT, "teacher": teacher,
                                       "dataset": data_identity(dataset)}))
 
 
 def load_or_train_teacher(store: ArtifactStore, config: TeacherConfig, dataset: DatasetConfig, splits: Splits,
                           device: torch.device, progress: bool = True,
                           extra_meta: dict[str, Any] | None = None) -> Teacher:
-    """Load the teacher from `teachers/<hash>/` if a complete one is there, else train and store it."""
-    key = teacher_hash(config, dataset)
+    """Load the teacher from `teachers/<hash>/` if a complete one is there; else build it (the zoo's `arch`,
+    or the user's `model` with its given `weights`), train it unless its weights are given (or fine-tune
+    them when asked), evaluate it and store it. Nothing is stored for a teacher that fails."""
+    raw, sha256 = weights_file(config.weights) if config.weights is not None else (b"", None)
+    key = teacher_hash(config, dataset, sha256)
     prefix = layout.teacher(key)
     if store.exists(f"{prefix}/manifest.json"):
         teacher = load_teacher(store, key)
         ensure_val_accuracy(store, teacher, splits, device)
-        log.info("teacher %s (%s) loaded from %s: test accuracy %.4f, trained in %.0f s", key, config.arch,
-                 store.uri_for(prefix), teacher.test_accuracy, teacher.meta["train_seconds"])
+        log.info("teacher %s (%s) loaded from %s: test accuracy %.4f", key, config.base, store.uri_for(prefix),
+                 teacher.test_accuracy)
         return teacher
-    log.info("training teacher %s (%s, %d epochs) on %s", key, config.arch, config.epochs, device)
-    arch = model_arch(config.arch, splits.in_channels, splits.num_classes)
-    torch.manual_seed(config.seed)
-    model = build_model(arch)
-    started = time.perf_counter()
-    history = train_model(model, splits, config, device, seed=config.seed, desc=f"teacher {config.arch}",
-                          progress=progress)
-    seconds = time.perf_counter() - started
+    model, identity = _untrained(config, splits, raw, sha256)
+    epochs = 0 if sha256 is not None and not config.finetune_epochs else config.finetune_epochs or config.epochs
+    history, seconds = [], 0.0
+    if epochs:
+        log.info("training teacher %s (%s, %d epochs) on %s", key, config.base, epochs, device)
+        started = time.perf_counter()
+        history = train_model(model, splits, replace(config, epochs=epochs), device, seed=config.seed,
+                              desc=f"teacher {config.base}", progress=progress)
+        seconds = time.perf_counter() - started
     data = splits.to(device)
+    model.to(device)
     meta = {
-        "teacher_hash": key, "arch": to_data(arch), "config": to_data(config), "dataset": data_identity(dataset),
-        "test_accuracy": history[-1]["test_accuracy"],
+        "teacher_hash": key, **identity, "config": to_data(config), "dataset": data_identity(dataset),
+        "test_accuracy": history[-1]["test_accuracy"] if history else evaluate(model, *data.test, data.mean, data.std),
         "val_accuracy": evaluate(model, *data.val, data.mean, data.std),
         "train_seconds": seconds, "device": str(device), "history": history, "mean": data.mean, "std": data.std,
         "image_size": data.image_size, "in_channels": data.in_channels, "num_classes": data.num_classes,
@@ -112,9 +161,24 @@ def load_or_train_teacher(store: ArtifactStore, config: TeacherConfig, dataset: 
     }
     model.eval()
     _save(store, prefix, model, meta)
-    log.info("teacher %s trained in %.0f s: test accuracy %.4f; stored at %s", key, seconds,
-             meta["test_accuracy"], store.uri_for(prefix))
+    log.info("teacher %s %s in %.0f s: test accuracy %.4f; stored at %s", key,
+             "trained" if epochs else "evaluated as given", seconds, meta["test_accuracy"], store.uri_for(prefix))
     return Teacher(model, key, meta, cached=False)
+
+
+def _untrained(config: TeacherConfig, splits: Splits, raw: bytes, sha256: str | None) -> tuple[nn.Module, dict]:
+    """The teacher before any training here, and how meta.json names what builds it (`arch` or `source`)."""
+    if config.source is None:
+        arch = model_arch(config.arch, splits.in_channels, splits.num_classes)
+        torch.manual_seed(config.seed)
+        return build_model(arch), {"arch": to_data(arch)}
+    source = replace(config.source, weights_sha256=sha256)
+    torch.manual_seed(config.seed)
+    model = construct(source)
+    if sha256 is not None:
+        load_weights(model, read_weights(raw, config.weights), config.weights)
+    check_outputs(model, splits.in_channels, splits.image_size, splits.num_classes)
+    return model, {"source": source.to_data(), "weights": config.weights}
 
 
 def _save(store: ArtifactStore, prefix: str, model: Model, meta: dict[str, Any]) -> None:
@@ -132,9 +196,11 @@ def load_teacher(store: ArtifactStore, key: str, device: torch.device | str = "c
     """Load a stored teacher, checking each file against the manifest (a corrupt file is an error)."""
     prefix = layout.teacher(key)
     meta = json.loads(store.get_verified(prefix, "meta.json"))
-    arch = arch_from_data(meta["arch"], source=store.uri_for(prefix + "/meta.json"))
-    model = load_state_bytes(build_model(arch), store.get_verified(prefix, "model.pt"),
-                             store.uri_for(prefix + "/model.pt"))
+    if "source" in meta:  # the user's own network: its constructor, then the stored weights
+        model = construct(ModelSource.from_data(meta["source"]))
+    else:
+        model = build_model(arch_from_data(meta["arch"], source=store.uri_for(prefix + "/meta.json")))
+    model = load_state_bytes(model, store.get_verified(prefix, "model.pt"), store.uri_for(prefix + "/model.pt"))
     model.to(device).eval()
     return Teacher(model, key, meta, cached=True)
 

@@ -288,11 +288,23 @@ def state_dict_bytes(model: nn.Module) -> bytes:
     return buffer.getvalue()
 
 
+def read_state_bytes(raw: bytes, where: str) -> dict[str, torch.Tensor]:
+    """`state_dict_bytes` output as tensors (weights_only=True); CorruptArtifactError naming `where`."""
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 — a damaged checkpoint, whatever torch raises
+        raise CorruptArtifactError(f"{where} is not a loadable checkpoint: {err}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CorruptArtifactError(f"{where} is not a state_dict of tensors")
+    return state
+
+
 def load_state_bytes(model: nn.Module, raw: bytes, where: str) -> nn.Module:
     """Load `state_dict_bytes` output into `model` (weights_only=True); CorruptArtifactError naming `where`."""
+    state = read_state_bytes(raw, where)
     try:
-        model.load_state_dict(torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True))
-    except Exception as err:  # noqa: BLE001 — a damaged or mismatched checkpoint, whatever torch raises
+        model.load_state_dict(state)
+    except Exception as err:  # noqa: BLE001 — a mismatched checkpoint, whatever torch raises
         raise CorruptArtifactError(f"{where} is not a loadable checkpoint: {err}") from None
     return model
 

@@ -1,0 +1,224 @@
+"""Issue 20: the user's own network — torchvision or a factory of theirs, from their weights file.
+
+The structure engine (workers/graph.py) on real torchvision models, then a grid run on Ray from a user's
+trained factory network, the stored teacher, the candidates rebuilt in a fresh process, ONNX export, and
+every bad input as one line with exit 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+import yaml
+
+import searchsvc
+from core.records import to_data
+from searchsvc.cli import main
+from searchsvc.config import load_config
+from storage import LocalStore
+from tests.user_models.nets import small_resnet
+from workers.data import DatasetConfig, SyntheticConfig, load_dataset
+from workers.graph import channel_groups, example_input, rebuild, removable_units, remove_units, shrink_graph
+from workers.measure import count_macs, count_parameters
+from workers.teacher import TeacherConfig, load_or_train_teacher, teacher_hash
+from workers.train import Recipe, train_model
+
+REPO = Path(__file__).resolve().parent.parent
+FACTORY = "tests.user_models.nets:small_resnet"
+MODELS = {"resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+          "resnet50": lambda: torchvision.models.resnet50(num_classes=10),
+          "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(num_classes=10),
+          "factory": lambda: small_resnet(in_channels=3, num_classes=10)}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_traced_structure_cuts_real_smaller_models_and_rebuilds_them(name):
+    torch.manual_seed(0)
+    teacher = MODELS[name]().eval()
+    images = torch.randn(3, 3, 32, 32)
+    example = example_input(teacher, 3, 32)
+    with torch.no_grad():
+        expected = teacher(images)
+        assert torch.equal(shrink_graph(teacher, example)(images), expected)  # identity: exact
+    units = removable_units(teacher, example)
+    assert units, "every one of these networks has blocks with a skip"
+    removed = units[:1]
+    groups = channel_groups(remove_units(copy.deepcopy(teacher), removed), example)
+    small = shrink_graph(teacher, example, removed, {g.key: max(1, g.channels // 2) for g in groups})
+    assert count_parameters(small) < count_parameters(teacher) / 2
+    assert count_macs(small, 3, 32) < count_macs(teacher, 3, 32) / 2
+    again = rebuild(MODELS[name](), removed, small.state_dict())  # a fresh constructor and tensors only
+    with torch.no_grad():
+        assert torch.equal(again(images), small(images))
+
+
+def test_units_are_found_by_tracing_not_by_class_names():
+    teacher = small_resnet(in_channels=1, num_classes=4)
+    # blocks.2 changes width and stride (its skip is a projection): not removable; the others are.
+    assert removable_units(teacher, example_input(teacher, 1, 16)) == ("blocks.0", "blocks.1", "blocks.3")
+
+
+def test_fields_added_for_user_models_leave_stored_identities_alone():
+    config = load_config(REPO / "configs" / "quickstart.yaml")
+    assert "model" not in to_data(config.teacher) and "mean" not in to_data(config.dataset)
+    assert teacher_hash(config.teacher, config.dataset) == "82d9194c238045dd"  # the stored quickstart teacher
+
+
+DATA = {"name": "synthetic", "synthetic": {"num_classes": 4, "channels": 1, "image_size": 16, "train_size": 512,
+                                            "test_size": 128}}
+
+
+@pytest.fixture(scope="module")
+def user_weights(tmp_path_factory) -> Path:
+    """The user's trained network: a factory of theirs, trained elsewhere, saved as a state_dict."""
+    folder = tmp_path_factory.mktemp("user")
+    splits = load_dataset(DatasetConfig(name="synthetic", synthetic=SyntheticConfig(**DATA["synthetic"])))
+    model = small_resnet(in_channels=1, num_classes=4)
+    torch.manual_seed(0)
+    train_model(model, splits, Recipe(epochs=3, batch_size=64, lr=0.05, augment=False), torch.device("cpu"),
+                progress=False)
+    torch.save(model.state_dict(), folder / "weights.pt")
+    return folder
+
+
+def write_config(folder: Path, teacher: dict, candidates: list | None = None, name: str = "job.yaml") -> Path:
+    config = {"method": "grid", "dataset": DATA, "teacher": teacher, "resources": {"gpus_per_eval": 0},
+              "train": {"epochs": 1, "batch_size": 64, "augment": False},
+              "search": {"candidates": candidates or [{"scale": 0.5}]}}
+    path = folder / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def user_run(user_weights, tmp_path_factory, ray_session):
+    store_dir = tmp_path_factory.mktemp("user-run") / "store"
+    candidates = [{"scale": 0.5}, {"remove": ["blocks.1"]}, {"remove": ["blocks.0", "blocks.3"], "scale": 0.75}]
+    config = write_config(user_weights, {"model": FACTORY, "kwargs": {"num_classes": 4}, "weights": "weights.pt"},
+                          candidates)  # a weights path relative to the config file's folder
+    assert main(["run", str(config), "--store", str(store_dir), "--no-progress"]) == 0
+    store = LocalStore(store_dir)
+    run_id = store.list("runs/")[0].split("/")[1]
+    return store_dir, store, run_id
+
+
+def test_given_weights_are_stored_as_given_and_never_trained(user_run, user_weights):
+    _, store, run_id = user_run
+    record = store.get_json(f"runs/{run_id}/run.json")
+    key = record["teacher_hash"]
+    meta = store.get_json(f"teachers/{key}/meta.json")
+    raw = (user_weights / "weights.pt").read_bytes()
+    assert meta["source"] == {"model": FACTORY, "kwargs": {"num_classes": 4},
+                              "weights_sha256": hashlib.sha256(raw).hexdigest()}
+    assert meta["history"] == [] and meta["train_seconds"] == 0
+    given = torch.load(user_weights / "weights.pt", weights_only=True)
+    stored = searchsvc.load_candidate  # noqa: F841 — candidates below; the teacher's file is compared here
+    from workers.teacher import load_teacher
+    teacher_state = load_teacher(store, key).model.state_dict()
+    assert given.keys() == teacher_state.keys()
+    assert all(torch.equal(given[k], teacher_state[k]) for k in given)
+
+
+def test_grid_on_a_user_model_gives_real_smaller_models(user_run):
+    _, store, run_id = user_run
+    teacher_params = count_parameters(small_resnet(1, 4))
+    rows = searchsvc.results(store, run_id).to_pylist()
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows), rows
+    assert all(r["params"] < teacher_params for r in rows)
+    assert len({r["macs"] for r in rows}) == 3
+
+
+def test_a_user_candidate_loads_in_a_fresh_process_with_its_stored_accuracy(user_run):
+    store_dir, store, run_id = user_run
+    row = searchsvc.results(store, run_id).to_pylist()[0]
+    code = (f"import searchsvc, torch; from workers.data import *; from workers.train import evaluate;"
+            f"m = searchsvc.load_candidate({row['spec_hash']!r}, store={str(store_dir)!r});"
+            f"s = load_dataset(DatasetConfig(name='synthetic', synthetic=SyntheticConfig(**{DATA['synthetic']!r})));"
+            f"print(evaluate(m, *s.test, s.mean, s.std))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert float(out.split()[-1]) == pytest.approx(row["accuracy"], abs=1e-9)
+
+
+def test_a_user_candidate_exports_to_onnx_matching_pytorch(user_run, tmp_path):
+    import onnxruntime
+
+    store_dir, store, run_id = user_run
+    spec_hash = searchsvc.results(store, run_id)["spec_hash"][-1].as_py()
+    path = tmp_path / "m.onnx"
+    assert main(["export", "--store", str(store_dir), spec_hash, "-o", str(path)]) == 0
+    images = torch.randn(4, 1, 16, 16)
+    expected = searchsvc.load_candidate(spec_hash, store=store)(images).detach().numpy()
+    got = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"images": images.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_safetensors_weights_and_the_input_contract(tmp_path):
+    from safetensors.torch import save_file
+
+    model = small_resnet(in_channels=3, num_classes=4)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    dataset = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(**DATA["synthetic"]), channels=3,
+                            image_size=20, mean=(0.5,), std=(0.25,))
+    splits = load_dataset(dataset)
+    assert splits.in_channels == 3 and splits.image_size == 20 and splits.mean == (0.5,) * 3
+    config = TeacherConfig(model=FACTORY, kwargs={"in_channels": 3, "num_classes": 4},
+                           weights=str(tmp_path / "w.safetensors"))
+    store = LocalStore(tmp_path / "store")
+    teacher = load_or_train_teacher(store, config, dataset, splits, torch.device("cpu"), progress=False)
+    assert all(torch.equal(v, teacher.model.state_dict()[k]) for k, v in model.state_dict().items())
+    assert load_or_train_teacher(store, config, dataset, splits, torch.device("cpu")).cached
+
+
+BAD = {
+    "unknown torchvision model": ({"model": "torchvision:resnet19"}, "validate", "resnet18"),
+    "arch and model": ({"arch": "resnet20", "model": "torchvision:resnet18"}, "validate", "teacher.arch"),
+    "missing weights": ({"model": FACTORY, "weights": "nowhere.pt"}, "validate", "nowhere.pt"),
+    "kwargs without model": ({"kwargs": {"num_classes": 4}}, "validate", "teacher.kwargs"),
+    "factory that raises": ({"model": "tests.user_models.nets:broken"}, "run", "cannot build anything"),
+    "no such module": ({"model": "tests.user_models.nowhere:net"}, "validate", "tests.user_models.nowhere"),
+    "weights of another shape": ({"model": FACTORY, "kwargs": {"num_classes": 7}, "weights": "weights.pt"}, "run",
+                                 "head.weight has shape (4, 16) in the file but (7, 16)"),
+    "logits for other classes": ({"model": FACTORY, "kwargs": {"num_classes": 3}}, "run", "4 classes"),
+    "a pickled model": ({"model": FACTORY, "kwargs": {"num_classes": 4}, "weights": "pickled.pt"}, "run",
+                        "weights_only"),
+    "another model's weights": ({"model": "torchvision:resnet18", "weights": "weights.pt"}, "run", "has no tensor"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_user_models_are_one_line_and_exit_2(case, user_weights, tmp_path, capsys):
+    teacher, command, expected = BAD[case]
+    torch.save(small_resnet(1, 4), user_weights / "pickled.pt")  # the whole module pickled, not a state_dict
+    config = write_config(user_weights, teacher, name=f"bad-{case.replace(' ', '-')}.yaml")
+    store = tmp_path / "store"
+    args = ["validate", str(config)] if command == "validate" else \
+        ["run", str(config), "--store", str(store), "--no-progress"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err and "Traceback" not in err, err
+    assert not (store / "teachers").exists() or not any((store / "teachers").iterdir())  # nothing stored
+
+
+def test_a_fine_tuned_teacher_is_a_new_teacher_beside_the_given_one(user_weights, tmp_path):
+    dataset = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(**DATA["synthetic"]))
+    splits = load_dataset(dataset)
+    given = TeacherConfig(model=FACTORY, kwargs={"num_classes": 4}, weights=str(user_weights / "weights.pt"))
+    tuned = TeacherConfig(model=FACTORY, kwargs={"num_classes": 4}, weights=given.weights, finetune_epochs=1,
+                          lr=0.01, batch_size=64, augment=False)
+    store = LocalStore(tmp_path / "store")
+    first = load_or_train_teacher(store, given, dataset, splits, torch.device("cpu"), progress=False)
+    second = load_or_train_teacher(store, tuned, dataset, splits, torch.device("cpu"), progress=False)
+    assert first.teacher_hash != second.teacher_hash and len(second.meta["history"]) == 1
+    assert second.meta["source"] == first.meta["source"]  # the same constructor and weights it started from
+    weights = first.model.state_dict()
+    assert any(not torch.equal(v, second.model.state_dict()[k]) for k, v in weights.items())

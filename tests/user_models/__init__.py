@@ -1,0 +1,1 @@
+"""Networks a user might bring: defined here, outside the zoo, built by `package.module:factory`."""

@@ -1,0 +1,42 @@
+"""A user's own residual network (not a zoo model): what `teacher.model: tests.user_models.nets:small_resnet`
+builds. Written the way people write them: a Sequential stem, blocks with an `if` for the projection."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        self.project = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = x if self.project is None else self.project(x)
+        return torch.relu(self.body(x) + skip)
+
+
+class SmallResNet(nn.Module):
+    def __init__(self, in_channels: int = 1, num_classes: int = 4, width: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.blocks = nn.Sequential(Block(width, width, 1), Block(width, width, 1), Block(width, 2 * width, 2),
+                                    Block(2 * width, 2 * width, 1))
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def small_resnet(in_channels: int = 1, num_classes: int = 4, width: int = 8) -> SmallResNet:
+    return SmallResNet(in_channels, num_classes, width)
+
+
+def broken(**kwargs: object) -> nn.Module:
+    raise RuntimeError("this factory cannot build anything")

@@ -1,0 +1,237 @@
+"""Structure read from a network the zoo does not describe, and real surgery on it.
+
+A user's network (a torchvision model, or their own factory) comes with no architecture record, so its
+structure is read from the model itself:
+- `removable_units`: blocks with a skip connection whose input and output shapes match, found by tracing
+  (torch.fx: an addition inside the block, one of whose operands comes from outside it), not by class name;
+  removing one leaves the skip alone, i.e. the block becomes an identity.
+- `channel_groups`: the channels that must be pruned together (residual additions, depthwise convolutions,
+  concatenations), from Torch-Pruning's DependencyGraph. A group is named by its root module: the first
+  conv or linear whose output channels it prunes (`layer1.0.conv1`, `features.2.conv.0.0`).
+
+`shrink_graph` cuts the smaller network (units removed, each group down to its width, keeping the
+channels of largest L1 magnitude in their original order, so keeping all reproduces the teacher exactly).
+`rebuild` makes the same structure in a fresh process from the constructor and the stored state_dict:
+the units are removed again and every layer takes the shape of its stored tensors, so the store never
+holds a pickled module.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import operator
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+from torch import fx, nn
+
+from workers.surgery import InvalidTransform
+
+log = logging.getLogger(__name__)
+_ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
+PRUNABLE = (nn.Conv2d, nn.Linear)  # root layers of a channel group
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels removed together: named by the root module, with the width it has now."""
+
+    key: str  # the root module's name
+    channels: int
+    outputs: tuple[str, ...]  # modules whose output channels the group prunes (the root among them)
+
+
+def example_input(model: nn.Module, in_channels: int, image_size: int) -> torch.Tensor:
+    """One zero image on the model's device: what tracing and the dependency graph run on."""
+    probe = next(model.parameters())
+    return torch.zeros(1, in_channels, image_size, image_size, device=probe.device, dtype=probe.dtype)
+
+
+def _shapes(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, tuple], list[str]]:
+    """Each module's (input shape, output shape) on `example`, and the conv/linear layers in call order."""
+    shapes: dict[str, tuple] = {}
+    order: list[str] = []
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, output: object) -> None:
+            if name not in shapes and args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                shapes[name] = (tuple(args[0].shape), tuple(output.shape))
+            if isinstance(module, PRUNABLE) and name not in order:
+                order.append(name)
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes, order
+
+
+def classifier(model: nn.Module, example: torch.Tensor) -> str:
+    """The last conv or linear layer the forward pass calls: its outputs are the logits, never pruned."""
+    return _shapes(model, example)[1][-1]
+
+
+def removable_units(model: nn.Module, example: torch.Tensor) -> tuple[str, ...]:
+    """Names of the blocks that removal may replace by identity, in forward order (none if fx cannot trace)."""
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception as err:  # noqa: BLE001 — data-dependent control flow and the like: no units, said once
+        log.warning("torch.fx cannot trace %s (%s): no block of it can be removed", type(model).__name__,
+                    str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+        return ()
+    shapes, _ = _shapes(model, example)
+    units: list[str] = []
+    for node in traced.graph.nodes:
+        unit = _skip_unit(node, shapes)
+        if unit is not None and unit not in units:
+            units.append(unit)
+    return tuple(units)
+
+
+def _scopes(node: fx.Node) -> list[str]:
+    return [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
+
+
+def _skip_unit(node: fx.Node, shapes: Mapping[str, tuple]) -> str | None:
+    """The innermost module around an addition that adds its own input to what it computed, if its
+    input and output shapes match."""
+    if node.op not in ("call_function", "call_method") or node.target not in _ADDS:
+        return None
+    operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    if len(operands) != 2:
+        return None
+    for scope in reversed(_scopes(node)):  # innermost first
+        inside = [scope in _scopes(a) for a in operands]
+        if inside.count(True) == 1 and scope in shapes:
+            shape_in, shape_out = shapes[scope]
+            return scope if shape_in == shape_out else None
+    return None
+
+
+def _dependency_graph(model: nn.Module, example: torch.Tensor):
+    import torch_pruning as tp  # imported where a user's model is cut, not by every worker
+
+    with torch.enable_grad():  # the graph is traced through autograd, whatever the caller's mode
+        return tp, tp.DependencyGraph().build_dependency(model, example_inputs=example)
+
+
+def channel_groups(model: nn.Module, example: torch.Tensor) -> list[ChannelGroup]:
+    """Every prunable channel group of `model` (the classifier's outputs excluded), in forward order."""
+    _, graph = _dependency_graph(model, example)
+    names = {module: name for name, module in model.named_modules()}
+    last = model.get_submodule(classifier(model, example))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    groups = []
+    for group in graph.get_all_groups(ignored_layers=[last], root_module_types=PRUNABLE):
+        root = group[0].dep.target.module
+        outputs = {names[item.dep.target.module] for item in group
+                   if item.dep.target.module in names and graph.is_out_channel_pruning_fn(item.dep.handler)}
+        groups.append(ChannelGroup(names[root], graph.get_out_channels(root),
+                                   tuple(sorted(outputs, key=order.__getitem__))))
+    return sorted(groups, key=lambda g: order[g.key])
+
+
+def remove_units(model: nn.Module, removed: Iterable[str]) -> nn.Module:
+    """`model` with each named unit replaced by identity (in place)."""
+    for name in removed:
+        model.set_submodule(name, nn.Identity())
+    return model
+
+
+def shrink_graph(teacher: nn.Module, example: torch.Tensor, removed: Iterable[str] = (),
+                 widths: Mapping[str, int] | Iterable = ()) -> nn.Module:
+    """The smaller network on the CPU (eval mode), initialised from the teacher's weights; InvalidTransform if
+    a unit or width key is unknown or a width is out of range."""
+    removed, widths = tuple(removed), dict(widths)
+    model = copy.deepcopy(teacher).cpu().eval()
+    example = example.cpu()
+    units = removable_units(model, example)
+    unknown = sorted(set(removed) - set(units))
+    if unknown:
+        raise InvalidTransform(f"unknown units to remove: {unknown}; removable: {list(units)}")
+    remove_units(model, removed)
+    groups = _resolve(channel_groups(model, example), widths)
+    if groups:
+        _prune(model, example, groups)
+    return model
+
+
+def _resolve(groups: list[ChannelGroup], widths: Mapping[str, int]) -> dict[str, int]:
+    """Width keys (a group's root, or any layer whose outputs it prunes) → {root: width}, checked."""
+    by_output = {name: group for group in groups for name in group.outputs}
+    chosen: dict[str, int] = {}
+    for key, width in widths.items():
+        group = by_output.get(key)
+        if group is None:
+            raise InvalidTransform(f"unknown width key {key!r}; keys: {[g.key for g in groups]}")
+        if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= group.channels:
+            raise InvalidTransform(f"width of {key} must be an integer in [1, {group.channels}], got {width!r}")
+        if chosen.get(group.key, width) != width:
+            raise InvalidTransform(f"width keys {key!r} and {group.key!r} set one channel group to two widths")
+        chosen[group.key] = width
+    return {key: width for key, width in chosen.items() if width < by_output[key].channels}
+
+
+def _prune(model: nn.Module, example: torch.Tensor, widths: Mapping[str, int]) -> None:
+    """Prune each group rooted at a key down to its width, keeping the channels of largest group L1 norm.
+    (The graph is traced with autograd on; the weights change under no_grad.)"""
+    tp, graph = _dependency_graph(model, example)
+    importance = tp.importance.GroupMagnitudeImportance(p=1)
+    with torch.no_grad():
+        for key, width in widths.items():
+            root = model.get_submodule(key)
+            fn = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
+            group = graph.get_pruning_group(root, fn, idxs=list(range(graph.get_out_channels(root))))
+            scores = importance(group)
+            keep = set(torch.topk(scores, width).indices.tolist())
+            drop = [i for i in range(len(scores)) if i not in keep]
+            graph.get_pruning_group(root, fn, idxs=drop).prune()
+
+
+def rebuild(model: nn.Module, removed: Iterable[str], state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A fresh instance of the base model made into a stored candidate: units removed, every layer resized
+    to its stored tensors, the weights loaded (strict). Nothing is unpickled: `state` is tensors."""
+    remove_units(model, removed)
+    for name, module in model.named_modules():
+        _resize(name, module, state)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _resize(name: str, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Give one layer the shapes of its stored tensors (only what channel pruning changes)."""
+    prefix = f"{name}." if name else ""
+    stored = {key: state[prefix + key] for key, _ in module.named_parameters(recurse=False) if prefix + key in state}
+    stored.update({key: state[prefix + key] for key, _ in module.named_buffers(recurse=False)
+                   if prefix + key in state})
+    if all(tuple(getattr(module, key).shape) == tuple(t.shape) for key, t in stored.items()):
+        return
+    weight = stored.get("weight")
+    if isinstance(module, nn.modules.conv._ConvNd) and weight is not None:
+        depthwise = module.groups == module.in_channels == module.out_channels and module.groups > 1
+        module.out_channels = weight.shape[0]
+        module.groups = weight.shape[0] if depthwise else module.groups
+        module.in_channels = weight.shape[1] * module.groups
+    elif isinstance(module, nn.Linear) and weight is not None:
+        module.out_features, module.in_features = weight.shape
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module.num_features = stored["running_mean"].shape[0]
+    elif isinstance(module, nn.LayerNorm) and weight is not None:
+        module.normalized_shape = tuple(weight.shape)
+    elif isinstance(module, nn.GroupNorm) and weight is not None:
+        module.num_channels = weight.shape[0]
+    else:
+        raise InvalidTransform(f"cannot rebuild {name or 'the model'} ({type(module).__name__}) at its stored shapes")
+    for key, tensor in stored.items():
+        current = getattr(module, key)
+        fresh = torch.empty(tensor.shape, dtype=current.dtype)
+        if isinstance(current, nn.Parameter):
+            setattr(module, key, nn.Parameter(fresh, requires_grad=current.requires_grad))
+        else:
+            setattr(module, key, fresh)

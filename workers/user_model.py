@@ -1,0 +1,172 @@
+"""The user's own network: a constructor named in the config, its keyword arguments, and a weights file.
+
+    teacher:
+      model: torchvision:resnet18        # any torchvision classification model, or "package.module:factory"
+      kwargs: {num_classes: 10}          # passed to the constructor
+      weights: my_resnet18.pt            # a state_dict: .pt / .pth (weights_only) or .safetensors
+
+Nothing here unpickles code: a constructor is imported by name and weights are plain tensors. Every
+problem (no such constructor, a factory that raises, a file that is not a state_dict, a tensor of the
+wrong shape, logits that do not match the classes) is one SearchsvcError line naming the key or file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.errors import SearchsvcError
+from core.names import did_you_mean
+
+TORCHVISION = "torchvision:"
+WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A user model as data: what builds it and which weights it starts from (sha256 of the file's bytes)."""
+
+    model: str  # "torchvision:resnet18" or "package.module:factory"
+    kwargs: Mapping[str, Any]
+    weights_sha256: str | None = None  # None: fresh weights (the teacher is trained)
+
+    def to_data(self) -> dict[str, Any]:
+        return {"model": self.model, "kwargs": dict(self.kwargs), "weights_sha256": self.weights_sha256}
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> ModelSource:
+        return cls(str(data["model"]), dict(data.get("kwargs") or {}), data.get("weights_sha256"))
+
+
+def constructor(model: str) -> Callable[..., nn.Module]:
+    """The callable `model` names; SearchsvcError naming teacher.model if there is none."""
+    if model.startswith(TORCHVISION):
+        from torchvision import models
+
+        name = model[len(TORCHVISION):]
+        known = models.list_models(module=models)  # classification models only
+        if name not in known:
+            raise SearchsvcError(f"teacher.model: torchvision has no classification model {name!r}"
+                                 f"{did_you_mean(name, known)}")
+        return lambda **kwargs: models.get_model(name, **kwargs)
+    module_name, sep, attr = model.partition(":")
+    if not sep or not module_name or not attr:
+        raise SearchsvcError(f"teacher.model: {model!r} is neither torchvision:NAME nor package.module:factory")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise SearchsvcError(f"teacher.model: cannot import {module_name!r} ({err})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise SearchsvcError(f"teacher.model: {module_name} has no callable {attr!r}")
+    return factory
+
+
+def construct(source: ModelSource) -> nn.Module:
+    """A fresh instance of the user's model (random weights), on the CPU."""
+    if "weights" in source.kwargs and source.model.startswith(TORCHVISION):
+        raise SearchsvcError("teacher.kwargs.weights: torchvision's pretrained weights are downloaded, and runs "
+                             "download nothing; save them once and give the file as teacher.weights")
+    factory = constructor(source.model)
+    try:
+        model = factory(**source.kwargs)
+    except Exception as err:  # noqa: BLE001 — the user's code: whatever it raises is one line
+        raise SearchsvcError(f"teacher.model: {source.model}(**{dict(source.kwargs)}) raised "
+                             f"{type(err).__name__}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise SearchsvcError(f"teacher.model: {source.model} returned {type(model).__name__}, not a torch nn.Module")
+    return model
+
+
+def read_weights(raw: bytes, where: str) -> dict[str, torch.Tensor]:
+    """A state_dict from a file's bytes (`where` names the file, its suffix the format)."""
+    if where.endswith(".safetensors"):
+        from safetensors.torch import load as load_safetensors
+
+        try:
+            return load_safetensors(raw)
+        except Exception as err:  # noqa: BLE001 — a damaged file, whatever safetensors raises
+            raise SearchsvcError(f"teacher.weights: {where} is not a readable safetensors file ({err})") from None
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 — a pickled model, a damaged file: torch raises many kinds
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise SearchsvcError(f"teacher.weights: {where} cannot be loaded with weights_only=True ({first}); save "
+                             f"model.state_dict() with torch.save, not the model") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a training checkpoint
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state:
+        raise SearchsvcError(f"teacher.weights: {where} holds {type(state).__name__}, not a state_dict")
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise SearchsvcError(f"teacher.weights: {where} is not a state_dict: {key!r} is {type(value).__name__}")
+    return state
+
+
+def weights_file(location: str) -> tuple[bytes, str]:
+    """The bytes of a weights file (a path, file:// or s3:// URI) and their sha256 (hex); SearchsvcError naming
+    it otherwise."""
+    if not location.endswith(WEIGHT_SUFFIXES):
+        raise SearchsvcError(f"teacher.weights: {location}: expected a {', '.join(WEIGHT_SUFFIXES)} file")
+    if location.startswith("s3://"):
+        from storage import KeyNotFoundError, open_store
+
+        folder, _, name = location.rpartition("/")
+        try:
+            raw = open_store(folder, create=False).get_bytes(name)
+        except KeyNotFoundError:
+            raise SearchsvcError(f"teacher.weights: {location}: no such object") from None
+        return raw, hashlib.sha256(raw).hexdigest()
+    try:
+        raw = Path(location.removeprefix("file://")).read_bytes()
+    except FileNotFoundError:
+        raise SearchsvcError(f"teacher.weights: {location}: no such file") from None
+    except OSError as err:
+        raise SearchsvcError(f"teacher.weights: {location}: cannot read ({err.__class__.__name__})") from None
+    return raw, hashlib.sha256(raw).hexdigest()
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], where: str) -> nn.Module:
+    """Load `state` into `model`, every tensor by name and shape; the first mismatch is named with both shapes."""
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
+        state = {k[len("module."):]: v for k, v in state.items()}
+    own = model.state_dict()
+    for key, tensor in own.items():
+        if key not in state:
+            more = sum(k not in state for k in own) - 1
+            raise SearchsvcError(f"teacher.weights: {where} has no tensor {key!r}" + (f" (and {more} more)" if more
+                                 else "") + "; does teacher.kwargs build the model that was saved?")
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise SearchsvcError(f"teacher.weights: {where}: {key} has shape {tuple(state[key].shape)} in the file "
+                                 f"but {tuple(tensor.shape)} in the model (teacher.kwargs, e.g. num_classes?)")
+    extra = [k for k in state if k not in own]
+    if extra:
+        raise SearchsvcError(f"teacher.weights: {where} has tensors the model lacks, first {extra[0]!r}"
+                             f" ({len(extra)} in all)")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def check_outputs(model: nn.Module, in_channels: int, image_size: int, num_classes: int) -> None:
+    """One forward pass at the dataset's shape: it must run and give `num_classes` logits per image."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, in_channels, image_size, image_size))
+    except Exception as err:  # noqa: BLE001 — the user's model: whatever it raises is one line
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise SearchsvcError(f"teacher.model: fails on {in_channels}x{image_size}x{image_size} images ({first}); "
+                             f"see dataset.channels and dataset.image_size") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise SearchsvcError(f"teacher.model: gives outputs of shape {shape} for 2 images; the dataset has "
+                             f"{num_classes} classes, so (2, {num_classes}) logits are needed "
+                             f"(teacher.kwargs.num_classes?)")
