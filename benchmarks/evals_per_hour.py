@@ -28,12 +28,13 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 from common import UtilisationSampler, cifar_shaped, write_result  # noqa: E402
-from searchsvc.n2n_env import removable_blocks, removal_stage  # noqa: E402
+from searchsvc.n2n_env import removal_stage  # noqa: E402
 from storage import LocalStore  # noqa: E402
 from workers.data import DatasetConfig, load_dataset  # noqa: E402
 from workers.pool import EvalPool  # noqa: E402
 from workers.resources import Resources  # noqa: E402
 from workers.spec import CandidateSpec  # noqa: E402
+from workers.surgery import removable_blocks  # noqa: E402
 from workers.teacher import TeacherConfig, load_or_train_teacher  # noqa: E402
 from workers.train import TrainConfig, resolve_device  # noqa: E402
 

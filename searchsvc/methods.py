@@ -308,9 +308,9 @@ def check_rigl(config: Any) -> list[str]:
 register_method("grid", GridSearch, "evaluate an explicit list of transformations", "searchsvc.grid:run_grid",
                 residual_only=True, user_models=True)
 register_method("n2n", N2NSearch, "RLlib PPO agent removes and shrinks layers of the teacher",
-                "searchsvc.n2n:run_n2n", residual_only=True)
+                "searchsvc.n2n:run_n2n", residual_only=True, user_models=True)
 register_method("taylor", TaylorSearch, "iterative Taylor filter pruning as a Ray Tune sweep",
-                "searchsvc.taylor:run_taylor", residual_only=True)
+                "searchsvc.taylor:run_taylor", residual_only=True, user_models=True)
 register_method("agp", AgpSearch, "gradual pruning from a Distiller YAML schedule, then thinning, as a Tune sweep",
                 "searchsvc.agp:run_agp", check="searchsvc.schedules:check_agp")
 register_method("sensitivity", SensitivitySearch, "prune each layer alone to each level (searchsvc sensitivity)",

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import SearchsvcError
 from searchsvc.evaluator import Evaluator, ensure_ray
 from searchsvc.job import RunContext
 from searchsvc.methods import N2NSearch
@@ -30,14 +31,13 @@ from searchsvc.n2n_env import (
     CompressionVectorEnv,
     Stage,
     observation_rows,
-    removable_blocks,
     removal_stage,
     shrink_stage,
 )
 from storage import layout
 from workers.evaluate import stored_metrics
 from workers.spec import CandidateSpec
-from workers.surgery import width_keys
+from workers.structure import structure_of
 
 log = logging.getLogger(__name__)
 ENV_NAME = "searchsvc-n2n"
@@ -153,7 +153,7 @@ def run_n2n(context: RunContext) -> None:
     ensure_ray(context.address)
     search: N2NSearch = context.config.search
     teacher = context.teacher.model
-    base = CandidateSpec(arch=context.config.teacher.arch, teacher=context.teacher.teacher_hash,
+    base = CandidateSpec(arch=context.config.teacher.base, teacher=context.teacher.teacher_hash,
                          dataset=context.config.dataset, train=context.config.train, method="n2n",
                          seed=context.config.seed)
     shrink_budget = math.floor(search.max_evaluations * search.shrink_share) if search.shrink else 0
@@ -163,21 +163,23 @@ def run_n2n(context: RunContext) -> None:
     state = {"done": [], "history": {}}
     if context.resumed and context.store.exists(state_key):
         state = context.store.get_json(state_key)
+    units = structure_of(teacher, context.splits.in_channels, context.splits.image_size)
+    if not units.names:
+        raise SearchsvcError(f"method n2n: {context.config.teacher.base} has no removable block (a block whose input "
+                             f"and output shapes match, with a skip connection): use method grid")
     evaluator = Evaluator(context, search.reward, total=search.max_evaluations)
-    blocks = removable_blocks(teacher)
     try:
         for name in ("removal", "shrink"):
             if name in state["done"] or budgets[name] == 0:
                 continue
             if name == "removal":
-                stage = removal_stage(blocks, base)
+                stage = removal_stage(units.names, base)
             else:
-                teacher_widths = {k: v for k, v in width_keys(teacher.arch).items() if k in blocks}
-                stage = shrink_stage(_best_removal(evaluator, base), teacher_widths, search.width_scales)
+                stage = shrink_stage(_best_removal(evaluator, base), units.inner, search.width_scales)
                 if not stage.blocks:  # the best removal kept no block: nothing left to shrink
                     log.info("n2n: the best removal result keeps no block; skipping the shrink stage")
                     continue
-            session = StageBudget(evaluator, search, budgets[name], deadline, stage, observation_rows(teacher, stage.blocks),
+            session = StageBudget(evaluator, search, budgets[name], deadline, stage, observation_rows(units, stage.blocks),
                               trained=_trained_in_stage(evaluator, name))
             state["history"][name] = _run_stage(session, context.config.seed + len(state["done"]),
                                                 layout.run_file(context.run_id, f"state/{name}"), context.resumed)

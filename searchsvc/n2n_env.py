@@ -20,17 +20,15 @@ import gymnasium as gym
 import numpy as np
 
 from workers.spec import CandidateSpec
-from workers.surgery import removable_blocks  # noqa: F401 — the agent's blocks, part of this module's API
-from workers.zoo import ResNet
+from workers.structure import Units
 
 # (specs) → one reward per spec, or None for a spec past the evaluation budget
 EvaluateFn = Callable[[list[CandidateSpec]], list[float | None]]
 
 
-def observation_rows(teacher: ResNet, blocks: tuple[str, ...]) -> np.ndarray:
+def observation_rows(units: Units, blocks: tuple[str, ...]) -> np.ndarray:
     """Descriptor rows of `blocks` (n x 8), each column divided by its largest value, so 0..1."""
-    by_name = {d.name: d.as_row() for d in teacher.describe()}
-    rows = np.array([by_name[name] for name in blocks], dtype=np.float32)
+    rows = np.array([units.rows[name].as_row() for name in blocks], dtype=np.float32)
     scale = np.abs(rows).max(axis=0)
     return rows / np.where(scale > 0, scale, 1.0)
 
@@ -57,14 +55,16 @@ def removal_stage(blocks: tuple[str, ...], base: CandidateSpec) -> Stage:
     return Stage(blocks, 2, make)
 
 
-def shrink_stage(base: CandidateSpec, teacher_widths: dict[str, int], scales: tuple[float, ...]) -> Stage:
-    """Scale the inner width of each block the removal result kept by one of `scales`."""
-    blocks = tuple(name for name in teacher_widths if name not in base.removed)
+def shrink_stage(base: CandidateSpec, inner: dict[str, dict[str, int]], scales: tuple[float, ...]) -> Stage:
+    """Scale the inner widths of each block the removal result kept (`inner`: block → width key → the
+    teacher's channels) by one of `scales`."""
+    blocks = tuple(name for name, widths in inner.items() if name not in base.removed and widths)
 
     def make(action: np.ndarray) -> CandidateSpec:
-        widths = {name: max(1, round(teacher_widths[name] * scales[int(a)])) for name, a in zip(blocks, action)}
-        widths = tuple((k, w) for k, w in widths.items() if w != teacher_widths[k])
-        return replace(base, widths=widths)
+        widths = {key: max(1, round(channels * scales[int(a)]))
+                  for name, a in zip(blocks, action) for key, channels in inner[name].items()}
+        widths = {k: w for name in blocks for k, w in widths.items() if k in inner[name] and w != inner[name][k]}
+        return replace(base, widths=tuple(widths.items()))
 
     return Stage(blocks, len(scales), make)
 

@@ -13,7 +13,6 @@ from searchsvc.n2n_env import (
     CompressionEnv,
     CompressionVectorEnv,
     observation_rows,
-    removable_blocks,
     removal_stage,
     shrink_stage,
 )
@@ -22,6 +21,7 @@ from storage import LocalStore
 from tests.conftest import kill_run_when
 from workers.data import DatasetConfig
 from workers.spec import CandidateSpec
+from workers.structure import structure_of
 from workers.train import TrainConfig
 from workers.zoo import create_model
 
@@ -39,9 +39,10 @@ def test_reward_forms_match_hand_computed_values():
 
 def test_observation_is_one_normalised_row_of_8_per_removable_block():
     teacher = create_model("resnet20", 1, 10)
-    blocks = removable_blocks(teacher)
+    units = structure_of(teacher, 1, 16)
+    blocks = units.names
     assert blocks == tuple(f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3))
-    obs = observation_rows(teacher, blocks)
+    obs = observation_rows(units, blocks)
     assert obs.shape == (9, 8) and obs.dtype == np.float32
     assert obs.min() >= 0 and obs.max() == 1.0
     # column 3 is filters: 16, 32, 64 per stage → 0.25, 0.5, 1.0 after scaling by the largest
@@ -60,7 +61,8 @@ def test_removal_action_removes_the_marked_blocks():
 
 def test_shrink_action_scales_the_kept_blocks_inner_widths():
     base = CandidateSpec(**{**BASE.__dict__, "removed": ("layer1.1",)})
-    stage = shrink_stage(base, {"layer1.0": 16, "layer1.1": 16, "layer2.0": 32}, (0.25, 0.5, 1.0))
+    stage = shrink_stage(base, {"layer1.0": {"layer1.0": 16}, "layer1.1": {"layer1.1": 16},
+                                "layer2.0": {"layer2.0": 32}}, (0.25, 0.5, 1.0))
     assert stage.blocks == ("layer1.0", "layer2.0")
     spec = stage.make_spec(np.array([0, 1]))
     assert dict(spec.widths) == {"layer1.0": 4, "layer2.0": 16}

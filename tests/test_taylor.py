@@ -100,7 +100,7 @@ def test_groups_cover_every_conv_exactly_once(arch):
     members = [m for g in prune_groups(model.arch) for m in g.members]
     convs = [name.removesuffix(".0") for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
     assert sorted(members) == sorted(convs)
-    assert count_filters(model.arch) == sum(m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert count_filters(model) == sum(m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     streams = [g for g in prune_groups(model.arch) if "." not in g.key]
     assert all(len(g.members) >= 2 for g in streams)  # residual-coupled layers are one group
 
@@ -115,14 +115,14 @@ def test_plan_removes_the_lowest_scores_across_groups_and_keeps_one_channel_each
 def test_each_iteration_removes_exactly_the_planned_filters_and_parameters(splits):
     torch.manual_seed(0)
     model = create_model("resnet20", splits.in_channels, splits.num_classes)
-    count = prune_count(0.1, prunable_channels(model.arch))
+    count = prune_count(0.1, prunable_channels(model, 1, 16))
     assert count == round(0.1 * (16 + 32 + 64 + 3 * (16 + 32 + 64)))
     for _ in range(3):
         scores = taylor_scores(model, splits, batches=1, batch_size=64)
         student, plan = taylor_prune(model, splits, count, batches=1, batch_size=64)
         assert sum(plan.values()) == count
         members = {g.key: len(g.members) for g in prune_groups(model.arch)}
-        assert count_filters(student.arch) == count_filters(model.arch) - sum(n * members[k] for k, n in plan.items())
+        assert count_filters(student) == count_filters(model) - sum(n * members[k] for k, n in plan.items())
         before, after = width_keys(model.arch), width_keys(student.arch)
         assert all(after[k] == before[k] - plan.get(k, 0) for k in before)
         # the channels removed are the lowest scored: every kept one scores at least as high

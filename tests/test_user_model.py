@@ -222,3 +222,47 @@ def test_a_fine_tuned_teacher_is_a_new_teacher_beside_the_given_one(user_weights
     assert second.meta["source"] == first.meta["source"]  # the same constructor and weights it started from
     weights = first.model.state_dict()
     assert any(not torch.equal(v, second.model.state_dict()[k]) for k, v in weights.items())
+
+
+def test_n2n_removes_and_shrinks_a_user_models_traced_blocks(user_weights, tmp_path, ray_session):
+    from workers.structure import structure_of
+
+    units = structure_of(small_resnet(1, 4), 1, 16)
+    assert units.names == ("blocks.0", "blocks.1", "blocks.3")
+    assert units.inner["blocks.0"] == {"blocks.0.body.0": 8} and units.rows["blocks.3"].filters == 16
+    config = write_config(user_weights, {"model": FACTORY, "kwargs": {"num_classes": 4}, "weights": "weights.pt"},
+                          name="n2n.yaml")
+    store_dir = tmp_path / "store"
+    assert main(["run", str(config), "--store", str(store_dir), "--no-progress", "--set", "method=n2n",
+                 "--set", "search={agent: random, max_evaluations: 4, num_envs: 2, shrink_share: 0.5, top_k: 0}"]) == 0
+    store = LocalStore(store_dir)
+    rows = searchsvc.results(store).to_pylist()
+    teacher_params = count_parameters(small_resnet(1, 4))
+    assert len(rows) == 4 and all(r["params"] < teacher_params for r in rows if r["status"] == "ok" and
+                                  (r["removed"] != "[]" or r["widths"] != "{}"))
+    assert any(r["widths"] != "{}" for r in rows), "the shrink stage cut inner widths of kept blocks"
+
+
+def test_taylor_prunes_a_user_model_over_its_dependency_graph(user_weights, tmp_path, ray_session):
+    from workers.taylor import graph_taylor_scores, plan_removal
+
+    dataset = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(**DATA["synthetic"]))
+    model = small_resnet(1, 4)
+    model.load_state_dict(torch.load(user_weights / "weights.pt", weights_only=True))
+    scores = graph_taylor_scores(model, load_dataset(dataset), batches=2, batch_size=64)
+    example = example_input(model, 1, 16)
+    assert {g.key: g.channels for g in channel_groups(model, example)} == {k: len(v) for k, v in scores.items()}
+    assert all(abs(float(v.norm()) - 1) < 1e-5 for v in scores.values())  # one global ranking: L2 per group
+    assert sum(plan_removal(scores, 10).values()) == 10
+    config = write_config(user_weights, {"model": FACTORY, "kwargs": {"num_classes": 4}, "weights": "weights.pt"},
+                          name="taylor.yaml")
+    store_dir = tmp_path / "store"
+    assert main(["run", str(config), "--store", str(store_dir), "--no-progress", "--set", "method=taylor",
+                 "--set", "search={iterations: 2, filters_per_iteration: 0.15, importance_batches: 2, "
+                          "stop: {max_drop: 100}}"]) == 0
+    rows = sorted(searchsvc.results(LocalStore(store_dir)).to_pylist(), key=lambda r: r["iteration"])
+    assert [r["iteration"] for r in rows] == [1, 2] and all(r["status"] == "ok" for r in rows)
+    teacher_params = count_parameters(small_resnet(1, 4))
+    assert teacher_params > rows[0]["params"] > rows[1]["params"]  # real smaller layers, falling each round
+    again = searchsvc.load_candidate(rows[1]["spec_hash"], store=str(store_dir))  # rebuilt through its parent
+    assert count_parameters(again) == rows[1]["params"]

@@ -49,7 +49,7 @@ def example_input(model: nn.Module, in_channels: int, image_size: int) -> torch.
     return torch.zeros(1, in_channels, image_size, image_size, device=probe.device, dtype=probe.dtype)
 
 
-def _shapes(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, tuple], list[str]]:
+def module_shapes(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, tuple], list[str]]:
     """Each module's (input shape, output shape) on `example`, and the conv/linear layers in call order."""
     shapes: dict[str, tuple] = {}
     order: list[str] = []
@@ -74,7 +74,7 @@ def _shapes(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, tuple], 
 
 def classifier(model: nn.Module, example: torch.Tensor) -> str:
     """The last conv or linear layer the forward pass calls: its outputs are the logits, never pruned."""
-    return _shapes(model, example)[1][-1]
+    return module_shapes(model, example)[1][-1]
 
 
 def removable_units(model: nn.Module, example: torch.Tensor) -> tuple[str, ...]:
@@ -85,7 +85,7 @@ def removable_units(model: nn.Module, example: torch.Tensor) -> tuple[str, ...]:
         log.warning("torch.fx cannot trace %s (%s): no block of it can be removed", type(model).__name__,
                     str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
         return ()
-    shapes, _ = _shapes(model, example)
+    shapes, _ = module_shapes(model, example)
     units: list[str] = []
     for node in traced.graph.nodes:
         unit = _skip_unit(node, shapes)
@@ -114,8 +114,9 @@ def _skip_unit(node: fx.Node, shapes: Mapping[str, tuple]) -> str | None:
     return None
 
 
-def _dependency_graph(model: nn.Module, example: torch.Tensor):
-    import torch_pruning as tp  # imported where a user's model is cut, not by every worker
+def dependency_graph(model: nn.Module, example: torch.Tensor):
+    """(the torch_pruning module, its DependencyGraph of `model`) — imported where a user's model is cut."""
+    import torch_pruning as tp
 
     with torch.enable_grad():  # the graph is traced through autograd, whatever the caller's mode
         return tp, tp.DependencyGraph().build_dependency(model, example_inputs=example)
@@ -123,7 +124,7 @@ def _dependency_graph(model: nn.Module, example: torch.Tensor):
 
 def channel_groups(model: nn.Module, example: torch.Tensor) -> list[ChannelGroup]:
     """Every prunable channel group of `model` (the classifier's outputs excluded), in forward order."""
-    _, graph = _dependency_graph(model, example)
+    _, graph = dependency_graph(model, example)
     names = {module: name for name, module in model.named_modules()}
     last = model.get_submodule(classifier(model, example))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
@@ -145,9 +146,11 @@ def remove_units(model: nn.Module, removed: Iterable[str]) -> nn.Module:
 
 
 def shrink_graph(teacher: nn.Module, example: torch.Tensor, removed: Iterable[str] = (),
-                 widths: Mapping[str, int] | Iterable = ()) -> nn.Module:
+                 widths: Mapping[str, int] | Iterable = (), scores: Mapping[str, torch.Tensor] | None = None,
+                 ) -> nn.Module:
     """The smaller network on the CPU (eval mode), initialised from the teacher's weights; InvalidTransform if
-    a unit or width key is unknown or a width is out of range."""
+    a unit or width key is unknown or a width is out of range. `scores` (group root → one score per channel,
+    e.g. Taylor importance) choose the kept channels instead of their L1 magnitude."""
     removed, widths = tuple(removed), dict(widths)
     model = copy.deepcopy(teacher).cpu().eval()
     example = example.cpu()
@@ -158,7 +161,7 @@ def shrink_graph(teacher: nn.Module, example: torch.Tensor, removed: Iterable[st
     remove_units(model, removed)
     groups = _resolve(channel_groups(model, example), widths)
     if groups:
-        _prune(model, example, groups)
+        _prune(model, example, groups, scores or {})
     return model
 
 
@@ -178,20 +181,25 @@ def _resolve(groups: list[ChannelGroup], widths: Mapping[str, int]) -> dict[str,
     return {key: width for key, width in chosen.items() if width < by_output[key].channels}
 
 
-def _prune(model: nn.Module, example: torch.Tensor, widths: Mapping[str, int]) -> None:
-    """Prune each group rooted at a key down to its width, keeping the channels of largest group L1 norm.
-    (The graph is traced with autograd on; the weights change under no_grad.)"""
-    tp, graph = _dependency_graph(model, example)
-    importance = tp.importance.GroupMagnitudeImportance(p=1)
+def pruning_group(tp, graph, model: nn.Module, key: str, idxs: Iterable[int] | None = None):
+    """The dependency-graph group rooted at layer `key`: its output channels `idxs` (all by default)."""
+    root = model.get_submodule(key)
+    fn = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
+    return graph.get_pruning_group(root, fn, idxs=list(range(graph.get_out_channels(root))) if idxs is None
+                                   else list(idxs))
+
+
+def _prune(model: nn.Module, example: torch.Tensor, widths: Mapping[str, int],
+           scores: Mapping[str, torch.Tensor]) -> None:
+    """Prune each group rooted at a key down to its width, keeping the channels of highest score (default: the
+    group's L1 magnitude). The graph is traced with autograd on; the weights change under no_grad."""
+    tp, graph = dependency_graph(model, example)
+    magnitude = tp.importance.GroupMagnitudeImportance(p=1)
     with torch.no_grad():
         for key, width in widths.items():
-            root = model.get_submodule(key)
-            fn = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
-            group = graph.get_pruning_group(root, fn, idxs=list(range(graph.get_out_channels(root))))
-            scores = importance(group)
-            keep = set(torch.topk(scores, width).indices.tolist())
-            drop = [i for i in range(len(scores)) if i not in keep]
-            graph.get_pruning_group(root, fn, idxs=drop).prune()
+            score = scores[key] if key in scores else magnitude(pruning_group(tp, graph, model, key))
+            keep = set(torch.topk(score.float().cpu(), width).indices.tolist())
+            pruning_group(tp, graph, model, key, [i for i in range(len(score)) if i not in keep]).prune()
 
 
 def rebuild(model: nn.Module, removed: Iterable[str], state: Mapping[str, torch.Tensor]) -> nn.Module:

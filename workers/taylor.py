@@ -11,6 +11,11 @@ L2-normalised per group, so groups of any size compete in one global ranking. A 
 what surgery removes as one: a block's inner width (`layer2.1`, one conv) or a residual stream
 (`layer2`, every conv whose output is added into it). A stream channel's contribution is summed over
 all its members before the absolute value: removing it zeroes the channel in every addition at once.
+
+A user's network (no zoo architecture) is ranked over its dependency graph instead (`graph_taylor_scores`):
+the groups are Torch-Pruning's, and a channel's importance is the first-order Taylor term of the group's
+weights, Σ |w · ∂L/∂w| over every layer the channel touches, with the gradient of the mean loss over the
+same batches; the same per-group L2 normalisation, global ranking and removal plan follow.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from torch import nn
 
 from workers.data import Splits, normalize
 from workers.evaluate import Built
+from workers.graph import channel_groups, dependency_graph, example_input, pruning_group, shrink_graph
 from workers.surgery import ScoreTable, prune_groups, shrink, width_keys
 from workers.train import training_memory_format
-from workers.zoo import ResNet, ResNetArch
+from workers.zoo import ResNet
 
 if TYPE_CHECKING:
     from workers.evaluate import EvalContext
@@ -35,10 +41,9 @@ if TYPE_CHECKING:
 MIN_CHANNELS = 1  # a group never loses its last channel (the network must stay connected)
 
 
-def count_filters(arch: ResNetArch) -> int:
+def count_filters(model: nn.Module) -> int:
     """Output channels summed over every conv of the network (what "filters" counts)."""
-    widths = width_keys(arch)
-    return sum(widths[g.key] * len(g.members) for g in prune_groups(arch))
+    return sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
 def taylor_scores(model: ResNet, splits: Splits, batches: int, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -65,21 +70,11 @@ def taylor_scores(model: ResNet, splits: Splits, batches: int, batch_size: int, 
     handles = [model.get_submodule(m).register_forward_hook(keep(m)) for g in groups for m in g.members]
     was_training = model.training
     model.eval()
-    images, labels = splits.train
-    device = images.device
     widths = width_keys(model.arch)
-    totals = {g.key: torch.zeros(widths[g.key], device=device) for g in groups}
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(labels), generator=generator)
-    layout = training_memory_format(model, device, batch_size)
-    model.to(memory_format=layout)
+    totals = {g.key: torch.zeros(widths[g.key], device=splits.train[0].device) for g in groups}
     seen = 0
     try:
-        for start in range(0, min(batches * batch_size, len(labels)), batch_size):
-            index = order[start:start + batch_size].to(device)
-            x = normalize(images[index], splits.mean, splits.std).contiguous(memory_format=layout)
-            model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), labels[index]).backward()
+        for _ in _loss_batches(model, splits, batches, batch_size, seed):
             for g in groups:
                 totals[g.key] += sum(sums[m] for m in g.members).sum(0).abs()
             seen += 1
@@ -112,10 +107,46 @@ def plan_removal(scores: Mapping[str, torch.Tensor], count: int) -> dict[str, in
     return {key: n for key, n in removed.items() if n}
 
 
-def prunable_channels(arch: ResNetArch) -> int:
-    """Channels the ranking chooses among: one per stream channel and per inner channel."""
-    widths = width_keys(arch)
-    return sum(widths[g.key] for g in prune_groups(arch))
+def prunable_channels(model: nn.Module, in_channels: int, image_size: int) -> int:
+    """Channels the ranking chooses among: one per channel group's channel (a zoo stream or inner width, or a
+    dependency-graph group of a user's network)."""
+    if hasattr(model, "arch"):
+        widths = width_keys(model.arch)
+        return sum(widths[g.key] for g in prune_groups(model.arch))
+    return sum(g.channels for g in channel_groups(model, example_input(model, in_channels, image_size)))
+
+
+def _loss_batches(model: nn.Module, splits: Splits, batches: int, batch_size: int, seed: int):
+    """Yield after each training batch's loss.backward() (eval mode: batch-norm as the pruned model uses it)."""
+    images, labels = splits.train
+    device = images.device
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    layout = training_memory_format(model, device, batch_size)
+    model.to(memory_format=layout)
+    for start in range(0, min(batches * batch_size, len(labels)), batch_size):
+        index = order[start:start + batch_size].to(device)
+        x = normalize(images[index], splits.mean, splits.std).contiguous(memory_format=layout)
+        F.cross_entropy(model(x), labels[index]).backward()
+        yield
+
+
+def graph_taylor_scores(model: nn.Module, splits: Splits, batches: int, batch_size: int,
+                        seed: int = 0) -> dict[str, torch.Tensor]:
+    """Θ per dependency-graph group of a user's network (L2-normalised, on the CPU); the model is unchanged."""
+    example = example_input(model, splits.in_channels, splits.image_size)
+    tp, graph = dependency_graph(model, example)
+    was_training = model.training
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    try:
+        seen = sum(1 for _ in _loss_batches(model, splits, batches, batch_size, seed))  # gradients add up
+        importance = tp.importance.GroupTaylorImportance(normalizer=None)
+        scores = {g.key: _l2_normalise(importance(pruning_group(tp, graph, model, g.key)).float() / max(seen, 1)).cpu()
+                  for g in channel_groups(model, example)}
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return scores
 
 
 def taylor_prune(model: ResNet, splits: Splits, count: int, batches: int, batch_size: int,
@@ -135,7 +166,18 @@ def taylor_step(parent: ResNet, spec: "CandidateSpec", ctx: "EvalContext") -> Bu
     """
     params = dict(spec.params)
     model = copy.deepcopy(parent).to(ctx.device).requires_grad_(True)
-    student, plan = taylor_prune(model, ctx.splits, int(params["prune"]), int(params["importance_batches"]),
-                                 spec.train.batch_size, spec.seed)
-    return Built(student, {"pruned": plan, "filters": count_filters(student.arch),
-                           "parent_filters": count_filters(parent.arch)})
+    prune = graph_taylor_prune if not hasattr(model, "arch") else taylor_prune
+    student, plan = prune(model, ctx.splits, int(params["prune"]), int(params["importance_batches"]),
+                          spec.train.batch_size, spec.seed)
+    return Built(student, {"pruned": plan, "filters": count_filters(student), "parent_filters": count_filters(parent)})
+
+
+def graph_taylor_prune(model: nn.Module, splits: Splits, count: int, batches: int, batch_size: int,
+                       seed: int = 0) -> tuple[nn.Module, dict[str, int]]:
+    """`taylor_prune` for a user's network: ranked and cut through its dependency graph."""
+    scores = graph_taylor_scores(model, splits, batches, batch_size, seed)
+    plan = plan_removal(scores, count)
+    example = example_input(model, splits.in_channels, splits.image_size)
+    channels = {g.key: g.channels for g in channel_groups(model, example)}
+    widths = {key: channels[key] - n for key, n in plan.items()}
+    return shrink_graph(model, example, widths=widths, scores=scores), plan

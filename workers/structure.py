@@ -1,0 +1,54 @@
+"""What a search acts on in any teacher — the zoo's own models or a user's network — in one shape.
+
+    units = structure_of(teacher, in_channels, image_size)
+    units.names        # blocks removal may replace by identity, forward order
+    units.rows[name]   # the block's layer descriptor (the N2N agent's observation row)
+    units.inner[name]  # width key → channels inside the block (what the shrink stage scales)
+
+A zoo model describes itself (`ResNet.describe`, `surgery.width_keys`); a user's network is traced
+(`workers.graph`). The search code above this module cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from workers.graph import channel_groups, example_input, module_shapes, removable_units
+from workers.surgery import removable_blocks, width_keys
+from workers.zoo import LayerDescriptor, LayerType
+
+
+@dataclass(frozen=True)
+class Units:
+    """The removable blocks of a teacher, their descriptors and their inner widths."""
+
+    names: tuple[str, ...]
+    rows: dict[str, LayerDescriptor]
+    inner: dict[str, dict[str, int]]
+
+
+def structure_of(teacher: nn.Module, in_channels: int, image_size: int) -> Units:
+    """The teacher's removable blocks as data (zoo: as it describes itself; any other network: traced)."""
+    if hasattr(teacher, "describe"):
+        names = removable_blocks(teacher)
+        widths = width_keys(teacher.arch)
+        return Units(names, {d.name: d for d in teacher.describe()}, {n: {n: widths[n]} for n in names})
+    example = example_input(teacher, in_channels, image_size)
+    names = removable_units(teacher, example)
+    groups = channel_groups(teacher, example)
+    shapes, _ = module_shapes(teacher, example)
+    inner = {name: {g.key: g.channels for g in groups if all(o.startswith(name + ".") for o in g.outputs)}
+             for name in names}
+    rows = {n: _descriptor(teacher, n, i, shapes[n][1][1]) for i, n in enumerate(names)}
+    return Units(names, rows, inner)
+
+
+def _descriptor(teacher: nn.Module, name: str, index: int, channels: int) -> LayerDescriptor:
+    """A traced block as the agent sees a zoo block: position, channels out, its largest kernel, bytes."""
+    block = teacher.get_submodule(name)
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    kernel = max((m.kernel_size[0] for m in convs), default=1)
+    memory = 4 * sum(p.numel() for p in block.parameters())  # bytes of fp32 parameters
+    return LayerDescriptor(name, index, index + 1, LayerType.BLOCK, channels, kernel, 1, kernel // 2, memory, True)
