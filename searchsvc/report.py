@@ -19,7 +19,7 @@ from searchsvc.plots import front_png, progress_png, schedule_png
 from searchsvc.result_table import pareto_front, rank, results_table
 from storage import ArtifactStore, layout
 from workers.measure import count_macs, count_parameters
-from workers.zoo import arch_from_data, build_model
+from workers.teacher import load_teacher
 
 # (metric, axis title, unit) of the Pareto plots; accuracy is always the other axis.
 FRONTS = [("params", "parameters", "count"), ("macs", "MACs per image", "count"),
@@ -40,13 +40,14 @@ pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:.8em}.grid{display:gr
 
 
 def teacher_point(store: ArtifactStore, teacher_hash: str | None) -> dict[str, Any]:
-    """The teacher as a row of the plots: accuracy, params and MACs from its stored architecture."""
-    if not teacher_hash or not store.exists(layout.teacher_file(teacher_hash, "meta.json")):
+    """The teacher as a row of the plots: accuracy, params and MACs of the stored teacher (zoo or user model,
+    every file checked against its manifest)."""
+    if not teacher_hash or not store.exists(layout.manifest(layout.teacher(teacher_hash))):
         return {}
-    meta = store.get_json(layout.teacher_file(teacher_hash, "meta.json"))
-    model = build_model(arch_from_data(meta["arch"], source=layout.teacher_file(teacher_hash, "meta.json")))
-    return {"accuracy": meta["test_accuracy"], "params": count_parameters(model),
-            "macs": count_macs(model, meta["in_channels"], meta["image_size"]), "latency_ms": None}
+    teacher = load_teacher(store, teacher_hash)
+    meta = teacher.meta
+    return {"accuracy": meta["test_accuracy"], "params": count_parameters(teacher.model),
+            "macs": count_macs(teacher.model, meta["in_channels"], meta["image_size"]), "latency_ms": None}
 
 
 def run_summary(record: dict[str, Any], rows: list[dict[str, Any]], gpus_per_eval: float) -> list[tuple[str, str]]:

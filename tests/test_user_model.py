@@ -266,3 +266,20 @@ def test_taylor_prunes_a_user_model_over_its_dependency_graph(user_weights, tmp_
     assert teacher_params > rows[0]["params"] > rows[1]["params"]  # real smaller layers, falling each round
     again = searchsvc.load_candidate(rows[1]["spec_hash"], store=str(store_dir))  # rebuilt through its parent
     assert count_parameters(again) == rows[1]["params"]
+
+
+def test_both_engines_agree_on_a_zoo_model_where_both_apply():
+    """Why the zoo keeps its own surgery (README, "Your own model"): on ResNet-20 the traced engine finds the
+    seven identity-shortcut blocks (the zoo also removes the two with a projection, keeping the 1x1 conv) and
+    cuts the same parameter count at half width; only which channels survive differs (group score)."""
+    from workers.surgery import removable_blocks, shrink, width_keys
+    from workers.zoo import create_model
+
+    teacher = create_model("resnet20", 1, 10).eval()
+    example = example_input(teacher, 1, 28)
+    traced = removable_units(teacher, example)
+    assert set(traced) < set(removable_blocks(teacher))
+    assert set(removable_blocks(teacher)) - set(traced) == {"layer2.0", "layer3.0"}  # the projection blocks
+    half_zoo = shrink(teacher, widths={k: v // 2 for k, v in width_keys(teacher.arch).items()})
+    half_graph = shrink_graph(teacher, example, widths={g.key: g.channels // 2 for g in channel_groups(teacher, example)})
+    assert count_parameters(half_zoo) == count_parameters(half_graph) < count_parameters(teacher)

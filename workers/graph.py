@@ -86,9 +86,10 @@ def removable_units(model: nn.Module, example: torch.Tensor) -> tuple[str, ...]:
                     str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
         return ()
     shapes, _ = module_shapes(model, example)
+    modules = dict(traced.named_modules())
     units: list[str] = []
     for node in traced.graph.nodes:
-        unit = _skip_unit(node, shapes)
+        unit = _skip_unit(node, shapes, modules)
         if unit is not None and unit not in units:
             units.append(unit)
     return tuple(units)
@@ -98,12 +99,19 @@ def _scopes(node: fx.Node) -> list[str]:
     return [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
 
 
-def _skip_unit(node: fx.Node, shapes: Mapping[str, tuple]) -> str | None:
+def _through_identity(node: fx.Node, modules: Mapping[str, nn.Module]) -> fx.Node:
+    """The value an `nn.Identity` call passes on (a shortcut written as `self.shortcut = nn.Identity()`)."""
+    while node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Identity) and node.args:
+        node = node.args[0]
+    return node
+
+
+def _skip_unit(node: fx.Node, shapes: Mapping[str, tuple], modules: Mapping[str, nn.Module]) -> str | None:
     """The innermost module around an addition that adds its own input to what it computed, if its
     input and output shapes match."""
     if node.op not in ("call_function", "call_method") or node.target not in _ADDS:
         return None
-    operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    operands = [_through_identity(a, modules) for a in node.args[:2] if isinstance(a, fx.Node)]
     if len(operands) != 2:
         return None
     for scope in reversed(_scopes(node)):  # innermost first
