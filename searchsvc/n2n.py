@@ -35,7 +35,7 @@ from searchsvc.n2n_env import (
     shrink_stage,
 )
 from storage import layout
-from workers.evaluate import stored_metrics
+from workers.metrics import stored_metrics
 from workers.spec import CandidateSpec
 from workers.surgery import width_keys
 
