@@ -65,10 +65,10 @@ def main() -> None:
         run = {k: metrics.get(k) for k in ("spec_hash", "accuracy", "sparsity", "sparsity_before_thinning",
                                            "nonzero_params", "params", "macs", "macs_before_thinning", "thinned")}
         run.update(schedule=path, wall_s=time.perf_counter() - started,
-                   accuracy_drop_points=100 * (teacher.test_accuracy - metrics["accuracy"]),
+                   accuracy_drop_points=100 * (teacher.test_accuracy - metrics.accuracy),
                    dense_latency_b256_ms=min(dense_ms), thinned_latency_b256_ms=min(small_ms),
                    latency_speedup_b256=min(dense_ms) / min(small_ms),
-                   history=[{k: e[k] for k in ("epoch", "test_accuracy", "sparsity")} for e in metrics["history"]])
+                   history=[{k: e[k] for k in ("epoch", "test_accuracy", "sparsity")} for e in metrics.history])
         results["runs"][name] = run
         print(name, {k: v for k, v in run.items() if k != "history"}, flush=True)
     suffix = f"_{args.only}" if args.only else ""

@@ -27,7 +27,8 @@ from searchsvc.job import run
 from storage import LocalStore
 from workers.data import load_dataset
 from storage import layout  # noqa: E402
-from workers.evaluate import EvalContext, evaluate_candidate, stored_metrics
+from workers.evaluate import EvalContext, evaluate_candidate
+from workers.metrics import stored_metrics
 from workers.spec import CandidateSpec
 from workers.teacher import load_teacher
 
@@ -46,7 +47,7 @@ def remeasure(ctx: EvalContext, spec: CandidateSpec, batches: list[int]) -> dict
     for count in batches:
         variant = replace(spec, train=replace(spec.train, bn_recalibration_batches=count))
         metrics = stored_metrics(ctx.store, variant.spec_hash) or evaluate_candidate(variant, ctx)
-        out[str(count)] = {"val_accuracy": metrics["val_accuracy"], "accuracy": metrics["accuracy"]}
+        out[str(count)] = {"val_accuracy": metrics.val_accuracy, "accuracy": metrics.accuracy}
     return out
 
 

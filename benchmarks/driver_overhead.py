@@ -26,6 +26,7 @@ from common import write_result  # noqa: E402
 
 import searchsvc  # noqa: E402
 from storage import open_store  # noqa: E402
+from workers.metrics import stored_metrics  # noqa: E402
 from workers.train import resolve_device  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "n2n-smoke.yaml"
@@ -34,10 +35,11 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "n2n-smoke.yaml"
 def idle_gaps(store_path: str, rows: list[dict]) -> tuple[list[float], list[float]]:
     """Seconds between one evaluation's end and the next one's start, and each evaluation's seconds."""
     store = open_store(store_path)
-    metrics = [store.get_json(f"candidates/{row['spec_hash']}/metrics.json") for row in rows if not row["cached"]]
-    metrics = sorted((m for m in metrics if "started_unix_s" in m), key=lambda m: m["started_unix_s"])
-    gaps = [b["started_unix_s"] - (a["started_unix_s"] + a["wall_s"]) for a, b in zip(metrics, metrics[1:])]
-    return gaps, [m["wall_s"] for m in metrics]
+    metrics = [stored_metrics(store, row["spec_hash"]) for row in rows if not row["cached"]]
+    metrics = sorted((m for m in metrics if m is not None and m.started_unix_s is not None),
+                     key=lambda m: m.started_unix_s)
+    gaps = [b.started_unix_s - (a.started_unix_s + a.wall_s) for a, b in zip(metrics, metrics[1:])]
+    return gaps, [m.wall_s for m in metrics]
 
 
 def main() -> None:

@@ -68,10 +68,10 @@ def measure_share(store: LocalStore, teacher_hash: str, data: DatasetConfig, res
         samples = sampler.stop()
     finally:
         pool.shutdown()
-    ok = [o.metrics for o in outcomes if o.metrics["status"] == "ok"]
+    ok = [o.metrics for o in outcomes if o.metrics.status == "ok"]
     return {"actors": actors, "candidates": len(timed), "ok": len(ok), "wall_s": round(wall, 2),
             "evals_per_hour": round(len(timed) / wall * 3600, 1),
-            "mean_eval_s": round(statistics.mean(m["wall_s"] for m in ok), 3) if ok else None,
+            "mean_eval_s": round(statistics.mean(m.wall_s for m in ok), 3) if ok else None,
             "gpu_util_mean_pct": round(statistics.mean(samples), 1) if samples else None}
 
 

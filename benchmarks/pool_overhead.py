@@ -65,11 +65,11 @@ def main() -> None:
             started = time.perf_counter()
             metrics = evaluate_candidate(local_spec, ctx)
             took = time.perf_counter() - started
-            local_s, local_extra = local_s + took, local_extra + took - metrics["wall_s"]
+            local_s, local_extra = local_s + took, local_extra + took - metrics.wall_s
             started = time.perf_counter()
             (outcome,) = pool.map_unordered([pool_spec])
             took = time.perf_counter() - started
-            pool_s, pool_extra = pool_s + took, pool_extra + took - outcome.metrics["wall_s"]
+            pool_s, pool_extra = pool_s + took, pool_extra + took - outcome.metrics.wall_s
         pool.shutdown()
         ray.shutdown()
     n = args.candidates

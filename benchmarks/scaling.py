@@ -27,6 +27,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from searchsvc.result_table import write_results  # noqa: E402
 from storage import LocalStore  # noqa: E402
 from workers.data import DatasetConfig  # noqa: E402
+from workers.metrics import CandidateMetrics  # noqa: E402
 from workers.pool import EvalPool, EvalWorker  # noqa: E402
 from workers.resources import Resources  # noqa: E402
 from workers.spec import CandidateSpec  # noqa: E402
@@ -46,11 +47,11 @@ class FixedCostWorker(EvalWorker):
     def name(self) -> str:
         return ray.get_runtime_context().get_node_id()[:8]
 
-    def evaluate(self, spec: CandidateSpec, takeover: bool = False) -> tuple[dict, bool]:
+    def evaluate(self, spec: CandidateSpec, takeover: bool = False) -> tuple[CandidateMetrics, bool]:
         time.sleep(self.cost_s)
-        metrics = {"spec_hash": spec.spec_hash, "status": "ok", "accuracy": 0.5, "params": 1000, "macs": 10_000,
-                   "latency_ms": 1.0, "wall_s": self.cost_s, "worker": ray.get_runtime_context().get_node_id()[:8]}
-        self.store.put_json(f"candidates/{spec.spec_hash}/metrics.json", metrics, write_once=True)
+        metrics = CandidateMetrics(spec.spec_hash, "ok", accuracy=0.5, params=1000, macs=10_000, latency_ms=1.0,
+                                   wall_s=self.cost_s, worker=ray.get_runtime_context().get_node_id()[:8])
+        self.store.put_json(f"candidates/{spec.spec_hash}/metrics.json", metrics.to_data(), write_once=True)
         return metrics, False  # stored already: nothing for `saved` to wait for
 
 
@@ -67,7 +68,7 @@ def measure(store: LocalStore, nodes: int, count: int, cost_s: float, tag: str) 
     started = time.perf_counter()
     try:
         for outcome in pool.map_unordered(specs):
-            row = {**outcome.metrics, "method": "scaling", "run_id": tag, "cached": outcome.cached}
+            row = {**outcome.metrics.to_data(), "method": "scaling", "run_id": tag, "cached": outcome.cached}
             store.put_json(f"runs/{tag}/evals/{outcome.spec.spec_hash}.json", row, write_once=True)
             rows.append(row)
             if time.perf_counter() - last_write > RESULTS_EVERY_S:

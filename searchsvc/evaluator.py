@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from searchsvc import stopping
 from searchsvc.job import RunContext
+from searchsvc.result_table import ResultRow
 from searchsvc.rewards import INVALID_REWARD, RewardForm, compression_ratio, reward
 from searchsvc.stopping import stop_on_sigterm
 from searchsvc.version import code_version
@@ -26,6 +27,7 @@ from storage import StoreUnreachableError, layout, spool
 from storage.base import json_bytes as store_json_bytes
 from workers.evaluate import UnsavedResult
 from workers.measure import count_parameters
+from workers.metrics import CandidateMetrics
 from workers.pool import EvalPool
 from workers.spec import CandidateSpec
 from workers.teacher import ensure_train_logits
@@ -75,15 +77,16 @@ class Recorder:
         """Candidates this run found in the store, untrained."""
         return sum(bool(row["cached"]) for row in self.rows.values())
 
-    def record(self, spec: CandidateSpec, metrics: dict[str, Any], cached: bool, unsaved: UnsavedResult | None = None,
-               **extra: Any) -> dict[str, Any]:
+    def record(self, spec: CandidateSpec, metrics: CandidateMetrics, cached: bool,
+               unsaved: UnsavedResult | None = None, **extra: Any) -> dict[str, Any]:
         """Add a candidate's row (plus `extra` columns) to the run; a candidate already recorded keeps its row.
 
         `unsaved`: a worker could not store the candidate (the store is down): its files are kept locally
         with the row, then the run stops."""
         if spec.spec_hash in self.rows:
             return self.rows[spec.spec_hash]
-        row = {**self.row(spec, metrics, cached), "order": len(self.rows) + 1, **extra}  # 1, 2, ... as recorded
+        order = len(self.rows) + 1  # 1, 2, ... as recorded
+        row = {**self.row(spec, metrics, cached).to_data(), **self.columns(spec, metrics), "order": order, **extra}
         self.rows[row["spec_hash"]] = row
         self._store_row(row, unsaved)
         self.context.rows.append(row)
@@ -116,25 +119,27 @@ class Recorder:
         return StoreUnreachableError(f"{err}; {kept}. Once the store is back, `searchsvc resume --store "
                                      f"{self.context.store.uri} --run {self.context.run_id}` continues the run")
 
-    def row(self, spec: CandidateSpec, m: dict[str, Any], cached: bool) -> dict[str, Any]:
+    def row(self, spec: CandidateSpec, m: CandidateMetrics, cached: bool) -> ResultRow:
         """A results-table row from a candidate's metrics."""
-        ok = m.get("status") == "ok"
-        return {
-            "spec_hash": spec.spec_hash, "method": self.context.config.method, "run_id": self.context.run_id,
-            "code_version": code_version(), "status": m.get("status", "invalid"),
-            "accuracy": m.get("accuracy", 0.0), "params": m.get("params"), "macs": m.get("macs"),
-            "latency_ms": m.get("latency_ms"), "wall_s": m.get("wall_s"), "worker": m.get("worker"),
-            "device": m.get("device"),
-            "artifact": m.get("artifact"),
-            "compression": compression_ratio(self.teacher_params, m[self.size]) if ok else None,
-            "reward": reward(m[self.size], m["val_accuracy"], self.teacher_params, self.teacher_val_accuracy,
-                             self.reward_form) if ok else INVALID_REWARD,  # validation decides, test reports
-            "val_accuracy": m.get("val_accuracy"), "latency_b256_ms": m.get("latency_b256_ms"),
-            "model_bytes": m.get("model_bytes"), "cached": cached, "error": m.get("error"),
-            "removed": json.dumps(list(spec.removed)), "widths": json.dumps(dict(spec.widths)),
-            "finetuned_from": spec.init,  # built from this candidate; its accuracy is kept beside
-            "parent_accuracy": self.rows[spec.init]["accuracy"] if spec.init in self.rows else None,
-        }
+        ok = m.status == "ok"
+        size = m.get(self.size)
+        return ResultRow(
+            spec_hash=spec.spec_hash, method=self.context.config.method, run_id=self.context.run_id,
+            code_version=code_version(), status=m.status, accuracy=m.accuracy, val_accuracy=m.val_accuracy,
+            params=m.params, macs=m.macs, latency_ms=m.latency_ms,
+            compression=compression_ratio(self.teacher_params, size) if ok else None,
+            reward=reward(size, m.val_accuracy, self.teacher_params, self.teacher_val_accuracy,
+                          self.reward_form) if ok else INVALID_REWARD,  # validation decides, test reports
+            wall_s=m.wall_s, worker=m.worker, artifact=m.artifact, device=m.device,
+            latency_b256_ms=m.latency_b256_ms, model_bytes=m.model_bytes, cached=cached, error=m.error,
+            removed=json.dumps(list(spec.removed)), widths=json.dumps(dict(spec.widths)),
+            finetuned_from=spec.init,  # built from this candidate; its accuracy is kept beside
+            parent_accuracy=self.rows[spec.init]["accuracy"] if spec.init in self.rows else None,
+        )
+
+    def columns(self, spec: CandidateSpec, metrics: CandidateMetrics) -> dict[str, Any]:
+        """A method's own columns of a candidate's row, after the fixed ones (none here)."""
+        return {}
 
     def _progress(self, row: dict[str, Any]) -> None:
         best = max(self.rows.values(), key=lambda r: r["reward"])

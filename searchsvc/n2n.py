@@ -14,10 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import secrets
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -35,7 +34,7 @@ from searchsvc.n2n_env import (
     shrink_stage,
 )
 from storage import layout
-from workers.evaluate import stored_metrics
+from workers.metrics import stored_metrics
 from workers.spec import CandidateSpec
 from workers.structure import structure_of
 
@@ -46,7 +45,7 @@ STEP_CAP = 4  # total env steps (cache hits included) are capped at this many ti
 
 @dataclass
 class StageBudget:
-    """One stage's budget, deadline and evaluator, shared by its environments (looked up by `key`)."""
+    """One stage's budget, deadline and evaluator, shared by its environments (handed over in `LiveSession`)."""
 
     evaluator: Evaluator
     search: N2NSearch
@@ -56,7 +55,6 @@ class StageBudget:
     observation: np.ndarray
     trained: int = 0
     steps: int = 0
-    key: str = field(default_factory=lambda: secrets.token_hex(6))
 
     def exhausted(self) -> bool:
         """Budget spent, time up, target compression reached, or too many (cached) steps."""
@@ -80,12 +78,29 @@ class StageBudget:
         return [rows[s.spec_hash]["reward"] if s.spec_hash in rows else None for s in specs]
 
 
-_SESSIONS: dict[str, StageBudget] = {}  # process-local: RLlib builds the env from env_config in this process
+class LiveSession:
+    """The stage's `StageBudget`, handed to `make_env` through RLlib's env_config, by reference.
+
+    RLlib deep-copies its config (`AlgorithmConfig.build_algo`, `.copy`): the copy keeps this very holder,
+    so the environments step the driver's own budget and evaluator. `Algorithm.save_to_path` pickles the
+    config into every checkpoint (class_and_ctor_args.pkl), and RLlib's logger into params.pkl: they hold an
+    empty holder, never the session (its store client, actor pool and rows)."""
+
+    def __init__(self, session: StageBudget | None) -> None:
+        self.session = session
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LiveSession:
+        return self
+
+    def __reduce__(self) -> tuple[type, tuple[None]]:
+        return (LiveSession, (None,))
 
 
 def make_env(env_config: dict[str, Any]) -> CompressionEnv | CompressionVectorEnv:
     """RLlib's env creator: the vector env when it asks for `num_envs`, else a single env."""
-    session = _SESSIONS[env_config["session"]]
+    session = env_config["session"].session
+    if session is None:  # a pickled config: only the driver's own env runner (num_env_runners=0) has the session
+        raise SearchsvcError("the n2n environment runs only in the driver's process (num_env_runners=0)")
     if "num_envs" in env_config:
         return CompressionVectorEnv(session.observation, session.stage, session.evaluate, env_config["num_envs"])
     return CompressionEnv(session.observation, session.stage, session.evaluate)
@@ -114,7 +129,7 @@ def run_ppo(session: StageBudget, seed: int, checkpoints: str, restore: bool) ->
     batch = max(search.iteration_evaluations, search.num_envs)
     config = (
         PPOConfig()
-        .environment(ENV_NAME, env_config={"session": session.key})
+        .environment(ENV_NAME, env_config={"session": LiveSession(session)})
         .env_runners(num_env_runners=0, num_envs_per_env_runner=search.num_envs,
                      gym_env_vectorize_mode="vector_entry_point", rollout_fragment_length="auto",
                      env_to_module_connector=lambda env, spaces=None, device=None: FlattenObservations())
@@ -216,14 +231,10 @@ def _trained_in_stage(evaluator: Evaluator, stage: str) -> int:
 
 
 def _run_stage(session: StageBudget, seed: int, checkpoints: str, restore: bool) -> list[dict[str, Any]]:
-    _SESSIONS[session.key] = session
-    try:
-        if session.search.agent == "random":
-            run_random(session, seed)
-            return [{"trained": session.trained}]
-        return run_ppo(session, seed, f"{checkpoints}/checkpoint", restore)
-    finally:
-        del _SESSIONS[session.key]
+    if session.search.agent == "random":
+        run_random(session, seed)
+        return [{"trained": session.trained}]
+    return run_ppo(session, seed, f"{checkpoints}/checkpoint", restore)
 
 
 def _best_removal(evaluator: Evaluator, base: CandidateSpec) -> CandidateSpec:

@@ -19,6 +19,7 @@ from searchsvc.plots import front_png, progress_png, schedule_png
 from searchsvc.result_table import pareto_front, rank, results_table
 from storage import ArtifactStore, layout
 from workers.measure import count_macs, count_parameters
+from workers.metrics import verified_metrics
 from workers.teacher import load_teacher
 
 # (metric, axis title, unit) of the Pareto plots; accuracy is always the other axis.
@@ -109,7 +110,7 @@ def schedule_plot(store: ArtifactStore, ok: list[dict[str, Any]], method: str, t
     """The per-epoch schedule of the best `top` candidates, from their stored training histories."""
     best = rank(results_table(ok)).to_pylist()[:top]
     histories = {f"{r['spec_hash'][:8]} ({100 * r['accuracy']:.1f} %)":
-                 store.get_json(layout.candidate_file(r["spec_hash"], "metrics.json")).get("history") or [] for r in best}
+                 list(verified_metrics(store, layout.candidate(r["spec_hash"])).history or ()) for r in best}
     return schedule_png(histories, SCHEDULES[method], f"{method}: the best {len(best)} candidates")
 
 

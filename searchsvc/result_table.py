@@ -4,7 +4,11 @@ store only holds the Parquet file at `runs/<run_id>/results.parquet`."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Iterable, Union
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -12,23 +16,59 @@ import pyarrow.compute as pc
 from storage import KeyNotFoundError, layout
 from storage.base import ArtifactStore
 
-RESULT_SCHEMA = pa.schema([
-    ("spec_hash", pa.string()),
-    ("method", pa.string()),
-    ("run_id", pa.string()),
-    ("code_version", pa.string()),
-    ("status", pa.string()),  # ok | invalid
-    ("accuracy", pa.float64()),  # top-1 on the test split, 0..1: reported, never used to choose
-    ("val_accuracy", pa.float64()),  # top-1 on the validation split, 0..1: what every choice uses
-    ("params", pa.int64()),
-    ("macs", pa.int64()),  # multiply-accumulates for one image
-    ("latency_ms", pa.float64()),  # batch-1 median on the worker's device
-    ("compression", pa.float64()),  # x-factor: teacher params / candidate params
-    ("reward", pa.float64()),
-    ("wall_s", pa.float64()),  # seconds the evaluation took
-    ("worker", pa.string()),
-    ("artifact", pa.string()),  # URI of the kept model, or null
-])
+
+@dataclass(frozen=True)
+class ResultRow:
+    """The fixed columns of a result row, in the table's order (a run adds its own columns after them:
+    order, trial, sample, iteration, a method's extras). None: not measured (an invalid candidate)."""
+
+    spec_hash: str
+    method: str  # the registered method that proposed it (searchsvc.methods)
+    run_id: str
+    code_version: str  # git SHA or package version of the driver
+    status: str  # ok | invalid
+    accuracy: float  # top-1 on the test split, 0..1: reported, never used to choose
+    val_accuracy: float | None  # top-1 on the validation split, 0..1: what every choice uses
+    params: int | None  # parameters of the candidate (zeros included)
+    macs: int | None  # multiply-accumulates for one image
+    latency_ms: float | None  # batch-1 median on the worker's device, milliseconds
+    compression: float | None  # x-factor: teacher params / candidate size (params, or non-zero params if sparse)
+    reward: float  # validation-based; INVALID_REWARD for an invalid candidate
+    wall_s: float  # seconds the evaluation took (build, train, measure)
+    worker: str | None  # host:pid@node
+    artifact: str | None  # URI of the kept model, or null
+    device: str | None  # torch device of the evaluation
+    latency_b256_ms: float | None  # batch-256 median on the worker's device, milliseconds
+    model_bytes: int | None  # bytes of the saved state_dict
+    cached: bool  # found in the store, not trained by this run
+    error: str | None  # why the candidate is invalid
+    removed: str  # JSON list of the blocks removed from the teacher
+    widths: str  # JSON mapping of layer → width
+    finetuned_from: str | None  # spec_hash of the candidate this one was fine-tuned from
+    parent_accuracy: float | None  # that parent's test accuracy, 0..1
+
+    def to_data(self) -> dict[str, Any]:
+        """The row as the dict the drivers keep and store (evals/<spec_hash>.json)."""
+        return dataclasses.asdict(self)
+
+
+ARROW_TYPES = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
+
+
+def arrow_schema(row_class: type) -> pa.Schema:
+    """The Parquet schema of a row dataclass: one column per field, typed from its hint (Optional unwrapped).
+    Every column is nullable all the same: rows recorded by an older version may lack a later column."""
+    hints = typing.get_type_hints(row_class)
+    columns = []
+    for column in dataclasses.fields(row_class):
+        hint = hints[column.name]
+        if typing.get_origin(hint) in (Union, types.UnionType):  # `X | None`: a column of X
+            (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        columns.append(pa.field(column.name, ARROW_TYPES[hint]))
+    return pa.schema(columns)
+
+
+RESULT_SCHEMA = arrow_schema(ResultRow)
 
 
 def results_table(rows: Iterable[dict[str, Any]]) -> pa.Table:

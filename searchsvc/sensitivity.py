@@ -25,6 +25,7 @@ from searchsvc.job import RunContext
 from searchsvc.methods import SensitivitySearch
 from searchsvc.plots import sensitivity_png
 from storage import layout
+from workers.metrics import CandidateMetrics
 from workers.pruners import prunable_weights
 from workers.spec import CandidateSpec
 from workers.summary import to_csv
@@ -61,11 +62,10 @@ def sensitivity_specs(context: RunContext, weights: list[str]) -> list[Candidate
 class SensitivityEvaluator(Evaluator):
     """Rows with the pruned weight, its level and structure beside the usual columns."""
 
-    def row(self, spec: CandidateSpec, m: dict[str, Any], cached: bool) -> dict[str, Any]:
+    def columns(self, spec: CandidateSpec, metrics: CandidateMetrics) -> dict[str, Any]:
         params = dict(spec.params)
-        return {**super().row(spec, m, cached), "weight": params["weight"], "level": params["level"],
-                "structure": params["structure"], "sparsity": m.get("sparsity"),
-                "nonzero_params": m.get("nonzero_params")}
+        return {"weight": params["weight"], "level": params["level"], "structure": params["structure"],
+                "sparsity": metrics.get("sparsity"), "nonzero_params": metrics.get("nonzero_params")}
 
 
 def run_sensitivity(context: RunContext) -> None:

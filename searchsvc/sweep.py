@@ -29,7 +29,8 @@ from searchsvc.plots import trajectory_png
 from searchsvc.result_table import pareto_front
 from storage import ArtifactStore, layout
 from workers.data import DatasetConfig
-from workers.evaluate import evaluate_candidate, invalid_metrics, load_candidate_model, stored_metrics
+from workers.evaluate import evaluate_candidate, load_candidate_model
+from workers.metrics import CandidateMetrics, stored_metrics
 from workers.pool import ray_resources, worker_context
 from workers.resources import Resources
 from workers.spec import CandidateSpec
@@ -64,11 +65,6 @@ def trial_count(sweep: SweepTune, *choice_lists: tuple) -> int:
     return math.prod(max(1, len(v)) for v in lists) * samples_per_point(sweep)
 
 
-# The driver's recorder of each run, found by run id: Tune pickles its callbacks into the experiment
-# state, so the callback carries only the id and finds the live recorder (also after a restore).
-_RECORDERS: dict[str, "TrialRecorder"] = {}
-
-
 class TrialRecorder(Recorder):
     """Rows from trial reports: a report with a `spec` is one row, with the trial and its `row` extras."""
 
@@ -78,20 +74,44 @@ class TrialRecorder(Recorder):
         spec = CandidateSpec.from_json(result["spec"])
         metrics = stored_metrics(self.context.store, spec.spec_hash)  # the store is the truth
         if metrics is None:  # not stored (out of memory): what the trial said
-            metrics = invalid_metrics(spec.spec_hash, result["error"] or "not stored")
+            metrics = CandidateMetrics.invalid(spec.spec_hash, result["error"] or "not stored")
         extras = {key[len(ROW):]: value for key, value in result.items() if key.startswith(ROW)}
         self.record(spec, metrics, bool(result["cached"]), trial=trial_id, sample=json.dumps(sample, sort_keys=True),
                     **extras)
 
 
 class _ReportRows(tune.Callback):
-    def __init__(self, run_id: str) -> None:
-        self.run_id = run_id
+    """Trial reports to the driver's recorder, as they arrive."""
+
+    def __init__(self, recorder: TrialRecorder) -> None:
+        self.recorder: TrialRecorder | None = recorder
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks into the experiment's tuner.pkl on the store: the recorder (the store
+        # client, every row, a progress bar) stays out of it. A resumed run attaches its own (`_attach`).
+        return {**self.__dict__, "recorder": None}
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any) -> None:
-        recorder = _RECORDERS.get(self.run_id)
-        if recorder is not None:
-            recorder.record_report(trial.trial_id, trial.config, result)
+        if self.recorder is None:  # a bug: unpickled from tuner.pkl and never replaced; rows would be lost unseen
+            raise RuntimeError("the results callback has no recorder: a restored Tuner needs sweep._attach")
+        self.recorder.record_report(trial.trial_id, trial.config, result)
+
+
+def _attach(tuner: tune.Tuner, recorder: TrialRecorder) -> tune.Tuner:
+    """A restored Tuner with this driver's `_ReportRows` in place of the recorder-less one from tuner.pkl.
+
+    Ray has no public API for a restored Tuner's run config (ray-project/ray#41364, open); the internal
+    `Tuner._local_tuner.get_run_config()` is the known way. A Ray without it stops the resume here, rather
+    than run the trials and record no rows."""
+    local = getattr(tuner, "_local_tuner", None)
+    if local is None or not callable(getattr(local, "get_run_config", None)):
+        raise SearchsvcError("cannot resume the Tune experiment: this Ray's Tuner has no _local_tuner.get_run_config() "
+                             "to re-attach the results callback (ray-project/ray#41364); use the Ray version "
+                             "searchsvc pins, and no Ray client (ray://) address")
+    run_config = local.get_run_config()
+    kept = [c for c in run_config.callbacks or [] if not isinstance(c, _ReportRows)]
+    run_config.callbacks = [*kept, _ReportRows(recorder)]
+    return tuner
 
 
 # Report keys with this prefix become columns of the candidate's row (the prefix dropped). Reports stay flat:
@@ -99,12 +119,12 @@ class _ReportRows(tune.Callback):
 ROW = "row_"
 
 
-def report_fields(spec: CandidateSpec, metrics: dict[str, Any], cached: bool, **row: Any) -> dict[str, Any]:
+def report_fields(spec: CandidateSpec, metrics: CandidateMetrics, cached: bool, **row: Any) -> dict[str, Any]:
     """The keys of a report that becomes a row: the spec, whether it was cached, its status, `row` extras."""
     flat = {ROW + key: json.dumps(value, sort_keys=True) if isinstance(value, (dict, list, tuple)) else value
             for key, value in row.items()}
     return {"spec_hash": spec.spec_hash, "spec": spec.canonical_json(), "cached": cached,
-            "status": metrics["status"], "error": metrics.get("error") or "", **flat}
+            "status": metrics.status, "error": metrics.error or "", **flat}
 
 
 def experiment_path(store: ArtifactStore, run_id: str) -> tuple[Any, str]:
@@ -114,14 +134,15 @@ def experiment_path(store: ArtifactStore, run_id: str) -> tuple[Any, str]:
 
 
 def build_tuner(context: RunContext, trial: Callable[..., None], job: Any, param_space: dict[str, Any],
-                sweep: SweepTune, metric: str, time_attr: str, max_t: int) -> tune.Tuner:
-    """A new Tuner (ASHA on `metric` per `time_attr`), or the run's own restored from the store when resuming."""
+                sweep: SweepTune, metric: str, time_attr: str, max_t: int, recorder: TrialRecorder) -> tune.Tuner:
+    """A new Tuner (ASHA on `metric` per `time_attr`), or the run's own restored from the store when resuming;
+    either way its trial reports become rows through `recorder`."""
     trainable = tune.with_parameters(tune.with_resources(trial, ray_resources(context.config.resources)), job=job)
     filesystem, path = experiment_path(context.store, context.run_id)
     if context.resumed and tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         log.info("restoring the Tune experiment of run %s", context.run_id)
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
-                                  storage_filesystem=filesystem)
+        return _attach(tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                          storage_filesystem=filesystem), recorder)
     scheduler = ASHAScheduler(time_attr=time_attr, max_t=max_t, grace_period=min(sweep.grace_period, max_t),
                               reduction_factor=sweep.reduction_factor)
     return tune.Tuner(
@@ -134,17 +155,13 @@ def build_tuner(context: RunContext, trial: Callable[..., None], job: Any, param
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=path.rsplit("/", 1)[0],
                                   storage_filesystem=filesystem, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                                  callbacks=[_ReportRows(context.run_id)]),
+                                  callbacks=[_ReportRows(recorder)]),
     )
 
 
 def fit(context: RunContext, tuner: tune.Tuner, recorder: TrialRecorder) -> tune.ResultGrid:
-    """Run the sweep, recording rows as trials report; SearchsvcError if every trial failed."""
-    _RECORDERS[context.run_id] = recorder
-    try:
-        grid = tuner.fit()
-    finally:
-        _RECORDERS.pop(context.run_id, None)
+    """Run the sweep (its callback records rows as trials report); SearchsvcError if every trial failed."""
+    grid = tuner.fit()
     failed = [str(err).splitlines()[0][:300] for err in grid.errors]
     if failed and len(failed) == len(grid):
         recorder.close()
@@ -236,7 +253,7 @@ def candidate_trial(job: CandidateJob, spec: CandidateSpec, progress_key: str, r
     if metrics is None:
         metrics = evaluate_candidate(spec, ctx, callbacks=[EpochReport(spec.train.epochs, progress_key)])
     row = {k: v for k in row_keys if (v := metrics.get(k)) is not None}
-    tune.report({"epoch": spec.train.epochs, "val_accuracy": metrics.get("val_accuracy") or 0.0,
+    tune.report({"epoch": spec.train.epochs, "val_accuracy": metrics.val_accuracy or 0.0,
                  progress_key: row.get(progress_key, 0.0),
                  **report_fields(spec, metrics, cached, **row)})
 
@@ -249,6 +266,6 @@ def run_sparse_sweep(context: RunContext, trial: Callable[..., None], job: Candi
     prepare_teacher_logits(context)
     recorder = SparseRecorder(context, reward_form, total=total)
     tuner = build_tuner(context, trial, job, space, sweep, metric=TUNE_METRICS["accuracy"], time_attr="epoch",
-                        max_t=epochs)
+                        max_t=epochs, recorder=recorder)
     grid = fit(context, tuner, recorder)
     finish_sparse(recorder, trials=len(grid), title=title)

@@ -33,8 +33,9 @@ from searchsvc.rewards import INVALID_REWARD, reward
 from searchsvc.sweep import TrialRecorder, absolute_dataset, choose, report_fields
 from storage import ArtifactStore, layout
 from workers.data import DatasetConfig
-from workers.evaluate import evaluate_candidate, stored_metrics
+from workers.evaluate import evaluate_candidate
 from workers.measure import count_parameters
+from workers.metrics import stored_metrics
 from workers.pool import worker_context
 from workers.resources import Resources
 from workers.spec import CandidateSpec
@@ -119,14 +120,13 @@ def taylor_trial(sample: dict[str, Any], job: TrialJob) -> None:
         cached = metrics is not None
         if metrics is None:
             metrics = evaluate_candidate(spec, ctx)
-        ok = metrics["status"] == "ok"
-        reason = stop_reason(metrics["val_accuracy"], job.teacher_val_accuracy, job.search.stop) if ok else \
-            f"invalid: {metrics.get('error')}"
-        score = reward(metrics["params"], metrics["val_accuracy"], job.teacher_params, job.teacher_val_accuracy,
+        ok = metrics.status == "ok"
+        reason = stop_reason(metrics.val_accuracy, job.teacher_val_accuracy, job.search.stop) if ok else \
+            f"invalid: {metrics.error}"
+        score = reward(metrics.params, metrics.val_accuracy, job.teacher_params, job.teacher_val_accuracy,
                        job.search.reward) if ok else INVALID_REWARD
         state = {"iteration": iteration, "parent": spec.spec_hash}
-        report = {"iteration": iteration, "val_accuracy": metrics.get("val_accuracy") or 0.0,
-                  "params": metrics.get("params") or 0,
+        report = {"iteration": iteration, "val_accuracy": metrics.val_accuracy or 0.0, "params": metrics.params or 0,
                   "reward": score, **report_fields(spec, metrics, cached, iteration=iteration,
                                                    filters=metrics.get("filters"), stop_reason=reason)}
         with tempfile.TemporaryDirectory() as folder:
@@ -151,7 +151,7 @@ def run_taylor(context: RunContext) -> None:
     recorder = TrialRecorder(context, search.reward, total=trial_count(search) * search.iterations)
     tuner = sweep.build_tuner(context, taylor_trial, job, param_space(search, context.config.train), search.tune,
                               metric=sweep.TUNE_METRICS[search.tune.metric], time_attr="iteration",
-                              max_t=search.iterations)
+                              max_t=search.iterations, recorder=recorder)
     sweep.fit(context, tuner, recorder)
     finish(recorder)
 

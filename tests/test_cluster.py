@@ -95,11 +95,11 @@ def test_node_removed_mid_evaluation_and_a_joining_node_gets_work(cluster, prepa
         pool.shutdown()
     hashes = [o.spec.spec_hash for o in outcomes]
     assert len(hashes) == len(set(hashes)) == 12  # every candidate once
-    assert all(o.metrics["status"] == "ok" for o in outcomes)
+    assert all(o.metrics.status == "ok" for o in outcomes)
     retried = [o for o in outcomes if o.attempts > 1]
     assert len(retried) == 1 and pool.lost == 1  # the one in flight on the removed node, run elsewhere
-    assert node_of(retried[0].metrics["worker"]) != victim.node_id[:8]
-    assert joined[:8] in {node_of(o.metrics["worker"]) for o in outcomes}  # the new node worked
+    assert node_of(retried[0].metrics.worker) != victim.node_id[:8]
+    assert joined[:8] in {node_of(o.metrics.worker) for o in outcomes}  # the new node worked
     for o in outcomes:  # stored once, complete
         assert set(store.verify(f"candidates/{o.spec.spec_hash}")) == {"spec.json", "model.pt", "metrics.json"}
 
@@ -124,8 +124,8 @@ def test_a_candidate_that_keeps_killing_its_worker_becomes_invalid_alone(cluster
         outcomes = {o.spec.spec_hash: o for o in pool.map_unordered([poison, *good])}
     finally:
         pool.shutdown()
-    assert outcomes[poison.spec_hash].metrics["status"] == "invalid"
-    assert "worker died 3 times" in outcomes[poison.spec_hash].metrics["error"]
+    assert outcomes[poison.spec_hash].metrics.status == "invalid"
+    assert "worker died 3 times" in outcomes[poison.spec_hash].metrics.error
     assert outcomes[poison.spec_hash].attempts == 3 and pool.lost == pool.replaced == 3
-    assert all(outcomes[s.spec_hash].metrics["status"] == "ok" for s in good)
+    assert all(outcomes[s.spec_hash].metrics.status == "ok" for s in good)
     assert not store.exists(f"candidates/{poison.spec_hash}/manifest.json")  # nothing half-written stays

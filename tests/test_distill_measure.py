@@ -474,11 +474,11 @@ def test_a_trained_candidate_is_measured_with_its_last_epochs_accuracies_not_a_s
     spec = CandidateSpec(arch="tiny_cnn", teacher=teacher.teacher_hash, dataset=data,
                          train=TrainConfig(epochs=2, batch_size=64, augment=False), widths=(("layer1.0", 4),))
     metrics = evaluate_candidate(spec, EvalContext(store, teacher, splits, CPU))
-    assert metrics["status"] == "ok" and passes == []
+    assert metrics.status == "ok" and passes == []
     stored = load_candidate_model(store, spec.spec_hash)  # the figures are the kept model's own
-    assert metrics["accuracy"] == metrics["history"][-1]["test_accuracy"] == evaluate(stored, *splits.test, splits.mean,
-                                                                                          splits.std)
-    assert metrics["val_accuracy"] == evaluate(stored, *splits.val, splits.mean, splits.std)
+    assert metrics.accuracy == metrics.history[-1]["test_accuracy"] == evaluate(stored, *splits.test, splits.mean,
+                                                                                    splits.std)
+    assert metrics.val_accuracy == evaluate(stored, *splits.val, splits.mean, splits.std)
 
 
 PROBE = """

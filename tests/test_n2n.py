@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +128,9 @@ def test_ppo_smoke_run_trains_at_least_two_iterations_and_writes_results(tmp_pat
     assert state["done"] == ["removal", "shrink"]
     assert len(state["history"]["removal"]) >= 2 and len(state["history"]["shrink"]) >= 1
     assert store.exists(f"runs/{run_id}/state/removal/checkpoint/rllib_checkpoint.json")
+    with (store.root / f"runs/{run_id}/state/removal/checkpoint/class_and_ctor_args.pkl").open("rb") as pkl:
+        saved_config = pickle.load(pkl)["ctor_args_and_kwargs"][0][0]
+    assert saved_config["env_config"]["session"].session is None  # the checkpoint holds no live session
     rows = store.get_table(f"runs/{run_id}/results.parquet").to_pylist()
     assert len(rows) == len(store.list(f"runs/{run_id}/evals/")) == record["evaluations"] + record["cache_hits"]
     assert {r["method"] for r in rows} == {"n2n"}
@@ -214,6 +219,21 @@ def test_a_candidate_proposed_twice_in_one_batch_counts_once_against_the_budget(
     three = stage.make_spec(np.array([1, 1]))
     assert session.evaluate([one, one, two, three]) == [0.5, 0.5, 0.5, None]  # budget 2: `three` is past it
     assert session.trained == 2 and evaluator.sent == [[one.spec_hash, two.spec_hash]]
+
+
+def test_the_live_session_is_shared_by_config_copies_and_never_pickled():
+    """RLlib deep-copies its config (the envs must step the driver's own budget) and pickles it into each
+    checkpoint (which must not hold the evaluator, its store and pool)."""
+    from core.errors import SearchsvcError
+    from searchsvc.n2n import LiveSession, make_env
+
+    session = object()
+    config = {"session": LiveSession(session)}
+    assert copy.deepcopy(config)["session"].session is session
+    unpickled = pickle.loads(pickle.dumps(config))
+    assert unpickled["session"].session is None
+    with pytest.raises(SearchsvcError, match="only in the driver's process"):
+        make_env(unpickled)
 
 
 @pytest.mark.parametrize("stop", ["search.target_compression=1.01", "search.time_budget_s=0.001"])

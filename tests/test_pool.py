@@ -13,6 +13,7 @@ import torch
 
 from storage import CorruptArtifactError, LocalStore
 from workers.data import DatasetConfig, SyntheticConfig, load_dataset
+from workers.metrics import CandidateMetrics, stored_metrics
 from workers.pool import EvalPool
 from workers.resources import Resources
 from workers.spec import CandidateSpec
@@ -52,12 +53,12 @@ def test_pool_streams_results_and_stores_each_candidate(prepared):
     assert sorted(o.spec.spec_hash for o in outcomes) == sorted(s.spec_hash for s in specs)
     for outcome in outcomes:
         m = outcome.metrics
-        assert m["status"] == "ok" and not outcome.cached and outcome.attempts == 1
-        assert 0 <= m["accuracy"] <= 1 and m["params"] > 0 and m["macs"] > 0 and m["latency_ms"] > 0
+        assert m.status == "ok" and not outcome.cached and outcome.attempts == 1
+        assert 0 <= m.accuracy <= 1 and m.params > 0 and m.macs > 0 and m.latency_ms > 0
         prefix = f"candidates/{outcome.spec.spec_hash}"
         assert set(store.verify(prefix)) == {"spec.json", "model.pt", "metrics.json"}
         assert CandidateSpec.from_json(store.get_bytes(f"{prefix}/spec.json").decode()) == outcome.spec
-    params = {dict(o.spec.widths)["layer2"]: o.metrics["params"] for o in outcomes}
+    params = {dict(o.spec.widths)["layer2"]: o.metrics.params for o in outcomes}
     assert params[4] < params[8] < params[12]
 
 
@@ -93,7 +94,7 @@ def test_an_edited_stored_result_is_refused_not_taken_as_a_cache_hit(prepared):
             list(pool.map_unordered([edited]))
     finally:
         pool.shutdown()
-    assert outcome.metrics["status"] == "ok" and outcome.metrics["accuracy"] != 0.9999
+    assert outcome.metrics.status == "ok" and outcome.metrics.accuracy != 0.9999
 
 
 def test_killed_actor_leads_to_one_retried_result(prepared):
@@ -112,7 +113,7 @@ def test_killed_actor_leads_to_one_retried_result(prepared):
         pool.shutdown()
     assert len(outcomes) == 1
     assert outcomes[0].attempts == 2 and pool.replaced == 1
-    assert outcomes[0].metrics["status"] == "ok"
+    assert outcomes[0].metrics.status == "ok"
     assert store.list(f"candidates/{slow.spec_hash}/").count(f"candidates/{slow.spec_hash}/model.pt") == 1
     assert time.perf_counter() - started > 1.0
 
@@ -128,10 +129,10 @@ def test_invalid_candidates_are_results_and_the_rest_finish(prepared):
         outcomes = pool.evaluate([bad_width, too_wide, diverging, fine])
     finally:
         pool.shutdown()
-    statuses = [o.metrics["status"] for o in outcomes]
+    statuses = [o.metrics.status for o in outcomes]
     assert statuses == ["invalid", "invalid", "invalid", "ok"]
-    assert "layer9" in outcomes[0].metrics["error"]
-    assert "diverged" in outcomes[2].metrics["error"]
+    assert "layer9" in outcomes[0].metrics.error
+    assert "diverged" in outcomes[2].metrics.error
 
 
 def test_a_worker_that_cannot_start_fails_the_pool_with_its_cause(prepared, tmp_path):
@@ -160,14 +161,50 @@ def test_files_left_by_a_writer_that_died_mid_save_are_replaced(prepared, monkey
     store.put_bytes(f"{prefix}/spec.json", dead.canonical_json().encode(), write_once=True)
     store.put_bytes(f"{prefix}/metrics.json", b'{"half": "written"}', write_once=True)
     monkeypatch.setattr(evaluate, "OTHER_WRITER_S", 60.0 if takeover else 0.5)  # takeover never waits
-    metrics = {"spec_hash": dead.spec_hash, "status": "ok", "accuracy": 0.5}
+    metrics = CandidateMetrics(dead.spec_hash, "ok", accuracy=0.5)
     started = time.monotonic()
-    kept = evaluate.save_candidate(store, dead, torch.nn.Linear(2, 2), dict(metrics), takeover=takeover)
+    kept = evaluate.save_candidate(store, dead, torch.nn.Linear(2, 2), metrics, takeover=takeover)
     waited = time.monotonic() - started
-    assert kept["accuracy"] == 0.5 and kept["artifact"].endswith(f"{prefix}/model.pt")
+    assert kept.accuracy == 0.5 and kept.artifact.endswith(f"{prefix}/model.pt")
     assert set(store.verify(prefix)) == {"spec.json", "model.pt", "metrics.json"}
-    assert evaluate.stored_metrics(store, dead.spec_hash) == kept
+    assert stored_metrics(store, dead.spec_hash) == kept
     assert (waited < 30) if takeover else (waited >= 0.5)
     # a finished candidate is never replaced: a later writer gets the stored result
-    again = evaluate.save_candidate(store, dead, None, dict(metrics, accuracy=0.9), takeover=True)
+    again = evaluate.save_candidate(store, dead, None, dataclasses.replace(metrics, accuracy=0.9), takeover=True)
     assert again == kept
+
+
+def test_candidate_metrics_round_trip_flat_with_the_methods_extras():
+    metrics = CandidateMetrics("abc", "ok", accuracy=0.5, val_accuracy=0.625, params=1200, macs=34_000,
+                               wall_s=2.5, history=({"epoch": 1, "loss": 0.75},), arch={"convs": [4, 8]},
+                               extra={"sparsity": 0.5, "nonzero_params": 600, "thinned": {"conv1": 3}})
+    data = json.loads(json.dumps(metrics.to_data()))
+    assert data["sparsity"] == 0.5 and data["thinned"] == {"conv1": 3} and "extra" not in data  # flat
+    assert data["history"] == [{"epoch": 1, "loss": 0.75}] and "latency_ms" not in data  # not measured: left out
+    back = CandidateMetrics.from_data(data, source="metrics.json")
+    assert back == metrics
+    assert back.get("nonzero_params") == 600 and back.get("params") == 1200 and back.get("latency_ms", 0.0) == 0.0
+
+
+def test_an_invalid_result_is_stored_with_the_keys_it_always_had():
+    data = CandidateMetrics.invalid("abc", "out of memory", wall_s=1.5).to_data()
+    assert data == {"spec_hash": "abc", "status": "invalid", "error": "out of memory", "accuracy": 0.0,
+                    "wall_s": 1.5, "worker": None, "artifact": None}
+
+
+@pytest.mark.parametrize("raw, problem", [
+    (b"[]", "must be a mapping"),
+    (b'{"spec_hash": "x", "status": "ok", "accuracy": "\xff\xfe"}', "not JSON"),
+    (b'{"spec_hash": "x", "status": "ok", "accuracy": "high"}', "accuracy: must be a number"),
+    (b'{"spec_hash": "x", "status": "ok", "accuracy": 0.5, "val_accuracy": NaN}', "val_accuracy: must be a finite"),
+    (b'{"status": "ok", "accuracy": 0.5}', "spec_hash: missing required key"),
+])
+def test_an_undecodable_stored_metrics_json_is_a_corrupt_artifact_naming_it(tmp_path, raw, problem):
+    """Bytes that match their manifest can still be no result (written by hand, or by a bug): one line naming
+    the file and the key, never a traceback and never a result."""
+    store = LocalStore(tmp_path / "store")
+    prefix = "candidates/x"
+    store.put_bytes(f"{prefix}/metrics.json", raw)
+    store.write_manifest(prefix, {"metrics.json": raw})
+    with pytest.raises(CorruptArtifactError, match=f"{prefix}/metrics.json is corrupt: .*{problem}"):
+        stored_metrics(store, "x")

@@ -96,6 +96,40 @@ def test_results_table_is_ranked_best_first(store):
     assert read_results(store, "r1")["spec_hash"].to_pylist() == ["high", "low", "bad"]
 
 
+def test_the_result_schema_is_the_result_rows_fields_in_order():
+    """One home for the row: a field of ResultRow is a column, typed from its hint (adding one adds a column)."""
+    import dataclasses
+
+    from searchsvc.result_table import RESULT_SCHEMA, ResultRow, arrow_schema
+
+    names = [f.name for f in dataclasses.fields(ResultRow)]
+    assert RESULT_SCHEMA.names == names
+    assert names[:15] == ["spec_hash", "method", "run_id", "code_version", "status", "accuracy", "val_accuracy",
+                          "params", "macs", "latency_ms", "compression", "reward", "wall_s", "worker", "artifact"]
+    assert RESULT_SCHEMA.field("params").type == pa.int64() and RESULT_SCHEMA.field("cached").type == pa.bool_()
+    assert RESULT_SCHEMA.field("accuracy").type == pa.float64() and RESULT_SCHEMA.field("error").type == pa.string()
+    wider = dataclasses.make_dataclass("Wider", [("energy_mj", float | None)], bases=(ResultRow,), frozen=True)
+    assert arrow_schema(wider).names == [*names, "energy_mj"]
+    assert arrow_schema(wider).field("energy_mj").type == pa.float64()
+
+
+def test_results_parquet_has_typed_columns_even_where_every_value_is_null(store):
+    from searchsvc.result_table import ResultRow
+
+    row = ResultRow(spec_hash="a", method="grid", run_id="r2", code_version="v", status="invalid", accuracy=0.0,
+                    val_accuracy=None, params=None, macs=None, latency_ms=None, compression=None, reward=-1.0,
+                    wall_s=0.5, worker=None, artifact=None, device=None, latency_b256_ms=None, model_bytes=None,
+                    cached=False, error="out of memory", removed="[]", widths="{}", finetuned_from=None,
+                    parent_accuracy=None)
+    store.put_bytes("runs/r2/config.yaml", b"method: grid\n")
+    write_results(store, "r2", [{**row.to_data(), "order": 1}])
+    table = store.get_table("runs/r2/results.parquet")
+    assert table.schema.field("params").type == pa.int64() and table.schema.field("macs").type == pa.int64()
+    assert table.schema.field("parent_accuracy").type == pa.float64()  # all null, still a number column
+    assert table.schema.field("order").type == pa.int64()  # a run's own column, after the fixed ones
+    assert table.to_pylist() == [{**row.to_data(), "order": 1}]
+
+
 def test_manifest_detects_a_corrupt_file(store):
     store.put_bytes("teachers/t/model.pt", b"weights")
     store.put_bytes("teachers/t/meta.json", b"{}")

@@ -243,6 +243,7 @@ def test_a_tune_run_killed_mid_way_resumes_its_trials_without_retraining(tmp_pat
     assert len({r["trial"] for r in rows}) == 2
     assert sorted(r["iteration"] for r in rows) == [1, 1, 2, 2, 3, 3, 4, 4]
     assert len({r["spec_hash"] for r in rows}) == len(rows) == 8
+    assert len(recorded_before) < len(rows)  # the restored Tuner's reports reached the run's recorder too
     for row in rows:  # what the store held at the kill and the run had not recorded was looked up, not trained
         if row["spec_hash"] in stored_before and row["spec_hash"] not in recorded_before:
             assert row["cached"], row

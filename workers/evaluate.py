@@ -18,7 +18,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -38,6 +38,7 @@ from workers.data import DatasetConfig, Splits, load_dataset
 from workers.distill import distill_loss_fn, inference_copy, teacher_logits
 from workers.graph import example_input, rebuild, shrink_graph
 from workers.measure import measure
+from workers.metrics import CandidateMetrics, stored_metrics, verified_metrics
 from workers.resources import Resources
 from workers.spec import CandidateSpec
 from workers.surgery import InvalidTransform, derive_arch, shrink
@@ -56,7 +57,7 @@ class UnsavedResult(StoreUnreachableError):
     """A finished evaluation whose files could not be stored: they travel with the error (key → bytes)
     so the driver can keep them on local disk instead of losing them (`storage.spool`)."""
 
-    def __init__(self, message: str, files: dict[str, bytes], metrics: dict) -> None:
+    def __init__(self, message: str, files: dict[str, bytes], metrics: CandidateMetrics) -> None:
         super().__init__(message)
         self.files, self.metrics = files, metrics
 
@@ -109,29 +110,13 @@ def local_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfi
                        compile_model=resources.compile)
 
 
-def stored_metrics(store: ArtifactStore, spec_hash: str) -> dict[str, Any] | None:
-    """The metrics of a complete stored evaluation, or None (the cache lookup). Checked against the
-    candidate's manifest like every stored byte: an edited metrics.json is a CorruptArtifactError naming it,
-    never a result (write-once: it cannot be recomputed in place, so the run stops on it)."""
-    prefix = layout.candidate(spec_hash)
-    if not store.exists(layout.manifest(prefix)):
-        return None
-    return json.loads(store.get_verified(prefix, "metrics.json"))
-
-
-def invalid_metrics(spec_hash: str, reason: str, wall_s: float = 0.0, worker: str | None = None) -> dict[str, Any]:
-    """The result of a candidate that could not be built, trained or evaluated."""
-    return {"spec_hash": spec_hash, "status": "invalid", "error": reason, "accuracy": 0.0, "wall_s": wall_s,
-            "worker": worker, "artifact": None}
-
-
-def invalid(spec: CandidateSpec, reason: str, started: float, ctx: EvalContext) -> dict[str, Any]:
-    """`invalid_metrics` for a candidate this worker gave up on, timed from `started`."""
-    return invalid_metrics(spec.spec_hash, reason, time.perf_counter() - started, ctx.worker)
+def invalid(spec: CandidateSpec, reason: str, started: float, ctx: EvalContext) -> CandidateMetrics:
+    """`CandidateMetrics.invalid` for a candidate this worker gave up on, timed from `started`."""
+    return CandidateMetrics.invalid(spec.spec_hash, reason, time.perf_counter() - started, ctx.worker)
 
 
 def evaluate_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = False,
-                       callbacks: Sequence[TrainCallback] = (), takeover: bool = False) -> dict[str, Any]:
+                       callbacks: Sequence[TrainCallback] = (), takeover: bool = False) -> CandidateMetrics:
     """Build, distill, measure and store one candidate; return its metrics (status ok or invalid).
 
     `callbacks` join the method's own in the training loop (a Tune trial reports epochs through one).
@@ -147,12 +132,12 @@ class Evaluated:
     """A candidate the device is done with: its metrics and the model to keep (on the CPU)."""
 
     spec: CandidateSpec
-    metrics: dict[str, Any]
+    metrics: CandidateMetrics
     model: torch.nn.Module | None = None
     stored: bool = True  # False: not written (out of memory: it may fit another time)
 
 
-def save_evaluated(store: ArtifactStore, done: Evaluated, takeover: bool = False) -> dict[str, Any]:
+def save_evaluated(store: ArtifactStore, done: Evaluated, takeover: bool = False) -> CandidateMetrics:
     """The store half of `evaluate_candidate`: no device work, so it can run beside the next candidate."""
     if not done.stored:
         return done.metrics
@@ -212,17 +197,17 @@ def _measured(spec: CandidateSpec, ctx: EvalContext, built: Built, history: list
     if not unchanged:
         recalibrated = recalibrate_batchnorm(student, ctx.splits, spec.train.bn_recalibration_batches,
                                              spec.train.batch_size, spec.seed)
-    extra["bn_recalibration_batches"] = recalibrated
     # The last epoch evaluated this very model on both splits: its figures are the candidate's.
     accuracies = ({"accuracy": history[-1]["test_accuracy"], "val_accuracy": history[-1]["val_accuracy"]}
                   if unchanged and history else None)
-    metrics = {"spec_hash": spec.spec_hash, "status": "ok", **extra,
-               **measure(student, ctx.splits, ctx.device, timed=built.keep_model, accuracies=accuracies),
-               "train_seconds": train_seconds, "history": history, "worker": ctx.worker, "device": str(ctx.device),
-               "started_unix_s": started_unix_s}
-    if hasattr(student, "arch"):  # a zoo model records what was built; a user's network is rebuilt from the
-        metrics["arch"] = to_data(student.arch)  # teacher's constructor and the stored tensors' shapes
-    metrics["wall_s"] = time.perf_counter() - started  # build, train, measure: the store write is apart
+    measured = measure(student, ctx.splits, ctx.device, timed=built.keep_model, accuracies=accuracies)
+    # A zoo model records what was built; a user's network is rebuilt from its teacher's constructor and the
+    # stored tensors' shapes (workers.graph.rebuild).
+    arch = to_data(student.arch) if hasattr(student, "arch") else None
+    metrics = CandidateMetrics(spec.spec_hash, "ok", **measured, train_seconds=train_seconds, history=tuple(history),
+                               worker=ctx.worker, device=str(ctx.device), arch=arch,
+                               started_unix_s=started_unix_s, bn_recalibration_batches=recalibrated, extra=extra,
+                               wall_s=time.perf_counter() - started)  # build, train, measure: the store write is apart
     return Evaluated(spec, metrics, student.cpu() if built.keep_model else None)
 
 
@@ -275,11 +260,11 @@ def load_candidate_model(store: ArtifactStore, spec_hash: str) -> Model:
     spec = CandidateSpec.from_json(store.get_verified(prefix, "spec.json").decode())
     if not store.exists(f"{prefix}/model.pt"):
         raise KeyNotFoundError(f"candidate {spec_hash} has no kept model (it was invalid)")
-    metrics = json.loads(store.get_verified(prefix, "metrics.json"))
+    metrics = verified_metrics(store, prefix)
     raw = store.get_verified(prefix, "model.pt")
     where = store.uri_for(f"{prefix}/model.pt")
-    if "arch" in metrics:  # what was built (a method's builder decides widths on the worker)
-        arch = arch_from_data(metrics["arch"], source=store.uri_for(f"{prefix}/metrics.json"))
+    if metrics.arch is not None:  # what was built (a method's builder decides widths on the worker)
+        arch = arch_from_data(metrics.arch, source=store.uri_for(f"{prefix}/metrics.json"))
         return load_state_bytes(build_model(arch), raw, where).eval()
     teacher_prefix = layout.teacher(spec.teacher)
     meta = json.loads(store.get_verified(teacher_prefix, "meta.json"))
@@ -294,7 +279,7 @@ def load_candidate_model(store: ArtifactStore, spec_hash: str) -> Model:
 
 
 def save_candidate(store: ArtifactStore, spec: CandidateSpec, model: torch.nn.Module | None,
-                   metrics: dict[str, Any], takeover: bool = False) -> dict[str, Any]:
+                   metrics: CandidateMetrics, takeover: bool = False) -> CandidateMetrics:
     """Write the candidate's files once. If another worker finished it first, return theirs (idempotent).
 
     Files without a manifest belong to a writer still at work, or to one that died mid-save (its node was
@@ -305,8 +290,8 @@ def save_candidate(store: ArtifactStore, spec: CandidateSpec, model: torch.nn.Mo
     files = {f"{prefix}/spec.json": spec.canonical_json().encode()}
     if model is not None:
         files[f"{prefix}/model.pt"] = state_dict_bytes(model)
-        metrics["artifact"] = store.uri_for(f"{prefix}/model.pt")
-    files[f"{prefix}/metrics.json"] = json_bytes(metrics)
+        metrics = replace(metrics, artifact=store.uri_for(f"{prefix}/model.pt"))
+    files[f"{prefix}/metrics.json"] = json_bytes(metrics.to_data())
     try:
         existing = stored_metrics(store, spec.spec_hash)
         if existing is not None:
@@ -335,7 +320,7 @@ def _write_candidate(store: ArtifactStore, prefix: str, files: dict[str, bytes],
     store.write_manifest(prefix, {key[len(prefix) + 1 :]: data for key, data in files.items()})
 
 
-def _wait_for_other_writer(store: ArtifactStore, spec_hash: str) -> dict[str, Any] | None:
+def _wait_for_other_writer(store: ArtifactStore, spec_hash: str) -> CandidateMetrics | None:
     deadline = time.monotonic() + OTHER_WRITER_S
     while time.monotonic() < deadline:
         stored = stored_metrics(store, spec_hash)

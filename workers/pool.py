@@ -33,15 +33,8 @@ from ray.exceptions import RayActorError, RayTaskError
 from core.errors import SearchsvcError
 from storage import ArtifactStore, StoreAccessError, StoreUnreachableError
 from workers.data import DatasetConfig
-from workers.evaluate import (
-    EvalContext,
-    UnsavedResult,
-    compute_candidate,
-    invalid_metrics,
-    local_context,
-    save_evaluated,
-    stored_metrics,
-)
+from workers.evaluate import EvalContext, UnsavedResult, compute_candidate, local_context, save_evaluated
+from workers.metrics import CandidateMetrics, stored_metrics
 from workers.resources import Resources
 from workers.spec import CandidateSpec
 
@@ -55,7 +48,7 @@ class EvalOutcome:
     """One candidate's metrics, and how they were obtained."""
 
     spec: CandidateSpec
-    metrics: dict[str, Any]
+    metrics: CandidateMetrics
     cached: bool  # from the store, no training
     attempts: int  # 1 unless an actor died under it
     unsaved: UnsavedResult | None = None  # the store was unreachable: the candidate's files travel here
@@ -86,7 +79,7 @@ class EvalWorker:
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="store-write")
         self._saving: dict[str, Future] = {}
 
-    def evaluate(self, spec: CandidateSpec, takeover: bool = False) -> tuple[dict[str, Any], bool]:
+    def evaluate(self, spec: CandidateSpec, takeover: bool = False) -> tuple[CandidateMetrics, bool]:
         """Build, train and measure `spec`, then start its store write; return (metrics, saving). While
         `saving`, `saved(spec_hash)` gives the stored metrics (maybe another writer's) once written.
         `takeover`: a retry after the actor evaluating `spec` died, maybe mid-save (its files are replaced)."""
@@ -96,7 +89,7 @@ class EvalWorker:
         self._saving[spec.spec_hash] = self._saver.submit(save_evaluated, self.ctx.store, done, takeover)
         return done.metrics, True
 
-    def saved(self, spec_hash: str) -> dict[str, Any]:
+    def saved(self, spec_hash: str) -> CandidateMetrics:
         """Wait for the store write `evaluate` started; raises what it raised (UnsavedResult, store errors)."""
         return self._saving.pop(spec_hash).result()
 
@@ -206,7 +199,7 @@ class EvalPool:
                     log.warning("worker died evaluating %s (attempt %d); retrying", spec.spec_hash, attempt)
                     pending.appendleft((spec, attempt + 1))
                     continue
-                metrics = invalid_metrics(spec.spec_hash, f"worker died {attempt} times: {type(err).__name__}")
+                metrics = CandidateMetrics.invalid(spec.spec_hash, f"worker died {attempt} times: {type(err).__name__}")
             except RayTaskError as err:  # an unexpected error inside evaluate: this candidate only
                 if isinstance(err.cause, UnsavedResult):  # trained, but the store is gone: the driver keeps it
                     yield EvalOutcome(spec, err.cause.metrics, False, attempt, unsaved=err.cause)
@@ -214,7 +207,7 @@ class EvalPool:
                     raise err.cause from None  # the store, not the candidate: the run stops (and can resume)
                 if phase == "device":
                     idle.append(actor)
-                metrics = invalid_metrics(spec.spec_hash, f"evaluation raised {err.cause!r}"[:500])
+                metrics = CandidateMetrics.invalid(spec.spec_hash, f"evaluation raised {err.cause!r}"[:500])
             else:
                 if phase == "device":
                     idle.append(actor)  # free for the next candidate while this one is stored
