@@ -316,4 +316,4 @@ register_method("agp", AgpSearch, "gradual pruning from a Distiller YAML schedul
 register_method("sensitivity", SensitivitySearch, "prune each layer alone to each level (searchsvc sensitivity)",
                 "searchsvc.sensitivity:run_sensitivity")
 register_method("rigl", RigLSearch, "RigL dynamic sparse training as a Ray Tune sweep", "searchsvc.rigl:run_rigl",
-                check="searchsvc.methods:check_rigl")
+                check="searchsvc.methods:check_rigl", user_models=True)

@@ -239,7 +239,7 @@ class CandidateJob:
     @classmethod
     def of(cls, context: RunContext, **extra: Any) -> "CandidateJob":
         config = context.config
-        return cls(store=context.store, arch=config.teacher.arch, teacher_hash=context.teacher.teacher_hash,
+        return cls(store=context.store, arch=config.teacher.base, teacher_hash=context.teacher.teacher_hash,
                    dataset=absolute_dataset(config.dataset), train=config.train, resources=config.resources,
                    seed=config.seed, **extra)
 

@@ -283,3 +283,23 @@ def test_both_engines_agree_on_a_zoo_model_where_both_apply():
     half_zoo = shrink(teacher, widths={k: v // 2 for k, v in width_keys(teacher.arch).items()})
     half_graph = shrink_graph(teacher, example, widths={g.key: g.channels // 2 for g in channel_groups(teacher, example)})
     assert count_parameters(half_zoo) == count_parameters(half_graph) < count_parameters(teacher)
+
+
+def test_rigl_trains_a_user_model_sparse_from_fresh_weights(user_weights, tmp_path, ray_session):
+    from workers.rigl import fresh_weights
+
+    model = small_resnet(1, 4)
+    torch.manual_seed(1)
+    fresh = fresh_weights(model)
+    assert fresh.state_dict().keys() == model.state_dict().keys()
+    assert not torch.equal(fresh.stem[0].weight, model.stem[0].weight)  # re-initialised by its own layers
+    config = write_config(user_weights, {"model": FACTORY, "kwargs": {"num_classes": 4}, "weights": "weights.pt"},
+                          name="rigl.yaml")
+    store_dir = tmp_path / "store"
+    assert main(["run", str(config), "--store", str(store_dir), "--no-progress", "--set", "method=rigl",
+                 "--set", "search={dense_allocation: 0.3, delta: 4, distribution: erk, init: scratch}"]) == 0
+    rows = searchsvc.results(LocalStore(store_dir)).to_pylist()
+    assert len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["rigl_updates"] > 0
+    assert rows[0]["nonzero_params"] < 0.5 * count_parameters(small_resnet(1, 4))
+    again = searchsvc.load_candidate(rows[0]["spec_hash"], store=str(store_dir))
+    assert sum(int(p.count_nonzero()) for p in again.parameters()) == rows[0]["nonzero_params"]

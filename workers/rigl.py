@@ -259,6 +259,18 @@ SPEC_OPTIONS = ("alpha", "delta", "dense_allocation", "grad_accumulation_n", "ig
                 "sparsity_distribution", "static_topo")
 
 
+def fresh_weights(model: nn.Module) -> nn.Module:
+    """The same network with freshly initialised weights (CPU): a zoo model rebuilt from its architecture,
+    any other network copied and every layer's own `reset_parameters` run (its constructor's initialisation)."""
+    if hasattr(model, "arch"):
+        return build_model(model.arch)
+    fresh = copy.deepcopy(model).cpu()
+    for module in fresh.modules():
+        if module is not fresh and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return fresh
+
+
 def rigl_step(parent: nn.Module, spec: "CandidateSpec", ctx: "EvalContext") -> Built:
     """The builder of `method: rigl`: the teacher's architecture with fresh weights (`init: scratch`, seeded by
     the spec) or the teacher's own, trained with RigL in the loop; density measured after training."""
@@ -267,7 +279,7 @@ def rigl_step(parent: nn.Module, spec: "CandidateSpec", ctx: "EvalContext") -> B
         model = copy.deepcopy(parent).cpu().train()
     else:
         torch.manual_seed(spec.seed)
-        model = build_model(parent.arch).train()
+        model = fresh_weights(parent).train()
     callback = RigLCallback(float(params["t_end_fraction"]), seed=spec.seed,
                             **{k: params[k] for k in SPEC_OPTIONS})
 
