@@ -24,7 +24,7 @@ class CandidateSpec:
     (layer name → channels), an optional sparsity-mask artifact and pruning-schedule reference.
     """
 
-    arch: str  # registered base architecture, e.g. "resnet20"
+    arch: str  # what it is cut from: a zoo name ("resnet20") or the user's constructor ("torchvision:resnet18")
     teacher: str  # teacher_hash the candidate inherits its weights from
     dataset: DatasetConfig
     train: TrainConfig
@@ -32,7 +32,8 @@ class CandidateSpec:
     removed: tuple[str, ...] = ()  # block names, e.g. ("layer2.1",)
     widths: tuple[tuple[str, int], ...] = ()  # (layer name, output channels), sorted by name
     init: str | None = None  # spec hash of a stored candidate to start from (fine-tuning); None: the teacher
-    masks: str | None = None  # store key of a sparsity-mask artifact
+    masks: str | None = None  # store key of a sparsity-mask artifact (DESIGN §2). No method sets it yet (sparse
+    # models keep their zeros in model.pt); kept because dropping it would change every stored spec hash
     schedule: str | None = None  # hash of a pruning schedule (agp / rigl)
     seed: int = 0
     params: tuple[tuple[str, bool | int | float | str], ...] = ()  # method hyper-parameters, sorted by key
