@@ -5,6 +5,8 @@ store only holds the Parquet file at `runs/<run_id>/results.parquet`."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import types
 import typing
 from dataclasses import dataclass
@@ -13,7 +15,7 @@ from typing import Any, Iterable, Union
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage import KeyNotFoundError, layout
+from storage import CorruptArtifactError, KeyNotFoundError, layout
 from storage.base import ArtifactStore
 
 
@@ -92,9 +94,23 @@ def rank(table: pa.Table) -> pa.Table:
     return keyed.sort_by(order).drop_columns(["_invalid"])
 
 
+# The sha256 of a table's rows, kept in its own Parquet metadata: one object, rewritten atomically, so a
+# crash can never leave table and checksum out of step; an edited value no longer matches it.
+ROWS_SHA256 = b"searchsvc.rows_sha256"
+# Columns a results table cannot do without (a Parquet file of another schema is not a results table).
+REQUIRED = ("spec_hash", "status", "accuracy", "val_accuracy", "params", "reward")
+
+
+def rows_sha256(table: pa.Table) -> str:
+    """sha256 of the table's rows as canonical JSON (values only: independent of the file's encoding)."""
+    text = json.dumps(table.to_pylist(), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def write_results(store: ArtifactStore, run_id: str, rows: Iterable[dict[str, Any]]) -> pa.Table:
     """(Re)write `runs/<id>/results.parquet` atomically from all rows so far; return the ranked table."""
     table = rank(results_table(rows))
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), ROWS_SHA256: rows_sha256(table).encode()})
     store.put_table(f"{layout.run(run_id)}/results.parquet", table)
     return table
 
@@ -108,7 +124,31 @@ def read_results(store: ArtifactStore, run_id: str | None = None) -> pa.Table:
     key = f"{prefix}/results.parquet"
     if not store.exists(key):
         return RESULT_SCHEMA.empty_table()
-    return rank(store.get_table(key))
+    table = store.get_table(key)
+    check_results(store, run_id, table)
+    return rank(table)
+
+
+def check_results(store: ArtifactStore, run_id: str, table: pa.Table) -> None:
+    """CorruptArtifactError naming the file unless `table` is the run's results as written: its columns, and
+    its rows against the checksum in its metadata (tables written before the checksum: against the run's
+    write-once evaluations, evals/<spec_hash>.json)."""
+    source = store.uri_for(f"{layout.run(run_id)}/results.parquet")
+    missing = [column for column in REQUIRED if column not in table.column_names]
+    if missing:
+        raise CorruptArtifactError(f"{source} is not a results table: it has no column {missing[0]!r}")
+    recorded = (table.schema.metadata or {}).get(ROWS_SHA256)
+    if recorded is not None:
+        if recorded.decode() != rows_sha256(table):
+            raise CorruptArtifactError(f"{source} is corrupt: its rows do not match the checksum written with them "
+                                       f"(edited after the run wrote it?)")
+        return
+    for row in table.select(list(REQUIRED)).to_pylist():
+        key = f"{layout.run(run_id)}/evals/{row['spec_hash']}.json"
+        stored = store.get_json(key) if store.exists(key) else None
+        if not isinstance(stored, dict) or any(stored.get(c) != row[c] for c in REQUIRED):
+            raise CorruptArtifactError(f"{source} is corrupt: the row of {row['spec_hash']} differs from "
+                                       f"{store.uri_for(key)}")
 
 
 def pareto_front(rows: Iterable[dict[str, Any]], size: str = "params", accuracy: str = "val_accuracy") -> set[str]:

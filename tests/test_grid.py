@@ -169,3 +169,30 @@ def test_an_invalid_candidate_is_a_result_and_the_run_finishes(tmp_path, ray_ses
     rows = searchsvc.results(store, run_id).to_pylist()
     assert [r["status"] for r in rows] == ["ok", "invalid"]  # ranked: valid first
     assert rows[1]["reward"] == -1.0 and "layer9" in rows[1]["error"] and rows[1]["artifact"] is None
+
+
+def test_an_edited_or_foreign_results_table_is_refused(grid_run, tmp_path, capsys):
+    """Issue 21: results.parquet is checked before it is shown — an edited value (the checksum in its metadata),
+    an edited table without the checksum (written before it: the run's evaluations), another schema."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store_dir, _, run_id = grid_run
+    copy = tmp_path / "store"
+    shutil.copytree(store_dir, copy)
+    path = copy / "runs" / run_id / "results.parquet"
+    table = pq.read_table(path)
+    edited = table.set_column(table.column_names.index("accuracy"), "accuracy",
+                              pa.array([0.9999] * table.num_rows))
+    cases = {"edited": edited, "edited, checksum dropped": edited.replace_schema_metadata(None),
+             "another schema": pa.table({"spec_hash": ["x"], "score": [1.0]})}
+    for case, bad in cases.items():
+        pq.write_table(bad, path)
+        capsys.readouterr()
+        assert main(["results", "--store", str(copy), "--run", run_id]) == 2, case
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "results.parquet" in err and "Traceback" not in err, (case, err)
+    pq.write_table(table.replace_schema_metadata(None), path)  # unedited, written before the checksum: accepted
+    assert main(["results", "--store", str(copy), "--run", run_id]) == 0
