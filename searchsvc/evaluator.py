@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from searchsvc import stopping
 from searchsvc.job import RunContext
-from searchsvc.result_table import ResultRow
+from searchsvc.result_table import ResultRow, read_row
 from searchsvc.rewards import INVALID_REWARD, RewardForm, compression_ratio, reward
 from searchsvc.stopping import stop_on_sigterm
 from searchsvc.version import code_version
@@ -61,7 +61,7 @@ class Recorder:
         """A resumed run: the evaluations it already recorded count as done and are not sent again."""
         prefix = f"{layout.run(self.context.run_id)}/evals/"
         for key in self.context.store.list(prefix):
-            row = self.context.store.get_json(key)
+            row = read_row(self.context.store, key)
             self.rows[row["spec_hash"]] = row
             self.context.rows.append(row)
             self.bar.update(1)

@@ -15,12 +15,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
-import yaml
 
 from core.errors import SearchsvcError
-from searchsvc.config import ConfigError, JobConfig, config_to_yaml, parse_config
+from searchsvc.config import JobConfig, config_to_yaml, parse_config
 from searchsvc.methods import get_method
-from searchsvc.result_table import write_results
+from searchsvc.result_table import stored_config, write_results
 from searchsvc.stopping import Stopped, stop_on_sigterm
 from searchsvc.version import code_version
 from storage import ArtifactStore, KeyNotFoundError, StoreOptions, StoreUnreachableError, layout, open_store, spool
@@ -100,14 +99,10 @@ def resume(store: ArtifactStore | str, run_id: str, endpoint: str | None = None,
     if not store.exists(f"{prefix}/config.yaml"):
         raise KeyNotFoundError(f"run '{run_id}' does not exist in {store.uri}")
     upload_kept(store)
-    record = store.get_json(f"{prefix}/run.json") if store.exists(f"{prefix}/run.json") else {"run_id": run_id}
+    record = store.get_mapping(f"{prefix}/run.json") if store.exists(f"{prefix}/run.json") else {"run_id": run_id}
     if record.get("status") == "finished":
         raise SearchsvcError(f"run '{run_id}' already finished; nothing to resume")
-    source = store.uri_for(f"{prefix}/config.yaml")
-    try:
-        config = parse_config(yaml.safe_load(store.get_bytes(f"{prefix}/config.yaml")), source=source)
-    except yaml.YAMLError as err:
-        raise ConfigError([f"{source}: invalid YAML: {err}"]) from None
+    config = parse_config(stored_config(store, run_id)[1], source=store.uri_for(f"{prefix}/config.yaml"))
     record.update(status="running", resumed_at=_now(), resumes=record.get("resumes", 0) + 1,
                   code_version=code_version())
     return _execute(config, store, run_id, record, progress, address, resumed=True)

@@ -13,10 +13,9 @@ import base64
 import html
 from typing import Any
 
-import yaml
 
 from searchsvc.plots import front_png, progress_png, schedule_png
-from searchsvc.result_table import pareto_front, rank, results_table
+from searchsvc.result_table import pareto_front, rank, read_row, results_table, stored_config
 from storage import ArtifactStore, layout
 from workers.measure import count_macs, count_parameters
 from workers.metrics import verified_metrics
@@ -75,10 +74,9 @@ def _on_gpu(row: dict[str, Any]) -> bool:
 def build_report(store: ArtifactStore, run_id: str, top: int = 10) -> str:
     """The HTML text of run `run_id`'s report."""
     prefix = layout.run(run_id)
-    record = store.get_json(f"{prefix}/run.json")
-    config_text = store.get_bytes(f"{prefix}/config.yaml").decode()
-    config = yaml.safe_load(config_text) or {}
-    rows = [store.get_json(k) for k in store.list(f"{prefix}/evals/")]
+    record = store.get_mapping(f"{prefix}/run.json")
+    config_text, config = stored_config(store, run_id)
+    rows = [read_row(store, k) for k in store.list(f"{prefix}/evals/")]
     rows.sort(key=lambda r: r.get("order") or 0)
     teacher = teacher_point(store, record.get("teacher_hash"))
     gpus = float((config.get("resources") or {}).get("gpus_per_eval") or 0)

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Union
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import yaml
 
 from storage import CorruptArtifactError, KeyNotFoundError, layout
 from storage.base import ArtifactStore
@@ -129,6 +130,29 @@ def read_results(store: ArtifactStore, run_id: str | None = None) -> pa.Table:
     return rank(table)
 
 
+def stored_config(store: ArtifactStore, run_id: str) -> tuple[str, dict[str, Any]]:
+    """A run's stored config.yaml: its text and its top-level mapping (report, resume); CorruptArtifactError
+    naming it if it is not UTF-8 YAML holding a mapping."""
+    key = f"{layout.run(run_id)}/config.yaml"
+    try:
+        text = store.get_bytes(key).decode("utf-8")
+        data = yaml.safe_load(text)
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        raise CorruptArtifactError(f"{store.uri_for(key)} is corrupt: not a YAML config "
+                                   f"({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CorruptArtifactError(f"{store.uri_for(key)} is corrupt: a mapping of config keys was expected")
+    return text, data
+
+
+def read_row(store: ArtifactStore, key: str) -> dict[str, Any]:
+    """A stored evaluation row (runs/<id>/evals/<spec_hash>.json), checked for what every reader relies on."""
+    row = store.get_mapping(key)
+    if not isinstance(row.get("spec_hash"), str) or row.get("status") not in ("ok", "invalid"):
+        raise CorruptArtifactError(f"{store.uri_for(key)} is corrupt: not a result row (spec_hash, status)")
+    return row
+
+
 def check_results(store: ArtifactStore, run_id: str, table: pa.Table) -> None:
     """CorruptArtifactError naming the file unless `table` is the run's results as written: its columns, and
     its rows against the checksum in its metadata (tables written before the checksum: against the run's
@@ -145,8 +169,8 @@ def check_results(store: ArtifactStore, run_id: str, table: pa.Table) -> None:
         return
     for row in table.select(list(REQUIRED)).to_pylist():
         key = f"{layout.run(run_id)}/evals/{row['spec_hash']}.json"
-        stored = store.get_json(key) if store.exists(key) else None
-        if not isinstance(stored, dict) or any(stored.get(c) != row[c] for c in REQUIRED):
+        stored = read_row(store, key) if store.exists(key) else None
+        if stored is None or any(stored.get(c) != row[c] for c in REQUIRED):
             raise CorruptArtifactError(f"{source} is corrupt: the row of {row['spec_hash']} differs from "
                                        f"{store.uri_for(key)}")
 

@@ -177,11 +177,20 @@ class ArtifactStore(ABC):
         return self.put_bytes(key, json_bytes(obj), write_once=write_once)
 
     def get_json(self, key: str) -> Any:
-        """Load the JSON stored at `key`."""
+        """Load the JSON stored at `key`; CorruptArtifactError naming it if it is not UTF-8 JSON."""
         try:
             return json.loads(self.get_bytes(key))
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CorruptArtifactError(f"{self.uri_for(key)} is not valid JSON: {err}") from None
+
+    def get_mapping(self, key: str) -> dict[str, Any]:
+        """The JSON object stored at `key` (a record: run.json, an evaluation, a manifest); anything else stored
+        there is a CorruptArtifactError naming it."""
+        value = self.get_json(key)
+        if not isinstance(value, dict):
+            raise CorruptArtifactError(f"{self.uri_for(key)} is corrupt: a JSON object was expected, "
+                                       f"found {type(value).__name__}")
+        return value
 
     def put_table(self, key: str, table: pa.Table) -> str:
         """Store a Parquet table; the whole object is replaced atomically."""
@@ -216,9 +225,13 @@ class ArtifactStore(ABC):
         """The files `<prefix>/manifest.json` lists (name → sha256 and bytes); KeyNotFoundError without one."""
         manifest_key = f"{check_key(prefix)}/{MANIFEST}"
         try:
-            return self.get_json(manifest_key).get("files", {})
+            files = self.get_mapping(manifest_key).get("files", {})
         except KeyNotFoundError:
             raise KeyNotFoundError(f"{self.uri_for(prefix)} has no {MANIFEST}: the artifact is incomplete") from None
+        entries = files.values() if isinstance(files, dict) else [None]
+        if not all(isinstance(e, dict) and isinstance(e.get("sha256"), str) for e in entries):
+            raise CorruptArtifactError(f"{self.uri_for(manifest_key)} is corrupt: every file needs a sha256")
+        return files
 
     def verify(self, prefix: str) -> dict[str, dict[str, Any]]:
         """Check every file listed in `<prefix>/manifest.json`; raise CorruptArtifactError on a mismatch."""

@@ -196,3 +196,34 @@ def test_an_edited_or_foreign_results_table_is_refused(grid_run, tmp_path, capsy
         assert len(err.splitlines()) == 1 and "results.parquet" in err and "Traceback" not in err, (case, err)
     pq.write_table(table.replace_schema_metadata(None), path)  # unedited, written before the checksum: accepted
     assert main(["results", "--store", str(copy), "--run", run_id]) == 0
+
+
+WRONG_SHAPES = {  # file (under the run or the candidate) → bytes that are not what it must hold
+    "eval not UTF-8": ("evals", b"\xff\xfe not json"),
+    "eval a list": ("evals", b"[]"),
+    "config a list": ("config.yaml", b"- 1\n- 2\n"),
+    "manifest a list": ("manifest", b"[]"),
+    "manifest without sha256": ("manifest", b'{"files": {"spec.json": {"bytes": 3}}}'),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG_SHAPES))
+def test_stored_files_of_the_wrong_shape_are_one_line_and_exit_2(case, grid_run, tmp_path, capsys):
+    """Issue 21 (class 3): every stored file a command reads goes through a checked reader."""
+    import shutil
+
+    store_dir, store, run_id = grid_run
+    copy = tmp_path / "store"
+    shutil.copytree(store_dir, copy)
+    spec_hash = searchsvc.results(store, run_id)["spec_hash"][0].as_py()
+    where, data = WRONG_SHAPES[case]
+    path = {"evals": copy / "runs" / run_id / "evals" / f"{spec_hash}.json",
+            "config.yaml": copy / "runs" / run_id / "config.yaml",
+            "manifest": copy / "candidates" / spec_hash / "manifest.json"}[where]
+    path.write_bytes(data)
+    command = ["export", "--store", str(copy), spec_hash, "-o", str(tmp_path / "m.onnx")] if where == "manifest" \
+        else ["report", "--store", str(copy), "--run", run_id, "-o", str(tmp_path / "r.html")]
+    capsys.readouterr()
+    assert main(command) == 2, case
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and path.name in err and "Traceback" not in err, (case, err)
