@@ -52,7 +52,7 @@ def agp_trial(sample: dict[str, Any], job: CandidateJob) -> None:
 def run_agp(context: RunContext) -> None:
     """The agp driver: store the schedule variants, sweep them with Tune, then summaries and the plot."""
     search: AgpSearch = context.config.search
-    parsed = schedule_variants(search, context.config.teacher.arch)
+    parsed = schedule_variants(search, context.teacher.model)
     epochs = max(search.tune.epochs or (context.config.train.epochs,))
     for v in parsed:
         if v["schedule"].last_epoch() >= epochs:

@@ -312,7 +312,7 @@ register_method("n2n", N2NSearch, "RLlib PPO agent removes and shrinks layers of
 register_method("taylor", TaylorSearch, "iterative Taylor filter pruning as a Ray Tune sweep",
                 "searchsvc.taylor:run_taylor", residual_only=True, user_models=True)
 register_method("agp", AgpSearch, "gradual pruning from a Distiller YAML schedule, then thinning, as a Tune sweep",
-                "searchsvc.agp:run_agp", check="searchsvc.schedules:check_agp")
+                "searchsvc.agp:run_agp", check="searchsvc.schedules:check_agp", user_models=True)
 register_method("sensitivity", SensitivitySearch, "prune each layer alone to each level (searchsvc sensitivity)",
                 "searchsvc.sensitivity:run_sensitivity")
 register_method("rigl", RigLSearch, "RigL dynamic sparse training as a Ray Tune sweep", "searchsvc.rigl:run_rigl",

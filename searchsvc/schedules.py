@@ -12,11 +12,14 @@ import itertools
 from typing import Any
 
 import yaml
+from torch import nn
 
 from core.records import RecordError
 from core.yamlio import load_yaml
 from searchsvc.methods import AgpSearch
 from workers.schedule import ScheduleError, parse_schedule
+from workers.teacher import TeacherConfig
+from workers.user_model import construct
 from workers.zoo import create_model
 
 
@@ -57,13 +60,17 @@ def variant(raw: dict[str, Any], final_sparsity: float | dict[str, float] | None
     return out
 
 
-def schedule_variants(search: AgpSearch, arch: str) -> list[dict[str, Any]]:
+def base_model(teacher: TeacherConfig) -> nn.Module:
+    """The teacher's network with fresh weights: what a schedule's weight names are checked against."""
+    return create_model(teacher.arch) if teacher.source is None else construct(teacher.source)
+
+
+def schedule_variants(search: AgpSearch, model: nn.Module) -> list[dict[str, Any]]:
     """Every variant the sweep runs, each {"raw", "schedule" (parsed), "final_sparsity", "ending_epoch"},
-    validated against `arch`.
+    validated against `model` (the teacher's network).
 
     ScheduleError lists every problem (the base schedule's, then each variant's, by its key).
     """
-    model = create_model(arch)
     raw = base_schedule(search)
     parse_schedule(raw, model, source=f"search.schedule ({_name(search)})")
     finals = search.tune.final_sparsity or (None,)
@@ -86,7 +93,7 @@ def schedule_variants(search: AgpSearch, arch: str) -> list[dict[str, Any]]:
 def check_agp(config: Any) -> list[str]:
     """Config-time check of an agp job: its schedule and every Tune variant run on the teacher's arch."""
     try:
-        schedule_variants(config.search, config.teacher.arch)
+        schedule_variants(config.search, base_model(config.teacher))
     except RecordError as err:
         return str(err).splitlines()
     return []

@@ -303,3 +303,43 @@ def test_rigl_trains_a_user_model_sparse_from_fresh_weights(user_weights, tmp_pa
     assert rows[0]["nonzero_params"] < 0.5 * count_parameters(small_resnet(1, 4))
     again = searchsvc.load_candidate(rows[0]["spec_hash"], store=str(store_dir))
     assert sum(int(p.count_nonzero()) for p in again.parameters()) == rows[0]["nonzero_params"]
+
+
+AGP_ELEMENT = ("{version: 1, pruners: {all: {class: AutomatedGradualPruner, initial_sparsity: 0.2, final_sparsity: 0.6, "
+               "weights: [blocks.0.body.0.weight, blocks.0.body.3.weight, blocks.1.body.0.weight, "
+               "blocks.1.body.3.weight]}}, policies: [{pruner: {instance_name: all}, starting_epoch: 0, "
+               "ending_epoch: 1, frequency: 1}]}")
+
+
+def test_agp_prunes_a_user_model_element_wise_and_refuses_structured_schedules(user_weights, tmp_path, capsys,
+                                                                               ray_session):
+    config = write_config(user_weights, {"model": FACTORY, "kwargs": {"num_classes": 4}, "weights": "weights.pt"},
+                          name="agp.yaml")
+    store_dir = tmp_path / "store"
+    assert main(["run", str(config), "--store", str(store_dir), "--no-progress", "--set", "method=agp",
+                 "--set", "train.epochs=2", "--set", f"search={{schedule: {AGP_ELEMENT}}}"]) == 0
+    rows = searchsvc.results(LocalStore(store_dir)).to_pylist()
+    assert len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["sparsity"] > 0.1  # 60 % of 4 of its convs
+    again = searchsvc.load_candidate(rows[0]["spec_hash"], store=str(store_dir))
+    assert sum(int(p.count_nonzero()) for p in again.parameters()) == rows[0]["nonzero_params"]
+    structured = AGP_ELEMENT.replace("AutomatedGradualPruner", "StructuredAGP")
+    capsys.readouterr()
+    assert main(["validate", str(config), "--set", "method=agp", "--set", f"search={{schedule: {structured}}}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "structured pruning of your own network" in err, err
+
+
+def test_thinning_a_user_model_removes_exactly_its_dead_channels():
+    from workers.thinning import thin
+
+    model = small_resnet(1, 4).eval()
+    example = example_input(model, 1, 16)
+    with torch.no_grad():  # kill 3 inner channels of blocks.1: every parameter of their group zeroed
+        for module in (model.blocks[1].body[0], model.blocks[1].body[1]):
+            for p in module.parameters():
+                p[:3] = 0
+    thinned, removed = thin(model, example)
+    assert removed == {"blocks.1.body.0": 3}
+    images = torch.randn(4, 1, 16, 16)
+    assert torch.allclose(thinned(images), model(images), atol=1e-5)
+    assert count_parameters(thinned) < count_parameters(model)

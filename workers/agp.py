@@ -26,6 +26,7 @@ from torch import nn
 from core.records import canonical_json
 from storage import ArtifactStore
 from workers.evaluate import Built
+from workers.graph import example_input
 from workers.pruners import filter_masks, magnitude_mask
 from workers.schedule import CompressionScheduler, Schedule, parse_schedule
 from workers.spec import short_hash
@@ -65,7 +66,7 @@ def agp_step(parent: Model, spec: "CandidateSpec", ctx: "EvalContext") -> Built:
 
     def finish(trained: Model) -> tuple[Model, dict[str, Any]]:
         before = weight_stats(trained, c, size)
-        thinned, removed = thin(trained.cpu())
+        thinned, removed = thin(trained.cpu(), example_input(trained.cpu(), c, size))
         after = weight_stats(thinned, c, size)
         return thinned, {"sparsity": after["sparsity"], "nonzero_params": after["nonzero_params"],
                          "nonzero_macs": after["nonzero_macs"], "macs_before_thinning": before["dense_macs"],

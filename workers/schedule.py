@@ -150,6 +150,10 @@ def _pruner(name: str, settings: Any, model: nn.Module | None, problems: list[st
 
 def _unknown_weights(where: str, pruner: Pruner, model: nn.Module) -> list[str]:
     """Names the model does not have (or, for a structured pruner, that are not filter weights)."""
+    if isinstance(pruner, StructuredAGP) and not hasattr(model, "arch"):
+        element_wise = sorted(n for n, c in pruner_classes().items() if not issubclass(c, StructuredAGP))
+        return [f"{where}.class: structured pruning of your own network is not supported yet; element-wise "
+                f"pruners are ({', '.join(element_wise)})"]
     allowed = list(group_of_weight(model)) if isinstance(pruner, StructuredAGP) else prunable_weights(model)
     field = "weights" if hasattr(pruner, "weights") else "levels" if hasattr(pruner, "levels") else "thresholds"
     kind = "a prunable filter weight" if isinstance(pruner, StructuredAGP) else "a conv or linear weight"

@@ -17,7 +17,10 @@ import copy
 from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
+from workers.graph import channel_groups as graph_groups
+from workers.graph import shrink_graph
 from workers.surgery import ScoreTable, prune_groups, shrink
 from workers.zoo import Model, PlainArch, PlainCNN, build_model
 
@@ -60,11 +63,14 @@ def alive_channels(model: Model) -> dict[str, torch.Tensor]:
     return alive
 
 
-def thin(model: Model) -> tuple[Model, dict[str, int]]:
+def thin(model: nn.Module, example: torch.Tensor | None = None) -> tuple[nn.Module, dict[str, int]]:
     """The network without its dead channels (CPU, eval mode), and channels removed per group key.
 
     Every group keeps at least one channel (a layer cannot vanish); the model itself is unchanged.
+    A user's network (no zoo architecture) is thinned through its traced dependency graph, on `example`.
     """
+    if not hasattr(model, "arch"):
+        return _thin_graph(model, example)
     alive = alive_channels(model)
     removed = {key: int((~flags).sum()) for key, flags in alive.items() if not flags.all()}
     if not removed:
@@ -74,6 +80,23 @@ def thin(model: Model) -> tuple[Model, dict[str, int]]:
     widths = {key: max(1, int(flags.sum())) for key, flags in alive.items()}
     scores = {key: flags.float() for key, flags in alive.items()}
     return shrink(model.cpu(), widths=widths, importance=ScoreTable(model, scores)), removed
+
+
+@torch.no_grad()
+def _thin_graph(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, dict[str, int]]:
+    """Dead channels of each dependency-graph group (every parameter the group prunes is zero there) removed."""
+    model = model.cpu()
+    example = example.cpu()
+    alive: dict[str, torch.Tensor] = {}
+    for group in graph_groups(model, example):
+        flags = [p.detach().reshape(p.shape[0], -1).ne(0).any(1) for name in group.outputs
+                 for p in model.get_submodule(name).parameters(recurse=False) if p.shape[0] == group.channels]
+        alive[group.key] = torch.stack(flags).any(0) if flags else torch.ones(group.channels, dtype=torch.bool)
+    removed = {key: int((~flags).sum()) for key, flags in alive.items() if not flags.all()}
+    if not removed:
+        return copy.deepcopy(model).eval(), {}
+    widths = {key: max(1, int(flags.sum())) for key, flags in alive.items()}
+    return shrink_graph(model, example, widths=widths, scores={k: f.float() for k, f in alive.items()}), removed
 
 
 @torch.no_grad()
