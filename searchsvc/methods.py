@@ -305,10 +305,25 @@ def check_rigl(config: Any) -> list[str]:
     return []
 
 
+def check_n2n(config: Any) -> list[str]:
+    """n2n on a user's network needs a block to remove: traced here, at validate, when the data's shape is known."""
+    from workers.data import input_shape
+    from workers.structure import structure_of
+    from workers.user_model import construct
+
+    shape = input_shape(config.dataset)
+    if config.teacher.source is None or shape is None:
+        return []
+    if not structure_of(construct(config.teacher.source), *shape).names:
+        return [f"teacher.model: method n2n removes blocks, and {config.teacher.model} has none that can go (a block "
+                f"whose input and output shapes match, with a skip connection); use method grid or taylor"]
+    return []
+
+
 register_method("grid", GridSearch, "evaluate an explicit list of transformations", "searchsvc.grid:run_grid",
                 residual_only=True, user_models=True)
 register_method("n2n", N2NSearch, "RLlib PPO agent removes and shrinks layers of the teacher",
-                "searchsvc.n2n:run_n2n", residual_only=True, user_models=True)
+                "searchsvc.n2n:run_n2n", residual_only=True, check="searchsvc.methods:check_n2n", user_models=True)
 register_method("taylor", TaylorSearch, "iterative Taylor filter pruning as a Ray Tune sweep",
                 "searchsvc.taylor:run_taylor", residual_only=True, user_models=True)
 register_method("agp", AgpSearch, "gradual pruning from a Distiller YAML schedule, then thinning, as a Tune sweep",

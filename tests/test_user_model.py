@@ -194,6 +194,15 @@ BAD = {
 }
 
 
+def test_n2n_on_a_network_without_removable_blocks_is_refused_at_validate(user_weights, capsys):
+    config = write_config(user_weights, {"model": "tests.user_models.nets:plain_cnn"}, name="plain.yaml")
+    capsys.readouterr()
+    assert main(["validate", str(config), "--set", "method=n2n", "--set", "search={max_evaluations: 4}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has none that can go" in err, err
+    assert main(["validate", str(config)]) == 0  # grid takes it
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_user_models_are_one_line_and_exit_2(case, user_weights, tmp_path, capsys):
     teacher, command, expected = BAD[case]

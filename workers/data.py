@@ -167,6 +167,19 @@ def load_dataset(config: DatasetConfig) -> Splits:
                   classes, mean, std)
 
 
+# (channels, side in pixels) of the datasets whose files have one shape
+_SHAPES = {"fashion_mnist": (1, 28), "cifar10": (3, 32)}
+
+
+def input_shape(config: DatasetConfig) -> tuple[int, int] | None:
+    """(channels, side) of the images a model will be fed, known from the config alone (None: only the files
+    can tell, an imagefolder without image_size)."""
+    channels, side = (config.synthetic.channels, config.synthetic.image_size) if config.name == "synthetic" \
+        else _SHAPES.get(config.name, (None, None))
+    channels, side = config.channels or channels, config.image_size or side
+    return (channels, side) if channels and side else None
+
+
 def _model_input(images: torch.Tensor, config: DatasetConfig) -> torch.Tensor:
     """Images as the model takes them: `channels` (a single channel repeated) and `image_size` (resized;
     imagefolder resizes while reading)."""

@@ -40,3 +40,9 @@ def small_resnet(in_channels: int = 1, num_classes: int = 4, width: int = 8) -> 
 
 def broken(**kwargs: object) -> nn.Module:
     raise RuntimeError("this factory cannot build anything")
+
+
+def plain_cnn(num_classes: int = 4) -> nn.Module:
+    """No skip connection anywhere: nothing the N2N agent could remove."""
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
