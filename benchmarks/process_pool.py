@@ -103,12 +103,12 @@ def time_processes(job: Job, specs: list[CandidateSpec], processes: int) -> dict
             proc.join(timeout=60)
             if proc.is_alive():
                 proc.kill()
-    ok = [m for m in metrics if m["status"] == "ok"]
+    ok = [m for m in metrics if m.status == "ok"]
     return {"processes": processes, "gpus_per_eval": round(share.gpus_per_eval, 4), "candidates": len(specs),
             "ok": len(ok), "startup_s": round(startup_s, 2), "wall_s": round(wall, 2),
             "candidates_per_hour": round(len(specs) / wall * 3600, 1),
-            "mean_eval_s": round(statistics.mean(m["wall_s"] for m in ok), 3) if ok else None,
-            "mean_train_s": round(statistics.mean(m["train_seconds"] for m in ok), 3) if ok else None}
+            "mean_eval_s": round(statistics.mean(m.wall_s for m in ok), 3) if ok else None,
+            "mean_train_s": round(statistics.mean(m.train_seconds for m in ok), 3) if ok else None}
 
 
 def _collect(results: Any, count: int, kind: str) -> list[Any]:
