@@ -23,7 +23,9 @@ def test_training_on_the_gpu_learns_with_resident_data():
     device = torch.device("cuda")
     splits = load_dataset(DATA).to(device)
     model = create_model("resnet20", 3, 4)
-    history = train_model(model, splits, Recipe(epochs=4, batch_size=256, lr=0.1), device, progress=False)
+    # 64 steps at batch 128: every seed reaches 1.0 on the CPU. At batch 256 and lr 0.1 (32 steps) the last
+    # epoch's test accuracy swung from 0.28 to 0.75 by seed, and failed the check once on an H200.
+    history = train_model(model, splits, Recipe(epochs=4, batch_size=128, lr=0.05), device, progress=False)
     assert next(model.parameters()).device.type == "cuda"
     assert model.layer1[0].conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert history[-1]["loss"] < history[0]["loss"]
