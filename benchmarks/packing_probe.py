@@ -155,12 +155,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=50_000)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--graph", action="store_true", help="instead: eager steps against one CUDA graph replayed")
+    parser.add_argument("--code-version", default=None, help="recorded in the JSON (default: this checkout's commit; "
+                                                             "a device machine's .git may be a stale snapshot)")
     args = parser.parse_args()
     splits, logits = prepared(args.arch, args.images)
     if args.graph:
         result = {"benchmark": "graph_probe", "arch": args.arch, "batch": args.batch,
                   **graph_probe(args.arch, splits, logits, args.batch)}
-        write_result(args.out, f"graph_probe_{args.arch}", result)
+        write_result(args.out, f"graph_probe_{args.arch}", result, version=args.code_version)
         print(result)
         return
     epoch(args.arch, splits, logits, args.batch, seed=0)  # warm-up
@@ -172,7 +174,7 @@ def main() -> None:
               "sequential_s": round(sequential, 3), "epoch_s": [round(t, 3) for t in one],
               "threads_s": round(in_threads, 3), "processes_s": round(in_processes, 3),
               "gain_threads": round(sequential / in_threads, 3), "gain_processes": round(sequential / in_processes, 3)}
-    write_result(args.out, f"packing_probe_{args.arch}", result)
+    write_result(args.out, f"packing_probe_{args.arch}", result, version=args.code_version)
     print(result)
 
 
