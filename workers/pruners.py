@@ -15,6 +15,7 @@ weight zeroed earlier (its magnitude is now 0) stays among the pruned as sparsit
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -164,12 +165,13 @@ class _PerWeightPruner(Pruner):
 
     table_key = ""  # the field holding the table
     rule = ""  # what a valid value is, for the error message
+    bounds: tuple[float, float] = (0.0, math.inf)  # a value must lie in [low, high)
 
     def table(self) -> dict[str, float]:
         return getattr(self, self.table_key)
 
     def valid(self, value: float) -> bool:
-        raise NotImplementedError
+        return self.bounds[0] <= value < self.bounds[1]
 
     def mask(self, weight: torch.Tensor, value: float) -> torch.Tensor:
         raise NotImplementedError
@@ -197,10 +199,7 @@ class SparsityLevelParameterPruner(_PerWeightPruner):
     """One-shot magnitude pruning of each weight to its level (`'*'` for every conv / linear weight)."""
 
     levels: dict[str, float] = field(metadata={"help": "parameter name (or '*') → sparsity in [0, 1)"})
-    table_key, rule = "levels", "a sparsity must be in [0, 1)"
-
-    def valid(self, value: float) -> bool:
-        return 0 <= value < 1
+    table_key, rule, bounds = "levels", "a sparsity must be in [0, 1)", (0.0, 1.0)
 
     def mask(self, weight: torch.Tensor, value: float) -> torch.Tensor:
         return magnitude_mask(weight, value)
@@ -213,9 +212,6 @@ class MagnitudeParameterPruner(_PerWeightPruner):
 
     thresholds: dict[str, float] = field(metadata={"help": "parameter name (or '*') → |w| threshold"})
     table_key, rule = "thresholds", "a threshold must be non-negative"
-
-    def valid(self, value: float) -> bool:
-        return value >= 0
 
     def mask(self, weight: torch.Tensor, value: float) -> torch.Tensor:
         return (weight.detach().abs() > value).to(weight.dtype)
