@@ -320,6 +320,13 @@ def check_n2n(config: Any) -> list[str]:
     return []
 
 
+def check_sensitivity(config: Any) -> list[str]:
+    """Filter sensitivity prunes channel groups, which a user's network has only through tracing: not yet."""
+    if config.teacher.model is not None and config.search.structure == "filter":
+        return ["search.structure: filter sensitivity of your own network is not supported yet; use element"]
+    return []
+
+
 register_method("grid", GridSearch, "evaluate an explicit list of transformations", "searchsvc.grid:run_grid",
                 residual_only=True, user_models=True)
 register_method("n2n", N2NSearch, "RLlib PPO agent removes and shrinks layers of the teacher",
@@ -329,6 +336,6 @@ register_method("taylor", TaylorSearch, "iterative Taylor filter pruning as a Ra
 register_method("agp", AgpSearch, "gradual pruning from a Distiller YAML schedule, then thinning, as a Tune sweep",
                 "searchsvc.agp:run_agp", check="searchsvc.schedules:check_agp", user_models=True)
 register_method("sensitivity", SensitivitySearch, "prune each layer alone to each level (searchsvc sensitivity)",
-                "searchsvc.sensitivity:run_sensitivity")
+                "searchsvc.sensitivity:run_sensitivity", check="searchsvc.methods:check_sensitivity", user_models=True)
 register_method("rigl", RigLSearch, "RigL dynamic sparse training as a Ray Tune sweep", "searchsvc.rigl:run_rigl",
                 check="searchsvc.methods:check_rigl", user_models=True)

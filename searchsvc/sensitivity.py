@@ -17,6 +17,7 @@ from collections import defaultdict
 from typing import Any
 
 import yaml
+from torch import nn
 
 from core.errors import SearchsvcError
 from core.names import did_you_mean
@@ -30,12 +31,11 @@ from workers.pruners import prunable_weights
 from workers.spec import CandidateSpec
 from workers.summary import to_csv
 from workers.thinning import channel_groups
-from workers.zoo import Model
 
 SCHEDULE_KEY = "sensitivity.agp.yaml"
 
 
-def analysed_weights(model: Model, search: SensitivitySearch) -> list[str]:
+def analysed_weights(model: nn.Module, search: SensitivitySearch) -> list[str]:
     """The weights to prune one at a time: as configured, else every conv / linear weight (element) or
     one weight per channel group (filter: pruning it prunes the group)."""
     if search.structure == "element":
@@ -45,14 +45,15 @@ def analysed_weights(model: Model, search: SensitivitySearch) -> list[str]:
         every, default = [w for g in groups for w in g.weights], [g.weights[0] for g in groups]
     for i, name in enumerate(search.weights):
         if name not in every:
-            raise SearchsvcError(f"search.weights[{i}]: {name!r} is not a prunable weight of {model.arch.name} "
+            model_name = model.arch.name if hasattr(model, "arch") else type(model).__name__
+            raise SearchsvcError(f"search.weights[{i}]: {name!r} is not a prunable weight of {model_name} "
                                  f"({search.structure} structure){did_you_mean(name, every)}")
     return list(search.weights) or default
 
 
 def sensitivity_specs(context: RunContext, weights: list[str]) -> list[CandidateSpec]:
     search: SensitivitySearch = context.config.search
-    return [CandidateSpec(arch=context.config.teacher.arch, teacher=context.teacher.teacher_hash,
+    return [CandidateSpec(arch=context.config.teacher.base, teacher=context.teacher.teacher_hash,
                           dataset=context.config.dataset, train=context.config.train, method="sensitivity",
                           seed=context.config.seed,
                           params=(("level", float(level)), ("structure", search.structure), ("weight", weight)))
@@ -85,7 +86,7 @@ def run_sensitivity(context: RunContext) -> None:
     store.put_bytes(f"{prefix}/sensitivity.csv", to_csv(table))
     store.put_bytes(f"{prefix}/plots/sensitivity.png", sensitivity_png(table, context.teacher.val_accuracy,
                                                                       title=f"{search.structure} sensitivity, "
-                                                                            f"{context.config.teacher.arch}"))
+                                                                            f"{context.config.teacher.base}"))
     schedule = starting_schedule(table, search)
     store.put_bytes(f"{prefix}/{SCHEDULE_KEY}", yaml.safe_dump(schedule, sort_keys=False).encode())
     context.summary.update(sensitivity=store.uri_for(f"{prefix}/sensitivity.csv"),

@@ -352,3 +352,20 @@ def test_thinning_a_user_model_removes_exactly_its_dead_channels():
     images = torch.randn(4, 1, 16, 16)
     assert torch.allclose(thinned(images), model(images), atol=1e-5)
     assert count_parameters(thinned) < count_parameters(model)
+
+
+def test_sensitivity_of_a_user_model_element_wise(user_weights, tmp_path, capsys, ray_session):
+    config = write_config(user_weights, {"model": FACTORY, "kwargs": {"num_classes": 4}, "weights": "weights.pt"},
+                          name="sensitivity.yaml")
+    store_dir = tmp_path / "store"
+    weights = "[blocks.0.body.0.weight, head.weight]"
+    assert main(["run", str(config), "--store", str(store_dir), "--no-progress", "--set", "method=sensitivity",
+                 "--set", f"search={{levels: [0.0, 0.9], weights: {weights}}}"]) == 0
+    rows = searchsvc.results(LocalStore(store_dir)).to_pylist()
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    by_point = {(r["weight"], r["level"]): r for r in rows}
+    assert by_point[("blocks.0.body.0.weight", 0.9)]["nonzero_params"] < by_point[("blocks.0.body.0.weight", 0.0)][
+        "nonzero_params"]
+    capsys.readouterr()
+    assert main(["validate", str(config), "--set", "method=sensitivity", "--set", "search={structure: filter}"]) == 2
+    assert "filter sensitivity of your own network" in capsys.readouterr().err
