@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def _input_shape(meta: dict, model: nn.Module) -> InputShape:
 def candidate_input(store: ArtifactStore, spec_hash: str, model: nn.Module) -> InputShape:
     """The input shape of the candidate's teacher, for export's example input."""
     spec = CandidateSpec.from_json(store.get_verified(layout.candidate(spec_hash), "spec.json").decode())
-    return _input_shape(store.get_json(layout.teacher_file(spec.teacher, "meta.json")), model)
+    return _input_shape(json.loads(store.get_verified(layout.teacher(spec.teacher), "meta.json")), model)
 
 
 def stored_model(store: ArtifactStore, model_hash: str) -> tuple[nn.Module, InputShape]:

@@ -309,12 +309,14 @@ def check_n2n(config: Any) -> list[str]:
     """n2n on a user's network needs a block to remove: traced here, at validate, when the data's shape is known."""
     from workers.data import input_shape
     from workers.structure import structure_of
-    from workers.user_model import construct
+    from workers.user_model import check_outputs, construct
 
     shape = input_shape(config.dataset)
     if config.teacher.source is None or shape is None:
         return []
-    if not structure_of(construct(config.teacher.source), *shape).names:
+    model = construct(config.teacher.source)
+    check_outputs(model, *shape, num_classes=None)  # a model that cannot take the data says so first
+    if not structure_of(model, *shape).names:
         return [f"teacher.model: method n2n removes blocks, and {config.teacher.model} has none that can go (a block "
                 f"whose input and output shapes match, with a skip connection); use method grid or taylor"]
     return []

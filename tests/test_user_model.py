@@ -369,3 +369,36 @@ def test_sensitivity_of_a_user_model_element_wise(user_weights, tmp_path, capsys
     capsys.readouterr()
     assert main(["validate", str(config), "--set", "method=sensitivity", "--set", "search={structure: filter}"]) == 2
     assert "filter sensitivity of your own network" in capsys.readouterr().err
+
+
+def test_an_edited_constructor_in_a_stored_teacher_is_refused_before_it_runs(user_weights, tmp_path):
+    """A stored meta.json names code to import and call: it must hash to its teacher's key first."""
+    import json
+
+    from storage.base import json_bytes
+    from workers.teacher import load_teacher
+    from storage import CorruptArtifactError
+
+    dataset = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(**DATA["synthetic"]))
+    config = TeacherConfig(model=FACTORY, kwargs={"num_classes": 4}, weights=str(user_weights / "weights.pt"))
+    store = LocalStore(tmp_path / "store")
+    key = load_or_train_teacher(store, config, dataset, load_dataset(dataset), torch.device("cpu")).teacher_hash
+    assert load_teacher(store, key).teacher_hash == key  # as stored: loads
+    meta_key = f"teachers/{key}/meta.json"
+    meta = json.loads(store.get_bytes(meta_key))
+    meta["source"]["model"] = meta["config"]["model"] = "tests.user_models.nets:broken"  # would raise if called
+    (tmp_path / "store" / meta_key).write_bytes(json_bytes(meta))
+    manifest = json.loads(store.get_bytes(f"teachers/{key}/manifest.json"))  # the manifest re-signed as well
+    manifest["files"]["meta.json"]["sha256"] = hashlib.sha256(json_bytes(meta)).hexdigest()
+    (tmp_path / "store" / f"teachers/{key}/manifest.json").write_bytes(json_bytes(manifest))
+    with pytest.raises(CorruptArtifactError, match="do not hash to the teacher"):
+        load_teacher(store, key)
+
+
+def test_resizing_a_fixed_size_dataset_is_new_data_to_the_teacher_hash():
+    from workers.teacher import data_identity
+
+    plain = DatasetConfig(name="fashion_mnist")
+    assert "resized" not in data_identity(plain)
+    assert data_identity(DatasetConfig(name="fashion_mnist", image_size=32))["resized"] is True
+    assert "resized" not in data_identity(DatasetConfig(name="imagefolder", image_size=32))

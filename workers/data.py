@@ -158,13 +158,13 @@ def load_dataset(config: DatasetConfig) -> Splits:
         n_train = len(train_index)
         train_index, val_index, test_index = (index[: _subset_size(config.subset, len(index), n_train)]
                                               for index in (train_index, val_index, test_index))
-    train_x, test_x = (_model_input(x, config) for x in (train_x, test_x))
-    train = _take((train_x, train_y), train_index)
+    # The model's input contract applies to the images kept (after `subset`), one split at a time.
+    train, val, test = ((_model_input(x, config), y) for x, y in (
+        _take((train_x, train_y), train_index), _take((train_x, train_y), val_index), _take((test_x, test_y), test_index)))
     mean, std = _channel_stats(train[0])
     if config.mean is not None:  # the normalisation the model was trained with, not this data's own
         mean, std = _stated_stats(config, train[0].shape[1])
-    return Splits(config.name, train, _take((train_x, train_y), val_index), _take((test_x, test_y), test_index),
-                  classes, mean, std)
+    return Splits(config.name, train, val, test, classes, mean, std)
 
 
 # (channels, side in pixels) of the datasets whose files have one shape
@@ -189,9 +189,11 @@ def _model_input(images: torch.Tensor, config: DatasetConfig) -> torch.Tensor:
                                  f"{images.shape[1]}-channel images (only a single channel is repeated)")
         images = images.expand(-1, config.channels, -1, -1).contiguous()
     if config.image_size is not None and config.name != "imagefolder" and images.shape[-1] != config.image_size:
-        resized = torch.nn.functional.interpolate(images.float(), size=(config.image_size, config.image_size),
-                                                  mode="bilinear", antialias=True, align_corners=False)
-        images = resized.round_().clamp_(0, 255).to(torch.uint8)
+        size = (config.image_size, config.image_size)
+        images = torch.cat([  # 1,024 images at a time: the float copy stays small whatever the target size
+            torch.nn.functional.interpolate(chunk.float(), size=size, mode="bilinear", antialias=True,
+                                            align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+            for chunk in images.split(1024)]) if len(images) else images.new_zeros((0, images.shape[1], *size))
     return images
 
 

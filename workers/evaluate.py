@@ -42,9 +42,9 @@ from workers.metrics import CandidateMetrics, stored_metrics, verified_metrics
 from workers.resources import Resources
 from workers.spec import CandidateSpec
 from workers.surgery import InvalidTransform, derive_arch, shrink
-from workers.teacher import Teacher, load_teacher, load_train_logits
+from workers.teacher import Teacher, checked_source, load_teacher, load_train_logits
 from workers.train import LossFn, TrainCallback, recalibrate_batchnorm, train_model
-from workers.user_model import ModelSource, construct
+from workers.user_model import construct
 from workers.zoo import Model, arch_from_data, build_model, load_state_bytes, read_state_bytes, state_dict_bytes
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ def load_candidate_model(store: ArtifactStore, spec_hash: str) -> Model:
     teacher_prefix = layout.teacher(spec.teacher)
     meta = json.loads(store.get_verified(teacher_prefix, "meta.json"))
     if "source" in meta:  # a user's network: its constructor, its units removed, layers at the stored shapes
-        model = construct(ModelSource.from_data(meta["source"]))
+        model = construct(checked_source(store, spec.teacher, meta))
         try:
             return rebuild(model, spec.removed, read_state_bytes(raw, where))
         except (InvalidTransform, RuntimeError, AttributeError) as err:  # tensors that fit no such structure

@@ -27,6 +27,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import fx, nn
 
+from core.errors import SearchsvcError
 from workers.surgery import InvalidTransform
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,13 @@ def dependency_graph(model: nn.Module, example: torch.Tensor):
     """(the torch_pruning module, its DependencyGraph of `model`) — imported where a user's model is cut."""
     import torch_pruning as tp
 
-    with torch.enable_grad():  # the graph is traced through autograd, whatever the caller's mode
-        return tp, tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    try:
+        with torch.enable_grad():  # the graph is traced through autograd, whatever the caller's mode
+            return tp, tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    except Exception as err:  # noqa: BLE001 — an operation Torch-Pruning cannot follow: one line naming it
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise SearchsvcError(f"teacher.model: Torch-Pruning cannot build the dependency graph of "
+                             f"{type(model).__name__} ({type(err).__name__}: {first})") from None
 
 
 def channel_groups(model: nn.Module, example: torch.Tensor) -> list[ChannelGroup]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from core.records import canonical_json, to_data
-from storage import ArtifactStore, WriteConflictError, layout
+from storage import ArtifactStore, CorruptArtifactError, WriteConflictError, layout
 from workers.data import DatasetConfig, Splits
 from workers.distill import teacher_logits
 from workers.spec import short_hash
@@ -108,21 +108,27 @@ def data_identity(dataset: DatasetConfig) -> dict[str, Any]:
     identity.pop("root"), identity.pop("download")
     if dataset.name != "synthetic":
         identity.pop("synthetic")
+    if dataset.image_size is not None and dataset.name != "imagefolder":
+        identity["resized"] = True  # image_size once applied to imagefolder alone: a resized dataset is new data
     return identity
 
 
 def teacher_hash(config: TeacherConfig, dataset: DatasetConfig, weights_sha256: str | None = None) -> str:
     """Identity of a teacher, 16 hex digits: architecture, recipe, seed and data; for given weights, the
     constructor, its kwargs, the weights' sha256 and the data (plus the recipe when fine-tuned)."""
-    teacher = to_data(config)
+    return _identity_hash(to_data(config), data_identity(dataset), weights_sha256)
+
+
+def _identity_hash(teacher: dict[str, Any], dataset: dict[str, Any], weights_sha256: str | None) -> str:
+    """`teacher_hash` from plain data: the config's, or a stored meta.json's (checked on load)."""
+    teacher = dict(teacher)
     if weights_sha256 is not None:
-        if config.finetune_epochs:  # the recipe makes it another teacher; where the file was does not
-            teacher.pop("weights")
+        if teacher.get("finetune_epochs"):  # the recipe makes it another teacher; where the file was does not
+            teacher.pop("weights", None)
         else:
-            teacher = {"model": config.model, "kwargs": teacher.get("kwargs", {})}
+            teacher = {"model": teacher.get("model"), "kwargs": teacher.get("kwargs", {})}
         teacher["weights_sha256"] = weights_sha256
-    return short_hash(canonical_json({"format": TEACHER_FORMAT, "teacher": teacher,
-                                      "dataset": data_identity(dataset)}))
+    return short_hash(canonical_json({"format": TEACHER_FORMAT, "teacher": teacher, "dataset": dataset}))
 
 
 def load_or_train_teacher(store: ArtifactStore, config: TeacherConfig, dataset: DatasetConfig, splits: Splits,
@@ -197,12 +203,23 @@ def load_teacher(store: ArtifactStore, key: str, device: torch.device | str = "c
     prefix = layout.teacher(key)
     meta = json.loads(store.get_verified(prefix, "meta.json"))
     if "source" in meta:  # the user's own network: its constructor, then the stored weights
-        model = construct(ModelSource.from_data(meta["source"]))
+        model = construct(checked_source(store, key, meta))
     else:
         model = build_model(arch_from_data(meta["arch"], source=store.uri_for(prefix + "/meta.json")))
     model = load_state_bytes(model, store.get_verified(prefix, "model.pt"), store.uri_for(prefix + "/model.pt"))
     model.to(device).eval()
     return Teacher(model, key, meta, cached=True)
+
+
+def checked_source(store: ArtifactStore, key: str, meta: dict[str, Any]) -> ModelSource:
+    """The constructor a stored teacher names, once its meta.json is shown to hash to the teacher's own key:
+    an edited constructor or kwargs would import and call other code, so it is refused before anything runs."""
+    source, config = ModelSource.from_data(meta["source"]), meta.get("config") or {}
+    if (source.model, dict(source.kwargs)) != (config.get("model"), config.get("kwargs", {})) or \
+            _identity_hash(config, meta.get("dataset") or {}, source.weights_sha256) != key:
+        raise CorruptArtifactError(f"{store.uri_for(layout.teacher_file(key, 'meta.json'))} is corrupt: its model "
+                                   f"and recipe do not hash to the teacher {key}")
+    return source
 
 
 def validation_prefix(key: str) -> str:

@@ -62,8 +62,8 @@ def constructor(model: str) -> Callable[..., nn.Module]:
         raise SearchsvcError(f"teacher.model: {model!r} is neither torchvision:NAME nor package.module:factory")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise SearchsvcError(f"teacher.model: cannot import {module_name!r} ({err})") from None
+    except Exception as err:  # noqa: BLE001 — the user's module: ImportError, or whatever its import raises
+        raise SearchsvcError(f"teacher.model: cannot import {module_name!r} ({type(err).__name__}: {err})") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise SearchsvcError(f"teacher.model: {module_name} has no callable {attr!r}")
@@ -155,8 +155,9 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], where: str
     return model
 
 
-def check_outputs(model: nn.Module, in_channels: int, image_size: int, num_classes: int) -> None:
-    """One forward pass at the dataset's shape: it must run and give `num_classes` logits per image."""
+def check_outputs(model: nn.Module, in_channels: int, image_size: int, num_classes: int | None) -> None:
+    """One forward pass at the dataset's shape: it must run and give `num_classes` logits per image (None: any
+    number, when only the files know the classes)."""
     model.eval()
     try:
         with torch.no_grad():
@@ -165,7 +166,8 @@ def check_outputs(model: nn.Module, in_channels: int, image_size: int, num_class
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise SearchsvcError(f"teacher.model: fails on {in_channels}x{image_size}x{image_size} images ({first}); "
                              f"see dataset.channels and dataset.image_size") from None
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2 or \
+            (num_classes is not None and out.shape[1] != num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise SearchsvcError(f"teacher.model: gives outputs of shape {shape} for 2 images; the dataset has "
                              f"{num_classes} classes, so (2, {num_classes}) logits are needed "
