@@ -9,3 +9,10 @@ from __future__ import annotations
 
 class SearchsvcError(Exception):
     """An error caused by the user's input or environment; its message names the key or path."""
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message (at most `limit` characters), or its type's name if it has none:
+    what a one-line report of someone else's exception shows."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__

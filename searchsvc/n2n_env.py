@@ -61,9 +61,12 @@ def shrink_stage(base: CandidateSpec, inner: dict[str, dict[str, int]], scales: 
     blocks = tuple(name for name, widths in inner.items() if name not in base.removed and widths)
 
     def make(action: np.ndarray) -> CandidateSpec:
-        widths = {key: max(1, round(channels * scales[int(a)]))
-                  for name, a in zip(blocks, action) for key, channels in inner[name].items()}
-        widths = {k: w for name in blocks for k, w in widths.items() if k in inner[name] and w != inner[name][k]}
+        widths = {}
+        for name, a in zip(blocks, action):
+            for key, channels in inner[name].items():
+                width = max(1, round(channels * scales[int(a)]))
+                if width != channels:  # the teacher's own width is no transformation
+                    widths[key] = width
         return replace(base, widths=tuple(widths.items()))
 
     return Stage(blocks, len(scales), make)

@@ -13,7 +13,6 @@ import base64
 import html
 from typing import Any
 
-
 from searchsvc.plots import front_png, progress_png, schedule_png
 from searchsvc.result_table import pareto_front, rank, read_row, results_table, stored_config
 from storage import ArtifactStore, layout

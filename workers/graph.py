@@ -27,7 +27,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import fx, nn
 
-from core.errors import SearchsvcError
+from core.errors import SearchsvcError, first_line
 from workers.surgery import InvalidTransform
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def removable_units(model: nn.Module, example: torch.Tensor) -> tuple[str, ...]:
         traced = fx.symbolic_trace(model)
     except Exception as err:  # noqa: BLE001 — data-dependent control flow and the like: no units, said once
         log.warning("torch.fx cannot trace %s (%s): no block of it can be removed", type(model).__name__,
-                    str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+                    first_line(err))
         return ()
     shapes, _ = module_shapes(model, example)
     modules = dict(traced.named_modules())
@@ -131,9 +131,8 @@ def dependency_graph(model: nn.Module, example: torch.Tensor):
         with torch.enable_grad():  # the graph is traced through autograd, whatever the caller's mode
             return tp, tp.DependencyGraph().build_dependency(model, example_inputs=example)
     except Exception as err:  # noqa: BLE001 — an operation Torch-Pruning cannot follow: one line naming it
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise SearchsvcError(f"teacher.model: Torch-Pruning cannot build the dependency graph of "
-                             f"{type(model).__name__} ({type(err).__name__}: {first})") from None
+                             f"{type(model).__name__} ({type(err).__name__}: {first_line(err)})") from None
 
 
 def channel_groups(model: nn.Module, example: torch.Tensor) -> list[ChannelGroup]:

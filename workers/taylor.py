@@ -175,9 +175,8 @@ def taylor_step(parent: ResNet, spec: "CandidateSpec", ctx: "EvalContext") -> Bu
 def graph_taylor_prune(model: nn.Module, splits: Splits, count: int, batches: int, batch_size: int,
                        seed: int = 0) -> tuple[nn.Module, dict[str, int]]:
     """`taylor_prune` for a user's network: ranked and cut through its dependency graph."""
-    scores = graph_taylor_scores(model, splits, batches, batch_size, seed)
+    scores = graph_taylor_scores(model, splits, batches, batch_size, seed)  # one score per channel of each group
     plan = plan_removal(scores, count)
+    widths = {key: len(scores[key]) - n for key, n in plan.items()}
     example = example_input(model, splits.in_channels, splits.image_size)
-    channels = {g.key: g.channels for g in channel_groups(model, example)}
-    widths = {key: channels[key] - n for key, n in plan.items()}
     return shrink_graph(model, example, widths=widths, scores=scores), plan

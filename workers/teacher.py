@@ -174,12 +174,11 @@ def load_or_train_teacher(store: ArtifactStore, config: TeacherConfig, dataset: 
 
 def _untrained(config: TeacherConfig, splits: Splits, raw: bytes, sha256: str | None) -> tuple[nn.Module, dict]:
     """The teacher before any training here, and how meta.json names what builds it (`arch` or `source`)."""
+    torch.manual_seed(config.seed)  # the initial weights
     if config.source is None:
         arch = model_arch(config.arch, splits.in_channels, splits.num_classes)
-        torch.manual_seed(config.seed)
         return build_model(arch), {"arch": to_data(arch)}
     source = replace(config.source, weights_sha256=sha256)
-    torch.manual_seed(config.seed)
     model = construct(source)
     if sha256 is not None:
         load_weights(model, read_weights(raw, config.weights), config.weights)

@@ -69,9 +69,8 @@ def thin(model: nn.Module, example: torch.Tensor | None = None) -> tuple[nn.Modu
     Every group keeps at least one channel (a layer cannot vanish); the model itself is unchanged.
     A user's network (no zoo architecture) is thinned through its traced dependency graph, on `example`.
     """
-    if not hasattr(model, "arch"):
-        return _thin_graph(model, example)
-    alive = alive_channels(model)
+    traced = not hasattr(model, "arch")
+    alive = _graph_alive(model, example) if traced else alive_channels(model)
     removed = {key: int((~flags).sum()) for key, flags in alive.items() if not flags.all()}
     if not removed:
         return copy.deepcopy(model).cpu().eval(), {}
@@ -79,24 +78,21 @@ def thin(model: nn.Module, example: torch.Tensor | None = None) -> tuple[nn.Modu
         return _thin_plain(model, alive), removed
     widths = {key: max(1, int(flags.sum())) for key, flags in alive.items()}
     scores = {key: flags.float() for key, flags in alive.items()}
+    if traced:
+        return shrink_graph(model, example, widths=widths, scores=scores), removed
     return shrink(model.cpu(), widths=widths, importance=ScoreTable(model, scores)), removed
 
 
 @torch.no_grad()
-def _thin_graph(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, dict[str, int]]:
-    """Dead channels of each dependency-graph group (every parameter the group prunes is zero there) removed."""
-    model = model.cpu()
-    example = example.cpu()
+def _graph_alive(model: nn.Module, example: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`alive_channels` of a user's network: per dependency-graph group, True where any parameter the group
+    prunes is non-zero at that channel."""
     alive: dict[str, torch.Tensor] = {}
     for group in graph_groups(model, example):
-        flags = [p.detach().reshape(p.shape[0], -1).ne(0).any(1) for name in group.outputs
+        flags = [p.detach().reshape(p.shape[0], -1).ne(0).any(1).cpu() for name in group.outputs
                  for p in model.get_submodule(name).parameters(recurse=False) if p.shape[0] == group.channels]
         alive[group.key] = torch.stack(flags).any(0) if flags else torch.ones(group.channels, dtype=torch.bool)
-    removed = {key: int((~flags).sum()) for key, flags in alive.items() if not flags.all()}
-    if not removed:
-        return copy.deepcopy(model).eval(), {}
-    widths = {key: max(1, int(flags.sum())) for key, flags in alive.items()}
-    return shrink_graph(model, example, widths=widths, scores={k: f.float() for k, f in alive.items()}), removed
+    return alive
 
 
 @torch.no_grad()

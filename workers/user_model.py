@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.errors import SearchsvcError
+from core.errors import SearchsvcError, first_line
 from core.names import did_you_mean
 
 TORCHVISION = "torchvision:"
@@ -98,8 +98,7 @@ def read_weights(raw: bytes, where: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 — a pickled model, a damaged file: torch raises many kinds
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise SearchsvcError(f"teacher.weights: {where} cannot be loaded with weights_only=True ({first}); save "
+        raise SearchsvcError(f"teacher.weights: {where} cannot be loaded with weights_only=True ({first_line(err)}); save "
                              f"model.state_dict() with torch.save, not the model") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a training checkpoint
         state = state["state_dict"]
@@ -124,13 +123,13 @@ def weights_file(location: str) -> tuple[bytes, str]:
             raw = open_store(folder, create=False).get_bytes(name)
         except KeyNotFoundError:
             raise SearchsvcError(f"teacher.weights: {location}: no such object") from None
-        return raw, hashlib.sha256(raw).hexdigest()
-    try:
-        raw = Path(location.removeprefix("file://")).read_bytes()
-    except FileNotFoundError:
-        raise SearchsvcError(f"teacher.weights: {location}: no such file") from None
-    except OSError as err:
-        raise SearchsvcError(f"teacher.weights: {location}: cannot read ({err.__class__.__name__})") from None
+    else:
+        try:
+            raw = Path(location.removeprefix("file://")).read_bytes()
+        except FileNotFoundError:
+            raise SearchsvcError(f"teacher.weights: {location}: no such file") from None
+        except OSError as err:
+            raise SearchsvcError(f"teacher.weights: {location}: cannot read ({err.__class__.__name__})") from None
     return raw, hashlib.sha256(raw).hexdigest()
 
 
@@ -163,8 +162,8 @@ def check_outputs(model: nn.Module, in_channels: int, image_size: int, num_class
         with torch.no_grad():
             out = model(torch.zeros(2, in_channels, image_size, image_size))
     except Exception as err:  # noqa: BLE001 — the user's model: whatever it raises is one line
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise SearchsvcError(f"teacher.model: fails on {in_channels}x{image_size}x{image_size} images ({first}); "
+        raise SearchsvcError(f"teacher.model: fails on {in_channels}x{image_size}x{image_size} images "
+                             f"({first_line(err)}); "
                              f"see dataset.channels and dataset.image_size") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2 or \
             (num_classes is not None and out.shape[1] != num_classes):
