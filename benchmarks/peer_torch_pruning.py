@@ -1,0 +1,180 @@
+"""searchsvc against Torch-Pruning on one user model: Torch-Pruning's own iterative Taylor pipeline
+(`MetaPruner` + `GroupTaylorImportance`, global ranking, a linear schedule) beside searchsvc's `taylor` and
+`n2n` runs on the same teacher, data and fine-tune recipe, compared at matched MACs.
+
+    python examples/train_your_model.py -o examples/your_resnet18.pt     # the user's model (once)
+    python benchmarks/peer_torch_pruning.py [--store DIR] [--steps 5] [--methods taylor,n2n]
+
+Both pruners remove the same number of channels per step (`search.filters_per_iteration` of the teacher's
+prunable channels, ranked on the same `importance_batches` training batches) and every pruned model is
+fine-tuned by the same function with the same recipe (`train:` of the config: distillation from the
+teacher's cached logits), so the pruning decision and the search are what differ. Matching: for each
+Torch-Pruning step, searchsvc's model with no more MACs (2 % tolerance), chosen on validation accuracy;
+test accuracy only reports. Writes benchmarks/results/peer_torch_pruning.json. About 30 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import common  # noqa: E402 — puts the checkout on sys.path
+import torch  # noqa: E402
+
+import searchsvc  # noqa: E402
+from searchsvc.taylor import prune_count  # noqa: E402
+from storage import LocalStore  # noqa: E402
+from workers.data import load_dataset  # noqa: E402
+from workers.distill import distill_loss_fn  # noqa: E402
+from workers.evaluate import EvalContext  # noqa: E402
+from workers.graph import classifier, example_input  # noqa: E402
+from workers.measure import count_macs, count_parameters, measure  # noqa: E402
+from workers.taylor import _loss_batches, prunable_channels  # noqa: E402
+from workers.teacher import load_or_train_teacher  # noqa: E402
+from workers.train import train_model  # noqa: E402
+
+TIE_POINTS = 0.3  # accuracy differences within this many points count as equal
+MACS_TOLERANCE = 0.02  # a model with up to 2 % more MACs than a Torch-Pruning point is matched to it
+CONFIGS = {"taylor": "configs/your-model-taylor.yaml", "n2n": "configs/your-model-n2n.yaml"}
+
+
+def torch_pruning_pipeline(ctx: EvalContext, config, steps: int) -> list[dict[str, Any]]:
+    """Torch-Pruning's iterative Taylor pruning of the teacher: `steps` × (rank, prune, fine-tune, measure)."""
+    import torch_pruning as tp
+
+    splits, search, train = ctx.splits, config.search, config.train
+    model = copy.deepcopy(ctx.teacher.model).cpu()
+    example = example_input(model, splits.in_channels, splits.image_size)
+    total = prunable_channels(model, splits.in_channels, splits.image_size)
+    per_step = prune_count(search.filters_per_iteration, total) / total  # the share searchsvc's taylor removes
+    pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupTaylorImportance(),
+                                  global_pruning=True, pruning_ratio=min(per_step * steps, 0.95),
+                                  iterative_steps=steps,
+                                  ignored_layers=[model.get_submodule(classifier(model, example))])
+    loss_fn = distill_loss_fn(train.distill, cached=ctx.train_logits())
+    points = []
+    for step in range(1, steps + 1):
+        started = time.perf_counter()
+        model.eval()
+        model.zero_grad(set_to_none=True)
+        for _ in _loss_batches(model, splits, search.importance_batches, train.batch_size, config.seed):
+            pass  # the gradients of the same batches searchsvc ranks on accumulate in .grad
+        pruner.step()
+        model.zero_grad(set_to_none=True)
+        history = train_model(model, splits, train, ctx.device, seed=config.seed, progress=False, loss_fn=loss_fn)
+        measured = measure(model, splits, ctx.device, timed=False,
+                           accuracies={"accuracy": history[-1]["test_accuracy"],
+                                       "val_accuracy": history[-1]["val_accuracy"]})
+        points.append({"step": step, **measured, "wall_s": round(time.perf_counter() - started, 1)})
+        print(f"torch-pruning step {step}: {measured['macs'] / 1e6:.1f} M MACs, "
+              f"{100 * measured['accuracy']:.2f} % test ({100 * measured['val_accuracy']:.2f} % val)", flush=True)
+    return points
+
+
+def searchsvc_run(method: str, store: LocalStore, steps: int, overrides: list[str]) -> dict[str, Any]:
+    """One searchsvc run of the method's your-model config; its valid candidates and wall time."""
+    if method == "taylor":  # as many steps as Torch-Pruning's, none stopped early
+        overrides = [*overrides, f"search.iterations={steps}", "search.stop.max_drop=100"]
+    config = searchsvc.load_config(common.REPO / CONFIGS[method], overrides)
+    started = time.perf_counter()
+    result = searchsvc.run(config, store=store, progress=False)
+    keys = ("spec_hash", "method", "macs", "params", "accuracy", "val_accuracy", "compression", "finetuned_from",
+            "iteration", "cached")
+    rows = [{k: row.get(k) for k in keys} for row in result.table.to_pylist() if row["status"] == "ok"]
+    print(f"searchsvc {method}: {len(rows)} candidates in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+    return {"run_id": result.run_id, "config": CONFIGS[method], "overrides": overrides,
+            "wall_s": round(time.perf_counter() - started, 1), "candidates": rows}
+
+
+def verdict(gap_points: float) -> str:
+    return "equal" if abs(gap_points) <= TIE_POINTS else ("better" if gap_points > 0 else "worse")
+
+
+def match(peer: list[dict[str, Any]], ours: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per Torch-Pruning step: searchsvc's model of at most its MACs (+ MACS_TOLERANCE), chosen on validation
+    accuracy. The tolerance keeps two pipelines that remove the same channel count comparable when one
+    happens to keep a few more MACs."""
+    levels = []
+    for point in peer:
+        within = [c for c in ours if c["macs"] <= point["macs"] * (1 + MACS_TOLERANCE)]
+        best = max(within, key=lambda c: (c["val_accuracy"], -c["macs"]), default=None)
+        level = {"torch_pruning": point, "searchsvc": best}
+        if best is not None:
+            gap = 100 * (best["accuracy"] - point["accuracy"])
+            level.update(gap_points=round(gap, 2), verdict=verdict(gap), macs_ratio=round(best["macs"] / point["macs"], 3))
+        else:
+            level.update(gap_points=None, verdict="no searchsvc model at these MACs")
+        levels.append(level)
+    return levels
+
+
+def beyond(peer: list[dict[str, Any]], ours: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """searchsvc models Torch-Pruning's schedule does not reach: more than TIE_POINTS more accurate (test)
+    than some Torch-Pruning point with at least as many MACs."""
+    found = []
+    for c in ours:
+        beaten = [p for p in peer if p["macs"] >= c["macs"] and 100 * (c["accuracy"] - p["accuracy"]) > TIE_POINTS]
+        if beaten:
+            worst = min(beaten, key=lambda p: p["macs"])  # the cheapest Torch-Pruning point it beats
+            found.append({**c, "beats_step": worst["step"], "beats_macs": worst["macs"],
+                          "by_points": round(100 * (c["accuracy"] - worst["accuracy"]), 2)})
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", help="store folder (default: a temporary one); the teacher is evaluated there")
+    parser.add_argument("--steps", type=int, default=5, help="pruning steps of both iterative pipelines")
+    parser.add_argument("--methods", default="taylor,n2n", help="searchsvc methods to run (comma-separated)")
+    parser.add_argument("--set", action="append", default=[], dest="overrides",
+                        help="override for every config, e.g. train.max_images=512 for a quick try (repeatable)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--out", default=str(common.REPO / "benchmarks" / "results"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    methods = [m for m in args.methods.split(",") if m]
+    config = searchsvc.load_config(common.REPO / CONFIGS["taylor"], args.overrides)
+    with tempfile.TemporaryDirectory(prefix="peer-") as folder:
+        store = LocalStore(args.store or Path(folder) / "store")
+        splits = load_dataset(config.dataset)
+        cpu = torch.device("cpu")
+        teacher = load_or_train_teacher(store, config.teacher, config.dataset, splits, cpu)
+        ctx = EvalContext(store, teacher, splits, cpu)
+        started = time.perf_counter()
+        peer = torch_pruning_pipeline(ctx, config, args.steps)
+        peer_s = time.perf_counter() - started
+        runs = {method: searchsvc_run(method, store, args.steps, args.overrides) for method in methods}
+    ours = [c for run in runs.values() for c in run["candidates"]]
+    levels = match(peer, ours)
+    c, size = splits.in_channels, splits.image_size
+    result = {
+        "teacher": {"model": config.teacher.model, "teacher_hash": teacher.teacher_hash,
+                    "accuracy": teacher.test_accuracy, "val_accuracy": teacher.val_accuracy,
+                    "macs": count_macs(teacher.model, c, size), "params": count_parameters(teacher.model)},
+        "steps": args.steps, "filters_per_iteration": config.search.filters_per_iteration,
+        "importance_batches": config.search.importance_batches, "train": {"epochs": config.train.epochs,
+                                                                        "max_images": config.train.max_images,
+                                                                        "lr": config.train.lr},
+        "torch_pruning": {"version": __import__("torch_pruning").__version__, "wall_s": round(peer_s, 1),
+                          "points": peer},
+        "overrides": args.overrides, "searchsvc": runs, "matched": levels, "beyond_torch_pruning": beyond(peer, ours),
+        "tie_points": TIE_POINTS, "macs_tolerance": MACS_TOLERANCE,
+    }
+    path = common.write_result(args.out, "peer_torch_pruning", result)
+    for level in levels:
+        p, s = level["torch_pruning"], level["searchsvc"]
+        mine = f"{s['method']} {s['macs'] / 1e6:.1f} M MACs {100 * s['accuracy']:.2f} %" if s else "none"
+        print(f"step {p['step']}: torch-pruning {p['macs'] / 1e6:.1f} M MACs {100 * p['accuracy']:.2f} % | "
+              f"searchsvc {mine} | {level['verdict']}")
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
