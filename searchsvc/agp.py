@@ -24,6 +24,7 @@ from searchsvc.methods import AgpSearch
 from searchsvc.schedules import schedule_variants
 from searchsvc.sweep import CandidateJob, choose
 from workers.agp import put_schedule
+from workers.graph import example_input
 from workers.spec import CandidateSpec
 from workers.train import TrainConfig
 
@@ -52,7 +53,9 @@ def agp_trial(sample: dict[str, Any], job: CandidateJob) -> None:
 def run_agp(context: RunContext) -> None:
     """The agp driver: store the schedule variants, sweep them with Tune, then summaries and the plot."""
     search: AgpSearch = context.config.search
-    parsed = schedule_variants(search, context.teacher.model)
+    splits = context.splits
+    parsed = schedule_variants(search, context.teacher.model,
+                               example_input(context.teacher.model, splits.in_channels, splits.image_size))
     epochs = max(search.tune.epochs or (context.config.train.epochs,))
     for v in parsed:
         if v["schedule"].last_epoch() >= epochs:

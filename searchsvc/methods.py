@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
+from core.errors import SearchsvcError
 from core.names import is_number, load_object, lookup
 from searchsvc.rewards import RewardForm
 
@@ -293,15 +294,23 @@ class RigLSearch:
 
 
 def check_rigl(config: Any) -> list[str]:
-    """A rigl job must leave some layer sparse: an MLP teacher has nothing but linear layers."""
+    """A rigl job must leave some layer sparse: a teacher of nothing but linear layers (an MLP) has none."""
+    from torch import nn
+
+    from workers.user_model import construct
     from workers.zoo import PlainArch, list_models, model_arch
 
-    arch = config.teacher.arch
-    if config.search.ignore_linear_layers and arch in list_models():
-        family = model_arch(arch)
-        if isinstance(family, PlainArch) and not family.convs:
-            return [f"search.ignore_linear_layers: {arch} has only linear layers, so nothing would be sparse; "
-                    "set it to false"]
+    if not config.search.ignore_linear_layers:
+        return []
+    arch, source = config.teacher.arch, config.teacher.source
+    if source is not None:
+        has_conv = any(isinstance(m, nn.Conv2d) for m in construct(source).modules())
+    else:
+        family = model_arch(arch) if arch in list_models() else None
+        has_conv = not (isinstance(family, PlainArch) and not family.convs)
+    if not has_conv:
+        return [f"search.ignore_linear_layers: {config.teacher.base} has only linear layers, so nothing would be "
+                "sparse; set it to false"]
     return []
 
 
@@ -323,9 +332,20 @@ def check_n2n(config: Any) -> list[str]:
 
 
 def check_sensitivity(config: Any) -> list[str]:
-    """Filter sensitivity prunes channel groups, which a user's network has only through tracing: not yet."""
-    if config.teacher.model is not None and config.search.structure == "filter":
-        return ["search.structure: filter sensitivity of your own network is not supported yet; use element"]
+    """The weights a sensitivity analysis names exist in the teacher's network (a user's network's channel
+    groups traced on the data's shape, when the config tells it)."""
+    from searchsvc.schedules import base_model
+    from searchsvc.sensitivity import analysed_weights
+    from workers.data import input_shape
+    from workers.graph import example_input
+
+    model, shape = base_model(config.teacher), input_shape(config.dataset)
+    if shape is None and config.teacher.source is not None and config.search.structure == "filter":
+        return []  # traced at run time, on the data's own shape
+    try:
+        analysed_weights(model, config.search, example_input(model, *shape) if shape else None)
+    except SearchsvcError as err:
+        return [str(err)]
     return []
 
 

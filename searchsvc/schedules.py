@@ -11,12 +11,15 @@ import copy
 import itertools
 from typing import Any
 
+import torch
 import yaml
 from torch import nn
 
 from core.records import RecordError
 from core.yamlio import load_yaml
 from searchsvc.methods import AgpSearch
+from workers.data import input_shape
+from workers.graph import example_input
 from workers.schedule import ScheduleError, parse_schedule
 from workers.teacher import TeacherConfig
 from workers.user_model import construct
@@ -65,14 +68,15 @@ def base_model(teacher: TeacherConfig) -> nn.Module:
     return create_model(teacher.arch) if teacher.source is None else construct(teacher.source)
 
 
-def schedule_variants(search: AgpSearch, model: nn.Module) -> list[dict[str, Any]]:
+def schedule_variants(search: AgpSearch, model: nn.Module, example: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """Every variant the sweep runs, each {"raw", "schedule" (parsed), "final_sparsity", "ending_epoch"},
-    validated against `model` (the teacher's network).
+    validated against `model` (the teacher's network; `example`: an input of the data's shape, for a user's
+    network whose channel groups are traced).
 
     ScheduleError lists every problem (the base schedule's, then each variant's, by its key).
     """
     raw = base_schedule(search)
-    parse_schedule(raw, model, source=f"search.schedule ({_name(search)})")
+    parse_schedule(raw, model, source=f"search.schedule ({_name(search)})", example=example)
     finals = search.tune.final_sparsity or (None,)
     endings = search.tune.ending_epoch or (None,)
     out, problems = [], []
@@ -80,7 +84,7 @@ def schedule_variants(search: AgpSearch, model: nn.Module) -> list[dict[str, Any
         where = f"search.tune (final_sparsity[{i}], ending_epoch[{j}])"
         try:
             changed = variant(raw, final, ending)
-            parsed = parse_schedule(changed, model, source=where)
+            parsed = parse_schedule(changed, model, source=where, example=example)
         except RecordError as err:
             problems.extend(str(err).splitlines())
             continue
@@ -92,8 +96,11 @@ def schedule_variants(search: AgpSearch, model: nn.Module) -> list[dict[str, Any
 
 def check_agp(config: Any) -> list[str]:
     """Config-time check of an agp job: its schedule and every Tune variant run on the teacher's arch."""
+    model = base_model(config.teacher)
+    shape = input_shape(config.dataset)
+    example = example_input(model, *shape) if shape is not None and config.teacher.source is not None else None
     try:
-        schedule_variants(config.search, base_model(config.teacher))
+        schedule_variants(config.search, model, example)
     except RecordError as err:
         return str(err).splitlines()
     return []

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+import torch
 import yaml
 from torch import nn
 
@@ -26,6 +27,7 @@ from searchsvc.job import RunContext
 from searchsvc.methods import SensitivitySearch
 from searchsvc.plots import sensitivity_png
 from storage import layout
+from workers.graph import example_input
 from workers.metrics import CandidateMetrics
 from workers.pruners import prunable_weights
 from workers.spec import CandidateSpec
@@ -35,13 +37,14 @@ from workers.thinning import channel_groups
 SCHEDULE_KEY = "sensitivity.agp.yaml"
 
 
-def analysed_weights(model: nn.Module, search: SensitivitySearch) -> list[str]:
+def analysed_weights(model: nn.Module, search: SensitivitySearch, example: torch.Tensor | None = None) -> list[str]:
     """The weights to prune one at a time: as configured, else every conv / linear weight (element) or
-    one weight per channel group (filter: pruning it prunes the group)."""
+    one weight per channel group (filter: pruning it prunes the group; a user's network's groups are traced
+    on `example`)."""
     if search.structure == "element":
         every = default = prunable_weights(model)
     else:
-        groups = channel_groups(model)
+        groups = channel_groups(model, example)
         every, default = [w for g in groups for w in g.weights], [g.weights[0] for g in groups]
     for i, name in enumerate(search.weights):
         if name not in every:
@@ -72,7 +75,8 @@ class SensitivityEvaluator(Evaluator):
 def run_sensitivity(context: RunContext) -> None:
     """The sensitivity driver: every (weight, level) point through the pool; CSV, plot, schedule."""
     search: SensitivitySearch = context.config.search
-    weights = analysed_weights(context.teacher.model, search)
+    teacher, splits = context.teacher.model, context.splits
+    weights = analysed_weights(teacher, search, example_input(teacher, splits.in_channels, splits.image_size))
     specs = sensitivity_specs(context, weights)
     ensure_ray(context.address)
     evaluator = SensitivityEvaluator(context, total=len(specs))

@@ -24,12 +24,13 @@ from core.records import to_data
 from searchsvc.cli import main
 from searchsvc.config import load_config
 from storage import LocalStore
-from tests.user_models.nets import small_resnet
+from tests.user_models.nets import scaled_cnn, small_resnet
 from workers.data import DatasetConfig, SyntheticConfig, load_dataset
 from workers.graph import channel_groups, example_input, rebuild, removable_units, remove_units, shrink_graph
 from workers.measure import count_macs, count_parameters
 from workers.teacher import TeacherConfig, load_or_train_teacher, teacher_hash
 from workers.train import Recipe, train_model
+from workers.user_model import ModelSource
 
 REPO = Path(__file__).resolve().parent.parent
 FACTORY = "tests.user_models.nets:small_resnet"
@@ -58,6 +59,22 @@ def test_traced_structure_cuts_real_smaller_models_and_rebuilds_them(name):
     again = rebuild(MODELS[name](), removed, small.state_dict())  # a fresh constructor and tensors only
     with torch.no_grad():
         assert torch.equal(again(images), small(images))
+
+
+def test_grouped_convolutions_keep_their_channels_and_the_rest_is_cut():
+    """RegNet's grouped (not depthwise) 3x3 convs: Torch-Pruning 1.6 would cut across their groups, so their
+    channel groups are left out; the residual streams around them are still cut, and rebuild exactly."""
+    teacher = torchvision.models.regnet_x_400mf(num_classes=10).eval()
+    example = example_input(teacher, 3, 32)
+    groups = channel_groups(teacher, example)
+    grouped = [n for n, m in teacher.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert grouped and not any(n in g.outputs for g in groups for n in grouped)
+    small = shrink_graph(teacher, example, widths={g.key: g.channels // 2 for g in groups})
+    assert count_macs(small, 3, 32) < 0.7 * count_macs(teacher, 3, 32)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuild(torchvision.models.regnet_x_400mf(num_classes=10), (), small.state_dict())(images),
+                           small(images))
 
 
 def test_units_are_found_by_tracing_not_by_class_names():
@@ -176,6 +193,23 @@ def test_safetensors_weights_and_the_input_contract(tmp_path):
     teacher = load_or_train_teacher(store, config, dataset, splits, torch.device("cpu"), progress=False)
     assert all(torch.equal(v, teacher.model.state_dict()[k]) for k, v in model.state_dict().items())
     assert load_or_train_teacher(store, config, dataset, splits, torch.device("cpu")).cached
+
+
+@pytest.mark.s3
+def test_weights_from_s3_are_read_through_the_stores_endpoint(user_weights, s3_env):
+    """An s3:// weights URI on the store's own S3 server: the endpoint given for the store (--s3-endpoint) is
+    the one the weights are read from (the environment names none)."""
+    from storage import S3Store
+
+    raw = (user_weights / "weights.pt").read_bytes()
+    bucket = s3_env.new_bucket()
+    s3_env.client().put_object(Bucket=bucket, Key="models/mine.pt", Body=raw)
+    store = S3Store(bucket, "store", endpoint=s3_env.endpoint)
+    dataset = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(**DATA["synthetic"]))
+    config = TeacherConfig(model=FACTORY, kwargs={"num_classes": 4}, weights=f"s3://{bucket}/models/mine.pt")
+    teacher = load_or_train_teacher(store, config, dataset, load_dataset(dataset), torch.device("cpu"),
+                                    progress=False)
+    assert teacher.meta["source"]["weights_sha256"] == hashlib.sha256(raw).hexdigest()
 
 
 BAD = {
@@ -302,6 +336,11 @@ def test_rigl_trains_a_user_model_sparse_from_fresh_weights(user_weights, tmp_pa
     fresh = fresh_weights(model)
     assert fresh.state_dict().keys() == model.state_dict().keys()
     assert not torch.equal(fresh.stem[0].weight, model.stem[0].weight)  # re-initialised by its own layers
+    trained = scaled_cnn()
+    with torch.no_grad():
+        trained.gamma.fill_(0.5)  # a layer scale, which no reset_parameters reaches: only the constructor does
+    source = ModelSource("tests.user_models.nets:scaled_cnn", {})
+    assert torch.equal(fresh_weights(trained, source).gamma, torch.full((8, 1, 1), 1e-6))
     config = write_config(user_weights, {"model": FACTORY, "kwargs": {"num_classes": 4}, "weights": "weights.pt"},
                           name="rigl.yaml")
     store_dir = tmp_path / "store"
@@ -314,14 +353,24 @@ def test_rigl_trains_a_user_model_sparse_from_fresh_weights(user_weights, tmp_pa
     assert sum(int(p.count_nonzero()) for p in again.parameters()) == rows[0]["nonzero_params"]
 
 
+def test_rigl_on_a_user_mlp_is_refused_while_linear_layers_are_ignored(user_weights, capsys):
+    config = write_config(user_weights, {"model": "tests.user_models.nets:mlp", "kwargs": {"num_classes": 4}},
+                          name="rigl-mlp.yaml")
+    assert main(["validate", str(config), "--set", "method=rigl", "--set", "search={dense_allocation: 0.3}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tests.user_models.nets:mlp has only linear layers" in err, err
+    assert main(["validate", str(config), "--set", "method=rigl",
+                 "--set", "search={dense_allocation: 0.3, ignore_linear_layers: false}"]) == 0
+
+
 AGP_ELEMENT = ("{version: 1, pruners: {all: {class: AutomatedGradualPruner, initial_sparsity: 0.2, final_sparsity: 0.6, "
                "weights: [blocks.0.body.0.weight, blocks.0.body.3.weight, blocks.1.body.0.weight, "
                "blocks.1.body.3.weight]}}, policies: [{pruner: {instance_name: all}, starting_epoch: 0, "
                "ending_epoch: 1, frequency: 1}]}")
 
 
-def test_agp_prunes_a_user_model_element_wise_and_refuses_structured_schedules(user_weights, tmp_path, capsys,
-                                                                               ray_session):
+def test_agp_prunes_a_user_model_element_wise_and_checks_structured_schedules(user_weights, tmp_path, capsys,
+                                                                             ray_session):
     config = write_config(user_weights, {"model": FACTORY, "kwargs": {"num_classes": 4}, "weights": "weights.pt"},
                           name="agp.yaml")
     store_dir = tmp_path / "store"
@@ -332,10 +381,37 @@ def test_agp_prunes_a_user_model_element_wise_and_refuses_structured_schedules(u
     again = searchsvc.load_candidate(rows[0]["spec_hash"], store=str(store_dir))
     assert sum(int(p.count_nonzero()) for p in again.parameters()) == rows[0]["nonzero_params"]
     structured = AGP_ELEMENT.replace("AutomatedGradualPruner", "StructuredAGP")
+    assert main(["validate", str(config), "--set", "method=agp", "--set", f"search={{schedule: {structured}}}"]) == 0
     capsys.readouterr()
-    assert main(["validate", str(config), "--set", "method=agp", "--set", f"search={{schedule: {structured}}}"]) == 2
+    not_a_filter = structured.replace("blocks.1.body.3.weight", "blocks.1.body.1.weight")  # a batch-norm scale
+    assert main(["validate", str(config), "--set", "method=agp", "--set", f"search={{schedule: {not_a_filter}}}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "structured pruning of your own network" in err, err
+    assert "'blocks.1.body.1.weight' is not a prunable filter weight" in err, err
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "factory"])
+def test_structured_agp_on_a_user_model_thins_to_the_same_outputs(name):
+    """StructuredAGP over traced channel groups (residual streams, depthwise couplings): the masked network and
+    the thinned one compute the same function, with far fewer MACs."""
+    from workers.schedule import CompressionScheduler, parse_schedule
+    from workers.thinning import group_of_weight, thin
+
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    example = example_input(model, 3, 32)
+    weights = sorted({group.weights[0] for group in group_of_weight(model, example).values()})  # every group
+    raw = {"version": 1, "pruners": {"filters": {"class": "StructuredAGP", "initial_sparsity": 0.5,
+                                                 "final_sparsity": 0.5, "weights": weights}},
+           "policies": [{"pruner": {"instance_name": "filters"}, "starting_epoch": 0, "ending_epoch": 1,
+                         "frequency": 1}]}
+    scheduler = CompressionScheduler(parse_schedule(raw, model, example=example), model, example)
+    scheduler.on_epoch_begin(0)
+    thinned, removed = thin(model, example)
+    assert len(removed) == len(weights) and all(n > 0 for n in removed.values())
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(thinned(images), model(images), atol=1e-4)
+    assert count_macs(thinned, 3, 32) < 0.5 * count_macs(model, 3, 32)
 
 
 def test_thinning_a_user_model_removes_exactly_its_dead_channels():
@@ -354,7 +430,7 @@ def test_thinning_a_user_model_removes_exactly_its_dead_channels():
     assert count_parameters(thinned) < count_parameters(model)
 
 
-def test_sensitivity_of_a_user_model_element_wise(user_weights, tmp_path, capsys, ray_session):
+def test_sensitivity_of_a_user_model_element_wise_and_by_filter(user_weights, tmp_path, capsys, ray_session):
     config = write_config(user_weights, {"model": FACTORY, "kwargs": {"num_classes": 4}, "weights": "weights.pt"},
                           name="sensitivity.yaml")
     store_dir = tmp_path / "store"
@@ -366,18 +442,25 @@ def test_sensitivity_of_a_user_model_element_wise(user_weights, tmp_path, capsys
     by_point = {(r["weight"], r["level"]): r for r in rows}
     assert by_point[("blocks.0.body.0.weight", 0.9)]["nonzero_params"] < by_point[("blocks.0.body.0.weight", 0.0)][
         "nonzero_params"]
+    assert main(["run", str(config), "--store", str(store_dir), "--no-progress", "--set", "method=sensitivity",
+                 "--set", "search={structure: filter, levels: [0.5], weights: [blocks.1.body.0.weight]}"]) == 0
+    filters = searchsvc.results(LocalStore(store_dir)).to_pylist()
+    assert len(filters) == 1 and filters[0]["status"] == "ok" and filters[0]["structure"] == "filter"
+    assert filters[0]["nonzero_params"] < by_point[("blocks.0.body.0.weight", 0.0)]["nonzero_params"]
     capsys.readouterr()
-    assert main(["validate", str(config), "--set", "method=sensitivity", "--set", "search={structure: filter}"]) == 2
-    assert "filter sensitivity of your own network" in capsys.readouterr().err
+    assert main(["validate", str(config), "--set", "method=sensitivity",
+                 "--set", "search={structure: filter, weights: [blocks.1.body.1.weight]}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'blocks.1.body.1.weight' is not a prunable weight" in err, err
 
 
 def test_an_edited_constructor_in_a_stored_teacher_is_refused_before_it_runs(user_weights, tmp_path):
     """A stored meta.json names code to import and call: it must hash to its teacher's key first."""
     import json
 
+    from storage import CorruptArtifactError
     from storage.base import json_bytes
     from workers.teacher import load_teacher
-    from storage import CorruptArtifactError
 
     dataset = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(**DATA["synthetic"]))
     config = TeacherConfig(model=FACTORY, kwargs={"num_classes": 4}, weights=str(user_weights / "weights.pt"))

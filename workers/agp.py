@@ -31,7 +31,7 @@ from workers.pruners import filter_masks, magnitude_mask
 from workers.schedule import CompressionScheduler, Schedule, parse_schedule
 from workers.spec import short_hash
 from workers.summary import weight_stats
-from workers.thinning import thin
+from workers.thinning import group_of_weight, thin
 from workers.zoo import Model
 
 if TYPE_CHECKING:
@@ -51,22 +51,24 @@ def put_schedule(store: ArtifactStore, raw: dict[str, Any]) -> str:
     return key
 
 
-def get_schedule(store: ArtifactStore, key: str, model: nn.Module) -> Schedule:
-    """A stored schedule, validated against `model` (yaml.safe_load)."""
+def get_schedule(store: ArtifactStore, key: str, model: nn.Module, example: torch.Tensor | None = None) -> Schedule:
+    """A stored schedule, validated against `model` (yaml.safe_load; `example`: see parse_schedule)."""
     where = store.uri_for(f"schedules/{key}.yaml")
-    return parse_schedule(yaml.safe_load(store.get_bytes(f"schedules/{key}.yaml")), model, source=where)
+    return parse_schedule(yaml.safe_load(store.get_bytes(f"schedules/{key}.yaml")), model, source=where,
+                          example=example)
 
 
 def agp_step(parent: Model, spec: "CandidateSpec", ctx: "EvalContext") -> Built:
     """Train a copy of the teacher under the candidate's schedule; thin it when training is done."""
     model = copy.deepcopy(parent).cpu().train()
-    schedule = get_schedule(ctx.store, spec.schedule, model)
-    scheduler = CompressionScheduler(schedule, model)
     c, size = ctx.splits.in_channels, ctx.splits.image_size
+    example = example_input(model, c, size)
+    schedule = get_schedule(ctx.store, spec.schedule, model, example)
+    scheduler = CompressionScheduler(schedule, model, example)
 
     def finish(trained: Model) -> tuple[Model, dict[str, Any]]:
         before = weight_stats(trained, c, size)
-        thinned, removed = thin(trained.cpu(), example_input(trained.cpu(), c, size))
+        thinned, removed = thin(trained.cpu(), example)
         after = weight_stats(thinned, c, size)
         return thinned, {"sparsity": after["sparsity"], "nonzero_params": after["nonzero_params"],
                          "nonzero_macs": after["nonzero_macs"], "macs_before_thinning": before["dense_macs"],
@@ -76,13 +78,15 @@ def agp_step(parent: Model, spec: "CandidateSpec", ctx: "EvalContext") -> Built:
     return Built(model, {"schedule": spec.schedule}, callbacks=(scheduler,), finish=finish)
 
 
-def prune_alone(model: Model, weight: str, level: float, structure: str) -> Model:
+def prune_alone(model: Model, weight: str, level: float, structure: str,
+                example: torch.Tensor | None = None) -> Model:
     """A copy of `model` with one weight pruned to `level`: element-wise by magnitude, or whole filters
-    (with their bias / batch-norm channel, and in a ResNet the rest of the residual stream) by L1."""
+    (with their bias / batch-norm channel, and in a ResNet the rest of the residual stream) by L1.
+    `example`: an input, for the traced channel groups of a user's network."""
     pruned = copy.deepcopy(model).cpu().eval()
     params = dict(pruned.named_parameters())
     masks = {weight: magnitude_mask(params[weight], level)} if structure == "element" else \
-        filter_masks(pruned, [weight], level)
+        filter_masks(pruned, [weight], level, group_of_weight(pruned, example))
     with torch.no_grad():
         for name, mask in masks.items():
             params[name].mul_(mask)
@@ -93,7 +97,9 @@ def sensitivity_step(parent: Model, spec: "CandidateSpec", ctx: "EvalContext") -
     """One point of a sensitivity analysis: the teacher with `params.weight` pruned to `params.level`,
     measured without fine-tuning and not kept (only its metrics are stored)."""
     params = dict(spec.params)
-    model = prune_alone(parent, str(params["weight"]), float(params["level"]), str(params["structure"]))
-    stats = weight_stats(model, ctx.splits.in_channels, ctx.splits.image_size)
+    c, size = ctx.splits.in_channels, ctx.splits.image_size
+    model = prune_alone(parent, str(params["weight"]), float(params["level"]), str(params["structure"]),
+                        example_input(parent, c, size))
+    stats = weight_stats(model, c, size)
     return Built(model, {"weight": params["weight"], "level": params["level"], **stats}, train=False,
                  keep_model=False)

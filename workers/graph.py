@@ -136,19 +136,29 @@ def dependency_graph(model: nn.Module, example: torch.Tensor):
 
 
 def channel_groups(model: nn.Module, example: torch.Tensor) -> list[ChannelGroup]:
-    """Every prunable channel group of `model` (the classifier's outputs excluded), in forward order."""
+    """Every prunable channel group of `model` in forward order: the classifier's outputs excluded, and the
+    groups a grouped (not depthwise) convolution belongs to."""
     _, graph = dependency_graph(model, example)
     names = {module: name for name, module in model.named_modules()}
     last = model.get_submodule(classifier(model, example))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     groups = []
     for group in graph.get_all_groups(ignored_layers=[last], root_module_types=PRUNABLE):
+        if any(_grouped(item.dep.target.module) for item in group):
+            continue  # channels of a grouped convolution leave only a whole group at a time: kept as they are
         root = group[0].dep.target.module
         outputs = {names[item.dep.target.module] for item in group
                    if item.dep.target.module in names and graph.is_out_channel_pruning_fn(item.dep.handler)}
         groups.append(ChannelGroup(names[root], graph.get_out_channels(root),
                                    tuple(sorted(outputs, key=order.__getitem__))))
     return sorted(groups, key=lambda g: order[g.key])
+
+
+def _grouped(module: nn.Module) -> bool:
+    """A grouped convolution that is not depthwise (ResNeXt, RegNet): Torch-Pruning 1.6 cuts its channels
+    across group boundaries, so the groups it belongs to are not pruned (depthwise ones are handled)."""
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and not (
+        module.groups == module.in_channels == module.out_channels)
 
 
 def remove_units(model: nn.Module, removed: Iterable[str]) -> nn.Module:

@@ -7,7 +7,10 @@ schedule file gives it (validated with their key path). Adding one is one class:
     @dataclass(frozen=True)
     class MyPruner(Pruner):
         weights: tuple[str, ...]
-        def masks(self, model, step): ...   # parameter name → mask (1 keep, 0 prune), same shape
+        def masks(self, model, step, groups=None): ...   # parameter name → mask (1 keep, 0 prune), same shape
+
+`groups` (weight name → its channel group, `workers.thinning.group_of_weight`) is what a structured
+pruner prunes together; the scheduler traces it once for a user's network, which needs an example input.
 
 Sparsity is the fraction of zeros, in [0, 1). Masks are recomputed from the current weights, so a
 weight zeroed earlier (its magnitude is now 0) stays among the pruned as sparsity grows.
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Literal, Mapping
 
 import torch
 from torch import nn
@@ -25,10 +28,11 @@ from torch import nn
 from core.names import is_number
 from workers.importance import l1_importance
 from workers.surgery import group_scores
-from workers.thinning import group_of_weight
+from workers.thinning import ChannelGroup, group_of_weight
 from workers.zoo import weight_layers
 
 Masks = dict[str, torch.Tensor]
+Groups = Mapping[str, ChannelGroup]  # weight name → the channel group it belongs to
 ANY = "*"  # a thresholds / levels key that stands for every conv and linear weight
 
 
@@ -67,7 +71,7 @@ class Pruner:
         """The parameter names the schedule file gave (without `module.`), '*' meaning every weight."""
         return tuple(_strip(w) for w in getattr(self, "weights", ()))
 
-    def masks(self, model: nn.Module, step: PolicyStep) -> Masks:
+    def masks(self, model: nn.Module, step: PolicyStep, groups: Groups | None = None) -> Masks:
         raise NotImplementedError
 
 
@@ -115,7 +119,7 @@ class AutomatedGradualPruner(Pruner):
             raise ValueError(f"final_sparsity: must be at least initial_sparsity ({self.initial_sparsity}), "
                              f"got {self.final_sparsity}")
 
-    def masks(self, model: nn.Module, step: PolicyStep) -> Masks:
+    def masks(self, model: nn.Module, step: PolicyStep, groups: Groups | None = None) -> Masks:
         target = agp_sparsity(self.initial_sparsity, self.final_sparsity, step)
         params = dict(model.named_parameters())
         return {name: magnitude_mask(params[name], target) for name in self.targets()}
@@ -133,14 +137,16 @@ class StructuredAGP(AutomatedGradualPruner):
 
     group_type: Literal["Filters", "Rows"] = field(default="Filters", metadata={"help": "Filters or Rows"})
 
-    def masks(self, model: nn.Module, step: PolicyStep) -> Masks:
-        return filter_masks(model, self.targets(), agp_sparsity(self.initial_sparsity, self.final_sparsity, step))
+    def masks(self, model: nn.Module, step: PolicyStep, groups: Groups | None = None) -> Masks:
+        sparsity = agp_sparsity(self.initial_sparsity, self.final_sparsity, step)
+        return filter_masks(model, self.targets(), sparsity, groups)
 
 
-def filter_masks(model: nn.Module, weights: tuple[str, ...] | list[str], sparsity: float) -> Masks:
+def filter_masks(model: nn.Module, weights: tuple[str, ...] | list[str], sparsity: float,
+                 groups: Groups | None = None) -> Masks:
     """Masks that zero the `sparsity` share of each named weight's channel group (lowest summed L1 norms),
-    over every parameter that carries those channels."""
-    groups = group_of_weight(model)
+    over every parameter that carries those channels. `groups`: default, the zoo model's own."""
+    groups = group_of_weight(model) if groups is None else groups
     params = dict(model.named_parameters())
     masks: Masks = {}
     for group in {groups[name].key: groups[name] for name in weights}.values():
@@ -184,7 +190,7 @@ class _PerWeightPruner(Pruner):
     def targets(self) -> tuple[str, ...]:
         return tuple(_strip(k) for k in self.table())
 
-    def masks(self, model: nn.Module, step: PolicyStep) -> Masks:
+    def masks(self, model: nn.Module, step: PolicyStep, groups: Groups | None = None) -> Masks:
         """Explicit names win over '*', which stands for every conv / linear weight."""
         names = {_strip(k): v for k, v in self.table().items()}
         default = names.pop(ANY, None)

@@ -27,6 +27,7 @@ from torch import nn
 from workers.evaluate import Built
 from workers.summary import weight_stats
 from workers.train import TrainCallback
+from workers.user_model import ModelSource, construct
 from workers.zoo import build_model, weight_layers
 
 if TYPE_CHECKING:
@@ -259,11 +260,17 @@ SPEC_OPTIONS = ("alpha", "delta", "dense_allocation", "grad_accumulation_n", "ig
                 "sparsity_distribution", "static_topo")
 
 
-def fresh_weights(model: nn.Module) -> nn.Module:
-    """The same network with freshly initialised weights (CPU): a zoo model rebuilt from its architecture,
-    any other network copied and every layer's own `reset_parameters` run (its constructor's initialisation)."""
+def fresh_weights(model: nn.Module, source: ModelSource | None = None) -> nn.Module:
+    """The same network with freshly initialised weights (CPU): a zoo model rebuilt from its architecture, a
+    user's network built again by its constructor (`source`: its own initialisation, every parameter included),
+    else copied with every layer's own `reset_parameters` run."""
     if hasattr(model, "arch"):
         return build_model(model.arch)
+    if source is not None:
+        fresh = construct(source)
+        shapes = {k: v.shape for k, v in model.state_dict().items()}
+        if {k: v.shape for k, v in fresh.state_dict().items()} == shapes:
+            return fresh
     fresh = copy.deepcopy(model).cpu()
     for module in fresh.modules():
         if module is not fresh and hasattr(module, "reset_parameters"):
@@ -279,7 +286,8 @@ def rigl_step(parent: nn.Module, spec: "CandidateSpec", ctx: "EvalContext") -> B
         model = copy.deepcopy(parent).cpu().train()
     else:
         torch.manual_seed(spec.seed)
-        model = fresh_weights(parent).train()
+        source = ctx.teacher.meta.get("source")  # verified against the teacher's key when it was loaded
+        model = fresh_weights(parent, ModelSource.from_data(source) if source else None).train()
     callback = RigLCallback(float(params["t_end_fraction"]), seed=spec.seed,
                             **{k: params[k] for k in SPEC_OPTIONS})
 

@@ -78,7 +78,7 @@ class Schedule:
         return max((max(p.epochs) for p in self.policies if p.epochs), default=0)
 
 
-def load_schedule(path: str, model: nn.Module | None = None) -> Schedule:
+def load_schedule(path: str, model: nn.Module | None = None, example: torch.Tensor | None = None) -> Schedule:
     """Read and validate a schedule file (core.yamlio); ScheduleError naming the file and key."""
     try:
         with open(path) as handle:
@@ -87,11 +87,13 @@ def load_schedule(path: str, model: nn.Module | None = None) -> Schedule:
         raise ScheduleError([f"cannot read the schedule: {err.strerror}"], path) from None
     except yaml.YAMLError as err:
         raise ScheduleError([f"invalid YAML: {str(err).splitlines()[0]}"], path) from None
-    return parse_schedule(raw, model, source=path)
+    return parse_schedule(raw, model, source=path, example=example)
 
 
-def parse_schedule(raw: Any, model: nn.Module | None = None, source: str = "schedule") -> Schedule:
-    """Validate a schedule mapping; with `model`, also that every weight it names exists there."""
+def parse_schedule(raw: Any, model: nn.Module | None = None, source: str = "schedule",
+                   example: torch.Tensor | None = None) -> Schedule:
+    """Validate a schedule mapping; with `model`, also that every weight it names exists there (a structured
+    pruner's weights on a user's network are checked against its channel groups, traced on `example`)."""
     problems: list[str] = []
     if not isinstance(raw, dict):
         raise ScheduleError(["the schedule must be a mapping with version, pruners, lr_schedulers, policies"], source)
@@ -101,7 +103,7 @@ def parse_schedule(raw: Any, model: nn.Module | None = None, source: str = "sche
                             f"supported: {', '.join(_TOP_KEYS)}")
     if raw.get("version") != 1:
         problems.append(f"version: must be 1, got {raw.get('version')!r}")
-    pruners = {name: _pruner(name, settings, model, problems)
+    pruners = {name: _pruner(name, settings, model, problems, example)
                for name, settings in _sections(raw, "pruners", problems).items()}
     schedulers = {name: _lr_scheduler(name, settings, problems)
                   for name, settings in _sections(raw, "lr_schedulers", problems).items()}
@@ -127,7 +129,8 @@ def _sections(raw: dict, key: str, problems: list[str]) -> dict[str, Any]:
     return value
 
 
-def _pruner(name: str, settings: Any, model: nn.Module | None, problems: list[str]) -> Pruner | None:
+def _pruner(name: str, settings: Any, model: nn.Module | None, problems: list[str],
+            example: torch.Tensor | None) -> Pruner | None:
     where = f"pruners.{name}"
     if not isinstance(settings, dict) or "class" not in settings:
         problems.append(f"{where}.class: missing (one of {', '.join(sorted(pruner_classes()))})")
@@ -144,17 +147,16 @@ def _pruner(name: str, settings: Any, model: nn.Module | None, problems: list[st
         problems.extend(err.problems)
         return None
     if model is not None:
-        problems.extend(_unknown_weights(where, pruner, model))
+        problems.extend(_unknown_weights(where, pruner, model, example))
     return pruner
 
 
-def _unknown_weights(where: str, pruner: Pruner, model: nn.Module) -> list[str]:
+def _unknown_weights(where: str, pruner: Pruner, model: nn.Module, example: torch.Tensor | None) -> list[str]:
     """Names the model does not have (or, for a structured pruner, that are not filter weights)."""
-    if isinstance(pruner, StructuredAGP) and not hasattr(model, "arch"):
-        element_wise = sorted(n for n, c in pruner_classes().items() if not issubclass(c, StructuredAGP))
-        return [f"{where}.class: structured pruning of your own network is not supported yet; element-wise "
-                f"pruners are ({', '.join(element_wise)})"]
-    allowed = list(group_of_weight(model)) if isinstance(pruner, StructuredAGP) else prunable_weights(model)
+    if isinstance(pruner, StructuredAGP) and not hasattr(model, "arch") and example is None:
+        return [f"{where}.class: structured pruning of your own network traces it on the data's image shape; "
+                f"set dataset.image_size"]
+    allowed = list(group_of_weight(model, example)) if isinstance(pruner, StructuredAGP) else prunable_weights(model)
     field = "weights" if hasattr(pruner, "weights") else "levels" if hasattr(pruner, "levels") else "thresholds"
     kind = "a prunable filter weight" if isinstance(pruner, StructuredAGP) else "a conv or linear weight"
     model_name = getattr(getattr(model, "arch", None), "name", type(model).__name__)
@@ -241,9 +243,13 @@ def _epochs(where: str, entry: dict, problems: list[str]) -> tuple[int, ...] | N
 class CompressionScheduler(TrainCallback):
     """Runs a schedule inside `train_model`: Distiller's callbacks, with resumable state."""
 
-    def __init__(self, schedule: Schedule, model: nn.Module) -> None:
+    def __init__(self, schedule: Schedule, model: nn.Module, example: torch.Tensor | None = None) -> None:
+        """`example`: an input of the model's shape, which a user's network needs for structured pruning (its
+        channel groups are traced, once, here)."""
         self.schedule = schedule
         self.model = model
+        structured = any(isinstance(p, StructuredAGP) for p in schedule.pruners.values())
+        self.groups = group_of_weight(model, example) if structured else None
         self.masks: Masks = {}
         self.lr: dict[str, Any] = {}
         self.controls_lr = any(p.kind == "lr_scheduler" for p in schedule.policies)
@@ -257,7 +263,8 @@ class CompressionScheduler(TrainCallback):
         """New masks from every pruner whose policy acts this epoch, applied at once."""
         for policy in self.schedule.policies:
             if policy.kind == "pruner" and epoch in policy.epochs:
-                self.masks.update(self.schedule.pruners[policy.instance].masks(self.model, policy.step(epoch)))
+                self.masks.update(self.schedule.pruners[policy.instance].masks(self.model, policy.step(epoch),
+                                                                              self.groups))
         self.apply_masks()
 
     def on_minibatch_end(self, epoch: int, step: int, steps: int) -> None:

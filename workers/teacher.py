@@ -137,7 +137,9 @@ def load_or_train_teacher(store: ArtifactStore, config: TeacherConfig, dataset: 
     """Load the teacher from `teachers/<hash>/` if a complete one is there; else build it (the zoo's `arch`,
     or the user's `model` with its given `weights`), train it unless its weights are given (or fine-tune
     them when asked), evaluate it and store it. Nothing is stored for a teacher that fails."""
-    raw, sha256 = weights_file(config.weights) if config.weights is not None else (b"", None)
+    # s3:// weights are read through the store's own endpoint (--s3-endpoint), the one the user pointed us at
+    raw, sha256 = weights_file(config.weights, getattr(store, "endpoint", None)) if config.weights is not None \
+        else (b"", None)
     key = teacher_hash(config, dataset, sha256)
     prefix = layout.teacher(key)
     if store.exists(f"{prefix}/manifest.json"):

@@ -22,7 +22,7 @@ from torch import nn
 from workers.graph import channel_groups as graph_groups
 from workers.graph import shrink_graph
 from workers.surgery import ScoreTable, prune_groups, shrink
-from workers.zoo import Model, PlainArch, PlainCNN, build_model
+from workers.zoo import PlainArch, PlainCNN, build_model
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,11 @@ class ChannelGroup:
     params: tuple[str, ...]  # every parameter indexed by the channels: weights, biases, BN scale/shift
 
 
-def channel_groups(model: Model) -> list[ChannelGroup]:
-    """Every prunable group of the model (the classifier's outputs are never one)."""
+def channel_groups(model: nn.Module, example: torch.Tensor | None = None) -> list[ChannelGroup]:
+    """Every prunable group of the model (the classifier's outputs are never one). A user's network (no zoo
+    architecture) has the groups of its traced dependency graph, which needs an `example` input."""
+    if not hasattr(model, "arch"):
+        return _traced_groups(model, example)
     if isinstance(model, PlainCNN):
         names = model.arch.layer_names()[:-1]
         return [ChannelGroup(n, (f"{n}.weight",), (f"{n}.weight", f"{n}.bias")) for n in names]
@@ -47,19 +50,39 @@ def channel_groups(model: Model) -> list[ChannelGroup]:
     return groups
 
 
-def group_of_weight(model: Model) -> dict[str, ChannelGroup]:
+def _traced_groups(model: nn.Module, example: torch.Tensor | None) -> list[ChannelGroup]:
+    """Dependency-graph groups as ChannelGroups: the conv / linear weights whose output channels the group
+    prunes rank it, and every parameter indexed by those channels (weights, biases, norm scale and shift) is
+    masked with them, so a pruned channel outputs exactly zero (as `thin` then requires)."""
+    if example is None:
+        raise ValueError(f"the channel groups of {type(model).__name__} are traced: an example input is needed")
+    groups = []
+    for group in graph_groups(model, example):
+        weights, params = [], []
+        for name in group.outputs:
+            module = model.get_submodule(name)
+            for pname, p in module.named_parameters(recurse=False):
+                if p.shape[0] == group.channels:
+                    params.append(f"{name}.{pname}")
+                    if pname == "weight" and isinstance(module, (nn.Conv2d, nn.Linear)):
+                        weights.append(f"{name}.weight")
+        groups.append(ChannelGroup(group.key, tuple(weights), tuple(params)))
+    return groups
+
+
+def group_of_weight(model: nn.Module, example: torch.Tensor | None = None) -> dict[str, ChannelGroup]:
     """Weight name → its channel group (what a structured pruner naming one weight prunes)."""
-    return {w: g for g in channel_groups(model) for w in g.weights}
+    return {w: g for g in channel_groups(model, example) for w in g.weights}
 
 
 @torch.no_grad()
-def alive_channels(model: Model) -> dict[str, torch.Tensor]:
+def alive_channels(model: nn.Module, example: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Group key → bool per channel: True where any parameter of the group is non-zero."""
     params = dict(model.named_parameters())
     alive = {}
-    for group in channel_groups(model):
+    for group in channel_groups(model, example):
         flags = [params[p].detach().reshape(params[p].shape[0], -1).ne(0).any(1).cpu() for p in group.params]
-        alive[group.key] = torch.stack(flags).any(0)
+        alive[group.key] = torch.stack(flags).any(0)  # a group's root weight is always among its params
     return alive
 
 
@@ -69,8 +92,7 @@ def thin(model: nn.Module, example: torch.Tensor | None = None) -> tuple[nn.Modu
     Every group keeps at least one channel (a layer cannot vanish); the model itself is unchanged.
     A user's network (no zoo architecture) is thinned through its traced dependency graph, on `example`.
     """
-    traced = not hasattr(model, "arch")
-    alive = _graph_alive(model, example) if traced else alive_channels(model)
+    alive = alive_channels(model, example)
     removed = {key: int((~flags).sum()) for key, flags in alive.items() if not flags.all()}
     if not removed:
         return copy.deepcopy(model).cpu().eval(), {}
@@ -78,21 +100,9 @@ def thin(model: nn.Module, example: torch.Tensor | None = None) -> tuple[nn.Modu
         return _thin_plain(model, alive), removed
     widths = {key: max(1, int(flags.sum())) for key, flags in alive.items()}
     scores = {key: flags.float() for key, flags in alive.items()}
-    if traced:
+    if not hasattr(model, "arch"):
         return shrink_graph(model, example, widths=widths, scores=scores), removed
     return shrink(model.cpu(), widths=widths, importance=ScoreTable(model, scores)), removed
-
-
-@torch.no_grad()
-def _graph_alive(model: nn.Module, example: torch.Tensor) -> dict[str, torch.Tensor]:
-    """`alive_channels` of a user's network: per dependency-graph group, True where any parameter the group
-    prunes is non-zero at that channel."""
-    alive: dict[str, torch.Tensor] = {}
-    for group in graph_groups(model, example):
-        flags = [p.detach().reshape(p.shape[0], -1).ne(0).any(1).cpu() for name in group.outputs
-                 for p in model.get_submodule(name).parameters(recurse=False) if p.shape[0] == group.channels]
-        alive[group.key] = torch.stack(flags).any(0) if flags else torch.ones(group.channels, dtype=torch.bool)
-    return alive
 
 
 @torch.no_grad()

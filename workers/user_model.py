@@ -110,9 +110,9 @@ def read_weights(raw: bytes, where: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def weights_file(location: str) -> tuple[bytes, str]:
+def weights_file(location: str, endpoint: str | None = None) -> tuple[bytes, str]:
     """The bytes of a weights file (a path, file:// or s3:// URI) and their sha256 (hex); SearchsvcError naming
-    it otherwise."""
+    it otherwise. `endpoint`: the S3 endpoint of an s3:// URI (the run's store's, else boto3's default)."""
     if not location.endswith(WEIGHT_SUFFIXES):
         raise SearchsvcError(f"teacher.weights: {location}: expected a {', '.join(WEIGHT_SUFFIXES)} file")
     if location.startswith("s3://"):
@@ -120,7 +120,7 @@ def weights_file(location: str) -> tuple[bytes, str]:
 
         folder, _, name = location.rpartition("/")
         try:
-            raw = open_store(folder, create=False).get_bytes(name)
+            raw = open_store(folder, endpoint=endpoint, create=False).get_bytes(name)
         except KeyNotFoundError:
             raise SearchsvcError(f"teacher.weights: {location}: no such object") from None
     else:

@@ -46,3 +46,29 @@ def plain_cnn(num_classes: int = 4) -> nn.Module:
     """No skip connection anywhere: nothing the N2N agent could remove."""
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+
+class ScaledCNN(nn.Module):
+    """A residual branch scaled by a learned per-channel factor (ConvNeXt's layer scale): a parameter that no
+    layer's `reset_parameters` re-initialises, only the constructor."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.branch = nn.Conv2d(8, 8, 3, padding=1)
+        self.gamma = nn.Parameter(torch.full((8, 1, 1), 1e-6))
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x))
+        x = x + self.gamma * self.branch(x)
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def scaled_cnn(num_classes: int = 4) -> ScaledCNN:
+    return ScaledCNN(num_classes)
+
+
+def mlp(num_classes: int = 4, image_size: int = 16) -> nn.Module:
+    """Linear layers only: nothing RigL may sparsify while `ignore_linear_layers` is on."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(image_size * image_size, 32), nn.ReLU(), nn.Linear(32, num_classes))
