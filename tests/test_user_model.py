@@ -311,6 +311,29 @@ def test_taylor_prunes_a_user_model_over_its_dependency_graph(user_weights, tmp_
     assert count_parameters(again) == rows[1]["params"]
 
 
+def test_taylor_on_torchvision_mobilenet_v2_from_its_weights(tmp_path, ray_session):
+    """A torchvision network end to end: given weights (not trained), 1-channel data fed as RGB at 32 px,
+    Taylor pruning through its depthwise couplings, a smaller model rebuilt from the constructor."""
+    torch.manual_seed(0)
+    teacher = torchvision.models.mobilenet_v2(num_classes=4)
+    torch.save(teacher.state_dict(), tmp_path / "mobilenet.pt")
+    data = {**DATA, "channels": 3, "image_size": 32}
+    config = {"method": "taylor", "dataset": data, "resources": {"gpus_per_eval": 0},
+              "teacher": {"model": "torchvision:mobilenet_v2", "kwargs": {"num_classes": 4},
+                          "weights": "mobilenet.pt"},
+              "train": {"epochs": 1, "batch_size": 64, "augment": False, "max_images": 128},
+              "search": {"iterations": 1, "filters_per_iteration": 0.2, "importance_batches": 1,
+                         "stop": {"max_drop": 100}}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    store_dir = tmp_path / "store"
+    assert main(["run", str(tmp_path / "job.yaml"), "--store", str(store_dir), "--no-progress"]) == 0
+    rows = searchsvc.results(LocalStore(store_dir)).to_pylist()
+    assert len(rows) == 1 and rows[0]["status"] == "ok"
+    assert rows[0]["params"] < count_parameters(teacher) and rows[0]["macs"] < count_macs(teacher, 3, 32)
+    again = searchsvc.load_candidate(rows[0]["spec_hash"], store=str(store_dir))
+    assert count_parameters(again) == rows[0]["params"]
+
+
 def test_both_engines_agree_on_a_zoo_model_where_both_apply():
     """Why the zoo keeps its own surgery (README, "Your own model"): on ResNet-20 the traced engine finds the
     seven identity-shortcut blocks (the zoo also removes the two with a projection, keeping the 1x1 conv) and
