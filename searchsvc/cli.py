@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -202,6 +203,14 @@ def _output_path(path: str, flag: str, suffixes: tuple[str, ...] = (), create_fo
         raise SearchsvcError(f"{flag}: folder {folder} {what}")
     if not os.access(folder, os.W_OK):
         raise SearchsvcError(f"{flag}: cannot write into {folder}")
+    try:  # what os.access cannot tell (/proc, a read-only mount for root): try it now, before any work
+        if folder != output.parent:
+            os.rmdir(tempfile.mkdtemp(dir=folder))  # the missing folders will be made in `folder`
+        elif not output.exists():
+            output.open("xb").close()
+            output.unlink()
+    except OSError as err:
+        raise SearchsvcError(f"{flag}: cannot write {path} ({err.strerror})") from None
     return output
 
 

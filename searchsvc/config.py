@@ -70,8 +70,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError([f"{path}: no such file"]) from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
         raise ConfigError([f"{path}: cannot read ({err.__class__.__name__})"]) from None
+    except OSError as err:  # a folder, no permission, a path through a file, a name too long, ...
+        raise ConfigError([f"{path}: cannot read ({err.__class__.__name__}: {err.strerror})"]) from None
     try:
         raw = load_yaml(text)
     except yaml.YAMLError as err:

@@ -64,6 +64,16 @@ MALFORMED = [
 ]
 
 
+@pytest.mark.parametrize("path, expected", [("/etc/hostname/job.yaml", "cannot read (NotADirectoryError"),
+                                            ("/tmp/" + "j" * 300 + ".yaml", "File name too long"),
+                                            ("/tmp", "cannot read (IsADirectoryError")])
+def test_config_paths_that_cannot_be_read_are_one_line(capsys, path, expected):
+    """A path through a file, a name too long for the file system, a folder: exit 2 naming the path."""
+    assert main(["validate", path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+
+
 @pytest.mark.parametrize("name, text, expected", MALFORMED, ids=[m[0] for m in MALFORMED])
 def test_malformed_config_gives_one_clear_line_and_exit_2(tmp_path, capsys, name, text, expected):
     path = tmp_path / f"{name}.yaml"

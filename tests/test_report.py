@@ -88,7 +88,10 @@ def test_unwritable_outputs_are_refused_before_any_work(grid_report, tmp_path, c
              (["report", "-o", str(tmp_path / ("r" * 300 + ".html"))], "--output: the file name is too long"),
              (["export", "0123456789abcdef", "-o", str(a_file / "deeper" / "m.onnx")],
               f"--output: folder {a_file} is a file, not a folder"),
-             (["export", "0123456789abcdef", "-o", str(tmp_path)], "use a .onnx, .pt, .ts file name")]
+             (["export", "0123456789abcdef", "-o", str(tmp_path)], "use a .onnx, .pt, .ts file name"),
+             # os.access says yes to root everywhere: the write itself is tried first
+             (["report", "-o", "/proc/r.html"], "--output: cannot write /proc/r.html"),
+             (["export", "0123456789abcdef", "-o", "/proc/new/m.onnx"], "--output: cannot write /proc/new/m.onnx")]
     for args, expected in cases:
         started = time.perf_counter()
         assert main([*args, "--store", str(store_dir)]) == 2, args
