@@ -17,6 +17,7 @@ from typing import Any, Iterable, Iterator
 import ray
 from tqdm.auto import tqdm
 
+from core.errors import SearchsvcError, first_line
 from searchsvc import stopping
 from searchsvc.job import RunContext
 from searchsvc.result_table import ResultRow, read_row
@@ -210,6 +211,9 @@ def ensure_ray(address: str | None = None) -> None:
     /tmp/ray/ray_current_cluster, which may belong to another run and end under this one."""
     if ray.is_initialized():
         return
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.WARNING,
-             configure_logging=False)
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+    except ConnectionError as err:  # something answered at the address (job.run checked), but not a Ray cluster
+        raise SearchsvcError(f"--address {address}: cannot connect to a Ray cluster ({first_line(err)})") from None
     stop_on_sigterm()  # ray.init may have put its own handler in place of the run's

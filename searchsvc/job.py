@@ -19,6 +19,7 @@ import pyarrow as pa
 from core.errors import SearchsvcError
 from searchsvc.config import JobConfig, config_to_yaml, parse_config
 from searchsvc.methods import get_method
+from searchsvc.preflight import check_device, check_ray_address
 from searchsvc.result_table import stored_config, write_results
 from searchsvc.stopping import Stopped, stop_on_sigterm
 from searchsvc.version import code_version
@@ -81,6 +82,8 @@ def run(config: JobConfig, store: ArtifactStore | str | None = None, endpoint: s
 
     `address` is the Ray cluster the workers run on (default: RAY_ADDRESS, else a local Ray).
     """
+    check_device(config.device)
+    check_ray_address(address)
     if not isinstance(store, ArtifactStore):
         store = open_store(store or config.store, endpoint=endpoint, options=StoreOptions.from_env())
     run_id = new_run_id()
@@ -103,6 +106,8 @@ def resume(store: ArtifactStore | str, run_id: str, endpoint: str | None = None,
     if record.get("status") == "finished":
         raise SearchsvcError(f"run '{run_id}' already finished; nothing to resume")
     config = parse_config(stored_config(store, run_id)[1], source=store.uri_for(f"{prefix}/config.yaml"))
+    check_device(config.device)
+    check_ray_address(address)
     record.update(status="running", resumed_at=_now(), resumes=record.get("resumes", 0) + 1,
                   code_version=code_version())
     return _execute(config, store, run_id, record, progress, address, resumed=True)
