@@ -3,7 +3,7 @@
 `n2n` runs on the same teacher, data and fine-tune recipe, compared at matched MACs.
 
     python examples/train_your_model.py -o examples/your_resnet18.pt     # the user's model (once)
-    python benchmarks/peer_torch_pruning.py [--store DIR] [--steps 5] [--methods taylor,n2n]
+    python benchmarks/peer_torch_pruning.py [--store DIR] [--steps 5] [--methods taylor,n2n] [--taylor-fractions 0.15,0.18]
 
 Both pruners remove the same number of channels per step (`search.filters_per_iteration` of the teacher's
 prunable channels, ranked on the same `importance_batches` training batches) and every pruned model is
@@ -78,15 +78,18 @@ def torch_pruning_pipeline(ctx: EvalContext, config, steps: int) -> list[dict[st
     return points
 
 
-def searchsvc_run(method: str, store: LocalStore, steps: int, overrides: list[str]) -> dict[str, Any]:
-    """One searchsvc run of the method's your-model config; its valid candidates and wall time."""
-    if method == "taylor":  # as many steps as Torch-Pruning's, none stopped early
-        overrides = [*overrides, f"search.iterations={steps}", "search.stop.max_drop=100"]
+def searchsvc_run(method: str, store: LocalStore, steps: int, overrides: list[str],
+                  fractions: list[float]) -> dict[str, Any]:
+    """One searchsvc run of the method's your-model config; its valid candidates and wall time. Taylor runs as
+    many steps as Torch-Pruning's, none stopped early, one Tune trial per step size in `fractions`."""
+    if method == "taylor":
+        overrides = [*overrides, f"search.iterations={steps}", "search.stop.max_drop=100",
+                     f"search.tune.filters_per_iteration={fractions}"]
     config = searchsvc.load_config(common.REPO / CONFIGS[method], overrides)
     started = time.perf_counter()
     result = searchsvc.run(config, store=store, progress=False)
     keys = ("spec_hash", "method", "macs", "params", "accuracy", "val_accuracy", "compression", "finetuned_from",
-            "iteration", "cached")
+            "iteration", "cached", "sample")
     rows = [{k: row.get(k) for k in keys} for row in result.table.to_pylist() if row["status"] == "ok"]
     print(f"searchsvc {method}: {len(rows)} candidates in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     return {"run_id": result.run_id, "config": CONFIGS[method], "overrides": overrides,
@@ -133,14 +136,20 @@ def main() -> None:
     parser.add_argument("--store", help="store folder (default: a temporary one); the teacher is evaluated there")
     parser.add_argument("--steps", type=int, default=5, help="pruning steps of both iterative pipelines")
     parser.add_argument("--methods", default="taylor,n2n", help="searchsvc methods to run (comma-separated)")
+    parser.add_argument("--taylor-fractions", default="0.15,0.18",
+                        help="searchsvc taylor: one trial per share of channels removed per step (the first is "
+                             "Torch-Pruning's step too)")
     parser.add_argument("--set", action="append", default=[], dest="overrides",
                         help="override for every config, e.g. train.max_images=512 for a quick try (repeatable)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--name", default="peer_torch_pruning", help="the JSON's name")
     parser.add_argument("--out", default=str(common.REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
-    config = searchsvc.load_config(common.REPO / CONFIGS["taylor"], args.overrides)
+    fractions = [float(f) for f in args.taylor_fractions.split(",")]
+    config = searchsvc.load_config(common.REPO / CONFIGS["taylor"],
+                                   [*args.overrides, f"search.filters_per_iteration={fractions[0]}"])
     with tempfile.TemporaryDirectory(prefix="peer-") as folder:
         store = LocalStore(args.store or Path(folder) / "store")
         splits = load_dataset(config.dataset)
@@ -150,7 +159,7 @@ def main() -> None:
         started = time.perf_counter()
         peer = torch_pruning_pipeline(ctx, config, args.steps)
         peer_s = time.perf_counter() - started
-        runs = {method: searchsvc_run(method, store, args.steps, args.overrides) for method in methods}
+        runs = {method: searchsvc_run(method, store, args.steps, args.overrides, fractions) for method in methods}
     ours = [c for run in runs.values() for c in run["candidates"]]
     levels = match(peer, ours)
     c, size = splits.in_channels, splits.image_size
@@ -165,9 +174,9 @@ def main() -> None:
         "torch_pruning": {"version": __import__("torch_pruning").__version__, "wall_s": round(peer_s, 1),
                           "points": peer},
         "overrides": args.overrides, "searchsvc": runs, "matched": levels, "beyond_torch_pruning": beyond(peer, ours),
-        "tie_points": TIE_POINTS, "macs_tolerance": MACS_TOLERANCE,
+        "taylor_fractions": fractions, "tie_points": TIE_POINTS, "macs_tolerance": MACS_TOLERANCE,
     }
-    path = common.write_result(args.out, "peer_torch_pruning", result)
+    path = common.write_result(args.out, args.name, result)
     for level in levels:
         p, s = level["torch_pruning"], level["searchsvc"]
         mine = f"{s['method']} {s['macs'] / 1e6:.1f} M MACs {100 * s['accuracy']:.2f} %" if s else "none"
