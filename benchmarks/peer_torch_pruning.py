@@ -84,7 +84,8 @@ def searchsvc_run(method: str, store: LocalStore, steps: int, overrides: list[st
     many steps as Torch-Pruning's, none stopped early, one Tune trial per step size in `fractions`."""
     if method == "taylor":
         overrides = [*overrides, f"search.iterations={steps}", "search.stop.max_drop=100",
-                     f"search.tune.filters_per_iteration={fractions}"]
+                     f"search.tune.filters_per_iteration={fractions}",
+                     f"search.tune.grace_period={steps}"]  # every trial runs all its steps: no ASHA stop
     config = searchsvc.load_config(common.REPO / CONFIGS[method], overrides)
     started = time.perf_counter()
     result = searchsvc.run(config, store=store, progress=False)

@@ -209,11 +209,14 @@ def ensure_ray(address: str | None = None) -> None:
 
     Without either, a Ray of this run's own ("local"): never the cluster another process recorded in
     /tmp/ray/ray_current_cluster, which may belong to another run and end under this one."""
+    stop_on_sigterm(deferred=True)  # from here on a signal must not raise inside a Ray call
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     try:
-        ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+        with stopping.ray_keeps_our_handler():
+            ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
     except ConnectionError as err:  # something answered at the address (job.run checked), but not a Ray cluster
         raise SearchsvcError(f"--address {address}: cannot connect to a Ray cluster ({first_line(err)})") from None
-    stop_on_sigterm()  # ray.init may have put its own handler in place of the run's
+    stop_on_sigterm(deferred=True)  # a Ray without the hook may have put its own handler in place of the run's
+    stopping.check()  # a signal that came while Ray started

@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from core.errors import SearchsvcError
+from searchsvc import stopping
 from searchsvc.config import JobConfig, config_to_yaml, parse_config
 from searchsvc.methods import get_method
 from searchsvc.preflight import check_device, check_ray_address
@@ -87,9 +88,10 @@ def run(config: JobConfig, store: ArtifactStore | str | None = None, endpoint: s
     if not isinstance(store, ArtifactStore):
         store = open_store(store or config.store, endpoint=endpoint, options=StoreOptions.from_env())
     run_id = new_run_id()
-    store.put_bytes(f"{layout.run(run_id)}/config.yaml", config_to_yaml(config).encode(), write_once=True)
     record: dict[str, Any] = {"run_id": run_id, "method": config.method, "status": "running", "started_at": _now(),
                               "code_version": code_version(), "store": store.uri}
+    stop_on_sigterm(deferred=True)  # config and record are written whole: a signal is acted on once they are
+    store.put_bytes(f"{layout.run(run_id)}/config.yaml", config_to_yaml(config).encode(), write_once=True)
     return _execute(config, store, run_id, record, progress, address, resumed=False)
 
 
@@ -125,14 +127,21 @@ def upload_kept(store: ArtifactStore) -> None:
 
 def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[str, Any], progress: bool,
              address: str | None, resumed: bool) -> RunResult:
-    driver = get_method(config.method).load_driver()
-    stop_on_sigterm()
+    stop_on_sigterm(deferred=True)
     prefix = layout.run(run_id)
     store.put_json(f"{prefix}/run.json", record)
     log.info("run %s (%s) %s %s", run_id, config.method, "resumed in" if resumed else "recording to",
              store.uri_for(prefix))
     started = time.perf_counter()
+
+    def stopped_while_ray_starts(signum: int) -> None:
+        store.put_json(f"{prefix}/run.json", {**record, "status": "stopped", "finished_at": _now(),
+                                              "error": f"Stopped: stopped by signal {signum} while Ray started"})
+
     try:
+        stop_on_sigterm()  # until Ray starts (ensure_ray), a signal stops the run at once ...
+        stopping.check()  # ... as does one that came while the run was being recorded
+        driver = get_method(config.method).load_driver()  # imports Ray and Tune: seconds a signal may land in
         splits = load_dataset(config.dataset)
         log.info("dataset %s: %s, %d classes, %d channels, %dx%d px", config.dataset.name, splits.sizes(),
                  splits.num_classes, splits.in_channels, splits.image_size, splits.image_size)
@@ -143,15 +152,20 @@ def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[
                       teacher_val_accuracy=teacher.val_accuracy, teacher_cached=teacher.cached)
         store.put_json(f"{prefix}/run.json", record)
         context = RunContext(config, store, run_id, splits, teacher, progress, address, resumed=resumed)
-        driver(context)
+        with stopping.last_words(stopped_while_ray_starts):
+            driver(context)
         status = "finished"
         table = context.write_results()
     except BaseException as err:
-        stopped = isinstance(err, (Stopped, KeyboardInterrupt))  # by the user: resume continues it
+        # By the user (resume continues it) — and so is whatever failed after a SIGTERM: a signal sent to the
+        # process group also ends Ray's own daemons, and Ray then fails in its own ways.
+        stopped = isinstance(err, (Stopped, KeyboardInterrupt)) or stopping.requested()
         record.update(status="stopped" if stopped else "failed", error=f"{type(err).__name__}: {err}",
                       finished_at=_now(), wall_s=time.perf_counter() - started)
         if not isinstance(err, StoreUnreachableError):  # else the record stays "running": resume continues it
             store.put_json(f"{prefix}/run.json", record)
+        if stopped and not isinstance(err, (Stopped, KeyboardInterrupt)):
+            stopping.check()  # the stop, not what it broke, is what the user sees
         raise
     summary = {"evaluations": len(context.rows), "cache_hits": 0, **context.summary}
     record.update(status=status, finished_at=_now(), wall_s=time.perf_counter() - started, **summary)
