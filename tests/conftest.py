@@ -230,3 +230,17 @@ def kill_run_when(config: Path, store_dir: Path, sets: list[str], ready: Callabl
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     return store
+
+
+@pytest.fixture(scope="session")
+def grid_report(tmp_path_factory, ray_session) -> tuple[Path, Path, str]:
+    """A finished run of configs/grid-smoke.yaml with its report: (report, store folder, run id). Shared:
+    tests read it, and copy the store before they change anything in it."""
+    from searchsvc.cli import main
+
+    folder = tmp_path_factory.mktemp("grid-report")
+    report = folder / "report.html"
+    assert main(["run", str(REPO / "configs" / "grid-smoke.yaml"), "--store", str(folder / "store"),
+                 "--no-progress", "--report", str(report)]) == 0
+    run_id = LocalStore(folder / "store").list("runs/")[0].split("/")[1]
+    return report, folder / "store", run_id

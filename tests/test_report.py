@@ -8,9 +8,6 @@ import shutil
 import subprocess
 import time
 from html.parser import HTMLParser
-from pathlib import Path
-
-import pytest
 
 from searchsvc.cli import main
 from storage import LocalStore
@@ -38,15 +35,6 @@ class Collect(HTMLParser):
     def handle_data(self, data):
         if self._in_td:
             self.cells.append(data.strip())
-
-
-@pytest.fixture(scope="module")
-def grid_report(tmp_path_factory, ray_session) -> tuple[Path, Path, str]:
-    folder = tmp_path_factory.mktemp("report")
-    report = folder / "report.html"
-    assert main(["run", str(GRID), "--store", str(folder / "store"), "--no-progress", "--report", str(report)]) == 0
-    run_id = LocalStore(folder / "store").list("runs/")[0].split("/")[1]
-    return report, folder / "store", run_id
 
 
 def test_report_is_self_contained_and_holds_the_runs_numbers(grid_report):
