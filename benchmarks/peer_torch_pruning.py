@@ -101,18 +101,18 @@ def verdict(gap_points: float) -> str:
     return "equal" if abs(gap_points) <= TIE_POINTS else ("better" if gap_points > 0 else "worse")
 
 
-def match(peer: list[dict[str, Any]], ours: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per Torch-Pruning step: searchsvc's model of at most its MACs (+ MACS_TOLERANCE), chosen on validation
-    accuracy. The tolerance keeps two pipelines that remove the same channel count comparable when one
-    happens to keep a few more MACs."""
+def match(peer: list[dict[str, Any]], ours: list[dict[str, Any]], size: str = "macs") -> list[dict[str, Any]]:
+    """Per Torch-Pruning step: searchsvc's model of at most its `size` (MACs or params, + MACS_TOLERANCE),
+    chosen on validation accuracy. The tolerance keeps two pipelines that remove the same channel count
+    comparable when one happens to keep a little more."""
     levels = []
     for point in peer:
-        within = [c for c in ours if c["macs"] <= point["macs"] * (1 + MACS_TOLERANCE)]
+        within = [c for c in ours if c[size] <= point[size] * (1 + MACS_TOLERANCE)]
         best = max(within, key=lambda c: (c["val_accuracy"], -c["macs"]), default=None)
         level = {"torch_pruning": point, "searchsvc": best}
         if best is not None:
             gap = 100 * (best["accuracy"] - point["accuracy"])
-            level.update(gap_points=round(gap, 2), verdict=verdict(gap), macs_ratio=round(best["macs"] / point["macs"], 3))
+            level.update(gap_points=round(gap, 2), verdict=verdict(gap), ratio=round(best[size] / point[size], 3))
         else:
             level.update(gap_points=None, verdict="no searchsvc model at these MACs")
         levels.append(level)
@@ -174,7 +174,8 @@ def main() -> None:
                                                                         "lr": config.train.lr},
         "torch_pruning": {"version": __import__("torch_pruning").__version__, "wall_s": round(peer_s, 1),
                           "points": peer},
-        "overrides": args.overrides, "searchsvc": runs, "matched": levels, "beyond_torch_pruning": beyond(peer, ours),
+        "overrides": args.overrides, "searchsvc": runs, "matched": levels,
+        "matched_params": match(peer, ours, "params"), "beyond_torch_pruning": beyond(peer, ours),
         "taylor_fractions": fractions, "tie_points": TIE_POINTS, "macs_tolerance": MACS_TOLERANCE,
     }
     path = common.write_result(args.out, args.name, result)

@@ -114,6 +114,16 @@ class Recorder:
         spool.keep_bytes(store, key, store_json_bytes(row))
         raise self._store_down_error(cause, f"the finished result is kept in {spool.spool_dir(store)}") from None
 
+    def store_down(self, err: StoreUnreachableError) -> StoreUnreachableError:
+        """The run's error once the store stayed down outside a row write (a Tune sweep's trials, its state):
+        the store's own words, where finished results are kept, and how to resume."""
+        if "searchsvc resume" in str(err):  # already said by a row write
+            return err
+        folder = spool.spool_dir(self.context.store)
+        kept = f"finished results are kept in {folder}" if folder.exists() and any(folder.rglob("*")) else \
+            "every recorded result is stored"
+        return self._store_down_error(err, kept)
+
     def _store_down_error(self, err: StoreUnreachableError, kept: str) -> StoreUnreachableError:
         """Stop writing, and say how the run goes on once the store is back."""
         self._store_down = True

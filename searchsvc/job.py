@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from core.errors import SearchsvcError
+from core.errors import SearchsvcError, first_line
 from searchsvc import stopping
 from searchsvc.config import JobConfig, config_to_yaml, parse_config
 from searchsvc.methods import get_method
@@ -163,7 +163,12 @@ def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[
         record.update(status="stopped" if stopped else "failed", error=f"{type(err).__name__}: {err}",
                       finished_at=_now(), wall_s=time.perf_counter() - started)
         if not isinstance(err, StoreUnreachableError):  # else the record stays "running": resume continues it
-            store.put_json(f"{prefix}/run.json", record)
+            try:
+                store.put_json(f"{prefix}/run.json", record)
+            except StoreUnreachableError as down:  # the failure itself may come from the store going down
+                raise StoreUnreachableError(
+                    f"{type(err).__name__}: {first_line(err)}; then {down}. Once the store is back, `searchsvc "
+                    f"resume --store {store.uri} --run {run_id}` continues the run") from None
         if stopped and not isinstance(err, (Stopped, KeyboardInterrupt)):
             stopping.check()  # the stop, not what it broke, is what the user sees
         raise

@@ -10,26 +10,27 @@ runs/<id>/state/tune on the run's own store, so `searchsvc resume` restores it f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from core.errors import SearchsvcError
+from core.errors import SearchsvcError, first_line
 from searchsvc.evaluator import Recorder, ensure_ray, prepare_teacher_logits
 from searchsvc.job import RunContext
 from searchsvc.methods import LogRange, SweepTune
 from searchsvc.plots import trajectory_png
 from searchsvc.result_table import pareto_front
-from storage import ArtifactStore, layout
+from storage import ArtifactStore, StoreUnreachableError, layout, spool
 from workers.data import DatasetConfig
-from workers.evaluate import evaluate_candidate, load_candidate_model
+from workers.evaluate import UnsavedResult, evaluate_candidate, load_candidate_model
 from workers.metrics import CandidateMetrics, stored_metrics
 from workers.pool import ray_resources, worker_context
 from workers.resources import Resources
@@ -160,8 +161,19 @@ def build_tuner(context: RunContext, trial: Callable[..., None], job: Any, param
 
 
 def fit(context: RunContext, tuner: tune.Tuner, recorder: TrialRecorder) -> tune.ResultGrid:
-    """Run the sweep (its callback records rows as trials report); SearchsvcError if every trial failed."""
-    grid = tuner.fit()
+    """Run the sweep (its callback records rows as trials report); SearchsvcError if every trial failed, and
+    the store's StoreUnreachableError (with how to resume) if the store stayed down for trials or driver."""
+    try:
+        with _one_line_logs():
+            grid = tuner.fit()
+    except Exception as err:  # noqa: BLE001 — the store's error, however Tune wraps it; anything else as it is
+        down = _store_error(err)
+        if down is None:
+            raise
+        raise recorder.store_down(down) from None
+    down = next((found for err in grid.errors if (found := _store_error(err)) is not None), None)
+    if down is not None:  # trials failed because the store stayed down: resume continues them
+        raise recorder.store_down(down)
     failed = [str(err).splitlines()[0][:300] for err in grid.errors]
     if failed and len(failed) == len(grid):
         recorder.close()
@@ -170,6 +182,62 @@ def fit(context: RunContext, tuner: tune.Tuner, recorder: TrialRecorder) -> tune
         log.warning("a Tune trial failed: %s", err)
     context.summary.update(failed_trials=len(failed))
     return grid
+
+
+# Tune logs a failed trial, and each failed save or load of its experiment state on the store, with a traceback
+# (a store outage gives dozens). The run's own one-line error says what happened: these loggers' lines stay
+# one line each while the sweep runs; a trial's traceback is in its error.txt of the experiment (and on
+# stderr with --debug).
+QUIET_LOGGERS = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state",
+                 "ray.tune.logger.logger", "ray.train._internal.storage", "ray.train._internal.syncer")
+TRACEBACK = "Traceback (most recent call last):"
+
+
+class _NoTraceback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info or TRACEBACK in message:
+            cause = first_line(record.exc_info[1]) if record.exc_info and record.exc_info[1] else \
+                message.rstrip().splitlines()[-1]
+            record.msg = f"{message.split(TRACEBACK)[0].strip()} {cause}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+@contextlib.contextmanager
+def _one_line_logs() -> Iterator[None]:
+    loggers = [] if logging.getLogger().isEnabledFor(logging.DEBUG) else [logging.getLogger(n) for n in QUIET_LOGGERS]
+    only_line = _NoTraceback()
+    for logger in loggers:
+        logger.addFilter(only_line)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(only_line)
+
+
+def _store_error(err: BaseException) -> StoreUnreachableError | None:
+    """The StoreUnreachableError behind a Tune error (a trial's travels back as text), or None."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, StoreUnreachableError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    marker = f"{StoreUnreachableError.__name__}: "
+    line = next((line for line in str(err).splitlines() if marker in line), None)
+    return StoreUnreachableError(line.split(marker, 1)[1]) if line else None
+
+
+def evaluate_or_keep(spec: CandidateSpec, ctx: Any, callbacks: Sequence[TrainCallback] = ()) -> CandidateMetrics:
+    """`evaluate_candidate` in a trial. A result the store could not take (it stayed down) is kept on this
+    machine's disk, which `searchsvc resume` uploads, and the trial fails with the store's error."""
+    try:
+        return evaluate_candidate(spec, ctx, callbacks=callbacks)
+    except UnsavedResult as err:
+        for key, data in err.files.items():
+            spool.keep_bytes(ctx.store, key, data)
+        raise StoreUnreachableError(str(err)) from None
 
 
 def absolute_dataset(dataset: DatasetConfig) -> DatasetConfig:
@@ -251,7 +319,7 @@ def candidate_trial(job: CandidateJob, spec: CandidateSpec, progress_key: str, r
     metrics = stored_metrics(job.store, spec.spec_hash)
     cached = metrics is not None
     if metrics is None:
-        metrics = evaluate_candidate(spec, ctx, callbacks=[EpochReport(spec.train.epochs, progress_key)])
+        metrics = evaluate_or_keep(spec, ctx, callbacks=[EpochReport(spec.train.epochs, progress_key)])
     row = {k: v for k in row_keys if (v := metrics.get(k)) is not None}
     tune.report({"epoch": spec.train.epochs, "val_accuracy": metrics.val_accuracy or 0.0,
                  progress_key: row.get(progress_key, 0.0),

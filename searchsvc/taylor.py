@@ -33,7 +33,6 @@ from searchsvc.rewards import INVALID_REWARD, reward
 from searchsvc.sweep import TrialRecorder, absolute_dataset, choose, report_fields
 from storage import ArtifactStore, layout
 from workers.data import DatasetConfig
-from workers.evaluate import evaluate_candidate
 from workers.measure import count_parameters
 from workers.metrics import stored_metrics
 from workers.pool import worker_context
@@ -119,7 +118,7 @@ def taylor_trial(sample: dict[str, Any], job: TrialJob) -> None:
         metrics = stored_metrics(job.store, spec.spec_hash)
         cached = metrics is not None
         if metrics is None:
-            metrics = evaluate_candidate(spec, ctx)
+            metrics = sweep.evaluate_or_keep(spec, ctx)
         ok = metrics.status == "ok"
         reason = stop_reason(metrics.val_accuracy, job.teacher_val_accuracy, job.search.stop) if ok else \
             f"invalid: {metrics.error}"

@@ -132,3 +132,38 @@ def test_s3_down_for_good_keeps_the_result_locally_and_resume_uploads_it(own_s3,
     assert len(rows) == 5 and not any(r["cached"] for r in rows)  # no result lost, none evaluated twice
     for spec_hash in kept_candidates:  # the kept candidate is complete in the store, manifest last
         assert set(store.verify(f"candidates/{spec_hash}")) == {"spec.json", "model.pt", "metrics.json"}
+
+
+TAYLOR = REPO / "configs" / "taylor-smoke.yaml"
+
+
+def start_taylor(server: S3Server, bucket: str, env: dict[str, str]) -> subprocess.Popen:
+    return searchsvc("run", str(TAYLOR), "--store", f"s3://{bucket}/faults", "--s3-endpoint", server.endpoint,
+                     "--set", "train.epochs=8", "--set", "search.stop.max_drop=100",
+                     "--set", "search.tune.grace_period=3", env=env)  # no trial stopped early: 6 rows in all
+
+
+def test_taylor_with_s3_down_for_good_stops_cleanly_and_resumes(own_s3, tmp_path, monkeypatch):
+    """A Tune method under the same outage: one line and exit 2, nothing finished is lost, resume completes."""
+    bucket = own_s3.new_bucket()
+    env = run_env(own_s3, tmp_path, retry_s=5)
+    driver = start_taylor(own_s3, bucket, env)
+    run_id = wait_for_rows(own_s3, bucket, driver, 1)
+    own_s3.stop()
+    code, err = finish(driver)
+    errors = [line for line in err.splitlines() if line.startswith("searchsvc: error:")]
+    assert code == 2 and len(errors) == 1, err[-4000:]
+    assert "still unreachable" in errors[0] and f"--run {run_id}" in errors[0], errors[0]
+    assert "Traceback" not in err, err[-4000:]
+    own_s3.start()
+    resumed = searchsvc("resume", "--store", f"s3://{bucket}/faults", "--s3-endpoint", own_s3.endpoint,
+                        "--run", run_id, env=run_env(own_s3, tmp_path, retry_s=120))
+    code, err = finish(resumed)
+    assert code == 0, err[-4000:]
+    store = open_faults_store(own_s3, bucket, env, monkeypatch)
+    assert store.get_json(f"runs/{run_id}/run.json")["status"] == "finished"
+    rows = rows_of(store, run_id)
+    assert len(rows) == 6, [(r["trial"], r["iteration"]) for r in rows]  # 2 trials x 3 iterations, none lost
+    assert len({r["spec_hash"] for r in rows}) == 6  # each once
+    for row in rows:
+        store.verify(f"candidates/{row['spec_hash']}")
