@@ -11,13 +11,17 @@ runs/<id>/state/tune on the run's own store, so `searchsvc resume` restores it f
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import logging
 import math
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -28,7 +32,7 @@ from searchsvc.job import RunContext
 from searchsvc.methods import LogRange, SweepTune
 from searchsvc.plots import trajectory_png
 from searchsvc.result_table import pareto_front
-from storage import ArtifactStore, StoreUnreachableError, layout, spool
+from storage import ArtifactStore, CorruptArtifactError, StoreUnreachableError, layout, spool
 from workers.data import DatasetConfig
 from workers.evaluate import UnsavedResult, evaluate_candidate, load_candidate_model
 from workers.metrics import CandidateMetrics, stored_metrics
@@ -36,7 +40,7 @@ from workers.pool import ray_resources, worker_context
 from workers.resources import Resources
 from workers.spec import CandidateSpec
 from workers.summary import SUMMARY_KINDS, summary, to_csv
-from workers.train import TrainCallback, TrainConfig
+from workers.train import Checkpointer, TrainCallback, TrainConfig
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "tune"  # Tune's experiment folder name under runs/<id>/state/
@@ -253,17 +257,41 @@ def mark_pareto(rows: list[dict[str, Any]], size: str = "params") -> set[str]:
     return front
 
 
-class EpochReport(TrainCallback):
-    """Validation accuracy (and the record's `extra` keys) to Tune after each epoch but the last: the trial's
-    final report, with the stored candidate, is that one (ASHA stops a trial that reaches max_t)."""
+class TrialCheckpoints(Checkpointer):
+    """A Tune trial's epoch checkpoints, on the run's store. After each epoch but the last, validation accuracy
+    (ASHA's signal; and the record's `extra` keys) is reported with the training state; the trial's final
+    report, with the stored candidate, is its own (ASHA stops a trial that reaches max_t). A restarted trial
+    (its worker lost, or the driver killed and the run resumed) loads the latest state, checked against the
+    sha256 written beside it, and continues from that epoch."""
+
+    FILE = "train_state.pt"
 
     def __init__(self, epochs: int, *extra: str) -> None:
         self.epochs, self.extra = epochs, extra
 
-    def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
-        if epoch + 1 < self.epochs:
-            tune.report({"epoch": epoch + 1, "val_accuracy": record["val_accuracy"],
-                         **{k: record.get(k, 0.0) for k in self.extra}})
+    def load(self) -> dict[str, Any] | None:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            path = Path(folder) / self.FILE
+            if not path.exists():
+                return None
+            raw, digest = path.read_bytes(), Path(folder) / f"{self.FILE}.sha256"
+            if not digest.exists() or hashlib.sha256(raw).hexdigest() != digest.read_text().strip():
+                raise CorruptArtifactError(f"trial checkpoint {checkpoint.path}/{self.FILE} is corrupt "
+                                           "(its sha256 does not match)")
+            return torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
+
+    def save(self, state: dict[str, Any], record: dict[str, Any]) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / self.FILE).write_bytes(buffer.getvalue())
+            (Path(folder) / f"{self.FILE}.sha256").write_text(hashlib.sha256(buffer.getvalue()).hexdigest())
+            tune.report({"epoch": state["epoch"], "val_accuracy": record["val_accuracy"],
+                         **{k: record.get(k, 0.0) for k in self.extra}},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 class SparseRecorder(TrialRecorder):
@@ -319,7 +347,7 @@ def candidate_trial(job: CandidateJob, spec: CandidateSpec, progress_key: str, r
     metrics = stored_metrics(job.store, spec.spec_hash)
     cached = metrics is not None
     if metrics is None:
-        metrics = evaluate_or_keep(spec, ctx, callbacks=[EpochReport(spec.train.epochs, progress_key)])
+        metrics = evaluate_or_keep(spec, ctx, callbacks=[TrialCheckpoints(spec.train.epochs, progress_key)])
     row = {k: v for k in row_keys if (v := metrics.get(k)) is not None}
     tune.report({"epoch": spec.train.epochs, "val_accuracy": metrics.val_accuracy or 0.0,
                  progress_key: row.get(progress_key, 0.0),

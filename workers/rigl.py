@@ -246,6 +246,13 @@ class RigLCallback(TrainCallback):
     def on_minibatch_end(self, epoch: int, step: int, steps: int) -> None:
         self.scheduler.apply_masks()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The scheduler's state: what a restarted trial needs to continue the same topology updates."""
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+
     def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
         """Density, and the share of active weights that moved this epoch (each move drops one, grows one)."""
         masks = self.scheduler.masks

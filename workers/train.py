@@ -6,6 +6,7 @@ per epoch, when the progress bar is updated.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from workers.data import Splits, channel_stats_on, normalize
 
+log = logging.getLogger(__name__)
 MIN_ONE_CYCLE_STEPS = 8  # below this, the one-cycle schedule has empty phases
 
 
@@ -181,6 +183,45 @@ class TrainCallback:
         """`record` is the epoch's history entry (loss, test_accuracy, ...): a callback may add to it."""
 
 
+class Checkpointer(TrainCallback):
+    """A callback that keeps `train_model`'s state after each epoch (`save`) and hands it back when training
+    of the same candidate starts again in a new process (`load`): a restarted Tune trial continues from its
+    last finished epoch (searchsvc.sweep.TrialCheckpoints). The state is plain tensors and numbers (what
+    `torch.load(weights_only=True)` reads): the model, optimizer, lr schedule, each callback's `state_dict`,
+    the data-order and global random-number states, and the history so far."""
+
+    def load(self) -> dict[str, Any] | None:
+        return None
+
+    def save(self, state: dict[str, Any], record: dict[str, Any]) -> None: ...
+
+
+def _snapshot(epochs_done: int, loop: "_Loop", callbacks: Sequence[TrainCallback],
+              history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everything that continues training exactly after `epochs_done` epochs (tensors on the CPU)."""
+    return {"epoch": epochs_done, "history": [dict(r) for r in history],
+            "model": {k: v.detach().cpu() for k, v in loop.model.state_dict().items()},
+            "optimizer": loop.optimizer.state_dict(), "schedule": loop.schedule.state_dict(),
+            "generator": loop.generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in callbacks]}
+
+
+def _restore(state: dict[str, Any], loop: "_Loop", callbacks: Sequence[TrainCallback]) -> tuple[int, list]:
+    """Put a snapshot back (after on_train_begin); return (epochs done, history so far)."""
+    loop.model.load_state_dict(state["model"])
+    loop.optimizer.load_state_dict(state["optimizer"])
+    loop.schedule.load_state_dict(state["schedule"])
+    loop.generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    for cb, cb_state in zip(callbacks, state["callbacks"]):
+        if cb_state is not None:
+            cb.load_state_dict(cb_state)
+    return int(state["epoch"]), list(state["history"])
+
+
 def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.device, seed: int = 0,
                 desc: str = "train", progress: bool = True, loss_fn: LossFn | None = None,
                 compile_model: bool = False, callbacks: Sequence[TrainCallback] = ()) -> list[dict[str, Any]]:
@@ -206,7 +247,14 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
     for cb in callbacks:
         cb.on_train_begin(model, optimizer, recipe.epochs * steps)
     history: list[dict[str, Any]] = []
-    for epoch in range(recipe.epochs):
+    start = 0
+    keeper = next((cb for cb in callbacks if isinstance(cb, Checkpointer)), None)
+    state = keeper.load() if keeper is not None else None
+    if state is not None:  # a restarted trial: on from the last finished epoch, none trained twice
+        start, history = _restore(state, loop, callbacks)
+        bar.update(start * steps)
+        log.info("%s: resumed after epoch %d of %d", desc, start, recipe.epochs)
+    for epoch in range(start, recipe.epochs):
         started = time.perf_counter()
         mean_loss = loop.epoch(epoch, per_epoch, batch, bar)
         record = _epoch_record(model, data, recipe, epoch, mean_loss, steps * batch, time.perf_counter() - started,
@@ -214,6 +262,8 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
         for cb in callbacks:
             cb.on_epoch_end(epoch, record)
         history.append(record)
+        if keeper is not None and epoch + 1 < recipe.epochs and math.isfinite(mean_loss):
+            keeper.save(_snapshot(epoch + 1, loop, callbacks, history), record)
         bar.set_description(f"{desc} epoch {epoch + 1}/{recipe.epochs}")
         bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{record['images_per_s']:.0f}",
                         test_acc=f"{record['test_accuracy']:.4f}")
