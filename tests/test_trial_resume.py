@@ -115,12 +115,14 @@ def test_without_a_checkpoint_training_starts_at_epoch_0(splits):
     assert count.trained == [0, 1]
 
 
-def _trial_workers() -> list[int]:
-    """Pids of the processes running a Tune trial (Ray names them after the trainable's actor)."""
+def _trial_workers(session: int) -> list[int]:
+    """Pids of the processes running a Tune trial of the run in `session` (Ray names them after the
+    trainable's actor; a local Ray's processes stay in the session of the driver that started them)."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and b"ray::ImplicitFunc" in (entry / "cmdline").read_bytes():
+            if entry.name.isdigit() and b"ray::ImplicitFunc" in (entry / "cmdline").read_bytes() and \
+                    os.getsid(int(entry.name)) == session:
                 found.append(int(entry.name))
         except OSError:
             continue
@@ -141,7 +143,7 @@ def _agp_run(store: Path, kill_after_epoch: int | None) -> subprocess.CompletedP
             if any(_checkpoint_epoch(p) >= kill_after_epoch for p in store.glob("runs/*/state/**/train_state.pt")):
                 break
             time.sleep(0.1)
-        workers = _trial_workers()
+        workers = _trial_workers(driver.pid)
         assert driver.poll() is None and workers, "the trial ended before it could be killed"
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
