@@ -266,8 +266,13 @@ class TrialCheckpoints(Checkpointer):
 
     FILE = "train_state.pt"
 
-    def __init__(self, epochs: int, *extra: str) -> None:
-        self.epochs, self.extra = epochs, extra
+    def __init__(self, epochs: int, *extra: str, spec_hash: str = "", files: dict[str, str] | None = None,
+                 fixed: dict[str, Any] | None = None) -> None:
+        """`spec_hash`: the candidate being trained (a checkpoint of another one is not loaded); `files`: text
+        files saved beside the state (a Taylor trial's own state.json, so a restore knows its iteration);
+        `fixed`: keys every epoch report carries (Tune wants its metric in each: a Taylor trial's reward so far)."""
+        self.epochs, self.extra, self.spec_hash = epochs, extra, spec_hash
+        self.files, self.fixed = files or {}, fixed or {}
 
     def load(self) -> dict[str, Any] | None:
         checkpoint = tune.get_checkpoint()
@@ -281,15 +286,18 @@ class TrialCheckpoints(Checkpointer):
             if not digest.exists() or hashlib.sha256(raw).hexdigest() != digest.read_text().strip():
                 raise CorruptArtifactError(f"trial checkpoint {checkpoint.path}/{self.FILE} is corrupt "
                                            "(its sha256 does not match)")
-            return torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
+            state = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
+        return state if state.get("spec_hash") == self.spec_hash else None  # an earlier candidate's epochs
 
     def save(self, state: dict[str, Any], record: dict[str, Any]) -> None:
         buffer = io.BytesIO()
-        torch.save(state, buffer)
+        torch.save({**state, "spec_hash": self.spec_hash}, buffer)
         with tempfile.TemporaryDirectory() as folder:
+            for name, text in self.files.items():
+                (Path(folder) / name).write_text(text)
             (Path(folder) / self.FILE).write_bytes(buffer.getvalue())
             (Path(folder) / f"{self.FILE}.sha256").write_text(hashlib.sha256(buffer.getvalue()).hexdigest())
-            tune.report({"epoch": state["epoch"], "val_accuracy": record["val_accuracy"],
+            tune.report({**self.fixed, "epoch": state["epoch"], "val_accuracy": record["val_accuracy"],
                          **{k: record.get(k, 0.0) for k in self.extra}},
                         checkpoint=tune.Checkpoint.from_directory(folder))
 
@@ -347,7 +355,8 @@ def candidate_trial(job: CandidateJob, spec: CandidateSpec, progress_key: str, r
     metrics = stored_metrics(job.store, spec.spec_hash)
     cached = metrics is not None
     if metrics is None:
-        metrics = evaluate_or_keep(spec, ctx, callbacks=[TrialCheckpoints(spec.train.epochs, progress_key)])
+        metrics = evaluate_or_keep(spec, ctx, callbacks=[TrialCheckpoints(spec.train.epochs, progress_key,
+                                                                          spec_hash=spec.spec_hash)])
     row = {k: v for k in row_keys if (v := metrics.get(k)) is not None}
     tune.report({"epoch": spec.train.epochs, "val_accuracy": metrics.val_accuracy or 0.0,
                  progress_key: row.get(progress_key, 0.0),

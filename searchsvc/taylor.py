@@ -9,8 +9,9 @@
 A trial's iteration i prunes the model of iteration i-1 (the teacher for i = 1) by Taylor importance
 (workers/taylor.py), fine-tunes it, and measures it: a candidate in the store whose `init` is its
 parent, reported to Tune as one step. The trial ends after `iterations`, at the stop rule, or when
-ASHA stops it. A checkpoint is only (iteration, parent hash); the models are in the store, so a
-restarted or restored trial continues where it was. Tune's experiment lives in runs/<id>/state/tune.
+ASHA stops it. A checkpoint is (iteration, parent hash), plus the training state after each epoch of
+the iteration's fine-tune; the models are in the store, so a restarted or restored trial continues where it
+was, mid-fine-tune included. Tune's experiment lives in runs/<id>/state/tune.
 """
 
 from __future__ import annotations
@@ -113,18 +114,21 @@ def taylor_trial(sample: dict[str, Any], job: TrialJob) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = json.loads((Path(folder) / "state.json").read_text())
+    score = state.get("reward", INVALID_REWARD)  # the trial's reward so far (what epoch reports carry)
     for iteration in range(state["iteration"] + 1, job.search.iterations + 1):
         spec = iteration_spec(job, sample, state["parent"])
         metrics = stored_metrics(job.store, spec.spec_hash)
         cached = metrics is not None
-        if metrics is None:
-            metrics = sweep.evaluate_or_keep(spec, ctx)
+        if metrics is None:  # its epochs checkpointed with the trial's state: a restart goes on mid-iteration
+            keeper = sweep.TrialCheckpoints(spec.train.epochs, spec_hash=spec.spec_hash,
+                                            files={"state.json": json.dumps(state)}, fixed={"reward": score})
+            metrics = sweep.evaluate_or_keep(spec, ctx, callbacks=[keeper])
         ok = metrics.status == "ok"
         reason = stop_reason(metrics.val_accuracy, job.teacher_val_accuracy, job.search.stop) if ok else \
             f"invalid: {metrics.error}"
         score = reward(metrics.params, metrics.val_accuracy, job.teacher_params, job.teacher_val_accuracy,
                        job.search.reward) if ok else INVALID_REWARD
-        state = {"iteration": iteration, "parent": spec.spec_hash}
+        state = {"iteration": iteration, "parent": spec.spec_hash, "reward": score}
         report = {"iteration": iteration, "val_accuracy": metrics.val_accuracy or 0.0, "params": metrics.params or 0,
                   "reward": score, **report_fields(spec, metrics, cached, iteration=iteration,
                                                    filters=metrics.get("filters"), stop_reason=reason)}
