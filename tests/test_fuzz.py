@@ -18,7 +18,7 @@ from searchsvc.cli import main
 from tests.conftest import REPO
 
 SEED = 20261126
-FUZZ_SECONDS = 10.0  # per part: configs, store files
+FUZZ_SECONDS = 5.0  # per part: configs, store files
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SCALARS = [".nan", ".inf", "-.inf", "1e400", "-1", "0", "99999999999999999999", "[]", "{}", "null", "''", "true",
            "'x'", "*a", "&a 3", "!!python/object:os.system", "[1, [2, [3]]]", "{a: {b: {c: 1}}}", "\"\\x00\""]
