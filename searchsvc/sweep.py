@@ -160,6 +160,9 @@ def build_tuner(context: RunContext, trial: Callable[..., None], job: Any, param
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=path.rsplit("/", 1)[0],
                                   storage_filesystem=filesystem, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                                  # a restart needs only the latest epoch's state (a model and its optimizer
+                                  # each): two kept per trial, not one per epoch on the store
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                   callbacks=[_ReportRows(recorder)]),
     )
 

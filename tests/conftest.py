@@ -109,6 +109,8 @@ def start_s3_server(root: Path) -> S3Server:
         "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", f"-s3.config={root / 's3.json'}",
         # Every bucket is a collection that takes volumes of its own: small volumes, no fixed cap.
         "-volume.max=0", "-master.volumeSizeLimitMB=64",
+        # A restarted master waits one election timeout (10 s by default) before it serves: tests restart it.
+        "-master.electionTimeout=1s",
     ]
     server = S3Server(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY, command, root)
     try:

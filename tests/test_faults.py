@@ -140,7 +140,8 @@ TAYLOR = REPO / "configs" / "taylor-smoke.yaml"
 def start_taylor(server: S3Server, bucket: str, env: dict[str, str]) -> subprocess.Popen:
     # 2 trials x 2 iterations, none stopped early (4 rows in all); a trial the outage fails is not retried.
     return searchsvc("run", str(TAYLOR), "--store", f"s3://{bucket}/faults", "--s3-endpoint", server.endpoint,
-                     "--set", "train.epochs=4", "--set", "search.iterations=2", "--set", "search.stop.max_drop=100",
+                     "--set", "teacher.epochs=2", "--set", "train.epochs=4", "--set", "search.iterations=2",
+                     "--set", "search.stop.max_drop=100",
                      "--set", "search.tune.grace_period=2", "--set", "search.tune.max_failures=0", env=env)
 
 

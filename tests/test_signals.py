@@ -28,7 +28,8 @@ PHASES: dict[str, Callable[[list[str], Path], bool]] = {
 
 def _term_when(store: Path, ready: Callable[[list[str], Path], bool]) -> subprocess.CompletedProcess:
     """`searchsvc run` in a session of its own; SIGTERM to the whole session once `ready`, then wait."""
-    command = [sys.executable, "-m", "searchsvc", "run", str(GRID), "--store", str(store), "--no-progress"]
+    command = [sys.executable, "-m", "searchsvc", "run", str(GRID), "--store", str(store), "--no-progress",
+               "--set", "teacher.epochs=3"]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
                               start_new_session=True, env={**os.environ, "RAY_ADDRESS": ""})
     lines: list[str] = []
