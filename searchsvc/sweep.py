@@ -32,6 +32,7 @@ from searchsvc.job import RunContext
 from searchsvc.methods import LogRange, SweepTune
 from searchsvc.plots import trajectory_png
 from searchsvc.result_table import pareto_front
+from searchsvc.rewards import RewardForm
 from storage import ArtifactStore, CorruptArtifactError, StoreUnreachableError, layout, spool
 from workers.data import DatasetConfig
 from workers.evaluate import UnsavedResult, evaluate_candidate, load_candidate_model
@@ -71,11 +72,32 @@ def trial_count(sweep: SweepTune, *choice_lists: tuple) -> int:
 
 
 class TrialRecorder(Recorder):
-    """Rows from trial reports: a report with a `spec` is one row, with the trial and its `row` extras."""
+    """Rows from trial reports: a report with a `spec` is one row, with the trial and its `row` extras.
+
+    A report that arrives while the store is down cannot become a row (its metrics are read from the store),
+    and Tune will not send it again: it is kept in the local spool (`runs/<id>/reports/`), uploaded by
+    `resume`, and recorded then."""
+
+    def __init__(self, context: RunContext, reward_form: RewardForm = "c_2_minus_c", total: int | None = None) -> None:
+        super().__init__(context, reward_form, total)
+        if context.resumed:
+            for key in context.store.list(f"{layout.run(context.run_id)}/{REPORTS}/"):
+                kept = context.store.get_mapping(key)
+                self.record_report(str(kept["trial"]), dict(kept["sample"]), dict(kept["result"]))
 
     def record_report(self, trial_id: str, sample: dict[str, Any], result: dict[str, Any]) -> None:
         if "spec" not in result:
             return
+        try:
+            self._record_report(trial_id, sample, result)
+        except StoreUnreachableError as err:
+            kept = {"trial": trial_id, "sample": sample,
+                    "result": {k: v for k, v in result.items() if k in REPORT_KEYS or k.startswith(ROW)}}
+            key = f"{layout.run(self.context.run_id)}/{REPORTS}/{trial_id}-{result['spec_hash']}.json"
+            spool.keep_bytes(self.context.store, key, json.dumps(kept, sort_keys=True, default=str).encode())
+            raise self.store_down(err) from None
+
+    def _record_report(self, trial_id: str, sample: dict[str, Any], result: dict[str, Any]) -> None:
         spec = CandidateSpec.from_json(result["spec"])
         metrics = stored_metrics(self.context.store, spec.spec_hash)  # the store is the truth
         if metrics is None:  # not stored (out of memory): what the trial said
@@ -118,6 +140,9 @@ def _attach(tuner: tune.Tuner, recorder: TrialRecorder) -> tune.Tuner:
     run_config.callbacks = [*kept, _ReportRows(recorder)]
     return tuner
 
+
+REPORTS = "reports"  # runs/<id>/reports/: trial reports the store was down for, recorded by resume
+REPORT_KEYS = ("spec", "spec_hash", "cached", "status", "error")  # what a report's row is made of, with ROW keys
 
 # Report keys with this prefix become columns of the candidate's row (the prefix dropped). Reports stay flat:
 # numbers and strings, a mapping or list as its JSON text (a Parquet column holds it as such).
