@@ -184,10 +184,10 @@ def build_tuner(context: RunContext, trial: Callable[..., None], job: Any, param
                                     search_alg=BasicVariantGenerator(random_state=context.config.seed)),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=path.rsplit("/", 1)[0],
                                   storage_filesystem=filesystem, verbose=0,
+                                  # Every checkpoint is kept (Tune's default): with the store down, the
+                                  # experiment state a resume restores can be older than the newest
+                                  # checkpoints, and must still find the one it names.
                                   failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                                  # a restart needs only the latest epoch's state (a model and its optimizer
-                                  # each): two kept per trial, not one per epoch on the store
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                   callbacks=[_ReportRows(recorder)]),
     )
 
