@@ -90,6 +90,7 @@ def run(config: JobConfig, store: ArtifactStore | str | None = None, endpoint: s
     run_id = new_run_id()
     record: dict[str, Any] = {"run_id": run_id, "method": config.method, "status": "running", "started_at": _now(),
                               "code_version": code_version(), "store": store.uri}
+    stopping.clear()  # a signal a previous job in this process had no chance to act on is not this one's
     stop_on_sigterm(deferred=True)  # config and record are written whole: a signal is acted on once they are
     store.put_bytes(f"{layout.run(run_id)}/config.yaml", config_to_yaml(config).encode(), write_once=True)
     return _execute(config, store, run_id, record, progress, address, resumed=False)
@@ -98,6 +99,7 @@ def run(config: JobConfig, store: ArtifactStore | str | None = None, endpoint: s
 def resume(store: ArtifactStore | str, run_id: str, endpoint: str | None = None, progress: bool = True,
            address: str | None = None) -> RunResult:
     """Continue an interrupted run from what the store holds: its config, its evaluations, driver state."""
+    stopping.clear()
     if not isinstance(store, ArtifactStore):
         store = open_store(store, endpoint=endpoint, create=False, options=StoreOptions.from_env())
     prefix = layout.run(run_id)
@@ -171,6 +173,7 @@ def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[
                     f"resume --store {store.uri} --run {run_id}` continues the run") from None
         if stopped and not isinstance(err, (Stopped, KeyboardInterrupt)):
             stopping.check()  # the stop, not what it broke, is what the user sees
+        stopping.clear()  # acted on
         raise
     summary = {"evaluations": len(context.rows), "cache_hits": 0, **context.summary}
     record.update(status=status, finished_at=_now(), wall_s=time.perf_counter() - started, **summary)

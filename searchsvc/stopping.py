@@ -69,6 +69,11 @@ def ray_keeps_our_handler() -> Iterator[None]:
         ray_utils.set_sigterm_handler = original
 
 
+def clear() -> None:
+    """Forget signals already acted on (a process that runs several jobs starts each with none pending)."""
+    _requested.clear()
+
+
 def requested() -> bool:
     """A stop was asked for and not yet acted on: whatever fails now fails because of it."""
     return bool(_requested)
