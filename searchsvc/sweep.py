@@ -294,12 +294,13 @@ class TrialCheckpoints(Checkpointer):
 
     FILE = "train_state.pt"
 
-    def __init__(self, epochs: int, *extra: str, spec_hash: str = "", files: dict[str, str] | None = None,
+    def __init__(self, *extra: str, spec_hash: str = "", files: dict[str, str] | None = None,
                  fixed: dict[str, Any] | None = None) -> None:
-        """`spec_hash`: the candidate being trained (a checkpoint of another one is not loaded); `files`: text
-        files saved beside the state (a Taylor trial's own state.json, so a restore knows its iteration);
-        `fixed`: keys every epoch report carries (Tune wants its metric in each: a Taylor trial's reward so far)."""
-        self.epochs, self.extra, self.spec_hash = epochs, extra, spec_hash
+        """`extra`: record keys each report carries; `spec_hash`: the candidate being trained (a checkpoint of
+        another one is not loaded); `files`: text files saved beside the state (a Taylor trial's own state.json,
+        so a restore knows its iteration); `fixed`: keys every epoch report carries (Tune wants its metric in
+        each: a Taylor trial's reward so far). train_model saves after every epoch but the last."""
+        self.extra, self.spec_hash = extra, spec_hash
         self.files, self.fixed = files or {}, fixed or {}
 
     def load(self) -> dict[str, Any] | None:
@@ -383,7 +384,7 @@ def candidate_trial(job: CandidateJob, spec: CandidateSpec, progress_key: str, r
     metrics = stored_metrics(job.store, spec.spec_hash)
     cached = metrics is not None
     if metrics is None:
-        metrics = evaluate_or_keep(spec, ctx, callbacks=[TrialCheckpoints(spec.train.epochs, progress_key,
+        metrics = evaluate_or_keep(spec, ctx, callbacks=[TrialCheckpoints(progress_key,
                                                                           spec_hash=spec.spec_hash)])
     row = {k: v for k in row_keys if (v := metrics.get(k)) is not None}
     tune.report({"epoch": spec.train.epochs, "val_accuracy": metrics.val_accuracy or 0.0,

@@ -120,7 +120,7 @@ def taylor_trial(sample: dict[str, Any], job: TrialJob) -> None:
         metrics = stored_metrics(job.store, spec.spec_hash)
         cached = metrics is not None
         if metrics is None:  # its epochs checkpointed with the trial's state: a restart goes on mid-iteration
-            keeper = sweep.TrialCheckpoints(spec.train.epochs, spec_hash=spec.spec_hash,
+            keeper = sweep.TrialCheckpoints(spec_hash=spec.spec_hash,
                                             files={"state.json": json.dumps(state)}, fixed={"reward": score})
             metrics = sweep.evaluate_or_keep(spec, ctx, callbacks=[keeper])
         ok = metrics.status == "ok"
