@@ -4,10 +4,11 @@
     PYTHONPATH=. python3 benchmarks/gpu_check.py --out DIR --device cpu --tiny   # the same code, under a minute
 
 Four parts, one JSON each in --out, a table at the end; the exit status is 1 if a part failed:
-  tests   `pytest -m "gpu and not ray"` (tests/test_gpu.py): correctness on the GPU; TF32 off where a test
+  tests   `pytest -m "gpu and not ray"` (tests/test_gpu.py, tests/test_cuda_graph.py): correctness on the GPU; TF32 off where a test
           compares with fp32. CUDA-only: not run with --device cpu.
   sync    one training epoch of `train_model` (cached logits, then a live teacher) with
           `torch.cuda.set_sync_debug_mode("error")` around its step loop: any host sync there fails it.
+          With cached logits the watched steps are CUDA-graph replays (plus the eager optimizer step).
           The first epoch (cuDNN autotuning, allocator growth) is not watched; the second is.
   epoch   one ResNet-18 distillation epoch (50,000 CIFAR-shaped images, batch 512): our loop, a plain
           DataLoader loop in the same precision and layout, and an fp32 plain loop, with cached teacher
@@ -16,7 +17,8 @@ Four parts, one JSON each in --out, a table at the end; the exit status is 1 if 
   pool    candidates per GPU-hour without Ray: the same 16 one-epoch KD candidates (random block
           removals) evaluated by 1, 2 and 4 worker processes sharing the GPU, each with its memory share,
           end to end (training, measurement, the store write); once for ResNet-18 students of a ResNet-18
-          teacher, once for ResNet-20-sized students (the packing figure: 4 processes over 1).
+          teacher, once for ResNet-20-sized students (the packing figure: 4 processes over 1). Then 1 and 4
+          processes again with the CUDA-graph step off (`resources.cuda_graph: false`): its gain, same run.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from workers.train import TrainCallback, TrainConfig, train_model  # noqa: E402
 from workers.zoo import create_model  # noqa: E402
 
 PARTS = ("tests", "sync", "epoch", "pool")
+TEST_FILES = ("tests/test_gpu.py", "tests/test_cuda_graph.py")  # their CUDA tests need no Ray
 # Targets on one H100 (issue 22): KD epoch seconds, candidates per GPU-hour, packing gain.
 TARGETS = {"epoch_cached_s": 1.0, "epoch_live_s": 1.3, "resnet18_per_hour": 1500, "packing_gain": 1.5}
 
@@ -58,10 +61,11 @@ def sizes(tiny: bool) -> dict[str, Any]:
     """Workload sizes: the real ones, or tiny ones that run the same code in seconds on a CPU."""
     if tiny:
         return {"arch": "resnet20", "images": 256, "batch": 64, "sync_images": 256, "loader_workers": 0,
-                "compile": False, "setups": ("resnet20",), "pool_images": 512, "processes": (1, 2), "candidates": 4}
+                "compile": False, "setups": ("resnet20",), "pool_images": 512, "processes": (1, 2), "eager_processes": (1,), "candidates": 4}
     return {"arch": "resnet18_cifar", "images": 50_000, "batch": 512, "sync_images": 8192,
             "loader_workers": min(8, os.cpu_count() or 1), "compile": True, "setups": ("resnet18_cifar", "resnet20"),
-            "pool_images": 50_000, "processes": (1, 2, 4), "candidates": 16}
+            "pool_images": 50_000, "processes": (1, 2, 4), "eager_processes": (1, 4),
+            "candidates": 16}
 
 
 def gpu_tests(device: torch.device, size: dict[str, Any]) -> dict[str, Any]:
@@ -73,7 +77,7 @@ def gpu_tests(device: torch.device, size: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
         path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu and not ray",
-                               "tests/test_gpu.py", f"--junitxml={report}"], cwd=REPO, capture_output=True, text=True,
+                               *TEST_FILES, f"--junitxml={report}"], cwd=REPO, capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": path})
         seconds = time.perf_counter() - started
         cases = ET.parse(report).getroot().iter("testcase") if report.exists() else []
@@ -91,6 +95,8 @@ def _outcome(case: ET.Element) -> str:
 
 class SyncGuard(TrainCallback):
     """Host syncs raise inside the step loop of epoch `epoch` (from 0); counts the steps it watched."""
+
+    graph_safe = True  # host-side work only: the watched loop may be the CUDA-graph one
 
     def __init__(self, epoch: int, device: torch.device) -> None:
         self.epoch, self.cuda, self.steps = epoch, device.type == "cuda", 0
@@ -119,9 +125,10 @@ def sync_check(device: torch.device, size: dict[str, Any]) -> dict[str, Any]:
                                                                         splits.std)))
         guard, name = SyncGuard(1, device), "live" if live else "cached"
         try:
-            train_model(create_model(size["arch"], 3, 10), splits, recipe, device, progress=False, loss_fn=loss_fn,
-                        callbacks=[guard])
-            variants[name] = {"ok": guard.steps > 0, "steps_watched": guard.steps}
+            history = train_model(create_model(size["arch"], 3, 10), splits, recipe, device, progress=False,
+                                  loss_fn=loss_fn, callbacks=[guard])
+            variants[name] = {"ok": guard.steps > 0, "steps_watched": guard.steps,
+                              "cuda_graph": history[-1]["cuda_graph"]}
         except RuntimeError as err:  # the sync debug mode's error names the synchronising call
             variants[name] = {"ok": False, "steps_watched": guard.steps, "error": str(err)[:800]}
         finally:
@@ -147,7 +154,8 @@ def epoch_times(device: torch.device, size: dict[str, Any]) -> dict[str, Any]:
 
 
 def pool_rates(device: torch.device, size: dict[str, Any]) -> dict[str, Any]:
-    """Candidates per hour with 1, 2, 4 worker processes, for each teacher; the packing gain of each count."""
+    """Candidates per hour with 1, 2, 4 worker processes, for each teacher; the packing gain of each count.
+    The same counts' first and last run again with the CUDA-graph step off: the eager baseline, same run."""
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalStore(f"{tmp}/store")
@@ -160,22 +168,41 @@ def pool_rates(device: torch.device, size: dict[str, Any]) -> dict[str, Any]:
             base = CandidateSpec(arch=arch, teacher=teacher.teacher_hash, dataset=data,
                                  train=TrainConfig(epochs=1, batch_size=size["batch"], augment=False))
             blocks = removable_blocks(teacher.model)
-            job = Job(f"{tmp}/store", teacher.teacher_hash, data, Resources(cpus_per_eval=1), str(device))
-            runs = []
-            for n, processes in enumerate(size["processes"]):
+            plan = [(True, p) for p in size["processes"]] + [(False, p) for p in size["eager_processes"]]
+            runs: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+            for n, (graph, processes) in enumerate(plan):
+                job = Job(f"{tmp}/store", teacher.teacher_hash, data, Resources(cpus_per_eval=1, cuda_graph=graph),
+                          str(device))
                 specs = removal_specs(base, blocks, size["candidates"], seed=0, first_seed=100_000 * (n + 1))
-                sampler = UtilisationSampler() if device.type == "cuda" else None
-                run = time_processes(job, specs, processes)
-                samples = sampler.stop() if sampler else None
-                run["gpu_util_mean_pct"] = round(sum(samples) / len(samples), 1) if samples else None
-                runs.append(run)
-                print(f"  {arch}: {processes} process(es): {run['candidates_per_hour']:.0f}/hour", flush=True)
-            one = runs[0]["candidates_per_hour"]
-            result[arch] = {"runs": runs, "packing_gain": {str(r["processes"]): round(r["candidates_per_hour"] / one, 3)
-                                                           for r in runs},
-                            "best_per_hour": max(r["candidates_per_hour"] for r in runs)}
-    result["ok"] = all(r["ok"] == r["candidates"] for arch in size["setups"] for r in result[arch]["runs"])
+                runs[graph].append(_timed_pool(job, specs, processes, device))
+                print(f"  {arch}: {processes} process(es), {'CUDA graph' if graph else 'eager'}: "
+                      f"{runs[graph][-1]['candidates_per_hour']:.0f}/hour", flush=True)
+            result[arch] = _pool_figures(runs[True], runs[False])
+    result["ok"] = all(r["ok"] == r["candidates"] for arch in size["setups"]
+                       for r in (*result[arch]["runs"], *result[arch]["eager_runs"]))
     return result
+
+
+def _timed_pool(job: Job, specs: list[CandidateSpec], processes: int, device: torch.device) -> dict[str, Any]:
+    """One timing of `specs` by `processes` workers, with the GPU's mean utilisation meanwhile."""
+    sampler = UtilisationSampler() if device.type == "cuda" else None
+    run = time_processes(job, specs, processes)
+    samples = sampler.stop() if sampler else None
+    run["gpu_util_mean_pct"] = round(sum(samples) / len(samples), 1) if samples else None
+    run["cuda_graph"] = job.resources.cuda_graph
+    return run
+
+
+def _pool_figures(graphed: list[dict[str, Any]], eager: list[dict[str, Any]]) -> dict[str, Any]:
+    """Packing gain (each count over one process, both with the CUDA-graph step) and the graph's gain over
+    the eager step at the same count."""
+    one = graphed[0]["candidates_per_hour"]
+    by_count = {r["processes"]: r["candidates_per_hour"] for r in graphed}
+    return {"runs": graphed, "eager_runs": eager,
+            "packing_gain": {str(r["processes"]): round(r["candidates_per_hour"] / one, 3) for r in graphed},
+            "graph_gain": {str(r["processes"]): round(by_count[r["processes"]] / r["candidates_per_hour"], 3)
+                           for r in eager},
+            "best_per_hour": max(r["candidates_per_hour"] for r in graphed + eager)}
 
 
 PART_FUNCTIONS: dict[str, Callable[[torch.device, dict[str, Any]], dict[str, Any]]] = {
@@ -220,6 +247,12 @@ def summary(results: dict[str, dict[str, Any]], device: torch.device, tiny: bool
                 gain = r["packing_gain"][str(r["runs"][-1]["processes"])]
                 rows.append((f"  packing gain ({r['runs'][-1]['processes']} processes / 1)", f"{gain:.2f}x",
                              f">= {TARGETS['packing_gain']}x" if aim and arch == "resnet20" else ""))
+                eager = r.get("eager_runs", [])
+                if eager:
+                    rows.append((f"  eager step ({'/'.join(str(x['processes']) for x in eager)} processes)",
+                                 " / ".join(f"{x['candidates_per_hour']:.0f}" for x in eager), ""))
+                    rows.append(("  CUDA-graph step over eager, same processes",
+                                 " / ".join(f"{g:.2f}x" for g in r["graph_gain"].values()), ""))
     return rows
 
 

@@ -53,6 +53,8 @@ def test_cpu_tiny_check_runs_every_part_without_ray_boto3_or_gymnasium(tmp_path)
     assert [run["processes"] for run in pool["runs"]] == [1, 2]
     assert all(run["ok"] == run["candidates"] == 4 and run["candidates_per_hour"] > 0 for run in pool["runs"])
     assert pool["packing_gain"]["1"] == 1.0
+    assert [(run["processes"], run["cuda_graph"]) for run in pool["eager_runs"]] == [(1, False)]
+    assert pool["eager_runs"][0]["ok"] == 4 and set(pool["graph_gain"]) == {"1"}
     table = proc.stdout[proc.stdout.index("figure"):]
     assert "resnet20 candidates per hour (1/2 processes)" in table and "no host sync" in table
 

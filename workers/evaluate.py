@@ -75,6 +75,7 @@ class EvalContext:
     device: torch.device
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     compile_model: bool = False  # torch.compile the training step
+    cuda_graph: bool = True  # replay static training steps as one CUDA graph
     # Held while a candidate uses the device: a second thread may store the previous one meanwhile.
     device_lock: threading.Lock = field(default_factory=threading.Lock)
     _logits: torch.Tensor | None = None
@@ -107,7 +108,7 @@ def local_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfi
             torch.cuda.set_per_process_memory_fraction(resources.gpus_per_eval, torch.cuda.current_device())
     teacher = load_teacher(store, teacher_hash, device)
     return EvalContext(store, teacher, load_dataset(dataset).to(device), device, worker=where,
-                       compile_model=resources.compile)
+                       compile_model=resources.compile, cuda_graph=resources.cuda_graph)
 
 
 def invalid(spec: CandidateSpec, reason: str, started: float, ctx: EvalContext) -> CandidateMetrics:
@@ -174,7 +175,8 @@ def _train(spec: CandidateSpec, ctx: EvalContext, built: Built, progress: bool,
     try:
         return train_model(built.model, ctx.splits, spec.train, ctx.device, seed=spec.seed,
                            desc=f"candidate {spec.spec_hash}", progress=progress, loss_fn=_loss_fn(spec, ctx),
-                           compile_model=ctx.compile_model, callbacks=(*built.callbacks, *callbacks))
+                           compile_model=ctx.compile_model, callbacks=(*built.callbacks, *callbacks),
+                           cuda_graph=ctx.cuda_graph)
     except torch.OutOfMemoryError:
         return None
 

@@ -14,3 +14,6 @@ class Resources:
     max_concurrent: int | None = field(default=None, metadata={"min": 1, "help": "cap on evaluations in flight"})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile each candidate's training step (GPU; pays beyond about 60-110 epochs: README)"})
+    cuda_graph: bool = field(default=True, metadata={
+        "help": "replay each candidate's training step as one CUDA graph where it is static (GPU, no augmentation, "
+                "no per-step callbacks): small students launch-bound otherwise (README)"})

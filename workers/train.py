@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workers.data import Splits, channel_stats_on, normalize
+from workers.graphed import GraphedStep
 
 log = logging.getLogger(__name__)
 MIN_ONE_CYCLE_STEPS = 8  # below this, the one-cycle schedule has empty phases
@@ -159,10 +160,13 @@ class TrainCallback:
 
     before_optimizer_step may veto the step (RigL updates masks instead); on_minibatch_end runs after
     it. A callback with `controls_lr` steps the learning rate itself (from on_train_begin's optimizer):
-    train_model then keeps the recipe's lr constant.
+    train_model then keeps the recipe's lr constant. A `graph_safe` callback's hooks change no tensor the
+    step reads and not the loss (host-side work only, or epoch hooks): with it the step may be replayed as
+    one CUDA graph (workers.graphed); any other callback keeps the step eager.
     """
 
     controls_lr = False
+    graph_safe = False
 
     def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int = 0) -> None: ...
 
@@ -189,6 +193,8 @@ class Checkpointer(TrainCallback):
     last finished epoch (searchsvc.sweep.TrialCheckpoints). The state is plain tensors and numbers (what
     `torch.load(weights_only=True)` reads): the model, optimizer, lr schedule, each callback's `state_dict`,
     the data-order and global random-number states, and the history so far."""
+
+    graph_safe = True  # epoch hooks only
 
     def load(self) -> dict[str, Any] | None:
         return None
@@ -224,7 +230,8 @@ def _restore(state: dict[str, Any], loop: "_Loop", callbacks: Sequence[TrainCall
 
 def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.device, seed: int = 0,
                 desc: str = "train", progress: bool = True, loss_fn: LossFn | None = None,
-                compile_model: bool = False, callbacks: Sequence[TrainCallback] = ()) -> list[dict[str, Any]]:
+                compile_model: bool = False, callbacks: Sequence[TrainCallback] = (),
+                cuda_graph: bool = True) -> list[dict[str, Any]]:
     """Train `model` in place on `splits` (moved to `device`); return one dict per epoch.
 
     Each epoch's dict holds loss (mean over steps), images_per_s, val_accuracy and test_accuracy, measured
@@ -232,6 +239,8 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
     a teacher's recipe does not). `loss_fn` replaces plain cross-entropy (distillation looks up or computes
     the batch's teacher logits). `compile_model` runs the steps through `torch.compile` (pays off on a GPU
     for many epochs: README). `callbacks` see every epoch and step (a compression schedule prunes through them).
+    `cuda_graph` replays each step as one CUDA graph where the step is static (workers.graphed: a GPU, no
+    augmentation, not compiled, graph-safe callbacks); each epoch's dict says whether it did (cuda_graph).
     """
     torch.manual_seed(seed)
     data = splits.to(device)
@@ -243,6 +252,8 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
     optimizer, schedule = _optimizer(model, recipe, recipe.epochs * steps, callbacks)
     loop = _Loop(model, torch.compile(model) if compile_model else model, data, recipe, layout, optimizer, schedule,
                  torch.Generator(device=device).manual_seed(seed), loss_fn, callbacks)
+    if cuda_graph and _graphable(device, recipe, compile_model, callbacks):
+        loop.graphed = GraphedStep(model, loop.batch_loss, batch, device)
     bar = _progress_bar(recipe.epochs * steps, desc, progress)
     for cb in callbacks:
         cb.on_train_begin(model, optimizer, recipe.epochs * steps)
@@ -259,6 +270,7 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
         mean_loss = loop.epoch(epoch, per_epoch, batch, bar)
         record = _epoch_record(model, data, recipe, epoch, mean_loss, steps * batch, time.perf_counter() - started,
                                seed, batch, layout)
+        record["cuda_graph"] = loop.graphed is not None and loop.graphed.replays > 0
         for cb in callbacks:
             cb.on_epoch_end(epoch, record)
         history.append(record)
@@ -270,7 +282,15 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
         if not math.isfinite(mean_loss):
             break  # a diverged run: the caller decides what an invalid result means
     bar.close()
+    loop.graphed = None  # the graph and the loop refer to each other: free its memory pool now, not at a gc
     return history
+
+
+def _graphable(device: torch.device, recipe: Recipe, compile_model: bool,
+               callbacks: Sequence[TrainCallback]) -> bool:
+    """A static step: the same kernels on the same buffers every time (the conditions in workers.graphed)."""
+    return (device.type == "cuda" and not recipe.augment and not compile_model
+            and all(cb.graph_safe for cb in callbacks))
 
 
 def _optimizer(model: nn.Module, recipe: Recipe, total: int,
@@ -308,6 +328,7 @@ class _Loop:
     generator: torch.Generator
     loss_fn: LossFn | None
     callbacks: Sequence[TrainCallback]
+    graphed: GraphedStep | None = None  # the step as a CUDA graph, once warmed up
 
     def criterion(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
                   images: torch.Tensor) -> torch.Tensor:
@@ -327,31 +348,49 @@ class _Loop:
         order = torch.randperm(len(y_train), device=device, generator=self.generator)[:per_epoch]
         steps = per_epoch // batch
         for step in range(steps):
-            index = order[step * batch : (step + 1) * batch]
-            loss_sum += self.step(epoch, step, steps, index, x_train[index], y_train[index])
+            loss_sum += self.step(epoch, step, steps, order[step * batch : (step + 1) * batch])
             bar.update(1)
         return loss_sum.item() / steps  # the one host sync of the epoch
 
-    def step(self, epoch: int, step: int, steps: int, index: torch.Tensor, images: torch.Tensor,
-             labels: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on a batch; returns its loss (a device tensor, detached)."""
+    def step(self, epoch: int, step: int, steps: int, index: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on the training images at `index`; returns its loss (a device tensor, detached)."""
         for cb in self.callbacks:
             cb.on_minibatch_begin(epoch, step, steps)
-        if self.recipe.augment:
-            images = augment(images, self.generator)
-        images = normalize(images, self.data.mean, self.data.std).contiguous(memory_format=self.layout)
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
-            loss = self.criterion(self.forward(images), labels, index, images)
-        for cb in self.callbacks:
-            loss = cb.before_backward_pass(epoch, step, steps, loss)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        graphed = self.graphed
+        loss = graphed.run(index) if graphed is not None and graphed.ready() else None
+        if loss is None:
+            loss = self.eager_backward(epoch, step, steps, index)
+            if graphed is not None and graphed.active:
+                graphed.count_eager()
         if all([cb.before_optimizer_step(epoch, step, steps) for cb in self.callbacks]):  # every one is asked
             self.optimizer.step()
         self.schedule.step()
         for cb in self.callbacks:
             cb.on_minibatch_end(epoch, step, steps)
+        return loss
+
+    def eager_backward(self, epoch: int, step: int, steps: int, index: torch.Tensor) -> torch.Tensor:
+        """Forward, loss (through the callbacks) and backward of the batch at `index`; the detached loss."""
+        x_train, y_train = self.data.train
+        images = x_train[index]
+        if self.recipe.augment:
+            images = augment(images, self.generator)
+        images = normalize(images, self.data.mean, self.data.std).contiguous(memory_format=self.layout)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+            loss = self.criterion(self.forward(images), y_train[index], index, images)
+        for cb in self.callbacks:
+            loss = cb.before_backward_pass(epoch, step, steps, loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
         return loss.detach()
+
+    def batch_loss(self, index: torch.Tensor) -> torch.Tensor:
+        """The loss of the (unaugmented) batch at `index`, read through `index` alone: what a CUDA graph
+        captures. Autocast's weight cache is off: a graph must cast the weights it replays with."""
+        x_train, y_train = self.data.train
+        images = normalize(x_train[index], self.data.mean, self.data.std).contiguous(memory_format=self.layout)
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            return self.criterion(self.forward(images), y_train[index], index, images)
 
 
 def _epoch_record(model: nn.Module, data: Splits, recipe: Recipe, epoch: int, mean_loss: float, images: int,
