@@ -264,6 +264,8 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny workloads: the same code paths in seconds")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts (default {','.join(PARTS)})")
     parser.add_argument("--code-version", default=None, help="recorded in the JSON (default: this checkout's commit)")
+    parser.add_argument("--pool-archs", default=None,
+                        help="comma-separated teachers of the pool part (default: resnet18_cifar,resnet20; tiny: resnet20)")
     args = parser.parse_args()
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
@@ -275,6 +277,8 @@ def main() -> int:
               "run with --device cpu --tiny for the CPU check", file=sys.stderr)
         return 1
     device, size = torch.device(args.device), sizes(args.tiny)
+    if args.pool_archs:
+        size["setups"] = tuple(a.strip() for a in args.pool_archs.split(",") if a.strip())
     results: dict[str, dict[str, Any]] = {}
     for part in parts:
         started = time.perf_counter()
@@ -286,7 +290,8 @@ def main() -> int:
             results[part] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:2000]}
         results[part]["part_seconds"] = round(time.perf_counter() - started, 1)
         meta = {"part": part, "tiny": args.tiny, "device_name": torch.cuda.get_device_name(0) if
-                device.type == "cuda" else "cpu", "cuda": torch.version.cuda}
+                device.type == "cuda" else "cpu", "cuda": torch.version.cuda,
+                "mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))}  # scripts/with-mps.sh
         write_result(args.out, FILES[part], {**meta, **results[part]}, version=args.code_version)
         print(f"gpu_check: {part} {'ok' if results[part]['ok'] else 'FAILED'} in {results[part]['part_seconds']} s",
               flush=True)

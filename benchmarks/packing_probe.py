@@ -6,7 +6,9 @@ another, by N threads of one process (one CUDA stream each), and by N processes.
 Processes get the GPU by time-slicing between their CUDA contexts (no MPS): kernels of two processes never
 run at once. Threads of one process share one context, so kernels on their streams can overlap; the
 GIL serialises only their Python. Each worker first runs a warm-up epoch (cuDNN autotuning), then the
-timed one; gain = sequential seconds / concurrent seconds for the same N epochs. torch alone.
+timed one; gain = sequential seconds / concurrent seconds for the same N epochs. torch alone. The epochs
+are `train_model`'s, so their steps are CUDA-graph replays (workers.graphed). Under scripts/with-mps.sh
+the processes share one context (MPS) and their kernels may overlap.
 With --graph: a small student's training step eager against the same step captured once as a CUDA graph
 (launch overhead is what packing tries to hide).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import sys
 import threading
 import time
@@ -173,7 +176,8 @@ def main() -> None:
     result = {"benchmark": "packing_probe", "arch": args.arch, "n": args.n, "images": args.images, "batch": args.batch,
               "sequential_s": round(sequential, 3), "epoch_s": [round(t, 3) for t in one],
               "threads_s": round(in_threads, 3), "processes_s": round(in_processes, 3),
-              "gain_threads": round(sequential / in_threads, 3), "gain_processes": round(sequential / in_processes, 3)}
+              "gain_threads": round(sequential / in_threads, 3), "gain_processes": round(sequential / in_processes, 3),
+              "cuda_graph_steps": True, "mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))}  # scripts/with-mps.sh
     write_result(args.out, f"packing_probe_{args.arch}", result, version=args.code_version)
     print(result)
 
