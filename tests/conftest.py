@@ -101,10 +101,24 @@ def start_s3_server(root: Path) -> S3Server:
     config = {"identities": [{"name": "test", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
                               "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
     (root / "s3.json").write_text(json.dumps(config))
-    (root / "data").mkdir()
+    for attempt in range(3):  # a port found free can be taken before weed binds it (Ray's workers pick ports too)
+        server = _s3_server_on_free_ports(root, root / f"data-{attempt}")  # no state of a failed start
+        try:
+            server.start()
+            server.client().create_bucket(Bucket=server.shared_bucket)
+            return server
+        except BaseException as err:
+            server.stop()
+            if attempt == 2 or "address already in use" not in str(err):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _s3_server_on_free_ports(root: Path, data: Path) -> S3Server:
+    data.mkdir()
     master, volume, filer, s3 = (free_port_pair() for _ in range(4))
     command = [
-        _weed_binary(), "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        _weed_binary(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", "-s3", f"-s3.port={s3}",
         "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", f"-s3.config={root / 's3.json'}",
         # Every bucket is a collection that takes volumes of its own: small volumes, no fixed cap.
@@ -112,14 +126,7 @@ def start_s3_server(root: Path) -> S3Server:
         # A restarted master waits one election timeout (10 s by default) before it serves: tests restart it.
         "-master.electionTimeout=1s",
     ]
-    server = S3Server(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY, command, root)
-    try:
-        server.start()
-        server.client().create_bucket(Bucket=server.shared_bucket)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return S3Server(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY, command, root)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ capture, which is logged once; training goes on eagerly, losing nothing (a captu
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable
 
 import torch
@@ -23,6 +24,11 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 WARMUP_STEPS = 3  # eager steps before the capture: cuDNN autotuning, momentum buffers, lazy initialisation
+# One capture at a time in a process: `torch.cuda.graph` synchronises the whole device before it captures,
+# which breaks another thread's capture under way (seen on an H100: four threads training at once, both
+# captures failed). Other threads' device-wide syncs during a capture stay unsafe: a worker trains one
+# candidate at a time (EvalContext.device_lock).
+_CAPTURE_LOCK = threading.Lock()
 
 
 class GraphedStep:
@@ -74,7 +80,7 @@ class GraphedStep:
         graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
         try:
             # thread_local: the store writer thread may touch CUDA while this thread captures.
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with _CAPTURE_LOCK, torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 loss = self.forward_loss(self.index)
                 loss.backward()
         except Exception as err:  # noqa: BLE001 — any capture failure means this model runs eagerly
