@@ -7,7 +7,8 @@ packages that define records need nothing from here:
 
     epochs: int = field(default=1, metadata={"min": 1, "help": "passes over the training set"})
 
-A record may check rules across its fields in `__post_init__` by raising ValueError("key: message").
+A record may check rules across its fields in `__post_init__` by raising ValueError("key: message"), or
+ValueError(": message") for a rule on the record as a whole.
 Metadata keys: min / max (inclusive), gt / lt (exclusive), choices (a list, or a callable returning
 one, for registries), help (shown by `--help`-style listings), omit_default (a field added after stores
 existed: `to_data` leaves it out while it holds its default, so adding it changes no stored hash).
@@ -161,8 +162,12 @@ def _convert_record(cls: type, value: Any, path: str, problems: list[str]) -> An
         return None
     try:
         return cls(**kwargs)
-    except ValueError as err:  # a rule across fields, checked in __post_init__: "key: message"
-        problems.append(f"{path}.{err}" if path else str(err))
+    except ValueError as err:  # a rule across fields, checked in __post_init__: "key: message" (": message":
+        text = str(err)         # the record as a whole)
+        if text.startswith(": "):
+            problems.append(f"{path}{text}" if path else text[2:])
+        else:
+            problems.append(f"{path}.{text}" if path else text)
         return None
 
 

@@ -247,11 +247,15 @@ def cmd_results(args: argparse.Namespace) -> int:
         raise SearchsvcError(f"--top: must be a positive integer, got {args.top}")
     store = _open(args, args.store)
     run_id = args.run or latest_run(store)
-    rows = table_rows(read_results(store, run_id))[: args.top]
+    every = table_rows(read_results(store, run_id))
+    rows = every[: args.top]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         print(f"run {run_id} in {store.uri}")
+        judged = [row for row in every if row.get("within_budget") is not None]
+        if judged:  # ranked first: the best model within the run's budget leads the table
+            print(f"within budget (search.budget): {sum(bool(r['within_budget']) for r in judged)} of {len(judged)}")
         print(format_table(rows))
     return 0
 
@@ -363,7 +367,8 @@ _COLUMNS = [("spec_hash", "spec_hash", "{}"), ("method", "method", "{}"), ("stat
 # Method-specific columns, shown after `status` when the run has them (Tune methods: trial, iteration;
 # sparse methods: sparsity of the conv / linear weights, 0..1; rigl: mask updates, 0 for the static baseline).
 _OPTIONAL = [("trial", "trial", "{}"), ("iteration", "iter", "{}"), ("pareto", "pareto", "{}"),
-             ("sparsity", "sparsity", "{:.3f}"), ("rigl_updates", "updates", "{}")]
+             ("within_budget", "in budget", "{}"), ("sparsity", "sparsity", "{:.3f}"),
+             ("nonzero_macs", "nz MACs", "{:,}"), ("rigl_updates", "updates", "{}")]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from core.errors import SearchsvcError, first_line
 from searchsvc import stopping
+from searchsvc.budget import budget_of
 from searchsvc.job import RunContext
 from searchsvc.result_table import ResultRow, read_row
 from searchsvc.rewards import INVALID_REWARD, RewardForm, compression_ratio, reward
@@ -27,7 +28,7 @@ from searchsvc.version import code_version
 from storage import StoreUnreachableError, layout, spool
 from storage.base import json_bytes as store_json_bytes
 from workers.evaluate import UnsavedResult
-from workers.measure import count_parameters
+from workers.measure import count_macs, count_parameters
 from workers.metrics import CandidateMetrics
 from workers.pool import EvalPool
 from workers.spec import CandidateSpec
@@ -43,10 +44,18 @@ class Recorder:
 
     size = "params"  # the metric compression and reward count (a sparse method counts non-zero parameters)
 
-    def __init__(self, context: RunContext, reward_form: RewardForm = "c_2_minus_c", total: int | None = None) -> None:
+    def __init__(self, context: RunContext, reward_form: RewardForm = "c_2_minus_c", total: int | None = None,
+                 reward_size: str | None = None, penalise_over_budget: bool = False) -> None:
+        """`reward_size` (default: `size`): what the reward's compression counts, "params" or "macs".
+        `penalise_over_budget`: an over-budget candidate's reward is scaled by `Budget.overshoot` (N2N)."""
         self.context = context
         self.reward_form = reward_form
         self.teacher_params = count_parameters(context.teacher.model)
+        self.budget = budget_of(context.config.search)
+        self.penalise = penalise_over_budget and self.budget is not None
+        self.reward_size = reward_size or self.size
+        self.teacher_reward_size = self.teacher_params if self.reward_size in ("params", "nonzero_params") else \
+            count_macs(context.teacher.model, context.splits.in_channels, context.splits.image_size)
         self.teacher_accuracy = context.teacher.test_accuracy  # reported beside the candidates
         self.teacher_val_accuracy = context.teacher.val_accuracy  # what rewards compare against
         self.rows: dict[str, dict[str, Any]] = {}  # spec_hash → row, this run
@@ -139,14 +148,22 @@ class Recorder:
             code_version=code_version(), status=m.status, accuracy=m.accuracy, val_accuracy=m.val_accuracy,
             params=m.params, macs=m.macs, latency_ms=m.latency_ms,
             compression=compression_ratio(self.teacher_params, size) if ok else None,
-            reward=reward(size, m.val_accuracy, self.teacher_params, self.teacher_val_accuracy,
-                          self.reward_form) if ok else INVALID_REWARD,  # validation decides, test reports
+            reward=self.reward(m) if ok else INVALID_REWARD,  # validation decides, test reports
             wall_s=m.wall_s, worker=m.worker, artifact=m.artifact, device=m.device,
             latency_b256_ms=m.latency_b256_ms, model_bytes=m.model_bytes, cached=cached, error=m.error,
             removed=json.dumps(list(spec.removed)), widths=json.dumps(dict(spec.widths)),
             finetuned_from=spec.init,  # built from this candidate; its accuracy is kept beside
             parent_accuracy=self.rows[spec.init]["accuracy"] if spec.init in self.rows else None,
+            within_budget=self.budget.within(m.get) if self.budget is not None and ok else None,
         )
+
+    def reward(self, m: CandidateMetrics) -> float:
+        """A valid candidate's reward: compression on `reward_size` against the teacher's, validation accuracy
+        against the teacher's; scaled down by how far it is over budget when the method asks for it."""
+        size = m.get(f"nonzero_{self.reward_size}", m.get(self.reward_size)) if self.reward_size == "macs" else \
+            m.get(self.reward_size)
+        value = reward(size, m.val_accuracy, self.teacher_reward_size, self.teacher_val_accuracy, self.reward_form)
+        return value * self.budget.overshoot(m.get) if self.penalise else value
 
     def columns(self, spec: CandidateSpec, metrics: CandidateMetrics) -> dict[str, Any]:
         """A method's own columns of a candidate's row, after the fixed ones (none here)."""
@@ -188,8 +205,8 @@ class Evaluator(Recorder):
     """Evaluate specs through the actor pool and record them as rows of the run."""
 
     def __init__(self, context: RunContext, reward_form: RewardForm = "c_2_minus_c", total: int | None = None,
-                 pool: EvalPool | None = None) -> None:
-        super().__init__(context, reward_form, total)
+                 pool: EvalPool | None = None, **recorder: Any) -> None:
+        super().__init__(context, reward_form, total, **recorder)
         prepare_teacher_logits(context)
         self.pool = pool or EvalPool(context.store, context.teacher.teacher_hash, context.config.dataset,
                                      context.config.resources, on_wait=stopping.check)

@@ -12,7 +12,14 @@ from typing import Any, Callable, Literal
 
 from core.errors import SearchsvcError
 from core.names import is_number, load_object, lookup
+from searchsvc.budget import Budget
 from searchsvc.rewards import RewardForm
+
+
+def budget_field() -> Any:
+    """`search.budget` of a method: the limits a deployed model must meet (searchsvc.budget)."""
+    return field(default=None, metadata={"omit_default": True, "help": "deployment limits: macs, params, "
+                                         "model_bytes, latency_ms with latency_batch (searchsvc/budget.py)"})
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ class GridSearch:
                                                   metadata={"help": "the transformations to evaluate"})
     round_to: int = field(default=1, metadata={"min": 1, "help": "round channel counts up to a multiple"})
     reward: RewardForm = field(default="c_2_minus_c", metadata={"help": "c_2_minus_c or c_over_2_minus_c"})
+    budget: Budget | None = budget_field()
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,9 @@ class N2NSearch:
     checkpoint_every: int = field(default=1, metadata={"min": 1, "help": "PPO iterations between checkpoints"})
     top_k: int = field(default=5, metadata={"min": 0, "help": "best networks to fine-tune at the end"})
     finetune_epochs: int = field(default=0, metadata={"min": 0, "help": "epochs of distillation for the top-k"})
+    budget: Budget | None = budget_field()
+    reward_size: Literal["params", "macs"] = field(default="params", metadata={
+        "omit_default": True, "help": "what the reward's compression C = 1 - size/teacher's counts: params or macs"})
 
 
 @dataclass(frozen=True)
@@ -174,6 +185,7 @@ class TaylorSearch:
     stop: TaylorStop = field(default_factory=TaylorStop)
     tune: TaylorTune = field(default_factory=TaylorTune)
     reward: RewardForm = field(default="c_2_minus_c", metadata={"help": "c_2_minus_c or c_over_2_minus_c"})
+    budget: Budget | None = budget_field()
 
     def __post_init__(self) -> None:
         for where, value in [("filters_per_iteration", self.filters_per_iteration),
@@ -218,6 +230,7 @@ class AgpSearch:
     tune: AgpTune = field(default_factory=AgpTune)
     reward: RewardForm = field(default="c_2_minus_c", metadata={
         "help": "c_2_minus_c or c_over_2_minus_c; size is the non-zero parameter count"})
+    budget: Budget | None = budget_field()
 
 
 @dataclass(frozen=True)
@@ -286,6 +299,7 @@ class RigLSearch:
     tune: RigLTune = field(default_factory=RigLTune)
     reward: RewardForm = field(default="c_2_minus_c", metadata={
         "help": "c_2_minus_c or c_over_2_minus_c; size is the non-zero parameter count"})
+    budget: Budget | None = budget_field()
 
     def __post_init__(self) -> None:
         delta = min((self.delta, *self.tune.delta))  # every trial's delta must leave room for the accumulation

@@ -182,7 +182,8 @@ def run_n2n(context: RunContext) -> None:
     if not units.names:
         raise SearchsvcError(f"method n2n: {context.config.teacher.base} has no removable block (a block whose input "
                              f"and output shapes match, with a skip connection): use method grid")
-    evaluator = Evaluator(context, search.reward, total=search.max_evaluations)
+    evaluator = Evaluator(context, search.reward, total=search.max_evaluations, reward_size=search.reward_size,
+                          penalise_over_budget=True)
     try:
         for name in ("removal", "shrink"):
             if name in state["done"] or budgets[name] == 0:

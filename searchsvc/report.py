@@ -23,11 +23,13 @@ from workers.teacher import load_teacher
 # (metric, axis title, unit) of the Pareto plots; accuracy is always the other axis.
 FRONTS = [("params", "parameters", "count"), ("macs", "MACs per image", "count"),
           ("latency_ms", "latency at batch 1", "ms")]
+BUDGET_LIMITS = ("macs", "params", "model_bytes", "latency_ms")
 TOP_COLUMNS = [("val_accuracy", "val accuracy", "{:.2%}"), ("accuracy", "test accuracy", "{:.2%}"),
                ("params", "params", "{:,}"), ("macs", "MACs", "{:,}"),
                ("latency_ms", "latency ms", "{:.2f}"), ("compression", "x-factor", "{:.2f}"),
                ("reward", "reward", "{:.3f}"), ("sparsity", "sparsity", "{:.3f}"),
-               ("rigl_updates", "RigL updates", "{}")]
+               ("nonzero_macs", "non-zero MACs", "{:,}"), ("rigl_updates", "RigL updates", "{}"),
+               ("within_budget", "within budget", "{}")]
 # Methods whose candidates record a sparsity schedule per epoch: (history key, axis title) per panel.
 SCHEDULES = {"agp": [("sparsity", "sparsity (%)")],
              "rigl": [("density", "non-zero weights (%)"), ("moved", "weights moved in the epoch (% of non-zero)")]}
@@ -65,6 +67,20 @@ def run_summary(record: dict[str, Any], rows: list[dict[str, Any]], gpus_per_eva
              else "0 (evaluations ran on the CPU)")]
 
 
+def budget_summary(budget: Any, ok: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The run's budget, how many valid candidates meet it, and the best of them (validation decides)."""
+    if not isinstance(budget, dict):
+        return []
+    limits = "; ".join(f"{k} <= {v:,}" for k, v in budget.items() if k in BUDGET_LIMITS and v is not None)
+    if budget.get("latency_ms") is not None:
+        limits += f" (batch {budget.get('latency_batch')})"
+    within = [r for r in ok if r.get("within_budget")]
+    best = rank(results_table(within)).to_pylist()[0] if within else None
+    return [("budget", limits), ("within budget", f"{len(within)} of {len(ok)} valid candidates")] + (
+        [("best within budget", f"{best['spec_hash']}: {100 * (best['val_accuracy'] or 0):.2f} % validation, "
+                                f"{100 * best['accuracy']:.2f} % test")] if best else [])
+
+
 def _on_gpu(row: dict[str, Any]) -> bool:
     """Whether an evaluation ran on a GPU (rows from before `device` was recorded: as the config asked)."""
     return row.get("device") is None or str(row["device"]).startswith("cuda")
@@ -80,7 +96,8 @@ def build_report(store: ArtifactStore, run_id: str, top: int = 10) -> str:
     teacher = teacher_point(store, record.get("teacher_hash"))
     gpus = float((config.get("resources") or {}).get("gpus_per_eval") or 0)
     ok = [r for r in rows if r["status"] == "ok"]
-    parts = [f"<h1>searchsvc run {_e(run_id)}</h1>", "<h2>Summary</h2>", _table(["", ""], run_summary(record, rows, gpus))]
+    summary = run_summary(record, rows, gpus) + budget_summary((config.get("search") or {}).get("budget"), ok)
+    parts = [f"<h1>searchsvc run {_e(run_id)}</h1>", "<h2>Summary</h2>", _table(["", ""], summary)]
     parts.append("<h2>Pareto fronts (test accuracy vs size and speed; ★ the teacher)</h2>"
                  "<p>Each front is chosen on validation accuracy and drawn at test accuracy, which only reports; "
                  "the ranking below is by reward (validation), with both accuracies shown.</p><div class='grid'>")

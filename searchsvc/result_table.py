@@ -49,6 +49,7 @@ class ResultRow:
     widths: str  # JSON mapping of layer → width
     finetuned_from: str | None  # spec_hash of the candidate this one was fine-tuned from
     parent_accuracy: float | None  # that parent's test accuracy, 0..1
+    within_budget: bool | None  # every limit of search.budget met (searchsvc.budget); null: no budget
 
     def to_data(self) -> dict[str, Any]:
         """The row as the dict the drivers keep and store (evals/<spec_hash>.json)."""
@@ -84,15 +85,19 @@ def results_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
 
 
 def rank(table: pa.Table) -> pa.Table:
-    """Best first: valid results by reward, then validation accuracy, then fewest params (test accuracy
-    plays no part: it only reports)."""
+    """Best first: valid results, within budget before over it (a run with `search.budget`), then by reward,
+    validation accuracy, fewest params (test accuracy plays no part: it only reports)."""
     if table.num_rows == 0:
         return table
-    invalid = pc.not_equal(table["status"], "ok").cast(pa.int8())
-    keyed = table.append_column("_invalid", invalid)
-    order = [("_invalid", "ascending"), ("reward", "descending"), ("val_accuracy", "descending"),
-             ("params", "ascending")]
-    return keyed.sort_by(order).drop_columns(["_invalid"])
+    keys = {"_invalid": pc.not_equal(table["status"], "ok").cast(pa.int8())}
+    if "within_budget" in table.column_names and table["within_budget"].null_count < table.num_rows:
+        keys["_over"] = pc.invert(pc.fill_null(table["within_budget"], False)).cast(pa.int8())
+    keyed = table
+    for name, column in keys.items():
+        keyed = keyed.append_column(name, column)
+    order = [(name, "ascending") for name in keys] + [("reward", "descending"), ("val_accuracy", "descending"),
+                                                      ("params", "ascending")]
+    return keyed.sort_by(order).drop_columns(list(keys))
 
 
 # The sha256 of a table's rows, kept in its own Parquet metadata: one object, rewritten atomically, so a

@@ -227,3 +227,26 @@ def test_stored_files_of_the_wrong_shape_are_one_line_and_exit_2(case, grid_run,
     assert main(command) == 2, case
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and path.name in err and "Traceback" not in err, (case, err)
+
+
+def test_a_macs_budget_marks_exactly_the_rows_over_it_and_ranks_those_within_first(grid_run, capsys):
+    """The same grid again with `search.budget.macs` set between the candidates' MACs: every row comes from
+    the store (no training), within_budget is true exactly where MACs <= the limit, those rows lead the
+    table, and `results` says how many meet the budget."""
+    store_dir, store, run_id = grid_run
+    first = [r for r in searchsvc.results(store, run_id).to_pylist() if r["status"] == "ok"]
+    macs = sorted({r["macs"] for r in first})
+    assert len(macs) >= 3
+    limit = macs[len(macs) // 2]  # inclusive: the candidate at the limit is within
+    assert main(["run", str(GRID), "--store", str(store_dir), *FAST, "--set", f"search.budget={{macs: {limit}}}"]) == 0
+    budget_run = sorted({k.split("/")[1] for k in store.list("runs/")})[-1]
+    assert store.get_json(f"runs/{budget_run}/run.json")["evaluations"] == 0
+    rows = searchsvc.results(store, budget_run).to_pylist()
+    for row in rows:
+        assert row["within_budget"] == (row["macs"] <= limit if row["status"] == "ok" else None)
+    marks = [row["within_budget"] for row in rows if row["status"] == "ok"]
+    assert marks == sorted(marks, reverse=True) and True in marks and False in marks  # within budget first
+    capsys.readouterr()
+    assert main(["results", "--store", str(store_dir), "--run", budget_run]) == 0
+    out = capsys.readouterr().out
+    assert f"within budget (search.budget): {marks.count(True)} of {len(marks)}" in out

@@ -22,6 +22,7 @@ from searchsvc.rewards import reward
 from storage import LocalStore
 from tests.conftest import kill_run_when
 from workers.data import DatasetConfig
+from workers.measure import count_macs
 from workers.spec import CandidateSpec
 from workers.structure import structure_of
 from workers.train import TrainConfig
@@ -155,10 +156,26 @@ def test_top_k_are_fine_tuned_from_their_own_weights_and_both_accuracies_kept(tm
     assert run["record"]["evaluations"] == 4 + 2  # fine-tuning is on top of the search budget
 
 
-def test_random_agent_respects_the_evaluation_budget(tmp_path, ray_session):
+def test_random_agent_respects_the_evaluation_budget_and_rewards_macs_under_a_macs_budget(tmp_path, ray_session):
+    """Six evaluations, no more; with `reward_size: macs` and a MACs budget, each reward is the paper's form on
+    MACs compression, scaled by limit / MACs when over budget, and within_budget marks exactly those at most
+    the limit."""
+    teacher = create_model("resnet20", 1, 4)
+    teacher_macs = count_macs(teacher, 1, 16)
+    limit = int(0.6 * teacher_macs)
     run = _run(tmp_path / "s", "teacher.arch=resnet20", "teacher.epochs=1", "dataset.synthetic.train_size=256",
-               "search.agent=random", "search.max_evaluations=6", "search.shrink=false")
-    assert run["record"]["evaluations"] == 6
+               "search.agent=random", "search.max_evaluations=6", "search.shrink=false",
+               "search.reward_size=macs", f"search.budget={{macs: {limit}}}")
+    record = run["record"]
+    assert record["evaluations"] == 6
+    rows = [r for r in run["store"].get_table(f"runs/{run['run_id']}/results.parquet").to_pylist()
+            if r["status"] == "ok"]
+    assert rows and {r["within_budget"] for r in rows} <= {True, False}
+    for row in rows:
+        assert row["within_budget"] == (row["macs"] <= limit)
+        c = 1 - row["macs"] / teacher_macs
+        expected = c * (2 - c) * row["val_accuracy"] / record["teacher_val_accuracy"] * min(1.0, limit / row["macs"])
+        assert row["reward"] == pytest.approx(expected, rel=1e-9)
 
 
 def test_resume_after_kill_9_reuses_every_stored_evaluation(tmp_path, ray_session):

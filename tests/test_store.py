@@ -120,12 +120,13 @@ def test_results_parquet_has_typed_columns_even_where_every_value_is_null(store)
                     val_accuracy=None, params=None, macs=None, latency_ms=None, compression=None, reward=-1.0,
                     wall_s=0.5, worker=None, artifact=None, device=None, latency_b256_ms=None, model_bytes=None,
                     cached=False, error="out of memory", removed="[]", widths="{}", finetuned_from=None,
-                    parent_accuracy=None)
+                    parent_accuracy=None, within_budget=None)
     store.put_bytes("runs/r2/config.yaml", b"method: grid\n")
     write_results(store, "r2", [{**row.to_data(), "order": 1}])
     table = store.get_table("runs/r2/results.parquet")
     assert table.schema.field("params").type == pa.int64() and table.schema.field("macs").type == pa.int64()
     assert table.schema.field("parent_accuracy").type == pa.float64()  # all null, still a number column
+    assert table.schema.field("within_budget").type == pa.bool_()
     assert table.schema.field("order").type == pa.int64()  # a run's own column, after the fixed ones
     assert table.to_pylist() == [{**row.to_data(), "order": 1}]
 
