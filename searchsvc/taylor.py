@@ -9,7 +9,8 @@
 A trial's iteration i prunes the model of iteration i-1 (the teacher for i = 1) by Taylor importance
 (workers/taylor.py), fine-tunes it, and measures it: a candidate in the store whose `init` is its
 parent, reported to Tune as one step. The trial ends after `iterations`, at the stop rule, or when
-ASHA stops it. A checkpoint is (iteration, parent hash), plus the training state after each epoch of
+ASHA stops it. With `search.budget`, the first point within budget ends the pruning: the trial's
+remaining iterations fine-tune it (rows of phase `fine-tune`, same architecture). A checkpoint is (iteration, parent hash), plus the training state after each epoch of
 the iteration's fine-tune; the models are in the store, so a restarted or restored trial continues where it
 was, mid-fine-tune included. Tune's experiment lives in runs/<id>/state/tune.
 """
@@ -85,12 +86,13 @@ def prune_count(filters_per_iteration: int | float, teacher_channels: int) -> in
     return int(filters_per_iteration)
 
 
-def iteration_spec(job: TrialJob, sample: dict[str, Any], parent: str | None) -> CandidateSpec:
-    """The candidate of one iteration: prune `parent` (None: the teacher), fine-tune with the sample's recipe."""
+def iteration_spec(job: TrialJob, sample: dict[str, Any], parent: str | None, prune: bool = True) -> CandidateSpec:
+    """The candidate of one iteration: prune `parent` (None: the teacher), fine-tune with the sample's recipe.
+    `prune=False`: fine-tune `parent` as it is (a trajectory that has met the budget)."""
     alpha = (job.train.distill.alpha or DistillConfig().alpha) if sample["distill"] else 0.0
     train = replace(job.train, lr=float(sample["lr"]), epochs=int(sample["epochs"]),
                     distill=replace(job.train.distill, alpha=alpha))
-    count = prune_count(sample["filters_per_iteration"], job.teacher_channels)
+    count = prune_count(sample["filters_per_iteration"], job.teacher_channels) if prune else 0
     return CandidateSpec(arch=job.arch, teacher=job.teacher_hash, dataset=job.dataset, train=train,
                          method="taylor", init=parent, seed=job.seed,
                          params=(("importance_batches", job.search.importance_batches), ("prune", count)))
@@ -115,8 +117,11 @@ def taylor_trial(sample: dict[str, Any], job: TrialJob) -> None:
         with checkpoint.as_directory() as folder:
             state = json.loads((Path(folder) / "state.json").read_text())
     score = state.get("reward", INVALID_REWARD)  # the trial's reward so far (what epoch reports carry)
+    budget = job.search.budget
     for iteration in range(state["iteration"] + 1, job.search.iterations + 1):
-        spec = iteration_spec(job, sample, state["parent"])
+        # Once a point meets the budget, pruning stops: the trial's remaining iterations fine-tune that point.
+        met = state.get("budget_met", False)
+        spec = iteration_spec(job, sample, state["parent"], prune=not met)
         metrics = stored_metrics(job.store, spec.spec_hash)
         cached = metrics is not None
         if metrics is None:  # its epochs checkpointed with the trial's state: a restart goes on mid-iteration
@@ -128,10 +133,12 @@ def taylor_trial(sample: dict[str, Any], job: TrialJob) -> None:
             f"invalid: {metrics.error}"
         score = reward(metrics.params, metrics.val_accuracy, job.teacher_params, job.teacher_val_accuracy,
                        job.search.reward) if ok else INVALID_REWARD
-        state = {"iteration": iteration, "parent": spec.spec_hash, "reward": score}
+        state = {"iteration": iteration, "parent": spec.spec_hash, "reward": score,
+                 "budget_met": met or (ok and budget is not None and bool(budget.within(metrics.get)))}
         report = {"iteration": iteration, "val_accuracy": metrics.val_accuracy or 0.0, "params": metrics.params or 0,
                   "reward": score, **report_fields(spec, metrics, cached, iteration=iteration,
-                                                   filters=metrics.get("filters"), stop_reason=reason)}
+                                                   filters=metrics.get("filters"), stop_reason=reason,
+                                                   phase="fine-tune" if met else "prune")}
         with tempfile.TemporaryDirectory() as folder:
             (Path(folder) / "state.json").write_text(json.dumps(state))
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))

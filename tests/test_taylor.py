@@ -21,7 +21,7 @@ from searchsvc.taylor import prune_count, stop_reason
 from storage import LocalStore, open_store
 from tests.conftest import kill_run_when
 from workers.data import DatasetConfig, load_dataset, normalize
-from workers.measure import count_parameters
+from workers.measure import count_macs, count_parameters
 from workers.surgery import predicted_params, width_keys
 from workers.taylor import count_filters, plan_removal, prunable_channels, prune_groups, taylor_prune, taylor_scores
 from workers.train import TrainConfig, train_model
@@ -183,6 +183,24 @@ def test_a_huge_prune_step_fires_the_stop_rule_after_one_iteration(tmp_path, ray
     assert {s[0]["mid"] for s in arch["stages"]} == {1} and arch["stem"] == 1  # every group down to one channel
     trials = store.get_json(f"runs/{run_id}/trials.json")
     assert [t["best"] for t in trials.values()] == [None]  # nothing within the rule
+
+
+def test_pruning_stops_at_the_first_iteration_within_budget_and_the_rest_fine_tune_it(tmp_path, ray_session):
+    """A MACs budget just under the teacher's: iteration 1 meets it, so iterations 2 and 3 fine-tune that
+    model (same MACs and parameters, each built from the one before) instead of pruning further."""
+    teacher_macs = count_macs(create_model("tiny_cnn", 1, 4), 1, 16)
+    run = _run(str(tmp_path / "s"), "search.tune.num_samples=1", "search.tune.filters_per_iteration=[]",
+               "search.filters_per_iteration=0.15", "search.stop.max_drop=100",
+               f"search.budget={{macs: {teacher_macs - 1}}}")
+    store, run_id = run["store"], run["run_id"]
+    rows = sorted(store.get_table(f"runs/{run_id}/results.parquet").to_pylist(), key=lambda r: r["iteration"])
+    assert [r["iteration"] for r in rows] == [1, 2, 3] and all(r["status"] == "ok" for r in rows)
+    assert [r["within_budget"] for r in rows] == [True, True, True]
+    assert [r["phase"] for r in rows] == ["prune", "fine-tune", "fine-tune"]
+    assert rows[0]["macs"] < teacher_macs
+    for parent, child in zip(rows, rows[1:]):
+        assert child["finetuned_from"] == parent["spec_hash"]
+        assert (child["macs"], child["params"], child["filters"]) == (parent["macs"], parent["params"], parent["filters"])
 
 
 @pytest.mark.s3
