@@ -6,7 +6,8 @@
 
 Each trial trains a copy of the teacher for `train.epochs` with its schedule variant in the loop
 (workers/agp.py), reporting validation accuracy and sparsity to Tune after every epoch (ASHA stops the weak
-ones), then thins the network and stores it as one candidate. Result rows carry sparsity, non-zero
+ones), then thins the network and stores it as one candidate. With `search.budget`, a variant whose pruned
+and thinned teacher (its smallest possible model) is over the budget is skipped before the sweep. Result rows carry sparsity, non-zero
 parameters, and MACs before and after thinning; size for compression, reward and the Pareto front is
 the non-zero parameter count. At the end the run stores, per kept model, its sparsity and compute
 summaries (runs/<id>/summaries/<hash>-{sparsity,compute}.csv), the plot and trials.json.
@@ -19,11 +20,12 @@ from dataclasses import replace
 from typing import Any
 
 from searchsvc import sweep
+from searchsvc.budget import Budget, feasible
 from searchsvc.job import RunContext
 from searchsvc.methods import AgpSearch
 from searchsvc.schedules import schedule_variants
 from searchsvc.sweep import CandidateJob, choose
-from workers.agp import put_schedule
+from workers.agp import final_footprint, put_schedule
 from workers.graph import example_input
 from workers.spec import CandidateSpec
 from workers.train import TrainConfig
@@ -50,6 +52,16 @@ def agp_trial(sample: dict[str, Any], job: CandidateJob) -> None:
     sweep.candidate_trial(job, trial_spec(job, sample), "sparsity", ROW_KEYS)
 
 
+def within_reach(parsed: list[dict[str, Any]], budget: Budget, context: RunContext) -> list[dict[str, Any]]:
+    """The schedule variants whose smallest model (`final_footprint`) meets the budget (budget.feasible)."""
+    splits, model = context.splits, context.teacher.model
+    example = example_input(model, splits.in_channels, splits.image_size)
+    return feasible(parsed, budget,
+                    lambda v: final_footprint(model, v["schedule"], example, splits.in_channels, splits.image_size),
+                    lambda v: f"the variant final_sparsity={v['final_sparsity']}, ending_epoch={v['ending_epoch']}",
+                    "prune more (search.tune.final_sparsity) or loosen the budget")
+
+
 def run_agp(context: RunContext) -> None:
     """The agp driver: store the schedule variants, sweep them with Tune, then summaries and the plot."""
     search: AgpSearch = context.config.search
@@ -61,6 +73,8 @@ def run_agp(context: RunContext) -> None:
         if v["schedule"].last_epoch() >= epochs:
             log.warning("the schedule acts until epoch %d (from 0) but trials train %d epochs: pruning stops "
                         "short of its final sparsities", v["schedule"].last_epoch(), epochs)
+    if search.budget is not None:
+        parsed = within_reach(parsed, search.budget, context)
     variants = [{"schedule": put_schedule(context.store, v["raw"]), "final_sparsity": v["final_sparsity"],
                  "ending_epoch": v["ending_epoch"]} for v in parsed]
     sweep.run_sparse_sweep(context, agp_trial, CandidateJob.of(context),

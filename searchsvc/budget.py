@@ -14,8 +14,14 @@ row records `within_budget`; `searchsvc results` and the report lead with the be
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, TypeVar
+
+from core.errors import SearchsvcError
+
+log = logging.getLogger(__name__)
+Setting = TypeVar("Setting")
 
 # Latency is measured by every worker at these batch sizes (workers.measure): the columns a latency
 # limit is judged by.
@@ -80,6 +86,16 @@ class Budget:
             verdict = verdict and value <= limit
         return verdict
 
+    def exceeded(self, get: Callable[[str], Any]) -> str:
+        """Which measured quantities are over their limits, as one phrase ("" if none: within budget, or
+        not measured)."""
+        over = []
+        for name, limit in self.limits().items():
+            value = self.quantity(name, get)
+            if value is not None and value > limit:
+                over.append(f"{name} {_number(value)} over the limit {_number(limit)}")
+        return "; ".join(over)
+
     def overshoot(self, get: Callable[[str], Any]) -> float:
         """The smallest limit / value ratio over the stated limits, capped at 1: 1.0 within budget, 0.5 for a
         candidate twice over its tightest limit (N2N scales its reward by it)."""
@@ -91,6 +107,26 @@ class Budget:
         return min(ratios)
 
 
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:g}"
+
+
 def budget_of(search: Any) -> Budget | None:
     """The `budget` of a method's search section, if it has one and it is set."""
     return getattr(search, "budget", None)
+
+
+def feasible(settings: list[Setting], budget: Budget, footprint: Callable[[Setting], dict[str, Any]],
+             describe: Callable[[Setting], str], hint: str) -> list[Setting]:
+    """The sweep settings whose `footprint` (their smallest model, known before training) meets the budget;
+    each other one is skipped, named in the log. None left: a SearchsvcError naming search.budget, with `hint`."""
+    kept, over = [], ""
+    for setting in settings:
+        over = budget.exceeded(footprint(setting).get)
+        if over:
+            log.warning("skipped %s: %s", describe(setting), over)
+        else:
+            kept.append(setting)
+    if not kept:
+        raise SearchsvcError(f"search.budget: no setting of the sweep can meet it ({over}); {hint}")
+    return kept

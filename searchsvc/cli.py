@@ -367,8 +367,8 @@ _COLUMNS = [("spec_hash", "spec_hash", "{}"), ("method", "method", "{}"), ("stat
 # Method-specific columns, shown after `status` when the run has them (Tune methods: trial, iteration;
 # sparse methods: sparsity of the conv / linear weights, 0..1; rigl: mask updates, 0 for the static baseline).
 _OPTIONAL = [("trial", "trial", "{}"), ("iteration", "iter", "{}"), ("pareto", "pareto", "{}"),
-             ("within_budget", "in budget", "{}"), ("sparsity", "sparsity", "{:.3f}"),
-             ("nonzero_macs", "nz MACs", "{:,}"), ("rigl_updates", "updates", "{}")]
+             ("within_budget", "in budget", "{}"), ("nonzero_macs", "nz MACs", "{:,}"),
+             ("sparsity", "sparsity", "{:.3f}"), ("rigl_updates", "updates", "{}")]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -15,12 +15,15 @@ import yaml
 from searchsvc.cli import main
 from searchsvc.report import build_report
 from storage import open_store
+from workers.agp import final_footprint, get_schedule
 from workers.data import DatasetConfig, SyntheticConfig, load_dataset
+from workers.graph import example_input
 from workers.measure import count_macs
 from workers.pruners import PolicyStep, agp_sparsity
 from workers.schedule import CompressionScheduler, ScheduleError, load_schedule, parse_schedule
 from workers.summary import compute_summary, sparsity_summary
 from workers.thinning import alive_channels, thin
+from workers.teacher import load_teacher
 from workers.train import Recipe, TrainCallback, train_model
 from workers.zoo import create_model
 
@@ -331,3 +334,29 @@ def test_agp_sweep_thins_records_and_summarises(tmp_path, ray_session, capsys):
     assert "Total" in printed and f"{rows[0]['macs']:,}" in printed
     assert store.exists(f"summaries/{best}-compute.csv")
     assert main(["summary", "--store", str(store_dir), "0123456789abcdef"]) == 2
+    # A budget: each variant's smallest model is known before training (final_footprint, exact here: the
+    # trials train past the schedule's end), the variant over it is skipped, and a budget nothing meets is
+    # one line, exit 2, before any trial.
+    teacher = load_teacher(store, store.get_json(f"runs/{run_id}/run.json")["teacher_hash"])
+    example = example_input(teacher.model, 3, 32)
+    for row in rows:
+        key = store.get_json(f"candidates/{row['spec_hash']}/spec.json")["schedule"]
+        schedule = get_schedule(store, key, teacher.model, example)
+        footprint = final_footprint(teacher.model, schedule, example, 3, 32)
+        assert (footprint["macs"], footprint["params"]) == (row["macs"], row["params"])
+        # A budget judges a sparse model by its non-zero MACs: the trained model's zeros fall a little apart
+        # from those of the teacher's pruned weights (11 of 147,733 here)
+        assert footprint["nonzero_macs"] == pytest.approx(row["nonzero_macs"], rel=1e-3)
+        row["footprint"] = footprint["nonzero_macs"]
+    small = min(rows, key=lambda r: r["nonzero_macs"])
+    reach = max(small["nonzero_macs"], small["footprint"])
+    assert reach < min(r["footprint"] for r in rows if r is not small)
+    assert main(["run", str(SMOKE), "--store", str(store_dir), "--no-progress",
+                 "--set", f"search.budget={{macs: {reach}}}"]) == 0
+    budget_run = sorted({k.split("/")[1] for k in store.list("runs/")})[-1]
+    kept = store.get_table(f"runs/{budget_run}/results.parquet").to_pylist()
+    assert [(r["spec_hash"], r["within_budget"]) for r in kept] == [(small["spec_hash"], True)]
+    capsys.readouterr()
+    assert main(["run", str(SMOKE), "--store", str(store_dir), "--no-progress",
+                 "--set", f"search.budget={{macs: {min(r['footprint'] for r in rows) - 1}}}"]) == 2
+    assert "search.budget: no setting of the sweep can meet it" in capsys.readouterr().err

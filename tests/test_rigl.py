@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from workers.data import DatasetConfig, SyntheticConfig, load_dataset, normalize
 from workers.evaluate import load_candidate_model
-from workers.rigl import RigLCallback, RigLScheduler, drop_and_grow, erk_densities
+from workers.rigl import RigLCallback, RigLScheduler, drop_and_grow, erk_densities, sparse_footprint
 from workers.train import Recipe, train_model
 from workers.zoo import create_model
 
@@ -261,3 +261,18 @@ def test_rigl_sweep_records_density_and_non_zero_params(tmp_path, ray_session):
     header = format_table(rows).splitlines()[0].split()
     assert header[header.index("sparsity") + 1] == "updates"  # 0 would mark a static baseline
     assert "<h2>Sparsity schedule</h2><img" in build_report(store, run_id)
+    # A budget: a setting's size is fixed from the first step (sparse_footprint gives the trained model's
+    # counts), the setting over it is skipped, and a budget nothing meets is one line, exit 2, before any trial.
+    for row in rows:
+        footprint = sparse_footprint(create_model("tiny_cnn", 1, 4), 1, 16, dense_allocation=0.25,
+                                     sparsity_distribution=json.loads(row["sample"])["distribution"])
+        assert (footprint["nonzero_params"], footprint["nonzero_macs"]) == (row["nonzero_params"], row["nonzero_macs"])
+    small = min(rows, key=lambda r: r["nonzero_macs"])
+    assert small["nonzero_macs"] < max(r["nonzero_macs"] for r in rows)
+    run = ["run", str(REPO / "configs" / "rigl-smoke.yaml"), "--store", str(store_dir), "--no-progress",
+           "--set", "train.epochs=2", "--set", "teacher.epochs=1"]
+    assert main([*run, "--set", f"search.budget={{macs: {small['nonzero_macs']}}}"]) == 0
+    budget_run = sorted({k.split("/")[1] for k in store.list("runs/")})[-1]
+    kept = store.get_table(f"runs/{budget_run}/results.parquet").to_pylist()
+    assert [(r["spec_hash"], r["within_budget"]) for r in kept] == [(small["spec_hash"], True)]
+    assert main([*run, "--set", f"search.budget={{macs: {small['nonzero_macs'] - 1}}}"]) == 2

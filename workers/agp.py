@@ -78,6 +78,25 @@ def agp_step(parent: Model, spec: "CandidateSpec", ctx: "EvalContext") -> Built:
     return Built(model, {"schedule": spec.schedule}, callbacks=(scheduler,), finish=finish)
 
 
+def final_footprint(model: nn.Module, schedule: Schedule, example: torch.Tensor, in_channels: int,
+                    image_size: int) -> dict[str, int]:
+    """What `schedule` makes of `model` at its end, without training: every pruner's masks at its policy's
+    last step applied to a copy, thinned as a trial's model is. Its params, MACs and non-zero counts are the
+    least a trial of this schedule can reach (one that stops short of the last epoch prunes less), so a
+    setting over a budget here cannot meet it (`searchsvc.agp` skips it)."""
+    pruned = copy.deepcopy(model).cpu().eval()
+    scheduler = CompressionScheduler(schedule, pruned, example)
+    for policy in schedule.policies:
+        if policy.kind == "pruner" and policy.epochs:
+            step = policy.step(policy.epochs[-1])
+            scheduler.masks.update(schedule.pruners[policy.instance].masks(pruned, step, scheduler.groups))
+    scheduler.apply_masks()
+    thinned, _ = thin(pruned, example)
+    stats = weight_stats(thinned, in_channels, image_size)
+    return {"params": sum(p.numel() for p in thinned.parameters()), "macs": stats["dense_macs"],
+            "nonzero_params": stats["nonzero_params"], "nonzero_macs": stats["nonzero_macs"]}
+
+
 def prune_alone(model: Model, weight: str, level: float, structure: str,
                 example: torch.Tensor | None = None) -> Model:
     """A copy of `model` with one weight pruned to `level`: element-wise by magnitude, or whole filters

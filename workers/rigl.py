@@ -285,6 +285,19 @@ def fresh_weights(model: nn.Module, source: ModelSource | None = None) -> nn.Mod
     return fresh
 
 
+def sparse_footprint(model: nn.Module, in_channels: int, image_size: int, **options: Any) -> dict[str, int]:
+    """Params, MACs and non-zero counts of `model` under RigL with `options` (dense_allocation,
+    sparsity_distribution, ignore_linear_layers): each layer's density is fixed for the whole training, so
+    these are the trained model's, known before it trains (`searchsvc.rigl` skips settings over budget)."""
+    sparse = copy.deepcopy(model).cpu()
+    scheduler = RigLScheduler(sparse, torch.optim.SGD(sparse.parameters(), lr=0.0), T_end=1, **options)
+    stats = weight_stats(sparse, in_channels, image_size)  # the masks are applied: MACs of the non-zero weights
+    params = sum(p.numel() for p in sparse.parameters())
+    masked = sum(int((~mask).sum()) for mask in scheduler.masks)  # (a fresh model's zero biases still count)
+    return {"params": params, "macs": stats["dense_macs"], "nonzero_params": params - masked,
+            "nonzero_macs": stats["nonzero_macs"]}
+
+
 def rigl_step(parent: nn.Module, spec: "CandidateSpec", ctx: "EvalContext") -> Built:
     """The builder of `method: rigl`: the teacher's architecture with fresh weights (`init: scratch`, seeded by
     the spec) or the teacher's own, trained with RigL in the loop; density measured after training."""
