@@ -22,8 +22,8 @@ from workers.measure import count_macs
 from workers.pruners import PolicyStep, agp_sparsity
 from workers.schedule import CompressionScheduler, ScheduleError, load_schedule, parse_schedule
 from workers.summary import compute_summary, sparsity_summary
-from workers.thinning import alive_channels, thin
 from workers.teacher import load_teacher
+from workers.thinning import alive_channels, thin
 from workers.train import Recipe, TrainCallback, train_model
 from workers.zoo import create_model
 
