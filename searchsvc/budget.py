@@ -93,7 +93,7 @@ class Budget:
         for name, limit in self.limits().items():
             value = self.quantity(name, get)
             if value is not None and value > limit:
-                over.append(f"{name} {_number(value)} over the limit {_number(limit)}")
+                over.append(f"{name} {format_number(value)} over the limit {format_number(limit)}")
         return "; ".join(over)
 
     def overshoot(self, get: Callable[[str], Any]) -> float:
@@ -107,7 +107,8 @@ class Budget:
         return min(ratios)
 
 
-def _number(value: float) -> str:
+def format_number(value: float) -> str:
+    """A limit or a measured value as text: thousands separated, small values as they are."""
     return f"{value:,.0f}" if value >= 100 else f"{value:g}"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -15,6 +14,7 @@ from typing import Any, Sequence
 
 from core.errors import SearchsvcError
 from searchsvc.stopping import Stopped
+from searchsvc.text_table import format_table, table_rows  # noqa: F401  (format_table: the API of `run`'s table)
 from storage import DEFAULT_STORE, ArtifactStore, StoreOptions, check_id, open_store
 
 EXIT_USAGE = 2
@@ -121,6 +121,20 @@ def _add_inspect_commands(commands: Any, common: argparse.ArgumentParser) -> Non
     report.add_argument("--run", help="run id (default: the latest run in the store)")
     report.add_argument("-o", "--output", default="report.html", help="HTML file to write (default report.html)")
     report.add_argument("--top", type=int, default=10, metavar="K", help="rows of the best-candidates table (10)")
+
+    compare = commands.add_parser(
+        "compare", parents=[common], help="several runs on one teacher side by side (HTML)",
+        description="Write one self-contained HTML page: the runs' Pareto fronts overlaid (the teacher marked), the "
+                    "model each run hands over per budget (chosen on validation accuracy, with its test accuracy), "
+                    "wall time and GPU-hours per run.")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="run ids (at least one; the same teacher and data)")
+    _add_store(compare)
+    compare.add_argument("-o", "--output", default="compare.html", help="HTML file to write (default compare.html)")
+    compare.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE[,...]",
+                         help="a budget to choose each run's model under, beside the runs' own search.budget, e.g. "
+                              "macs=14000000 or latency_ms=2,latency_batch=1 (repeatable)")
+    compare.add_argument("--allow-mixed", action="store_true",
+                         help="compare runs on different teachers or datasets (refused by default)")
 
     export = commands.add_parser("export", parents=[common], help="export a kept candidate to ONNX or TorchScript",
                                  description="Rebuild a kept candidate (spec + weights, sha256-checked) and write "
@@ -275,6 +289,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from searchsvc.compare import build_compare, parse_budget
+
+    budgets = [parse_budget(text) for text in args.budget]
+    output = _output_path(args.output, "--output")
+    store = _open(args, args.store)
+    output.write_text(build_compare(store, args.runs, budgets, allow_mixed=args.allow_mixed))
+    print(f"comparison of {len(dict.fromkeys(args.runs))} run(s): {output.resolve()}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from searchsvc.candidates import candidate_input, export_model, load_candidate, split_candidate_uri
 
@@ -353,39 +378,8 @@ def format_sensitivity(rows: list[dict[str, Any]], levels: Sequence[float]) -> s
     return "\n".join(lines)
 
 
-def table_rows(table: Any) -> list[dict[str, Any]]:
-    """Table rows as JSON-safe dicts (NaN → null)."""
-    clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
-    return [{k: clean(v) for k, v in row.items()} for row in table.to_pylist()]
-
-
-_COLUMNS = [("spec_hash", "spec_hash", "{}"), ("method", "method", "{}"), ("status", "status", "{}"),
-            ("reward", "reward", "{:.4f}"), ("compression", "x-factor", "{:.2f}"),
-            ("val_accuracy", "val acc", "{:.4f}"), ("accuracy", "test acc", "{:.4f}"),
-            ("params", "params", "{:,}"), ("macs", "MACs", "{:,}"), ("latency_ms", "latency ms", "{:.2f}"),
-            ("finetuned_from", "built from", "{}"), ("artifact", "artifact", "{}")]
-# Method-specific columns, shown after `status` when the run has them (Tune methods: trial, iteration;
-# sparse methods: sparsity of the conv / linear weights, 0..1; rigl: mask updates, 0 for the static baseline).
-_OPTIONAL = [("trial", "trial", "{}"), ("iteration", "iter", "{}"), ("pareto", "pareto", "{}"),
-             ("within_budget", "in budget", "{}"), ("nonzero_macs", "nz MACs", "{:,}"),
-             ("sparsity", "sparsity", "{:.3f}"), ("rigl_updates", "updates", "{}")]
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table of result rows, ranked as given."""
-    if not rows:
-        return "(no results yet)"
-    optional = [c for c in _OPTIONAL if any(row.get(c[0]) is not None for row in rows)]
-    columns = _COLUMNS[:3] + optional + _COLUMNS[3:]
-    header = ["#"] + [title for _, title, _ in columns]
-    body = [[str(rank)] + ["-" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in columns]
-            for rank, row in enumerate(rows, start=1)]
-    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header] + body]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
-
-
 COMMANDS = {"validate": cmd_validate, "run": cmd_run, "resume": cmd_resume, "results": cmd_results, "report": cmd_report,
+            "compare": cmd_compare,
             "export": cmd_export, "summary": cmd_summary, "sensitivity": cmd_sensitivity}
 
 

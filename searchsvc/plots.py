@@ -84,6 +84,33 @@ def front_png(rows: list[dict[str, Any]], front: set[str], metric: str, label: s
     return _png(fig)
 
 
+def overlay_png(runs: list[tuple[str, list[dict[str, Any]]]], metric: str, label: str,
+                teacher: dict[str, Any]) -> bytes:
+    """Several runs' Pareto fronts on one plot (`compare`): per run (its label, its valid rows) the candidates
+    as faint points and the front, chosen on validation and drawn at test accuracy, in the run's colour."""
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=110)
+    colours = plt.get_cmap("tab10")
+    for index, (name, rows) in enumerate(runs):
+        points = [r for r in rows if r.get(metric) is not None]
+        if not points:
+            continue
+        colour = colours(index % 10)
+        ax.scatter([r[metric] for r in points], [100 * r["accuracy"] for r in points], s=10, alpha=0.3, color=colour)
+        front = sorted((r for r in points if r["spec_hash"] in pareto_front(points, metric)), key=lambda r: r[metric])
+        ax.step([r[metric] for r in front], [100 * r["accuracy"] for r in front], where="post", color=colour,
+                linewidth=1.5, marker="o", markersize=4, label=name)
+    if teacher.get(metric) is not None:
+        ax.scatter([teacher[metric]], [100 * teacher["accuracy"]], marker="*", s=180, color="black", zorder=5,
+                   label="teacher")
+    if metric != "latency_ms":  # counts span decades; latencies do not
+        ax.set_xscale("log")
+    ax.set_xlabel(label)
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)
+
+
 def progress_png(rows: list[dict[str, Any]]) -> bytes:
     """Reward (and accuracy) of each evaluation in the order they were recorded, with the best so far: the
     agent's learning curve for n2n, the sweep's progress for the others."""

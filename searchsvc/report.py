@@ -55,7 +55,7 @@ def run_summary(record: dict[str, Any], rows: list[dict[str, Any]], gpus_per_eva
     """(label, value) pairs of the run: status, teacher, counts, wall time and GPU-hours."""
     trained = [r for r in rows if not r.get("cached")]
     on_gpu = [r for r in trained if _on_gpu(r)] if gpus_per_eval else []
-    gpu_hours = gpus_per_eval * sum(r.get("wall_s") or 0.0 for r in on_gpu) / 3600
+    gpu_hours = gpu_hours_of(rows, gpus_per_eval)
     return [("run", record.get("run_id", "?")), ("method", str(record.get("method"))),
             ("status", str(record.get("status"))), ("started", str(record.get("started_at", "-"))),
             ("teacher", f"{record.get('teacher_hash', '-')} ({100 * (record.get('teacher_val_accuracy') or 0):.2f} % "
@@ -81,6 +81,12 @@ def budget_summary(budget: Any, ok: list[dict[str, Any]]) -> list[tuple[str, str
                                 f"{100 * best['accuracy']:.2f} % test")] if best else [])
 
 
+def gpu_hours_of(rows: list[dict[str, Any]], gpus_per_eval: float) -> float:
+    """GPU-hours of a run's evaluations: each one trained by this run on a GPU, at its share of the GPU."""
+    on_gpu = [r for r in rows if not r.get("cached") and _on_gpu(r)] if gpus_per_eval else []
+    return gpus_per_eval * sum(r.get("wall_s") or 0.0 for r in on_gpu) / 3600
+
+
 def _on_gpu(row: dict[str, Any]) -> bool:
     """Whether an evaluation ran on a GPU (rows from before `device` was recorded: as the config asked)."""
     return row.get("device") is None or str(row["device"]).startswith("cuda")
@@ -97,7 +103,7 @@ def build_report(store: ArtifactStore, run_id: str, top: int = 10) -> str:
     gpus = float((config.get("resources") or {}).get("gpus_per_eval") or 0)
     ok = [r for r in rows if r["status"] == "ok"]
     summary = run_summary(record, rows, gpus) + budget_summary((config.get("search") or {}).get("budget"), ok)
-    parts = [f"<h1>searchsvc run {_e(run_id)}</h1>", "<h2>Summary</h2>", _table(["", ""], summary)]
+    parts = [f"<h1>searchsvc run {escape(run_id)}</h1>", "<h2>Summary</h2>", table_html(["", ""], summary)]
     parts.append("<h2>Pareto fronts (test accuracy vs size and speed; ★ the teacher)</h2>"
                  "<p>Each front is chosen on validation accuracy and drawn at test accuracy, which only reports; "
                  "the ranking below is by reward (validation), with both accuracies shown.</p><div class='grid'>")
@@ -105,18 +111,18 @@ def build_report(store: ArtifactStore, run_id: str, top: int = 10) -> str:
         points = [r for r in ok if r.get(metric) is not None]
         if points:
             front = pareto_front(points, metric)
-            parts.append(_img(front_png(points, front, metric, f"{title} ({unit})", teacher), f"accuracy vs {title}"))
+            parts.append(img_html(front_png(points, front, metric, f"{title} ({unit})", teacher), f"accuracy vs {title}"))
     parts.append("</div>")
     parts.append(f"<h2>Top {top}</h2>" + top_table(ok, top))
-    parts.append("<h2>The search over time</h2>" + _img(progress_png(rows), "reward and accuracy per evaluation"))
+    parts.append("<h2>The search over time</h2>" + img_html(progress_png(rows), "reward and accuracy per evaluation"))
     if record.get("method") in SCHEDULES and ok:
-        parts.append("<h2>Sparsity schedule</h2>" + _img(schedule_plot(store, ok, record["method"], top), "schedule"))
+        parts.append("<h2>Sparsity schedule</h2>" + img_html(schedule_plot(store, ok, record["method"], top), "schedule"))
     for key in store.list(f"{prefix}/plots/"):
         if key.endswith(".png"):
-            parts.append(f"<h3>{_e(key.rsplit('/', 1)[1])}</h3>" + _img(store.get_bytes(key), key))
-    parts.append(f"<h2>Config</h2><pre>{_e(config_text)}</pre>")
+            parts.append(f"<h3>{escape(key.rsplit('/', 1)[1])}</h3>" + img_html(store.get_bytes(key), key))
+    parts.append(f"<h2>Config</h2><pre>{escape(config_text)}</pre>")
     body = "\n".join(parts)
-    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>searchsvc {_e(run_id)}</title>"
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>searchsvc {escape(run_id)}</title>"
             f"<style>{STYLE}</style></head><body>\n{body}\n</body></html>\n")
 
 
@@ -134,26 +140,29 @@ def top_table(rows: list[dict[str, Any]], top: int) -> str:
     columns = [c for c in TOP_COLUMNS if any(r.get(c[0]) is not None for r in best)]
     body = []
     for place, row in enumerate(best, start=1):
-        cells = [str(place), _e(row["spec_hash"])]
+        cells = [str(place), escape(row["spec_hash"])]
         cells += ["-" if row.get(k) is None else fmt.format(row[k]) for k, _, fmt in columns]
         link = row.get("artifact")
-        cells.append(f"<a href='{_e(link)}'>model.pt</a>" if link else "-")
+        cells.append(f"<a href='{escape(link)}'>model.pt</a>" if link else "-")
         body.append(cells)
-    return _table(["#", "candidate", *(title for _, title, _ in columns), "artifact"], body, escape=False)
+    return table_html(["#", "candidate", *(title for _, title, _ in columns), "artifact"], body, raw=True)
 
 
-def _table(header: list[str], rows: list, escape: bool = True) -> str:
+def table_html(header: list[str], rows: list, raw: bool = False) -> str:
+    """An HTML table; cells are escaped unless `raw` (they hold markup: links)."""
     def cell(value: Any) -> str:
-        return _e(str(value)) if escape else str(value)
+        return str(value) if raw else escape(str(value))
 
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _img(png: bytes, alt: str) -> str:
-    return f"<img alt='{_e(alt)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+def img_html(png: bytes, alt: str) -> str:
+    """An inline PNG (base64): the page needs nothing beside it."""
+    return f"<img alt='{escape(alt)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
 
 
-def _e(text: str) -> str:
+def escape(text: str) -> str:
+    """`text` safe inside HTML text and attribute values."""
     return html.escape(text, quote=True)

@@ -1,0 +1,178 @@
+"""`searchsvc compare`: runs on one teacher side by side, in one self-contained HTML page.
+
+    searchsvc compare --store URI RUN [RUN ...] -o compare.html [--budget macs=14000000] [--allow-mixed]
+
+The question it answers: which method gives the most accurate model under my budget? For every run (named
+by its id and method): its Pareto fronts overlaid on the others' (test accuracy against params, MACs and
+latency; the teacher ★), and per budget — each run's own `search.budget`, each `--budget`, and none — the
+model it would hand over: the most accurate on validation among its valid candidates within the budget,
+shown with its test accuracy (which only reports). Then each run's wall time and GPU-hours. Runs on
+different teachers or datasets are refused unless `--allow-mixed`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from core.errors import SearchsvcError
+from core.records import RecordError, from_data
+from searchsvc.budget import Budget, format_number
+from searchsvc.plots import overlay_png
+from searchsvc.report import FRONTS, STYLE, escape, gpu_hours_of, img_html, table_html, teacher_point
+from searchsvc.result_table import read_row, stored_config
+from storage import ArtifactStore, check_id, layout
+
+BudgetChoice = tuple[str, Budget | None]  # (label, the budget; None: any size)
+
+
+@dataclass(frozen=True)
+class RunView:
+    """What `compare` reads of one run: its record, stored config and every recorded row (in order)."""
+
+    run_id: str
+    record: dict[str, Any]
+    config: dict[str, Any]
+    rows: list[dict[str, Any]]
+
+    @property
+    def label(self) -> str:
+        return f"{self.run_id} ({self.record.get('method')})"
+
+    @property
+    def valid(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["status"] == "ok" and r.get("val_accuracy") is not None]
+
+
+def load_run(store: ArtifactStore, run_id: str) -> RunView:
+    """A run's view; a SearchsvcError naming it if the store has no such run."""
+    check_id(run_id, "run id")
+    key = layout.run_file(run_id, "run.json")
+    if not store.exists(key):
+        raise SearchsvcError(f"compare: run '{run_id}' does not exist in {store.uri}")
+    _, config = stored_config(store, run_id)
+    rows = [read_row(store, k) for k in store.list(f"{layout.run(run_id)}/evals/")]
+    return RunView(run_id, store.get_mapping(key), config, sorted(rows, key=lambda r: r.get("order") or 0))
+
+
+def check_comparable(views: list[RunView], allow_mixed: bool) -> None:
+    """Runs compare when they share the data and the teacher: otherwise one line, unless `allow_mixed`."""
+    if allow_mixed:
+        return
+    first = views[0]
+    for view in views[1:]:
+        for what, mine, theirs in (("dataset", _data(first), _data(view)),
+                                   ("teacher", first.record.get("teacher_hash"), view.record.get("teacher_hash"))):
+            if mine != theirs:
+                raise SearchsvcError(f"compare: runs {first.run_id} and {view.run_id} have different {what}s "
+                                     f"({_short(mine)} and {_short(theirs)}); --allow-mixed compares them anyway")
+
+
+def _data(view: RunView) -> dict[str, Any]:
+    """The dataset section without where the files are (root, download): what the data is."""
+    return {k: v for k, v in (view.config.get("dataset") or {}).items() if k not in ("root", "download")}
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_budget(text: str) -> Budget:
+    """`--budget macs=14000000,latency_ms=2,latency_batch=1` as a Budget; SearchsvcError naming the flag."""
+    pairs = [item.partition("=") for item in text.split(",") if item.strip()]
+    if not pairs or any(not sep or not key.strip() for key, sep, _ in pairs):
+        raise SearchsvcError(f"--budget {text!r}: expected KEY=VALUE[,KEY=VALUE...], e.g. macs=14000000")
+    raw = {key.strip(): _number(value.strip()) for key, _, value in pairs}
+    try:
+        return from_data(Budget, raw, path="--budget")
+    except RecordError as err:
+        raise SearchsvcError(err.problems[0]) from None
+
+
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text  # the record check names what is wrong with it
+
+
+def budget_choices(views: list[RunView], extra: list[Budget]) -> list[BudgetChoice]:
+    """No budget, then each run's own `search.budget`, then the `--budget`s: each once."""
+    found: dict[str, Budget | None] = {"no budget": None}
+    for view in views:
+        stored = (view.config.get("search") or {}).get("budget")
+        if isinstance(stored, dict):
+            budget = from_data(Budget, stored, path=f"run {view.run_id}: search.budget")
+            found.setdefault(budget_label(budget), budget)
+    for budget in extra:
+        found.setdefault(budget_label(budget), budget)
+    return list(found.items())
+
+
+def budget_label(budget: Budget) -> str:
+    """The limits as text: "macs <= 14,000,000; latency_ms <= 2 (batch 1)"."""
+    text = "; ".join(f"{name} <= {format_number(limit)}" for name, limit in budget.limits().items())
+    return text + (f" (batch {budget.latency_batch})" if budget.latency_ms is not None else "")
+
+
+def chosen(view: RunView, budget: Budget | None) -> dict[str, Any] | None:
+    """The model the run hands over under `budget`: most accurate on validation among its valid candidates
+    within it (fewer parameters on a tie); None if none is."""
+    fits = [r for r in view.valid if budget is None or budget.within(r.get)]
+    return max(fits, key=lambda r: (r["val_accuracy"], -(r.get("params") or 0))) if fits else None
+
+
+def build_compare(store: ArtifactStore, run_ids: list[str], budgets: list[Budget] = (),
+                  allow_mixed: bool = False) -> str:
+    """The HTML text of the comparison of `run_ids` (see the module docstring)."""
+    views = [load_run(store, run_id) for run_id in dict.fromkeys(run_ids)]
+    check_comparable(views, allow_mixed)
+    teacher = teacher_point(store, views[0].record.get("teacher_hash"))
+    parts = [f"<h1>searchsvc compare: {escape(', '.join(v.run_id for v in views))}</h1>",
+             "<h2>Runs</h2>" + runs_table(views),
+             "<h2>Pareto fronts (test accuracy vs size and speed; each chosen on validation; ★ the teacher)</h2>"
+             "<div class='grid'>"]
+    for metric, title, unit in FRONTS:
+        if any(r.get(metric) is not None for v in views for r in v.valid):
+            png = overlay_png([(v.label, v.valid) for v in views], metric, f"{title} ({unit})", teacher)
+            parts.append(img_html(png, f"accuracy vs {title}: {'; '.join(v.label for v in views)}"))
+    parts.append("</div><h2>The model each run hands over, per budget (chosen on validation accuracy)</h2>")
+    parts.append(choices_table(views, budget_choices(views, list(budgets))))
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>searchsvc compare</title>"
+            f"<style>{STYLE}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+def runs_table(views: list[RunView]) -> str:
+    """Per run: method, status, teacher, evaluations, wall time and GPU-hours."""
+    body = []
+    for view in views:
+        gpus = float((view.config.get("resources") or {}).get("gpus_per_eval") or 0)
+        trained = sum(not r.get("cached") for r in view.rows)
+        body.append([view.run_id, view.record.get("method"), view.record.get("status"),
+                     view.record.get("teacher_hash", "-"), f"{trained} trained, {len(view.rows) - trained} cached",
+                     f"{len(view.valid)} of {len(view.rows)}", f"{(view.record.get('wall_s') or 0) / 60:.1f}",
+                     f"{gpu_hours_of(view.rows, gpus):.3f}"])
+    return table_html(["run", "method", "status", "teacher", "evaluations", "valid", "wall time (min)", "GPU-hours"],
+                      body)
+
+
+def choices_table(views: list[RunView], budgets: list[BudgetChoice]) -> str:
+    """One row per (budget, run): the chosen model, both accuracies, its size and speed."""
+    body = []
+    for label, budget in budgets:
+        for view in views:
+            row = chosen(view, budget)
+            figures = ["-"] * 6 if row is None else [
+                row["spec_hash"], f"{row['val_accuracy']:.2%}", f"{row['accuracy']:.2%}", _count(row.get("params")),
+                _count(row.get("nonzero_macs") or row.get("macs")),
+                "-" if row.get("latency_ms") is None else f"{row['latency_ms']:.2f}"]
+            body.append([label, view.label, *figures])
+    return table_html(["budget", "run", "model", "val accuracy", "test accuracy", "params", "MACs (non-zero)",
+                       "latency ms (batch 1)"], body)
+
+
+def _count(value: Any) -> str:
+    return "-" if value is None else f"{value:,}"

@@ -1,0 +1,38 @@
+"""Result rows as the plain-text table `searchsvc run` and `searchsvc results` print."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def table_rows(table: Any) -> list[dict[str, Any]]:
+    """Table rows as JSON-safe dicts (NaN → null)."""
+    clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
+    return [{k: clean(v) for k, v in row.items()} for row in table.to_pylist()]
+
+
+_COLUMNS = [("spec_hash", "spec_hash", "{}"), ("method", "method", "{}"), ("status", "status", "{}"),
+            ("reward", "reward", "{:.4f}"), ("compression", "x-factor", "{:.2f}"),
+            ("val_accuracy", "val acc", "{:.4f}"), ("accuracy", "test acc", "{:.4f}"),
+            ("params", "params", "{:,}"), ("macs", "MACs", "{:,}"), ("latency_ms", "latency ms", "{:.2f}"),
+            ("finetuned_from", "built from", "{}"), ("artifact", "artifact", "{}")]
+# Method-specific columns, shown after `status` when the run has them (Tune methods: trial, iteration;
+# sparse methods: sparsity of the conv / linear weights, 0..1; rigl: mask updates, 0 for the static baseline).
+_OPTIONAL = [("trial", "trial", "{}"), ("iteration", "iter", "{}"), ("pareto", "pareto", "{}"),
+             ("within_budget", "in budget", "{}"), ("nonzero_macs", "nz MACs", "{:,}"),
+             ("sparsity", "sparsity", "{:.3f}"), ("rigl_updates", "updates", "{}")]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of result rows, ranked as given."""
+    if not rows:
+        return "(no results yet)"
+    optional = [c for c in _OPTIONAL if any(row.get(c[0]) is not None for row in rows)]
+    columns = _COLUMNS[:3] + optional + _COLUMNS[3:]
+    header = ["#"] + [title for _, title, _ in columns]
+    body = [[str(rank)] + ["-" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in columns]
+            for rank, row in enumerate(rows, start=1)]
+    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header] + body]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
