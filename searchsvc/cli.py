@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from core.errors import SearchsvcError
 from searchsvc.stopping import Stopped
-from searchsvc.text_table import format_table, table_rows  # noqa: F401  (format_table: the API of `run`'s table)
+from searchsvc.text_table import format_table, table_rows
 from storage import DEFAULT_STORE, ArtifactStore, StoreOptions, check_id, open_store
 
 EXIT_USAGE = 2
