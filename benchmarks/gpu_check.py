@@ -61,7 +61,8 @@ def sizes(tiny: bool) -> dict[str, Any]:
     """Workload sizes: the real ones, or tiny ones that run the same code in seconds on a CPU."""
     if tiny:
         return {"arch": "resnet20", "images": 256, "batch": 64, "sync_images": 256, "loader_workers": 0,
-                "compile": False, "setups": ("resnet20",), "pool_images": 512, "processes": (1, 2), "eager_processes": (1,), "candidates": 4}
+                "compile": False, "setups": ("resnet20",), "pool_images": 512, "processes": (1, 2),
+                "eager_processes": (), "candidates": 4}  # eager vs graphed: a GPU figure (the same loop on a CPU)
     return {"arch": "resnet18_cifar", "images": 50_000, "batch": 512, "sync_images": 8192,
             "loader_workers": min(8, os.cpu_count() or 1), "compile": True, "setups": ("resnet18_cifar", "resnet20"),
             "pool_images": 50_000, "processes": (1, 2, 4), "eager_processes": (1, 4),
