@@ -6,11 +6,12 @@
 
 Each trial trains a copy of the teacher for `train.epochs` with its schedule variant in the loop
 (workers/agp.py), reporting validation accuracy and sparsity to Tune after every epoch (ASHA stops the weak
-ones), then thins the network and stores it as one candidate. With `search.budget`, a variant whose pruned
-and thinned teacher (its smallest possible model) is over the budget is skipped before the sweep. Result rows carry sparsity, non-zero
+ones), then thins the network and stores it as one candidate. Result rows carry sparsity, non-zero
 parameters, and MACs before and after thinning; size for compression, reward and the Pareto front is
 the non-zero parameter count. At the end the run stores, per kept model, its sparsity and compute
-summaries (runs/<id>/summaries/<hash>-{sparsity,compute}.csv), the plot and trials.json.
+summaries (runs/<id>/summaries/<hash>-{sparsity,compute}.csv), the plot and trials.json. With
+`search.budget`, a variant whose pruned and thinned teacher (its smallest possible model) is over the
+budget is skipped before the sweep.
 """
 
 from __future__ import annotations

@@ -148,7 +148,7 @@ class Recorder:
             code_version=code_version(), status=m.status, accuracy=m.accuracy, val_accuracy=m.val_accuracy,
             params=m.params, macs=m.macs, latency_ms=m.latency_ms,
             compression=compression_ratio(self.teacher_params, size) if ok else None,
-            reward=self.reward(m) if ok else INVALID_REWARD,  # validation decides, test reports
+            reward=self.reward_of(m) if ok else INVALID_REWARD,  # validation decides, test reports
             wall_s=m.wall_s, worker=m.worker, artifact=m.artifact, device=m.device,
             latency_b256_ms=m.latency_b256_ms, model_bytes=m.model_bytes, cached=cached, error=m.error,
             removed=json.dumps(list(spec.removed)), widths=json.dumps(dict(spec.widths)),
@@ -157,7 +157,7 @@ class Recorder:
             within_budget=self.budget.within(m.get) if self.budget is not None and ok else None,
         )
 
-    def reward(self, m: CandidateMetrics) -> float:
+    def reward_of(self, m: CandidateMetrics) -> float:
         """A valid candidate's reward: compression on `reward_size` against the teacher's, validation accuracy
         against the teacher's; scaled down by how far it is over budget when the method asks for it."""
         size = m.get(f"nonzero_{self.reward_size}", m.get(self.reward_size)) if self.reward_size == "macs" else \

@@ -10,9 +10,10 @@ A trial's iteration i prunes the model of iteration i-1 (the teacher for i = 1) 
 (workers/taylor.py), fine-tunes it, and measures it: a candidate in the store whose `init` is its
 parent, reported to Tune as one step. The trial ends after `iterations`, at the stop rule, or when
 ASHA stops it. With `search.budget`, the first point within budget ends the pruning: the trial's
-remaining iterations fine-tune it (rows of phase `fine-tune`, same architecture). A checkpoint is (iteration, parent hash), plus the training state after each epoch of
-the iteration's fine-tune; the models are in the store, so a restarted or restored trial continues where it
-was, mid-fine-tune included. Tune's experiment lives in runs/<id>/state/tune.
+remaining iterations fine-tune it (rows of phase `fine-tune`, same architecture). A checkpoint is
+(iteration, parent hash), plus the training state after each epoch of the iteration's fine-tune; the models
+are in the store, so a restarted or restored trial continues where it was, mid-fine-tune included. Tune's
+experiment lives in runs/<id>/state/tune.
 """
 
 from __future__ import annotations
