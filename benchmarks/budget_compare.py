@@ -44,7 +44,7 @@ METHODS = {
     "rigl": ("configs/fashion-mlp-rigl.yaml",
              ["search.init=teacher", "train.distill={alpha: 0.9, temperature: 4}", "train.lr=0.02", "train.epochs=6",
               "search.ignore_linear_layers=true", "search.delta=50", "search.tune.static_topo=[]",
-              "search.tune.dense_allocation=[0.2, 0.3]", "search.tune.grace_period=6", "resources.gpus_per_eval=0.25"]),
+              "search.tune.dense_allocation=[0.1, 0.15, 0.2]", "search.tune.grace_period=6", "resources.gpus_per_eval=0.25"]),
 }
 
 
@@ -86,12 +86,17 @@ def main() -> None:
     parser.add_argument("--store", required=True, help="artifact store (the teacher is reused from it)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON, HTML and PNG")
     parser.add_argument("--only", default=",".join(METHODS), help="comma-separated methods (default: all four)")
+    parser.add_argument("--reuse", default="", metavar="METHOD=RUN,...",
+                        help="finished runs of this benchmark in the store to take as they are (their own wall time)")
     args = parser.parse_args()
     teacher_hash, macs = teacher_macs(args.store)
     budget = macs // 3
     print(f"teacher {teacher_hash}: {macs:,} MACs; budget {budget:,}", flush=True)
-    runs = {name: run_method(name, args.store, budget) for name in args.only.split(",")}
     store = open_store(args.store)
+    reused = dict(item.split("=", 1) for item in args.reuse.split(",") if item)
+    runs = {name: {"run_id": run_id, "wall_s": store.get_json(f"runs/{run_id}/run.json")["wall_s"], "reused": True}
+            for name, run_id in reused.items()}
+    runs.update({name: run_method(name, args.store, budget) for name in args.only.split(",") if name not in reused})
     for name, run in runs.items():
         pick = chosen(load_run(store, run["run_id"]), Budget(macs=budget))
         run["chosen"] = None if pick is None else {k: pick.get(k) for k in (
