@@ -137,12 +137,23 @@ def build_compare(store: ArtifactStore, run_ids: list[str], budgets: list[Budget
              "<div class='grid'>"]
     for metric, title, unit in FRONTS:
         if any(r.get(metric) is not None for v in views for r in v.valid):
-            png = overlay_png([(v.label, v.valid) for v in views], metric, f"{title} ({unit})", teacher)
-            parts.append(img_html(png, f"accuracy vs {title}: {'; '.join(v.label for v in views)}"))
+            runs = [(v.label, [sized(r) for r in v.valid]) for v in views]
+            axis = f"{title} ({unit}{', non-zero for sparse models' if metric in SPARSE else ''})"
+            parts.append(img_html(overlay_png(runs, metric, axis, teacher),
+                                  f"accuracy vs {title}: {'; '.join(v.label for v in views)}"))
     parts.append("</div><h2>The model each run hands over, per budget (chosen on validation accuracy)</h2>")
     parts.append(choices_table(views, budget_choices(views, list(budgets))))
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>searchsvc compare</title>"
             f"<style>{STYLE}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+SPARSE = ("params", "macs")  # sizes a sparse (unthinned) model is compared by in their non-zero form
+
+
+def sized(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with a sparse model's params and MACs as its non-zero counts (what a budget judges it by: a
+    dense count would put a 90 %-sparse model beside the teacher)."""
+    return {**row, **{key: row[f"nonzero_{key}"] for key in SPARSE if row.get(f"nonzero_{key}") is not None}}
 
 
 def runs_table(views: list[RunView]) -> str:
@@ -165,13 +176,13 @@ def choices_table(views: list[RunView], budgets: list[BudgetChoice]) -> str:
     for label, budget in budgets:
         for view in views:
             row = chosen(view, budget)
+            row = None if row is None else sized(row)
             figures = ["-"] * 6 if row is None else [
                 row["spec_hash"], f"{row['val_accuracy']:.2%}", f"{row['accuracy']:.2%}", _count(row.get("params")),
-                _count(row.get("nonzero_macs") or row.get("macs")),
-                "-" if row.get("latency_ms") is None else f"{row['latency_ms']:.2f}"]
+                _count(row.get("macs")), "-" if row.get("latency_ms") is None else f"{row['latency_ms']:.2f}"]
             body.append([label, view.label, *figures])
-    return table_html(["budget", "run", "model", "val accuracy", "test accuracy", "params", "MACs (non-zero)",
-                       "latency ms (batch 1)"], body)
+    return table_html(["budget", "run", "model", "val accuracy", "test accuracy", "params (non-zero)",
+                       "MACs (non-zero)", "latency ms (batch 1)"], body)
 
 
 def _count(value: Any) -> str:

@@ -128,3 +128,12 @@ def test_a_run_judged_by_a_budget_it_did_not_have_uses_its_measured_columns(two_
     pick = chosen(view, Budget(macs=limit))
     assert pick is not None and pick["macs"] <= limit
     assert chosen(view, Budget(macs=1)) is None  # nothing that small: no model to hand over
+
+
+def test_a_sparse_model_is_placed_by_its_non_zero_counts():
+    from searchsvc.compare import sized
+
+    sparse = {"spec_hash": "s", "params": 1000, "nonzero_params": 100, "macs": 5000, "nonzero_macs": 600}
+    dense = {"spec_hash": "d", "params": 300, "macs": 2000}
+    assert (sized(sparse)["params"], sized(sparse)["macs"]) == (100, 600)
+    assert sized(dense) == dense
