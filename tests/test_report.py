@@ -112,3 +112,15 @@ def test_gpu_hours_count_only_evaluations_that_ran_on_a_gpu():
             {"status": "ok", "cached": True, "wall_s": 3600.0, "device": "cuda"}]  # a cache hit costs nothing
     assert dict(run_summary({}, rows, 0.5))["GPU-hours"] == "0.250 (0.5 GPU per evaluation)"
     assert dict(run_summary({}, rows[1:2], 0.5))["GPU-hours"] == "0 (evaluations ran on the CPU)"
+
+
+def test_the_budget_summary_counts_the_rows_within_and_names_the_most_accurate_on_validation():
+    from searchsvc.report import budget_summary
+
+    rows = [{"spec_hash": "a", "within_budget": True, "val_accuracy": 0.80, "accuracy": 0.95, "params": 10},
+            {"spec_hash": "b", "within_budget": True, "val_accuracy": 0.90, "accuracy": 0.85, "params": 20},
+            {"spec_hash": "c", "within_budget": False, "val_accuracy": 0.99, "accuracy": 0.99, "params": 90}]
+    summary = dict(budget_summary({"macs": 1000, "params": None}, rows))
+    assert summary["budget"] == "macs <= 1,000" and summary["within budget"] == "2 of 3 valid candidates"
+    assert summary["most accurate within budget"] == "b: 90.00 % validation, 85.00 % test"  # not a's test 95 %
+    assert budget_summary(None, rows) == []
