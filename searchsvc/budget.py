@@ -58,6 +58,11 @@ class Budget:
                   "latency_ms": self.latency_ms}
         return {name: limit for name, limit in stated.items() if limit is not None}
 
+    def label(self) -> str:
+        """The limits as text: "macs <= 14,000,000; latency_ms <= 2 (batch 1)"."""
+        text = "; ".join(f"{name} <= {format_number(limit)}" for name, limit in self.limits().items())
+        return text + (f" (batch {self.latency_batch})" if self.latency_ms is not None else "")
+
     def columns(self, quantity: str) -> tuple[str, ...]:
         """The result columns a quantity is read from, the first one present winning (a sparse model's
         non-zero count before its dense one)."""

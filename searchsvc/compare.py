@@ -17,10 +17,10 @@ from typing import Any
 
 from core.errors import SearchsvcError
 from core.records import RecordError, from_data
-from searchsvc.budget import Budget, format_number
+from searchsvc.budget import Budget
 from searchsvc.plots import overlay_png
 from searchsvc.report import FRONTS, STYLE, escape, gpu_hours_of, img_html, table_html, teacher_point
-from searchsvc.result_table import read_row, stored_config
+from searchsvc.result_table import most_accurate, read_row, stored_config
 from storage import ArtifactStore, check_id, layout
 
 BudgetChoice = tuple[str, Budget | None]  # (label, the budget; None: any size)
@@ -106,23 +106,16 @@ def budget_choices(views: list[RunView], extra: list[Budget]) -> list[BudgetChoi
         stored = (view.config.get("search") or {}).get("budget")
         if isinstance(stored, dict):
             budget = from_data(Budget, stored, path=f"run {view.run_id}: search.budget")
-            found.setdefault(budget_label(budget), budget)
+            found.setdefault(budget.label(), budget)
     for budget in extra:
-        found.setdefault(budget_label(budget), budget)
+        found.setdefault(budget.label(), budget)
     return list(found.items())
-
-
-def budget_label(budget: Budget) -> str:
-    """The limits as text: "macs <= 14,000,000; latency_ms <= 2 (batch 1)"."""
-    text = "; ".join(f"{name} <= {format_number(limit)}" for name, limit in budget.limits().items())
-    return text + (f" (batch {budget.latency_batch})" if budget.latency_ms is not None else "")
 
 
 def chosen(view: RunView, budget: Budget | None) -> dict[str, Any] | None:
     """The model the run hands over under `budget`: most accurate on validation among its valid candidates
     within it (fewer parameters on a tie); None if none is."""
-    fits = [r for r in view.valid if budget is None or budget.within(r.get)]
-    return max(fits, key=lambda r: (r["val_accuracy"], -(r.get("params") or 0))) if fits else None
+    return most_accurate(r for r in view.valid if budget is None or budget.within(r.get))
 
 
 def build_compare(store: ArtifactStore, run_ids: list[str], budgets: list[Budget] = (),

@@ -74,13 +74,7 @@ def front_png(rows: list[dict[str, Any]], front: set[str], metric: str, label: s
     if teacher.get(metric) is not None:
         ax.scatter([teacher[metric]], [100 * teacher["accuracy"]], marker="*", s=180, color="crimson", zorder=5,
                    label="teacher")
-    logscale = metric != "latency_ms"  # counts span decades; latencies do not
-    if logscale:
-        ax.set_xscale("log")
-    ax.set_xlabel(f"{label}{', log scale' if logscale else ''}")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    _accuracy_axes(ax, metric, label)
     return _png(fig)
 
 
@@ -102,13 +96,19 @@ def overlay_png(runs: list[tuple[str, list[dict[str, Any]]]], metric: str, label
     if teacher.get(metric) is not None:
         ax.scatter([teacher[metric]], [100 * teacher["accuracy"]], marker="*", s=180, color="black", zorder=5,
                    label="teacher")
-    if metric != "latency_ms":  # counts span decades; latencies do not
+    _accuracy_axes(ax, metric, label)
+    return _png(fig)
+
+
+def _accuracy_axes(ax: Any, metric: str, label: str) -> None:
+    """Test accuracy against a cost: counts on a log axis (they span decades), latencies not."""
+    logscale = metric != "latency_ms"
+    if logscale:
         ax.set_xscale("log")
-    ax.set_xlabel(label)
+    ax.set_xlabel(f"{label}{', log scale' if logscale else ''}")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    return _png(fig)
 
 
 def progress_png(rows: list[dict[str, Any]]) -> bytes:

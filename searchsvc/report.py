@@ -13,8 +13,10 @@ import base64
 import html
 from typing import Any
 
+from core.records import from_data
+from searchsvc.budget import Budget
 from searchsvc.plots import front_png, progress_png, schedule_png
-from searchsvc.result_table import pareto_front, rank, read_row, results_table, stored_config
+from searchsvc.result_table import most_accurate, pareto_front, rank, read_row, results_table, stored_config
 from storage import ArtifactStore, layout
 from workers.measure import count_macs, count_parameters
 from workers.metrics import verified_metrics
@@ -23,7 +25,6 @@ from workers.teacher import load_teacher
 # (metric, axis title, unit) of the Pareto plots; accuracy is always the other axis.
 FRONTS = [("params", "parameters", "count"), ("macs", "MACs per image", "count"),
           ("latency_ms", "latency at batch 1", "ms")]
-BUDGET_LIMITS = ("macs", "params", "model_bytes", "latency_ms")
 TOP_COLUMNS = [("val_accuracy", "val accuracy", "{:.2%}"), ("accuracy", "test accuracy", "{:.2%}"),
                ("params", "params", "{:,}"), ("macs", "MACs", "{:,}"),
                ("latency_ms", "latency ms", "{:.2f}"), ("compression", "x-factor", "{:.2f}"),
@@ -68,16 +69,14 @@ def run_summary(record: dict[str, Any], rows: list[dict[str, Any]], gpus_per_eva
 
 
 def budget_summary(budget: Any, ok: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """The run's budget, how many valid candidates meet it, and the most accurate of them on validation (the
-    model `searchsvc compare` hands over for this budget)."""
+    """The run's budget (its stored `search.budget`), how many valid candidates meet it, and the most
+    accurate of them on validation (the model `searchsvc compare` hands over for this budget)."""
     if not isinstance(budget, dict):
         return []
-    limits = "; ".join(f"{k} <= {v:,}" for k, v in budget.items() if k in BUDGET_LIMITS and v is not None)
-    if budget.get("latency_ms") is not None:
-        limits += f" (batch {budget.get('latency_batch')})"
-    within = [r for r in ok if r.get("within_budget") and r.get("val_accuracy") is not None]
-    best = max(within, key=lambda r: (r["val_accuracy"], -(r.get("params") or 0))) if within else None
-    return [("budget", limits), ("within budget", f"{len(within)} of {len(ok)} valid candidates")] + (
+    within = [r for r in ok if r.get("within_budget")]
+    best = most_accurate(within)
+    return [("budget", from_data(Budget, budget, path="search.budget").label()),
+            ("within budget", f"{len(within)} of {len(ok)} valid candidates")] + (
         [("most accurate within budget", f"{best['spec_hash']}: {100 * best['val_accuracy']:.2f} % validation, "
                                          f"{100 * best['accuracy']:.2f} % test")] if best else [])
 

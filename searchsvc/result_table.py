@@ -180,6 +180,13 @@ def check_results(store: ArtifactStore, run_id: str, table: pa.Table) -> None:
                                        f"{store.uri_for(key)}")
 
 
+def most_accurate(rows: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """The valid row with the highest validation accuracy (fewer parameters on a tie): the model a budget's
+    choice hands over (`searchsvc compare`, the report). None if no row is valid."""
+    valid = [r for r in rows if r.get("status") == "ok" and r.get("val_accuracy") is not None]
+    return max(valid, key=lambda r: (r["val_accuracy"], -(r.get("params") or 0)), default=None)
+
+
 def pareto_front(rows: Iterable[dict[str, Any]], size: str = "params", accuracy: str = "val_accuracy") -> set[str]:
     """Spec hashes of the valid rows no other valid row beats: fewer or equal `size` and higher `accuracy`
     (validation by default: the front is a choice), or strictly fewer `size` at equal accuracy."""

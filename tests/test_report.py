@@ -117,9 +117,12 @@ def test_gpu_hours_count_only_evaluations_that_ran_on_a_gpu():
 def test_the_budget_summary_counts_the_rows_within_and_names_the_most_accurate_on_validation():
     from searchsvc.report import budget_summary
 
-    rows = [{"spec_hash": "a", "within_budget": True, "val_accuracy": 0.80, "accuracy": 0.95, "params": 10},
-            {"spec_hash": "b", "within_budget": True, "val_accuracy": 0.90, "accuracy": 0.85, "params": 20},
-            {"spec_hash": "c", "within_budget": False, "val_accuracy": 0.99, "accuracy": 0.99, "params": 90}]
+    rows = [{"spec_hash": "a", "status": "ok", "within_budget": True, "val_accuracy": 0.80, "accuracy": 0.95,
+             "params": 10},
+            {"spec_hash": "b", "status": "ok", "within_budget": True, "val_accuracy": 0.90, "accuracy": 0.85,
+             "params": 20},
+            {"spec_hash": "c", "status": "ok", "within_budget": False, "val_accuracy": 0.99, "accuracy": 0.99,
+             "params": 90}]
     summary = dict(budget_summary({"macs": 1000, "params": None}, rows))
     assert summary["budget"] == "macs <= 1,000" and summary["within budget"] == "2 of 3 valid candidates"
     assert summary["most accurate within budget"] == "b: 90.00 % validation, 85.00 % test"  # not a's test 95 %

@@ -30,7 +30,7 @@ from workers.graph import example_input
 from workers.pruners import filter_masks, magnitude_mask
 from workers.schedule import CompressionScheduler, Schedule, parse_schedule
 from workers.spec import short_hash
-from workers.summary import weight_stats
+from workers.summary import size_counts, weight_stats
 from workers.thinning import group_of_weight, thin
 from workers.zoo import Model
 
@@ -91,10 +91,7 @@ def final_footprint(model: nn.Module, schedule: Schedule, example: torch.Tensor,
             step = policy.step(policy.epochs[-1])
             scheduler.masks.update(schedule.pruners[policy.instance].masks(pruned, step, scheduler.groups))
     scheduler.apply_masks()
-    thinned, _ = thin(pruned, example)
-    stats = weight_stats(thinned, in_channels, image_size)
-    return {"params": sum(p.numel() for p in thinned.parameters()), "macs": stats["dense_macs"],
-            "nonzero_params": stats["nonzero_params"], "nonzero_macs": stats["nonzero_macs"]}
+    return size_counts(thin(pruned, example)[0], in_channels, image_size)
 
 
 def prune_alone(model: Model, weight: str, level: float, structure: str,

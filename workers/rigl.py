@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from workers.evaluate import Built
-from workers.summary import weight_stats
+from workers.summary import size_counts, weight_stats
 from workers.train import TrainCallback
 from workers.user_model import ModelSource, construct
 from workers.zoo import build_model, weight_layers
@@ -291,11 +291,9 @@ def sparse_footprint(model: nn.Module, in_channels: int, image_size: int, **opti
     these are the trained model's, known before it trains (`searchsvc.rigl` skips settings over budget)."""
     sparse = copy.deepcopy(model).cpu()
     scheduler = RigLScheduler(sparse, torch.optim.SGD(sparse.parameters(), lr=0.0), T_end=1, **options)
-    stats = weight_stats(sparse, in_channels, image_size)  # the masks are applied: MACs of the non-zero weights
-    params = sum(p.numel() for p in sparse.parameters())
+    counts = size_counts(sparse, in_channels, image_size)  # the masks are applied: MACs of the non-zero weights
     masked = sum(int((~mask).sum()) for mask in scheduler.masks)  # (a fresh model's zero biases still count)
-    return {"params": params, "macs": stats["dense_macs"], "nonzero_params": params - masked,
-            "nonzero_macs": stats["nonzero_macs"]}
+    return {**counts, "nonzero_params": counts["params"] - masked}
 
 
 def rigl_step(parent: nn.Module, spec: "CandidateSpec", ctx: "EvalContext") -> Built:

@@ -89,6 +89,13 @@ def weight_stats(model: nn.Module, in_channels: int, image_size: int) -> dict[st
             "nonzero_macs": compute["nonzero_macs"]}
 
 
+def size_counts(model: nn.Module, in_channels: int, image_size: int) -> dict[str, int]:
+    """Params and MACs of `model`, dense and non-zero: what a budget judges a model by (searchsvc.budget)."""
+    stats = weight_stats(model, in_channels, image_size)
+    return {"params": sum(p.numel() for p in model.parameters()), "macs": stats["dense_macs"],
+            "nonzero_params": stats["nonzero_params"], "nonzero_macs": stats["nonzero_macs"]}
+
+
 def summary(model: nn.Module, kind: str, in_channels: int, image_size: int) -> list[dict[str, Any]]:
     """The `kind` summary (sparsity or compute) of `model`."""
     if kind == "sparsity":
