@@ -25,7 +25,8 @@ from searchsvc.budget import Budget, feasible
 from searchsvc.job import RunContext
 from searchsvc.methods import AgpSearch
 from searchsvc.schedules import schedule_variants
-from searchsvc.sweep import CandidateJob, choose
+from searchsvc.sparse_sweep import CandidateJob, candidate_trial, run_sparse_sweep
+from searchsvc.sweep import choose
 from workers.agp import final_footprint, put_schedule
 from workers.graph import example_input
 from workers.spec import CandidateSpec
@@ -50,7 +51,7 @@ def trial_spec(job: CandidateJob, sample: dict[str, Any]) -> CandidateSpec:
 
 def agp_trial(sample: dict[str, Any], job: CandidateJob) -> None:
     """One Tune trial: train under the sample's schedule, thin, measure, store, report."""
-    sweep.candidate_trial(job, trial_spec(job, sample), "sparsity", ROW_KEYS)
+    candidate_trial(job, trial_spec(job, sample), "sparsity", ROW_KEYS)
 
 
 def within_reach(parsed: list[dict[str, Any]], budget: Budget, context: RunContext) -> list[dict[str, Any]]:
@@ -78,7 +79,7 @@ def run_agp(context: RunContext) -> None:
         parsed = within_reach(parsed, search.budget, context)
     variants = [{"schedule": put_schedule(context.store, v["raw"]), "final_sparsity": v["final_sparsity"],
                  "ending_epoch": v["ending_epoch"]} for v in parsed]
-    sweep.run_sparse_sweep(context, agp_trial, CandidateJob.of(context),
+    run_sparse_sweep(context, agp_trial, CandidateJob.of(context),
                            param_space(search, context.config.train, variants), search.tune, search.reward,
                            total=sweep.trial_count(search.tune, tuple(variants), search.tune.epochs), epochs=epochs,
                            title=f"AGP, run {context.run_id}")

@@ -3,12 +3,16 @@
     search:
       budget:
         macs: 14_000_000        # multiply-accumulates per image (non-zero MACs for a sparse model)
-        latency_ms: 2.0         # at latency_batch, on the worker's torch device
+        latency_ms: 2.0         # at latency_batch, on the worker's torch device or with ONNX Runtime
         latency_batch: 1
+        latency_backend: onnxruntime   # torch (default): the worker's own device
+        latency_threads: 1      # ONNX Runtime's CPU threads (onnxruntime only; default 1)
 
 Each stated limit is inclusive: a candidate is within budget when every stated quantity is at most its
 limit. A sparse (unthinned) model is judged by its non-zero parameters and non-zero MACs — what a sparse
-kernel would cost — while its latency is measured as it runs, so a missing speedup shows. Each result
+kernel would cost — while its latency is measured as it runs, so a missing speedup shows. Latency at batch 1
+and 256 on torch is measured for every kept candidate; another setting is a `LatencyProbe` the workers time
+each candidate with too (workers.latency), stored candidates included. Each result
 row records `within_budget`; `searchsvc results` and the report lead with the best row within budget.
 """
 
@@ -19,13 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, TypeVar
 
 from core.errors import SearchsvcError
+from workers.latency import LatencyProbe
 
 log = logging.getLogger(__name__)
 Setting = TypeVar("Setting")
 
-# Latency is measured by every worker at these batch sizes (workers.measure): the columns a latency
-# limit is judged by.
-LATENCY_COLUMNS = {1: "latency_ms", 256: "latency_b256_ms"}
+MAX_LATENCY_BATCH = 4096  # images per timed forward pass, at most
 
 
 @dataclass(frozen=True)
@@ -38,19 +41,32 @@ class Budget:
         "gt": 0, "help": "parameters, at most (a sparse model: its non-zero ones)"})
     model_bytes: int | None = field(default=None, metadata={"gt": 0, "help": "bytes of the saved model, at most"})
     latency_ms: float | None = field(default=None, metadata={
-        "gt": 0, "help": "forward-pass milliseconds at latency_batch, at most (median, on the worker's device)"})
+        "gt": 0, "help": "forward-pass milliseconds at latency_batch, at most (median of several passes)"})
     latency_batch: int | None = field(default=None, metadata={
-        "choices": sorted(LATENCY_COLUMNS), "help": "batch size latency_ms is measured at: 1 or 256"})
-    latency_backend: Literal["torch"] = field(default="torch", metadata={
-        "help": "torch: the worker's own device (ONNX Runtime on CPU is planned)"})
+        "min": 1, "max": MAX_LATENCY_BATCH, "help": "images per forward pass latency_ms is measured at"})
+    latency_backend: Literal["torch", "onnxruntime"] = field(default="torch", metadata={
+        "omit_default": True, "help": "torch: on the worker's own device (bf16 autocast on a GPU); onnxruntime: "
+                                      "the model exported to ONNX, run by ONNX Runtime on the worker's CPU"})
+    latency_threads: int | None = field(default=None, metadata={
+        "min": 1, "help": "ONNX Runtime's intra-op CPU threads (latency_backend: onnxruntime; default 1)"})
 
     def __post_init__(self) -> None:
         if not self.limits():
             raise ValueError(": name at least one limit (macs, params, model_bytes or latency_ms)")
         if self.latency_ms is not None and self.latency_batch is None:
-            raise ValueError("latency_batch: a latency budget needs the batch size it is measured at (1 or 256)")
+            raise ValueError("latency_batch: a latency budget needs the batch size it is measured at (e.g. 1)")
         if self.latency_ms is None and self.latency_batch is not None:
             raise ValueError("latency_batch: given without latency_ms, the limit it belongs to")
+        if self.latency_threads is not None and self.latency_backend != "onnxruntime":
+            raise ValueError("latency_threads: ONNX Runtime's threads; the torch backend runs on the worker's device "
+                             "with its threads (set latency_backend: onnxruntime)")
+
+    def probe(self) -> LatencyProbe | None:
+        """The latency setting latency_ms is measured at; None without a latency limit."""
+        if self.latency_ms is None:
+            return None
+        threads = (self.latency_threads or 1) if self.latency_backend == "onnxruntime" else None
+        return LatencyProbe(self.latency_backend, self.latency_batch or 1, threads)
 
     def limits(self) -> dict[str, float]:
         """The stated limits by quantity name."""
@@ -61,13 +77,14 @@ class Budget:
     def label(self) -> str:
         """The limits as text: "macs <= 14,000,000; latency_ms <= 2 (batch 1)"."""
         text = "; ".join(f"{name} <= {format_number(limit)}" for name, limit in self.limits().items())
-        return text + (f" (batch {self.latency_batch})" if self.latency_ms is not None else "")
+        probe = self.probe()
+        return text + (f" ({probe.describe()})" if probe is not None else "")
 
     def columns(self, quantity: str) -> tuple[str, ...]:
         """The result columns a quantity is read from, the first one present winning (a sparse model's
         non-zero count before its dense one)."""
         if quantity == "latency_ms":
-            return (LATENCY_COLUMNS[self.latency_batch or 1],)
+            return (self.probe().column,)
         if quantity in ("macs", "params"):
             return (f"nonzero_{quantity}", quantity)
         return (quantity,)
@@ -112,6 +129,17 @@ class Budget:
         return min(ratios)
 
 
+def backend_problems(budget: Budget | None) -> list[str]:
+    """What keeps this machine from measuring the budget (checked at validate, not when a stored run's budget
+    is read back): its latency backend not installed."""
+    from workers import ort
+
+    if budget is not None and budget.latency_backend == "onnxruntime" and not ort.available():
+        return ["search.budget.latency_backend: onnxruntime is not installed (pip install onnxruntime, or "
+                "searchsvc's 'export' extra)"]
+    return []
+
+
 def format_number(value: float) -> str:
     """A limit or a measured value as text: thousands separated, small values as they are."""
     return f"{value:,.0f}" if value >= 100 else f"{value:g}"
@@ -120,6 +148,14 @@ def format_number(value: float) -> str:
 def budget_of(search: Any) -> Budget | None:
     """The `budget` of a method's search section, if it has one and it is set."""
     return getattr(search, "budget", None)
+
+
+def probes_of(search: Any) -> tuple[LatencyProbe, ...]:
+    """The latency settings a search needs measured on every candidate beyond the standard ones: its
+    budget's, if that is not torch at batch 1 or 256."""
+    budget = budget_of(search)
+    probe = budget.probe() if budget is not None else None
+    return (probe,) if probe is not None and not probe.standard else ()
 
 
 def feasible(settings: list[Setting], budget: Budget, footprint: Callable[[Setting], dict[str, Any]],

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from core.errors import SearchsvcError, first_line
 from searchsvc import stopping
-from searchsvc.budget import budget_of
+from searchsvc.budget import budget_of, probes_of
 from searchsvc.job import RunContext
 from searchsvc.result_table import ResultRow, read_row
 from searchsvc.rewards import INVALID_REWARD, RewardForm, compression_ratio, reward
@@ -28,6 +28,7 @@ from searchsvc.version import code_version
 from storage import StoreUnreachableError, layout, spool
 from storage.base import json_bytes as store_json_bytes
 from workers.evaluate import UnsavedResult
+from workers.latency import LatencyProbe, time_probe
 from workers.measure import count_macs, count_parameters
 from workers.metrics import CandidateMetrics
 from workers.pool import EvalPool
@@ -46,7 +47,8 @@ class Recorder:
 
     def __init__(self, context: RunContext, reward_form: RewardForm = "c_2_minus_c", total: int | None = None,
                  reward_size: str | None = None, penalise_over_budget: bool = False) -> None:
-        """`reward_size` (default: `size`): what the reward's compression counts, "params" or "macs".
+        """`reward_size` (default: `size`): what the reward's compression counts: "params", "macs" or
+        "latency_ms" (at the budget's latency setting, else torch at batch 1; the teacher's is timed here).
         `penalise_over_budget`: an over-budget candidate's reward is scaled by `Budget.overshoot` (N2N)."""
         self.context = context
         self.reward_form = reward_form
@@ -54,8 +56,9 @@ class Recorder:
         self.budget = budget_of(context.config.search)
         self.penalise = penalise_over_budget and self.budget is not None
         self.reward_size = reward_size or self.size
-        self.teacher_reward_size = self.teacher_params if self.reward_size in ("params", "nonzero_params") else \
-            count_macs(context.teacher.model, context.splits.in_channels, context.splits.image_size)
+        self.teacher_reward_size = self._teacher_size()
+        if self.reward_size == "latency_ms":  # timed by this driver: recorded, as the rewards depend on it
+            context.summary.update(teacher_reward_latency_ms=self.teacher_reward_size)
         self.teacher_accuracy = context.teacher.test_accuracy  # reported beside the candidates
         self.teacher_val_accuracy = context.teacher.val_accuracy  # what rewards compare against
         self.rows: dict[str, dict[str, Any]] = {}  # spec_hash → row, this run
@@ -96,7 +99,8 @@ class Recorder:
         if spec.spec_hash in self.rows:
             return self.rows[spec.spec_hash]
         order = len(self.rows) + 1  # 1, 2, ... as recorded
-        row = {**self.row(spec, metrics, cached).to_data(), **self.columns(spec, metrics), "order": order, **extra}
+        row = {**self.row(spec, metrics, cached).to_data(), **self.timed(metrics), **self.columns(spec, metrics),
+               "order": order, **extra}
         self.rows[row["spec_hash"]] = row
         self._store_row(row, unsaved)
         self.context.rows.append(row)
@@ -157,13 +161,44 @@ class Recorder:
             within_budget=self.budget.within(m.get) if self.budget is not None and ok else None,
         )
 
+    def _teacher_size(self) -> float:
+        """The teacher's value of `reward_size`: what a candidate's compression is counted against."""
+        model, splits = self.context.teacher.model, self.context.splits
+        if self.reward_size in ("params", "nonzero_params"):
+            return self.teacher_params
+        if self.reward_size == "macs":
+            return count_macs(model, splits.in_channels, splits.image_size)
+        probe = self.latency_probe()
+        device = resolve_device(self.context.config.device)
+        value = time_probe(model.to(device), probe, device, splits.in_channels, splits.image_size)
+        if value is None:
+            raise SearchsvcError(f"search.reward_size: latency_ms: the teacher cannot be timed ({probe.describe()})")
+        log.info("teacher latency for the reward: %.3f ms (%s)", value, probe.describe())
+        return value
+
+    def latency_probe(self) -> LatencyProbe:
+        """The latency setting `reward_size: latency_ms` counts: the budget's, else torch at batch 1."""
+        return (self.budget.probe() if self.budget is not None else None) or LatencyProbe()
+
     def reward_of(self, m: CandidateMetrics) -> float:
         """A valid candidate's reward: compression on `reward_size` against the teacher's, validation accuracy
         against the teacher's; scaled down by how far it is over budget when the method asks for it."""
-        size = m.get(f"nonzero_{self.reward_size}", m.get(self.reward_size)) if self.reward_size == "macs" else \
-            m.get(self.reward_size)
+        if self.reward_size == "latency_ms":
+            size = m.get(self.latency_probe().column)
+        elif self.reward_size == "macs":
+            size = m.get("nonzero_macs", m.get("macs"))
+        else:
+            size = m.get(self.reward_size)
+        if size is None:  # a latency the worker could not take (the model did not export): nothing to reward
+            return INVALID_REWARD
         value = reward(size, m.val_accuracy, self.teacher_reward_size, self.teacher_val_accuracy, self.reward_form)
         return value * self.budget.overshoot(m.get) if self.penalise else value
+
+    def timed(self, metrics: CandidateMetrics) -> dict[str, float]:
+        """The candidate's latencies at the budget's own setting (a column of their own: `ort_latency_b1_t1_ms`),
+        kept in its row so that `compare` and the report judge the budget as the run did."""
+        probes = probes_of(self.context.config.search)
+        return {p.column: value for p in probes if (value := metrics.get(p.column)) is not None}
 
     def columns(self, spec: CandidateSpec, metrics: CandidateMetrics) -> dict[str, Any]:
         """A method's own columns of a candidate's row, after the fixed ones (none here)."""
@@ -209,7 +244,8 @@ class Evaluator(Recorder):
         super().__init__(context, reward_form, total, **recorder)
         prepare_teacher_logits(context)
         self.pool = pool or EvalPool(context.store, context.teacher.teacher_hash, context.config.dataset,
-                                     context.config.resources, on_wait=stopping.check)
+                                     context.config.resources, on_wait=stopping.check,
+                                     probes=probes_of(context.config.search))
 
     def evaluate(self, specs: Iterable[CandidateSpec]) -> list[dict[str, Any]]:
         """Rows for `specs`, in order (evaluated concurrently; repeats within the run are free)."""

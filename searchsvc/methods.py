@@ -12,14 +12,15 @@ from typing import Any, Callable, Literal
 
 from core.errors import SearchsvcError
 from core.names import is_number, load_object, lookup
-from searchsvc.budget import Budget
+from searchsvc.budget import Budget, backend_problems, budget_of
 from searchsvc.rewards import RewardForm
 
 
 def budget_field() -> Any:
     """`search.budget` of a method: the limits a deployed model must meet (searchsvc.budget)."""
     return field(default=None, metadata={"omit_default": True, "help": "deployment limits: macs, params, "
-                                         "model_bytes, latency_ms with latency_batch (searchsvc/budget.py)"})
+                                         "model_bytes, latency_ms with latency_batch, latency_backend (torch or "
+                                         "onnxruntime), latency_threads (searchsvc/budget.py)"})
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ class Method:
         if self.residual_only and arch in list_models() and not is_residual(arch):
             return [f"teacher.arch: method {self.name} needs a residual network (resnet20, resnet56, "
                     f"resnet18_cifar, tiny_cnn); {arch} is a plain network (use method agp or rigl)"]
-        return load_object(self.check)(config) if self.check else []
+        problems = backend_problems(budget_of(config.search))
+        return problems + (load_object(self.check)(config) if self.check else [])
 
 
 _METHODS: dict[str, Method] = {}
@@ -111,8 +113,9 @@ class N2NSearch:
     top_k: int = field(default=5, metadata={"min": 0, "help": "best networks to fine-tune at the end"})
     finetune_epochs: int = field(default=0, metadata={"min": 0, "help": "epochs of distillation for the top-k"})
     budget: Budget | None = budget_field()
-    reward_size: Literal["params", "macs"] = field(default="params", metadata={
-        "omit_default": True, "help": "what the reward's compression C = 1 - size/teacher's counts: params or macs"})
+    reward_size: Literal["params", "macs", "latency_ms"] = field(default="params", metadata={
+        "omit_default": True, "help": "what the reward's compression C = 1 - size/teacher's counts: params, macs, "
+                                      "or latency_ms (at the budget's latency setting, else torch at batch 1)"})
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from searchsvc.budget import Budget
 from searchsvc.plots import front_png, progress_png, schedule_png
 from searchsvc.result_table import most_accurate, pareto_front, rank, read_row, results_table, stored_config
 from storage import ArtifactStore, layout
+from workers.latency import probe_columns
 from workers.measure import count_macs, count_parameters
 from workers.metrics import verified_metrics
 from workers.teacher import load_teacher
@@ -137,7 +138,7 @@ def schedule_plot(store: ArtifactStore, ok: list[dict[str, Any]], method: str, t
 def top_table(rows: list[dict[str, Any]], top: int) -> str:
     """The best `top` valid candidates by reward, with links to their kept models."""
     best = rank(results_table(rows)).to_pylist()[:top]  # the order of results.parquet and `searchsvc results`
-    columns = [c for c in TOP_COLUMNS if any(r.get(c[0]) is not None for r in best)]
+    columns = [c for c in TOP_COLUMNS if any(r.get(c[0]) is not None for r in best)] + probe_columns(best)
     body = []
     for place, row in enumerate(best, start=1):
         cells = [str(place), escape(row["spec_hash"])]

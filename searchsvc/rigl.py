@@ -24,7 +24,8 @@ from searchsvc import sweep
 from searchsvc.budget import Budget, feasible
 from searchsvc.job import RunContext
 from searchsvc.methods import RigLSearch
-from searchsvc.sweep import CandidateJob, choose
+from searchsvc.sparse_sweep import CandidateJob, candidate_trial, run_sparse_sweep
+from searchsvc.sweep import choose
 from workers.rigl import sparse_footprint
 from workers.spec import CandidateSpec
 from workers.train import TrainConfig
@@ -91,7 +92,7 @@ def trial_spec(job: RigLJob, sample: dict[str, Any]) -> CandidateSpec:
 
 def rigl_trial(sample: dict[str, Any], job: RigLJob) -> None:
     """One Tune trial: train one sparse candidate under RigL, store it, report it."""
-    sweep.candidate_trial(job, trial_spec(job, sample), "density", ROW_KEYS)
+    candidate_trial(job, trial_spec(job, sample), "density", ROW_KEYS)
 
 
 def run_rigl(context: RunContext) -> None:
@@ -100,7 +101,7 @@ def run_rigl(context: RunContext) -> None:
     t = search.tune
     settings = within_reach(search, search.budget, context) if search.budget is not None else None
     pairs = (tuple(settings), ()) if settings is not None else (t.dense_allocation, t.distribution)
-    sweep.run_sparse_sweep(context, rigl_trial, RigLJob.of(context, search=search),
+    run_sparse_sweep(context, rigl_trial, RigLJob.of(context, search=search),
                            param_space(search, context.config.train, settings), t, search.reward,
                            total=sweep.trial_count(t, pairs[0], t.delta, t.alpha, pairs[1], t.static_topo),
                            epochs=context.config.train.epochs, title=f"RigL, run {context.run_id}")

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -27,21 +27,19 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from core.errors import SearchsvcError, first_line
-from searchsvc.evaluator import Recorder, ensure_ray, prepare_teacher_logits
+from searchsvc.evaluator import Recorder
 from searchsvc.job import RunContext
 from searchsvc.methods import LogRange, SweepTune
-from searchsvc.plots import trajectory_png
 from searchsvc.result_table import pareto_front
 from searchsvc.rewards import RewardForm
 from storage import ArtifactStore, CorruptArtifactError, StoreUnreachableError, layout, spool
 from workers.data import DatasetConfig
-from workers.evaluate import UnsavedResult, evaluate_candidate, load_candidate_model
+from workers.evaluate import EvalContext, UnsavedResult, evaluate_candidate
+from workers.latency import PROBE_COLUMN
 from workers.metrics import CandidateMetrics, stored_metrics
-from workers.pool import ray_resources, worker_context
-from workers.resources import Resources
+from workers.pool import ray_resources
 from workers.spec import CandidateSpec
-from workers.summary import SUMMARY_KINDS, summary, to_csv
-from workers.train import Checkpointer, TrainCallback, TrainConfig
+from workers.train import Checkpointer, TrainCallback
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "tune"  # Tune's experiment folder name under runs/<id>/state/
@@ -103,6 +101,11 @@ class TrialRecorder(Recorder):
         if metrics is None:  # not stored (out of memory): what the trial said
             metrics = CandidateMetrics.invalid(spec.spec_hash, result["error"] or "not stored")
         extras = {key[len(ROW):]: value for key, value in result.items() if key.startswith(ROW)}
+        # A latency the trial timed with the budget's probe and the stored metrics lack (a cached candidate
+        # timed again): the row's budget verdict needs it.
+        timed = {k: extras[k] for k in extras if PROBE_COLUMN.match(k) and metrics.get(k) is None}
+        if timed and metrics.status == "ok":
+            metrics = replace(metrics, extra={**metrics.extra, **timed})
         self.record(spec, metrics, bool(result["cached"]), trial=trial_id, sample=json.dumps(sample, sort_keys=True),
                     **extras)
 
@@ -147,6 +150,12 @@ REPORT_KEYS = ("spec", "spec_hash", "cached", "status", "error")  # what a repor
 # Report keys with this prefix become columns of the candidate's row (the prefix dropped). Reports stay flat:
 # numbers and strings, a mapping or list as its JSON text (a Parquet column holds it as such).
 ROW = "row_"
+
+
+def timed_latencies(metrics: CandidateMetrics, ctx: EvalContext) -> dict[str, float]:
+    """A candidate's latencies at the probes the trial's worker times with (a budget's): reported with its
+    row, since a stored candidate timed again has them in no stored file."""
+    return {p.column: value for p in ctx.probes if not p.standard and (value := metrics.get(p.column)) is not None}
 
 
 def report_fields(spec: CandidateSpec, metrics: CandidateMetrics, cached: bool, **row: Any) -> dict[str, Any]:
@@ -329,77 +338,3 @@ class TrialCheckpoints(Checkpointer):
             tune.report({**self.fixed, "epoch": state["epoch"], "val_accuracy": record["val_accuracy"],
                          **{k: record.get(k, 0.0) for k in self.extra}},
                         checkpoint=tune.Checkpoint.from_directory(folder))
-
-
-class SparseRecorder(TrialRecorder):
-    size = "nonzero_params"  # what a sparse model stores: compression, reward and the front count it
-
-
-def finish_sparse(recorder: SparseRecorder, trials: int, title: str) -> None:
-    """Pareto front by non-zero parameters, sparsity / compute summaries of every kept model, the plot."""
-    context = recorder.context
-    rows = list(recorder.rows.values())
-    front = mark_pareto(rows, size=SparseRecorder.size)
-    prefix = layout.run(context.run_id)
-    size = context.splits.in_channels, context.splits.image_size
-    for row in rows:
-        if row["status"] != "ok" or not row.get("artifact"):
-            continue
-        model = load_candidate_model(context.store, row["spec_hash"])
-        for kind in SUMMARY_KINDS:
-            context.store.put_bytes(f"{prefix}/summaries/{row['spec_hash']}-{kind}.csv",
-                                    to_csv(summary(model, kind, *size)))
-    png = trajectory_png(rows, recorder.teacher_params, recorder.teacher_accuracy, title=title, size=SparseRecorder.size)
-    context.store.put_bytes(f"{prefix}/plots/trajectory.png", png)
-    recorder.close()
-    context.summary.update(trials=trials, pareto=len(front),
-                           plot=context.store.uri_for(f"{prefix}/plots/trajectory.png"),
-                           summaries=context.store.uri_for(f"{prefix}/summaries/"))
-
-
-@dataclass(frozen=True)
-class CandidateJob:
-    """What a one-candidate-per-trial method's trials need from the driver (sent once, with_parameters)."""
-
-    store: ArtifactStore
-    arch: str
-    teacher_hash: str
-    dataset: DatasetConfig
-    train: TrainConfig
-    resources: Resources
-    seed: int
-
-    @classmethod
-    def of(cls, context: RunContext, **extra: Any) -> "CandidateJob":
-        config = context.config
-        return cls(store=context.store, arch=config.teacher.base, teacher_hash=context.teacher.teacher_hash,
-                   dataset=absolute_dataset(config.dataset), train=config.train, resources=config.resources,
-                   seed=config.seed, **extra)
-
-
-def candidate_trial(job: CandidateJob, spec: CandidateSpec, progress_key: str, row_keys: tuple[str, ...]) -> None:
-    """A trial that is one candidate: evaluate it (or find it stored), reporting validation accuracy and
-    `progress_key` after each epoch, then one final report that becomes its row (`row_keys` as columns)."""
-    ctx = worker_context(job.store, job.teacher_hash, job.dataset, job.resources)
-    metrics = stored_metrics(job.store, spec.spec_hash)
-    cached = metrics is not None
-    if metrics is None:
-        metrics = evaluate_or_keep(spec, ctx, callbacks=[TrialCheckpoints(progress_key,
-                                                                          spec_hash=spec.spec_hash)])
-    row = {k: v for k in row_keys if (v := metrics.get(k)) is not None}
-    tune.report({"epoch": spec.train.epochs, "val_accuracy": metrics.val_accuracy or 0.0,
-                 progress_key: row.get(progress_key, 0.0),
-                 **report_fields(spec, metrics, cached, **row)})
-
-
-def run_sparse_sweep(context: RunContext, trial: Callable[..., None], job: CandidateJob, space: dict[str, Any],
-                     sweep: SweepTune, reward_form: str, total: int, epochs: int, title: str) -> None:
-    """A sweep of one-candidate trials (agp, rigl): ASHA on validation accuracy per epoch, rows sized by their
-    non-zero parameters, then the Pareto front, summaries and the plot."""
-    ensure_ray(context.address)
-    prepare_teacher_logits(context)
-    recorder = SparseRecorder(context, reward_form, total=total)
-    tuner = build_tuner(context, trial, job, space, sweep, metric=TUNE_METRICS["accuracy"], time_attr="epoch",
-                        max_t=epochs, recorder=recorder)
-    grid = fit(context, tuner, recorder)
-    finish_sparse(recorder, trials=len(grid), title=title)

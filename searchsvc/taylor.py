@@ -28,6 +28,7 @@ from typing import Any
 from ray import tune
 
 from searchsvc import sweep
+from searchsvc.budget import probes_of
 from searchsvc.evaluator import ensure_ray, prepare_teacher_logits
 from searchsvc.job import RunContext
 from searchsvc.methods import TaylorSearch, TaylorStop
@@ -36,6 +37,7 @@ from searchsvc.rewards import INVALID_REWARD, reward
 from searchsvc.sweep import TrialRecorder, absolute_dataset, choose, report_fields
 from storage import ArtifactStore, layout
 from workers.data import DatasetConfig
+from workers.evaluate import remeasure
 from workers.measure import count_parameters
 from workers.metrics import stored_metrics
 from workers.pool import worker_context
@@ -111,7 +113,7 @@ def stop_reason(accuracy: float, start: float, stop: TaylorStop) -> str | None:
 def taylor_trial(sample: dict[str, Any], job: TrialJob) -> None:
     """One Tune trial: iterate prune → fine-tune → measure, reporting each iteration."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per iteration
-    ctx = worker_context(job.store, job.teacher_hash, job.dataset, job.resources)
+    ctx = worker_context(job.store, job.teacher_hash, job.dataset, job.resources, probes_of(job.search))
     state: dict[str, Any] = {"iteration": 0, "parent": None}
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -129,6 +131,7 @@ def taylor_trial(sample: dict[str, Any], job: TrialJob) -> None:
             keeper = sweep.TrialCheckpoints(spec_hash=spec.spec_hash,
                                             files={"state.json": json.dumps(state)}, fixed={"reward": score})
             metrics = sweep.evaluate_or_keep(spec, ctx, callbacks=[keeper])
+        metrics = remeasure(metrics, ctx)  # a stored candidate the budget's latency probe has not timed
         ok = metrics.status == "ok"
         reason = stop_reason(metrics.val_accuracy, job.teacher_val_accuracy, job.search.stop) if ok else \
             f"invalid: {metrics.error}"
@@ -137,7 +140,7 @@ def taylor_trial(sample: dict[str, Any], job: TrialJob) -> None:
         state = {"iteration": iteration, "parent": spec.spec_hash, "reward": score,
                  "budget_met": met or (ok and budget is not None and bool(budget.within(metrics.get)))}
         report = {"iteration": iteration, "val_accuracy": metrics.val_accuracy or 0.0, "params": metrics.params or 0,
-                  "reward": score, **report_fields(spec, metrics, cached, iteration=iteration,
+                  "reward": score, **report_fields(spec, metrics, cached, iteration=iteration, **sweep.timed_latencies(metrics, ctx),
                                                    filters=metrics.get("filters"), stop_reason=reason,
                                                    phase="fine-tune" if met else "prune")}
         with tempfile.TemporaryDirectory() as folder:

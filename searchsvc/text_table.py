@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from workers.latency import probe_columns
+
 
 def table_rows(table: Any) -> list[dict[str, Any]]:
     """Table rows as JSON-safe dicts (NaN → null)."""
@@ -29,7 +31,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no results yet)"
     optional = [c for c in _OPTIONAL if any(row.get(c[0]) is not None for row in rows)]
-    columns = _COLUMNS[:3] + optional + _COLUMNS[3:]
+    columns = _COLUMNS[:3] + optional + _COLUMNS[3:10] + probe_columns(rows) + _COLUMNS[10:]
     header = ["#"] + [title for _, title, _ in columns]
     body = [[str(rank)] + ["-" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in columns]
             for rank, row in enumerate(rows, start=1)]

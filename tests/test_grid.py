@@ -250,3 +250,26 @@ def test_a_macs_budget_marks_exactly_the_rows_over_it_and_ranks_those_within_fir
     assert main(["results", "--store", str(store_dir), "--run", budget_run]) == 0
     out = capsys.readouterr().out
     assert f"within budget (search.budget): {marks.count(True)} of {len(marks)}" in out
+
+
+def test_an_onnxruntime_latency_budget_times_stored_candidates_again_without_training(grid_run, capsys):
+    """A budget on ONNX Runtime latency, which the stored candidates were never timed at: every candidate
+    comes from the store (no training), a worker times its stored model at the budget's setting, the row
+    records that column and judges the budget by it; the stored metrics.json files are untouched."""
+    store_dir, store, run_id = grid_run
+    column = "ort_latency_b4_t1_ms"
+    stored = {k: store.get_bytes(k) for k in store.list("candidates/") if k.endswith("/metrics.json")}
+    assert all(column.encode() not in data for data in stored.values())
+    budget = "{latency_ms: 0.05, latency_batch: 4, latency_backend: onnxruntime, latency_threads: 1}"
+    capsys.readouterr()
+    assert main(["run", str(GRID), "--store", str(store_dir), *FAST, "--set", f"search.budget={budget}"]) == 0
+    assert "ORT b4 t1 ms" in capsys.readouterr().out  # the results table shows the budget's latency
+    budget_run = sorted({k.split("/")[1] for k in store.list("runs/")})[-1]
+    assert store.get_json(f"runs/{budget_run}/run.json")["evaluations"] == 0
+    rows = [r for r in searchsvc.results(store, budget_run).to_pylist() if r["status"] == "ok"]
+    assert len(rows) >= 3
+    for row in rows:
+        assert row["cached"] and row[column] > 0
+        assert row["within_budget"] == (row[column] <= 0.05)
+        assert store.get_json(f"runs/{budget_run}/evals/{row['spec_hash']}.json")[column] == row[column]
+    assert {k: store.get_bytes(k) for k in stored} == stored

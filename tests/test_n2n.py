@@ -156,7 +156,7 @@ def test_top_k_are_fine_tuned_from_their_own_weights_and_both_accuracies_kept(tm
     assert run["record"]["evaluations"] == 4 + 2  # fine-tuning is on top of the search budget
 
 
-def test_random_agent_respects_the_evaluation_budget_and_rewards_macs_under_a_macs_budget(tmp_path, ray_session):
+def test_random_agent_respects_the_evaluation_budget_and_rewards_macs_or_latency_under_a_budget(tmp_path, ray_session):
     """Six evaluations, no more; with `reward_size: macs` and a MACs budget, each reward is the paper's form on
     MACs compression, scaled by limit / MACs when over budget, and within_budget marks exactly those at most
     the limit."""
@@ -175,6 +175,28 @@ def test_random_agent_respects_the_evaluation_budget_and_rewards_macs_under_a_ma
         assert row["within_budget"] == (row["macs"] <= limit)
         c = 1 - row["macs"] / teacher_macs
         expected = c * (2 - c) * row["val_accuracy"] / record["teacher_val_accuracy"] * min(1.0, limit / row["macs"])
+        assert row["reward"] == pytest.approx(expected, rel=1e-9)
+
+    # The same search rewarding ONNX Runtime latency under a latency budget nothing meets: the six candidates
+    # proposed again come from the store, timed again at the budget's setting (cache hits do not count against
+    # the six evaluations: six more are trained, and timed as they are measured); each reward is the form on
+    # latency compression against the teacher's latency (timed by the driver), scaled by limit / latency.
+    ort_budget = "{latency_ms: 0.001, latency_batch: 1, latency_backend: onnxruntime}"
+    again = _run(tmp_path / "s", "teacher.arch=resnet20", "teacher.epochs=1", "dataset.synthetic.train_size=256",
+                 "search.agent=random", "search.max_evaluations=6", "search.shrink=false",
+                 "search.reward_size=latency_ms", f"search.budget={ort_budget}")
+    record = again["record"]
+    assert record["evaluations"] == 6 and record["cache_hits"] >= 6
+    teacher_ms = record["teacher_reward_latency_ms"]
+    assert teacher_ms > 0.001
+    rows = [r for r in again["store"].get_table(f"runs/{again['run_id']}/results.parquet").to_pylist()
+            if r["status"] == "ok"]
+    assert sum(r["cached"] for r in rows) >= 6 and sum(not r["cached"] for r in rows) >= 1
+    for row in rows:
+        latency = row["ort_latency_b1_t1_ms"]
+        assert row["within_budget"] is False and latency > 0.001
+        c = 1 - latency / teacher_ms
+        expected = c * (2 - c) * row["val_accuracy"] / record["teacher_val_accuracy"] * (0.001 / latency)
         assert row["reward"] == pytest.approx(expected, rel=1e-9)
 
 

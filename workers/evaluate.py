@@ -37,6 +37,7 @@ from storage.base import json_bytes
 from workers.data import DatasetConfig, Splits, load_dataset
 from workers.distill import distill_loss_fn, inference_copy, teacher_logits
 from workers.graph import example_input, rebuild, shrink_graph
+from workers.latency import LatencyProbe, measure_probes, missing
 from workers.measure import measure
 from workers.metrics import CandidateMetrics, stored_metrics, verified_metrics
 from workers.resources import Resources
@@ -76,6 +77,7 @@ class EvalContext:
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     compile_model: bool = False  # torch.compile the training step
     cuda_graph: bool = True  # replay static training steps as one CUDA graph
+    probes: tuple[LatencyProbe, ...] = ()  # latency settings a budget asks for, beyond batch 1 and 256 on torch
     # Held while a candidate uses the device: a second thread may store the previous one meanwhile.
     device_lock: threading.Lock = field(default_factory=threading.Lock)
     _logits: torch.Tensor | None = None
@@ -98,9 +100,10 @@ class EvalContext:
 
 
 def local_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig, resources: Resources,
-                  device: torch.device, where: str) -> EvalContext:
+                  device: torch.device, where: str, probes: tuple[LatencyProbe, ...] = ()) -> EvalContext:
     """A worker's context on `device` (a Ray actor's, or a worker process's without Ray): threads, the GPU
-    share as a memory cap, cuDNN autotuning, then data and teacher loaded onto the device."""
+    share as a memory cap, cuDNN autotuning, then data and teacher loaded onto the device. `probes`: the
+    latency settings each kept candidate is timed with beyond the standard ones (workers.latency)."""
     torch.set_num_threads(max(1, int(resources.cpus_per_eval)))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes within a candidate: autotuning pays at once
@@ -108,7 +111,7 @@ def local_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfi
             torch.cuda.set_per_process_memory_fraction(resources.gpus_per_eval, torch.cuda.current_device())
     teacher = load_teacher(store, teacher_hash, device)
     return EvalContext(store, teacher, load_dataset(dataset).to(device), device, worker=where,
-                       compile_model=resources.compile, cuda_graph=resources.cuda_graph)
+                       compile_model=resources.compile, cuda_graph=resources.cuda_graph, probes=tuple(probes))
 
 
 def invalid(spec: CandidateSpec, reason: str, started: float, ctx: EvalContext) -> CandidateMetrics:
@@ -203,6 +206,8 @@ def _measured(spec: CandidateSpec, ctx: EvalContext, built: Built, history: list
     accuracies = ({"accuracy": history[-1]["test_accuracy"], "val_accuracy": history[-1]["val_accuracy"]}
                   if unchanged and history else None)
     measured = measure(student, ctx.splits, ctx.device, timed=built.keep_model, accuracies=accuracies)
+    if built.keep_model:
+        extra.update(measure_probes(student, ctx.probes, ctx.device, ctx.splits.in_channels, ctx.splits.image_size))
     # A zoo model records what was built; a user's network is rebuilt from its teacher's constructor and the
     # stored tensors' shapes (workers.graph.rebuild).
     arch = to_data(student.arch) if hasattr(student, "arch") else None
@@ -211,6 +216,19 @@ def _measured(spec: CandidateSpec, ctx: EvalContext, built: Built, history: list
                                started_unix_s=started_unix_s, bn_recalibration_batches=recalibrated, extra=extra,
                                wall_s=time.perf_counter() - started)  # build, train, measure: the store write is apart
     return Evaluated(spec, metrics, student.cpu() if built.keep_model else None)
+
+
+def remeasure(metrics: CandidateMetrics, ctx: EvalContext) -> CandidateMetrics:
+    """A stored candidate's metrics with the latency probes of `ctx` it lacks, timed now from its stored
+    model (no training); unchanged when it lacks none. Not written back: the candidate's files are
+    write-once, and the run's row records the new columns."""
+    probes = missing(metrics, ctx.probes)
+    if not probes:
+        return metrics
+    with ctx.device_lock:
+        model = load_candidate_model(ctx.store, metrics.spec_hash).to(ctx.device)
+        timed = measure_probes(model, probes, ctx.device, ctx.splits.in_channels, ctx.splits.image_size)
+    return replace(metrics, extra={**metrics.extra, **timed})
 
 
 def _loss_fn(spec: CandidateSpec, ctx: EvalContext) -> LossFn | None:

@@ -33,7 +33,8 @@ from ray.exceptions import RayActorError, RayTaskError
 from core.errors import SearchsvcError
 from storage import ArtifactStore, StoreAccessError, StoreUnreachableError
 from workers.data import DatasetConfig
-from workers.evaluate import EvalContext, UnsavedResult, compute_candidate, local_context, save_evaluated
+from workers.evaluate import EvalContext, UnsavedResult, compute_candidate, local_context, remeasure, save_evaluated
+from workers.latency import LatencyProbe, missing
 from workers.metrics import CandidateMetrics, stored_metrics
 from workers.resources import Resources
 from workers.spec import CandidateSpec
@@ -55,12 +56,13 @@ class EvalOutcome:
 
 
 def worker_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig,
-                   resources: Resources) -> EvalContext:
-    """Inside a Ray actor or Tune trial: data and teacher loaded onto the device Ray assigned."""
+                   resources: Resources, probes: tuple[LatencyProbe, ...] = ()) -> EvalContext:
+    """Inside a Ray actor or Tune trial: data and teacher loaded onto the device Ray assigned; `probes`,
+    the latency settings a budget asks for (workers.latency)."""
     # Ray sets CUDA_VISIBLE_DEVICES to the GPU it assigned: "cuda" is that GPU, never a fixed index.
     device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
     where = f"{socket.gethostname()}:{os.getpid()}@{ray.get_runtime_context().get_node_id()[:8]}"  # host:pid@node
-    return local_context(store, teacher_hash, dataset, resources, device, where)
+    return local_context(store, teacher_hash, dataset, resources, device, where, probes)
 
 
 def ray_resources(resources: Resources) -> dict[str, float]:
@@ -74,8 +76,8 @@ class EvalWorker:
     the previous one is stored (two threads: `evaluate`, then `saved` for the same candidate)."""
 
     def __init__(self, store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig,
-                 resources: Resources) -> None:
-        self.ctx = worker_context(store, teacher_hash, dataset, resources)
+                 resources: Resources, probes: tuple[LatencyProbe, ...] = ()) -> None:
+        self.ctx = worker_context(store, teacher_hash, dataset, resources, probes)
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="store-write")
         self._saving: dict[str, Future] = {}
 
@@ -88,6 +90,10 @@ class EvalWorker:
             return done.metrics, False
         self._saving[spec.spec_hash] = self._saver.submit(save_evaluated, self.ctx.store, done, takeover)
         return done.metrics, True
+
+    def remeasure(self, stored: CandidateMetrics) -> CandidateMetrics:
+        """A stored candidate's metrics with the latency probes it lacks, timed from its stored model."""
+        return remeasure(stored, self.ctx)
 
     def saved(self, spec_hash: str) -> CandidateMetrics:
         """Wait for the store write `evaluate` started; raises what it raised (UnsavedResult, store errors)."""
@@ -117,8 +123,11 @@ class EvalPool:
 
     def __init__(self, store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig,
                  resources: Resources = Resources(), size: int | None = None, max_retries: int = 2,
-                 worker_class: type[EvalWorker] = EvalWorker, on_wait: Callable[[], None] | None = None) -> None:
+                 worker_class: type[EvalWorker] = EvalWorker, on_wait: Callable[[], None] | None = None,
+                 probes: tuple[LatencyProbe, ...] = ()) -> None:
+        """`probes`: latency settings each candidate is timed with beyond the standard ones (a budget's)."""
         self.store = store
+        self.probes = tuple(probes)
         self.on_wait = on_wait  # called after every wait on Ray (at least twice a second)
         self.resources = resources
         self.max_retries = max_retries  # extra attempts after an actor died under a candidate
@@ -126,7 +135,7 @@ class EvalPool:
         # Two threads per actor: one candidate on the device, one `saved` waiting for the last one's write.
         self._actor_class = ray.remote(num_cpus=request["CPU"], num_gpus=request["GPU"], max_concurrency=2,
                                        scheduling_strategy="SPREAD")(worker_class)
-        self._args = (store, teacher_hash, dataset, resources)
+        self._args = (store, teacher_hash, dataset, resources, self.probes)
         self.fixed_size = size  # None: as many actors as the cluster holds, growing when nodes join
         self.actors: list[Any] = []
         self._starting: dict[Any, Any] = {}  # readiness ref → actor still loading data and teacher
@@ -161,23 +170,32 @@ class EvalPool:
             self._start_actor()
 
     def map_unordered(self, specs: Iterable[CandidateSpec]) -> Iterator[EvalOutcome]:
-        """Yield an outcome per spec as soon as it is ready; stored evaluations come first, untrained."""
-        pending: deque[tuple[CandidateSpec, int]] = deque()
+        """Yield an outcome per spec as soon as it is ready; stored evaluations come first, untrained (one that
+        lacks a latency probe of the pool is timed again by a worker first, from its stored model)."""
+        pending: deque[tuple[CandidateSpec, int, CandidateMetrics | None]] = deque()  # (spec, attempt, stored)
         for spec in specs:
             stored = stored_metrics(self.store, spec.spec_hash)
             if stored is not None:
                 self.cache_hits += 1
+                if missing(stored, self.probes):
+                    pending.append((spec, 1, stored))
+                    continue
                 yield EvalOutcome(spec, stored, cached=True, attempts=0)
             else:
-                pending.append((spec, 1))
+                pending.append((spec, 1, None))
         starting = {id(a) for a in self._starting.values()}
         idle = [a for a in self.actors if id(a) not in starting]
         in_flight: dict[Any, tuple[Any, CandidateSpec, int, str]] = {}  # ref → (actor, spec, attempt, phase)
+        timing: dict[Any, CandidateMetrics] = {}  # ref → stored metrics being timed again
         while pending or in_flight:
             while pending and idle:
-                spec, attempt = pending.popleft()
+                spec, attempt, stored = pending.popleft()
                 actor = idle.pop()
-                in_flight[actor.evaluate.remote(spec, attempt > 1)] = (actor, spec, attempt, "device")
+                if stored is not None:
+                    ref = actor.remeasure.remote(stored)
+                    in_flight[ref], timing[ref] = (actor, spec, attempt, "remeasure"), stored
+                else:
+                    in_flight[actor.evaluate.remote(spec, attempt > 1)] = (actor, spec, attempt, "device")
             if pending:
                 self._grow()
             # A bounded wait: the driver looks at stop requests (SIGTERM) and the cluster's size twice a second.
@@ -190,6 +208,11 @@ class EvalPool:
                 idle.extend(self._started(ready[0]))
                 continue
             actor, spec, attempt, phase = in_flight.pop(ready[0])
+            if phase == "remeasure":
+                outcome = self._remeasured(ready[0], actor, timing.pop(ready[0]), attempt, pending, idle, spec)
+                if outcome is not None:
+                    yield outcome
+                continue
             try:
                 result = ray.get(ready[0])
             except RayActorError as err:
@@ -197,7 +220,7 @@ class EvalPool:
                 idle = [a for a in idle if a is not actor]
                 if attempt <= self.max_retries:
                     log.warning("worker died evaluating %s (attempt %d); retrying", spec.spec_hash, attempt)
-                    pending.appendleft((spec, attempt + 1))
+                    pending.appendleft((spec, attempt + 1, None))
                     continue
                 metrics = CandidateMetrics.invalid(spec.spec_hash, f"worker died {attempt} times: {type(err).__name__}")
             except RayTaskError as err:  # an unexpected error inside evaluate: this candidate only
@@ -218,6 +241,30 @@ class EvalPool:
                 else:
                     metrics = result
             yield EvalOutcome(spec, metrics, cached=False, attempts=attempt)
+
+    def _remeasured(self, ref: Any, actor: Any, stored: CandidateMetrics, attempt: int,
+                    pending: deque[tuple[CandidateSpec, int, CandidateMetrics | None]], idle: list[Any],
+                    spec: CandidateSpec) -> EvalOutcome | None:
+        """The outcome of a stored candidate timed again: its metrics as stored if the timing failed (its
+        budget then counts it as not measured); None when its actor died and it waits for another."""
+        metrics = stored
+        try:
+            metrics = ray.get(ref)
+        except RayActorError:
+            self._lost(actor)
+            idle[:] = [a for a in idle if a is not actor]
+            if attempt <= self.max_retries:
+                pending.appendleft((spec, attempt + 1, stored))
+                return None
+            log.warning("candidate %s: its worker died timing it %d times; kept untimed", spec.spec_hash, attempt)
+        except RayTaskError as err:
+            if isinstance(err.cause, (StoreUnreachableError, StoreAccessError)):
+                raise err.cause from None
+            idle.append(actor)
+            log.warning("candidate %s: timing it again raised %r; kept untimed", spec.spec_hash, err.cause)
+        else:
+            idle.append(actor)
+        return EvalOutcome(spec, metrics, cached=True, attempts=0)
 
     def _started(self, ref: Any) -> list[Any]:
         """The actor behind a readiness ref: [actor] once it loaded its data, [] if it died starting."""

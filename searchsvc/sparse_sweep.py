@@ -1,0 +1,115 @@
+"""The sweeps whose trial is one candidate (agp, rigl): `candidate_trial` evaluates it inside the trial (or
+finds it stored), `run_sparse_sweep` runs the Tune sweep of them, and its rows are sized by their non-zero
+parameters (`SparseRecorder`): what a sparse model stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ray import tune
+
+from searchsvc.budget import probes_of
+from searchsvc.evaluator import ensure_ray, prepare_teacher_logits
+from searchsvc.job import RunContext
+from searchsvc.methods import SweepTune
+from searchsvc.plots import trajectory_png
+from searchsvc.sweep import (
+    TUNE_METRICS,
+    TrialCheckpoints,
+    TrialRecorder,
+    absolute_dataset,
+    build_tuner,
+    evaluate_or_keep,
+    fit,
+    mark_pareto,
+    report_fields,
+    timed_latencies,
+)
+from storage import ArtifactStore, layout
+from workers.data import DatasetConfig
+from workers.evaluate import load_candidate_model, remeasure
+from workers.latency import LatencyProbe
+from workers.metrics import stored_metrics
+from workers.pool import worker_context
+from workers.resources import Resources
+from workers.spec import CandidateSpec
+from workers.summary import SUMMARY_KINDS, summary, to_csv
+from workers.train import TrainConfig
+
+
+class SparseRecorder(TrialRecorder):
+    size = "nonzero_params"  # what a sparse model stores: compression, reward and the front count it
+
+
+def finish_sparse(recorder: SparseRecorder, trials: int, title: str) -> None:
+    """Pareto front by non-zero parameters, sparsity / compute summaries of every kept model, the plot."""
+    context = recorder.context
+    rows = list(recorder.rows.values())
+    front = mark_pareto(rows, size=SparseRecorder.size)
+    prefix = layout.run(context.run_id)
+    size = context.splits.in_channels, context.splits.image_size
+    for row in rows:
+        if row["status"] != "ok" or not row.get("artifact"):
+            continue
+        model = load_candidate_model(context.store, row["spec_hash"])
+        for kind in SUMMARY_KINDS:
+            context.store.put_bytes(f"{prefix}/summaries/{row['spec_hash']}-{kind}.csv",
+                                    to_csv(summary(model, kind, *size)))
+    png = trajectory_png(rows, recorder.teacher_params, recorder.teacher_accuracy, title=title, size=SparseRecorder.size)
+    context.store.put_bytes(f"{prefix}/plots/trajectory.png", png)
+    recorder.close()
+    context.summary.update(trials=trials, pareto=len(front),
+                           plot=context.store.uri_for(f"{prefix}/plots/trajectory.png"),
+                           summaries=context.store.uri_for(f"{prefix}/summaries/"))
+
+
+@dataclass(frozen=True)
+class CandidateJob:
+    """What a one-candidate-per-trial method's trials need from the driver (sent once, with_parameters)."""
+
+    store: ArtifactStore
+    arch: str
+    teacher_hash: str
+    dataset: DatasetConfig
+    train: TrainConfig
+    resources: Resources
+    seed: int
+    probes: tuple[LatencyProbe, ...] = ()  # latency settings the search's budget asks for (workers.latency)
+
+    @classmethod
+    def of(cls, context: RunContext, **extra: Any) -> "CandidateJob":
+        config = context.config
+        return cls(store=context.store, arch=config.teacher.base, teacher_hash=context.teacher.teacher_hash,
+                   dataset=absolute_dataset(config.dataset), train=config.train, resources=config.resources,
+                   seed=config.seed, probes=probes_of(config.search), **extra)
+
+
+def candidate_trial(job: CandidateJob, spec: CandidateSpec, progress_key: str, row_keys: tuple[str, ...]) -> None:
+    """A trial that is one candidate: evaluate it (or find it stored), reporting validation accuracy and
+    `progress_key` after each epoch, then one final report that becomes its row (`row_keys` as columns)."""
+    ctx = worker_context(job.store, job.teacher_hash, job.dataset, job.resources, job.probes)
+    metrics = stored_metrics(job.store, spec.spec_hash)
+    cached = metrics is not None
+    if metrics is None:
+        metrics = evaluate_or_keep(spec, ctx, callbacks=[TrialCheckpoints(progress_key,
+                                                                          spec_hash=spec.spec_hash)])
+    metrics = remeasure(metrics, ctx)
+    row = {**{k: v for k in row_keys if (v := metrics.get(k)) is not None}, **timed_latencies(metrics, ctx)}
+    tune.report({"epoch": spec.train.epochs, "val_accuracy": metrics.val_accuracy or 0.0,
+                 progress_key: row.get(progress_key, 0.0),
+                 **report_fields(spec, metrics, cached, **row)})
+
+
+def run_sparse_sweep(context: RunContext, trial: Callable[..., None], job: CandidateJob, space: dict[str, Any],
+                     sweep: SweepTune, reward_form: str, total: int, epochs: int, title: str) -> None:
+    """A sweep of one-candidate trials (agp, rigl): ASHA on validation accuracy per epoch, rows sized by their
+    non-zero parameters, then the Pareto front, summaries and the plot."""
+    ensure_ray(context.address)
+    prepare_teacher_logits(context)
+    recorder = SparseRecorder(context, reward_form, total=total)
+    tuner = build_tuner(context, trial, job, space, sweep, metric=TUNE_METRICS["accuracy"], time_attr="epoch",
+                        max_t=epochs, recorder=recorder)
+    grid = fit(context, tuner, recorder)
+    finish_sparse(recorder, trials=len(grid), title=title)
