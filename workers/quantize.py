@@ -1,0 +1,207 @@
+"""Post-training int8 quantization of a kept model with ONNX Runtime's static quantizer, and its measurement.
+
+    candidates/<spec_hash>/int8-<config key>/model.onnx     the int8 model (QDQ: weights int8 per channel,
+                                                           activations uint8, scales from calibration)
+    candidates/<spec_hash>/int8-<config key>/int8.json     the QuantizeConfig and the Int8Metrics
+    candidates/<spec_hash>/int8-<config key>/manifest.json sha256 of both; written last (present = complete)
+
+Why ONNX Runtime and not PyTorch's export-based quantization (PT2E): README, "Quantization". The model is
+exported to ONNX in fp32 (workers.ort), pre-processed (shape inference, batch norm folded), calibrated on
+`calibration_batches` training batches (normalised as training normalises them) and quantized; its accuracy
+is then measured by ONNX Runtime itself on the validation and test splits, its latency on `threads` CPU
+threads at batch 1 and 256 beside the fp32 model's on the same threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from core import records
+from core.records import RecordError
+from storage import ArtifactStore, CorruptArtifactError, WriteConflictError, layout
+from storage.base import json_bytes
+from workers import ort
+from workers.data import Splits, normalize
+
+UNIT = {"min": 0, "max": 1}
+COUNT = {"min": 0}
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """The top-level `quantize:` section: every kept candidate also quantized to int8 and measured."""
+
+    bits: int = field(default=8, metadata={"help": "bit width of weights and activations: 8 (lower: not yet)"})
+    calibration_batches: int = field(default=8, metadata={
+        "min": 1, "help": "training batches the activation ranges are calibrated on"})
+    calibration_batch_size: int = field(default=64, metadata={"min": 1, "help": "images per calibration batch"})
+    backend: Literal["onnxruntime"] = field(default="onnxruntime", metadata={
+        "help": "onnxruntime: ONNX Runtime's static quantizer, run on the CPU (README, 'Quantization')"})
+    method: Literal["minmax", "entropy", "percentile"] = field(default="minmax", metadata={
+        "help": "how activation ranges are taken from the calibration batches"})
+    per_channel: bool = field(default=True, metadata={"help": "one weight scale per output channel"})
+    threads: int = field(default=1, metadata={"min": 1, "help": "CPU threads the int8 and fp32 latencies use"})
+    seed: int = field(default=0, metadata={"min": 0, "help": "which training images calibrate"})
+
+    def __post_init__(self) -> None:
+        if self.bits != 8:
+            raise ValueError(f"bits: only 8 is supported (lower bit widths are not yet), got {self.bits}")
+
+    def key(self) -> str:
+        """16 hex digits naming this setting: the int8 folder of a candidate (a new setting, a new folder)."""
+        text = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Int8Metrics:
+    """What an int8 model measured: accuracy by ONNX Runtime, CPU latency beside the fp32 model's, bytes."""
+
+    int8_accuracy: float = field(metadata=UNIT)  # top-1 on the test split: reported only
+    int8_val_accuracy: float = field(metadata=UNIT)  # top-1 on the validation split
+    int8_latency_ms: float = field(metadata=COUNT)  # batch 1, median, on `int8_threads` CPU threads
+    int8_latency_b256_ms: float = field(metadata=COUNT)  # batch 256, median
+    int8_model_bytes: int = field(metadata=COUNT)  # the int8 ONNX file
+    fp32_ort_latency_ms: float = field(metadata=COUNT)  # the fp32 ONNX model, batch 1, same threads
+    fp32_ort_latency_b256_ms: float = field(metadata=COUNT)
+    fp32_onnx_bytes: int = field(metadata=COUNT)  # the fp32 ONNX file it was quantized from
+    int8_threads: int = field(metadata={"min": 1})
+    int8_calibration_images: int = field(metadata={"min": 1})
+
+
+INT8_COLUMNS = tuple(f for f in Int8Metrics.__dataclass_fields__)
+
+
+@dataclass
+class Quantized:
+    """An int8 model (ONNX bytes) and what it measured."""
+
+    onnx: bytes
+    metrics: Int8Metrics
+
+
+def calibration_images(splits: Splits, config: QuantizeConfig) -> np.ndarray:
+    """`calibration_batches` × `calibration_batch_size` training images (a seeded random choice), normalised as
+    training normalises them, float32 on the CPU: what the activation ranges are taken from."""
+    images = splits.train[0]
+    count = min(len(images), config.calibration_batches * config.calibration_batch_size)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))[:count]
+    return normalize(images[order.to(images.device)], splits.mean, splits.std).cpu().numpy().astype(np.float32)
+
+
+def quantize_onnx(fp32: bytes, calibration: np.ndarray, config: QuantizeConfig) -> bytes:
+    """The int8 ONNX model of `fp32` (ONNX bytes), calibrated on `calibration` (N, C, H, W, normalised)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    batch = config.calibration_batch_size
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.starts = iter(range(0, len(calibration), batch))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            start = next(self.starts, None)
+            return None if start is None else {ort.INPUT: calibration[start:start + batch]}
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    with tempfile.TemporaryDirectory(prefix="searchsvc-int8-") as folder:
+        source, prepared, target = (Path(folder) / name for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        source.write_bytes(fp32)
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)  # folds BN, infers shapes
+        quantize_static(str(prepared), str(target), Batches(), quant_format=QuantFormat.QDQ,
+                        per_channel=config.per_channel, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=methods[config.method])
+        return target.read_bytes()
+
+
+def accuracy(model: bytes, images: torch.Tensor, labels: torch.Tensor, splits: Splits, threads: int,
+             chunk: int = 512) -> float:
+    """Top-1 (0..1) of an ONNX model run by ONNX Runtime on uint8 `images`, normalised a chunk at a time."""
+    runner = ort.session(model, threads)
+    correct = 0
+    for start in range(0, len(labels), chunk):
+        x = normalize(images[start:start + chunk], splits.mean, splits.std).cpu().numpy().astype(np.float32)
+        logits = runner.run([ort.OUTPUT], {ort.INPUT: x})[0]
+        correct += int((logits.argmax(1) == labels[start:start + chunk].cpu().numpy()).sum())
+    return correct / max(1, len(labels))
+
+
+def quantize_model(model: nn.Module, splits: Splits, config: QuantizeConfig, eval_threads: int = 2,
+                   repeats: int = 10) -> Quantized:
+    """Quantize `model` to int8 and measure it (`eval_threads`: ONNX Runtime's threads for the accuracy
+    passes, which are not timed). Raises what export or the quantizer raise."""
+    c, size = splits.in_channels, splits.image_size
+    fp32 = ort.onnx_bytes(model, c, size)
+    calibration = calibration_images(splits, config)
+    int8 = quantize_onnx(fp32, calibration, config)
+    latency = lambda onnx, batch: ort.latency_ms(onnx, c, size, batch, config.threads,  # noqa: E731
+                                                 repeats if batch == 1 else max(1, repeats // 3))
+    metrics = Int8Metrics(
+        int8_accuracy=accuracy(int8, *splits.test, splits, eval_threads),
+        int8_val_accuracy=accuracy(int8, *splits.val, splits, eval_threads),
+        int8_latency_ms=latency(int8, 1), int8_latency_b256_ms=latency(int8, 256), int8_model_bytes=len(int8),
+        fp32_ort_latency_ms=latency(fp32, 1), fp32_ort_latency_b256_ms=latency(fp32, 256), fp32_onnx_bytes=len(fp32),
+        int8_threads=config.threads, int8_calibration_images=len(calibration))
+    return Quantized(int8, metrics)
+
+
+def int8_prefix(spec_hash: str, config: QuantizeConfig) -> str:
+    """Where a candidate's int8 model under `config` lives."""
+    return f"{layout.candidate(spec_hash)}/int8-{config.key()}"
+
+
+def stored_int8(store: ArtifactStore, spec_hash: str, config: QuantizeConfig) -> Int8Metrics | None:
+    """The stored int8 measurement of a candidate under `config`, checked against its manifest and as a
+    record; None if there is none (yet)."""
+    prefix = int8_prefix(spec_hash, config)
+    if not store.exists(layout.manifest(prefix)):
+        return None
+    source = store.uri_for(f"{prefix}/int8.json")
+    try:
+        data = json.loads(store.get_verified(prefix, "int8.json").decode("utf-8"))
+        return records.from_data(Int8Metrics, data.get("metrics") if isinstance(data, dict) else None, source=source)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptArtifactError(f"{source} is corrupt: not JSON ({err})") from None
+    except RecordError as err:
+        raise CorruptArtifactError(f"{source} is corrupt: {'; '.join(err.problems)}") from None
+
+
+def stored_int8_model(store: ArtifactStore, spec_hash: str, config: QuantizeConfig) -> bytes:
+    """The stored int8 ONNX model's bytes, checked against its manifest."""
+    return store.get_verified(int8_prefix(spec_hash, config), "model.onnx")
+
+
+def save_int8(store: ArtifactStore, spec_hash: str, config: QuantizeConfig, quantized: Quantized) -> Int8Metrics:
+    """Write the int8 folder once; if another worker wrote it first, theirs is the measurement."""
+    prefix = int8_prefix(spec_hash, config)
+    files = {"model.onnx": quantized.onnx,
+             "int8.json": json_bytes({"config": asdict(config), "metrics": asdict(quantized.metrics)})}
+    try:
+        for name, data in files.items():
+            store.put_bytes(f"{prefix}/{name}", data)
+        store.write_manifest(prefix, files)
+    except WriteConflictError:
+        return stored_int8(store, spec_hash, config) or quantized.metrics
+    return quantized.metrics
+
+
+def int8_columns(metrics: Int8Metrics) -> dict[str, Any]:
+    """The int8 measurement as result columns."""
+    return asdict(metrics)
