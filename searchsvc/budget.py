@@ -24,6 +24,7 @@ from typing import Any, Callable, Literal, TypeVar
 
 from core.errors import SearchsvcError
 from workers.latency import LatencyProbe
+from workers.measures import Measures
 
 log = logging.getLogger(__name__)
 Setting = TypeVar("Setting")
@@ -40,6 +41,10 @@ class Budget:
     params: int | None = field(default=None, metadata={
         "gt": 0, "help": "parameters, at most (a sparse model: its non-zero ones)"})
     model_bytes: int | None = field(default=None, metadata={"gt": 0, "help": "bytes of the saved model, at most"})
+    int8_model_bytes: int | None = field(default=None, metadata={
+        "gt": 0, "help": "bytes of the int8 ONNX model, at most (needs a quantize: section)"})
+    int8_latency_ms: float | None = field(default=None, metadata={
+        "gt": 0, "help": "int8 milliseconds at batch 1 with ONNX Runtime on quantize.threads, at most (needs quantize:)"})
     latency_ms: float | None = field(default=None, metadata={
         "gt": 0, "help": "forward-pass milliseconds at latency_batch, at most (median of several passes)"})
     latency_batch: int | None = field(default=None, metadata={
@@ -52,7 +57,8 @@ class Budget:
 
     def __post_init__(self) -> None:
         if not self.limits():
-            raise ValueError(": name at least one limit (macs, params, model_bytes or latency_ms)")
+            raise ValueError(": name at least one limit (macs, params, model_bytes, latency_ms, int8_model_bytes or "
+                             "int8_latency_ms)")
         if self.latency_ms is not None and self.latency_batch is None:
             raise ValueError("latency_batch: a latency budget needs the batch size it is measured at (e.g. 1)")
         if self.latency_ms is None and self.latency_batch is not None:
@@ -71,7 +77,8 @@ class Budget:
     def limits(self) -> dict[str, float]:
         """The stated limits by quantity name."""
         stated = {"macs": self.macs, "params": self.params, "model_bytes": self.model_bytes,
-                  "latency_ms": self.latency_ms}
+                  "latency_ms": self.latency_ms, "int8_model_bytes": self.int8_model_bytes,
+                  "int8_latency_ms": self.int8_latency_ms}
         return {name: limit for name, limit in stated.items() if limit is not None}
 
     def label(self) -> str:
@@ -129,15 +136,22 @@ class Budget:
         return min(ratios)
 
 
-def backend_problems(budget: Budget | None) -> list[str]:
-    """What keeps this machine from measuring the budget (checked at validate, not when a stored run's budget
-    is read back): its latency backend not installed."""
+def measure_problems(config: Any) -> list[str]:
+    """What keeps a run from measuring what its config asks (checked at validate, not when a stored run's
+    config is read back): ONNX Runtime not installed for an onnxruntime latency budget or for `quantize:`, an
+    int8 limit without a `quantize:` section to make the int8 model."""
     from workers import ort
 
+    budget, quantize, problems = budget_of(config.search), getattr(config, "quantize", None), []
+    missing = "onnxruntime is not installed (pip install onnxruntime, or searchsvc's 'export' extra)"
     if budget is not None and budget.latency_backend == "onnxruntime" and not ort.available():
-        return ["search.budget.latency_backend: onnxruntime is not installed (pip install onnxruntime, or "
-                "searchsvc's 'export' extra)"]
-    return []
+        problems.append(f"search.budget.latency_backend: {missing}")
+    if quantize is not None and not ort.available():
+        problems.append(f"quantize.backend: {missing}")
+    for name in ("int8_model_bytes", "int8_latency_ms"):
+        if budget is not None and getattr(budget, name) is not None and quantize is None:
+            problems.append(f"search.budget.{name}: limits the int8 model; add a quantize: section to make it")
+    return problems
 
 
 def format_number(value: float) -> str:
@@ -156,6 +170,12 @@ def probes_of(search: Any) -> tuple[LatencyProbe, ...]:
     budget = budget_of(search)
     probe = budget.probe() if budget is not None else None
     return (probe,) if probe is not None and not probe.standard else ()
+
+
+def measures_of(config: Any) -> Measures:
+    """What a run measures of each kept candidate beyond the standard metrics: its budget's latency probes,
+    and int8 quantization with a `quantize:` section (workers.measures)."""
+    return Measures(probes_of(config.search), getattr(config, "quantize", None))
 
 
 def feasible(settings: list[Setting], budget: Budget, footprint: Callable[[Setting], dict[str, Any]],

@@ -11,6 +11,7 @@ from torch import nn
 
 from core.errors import SearchsvcError
 from storage import ArtifactStore, KeyNotFoundError, StoreOptions, check_id, layout, open_store
+from workers import ort
 from workers.evaluate import load_candidate_model
 from workers.spec import CandidateSpec
 from workers.teacher import load_teacher
@@ -67,10 +68,7 @@ def export_model(model: nn.Module, path: str | Path, shape: InputShape) -> Path:
     example = torch.zeros(1, shape[0], shape[1], shape[1])
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".onnx":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript-based exporter warns it is legacy
-            torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["images"],
-                              output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        path.write_bytes(ort.onnx_bytes(model, shape[0], shape[1]))  # the model ONNX Runtime times and quantizes
     elif path.suffix in (".pt", ".ts"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

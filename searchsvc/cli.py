@@ -8,14 +8,15 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 from core.errors import SearchsvcError
+from searchsvc.cli_args import add_set, add_store, open_for, output_path
+from searchsvc.cli_models import MODEL_COMMANDS, add_model_commands
 from searchsvc.stopping import Stopped
 from searchsvc.text_table import format_table, table_rows
-from storage import DEFAULT_STORE, ArtifactStore, StoreOptions, check_id, open_store
+from storage import check_id
 
 EXIT_USAGE = 2
 
@@ -29,17 +30,7 @@ Typical use:
   searchsvc results --store ./searchsvc-store
 """
 
-STORE_HELP = (f"artifact store: a folder, file:///abs/dir or s3://bucket/prefix (default: the config's store:, "
-              f"else {DEFAULT_STORE})")
-ENDPOINT_HELP = ("S3 endpoint URL for s3:// stores, e.g. http://127.0.0.1:9000 for MinIO (default: boto3's "
-                 "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS). Credentials come only from boto3's chain: "
-                 "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, or an instance role")
 
-
-
-def _open(args: argparse.Namespace, uri: str, create: bool = False) -> ArtifactStore:
-    """The store at `uri` with this command's endpoint and the environment's store options (read here, once)."""
-    return open_store(uri, endpoint=args.s3_endpoint, create=create, options=StoreOptions.from_env())
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with help for every flag."""
@@ -55,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_run_commands(commands, common)
     _add_inspect_commands(commands, common)
+    add_model_commands(commands, common)
     return parser
 
 
@@ -63,16 +55,16 @@ def _add_run_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     validate = commands.add_parser("validate", parents=[common], help="check a job config against the schema",
                                    description="Check CONFIG; print every problem with its key path (exit 2).")
     validate.add_argument("config", metavar="CONFIG", help="job config YAML file")
-    _add_set(validate)
+    add_set(validate)
 
     run = commands.add_parser("run", parents=[common], help="run one search job",
                               description="Run the job in CONFIG: train or load the teacher, search, record "
                                           "everything in the store, print the ranked table.")
     run.add_argument("config", metavar="CONFIG", help="job config YAML file")
-    _add_store(run, from_config=True)
+    add_store(run, from_config=True)
     run.add_argument("--address", help="Ray cluster address, e.g. ray://head:10001 or auto (default: RAY_ADDRESS, "
                                        "else a Ray started for this run on this machine)")
-    _add_set(run)
+    add_set(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     run.add_argument("--report", metavar="HTML", help="when the run ends, write its HTML report here")
 
@@ -80,7 +72,7 @@ def _add_run_commands(commands: Any, common: argparse.ArgumentParser) -> None:
                                  description="Continue run ID from what the store holds: its resolved config, "
                                              "the evaluations it recorded (not trained again) and the driver's "
                                              "checkpoints.")
-    _add_store(resume)
+    add_store(resume)
     resume.add_argument("--run", required=True, help="id of the run to continue")
     resume.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     resume.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
@@ -99,17 +91,17 @@ def _add_run_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     sens.add_argument("--tolerance", type=float, metavar="POINTS",
                       help="validation accuracy points a layer may lose in the starting schedule (default 1.0)")
     sens.add_argument("--schedule-out", metavar="PATH", help="also write the starting schedule YAML to this file")
-    _add_store(sens, from_config=True)
+    add_store(sens, from_config=True)
     sens.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    _add_set(sens)
+    add_set(sens)
     sens.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
 
 
 def _add_inspect_commands(commands: Any, common: argparse.ArgumentParser) -> None:
-    """results, report, export, summary: the commands that read what a run stored."""
+    """results, report, compare: the commands that read what runs stored."""
     results = commands.add_parser("results", parents=[common], help="show a run's ranked results",
                                   description="Print the consolidated results of a run, best first.")
-    _add_store(results)
+    add_store(results)
     results.add_argument("--run", help="run id (default: the latest run in the store)")
     results.add_argument("--top", type=int, metavar="K", help="show only the best K rows")
     results.add_argument("--json", action="store_true", help="print a JSON list of row objects instead of a table")
@@ -117,7 +109,7 @@ def _add_inspect_commands(commands: Any, common: argparse.ArgumentParser) -> Non
     report = commands.add_parser("report", parents=[common], help="write a run's HTML report",
                                  description="Write one self-contained HTML file (plots inline) with the run's "
                                              "summary, Pareto fronts, best candidates and the method's plots.")
-    _add_store(report)
+    add_store(report)
     report.add_argument("--run", help="run id (default: the latest run in the store)")
     report.add_argument("-o", "--output", default="report.html", help="HTML file to write (default report.html)")
     report.add_argument("--top", type=int, default=10, metavar="K", help="rows of the best-candidates table (10)")
@@ -128,7 +120,7 @@ def _add_inspect_commands(commands: Any, common: argparse.ArgumentParser) -> Non
                     "model each run hands over per budget (chosen on validation accuracy, with its test accuracy), "
                     "wall time and GPU-hours per run.")
     compare.add_argument("runs", nargs="+", metavar="RUN", help="run ids (at least one; the same teacher and data)")
-    _add_store(compare)
+    add_store(compare)
     compare.add_argument("-o", "--output", default="compare.html", help="HTML file to write (default compare.html)")
     compare.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE[,...]",
                          help="a budget to choose each run's model under, beside the runs' own search.budget, e.g. "
@@ -136,38 +128,6 @@ def _add_inspect_commands(commands: Any, common: argparse.ArgumentParser) -> Non
     compare.add_argument("--allow-mixed", action="store_true",
                          help="compare runs on different teachers or datasets (refused by default)")
 
-    export = commands.add_parser("export", parents=[common], help="export a kept candidate to ONNX or TorchScript",
-                                 description="Rebuild a kept candidate (spec + weights, sha256-checked) and write "
-                                             "it as ONNX (.onnx) or TorchScript (.pt / .ts).")
-    export.add_argument("candidate", metavar="SPEC_HASH", help="spec hash, or a candidates/<hash> URI in a store")
-    export.add_argument("-o", "--output", required=True, help="output file: model.onnx, model.pt or model.ts")
-    _add_store(export)
-
-    summary = commands.add_parser("summary", parents=[common], help="per-layer sparsity or compute table of a model",
-                                  description="Print Distiller's summary of a kept candidate or a teacher: per "
-                                              "weight shape, params, non-zeros and sparsity (--kind sparsity), or per "
-                                              "layer feature maps, weights and MACs (--kind compute), with totals. "
-                                              "The table is also stored as summaries/<HASH>-<kind>.csv.")
-    summary.add_argument("model", metavar="HASH", help="spec hash of a kept candidate, or a teacher hash")
-    summary.add_argument("--kind", choices=("sparsity", "compute"), default="sparsity",
-                         help="sparsity: zeros per weight and 'Total sparsity'; compute: MACs per layer "
-                              "(default sparsity)")
-    _add_store(summary)
-
-
-def _add_store(sub: argparse.ArgumentParser, from_config: bool = False) -> None:
-    """--store and --s3-endpoint; `from_config`: the default is the config's `store:`."""
-    if from_config:
-        sub.add_argument("--store", help=STORE_HELP)
-    else:
-        sub.add_argument("--store", default=DEFAULT_STORE, help=f"artifact store (default {DEFAULT_STORE})")
-    sub.add_argument("--s3-endpoint", help=ENDPOINT_HELP)
-
-
-def _add_set(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                     help="override a config key, e.g. --set train.epochs=3 --set dataset.subset=0.1 "
-                          "(value parsed as YAML; repeatable)")
 
 
 def _version_text() -> str:
@@ -189,43 +149,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from searchsvc.job import run
 
     config = load_config(args.config, args.overrides)
-    report = _output_path(args.report, "--report") if args.report else None
+    report = output_path(args.report, "--report") if args.report else None
     result = run(config, store=args.store, endpoint=args.s3_endpoint, progress=not args.no_progress,
                  address=args.address)
     _print_run(result)
     if report is not None:
-        _write_report(_open(args, result.store_uri, create=True), result.run_id, report)
+        _write_report(open_for(args, result.store_uri, create=True), result.run_id, report)
     return 0
-
-
-def _output_path(path: str, flag: str, suffixes: tuple[str, ...] = (), create_folders: bool = False) -> Path:
-    """A file a command will write, checked before any work is done: not a folder, a name the file system
-    takes, in a folder that exists (or, with `create_folders`, can be made) and can be written."""
-    output = Path(path)
-    if suffixes and output.suffix not in suffixes:
-        raise SearchsvcError(f"{flag}: {path}: use a {', '.join(suffixes)} file name")
-    longest = max(len(part.encode()) for part in output.parts) if output.parts else 0
-    if longest > 255:  # checked first: the file system refuses even to look such a name up
-        raise SearchsvcError(f"{flag}: the file name is too long ({longest} bytes; at most 255)")
-    if output.is_dir():
-        raise SearchsvcError(f"{flag}: {path} is a folder; give a file name")
-    folder = output.parent
-    while create_folders and not folder.exists() and folder != folder.parent:
-        folder = folder.parent  # the nearest folder that exists: the rest is created
-    if not folder.is_dir():
-        what = "is a file, not a folder" if folder.exists() else "does not exist"
-        raise SearchsvcError(f"{flag}: folder {folder} {what}")
-    if not os.access(folder, os.W_OK):
-        raise SearchsvcError(f"{flag}: cannot write into {folder}")
-    try:  # what os.access cannot tell (/proc, a read-only mount for root): try it now, before any work
-        if folder != output.parent:
-            os.rmdir(tempfile.mkdtemp(dir=folder))  # the missing folders will be made in `folder`
-        elif not output.exists():
-            output.open("xb").close()
-            output.unlink()
-    except OSError as err:
-        raise SearchsvcError(f"{flag}: cannot write {path} ({err.strerror})") from None
-    return output
 
 
 def _write_report(store: Any, run_id: str, output: Path, top: int = 10) -> None:
@@ -259,7 +189,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 
     if args.top is not None and args.top < 1:
         raise SearchsvcError(f"--top: must be a positive integer, got {args.top}")
-    store = _open(args, args.store)
+    store = open_for(args, args.store)
     run_id = args.run or latest_run(store)
     every = table_rows(read_results(store, run_id))
     rows = every[: args.top]
@@ -280,8 +210,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise SearchsvcError(f"--top: must be a positive integer, got {args.top}")
-    output = _output_path(args.output, "--output")
-    store = _open(args, args.store)
+    output = output_path(args.output, "--output")
+    store = open_for(args, args.store)
     run_id = check_id(args.run, "run id") if args.run else latest_run(store)
     if not store.exists(layout.run_file(run_id, "run.json")):
         raise SearchsvcError(f"--run: run '{run_id}' does not exist in {store.uri}")
@@ -293,39 +223,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from searchsvc.compare import build_compare, parse_budget
 
     budgets = [parse_budget(text) for text in args.budget]
-    output = _output_path(args.output, "--output")
-    store = _open(args, args.store)
+    output = output_path(args.output, "--output")
+    store = open_for(args, args.store)
     output.write_text(build_compare(store, args.runs, budgets, allow_mixed=args.allow_mixed))
     print(f"comparison of {len(dict.fromkeys(args.runs))} run(s): {output.resolve()}")
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from searchsvc.candidates import candidate_input, export_model, load_candidate, split_candidate_uri
-
-    output = _output_path(args.output, "--output", (".onnx", ".pt", ".ts"), create_folders=True)
-    store_uri, spec_hash = split_candidate_uri(args.candidate)
-    store = _open(args, store_uri or args.store)
-    model = load_candidate(spec_hash, store=store)
-    path = export_model(model, output, candidate_input(store, spec_hash, model))
-    params = sum(p.numel() for p in model.parameters())
-    print(f"candidate {spec_hash} ({params:,} parameters) written to {path}")
-    return 0
-
-
-def cmd_summary(args: argparse.Namespace) -> int:
-    from searchsvc.candidates import stored_model
-    from workers.summary import format_summary, summary, to_csv
-
-    store = _open(args, args.store)
-    model, (channels, image_size) = stored_model(store, check_id(args.model, "model hash"))
-    rows = summary(model, args.kind, channels, image_size)
-    key = f"summaries/{args.model}-{args.kind}.csv"
-    store.put_bytes(key, to_csv(rows))
-    name = model.arch.name if hasattr(model, "arch") else type(model).__name__
-    print(f"{args.kind} summary of {args.model} ({name}, {image_size}x{image_size} input)")
-    print(format_summary(rows))
-    print(f"stored: {store.uri_for(key)}")
     return 0
 
 
@@ -335,7 +236,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from searchsvc.sensitivity import SCHEDULE_KEY
     from storage import layout
 
-    schedule_out = _output_path(args.schedule_out, "--schedule-out") if args.schedule_out else None
+    schedule_out = output_path(args.schedule_out, "--schedule-out") if args.schedule_out else None
     raw = apply_overrides(read_yaml(args.config), args.overrides)
     search = dict(raw.get("search") or {}) if raw.get("method") == "sensitivity" else {}
     flags = {"levels": _floats(args.levels, "--levels"), "structure": args.structure,
@@ -351,7 +252,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     for key in ("sensitivity", "plot", "schedule"):
         print(f"{key}: {result.summary.get(key)}")
     if schedule_out is not None:
-        store = _open(args, result.store_uri)
+        store = open_for(args, result.store_uri)
         schedule_out.write_bytes(store.get_bytes(layout.run_file(result.run_id, SCHEDULE_KEY)))
         print(f"starting schedule written to {schedule_out}")
     return 0
@@ -379,8 +280,7 @@ def format_sensitivity(rows: list[dict[str, Any]], levels: Sequence[float]) -> s
 
 
 COMMANDS = {"validate": cmd_validate, "run": cmd_run, "resume": cmd_resume, "results": cmd_results, "report": cmd_report,
-            "compare": cmd_compare,
-            "export": cmd_export, "summary": cmd_summary, "sensitivity": cmd_sensitivity}
+            "compare": cmd_compare, "sensitivity": cmd_sensitivity, **MODEL_COMMANDS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -164,7 +164,9 @@ def runs_table(views: list[RunView]) -> str:
 
 
 def choices_table(views: list[RunView], budgets: list[BudgetChoice]) -> str:
-    """One row per (budget, run): the chosen model, both accuracies, its size and speed."""
+    """One row per (budget, run): the chosen model, both accuracies, its size and speed; and its int8 test
+    accuracy and bytes when a run quantized its candidates (a `quantize:` section)."""
+    int8 = any(r.get("int8_accuracy") is not None for v in views for r in v.valid)
     body = []
     for label, budget in budgets:
         for view in views:
@@ -172,12 +174,15 @@ def choices_table(views: list[RunView], budgets: list[BudgetChoice]) -> str:
             row = None if row is None else sized(row)
             # a latency budget's own setting (ONNX Runtime, another batch size), else torch at batch 1
             latency = budget.columns("latency_ms")[0] if budget is not None and budget.latency_ms else "latency_ms"
-            figures = ["-"] * 6 if row is None else [
+            figures = ["-"] * (8 if int8 else 6) if row is None else [
                 row["spec_hash"], f"{row['val_accuracy']:.2%}", f"{row['accuracy']:.2%}", _count(row.get("params")),
-                _count(row.get("macs")), "-" if row.get(latency) is None else f"{row[latency]:.2f}"]
+                _count(row.get("macs")), "-" if row.get(latency) is None else f"{row[latency]:.2f}"] + ([
+                    "-" if row.get("int8_accuracy") is None else f"{row['int8_accuracy']:.2%}",
+                    _count(row.get("int8_model_bytes"))] if int8 else [])
             body.append([label, view.label, *figures])
     return table_html(["budget", "run", "model", "val accuracy", "test accuracy", "params (non-zero)",
-                       "MACs (non-zero)", "latency ms (batch 1; a latency budget: at its setting)"], body)
+                       "MACs (non-zero)", "latency ms (batch 1; a latency budget: at its setting)"]
+                      + (["int8 test accuracy", "int8 bytes"] if int8 else []), body)
 
 
 def _count(value: Any) -> str:

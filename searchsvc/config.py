@@ -16,6 +16,7 @@ from core.yamlio import load_yaml
 from searchsvc.methods import get_method, list_methods
 from storage import DEFAULT_STORE
 from workers.data import DatasetConfig
+from workers.quantize import QuantizeConfig
 from workers.resources import Resources
 from workers.teacher import TeacherConfig
 from workers.train import TrainConfig
@@ -38,6 +39,8 @@ class JobConfig:
     store: str = field(default=DEFAULT_STORE, metadata={"help": "folder, file:///abs/dir or s3://bucket/prefix"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: the GPU if any"})
     seed: int = field(default=0, metadata={"min": 0, "help": "seed of the search"})
+    quantize: QuantizeConfig | None = field(default=None, metadata={
+        "omit_default": True, "help": "int8: every kept candidate also quantized and measured (README, Quantization)"})
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:

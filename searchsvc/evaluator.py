@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from core.errors import SearchsvcError, first_line
 from searchsvc import stopping
-from searchsvc.budget import budget_of, probes_of
+from searchsvc.budget import budget_of, measures_of
 from searchsvc.job import RunContext
 from searchsvc.result_table import ResultRow, read_row
 from searchsvc.rewards import INVALID_REWARD, RewardForm, compression_ratio, reward
@@ -30,6 +30,7 @@ from storage.base import json_bytes as store_json_bytes
 from workers.evaluate import UnsavedResult
 from workers.latency import LatencyProbe, time_probe
 from workers.measure import count_macs, count_parameters
+from workers.measures import run_columns
 from workers.metrics import CandidateMetrics
 from workers.pool import EvalPool
 from workers.spec import CandidateSpec
@@ -99,7 +100,9 @@ class Recorder:
         if spec.spec_hash in self.rows:
             return self.rows[spec.spec_hash]
         order = len(self.rows) + 1  # 1, 2, ... as recorded
-        row = {**self.row(spec, metrics, cached).to_data(), **self.timed(metrics), **self.columns(spec, metrics),
+        # the run's own measurements (a budget's latency probe, int8) sit in the row: compare and the report
+        # judge a budget by the row, as the run did
+        row = {**self.row(spec, metrics, cached).to_data(), **run_columns(metrics), **self.columns(spec, metrics),
                "order": order, **extra}
         self.rows[row["spec_hash"]] = row
         self._store_row(row, unsaved)
@@ -194,12 +197,6 @@ class Recorder:
         value = reward(size, m.val_accuracy, self.teacher_reward_size, self.teacher_val_accuracy, self.reward_form)
         return value * self.budget.overshoot(m.get) if self.penalise else value
 
-    def timed(self, metrics: CandidateMetrics) -> dict[str, float]:
-        """The candidate's latencies at the budget's own setting (a column of their own: `ort_latency_b1_t1_ms`),
-        kept in its row so that `compare` and the report judge the budget as the run did."""
-        probes = probes_of(self.context.config.search)
-        return {p.column: value for p in probes if (value := metrics.get(p.column)) is not None}
-
     def columns(self, spec: CandidateSpec, metrics: CandidateMetrics) -> dict[str, Any]:
         """A method's own columns of a candidate's row, after the fixed ones (none here)."""
         return {}
@@ -245,7 +242,7 @@ class Evaluator(Recorder):
         prepare_teacher_logits(context)
         self.pool = pool or EvalPool(context.store, context.teacher.teacher_hash, context.config.dataset,
                                      context.config.resources, on_wait=stopping.check,
-                                     probes=probes_of(context.config.search))
+                                     measures=measures_of(context.config))
 
     def evaluate(self, specs: Iterable[CandidateSpec]) -> list[dict[str, Any]]:
         """Rows for `specs`, in order (evaluated concurrently; repeats within the run are free)."""

@@ -12,7 +12,7 @@ from typing import Any, Callable, Literal
 
 from core.errors import SearchsvcError
 from core.names import is_number, load_object, lookup
-from searchsvc.budget import Budget, backend_problems, budget_of
+from searchsvc.budget import Budget, measure_problems
 from searchsvc.rewards import RewardForm
 
 
@@ -48,7 +48,7 @@ class Method:
         if self.residual_only and arch in list_models() and not is_residual(arch):
             return [f"teacher.arch: method {self.name} needs a residual network (resnet20, resnet56, "
                     f"resnet18_cifar, tiny_cnn); {arch} is a plain network (use method agp or rigl)"]
-        problems = backend_problems(budget_of(config.search))
+        problems = measure_problems(config)
         return problems + (load_object(self.check)(config) if self.check else [])
 
 

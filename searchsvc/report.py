@@ -31,7 +31,9 @@ TOP_COLUMNS = [("val_accuracy", "val accuracy", "{:.2%}"), ("accuracy", "test ac
                ("latency_ms", "latency ms", "{:.2f}"), ("compression", "x-factor", "{:.2f}"),
                ("reward", "reward", "{:.3f}"), ("sparsity", "sparsity", "{:.3f}"),
                ("nonzero_macs", "non-zero MACs", "{:,}"), ("rigl_updates", "RigL updates", "{}"),
-               ("within_budget", "within budget", "{}")]
+               ("within_budget", "within budget", "{}"), ("int8_accuracy", "int8 test accuracy", "{:.2%}"),
+               ("int8_val_accuracy", "int8 val accuracy", "{:.2%}"), ("int8_latency_ms", "int8 CPU ms", "{:.3f}"),
+               ("int8_model_bytes", "int8 bytes", "{:,}")]
 # Methods whose candidates record a sparsity schedule per epoch: (history key, axis title) per panel.
 SCHEDULES = {"agp": [("sparsity", "sparsity (%)")],
              "rigl": [("density", "non-zero weights (%)"), ("moved", "weights moved in the epoch (% of non-zero)")]}

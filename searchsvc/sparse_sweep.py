@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from ray import tune
 
-from searchsvc.budget import probes_of
+from searchsvc.budget import measures_of
 from searchsvc.evaluator import ensure_ray, prepare_teacher_logits
 from searchsvc.job import RunContext
 from searchsvc.methods import SweepTune
@@ -25,12 +25,11 @@ from searchsvc.sweep import (
     fit,
     mark_pareto,
     report_fields,
-    timed_latencies,
 )
 from storage import ArtifactStore, layout
 from workers.data import DatasetConfig
-from workers.evaluate import load_candidate_model, remeasure
-from workers.latency import LatencyProbe
+from workers.evaluate import complete, load_candidate_model
+from workers.measures import Measures, run_columns
 from workers.metrics import stored_metrics
 from workers.pool import worker_context
 from workers.resources import Resources
@@ -76,27 +75,27 @@ class CandidateJob:
     train: TrainConfig
     resources: Resources
     seed: int
-    probes: tuple[LatencyProbe, ...] = ()  # latency settings the search's budget asks for (workers.latency)
+    measures: Measures = Measures()  # the run's own measurements of each candidate (workers.measures)
 
     @classmethod
     def of(cls, context: RunContext, **extra: Any) -> "CandidateJob":
         config = context.config
         return cls(store=context.store, arch=config.teacher.base, teacher_hash=context.teacher.teacher_hash,
                    dataset=absolute_dataset(config.dataset), train=config.train, resources=config.resources,
-                   seed=config.seed, probes=probes_of(config.search), **extra)
+                   seed=config.seed, measures=measures_of(config), **extra)
 
 
 def candidate_trial(job: CandidateJob, spec: CandidateSpec, progress_key: str, row_keys: tuple[str, ...]) -> None:
     """A trial that is one candidate: evaluate it (or find it stored), reporting validation accuracy and
     `progress_key` after each epoch, then one final report that becomes its row (`row_keys` as columns)."""
-    ctx = worker_context(job.store, job.teacher_hash, job.dataset, job.resources, job.probes)
+    ctx = worker_context(job.store, job.teacher_hash, job.dataset, job.resources, job.measures)
     metrics = stored_metrics(job.store, spec.spec_hash)
     cached = metrics is not None
     if metrics is None:
         metrics = evaluate_or_keep(spec, ctx, callbacks=[TrialCheckpoints(progress_key,
                                                                           spec_hash=spec.spec_hash)])
-    metrics = remeasure(metrics, ctx)
-    row = {**{k: v for k in row_keys if (v := metrics.get(k)) is not None}, **timed_latencies(metrics, ctx)}
+    metrics = complete(metrics, ctx)  # a stored candidate: the run's own measurements it lacks
+    row = {**{k: v for k in row_keys if (v := metrics.get(k)) is not None}, **run_columns(metrics)}
     tune.report({"epoch": spec.train.epochs, "val_accuracy": metrics.val_accuracy or 0.0,
                  progress_key: row.get(progress_key, 0.0),
                  **report_fields(spec, metrics, cached, **row)})

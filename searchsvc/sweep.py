@@ -34,8 +34,8 @@ from searchsvc.result_table import pareto_front
 from searchsvc.rewards import RewardForm
 from storage import ArtifactStore, CorruptArtifactError, StoreUnreachableError, layout, spool
 from workers.data import DatasetConfig
-from workers.evaluate import EvalContext, UnsavedResult, evaluate_candidate
-from workers.latency import PROBE_COLUMN
+from workers.evaluate import UnsavedResult, evaluate_candidate
+from workers.measures import is_run_column
 from workers.metrics import CandidateMetrics, stored_metrics
 from workers.pool import ray_resources
 from workers.spec import CandidateSpec
@@ -101,11 +101,11 @@ class TrialRecorder(Recorder):
         if metrics is None:  # not stored (out of memory): what the trial said
             metrics = CandidateMetrics.invalid(spec.spec_hash, result["error"] or "not stored")
         extras = {key[len(ROW):]: value for key, value in result.items() if key.startswith(ROW)}
-        # A latency the trial timed with the budget's probe and the stored metrics lack (a cached candidate
-        # timed again): the row's budget verdict needs it.
-        timed = {k: extras[k] for k in extras if PROBE_COLUMN.match(k) and metrics.get(k) is None}
-        if timed and metrics.status == "ok":
-            metrics = replace(metrics, extra={**metrics.extra, **timed})
+        # The run's own measurements the trial added and the stored metrics.json lacks (a budget's latency, int8
+        # figures): the row and its budget verdict need them.
+        added = {k: extras[k] for k in extras if is_run_column(k) and metrics.get(k) is None}
+        if added and metrics.status == "ok":
+            metrics = replace(metrics, extra={**metrics.extra, **added})
         self.record(spec, metrics, bool(result["cached"]), trial=trial_id, sample=json.dumps(sample, sort_keys=True),
                     **extras)
 
@@ -150,12 +150,6 @@ REPORT_KEYS = ("spec", "spec_hash", "cached", "status", "error")  # what a repor
 # Report keys with this prefix become columns of the candidate's row (the prefix dropped). Reports stay flat:
 # numbers and strings, a mapping or list as its JSON text (a Parquet column holds it as such).
 ROW = "row_"
-
-
-def timed_latencies(metrics: CandidateMetrics, ctx: EvalContext) -> dict[str, float]:
-    """A candidate's latencies at the probes the trial's worker times with (a budget's): reported with its
-    row, since a stored candidate timed again has them in no stored file."""
-    return {p.column: value for p in ctx.probes if not p.standard and (value := metrics.get(p.column)) is not None}
 
 
 def report_fields(spec: CandidateSpec, metrics: CandidateMetrics, cached: bool, **row: Any) -> dict[str, Any]:

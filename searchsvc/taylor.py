@@ -28,7 +28,7 @@ from typing import Any
 from ray import tune
 
 from searchsvc import sweep
-from searchsvc.budget import probes_of
+from searchsvc.budget import measures_of
 from searchsvc.evaluator import ensure_ray, prepare_teacher_logits
 from searchsvc.job import RunContext
 from searchsvc.methods import TaylorSearch, TaylorStop
@@ -37,8 +37,9 @@ from searchsvc.rewards import INVALID_REWARD, reward
 from searchsvc.sweep import TrialRecorder, absolute_dataset, choose, report_fields
 from storage import ArtifactStore, layout
 from workers.data import DatasetConfig
-from workers.evaluate import remeasure
+from workers.evaluate import complete
 from workers.measure import count_parameters
+from workers.measures import Measures, run_columns
 from workers.metrics import stored_metrics
 from workers.pool import worker_context
 from workers.resources import Resources
@@ -64,6 +65,7 @@ class TrialJob:
     search: TaylorSearch
     resources: Resources
     seed: int
+    measures: Measures = Measures()  # the run's own measurements of each candidate (workers.measures)
 
 
 def param_space(search: TaylorSearch, train: TrainConfig) -> dict[str, Any]:
@@ -113,7 +115,7 @@ def stop_reason(accuracy: float, start: float, stop: TaylorStop) -> str | None:
 def taylor_trial(sample: dict[str, Any], job: TrialJob) -> None:
     """One Tune trial: iterate prune → fine-tune → measure, reporting each iteration."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per iteration
-    ctx = worker_context(job.store, job.teacher_hash, job.dataset, job.resources, probes_of(job.search))
+    ctx = worker_context(job.store, job.teacher_hash, job.dataset, job.resources, job.measures)
     state: dict[str, Any] = {"iteration": 0, "parent": None}
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -131,7 +133,7 @@ def taylor_trial(sample: dict[str, Any], job: TrialJob) -> None:
             keeper = sweep.TrialCheckpoints(spec_hash=spec.spec_hash,
                                             files={"state.json": json.dumps(state)}, fixed={"reward": score})
             metrics = sweep.evaluate_or_keep(spec, ctx, callbacks=[keeper])
-        metrics = remeasure(metrics, ctx)  # a stored candidate the budget's latency probe has not timed
+        metrics = complete(metrics, ctx)  # a stored candidate: the run's own measurements it lacks
         ok = metrics.status == "ok"
         reason = stop_reason(metrics.val_accuracy, job.teacher_val_accuracy, job.search.stop) if ok else \
             f"invalid: {metrics.error}"
@@ -140,7 +142,7 @@ def taylor_trial(sample: dict[str, Any], job: TrialJob) -> None:
         state = {"iteration": iteration, "parent": spec.spec_hash, "reward": score,
                  "budget_met": met or (ok and budget is not None and bool(budget.within(metrics.get)))}
         report = {"iteration": iteration, "val_accuracy": metrics.val_accuracy or 0.0, "params": metrics.params or 0,
-                  "reward": score, **report_fields(spec, metrics, cached, iteration=iteration, **sweep.timed_latencies(metrics, ctx),
+                  "reward": score, **report_fields(spec, metrics, cached, iteration=iteration, **run_columns(metrics),
                                                    filters=metrics.get("filters"), stop_reason=reason,
                                                    phase="fine-tune" if met else "prune")}
         with tempfile.TemporaryDirectory() as folder:
@@ -161,7 +163,7 @@ def run_taylor(context: RunContext) -> None:
                    teacher_channels=prunable_channels(teacher.model, context.splits.in_channels, context.splits.image_size),
                    dataset=absolute_dataset(context.config.dataset),
                    train=context.config.train, search=search, resources=context.config.resources,
-                   seed=context.config.seed)
+                   seed=context.config.seed, measures=measures_of(context.config))
     recorder = TrialRecorder(context, search.reward, total=trial_count(search) * search.iterations)
     tuner = sweep.build_tuner(context, taylor_trial, job, param_space(search, context.config.train), search.tune,
                               metric=sweep.TUNE_METRICS[search.tune.metric], time_attr="iteration",

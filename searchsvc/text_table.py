@@ -24,6 +24,9 @@ _COLUMNS = [("spec_hash", "spec_hash", "{}"), ("method", "method", "{}"), ("stat
 _OPTIONAL = [("trial", "trial", "{}"), ("iteration", "iter", "{}"), ("pareto", "pareto", "{}"),
              ("within_budget", "in budget", "{}"), ("nonzero_macs", "nz MACs", "{:,}"),
              ("sparsity", "sparsity", "{:.3f}"), ("rigl_updates", "updates", "{}")]
+# With a `quantize:` section: the int8 model's test accuracy, its CPU latency at batch 1 and its bytes.
+_INT8 = [("int8_accuracy", "int8 test acc", "{:.4f}"), ("int8_latency_ms", "int8 ms", "{:.3f}"),
+         ("int8_model_bytes", "int8 bytes", "{:,}")]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -31,10 +34,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no results yet)"
     optional = [c for c in _OPTIONAL if any(row.get(c[0]) is not None for row in rows)]
-    columns = _COLUMNS[:3] + optional + _COLUMNS[3:10] + probe_columns(rows) + _COLUMNS[10:]
+    int8 = [c for c in _INT8 if any(row.get(c[0]) is not None for row in rows)]
+    columns = _COLUMNS[:3] + optional + _COLUMNS[3:10] + probe_columns(rows) + int8 + _COLUMNS[10:]
     header = ["#"] + [title for _, title, _ in columns]
     body = [[str(rank)] + ["-" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in columns]
             for rank, row in enumerate(rows, start=1)]
+    return plain_table(header, body)
+
+
+def plain_table(header: list[str], body: list[list[str]]) -> str:
+    """Cells in left-aligned columns under a header and a rule."""
     widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header] + body]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])

@@ -21,8 +21,9 @@ from searchsvc.methods import GridSearch
 from storage import LocalStore
 from workers import ort
 from workers.data import DatasetConfig, SyntheticConfig, load_dataset
-from workers.evaluate import EvalContext, evaluate_candidate, remeasure
-from workers.latency import LatencyProbe, measure_probes, missing, time_probe
+from workers.evaluate import EvalContext, complete, evaluate_candidate
+from workers.latency import LatencyProbe, measure_probes, time_probe
+from workers.measures import Measures
 from workers.metrics import stored_metrics
 from workers.spec import CandidateSpec
 from workers.teacher import TeacherConfig, load_or_train_teacher
@@ -125,17 +126,18 @@ def test_a_probe_times_each_fresh_candidate_and_a_stored_one_again_without_train
                                     progress=False)
     spec = CandidateSpec(arch="tiny_cnn", teacher=teacher.teacher_hash, dataset=data,
                          train=TrainConfig(epochs=1, batch_size=64, augment=False), widths=(("layer1.0", 4),))
-    plain, probed = EvalContext(store, teacher, splits, CPU), EvalContext(store, teacher, splits, CPU, probes=(ORT_B1,))
+    plain = EvalContext(store, teacher, splits, CPU)
+    probed = EvalContext(store, teacher, splits, CPU, measures=Measures(probes=(ORT_B1,)))
     metrics = evaluate_candidate(spec, plain)
     assert metrics.status == "ok" and metrics.get("ort_latency_b1_t1_ms") is None
     stored = stored_metrics(store, spec.spec_hash)
     before = store.get_bytes(f"candidates/{spec.spec_hash}/metrics.json")
-    assert missing(stored, probed.probes) == (ORT_B1,)
+    assert probed.measures.missing_probes(stored) == (ORT_B1,)
 
     with monkeypatch.context() as patch:
         patch.setattr("workers.evaluate.train_model", lambda *a, **k: pytest.fail("a stored candidate retrained"))
-        timed = remeasure(stored, probed)
-    assert timed.get("ort_latency_b1_t1_ms") > 0 and missing(timed, probed.probes) == ()
+        timed = complete(stored, probed)
+    assert timed.get("ort_latency_b1_t1_ms") > 0 and not probed.measures.incomplete(timed)
     assert (timed.accuracy, timed.params, timed.latency_ms) == (stored.accuracy, stored.params, stored.latency_ms)
     assert store.get_bytes(f"candidates/{spec.spec_hash}/metrics.json") == before
 

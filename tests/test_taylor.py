@@ -202,16 +202,18 @@ def test_pruning_stops_at_the_first_iteration_within_budget_and_the_rest_fine_tu
         assert child["finetuned_from"] == parent["spec_hash"]
         assert (child["macs"], child["params"], child["filters"]) == (parent["macs"], parent["params"], parent["filters"])
 
-    # The same sweep with an ONNX Runtime latency limit beside the MACs one: the same trajectory, every
-    # candidate from the store, timed again inside its trial at the budget's setting, and judged by it.
+    # The same sweep with an ONNX Runtime latency limit beside the MACs one, and int8 quantization: the same
+    # trajectory, every candidate from the store, timed again and quantized inside its trial, and judged by it.
     budget = f"{{macs: {teacher_macs - 1}, latency_ms: 1000, latency_batch: 2, latency_backend: onnxruntime}}"
     again = _run(str(tmp_path / "s"), "search.tune.num_samples=1", "search.tune.filters_per_iteration=[]",
-                 "search.filters_per_iteration=0.15", "search.stop.max_drop=100", f"search.budget={budget}")
+                 "search.filters_per_iteration=0.15", "search.stop.max_drop=100", f"search.budget={budget}",
+                 "quantize={calibration_batches: 1}")
     assert again["record"]["evaluations"] == 0
     timed = sorted(again["store"].get_table(f"runs/{again['run_id']}/results.parquet").to_pylist(),
                    key=lambda r: r["iteration"])
     assert [r["spec_hash"] for r in timed] == [r["spec_hash"] for r in rows]
     assert all(r["cached"] and r["ort_latency_b2_t1_ms"] > 0 and r["within_budget"] for r in timed)
+    assert all(0 <= r["int8_accuracy"] <= 1 and r["int8_model_bytes"] > 0 for r in timed)
 
 
 @pytest.mark.s3

@@ -18,7 +18,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -37,9 +37,11 @@ from storage.base import json_bytes
 from workers.data import DatasetConfig, Splits, load_dataset
 from workers.distill import distill_loss_fn, inference_copy, teacher_logits
 from workers.graph import example_input, rebuild, shrink_graph
-from workers.latency import LatencyProbe, measure_probes, missing
+from workers.latency import measure_probes
 from workers.measure import measure
+from workers.measures import Measures
 from workers.metrics import CandidateMetrics, stored_metrics, verified_metrics
+from workers.quantize import Int8Metrics, quantize_model, save_int8, stored_int8
 from workers.resources import Resources
 from workers.spec import CandidateSpec
 from workers.surgery import InvalidTransform, derive_arch, shrink
@@ -77,7 +79,7 @@ class EvalContext:
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     compile_model: bool = False  # torch.compile the training step
     cuda_graph: bool = True  # replay static training steps as one CUDA graph
-    probes: tuple[LatencyProbe, ...] = ()  # latency settings a budget asks for, beyond batch 1 and 256 on torch
+    measures: Measures = field(default_factory=Measures)  # the run's own: a budget's latency probes, int8
     # Held while a candidate uses the device: a second thread may store the previous one meanwhile.
     device_lock: threading.Lock = field(default_factory=threading.Lock)
     _logits: torch.Tensor | None = None
@@ -100,10 +102,10 @@ class EvalContext:
 
 
 def local_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig, resources: Resources,
-                  device: torch.device, where: str, probes: tuple[LatencyProbe, ...] = ()) -> EvalContext:
+                  device: torch.device, where: str, measures: Measures = Measures()) -> EvalContext:
     """A worker's context on `device` (a Ray actor's, or a worker process's without Ray): threads, the GPU
-    share as a memory cap, cuDNN autotuning, then data and teacher loaded onto the device. `probes`: the
-    latency settings each kept candidate is timed with beyond the standard ones (workers.latency)."""
+    share as a memory cap, cuDNN autotuning, then data and teacher loaded onto the device. `measures`: what
+    the run measures of each kept candidate beyond the standard metrics (workers.measures)."""
     torch.set_num_threads(max(1, int(resources.cpus_per_eval)))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes within a candidate: autotuning pays at once
@@ -111,7 +113,7 @@ def local_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfi
             torch.cuda.set_per_process_memory_fraction(resources.gpus_per_eval, torch.cuda.current_device())
     teacher = load_teacher(store, teacher_hash, device)
     return EvalContext(store, teacher, load_dataset(dataset).to(device), device, worker=where,
-                       compile_model=resources.compile, cuda_graph=resources.cuda_graph, probes=tuple(probes))
+                       compile_model=resources.compile, cuda_graph=resources.cuda_graph, measures=measures)
 
 
 def invalid(spec: CandidateSpec, reason: str, started: float, ctx: EvalContext) -> CandidateMetrics:
@@ -128,7 +130,7 @@ def evaluate_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = F
     A worker that evaluates a stream of candidates calls the two halves itself, so that the store write
     of one overlaps the training of the next (`workers.pool.EvalWorker`).
     """
-    return save_evaluated(ctx.store, compute_candidate(spec, ctx, progress, callbacks), takeover)
+    return save_and_complete(ctx, compute_candidate(spec, ctx, progress, callbacks), takeover)
 
 
 @dataclass
@@ -146,6 +148,13 @@ def save_evaluated(store: ArtifactStore, done: Evaluated, takeover: bool = False
     if not done.stored:
         return done.metrics
     return save_candidate(store, done.spec, done.model, done.metrics, takeover)
+
+
+def save_and_complete(ctx: EvalContext, done: Evaluated, takeover: bool = False) -> CandidateMetrics:
+    """Store the candidate, then add the run's own measurements (int8) from the model in hand: CPU work,
+    which a pool actor runs beside the next candidate's training."""
+    metrics = save_evaluated(ctx.store, done, takeover)
+    return complete(metrics, ctx, done.model) if done.stored else metrics
 
 
 def compute_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = False,
@@ -207,7 +216,8 @@ def _measured(spec: CandidateSpec, ctx: EvalContext, built: Built, history: list
                   if unchanged and history else None)
     measured = measure(student, ctx.splits, ctx.device, timed=built.keep_model, accuracies=accuracies)
     if built.keep_model:
-        extra.update(measure_probes(student, ctx.probes, ctx.device, ctx.splits.in_channels, ctx.splits.image_size))
+        extra.update(measure_probes(student, ctx.measures.probes, ctx.device, ctx.splits.in_channels,
+                                    ctx.splits.image_size))
     # A zoo model records what was built; a user's network is rebuilt from its teacher's constructor and the
     # stored tensors' shapes (workers.graph.rebuild).
     arch = to_data(student.arch) if hasattr(student, "arch") else None
@@ -218,17 +228,34 @@ def _measured(spec: CandidateSpec, ctx: EvalContext, built: Built, history: list
     return Evaluated(spec, metrics, student.cpu() if built.keep_model else None)
 
 
-def remeasure(metrics: CandidateMetrics, ctx: EvalContext) -> CandidateMetrics:
-    """A stored candidate's metrics with the latency probes of `ctx` it lacks, timed now from its stored
-    model (no training); unchanged when it lacks none. Not written back: the candidate's files are
-    write-once, and the run's row records the new columns."""
-    probes = missing(metrics, ctx.probes)
-    if not probes:
+def complete(metrics: CandidateMetrics, ctx: EvalContext, model: torch.nn.Module | None = None) -> CandidateMetrics:
+    """A kept candidate's metrics with the run's own measurements it lacks (workers.measures): timed at the
+    budget's latency probes, and its int8 figures, stored ones read back (checked) or quantized now and
+    stored in its int8 folder. `model`: the candidate's model if in hand, else read from the store. Never
+    retrains, and never rewrites the candidate's files (write-once): the run's row records what is added."""
+    probes, int8 = ctx.measures.missing_probes(metrics), ctx.measures.needs_int8(metrics)
+    if not probes and not int8:
         return metrics
-    with ctx.device_lock:
-        model = load_candidate_model(ctx.store, metrics.spec_hash).to(ctx.device)
-        timed = measure_probes(model, probes, ctx.device, ctx.splits.in_channels, ctx.splits.image_size)
-    return replace(metrics, extra={**metrics.extra, **timed})
+    extra = dict(metrics.extra)
+    if model is None:
+        model = load_candidate_model(ctx.store, metrics.spec_hash)
+    if probes:
+        with ctx.device_lock:
+            extra.update(measure_probes(model.to(ctx.device), probes, ctx.device, ctx.splits.in_channels,
+                                        ctx.splits.image_size))
+    if int8:
+        extra.update(asdict(int8_of(metrics.spec_hash, model, ctx)))
+    return replace(metrics, extra=extra)
+
+
+def int8_of(spec_hash: str, model: torch.nn.Module, ctx: EvalContext) -> Int8Metrics:
+    """The candidate's int8 figures under the run's `quantize:` setting: stored, or quantized and stored now."""
+    config = ctx.measures.quantize
+    stored = stored_int8(ctx.store, spec_hash, config)
+    if stored is not None:
+        return stored
+    quantized = quantize_model(model.cpu(), ctx.splits, config, eval_threads=torch.get_num_threads())
+    return save_int8(ctx.store, spec_hash, config, quantized)
 
 
 def _loss_fn(spec: CandidateSpec, ctx: EvalContext) -> LossFn | None:

@@ -5,7 +5,7 @@ Every kept candidate is timed on its worker's torch device at batch 1 and 256 (`
 `latency_b256_ms`: workers.measure). A budget that asks for another setting (`search.budget`:
 `latency_backend: onnxruntime`, `latency_threads`, any `latency_batch`) hands its probe to the workers,
 which time each candidate with it too, into a column of its own (`ort_latency_b1_t1_ms`). A candidate found
-in the store without that column is timed again from its stored model, never retrained (`missing`).
+in the store without that column is timed again from its stored model, never retrained (workers.measures).
 """
 
 from __future__ import annotations
@@ -94,11 +94,3 @@ def time_probe(model: nn.Module, probe: LatencyProbe, device: torch.device, in_c
     except Exception as err:  # noqa: BLE001 — any export or runtime failure: this probe only
         log.warning("%s: not measured (%s: %s)", probe.describe(), type(err).__name__, str(err)[:200])
         return None
-
-
-def missing(metrics: Any, probes: tuple[LatencyProbe, ...]) -> tuple[LatencyProbe, ...]:
-    """The probes a stored candidate's metrics lack (measured before a budget asked for them): those a kept,
-    valid candidate must be timed with again."""
-    if metrics.status != "ok" or metrics.artifact is None:
-        return ()
-    return tuple(p for p in probes if not p.standard and metrics.get(p.column) is None)

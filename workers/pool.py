@@ -33,8 +33,8 @@ from ray.exceptions import RayActorError, RayTaskError
 from core.errors import SearchsvcError
 from storage import ArtifactStore, StoreAccessError, StoreUnreachableError
 from workers.data import DatasetConfig
-from workers.evaluate import EvalContext, UnsavedResult, compute_candidate, local_context, remeasure, save_evaluated
-from workers.latency import LatencyProbe, missing
+from workers.evaluate import EvalContext, UnsavedResult, complete, compute_candidate, local_context, save_and_complete
+from workers.measures import Measures
 from workers.metrics import CandidateMetrics, stored_metrics
 from workers.resources import Resources
 from workers.spec import CandidateSpec
@@ -56,13 +56,13 @@ class EvalOutcome:
 
 
 def worker_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig,
-                   resources: Resources, probes: tuple[LatencyProbe, ...] = ()) -> EvalContext:
-    """Inside a Ray actor or Tune trial: data and teacher loaded onto the device Ray assigned; `probes`,
-    the latency settings a budget asks for (workers.latency)."""
+                   resources: Resources, measures: Measures = Measures()) -> EvalContext:
+    """Inside a Ray actor or Tune trial: data and teacher loaded onto the device Ray assigned; `measures`,
+    what the run measures beyond the standard metrics (workers.measures)."""
     # Ray sets CUDA_VISIBLE_DEVICES to the GPU it assigned: "cuda" is that GPU, never a fixed index.
     device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
     where = f"{socket.gethostname()}:{os.getpid()}@{ray.get_runtime_context().get_node_id()[:8]}"  # host:pid@node
-    return local_context(store, teacher_hash, dataset, resources, device, where, probes)
+    return local_context(store, teacher_hash, dataset, resources, device, where, measures)
 
 
 def ray_resources(resources: Resources) -> dict[str, float]:
@@ -76,8 +76,8 @@ class EvalWorker:
     the previous one is stored (two threads: `evaluate`, then `saved` for the same candidate)."""
 
     def __init__(self, store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig,
-                 resources: Resources, probes: tuple[LatencyProbe, ...] = ()) -> None:
-        self.ctx = worker_context(store, teacher_hash, dataset, resources, probes)
+                 resources: Resources, measures: Measures = Measures()) -> None:
+        self.ctx = worker_context(store, teacher_hash, dataset, resources, measures)
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="store-write")
         self._saving: dict[str, Future] = {}
 
@@ -88,12 +88,12 @@ class EvalWorker:
         done = compute_candidate(spec, self.ctx)
         if not done.stored:
             return done.metrics, False
-        self._saving[spec.spec_hash] = self._saver.submit(save_evaluated, self.ctx.store, done, takeover)
+        self._saving[spec.spec_hash] = self._saver.submit(save_and_complete, self.ctx, done, takeover)
         return done.metrics, True
 
-    def remeasure(self, stored: CandidateMetrics) -> CandidateMetrics:
-        """A stored candidate's metrics with the latency probes it lacks, timed from its stored model."""
-        return remeasure(stored, self.ctx)
+    def complete(self, stored: CandidateMetrics) -> CandidateMetrics:
+        """A stored candidate's metrics with the run's own measurements it lacks (workers.measures)."""
+        return complete(stored, self.ctx)
 
     def saved(self, spec_hash: str) -> CandidateMetrics:
         """Wait for the store write `evaluate` started; raises what it raised (UnsavedResult, store errors)."""
@@ -124,10 +124,10 @@ class EvalPool:
     def __init__(self, store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig,
                  resources: Resources = Resources(), size: int | None = None, max_retries: int = 2,
                  worker_class: type[EvalWorker] = EvalWorker, on_wait: Callable[[], None] | None = None,
-                 probes: tuple[LatencyProbe, ...] = ()) -> None:
-        """`probes`: latency settings each candidate is timed with beyond the standard ones (a budget's)."""
+                 measures: Measures = Measures()) -> None:
+        """`measures`: what each kept candidate is measured for beyond the standard metrics (workers.measures)."""
         self.store = store
-        self.probes = tuple(probes)
+        self.measures = measures
         self.on_wait = on_wait  # called after every wait on Ray (at least twice a second)
         self.resources = resources
         self.max_retries = max_retries  # extra attempts after an actor died under a candidate
@@ -135,7 +135,7 @@ class EvalPool:
         # Two threads per actor: one candidate on the device, one `saved` waiting for the last one's write.
         self._actor_class = ray.remote(num_cpus=request["CPU"], num_gpus=request["GPU"], max_concurrency=2,
                                        scheduling_strategy="SPREAD")(worker_class)
-        self._args = (store, teacher_hash, dataset, resources, self.probes)
+        self._args = (store, teacher_hash, dataset, resources, measures)
         self.fixed_size = size  # None: as many actors as the cluster holds, growing when nodes join
         self.actors: list[Any] = []
         self._starting: dict[Any, Any] = {}  # readiness ref → actor still loading data and teacher
@@ -171,13 +171,13 @@ class EvalPool:
 
     def map_unordered(self, specs: Iterable[CandidateSpec]) -> Iterator[EvalOutcome]:
         """Yield an outcome per spec as soon as it is ready; stored evaluations come first, untrained (one that
-        lacks a latency probe of the pool is timed again by a worker first, from its stored model)."""
+        lacks a measurement of the run's is completed by a worker first, from its stored model)."""
         pending: deque[tuple[CandidateSpec, int, CandidateMetrics | None]] = deque()  # (spec, attempt, stored)
         for spec in specs:
             stored = stored_metrics(self.store, spec.spec_hash)
             if stored is not None:
                 self.cache_hits += 1
-                if missing(stored, self.probes):
+                if self.measures.incomplete(stored):
                     pending.append((spec, 1, stored))
                     continue
                 yield EvalOutcome(spec, stored, cached=True, attempts=0)
@@ -186,14 +186,14 @@ class EvalPool:
         starting = {id(a) for a in self._starting.values()}
         idle = [a for a in self.actors if id(a) not in starting]
         in_flight: dict[Any, tuple[Any, CandidateSpec, int, str]] = {}  # ref → (actor, spec, attempt, phase)
-        timing: dict[Any, CandidateMetrics] = {}  # ref → stored metrics being timed again
+        completing: dict[Any, CandidateMetrics] = {}  # ref → stored metrics being completed
         while pending or in_flight:
             while pending and idle:
                 spec, attempt, stored = pending.popleft()
                 actor = idle.pop()
                 if stored is not None:
-                    ref = actor.remeasure.remote(stored)
-                    in_flight[ref], timing[ref] = (actor, spec, attempt, "remeasure"), stored
+                    ref = actor.complete.remote(stored)
+                    in_flight[ref], completing[ref] = (actor, spec, attempt, "complete"), stored
                 else:
                     in_flight[actor.evaluate.remote(spec, attempt > 1)] = (actor, spec, attempt, "device")
             if pending:
@@ -208,8 +208,8 @@ class EvalPool:
                 idle.extend(self._started(ready[0]))
                 continue
             actor, spec, attempt, phase = in_flight.pop(ready[0])
-            if phase == "remeasure":
-                outcome = self._remeasured(ready[0], actor, timing.pop(ready[0]), attempt, pending, idle, spec)
+            if phase == "complete":
+                outcome = self._completed(ready[0], actor, completing.pop(ready[0]), attempt, pending, idle, spec)
                 if outcome is not None:
                     yield outcome
                 continue
@@ -242,11 +242,11 @@ class EvalPool:
                     metrics = result
             yield EvalOutcome(spec, metrics, cached=False, attempts=attempt)
 
-    def _remeasured(self, ref: Any, actor: Any, stored: CandidateMetrics, attempt: int,
+    def _completed(self, ref: Any, actor: Any, stored: CandidateMetrics, attempt: int,
                     pending: deque[tuple[CandidateSpec, int, CandidateMetrics | None]], idle: list[Any],
                     spec: CandidateSpec) -> EvalOutcome | None:
-        """The outcome of a stored candidate timed again: its metrics as stored if the timing failed (its
-        budget then counts it as not measured); None when its actor died and it waits for another."""
+        """The outcome of a stored candidate completed: its metrics as stored if that failed (its budget then
+        counts it as not measured); None when its actor died and it waits for another."""
         metrics = stored
         try:
             metrics = ray.get(ref)
@@ -256,12 +256,12 @@ class EvalPool:
             if attempt <= self.max_retries:
                 pending.appendleft((spec, attempt + 1, stored))
                 return None
-            log.warning("candidate %s: its worker died timing it %d times; kept untimed", spec.spec_hash, attempt)
+            log.warning("candidate %s: its worker died completing it %d times; kept as stored", spec.spec_hash, attempt)
         except RayTaskError as err:
             if isinstance(err.cause, (StoreUnreachableError, StoreAccessError)):
                 raise err.cause from None
             idle.append(actor)
-            log.warning("candidate %s: timing it again raised %r; kept untimed", spec.spec_hash, err.cause)
+            log.warning("candidate %s: completing it raised %r; kept as stored", spec.spec_hash, err.cause)
         else:
             idle.append(actor)
         return EvalOutcome(spec, metrics, cached=True, attempts=0)

@@ -128,7 +128,29 @@ def quantize_onnx(fp32: bytes, calibration: np.ndarray, config: QuantizeConfig) 
         quantize_static(str(prepared), str(target), Batches(), quant_format=QuantFormat.QDQ,
                         per_channel=config.per_channel, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=methods[config.method])
-        return target.read_bytes()
+        return compact_names(target.read_bytes())
+
+
+def compact_names(model: bytes) -> bytes:
+    """The ONNX model with short tensor names and no node names. The quantizer names each of its tensors
+    after the layer's path ("/layer1/layer1.0/conv1/Conv_output_0_QuantizeLinear_Output"): in a small
+    network those names weigh more than its int8 weights. The input and output keep theirs."""
+    import onnx
+
+    graph = onnx.load_from_string(model)
+    kept = {ort.INPUT, ort.OUTPUT}
+    names: dict[str, str] = {}
+    short = lambda name: name if name in kept or not name else names.setdefault(name, f"t{len(names)}")  # noqa: E731
+    for node in graph.graph.node:
+        node.name = ""
+        node.input[:] = [short(name) for name in node.input]
+        node.output[:] = [short(name) for name in node.output]
+    for tensor in graph.graph.initializer:
+        tensor.name = short(tensor.name)
+    for info in (*graph.graph.value_info, *graph.graph.input, *graph.graph.output):
+        info.name = short(info.name)
+    onnx.checker.check_model(graph)
+    return graph.SerializeToString()
 
 
 def accuracy(model: bytes, images: torch.Tensor, labels: torch.Tensor, splits: Splits, threads: int,

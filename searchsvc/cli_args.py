@@ -1,0 +1,67 @@
+"""What the `searchsvc` commands share: the store flags, opening the store, checking an output path early."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+from core.errors import SearchsvcError
+from storage import DEFAULT_STORE, ArtifactStore, StoreOptions, open_store
+
+STORE_HELP = (f"artifact store: a folder, file:///abs/dir or s3://bucket/prefix (default: the config's store:, "
+              f"else {DEFAULT_STORE})")
+ENDPOINT_HELP = ("S3 endpoint URL for s3:// stores, e.g. http://127.0.0.1:9000 for MinIO (default: boto3's "
+                 "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS). Credentials come only from boto3's chain: "
+                 "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, or an instance role")
+
+
+def open_for(args: argparse.Namespace, uri: str, create: bool = False) -> ArtifactStore:
+    """The store at `uri` with this command's endpoint and the environment's store options (read here, once)."""
+    return open_store(uri, endpoint=args.s3_endpoint, create=create, options=StoreOptions.from_env())
+
+
+def add_store(sub: argparse.ArgumentParser, from_config: bool = False) -> None:
+    """--store and --s3-endpoint; `from_config`: the default is the config's `store:`."""
+    if from_config:
+        sub.add_argument("--store", help=STORE_HELP)
+    else:
+        sub.add_argument("--store", default=DEFAULT_STORE, help=f"artifact store (default {DEFAULT_STORE})")
+    sub.add_argument("--s3-endpoint", help=ENDPOINT_HELP)
+
+
+def add_set(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                     help="override a config key, e.g. --set train.epochs=3 --set dataset.subset=0.1 "
+                          "(value parsed as YAML; repeatable)")
+
+
+def output_path(path: str, flag: str, suffixes: tuple[str, ...] = (), create_folders: bool = False) -> Path:
+    """A file a command will write, checked before any work is done: not a folder, a name the file system
+    takes, in a folder that exists (or, with `create_folders`, can be made) and can be written."""
+    output = Path(path)
+    if suffixes and output.suffix not in suffixes:
+        raise SearchsvcError(f"{flag}: {path}: use a {', '.join(suffixes)} file name")
+    longest = max(len(part.encode()) for part in output.parts) if output.parts else 0
+    if longest > 255:  # checked first: the file system refuses even to look such a name up
+        raise SearchsvcError(f"{flag}: the file name is too long ({longest} bytes; at most 255)")
+    if output.is_dir():
+        raise SearchsvcError(f"{flag}: {path} is a folder; give a file name")
+    folder = output.parent
+    while create_folders and not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the nearest folder that exists: the rest is created
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise SearchsvcError(f"{flag}: folder {folder} {what}")
+    if not os.access(folder, os.W_OK):
+        raise SearchsvcError(f"{flag}: cannot write into {folder}")
+    try:  # what os.access cannot tell (/proc, a read-only mount for root): try it now, before any work
+        if folder != output.parent:
+            os.rmdir(tempfile.mkdtemp(dir=folder))  # the missing folders will be made in `folder`
+        elif not output.exists():
+            output.open("xb").close()
+            output.unlink()
+    except OSError as err:
+        raise SearchsvcError(f"{flag}: cannot write {path} ({err.strerror})") from None
+    return output

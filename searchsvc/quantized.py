@@ -1,0 +1,67 @@
+"""`searchsvc quantize`: int8 post-training quantization of one kept candidate, after its run.
+
+    searchsvc quantize --store URI SPEC_HASH [-o model.onnx] [--calibration-batches 8] [--threads 1]
+
+The candidate's stored model (checked against its manifest) is exported to ONNX, calibrated on training
+batches of its own dataset, quantized by ONNX Runtime and measured (workers.quantize); the int8 model and its
+figures are stored beside the candidate, `candidates/<hash>/int8-<key>/`, under their own manifest. Asked
+again with the same settings, the stored int8 model is used (checked like every stored byte).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from storage import ArtifactStore, layout
+from workers.data import load_dataset
+from workers.evaluate import load_candidate_model
+from workers.metrics import CandidateMetrics, stored_metrics
+from workers.quantize import (
+    Int8Metrics,
+    QuantizeConfig,
+    int8_prefix,
+    quantize_model,
+    save_int8,
+    stored_int8,
+)
+from workers.spec import CandidateSpec
+
+
+@dataclass(frozen=True)
+class QuantizeOutcome:
+    """A candidate's fp32 metrics beside its int8 figures, and where the int8 model is."""
+
+    fp32: CandidateMetrics
+    int8: Int8Metrics
+    stored_already: bool  # the int8 model of these settings was in the store: nothing was quantized
+    uri: str  # the stored int8 ONNX model
+
+
+def quantize_candidate(store: ArtifactStore, spec_hash: str, config: QuantizeConfig) -> QuantizeOutcome:
+    """Quantize a kept candidate (or find it quantized) and store the int8 model beside it. KeyNotFoundError
+    for a candidate the store does not hold, or one without a kept model."""
+    model = load_candidate_model(store, spec_hash)  # every file checked; refuses a candidate with no model
+    fp32 = stored_metrics(store, spec_hash)
+    uri = store.uri_for(f"{int8_prefix(spec_hash, config)}/model.onnx")
+    stored = stored_int8(store, spec_hash, config)
+    if stored is not None:
+        return QuantizeOutcome(fp32, stored, True, uri)
+    spec = CandidateSpec.from_json(store.get_verified(layout.candidate(spec_hash), "spec.json").decode())
+    splits = load_dataset(spec.dataset)
+    quantized = quantize_model(model, splits, config, eval_threads=os.cpu_count() or 1)
+    return QuantizeOutcome(fp32, save_int8(store, spec_hash, config, quantized), False, uri)
+
+
+def comparison_rows(outcome: QuantizeOutcome) -> list[list[str]]:
+    """fp32 against int8, a row per figure: what `searchsvc quantize` prints."""
+    fp32, int8 = outcome.fp32, outcome.int8
+    pct = lambda v: "-" if v is None else f"{v:.2%}"  # noqa: E731
+    ms = lambda v: f"{v:.3f}"  # noqa: E731
+    threads = f"{int8.int8_threads} CPU thread{'s' if int8.int8_threads != 1 else ''}"
+    return [["test accuracy", pct(fp32.accuracy), pct(int8.int8_accuracy)],
+            ["val accuracy", pct(fp32.val_accuracy), pct(int8.int8_val_accuracy)],
+            [f"latency ms, batch 1 (ONNX Runtime, {threads})", ms(int8.fp32_ort_latency_ms), ms(int8.int8_latency_ms)],
+            [f"latency ms, batch 256 (ONNX Runtime, {threads})", ms(int8.fp32_ort_latency_b256_ms),
+             ms(int8.int8_latency_b256_ms)],
+            ["ONNX model bytes", f"{int8.fp32_onnx_bytes:,}", f"{int8.int8_model_bytes:,}"]]

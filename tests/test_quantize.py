@@ -1,0 +1,192 @@
+"""int8 post-training quantization (workers.quantize, `searchsvc quantize`, the `quantize:` section): ONNX
+Runtime's static quantizer on real trained models, the int8 model stored beside its candidate under a
+manifest, and measured in a search."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from searchsvc.cli import main
+from storage import LocalStore
+from workers import ort
+from workers.data import DatasetConfig, SyntheticConfig, load_dataset
+from workers.evaluate import EvalContext, evaluate_candidate, save_candidate
+from workers.metrics import CandidateMetrics
+from workers.quantize import QuantizeConfig, quantize_model
+from workers.spec import CandidateSpec
+from workers.teacher import TeacherConfig, load_or_train_teacher
+from workers.train import TrainConfig, evaluate, train_model
+from workers.zoo import create_model
+
+REPO = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+GREY = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(train_size=512, test_size=256))
+RGB = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(channels=3, image_size=32, train_size=512,
+                                                                 test_size=256))
+
+
+@pytest.mark.parametrize("data, build", [
+    (GREY, lambda: create_model("resnet20", in_channels=1, num_classes=4)),
+    (RGB, lambda: torchvision.models.resnet18(num_classes=4)),
+], ids=["zoo-resnet20", "torchvision-resnet18"])
+def test_int8_keeps_top1_within_a_point_of_fp32_at_about_a_quarter_of_the_bytes(data, build):
+    splits = load_dataset(data)
+    torch.manual_seed(0)
+    model = build()
+    train_model(model, splits, TrainConfig(epochs=2, batch_size=64, augment=False), CPU, progress=False)
+    fp32_test = evaluate(model, *splits.test, splits.mean, splits.std)
+    fp32_val = evaluate(model, *splits.val, splits.mean, splits.std)
+    assert fp32_test > 0.5  # a model that learned something: quantization has accuracy to lose
+    int8 = quantize_model(model, splits, QuantizeConfig(calibration_batches=4), repeats=3).metrics
+    assert abs(int8.int8_accuracy - fp32_test) <= 0.01 and abs(int8.int8_val_accuracy - fp32_val) <= 0.01
+    assert int8.int8_model_bytes < int8.fp32_onnx_bytes / 3  # int8 weights: about 4x fewer bytes
+    assert int8.int8_calibration_images == 4 * 64 and int8.int8_threads == 1
+
+
+@pytest.fixture(scope="module")
+def kept(tmp_path_factory):
+    """A store holding one trained, kept candidate (and one invalid one, without a model)."""
+    store_dir = tmp_path_factory.mktemp("int8") / "store"
+    store, splits = LocalStore(store_dir), load_dataset(GREY)
+    teacher = load_or_train_teacher(store, TeacherConfig(arch="tiny_cnn", epochs=2, batch_size=64), GREY, splits, CPU,
+                                    progress=False)
+    spec = CandidateSpec(arch="tiny_cnn", teacher=teacher.teacher_hash, dataset=GREY,
+                         train=TrainConfig(epochs=2, batch_size=64, augment=False), widths=(("layer1.0", 4),))
+    assert evaluate_candidate(spec, EvalContext(store, teacher, splits, CPU)).status == "ok"
+    invalid = CandidateSpec(arch="tiny_cnn", teacher=teacher.teacher_hash, dataset=GREY, train=spec.train, seed=9)
+    save_candidate(store, invalid, None, CandidateMetrics.invalid(invalid.spec_hash, "invalid transform: test"))
+    return store_dir, store, spec.spec_hash, invalid.spec_hash
+
+
+def test_quantize_stores_the_int8_model_beside_the_candidate_and_it_reloads_in_a_fresh_process(kept, tmp_path,
+                                                                                              capsys):
+    """`searchsvc quantize` stores model.onnx and int8.json under a manifest beside the candidate and writes
+    -o; a fresh process that reads the stored model back (checked against the manifest) measures the
+    recorded test accuracy exactly; asked again, the stored model is used, not quantized anew."""
+    store_dir, store, spec_hash, _ = kept
+    out = tmp_path / "int8.onnx"
+    assert main(["quantize", "--store", str(store_dir), spec_hash, "-o", str(out), "--calibration-batches", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "int8" in printed and "test accuracy" in printed and str(out) in printed
+    config = QuantizeConfig(calibration_batches=2)
+    prefix = f"candidates/{spec_hash}/int8-{config.key()}"
+    assert sorted(store.manifest_files(prefix)) == ["int8.json", "model.onnx"]
+    assert out.read_bytes() == store.get_verified(prefix, "model.onnx")
+    recorded = json.loads(store.get_verified(prefix, "int8.json"))
+    assert recorded["config"]["calibration_batches"] == 2
+    code = (f"import json, sys; sys.path.insert(0, {str(REPO)!r})\n"
+            "from storage import LocalStore\nfrom workers.data import load_dataset\nfrom workers.quantize import accuracy\n"
+            "from workers.spec import CandidateSpec\n"
+            f"store = LocalStore({str(store_dir)!r})\n"
+            f"spec = CandidateSpec.from_json(store.get_verified('candidates/{spec_hash}', 'spec.json').decode())\n"
+            "splits = load_dataset(spec.dataset)\n"
+            f"print(accuracy(store.get_verified({prefix!r}, 'model.onnx'), *splits.test, splits, threads=1))\n")
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert float(fresh.stdout.strip().splitlines()[-1]) == recorded["metrics"]["int8_accuracy"]
+
+    before = store.get_bytes(f"{prefix}/int8.json")
+    assert main(["quantize", "--store", str(store_dir), spec_hash, "--calibration-batches", "2"]) == 0
+    assert "stored already" in capsys.readouterr().out
+    assert store.get_bytes(f"{prefix}/int8.json") == before
+
+
+def test_an_edited_int8_record_is_refused_naming_the_file(kept, tmp_path, capsys):
+    store_dir, store, spec_hash, _ = kept
+    assert main(["quantize", "--store", str(store_dir), spec_hash, "--calibration-batches", "1"]) == 0
+    path = store_dir / f"candidates/{spec_hash}/int8-{QuantizeConfig(calibration_batches=1).key()}/int8.json"
+    path.write_text(path.read_text().replace('"int8_accuracy": ', '"int8_accuracy": 0.0001 + '))
+    capsys.readouterr()
+    assert main(["quantize", "--store", str(store_dir), spec_hash, "--calibration-batches", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "int8.json" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("missing", "is not in"),
+    ("invalid", "has no kept model"),
+    ("bits", "--bits: only 8 is supported"),
+    ("calibration", "--calibration-batches: must be"),
+    ("output", "-o"),
+])
+def test_bad_quantize_input_is_one_line_exit_2(kept, tmp_path, capsys, case, needle):
+    store_dir, _, spec_hash, invalid_hash = kept
+    args = {"missing": ["0123456789abcdef"], "invalid": [invalid_hash], "bits": [spec_hash, "--bits", "4"],
+            "calibration": [spec_hash, "--calibration-batches", "0"],
+            "output": [spec_hash, "-o", str(tmp_path / "model.txt")]}[case]
+    capsys.readouterr()
+    assert main(["quantize", "--store", str(store_dir), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err, err
+
+
+def test_quantize_refuses_a_backend_that_is_not_installed(kept, monkeypatch, capsys):
+    store_dir, _, spec_hash, _ = kept
+    monkeypatch.setattr(ort, "available", lambda: False)
+    assert main(["quantize", "--store", str(store_dir), spec_hash]) == 2
+    assert "onnxruntime is not installed" in capsys.readouterr().err
+
+
+def test_a_search_with_a_quantize_section_measures_every_kept_candidate_in_int8(tmp_path, ray_session, capsys):
+    """grid-smoke with `quantize:`: every valid row has its int8 figures, each candidate's int8 folder is
+    stored (its manifest lists the model and the record, which hold the row's figures), the results table,
+    the report and compare show them. Run again with an int8 budget: nothing is trained or quantized anew
+    (the int8 records are read back, byte for byte the same), and within_budget follows int8_model_bytes."""
+    store_dir = tmp_path / "store"
+    grid = ["--store", str(store_dir), "--no-progress", "--set", "train.epochs=1",
+            "--set", "dataset.synthetic.train_size=512", "--set", "quantize={calibration_batches: 2}"]
+    assert main(["run", str(REPO / "configs/grid-smoke.yaml"), *grid]) == 0
+    assert "int8 test acc" in capsys.readouterr().out
+    store = LocalStore(store_dir)
+    first = sorted({k.split("/")[1] for k in store.list("runs/")})[-1]
+    rows = [r for r in store.get_table(f"runs/{first}/results.parquet").to_pylist() if r["status"] == "ok"]
+    assert len(rows) >= 3
+    key = QuantizeConfig(calibration_batches=2).key()
+    records = {}
+    for row in rows:
+        prefix = f"candidates/{row['spec_hash']}/int8-{key}"
+        recorded = json.loads(store.get_verified(prefix, "int8.json"))["metrics"]
+        assert row["int8_accuracy"] == recorded["int8_accuracy"] and row["int8_model_bytes"] == recorded["int8_model_bytes"]
+        assert row["int8_latency_ms"] > 0 and row["int8_calibration_images"] == 2 * 64
+        records[prefix] = store.get_bytes(f"{prefix}/int8.json")
+    report, page = tmp_path / "r.html", tmp_path / "c.html"
+    assert main(["report", "--store", str(store_dir), "--run", first, "-o", str(report)]) == 0
+    assert "int8 test accuracy" in report.read_text()
+
+    limit = sorted(r["int8_model_bytes"] for r in rows)[len(rows) // 2]
+    assert main(["run", str(REPO / "configs/grid-smoke.yaml"), *grid,
+                 "--set", f"search.budget={{int8_model_bytes: {limit}}}"]) == 0
+    second = sorted({k.split("/")[1] for k in store.list("runs/")})[-1]
+    assert store.get_json(f"runs/{second}/run.json")["evaluations"] == 0
+    again = [r for r in store.get_table(f"runs/{second}/results.parquet").to_pylist() if r["status"] == "ok"]
+    assert {r["spec_hash"] for r in again} == {r["spec_hash"] for r in rows}
+    for row in again:
+        assert row["within_budget"] == (row["int8_model_bytes"] <= limit)
+    assert {p: store.get_bytes(f"{p}/int8.json") for p in records} == records
+    assert main(["compare", "--store", str(store_dir), first, second, "-o", str(page)]) == 0
+    assert "int8 test accuracy" in page.read_text()
+
+
+def test_validate_names_int8_settings_it_cannot_honour(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "c.yaml"
+    base = "method: grid\ndataset: {name: synthetic}\nteacher: {arch: tiny_cnn}\nsearch:\n  candidates: [{}]\n"
+    cases = [("quantize: {bits: 4}\n", "quantize.bits: only 8 is supported"),
+             ("  budget: {int8_model_bytes: 1000}\n", "search.budget.int8_model_bytes: limits the int8 model"),
+             ("quantize: {calibration_batches: 0}\n", "quantize.calibration_batches: must be")]
+    for extra, needle in cases:
+        config.write_text(base + extra)
+        capsys.readouterr()
+        assert main(["validate", str(config)]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+    config.write_text(base + "quantize: {calibration_batches: 2}\n")
+    assert main(["validate", str(config)]) == 0
+    monkeypatch.setattr(ort, "available", lambda: False)
+    assert main(["validate", str(config)]) == 2
+    assert "quantize.backend: onnxruntime is not installed" in capsys.readouterr().err
