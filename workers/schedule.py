@@ -6,6 +6,8 @@
                      weights: [module.conv1.weight]}
     lr_schedulers:
       pruning_lr: {class: StepLR, step_size: 30, gamma: 0.1}
+    regularizers:                # workers/regularizers.py: a penalty added to the loss
+      filters_lasso: {class: GroupLassoRegularizer, reg_regims: {module.conv1.weight: [0.0008, Filters]}}
     policies:
       - pruner: {instance_name: conv1_pruner}
         starting_epoch: 1        # epochs count from 0, as in Distiller
@@ -19,11 +21,13 @@
 The scheduler hooks into `train_model` (a `TrainCallback`): a pruner's masks are computed at the
 beginning of each of its policy's epochs and multiplied into the weights after every optimizer step,
 so pruned weights stay exactly zero; an lr scheduler steps at the end of each of its epochs (and the
-recipe's one-cycle schedule is then replaced by a constant rate).
+recipe's one-cycle schedule is then replaced by a constant rate); a regularizer adds its penalty to every
+step's loss in its epochs and, with `threshold_criteria`, zeros the groups below its strength at their end.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -36,13 +40,14 @@ from core.names import did_you_mean, is_int
 from core.records import RecordError, from_data
 from core.yamlio import load_yaml
 from workers.pruners import ANY, Masks, PolicyStep, Pruner, StructuredAGP, prunable_weights, pruner_classes
+from workers.regularizers import REGULARIZERS, Regularizer, shape_problems
 from workers.thinning import group_of_weight
 from workers.train import TrainCallback
 
 LR_SCHEDULERS = ("StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnealingLR", "LinearLR", "ConstantLR",
                  "PolynomialLR")  # torch.optim.lr_scheduler classes whose arguments are plain numbers
-_POLICY_KINDS = ("pruner", "lr_scheduler")
-_TOP_KEYS = ("version", "pruners", "lr_schedulers", "policies")
+_POLICY_KINDS = ("pruner", "lr_scheduler", "regularizer")
+_TOP_KEYS = ("version", "pruners", "lr_schedulers", "regularizers", "policies")
 
 
 class ScheduleError(RecordError):
@@ -53,7 +58,7 @@ class ScheduleError(RecordError):
 class Policy:
     """When one pruner or lr scheduler acts: the epochs (from 0) and Distiller's start / end / frequency."""
 
-    kind: str  # "pruner" or "lr_scheduler"
+    kind: str  # "pruner", "lr_scheduler" or "regularizer"
     instance: str
     epochs: tuple[int, ...]
     starting: int
@@ -72,6 +77,7 @@ class Schedule:
     pruners: dict[str, Pruner]
     lr_schedulers: dict[str, tuple[str, dict[str, Any]]]  # name → (torch class name, keyword arguments)
     policies: tuple[Policy, ...]
+    regularizers: dict[str, Regularizer] = dataclasses.field(default_factory=dict)
 
     def last_epoch(self) -> int:
         """The last epoch any policy acts in (training shorter than this stops the schedule early)."""
@@ -107,18 +113,21 @@ def parse_schedule(raw: Any, model: nn.Module | None = None, source: str = "sche
                for name, settings in _sections(raw, "pruners", problems).items()}
     schedulers = {name: _lr_scheduler(name, settings, problems)
                   for name, settings in _sections(raw, "lr_schedulers", problems).items()}
+    regularizers = {name: _regularizer(name, settings, model, problems)
+                    for name, settings in _sections(raw, "regularizers", problems).items()}
     policies = []
     raw_policies = raw.get("policies") or []
     if not isinstance(raw_policies, list):
         problems.append("policies: must be a list")
         raw_policies = []
     for index, entry in enumerate(raw_policies):
-        policy = _policy(f"policies[{index}]", entry, {"pruner": pruners, "lr_scheduler": schedulers}, problems)
+        policy = _policy(f"policies[{index}]", entry,
+                         {"pruner": pruners, "lr_scheduler": schedulers, "regularizer": regularizers}, problems)
         if policy is not None:
             policies.append(policy)
     if problems:
         raise ScheduleError(problems, source)
-    return Schedule(raw, pruners, schedulers, tuple(policies))  # no None left: each would be a problem
+    return Schedule(raw, pruners, schedulers, tuple(policies), regularizers)  # no None left: each is a problem
 
 
 def _sections(raw: dict, key: str, problems: list[str]) -> dict[str, Any]:
@@ -165,6 +174,24 @@ def _unknown_weights(where: str, pruner: Pruner, model: nn.Module, example: torc
             for i, name in enumerate(pruner.targets()) if name != ANY and name not in allowed]
 
 
+def _regularizer(name: str, settings: Any, model: nn.Module | None, problems: list[str]) -> Regularizer | None:
+    where = f"regularizers.{name}"
+    cls_name = settings.get("class") if isinstance(settings, dict) else None
+    if cls_name not in REGULARIZERS:
+        problems.append(f"{where}.class: unknown regularizer {cls_name!r}{did_you_mean(cls_name or '', REGULARIZERS)}; "
+                        f"supported: {', '.join(REGULARIZERS)}")
+        return None
+    try:
+        regularizer = from_data(REGULARIZERS[cls_name], {k: v for k, v in settings.items() if k != "class"},
+                                path=where)
+    except RecordError as err:
+        problems.extend(err.problems)
+        return None
+    if model is not None:
+        problems.extend(shape_problems(where, regularizer, model))
+    return regularizer
+
+
 def _lr_scheduler(name: str, settings: Any, problems: list[str]) -> tuple[str, dict[str, Any]] | None:
     where = f"lr_schedulers.{name}"
     if not isinstance(settings, dict) or settings.get("class") not in LR_SCHEDULERS:
@@ -194,10 +221,11 @@ def _policy(where: str, entry: Any, instances: dict[str, dict], problems: list[s
     kinds = [k for k in _POLICY_KINDS if k in entry]
     unknown = [k for k in entry if k not in (*_POLICY_KINDS, "starting_epoch", "ending_epoch", "frequency", "epochs")]
     for key in unknown:
-        problems.append(f"{where}.{key}: unknown or unsupported policy key (supported kinds: pruner, lr_scheduler)")
+        problems.append(f"{where}.{key}: unknown or unsupported policy key (supported kinds: "
+                        f"{', '.join(_POLICY_KINDS)})")
     if len(kinds) != 1:
         if not unknown:
-            problems.append(f"{where}: needs exactly one of pruner: or lr_scheduler:")
+            problems.append(f"{where}: needs exactly one of {', '.join(k + ':' for k in _POLICY_KINDS)}")
         return None
     kind = kinds[0]
     ref = entry[kind]
@@ -267,14 +295,33 @@ class CompressionScheduler(TrainCallback):
                                                                               self.groups))
         self.apply_masks()
 
+    def before_backward_pass(self, epoch: int, step: int, steps: int, loss: torch.Tensor) -> torch.Tensor:
+        """The loss plus the penalty of every regularizer whose policy acts this epoch."""
+        active = self._active("regularizer", epoch)
+        if not active:
+            return loss
+        params = dict(self.model.named_parameters())
+        return loss + sum(self.schedule.regularizers[name].loss(params) for name in active)
+
     def on_minibatch_end(self, epoch: int, step: int, steps: int) -> None:
         self.apply_masks()  # after optimizer.step(): momentum and weight decay cannot revive a pruned weight
 
     def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
-        for policy in self.schedule.policies:
-            if policy.kind == "lr_scheduler" and epoch in policy.epochs:
-                self.lr[policy.instance].step()
+        for name in self._active("lr_scheduler", epoch):
+            self.lr[name].step()
+        params = dict(self.model.named_parameters())
+        for name in self._active("regularizer", epoch):  # threshold_criteria: small groups zeroed, kept zero
+            for weight, mask in self.schedule.regularizers[name].threshold_masks(params).items():
+                self.masks[weight] = mask if weight not in self.masks else self.masks[weight] * mask.to(
+                    self.masks[weight].device)
+        self.apply_masks()
         record["sparsity"] = self.sparsity()
+        for name, regularizer in self.schedule.regularizers.items():
+            record[f"group_sparsity.{name}"] = regularizer.group_sparsity(params)
+
+    def _active(self, kind: str, epoch: int) -> list[str]:
+        """The instances of `kind` whose policy acts in `epoch`."""
+        return [p.instance for p in self.schedule.policies if p.kind == kind and epoch in p.epochs]
 
     @torch.no_grad()
     def apply_masks(self) -> None:
