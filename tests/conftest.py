@@ -218,6 +218,15 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session")
+def rgb32():
+    """Synthetic 32x32 RGB splits, 4 classes, 512 training images: what the schedule tests train on."""
+    from workers.data import DatasetConfig, SyntheticConfig, load_dataset
+
+    return load_dataset(DatasetConfig(name="synthetic", synthetic=SyntheticConfig(
+        num_classes=4, channels=3, image_size=32, train_size=512, test_size=128)))
+
+
 def kill_run_when(config: Path, store_dir: Path, sets: list[str], ready: Callable[[LocalStore], bool],
                   timeout: float = 240.0) -> LocalStore:
     """Start `searchsvc run config --store store_dir --set ...` in its own session, wait until

@@ -16,7 +16,6 @@ from searchsvc.cli import main
 from searchsvc.report import build_report
 from storage import open_store
 from workers.agp import final_footprint, get_schedule
-from workers.data import DatasetConfig, SyntheticConfig, load_dataset
 from workers.graph import example_input
 from workers.measure import count_macs
 from workers.pruners import PolicyStep, agp_sparsity
@@ -33,12 +32,6 @@ SMOKE = REPO / "configs" / "agp-smoke.yaml"
 CPU = torch.device("cpu")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def rgb32():
-    return load_dataset(DatasetConfig(name="synthetic", synthetic=SyntheticConfig(
-        num_classes=4, channels=3, image_size=32, train_size=512, test_size=128)))
 
 
 def _zeros(tensor: torch.Tensor) -> float:

@@ -14,9 +14,9 @@ import torch
 import searchsvc
 from searchsvc.cli import main
 from searchsvc.grid import candidate_widths
-from workers.surgery import width_keys
 from searchsvc.methods import GridCandidate
 from storage import LocalStore
+from workers.surgery import width_keys
 from workers.zoo import model_arch
 
 REPO = Path(__file__).resolve().parent.parent

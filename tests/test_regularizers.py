@@ -9,7 +9,6 @@ import copy
 import pytest
 import torch
 
-from workers.data import DatasetConfig, SyntheticConfig, load_dataset
 from workers.regularizers import GroupLassoRegularizer, L1Regularizer
 from workers.schedule import CompressionScheduler, ScheduleError, parse_schedule
 from workers.train import Recipe, train_model
@@ -17,12 +16,6 @@ from workers.zoo import create_model
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def rgb32():
-    return load_dataset(DatasetConfig(name="synthetic", synthetic=SyntheticConfig(
-        num_classes=4, channels=3, image_size=32, train_size=512, test_size=128)))
 
 
 def _schedule(regularizer: dict, start: int = 0, end: int = 4) -> dict:

@@ -17,6 +17,7 @@ candidate names its schedule by hash (`CandidateSpec.schedule`) and any worker c
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,6 +29,8 @@ from storage import ArtifactStore
 from workers.evaluate import Built
 from workers.graph import example_input
 from workers.pruners import filter_masks, magnitude_mask
+from workers.qat import LinearQuantAwareTraining
+from workers.quantize import QAT_KEY, Int8Metrics, QuantizeConfig, quantize_model, save_int8
 from workers.schedule import CompressionScheduler, Schedule, parse_schedule
 from workers.spec import short_hash
 from workers.summary import size_counts, weight_stats
@@ -67,15 +70,30 @@ def agp_step(parent: Model, spec: "CandidateSpec", ctx: "EvalContext") -> Built:
     scheduler = CompressionScheduler(schedule, model, example)
 
     def finish(trained: Model) -> tuple[Model, dict[str, Any]]:
+        quantizer = scheduler.finish_quantization()  # the float network quantization-aware training shaped
         before = weight_stats(trained, c, size)
         thinned, removed = thin(trained.cpu(), example)
         after = weight_stats(thinned, c, size)
-        return thinned, {"sparsity": after["sparsity"], "nonzero_params": after["nonzero_params"],
-                         "nonzero_macs": after["nonzero_macs"], "macs_before_thinning": before["dense_macs"],
-                         "sparsity_before_thinning": before["sparsity"], "thinned": removed,
-                         "schedule_epochs": schedule.last_epoch() + 1}
+        extra = {"sparsity": after["sparsity"], "nonzero_params": after["nonzero_params"],
+                 "nonzero_macs": after["nonzero_macs"], "macs_before_thinning": before["dense_macs"],
+                 "sparsity_before_thinning": before["sparsity"], "thinned": removed,
+                 "schedule_epochs": schedule.last_epoch() + 1}
+        if quantizer is not None:
+            extra.update(asdict(qat_int8(thinned, quantizer, spec, ctx)))
+        return thinned, extra
 
     return Built(model, {"schedule": spec.schedule}, callbacks=(scheduler,), finish=finish)
+
+
+def qat_int8(model: Model, quantizer: LinearQuantAwareTraining, spec: "CandidateSpec",
+             ctx: "EvalContext") -> Int8Metrics:
+    """The int8 model that quantization-aware training ends in (workers.qat), stored in the candidate's
+    `int8-qat` folder, and its figures."""
+    config = QuantizeConfig(per_channel=quantizer.per_channel_wts)
+    quantized = quantize_model(model, ctx.splits, config, eval_threads=torch.get_num_threads(),
+                               fp32_layers=quantizer.fp32_layers(model), source="qat")
+    settings = {"quantizer": asdict(quantizer), "calibration": asdict(config)}
+    return save_int8(ctx.store, spec.spec_hash, QAT_KEY, quantized, settings)
 
 
 def final_footprint(model: nn.Module, schedule: Schedule, example: torch.Tensor, in_channels: int,

@@ -76,6 +76,7 @@ class Int8Metrics:
     fp32_onnx_bytes: int = field(metadata=COUNT)  # the fp32 ONNX file it was quantized from
     int8_threads: int = field(metadata={"min": 1})
     int8_calibration_images: int = field(metadata={"min": 1})
+    int8_source: Literal["ptq", "qat"] = "ptq"  # post-training, or the end of quantization-aware training
 
 
 INT8_COLUMNS = tuple(f for f in Int8Metrics.__dataclass_fields__)
@@ -98,8 +99,11 @@ def calibration_images(splits: Splits, config: QuantizeConfig) -> np.ndarray:
     return normalize(images[order.to(images.device)], splits.mean, splits.std).cpu().numpy().astype(np.float32)
 
 
-def quantize_onnx(fp32: bytes, calibration: np.ndarray, config: QuantizeConfig) -> bytes:
-    """The int8 ONNX model of `fp32` (ONNX bytes), calibrated on `calibration` (N, C, H, W, normalised)."""
+def quantize_onnx(fp32: bytes, calibration: np.ndarray, config: QuantizeConfig, fp32_layers: tuple[str, ...] = ()
+                  ) -> bytes:
+    """The int8 ONNX model of `fp32` (ONNX bytes), calibrated on `calibration` (N, C, H, W, normalised);
+    `fp32_layers` (module names) stay in fp32."""
+    import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -125,10 +129,20 @@ def quantize_onnx(fp32: bytes, calibration: np.ndarray, config: QuantizeConfig) 
         source, prepared, target = (Path(folder) / name for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         source.write_bytes(fp32)
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)  # folds BN, infers shapes
+        # The exporter names a layer's nodes after its module path: layer1.0.conv1 → /layer1/layer1.0/conv1/Conv
+        scopes = tuple("/" + "/".join(_scope(name)) + "/" for name in fp32_layers)
+        nodes = [n.name for n in onnx.load(str(prepared)).graph.node if n.name.startswith(scopes)] if scopes else []
         quantize_static(str(prepared), str(target), Batches(), quant_format=QuantFormat.QDQ,
                         per_channel=config.per_channel, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=methods[config.method])
+                        weight_type=QuantType.QInt8, calibrate_method=methods[config.method],
+                        nodes_to_exclude=nodes)
         return compact_names(target.read_bytes())
+
+
+def _scope(module_name: str) -> list[str]:
+    """The exporter's scope path of a module: each prefix of its dotted name."""
+    parts = module_name.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 def compact_names(model: bytes) -> bytes:
@@ -166,13 +180,14 @@ def accuracy(model: bytes, images: torch.Tensor, labels: torch.Tensor, splits: S
 
 
 def quantize_model(model: nn.Module, splits: Splits, config: QuantizeConfig, eval_threads: int = 2,
-                   repeats: int = 10) -> Quantized:
+                   repeats: int = 10, fp32_layers: tuple[str, ...] = (), source: str = "ptq") -> Quantized:
     """Quantize `model` to int8 and measure it (`eval_threads`: ONNX Runtime's threads for the accuracy
-    passes, which are not timed). Raises what export or the quantizer raise."""
+    passes, which are not timed; `fp32_layers`: module names left in fp32; `source`: ptq, or qat for the
+    end of quantization-aware training). Raises what export or the quantizer raise."""
     c, size = splits.in_channels, splits.image_size
     fp32 = ort.onnx_bytes(model, c, size)
     calibration = calibration_images(splits, config)
-    int8 = quantize_onnx(fp32, calibration, config)
+    int8 = quantize_onnx(fp32, calibration, config, fp32_layers)
     latency = lambda onnx, batch: ort.latency_ms(onnx, c, size, batch, config.threads,  # noqa: E731
                                                  repeats if batch == 1 else max(1, repeats // 3))
     metrics = Int8Metrics(
@@ -180,16 +195,20 @@ def quantize_model(model: nn.Module, splits: Splits, config: QuantizeConfig, eva
         int8_val_accuracy=accuracy(int8, *splits.val, splits, eval_threads),
         int8_latency_ms=latency(int8, 1), int8_latency_b256_ms=latency(int8, 256), int8_model_bytes=len(int8),
         fp32_ort_latency_ms=latency(fp32, 1), fp32_ort_latency_b256_ms=latency(fp32, 256), fp32_onnx_bytes=len(fp32),
-        int8_threads=config.threads, int8_calibration_images=len(calibration))
+        int8_threads=config.threads, int8_calibration_images=len(calibration), int8_source=source)
     return Quantized(int8, metrics)
 
 
-def int8_prefix(spec_hash: str, config: QuantizeConfig) -> str:
-    """Where a candidate's int8 model under `config` lives."""
-    return f"{layout.candidate(spec_hash)}/int8-{config.key()}"
+QAT_KEY = "qat"  # the int8 folder of a candidate trained quantization-aware: candidates/<hash>/int8-qat/
 
 
-def stored_int8(store: ArtifactStore, spec_hash: str, config: QuantizeConfig) -> Int8Metrics | None:
+def int8_prefix(spec_hash: str, config: QuantizeConfig | str) -> str:
+    """Where a candidate's int8 model under `config` (or the QAT_KEY) lives."""
+    key = config if isinstance(config, str) else config.key()
+    return f"{layout.candidate(spec_hash)}/int8-{key}"
+
+
+def stored_int8(store: ArtifactStore, spec_hash: str, config: QuantizeConfig | str) -> Int8Metrics | None:
     """The stored int8 measurement of a candidate under `config`, checked against its manifest and as a
     record; None if there is none (yet)."""
     prefix = int8_prefix(spec_hash, config)
@@ -205,16 +224,18 @@ def stored_int8(store: ArtifactStore, spec_hash: str, config: QuantizeConfig) ->
         raise CorruptArtifactError(f"{source} is corrupt: {'; '.join(err.problems)}") from None
 
 
-def stored_int8_model(store: ArtifactStore, spec_hash: str, config: QuantizeConfig) -> bytes:
+def stored_int8_model(store: ArtifactStore, spec_hash: str, config: QuantizeConfig | str) -> bytes:
     """The stored int8 ONNX model's bytes, checked against its manifest."""
     return store.get_verified(int8_prefix(spec_hash, config), "model.onnx")
 
 
-def save_int8(store: ArtifactStore, spec_hash: str, config: QuantizeConfig, quantized: Quantized) -> Int8Metrics:
+def save_int8(store: ArtifactStore, spec_hash: str, config: QuantizeConfig | str, quantized: Quantized,
+              settings: dict[str, Any] | None = None) -> Int8Metrics:
     """Write the int8 folder once; if another worker wrote it first, theirs is the measurement."""
     prefix = int8_prefix(spec_hash, config)
     files = {"model.onnx": quantized.onnx,
-             "int8.json": json_bytes({"config": asdict(config), "metrics": asdict(quantized.metrics)})}
+             "int8.json": json_bytes({"config": settings if settings is not None else asdict(config),
+                                      "metrics": asdict(quantized.metrics)})}
     try:
         for name, data in files.items():
             store.put_bytes(f"{prefix}/{name}", data)
@@ -223,7 +244,3 @@ def save_int8(store: ArtifactStore, spec_hash: str, config: QuantizeConfig, quan
         return stored_int8(store, spec_hash, config) or quantized.metrics
     return quantized.metrics
 
-
-def int8_columns(metrics: Int8Metrics) -> dict[str, Any]:
-    """The int8 measurement as result columns."""
-    return asdict(metrics)

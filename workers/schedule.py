@@ -8,6 +8,8 @@
       pruning_lr: {class: StepLR, step_size: 30, gamma: 0.1}
     regularizers:                # workers/regularizers.py: a penalty added to the loss
       filters_lasso: {class: GroupLassoRegularizer, reg_regims: {module.conv1.weight: [0.0008, Filters]}}
+    quantizers:                  # workers/qat.py: quantization-aware training, ending in an int8 model
+      linear_quantizer: {class: QuantAwareTrainRangeLinearQuantizer, bits_activations: 8, bits_weights: 8}
     policies:
       - pruner: {instance_name: conv1_pruner}
         starting_epoch: 1        # epochs count from 0, as in Distiller
@@ -22,7 +24,8 @@ The scheduler hooks into `train_model` (a `TrainCallback`): a pruner's masks are
 beginning of each of its policy's epochs and multiplied into the weights after every optimizer step,
 so pruned weights stay exactly zero; an lr scheduler steps at the end of each of its epochs (and the
 recipe's one-cycle schedule is then replaced by a constant rate); a regularizer adds its penalty to every
-step's loss in its epochs and, with `threshold_criteria`, zeros the groups below its strength at their end.
+step's loss in its epochs and, with `threshold_criteria`, zeros the groups below its strength at their end;
+a quantizer fake-quantizes the layers from its policy's first epoch to the end of training.
 """
 
 from __future__ import annotations
@@ -40,14 +43,15 @@ from core.names import did_you_mean, is_int
 from core.records import RecordError, from_data
 from core.yamlio import load_yaml
 from workers.pruners import ANY, Masks, PolicyStep, Pruner, StructuredAGP, prunable_weights, pruner_classes
+from workers.qat import QUANTIZERS, FakeQuantized, LinearQuantAwareTraining
 from workers.regularizers import REGULARIZERS, Regularizer, shape_problems
 from workers.thinning import group_of_weight
 from workers.train import TrainCallback
 
 LR_SCHEDULERS = ("StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnealingLR", "LinearLR", "ConstantLR",
                  "PolynomialLR")  # torch.optim.lr_scheduler classes whose arguments are plain numbers
-_POLICY_KINDS = ("pruner", "lr_scheduler", "regularizer")
-_TOP_KEYS = ("version", "pruners", "lr_schedulers", "regularizers", "policies")
+_POLICY_KINDS = ("pruner", "lr_scheduler", "regularizer", "quantizer")
+_TOP_KEYS = ("version", "pruners", "lr_schedulers", "regularizers", "quantizers", "policies")
 
 
 class ScheduleError(RecordError):
@@ -58,7 +62,7 @@ class ScheduleError(RecordError):
 class Policy:
     """When one pruner or lr scheduler acts: the epochs (from 0) and Distiller's start / end / frequency."""
 
-    kind: str  # "pruner", "lr_scheduler" or "regularizer"
+    kind: str  # "pruner", "lr_scheduler", "regularizer" or "quantizer"
     instance: str
     epochs: tuple[int, ...]
     starting: int
@@ -78,6 +82,12 @@ class Schedule:
     lr_schedulers: dict[str, tuple[str, dict[str, Any]]]  # name → (torch class name, keyword arguments)
     policies: tuple[Policy, ...]
     regularizers: dict[str, Regularizer] = dataclasses.field(default_factory=dict)
+    quantizers: dict[str, LinearQuantAwareTraining] = dataclasses.field(default_factory=dict)
+
+    def quantizer(self) -> tuple[LinearQuantAwareTraining, int] | None:
+        """The quantizer a policy runs, and the epoch it starts in; None without one (at most one: validated)."""
+        policy = next((p for p in self.policies if p.kind == "quantizer"), None)
+        return None if policy is None else (self.quantizers[policy.instance], policy.epochs[0])
 
     def last_epoch(self) -> int:
         """The last epoch any policy acts in (training shorter than this stops the schedule early)."""
@@ -115,6 +125,8 @@ def parse_schedule(raw: Any, model: nn.Module | None = None, source: str = "sche
                   for name, settings in _sections(raw, "lr_schedulers", problems).items()}
     regularizers = {name: _regularizer(name, settings, model, problems)
                     for name, settings in _sections(raw, "regularizers", problems).items()}
+    quantizers = {name: _quantizer(name, settings, model, problems)
+                  for name, settings in _sections(raw, "quantizers", problems).items()}
     policies = []
     raw_policies = raw.get("policies") or []
     if not isinstance(raw_policies, list):
@@ -122,12 +134,15 @@ def parse_schedule(raw: Any, model: nn.Module | None = None, source: str = "sche
         raw_policies = []
     for index, entry in enumerate(raw_policies):
         policy = _policy(f"policies[{index}]", entry,
-                         {"pruner": pruners, "lr_scheduler": schedulers, "regularizer": regularizers}, problems)
+                         {"pruner": pruners, "lr_scheduler": schedulers, "regularizer": regularizers,
+                          "quantizer": quantizers}, problems)
         if policy is not None:
             policies.append(policy)
+    if sum(p.kind == "quantizer" for p in policies) > 1:
+        problems.append("policies: at most one quantizer policy (one int8 model per candidate)")
     if problems:
         raise ScheduleError(problems, source)
-    return Schedule(raw, pruners, schedulers, tuple(policies), regularizers)  # no None left: each is a problem
+    return Schedule(raw, pruners, schedulers, tuple(policies), regularizers, quantizers)  # no None: each a problem
 
 
 def _sections(raw: dict, key: str, problems: list[str]) -> dict[str, Any]:
@@ -176,20 +191,34 @@ def _unknown_weights(where: str, pruner: Pruner, model: nn.Module, example: torc
 
 def _regularizer(name: str, settings: Any, model: nn.Module | None, problems: list[str]) -> Regularizer | None:
     where = f"regularizers.{name}"
+    regularizer = _instance(where, "regularizer", REGULARIZERS, settings, problems)
+    if regularizer is not None and model is not None:
+        problems.extend(shape_problems(where, regularizer, model))
+    return regularizer
+
+
+def _quantizer(name: str, settings: Any, model: nn.Module | None,
+               problems: list[str]) -> LinearQuantAwareTraining | None:
+    where = f"quantizers.{name}"
+    quantizer = _instance(where, "quantizer", QUANTIZERS, settings, problems)
+    if quantizer is not None and model is not None:
+        problems.extend(f"{where}.overrides.{p}: matches no module of the model" for p in quantizer.unmatched(model))
+    return quantizer
+
+
+def _instance(where: str, kind: str, classes: dict[str, type], settings: Any, problems: list[str]) -> Any:
+    """A schedule instance of one of `classes` (by its `class:`), its keys checked as a record; None after
+    recording what is wrong."""
     cls_name = settings.get("class") if isinstance(settings, dict) else None
-    if cls_name not in REGULARIZERS:
-        problems.append(f"{where}.class: unknown regularizer {cls_name!r}{did_you_mean(cls_name or '', REGULARIZERS)}; "
-                        f"supported: {', '.join(REGULARIZERS)}")
+    if cls_name not in classes:
+        problems.append(f"{where}.class: {kind} {cls_name!r} is not supported{did_you_mean(cls_name or '', classes)}; "
+                        f"supported: {', '.join(classes)}")
         return None
     try:
-        regularizer = from_data(REGULARIZERS[cls_name], {k: v for k, v in settings.items() if k != "class"},
-                                path=where)
+        return from_data(classes[cls_name], {k: v for k, v in settings.items() if k != "class"}, path=where)
     except RecordError as err:
         problems.extend(err.problems)
         return None
-    if model is not None:
-        problems.extend(shape_problems(where, regularizer, model))
-    return regularizer
 
 
 def _lr_scheduler(name: str, settings: Any, problems: list[str]) -> tuple[str, dict[str, Any]] | None:
@@ -281,6 +310,7 @@ class CompressionScheduler(TrainCallback):
         self.masks: Masks = {}
         self.lr: dict[str, Any] = {}
         self.controls_lr = any(p.kind == "lr_scheduler" for p in schedule.policies)
+        self.fake: FakeQuantized | None = None  # the quantizer's fake quantization, once its policy started
 
     def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int = 0) -> None:
         self.model = model
@@ -288,7 +318,11 @@ class CompressionScheduler(TrainCallback):
                    for name, (cls, kwargs) in self.schedule.lr_schedulers.items()}
 
     def on_epoch_begin(self, epoch: int) -> None:
-        """New masks from every pruner whose policy acts this epoch, applied at once."""
+        """New masks from every pruner whose policy acts this epoch, applied at once; fake quantization from
+        the quantizer policy's first epoch on."""
+        quantizer = self.schedule.quantizer()
+        if quantizer is not None and epoch >= quantizer[1] and self.fake is None:
+            self.fake = FakeQuantized(self.model, quantizer[0])
         for policy in self.schedule.policies:
             if policy.kind == "pruner" and epoch in policy.epochs:
                 self.masks.update(self.schedule.pruners[policy.instance].masks(self.model, policy.step(epoch),
@@ -339,13 +373,26 @@ class CompressionScheduler(TrainCallback):
         total = sum(m.numel() for m in self.masks.values())
         return float(sum(int((m == 0).sum()) for m in self.masks.values()) / total) if total else 0.0
 
+    def finish_quantization(self) -> LinearQuantAwareTraining | None:
+        """After training: the layers back to their float forward; the quantizer that trained them, if any."""
+        if self.fake is None:
+            return None
+        self.fake.detach()
+        self.fake = None
+        return self.schedule.quantizer()[0]
+
     def state_dict(self) -> dict[str, Any]:
-        """Masks (bool, CPU) and lr scheduler states: what a checkpoint must keep to resume the schedule."""
+        """Masks (bool, CPU), lr scheduler states and the fake quantizers' ranges: what a checkpoint must keep
+        to resume the schedule."""
         return {"masks": {k: v.detach().bool().cpu() for k, v in self.masks.items()},
-                "lr_schedulers": {k: s.state_dict() for k, s in self.lr.items()}}
+                "lr_schedulers": {k: s.state_dict() for k, s in self.lr.items()},
+                "fake_quant": None if self.fake is None else self.fake.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         params = dict(self.model.named_parameters())
         self.masks = {k: v.to(device=params[k].device, dtype=params[k].dtype) for k, v in state["masks"].items()}
         for name, sched_state in state.get("lr_schedulers", {}).items():
             self.lr[name].load_state_dict(sched_state)
+        if state.get("fake_quant") is not None:  # quantization-aware training had begun: on again, same ranges
+            self.fake = self.fake or FakeQuantized(self.model, self.schedule.quantizer()[0])
+            self.fake.load_state_dict(state["fake_quant"])
