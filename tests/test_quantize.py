@@ -5,6 +5,7 @@ manifest, and measured in a search."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +14,17 @@ import pytest
 import torch
 import torchvision
 
+import workers.evaluate as evaluate_module
 from searchsvc.cli import main
-from storage import LocalStore
+from storage import LocalStore, StoreUnreachableError
 from workers import ort
 from workers.data import DatasetConfig, SyntheticConfig, load_dataset
 from workers.evaluate import EvalContext, evaluate_candidate, save_candidate
+from workers.measures import Measures
 from workers.metrics import CandidateMetrics
 from workers.quantize import QuantizeConfig, quantize_model
 from workers.spec import CandidateSpec
-from workers.teacher import TeacherConfig, load_or_train_teacher
+from workers.teacher import TeacherConfig, load_or_train_teacher, load_teacher
 from workers.train import TrainConfig, evaluate, train_model
 from workers.zoo import create_model
 
@@ -190,3 +193,30 @@ def test_validate_names_int8_settings_it_cannot_honour(tmp_path, monkeypatch, ca
     monkeypatch.setattr(ort, "available", lambda: False)
     assert main(["validate", str(config)]) == 2
     assert "quantize.backend: onnxruntime is not installed" in capsys.readouterr().err
+
+
+def test_a_model_that_cannot_be_quantized_stays_valid_without_int8_figures(kept, monkeypatch, caplog):
+    """A quantizer failure costs the candidate its int8 figures (a warning), never its validity; a store
+    failure is not swallowed."""
+    _, store, spec_hash, _ = kept
+    splits = load_dataset(GREY)
+    teacher_hash = json.loads(store.get_verified(f"candidates/{spec_hash}", "spec.json"))["teacher"]
+    ctx = EvalContext(store, load_teacher(store, teacher_hash), splits, CPU,
+                      measures=Measures(quantize=QuantizeConfig(calibration_batches=3)))
+    stored = evaluate_module.stored_metrics(store, spec_hash)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the quantizer cannot take this graph")
+
+    monkeypatch.setattr(evaluate_module, "quantize_model", broken)
+    with caplog.at_level(logging.WARNING, logger="workers.quantize"):
+        completed = evaluate_module.complete(stored, ctx)
+    assert completed.status == "ok" and completed.get("int8_accuracy") is None
+    assert f"candidate {spec_hash}: no int8 model (RuntimeError: the quantizer cannot take this graph)" in caplog.text
+
+    def unreachable(*args, **kwargs):
+        raise StoreUnreachableError("the store went away")
+
+    monkeypatch.setattr(evaluate_module, "quantize_model", unreachable)
+    with pytest.raises(StoreUnreachableError):
+        evaluate_module.complete(stored, ctx)

@@ -30,7 +30,7 @@ from workers.evaluate import Built
 from workers.graph import example_input
 from workers.pruners import filter_masks, magnitude_mask
 from workers.qat import LinearQuantAwareTraining
-from workers.quantize import QAT_KEY, Int8Metrics, QuantizeConfig, quantize_model, save_int8
+from workers.quantize import QAT_KEY, Int8Metrics, QuantizeConfig, quantize_model, save_int8, unless_unquantizable
 from workers.schedule import CompressionScheduler, Schedule, parse_schedule
 from workers.spec import short_hash
 from workers.summary import size_counts, weight_stats
@@ -78,8 +78,9 @@ def agp_step(parent: Model, spec: "CandidateSpec", ctx: "EvalContext") -> Built:
                  "nonzero_macs": after["nonzero_macs"], "macs_before_thinning": before["dense_macs"],
                  "sparsity_before_thinning": before["sparsity"], "thinned": removed,
                  "schedule_epochs": schedule.last_epoch() + 1}
-        if quantizer is not None:
-            extra.update(asdict(qat_int8(thinned, quantizer, spec, ctx)))
+        figures = None if quantizer is None else unless_unquantizable(
+            spec.spec_hash, lambda: qat_int8(thinned, quantizer, spec, ctx))
+        extra.update(asdict(figures) if figures is not None else {})
         return thinned, extra
 
     return Built(model, {"schedule": spec.schedule}, callbacks=(scheduler,), finish=finish)

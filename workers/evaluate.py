@@ -41,7 +41,7 @@ from workers.latency import measure_probes
 from workers.measure import measure
 from workers.measures import Measures
 from workers.metrics import CandidateMetrics, stored_metrics, verified_metrics
-from workers.quantize import Int8Metrics, quantize_model, save_int8, stored_int8
+from workers.quantize import quantize_model, save_int8, stored_int8, unless_unquantizable
 from workers.resources import Resources
 from workers.spec import CandidateSpec
 from workers.surgery import InvalidTransform, derive_arch, shrink
@@ -154,7 +154,7 @@ def save_and_complete(ctx: EvalContext, done: Evaluated, takeover: bool = False)
     """Store the candidate, then add the run's own measurements (int8) from the model in hand: CPU work,
     which a pool actor runs beside the next candidate's training."""
     metrics = save_evaluated(ctx.store, done, takeover)
-    return complete(metrics, ctx, done.model) if done.stored else metrics
+    return complete(metrics, ctx, done.model, retime=False) if done.stored else metrics
 
 
 def compute_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = False,
@@ -228,12 +228,16 @@ def _measured(spec: CandidateSpec, ctx: EvalContext, built: Built, history: list
     return Evaluated(spec, metrics, student.cpu() if built.keep_model else None)
 
 
-def complete(metrics: CandidateMetrics, ctx: EvalContext, model: torch.nn.Module | None = None) -> CandidateMetrics:
+def complete(metrics: CandidateMetrics, ctx: EvalContext, model: torch.nn.Module | None = None,
+             retime: bool = True) -> CandidateMetrics:
     """A kept candidate's metrics with the run's own measurements it lacks (workers.measures): timed at the
     budget's latency probes, and its int8 figures, stored ones read back (checked) or quantized now and
-    stored in its int8 folder. `model`: the candidate's model if in hand, else read from the store. Never
-    retrains, and never rewrites the candidate's files (write-once): the run's row records what is added."""
-    probes, int8 = ctx.measures.missing_probes(metrics), ctx.measures.needs_int8(metrics)
+    stored in its int8 folder. `model`: the candidate's model if in hand, else read from the store;
+    `retime=False`: no probes (a fresh candidate was timed with them as it was measured: one that lacks a
+    value could not be timed). Never retrains, and never rewrites the candidate's files (write-once): the
+    run's row records what is added."""
+    probes = ctx.measures.missing_probes(metrics) if retime else ()
+    int8 = ctx.measures.needs_int8(metrics)
     if not probes and not int8:
         return metrics
     extra = dict(metrics.extra)
@@ -244,18 +248,12 @@ def complete(metrics: CandidateMetrics, ctx: EvalContext, model: torch.nn.Module
             extra.update(measure_probes(model.to(ctx.device), probes, ctx.device, ctx.splits.in_channels,
                                         ctx.splits.image_size))
     if int8:
-        extra.update(asdict(int8_of(metrics.spec_hash, model, ctx)))
+        config = ctx.measures.quantize
+        figures = stored_int8(ctx.store, metrics.spec_hash, config) or unless_unquantizable(
+            metrics.spec_hash, lambda: save_int8(ctx.store, metrics.spec_hash, config, quantize_model(
+                model.cpu(), ctx.splits, config, eval_threads=torch.get_num_threads())))
+        extra.update(asdict(figures) if figures is not None else {})
     return replace(metrics, extra=extra)
-
-
-def int8_of(spec_hash: str, model: torch.nn.Module, ctx: EvalContext) -> Int8Metrics:
-    """The candidate's int8 figures under the run's `quantize:` setting: stored, or quantized and stored now."""
-    config = ctx.measures.quantize
-    stored = stored_int8(ctx.store, spec_hash, config)
-    if stored is not None:
-        return stored
-    quantized = quantize_model(model.cpu(), ctx.splits, config, eval_threads=torch.get_num_threads())
-    return save_int8(ctx.store, spec_hash, config, quantized)
 
 
 def _loss_fn(spec: CandidateSpec, ctx: EvalContext) -> LossFn | None:

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -27,11 +28,12 @@ from torch import nn
 
 from core import records
 from core.records import RecordError
-from storage import ArtifactStore, CorruptArtifactError, WriteConflictError, layout
+from storage import ArtifactStore, CorruptArtifactError, StoreError, WriteConflictError, layout
 from storage.base import json_bytes
 from workers import ort
 from workers.data import Splits, normalize
 
+log = logging.getLogger(__name__)
 UNIT = {"min": 0, "max": 1}
 COUNT = {"min": 0}
 
@@ -200,6 +202,19 @@ def quantize_model(model: nn.Module, splits: Splits, config: QuantizeConfig, eva
 
 
 QAT_KEY = "qat"  # the int8 folder of a candidate trained quantization-aware: candidates/<hash>/int8-qat/
+
+
+def unless_unquantizable(spec_hash: str, make: Callable[[], Int8Metrics]) -> Int8Metrics | None:
+    """`make()`, or None with a warning when the model cannot be quantized (ONNX cannot export it, or the
+    quantizer fails on it): the candidate stays valid, without int8 figures, and a budget on them counts it
+    as not measured. Store errors pass through: the run stops on those."""
+    try:
+        return make()
+    except StoreError:
+        raise
+    except Exception as err:  # noqa: BLE001 — any export or quantizer failure: this candidate's int8 only
+        log.warning("candidate %s: no int8 model (%s: %s)", spec_hash, type(err).__name__, str(err)[:200])
+        return None
 
 
 def int8_prefix(spec_hash: str, config: QuantizeConfig | str) -> str:
