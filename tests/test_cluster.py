@@ -97,8 +97,10 @@ def test_node_removed_mid_evaluation_and_a_joining_node_gets_work(cluster, prepa
     assert len(hashes) == len(set(hashes)) == 12  # every candidate once
     assert all(o.metrics.status == "ok" for o in outcomes)
     retried = [o for o in outcomes if o.attempts > 1]
-    assert len(retried) == 1 and pool.lost == 1  # the one in flight on the removed node, run elsewhere
-    assert node_of(retried[0].metrics.worker) != victim.node_id[:8]
+    # What was in flight on the removed node's one actor, run elsewhere: the candidate on its device, and
+    # possibly the one before it, whose store write (beside the next candidate's training) had not returned.
+    assert 1 <= len(retried) <= 2 and pool.lost == 1
+    assert all(node_of(o.metrics.worker) != victim.node_id[:8] for o in retried)
     assert joined[:8] in {node_of(o.metrics.worker) for o in outcomes}  # the new node worked
     for o in outcomes:  # stored once, complete
         assert set(store.verify(f"candidates/{o.spec.spec_hash}")) == {"spec.json", "model.pt", "metrics.json"}
