@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 import torch
 import torchvision
@@ -22,7 +24,7 @@ from workers.data import DatasetConfig, SyntheticConfig, load_dataset
 from workers.evaluate import EvalContext, evaluate_candidate, save_candidate
 from workers.measures import Measures
 from workers.metrics import CandidateMetrics
-from workers.quantize import QuantizeConfig, quantize_model
+from workers.quantize import QuantizeConfig, quantize_model, quantize_onnx
 from workers.spec import CandidateSpec
 from workers.teacher import TeacherConfig, load_or_train_teacher, load_teacher
 from workers.train import TrainConfig, evaluate, train_model
@@ -220,3 +222,27 @@ def test_a_model_that_cannot_be_quantized_stays_valid_without_int8_figures(kept,
     monkeypatch.setattr(evaluate_module, "quantize_model", unreachable)
     with pytest.raises(StoreUnreachableError):
         evaluate_module.complete(stored, ctx)
+
+
+def _fp32_weighted(model: bytes) -> int:
+    """Convolutions and matrix products of an ONNX model whose weights are not dequantized int8."""
+    graph = onnx.load_from_string(model).graph
+    made_by = {out: node.op_type for node in graph.node for out in node.output}
+    return sum(made_by.get(node.input[1]) != "DequantizeLinear" for node in graph.node
+               if node.op_type in ("Conv", "Gemm", "MatMul"))
+
+
+@pytest.mark.parametrize("build, size, layers", [
+    (lambda: create_model("resnet20", in_channels=1, num_classes=4), 16, ("layer1.0.conv1.0", "layer3.2.conv2.0")),
+    (lambda: torchvision.models.mobilenet_v3_small(num_classes=4), 32, ("features.0.0", "features.1.block.1.fc1")),
+], ids=["zoo", "torchvision"])
+def test_layers_left_in_fp32_are_found_by_their_module_names(build, size, layers):
+    """A layer an override keeps in fp32 (QAT) is excluded from the int8 model by its module name, however
+    deep it sits in containers: exactly those layers read fp32 weights."""
+    model = build().eval()
+    channels = 1 if size == 16 else 3
+    fp32 = ort.onnx_bytes(model, channels, size)
+    calibration = np.random.default_rng(0).standard_normal((8, channels, size, size), dtype=np.float32)
+    config = QuantizeConfig(calibration_batches=1, calibration_batch_size=8)
+    assert _fp32_weighted(quantize_onnx(fp32, calibration, config)) == 0
+    assert _fp32_weighted(quantize_onnx(fp32, calibration, config, fp32_layers=layers)) == len(layers)

@@ -131,7 +131,7 @@ def quantize_onnx(fp32: bytes, calibration: np.ndarray, config: QuantizeConfig, 
         source, prepared, target = (Path(folder) / name for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         source.write_bytes(fp32)
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)  # folds BN, infers shapes
-        # The exporter names a layer's nodes after its module path: layer1.0.conv1 → /layer1/layer1.0/conv1/Conv
+        # The exporter names a layer's nodes after its scope: layer1.0.conv1.0 → /layer1/layer1.0/conv1/conv1.0/Conv
         scopes = tuple("/" + "/".join(_scope(name)) + "/" for name in fp32_layers)
         nodes = [n.name for n in onnx.load(str(prepared)).graph.node if n.name.startswith(scopes)] if scopes else []
         quantize_static(str(prepared), str(target), Batches(), quant_format=QuantFormat.QDQ,
@@ -142,9 +142,14 @@ def quantize_onnx(fp32: bytes, calibration: np.ndarray, config: QuantizeConfig, 
 
 
 def _scope(module_name: str) -> list[str]:
-    """The exporter's scope path of a module: each prefix of its dotted name."""
-    parts = module_name.split(".")
-    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+    """The exporter's scope path of a module: an attribute by its name, a container's numbered child by the
+    attribute it sits in and its index ("features.0.0" → features / features.0 / features.0.0)."""
+    parts, scope, named = module_name.split("."), [], 0
+    for i, part in enumerate(parts):
+        if not part.isdigit():
+            named = i
+        scope.append(".".join(parts[named : i + 1]))
+    return scope
 
 
 def compact_names(model: bytes) -> bytes:
