@@ -8,6 +8,7 @@ import json
 import logging
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,15 @@ from workers.data import DatasetConfig, SyntheticConfig, load_dataset
 from workers.evaluate import EvalContext, evaluate_candidate, save_candidate
 from workers.measures import Measures
 from workers.metrics import CandidateMetrics
-from workers.quantize import QuantizeConfig, quantize_model, quantize_onnx
+from workers.quantize import (
+    Int8Metrics,
+    QuantizeConfig,
+    Quantized,
+    quantize_model,
+    quantize_onnx,
+    save_int8,
+    stored_int8,
+)
 from workers.spec import CandidateSpec
 from workers.teacher import TeacherConfig, load_or_train_teacher, load_teacher
 from workers.train import TrainConfig, evaluate, train_model
@@ -246,3 +255,17 @@ def test_layers_left_in_fp32_are_found_by_their_module_names(build, size, layers
     config = QuantizeConfig(calibration_batches=1, calibration_batch_size=8)
     assert _fp32_weighted(quantize_onnx(fp32, calibration, config)) == 0
     assert _fp32_weighted(quantize_onnx(fp32, calibration, config, fp32_layers=layers)) == len(layers)
+
+
+def test_a_second_writer_of_the_same_int8_folder_gets_the_first_ones_figures(kept):
+    """Two runs quantize one candidate at once and time it differently: the folder is written once, the
+    second writer reports what the first stored, and the record still matches its manifest."""
+    _, store, spec_hash, _ = kept
+    config = QuantizeConfig(calibration_batches=5)
+    first = Int8Metrics(int8_accuracy=0.5, int8_val_accuracy=0.5, int8_latency_ms=0.2, int8_latency_b256_ms=9.0,
+                        int8_model_bytes=4, fp32_ort_latency_ms=0.3, fp32_ort_latency_b256_ms=12.0, fp32_onnx_bytes=16,
+                        int8_threads=1, int8_calibration_images=320)
+    second = replace(first, int8_latency_ms=0.25)
+    assert save_int8(store, spec_hash, config, Quantized(b"onnx", first)) == first
+    assert save_int8(store, spec_hash, config, Quantized(b"onnx", second)) == first
+    assert stored_int8(store, spec_hash, config) == first  # read through the manifest: nothing was replaced

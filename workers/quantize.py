@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -34,6 +35,7 @@ from workers import ort
 from workers.data import Splits, normalize
 
 log = logging.getLogger(__name__)
+OTHER_WRITER_S = 30.0  # seconds to wait for another writer's int8 manifest: it is two writes ahead at most
 UNIT = {"min": 0, "max": 1}
 COUNT = {"min": 0}
 
@@ -251,16 +253,26 @@ def stored_int8_model(store: ArtifactStore, spec_hash: str, config: QuantizeConf
 
 def save_int8(store: ArtifactStore, spec_hash: str, config: QuantizeConfig | str, quantized: Quantized,
               settings: dict[str, Any] | None = None) -> Int8Metrics:
-    """Write the int8 folder once; if another worker wrote it first, theirs is the measurement."""
+    """Write the int8 folder once, every file write-once: two workers quantizing the same candidate at once
+    (two runs) time it differently, and the second must not replace a record the first one's manifest
+    vouches for. The one that loses waits for the other's manifest: theirs is the measurement. If none
+    comes (the other writer died mid-save), this one's figures are reported, not stored."""
     prefix = int8_prefix(spec_hash, config)
     files = {"model.onnx": quantized.onnx,
              "int8.json": json_bytes({"config": settings if settings is not None else asdict(config),
                                       "metrics": asdict(quantized.metrics)})}
     try:
         for name, data in files.items():
-            store.put_bytes(f"{prefix}/{name}", data)
+            store.put_bytes(f"{prefix}/{name}", data, write_once=True)
         store.write_manifest(prefix, files)
     except WriteConflictError:
-        return stored_int8(store, spec_hash, config) or quantized.metrics
+        deadline = time.monotonic() + OTHER_WRITER_S
+        while time.monotonic() < deadline:
+            stored = stored_int8(store, spec_hash, config)
+            if stored is not None:
+                return stored
+            time.sleep(0.2)
+        log.warning("candidate %s: another writer's int8 folder %s has no manifest after %.0f s; its figures are "
+                    "reported, not stored", spec_hash, prefix, OTHER_WRITER_S)
     return quantized.metrics
 
