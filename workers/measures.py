@@ -7,7 +7,8 @@ quantization settings. So a candidate found in the store is completed, never ret
 probes it lacks, and quantized unless its int8 folder for this setting is stored already. Probe columns
 are stored with a freshly measured candidate (their names carry their setting); int8 figures live in the
 int8 folder only (`candidates/<hash>/int8-<key>/`), and reach the run's rows through the metrics a worker
-returns.
+returns. The exception: a candidate trained quantization-aware (workers.qat) keeps its int8 figures in its
+own metrics, since its int8 model is what it was trained for; a `quantize:` section leaves it as it is.
 """
 
 from __future__ import annotations
