@@ -80,6 +80,6 @@ def run_agp(context: RunContext) -> None:
     variants = [{"schedule": put_schedule(context.store, v["raw"]), "final_sparsity": v["final_sparsity"],
                  "ending_epoch": v["ending_epoch"]} for v in parsed]
     run_sparse_sweep(context, agp_trial, CandidateJob.of(context),
-                           param_space(search, context.config.train, variants), search.tune, search.reward,
-                           total=sweep.trial_count(search.tune, tuple(variants), search.tune.epochs), epochs=epochs,
-                           title=f"AGP, run {context.run_id}")
+                     param_space(search, context.config.train, variants), search.tune, search.reward,
+                     total=sweep.trial_count(search.tune, tuple(variants), search.tune.epochs), epochs=epochs,
+                     title=f"AGP, run {context.run_id}")

@@ -143,7 +143,7 @@ def measure_problems(config: Any) -> list[str]:
     from workers import ort
 
     budget, quantize, problems = budget_of(config.search), getattr(config, "quantize", None), []
-    missing = "onnxruntime is not installed (pip install onnxruntime, or searchsvc's 'export' extra)"
+    missing = ort.NOT_INSTALLED
     if budget is not None and budget.latency_backend == "onnxruntime" and not ort.available():
         problems.append(f"search.budget.latency_backend: {missing}")
     if quantize is not None and not ort.available():

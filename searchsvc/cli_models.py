@@ -88,8 +88,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     config = quantize_config(args)
     if not ort.available():
-        raise SearchsvcError("quantize: onnxruntime is not installed (pip install onnxruntime, or searchsvc's "
-                             "'export' extra)")
+        raise SearchsvcError(f"quantize: {ort.NOT_INSTALLED}")
     output = output_path(args.output, "-o", (".onnx",), create_folders=True) if args.output else None
     store = open_for(args, args.store)
     spec_hash = check_id(args.candidate, "spec hash")

@@ -102,6 +102,6 @@ def run_rigl(context: RunContext) -> None:
     settings = within_reach(search, search.budget, context) if search.budget is not None else None
     pairs = (tuple(settings), ()) if settings is not None else (t.dense_allocation, t.distribution)
     run_sparse_sweep(context, rigl_trial, RigLJob.of(context, search=search),
-                           param_space(search, context.config.train, settings), t, search.reward,
-                           total=sweep.trial_count(t, pairs[0], t.delta, t.alpha, pairs[1], t.static_topo),
-                           epochs=context.config.train.epochs, title=f"RigL, run {context.run_id}")
+                     param_space(search, context.config.train, settings), t, search.reward,
+                     total=sweep.trial_count(t, pairs[0], t.delta, t.alpha, pairs[1], t.static_topo),
+                     epochs=context.config.train.epochs, title=f"RigL, run {context.run_id}")

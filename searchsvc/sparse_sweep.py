@@ -91,10 +91,10 @@ def candidate_trial(job: CandidateJob, spec: CandidateSpec, progress_key: str, r
     ctx = worker_context(job.store, job.teacher_hash, job.dataset, job.resources, job.measures)
     metrics = stored_metrics(job.store, spec.spec_hash)
     cached = metrics is not None
-    if metrics is None:
-        metrics = evaluate_or_keep(spec, ctx, callbacks=[TrialCheckpoints(progress_key,
-                                                                          spec_hash=spec.spec_hash)])
-    metrics = complete(metrics, ctx)  # a stored candidate: the run's own measurements it lacks
+    if cached:  # the run's own measurements a stored candidate lacks (a fresh one was given them)
+        metrics = complete(metrics, ctx)
+    else:
+        metrics = evaluate_or_keep(spec, ctx, callbacks=[TrialCheckpoints(progress_key, spec_hash=spec.spec_hash)])
     row = {**{k: v for k in row_keys if (v := metrics.get(k)) is not None}, **run_columns(metrics)}
     tune.report({"epoch": spec.train.epochs, "val_accuracy": metrics.val_accuracy or 0.0,
                  progress_key: row.get(progress_key, 0.0),

@@ -129,11 +129,12 @@ def taylor_trial(sample: dict[str, Any], job: TrialJob) -> None:
         spec = iteration_spec(job, sample, state["parent"], prune=not met)
         metrics = stored_metrics(job.store, spec.spec_hash)
         cached = metrics is not None
-        if metrics is None:  # its epochs checkpointed with the trial's state: a restart goes on mid-iteration
+        if cached:  # the run's own measurements a stored candidate lacks (a fresh one was given them)
+            metrics = complete(metrics, ctx)
+        else:  # its epochs checkpointed with the trial's state: a restart goes on mid-iteration
             keeper = sweep.TrialCheckpoints(spec_hash=spec.spec_hash,
                                             files={"state.json": json.dumps(state)}, fixed={"reward": score})
             metrics = sweep.evaluate_or_keep(spec, ctx, callbacks=[keeper])
-        metrics = complete(metrics, ctx)  # a stored candidate: the run's own measurements it lacks
         ok = metrics.status == "ok"
         reason = stop_reason(metrics.val_accuracy, job.teacher_val_accuracy, job.search.stop) if ok else \
             f"invalid: {metrics.error}"

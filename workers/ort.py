@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 INPUT, OUTPUT = "images", "logits"  # the exported graph's input and output names
+NOT_INSTALLED = "onnxruntime is not installed (pip install onnxruntime, or searchsvc's 'export' extra)"
 
 
 def available() -> bool:
-    """Whether ONNX Runtime is installed (`pip install onnxruntime`, or searchsvc's `export` extra)."""
+    """Whether ONNX Runtime is installed (else NOT_INSTALLED says how to install it)."""
     return importlib.util.find_spec("onnxruntime") is not None
 
 
