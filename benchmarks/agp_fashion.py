@@ -18,12 +18,12 @@ import yaml
 
 from searchsvc.config import load_config
 from storage import open_store
-from workers.agp import put_schedule
-from workers.data import load_dataset
-from workers.evaluate import EvalContext, evaluate_candidate, load_candidate_model
-from workers.measure import latency_ms
-from workers.spec import CandidateSpec
-from workers.teacher import load_or_train_teacher
+from workers.compression.agp import put_schedule
+from workers.data.datasets import load_dataset
+from workers.evaluation.evaluate import EvalContext, evaluate_candidate, load_candidate_model
+from workers.evaluation.spec import CandidateSpec
+from workers.measurement.measure import latency_ms
+from workers.training.teacher import load_or_train_teacher
 
 SCHEDULES = {"element": "configs/schedules/resnet20-element.agp.yaml",
              "filters": "configs/schedules/resnet20-filters.agp.yaml"}

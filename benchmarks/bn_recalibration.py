@@ -18,19 +18,20 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from common import write_result
-
 import torch
+from common import write_result
 
 from searchsvc.config import load_config
 from searchsvc.job import run
-from storage import LocalStore
-from workers.data import load_dataset
-from storage import layout  # noqa: E402
-from workers.evaluate import EvalContext, evaluate_candidate
-from workers.metrics import stored_metrics
-from workers.spec import CandidateSpec
-from workers.teacher import load_teacher
+from storage import (
+    LocalStore,
+    layout,  # noqa: E402
+)
+from workers.data.datasets import load_dataset
+from workers.evaluation.evaluate import EvalContext, evaluate_candidate
+from workers.evaluation.spec import CandidateSpec
+from workers.measurement.metrics import stored_metrics
+from workers.training.teacher import load_teacher
 
 
 def trained_specs(store: LocalStore, run_id: str) -> list[CandidateSpec]:

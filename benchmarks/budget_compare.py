@@ -26,8 +26,8 @@ import common  # noqa: F401 — puts the checkout on sys.path
 from searchsvc.budget import Budget
 from searchsvc.compare import chosen, load_run
 from storage import open_store
-from workers.measure import count_macs
-from workers.teacher import load_teacher
+from workers.measurement.measure import count_macs
+from workers.training.teacher import load_teacher
 
 TEACHER = ["teacher.arch=resnet20", "teacher.epochs=4", "teacher.batch_size=256", "teacher.lr=0.1",
            "teacher.weight_decay=0.0005", "teacher.augment=false"]

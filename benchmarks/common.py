@@ -17,13 +17,13 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 from searchsvc.version import code_version  # noqa: E402
 
 if TYPE_CHECKING:
-    from workers.data import DatasetConfig
+    from workers.data.datasets import DatasetConfig
 
 
 def cifar_shaped(images: int, test: int = 256, val_fraction: float = 0.1) -> "DatasetConfig":
     """CIFAR-10-shaped synthetic data (10 classes, 3x32x32; the content does not change the speed), so that no
     benchmark downloads anything: `images` official training images, `test` test images."""
-    from workers.data import DatasetConfig, SyntheticConfig
+    from workers.data.datasets import DatasetConfig, SyntheticConfig
 
     synthetic = SyntheticConfig(num_classes=10, channels=3, image_size=32, train_size=images, test_size=test)
     return DatasetConfig(name="synthetic", synthetic=synthetic, val_fraction=val_fraction)

@@ -26,8 +26,8 @@ from common import write_result  # noqa: E402
 
 import searchsvc  # noqa: E402
 from storage import open_store  # noqa: E402
-from workers.metrics import stored_metrics  # noqa: E402
-from workers.train import resolve_device  # noqa: E402
+from workers.measurement.metrics import stored_metrics  # noqa: E402
+from workers.training.train import resolve_device  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "n2n-smoke.yaml"
 

@@ -3,7 +3,7 @@ the worker's training loop against a plain PyTorch loop, in the same process.
 
     python benchmarks/epoch_time.py [--images 50000] [--batch 512] [--cached] [--compile] [--out benchmarks/results]
 
-ours:  `workers.train.train_model` as a candidate evaluation runs it: the split resident on the device,
+ours:  `workers.training.train.train_model` as a candidate evaluation runs it: the split resident on the device,
        augmentation (random crop + flip) batched on the device, channels_last, bf16 autocast on a GPU,
        the teacher (a bf16 copy on a GPU) run on each augmented batch, no host sync inside the epoch.
        With --cached: no augmentation, the teacher's logits computed once and looked up per batch (the
@@ -29,14 +29,14 @@ import time
 from typing import Any
 
 import torch
+from common import cifar_shaped, write_result
 from torch.utils.data import DataLoader, Dataset
 
-from common import cifar_shaped, write_result
-from workers.data import Splits, load_dataset
-from workers.distill import distill_loss_fn, inference_copy, kd_loss, teacher_logits
-from workers.measure import count_macs
-from workers.train import DistillConfig, TrainConfig, resolve_device, train_model
-from workers.zoo import create_model
+from workers.data.datasets import Splits, load_dataset
+from workers.measurement.measure import count_macs
+from workers.models.zoo import create_model
+from workers.training.distill import distill_loss_fn, inference_copy, kd_loss, teacher_logits
+from workers.training.train import DistillConfig, TrainConfig, resolve_device, train_model
 
 # Dense bf16 tensor-core peak in TFLOP/s (vendor data sheets), matched against torch's device name.
 BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "A100": 312.0,

@@ -26,17 +26,17 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
-
 from common import UtilisationSampler, cifar_shaped, write_result  # noqa: E402
+
 from searchsvc.n2n_env import removal_stage  # noqa: E402
 from storage import LocalStore  # noqa: E402
-from workers.data import DatasetConfig, load_dataset  # noqa: E402
-from workers.pool import EvalPool  # noqa: E402
-from workers.resources import Resources  # noqa: E402
-from workers.spec import CandidateSpec  # noqa: E402
-from workers.surgery import removable_blocks  # noqa: E402
-from workers.teacher import TeacherConfig, load_or_train_teacher  # noqa: E402
-from workers.train import TrainConfig, resolve_device  # noqa: E402
+from workers.data.datasets import DatasetConfig, load_dataset  # noqa: E402
+from workers.evaluation.pool import EvalPool  # noqa: E402
+from workers.evaluation.resources import Resources  # noqa: E402
+from workers.evaluation.spec import CandidateSpec  # noqa: E402
+from workers.models.surgery import removable_blocks  # noqa: E402
+from workers.training.teacher import TeacherConfig, load_or_train_teacher  # noqa: E402
+from workers.training.train import TrainConfig, resolve_device  # noqa: E402
 
 
 def random_actions(blocks: tuple[str, ...], count: int, seed: int = 0) -> list[np.ndarray]:

@@ -37,19 +37,19 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common, epoch_time, process_pool
 
 import torch  # noqa: E402
-
 from common import REPO, UtilisationSampler, cifar_shaped, write_result  # noqa: E402
 from epoch_time import kd_epoch  # noqa: E402
 from process_pool import Job, removal_specs, time_processes  # noqa: E402
+
 from storage import LocalStore  # noqa: E402
-from workers.data import load_dataset  # noqa: E402
-from workers.distill import distill_loss_fn, inference_copy, teacher_logits  # noqa: E402
-from workers.resources import Resources  # noqa: E402
-from workers.spec import CandidateSpec  # noqa: E402
-from workers.surgery import removable_blocks  # noqa: E402
-from workers.teacher import TeacherConfig, load_or_train_teacher  # noqa: E402
-from workers.train import TrainCallback, TrainConfig, train_model  # noqa: E402
-from workers.zoo import create_model  # noqa: E402
+from workers.data.datasets import load_dataset  # noqa: E402
+from workers.evaluation.resources import Resources  # noqa: E402
+from workers.evaluation.spec import CandidateSpec  # noqa: E402
+from workers.models.surgery import removable_blocks  # noqa: E402
+from workers.models.zoo import create_model  # noqa: E402
+from workers.training.distill import distill_loss_fn, inference_copy, teacher_logits  # noqa: E402
+from workers.training.teacher import TeacherConfig, load_or_train_teacher  # noqa: E402
+from workers.training.train import TrainCallback, TrainConfig, train_model  # noqa: E402
 
 PARTS = ("tests", "sync", "epoch", "pool")
 TEST_FILES = ("tests/test_gpu.py", "tests/test_cuda_graph.py")  # their CUDA tests need no Ray

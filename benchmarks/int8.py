@@ -3,7 +3,7 @@
     python benchmarks/int8.py --store /tmp/budget-store --teacher 82d9194c238045dd \
         --candidates a4a00ba2985e3f80,105d9197d1ea77f4 [--threads 1,2]
 
-Each model is quantized by ONNX Runtime's static quantizer (workers.quantize, the path searchsvc uses) and,
+Each model is quantized by ONNX Runtime's static quantizer (workers.compression.quantize, the path searchsvc uses) and,
 where `torchao` imports, by PyTorch's export-based quantization (PT2E, X86InductorQuantizer): the two paths
 the README's choice is made between. Every latency is the median of one process's passes, all models and
 backends in one run, so the ratios compare like with like. JSON: benchmarks/results/int8_<name>.json.
@@ -25,14 +25,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from searchsvc.version import code_version  # noqa: E402
 from storage import open_store  # noqa: E402
-from workers import ort  # noqa: E402
-from workers.data import Splits, load_dataset  # noqa: E402
-from workers.evaluate import load_candidate_model  # noqa: E402
-from workers.measure import latency_ms, model_bytes  # noqa: E402
-from workers.quantize import QuantizeConfig, accuracy, calibration_images, quantize_onnx  # noqa: E402
-from workers.spec import CandidateSpec  # noqa: E402
-from workers.teacher import load_teacher  # noqa: E402
-from workers.train import evaluate  # noqa: E402
+from workers.compression.quantize import QuantizeConfig, accuracy, calibration_images, quantize_onnx  # noqa: E402
+from workers.data.datasets import Splits, load_dataset  # noqa: E402
+from workers.evaluation.evaluate import load_candidate_model  # noqa: E402
+from workers.evaluation.spec import CandidateSpec  # noqa: E402
+from workers.measurement import ort  # noqa: E402
+from workers.measurement.measure import latency_ms, model_bytes  # noqa: E402
+from workers.training.teacher import load_teacher  # noqa: E402
+from workers.training.train import evaluate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -7,7 +7,7 @@ Processes get the GPU by time-slicing between their CUDA contexts (no MPS): kern
 run at once. Threads of one process share one context, so kernels on their streams can overlap; the
 GIL serialises only their Python. Each worker first runs a warm-up epoch (cuDNN autotuning), then the
 timed one; gain = sequential seconds / concurrent seconds for the same N epochs. torch alone. The epochs
-are `train_model`'s, so their steps are CUDA-graph replays (workers.graphed). Under scripts/with-mps.sh
+are `train_model`'s, so their steps are CUDA-graph replays (workers.training.cuda_graph). Under scripts/with-mps.sh
 the processes share one context (MPS) and their kernels may overlap.
 With --graph: a small student's training step eager against the same step captured once as a CUDA graph
 (launch overhead is what packing tries to hide).
@@ -26,12 +26,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from common import cifar_shaped, write_result  # noqa: E402
-from workers.data import Splits, load_dataset, normalize  # noqa: E402
-from workers.distill import distill_loss_fn, kd_loss, teacher_logits  # noqa: E402
-from workers.train import DistillConfig, TrainConfig, train_model  # noqa: E402
-from workers.zoo import create_model  # noqa: E402
+
+from workers.data.datasets import Splits, load_dataset, normalize  # noqa: E402
+from workers.models.zoo import create_model  # noqa: E402
+from workers.training.distill import distill_loss_fn, kd_loss, teacher_logits  # noqa: E402
+from workers.training.train import DistillConfig, TrainConfig, train_model  # noqa: E402
 
 
 def epoch(arch: str, splits: Splits, logits: torch.Tensor, batch: int, seed: int) -> float:

@@ -31,14 +31,14 @@ import torch  # noqa: E402
 import searchsvc  # noqa: E402
 from searchsvc.taylor import prune_count  # noqa: E402
 from storage import LocalStore  # noqa: E402
-from workers.data import load_dataset  # noqa: E402
-from workers.distill import distill_loss_fn  # noqa: E402
-from workers.evaluate import EvalContext  # noqa: E402
-from workers.graph import classifier, example_input  # noqa: E402
-from workers.measure import count_macs, count_parameters, measure  # noqa: E402
-from workers.taylor import _loss_batches, prunable_channels  # noqa: E402
-from workers.teacher import load_or_train_teacher  # noqa: E402
-from workers.train import train_model  # noqa: E402
+from workers.compression.taylor import _loss_batches, prunable_channels  # noqa: E402
+from workers.data.datasets import load_dataset  # noqa: E402
+from workers.evaluation.evaluate import EvalContext  # noqa: E402
+from workers.measurement.measure import count_macs, count_parameters, measure  # noqa: E402
+from workers.models.depgraph import classifier, example_input  # noqa: E402
+from workers.training.distill import distill_loss_fn  # noqa: E402
+from workers.training.teacher import load_or_train_teacher  # noqa: E402
+from workers.training.train import train_model  # noqa: E402
 
 TIE_POINTS = 0.3  # accuracy differences within this many points count as equal
 MACS_TOLERANCE = 0.02  # a model with up to 2 % more MACs than a Torch-Pruning point is matched to it

@@ -21,16 +21,16 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray  # noqa: E402
 import torch  # noqa: E402
-
 from common import write_result  # noqa: E402
+
 from storage import LocalStore  # noqa: E402
-from workers.data import DatasetConfig, SyntheticConfig, load_dataset  # noqa: E402
-from workers.evaluate import EvalContext, evaluate_candidate  # noqa: E402
-from workers.pool import EvalPool
-from workers.resources import Resources  # noqa: E402
-from workers.spec import CandidateSpec  # noqa: E402
-from workers.teacher import TeacherConfig, load_or_train_teacher, load_teacher  # noqa: E402
-from workers.train import TrainConfig  # noqa: E402
+from workers.data.datasets import DatasetConfig, SyntheticConfig, load_dataset  # noqa: E402
+from workers.evaluation.evaluate import EvalContext, evaluate_candidate  # noqa: E402
+from workers.evaluation.pool import EvalPool
+from workers.evaluation.resources import Resources  # noqa: E402
+from workers.evaluation.spec import CandidateSpec  # noqa: E402
+from workers.training.teacher import TeacherConfig, load_or_train_teacher, load_teacher  # noqa: E402
+from workers.training.train import TrainConfig  # noqa: E402
 
 
 def main() -> None:

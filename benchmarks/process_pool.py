@@ -1,6 +1,6 @@
 """Candidates per GPU-hour without Ray: worker processes (`torch.multiprocessing`, spawn) sharing one device.
 
-Each process does what a pool actor does (`workers.evaluate.local_context`: its share of the GPU's memory,
+Each process does what a pool actor does (`workers.evaluation.evaluate.local_context`: its share of the GPU's memory,
 cuDNN autotuning, data and teacher resident, the teacher's logits computed once) and then takes
 candidates from a shared queue: the device half of an evaluation (`compute_candidate`), then the store
 write (`save_evaluated`) on a thread of its own while the next candidate trains, as `EvalWorker` does.
@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from storage import LocalStore
-from workers.data import DatasetConfig
-from workers.evaluate import EvalContext, compute_candidate, local_context, save_evaluated
-from workers.resources import Resources
-from workers.spec import CandidateSpec
+from workers.data.datasets import DatasetConfig
+from workers.evaluation.evaluate import EvalContext, compute_candidate, local_context, save_evaluated
+from workers.evaluation.resources import Resources
+from workers.evaluation.spec import CandidateSpec
 
 RESULT_TIMEOUT_S = 600.0  # no result for this long: a worker hung or died
 

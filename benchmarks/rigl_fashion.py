@@ -18,10 +18,10 @@ import time
 import common  # noqa: F401 — puts the checkout on sys.path
 import torch
 
-from workers.data import DatasetConfig, load_dataset
-from workers.rigl import RigLCallback
-from workers.train import Recipe, train_model
-from workers.zoo import create_model
+from workers.compression.rigl import RigLCallback
+from workers.data.datasets import DatasetConfig, load_dataset
+from workers.models.zoo import create_model
+from workers.training.train import Recipe, train_model
 
 
 def rigl_callback(args: argparse.Namespace, static: bool, seed: int) -> RigLCallback:

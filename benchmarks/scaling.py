@@ -6,7 +6,7 @@ A `ray.cluster_utils.Cluster` on this machine: a head without CPUs (the driver o
 nodes of one CPU each. Every evaluation has a fixed cost (`--cost-s` of sleep: no CPU, so nodes on one
 machine do not compete) and writes its metrics to the store like a real one; the driver records each
 result row (write-once JSON) and rewrites results.parquet as the Recorder does. The same actor pool
-(`workers.pool.EvalPool`) runs them. Ideal throughput is nodes / cost; `efficiency` is measured over
+(`workers.evaluation.pool.EvalPool`) runs them. Ideal throughput is nodes / cost; `efficiency` is measured over
 ideal (at most 1), and `driver_ms_per_eval` is the time per evaluation the run took beyond the ideal. A
 warm-up pool runs first, so the 1-node figure carries no first-run cost (it made 4 nodes look superlinear).
 """
@@ -26,12 +26,12 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from searchsvc.result_table import write_results  # noqa: E402
 from storage import LocalStore  # noqa: E402
-from workers.data import DatasetConfig  # noqa: E402
-from workers.metrics import CandidateMetrics  # noqa: E402
-from workers.pool import EvalPool, EvalWorker  # noqa: E402
-from workers.resources import Resources  # noqa: E402
-from workers.spec import CandidateSpec  # noqa: E402
-from workers.train import TrainConfig  # noqa: E402
+from workers.data.datasets import DatasetConfig  # noqa: E402
+from workers.evaluation.pool import EvalPool, EvalWorker  # noqa: E402
+from workers.evaluation.resources import Resources  # noqa: E402
+from workers.evaluation.spec import CandidateSpec  # noqa: E402
+from workers.measurement.metrics import CandidateMetrics  # noqa: E402
+from workers.training.train import TrainConfig  # noqa: E402
 
 RESULTS_EVERY_S = 5.0  # as searchsvc.evaluator: results.parquet rewritten at most this often
 

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 from common import write_result
+
 from storage import open_store
 
 

@@ -13,10 +13,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from common import write_result
-from workers.train import resolve_device
-from workers.zoo import create_model
+
+from workers.models.zoo import create_model
+from workers.training.train import resolve_device
 
 
 def images_per_second(arch: str, channels_last: bool, device: torch.device, batch: int, size: int, channels: int,

@@ -14,7 +14,7 @@ import argparse
 import torch
 import torchvision
 
-from workers.data import DatasetConfig, load_dataset
+from workers.data.datasets import DatasetConfig, load_dataset
 
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST's pixel statistics: the normalisation the config states
 

@@ -5,7 +5,7 @@
       tune: {final_sparsity: [0.8, {stages: 0.9}], ending_epoch: [6], lr: [0.02]}   # 2 trials
 
 Each trial trains a copy of the teacher for `train.epochs` with its schedule variant in the loop
-(workers/agp.py), reporting validation accuracy and sparsity to Tune after every epoch (ASHA stops the weak
+(workers/compression/agp.py), reporting validation accuracy and sparsity to Tune after every epoch (ASHA stops the weak
 ones), then thins the network and stores it as one candidate. Result rows carry sparsity, non-zero
 parameters, and MACs before and after thinning; size for compression, reward and the Pareto front is
 the non-zero parameter count. At the end the run stores, per kept model, its sparsity and compute
@@ -27,10 +27,10 @@ from searchsvc.methods import AgpSearch
 from searchsvc.schedules import schedule_variants
 from searchsvc.sparse_sweep import CandidateJob, candidate_trial, run_sparse_sweep
 from searchsvc.sweep import choose
-from workers.agp import final_footprint, put_schedule
-from workers.graph import example_input
-from workers.spec import CandidateSpec
-from workers.train import TrainConfig
+from workers.compression.agp import final_footprint, put_schedule
+from workers.evaluation.spec import CandidateSpec
+from workers.models.depgraph import example_input
+from workers.training.train import TrainConfig
 
 log = logging.getLogger(__name__)
 ROW_KEYS = ("sparsity", "nonzero_params", "nonzero_macs", "macs_before_thinning", "sparsity_before_thinning",

@@ -12,7 +12,7 @@ Each stated limit is inclusive: a candidate is within budget when every stated q
 limit. A sparse (unthinned) model is judged by its non-zero parameters and non-zero MACs — what a sparse
 kernel would cost — while its latency is measured as it runs, so a missing speedup shows. Latency at batch 1
 and 256 on torch is measured for every kept candidate; another setting is a `LatencyProbe` the workers time
-each candidate with too (workers.latency), stored candidates included. Each result
+each candidate with too (workers.measurement.latency), stored candidates included. Each result
 row records `within_budget`; `searchsvc results` and the report lead with the best row within budget.
 """
 
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, TypeVar
 
 from core.errors import SearchsvcError
-from workers.latency import LatencyProbe
-from workers.measures import Measures
+from workers.measurement.latency import LatencyProbe
+from workers.measurement.run_measures import Measures
 
 log = logging.getLogger(__name__)
 Setting = TypeVar("Setting")
@@ -140,7 +140,7 @@ def measure_problems(config: Any) -> list[str]:
     """What keeps a run from measuring what its config asks (checked at validate, not when a stored run's
     config is read back): ONNX Runtime not installed for an onnxruntime latency budget or for `quantize:`, an
     int8 limit without a `quantize:` section to make the int8 model."""
-    from workers import ort
+    from workers.measurement import ort
 
     budget, quantize, problems = budget_of(config.search), getattr(config, "quantize", None), []
     missing = ort.NOT_INSTALLED
@@ -174,7 +174,7 @@ def probes_of(search: Any) -> tuple[LatencyProbe, ...]:
 
 def measures_of(config: Any) -> Measures:
     """What a run measures of each kept candidate beyond the standard metrics: its budget's latency probes,
-    and int8 quantization with a `quantize:` section (workers.measures)."""
+    and int8 quantization with a `quantize:` section (workers.measurement.run_measures)."""
     return Measures(probes_of(config.search), getattr(config, "quantize", None))
 
 

@@ -11,10 +11,10 @@ from torch import nn
 
 from core.errors import SearchsvcError
 from storage import ArtifactStore, KeyNotFoundError, StoreOptions, check_id, layout, open_store
-from workers import ort
-from workers.evaluate import load_candidate_model
-from workers.spec import CandidateSpec
-from workers.teacher import load_teacher
+from workers.evaluation.evaluate import load_candidate_model
+from workers.evaluation.spec import CandidateSpec
+from workers.measurement import ort
+from workers.training.teacher import load_teacher
 
 
 def split_candidate_uri(uri_or_hash: str) -> tuple[str | None, str]:

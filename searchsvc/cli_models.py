@@ -66,7 +66,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     from searchsvc.candidates import stored_model
-    from workers.summary import format_summary, summary, to_csv
+    from workers.measurement.summary import format_summary, summary, to_csv
 
     store = open_for(args, args.store)
     model, (channels, image_size) = stored_model(store, check_id(args.model, "model hash"))
@@ -83,8 +83,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from searchsvc.quantized import comparison_rows, quantize_candidate
     from searchsvc.text_table import plain_table
-    from workers import ort
-    from workers.quantize import stored_int8_model
+    from workers.compression.quantize import stored_int8_model
+    from workers.measurement import ort
 
     config = quantize_config(args)
     if not ort.available():
@@ -107,7 +107,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def quantize_config(args: argparse.Namespace) -> Any:
     """The flags as a QuantizeConfig; each bad value named by its flag."""
     from core.records import RecordError, from_data
-    from workers.quantize import QuantizeConfig
+    from workers.compression.quantize import QuantizeConfig
 
     flags = {"bits": "--bits", "calibration_batches": "--calibration-batches",
              "calibration_batch_size": "--calibration-batch-size", "threads": "--threads", "method": "--method"}

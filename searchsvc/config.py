@@ -15,11 +15,11 @@ from core.records import RecordError, from_data, to_data
 from core.yamlio import load_yaml
 from searchsvc.methods import get_method, list_methods
 from storage import DEFAULT_STORE
-from workers.data import DatasetConfig
-from workers.quantize import QuantizeConfig
-from workers.resources import Resources
-from workers.teacher import TeacherConfig
-from workers.train import TrainConfig
+from workers.compression.quantize import QuantizeConfig
+from workers.data.datasets import DatasetConfig
+from workers.evaluation.resources import Resources
+from workers.training.teacher import TeacherConfig
+from workers.training.train import TrainConfig
 
 
 class ConfigError(RecordError):
@@ -138,7 +138,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> JobConfig:
 def _user_model_problems(config: JobConfig) -> list[str]:
     """What `validate` can tell of the user's own network without building it: its constructor imports, its
     local weights file exists."""
-    from workers.user_model import constructor
+    from workers.models.user_model import constructor
 
     problems = []
     if config.teacher.model is not None:

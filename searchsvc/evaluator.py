@@ -27,15 +27,15 @@ from searchsvc.stopping import stop_on_sigterm
 from searchsvc.version import code_version
 from storage import StoreUnreachableError, layout, spool
 from storage.base import json_bytes as store_json_bytes
-from workers.evaluate import UnsavedResult
-from workers.latency import LatencyProbe, time_probe
-from workers.measure import count_macs, count_parameters
-from workers.measures import run_columns
-from workers.metrics import CandidateMetrics
-from workers.pool import EvalPool
-from workers.spec import CandidateSpec
-from workers.teacher import ensure_train_logits
-from workers.train import resolve_device
+from workers.evaluation.evaluate import UnsavedResult
+from workers.evaluation.pool import EvalPool
+from workers.evaluation.spec import CandidateSpec
+from workers.measurement.latency import LatencyProbe, time_probe
+from workers.measurement.measure import count_macs, count_parameters
+from workers.measurement.metrics import CandidateMetrics
+from workers.measurement.run_measures import run_columns
+from workers.training.teacher import ensure_train_logits
+from workers.training.train import resolve_device
 
 log = logging.getLogger(__name__)
 RESULTS_EVERY_S = 5.0  # seconds between rewrites of results.parquet while the run goes

@@ -18,9 +18,9 @@ from core.names import is_int
 from searchsvc.evaluator import Evaluator, ensure_ray
 from searchsvc.job import RunContext
 from searchsvc.methods import GridCandidate, GridSearch
-from workers.graph import channel_groups, example_input, removable_units, remove_units
-from workers.spec import CandidateSpec
-from workers.surgery import round_width, width_keys
+from workers.evaluation.spec import CandidateSpec
+from workers.models.depgraph import channel_groups, example_input, removable_units, remove_units
+from workers.models.surgery import round_width, width_keys
 
 
 def teacher_widths(teacher: nn.Module, removed: tuple[str, ...], in_channels: int, image_size: int) -> dict[str, int]:

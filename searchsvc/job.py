@@ -26,9 +26,9 @@ from searchsvc.stopping import Stopped, stop_on_sigterm
 from searchsvc.version import code_version
 from storage import ArtifactStore, KeyNotFoundError, StoreOptions, StoreUnreachableError, layout, open_store, spool
 from storage.base import MANIFEST
-from workers.data import Splits, load_dataset
-from workers.teacher import Teacher, load_or_train_teacher
-from workers.train import resolve_device
+from workers.data.datasets import Splits, load_dataset
+from workers.training.teacher import Teacher, load_or_train_teacher
+from workers.training.train import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ class Method:
 
     def check_config(self, config: Any) -> list[str]:
         """Problems of a schema-valid config that only this method knows about."""
-        from workers.zoo import is_residual, list_models
+        from workers.models.zoo import is_residual, list_models
 
         if config.teacher.model is not None and not self.user_models:
             takers = ", ".join(m.name for m in _METHODS.values() if m.user_models)
@@ -314,8 +314,8 @@ def check_rigl(config: Any) -> list[str]:
     """A rigl job must leave some layer sparse: a teacher of nothing but linear layers (an MLP) has none."""
     from torch import nn
 
-    from workers.user_model import construct
-    from workers.zoo import PlainArch, list_models, model_arch
+    from workers.models.user_model import construct
+    from workers.models.zoo import PlainArch, list_models, model_arch
 
     if not config.search.ignore_linear_layers:
         return []
@@ -333,9 +333,9 @@ def check_rigl(config: Any) -> list[str]:
 
 def check_n2n(config: Any) -> list[str]:
     """n2n on a user's network needs a block to remove: traced here, at validate, when the data's shape is known."""
-    from workers.data import input_shape
-    from workers.structure import structure_of
-    from workers.user_model import check_outputs, construct
+    from workers.data.datasets import input_shape
+    from workers.models.structure import structure_of
+    from workers.models.user_model import check_outputs, construct
 
     shape = input_shape(config.dataset)
     if config.teacher.source is None or shape is None:
@@ -353,8 +353,8 @@ def check_sensitivity(config: Any) -> list[str]:
     groups traced on the data's shape, when the config tells it)."""
     from searchsvc.schedules import base_model
     from searchsvc.sensitivity import analysed_weights
-    from workers.data import input_shape
-    from workers.graph import example_input
+    from workers.data.datasets import input_shape
+    from workers.models.depgraph import example_input
 
     model, shape = base_model(config.teacher), input_shape(config.dataset)
     if shape is None and config.teacher.source is not None and config.search.structure == "filter":

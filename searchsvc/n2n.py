@@ -34,9 +34,9 @@ from searchsvc.n2n_env import (
     shrink_stage,
 )
 from storage import layout
-from workers.metrics import stored_metrics
-from workers.spec import CandidateSpec
-from workers.structure import structure_of
+from workers.evaluation.spec import CandidateSpec
+from workers.measurement.metrics import stored_metrics
+from workers.models.structure import structure_of
 
 log = logging.getLogger(__name__)
 ENV_NAME = "searchsvc-n2n"

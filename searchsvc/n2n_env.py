@@ -19,8 +19,8 @@ from typing import Any, Callable
 import gymnasium as gym
 import numpy as np
 
-from workers.spec import CandidateSpec
-from workers.structure import Units
+from workers.evaluation.spec import CandidateSpec
+from workers.models.structure import Units
 
 # (specs) → one reward per spec, or None for a spec past the evaluation budget
 EvaluateFn = Callable[[list[CandidateSpec]], list[float | None]]

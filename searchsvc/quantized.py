@@ -3,7 +3,7 @@
     searchsvc quantize --store URI SPEC_HASH [-o model.onnx] [--calibration-batches 8] [--threads 1]
 
 The candidate's stored model (checked against its manifest) is exported to ONNX, calibrated on training
-batches of its own dataset, quantized by ONNX Runtime and measured (workers.quantize); the int8 model and its
+batches of its own dataset, quantized by ONNX Runtime and measured (workers.compression.quantize); the int8 model and its
 figures are stored beside the candidate, `candidates/<hash>/int8-<key>/`, under their own manifest. Asked
 again with the same settings, the stored int8 model is used (checked like every stored byte).
 """
@@ -14,10 +14,7 @@ import os
 from dataclasses import dataclass
 
 from storage import ArtifactStore, layout
-from workers.data import load_dataset
-from workers.evaluate import load_candidate_model
-from workers.metrics import CandidateMetrics, stored_metrics
-from workers.quantize import (
+from workers.compression.quantize import (
     Int8Metrics,
     QuantizeConfig,
     int8_prefix,
@@ -25,7 +22,10 @@ from workers.quantize import (
     save_int8,
     stored_int8,
 )
-from workers.spec import CandidateSpec
+from workers.data.datasets import load_dataset
+from workers.evaluation.evaluate import load_candidate_model
+from workers.evaluation.spec import CandidateSpec
+from workers.measurement.metrics import CandidateMetrics, stored_metrics
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ from searchsvc.budget import Budget
 from searchsvc.plots import front_png, progress_png, schedule_png
 from searchsvc.result_table import most_accurate, pareto_front, rank, read_row, results_table, stored_config
 from storage import ArtifactStore, layout
-from workers.latency import probe_columns
-from workers.measure import count_macs, count_parameters
-from workers.metrics import verified_metrics
-from workers.teacher import load_teacher
+from workers.measurement.latency import probe_columns
+from workers.measurement.measure import count_macs, count_parameters
+from workers.measurement.metrics import verified_metrics
+from workers.training.teacher import load_teacher
 
 # (metric, axis title, unit) of the Pareto plots; accuracy is always the other axis.
 FRONTS = [("params", "parameters", "count"), ("macs", "MACs per image", "count"),

@@ -7,7 +7,7 @@
       tune: {dense_allocation: [0.05, 0.1], distribution: [uniform, erk]}   # 4 trials
       # tune: {static_topo: [false, true]}: RigL against the static sparse baseline, same masks and seed
 
-Each trial trains one candidate (workers/rigl.py: the teacher's architecture, fresh or the teacher's
+Each trial trains one candidate (workers/compression/rigl.py: the teacher's architecture, fresh or the teacher's
 weights) with RigL gating every optimizer step, reporting validation accuracy and density to Tune after
 each epoch (ASHA stops weak trials), then stores it. Rows carry density, sparsity and non-zero
 parameters; compression, reward and the Pareto front count non-zero parameters. With `search.budget`, a
@@ -26,9 +26,9 @@ from searchsvc.job import RunContext
 from searchsvc.methods import RigLSearch
 from searchsvc.sparse_sweep import CandidateJob, candidate_trial, run_sparse_sweep
 from searchsvc.sweep import choose
-from workers.rigl import sparse_footprint
-from workers.spec import CandidateSpec
-from workers.train import TrainConfig
+from workers.compression.rigl import sparse_footprint
+from workers.evaluation.spec import CandidateSpec
+from workers.training.train import TrainConfig
 
 ROW_KEYS = ("density", "sparsity", "nonzero_params", "nonzero_macs", "rigl_updates")
 

@@ -18,12 +18,12 @@ from torch import nn
 from core.records import RecordError
 from core.yamlio import load_yaml
 from searchsvc.methods import AgpSearch
-from workers.data import input_shape
-from workers.graph import example_input
-from workers.schedule import ScheduleError, parse_schedule
-from workers.teacher import TeacherConfig
-from workers.user_model import construct
-from workers.zoo import create_model
+from workers.compression.schedule import ScheduleError, parse_schedule
+from workers.data.datasets import input_shape
+from workers.models.depgraph import example_input
+from workers.models.user_model import construct
+from workers.models.zoo import create_model
+from workers.training.teacher import TeacherConfig
 
 
 def base_schedule(search: AgpSearch) -> dict[str, Any]:

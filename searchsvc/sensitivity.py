@@ -2,7 +2,7 @@
 
 For every weight (or filter group) and every level in `levels`, the teacher with only that weight
 pruned to that sparsity is evaluated without fine-tuning — all points in parallel on the actor pool
-(workers/agp.py:sensitivity_step). The run stores
+(workers/compression/agp.py:sensitivity_step). The run stores
 
     runs/<id>/sensitivity.csv          weight, level, accuracy, drop (points), sparsity, non-zero params
     runs/<id>/plots/sensitivity.png    accuracy vs sparsity, one line per layer
@@ -27,12 +27,12 @@ from searchsvc.job import RunContext
 from searchsvc.methods import SensitivitySearch
 from searchsvc.plots import sensitivity_png
 from storage import layout
-from workers.graph import example_input
-from workers.metrics import CandidateMetrics
-from workers.pruners import prunable_weights
-from workers.spec import CandidateSpec
-from workers.summary import to_csv
-from workers.thinning import channel_groups
+from workers.compression.pruners import prunable_weights
+from workers.evaluation.spec import CandidateSpec
+from workers.measurement.metrics import CandidateMetrics
+from workers.measurement.summary import to_csv
+from workers.models.depgraph import example_input
+from workers.models.thinning import channel_groups
 
 SCHEDULE_KEY = "sensitivity.agp.yaml"
 

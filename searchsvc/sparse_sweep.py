@@ -27,15 +27,15 @@ from searchsvc.sweep import (
     report_fields,
 )
 from storage import ArtifactStore, layout
-from workers.data import DatasetConfig
-from workers.evaluate import complete, load_candidate_model
-from workers.measures import Measures, run_columns
-from workers.metrics import stored_metrics
-from workers.pool import worker_context
-from workers.resources import Resources
-from workers.spec import CandidateSpec
-from workers.summary import SUMMARY_KINDS, summary, to_csv
-from workers.train import TrainConfig
+from workers.data.datasets import DatasetConfig
+from workers.evaluation.evaluate import complete, load_candidate_model
+from workers.evaluation.pool import worker_context
+from workers.evaluation.resources import Resources
+from workers.evaluation.spec import CandidateSpec
+from workers.measurement.metrics import stored_metrics
+from workers.measurement.run_measures import Measures, run_columns
+from workers.measurement.summary import SUMMARY_KINDS, summary, to_csv
+from workers.training.train import TrainConfig
 
 
 class SparseRecorder(TrialRecorder):
@@ -75,7 +75,7 @@ class CandidateJob:
     train: TrainConfig
     resources: Resources
     seed: int
-    measures: Measures = Measures()  # the run's own measurements of each candidate (workers.measures)
+    measures: Measures = Measures()  # the run's own measurements of each candidate (workers.measurement.run_measures)
 
     @classmethod
     def of(cls, context: RunContext, **extra: Any) -> "CandidateJob":

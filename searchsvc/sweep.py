@@ -33,13 +33,13 @@ from searchsvc.methods import LogRange, SweepTune
 from searchsvc.result_table import pareto_front
 from searchsvc.rewards import RewardForm
 from storage import ArtifactStore, CorruptArtifactError, StoreUnreachableError, layout, spool
-from workers.data import DatasetConfig
-from workers.evaluate import UnsavedResult, evaluate_candidate
-from workers.measures import is_run_column
-from workers.metrics import CandidateMetrics, stored_metrics
-from workers.pool import ray_resources
-from workers.spec import CandidateSpec
-from workers.train import Checkpointer, TrainCallback
+from workers.data.datasets import DatasetConfig
+from workers.evaluation.evaluate import UnsavedResult, evaluate_candidate
+from workers.evaluation.pool import ray_resources
+from workers.evaluation.spec import CandidateSpec
+from workers.measurement.metrics import CandidateMetrics, stored_metrics
+from workers.measurement.run_measures import is_run_column
+from workers.training.train import Checkpointer, TrainCallback
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "tune"  # Tune's experiment folder name under runs/<id>/state/

@@ -7,7 +7,7 @@
       tune: {filters_per_iteration: [0.05, 0.1], lr: {low: 0.005, high: 0.05}, num_samples: 2}  # 2 x 2 trials
 
 A trial's iteration i prunes the model of iteration i-1 (the teacher for i = 1) by Taylor importance
-(workers/taylor.py), fine-tunes it, and measures it: a candidate in the store whose `init` is its
+(workers/compression/taylor.py), fine-tunes it, and measures it: a candidate in the store whose `init` is its
 parent, reported to Tune as one step. The trial ends after `iterations`, at the stop rule, or when
 ASHA stops it. With `search.budget`, the first point within budget ends the pruning: the trial's
 remaining iterations fine-tune it (rows of phase `fine-tune`, same architecture). A checkpoint is
@@ -36,16 +36,16 @@ from searchsvc.plots import trajectory_png
 from searchsvc.rewards import INVALID_REWARD, reward
 from searchsvc.sweep import TrialRecorder, absolute_dataset, choose, report_fields
 from storage import ArtifactStore, layout
-from workers.data import DatasetConfig
-from workers.evaluate import complete
-from workers.measure import count_parameters
-from workers.measures import Measures, run_columns
-from workers.metrics import stored_metrics
-from workers.pool import worker_context
-from workers.resources import Resources
-from workers.spec import CandidateSpec
-from workers.taylor import prunable_channels
-from workers.train import DistillConfig, TrainConfig
+from workers.compression.taylor import prunable_channels
+from workers.data.datasets import DatasetConfig
+from workers.evaluation.evaluate import complete
+from workers.evaluation.pool import worker_context
+from workers.evaluation.resources import Resources
+from workers.evaluation.spec import CandidateSpec
+from workers.measurement.measure import count_parameters
+from workers.measurement.metrics import stored_metrics
+from workers.measurement.run_measures import Measures, run_columns
+from workers.training.train import DistillConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class TrialJob:
     search: TaylorSearch
     resources: Resources
     seed: int
-    measures: Measures = Measures()  # the run's own measurements of each candidate (workers.measures)
+    measures: Measures = Measures()  # the run's own measurements of each candidate (workers.measurement.run_measures)
 
 
 def param_space(search: TaylorSearch, train: TrainConfig) -> dict[str, Any]:

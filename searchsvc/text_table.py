@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from workers.latency import probe_columns
+from workers.measurement.latency import probe_columns
 
 
 def table_rows(table: Any) -> list[dict[str, Any]]:

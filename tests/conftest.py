@@ -221,7 +221,7 @@ def one_torch_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def rgb32():
     """Synthetic 32x32 RGB splits, 4 classes, 512 training images: what the schedule tests train on."""
-    from workers.data import DatasetConfig, SyntheticConfig, load_dataset
+    from workers.data.datasets import DatasetConfig, SyntheticConfig, load_dataset
 
     return load_dataset(DatasetConfig(name="synthetic", synthetic=SyntheticConfig(
         num_classes=4, channels=3, image_size=32, train_size=512, test_size=128)))

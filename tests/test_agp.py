@@ -15,16 +15,16 @@ import yaml
 from searchsvc.cli import main
 from searchsvc.report import build_report
 from storage import open_store
-from workers.agp import final_footprint, get_schedule
-from workers.graph import example_input
-from workers.measure import count_macs
-from workers.pruners import PolicyStep, agp_sparsity
-from workers.schedule import CompressionScheduler, ScheduleError, load_schedule, parse_schedule
-from workers.summary import compute_summary, sparsity_summary
-from workers.teacher import load_teacher
-from workers.thinning import alive_channels, thin
-from workers.train import Recipe, TrainCallback, train_model
-from workers.zoo import create_model
+from workers.compression.agp import final_footprint, get_schedule
+from workers.compression.pruners import PolicyStep, agp_sparsity
+from workers.compression.schedule import CompressionScheduler, ScheduleError, load_schedule, parse_schedule
+from workers.measurement.measure import count_macs
+from workers.measurement.summary import compute_summary, sparsity_summary
+from workers.models.depgraph import example_input
+from workers.models.thinning import alive_channels, thin
+from workers.models.zoo import create_model
+from workers.training.teacher import load_teacher
+from workers.training.train import Recipe, TrainCallback, train_model
 
 REPO = Path(__file__).resolve().parent.parent
 SEED_SCHEDULE = REPO / "configs" / "schedules" / "simplenet_cifar.agp.yaml"

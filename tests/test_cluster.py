@@ -19,12 +19,12 @@ from ray.cluster_utils import Cluster
 
 from storage import S3Store
 from tests.conftest import S3Server
-from workers.data import DatasetConfig, SyntheticConfig, load_dataset
-from workers.pool import EvalPool
-from workers.resources import Resources
-from workers.spec import CandidateSpec
-from workers.teacher import TeacherConfig, load_or_train_teacher
-from workers.train import DistillConfig, TrainConfig
+from workers.data.datasets import DatasetConfig, SyntheticConfig, load_dataset
+from workers.evaluation.pool import EvalPool
+from workers.evaluation.resources import Resources
+from workers.evaluation.spec import CandidateSpec
+from workers.training.teacher import TeacherConfig, load_or_train_teacher
+from workers.training.train import DistillConfig, TrainConfig
 
 pytestmark = [pytest.mark.cluster, pytest.mark.s3]
 
@@ -109,7 +109,7 @@ def test_node_removed_mid_evaluation_and_a_joining_node_gets_work(cluster, prepa
 def test_a_candidate_that_keeps_killing_its_worker_becomes_invalid_alone(cluster, prepared):
     """A candidate whose evaluation kills the process every time (a crashing kernel, an OOM kill): the pool
     retries it a bounded number of times on fresh actors, then records it invalid; the others finish."""
-    from workers.pool import EvalWorker
+    from workers.evaluation.pool import EvalWorker
 
     store, teacher_hash = prepared
     good = specs(teacher_hash, 3, widths=(("layer2", 8),))

@@ -1,4 +1,4 @@
-"""The training step as one CUDA graph (workers.graphed): when it is used, and that it trains as the eager
+"""The training step as one CUDA graph (workers.training.cuda_graph): when it is used, and that it trains as the eager
 step does. The replay tests need CUDA (marked gpu: benchmarks/gpu_check.py runs them)."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.data import DatasetConfig, SyntheticConfig, load_dataset, normalize
-from workers.distill import distill_loss_fn, teacher_logits
-from workers.graphed import WARMUP_STEPS, GraphedStep
-from workers.train import Checkpointer, Recipe, TrainCallback, TrainConfig, _graphable, train_model
-from workers.zoo import create_model
+from workers.data.datasets import DatasetConfig, SyntheticConfig, load_dataset, normalize
+from workers.models.zoo import create_model
+from workers.training.cuda_graph import WARMUP_STEPS, GraphedStep
+from workers.training.distill import distill_loss_fn, teacher_logits
+from workers.training.train import Checkpointer, Recipe, TrainCallback, TrainConfig, _graphable, train_model
 
 DATA = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(train_size=2048, test_size=256, image_size=32,
                                                                   channels=3))
@@ -135,7 +135,7 @@ class Syncing(nn.Module):
 def test_a_model_that_cannot_be_captured_trains_eagerly_and_says_why(caplog):
     splits = load_dataset(DATA).to(CUDA)
     recipe = Recipe(epochs=2, batch_size=256, augment=False)
-    with caplog.at_level(logging.WARNING, logger="workers.graphed"):
+    with caplog.at_level(logging.WARNING, logger="workers.training.cuda_graph"):
         history = train_model(Syncing(), splits, recipe, CUDA, progress=False)
     assert [r["cuda_graph"] for r in history] == [False, False]
     assert history[-1]["loss"] < history[0]["loss"] and torch.isfinite(torch.tensor(history[-1]["loss"]))

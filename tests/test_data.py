@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from core.errors import SearchsvcError
-from workers import sources
-from workers.data import DatasetConfig, Splits, SyntheticConfig, load_dataset, normalize
+from workers.data import sources
+from workers.data.datasets import DatasetConfig, Splits, SyntheticConfig, load_dataset, normalize
 
 
 @pytest.fixture(autouse=True)

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.data import DatasetConfig, SyntheticConfig, load_dataset
-from workers.distill import distill_loss_fn, kd_loss, teacher_logits
-from workers.measure import count_macs, count_parameters, latency_ms, measure, model_bytes
-from workers.surgery import shrink
-from workers.train import DistillConfig, Recipe, TrainConfig, augment, recalibrate_batchnorm, train_model
-from workers.zoo import BlockArch, ResNetArch, build_model, create_model
+from workers.data.datasets import DatasetConfig, SyntheticConfig, load_dataset
+from workers.measurement.measure import count_macs, count_parameters, latency_ms, measure, model_bytes
+from workers.models.surgery import shrink
+from workers.models.zoo import BlockArch, ResNetArch, build_model, create_model
+from workers.training.distill import distill_loss_fn, kd_loss, teacher_logits
+from workers.training.train import DistillConfig, Recipe, TrainConfig, augment, recalibrate_batchnorm, train_model
 
 CPU = torch.device("cpu")
 
@@ -432,13 +432,13 @@ def test_recalibration_replaces_lagging_statistics_with_the_training_batches_own
 
 
 def evaluate_model(model: nn.Module, splits) -> float:
-    from workers.train import evaluate
+    from workers.training.train import evaluate
 
     return evaluate(model, *splits.test, splits.mean, splits.std)
 
 
 def test_count_macs_counts_each_architecture_once_and_other_models_every_time(monkeypatch):
-    import workers.measure as measure_module
+    import workers.measurement.measure as measure_module
 
     calls = []
     real = measure_module._count_macs
@@ -457,12 +457,12 @@ def test_count_macs_counts_each_architecture_once_and_other_models_every_time(mo
 
 
 def test_a_trained_candidate_is_measured_with_its_last_epochs_accuracies_not_a_second_pass(tmp_path, monkeypatch):
-    import workers.measure as measure_module
+    import workers.measurement.measure as measure_module
     from storage import LocalStore
-    from workers.evaluate import EvalContext, evaluate_candidate, load_candidate_model
-    from workers.spec import CandidateSpec
-    from workers.teacher import TeacherConfig, load_or_train_teacher
-    from workers.train import evaluate
+    from workers.evaluation.evaluate import EvalContext, evaluate_candidate, load_candidate_model
+    from workers.evaluation.spec import CandidateSpec
+    from workers.training.teacher import TeacherConfig, load_or_train_teacher
+    from workers.training.train import evaluate
 
     data = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(train_size=256, test_size=64))
     splits = load_dataset(data)
@@ -505,7 +505,7 @@ def test_the_onednn_workaround_is_still_needed():
 @pytest.mark.parametrize("batch, channels, expected", [
     (8, 16, torch.channels_last), (7, 16, torch.contiguous_format), (8, 12, torch.contiguous_format)])
 def test_training_memory_format_falls_back_to_nchw_only_where_onednn_crashes(batch, channels, expected):
-    from workers.train import training_memory_format
+    from workers.training.train import training_memory_format
 
     model = nn.Sequential(nn.Conv2d(3, channels, 3), nn.Conv2d(channels, 16, 1, stride=2))
     assert training_memory_format(model, CPU, batch) == expected

@@ -7,12 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from workers.data import DatasetConfig, SyntheticConfig, load_dataset
-from workers.distill import distill_loss_fn, teacher_logits
-from workers.measure import measure
-from workers.rigl import RigLCallback
-from workers.train import DistillConfig, Recipe, TrainCallback, augment, train_model
-from workers.zoo import create_model
+from workers.compression.rigl import RigLCallback
+from workers.data.datasets import DatasetConfig, SyntheticConfig, load_dataset
+from workers.measurement.measure import measure
+from workers.models.zoo import create_model
+from workers.training.distill import distill_loss_fn, teacher_logits
+from workers.training.train import DistillConfig, Recipe, TrainCallback, augment, train_model
 
 pytestmark = pytest.mark.gpu
 DATA = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(train_size=2048, test_size=256, image_size=32,
@@ -68,9 +68,9 @@ def test_fractional_gpus_put_four_actors_on_one_gpu(tmp_path):
     import ray
 
     from storage import LocalStore
-    from workers.pool import EvalPool, default_pool_size
-    from workers.resources import Resources
-    from workers.teacher import TeacherConfig, load_or_train_teacher
+    from workers.evaluation.pool import EvalPool, default_pool_size
+    from workers.evaluation.resources import Resources
+    from workers.training.teacher import TeacherConfig, load_or_train_teacher
 
     if ray.is_initialized():
         ray.shutdown()
@@ -90,7 +90,7 @@ def test_fractional_gpus_put_four_actors_on_one_gpu(tmp_path):
 
 
 def test_taylor_pruning_on_the_gpu_matches_the_cpu_ranking_and_trains_the_pruned_model(monkeypatch):
-    from workers.taylor import taylor_prune, taylor_scores
+    from workers.compression.taylor import taylor_prune, taylor_scores
 
     # fp32 against fp32: cuDNN's convolutions default to TF32 (10-bit mantissa), which moves scores by ~1e-3
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)

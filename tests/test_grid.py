@@ -16,8 +16,8 @@ from searchsvc.cli import main
 from searchsvc.grid import candidate_widths
 from searchsvc.methods import GridCandidate
 from storage import LocalStore
-from workers.surgery import width_keys
-from workers.zoo import model_arch
+from workers.models.surgery import width_keys
+from workers.models.zoo import model_arch
 
 REPO = Path(__file__).resolve().parent.parent
 GRID = REPO / "configs" / "grid-smoke.yaml"

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from searchsvc.config import load_config
 from searchsvc.agp import trial_spec as agp_spec
+from searchsvc.config import load_config
 from searchsvc.grid import grid_specs
 from searchsvc.n2n_env import removal_stage
 from searchsvc.rigl import trial_spec as rigl_spec
@@ -20,10 +20,10 @@ from searchsvc.sensitivity import sensitivity_specs
 from searchsvc.sparse_sweep import CandidateJob
 from searchsvc.taylor import TrialJob, iteration_spec
 from storage import open_store
-from workers.agp import put_schedule
-from workers.spec import CandidateSpec
-from workers.zoo import create_model
-from workers.teacher import teacher_hash
+from workers.compression.agp import put_schedule
+from workers.evaluation.spec import CandidateSpec
+from workers.models.zoo import create_model
+from workers.training.teacher import teacher_hash
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TEACHER = "82d9194c238045dd"  # the quickstart teacher (configs/quickstart.yaml)

@@ -1,4 +1,4 @@
-"""Latency where the user deploys (workers.latency, workers.ort): a budget's probe times every kept candidate
+"""Latency where the user deploys (workers.measurement.latency, workers.measurement.ort): a budget's probe times every kept candidate
 with ONNX Runtime on the CPU or with torch at any batch size, stored candidates included (timed again from
 their stored model, never retrained)."""
 
@@ -19,16 +19,16 @@ from searchsvc.budget import Budget, probes_of
 from searchsvc.cli import main
 from searchsvc.methods import GridSearch
 from storage import LocalStore
-from workers import ort
-from workers.data import DatasetConfig, SyntheticConfig, load_dataset
-from workers.evaluate import EvalContext, complete, evaluate_candidate
-from workers.latency import LatencyProbe, measure_probes, time_probe
-from workers.measures import Measures
-from workers.metrics import stored_metrics
-from workers.spec import CandidateSpec
-from workers.teacher import TeacherConfig, load_or_train_teacher
-from workers.train import TrainConfig
-from workers.zoo import create_model
+from workers.data.datasets import DatasetConfig, SyntheticConfig, load_dataset
+from workers.evaluation.evaluate import EvalContext, complete, evaluate_candidate
+from workers.evaluation.spec import CandidateSpec
+from workers.measurement import ort
+from workers.measurement.latency import LatencyProbe, measure_probes, time_probe
+from workers.measurement.metrics import stored_metrics
+from workers.measurement.run_measures import Measures
+from workers.models.zoo import create_model
+from workers.training.teacher import TeacherConfig, load_or_train_teacher
+from workers.training.train import TrainConfig
 
 CPU = torch.device("cpu")
 ORT_B1 = LatencyProbe("onnxruntime", batch=1, threads=1)
@@ -67,7 +67,7 @@ def test_a_model_onnx_cannot_export_is_left_untimed_with_a_warning(caplog):
             flat = x.flatten(1)
             return self.fc(flat) + torch.linalg.svdvals(flat[:, :4].reshape(-1, 2, 2)).sum(-1, keepdim=True)
 
-    with caplog.at_level(logging.WARNING, logger="workers.latency"):
+    with caplog.at_level(logging.WARNING, logger="workers.measurement.latency"):
         assert time_probe(Unexportable(), ORT_B1, CPU, 1, 16) is None
         assert measure_probes(Unexportable(), (ORT_B1,), CPU, 1, 16) == {}
     assert "ONNX Runtime on 1 CPU thread, batch 1: not measured" in caplog.text
@@ -135,7 +135,7 @@ def test_a_probe_times_each_fresh_candidate_and_a_stored_one_again_without_train
     assert probed.measures.missing_probes(stored) == (ORT_B1,)
 
     with monkeypatch.context() as patch:
-        patch.setattr("workers.evaluate.train_model", lambda *a, **k: pytest.fail("a stored candidate retrained"))
+        patch.setattr("workers.evaluation.evaluate.train_model", lambda *a, **k: pytest.fail("a stored candidate retrained"))
         timed = complete(stored, probed)
     assert timed.get("ort_latency_b1_t1_ms") > 0 and not probed.measures.incomplete(timed)
     assert (timed.accuracy, timed.params, timed.latency_ms) == (stored.accuracy, stored.params, stored.latency_ms)

@@ -21,12 +21,12 @@ from searchsvc.n2n_env import (
 from searchsvc.rewards import reward
 from storage import LocalStore
 from tests.conftest import kill_run_when
-from workers.data import DatasetConfig
-from workers.measure import count_macs
-from workers.spec import CandidateSpec
-from workers.structure import structure_of
-from workers.train import TrainConfig
-from workers.zoo import create_model
+from workers.data.datasets import DatasetConfig
+from workers.evaluation.spec import CandidateSpec
+from workers.measurement.measure import count_macs
+from workers.models.structure import structure_of
+from workers.models.zoo import create_model
+from workers.training.train import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "n2n-smoke.yaml"

@@ -12,13 +12,13 @@ import ray
 import torch
 
 from storage import CorruptArtifactError, LocalStore
-from workers.data import DatasetConfig, SyntheticConfig, load_dataset
-from workers.metrics import CandidateMetrics, stored_metrics
-from workers.pool import EvalPool
-from workers.resources import Resources
-from workers.spec import CandidateSpec
-from workers.teacher import TeacherConfig, load_or_train_teacher
-from workers.train import DistillConfig, TrainConfig
+from workers.data.datasets import DatasetConfig, SyntheticConfig, load_dataset
+from workers.evaluation.pool import EvalPool
+from workers.evaluation.resources import Resources
+from workers.evaluation.spec import CandidateSpec
+from workers.measurement.metrics import CandidateMetrics, stored_metrics
+from workers.training.teacher import TeacherConfig, load_or_train_teacher
+from workers.training.train import DistillConfig, TrainConfig
 
 DATA = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(train_size=512, test_size=128))
 TRAIN = TrainConfig(epochs=1, batch_size=64, augment=False, distill=DistillConfig(alpha=0.5))
@@ -153,7 +153,7 @@ def test_a_worker_that_cannot_start_fails_the_pool_with_its_cause(prepared, tmp_
 def test_files_left_by_a_writer_that_died_mid_save_are_replaced(prepared, monkeypatch, takeover):
     """A node removed while its worker saved a candidate leaves files but no manifest. The retry (takeover,
     what the pool asks after an actor died) replaces them at once; any other writer after OTHER_WRITER_S."""
-    from workers import evaluate
+    from workers.evaluation import evaluate
 
     store, teacher_hash = prepared
     dead = spec(teacher_hash, seed=77 if takeover else 78)

@@ -1,4 +1,4 @@
-"""Quantization-aware training from a Distiller schedule's `quantizers:` (workers/qat.py): fake quantization
+"""Quantization-aware training from a Distiller schedule's `quantizers:` (workers/compression/qat.py): fake quantization
 from the policy's first epoch, ranges that move in training only, overrides that keep layers in fp32, state
 that resumes, an AGP run whose result is an int8 model, and unsupported quantizers named at validate."""
 
@@ -14,12 +14,12 @@ import torch
 
 from searchsvc.cli import main
 from storage import LocalStore
-from workers.data import load_dataset
-from workers.quantize import accuracy
-from workers.schedule import CompressionScheduler, ScheduleError, parse_schedule
-from workers.spec import CandidateSpec
-from workers.train import Recipe, TrainCallback, train_model
-from workers.zoo import create_model
+from workers.compression.quantize import accuracy
+from workers.compression.schedule import CompressionScheduler, ScheduleError, parse_schedule
+from workers.data.datasets import load_dataset
+from workers.evaluation.spec import CandidateSpec
+from workers.models.zoo import create_model
+from workers.training.train import Recipe, TrainCallback, train_model
 
 REPO = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")

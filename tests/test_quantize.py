@@ -1,4 +1,4 @@
-"""int8 post-training quantization (workers.quantize, `searchsvc quantize`, the `quantize:` section): ONNX
+"""int8 post-training quantization (workers.compression.quantize, `searchsvc quantize`, the `quantize:` section): ONNX
 Runtime's static quantizer on real trained models, the int8 model stored beside its candidate under a
 manifest, and measured in a search."""
 
@@ -17,15 +17,10 @@ import pytest
 import torch
 import torchvision
 
-import workers.evaluate as evaluate_module
+import workers.evaluation.evaluate as evaluate_module
 from searchsvc.cli import main
 from storage import LocalStore, StoreUnreachableError
-from workers import ort
-from workers.data import DatasetConfig, SyntheticConfig, load_dataset
-from workers.evaluate import EvalContext, evaluate_candidate, save_candidate
-from workers.measures import Measures
-from workers.metrics import CandidateMetrics
-from workers.quantize import (
+from workers.compression.quantize import (
     Int8Metrics,
     QuantizeConfig,
     Quantized,
@@ -34,10 +29,15 @@ from workers.quantize import (
     save_int8,
     stored_int8,
 )
-from workers.spec import CandidateSpec
-from workers.teacher import TeacherConfig, load_or_train_teacher, load_teacher
-from workers.train import TrainConfig, evaluate, train_model
-from workers.zoo import create_model
+from workers.data.datasets import DatasetConfig, SyntheticConfig, load_dataset
+from workers.evaluation.evaluate import EvalContext, evaluate_candidate, save_candidate
+from workers.evaluation.spec import CandidateSpec
+from workers.measurement import ort
+from workers.measurement.metrics import CandidateMetrics
+from workers.measurement.run_measures import Measures
+from workers.models.zoo import create_model
+from workers.training.teacher import TeacherConfig, load_or_train_teacher, load_teacher
+from workers.training.train import TrainConfig, evaluate, train_model
 
 REPO = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -96,8 +96,8 @@ def test_quantize_stores_the_int8_model_beside_the_candidate_and_it_reloads_in_a
     recorded = json.loads(store.get_verified(prefix, "int8.json"))
     assert recorded["config"]["calibration_batches"] == 2
     code = (f"import json, sys; sys.path.insert(0, {str(REPO)!r})\n"
-            "from storage import LocalStore\nfrom workers.data import load_dataset\nfrom workers.quantize import accuracy\n"
-            "from workers.spec import CandidateSpec\n"
+            "from storage import LocalStore\nfrom workers.data.datasets import load_dataset\nfrom workers.compression.quantize import accuracy\n"
+            "from workers.evaluation.spec import CandidateSpec\n"
             f"store = LocalStore({str(store_dir)!r})\n"
             f"spec = CandidateSpec.from_json(store.get_verified('candidates/{spec_hash}', 'spec.json').decode())\n"
             "splits = load_dataset(spec.dataset)\n"
@@ -220,7 +220,7 @@ def test_a_model_that_cannot_be_quantized_stays_valid_without_int8_figures(kept,
         raise RuntimeError("the quantizer cannot take this graph")
 
     monkeypatch.setattr(evaluate_module, "quantize_model", broken)
-    with caplog.at_level(logging.WARNING, logger="workers.quantize"):
+    with caplog.at_level(logging.WARNING, logger="workers.compression.quantize"):
         completed = evaluate_module.complete(stored, ctx)
     assert completed.status == "ok" and completed.get("int8_accuracy") is None
     assert f"candidate {spec_hash}: no int8 model (RuntimeError: the quantizer cannot take this graph)" in caplog.text

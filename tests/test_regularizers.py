@@ -1,4 +1,4 @@
-"""Distiller's `regularizers:` in a schedule (workers/regularizers.py): the penalty is added to the loss in
+"""Distiller's `regularizers:` in a schedule (workers/compression/regularizers.py): the penalty is added to the loss in
 the policy's epochs only, group lasso drives the groups it targets towards zero, threshold_criteria zeros
 them for good, and a malformed regularizer is named at validate."""
 
@@ -9,10 +9,10 @@ import copy
 import pytest
 import torch
 
-from workers.regularizers import GroupLassoRegularizer, L1Regularizer
-from workers.schedule import CompressionScheduler, ScheduleError, parse_schedule
-from workers.train import Recipe, train_model
-from workers.zoo import create_model
+from workers.compression.regularizers import GroupLassoRegularizer, L1Regularizer
+from workers.compression.schedule import CompressionScheduler, ScheduleError, parse_schedule
+from workers.models.zoo import create_model
+from workers.training.train import Recipe, train_model
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

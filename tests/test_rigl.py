@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.data import DatasetConfig, SyntheticConfig, load_dataset, normalize
-from workers.evaluate import load_candidate_model
-from workers.rigl import RigLCallback, RigLScheduler, drop_and_grow, erk_densities, sparse_footprint
-from workers.train import Recipe, train_model
-from workers.zoo import create_model
+from workers.compression.rigl import RigLCallback, RigLScheduler, drop_and_grow, erk_densities, sparse_footprint
+from workers.data.datasets import DatasetConfig, SyntheticConfig, load_dataset, normalize
+from workers.evaluation.evaluate import load_candidate_model
+from workers.models.zoo import create_model
+from workers.training.train import Recipe, train_model
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

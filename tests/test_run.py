@@ -13,7 +13,7 @@ import searchsvc
 from searchsvc.cli import main
 from searchsvc.result_table import write_results
 from storage import LocalStore, open_store
-from workers.teacher import load_teacher
+from workers.training.teacher import load_teacher
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -74,7 +74,7 @@ def test_stored_teacher_reproduces_its_outputs(tmp_path):
 def test_a_teacher_stored_without_validation_accuracy_gets_it_once_beside_it(tmp_path, monkeypatch):
     """Teachers stored before validation decided have no val_accuracy in their (write-once) meta.json: it is
     computed on first load, recorded under teachers/<hash>/validation/ with its own manifest, then read back."""
-    import workers.teacher as teachers
+    import workers.training.teacher as teachers
 
     config = searchsvc.load_config(SMOKE, ["teacher.epochs=1", "dataset.synthetic.train_size=256"])
     first = searchsvc.run(config, store=str(tmp_path / "new"), progress=False)

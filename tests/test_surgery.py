@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from workers.surgery import InvalidTransform, derive_arch, predicted_params, shrink, width_keys
-from workers.zoo import create_model, is_residual, list_models
+from workers.models.surgery import InvalidTransform, derive_arch, predicted_params, shrink, width_keys
+from workers.models.zoo import create_model, is_residual, list_models
 
 IN_CHANNELS, IMAGE, BATCH, CLASSES = 3, 32, 2, 10
 

@@ -20,12 +20,19 @@ from searchsvc.result_table import pareto_front
 from searchsvc.taylor import prune_count, stop_reason
 from storage import LocalStore, open_store
 from tests.conftest import kill_run_when
-from workers.data import DatasetConfig, load_dataset, normalize
-from workers.measure import count_macs, count_parameters
-from workers.surgery import predicted_params, width_keys
-from workers.taylor import count_filters, plan_removal, prunable_channels, prune_groups, taylor_prune, taylor_scores
-from workers.train import TrainConfig, train_model
-from workers.zoo import create_model
+from workers.compression.taylor import (
+    count_filters,
+    plan_removal,
+    prunable_channels,
+    prune_groups,
+    taylor_prune,
+    taylor_scores,
+)
+from workers.data.datasets import DatasetConfig, load_dataset, normalize
+from workers.measurement.measure import count_macs, count_parameters
+from workers.models.surgery import predicted_params, width_keys
+from workers.models.zoo import create_model
+from workers.training.train import TrainConfig, train_model
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "taylor-smoke.yaml"

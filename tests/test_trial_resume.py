@@ -20,11 +20,11 @@ import torch
 import searchsvc
 from storage import LocalStore
 from tests.conftest import REPO
-from workers.data import DatasetConfig, SyntheticConfig, load_dataset
-from workers.rigl import RigLCallback
-from workers.schedule import CompressionScheduler, parse_schedule
-from workers.train import Checkpointer, Recipe, TrainCallback, TrainConfig, train_model
-from workers.zoo import create_model
+from workers.compression.rigl import RigLCallback
+from workers.compression.schedule import CompressionScheduler, parse_schedule
+from workers.data.datasets import DatasetConfig, SyntheticConfig, load_dataset
+from workers.models.zoo import create_model
+from workers.training.train import Checkpointer, Recipe, TrainCallback, TrainConfig, train_model
 
 CPU = torch.device("cpu")
 EPOCHS = 4

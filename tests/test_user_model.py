@@ -1,6 +1,6 @@
 """Issue 20: the user's own network — torchvision or a factory of theirs, from their weights file.
 
-The structure engine (workers/graph.py) on real torchvision models, then a grid run on Ray from a user's
+The structure engine (workers/models/depgraph.py) on real torchvision models, then a grid run on Ray from a user's
 trained factory network, the stored teacher, the candidates rebuilt in a fresh process, ONNX export, and
 every bad input as one line with exit 2.
 """
@@ -25,12 +25,12 @@ from searchsvc.cli import main
 from searchsvc.config import load_config
 from storage import LocalStore
 from tests.user_models.nets import scaled_cnn, small_resnet
-from workers.data import DatasetConfig, SyntheticConfig, load_dataset
-from workers.graph import channel_groups, example_input, rebuild, removable_units, remove_units, shrink_graph
-from workers.measure import count_macs, count_parameters
-from workers.teacher import TeacherConfig, load_or_train_teacher, teacher_hash
-from workers.train import Recipe, train_model
-from workers.user_model import ModelSource
+from workers.data.datasets import DatasetConfig, SyntheticConfig, load_dataset
+from workers.measurement.measure import count_macs, count_parameters
+from workers.models.depgraph import channel_groups, example_input, rebuild, removable_units, remove_units, shrink_graph
+from workers.models.user_model import ModelSource
+from workers.training.teacher import TeacherConfig, load_or_train_teacher, teacher_hash
+from workers.training.train import Recipe, train_model
 
 REPO = Path(__file__).resolve().parent.parent
 FACTORY = "tests.user_models.nets:small_resnet"
@@ -138,7 +138,7 @@ def test_given_weights_are_stored_as_given_and_never_trained(user_run, user_weig
     assert meta["history"] == [] and meta["train_seconds"] == 0
     given = torch.load(user_weights / "weights.pt", weights_only=True)
     stored = searchsvc.load_candidate  # noqa: F841 — candidates below; the teacher's file is compared here
-    from workers.teacher import load_teacher
+    from workers.training.teacher import load_teacher
     teacher_state = load_teacher(store, key).model.state_dict()
     assert given.keys() == teacher_state.keys()
     assert all(torch.equal(given[k], teacher_state[k]) for k in given)
@@ -156,7 +156,7 @@ def test_grid_on_a_user_model_gives_real_smaller_models(user_run):
 def test_a_user_candidate_loads_in_a_fresh_process_with_its_stored_accuracy(user_run):
     store_dir, store, run_id = user_run
     row = searchsvc.results(store, run_id).to_pylist()[0]
-    code = (f"import searchsvc, torch; from workers.data import *; from workers.train import evaluate;"
+    code = (f"import searchsvc, torch; from workers.data.datasets import *; from workers.training.train import evaluate;"
             f"m = searchsvc.load_candidate({row['spec_hash']!r}, store={str(store_dir)!r});"
             f"s = load_dataset(DatasetConfig(name='synthetic', synthetic=SyntheticConfig(**{DATA['synthetic']!r})));"
             f"print(evaluate(m, *s.test, s.mean, s.std))")
@@ -268,7 +268,7 @@ def test_a_fine_tuned_teacher_is_a_new_teacher_beside_the_given_one(user_weights
 
 
 def test_n2n_removes_and_shrinks_a_user_models_traced_blocks(user_weights, tmp_path, ray_session):
-    from workers.structure import structure_of
+    from workers.models.structure import structure_of
 
     units = structure_of(small_resnet(1, 4), 1, 16)
     assert units.names == ("blocks.0", "blocks.1", "blocks.3")
@@ -287,7 +287,7 @@ def test_n2n_removes_and_shrinks_a_user_models_traced_blocks(user_weights, tmp_p
 
 
 def test_taylor_prunes_a_user_model_over_its_dependency_graph(user_weights, tmp_path, ray_session):
-    from workers.taylor import graph_taylor_scores, plan_removal
+    from workers.compression.taylor import graph_taylor_scores, plan_removal
 
     dataset = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(**DATA["synthetic"]))
     model = small_resnet(1, 4)
@@ -338,8 +338,8 @@ def test_both_engines_agree_on_a_zoo_model_where_both_apply():
     """Why the zoo keeps its own surgery (README, "Your own model"): on ResNet-20 the traced engine finds the
     seven identity-shortcut blocks (the zoo also removes the two with a projection, keeping the 1x1 conv) and
     cuts the same parameter count at half width; only which channels survive differs (group score)."""
-    from workers.surgery import removable_blocks, shrink, width_keys
-    from workers.zoo import create_model
+    from workers.models.surgery import removable_blocks, shrink, width_keys
+    from workers.models.zoo import create_model
 
     teacher = create_model("resnet20", 1, 10).eval()
     example = example_input(teacher, 1, 28)
@@ -352,7 +352,7 @@ def test_both_engines_agree_on_a_zoo_model_where_both_apply():
 
 
 def test_rigl_trains_a_user_model_sparse_from_fresh_weights(user_weights, tmp_path, ray_session):
-    from workers.rigl import fresh_weights
+    from workers.compression.rigl import fresh_weights
 
     model = small_resnet(1, 4)
     torch.manual_seed(1)
@@ -416,8 +416,8 @@ def test_agp_prunes_a_user_model_element_wise_and_checks_structured_schedules(us
 def test_structured_agp_on_a_user_model_thins_to_the_same_outputs(name):
     """StructuredAGP over traced channel groups (residual streams, depthwise couplings): the masked network and
     the thinned one compute the same function, with far fewer MACs."""
-    from workers.schedule import CompressionScheduler, parse_schedule
-    from workers.thinning import group_of_weight, thin
+    from workers.compression.schedule import CompressionScheduler, parse_schedule
+    from workers.models.thinning import group_of_weight, thin
 
     torch.manual_seed(0)
     model = MODELS[name]().eval()
@@ -438,7 +438,7 @@ def test_structured_agp_on_a_user_model_thins_to_the_same_outputs(name):
 
 
 def test_thinning_a_user_model_removes_exactly_its_dead_channels():
-    from workers.thinning import thin
+    from workers.models.thinning import thin
 
     model = small_resnet(1, 4).eval()
     example = example_input(model, 1, 16)
@@ -483,7 +483,7 @@ def test_an_edited_constructor_in_a_stored_teacher_is_refused_before_it_runs(use
 
     from storage import CorruptArtifactError
     from storage.base import json_bytes
-    from workers.teacher import load_teacher
+    from workers.training.teacher import load_teacher
 
     dataset = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(**DATA["synthetic"]))
     config = TeacherConfig(model=FACTORY, kwargs={"num_classes": 4}, weights=str(user_weights / "weights.pt"))
@@ -502,7 +502,7 @@ def test_an_edited_constructor_in_a_stored_teacher_is_refused_before_it_runs(use
 
 
 def test_resizing_a_fixed_size_dataset_is_new_data_to_the_teacher_hash():
-    from workers.teacher import data_identity
+    from workers.training.teacher import data_identity
 
     plain = DatasetConfig(name="fashion_mnist")
     assert "resized" not in data_identity(plain)

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from core.errors import SearchsvcError
-from workers.data import DatasetConfig
-from workers.spec import CandidateSpec
-from workers.train import TrainConfig
-from workers.zoo import BlockArch, LayerType, build_model, create_model, list_models, model_arch, with_blocks
+from workers.data.datasets import DatasetConfig
+from workers.evaluation.spec import CandidateSpec
+from workers.models.zoo import BlockArch, LayerType, build_model, create_model, list_models, model_arch, with_blocks
+from workers.training.train import TrainConfig
 
 # ---- hand formulas ----------------------------------------------------------------------------------------
 
@@ -94,7 +94,7 @@ def test_unknown_model_suggests_the_closest_name():
 
 
 def test_registering_a_name_twice_is_refused():
-    from workers.zoo import register_model
+    from workers.models.zoo import register_model
 
     with pytest.raises(ValueError, match="already registered"):
         register_model("resnet20")(lambda c, k: model_arch("tiny_cnn", c, k))

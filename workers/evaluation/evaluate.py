@@ -34,21 +34,21 @@ from storage import (
     layout,
 )
 from storage.base import json_bytes
-from workers.data import DatasetConfig, Splits, load_dataset
-from workers.distill import distill_loss_fn, inference_copy, teacher_logits
-from workers.graph import example_input, rebuild, shrink_graph
-from workers.latency import measure_probes
-from workers.measure import measure
-from workers.measures import Measures
-from workers.metrics import CandidateMetrics, stored_metrics, verified_metrics
-from workers.quantize import quantize_model, save_int8, stored_int8, unless_unquantizable
-from workers.resources import Resources
-from workers.spec import CandidateSpec
-from workers.surgery import InvalidTransform, derive_arch, shrink
-from workers.teacher import Teacher, checked_source, load_teacher, load_train_logits
-from workers.train import LossFn, TrainCallback, recalibrate_batchnorm, train_model
-from workers.user_model import construct
-from workers.zoo import Model, arch_from_data, build_model, load_state_bytes, read_state_bytes, state_dict_bytes
+from workers.compression.quantize import quantize_model, save_int8, stored_int8, unless_unquantizable
+from workers.data.datasets import DatasetConfig, Splits, load_dataset
+from workers.evaluation.resources import Resources
+from workers.evaluation.spec import CandidateSpec
+from workers.measurement.latency import measure_probes
+from workers.measurement.measure import measure
+from workers.measurement.metrics import CandidateMetrics, stored_metrics, verified_metrics
+from workers.measurement.run_measures import Measures
+from workers.models.depgraph import example_input, rebuild, shrink_graph
+from workers.models.surgery import InvalidTransform, derive_arch, shrink
+from workers.models.user_model import construct
+from workers.models.zoo import Model, arch_from_data, build_model, load_state_bytes, read_state_bytes, state_dict_bytes
+from workers.training.distill import distill_loss_fn, inference_copy, teacher_logits
+from workers.training.teacher import Teacher, checked_source, load_teacher, load_train_logits
+from workers.training.train import LossFn, TrainCallback, recalibrate_batchnorm, train_model
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def local_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfi
                   device: torch.device, where: str, measures: Measures = Measures()) -> EvalContext:
     """A worker's context on `device` (a Ray actor's, or a worker process's without Ray): threads, the GPU
     share as a memory cap, cuDNN autotuning, then data and teacher loaded onto the device. `measures`: what
-    the run measures of each kept candidate beyond the standard metrics (workers.measures)."""
+    the run measures of each kept candidate beyond the standard metrics (workers.measurement.run_measures)."""
     torch.set_num_threads(max(1, int(resources.cpus_per_eval)))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes within a candidate: autotuning pays at once
@@ -128,7 +128,7 @@ def evaluate_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = F
     `callbacks` join the method's own in the training loop (a Tune trial reports epochs through one).
     `takeover`: an earlier writer of this candidate is known dead (see `save_candidate`).
     A worker that evaluates a stream of candidates calls the two halves itself, so that the store write
-    of one overlaps the training of the next (`workers.pool.EvalWorker`).
+    of one overlaps the training of the next (`workers.evaluation.pool.EvalWorker`).
     """
     return save_and_complete(ctx, compute_candidate(spec, ctx, progress, callbacks), takeover)
 
@@ -219,7 +219,7 @@ def _measured(spec: CandidateSpec, ctx: EvalContext, built: Built, history: list
         extra.update(measure_probes(student, ctx.measures.probes, ctx.device, ctx.splits.in_channels,
                                     ctx.splits.image_size))
     # A zoo model records what was built; a user's network is rebuilt from its teacher's constructor and the
-    # stored tensors' shapes (workers.graph.rebuild).
+    # stored tensors' shapes (workers.models.depgraph.rebuild).
     arch = to_data(student.arch) if hasattr(student, "arch") else None
     metrics = CandidateMetrics(spec.spec_hash, "ok", **measured, train_seconds=train_seconds, history=tuple(history),
                                worker=ctx.worker, device=str(ctx.device), arch=arch,
@@ -230,7 +230,7 @@ def _measured(spec: CandidateSpec, ctx: EvalContext, built: Built, history: list
 
 def complete(metrics: CandidateMetrics, ctx: EvalContext, model: torch.nn.Module | None = None,
              retime: bool = True) -> CandidateMetrics:
-    """A kept candidate's metrics with the run's own measurements it lacks (workers.measures): timed at the
+    """A kept candidate's metrics with the run's own measurements it lacks (workers.measurement.run_measures): timed at the
     budget's latency probes, and its int8 figures, stored ones read back (checked) or quantized now and
     stored in its int8 folder. `model`: the candidate's model if in hand, else read from the store;
     `retime=False`: no probes (a fresh candidate was timed with them as it was measured: one that lacks a
@@ -280,8 +280,8 @@ class Built:
 
 # Methods whose candidates are built by their own step from the parent model ("module:function",
 # imported when first used): builder(parent, spec, ctx) → Built.
-BUILDERS: dict[str, str] = {"taylor": "workers.taylor:taylor_step", "agp": "workers.agp:agp_step",
-                            "sensitivity": "workers.agp:sensitivity_step", "rigl": "workers.rigl:rigl_step"}
+BUILDERS: dict[str, str] = {"taylor": "workers.compression.taylor:taylor_step", "agp": "workers.compression.agp:agp_step",
+                            "sensitivity": "workers.compression.agp:sensitivity_step", "rigl": "workers.compression.rigl:rigl_step"}
 
 
 def build_student(spec: CandidateSpec, ctx: EvalContext) -> Built:

@@ -28,7 +28,7 @@ import torch
 from torch import fx, nn
 
 from core.errors import SearchsvcError, first_line
-from workers.surgery import InvalidTransform
+from workers.models.surgery import InvalidTransform
 
 log = logging.getLogger(__name__)
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}

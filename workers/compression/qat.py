@@ -20,7 +20,7 @@ From the policy's first epoch to the end of training every quantized conv and li
 fake-quantized weights (int8, symmetric; per output channel with `per_channel_wts`) on a fake-quantized
 input (uint8, its range tracked in training only): the network learns weights that survive int8. The
 stored model is the float network so trained (its architecture unchanged); its int8 model is made by ONNX
-Runtime (workers.quantize): batch norm folded into the convolutions, which per-channel symmetric weight
+Runtime (workers.compression.quantize): batch norm folded into the convolutions, which per-channel symmetric weight
 quantization commutes with, and activation ranges calibrated on training batches. Layers the overrides
 leave in fp32 stay fp32 there too.
 """

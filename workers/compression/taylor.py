@@ -27,16 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.data import Splits, normalize
-from workers.evaluate import Built
-from workers.graph import channel_groups, dependency_graph, example_input, pruning_group, shrink_graph
-from workers.surgery import ScoreTable, prune_groups, shrink, width_keys
-from workers.train import training_memory_format
-from workers.zoo import ResNet
+from workers.data.datasets import Splits, normalize
+from workers.evaluation.evaluate import Built
+from workers.models.depgraph import channel_groups, dependency_graph, example_input, pruning_group, shrink_graph
+from workers.models.surgery import ScoreTable, prune_groups, shrink, width_keys
+from workers.models.zoo import ResNet
+from workers.training.train import training_memory_format
 
 if TYPE_CHECKING:
-    from workers.evaluate import EvalContext
-    from workers.spec import CandidateSpec
+    from workers.evaluation.evaluate import EvalContext
+    from workers.evaluation.spec import CandidateSpec
 
 MIN_CHANNELS = 1  # a group never loses its last channel (the network must stay connected)
 

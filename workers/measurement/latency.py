@@ -2,10 +2,10 @@
 count, and the result column it is recorded in.
 
 Every kept candidate is timed on its worker's torch device at batch 1 and 256 (`latency_ms`,
-`latency_b256_ms`: workers.measure). A budget that asks for another setting (`search.budget`:
+`latency_b256_ms`: workers.measurement.measure). A budget that asks for another setting (`search.budget`:
 `latency_backend: onnxruntime`, `latency_threads`, any `latency_batch`) hands its probe to the workers,
 which time each candidate with it too, into a column of its own (`ort_latency_b1_t1_ms`). A candidate found
-in the store without that column is timed again from its stored model, never retrained (workers.measures).
+in the store without that column is timed again from its stored model, never retrained (workers.measurement.run_measures).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # torch is imported where a model is timed, not where a budge
 log = logging.getLogger(__name__)
 Backend = Literal["torch", "onnxruntime"]
 
-# Columns every kept candidate has: torch on the worker's device at these batch sizes (workers.measure).
+# Columns every kept candidate has: torch on the worker's device at these batch sizes (workers.measurement.measure).
 STANDARD_COLUMNS = {1: "latency_ms", 256: "latency_b256_ms"}
 # The repeats a probe's median is taken over: fewer at large batches, whose medians settle sooner.
 REPEATS, LARGE_BATCH_REPEATS, LARGE_BATCH = 10, 3, 64
@@ -83,10 +83,10 @@ def time_probe(model: nn.Module, probe: LatencyProbe, device: torch.device, in_c
     never within."""
     repeats = LARGE_BATCH_REPEATS if probe.batch >= LARGE_BATCH else REPEATS
     if probe.backend == "torch":
-        from workers.measure import latency_ms
+        from workers.measurement.measure import latency_ms
 
         return latency_ms(model, device, in_channels, image_size, probe.batch, repeats)
-    from workers import ort
+    from workers.measurement import ort
 
     try:
         exported = ort.onnx_bytes(model, in_channels, image_size)

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from core.names import is_int
-from workers.importance import Importance, l1_importance
-from workers.zoo import BasicBlock, BlockArch, LayerType, ResNet, ResNetArch, build_model, with_blocks
+from workers.compression.importance import Importance, l1_importance
+from workers.models.zoo import BasicBlock, BlockArch, LayerType, ResNet, ResNetArch, build_model, with_blocks
 
 
 class InvalidTransform(ValueError):

@@ -19,10 +19,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from workers.graph import channel_groups as graph_groups
-from workers.graph import shrink_graph
-from workers.surgery import ScoreTable, prune_groups, shrink
-from workers.zoo import PlainArch, PlainCNN, build_model
+from workers.models.depgraph import channel_groups as graph_groups
+from workers.models.depgraph import shrink_graph
+from workers.models.surgery import ScoreTable, prune_groups, shrink
+from workers.models.zoo import PlainArch, PlainCNN, build_model
 
 
 @dataclass(frozen=True)

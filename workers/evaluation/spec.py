@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass, replace
 
 from core.records import canonical_json, from_data
-from workers.data import DatasetConfig
-from workers.train import TrainConfig
+from workers.data.datasets import DatasetConfig
+from workers.training.train import TrainConfig
 
 
 def short_hash(text: str) -> str:

@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from workers.evaluate import Built
-from workers.summary import size_counts, weight_stats
-from workers.train import TrainCallback
-from workers.user_model import ModelSource, construct
-from workers.zoo import build_model, weight_layers
+from workers.evaluation.evaluate import Built
+from workers.measurement.summary import size_counts, weight_stats
+from workers.models.user_model import ModelSource, construct
+from workers.models.zoo import build_model, weight_layers
+from workers.training.train import TrainCallback
 
 if TYPE_CHECKING:
-    from workers.evaluate import EvalContext
-    from workers.spec import CandidateSpec
+    from workers.evaluation.evaluate import EvalContext
+    from workers.evaluation.spec import CandidateSpec
 
 DISTRIBUTIONS = ("uniform", "erk")
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.zoo import weight_layers
+from workers.models.zoo import weight_layers
 
 SUMMARY_KINDS = ("sparsity", "compute")
 TOTAL = "Total"

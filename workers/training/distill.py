@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.data import normalize
-from workers.train import DistillConfig, LossFn
+from workers.data.datasets import normalize
+from workers.training.train import DistillConfig, LossFn
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, config: DistillConfig) -> torch.Tensor:

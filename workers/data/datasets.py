@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 
 from core.errors import SearchsvcError
-from workers import sources
+from workers.data import sources
 
 DatasetName = Literal["cifar10", "fashion_mnist", "imagefolder", "synthetic"]
 

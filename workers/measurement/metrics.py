@@ -41,7 +41,7 @@ class CandidateMetrics:
     device: str | None = None  # the torch device it was trained and measured on ("cpu", "cuda")
     artifact: str | None = None  # URI of the kept model.pt, or None when no model is kept
     error: str | None = None  # why the candidate is invalid
-    arch: dict[str, Any] | None = None  # the built architecture (`workers.zoo.arch_from_data` rebuilds it)
+    arch: dict[str, Any] | None = None  # the built architecture (`workers.models.zoo.arch_from_data` rebuilds it)
     history: tuple[dict[str, Any], ...] | None = None  # one record per training epoch (loss, accuracies, ...)
     bn_recalibration_batches: int | None = field(default=None, metadata=COUNT)  # batches that re-estimated BN
     extra: dict[str, Any] = field(default_factory=dict)  # what the method adds, stored beside the fields

@@ -9,7 +9,7 @@ schedule file gives it (validated with their key path). Adding one is one class:
         weights: tuple[str, ...]
         def masks(self, model, step, groups=None): ...   # parameter name → mask (1 keep, 0 prune), same shape
 
-`groups` (weight name → its channel group, `workers.thinning.group_of_weight`) is what a structured
+`groups` (weight name → its channel group, `workers.models.thinning.group_of_weight`) is what a structured
 pruner prunes together; the scheduler traces it once for a user's network, which needs an example input.
 
 Sparsity is the fraction of zeros, in [0, 1). Masks are recomputed from the current weights, so a
@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from core.names import is_number
-from workers.importance import l1_importance
-from workers.surgery import group_scores
-from workers.thinning import ChannelGroup, group_of_weight
-from workers.zoo import weight_layers
+from workers.compression.importance import l1_importance
+from workers.models.surgery import group_scores
+from workers.models.thinning import ChannelGroup, group_of_weight
+from workers.models.zoo import weight_layers
 
 Masks = dict[str, torch.Tensor]
 Groups = Mapping[str, ChannelGroup]  # weight name → the channel group it belongs to

@@ -1,13 +1,13 @@
-"""What a run measures of every kept candidate beyond the standard metrics (workers.measure): the latency
-probes its budget asks for (workers.latency) and, with a `quantize:` section, the int8 model and its figures
-(workers.quantize).
+"""What a run measures of every kept candidate beyond the standard metrics (workers.measurement.measure): the latency
+probes its budget asks for (workers.measurement.latency) and, with a `quantize:` section, the int8 model and its figures
+(workers.compression.quantize).
 
 Neither is part of a candidate's identity: the same candidate serves runs with other budgets and other
 quantization settings. So a candidate found in the store is completed, never retrained: it is timed at the
 probes it lacks, and quantized unless its int8 folder for this setting is stored already. Probe columns
 are stored with a freshly measured candidate (their names carry their setting); int8 figures live in the
 int8 folder only (`candidates/<hash>/int8-<key>/`), and reach the run's rows through the metrics a worker
-returns. The exception: a candidate trained quantization-aware (workers.qat) keeps its int8 figures in its
+returns. The exception: a candidate trained quantization-aware (workers.compression.qat) keeps its int8 figures in its
 own metrics, since its int8 model is what it was trained for; a `quantize:` section leaves it as it is.
 """
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from workers.latency import PROBE_COLUMN, LatencyProbe
-from workers.quantize import INT8_COLUMNS, QuantizeConfig
+from workers.compression.quantize import INT8_COLUMNS, QuantizeConfig
+from workers.measurement.latency import PROBE_COLUMN, LatencyProbe
 
 
 @dataclass(frozen=True)

@@ -26,20 +26,27 @@ from torch import nn
 
 from core.records import canonical_json
 from storage import ArtifactStore
-from workers.evaluate import Built
-from workers.graph import example_input
-from workers.pruners import filter_masks, magnitude_mask
-from workers.qat import LinearQuantAwareTraining
-from workers.quantize import QAT_KEY, Int8Metrics, QuantizeConfig, quantize_model, save_int8, unless_unquantizable
-from workers.schedule import CompressionScheduler, Schedule, parse_schedule
-from workers.spec import short_hash
-from workers.summary import size_counts, weight_stats
-from workers.thinning import group_of_weight, thin
-from workers.zoo import Model
+from workers.compression.pruners import filter_masks, magnitude_mask
+from workers.compression.qat import LinearQuantAwareTraining
+from workers.compression.quantize import (
+    QAT_KEY,
+    Int8Metrics,
+    QuantizeConfig,
+    quantize_model,
+    save_int8,
+    unless_unquantizable,
+)
+from workers.compression.schedule import CompressionScheduler, Schedule, parse_schedule
+from workers.evaluation.evaluate import Built
+from workers.evaluation.spec import short_hash
+from workers.measurement.summary import size_counts, weight_stats
+from workers.models.depgraph import example_input
+from workers.models.thinning import group_of_weight, thin
+from workers.models.zoo import Model
 
 if TYPE_CHECKING:
-    from workers.evaluate import EvalContext
-    from workers.spec import CandidateSpec
+    from workers.evaluation.evaluate import EvalContext
+    from workers.evaluation.spec import CandidateSpec
 
 
 def schedule_hash(raw: dict[str, Any]) -> str:
@@ -88,7 +95,7 @@ def agp_step(parent: Model, spec: "CandidateSpec", ctx: "EvalContext") -> Built:
 
 def qat_int8(model: Model, quantizer: LinearQuantAwareTraining, spec: "CandidateSpec",
              ctx: "EvalContext") -> Int8Metrics:
-    """The int8 model that quantization-aware training ends in (workers.qat), stored in the candidate's
+    """The int8 model that quantization-aware training ends in (workers.compression.qat), stored in the candidate's
     `int8-qat` folder, and its figures."""
     config = QuantizeConfig(per_channel=quantizer.per_channel_wts)
     quantized = quantize_model(model, ctx.splits, config, eval_threads=torch.get_num_threads(),

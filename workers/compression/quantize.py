@@ -6,7 +6,7 @@
     candidates/<spec_hash>/int8-<config key>/manifest.json sha256 of both; written last (present = complete)
 
 Why ONNX Runtime and not PyTorch's export-based quantization (PT2E): README, "Quantization". The model is
-exported to ONNX in fp32 (workers.ort), pre-processed (shape inference, batch norm folded), calibrated on
+exported to ONNX in fp32 (workers.measurement.ort), pre-processed (shape inference, batch norm folded), calibrated on
 `calibration_batches` training batches (normalised as training normalises them) and quantized; its accuracy
 is then measured by ONNX Runtime itself on the validation and test splits, its latency on `threads` CPU
 threads at batch 1 and 256 beside the fp32 model's on the same threads.
@@ -31,8 +31,8 @@ from core import records
 from core.records import RecordError
 from storage import ArtifactStore, CorruptArtifactError, StoreError, WriteConflictError, layout
 from storage.base import json_bytes
-from workers import ort
-from workers.data import Splits, normalize
+from workers.data.datasets import Splits, normalize
+from workers.measurement import ort
 
 log = logging.getLogger(__name__)
 OTHER_WRITER_S = 30.0  # seconds to wait for another writer's int8 manifest: it is two writes ahead at most

@@ -6,9 +6,9 @@
                      weights: [module.conv1.weight]}
     lr_schedulers:
       pruning_lr: {class: StepLR, step_size: 30, gamma: 0.1}
-    regularizers:                # workers/regularizers.py: a penalty added to the loss
+    regularizers:                # workers/compression/regularizers.py: a penalty added to the loss
       filters_lasso: {class: GroupLassoRegularizer, reg_regims: {module.conv1.weight: [0.0008, Filters]}}
-    quantizers:                  # workers/qat.py: quantization-aware training, ending in an int8 model
+    quantizers:                  # workers/compression/qat.py: quantization-aware training, ending in an int8 model
       linear_quantizer: {class: QuantAwareTrainRangeLinearQuantizer, bits_activations: 8, bits_weights: 8}
     policies:
       - pruner: {instance_name: conv1_pruner}
@@ -42,11 +42,11 @@ from torch import nn
 from core.names import did_you_mean, is_int
 from core.records import RecordError, from_data
 from core.yamlio import load_yaml
-from workers.pruners import ANY, Masks, PolicyStep, Pruner, StructuredAGP, prunable_weights, pruner_classes
-from workers.qat import QUANTIZERS, FakeQuantized, LinearQuantAwareTraining
-from workers.regularizers import REGULARIZERS, Regularizer, shape_problems
-from workers.thinning import group_of_weight
-from workers.train import TrainCallback
+from workers.compression.pruners import ANY, Masks, PolicyStep, Pruner, StructuredAGP, prunable_weights, pruner_classes
+from workers.compression.qat import QUANTIZERS, FakeQuantized, LinearQuantAwareTraining
+from workers.compression.regularizers import REGULARIZERS, Regularizer, shape_problems
+from workers.models.thinning import group_of_weight
+from workers.training.train import TrainCallback
 
 LR_SCHEDULERS = ("StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnealingLR", "LinearLR", "ConstantLR",
                  "PolynomialLR")  # torch.optim.lr_scheduler classes whose arguments are plain numbers

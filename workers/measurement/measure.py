@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from workers.data import Splits
-from workers.train import evaluate
-from workers.zoo import state_dict_bytes
+from workers.data.datasets import Splits
+from workers.models.zoo import state_dict_bytes
+from workers.training.train import evaluate
 
 
 def count_parameters(model: nn.Module) -> int:

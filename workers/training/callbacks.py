@@ -1,4 +1,4 @@
-"""The hooks of `workers.train.train_model`'s loop (Distiller's scheduler interface), and the checkpointing
+"""The hooks of `workers.training.train.train_model`'s loop (Distiller's scheduler interface), and the checkpointing
 callback a restarted trial resumes through."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ class TrainCallback:
     it. A callback with `controls_lr` steps the learning rate itself (from on_train_begin's optimizer):
     train_model then keeps the recipe's lr constant. A `graph_safe` callback's hooks change no tensor the
     step reads and not the loss (host-side work only, or epoch hooks): with it the step may be replayed as
-    one CUDA graph (workers.graphed); any other callback keeps the step eager.
+    one CUDA graph (workers.training.cuda_graph); any other callback keeps the step eager.
     """
 
     controls_lr = False

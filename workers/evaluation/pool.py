@@ -32,12 +32,19 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from core.errors import SearchsvcError
 from storage import ArtifactStore, StoreAccessError, StoreUnreachableError
-from workers.data import DatasetConfig
-from workers.evaluate import EvalContext, UnsavedResult, complete, compute_candidate, local_context, save_and_complete
-from workers.measures import Measures
-from workers.metrics import CandidateMetrics, stored_metrics
-from workers.resources import Resources
-from workers.spec import CandidateSpec
+from workers.data.datasets import DatasetConfig
+from workers.evaluation.evaluate import (
+    EvalContext,
+    UnsavedResult,
+    complete,
+    compute_candidate,
+    local_context,
+    save_and_complete,
+)
+from workers.evaluation.resources import Resources
+from workers.evaluation.spec import CandidateSpec
+from workers.measurement.metrics import CandidateMetrics, stored_metrics
+from workers.measurement.run_measures import Measures
 
 log = logging.getLogger(__name__)
 GROW_EVERY_S = 5.0  # seconds between looks at the cluster's size while candidates wait
@@ -58,7 +65,7 @@ class EvalOutcome:
 def worker_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig,
                    resources: Resources, measures: Measures = Measures()) -> EvalContext:
     """Inside a Ray actor or Tune trial: data and teacher loaded onto the device Ray assigned; `measures`,
-    what the run measures beyond the standard metrics (workers.measures)."""
+    what the run measures beyond the standard metrics (workers.measurement.run_measures)."""
     # Ray sets CUDA_VISIBLE_DEVICES to the GPU it assigned: "cuda" is that GPU, never a fixed index.
     device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
     where = f"{socket.gethostname()}:{os.getpid()}@{ray.get_runtime_context().get_node_id()[:8]}"  # host:pid@node
@@ -92,7 +99,7 @@ class EvalWorker:
         return done.metrics, True
 
     def complete(self, stored: CandidateMetrics) -> CandidateMetrics:
-        """A stored candidate's metrics with the run's own measurements it lacks (workers.measures)."""
+        """A stored candidate's metrics with the run's own measurements it lacks (workers.measurement.run_measures)."""
         return complete(stored, self.ctx)
 
     def saved(self, spec_hash: str) -> CandidateMetrics:
@@ -125,7 +132,7 @@ class EvalPool:
                  resources: Resources = Resources(), size: int | None = None, max_retries: int = 2,
                  worker_class: type[EvalWorker] = EvalWorker, on_wait: Callable[[], None] | None = None,
                  measures: Measures = Measures()) -> None:
-        """`measures`: what each kept candidate is measured for beyond the standard metrics (workers.measures)."""
+        """`measures`: what each kept candidate is measured for beyond the standard metrics (workers.measurement.run_measures)."""
         self.store = store
         self.measures = measures
         self.on_wait = on_wait  # called after every wait on Ray (at least twice a second)

@@ -6,7 +6,7 @@
     units.inner[name]  # width key → channels inside the block (what the shrink stage scales)
 
 A zoo model describes itself (`ResNet.describe`, `surgery.width_keys`); a user's network is traced
-(`workers.graph`). The search code above this module cannot tell them apart.
+(`workers.models.depgraph`). The search code above this module cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from workers.graph import channel_groups, example_input, module_shapes, removable_units
-from workers.surgery import removable_blocks, width_keys
-from workers.zoo import LayerDescriptor, LayerType
+from workers.models.depgraph import channel_groups, example_input, module_shapes, removable_units
+from workers.models.surgery import removable_blocks, width_keys
+from workers.models.zoo import LayerDescriptor, LayerType
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,10 @@ from torch import nn
 
 from core.records import canonical_json, to_data
 from storage import ArtifactStore, CorruptArtifactError, WriteConflictError, layout
-from workers.data import DatasetConfig, Splits
-from workers.distill import teacher_logits
-from workers.spec import short_hash
-from workers.train import Recipe, evaluate, train_model
-from workers.user_model import ModelSource, check_outputs, construct, load_weights, read_weights, weights_file
-from workers.zoo import (
+from workers.data.datasets import DatasetConfig, Splits
+from workers.evaluation.spec import short_hash
+from workers.models.user_model import ModelSource, check_outputs, construct, load_weights, read_weights, weights_file
+from workers.models.zoo import (
     Model,
     arch_from_data,
     build_model,
@@ -33,6 +31,8 @@ from workers.zoo import (
     model_arch,
     state_dict_bytes,
 )
+from workers.training.distill import teacher_logits
+from workers.training.train import Recipe, evaluate, train_model
 
 log = logging.getLogger(__name__)
 TEACHER_FORMAT = 1  # bump when the saved layout or the training code changes what a teacher is

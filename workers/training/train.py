@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from workers.callbacks import Checkpointer, TrainCallback
-from workers.data import Splits, channel_stats_on, normalize
-from workers.graphed import GraphedStep
+from workers.data.datasets import Splits, channel_stats_on, normalize
+from workers.training.callbacks import Checkpointer, TrainCallback
+from workers.training.cuda_graph import GraphedStep
 
 log = logging.getLogger(__name__)
 MIN_ONE_CYCLE_STEPS = 8  # below this, the one-cycle schedule has empty phases
@@ -193,7 +193,7 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
     a teacher's recipe does not). `loss_fn` replaces plain cross-entropy (distillation looks up or computes
     the batch's teacher logits). `compile_model` runs the steps through `torch.compile` (pays off on a GPU
     for many epochs: README). `callbacks` see every epoch and step (a compression schedule prunes through them).
-    `cuda_graph` replays each step as one CUDA graph where the step is static (workers.graphed: a GPU, no
+    `cuda_graph` replays each step as one CUDA graph where the step is static (workers.training.cuda_graph: a GPU, no
     augmentation, not compiled, graph-safe callbacks); each epoch's dict says whether it did (cuda_graph).
     """
     torch.manual_seed(seed)
@@ -242,7 +242,7 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
 
 def _graphable(device: torch.device, recipe: Recipe, compile_model: bool,
                callbacks: Sequence[TrainCallback]) -> bool:
-    """A static step: the same kernels on the same buffers every time (the conditions in workers.graphed)."""
+    """A static step: the same kernels on the same buffers every time (the conditions in workers.training.cuda_graph)."""
     return (device.type == "cuda" and not recipe.augment and not compile_model
             and all(cb.graph_safe for cb in callbacks))
 

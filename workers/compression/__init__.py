@@ -1,0 +1,1 @@
+"""Compression algorithms: Taylor, AGP and Distiller schedules, RigL, importance criteria, regularizers, quantization."""

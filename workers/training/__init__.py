@@ -1,0 +1,1 @@
+"""Training and distillation: the step loop, its callbacks, CUDA graphs, teachers."""
