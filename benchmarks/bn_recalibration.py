@@ -22,7 +22,7 @@ import torch
 from common import write_result
 
 from searchsvc.config import load_config
-from searchsvc.job import run
+from searchsvc.running.job import run
 from storage import (
     LocalStore,
     layout,  # noqa: E402

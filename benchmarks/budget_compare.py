@@ -24,7 +24,7 @@ from pathlib import Path
 import common  # noqa: F401 — puts the checkout on sys.path
 
 from searchsvc.budget import Budget
-from searchsvc.compare import chosen, load_run
+from searchsvc.reporting.compare import chosen, load_run
 from storage import open_store
 from workers.measurement.measure import count_macs
 from workers.training.teacher import load_teacher

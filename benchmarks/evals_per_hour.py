@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 from common import UtilisationSampler, cifar_shaped, write_result  # noqa: E402
 
-from searchsvc.n2n_env import removal_stage  # noqa: E402
+from searchsvc.methods.n2n.env import removal_stage  # noqa: E402
 from storage import LocalStore  # noqa: E402
 from workers.data.datasets import DatasetConfig, load_dataset  # noqa: E402
 from workers.evaluation.pool import EvalPool  # noqa: E402

@@ -29,7 +29,7 @@ import common  # noqa: E402 — puts the checkout on sys.path
 import torch  # noqa: E402
 
 import searchsvc  # noqa: E402
-from searchsvc.taylor import prune_count  # noqa: E402
+from searchsvc.methods.taylor.driver import prune_count  # noqa: E402
 from storage import LocalStore  # noqa: E402
 from workers.compression.taylor import _loss_batches, prunable_channels  # noqa: E402
 from workers.data.datasets import load_dataset  # noqa: E402

@@ -24,7 +24,7 @@ import ray  # noqa: E402
 from common import write_result  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from searchsvc.result_table import write_results  # noqa: E402
+from searchsvc.reporting.table import write_results  # noqa: E402
 from storage import LocalStore  # noqa: E402
 from workers.data.datasets import DatasetConfig  # noqa: E402
 from workers.evaluation.pool import EvalPool, EvalWorker  # noqa: E402
@@ -33,7 +33,7 @@ from workers.evaluation.spec import CandidateSpec  # noqa: E402
 from workers.measurement.metrics import CandidateMetrics  # noqa: E402
 from workers.training.train import TrainConfig  # noqa: E402
 
-RESULTS_EVERY_S = 5.0  # as searchsvc.evaluator: results.parquet rewritten at most this often
+RESULTS_EVERY_S = 5.0  # as searchsvc.running.recorder: results.parquet rewritten at most this often
 
 
 class FixedCostWorker(EvalWorker):

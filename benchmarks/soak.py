@@ -151,7 +151,7 @@ def build_store(folder: Path) -> str:
 def open_target(store: str, run_id: str | None, work: Path) -> Target:
     """Read the run's rows (the latest run's by default) once, here, and pick its best kept candidate to
     export and summarise."""
-    from searchsvc.result_table import read_results
+    from searchsvc.reporting.table import read_results
     from storage import open_store
     from storage.layout import latest_run
 

@@ -16,7 +16,7 @@ from typing import Any
 
 _EXPORTS = {
     "ConfigError": "searchsvc.config", "JobConfig": "searchsvc.config", "load_config": "searchsvc.config",
-    "RunResult": "searchsvc.job", "run": "searchsvc.job", "resume": "searchsvc.job",
+    "RunResult": "searchsvc.running.job", "run": "searchsvc.running.job", "resume": "searchsvc.running.job",
     "load_candidate": "searchsvc.candidates", "results": "searchsvc.api", "SearchsvcError": "storage.errors",
 }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from searchsvc.result_table import read_results
+from searchsvc.reporting.table import read_results
 from storage import ArtifactStore, StoreOptions, open_store
 
 

@@ -14,8 +14,8 @@ from typing import Any, Sequence
 from core.errors import SearchsvcError
 from searchsvc.cli_args import add_set, add_store, open_for, output_path
 from searchsvc.cli_models import MODEL_COMMANDS, add_model_commands
-from searchsvc.stopping import Stopped
-from searchsvc.text_table import format_table, table_rows
+from searchsvc.reporting.text_table import format_table, table_rows
+from searchsvc.running.stopping import Stopped
 from storage import check_id
 
 EXIT_USAGE = 2
@@ -146,7 +146,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from searchsvc.config import load_config
-    from searchsvc.job import run
+    from searchsvc.running.job import run
 
     config = load_config(args.config, args.overrides)
     report = output_path(args.report, "--report") if args.report else None
@@ -159,7 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _write_report(store: Any, run_id: str, output: Path, top: int = 10) -> None:
-    from searchsvc.report import build_report
+    from searchsvc.reporting.report import build_report
 
     output.write_text(build_report(store, run_id, top=top))
     print(f"report of run {run_id}: {output.resolve()}")
@@ -174,7 +174,7 @@ def _print_run(result: Any) -> None:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from searchsvc.job import resume
+    from searchsvc.running.job import resume
 
     check_id(args.run, "run id")
     result = resume(args.store, args.run, endpoint=args.s3_endpoint, progress=not args.no_progress,
@@ -184,7 +184,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from searchsvc.result_table import read_results
+    from searchsvc.reporting.table import read_results
     from storage.layout import latest_run
 
     if args.top is not None and args.top < 1:
@@ -220,7 +220,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from searchsvc.compare import build_compare, parse_budget
+    from searchsvc.reporting.compare import build_compare, parse_budget
 
     budgets = [parse_budget(text) for text in args.budget]
     output = output_path(args.output, "--output")
@@ -232,8 +232,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     from searchsvc.config import apply_overrides, parse_config, read_yaml
-    from searchsvc.job import run
-    from searchsvc.sensitivity import SCHEDULE_KEY
+    from searchsvc.methods.sensitivity.driver import SCHEDULE_KEY
+    from searchsvc.running.job import run
     from storage import layout
 
     schedule_out = output_path(args.schedule_out, "--schedule-out") if args.schedule_out else None

@@ -82,7 +82,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from searchsvc.quantized import comparison_rows, quantize_candidate
-    from searchsvc.text_table import plain_table
+    from searchsvc.reporting.text_table import plain_table
     from workers.compression.quantize import stored_int8_model
     from workers.measurement import ort
 

@@ -13,7 +13,7 @@ import yaml
 from core.errors import SearchsvcError
 from core.records import RecordError, from_data, to_data
 from core.yamlio import load_yaml
-from searchsvc.methods import get_method, list_methods
+from searchsvc.registry import get_method, list_methods
 from storage import DEFAULT_STORE
 from workers.compression.quantize import QuantizeConfig
 from workers.data.datasets import DatasetConfig
@@ -33,7 +33,7 @@ class JobConfig:
     method: str = field(metadata={"choices": list_methods, "help": "grid | n2n | taylor | agp | sensitivity | rigl"})
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    search: Any = None  # the method's own section, validated against its schema (searchsvc.methods)
+    search: Any = None  # the method's own section, validated against its schema (searchsvc.registry)
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: Resources = field(default_factory=Resources)
     store: str = field(default=DEFAULT_STORE, metadata={"help": "folder, file:///abs/dir or s3://bucket/prefix"})

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from searchsvc.cli import main
-from searchsvc.report import build_report
+from searchsvc.reporting.report import build_report
 from storage import open_store
 from workers.compression.agp import final_footprint, get_schedule
 from workers.compression.pruners import PolicyStep, agp_sparsity

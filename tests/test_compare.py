@@ -12,7 +12,7 @@ import pytest
 
 from searchsvc.budget import Budget
 from searchsvc.cli import main
-from searchsvc.compare import chosen, load_run
+from searchsvc.reporting.compare import chosen, load_run
 from storage import LocalStore
 from tests.conftest import REPO
 from tests.test_report import Collect
@@ -78,8 +78,8 @@ def test_the_page_opens_in_headless_chromium_with_both_runs_in_its_plots(two_run
     images = re.findall(r"<img alt=\"([^\"]*)\"", dom.stdout)
     assert len(images) == 3 and all(f"{first} (grid)" in alt and f"{second} (grid)" in alt for alt in images)
     # each plot draws both runs: with the second run's front left out, the picture differs
-    from searchsvc.compare import load_run as view
-    from searchsvc.plots import overlay_png
+    from searchsvc.reporting.compare import load_run as view
+    from searchsvc.reporting.plots import overlay_png
     runs = [(v.label, v.valid) for v in (view(LocalStore(store_dir), first), view(LocalStore(store_dir), second))]
     assert overlay_png(runs, "params", "parameters", {}) != overlay_png(runs[:1], "params", "parameters", {})
     shot = tmp_path / "compare.png"
@@ -131,7 +131,7 @@ def test_a_run_judged_by_a_budget_it_did_not_have_uses_its_measured_columns(two_
 
 
 def test_a_sparse_model_is_placed_by_its_non_zero_counts():
-    from searchsvc.compare import sized
+    from searchsvc.reporting.compare import sized
 
     sparse = {"spec_hash": "s", "params": 1000, "nonzero_params": 100, "macs": 5000, "nonzero_macs": 600}
     dense = {"spec_hash": "d", "params": 300, "macs": 2000}

@@ -10,15 +10,15 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from searchsvc.agp import trial_spec as agp_spec
 from searchsvc.config import load_config
-from searchsvc.grid import grid_specs
-from searchsvc.n2n_env import removal_stage
-from searchsvc.rigl import trial_spec as rigl_spec
-from searchsvc.schedules import schedule_variants
-from searchsvc.sensitivity import sensitivity_specs
-from searchsvc.sparse_sweep import CandidateJob
-from searchsvc.taylor import TrialJob, iteration_spec
+from searchsvc.methods.agp.driver import trial_spec as agp_spec
+from searchsvc.methods.agp.variants import schedule_variants
+from searchsvc.methods.grid.driver import grid_specs
+from searchsvc.methods.n2n.env import removal_stage
+from searchsvc.methods.rigl.driver import trial_spec as rigl_spec
+from searchsvc.methods.sensitivity.driver import sensitivity_specs
+from searchsvc.methods.taylor.driver import TrialJob, iteration_spec
+from searchsvc.sweeps.sparse import CandidateJob
 from storage import open_store
 from workers.compression.agp import put_schedule
 from workers.evaluation.spec import CandidateSpec

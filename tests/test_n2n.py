@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from searchsvc.cli import main
-from searchsvc.n2n_env import (
+from searchsvc.methods.n2n.env import (
     CompressionEnv,
     CompressionVectorEnv,
     observation_rows,
@@ -240,7 +240,7 @@ def test_a_candidate_proposed_twice_in_one_batch_counts_once_against_the_budget(
     """The session's budget logic alone: a recording stand-in replaces the Ray-backed evaluator."""
     from types import SimpleNamespace
 
-    from searchsvc.n2n import StageBudget
+    from searchsvc.methods.n2n.driver import StageBudget
 
     class FakeEvaluator:
         def __init__(self):
@@ -264,7 +264,7 @@ def test_the_live_session_is_shared_by_config_copies_and_never_pickled():
     """RLlib deep-copies its config (the envs must step the driver's own budget) and pickles it into each
     checkpoint (which must not hold the evaluator, its store and pool)."""
     from core.errors import SearchsvcError
-    from searchsvc.n2n import LiveSession, make_env
+    from searchsvc.methods.n2n.driver import LiveSession, make_env
 
     session = object()
     config = {"session": LiveSession(session)}

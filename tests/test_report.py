@@ -105,7 +105,7 @@ def test_report_opens_in_headless_chromium(grid_report, tmp_path):
 
 
 def test_gpu_hours_count_only_evaluations_that_ran_on_a_gpu():
-    from searchsvc.report import run_summary
+    from searchsvc.reporting.report import run_summary
 
     rows = [{"status": "ok", "cached": False, "wall_s": 1800.0, "device": "cuda"},
             {"status": "ok", "cached": False, "wall_s": 3600.0, "device": "cpu"},  # no GPU on that node
@@ -115,7 +115,7 @@ def test_gpu_hours_count_only_evaluations_that_ran_on_a_gpu():
 
 
 def test_the_budget_summary_counts_the_rows_within_and_names_the_most_accurate_on_validation():
-    from searchsvc.report import budget_summary
+    from searchsvc.reporting.report import budget_summary
 
     rows = [{"spec_hash": "a", "status": "ok", "within_budget": True, "val_accuracy": 0.80, "accuracy": 0.95,
              "params": 10},

@@ -220,7 +220,7 @@ def test_an_mlp_is_sparse_only_with_its_linear_layers_and_erk_thins_the_input_la
 
 def test_the_sweep_can_put_rigl_and_the_static_baseline_side_by_side():
     from searchsvc.config import load_config
-    from searchsvc.rigl import RigLJob, param_space, trial_spec
+    from searchsvc.methods.rigl.driver import RigLJob, param_space, trial_spec
 
     config = load_config(REPO / "configs" / "fashion-mlp-rigl.yaml")
     space = param_space(config.search, config.train)
@@ -256,7 +256,7 @@ def test_rigl_sweep_records_density_and_non_zero_params(tmp_path, ray_session):
         assert nonzero == row["nonzero_params"]  # what was stored is as sparse as recorded
         assert store.exists(f"runs/{run_id}/summaries/{row['spec_hash']}-sparsity.csv")
     from searchsvc.cli import format_table
-    from searchsvc.report import build_report
+    from searchsvc.reporting.report import build_report
 
     header = format_table(rows).splitlines()[0].split()
     assert header[header.index("sparsity") + 1] == "updates"  # 0 would mark a static baseline

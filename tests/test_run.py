@@ -11,7 +11,7 @@ import torch
 
 import searchsvc
 from searchsvc.cli import main
-from searchsvc.result_table import write_results
+from searchsvc.reporting.table import write_results
 from storage import LocalStore, open_store
 from workers.training.teacher import load_teacher
 

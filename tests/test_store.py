@@ -9,7 +9,7 @@ import pickle
 import pyarrow as pa
 import pytest
 
-from searchsvc.result_table import read_results, write_results
+from searchsvc.reporting.table import read_results, write_results
 from storage import (
     BucketNotFoundError,
     CorruptArtifactError,
@@ -100,7 +100,7 @@ def test_the_result_schema_is_the_result_rows_fields_in_order():
     """One home for the row: a field of ResultRow is a column, typed from its hint (adding one adds a column)."""
     import dataclasses
 
-    from searchsvc.result_table import RESULT_SCHEMA, ResultRow, arrow_schema
+    from searchsvc.reporting.table import RESULT_SCHEMA, ResultRow, arrow_schema
 
     names = [f.name for f in dataclasses.fields(ResultRow)]
     assert RESULT_SCHEMA.names == names
@@ -114,7 +114,7 @@ def test_the_result_schema_is_the_result_rows_fields_in_order():
 
 
 def test_results_parquet_has_typed_columns_even_where_every_value_is_null(store):
-    from searchsvc.result_table import ResultRow
+    from searchsvc.reporting.table import ResultRow
 
     row = ResultRow(spec_hash="a", method="grid", run_id="r2", code_version="v", status="invalid", accuracy=0.0,
                     val_accuracy=None, params=None, macs=None, latency_ms=None, compression=None, reward=-1.0,

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from searchsvc.cli import main
 from searchsvc.config import ConfigError, load_config
-from searchsvc.methods import TaylorStop
-from searchsvc.result_table import pareto_front
-from searchsvc.taylor import prune_count, stop_reason
+from searchsvc.methods.taylor.driver import prune_count, stop_reason
+from searchsvc.registry import TaylorStop
+from searchsvc.reporting.table import pareto_front
 from storage import LocalStore, open_store
 from tests.conftest import kill_run_when
 from workers.compression.taylor import (
@@ -303,7 +303,7 @@ def test_importance_keeps_no_activation_alive(splits):
 
 
 def test_choice_lists_are_a_grid_and_an_lr_range_is_sampled_per_combination():
-    from searchsvc.taylor import param_space, trial_count
+    from searchsvc.methods.taylor.driver import param_space, trial_count
 
     config = load_config(SMOKE, ["search.tune.distill=[true, false]"])
     space = param_space(config.search, config.train)

@@ -109,7 +109,7 @@ def final_footprint(model: nn.Module, schedule: Schedule, example: torch.Tensor,
     """What `schedule` makes of `model` at its end, without training: every pruner's masks at its policy's
     last step applied to a copy, thinned as a trial's model is. Its params, MACs and non-zero counts are the
     least a trial of this schedule can reach (one that stops short of the last epoch prunes less), so a
-    setting over a budget here cannot meet it (`searchsvc.agp` skips it)."""
+    setting over a budget here cannot meet it (`searchsvc.methods.agp.driver` skips it)."""
     pruned = copy.deepcopy(model).cpu().eval()
     scheduler = CompressionScheduler(schedule, pruned, example)
     for policy in schedule.policies:

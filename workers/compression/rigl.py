@@ -288,7 +288,7 @@ def fresh_weights(model: nn.Module, source: ModelSource | None = None) -> nn.Mod
 def sparse_footprint(model: nn.Module, in_channels: int, image_size: int, **options: Any) -> dict[str, int]:
     """Params, MACs and non-zero counts of `model` under RigL with `options` (dense_allocation,
     sparsity_distribution, ignore_linear_layers): each layer's density is fixed for the whole training, so
-    these are the trained model's, known before it trains (`searchsvc.rigl` skips settings over budget)."""
+    these are the trained model's, known before it trains (`searchsvc.methods.rigl.driver` skips settings over budget)."""
     sparse = copy.deepcopy(model).cpu()
     scheduler = RigLScheduler(sparse, torch.optim.SGD(sparse.parameters(), lr=0.0), T_end=1, **options)
     counts = size_counts(sparse, in_channels, image_size)  # the masks are applied: MACs of the non-zero weights

@@ -49,7 +49,7 @@ def kept(metrics: Any) -> bool:
 
 def is_run_column(name: str) -> bool:
     """A column measured for a run's own settings (a probe's latency, an int8 figure), which the candidate's
-    stored metrics.json need not hold: a trial reports it with the row (searchsvc.sweep)."""
+    stored metrics.json need not hold: a trial reports it with the row (searchsvc.sweeps.tuner)."""
     return bool(PROBE_COLUMN.match(name)) or name in INT8_COLUMNS
 
 

@@ -44,7 +44,7 @@ class TrainCallback:
 class Checkpointer(TrainCallback):
     """A callback that keeps `train_model`'s state after each epoch (`save`) and hands it back when training
     of the same candidate starts again in a new process (`load`): a restarted Tune trial continues from its
-    last finished epoch (searchsvc.sweep.TrialCheckpoints). The state is plain tensors and numbers (what
+    last finished epoch (searchsvc.sweeps.tuner.TrialCheckpoints). The state is plain tensors and numbers (what
     `torch.load(weights_only=True)` reads): the model, optimizer, lr schedule, each callback's `state_dict`,
     the data-order and global random-number states, and the history so far."""
 

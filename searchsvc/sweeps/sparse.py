@@ -11,11 +11,11 @@ from typing import Any, Callable
 from ray import tune
 
 from searchsvc.budget import measures_of
-from searchsvc.evaluator import ensure_ray, prepare_teacher_logits
-from searchsvc.job import RunContext
-from searchsvc.methods import SweepTune
-from searchsvc.plots import trajectory_png
-from searchsvc.sweep import (
+from searchsvc.registry import SweepTune
+from searchsvc.reporting.plots import trajectory_png
+from searchsvc.running.job import RunContext
+from searchsvc.running.recorder import ensure_ray, prepare_teacher_logits
+from searchsvc.sweeps.tuner import (
     TUNE_METRICS,
     TrialCheckpoints,
     TrialRecorder,

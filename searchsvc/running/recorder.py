@@ -18,12 +18,12 @@ import ray
 from tqdm.auto import tqdm
 
 from core.errors import SearchsvcError, first_line
-from searchsvc import stopping
 from searchsvc.budget import budget_of, measures_of
-from searchsvc.job import RunContext
-from searchsvc.result_table import ResultRow, read_row
+from searchsvc.reporting.table import ResultRow, read_row
 from searchsvc.rewards import INVALID_REWARD, RewardForm, compression_ratio, reward
-from searchsvc.stopping import stop_on_sigterm
+from searchsvc.running import stopping
+from searchsvc.running.job import RunContext
+from searchsvc.running.stopping import stop_on_sigterm
 from searchsvc.version import code_version
 from storage import StoreUnreachableError, layout, spool
 from storage.base import json_bytes as store_json_bytes

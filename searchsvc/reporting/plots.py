@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from searchsvc.result_table import pareto_front  # noqa: E402
+from searchsvc.reporting.table import pareto_front  # noqa: E402
 
 
 def trajectory_png(rows: list[dict[str, Any]], teacher_params: int, teacher_accuracy: float, title: str,

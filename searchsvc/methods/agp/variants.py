@@ -17,7 +17,7 @@ from torch import nn
 
 from core.records import RecordError
 from core.yamlio import load_yaml
-from searchsvc.methods import AgpSearch
+from searchsvc.registry import AgpSearch
 from workers.compression.schedule import ScheduleError, parse_schedule
 from workers.data.datasets import input_shape
 from workers.models.depgraph import example_input

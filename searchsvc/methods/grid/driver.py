@@ -15,9 +15,9 @@ import copy
 from torch import nn
 
 from core.names import is_int
-from searchsvc.evaluator import Evaluator, ensure_ray
-from searchsvc.job import RunContext
-from searchsvc.methods import GridCandidate, GridSearch
+from searchsvc.registry import GridCandidate, GridSearch
+from searchsvc.running.job import RunContext
+from searchsvc.running.recorder import Evaluator, ensure_ray
 from workers.evaluation.spec import CandidateSpec
 from workers.models.depgraph import channel_groups, example_input, removable_units, remove_units
 from workers.models.surgery import round_width, width_keys

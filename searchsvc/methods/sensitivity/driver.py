@@ -22,10 +22,10 @@ from torch import nn
 
 from core.errors import SearchsvcError
 from core.names import did_you_mean
-from searchsvc.evaluator import Evaluator, ensure_ray
-from searchsvc.job import RunContext
-from searchsvc.methods import SensitivitySearch
-from searchsvc.plots import sensitivity_png
+from searchsvc.registry import SensitivitySearch
+from searchsvc.reporting.plots import sensitivity_png
+from searchsvc.running.job import RunContext
+from searchsvc.running.recorder import Evaluator, ensure_ray
 from storage import layout
 from workers.compression.pruners import prunable_weights
 from workers.evaluation.spec import CandidateSpec

@@ -15,8 +15,8 @@ from typing import Any
 
 from core.records import from_data
 from searchsvc.budget import Budget
-from searchsvc.plots import front_png, progress_png, schedule_png
-from searchsvc.result_table import most_accurate, pareto_front, rank, read_row, results_table, stored_config
+from searchsvc.reporting.plots import front_png, progress_png, schedule_png
+from searchsvc.reporting.table import most_accurate, pareto_front, rank, read_row, results_table, stored_config
 from storage import ArtifactStore, layout
 from workers.measurement.latency import probe_columns
 from workers.measurement.measure import count_macs, count_parameters

@@ -17,12 +17,12 @@ from typing import Any
 import pyarrow as pa
 
 from core.errors import SearchsvcError, first_line
-from searchsvc import stopping
 from searchsvc.config import JobConfig, config_to_yaml, parse_config
-from searchsvc.methods import get_method
-from searchsvc.preflight import check_device, check_ray_address
-from searchsvc.result_table import stored_config, write_results
-from searchsvc.stopping import Stopped, stop_on_sigterm
+from searchsvc.registry import get_method
+from searchsvc.reporting.table import stored_config, write_results
+from searchsvc.running import stopping
+from searchsvc.running.preflight import check_device, check_ray_address
+from searchsvc.running.stopping import Stopped, stop_on_sigterm
 from searchsvc.version import code_version
 from storage import ArtifactStore, KeyNotFoundError, StoreOptions, StoreUnreachableError, layout, open_store, spool
 from storage.base import MANIFEST

@@ -20,13 +20,13 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from searchsvc import sweep
 from searchsvc.budget import Budget, feasible
-from searchsvc.job import RunContext
-from searchsvc.methods import AgpSearch
-from searchsvc.schedules import schedule_variants
-from searchsvc.sparse_sweep import CandidateJob, candidate_trial, run_sparse_sweep
-from searchsvc.sweep import choose
+from searchsvc.methods.agp.variants import schedule_variants
+from searchsvc.registry import AgpSearch
+from searchsvc.running.job import RunContext
+from searchsvc.sweeps import tuner as sweep
+from searchsvc.sweeps.sparse import CandidateJob, candidate_trial, run_sparse_sweep
+from searchsvc.sweeps.tuner import choose
 from workers.compression.agp import final_footprint, put_schedule
 from workers.evaluation.spec import CandidateSpec
 from workers.models.depgraph import example_input

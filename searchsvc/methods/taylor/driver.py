@@ -27,14 +27,14 @@ from typing import Any
 
 from ray import tune
 
-from searchsvc import sweep
 from searchsvc.budget import measures_of
-from searchsvc.evaluator import ensure_ray, prepare_teacher_logits
-from searchsvc.job import RunContext
-from searchsvc.methods import TaylorSearch, TaylorStop
-from searchsvc.plots import trajectory_png
+from searchsvc.registry import TaylorSearch, TaylorStop
+from searchsvc.reporting.plots import trajectory_png
 from searchsvc.rewards import INVALID_REWARD, reward
-from searchsvc.sweep import TrialRecorder, absolute_dataset, choose, report_fields
+from searchsvc.running.job import RunContext
+from searchsvc.running.recorder import ensure_ray, prepare_teacher_logits
+from searchsvc.sweeps import tuner as sweep
+from searchsvc.sweeps.tuner import TrialRecorder, absolute_dataset, choose, report_fields
 from storage import ArtifactStore, layout
 from workers.compression.taylor import prunable_channels
 from workers.data.datasets import DatasetConfig

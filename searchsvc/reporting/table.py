@@ -26,7 +26,7 @@ class ResultRow:
     order, trial, sample, iteration, a method's extras). None: not measured (an invalid candidate)."""
 
     spec_hash: str
-    method: str  # the registered method that proposed it (searchsvc.methods)
+    method: str  # the registered method that proposed it (searchsvc.registry)
     run_id: str
     code_version: str  # git SHA or package version of the driver
     status: str  # ok | invalid

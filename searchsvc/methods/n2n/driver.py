@@ -22,10 +22,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import SearchsvcError
-from searchsvc.evaluator import Evaluator, ensure_ray
-from searchsvc.job import RunContext
-from searchsvc.methods import N2NSearch
-from searchsvc.n2n_env import (
+from searchsvc.methods.n2n.env import (
     CompressionEnv,
     CompressionVectorEnv,
     Stage,
@@ -33,6 +30,9 @@ from searchsvc.n2n_env import (
     removal_stage,
     shrink_stage,
 )
+from searchsvc.registry import N2NSearch
+from searchsvc.running.job import RunContext
+from searchsvc.running.recorder import Evaluator, ensure_ray
 from storage import layout
 from workers.evaluation.spec import CandidateSpec
 from workers.measurement.metrics import stored_metrics

@@ -351,8 +351,8 @@ def check_n2n(config: Any) -> list[str]:
 def check_sensitivity(config: Any) -> list[str]:
     """The weights a sensitivity analysis names exist in the teacher's network (a user's network's channel
     groups traced on the data's shape, when the config tells it)."""
-    from searchsvc.schedules import base_model
-    from searchsvc.sensitivity import analysed_weights
+    from searchsvc.methods.agp.variants import base_model
+    from searchsvc.methods.sensitivity.driver import analysed_weights
     from workers.data.datasets import input_shape
     from workers.models.depgraph import example_input
 
@@ -366,15 +366,15 @@ def check_sensitivity(config: Any) -> list[str]:
     return []
 
 
-register_method("grid", GridSearch, "evaluate an explicit list of transformations", "searchsvc.grid:run_grid",
+register_method("grid", GridSearch, "evaluate an explicit list of transformations", "searchsvc.methods.grid.driver:run_grid",
                 residual_only=True, user_models=True)
 register_method("n2n", N2NSearch, "RLlib PPO agent removes and shrinks layers of the teacher",
-                "searchsvc.n2n:run_n2n", residual_only=True, check="searchsvc.methods:check_n2n", user_models=True)
+                "searchsvc.methods.n2n.driver:run_n2n", residual_only=True, check="searchsvc.registry:check_n2n", user_models=True)
 register_method("taylor", TaylorSearch, "iterative Taylor filter pruning as a Ray Tune sweep",
-                "searchsvc.taylor:run_taylor", residual_only=True, user_models=True)
+                "searchsvc.methods.taylor.driver:run_taylor", residual_only=True, user_models=True)
 register_method("agp", AgpSearch, "gradual pruning from a Distiller YAML schedule, then thinning, as a Tune sweep",
-                "searchsvc.agp:run_agp", check="searchsvc.schedules:check_agp", user_models=True)
+                "searchsvc.methods.agp.driver:run_agp", check="searchsvc.methods.agp.variants:check_agp", user_models=True)
 register_method("sensitivity", SensitivitySearch, "prune each layer alone to each level (searchsvc sensitivity)",
-                "searchsvc.sensitivity:run_sensitivity", check="searchsvc.methods:check_sensitivity", user_models=True)
-register_method("rigl", RigLSearch, "RigL dynamic sparse training as a Ray Tune sweep", "searchsvc.rigl:run_rigl",
-                check="searchsvc.methods:check_rigl", user_models=True)
+                "searchsvc.methods.sensitivity.driver:run_sensitivity", check="searchsvc.registry:check_sensitivity", user_models=True)
+register_method("rigl", RigLSearch, "RigL dynamic sparse training as a Ray Tune sweep", "searchsvc.methods.rigl.driver:run_rigl",
+                check="searchsvc.registry:check_rigl", user_models=True)

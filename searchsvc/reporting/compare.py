@@ -18,9 +18,9 @@ from typing import Any
 from core.errors import SearchsvcError
 from core.records import RecordError, from_data
 from searchsvc.budget import Budget
-from searchsvc.plots import overlay_png
-from searchsvc.report import FRONTS, STYLE, escape, gpu_hours_of, img_html, table_html, teacher_point
-from searchsvc.result_table import most_accurate, read_row, stored_config
+from searchsvc.reporting.plots import overlay_png
+from searchsvc.reporting.report import FRONTS, STYLE, escape, gpu_hours_of, img_html, table_html, teacher_point
+from searchsvc.reporting.table import most_accurate, read_row, stored_config
 from storage import ArtifactStore, check_id, layout
 
 BudgetChoice = tuple[str, Budget | None]  # (label, the budget; None: any size)

@@ -20,12 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from searchsvc import sweep
 from searchsvc.budget import Budget, feasible
-from searchsvc.job import RunContext
-from searchsvc.methods import RigLSearch
-from searchsvc.sparse_sweep import CandidateJob, candidate_trial, run_sparse_sweep
-from searchsvc.sweep import choose
+from searchsvc.registry import RigLSearch
+from searchsvc.running.job import RunContext
+from searchsvc.sweeps import tuner as sweep
+from searchsvc.sweeps.sparse import CandidateJob, candidate_trial, run_sparse_sweep
+from searchsvc.sweeps.tuner import choose
 from workers.compression.rigl import sparse_footprint
 from workers.evaluation.spec import CandidateSpec
 from workers.training.train import TrainConfig
@@ -78,7 +78,7 @@ def within_reach(search: RigLSearch, budget: Budget, context: RunContext) -> lis
 
 def trial_spec(job: RigLJob, sample: dict[str, Any]) -> CandidateSpec:
     s = job.search
-    setting = sample.get("setting", sample)  # a budget's sweep pairs the two (searchsvc.rigl.within_reach)
+    setting = sample.get("setting", sample)  # a budget's sweep pairs the two (searchsvc.methods.rigl.driver.within_reach)
     params = {"alpha": float(sample["alpha"]), "delta": int(sample["delta"]),
               "dense_allocation": float(setting["dense_allocation"]), "grad_accumulation_n": s.grad_accumulation_n,
               "ignore_linear_layers": s.ignore_linear_layers, "init": s.init,

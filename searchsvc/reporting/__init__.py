@@ -1,0 +1,1 @@
+"""What a run shows: the ranked table, the HTML report, compare, plots."""
