@@ -11,7 +11,9 @@ A record may check rules across its fields in `__post_init__` by raising ValueEr
 ValueError(": message") for a rule on the record as a whole.
 Metadata keys: min / max (inclusive), gt / lt (exclusive), choices (a list, or a callable returning
 one, for registries), help (shown by `--help`-style listings), omit_default (a field added after stores
-existed: `to_data` leaves it out while it holds its default, so adding it changes no stored hash).
+existed: `to_data` leaves it out while it holds its default, so adding it changes no stored hash),
+schema_from ((key, function): a section whose schema the value of an earlier key decides — the function maps
+that value to the schema, or None when the key's value has its own problem).
 """
 
 from __future__ import annotations
@@ -153,7 +155,12 @@ def _convert_record(cls: type, value: Any, path: str, problems: list[str]) -> An
     kwargs, missing = {}, False
     for name, f in fields.items():
         where = f"{path}.{name}" if path else name
-        if name in value:
+        if "schema_from" in f.metadata:  # a section whose schema another key names (`search:` by `method:`)
+            key, schema_of = f.metadata["schema_from"]
+            schema = schema_of(kwargs[key]) if key in kwargs else None  # else: that key's own problem is reported
+            if schema is not None:
+                kwargs[name] = _convert(schema, value.get(name) or {}, where, problems)
+        elif name in value:
             kwargs[name] = _convert(hints[name], value[name], where, problems, dict(f.metadata))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             problems.append(f"{where}: missing required key")

@@ -13,7 +13,8 @@ import yaml
 from core.errors import SearchsvcError
 from core.records import RecordError, from_data, to_data
 from core.yamlio import load_yaml
-from searchsvc.registry import get_method, list_methods
+from searchsvc.methods import get_method, list_methods
+from searchsvc.registry import SearchSection
 from storage import DEFAULT_STORE
 from workers.compression.quantize import QuantizeConfig
 from workers.data.datasets import DatasetConfig
@@ -33,7 +34,8 @@ class JobConfig:
     method: str = field(metadata={"choices": list_methods, "help": "grid | n2n | taylor | agp | sensitivity | rigl"})
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    search: Any = None  # the method's own section, validated against its schema (searchsvc.registry)
+    search: SearchSection | None = field(default=None, metadata={
+        "schema_from": ("method", lambda name: _search_schema(name)), "help": "the method's own section"})
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: Resources = field(default_factory=Resources)
     store: str = field(default=DEFAULT_STORE, metadata={"help": "folder, file:///abs/dir or s3://bucket/prefix"})
@@ -91,6 +93,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+def _search_schema(method: str) -> type[SearchSection] | None:
+    """The `search:` schema of `method` (None for an unknown method: `method:` reports that itself)."""
+    return get_method(method).search_schema if method in list_methods() else None
+
+
 def parse_config(raw: dict[str, Any], source: str = "") -> JobConfig:
     """Validate plain data into a JobConfig; ConfigError lists every problem with its key path."""
     problems: list[str] = []
@@ -99,22 +106,14 @@ def parse_config(raw: dict[str, Any], source: str = "") -> JobConfig:
         config = from_data(JobConfig, raw)
     except RecordError as err:
         problems.extend(err.problems)
-    method_name = raw.get("method")
-    search = None
-    if isinstance(method_name, str) and method_name in list_methods():
-        try:
-            search = from_data(get_method(method_name).search_schema, raw.get("search") or {}, path="search")
-        except RecordError as err:
-            problems.extend(err.problems)
     if config is not None and config.dataset.val_fraction == 0:
         problems.append("dataset.val_fraction: must be above 0: validation accuracy decides every choice (rewards, "
                         "stop rules, ranking); test accuracy only reports")
-    if not problems and search is not None:
-        problems.extend(get_method(method_name).check_config(dataclasses.replace(config, search=search)))
+    if not problems:
+        problems.extend(get_method(config.method).check_config(config))
     if problems:
         raise ConfigError(problems, source)
-    assert config is not None
-    return dataclasses.replace(config, search=search)
+    return config
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> JobConfig:

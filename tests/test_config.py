@@ -12,7 +12,7 @@ import yaml
 
 from searchsvc.cli import main
 from searchsvc.config import ConfigError, config_to_yaml, load_config, parse_config
-from searchsvc.registry import RigLSearch
+from searchsvc.methods.rigl import RigLSearch
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD = """\

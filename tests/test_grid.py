@@ -13,8 +13,8 @@ import torch
 
 import searchsvc
 from searchsvc.cli import main
+from searchsvc.methods.grid import GridCandidate
 from searchsvc.methods.grid.driver import candidate_widths
-from searchsvc.registry import GridCandidate
 from storage import LocalStore
 from workers.models.surgery import width_keys
 from workers.models.zoo import model_arch

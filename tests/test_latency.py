@@ -17,7 +17,7 @@ from torch import nn
 from core.records import RecordError, from_data
 from searchsvc.budget import Budget, probes_of
 from searchsvc.cli import main
-from searchsvc.registry import GridSearch
+from searchsvc.methods.grid import GridSearch
 from storage import LocalStore
 from workers.data.datasets import DatasetConfig, SyntheticConfig, load_dataset
 from workers.evaluation.evaluate import EvalContext, complete, evaluate_candidate

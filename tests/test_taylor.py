@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from searchsvc.cli import main
 from searchsvc.config import ConfigError, load_config
+from searchsvc.methods.taylor import TaylorStop
 from searchsvc.methods.taylor.driver import prune_count, stop_reason
-from searchsvc.registry import TaylorStop
 from searchsvc.reporting.table import pareto_front
 from storage import LocalStore, open_store
 from tests.conftest import kill_run_when

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from core.errors import SearchsvcError, first_line
 from searchsvc.config import JobConfig, config_to_yaml, parse_config
-from searchsvc.registry import get_method
+from searchsvc.methods import get_method
 from searchsvc.reporting.table import stored_config, write_results
 from searchsvc.running import stopping
 from searchsvc.running.preflight import check_device, check_ray_address

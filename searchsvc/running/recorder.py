@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from core.errors import SearchsvcError, first_line
 from searchsvc.budget import budget_of, measures_of
+from searchsvc.methods import get_method
 from searchsvc.reporting.table import ResultRow, read_row
 from searchsvc.rewards import INVALID_REWARD, RewardForm, compression_ratio, reward
 from searchsvc.running import stopping
@@ -242,7 +243,8 @@ class Evaluator(Recorder):
         prepare_teacher_logits(context)
         self.pool = pool or EvalPool(context.store, context.teacher.teacher_hash, context.config.dataset,
                                      context.config.resources, on_wait=stopping.check,
-                                     measures=measures_of(context.config))
+                                     measures=measures_of(context.config),
+                                     builder=get_method(context.config.method).worker_builder())
 
     def evaluate(self, specs: Iterable[CandidateSpec]) -> list[dict[str, Any]]:
         """Rows for `specs`, in order (evaluated concurrently; repeats within the run are free)."""

@@ -11,10 +11,11 @@ from typing import Any, Callable
 from ray import tune
 
 from searchsvc.budget import measures_of
-from searchsvc.registry import SweepTune
+from searchsvc.methods import get_method
 from searchsvc.reporting.plots import trajectory_png
 from searchsvc.running.job import RunContext
 from searchsvc.running.recorder import ensure_ray, prepare_teacher_logits
+from searchsvc.sweeps.schema import SweepTune
 from searchsvc.sweeps.tuner import (
     TUNE_METRICS,
     TrialCheckpoints,
@@ -31,7 +32,7 @@ from workers.data.datasets import DatasetConfig
 from workers.evaluation.evaluate import complete, load_candidate_model
 from workers.evaluation.pool import worker_context
 from workers.evaluation.resources import Resources
-from workers.evaluation.spec import CandidateSpec
+from workers.evaluation.spec import Builder, CandidateSpec
 from workers.measurement.metrics import stored_metrics
 from workers.measurement.run_measures import Measures, run_columns
 from workers.measurement.summary import SUMMARY_KINDS, summary, to_csv
@@ -76,19 +77,21 @@ class CandidateJob:
     resources: Resources
     seed: int
     measures: Measures = Measures()  # the run's own measurements of each candidate (workers.measurement.run_measures)
+    builder: Builder | None = None  # the method's own candidate builder (its registry entry's)
 
     @classmethod
     def of(cls, context: RunContext, **extra: Any) -> "CandidateJob":
         config = context.config
         return cls(store=context.store, arch=config.teacher.base, teacher_hash=context.teacher.teacher_hash,
                    dataset=absolute_dataset(config.dataset), train=config.train, resources=config.resources,
-                   seed=config.seed, measures=measures_of(config), **extra)
+                   seed=config.seed, measures=measures_of(config),
+                   builder=get_method(config.method).worker_builder(), **extra)
 
 
 def candidate_trial(job: CandidateJob, spec: CandidateSpec, progress_key: str, row_keys: tuple[str, ...]) -> None:
     """A trial that is one candidate: evaluate it (or find it stored), reporting validation accuracy and
     `progress_key` after each epoch, then one final report that becomes its row (`row_keys` as columns)."""
-    ctx = worker_context(job.store, job.teacher_hash, job.dataset, job.resources, job.measures)
+    ctx = worker_context(job.store, job.teacher_hash, job.dataset, job.resources, job.measures, job.builder)
     metrics = stored_metrics(job.store, spec.spec_hash)
     cached = metrics is not None
     if cached:  # the run's own measurements a stored candidate lacks (a fresh one was given them)

@@ -27,11 +27,11 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from core.errors import SearchsvcError, first_line
-from searchsvc.registry import LogRange, SweepTune
 from searchsvc.reporting.table import pareto_front
 from searchsvc.rewards import RewardForm
 from searchsvc.running.job import RunContext
 from searchsvc.running.recorder import Recorder
+from searchsvc.sweeps.schema import LogRange, SweepTune
 from storage import ArtifactStore, CorruptArtifactError, StoreUnreachableError, layout, spool
 from workers.data.datasets import DatasetConfig
 from workers.evaluation.evaluate import UnsavedResult, evaluate_candidate

@@ -37,7 +37,7 @@ from storage.base import json_bytes
 from workers.compression.quantize import quantize_model, save_int8, stored_int8, unless_unquantizable
 from workers.data.datasets import DatasetConfig, Splits, load_dataset
 from workers.evaluation.resources import Resources
-from workers.evaluation.spec import CandidateSpec
+from workers.evaluation.spec import Builder, CandidateSpec
 from workers.measurement.latency import measure_probes
 from workers.measurement.measure import measure
 from workers.measurement.metrics import CandidateMetrics, stored_metrics, verified_metrics
@@ -80,6 +80,7 @@ class EvalContext:
     compile_model: bool = False  # torch.compile the training step
     cuda_graph: bool = True  # replay static training steps as one CUDA graph
     measures: Measures = field(default_factory=Measures)  # the run's own: a budget's latency probes, int8
+    builder: Builder | None = None  # the run's method's own candidate builder (None: surgery on the teacher)
     # Held while a candidate uses the device: a second thread may store the previous one meanwhile.
     device_lock: threading.Lock = field(default_factory=threading.Lock)
     _logits: torch.Tensor | None = None
@@ -102,10 +103,12 @@ class EvalContext:
 
 
 def local_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig, resources: Resources,
-                  device: torch.device, where: str, measures: Measures = Measures()) -> EvalContext:
+                  device: torch.device, where: str, measures: Measures = Measures(),
+                  builder: Builder | None = None) -> EvalContext:
     """A worker's context on `device` (a Ray actor's, or a worker process's without Ray): threads, the GPU
     share as a memory cap, cuDNN autotuning, then data and teacher loaded onto the device. `measures`: what
-    the run measures of each kept candidate beyond the standard metrics (workers.measurement.run_measures)."""
+    the run measures of each kept candidate beyond the standard metrics (workers.measurement.run_measures);
+    `builder`: the run's method's own candidate builder."""
     torch.set_num_threads(max(1, int(resources.cpus_per_eval)))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes within a candidate: autotuning pays at once
@@ -113,7 +116,8 @@ def local_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfi
             torch.cuda.set_per_process_memory_fraction(resources.gpus_per_eval, torch.cuda.current_device())
     teacher = load_teacher(store, teacher_hash, device)
     return EvalContext(store, teacher, load_dataset(dataset).to(device), device, worker=where,
-                       compile_model=resources.compile, cuda_graph=resources.cuda_graph, measures=measures)
+                       compile_model=resources.compile, cuda_graph=resources.cuda_graph, measures=measures,
+                       builder=builder)
 
 
 def invalid(spec: CandidateSpec, reason: str, started: float, ctx: EvalContext) -> CandidateMetrics:
@@ -278,17 +282,14 @@ class Built:
     finish: Callable[[Model], tuple[Model, dict[str, Any]]] | None = None  # after training: e.g. thinning
 
 
-# Methods whose candidates are built by their own step from the parent model ("module:function",
-# imported when first used): builder(parent, spec, ctx) → Built.
-BUILDERS: dict[str, str] = {"taylor": "workers.compression.taylor:taylor_step", "agp": "workers.compression.agp:agp_step",
-                            "sensitivity": "workers.compression.agp:sensitivity_step", "rigl": "workers.compression.rigl:rigl_step"}
-
-
 def build_student(spec: CandidateSpec, ctx: EvalContext) -> Built:
-    """The untrained student: the method's builder, else surgery on the teacher (or the `init` model as is)."""
+    """The untrained student: the method's own builder, else surgery on the teacher (or the `init` model as is)."""
     parent = load_candidate_model(ctx.store, spec.init) if spec.init is not None else ctx.teacher.model
-    if spec.method in BUILDERS:
-        return load_object(BUILDERS[spec.method])(parent, spec, ctx)
+    if ctx.builder is not None and spec.method == ctx.builder.method:
+        return load_object(ctx.builder.function)(parent, spec, ctx)
+    if spec.params or spec.schedule is not None:  # surgery would build another network under this spec's hash
+        raise ValueError(f"candidate {spec.spec_hash} of method {spec.method} needs its method's builder; this "
+                         f"worker has {ctx.builder}")
     if spec.init is not None:
         return Built(parent)
     if not hasattr(parent, "arch"):  # a user's network: its structure traced, cut through its dependency graph

@@ -42,7 +42,7 @@ from workers.evaluation.evaluate import (
     save_and_complete,
 )
 from workers.evaluation.resources import Resources
-from workers.evaluation.spec import CandidateSpec
+from workers.evaluation.spec import Builder, CandidateSpec
 from workers.measurement.metrics import CandidateMetrics, stored_metrics
 from workers.measurement.run_measures import Measures
 
@@ -63,13 +63,14 @@ class EvalOutcome:
 
 
 def worker_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig,
-                   resources: Resources, measures: Measures = Measures()) -> EvalContext:
+                   resources: Resources, measures: Measures = Measures(), builder: Builder | None = None) -> EvalContext:
     """Inside a Ray actor or Tune trial: data and teacher loaded onto the device Ray assigned; `measures`,
-    what the run measures beyond the standard metrics (workers.measurement.run_measures)."""
+    what the run measures beyond the standard metrics (workers.measurement.run_measures); `builder`, the run's
+    method's own candidate builder."""
     # Ray sets CUDA_VISIBLE_DEVICES to the GPU it assigned: "cuda" is that GPU, never a fixed index.
     device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
     where = f"{socket.gethostname()}:{os.getpid()}@{ray.get_runtime_context().get_node_id()[:8]}"  # host:pid@node
-    return local_context(store, teacher_hash, dataset, resources, device, where, measures)
+    return local_context(store, teacher_hash, dataset, resources, device, where, measures, builder)
 
 
 def ray_resources(resources: Resources) -> dict[str, float]:
@@ -83,8 +84,8 @@ class EvalWorker:
     the previous one is stored (two threads: `evaluate`, then `saved` for the same candidate)."""
 
     def __init__(self, store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig,
-                 resources: Resources, measures: Measures = Measures()) -> None:
-        self.ctx = worker_context(store, teacher_hash, dataset, resources, measures)
+                 resources: Resources, measures: Measures = Measures(), builder: Builder | None = None) -> None:
+        self.ctx = worker_context(store, teacher_hash, dataset, resources, measures, builder)
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="store-write")
         self._saving: dict[str, Future] = {}
 
@@ -131,8 +132,9 @@ class EvalPool:
     def __init__(self, store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig,
                  resources: Resources = Resources(), size: int | None = None, max_retries: int = 2,
                  worker_class: type[EvalWorker] = EvalWorker, on_wait: Callable[[], None] | None = None,
-                 measures: Measures = Measures()) -> None:
-        """`measures`: what each kept candidate is measured for beyond the standard metrics (workers.measurement.run_measures)."""
+                 measures: Measures = Measures(), builder: Builder | None = None) -> None:
+        """`measures`: what each kept candidate is measured for beyond the standard metrics
+        (workers.measurement.run_measures); `builder`: the run's method's own candidate builder (None: surgery)."""
         self.store = store
         self.measures = measures
         self.on_wait = on_wait  # called after every wait on Ray (at least twice a second)
@@ -142,7 +144,7 @@ class EvalPool:
         # Two threads per actor: one candidate on the device, one `saved` waiting for the last one's write.
         self._actor_class = ray.remote(num_cpus=request["CPU"], num_gpus=request["GPU"], max_concurrency=2,
                                        scheduling_strategy="SPREAD")(worker_class)
-        self._args = (store, teacher_hash, dataset, resources, measures)
+        self._args = (store, teacher_hash, dataset, resources, measures, builder)
         self.fixed_size = size  # None: as many actors as the cluster holds, growing when nodes join
         self.actors: list[Any] = []
         self._starting: dict[Any, Any] = {}  # readiness ref → actor still loading data and teacher

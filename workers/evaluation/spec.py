@@ -62,4 +62,13 @@ class CandidateSpec:
         return from_data(cls, json.loads(text), source="spec.json")
 
 
-__all__ = ["CandidateSpec", "short_hash"]
+@dataclass(frozen=True)
+class Builder:
+    """A method's own builder of its candidates, as its registry entry names it (searchsvc.registry): a worker
+    builds every candidate of `method` with `function(parent, spec, ctx) -> Built` (workers.evaluation.evaluate)."""
+
+    method: str
+    function: str  # "module:function", imported on the worker when first used
+
+
+__all__ = ["Builder", "CandidateSpec", "short_hash"]

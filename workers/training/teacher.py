@@ -102,6 +102,12 @@ class Teacher:
         return float(self.meta["val_accuracy"])
 
 
+def untrained_network(config: TeacherConfig) -> nn.Module:
+    """The teacher's network with fresh weights, from its config alone: what a schedule's or a sensitivity
+    analysis's weight names are checked against at validate."""
+    return build_model(model_arch(config.arch)) if config.source is None else construct(config.source)
+
+
 def data_identity(dataset: DatasetConfig) -> dict[str, Any]:
     """The parts of a dataset config that change the data (not where the files are, nor downloads)."""
     identity = to_data(replace(dataset, root=None, download=True))

@@ -21,8 +21,8 @@ from dataclasses import replace
 from typing import Any
 
 from searchsvc.budget import Budget, feasible
+from searchsvc.methods.agp import AgpSearch
 from searchsvc.methods.agp.variants import schedule_variants
-from searchsvc.registry import AgpSearch
 from searchsvc.running.job import RunContext
 from searchsvc.sweeps import tuner as sweep
 from searchsvc.sweeps.sparse import CandidateJob, candidate_trial, run_sparse_sweep

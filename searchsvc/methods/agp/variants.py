@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -17,13 +17,14 @@ from torch import nn
 
 from core.records import RecordError
 from core.yamlio import load_yaml
-from searchsvc.registry import AgpSearch
 from workers.compression.schedule import ScheduleError, parse_schedule
 from workers.data.datasets import input_shape
 from workers.models.depgraph import example_input
-from workers.models.user_model import construct
-from workers.models.zoo import create_model
-from workers.training.teacher import TeacherConfig
+from workers.training.teacher import untrained_network
+
+if TYPE_CHECKING:
+    from searchsvc.config import JobConfig
+    from searchsvc.methods.agp import AgpSearch
 
 
 def base_schedule(search: AgpSearch) -> dict[str, Any]:
@@ -63,11 +64,6 @@ def variant(raw: dict[str, Any], final_sparsity: float | dict[str, float] | None
     return out
 
 
-def base_model(teacher: TeacherConfig) -> nn.Module:
-    """The teacher's network with fresh weights: what a schedule's weight names are checked against."""
-    return create_model(teacher.arch) if teacher.source is None else construct(teacher.source)
-
-
 def schedule_variants(search: AgpSearch, model: nn.Module, example: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """Every variant the sweep runs, each {"raw", "schedule" (parsed), "final_sparsity", "ending_epoch"},
     validated against `model` (the teacher's network; `example`: an input of the data's shape, for a user's
@@ -94,9 +90,9 @@ def schedule_variants(search: AgpSearch, model: nn.Module, example: torch.Tensor
     return out
 
 
-def check_agp(config: Any) -> list[str]:
+def check_agp(config: JobConfig) -> list[str]:
     """Config-time check of an agp job: its schedule and every Tune variant run on the teacher's arch."""
-    model = base_model(config.teacher)
+    model = untrained_network(config.teacher)
     shape = input_shape(config.dataset)
     example = example_input(model, *shape) if shape is not None and config.teacher.source is not None else None
     try:

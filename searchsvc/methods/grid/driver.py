@@ -15,7 +15,7 @@ import copy
 from torch import nn
 
 from core.names import is_int
-from searchsvc.registry import GridCandidate, GridSearch
+from searchsvc.methods.grid import GridCandidate, GridSearch
 from searchsvc.running.job import RunContext
 from searchsvc.running.recorder import Evaluator, ensure_ray
 from workers.evaluation.spec import CandidateSpec

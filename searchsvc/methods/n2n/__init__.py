@@ -1,0 +1,58 @@
+"""`method: n2n` — network-to-network compression by reinforcement learning: its `search:` schema, its check
+and registration (the driver: driver.py; the Gymnasium environment: env.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from searchsvc.budget import Budget
+from searchsvc.registry import SearchSection, budget_field, register_method
+from searchsvc.rewards import RewardForm
+
+if TYPE_CHECKING:
+    from searchsvc.config import JobConfig
+
+
+def check_n2n(config: JobConfig) -> list[str]:
+    """n2n on a user's network needs a block to remove: traced here, at validate, when the data's shape is known."""
+    from workers.data.datasets import input_shape
+    from workers.models.structure import structure_of
+    from workers.models.user_model import check_outputs, construct
+
+    shape = input_shape(config.dataset)
+    if config.teacher.source is None or shape is None:
+        return []
+    model = construct(config.teacher.source)
+    check_outputs(model, *shape, num_classes=None)  # a model that cannot take the data says so first
+    if not structure_of(model, *shape).names:
+        return [f"teacher.model: method n2n removes blocks, and {config.teacher.model} has none that can go (a block "
+                f"whose input and output shapes match, with a skip connection); use method grid or taylor"]
+    return []
+
+
+@register_method("n2n", "RLlib PPO agent removes and shrinks layers of the teacher",
+                 driver="searchsvc.methods.n2n.driver:run_n2n", residual_only=True, check=check_n2n, user_models=True)
+@dataclass(frozen=True)
+class N2NSearch(SearchSection):
+    """Network-to-network compression by reinforcement learning (remove, then shrink layers)."""
+
+    agent: Literal["ppo", "random"] = field(default="ppo", metadata={"help": "ppo, or random as the baseline"})
+    max_evaluations: int = field(default=64, metadata={"min": 1, "help": "candidate evaluations, cache hits excluded"})
+    time_budget_s: float | None = field(default=None, metadata={"gt": 0, "help": "stop after this many seconds"})
+    target_compression: float | None = field(default=None, metadata={"gt": 1, "help": "stop at this x-factor"})
+    reward: RewardForm = field(
+        default="c_2_minus_c", metadata={"help": "C(2-C)·As/A (paper's code) or C·As/((2-C)·A) (paper's text)"})
+    num_envs: int = field(default=4, metadata={"min": 1, "help": "candidates in flight at once (vector env size)"})
+    iteration_evaluations: int = field(default=16, metadata={"min": 2, "help": "PPO train batch: steps per iteration"})
+    shrink: bool = field(default=True, metadata={"help": "run the layer-shrinkage stage after removal"})
+    shrink_share: float = field(default=0.4, metadata={"gt": 0, "lt": 1, "help": "share of the budget for shrinkage"})
+    width_scales: tuple[float, ...] = field(default=(0.25, 0.5, 0.75, 1.0),
+                                            metadata={"help": "inner-width multipliers the shrink stage chooses from"})
+    checkpoint_every: int = field(default=1, metadata={"min": 1, "help": "PPO iterations between checkpoints"})
+    top_k: int = field(default=5, metadata={"min": 0, "help": "best networks to fine-tune at the end"})
+    finetune_epochs: int = field(default=0, metadata={"min": 0, "help": "epochs of distillation for the top-k"})
+    budget: Budget | None = budget_field()
+    reward_size: Literal["params", "macs", "latency_ms"] = field(default="params", metadata={
+        "omit_default": True, "help": "what the reward's compression C = 1 - size/teacher's counts: params, macs, "
+                                      "or latency_ms (at the budget's latency setting, else torch at batch 1)"})

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import SearchsvcError
+from searchsvc.methods.n2n import N2NSearch
 from searchsvc.methods.n2n.env import (
     CompressionEnv,
     CompressionVectorEnv,
@@ -30,7 +31,6 @@ from searchsvc.methods.n2n.env import (
     removal_stage,
     shrink_stage,
 )
-from searchsvc.registry import N2NSearch
 from searchsvc.running.job import RunContext
 from searchsvc.running.recorder import Evaluator, ensure_ray
 from storage import layout

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from searchsvc.budget import Budget, feasible
-from searchsvc.registry import RigLSearch
+from searchsvc.methods.rigl import RigLSearch
 from searchsvc.running.job import RunContext
 from searchsvc.sweeps import tuner as sweep
 from searchsvc.sweeps.sparse import CandidateJob, candidate_trial, run_sparse_sweep

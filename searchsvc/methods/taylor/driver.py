@@ -28,7 +28,8 @@ from typing import Any
 from ray import tune
 
 from searchsvc.budget import measures_of
-from searchsvc.registry import TaylorSearch, TaylorStop
+from searchsvc.methods import get_method
+from searchsvc.methods.taylor import TaylorSearch, TaylorStop
 from searchsvc.reporting.plots import trajectory_png
 from searchsvc.rewards import INVALID_REWARD, reward
 from searchsvc.running.job import RunContext
@@ -41,7 +42,7 @@ from workers.data.datasets import DatasetConfig
 from workers.evaluation.evaluate import complete
 from workers.evaluation.pool import worker_context
 from workers.evaluation.resources import Resources
-from workers.evaluation.spec import CandidateSpec
+from workers.evaluation.spec import Builder, CandidateSpec
 from workers.measurement.measure import count_parameters
 from workers.measurement.metrics import stored_metrics
 from workers.measurement.run_measures import Measures, run_columns
@@ -66,6 +67,7 @@ class TrialJob:
     resources: Resources
     seed: int
     measures: Measures = Measures()  # the run's own measurements of each candidate (workers.measurement.run_measures)
+    builder: Builder | None = None  # taylor's own candidate builder (its registry entry's)
 
 
 def param_space(search: TaylorSearch, train: TrainConfig) -> dict[str, Any]:
@@ -115,7 +117,7 @@ def stop_reason(accuracy: float, start: float, stop: TaylorStop) -> str | None:
 def taylor_trial(sample: dict[str, Any], job: TrialJob) -> None:
     """One Tune trial: iterate prune → fine-tune → measure, reporting each iteration."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per iteration
-    ctx = worker_context(job.store, job.teacher_hash, job.dataset, job.resources, job.measures)
+    ctx = worker_context(job.store, job.teacher_hash, job.dataset, job.resources, job.measures, job.builder)
     state: dict[str, Any] = {"iteration": 0, "parent": None}
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -164,7 +166,8 @@ def run_taylor(context: RunContext) -> None:
                    teacher_channels=prunable_channels(teacher.model, context.splits.in_channels, context.splits.image_size),
                    dataset=absolute_dataset(context.config.dataset),
                    train=context.config.train, search=search, resources=context.config.resources,
-                   seed=context.config.seed, measures=measures_of(context.config))
+                   seed=context.config.seed, measures=measures_of(context.config),
+                   builder=get_method(context.config.method).worker_builder())
     recorder = TrialRecorder(context, search.reward, total=trial_count(search) * search.iterations)
     tuner = sweep.build_tuner(context, taylor_trial, job, param_space(search, context.config.train), search.tune,
                               metric=sweep.TUNE_METRICS[search.tune.metric], time_attr="iteration",

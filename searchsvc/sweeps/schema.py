@@ -1,0 +1,38 @@
+"""What the `search.tune:` section of every Ray Tune method shares (pure data: validate imports no Ray)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class LogRange:
+    """A log-uniform range [low, high] (learning rates)."""
+
+    low: float = field(metadata={"gt": 0, "help": "smallest value"})
+    high: float = field(metadata={"gt": 0, "help": "largest value"})
+
+    def __post_init__(self) -> None:
+        if self.high < self.low:
+            raise ValueError(f"high: must be at least low ({self.low}), got {self.high}")
+
+
+@dataclass(frozen=True)
+class SweepTune:
+    """What every Tune sweep shares: the lr to try, ASHA's rungs, restarts of failed trials.
+
+    Each method adds its own keys as lists of choices: every combination of the lists is one trial
+    (a grid, so no two trials repeat each other's work); an empty list keeps the value of `search` /
+    `train`. lr may instead be a {low, high} range: each combination then gets `num_samples` lr draws.
+    """
+
+    num_samples: int = field(default=1, metadata={"min": 1, "help": "lr samples per combination (lr a range)"})
+    lr: tuple[float, ...] | LogRange = field(default=(), metadata={"help": "lr: choices or {low, high}"})
+    grace_period: int = field(default=1, metadata={"min": 1, "help": "iterations / epochs before ASHA may stop a trial"})
+    reduction_factor: int = field(default=2, metadata={"min": 2, "help": "ASHA keeps 1/reduction_factor per rung"})
+    max_failures: int = field(default=2, metadata={"min": 0, "help": "restarts of a trial whose worker fails"})
+
+    def __post_init__(self) -> None:
+        for i, lr in enumerate(self.lr if isinstance(self.lr, tuple) else ()):
+            if lr <= 0:
+                raise ValueError(f"lr[{i}]: must be a positive number, got {lr}")
