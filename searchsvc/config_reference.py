@@ -273,7 +273,7 @@ _TEXT_WIDTHS = (40, 28, 24, 30)
 
 def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
     widths = [min(max(len(row[i]) for row in rows), cap) for i, cap in enumerate(_TEXT_WIDTHS)]
-    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
             if any(row) else "" for row in rows]
 
 
@@ -282,10 +282,10 @@ def format_markdown(blocks: list[Block], title: str) -> str:
     anchors = " · ".join(f"[{b.heading}](#{b.heading.lower().replace(' ', '-')})" for b in blocks)
     out = [f"# {title}", "",
            f"<!-- Generated from the config schemas by `{REGENERATE}` (`make docs`). Do not edit by hand. -->", "",
-           "Every key of a job config (YAML), generated from the schemas `searchsvc validate` checks a config "
-           "against. A nested key is dotted: `train.distill.alpha` is `alpha` inside `distill:` inside `train:`; "
-           "`[]` stands for each item of a list (`search.candidates[].scale`). A key left out takes its default; "
-           "a *required* key has none. `searchsvc config METHOD` prints the same in a terminal.", ""]
+           ("Every key of a job config (YAML), generated from the schemas `searchsvc validate` checks a config "
+            "against. A nested key is dotted: `train.distill.alpha` is `alpha` inside `distill:` inside `train:`; "
+            "`[]` stands for each item of a list (`search.candidates[].scale`). A key left out takes its default; "
+            "a *required* key has none. `searchsvc config METHOD` prints the same in a terminal."), ""]
     if len(blocks) > 1:
         out += [anchors, ""]
     for block in blocks:

@@ -56,8 +56,8 @@ def text_row(output: str, key: str) -> dict[str, str]:
     header = next(line for line in lines if line.startswith("key "))
     starts = [header.index(name) for name in ("key", "type", "default", "limits", "help")]
     row = next(line for line in lines if line.split("  ")[0] == key)
-    cells = [row[a:b].strip() for a, b in zip(starts, starts[1:] + [None])]
-    return dict(zip(("key", "type", "default", "limits", "help"), cells))
+    cells = [row[a:b].strip() for a, b in zip(starts, starts[1:] + [None], strict=True)]
+    return dict(zip(("key", "type", "default", "limits", "help"), cells, strict=True))
 
 
 def expected_limit(meta: typing.Mapping[str, Any], tp: Any) -> str:
@@ -135,7 +135,7 @@ def test_config_without_method_lists_the_common_sections_only(capsys: pytest.Cap
 
 def test_unknown_method_is_exit_2_with_one_line() -> None:
     done = subprocess.run([sys.executable, "-m", "searchsvc", "config", "tayler"], capture_output=True, text=True,
-                          cwd=REPO)
+                          cwd=REPO, check=False)
     assert done.returncode == 2
     assert done.stdout == ""
     lines = done.stderr.strip().splitlines()
