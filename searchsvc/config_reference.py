@@ -191,6 +191,8 @@ def config_keys(method: str | None = None) -> list[ConfigKey]:
 
     keys: list[ConfigKey] = []
     for key in schema_keys(JobConfig):
+        if key.path.startswith(("search.", "search[")):  # a typed `search:` (a union of the methods' schemas)
+            continue                                      # is listed per method, by search_keys
         if key.path != "search":
             keys.append(key)
         elif method is None:

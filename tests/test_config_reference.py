@@ -78,7 +78,7 @@ def test_docs_config_md_is_what_the_generator_prints_now() -> None:
 
 @pytest.mark.parametrize("method", [None, *list_methods()])
 def test_every_field_of_every_schema_has_a_key(method: str | None) -> None:
-    expected = field_names(JobConfig)
+    expected = field_names(JobConfig, skip=("search",)) + Counter(["search"])  # its keys: the method's schema
     if method is not None:
         expected += field_names(get_method(method).search_schema)
     listed = Counter(key.path.rsplit(".", 1)[-1].removesuffix("[]") for key in config_keys(method))
