@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/quickstart.yaml
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup run test test-all soak bench gpu-check bench-gpu bench-n2n clean-store help
+.PHONY: setup run test test-all soak bench gpu-check bench-gpu bench-n2n docs clean-store help
 
 help:            ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/ —/'
@@ -59,6 +59,9 @@ bench-gpu: setup ## the GPU check, then the Ray GPU tests and benchmarks on one 
 
 bench-n2n: setup ## PPO vs random search on Fashion-MNIST with the stored quickstart teacher (make run first), 5 seeds x 64 evaluations
 	$(BIN)/python benchmarks/n2n_agents.py
+
+docs: setup      ## regenerate docs/config.md from the config schemas (after a schema changes; a test checks it)
+	$(BIN)/searchsvc config --all --markdown > docs/config.md.tmp && mv docs/config.md.tmp docs/config.md
 
 clean-store:     ## delete the default local store
 	rm -rf ./searchsvc-store

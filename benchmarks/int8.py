@@ -5,7 +5,7 @@
 
 Each model is quantized by ONNX Runtime's static quantizer (workers.compression.quantize, the path searchsvc uses) and,
 where `torchao` imports, by PyTorch's export-based quantization (PT2E, X86InductorQuantizer): the two paths
-the README's choice is made between. Every latency is the median of one process's passes, all models and
+the choice in docs/quantization.md is made between. Every latency is the median of one process's passes, all models and
 backends in one run, so the ratios compare like with like. JSON: benchmarks/results/int8_<name>.json.
 """
 

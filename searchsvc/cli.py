@@ -25,6 +25,7 @@ searchsvc: find smaller, faster networks. A driver proposes candidate networks d
 teacher; workers build, distill and measure each one; every result lands in an artifact store.
 
 Typical use:
+  searchsvc config taylor                  # every config key of method taylor: type, default, limits, help
   searchsvc validate configs/quickstart.yaml
   searchsvc run configs/quickstart.yaml
   searchsvc results --store ./searchsvc-store
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show full tracebacks and debug logs")
 
     _add_run_commands(commands, common)
+    _add_config_command(commands, common)
     _add_inspect_commands(commands, common)
     add_model_commands(commands, common)
     return parser
@@ -97,6 +99,20 @@ def _add_run_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     sens.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
 
 
+def _add_config_command(commands: Any, common: argparse.ArgumentParser) -> None:
+    """config: the reference of every config key, generated from the schemas."""
+    config = commands.add_parser(
+        "config", parents=[common], help="list every config key: type, default, limits, help",
+        description="Print the config reference, generated from the schemas `validate` checks against: every key "
+                    "(dotted, e.g. train.distill.alpha) with its type, default, limits and help. Without METHOD: "
+                    "the sections every method shares; with METHOD: those and METHOD's search: keys; with --all: "
+                    "every method's search: keys too (docs/config.md is `searchsvc config --all --markdown`).")
+    config.add_argument("method", nargs="?", metavar="METHOD",
+                        help="a search method, e.g. taylor: its search: keys too (a wrong name lists the methods)")
+    config.add_argument("--all", action="store_true", help="the common sections, then each method's search: keys")
+    config.add_argument("--markdown", action="store_true", help="Markdown tables instead of plain text")
+
+
 def _add_inspect_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     """results, report, compare: the commands that read what runs stored."""
     results = commands.add_parser("results", parents=[common], help="show a run's ranked results",
@@ -141,6 +157,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     print(f"{args.config}: ok (method {config.method}, dataset {config.dataset.name}, teacher {config.teacher.base})")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from searchsvc.config_reference import render_reference
+
+    if args.method is not None and args.all:
+        raise SearchsvcError("config: give METHOD or --all, not both")
+    print(render_reference(args.method, every_method=args.all, markdown=args.markdown), end="")
     return 0
 
 
@@ -279,8 +304,9 @@ def format_sensitivity(rows: list[dict[str, Any]], levels: Sequence[float]) -> s
     return "\n".join(lines)
 
 
-COMMANDS = {"validate": cmd_validate, "run": cmd_run, "resume": cmd_resume, "results": cmd_results, "report": cmd_report,
-            "compare": cmd_compare, "sensitivity": cmd_sensitivity, **MODEL_COMMANDS}
+COMMANDS = {"validate": cmd_validate, "config": cmd_config, "run": cmd_run, "resume": cmd_resume,
+            "results": cmd_results, "report": cmd_report, "compare": cmd_compare, "sensitivity": cmd_sensitivity,
+            **MODEL_COMMANDS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
