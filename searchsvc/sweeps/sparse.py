@@ -22,18 +22,17 @@ from searchsvc.sweeps.tuner import (
     TrialRecorder,
     absolute_dataset,
     build_tuner,
-    evaluate_or_keep,
     fit,
     mark_pareto,
     report_fields,
+    stored_or_kept,
 )
 from storage import ArtifactStore, layout
 from workers.data.datasets import DatasetConfig
-from workers.evaluation.evaluate import complete, load_candidate_model
+from workers.evaluation.evaluate import load_candidate_model
 from workers.evaluation.pool import worker_context
 from workers.evaluation.resources import Resources
 from workers.evaluation.spec import Builder, CandidateSpec
-from workers.measurement.metrics import stored_metrics
 from workers.measurement.run_measures import Measures, run_columns
 from workers.measurement.summary import SUMMARY_KINDS, summary, to_csv
 from workers.training.train import TrainConfig
@@ -92,12 +91,7 @@ def candidate_trial(job: CandidateJob, spec: CandidateSpec, progress_key: str, r
     """A trial that is one candidate: evaluate it (or find it stored), reporting validation accuracy and
     `progress_key` after each epoch, then one final report that becomes its row (`row_keys` as columns)."""
     ctx = worker_context(job.store, job.teacher_hash, job.dataset, job.resources, job.measures, job.builder)
-    metrics = stored_metrics(job.store, spec.spec_hash)
-    cached = metrics is not None
-    if cached:  # the run's own measurements a stored candidate lacks (a fresh one was given them)
-        metrics = complete(metrics, ctx)
-    else:
-        metrics = evaluate_or_keep(spec, ctx, callbacks=[TrialCheckpoints(progress_key, spec_hash=spec.spec_hash)])
+    metrics, cached = stored_or_kept(spec, ctx, callbacks=[TrialCheckpoints(progress_key, spec_hash=spec.spec_hash)])
     row = {**{k: v for k in row_keys if (v := metrics.get(k)) is not None}, **run_columns(metrics)}
     tune.report({"epoch": spec.train.epochs, "val_accuracy": metrics.val_accuracy or 0.0,
                  progress_key: row.get(progress_key, 0.0),

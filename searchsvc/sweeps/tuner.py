@@ -34,7 +34,7 @@ from searchsvc.running.recorder import Recorder
 from searchsvc.sweeps.schema import LogRange, SweepTune
 from storage import ArtifactStore, CorruptArtifactError, StoreUnreachableError, layout, spool
 from workers.data.datasets import DatasetConfig
-from workers.evaluation.evaluate import UnsavedResult, evaluate_candidate
+from workers.evaluation.evaluate import UnsavedResult, stored_or_evaluated
 from workers.evaluation.pool import ray_resources
 from workers.evaluation.spec import CandidateSpec
 from workers.measurement.metrics import CandidateMetrics, stored_metrics
@@ -264,11 +264,12 @@ def _store_error(err: BaseException) -> StoreUnreachableError | None:
     return StoreUnreachableError(line.split(marker, 1)[1]) if line else None
 
 
-def evaluate_or_keep(spec: CandidateSpec, ctx: Any, callbacks: Sequence[TrainCallback] = ()) -> CandidateMetrics:
-    """`evaluate_candidate` in a trial. A result the store could not take (it stayed down) is kept on this
-    machine's disk, which `searchsvc resume` uploads, and the trial fails with the store's error."""
+def stored_or_kept(spec: CandidateSpec, ctx: Any, callbacks: Sequence[TrainCallback] = ()) -> tuple[CandidateMetrics, bool]:
+    """`stored_or_evaluated` in a trial: (metrics, from the store). A result the store could not take (it stayed
+    down) is kept on this machine's disk, which `searchsvc resume` uploads, and the trial fails with the store's
+    error."""
     try:
-        return evaluate_candidate(spec, ctx, callbacks=callbacks)
+        return stored_or_evaluated(spec, ctx, callbacks=callbacks)
     except UnsavedResult as err:
         for key, data in err.files.items():
             spool.keep_bytes(ctx.store, key, data)

@@ -137,6 +137,30 @@ def evaluate_candidate(spec: CandidateSpec, ctx: EvalContext, progress: bool = F
     return save_and_complete(ctx, compute_candidate(spec, ctx, progress, callbacks), takeover)
 
 
+@dataclass(frozen=True)
+class Stored:
+    """What the store holds of a candidate: its metrics, and whether they lack the run's own measurements."""
+
+    metrics: CandidateMetrics
+    incomplete: bool  # a budget's latency probe or int8 figures to add (workers.measurement.run_measures)
+
+
+def find_stored(store: ArtifactStore, spec: CandidateSpec, measures: Measures) -> Stored | None:
+    """Step one of every evaluation: a candidate already in the store (checked) is never trained again."""
+    metrics = stored_metrics(store, spec.spec_hash)
+    return None if metrics is None else Stored(metrics, measures.incomplete(metrics))
+
+
+def stored_or_evaluated(spec: CandidateSpec, ctx: EvalContext,
+                        callbacks: Sequence[TrainCallback] = ()) -> tuple[CandidateMetrics, bool]:
+    """Stored, else evaluated, then completed, in this process (a Tune trial): (metrics, from the store). The
+    actor pool takes the same three steps, the lookup on the driver and the other two on its actors."""
+    found = find_stored(ctx.store, spec, ctx.measures)
+    if found is None:
+        return evaluate_candidate(spec, ctx, callbacks=callbacks), False
+    return (complete(found.metrics, ctx) if found.incomplete else found.metrics), True
+
+
 @dataclass
 class Evaluated:
     """A candidate the device is done with: its metrics and the model to keep (on the CPU)."""

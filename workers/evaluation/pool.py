@@ -38,12 +38,13 @@ from workers.evaluation.evaluate import (
     UnsavedResult,
     complete,
     compute_candidate,
+    find_stored,
     local_context,
     save_and_complete,
 )
 from workers.evaluation.resources import Resources
 from workers.evaluation.spec import Builder, CandidateSpec
-from workers.measurement.metrics import CandidateMetrics, stored_metrics
+from workers.measurement.metrics import CandidateMetrics
 from workers.measurement.run_measures import Measures
 
 log = logging.getLogger(__name__)
@@ -182,29 +183,13 @@ class EvalPool:
         """Yield an outcome per spec as soon as it is ready; stored evaluations come first, untrained (one that
         lacks a measurement of the run's is completed by a worker first, from its stored model)."""
         pending: deque[tuple[CandidateSpec, int, CandidateMetrics | None]] = deque()  # (spec, attempt, stored)
-        for spec in specs:
-            stored = stored_metrics(self.store, spec.spec_hash)
-            if stored is not None:
-                self.cache_hits += 1
-                if self.measures.incomplete(stored):
-                    pending.append((spec, 1, stored))
-                    continue
-                yield EvalOutcome(spec, stored, cached=True, attempts=0)
-            else:
-                pending.append((spec, 1, None))
+        yield from self._stored(specs, pending)
         starting = {id(a) for a in self._starting.values()}
         idle = [a for a in self.actors if id(a) not in starting]
         in_flight: dict[Any, tuple[Any, CandidateSpec, int, str]] = {}  # ref → (actor, spec, attempt, phase)
         completing: dict[Any, CandidateMetrics] = {}  # ref → stored metrics being completed
         while pending or in_flight:
-            while pending and idle:
-                spec, attempt, stored = pending.popleft()
-                actor = idle.pop()
-                if stored is not None:
-                    ref = actor.complete.remote(stored)
-                    in_flight[ref], completing[ref] = (actor, spec, attempt, "complete"), stored
-                else:
-                    in_flight[actor.evaluate.remote(spec, attempt > 1)] = (actor, spec, attempt, "device")
+            self._dispatch(pending, idle, in_flight, completing)
             if pending:
                 self._grow()
             # A bounded wait: the driver looks at stop requests (SIGTERM) and the cluster's size twice a second.
@@ -250,6 +235,32 @@ class EvalPool:
                 else:
                     metrics = result
             yield EvalOutcome(spec, metrics, cached=False, attempts=attempt)
+
+    def _stored(self, specs: Iterable[CandidateSpec],
+                pending: deque[tuple[CandidateSpec, int, CandidateMetrics | None]]) -> Iterator[EvalOutcome]:
+        """Step one, on the driver (`find_stored`): the outcomes of stored candidates that are complete; the
+        rest join `pending` (a stored one with its metrics, for an actor to complete)."""
+        for spec in specs:
+            found = find_stored(self.store, spec, self.measures)
+            self.cache_hits += found is not None
+            if found is not None and not found.incomplete:
+                yield EvalOutcome(spec, found.metrics, cached=True, attempts=0)
+            else:
+                pending.append((spec, 1, found.metrics if found is not None else None))
+
+    @staticmethod
+    def _dispatch(pending: deque[tuple[CandidateSpec, int, CandidateMetrics | None]], idle: list[Any],
+                  in_flight: dict[Any, tuple[Any, CandidateSpec, int, str]], completing: dict[Any, CandidateMetrics]
+                  ) -> None:
+        """Steps two and three on idle actors: complete a stored candidate, else evaluate (build, train, measure)."""
+        while pending and idle:
+            spec, attempt, stored = pending.popleft()
+            actor = idle.pop()
+            if stored is not None:
+                ref = actor.complete.remote(stored)
+                in_flight[ref], completing[ref] = (actor, spec, attempt, "complete"), stored
+            else:
+                in_flight[actor.evaluate.remote(spec, attempt > 1)] = (actor, spec, attempt, "device")
 
     def _completed(self, ref: Any, actor: Any, stored: CandidateMetrics, attempt: int,
                     pending: deque[tuple[CandidateSpec, int, CandidateMetrics | None]], idle: list[Any],

@@ -39,12 +39,10 @@ from searchsvc.sweeps.tuner import TrialRecorder, absolute_dataset, choose, repo
 from storage import ArtifactStore, layout
 from workers.compression.taylor import prunable_channels
 from workers.data.datasets import DatasetConfig
-from workers.evaluation.evaluate import complete
 from workers.evaluation.pool import worker_context
 from workers.evaluation.resources import Resources
 from workers.evaluation.spec import Builder, CandidateSpec
 from workers.measurement.measure import count_parameters
-from workers.measurement.metrics import stored_metrics
 from workers.measurement.run_measures import Measures, run_columns
 from workers.training.train import DistillConfig, TrainConfig
 
@@ -129,14 +127,10 @@ def taylor_trial(sample: dict[str, Any], job: TrialJob) -> None:
         # Once a point meets the budget, pruning stops: the trial's remaining iterations fine-tune that point.
         met = state.get("budget_met", False)
         spec = iteration_spec(job, sample, state["parent"], prune=not met)
-        metrics = stored_metrics(job.store, spec.spec_hash)
-        cached = metrics is not None
-        if cached:  # the run's own measurements a stored candidate lacks (a fresh one was given them)
-            metrics = complete(metrics, ctx)
-        else:  # its epochs checkpointed with the trial's state: a restart goes on mid-iteration
-            keeper = sweep.TrialCheckpoints(spec_hash=spec.spec_hash,
-                                            files={"state.json": json.dumps(state)}, fixed={"reward": score})
-            metrics = sweep.evaluate_or_keep(spec, ctx, callbacks=[keeper])
+        # a fresh candidate's epochs are checkpointed with the trial's state: a restart goes on mid-iteration
+        keeper = sweep.TrialCheckpoints(spec_hash=spec.spec_hash, files={"state.json": json.dumps(state)},
+                                        fixed={"reward": score})
+        metrics, cached = sweep.stored_or_kept(spec, ctx, callbacks=[keeper])
         ok = metrics.status == "ok"
         reason = stop_reason(metrics.val_accuracy, job.teacher_val_accuracy, job.search.stop) if ok else \
             f"invalid: {metrics.error}"
