@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import tempfile
+from contextvars import ContextVar
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -110,6 +111,13 @@ class TrialRecorder(Recorder):
                     **extras)
 
 
+# The recorder of the driver restoring a Tuner: Tune unpickles the run's callbacks from its tuner.pkl inside
+# `Tuner.restore`, and `_ReportRows.__setstate__` takes this recorder there (`_restored_tuner` sets it around the
+# call). Ray has no public way to replace a restored Tuner's callbacks (ray-project/ray#41364); pickling's own
+# hook needs none of its internals.
+_RESTORING: ContextVar[TrialRecorder | None] = ContextVar("searchsvc_restoring_recorder", default=None)
+
+
 class _ReportRows(tune.Callback):
     """Trial reports to the driver's recorder, as they arrive."""
 
@@ -118,30 +126,28 @@ class _ReportRows(tune.Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks into the experiment's tuner.pkl on the store: the recorder (the store
-        # client, every row, a progress bar) stays out of it. A resumed run attaches its own (`_attach`).
+        # client, every row, a progress bar) stays out of it. A resumed run's own recorder comes back in
+        # __setstate__, while `_restored_tuner` restores.
         return {**self.__dict__, "recorder": None}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.recorder = _RESTORING.get()
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any) -> None:
-        if self.recorder is None:  # a bug: unpickled from tuner.pkl and never replaced; rows would be lost unseen
-            raise RuntimeError("the results callback has no recorder: a restored Tuner needs sweep._attach")
+        if self.recorder is None:  # a bug: unpickled outside `_restored_tuner`; rows would be lost unseen
+            raise RuntimeError("the results callback has no recorder: restore a Tuner through sweeps.tuner")
         self.recorder.record_report(trial.trial_id, trial.config, result)
 
 
-def _attach(tuner: tune.Tuner, recorder: TrialRecorder) -> tune.Tuner:
-    """A restored Tuner with this driver's `_ReportRows` in place of the recorder-less one from tuner.pkl.
-
-    Ray has no public API for a restored Tuner's run config (ray-project/ray#41364, open); the internal
-    `Tuner._local_tuner.get_run_config()` is the known way. A Ray without it stops the resume here, rather
-    than run the trials and record no rows."""
-    local = getattr(tuner, "_local_tuner", None)
-    if local is None or not callable(getattr(local, "get_run_config", None)):
-        raise SearchsvcError("cannot resume the Tune experiment: this Ray's Tuner has no _local_tuner.get_run_config() "
-                             "to re-attach the results callback (ray-project/ray#41364); use the Ray version "
-                             "searchsvc pins, and no Ray client (ray://) address")
-    run_config = local.get_run_config()
-    kept = [c for c in run_config.callbacks or [] if not isinstance(c, _ReportRows)]
-    run_config.callbacks = [*kept, _ReportRows(recorder)]
-    return tuner
+def _restored_tuner(path: str, trainable: Any, filesystem: Any, recorder: TrialRecorder) -> tune.Tuner:
+    """The run's Tuner restored from the store, its results callback recording through `recorder`."""
+    token = _RESTORING.set(recorder)
+    try:
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=filesystem)
+    finally:
+        _RESTORING.reset(token)
 
 
 REPORTS = "reports"  # runs/<id>/reports/: trial reports the store was down for, recorded by resume
@@ -174,8 +180,7 @@ def build_tuner(context: RunContext, trial: Callable[..., None], job: Any, param
     filesystem, path = experiment_path(context.store, context.run_id)
     if context.resumed and tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         log.info("restoring the Tune experiment of run %s", context.run_id)
-        return _attach(tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
-                                          storage_filesystem=filesystem), recorder)
+        return _restored_tuner(path, trainable, filesystem, recorder)
     scheduler = ASHAScheduler(time_attr=time_attr, max_t=max_t, grace_period=min(sweep.grace_period, max_t),
                               reduction_factor=sweep.reduction_factor)
     return tune.Tuner(
