@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def check_positive_choices(key: str, values: tuple[int, ...]) -> None:
+    """Every choice a positive integer (epochs, ending epochs): ValueError naming `key[i]` otherwise."""
+    for i, value in enumerate(values):
+        if value < 1:
+            raise ValueError(f"{key}[{i}]: must be a positive integer, got {value}")
+
+
 @dataclass(frozen=True)
 class LogRange:
     """A log-uniform range [low, high] (learning rates)."""

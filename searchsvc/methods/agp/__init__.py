@@ -12,7 +12,7 @@ from searchsvc.budget import Budget
 from searchsvc.methods.agp.variants import check_agp
 from searchsvc.registry import SearchSection, budget_field, register_method
 from searchsvc.rewards import RewardForm
-from searchsvc.sweeps.schema import SweepTune
+from searchsvc.sweeps.schema import SweepTune, check_positive_choices
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,8 @@ class AgpTune(SweepTune):
                 if not is_number(level) or not 0 <= level < 1:
                     where = f"final_sparsity[{i}]" + (f".{name}" if name else "")
                     raise ValueError(f"{where}: a sparsity must be in [0, 1), got {level}")
-        for key, values in (("ending_epoch", self.ending_epoch), ("epochs", self.epochs)):
-            for i, value in enumerate(values):
-                if value < 1:
-                    raise ValueError(f"{key}[{i}]: must be a positive integer, got {value}")
+        check_positive_choices("ending_epoch", self.ending_epoch)
+        check_positive_choices("epochs", self.epochs)
 
 
 @register_method("agp", "gradual pruning from a Distiller YAML schedule, then thinning, as a Tune sweep",

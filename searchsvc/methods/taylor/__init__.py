@@ -9,7 +9,7 @@ from typing import Literal
 from searchsvc.budget import Budget
 from searchsvc.registry import SearchSection, budget_field, register_method
 from searchsvc.rewards import RewardForm
-from searchsvc.sweeps.schema import SweepTune
+from searchsvc.sweeps.schema import SweepTune, check_positive_choices
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,7 @@ class TaylorTune(SweepTune):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for i, epochs in enumerate(self.epochs):
-            if epochs < 1:
-                raise ValueError(f"epochs[{i}]: must be a positive integer, got {epochs}")
+        check_positive_choices("epochs", self.epochs)
 
 
 @register_method("taylor", "iterative Taylor filter pruning as a Ray Tune sweep",
