@@ -21,9 +21,10 @@ from core.errors import SearchsvcError, first_line
 from searchsvc.budget import budget_of, measures_of
 from searchsvc.methods import get_method
 from searchsvc.reporting.table import ResultRow, read_row
-from searchsvc.rewards import INVALID_REWARD, RewardForm, compression_ratio, reward
+from searchsvc.rewards import INVALID_REWARD, RewardForm, compression_ratio
 from searchsvc.running import stopping
 from searchsvc.running.job import RunContext
+from searchsvc.running.reward_rule import RewardRule
 from searchsvc.running.stopping import stop_on_sigterm
 from searchsvc.version import code_version
 from storage import StoreUnreachableError, layout, spool
@@ -31,8 +32,7 @@ from storage.base import json_bytes as store_json_bytes
 from workers.evaluation.evaluate import UnsavedResult
 from workers.evaluation.pool import EvalPool
 from workers.evaluation.spec import CandidateSpec
-from workers.measurement.latency import LatencyProbe, time_probe
-from workers.measurement.measure import count_macs, count_parameters
+from workers.measurement.measure import count_parameters
 from workers.measurement.metrics import CandidateMetrics
 from workers.measurement.run_measures import run_columns
 from workers.training.teacher import ensure_train_logits
@@ -53,16 +53,13 @@ class Recorder:
         "latency_ms" (at the budget's latency setting, else torch at batch 1; the teacher's is timed here).
         `penalise_over_budget`: an over-budget candidate's reward is scaled by `Budget.overshoot` (N2N)."""
         self.context = context
-        self.reward_form = reward_form
-        self.teacher_params = count_parameters(context.teacher.model)
+        self.teacher_params = count_parameters(context.teacher.model)  # what compression is counted against
         self.budget = budget_of(context.config.search)
-        self.penalise = penalise_over_budget and self.budget is not None
-        self.reward_size = reward_size or self.size
-        self.teacher_reward_size = self._teacher_size()
-        if self.reward_size == "latency_ms":  # timed by this driver: recorded, as the rewards depend on it
-            context.summary.update(teacher_reward_latency_ms=self.teacher_reward_size)
+        self.rewards = RewardRule(context.teacher, context.splits, context.config.device, reward_form,
+                                  reward_size or self.size, self.budget, penalise_over_budget)
+        if self.rewards.size == "latency_ms":  # timed by this driver: recorded, as the rewards depend on it
+            context.summary.update(teacher_reward_latency_ms=self.rewards.teacher_size)
         self.teacher_accuracy = context.teacher.test_accuracy  # reported beside the candidates
-        self.teacher_val_accuracy = context.teacher.val_accuracy  # what rewards compare against
         self.rows: dict[str, dict[str, Any]] = {}  # spec_hash → row, this run
         self.started = time.perf_counter()
         self._last_write = 0.0
@@ -156,7 +153,7 @@ class Recorder:
             code_version=code_version(), status=m.status, accuracy=m.accuracy, val_accuracy=m.val_accuracy,
             params=m.params, macs=m.macs, latency_ms=m.latency_ms,
             compression=compression_ratio(self.teacher_params, size) if ok else None,
-            reward=self.reward_of(m) if ok else INVALID_REWARD,  # validation decides, test reports
+            reward=self.rewards.of(m) if ok else INVALID_REWARD,  # validation decides, test reports
             wall_s=m.wall_s, worker=m.worker, artifact=m.artifact, device=m.device,
             latency_b256_ms=m.latency_b256_ms, model_bytes=m.model_bytes, cached=cached, error=m.error,
             removed=json.dumps(list(spec.removed)), widths=json.dumps(dict(spec.widths)),
@@ -164,39 +161,6 @@ class Recorder:
             parent_accuracy=self.rows[spec.init]["accuracy"] if spec.init in self.rows else None,
             within_budget=self.budget.within(m.get) if self.budget is not None and ok else None,
         )
-
-    def _teacher_size(self) -> float:
-        """The teacher's value of `reward_size`: what a candidate's compression is counted against."""
-        model, splits = self.context.teacher.model, self.context.splits
-        if self.reward_size in ("params", "nonzero_params"):
-            return self.teacher_params
-        if self.reward_size == "macs":
-            return count_macs(model, splits.in_channels, splits.image_size)
-        probe = self.latency_probe()
-        device = resolve_device(self.context.config.device)
-        value = time_probe(model.to(device), probe, device, splits.in_channels, splits.image_size)
-        if value is None:
-            raise SearchsvcError(f"search.reward_size: latency_ms: the teacher cannot be timed ({probe.describe()})")
-        log.info("teacher latency for the reward: %.3f ms (%s)", value, probe.describe())
-        return value
-
-    def latency_probe(self) -> LatencyProbe:
-        """The latency setting `reward_size: latency_ms` counts: the budget's, else torch at batch 1."""
-        return (self.budget.probe() if self.budget is not None else None) or LatencyProbe()
-
-    def reward_of(self, m: CandidateMetrics) -> float:
-        """A valid candidate's reward: compression on `reward_size` against the teacher's, validation accuracy
-        against the teacher's; scaled down by how far it is over budget when the method asks for it."""
-        if self.reward_size == "latency_ms":
-            size = m.get(self.latency_probe().column)
-        elif self.reward_size == "macs":
-            size = m.get("nonzero_macs", m.get("macs"))
-        else:
-            size = m.get(self.reward_size)
-        if size is None:  # a latency the worker could not take (the model did not export): nothing to reward
-            return INVALID_REWARD
-        value = reward(size, m.val_accuracy, self.teacher_reward_size, self.teacher_val_accuracy, self.reward_form)
-        return value * self.budget.overshoot(m.get) if self.penalise else value
 
     def columns(self, spec: CandidateSpec, metrics: CandidateMetrics) -> dict[str, Any]:
         """A method's own columns of a candidate's row, after the fixed ones (none here)."""
