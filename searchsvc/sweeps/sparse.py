@@ -15,18 +15,11 @@ from searchsvc.methods import get_method
 from searchsvc.reporting.plots import trajectory_png
 from searchsvc.running.job import RunContext
 from searchsvc.running.recorder import ensure_ray, prepare_teacher_logits
+from searchsvc.sweeps.checkpoints import TrialCheckpoints
+from searchsvc.sweeps.reports import TrialRecorder, report_fields
 from searchsvc.sweeps.schema import SweepTune
-from searchsvc.sweeps.tuner import (
-    TUNE_METRICS,
-    TrialCheckpoints,
-    TrialRecorder,
-    absolute_dataset,
-    build_tuner,
-    fit,
-    mark_pareto,
-    report_fields,
-    stored_or_kept,
-)
+from searchsvc.sweeps.space import TUNE_METRICS
+from searchsvc.sweeps.tuner import absolute_dataset, build_tuner, fit, mark_pareto, stored_or_kept
 from storage import ArtifactStore, layout
 from workers.data.datasets import DatasetConfig
 from workers.evaluation.evaluate import load_candidate_model

@@ -1,171 +1,41 @@
-"""What every Ray Tune method shares: the sweep's search space, the Tuner on the run's store, and the
-recorder that turns trial reports into result rows.
+"""The Tuner of a Ray Tune method, on the run's own store: built (ASHA, a grid over the sweep's choices) or restored
+when resuming, run with one-line logs, and the store's errors told apart from the trials' own.
 
 A method supplies a trial function `trial(sample, job)` that evaluates candidates inside the trial
-(worker_context + evaluate_candidate) and reports with `report_fields`; a report that carries a
-`spec` becomes a row of the run (an epoch-only report just feeds ASHA). Methods whose trial is one
-candidate (agp, rigl) use `candidate_trial` and `run_sparse_sweep` whole. Tune's experiment lives in
+(`stored_or_kept`: stored, else evaluated, then completed) and reports with `reports.report_fields`; the
+results callback (sweeps/reports.py) turns each report that carries a `spec` into a row of the run. Methods
+whose trial is one candidate (agp, rigl) use sweeps/sparse.py whole. Tune's experiment lives in
 runs/<id>/state/tune on the run's own store, so `searchsvc resume` restores it from there.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
-import json
 import logging
-import math
-import tempfile
-from contextvars import ContextVar
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from core.errors import SearchsvcError, first_line
+from core.errors import SearchsvcError
 from searchsvc.reporting.table import pareto_front
-from searchsvc.rewards import RewardForm
 from searchsvc.running.job import RunContext
-from searchsvc.running.recorder import Recorder
-from searchsvc.sweeps.schema import LogRange, SweepTune
-from storage import ArtifactStore, CorruptArtifactError, StoreUnreachableError, layout, spool
+from searchsvc.sweeps.logs import one_line_logs
+from searchsvc.sweeps.reports import ReportRows, TrialRecorder, restored_tuner
+from searchsvc.sweeps.schema import SweepTune
+from searchsvc.sweeps.space import samples_per_point
+from storage import ArtifactStore, StoreUnreachableError, layout, spool
 from workers.data.datasets import DatasetConfig
 from workers.evaluation.evaluate import UnsavedResult, stored_or_evaluated
 from workers.evaluation.pool import ray_resources
 from workers.evaluation.spec import CandidateSpec
-from workers.measurement.metrics import CandidateMetrics, stored_metrics
-from workers.measurement.run_measures import is_run_column
-from workers.training.train import Checkpointer, TrainCallback
+from workers.measurement.metrics import CandidateMetrics
+from workers.training.train import TrainCallback
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "tune"  # Tune's experiment folder name under runs/<id>/state/
-# A config's metric → the report key ASHA compares: "accuracy" is validation accuracy (test only reports).
-TUNE_METRICS = {"reward": "reward", "accuracy": "val_accuracy"}
-
-
-def choose(values: tuple, default: Any) -> Any:
-    """A list of choices as a Tune grid (one value: that value; none: the default)."""
-    return default if not values else values[0] if len(values) == 1 else tune.grid_search(list(values))
-
-
-def lr_space(sweep: SweepTune, default: float) -> Any:
-    """lr as choices (a grid) or a log-uniform range."""
-    lr = sweep.lr
-    return tune.loguniform(lr.low, lr.high) if isinstance(lr, LogRange) else choose(lr, default)
-
-
-def samples_per_point(sweep: SweepTune) -> int:
-    """Tune's num_samples: lr draws per grid point when lr is a range; else 1 (a repeat would be identical)."""
-    return sweep.num_samples if isinstance(sweep.lr, LogRange) else 1
-
-
-def trial_count(sweep: SweepTune, *choice_lists: tuple) -> int:
-    """Trials of the sweep: the grid's combinations (lr's choices included) times the samples per point."""
-    lists = (*choice_lists, () if isinstance(sweep.lr, LogRange) else sweep.lr)
-    return math.prod(max(1, len(v)) for v in lists) * samples_per_point(sweep)
-
-
-class TrialRecorder(Recorder):
-    """Rows from trial reports: a report with a `spec` is one row, with the trial and its `row` extras.
-
-    A report that arrives while the store is down cannot become a row (its metrics are read from the store),
-    and Tune will not send it again: it is kept in the local spool (`runs/<id>/reports/`), uploaded by
-    `resume`, and recorded then."""
-
-    def __init__(self, context: RunContext, reward_form: RewardForm = "c_2_minus_c", total: int | None = None) -> None:
-        super().__init__(context, reward_form, total)
-        if context.resumed:
-            for key in context.store.list(f"{layout.run(context.run_id)}/{REPORTS}/"):
-                kept = context.store.get_mapping(key)
-                self.record_report(str(kept["trial"]), dict(kept["sample"]), dict(kept["result"]))
-
-    def record_report(self, trial_id: str, sample: dict[str, Any], result: dict[str, Any]) -> None:
-        if "spec" not in result:
-            return
-        try:
-            self._record_report(trial_id, sample, result)
-        except StoreUnreachableError as err:
-            kept = {"trial": trial_id, "sample": sample,
-                    "result": {k: v for k, v in result.items() if k in REPORT_KEYS or k.startswith(ROW)}}
-            key = f"{layout.run(self.context.run_id)}/{REPORTS}/{trial_id}-{result['spec_hash']}.json"
-            spool.keep_bytes(self.context.store, key, json.dumps(kept, sort_keys=True, default=str).encode())
-            raise self.store_down(err) from None
-
-    def _record_report(self, trial_id: str, sample: dict[str, Any], result: dict[str, Any]) -> None:
-        spec = CandidateSpec.from_json(result["spec"])
-        metrics = stored_metrics(self.context.store, spec.spec_hash)  # the store is the truth
-        if metrics is None:  # not stored (out of memory): what the trial said
-            metrics = CandidateMetrics.invalid(spec.spec_hash, result["error"] or "not stored")
-        extras = {key[len(ROW):]: value for key, value in result.items() if key.startswith(ROW)}
-        # The run's own measurements the trial added and the stored metrics.json lacks (a budget's latency, int8
-        # figures): the row and its budget verdict need them.
-        added = {k: extras[k] for k in extras if is_run_column(k) and metrics.get(k) is None}
-        if added and metrics.status == "ok":
-            metrics = replace(metrics, extra={**metrics.extra, **added})
-        self.record(spec, metrics, bool(result["cached"]), trial=trial_id, sample=json.dumps(sample, sort_keys=True),
-                    **extras)
-
-
-# The recorder of the driver restoring a Tuner: Tune unpickles the run's callbacks from its tuner.pkl inside
-# `Tuner.restore`, and `_ReportRows.__setstate__` takes this recorder there (`_restored_tuner` sets it around the
-# call). Ray has no public way to replace a restored Tuner's callbacks (ray-project/ray#41364); pickling's own
-# hook needs none of its internals.
-_RESTORING: ContextVar[TrialRecorder | None] = ContextVar("searchsvc_restoring_recorder", default=None)
-
-
-class _ReportRows(tune.Callback):
-    """Trial reports to the driver's recorder, as they arrive."""
-
-    def __init__(self, recorder: TrialRecorder) -> None:
-        self.recorder: TrialRecorder | None = recorder
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles its callbacks into the experiment's tuner.pkl on the store: the recorder (the store
-        # client, every row, a progress bar) stays out of it. A resumed run's own recorder comes back in
-        # __setstate__, while `_restored_tuner` restores.
-        return {**self.__dict__, "recorder": None}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.recorder = _RESTORING.get()
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any) -> None:
-        if self.recorder is None:  # a bug: unpickled outside `_restored_tuner`; rows would be lost unseen
-            raise RuntimeError("the results callback has no recorder: restore a Tuner through sweeps.tuner")
-        self.recorder.record_report(trial.trial_id, trial.config, result)
-
-
-def _restored_tuner(path: str, trainable: Any, filesystem: Any, recorder: TrialRecorder) -> tune.Tuner:
-    """The run's Tuner restored from the store, its results callback recording through `recorder`."""
-    token = _RESTORING.set(recorder)
-    try:
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
-                                  storage_filesystem=filesystem)
-    finally:
-        _RESTORING.reset(token)
-
-
-REPORTS = "reports"  # runs/<id>/reports/: trial reports the store was down for, recorded by resume
-REPORT_KEYS = ("spec", "spec_hash", "cached", "status", "error")  # what a report's row is made of, with ROW keys
-
-# Report keys with this prefix become columns of the candidate's row (the prefix dropped). Reports stay flat:
-# numbers and strings, a mapping or list as its JSON text (a Parquet column holds it as such).
-ROW = "row_"
-
-
-def report_fields(spec: CandidateSpec, metrics: CandidateMetrics, cached: bool, **row: Any) -> dict[str, Any]:
-    """The keys of a report that becomes a row: the spec, whether it was cached, its status, `row` extras."""
-    flat = {ROW + key: json.dumps(value, sort_keys=True) if isinstance(value, (dict, list, tuple)) else value
-            for key, value in row.items()}
-    return {"spec_hash": spec.spec_hash, "spec": spec.canonical_json(), "cached": cached,
-            "status": metrics.status, "error": metrics.error or "", **flat}
-
-
 def experiment_path(store: ArtifactStore, run_id: str) -> tuple[Any, str]:
     """(pyarrow filesystem, path) of the run's Tune experiment: on the store itself, local or S3."""
     filesystem, base = store.arrow_filesystem()
@@ -180,7 +50,7 @@ def build_tuner(context: RunContext, trial: Callable[..., None], job: Any, param
     filesystem, path = experiment_path(context.store, context.run_id)
     if context.resumed and tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         log.info("restoring the Tune experiment of run %s", context.run_id)
-        return _restored_tuner(path, trainable, filesystem, recorder)
+        return restored_tuner(path, trainable, filesystem, recorder)
     scheduler = ASHAScheduler(time_attr=time_attr, max_t=max_t, grace_period=min(sweep.grace_period, max_t),
                               reduction_factor=sweep.reduction_factor)
     return tune.Tuner(
@@ -196,7 +66,7 @@ def build_tuner(context: RunContext, trial: Callable[..., None], job: Any, param
                                   # experiment state a resume restores can be older than the newest
                                   # checkpoints, and must still find the one it names.
                                   failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                                  callbacks=[_ReportRows(recorder)]),
+                                  callbacks=[ReportRows(recorder)]),
     )
 
 
@@ -204,7 +74,7 @@ def fit(context: RunContext, tuner: tune.Tuner, recorder: TrialRecorder) -> tune
     """Run the sweep (its callback records rows as trials report); SearchsvcError if every trial failed, and
     the store's StoreUnreachableError (with how to resume) if the store stayed down for trials or driver."""
     try:
-        with _one_line_logs():
+        with one_line_logs():
             grid = tuner.fit()
     except Exception as err:  # noqa: BLE001 — the store's error, however Tune wraps it; anything else as it is
         down = _store_error(err)
@@ -222,39 +92,6 @@ def fit(context: RunContext, tuner: tune.Tuner, recorder: TrialRecorder) -> tune
         log.warning("a Tune trial failed: %s", err)
     context.summary.update(failed_trials=len(failed))
     return grid
-
-
-# Tune logs a failed trial, and each failed save or load of its experiment state on the store, with a traceback
-# (a store outage gives dozens). The run's own one-line error says what happened: these loggers' lines stay
-# one line each while the sweep runs; a trial's traceback is in its error.txt of the experiment (and on
-# stderr with --debug).
-QUIET_LOGGERS = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state",
-                 "ray.tune.logger.logger", "ray.train._internal.storage", "ray.train._internal.syncer")
-TRACEBACK = "Traceback (most recent call last):"
-
-
-class _NoTraceback(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if record.exc_info or TRACEBACK in message:
-            cause = first_line(record.exc_info[1]) if record.exc_info and record.exc_info[1] else \
-                message.rstrip().splitlines()[-1]
-            record.msg = f"{message.split(TRACEBACK)[0].strip()} {cause}"
-            record.args, record.exc_info, record.exc_text = (), None, None
-        return True
-
-
-@contextlib.contextmanager
-def _one_line_logs() -> Iterator[None]:
-    loggers = [] if logging.getLogger().isEnabledFor(logging.DEBUG) else [logging.getLogger(n) for n in QUIET_LOGGERS]
-    only_line = _NoTraceback()
-    for logger in loggers:
-        logger.addFilter(only_line)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(only_line)
 
 
 def _store_error(err: BaseException) -> StoreUnreachableError | None:
@@ -292,49 +129,3 @@ def mark_pareto(rows: list[dict[str, Any]], size: str = "params") -> set[str]:
     for row in rows:
         row["pareto"] = row["spec_hash"] in front
     return front
-
-
-class TrialCheckpoints(Checkpointer):
-    """A Tune trial's epoch checkpoints, on the run's store. After each epoch but the last, validation accuracy
-    (ASHA's signal; and the record's `extra` keys) is reported with the training state; the trial's final
-    report, with the stored candidate, is its own (ASHA stops a trial that reaches max_t). A restarted trial
-    (its worker lost, or the driver killed and the run resumed) loads the latest state, checked against the
-    sha256 written beside it, and continues from that epoch."""
-
-    FILE = "train_state.pt"
-
-    def __init__(self, *extra: str, spec_hash: str = "", files: dict[str, str] | None = None,
-                 fixed: dict[str, Any] | None = None) -> None:
-        """`extra`: record keys each report carries; `spec_hash`: the candidate being trained (a checkpoint of
-        another one is not loaded); `files`: text files saved beside the state (a Taylor trial's own state.json,
-        so a restore knows its iteration); `fixed`: keys every epoch report carries (Tune wants its metric in
-        each: a Taylor trial's reward so far). train_model saves after every epoch but the last."""
-        self.extra, self.spec_hash = extra, spec_hash
-        self.files, self.fixed = files or {}, fixed or {}
-
-    def load(self) -> dict[str, Any] | None:
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            path = Path(folder) / self.FILE
-            if not path.exists():
-                return None
-            raw, digest = path.read_bytes(), Path(folder) / f"{self.FILE}.sha256"
-            if not digest.exists() or hashlib.sha256(raw).hexdigest() != digest.read_text().strip():
-                raise CorruptArtifactError(f"trial checkpoint {checkpoint.path}/{self.FILE} is corrupt "
-                                           "(its sha256 does not match)")
-            state = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
-        return state if state.get("spec_hash") == self.spec_hash else None  # an earlier candidate's epochs
-
-    def save(self, state: dict[str, Any], record: dict[str, Any]) -> None:
-        buffer = io.BytesIO()
-        torch.save({**state, "spec_hash": self.spec_hash}, buffer)
-        with tempfile.TemporaryDirectory() as folder:
-            for name, text in self.files.items():
-                (Path(folder) / name).write_text(text)
-            (Path(folder) / self.FILE).write_bytes(buffer.getvalue())
-            (Path(folder) / f"{self.FILE}.sha256").write_text(hashlib.sha256(buffer.getvalue()).hexdigest())
-            tune.report({**self.fixed, "epoch": state["epoch"], "val_accuracy": record["val_accuracy"],
-                         **{k: record.get(k, 0.0) for k in self.extra}},
-                        checkpoint=tune.Checkpoint.from_directory(folder))

@@ -24,9 +24,8 @@ from searchsvc.budget import Budget, feasible
 from searchsvc.methods.agp import AgpSearch
 from searchsvc.methods.agp.variants import schedule_variants
 from searchsvc.running.job import RunContext
-from searchsvc.sweeps import tuner as sweep
+from searchsvc.sweeps.space import choose, lr_space, trial_count
 from searchsvc.sweeps.sparse import CandidateJob, candidate_trial, run_sparse_sweep
-from searchsvc.sweeps.tuner import choose
 from workers.compression.agp import final_footprint, put_schedule
 from workers.evaluation.spec import CandidateSpec
 from workers.models.depgraph import example_input
@@ -39,7 +38,7 @@ ROW_KEYS = ("sparsity", "nonzero_params", "nonzero_macs", "macs_before_thinning"
 
 def param_space(search: AgpSearch, train: TrainConfig, variants: list[dict[str, Any]]) -> dict[str, Any]:
     """A grid over the schedule variants (and epoch choices), lr as choices or a log-uniform range."""
-    return {"variant": choose(tuple(variants), variants[0]), "lr": sweep.lr_space(search.tune, train.lr),
+    return {"variant": choose(tuple(variants), variants[0]), "lr": lr_space(search.tune, train.lr),
             "epochs": choose(search.tune.epochs, train.epochs)}
 
 
@@ -81,5 +80,5 @@ def run_agp(context: RunContext) -> None:
                  "ending_epoch": v["ending_epoch"]} for v in parsed]
     run_sparse_sweep(context, agp_trial, CandidateJob.of(context),
                      param_space(search, context.config.train, variants), search.tune, search.reward,
-                     total=sweep.trial_count(search.tune, tuple(variants), search.tune.epochs), epochs=epochs,
+                     total=trial_count(search.tune, tuple(variants), search.tune.epochs), epochs=epochs,
                      title=f"AGP, run {context.run_id}")

@@ -23,9 +23,8 @@ from typing import Any
 from searchsvc.budget import Budget, feasible
 from searchsvc.methods.rigl import RigLSearch
 from searchsvc.running.job import RunContext
-from searchsvc.sweeps import tuner as sweep
+from searchsvc.sweeps.space import choose, lr_space, trial_count
 from searchsvc.sweeps.sparse import CandidateJob, candidate_trial, run_sparse_sweep
-from searchsvc.sweeps.tuner import choose
 from workers.compression.rigl import sparse_footprint
 from workers.evaluation.spec import CandidateSpec
 from workers.training.train import TrainConfig
@@ -46,7 +45,7 @@ def param_space(search: RigLSearch, train: TrainConfig,
     space = {"dense_allocation": choose(t.dense_allocation, search.dense_allocation),
              "delta": choose(t.delta, search.delta), "alpha": choose(t.alpha, search.alpha),
              "distribution": choose(t.distribution, search.distribution),
-             "static_topo": choose(t.static_topo, search.static_topo), "lr": sweep.lr_space(t, train.lr)}
+             "static_topo": choose(t.static_topo, search.static_topo), "lr": lr_space(t, train.lr)}
     if settings is not None:
         del space["dense_allocation"], space["distribution"]
         space["setting"] = choose(tuple(settings), settings[0])
@@ -103,5 +102,5 @@ def run_rigl(context: RunContext) -> None:
     pairs = (tuple(settings), ()) if settings is not None else (t.dense_allocation, t.distribution)
     run_sparse_sweep(context, rigl_trial, RigLJob.of(context, search=search),
                      param_space(search, context.config.train, settings), t, search.reward,
-                     total=sweep.trial_count(t, pairs[0], t.delta, t.alpha, pairs[1], t.static_topo),
+                     total=trial_count(t, pairs[0], t.delta, t.alpha, pairs[1], t.static_topo),
                      epochs=context.config.train.epochs, title=f"RigL, run {context.run_id}")

@@ -34,8 +34,11 @@ from searchsvc.reporting.plots import trajectory_png
 from searchsvc.rewards import INVALID_REWARD, reward
 from searchsvc.running.job import RunContext
 from searchsvc.running.recorder import ensure_ray, prepare_teacher_logits
-from searchsvc.sweeps import tuner as sweep
-from searchsvc.sweeps.tuner import TrialRecorder, absolute_dataset, choose, report_fields
+from searchsvc.sweeps import space
+from searchsvc.sweeps.checkpoints import TrialCheckpoints
+from searchsvc.sweeps.reports import TrialRecorder, report_fields
+from searchsvc.sweeps.space import TUNE_METRICS, choose, lr_space
+from searchsvc.sweeps.tuner import absolute_dataset, build_tuner, fit, mark_pareto, stored_or_kept
 from storage import ArtifactStore, layout
 from workers.compression.taylor import prunable_channels
 from workers.data.datasets import DatasetConfig
@@ -73,7 +76,7 @@ def param_space(search: TaylorSearch, train: TrainConfig) -> dict[str, Any]:
     range sampled log-uniformly, other keys fixed at the config's value."""
     return {
         "filters_per_iteration": choose(search.tune.filters_per_iteration, search.filters_per_iteration),
-        "lr": sweep.lr_space(search.tune, train.lr),
+        "lr": lr_space(search.tune, train.lr),
         "epochs": choose(search.tune.epochs, train.epochs),
         "distill": choose(search.tune.distill, train.distill.alpha > 0),
     }
@@ -81,7 +84,7 @@ def param_space(search: TaylorSearch, train: TrainConfig) -> dict[str, Any]:
 
 def trial_count(search: TaylorSearch) -> int:
     """Trials of the sweep: the grid's combinations times the samples per grid point."""
-    return sweep.trial_count(search.tune, search.tune.filters_per_iteration, search.tune.epochs, search.tune.distill)
+    return space.trial_count(search.tune, search.tune.filters_per_iteration, search.tune.epochs, search.tune.distill)
 
 
 def prune_count(filters_per_iteration: int | float, teacher_channels: int) -> int:
@@ -128,9 +131,9 @@ def taylor_trial(sample: dict[str, Any], job: TrialJob) -> None:
         met = state.get("budget_met", False)
         spec = iteration_spec(job, sample, state["parent"], prune=not met)
         # a fresh candidate's epochs are checkpointed with the trial's state: a restart goes on mid-iteration
-        keeper = sweep.TrialCheckpoints(spec_hash=spec.spec_hash, files={"state.json": json.dumps(state)},
+        keeper = TrialCheckpoints(spec_hash=spec.spec_hash, files={"state.json": json.dumps(state)},
                                         fixed={"reward": score})
-        metrics, cached = sweep.stored_or_kept(spec, ctx, callbacks=[keeper])
+        metrics, cached = stored_or_kept(spec, ctx, callbacks=[keeper])
         ok = metrics.status == "ok"
         reason = stop_reason(metrics.val_accuracy, job.teacher_val_accuracy, job.search.stop) if ok else \
             f"invalid: {metrics.error}"
@@ -163,10 +166,10 @@ def run_taylor(context: RunContext) -> None:
                    seed=context.config.seed, measures=measures_of(context.config),
                    builder=get_method(context.config.method).worker_builder())
     recorder = TrialRecorder(context, search.reward, total=trial_count(search) * search.iterations)
-    tuner = sweep.build_tuner(context, taylor_trial, job, param_space(search, context.config.train), search.tune,
-                              metric=sweep.TUNE_METRICS[search.tune.metric], time_attr="iteration",
+    tuner = build_tuner(context, taylor_trial, job, param_space(search, context.config.train), search.tune,
+                              metric=TUNE_METRICS[search.tune.metric], time_attr="iteration",
                               max_t=search.iterations, recorder=recorder)
-    sweep.fit(context, tuner, recorder)
+    fit(context, tuner, recorder)
     finish(recorder)
 
 
@@ -174,7 +177,7 @@ def finish(recorder: TrialRecorder) -> None:
     """Mark the Pareto front, store the trajectory plot and a per-trial summary, write the table."""
     context = recorder.context
     rows = list(recorder.rows.values())
-    front = sweep.mark_pareto(rows)
+    front = mark_pareto(rows)
     prefix = layout.run(context.run_id)
     png = trajectory_png(rows, recorder.teacher_params, recorder.teacher_accuracy,
                          title=f"Taylor pruning, run {context.run_id}")
