@@ -41,7 +41,7 @@ class FixedCostWorker(EvalWorker):
 
     cost_s = 1.0  # seconds; a subclass per measurement sets it
 
-    def __init__(self, store, teacher_hash, dataset, resources, measures=None) -> None:
+    def __init__(self, store, teacher_hash, dataset, resources, measures=None, builder=None) -> None:
         self.store = store
 
     def name(self) -> str:
