@@ -42,7 +42,7 @@ from workers.measurement.run_measures import is_run_column
 from workers.training.train import Checkpointer, TrainCallback
 
 log = logging.getLogger(__name__)
-EXPERIMENT = "tune"  # Tune's experiment folder name under runs/<id>/state/
+EXPERIMENT = layout.TUNE_EXPERIMENT  # Tune's experiment folder name under runs/<id>/state/
 # A config's metric → the report key ASHA compares: "accuracy" is validation accuracy (test only reports).
 TUNE_METRICS = {"reward": "reward", "accuracy": "val_accuracy"}
 
@@ -79,7 +79,7 @@ class TrialRecorder(Recorder):
     def __init__(self, context: RunContext, reward_form: RewardForm = "c_2_minus_c", total: int | None = None) -> None:
         super().__init__(context, reward_form, total)
         if context.resumed:
-            for key in context.store.list(f"{layout.run(context.run_id)}/{REPORTS}/"):
+            for key in context.store.list(layout.reports_prefix(context.run_id)):
                 kept = context.store.get_mapping(key)
                 self.record_report(str(kept["trial"]), dict(kept["sample"]), dict(kept["result"]))
 
@@ -91,7 +91,7 @@ class TrialRecorder(Recorder):
         except StoreUnreachableError as err:
             kept = {"trial": trial_id, "sample": sample,
                     "result": {k: v for k, v in result.items() if k in REPORT_KEYS or k.startswith(ROW)}}
-            key = f"{layout.run(self.context.run_id)}/{REPORTS}/{trial_id}-{result['spec_hash']}.json"
+            key = layout.trial_report(self.context.run_id, trial_id, result["spec_hash"])
             spool.keep_bytes(self.context.store, key, json.dumps(kept, sort_keys=True, default=str).encode())
             raise self.store_down(err) from None
 
@@ -144,7 +144,6 @@ def _attach(tuner: tune.Tuner, recorder: TrialRecorder) -> tune.Tuner:
     return tuner
 
 
-REPORTS = "reports"  # runs/<id>/reports/: trial reports the store was down for, recorded by resume
 REPORT_KEYS = ("spec", "spec_hash", "cached", "status", "error")  # what a report's row is made of, with ROW keys
 
 # Report keys with this prefix become columns of the candidate's row (the prefix dropped). Reports stay flat:
@@ -163,7 +162,7 @@ def report_fields(spec: CandidateSpec, metrics: CandidateMetrics, cached: bool, 
 def experiment_path(store: ArtifactStore, run_id: str) -> tuple[Any, str]:
     """(pyarrow filesystem, path) of the run's Tune experiment: on the store itself, local or S3."""
     filesystem, base = store.arrow_filesystem()
-    return filesystem, f"{base}/{layout.run(run_id)}/state/{EXPERIMENT}"
+    return filesystem, f"{base}/{layout.run_state(run_id, EXPERIMENT)}"
 
 
 def build_tuner(context: RunContext, trial: Callable[..., None], job: Any, param_space: dict[str, Any],
