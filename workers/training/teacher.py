@@ -174,7 +174,7 @@ def load_or_train_teacher(store: ArtifactStore, config: TeacherConfig, dataset: 
         **(extra_meta or {}),
     }
     model.eval()
-    _save(store, key, model, meta)
+    _save(store, prefix, model, meta)
     log.info("teacher %s %s in %.0f s: test accuracy %.4f; stored at %s", key,
              "trained" if epochs else "evaluated as given", seconds, meta["test_accuracy"], store.uri_for(prefix))
     return Teacher(model, key, meta, cached=False)
@@ -194,11 +194,10 @@ def _untrained(config: TeacherConfig, splits: Splits, raw: bytes, sha256: str | 
     return model, {"source": source.to_data(), "weights": config.weights}
 
 
-def _save(store: ArtifactStore, key: str, model: Model, meta: dict[str, Any]) -> None:
-    prefix = layout.teacher(key)
+def _save(store: ArtifactStore, prefix: str, model: Model, meta: dict[str, Any]) -> None:
     try:
-        store.put_bytes(layout.teacher_model(key), state_dict_bytes(model), write_once=True)
-        store.put_json(layout.teacher_meta(key), meta, write_once=True)
+        store.put_bytes(layout.file_in(prefix, layout.MODEL), state_dict_bytes(model), write_once=True)
+        store.put_json(layout.file_in(prefix, layout.META), meta, write_once=True)
     except WriteConflictError:
         # Another run trained the same teacher at the same time and stored first: use theirs.
         log.warning("teacher %s was stored by another run meanwhile; keeping the stored one", prefix)
