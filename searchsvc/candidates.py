@@ -19,8 +19,9 @@ from workers.training.teacher import load_teacher
 
 def split_candidate_uri(uri_or_hash: str) -> tuple[str | None, str]:
     """'s3://b/p/candidates/<hash>/model.pt' → ('s3://b/p', hash); a bare hash → (None, hash)."""
-    if "/candidates/" in uri_or_hash:
-        store_uri, _, rest = uri_or_hash.partition("/candidates/")
+    marker = "/" + layout.CANDIDATES
+    if marker in uri_or_hash:
+        store_uri, _, rest = uri_or_hash.partition(marker)
         return store_uri, check_id(rest.split("/")[0], "spec hash")
     return None, check_id(uri_or_hash, "spec hash")
 
@@ -47,8 +48,8 @@ def _input_shape(meta: dict, model: nn.Module) -> InputShape:
 
 def candidate_input(store: ArtifactStore, spec_hash: str, model: nn.Module) -> InputShape:
     """The input shape of the candidate's teacher, for export's example input."""
-    spec = CandidateSpec.from_json(store.get_verified(layout.candidate(spec_hash), "spec.json").decode())
-    return _input_shape(json.loads(store.get_verified(layout.teacher(spec.teacher), "meta.json")), model)
+    spec = CandidateSpec.from_json(store.get_verified(layout.candidate(spec_hash), layout.SPEC).decode())
+    return _input_shape(json.loads(store.get_verified(layout.teacher(spec.teacher), layout.META)), model)
 
 
 def stored_model(store: ArtifactStore, model_hash: str) -> tuple[nn.Module, InputShape]:
@@ -56,7 +57,7 @@ def stored_model(store: ArtifactStore, model_hash: str) -> tuple[nn.Module, Inpu
     if store.exists(layout.manifest(layout.candidate(model_hash))):
         model = load_candidate_model(store, model_hash)
         return model, candidate_input(store, model_hash, model)
-    if store.exists(layout.teacher_file(model_hash, "meta.json")):
+    if store.exists(layout.teacher_meta(model_hash)):
         teacher = load_teacher(store, model_hash)
         return teacher.model, _input_shape(teacher.meta, teacher.model)
     raise KeyNotFoundError(f"{model_hash} is neither a kept candidate nor a teacher in {store.uri}")

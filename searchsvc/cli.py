@@ -238,7 +238,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     output = output_path(args.output, "--output")
     store = open_for(args, args.store)
     run_id = check_id(args.run, "run id") if args.run else latest_run(store)
-    if not store.exists(layout.run_file(run_id, "run.json")):
+    if not layout.run_exists(store, run_id):
         raise SearchsvcError(f"--run: run '{run_id}' does not exist in {store.uri}")
     _write_report(store, run_id, output, args.top)
     return 0
@@ -257,7 +257,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     from searchsvc.config import apply_overrides, parse_config, read_yaml
-    from searchsvc.methods.sensitivity.driver import SCHEDULE_KEY
     from searchsvc.running.job import run
     from storage import layout
 
@@ -278,7 +277,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         print(f"{key}: {result.summary.get(key)}")
     if schedule_out is not None:
         store = open_for(args, result.store_uri)
-        schedule_out.write_bytes(store.get_bytes(layout.run_file(result.run_id, SCHEDULE_KEY)))
+        schedule_out.write_bytes(store.get_bytes(layout.sensitivity_schedule(result.run_id)))
         print(f"starting schedule written to {schedule_out}")
     return 0
 

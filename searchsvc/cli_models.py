@@ -7,7 +7,7 @@ from typing import Any
 
 from core.errors import SearchsvcError
 from searchsvc.cli_args import add_store, open_for, output_path
-from storage import check_id
+from storage import check_id, layout
 
 
 def add_model_commands(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -71,7 +71,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     store = open_for(args, args.store)
     model, (channels, image_size) = stored_model(store, check_id(args.model, "model hash"))
     rows = summary(model, args.kind, channels, image_size)
-    key = f"summaries/{args.model}-{args.kind}.csv"
+    key = layout.store_summary(args.model, args.kind)
     store.put_bytes(key, to_csv(rows))
     name = model.arch.name if hasattr(model, "arch") else type(model).__name__
     print(f"{args.kind} summary of {args.model} ({name}, {image_size}x{image_size} input)")

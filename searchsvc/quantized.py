@@ -43,11 +43,11 @@ def quantize_candidate(store: ArtifactStore, spec_hash: str, config: QuantizeCon
     for a candidate the store does not hold, or one without a kept model."""
     model = load_candidate_model(store, spec_hash)  # every file checked; refuses a candidate with no model
     fp32 = stored_metrics(store, spec_hash)
-    uri = store.uri_for(f"{int8_prefix(spec_hash, config)}/model.onnx")
+    uri = store.uri_for(layout.file_in(int8_prefix(spec_hash, config), layout.INT8_MODEL))
     stored = stored_int8(store, spec_hash, config)
     if stored is not None:
         return QuantizeOutcome(fp32, stored, True, uri)
-    spec = CandidateSpec.from_json(store.get_verified(layout.candidate(spec_hash), "spec.json").decode())
+    spec = CandidateSpec.from_json(store.get_verified(layout.candidate(spec_hash), layout.SPEC).decode())
     splits = load_dataset(spec.dataset)
     quantized = quantize_model(model, splits, config, eval_threads=os.cpu_count() or 1)
     return QuantizeOutcome(fp32, save_int8(store, spec_hash, config, quantized), False, uri)

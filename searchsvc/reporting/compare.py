@@ -20,7 +20,7 @@ from core.records import RecordError, from_data
 from searchsvc.budget import Budget
 from searchsvc.reporting.plots import overlay_png
 from searchsvc.reporting.report import FRONTS, STYLE, escape, gpu_hours_of, img_html, table_html, teacher_point
-from searchsvc.reporting.table import most_accurate, read_row, stored_config
+from searchsvc.reporting.table import most_accurate, stored_config, stored_record, stored_rows
 from storage import ArtifactStore, check_id, layout
 
 BudgetChoice = tuple[str, Budget | None]  # (label, the budget; None: any size)
@@ -47,12 +47,10 @@ class RunView:
 def load_run(store: ArtifactStore, run_id: str) -> RunView:
     """A run's view; a SearchsvcError naming it if the store has no such run."""
     check_id(run_id, "run id")
-    key = layout.run_file(run_id, "run.json")
-    if not store.exists(key):
+    if not layout.run_exists(store, run_id):
         raise SearchsvcError(f"compare: run '{run_id}' does not exist in {store.uri}")
     _, config = stored_config(store, run_id)
-    rows = [read_row(store, k) for k in store.list(f"{layout.run(run_id)}/evals/")]
-    return RunView(run_id, store.get_mapping(key), config, sorted(rows, key=lambda r: r.get("order") or 0))
+    return RunView(run_id, stored_record(store, run_id), config, stored_rows(store, run_id))
 
 
 def check_comparable(views: list[RunView], allow_mixed: bool) -> None:

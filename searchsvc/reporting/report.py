@@ -16,7 +16,15 @@ from typing import Any
 from core.records import from_data
 from searchsvc.budget import Budget
 from searchsvc.reporting.plots import front_png, progress_png, schedule_png
-from searchsvc.reporting.table import most_accurate, pareto_front, rank, read_row, results_table, stored_config
+from searchsvc.reporting.table import (
+    most_accurate,
+    pareto_front,
+    rank,
+    results_table,
+    stored_config,
+    stored_record,
+    stored_rows,
+)
 from storage import ArtifactStore, layout
 from workers.measurement.latency import probe_columns
 from workers.measurement.measure import count_macs, count_parameters
@@ -97,11 +105,9 @@ def _on_gpu(row: dict[str, Any]) -> bool:
 
 def build_report(store: ArtifactStore, run_id: str, top: int = 10) -> str:
     """The HTML text of run `run_id`'s report."""
-    prefix = layout.run(run_id)
-    record = store.get_mapping(f"{prefix}/run.json")
+    record = stored_record(store, run_id)
     config_text, config = stored_config(store, run_id)
-    rows = [read_row(store, k) for k in store.list(f"{prefix}/evals/")]
-    rows.sort(key=lambda r: r.get("order") or 0)
+    rows = stored_rows(store, run_id)
     teacher = teacher_point(store, record.get("teacher_hash"))
     gpus = float((config.get("resources") or {}).get("gpus_per_eval") or 0)
     ok = [r for r in rows if r["status"] == "ok"]
@@ -120,7 +126,7 @@ def build_report(store: ArtifactStore, run_id: str, top: int = 10) -> str:
     parts.append("<h2>The search over time</h2>" + img_html(progress_png(rows), "reward and accuracy per evaluation"))
     if record.get("method") in SCHEDULES and ok:
         parts.append("<h2>Sparsity schedule</h2>" + img_html(schedule_plot(store, ok, record["method"], top), "schedule"))
-    for key in store.list(f"{prefix}/plots/"):
+    for key in store.list(layout.plots_prefix(run_id)):
         if key.endswith(".png"):
             parts.append(f"<h3>{escape(key.rsplit('/', 1)[1])}</h3>" + img_html(store.get_bytes(key), key))
     parts.append(f"<h2>Config</h2><pre>{escape(config_text)}</pre>")
@@ -133,7 +139,7 @@ def schedule_plot(store: ArtifactStore, ok: list[dict[str, Any]], method: str, t
     """The per-epoch schedule of the best `top` candidates, from their stored training histories."""
     best = rank(results_table(ok)).to_pylist()[:top]
     histories = {f"{r['spec_hash'][:8]} ({100 * r['accuracy']:.1f} %)":
-                 list(verified_metrics(store, layout.candidate(r["spec_hash"])).history or ()) for r in best}
+                 list(verified_metrics(store, r["spec_hash"]).history or ()) for r in best}
     return schedule_png(histories, SCHEDULES[method], f"{method}: the best {len(best)} candidates")
 
 
@@ -146,7 +152,7 @@ def top_table(rows: list[dict[str, Any]], top: int) -> str:
         cells = [str(place), escape(row["spec_hash"])]
         cells += ["-" if row.get(k) is None else fmt.format(row[k]) for k, _, fmt in columns]
         link = row.get("artifact")
-        cells.append(f"<a href='{escape(link)}'>model.pt</a>" if link else "-")
+        cells.append(f"<a href='{escape(link)}'>{layout.MODEL}</a>" if link else "-")
         body.append(cells)
     return table_html(["#", "candidate", *(title for _, title, _ in columns), "artifact"], body, raw=True)
 

@@ -117,17 +117,16 @@ def write_results(store: ArtifactStore, run_id: str, rows: Iterable[dict[str, An
     """(Re)write `runs/<id>/results.parquet` atomically from all rows so far; return the ranked table."""
     table = rank(results_table(rows))
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), ROWS_SHA256: rows_sha256(table).encode()})
-    store.put_table(f"{layout.run(run_id)}/results.parquet", table)
+    store.put_table(layout.run_results(run_id), table)
     return table
 
 
 def read_results(store: ArtifactStore, run_id: str | None = None) -> pa.Table:
     """The ranked results of `run_id` (latest run by default); an empty table if none were written."""
     run_id = run_id or layout.latest_run(store)
-    prefix = layout.run(run_id)
-    if not store.exists(f"{prefix}/config.yaml"):
+    if not layout.run_exists(store, run_id):
         raise KeyNotFoundError(f"run '{run_id}' does not exist in {store.uri}")
-    key = f"{prefix}/results.parquet"
+    key = layout.run_results(run_id)
     if not store.exists(key):
         return RESULT_SCHEMA.empty_table()
     table = store.get_table(key)
@@ -138,7 +137,7 @@ def read_results(store: ArtifactStore, run_id: str | None = None) -> pa.Table:
 def stored_config(store: ArtifactStore, run_id: str) -> tuple[str, dict[str, Any]]:
     """A run's stored config.yaml: its text and its top-level mapping (report, resume); CorruptArtifactError
     naming it if it is not UTF-8 YAML holding a mapping."""
-    key = f"{layout.run(run_id)}/config.yaml"
+    key = layout.run_config(run_id)
     try:
         text = store.get_bytes(key).decode("utf-8")
         data = yaml.safe_load(text)
@@ -148,6 +147,22 @@ def stored_config(store: ArtifactStore, run_id: str) -> tuple[str, dict[str, Any
     if not isinstance(data, dict):
         raise CorruptArtifactError(f"{store.uri_for(key)} is corrupt: a mapping of config keys was expected")
     return text, data
+
+
+def stored_record(store: ArtifactStore, run_id: str) -> dict[str, Any]:
+    """A run's run.json (report, compare). A run stopped between writing its config and its record has none:
+    a KeyNotFoundError that says so, in one line."""
+    key = layout.run_record(run_id)
+    if not store.exists(key):
+        raise KeyNotFoundError(f"run '{run_id}' has no record yet ({store.uri_for(key)}): it stopped before it "
+                               f"started; `searchsvc resume --store {store.uri} --run {run_id}` continues it")
+    return store.get_mapping(key)
+
+
+def stored_rows(store: ArtifactStore, run_id: str) -> list[dict[str, Any]]:
+    """Every evaluation row a run has recorded, in the order they were recorded (report, compare)."""
+    rows = [read_row(store, key) for key in store.list(layout.evals_prefix(run_id))]
+    return sorted(rows, key=lambda r: r.get("order") or 0)
 
 
 def read_row(store: ArtifactStore, key: str) -> dict[str, Any]:
@@ -162,7 +177,7 @@ def check_results(store: ArtifactStore, run_id: str, table: pa.Table) -> None:
     """CorruptArtifactError naming the file unless `table` is the run's results as written: its columns, and
     its rows against the checksum in its metadata (tables written before the checksum: against the run's
     write-once evaluations, evals/<spec_hash>.json)."""
-    source = store.uri_for(f"{layout.run(run_id)}/results.parquet")
+    source = store.uri_for(layout.run_results(run_id))
     missing = [column for column in REQUIRED if column not in table.column_names]
     if missing:
         raise CorruptArtifactError(f"{source} is not a results table: it has no column {missing[0]!r}")
@@ -173,7 +188,7 @@ def check_results(store: ArtifactStore, run_id: str, table: pa.Table) -> None:
                                        f"(edited after the run wrote it?)")
         return
     for row in table.select(list(REQUIRED)).to_pylist():
-        key = f"{layout.run(run_id)}/evals/{row['spec_hash']}.json"
+        key = layout.eval_row(run_id, row["spec_hash"])
         stored = read_row(store, key) if store.exists(key) else None
         if stored is None or any(stored.get(c) != row[c] for c in REQUIRED):
             raise CorruptArtifactError(f"{source} is corrupt: the row of {row['spec_hash']} differs from "

@@ -25,7 +25,6 @@ from searchsvc.running.preflight import check_device, check_ray_address
 from searchsvc.running.stopping import Stopped, stop_on_sigterm
 from searchsvc.version import code_version
 from storage import ArtifactStore, KeyNotFoundError, StoreOptions, StoreUnreachableError, layout, open_store, spool
-from storage.base import MANIFEST
 from workers.data.datasets import Splits, load_dataset
 from workers.training.teacher import Teacher, load_or_train_teacher
 from workers.training.train import resolve_device
@@ -92,7 +91,7 @@ def run(config: JobConfig, store: ArtifactStore | str | None = None, endpoint: s
                               "code_version": code_version(), "store": store.uri}
     stopping.clear()  # a signal a previous job in this process had no chance to act on is not this one's
     stop_on_sigterm(deferred=True)  # config and record are written whole: a signal is acted on once they are
-    store.put_bytes(f"{layout.run(run_id)}/config.yaml", config_to_yaml(config).encode(), write_once=True)
+    store.put_bytes(layout.run_config(run_id), config_to_yaml(config).encode(), write_once=True)
     return _execute(config, store, run_id, record, progress, address, resumed=False)
 
 
@@ -102,14 +101,14 @@ def resume(store: ArtifactStore | str, run_id: str, endpoint: str | None = None,
     stopping.clear()
     if not isinstance(store, ArtifactStore):
         store = open_store(store, endpoint=endpoint, create=False, options=StoreOptions.from_env())
-    prefix = layout.run(run_id)
-    if not store.exists(f"{prefix}/config.yaml"):
+    if not layout.run_exists(store, run_id):
         raise KeyNotFoundError(f"run '{run_id}' does not exist in {store.uri}")
     upload_kept(store)
-    record = store.get_mapping(f"{prefix}/run.json") if store.exists(f"{prefix}/run.json") else {"run_id": run_id}
+    key = layout.run_record(run_id)  # none if the run stopped between its config and its record
+    record = store.get_mapping(key) if store.exists(key) else {"run_id": run_id}
     if record.get("status") == "finished":
         raise SearchsvcError(f"run '{run_id}' already finished; nothing to resume")
-    config = parse_config(stored_config(store, run_id)[1], source=store.uri_for(f"{prefix}/config.yaml"))
+    config = parse_config(stored_config(store, run_id)[1], source=store.uri_for(layout.run_config(run_id)))
     check_device(config.device)
     check_ray_address(address)
     record.update(status="running", resumed_at=_now(), resumes=record.get("resumes", 0) + 1,
@@ -122,7 +121,7 @@ def upload_kept(store: ArtifactStore) -> None:
     manifest), then the run rows that point to them."""
     candidates = spool.upload(store, layout.CANDIDATES)
     for prefix in sorted({key.rsplit("/", 1)[0] for key in candidates}):
-        if not store.exists(f"{prefix}/{MANIFEST}"):
+        if not store.exists(layout.manifest(prefix)):
             store.write_manifest(prefix)
     spool.upload(store, layout.RUNS)
 
@@ -130,14 +129,14 @@ def upload_kept(store: ArtifactStore) -> None:
 def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[str, Any], progress: bool,
              address: str | None, resumed: bool) -> RunResult:
     stop_on_sigterm(deferred=True)
-    prefix = layout.run(run_id)
-    store.put_json(f"{prefix}/run.json", record)
+    record_key = layout.run_record(run_id)
+    store.put_json(record_key, record)
     log.info("run %s (%s) %s %s", run_id, config.method, "resumed in" if resumed else "recording to",
-             store.uri_for(prefix))
+             store.uri_for(layout.run(run_id)))
     started = time.perf_counter()
 
     def stopped_while_ray_starts(signum: int) -> None:
-        store.put_json(f"{prefix}/run.json", {**record, "status": "stopped", "finished_at": _now(),
+        store.put_json(record_key, {**record, "status": "stopped", "finished_at": _now(),
                                               "error": f"Stopped: stopped by signal {signum} while Ray started"})
 
     try:
@@ -152,7 +151,7 @@ def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[
                                         extra_meta={"code_version": code_version()})
         record.update(teacher_hash=teacher.teacher_hash, teacher_accuracy=teacher.test_accuracy,
                       teacher_val_accuracy=teacher.val_accuracy, teacher_cached=teacher.cached)
-        store.put_json(f"{prefix}/run.json", record)
+        store.put_json(record_key, record)
         context = RunContext(config, store, run_id, splits, teacher, progress, address, resumed=resumed)
         with stopping.last_words(stopped_while_ray_starts):
             driver(context)
@@ -166,7 +165,7 @@ def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[
                       finished_at=_now(), wall_s=time.perf_counter() - started)
         if not isinstance(err, StoreUnreachableError):  # else the record stays "running": resume continues it
             try:
-                store.put_json(f"{prefix}/run.json", record)
+                store.put_json(record_key, record)
             except StoreUnreachableError as down:  # the failure itself may come from the store going down
                 raise StoreUnreachableError(
                     f"{type(err).__name__}: {first_line(err)}; then {down}. Once the store is back, `searchsvc "
@@ -177,5 +176,5 @@ def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[
         raise
     summary = {"evaluations": len(context.rows), "cache_hits": 0, **context.summary}
     record.update(status=status, finished_at=_now(), wall_s=time.perf_counter() - started, **summary)
-    store.put_json(f"{prefix}/run.json", record)
+    store.put_json(record_key, record)
     return RunResult(run_id, store.uri, status, teacher.teacher_hash, teacher.test_accuracy, table, summary)

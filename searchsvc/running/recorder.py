@@ -71,7 +71,7 @@ class Recorder:
 
     def _preload(self) -> None:
         """A resumed run: the evaluations it already recorded count as done and are not sent again."""
-        prefix = f"{layout.run(self.context.run_id)}/evals/"
+        prefix = layout.evals_prefix(self.context.run_id)
         for key in self.context.store.list(prefix):
             row = read_row(self.context.store, key)
             self.rows[row["spec_hash"]] = row
@@ -115,7 +115,7 @@ class Recorder:
         """evals/<hash>.json, once; if the store stays unreachable the row (and the candidate's unsaved files)
         are kept on local disk and the run stops with a message that says where (`searchsvc resume` uploads
         them)."""
-        store, key = self.context.store, f"{layout.run(self.context.run_id)}/evals/{row['spec_hash']}.json"
+        store, key = self.context.store, layout.eval_row(self.context.run_id, row["spec_hash"])
         cause: StoreUnreachableError | None = unsaved
         if cause is None:
             try:

@@ -32,7 +32,7 @@ class TrialRecorder(Recorder):
     def __init__(self, context: RunContext, reward_form: RewardForm = "c_2_minus_c", total: int | None = None) -> None:
         super().__init__(context, reward_form, total)
         if context.resumed:
-            for key in context.store.list(f"{layout.run(context.run_id)}/{REPORTS}/"):
+            for key in context.store.list(layout.reports_prefix(context.run_id)):
                 kept = context.store.get_mapping(key)
                 self.record_report(str(kept["trial"]), dict(kept["sample"]), dict(kept["result"]))
 
@@ -44,7 +44,7 @@ class TrialRecorder(Recorder):
         except StoreUnreachableError as err:
             kept = {"trial": trial_id, "sample": sample,
                     "result": {k: v for k, v in result.items() if k in REPORT_KEYS or k.startswith(ROW)}}
-            key = f"{layout.run(self.context.run_id)}/{REPORTS}/{trial_id}-{result['spec_hash']}.json"
+            key = layout.trial_report(self.context.run_id, trial_id, result["spec_hash"])
             spool.keep_bytes(self.context.store, key, json.dumps(kept, sort_keys=True, default=str).encode())
             raise self.store_down(err) from None
 
@@ -102,7 +102,6 @@ def restored_tuner(path: str, trainable: Any, filesystem: Any, recorder: TrialRe
         _RESTORING.reset(token)
 
 
-REPORTS = "reports"  # runs/<id>/reports/: trial reports the store was down for, recorded by resume
 REPORT_KEYS = ("spec", "spec_hash", "cached", "status", "error")  # what a report's row is made of, with ROW keys
 
 # Report keys with this prefix become columns of the candidate's row (the prefix dropped). Reports stay flat:

@@ -40,21 +40,21 @@ def finish_sparse(recorder: SparseRecorder, trials: int, title: str) -> None:
     context = recorder.context
     rows = list(recorder.rows.values())
     front = mark_pareto(rows, size=SparseRecorder.size)
-    prefix = layout.run(context.run_id)
+    run_id, plot = context.run_id, layout.run_plot(context.run_id, layout.TRAJECTORY_PLOT)
     size = context.splits.in_channels, context.splits.image_size
     for row in rows:
         if row["status"] != "ok" or not row.get("artifact"):
             continue
         model = load_candidate_model(context.store, row["spec_hash"])
         for kind in SUMMARY_KINDS:
-            context.store.put_bytes(f"{prefix}/summaries/{row['spec_hash']}-{kind}.csv",
+            context.store.put_bytes(layout.run_summary(run_id, row["spec_hash"], kind),
                                     to_csv(summary(model, kind, *size)))
     png = trajectory_png(rows, recorder.teacher_params, recorder.teacher_accuracy, title=title, size=SparseRecorder.size)
-    context.store.put_bytes(f"{prefix}/plots/trajectory.png", png)
+    context.store.put_bytes(plot, png)
     recorder.close()
     context.summary.update(trials=trials, pareto=len(front),
-                           plot=context.store.uri_for(f"{prefix}/plots/trajectory.png"),
-                           summaries=context.store.uri_for(f"{prefix}/summaries/"))
+                           plot=context.store.uri_for(plot),
+                           summaries=context.store.uri_for(layout.summaries_prefix(run_id)))
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,11 @@ from workers.measurement.metrics import CandidateMetrics
 from workers.training.train import TrainCallback
 
 log = logging.getLogger(__name__)
-EXPERIMENT = "tune"  # Tune's experiment folder name under runs/<id>/state/
+EXPERIMENT = layout.TUNE_EXPERIMENT  # Tune's experiment folder name under runs/<id>/state/
 def experiment_path(store: ArtifactStore, run_id: str) -> tuple[Any, str]:
     """(pyarrow filesystem, path) of the run's Tune experiment: on the store itself, local or S3."""
     filesystem, base = store.arrow_filesystem()
-    return filesystem, f"{base}/{layout.run(run_id)}/state/{EXPERIMENT}"
+    return filesystem, f"{base}/{layout.run_state(run_id, EXPERIMENT)}"
 
 
 def build_tuner(context: RunContext, trial: Callable[..., None], job: Any, param_space: dict[str, Any],

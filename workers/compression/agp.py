@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 
 from core.records import canonical_json
-from storage import ArtifactStore
+from storage import ArtifactStore, layout
 from workers.compression.pruners import filter_masks, magnitude_mask
 from workers.compression.qat import LinearQuantAwareTraining
 from workers.compression.quantize import (
@@ -56,15 +56,15 @@ def schedule_hash(raw: dict[str, Any]) -> str:
 def put_schedule(store: ArtifactStore, raw: dict[str, Any]) -> str:
     """Store a schedule mapping once under its hash; return the hash (what `CandidateSpec.schedule` holds)."""
     key = schedule_hash(raw)
-    if not store.exists(f"schedules/{key}.yaml"):
-        store.put_bytes(f"schedules/{key}.yaml", yaml.safe_dump(raw, sort_keys=False).encode())
+    if not store.exists(layout.schedule(key)):
+        store.put_bytes(layout.schedule(key), yaml.safe_dump(raw, sort_keys=False).encode())
     return key
 
 
 def get_schedule(store: ArtifactStore, key: str, model: nn.Module, example: torch.Tensor | None = None) -> Schedule:
     """A stored schedule, validated against `model` (yaml.safe_load; `example`: see parse_schedule)."""
-    where = store.uri_for(f"schedules/{key}.yaml")
-    return parse_schedule(yaml.safe_load(store.get_bytes(f"schedules/{key}.yaml")), model, source=where,
+    where = store.uri_for(layout.schedule(key))
+    return parse_schedule(yaml.safe_load(store.get_bytes(layout.schedule(key))), model, source=where,
                           example=example)
 
 

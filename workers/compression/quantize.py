@@ -226,8 +226,7 @@ def unless_unquantizable(spec_hash: str, make: Callable[[], Int8Metrics]) -> Int
 
 def int8_prefix(spec_hash: str, config: QuantizeConfig | str) -> str:
     """Where a candidate's int8 model under `config` (or the QAT_KEY) lives."""
-    key = config if isinstance(config, str) else config.key()
-    return f"{layout.candidate(spec_hash)}/int8-{key}"
+    return layout.int8_folder(spec_hash, config if isinstance(config, str) else config.key())
 
 
 def stored_int8(store: ArtifactStore, spec_hash: str, config: QuantizeConfig | str) -> Int8Metrics | None:
@@ -236,9 +235,9 @@ def stored_int8(store: ArtifactStore, spec_hash: str, config: QuantizeConfig | s
     prefix = int8_prefix(spec_hash, config)
     if not store.exists(layout.manifest(prefix)):
         return None
-    source = store.uri_for(f"{prefix}/int8.json")
+    source = store.uri_for(layout.file_in(prefix, layout.INT8_RECORD))
     try:
-        data = json.loads(store.get_verified(prefix, "int8.json").decode("utf-8"))
+        data = json.loads(store.get_verified(prefix, layout.INT8_RECORD).decode("utf-8"))
         return records.from_data(Int8Metrics, data.get("metrics") if isinstance(data, dict) else None, source=source)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CorruptArtifactError(f"{source} is corrupt: not JSON ({err})") from None
@@ -248,7 +247,7 @@ def stored_int8(store: ArtifactStore, spec_hash: str, config: QuantizeConfig | s
 
 def stored_int8_model(store: ArtifactStore, spec_hash: str, config: QuantizeConfig | str) -> bytes:
     """The stored int8 ONNX model's bytes, checked against its manifest."""
-    return store.get_verified(int8_prefix(spec_hash, config), "model.onnx")
+    return store.get_verified(int8_prefix(spec_hash, config), layout.INT8_MODEL)
 
 
 def save_int8(store: ArtifactStore, spec_hash: str, config: QuantizeConfig | str, quantized: Quantized,
@@ -258,12 +257,12 @@ def save_int8(store: ArtifactStore, spec_hash: str, config: QuantizeConfig | str
     vouches for. The one that loses waits for the other's manifest: theirs is the measurement. If none
     comes (the other writer died mid-save), this one's figures are reported, not stored."""
     prefix = int8_prefix(spec_hash, config)
-    files = {"model.onnx": quantized.onnx,
-             "int8.json": json_bytes({"config": settings if settings is not None else asdict(config),
-                                      "metrics": asdict(quantized.metrics)})}
+    files = {layout.INT8_MODEL: quantized.onnx,
+             layout.INT8_RECORD: json_bytes({"config": settings if settings is not None else asdict(config),
+                                             "metrics": asdict(quantized.metrics)})}
     try:
         for name, data in files.items():
-            store.put_bytes(f"{prefix}/{name}", data, write_once=True)
+            store.put_bytes(layout.file_in(prefix, name), data, write_once=True)
         store.write_manifest(prefix, files)
     except WriteConflictError:
         deadline = time.monotonic() + OTHER_WRITER_S

@@ -327,24 +327,23 @@ def load_candidate_model(store: ArtifactStore, spec_hash: str) -> Model:
     prefix = layout.candidate(spec_hash)
     if not store.exists(layout.manifest(prefix)):
         raise KeyNotFoundError(f"candidate {spec_hash} is not in {store.uri} (or its evaluation is incomplete)")
-    spec = CandidateSpec.from_json(store.get_verified(prefix, "spec.json").decode())
-    if not store.exists(f"{prefix}/model.pt"):
+    spec = CandidateSpec.from_json(store.get_verified(prefix, layout.SPEC).decode())
+    if not store.exists(layout.candidate_model(spec_hash)):
         raise KeyNotFoundError(f"candidate {spec_hash} has no kept model (it was invalid)")
-    metrics = verified_metrics(store, prefix)
-    raw = store.get_verified(prefix, "model.pt")
-    where = store.uri_for(f"{prefix}/model.pt")
+    metrics = verified_metrics(store, spec_hash)
+    raw = store.get_verified(prefix, layout.MODEL)
+    where = store.uri_for(layout.candidate_model(spec_hash))
     if metrics.arch is not None:  # what was built (a method's builder decides widths on the worker)
-        arch = arch_from_data(metrics.arch, source=store.uri_for(f"{prefix}/metrics.json"))
+        arch = arch_from_data(metrics.arch, source=store.uri_for(layout.candidate_metrics(spec_hash)))
         return load_state_bytes(build_model(arch), raw, where).eval()
-    teacher_prefix = layout.teacher(spec.teacher)
-    meta = json.loads(store.get_verified(teacher_prefix, "meta.json"))
+    meta = json.loads(store.get_verified(layout.teacher(spec.teacher), layout.META))
     if "source" in meta:  # a user's network: its constructor, its units removed, layers at the stored shapes
         model = construct(checked_source(store, spec.teacher, meta))
         try:
             return rebuild(model, spec.removed, read_state_bytes(raw, where))
         except (InvalidTransform, RuntimeError, AttributeError) as err:  # tensors that fit no such structure
             raise CorruptArtifactError(f"{where} does not fit {meta['source']['model']}: {err}") from None
-    teacher_arch = arch_from_data(meta["arch"], source=store.uri_for(f"{teacher_prefix}/meta.json"))
+    teacher_arch = arch_from_data(meta["arch"], source=store.uri_for(layout.teacher_meta(spec.teacher)))
     return load_state_bytes(build_model(derive_arch(teacher_arch, spec.removed, spec.widths)), raw, where).eval()
 
 
@@ -357,11 +356,11 @@ def save_candidate(store: ArtifactStore, spec: CandidateSpec, model: torch.nn.Mo
     once; otherwise after `OTHER_WRITER_S` without the other writer's manifest.
     """
     prefix = layout.candidate(spec.spec_hash)
-    files = {f"{prefix}/spec.json": spec.canonical_json().encode()}
+    files = {layout.candidate_spec(spec.spec_hash): spec.canonical_json().encode()}
     if model is not None:
-        files[f"{prefix}/model.pt"] = state_dict_bytes(model)
-        metrics = replace(metrics, artifact=store.uri_for(f"{prefix}/model.pt"))
-    files[f"{prefix}/metrics.json"] = json_bytes(metrics.to_data())
+        files[layout.candidate_model(spec.spec_hash)] = state_dict_bytes(model)
+        metrics = replace(metrics, artifact=store.uri_for(layout.candidate_model(spec.spec_hash)))
+    files[layout.candidate_metrics(spec.spec_hash)] = json_bytes(metrics.to_data())
     try:
         existing = stored_metrics(store, spec.spec_hash)
         if existing is not None:

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, replace
 
 from core.records import canonical_json, from_data
+from storage import layout
 from workers.data.datasets import DatasetConfig
 from workers.training.train import TrainConfig
 
@@ -59,7 +60,7 @@ class CandidateSpec:
     @classmethod
     def from_json(cls, text: str) -> "CandidateSpec":
         """Rebuild a spec from its JSON (as stored in `candidates/<hash>/spec.json`)."""
-        return from_data(cls, json.loads(text), source="spec.json")
+        return from_data(cls, json.loads(text), source=layout.SPEC)
 
 
 @dataclass(frozen=True)

@@ -91,16 +91,15 @@ def stored_metrics(store: ArtifactStore, spec_hash: str) -> CandidateMetrics | N
     candidate's manifest like every stored byte, then as a record: an edited or undecodable metrics.json is
     a CorruptArtifactError naming it, never a result (write-once: it cannot be recomputed in place, so the
     run stops on it)."""
-    prefix = layout.candidate(spec_hash)
-    if not store.exists(layout.manifest(prefix)):
+    if not store.exists(layout.manifest(layout.candidate(spec_hash))):
         return None
-    return verified_metrics(store, prefix)
+    return verified_metrics(store, spec_hash)
 
 
-def verified_metrics(store: ArtifactStore, prefix: str) -> CandidateMetrics:
-    """`<prefix>/metrics.json` of a candidate folder known to be complete, checked (see `stored_metrics`)."""
-    source = store.uri_for(f"{prefix}/metrics.json")
-    raw = store.get_verified(prefix, "metrics.json")
+def verified_metrics(store: ArtifactStore, spec_hash: str) -> CandidateMetrics:
+    """The metrics.json of a candidate known to be complete, checked (see `stored_metrics`)."""
+    source = store.uri_for(layout.candidate_metrics(spec_hash))
+    raw = store.get_verified(layout.candidate(spec_hash), layout.METRICS)
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -148,7 +148,7 @@ def load_or_train_teacher(store: ArtifactStore, config: TeacherConfig, dataset: 
         else (b"", None)
     key = teacher_hash(config, dataset, sha256)
     prefix = layout.teacher(key)
-    if store.exists(f"{prefix}/manifest.json"):
+    if store.exists(layout.manifest(prefix)):
         teacher = load_teacher(store, key)
         ensure_val_accuracy(store, teacher, splits, device)
         log.info("teacher %s (%s) loaded from %s: test accuracy %.4f", key, config.base, store.uri_for(prefix),
@@ -196,8 +196,8 @@ def _untrained(config: TeacherConfig, splits: Splits, raw: bytes, sha256: str | 
 
 def _save(store: ArtifactStore, prefix: str, model: Model, meta: dict[str, Any]) -> None:
     try:
-        store.put_bytes(f"{prefix}/model.pt", state_dict_bytes(model), write_once=True)
-        store.put_json(f"{prefix}/meta.json", meta, write_once=True)
+        store.put_bytes(layout.file_in(prefix, layout.MODEL), state_dict_bytes(model), write_once=True)
+        store.put_json(layout.file_in(prefix, layout.META), meta, write_once=True)
     except WriteConflictError:
         # Another run trained the same teacher at the same time and stored first: use theirs.
         log.warning("teacher %s was stored by another run meanwhile; keeping the stored one", prefix)
@@ -208,12 +208,13 @@ def _save(store: ArtifactStore, prefix: str, model: Model, meta: dict[str, Any])
 def load_teacher(store: ArtifactStore, key: str, device: torch.device | str = "cpu") -> Teacher:
     """Load a stored teacher, checking each file against the manifest (a corrupt file is an error)."""
     prefix = layout.teacher(key)
-    meta = json.loads(store.get_verified(prefix, "meta.json"))
+    meta = json.loads(store.get_verified(prefix, layout.META))
     if "source" in meta:  # the user's own network: its constructor, then the stored weights
         model = construct(checked_source(store, key, meta))
     else:
-        model = build_model(arch_from_data(meta["arch"], source=store.uri_for(prefix + "/meta.json")))
-    model = load_state_bytes(model, store.get_verified(prefix, "model.pt"), store.uri_for(prefix + "/model.pt"))
+        model = build_model(arch_from_data(meta["arch"], source=store.uri_for(layout.teacher_meta(key))))
+    raw = store.get_verified(prefix, layout.MODEL)
+    model = load_state_bytes(model, raw, store.uri_for(layout.teacher_model(key)))
     model.to(device).eval()
     return Teacher(model, key, meta, cached=True)
 
@@ -224,14 +225,9 @@ def checked_source(store: ArtifactStore, key: str, meta: dict[str, Any]) -> Mode
     source, config = ModelSource.from_data(meta["source"]), meta.get("config") or {}
     if (source.model, dict(source.kwargs)) != (config.get("model"), config.get("kwargs", {})) or \
             _identity_hash(config, meta.get("dataset") or {}, source.weights_sha256) != key:
-        raise CorruptArtifactError(f"{store.uri_for(layout.teacher_file(key, 'meta.json'))} is corrupt: its model "
+        raise CorruptArtifactError(f"{store.uri_for(layout.teacher_meta(key))} is corrupt: its model "
                                    f"and recipe do not hash to the teacher {key}")
     return source
-
-
-def validation_prefix(key: str) -> str:
-    """Where the validation accuracy of a teacher stored without one is recorded (with its own manifest)."""
-    return layout.teacher_file(key, "validation")
 
 
 def ensure_val_accuracy(store: ArtifactStore, teacher: Teacher, splits: Splits, device: torch.device) -> float:
@@ -239,27 +235,23 @@ def ensure_val_accuracy(store: ArtifactStore, teacher: Teacher, splits: Splits, 
     once and recorded beside them (`validation/val.json`), since their own files are write-once."""
     if teacher.meta.get("val_accuracy") is not None:
         return teacher.val_accuracy
-    prefix = validation_prefix(teacher.teacher_hash)
-    if store.exists(f"{prefix}/manifest.json"):
-        accuracy = float(json.loads(store.get_verified(prefix, "val.json"))["val_accuracy"])
+    prefix = layout.teacher_validation(teacher.teacher_hash)  # with its own manifest
+    if store.exists(layout.manifest(prefix)):
+        accuracy = float(json.loads(store.get_verified(prefix, layout.VAL_RECORD))["val_accuracy"])
     else:
         data = splits.to(device)
         teacher.model.to(device, memory_format=torch.channels_last)
         accuracy = evaluate(teacher.model, *data.val, data.mean, data.std)
         try:
-            store.put_json(f"{prefix}/val.json", {"val_accuracy": accuracy}, write_once=True)
+            store.put_json(layout.teacher_val_record(teacher.teacher_hash), {"val_accuracy": accuracy},
+                           write_once=True)
             store.write_manifest(prefix)
         except WriteConflictError:  # another run recorded it first (bf16 on a GPU may differ slightly)
-            accuracy = float(json.loads(store.get_verified(prefix, "val.json"))["val_accuracy"])
+            accuracy = float(json.loads(store.get_verified(prefix, layout.VAL_RECORD))["val_accuracy"])
         log.info("teacher %s: validation accuracy %.4f computed and recorded at %s", teacher.teacher_hash,
                  accuracy, store.uri_for(prefix))
     teacher.meta["val_accuracy"] = accuracy
     return accuracy
-
-
-def logits_prefix(key: str) -> str:
-    """Where a teacher's cached training-split logits live (with their own manifest)."""
-    return layout.teacher_file(key, "logits")
 
 
 def ensure_train_logits(store: ArtifactStore, teacher: Teacher, splits: Splits, device: torch.device) -> str:
@@ -268,25 +260,25 @@ def ensure_train_logits(store: ArtifactStore, teacher: Teacher, splits: Splits, 
     Workers then load 2 MB (54k x 10 floats for Fashion-MNIST) instead of each running the teacher over
     the whole training split.
     """
-    prefix = logits_prefix(teacher.teacher_hash)
-    if not store.exists(f"{prefix}/manifest.json"):
+    prefix = layout.teacher_logits(teacher.teacher_hash)  # with its own manifest
+    if not store.exists(layout.manifest(prefix)):
         data = splits.to(device)
         teacher.model.to(device, memory_format=torch.channels_last)
         logits = teacher_logits(teacher.model, data.train[0], data.mean, data.std).cpu()
         buffer = io.BytesIO()
         torch.save(logits, buffer)
         try:
-            store.put_bytes(f"{prefix}/train.pt", buffer.getvalue(), write_once=True)
+            store.put_bytes(layout.teacher_train_logits(teacher.teacher_hash), buffer.getvalue(), write_once=True)
             store.write_manifest(prefix)
         except WriteConflictError:  # another run stored them first (bf16 on a GPU may differ slightly)
             log.info("teacher logits %s were stored by another run; using those", prefix)
-    return f"{prefix}/train.pt"
+    return layout.teacher_train_logits(teacher.teacher_hash)
 
 
 def load_train_logits(store: ArtifactStore, key: str, device: torch.device | str = "cpu") -> torch.Tensor | None:
     """The stored training-split logits of teacher `key` (sha256-checked), or None if none are stored."""
-    prefix = logits_prefix(key)
-    if not store.exists(f"{prefix}/manifest.json"):
+    prefix = layout.teacher_logits(key)
+    if not store.exists(layout.manifest(prefix)):
         return None
-    raw = store.get_verified(prefix, "train.pt")
+    raw = store.get_verified(prefix, layout.TRAIN_LOGITS)
     return torch.load(io.BytesIO(raw), map_location=device, weights_only=True)

@@ -142,7 +142,7 @@ def run_ppo(session: StageBudget, seed: int, checkpoints: str, restore: bool) ->
     store = session.evaluator.context.store
     history: list[dict[str, Any]] = []
     try:
-        if restore and store.exists(f"{checkpoints}/rllib_checkpoint.json"):
+        if restore and store.exists(layout.file_in(checkpoints, layout.RLLIB_CHECKPOINT)):
             with tempfile.TemporaryDirectory() as folder:
                 store.get_tree(checkpoints, folder)
                 algo.restore_from_path(folder)
@@ -174,7 +174,7 @@ def run_n2n(context: RunContext) -> None:
     shrink_budget = math.floor(search.max_evaluations * search.shrink_share) if search.shrink else 0
     budgets = {"removal": search.max_evaluations - shrink_budget, "shrink": shrink_budget}
     deadline = time.monotonic() + (search.time_budget_s or math.inf)
-    state_key = layout.run_file(context.run_id, "state/n2n.json")
+    state_key = layout.run_state(context.run_id, layout.N2N_STATE)
     state = {"done": [], "history": {}}
     if context.resumed and context.store.exists(state_key):
         state = context.store.get_json(state_key)
@@ -198,7 +198,7 @@ def run_n2n(context: RunContext) -> None:
             session = StageBudget(evaluator, search, budgets[name], deadline, stage, observation_rows(units, stage.blocks),
                               trained=_trained_in_stage(evaluator, name))
             state["history"][name] = _run_stage(session, context.config.seed + len(state["done"]),
-                                                layout.run_file(context.run_id, f"state/{name}"), context.resumed)
+                                                layout.ppo_checkpoint(context.run_id, name), context.resumed)
             state["done"].append(name)
             context.store.put_json(state_key, state)
         if search.top_k and search.finetune_epochs:
@@ -218,7 +218,7 @@ def finetune_top(evaluator: Evaluator, search: N2NSearch) -> list[dict[str, Any]
     store = evaluator.context.store
     specs = []
     for row in top:
-        parent = CandidateSpec.from_json(store.get_bytes(layout.candidate_file(row["spec_hash"], "spec.json")).decode())
+        parent = CandidateSpec.from_json(store.get_bytes(layout.candidate_spec(row["spec_hash"])).decode())
         recipe = replace(parent.train, epochs=search.finetune_epochs, max_images=None)  # full epochs
         specs.append(replace(parent, init=row["spec_hash"], train=recipe))
     log.info("n2n: fine-tuning the top %d networks for %d epochs", len(specs), search.finetune_epochs)
@@ -235,7 +235,7 @@ def _run_stage(session: StageBudget, seed: int, checkpoints: str, restore: bool)
     if session.search.agent == "random":
         run_random(session, seed)
         return [{"trained": session.trained}]
-    return run_ppo(session, seed, f"{checkpoints}/checkpoint", restore)
+    return run_ppo(session, seed, checkpoints, restore)
 
 
 def _best_removal(evaluator: Evaluator, base: CandidateSpec) -> CandidateSpec:

@@ -29,8 +29,6 @@ from workers.measurement.metrics import CandidateMetrics
 from workers.measurement.summary import to_csv
 from workers.models.depgraph import example_input
 
-SCHEDULE_KEY = "sensitivity.agp.yaml"
-
 
 def sensitivity_specs(context: RunContext, weights: list[str]) -> list[CandidateSpec]:
     search: SensitivitySearch = context.config.search
@@ -63,17 +61,15 @@ def run_sensitivity(context: RunContext) -> None:
     finally:
         evaluator.close()
     table = sensitivity_table(rows, context.teacher.val_accuracy)
-    prefix = layout.run(context.run_id)
-    store = context.store
-    store.put_bytes(f"{prefix}/sensitivity.csv", to_csv(table))
-    store.put_bytes(f"{prefix}/plots/sensitivity.png", sensitivity_png(table, context.teacher.val_accuracy,
-                                                                      title=f"{search.structure} sensitivity, "
-                                                                            f"{context.config.teacher.base}"))
+    run_id, store = context.run_id, context.store
+    keys = {"sensitivity": layout.sensitivity_table(run_id), "plot": layout.run_plot(run_id, layout.SENSITIVITY_PLOT),
+            "schedule": layout.sensitivity_schedule(run_id)}
+    store.put_bytes(keys["sensitivity"], to_csv(table))
+    title = f"{search.structure} sensitivity, {context.config.teacher.base}"
+    store.put_bytes(keys["plot"], sensitivity_png(table, context.teacher.val_accuracy, title=title))
     schedule = starting_schedule(table, search)
-    store.put_bytes(f"{prefix}/{SCHEDULE_KEY}", yaml.safe_dump(schedule, sort_keys=False).encode())
-    context.summary.update(sensitivity=store.uri_for(f"{prefix}/sensitivity.csv"),
-                           plot=store.uri_for(f"{prefix}/plots/sensitivity.png"),
-                           schedule=store.uri_for(f"{prefix}/{SCHEDULE_KEY}"))
+    store.put_bytes(keys["schedule"], yaml.safe_dump(schedule, sort_keys=False).encode())
+    context.summary.update({name: store.uri_for(key) for name, key in keys.items()})
 
 
 def sensitivity_table(rows: list[dict[str, Any]], baseline: float) -> list[dict[str, Any]]:

@@ -178,15 +178,15 @@ def finish(recorder: TrialRecorder) -> None:
     context = recorder.context
     rows = list(recorder.rows.values())
     front = mark_pareto(rows)
-    prefix = layout.run(context.run_id)
+    plot = layout.run_plot(context.run_id, layout.TRAJECTORY_PLOT)
     png = trajectory_png(rows, recorder.teacher_params, recorder.teacher_accuracy,
                          title=f"Taylor pruning, run {context.run_id}")
-    context.store.put_bytes(f"{prefix}/plots/trajectory.png", png)
+    context.store.put_bytes(plot, png)
     trials = trial_summaries(rows)
-    context.store.put_json(f"{prefix}/trials.json", trials)
+    context.store.put_json(layout.run_trials(context.run_id), trials)
     recorder.close()
     context.summary.update(trials=len(trials), pareto=len(front),
-                           plot=context.store.uri_for(f"{prefix}/plots/trajectory.png"))
+                           plot=context.store.uri_for(plot))
 
 
 def trial_summaries(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
