@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Literal, TypeVar
 
 from core.errors import SearchsvcError
 from workers.measurement.latency import LatencyProbe
 from workers.measurement.run_measures import Measures
+
+if TYPE_CHECKING:  # both import this module: types only
+    from searchsvc.config import JobConfig
+    from searchsvc.registry import SearchSection
 
 log = logging.getLogger(__name__)
 Setting = TypeVar("Setting")
@@ -136,7 +140,7 @@ class Budget:
         return min(ratios)
 
 
-def measure_problems(config: Any) -> list[str]:
+def measure_problems(config: JobConfig) -> list[str]:
     """What keeps a run from measuring what its config asks (checked at validate, not when a stored run's
     config is read back): ONNX Runtime not installed for an onnxruntime latency budget or for `quantize:`, an
     int8 limit without a `quantize:` section to make the int8 model."""
@@ -159,12 +163,12 @@ def format_number(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:g}"
 
 
-def budget_of(search: Any) -> Budget | None:
+def budget_of(search: SearchSection | None) -> Budget | None:
     """The `budget` of a method's search section, if it has one and it is set."""
     return getattr(search, "budget", None)
 
 
-def probes_of(search: Any) -> tuple[LatencyProbe, ...]:
+def probes_of(search: SearchSection | None) -> tuple[LatencyProbe, ...]:
     """The latency settings a search needs measured on every candidate beyond the standard ones: its
     budget's, if that is not torch at batch 1 or 256."""
     budget = budget_of(search)
@@ -172,7 +176,7 @@ def probes_of(search: Any) -> tuple[LatencyProbe, ...]:
     return (probe,) if probe is not None and not probe.standard else ()
 
 
-def measures_of(config: Any) -> Measures:
+def measures_of(config: JobConfig) -> Measures:
     """What a run measures of each kept candidate beyond the standard metrics: its budget's latency probes,
     and int8 quantization with a `quantize:` section (workers.measurement.run_measures)."""
     return Measures(probes_of(config.search), getattr(config, "quantize", None))
