@@ -42,7 +42,7 @@ class JobConfig:
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: the GPU if any"})
     seed: int = field(default=0, metadata={"min": 0, "help": "seed of the search"})
     quantize: QuantizeConfig | None = field(default=None, metadata={
-        "omit_default": True, "help": "int8: every kept candidate also quantized and measured (README, Quantization)"})
+        "omit_default": True, "help": "int8: every kept candidate also quantized and measured (docs/quantization.md)"})
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:

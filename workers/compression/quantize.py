@@ -5,7 +5,7 @@
     candidates/<spec_hash>/int8-<config key>/int8.json     the QuantizeConfig and the Int8Metrics
     candidates/<spec_hash>/int8-<config key>/manifest.json sha256 of both; written last (present = complete)
 
-Why ONNX Runtime and not PyTorch's export-based quantization (PT2E): README, "Quantization". The model is
+Why ONNX Runtime and not PyTorch's export-based quantization (PT2E): docs/quantization.md. The model is
 exported to ONNX in fp32 (workers.measurement.ort), pre-processed (shape inference, batch norm folded), calibrated on
 `calibration_batches` training batches (normalised as training normalises them) and quantized; its accuracy
 is then measured by ONNX Runtime itself on the validation and test splits, its latency on `threads` CPU
@@ -49,7 +49,7 @@ class QuantizeConfig:
         "min": 1, "help": "training batches the activation ranges are calibrated on"})
     calibration_batch_size: int = field(default=64, metadata={"min": 1, "help": "images per calibration batch"})
     backend: Literal["onnxruntime"] = field(default="onnxruntime", metadata={
-        "help": "onnxruntime: ONNX Runtime's static quantizer, run on the CPU (README, 'Quantization')"})
+        "help": "onnxruntime: ONNX Runtime's static quantizer, run on the CPU (docs/quantization.md)"})
     method: Literal["minmax", "entropy", "percentile"] = field(default="minmax", metadata={
         "help": "how activation ranges are taken from the calibration batches"})
     per_channel: bool = field(default=True, metadata={"help": "one weight scale per output channel"})

@@ -13,7 +13,7 @@ class Resources:
     cpus_per_eval: float = field(default=1.0, metadata={"gt": 0, "help": "CPU cores per evaluation"})
     max_concurrent: int | None = field(default=None, metadata={"min": 1, "help": "cap on evaluations in flight"})
     compile: bool = field(default=False, metadata={
-        "help": "torch.compile each candidate's training step (GPU; pays beyond about 60-110 epochs: README)"})
+        "help": "torch.compile each candidate's training step (GPU; pays beyond about 60-110 epochs: benchmarks/README.md)"})
     cuda_graph: bool = field(default=True, metadata={
         "help": "replay each candidate's training step as one CUDA graph where it is static (GPU, no augmentation, "
-                "no per-step callbacks): small students launch-bound otherwise (README)"})
+                "no per-step callbacks): small students launch-bound otherwise (benchmarks/README.md, On a GPU)"})

@@ -51,7 +51,7 @@ class DistillConfig:
 
 
 # Batches whose statistics replace the batch-norm running averages after a candidate's training:
-# chosen by measurement (README, "Batch-norm recalibration"); 0 turns recalibration off.
+# chosen by measurement (benchmarks/README.md, "Batch-norm recalibration"); 0 turns recalibration off.
 DEFAULT_BN_RECALIBRATION_BATCHES = 8
 
 
@@ -192,7 +192,7 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
     after the batch-norm statistics are re-estimated when the recipe asks for it (candidates' TrainConfig;
     a teacher's recipe does not). `loss_fn` replaces plain cross-entropy (distillation looks up or computes
     the batch's teacher logits). `compile_model` runs the steps through `torch.compile` (pays off on a GPU
-    for many epochs: README). `callbacks` see every epoch and step (a compression schedule prunes through them).
+    for many epochs: benchmarks/README.md). `callbacks` see every epoch and step (a compression schedule prunes through them).
     `cuda_graph` replays each step as one CUDA graph where the step is static (workers.training.cuda_graph: a GPU, no
     augmentation, not compiled, graph-safe callbacks); each epoch's dict says whether it did (cuda_graph).
     """
