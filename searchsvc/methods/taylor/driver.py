@@ -132,7 +132,7 @@ def taylor_trial(sample: dict[str, Any], job: TrialJob) -> None:
         spec = iteration_spec(job, sample, state["parent"], prune=not met)
         # a fresh candidate's epochs are checkpointed with the trial's state: a restart goes on mid-iteration
         keeper = TrialCheckpoints(spec_hash=spec.spec_hash, files={"state.json": json.dumps(state)},
-                                        fixed={"reward": score})
+                                  fixed={"reward": score})
         metrics, cached = stored_or_kept(spec, ctx, callbacks=[keeper])
         ok = metrics.status == "ok"
         reason = stop_reason(metrics.val_accuracy, job.teacher_val_accuracy, job.search.stop) if ok else \
