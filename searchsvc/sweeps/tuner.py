@@ -106,7 +106,8 @@ def _store_error(err: BaseException) -> StoreUnreachableError | None:
     return StoreUnreachableError(line.split(marker, 1)[1]) if line else None
 
 
-def stored_or_kept(spec: CandidateSpec, ctx: Any, callbacks: Sequence[TrainCallback] = ()) -> tuple[CandidateMetrics, bool]:
+def stored_or_kept(spec: CandidateSpec, ctx: Any,
+                   callbacks: Sequence[TrainCallback] = ()) -> tuple[CandidateMetrics, bool]:
     """`stored_or_evaluated` in a trial: (metrics, from the store). A result the store could not take (it stayed
     down) is kept on this machine's disk, which `searchsvc resume` uploads, and the trial fails with the store's
     error."""

@@ -1,1 +1,2 @@
-"""Compression algorithms: Taylor, AGP and Distiller schedules, RigL, importance criteria, regularizers, quantization."""
+"""Compression algorithms: Taylor, AGP and Distiller schedules, RigL, importance criteria, regularizers,
+quantization."""

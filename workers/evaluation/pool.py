@@ -64,7 +64,8 @@ class EvalOutcome:
 
 
 def worker_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfig,
-                   resources: Resources, measures: Measures = Measures(), builder: Builder | None = None) -> EvalContext:
+                   resources: Resources, measures: Measures = Measures(),
+                   builder: Builder | None = None) -> EvalContext:
     """Inside a Ray actor or Tune trial: data and teacher loaded onto the device Ray assigned; `measures`,
     what the run measures beyond the standard metrics (workers.measurement.run_measures); `builder`, the run's
     method's own candidate builder."""

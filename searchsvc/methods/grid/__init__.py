@@ -19,7 +19,8 @@ class GridCandidate:
     widths: dict[str, int] = field(default_factory=dict, metadata={"help": "width key → channels"})
 
 
-@register_method("grid", "evaluate an explicit list of transformations", driver="searchsvc.methods.grid.driver:run_grid",
+@register_method("grid", "evaluate an explicit list of transformations",
+                 driver="searchsvc.methods.grid.driver:run_grid",
                  residual_only=True, user_models=True)
 @dataclass(frozen=True)
 class GridSearch(SearchSection):

@@ -60,7 +60,8 @@ class RigLTune(SweepTune):
                 raise ValueError(f"delta[{i}]: must be a positive number of steps, got {value}")
 
 
-@register_method("rigl", "RigL dynamic sparse training as a Ray Tune sweep", driver="searchsvc.methods.rigl.driver:run_rigl",
+@register_method("rigl", "RigL dynamic sparse training as a Ray Tune sweep",
+                 driver="searchsvc.methods.rigl.driver:run_rigl",
                  builder="workers.compression.rigl:rigl_step", check=check_rigl, user_models=True)
 @dataclass(frozen=True)
 class RigLSearch(SearchSection):
