@@ -27,6 +27,11 @@ class ConfigError(RecordError):
     """A config file that cannot be read or does not match the schema."""
 
 
+def _search_schema(method: str) -> type[SearchSection] | None:
+    """The `search:` schema of `method` (None for an unknown method: `method:` reports that itself)."""
+    return get_method(method).search_schema if method in list_methods() else None
+
+
 @dataclass(frozen=True)
 class JobConfig:
     """One search job (DESIGN §3)."""
@@ -35,7 +40,7 @@ class JobConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     search: SearchSection | None = field(default=None, metadata={
-        "schema_from": ("method", lambda name: _search_schema(name)), "help": "the method's own section"})
+        "schema_from": ("method", _search_schema), "help": "the method's own section"})
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: Resources = field(default_factory=Resources)
     store: str = field(default=DEFAULT_STORE, metadata={"help": "folder, file:///abs/dir or s3://bucket/prefix"})
@@ -91,11 +96,6 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of keys (method:, dataset:, ...)"])
     return raw
-
-
-def _search_schema(method: str) -> type[SearchSection] | None:
-    """The `search:` schema of `method` (None for an unknown method: `method:` reports that itself)."""
-    return get_method(method).search_schema if method in list_methods() else None
 
 
 def parse_config(raw: dict[str, Any], source: str = "") -> JobConfig:
