@@ -24,6 +24,7 @@ import ray  # noqa: E402
 from common import write_result  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from searchsvc.reporting.rows import ResultRow  # noqa: E402
 from searchsvc.reporting.table import write_results  # noqa: E402
 from storage import LocalStore  # noqa: E402
 from workers.data.datasets import DatasetConfig  # noqa: E402
@@ -68,8 +69,12 @@ def measure(store: LocalStore, nodes: int, count: int, cost_s: float, tag: str) 
     started = time.perf_counter()
     try:
         for outcome in pool.map_unordered(specs):
-            row = {**outcome.metrics.to_data(), "method": "scaling", "run_id": tag, "cached": outcome.cached}
-            store.put_json(f"runs/{tag}/evals/{outcome.spec.spec_hash}.json", row, write_once=True)
+            m = outcome.metrics
+            row = ResultRow(spec_hash=m.spec_hash, method="scaling", run_id=tag, code_version="scaling",
+                            status=m.status, accuracy=m.accuracy, val_accuracy=m.val_accuracy, params=m.params,
+                            reward=0.0, wall_s=m.wall_s, worker=m.worker, cached=outcome.cached, removed="[]",
+                            widths="{}")
+            store.put_json(f"runs/{tag}/evals/{outcome.spec.spec_hash}.json", row.to_data(), write_once=True)
             rows.append(row)
             if time.perf_counter() - last_write > RESULTS_EVERY_S:
                 write_results(store, tag, rows)
@@ -82,7 +87,7 @@ def measure(store: LocalStore, nodes: int, count: int, cost_s: float, tag: str) 
     return {"nodes": nodes, "actors": actors, "evaluations": len(rows), "wall_s": wall,
             "evals_per_s": len(rows) / wall, "ideal_evals_per_s": nodes / cost_s, "efficiency": ideal / wall,
             "driver_ms_per_eval": 1000 * max(0.0, wall - ideal) / len(rows),
-            "nodes_used": len({r["worker"] for r in rows})}
+            "nodes_used": len({r.worker for r in rows})}
 
 
 def main() -> None:

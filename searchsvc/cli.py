@@ -14,7 +14,9 @@ from typing import Any, Sequence
 from core.errors import SearchsvcError
 from searchsvc.cli_args import add_set, add_store, open_for, output_path
 from searchsvc.cli_models import MODEL_COMMANDS, add_model_commands
-from searchsvc.reporting.text_table import format_table, table_rows
+from searchsvc.reporting.rows import ResultRow
+from searchsvc.reporting.table import table_rows
+from searchsvc.reporting.text_table import format_table
 from searchsvc.running.stopping import Stopped
 from storage import check_id
 
@@ -219,12 +221,12 @@ def cmd_results(args: argparse.Namespace) -> int:
     every = table_rows(read_results(store, run_id))
     rows = every[: args.top]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([row.to_data() for row in rows], indent=2))
     else:
         print(f"run {run_id} in {store.uri}")
-        judged = [row for row in every if row.get("within_budget") is not None]
+        judged = [row for row in every if row.within_budget is not None]
         if judged:  # ranked first: the best model within the run's budget leads the table
-            print(f"within budget (search.budget): {sum(bool(r['within_budget']) for r in judged)} of {len(judged)}")
+            print(f"within budget (search.budget): {sum(bool(r.within_budget) for r in judged)} of {len(judged)}")
         print(format_table(rows))
     return 0
 
@@ -291,10 +293,10 @@ def _floats(text: str | None, flag: str) -> list[float] | None:
         raise SearchsvcError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
 
 
-def format_sensitivity(rows: list[dict[str, Any]], levels: Sequence[float]) -> str:
+def format_sensitivity(rows: list[ResultRow], levels: Sequence[float]) -> str:
     """Validation accuracy (%) per weight (rows) and level (columns): what the starting schedule is chosen on."""
-    accuracy = {(r["weight"], r["level"]): r["val_accuracy"] for r in rows}
-    weights = sorted({r["weight"] for r in rows})
+    accuracy = {(r.get("weight"), r.get("level")): r.val_accuracy for r in rows}
+    weights = sorted({r.get("weight") for r in rows})
     width = max([len(w) for w in weights] + [6])
     lines = ["weight".ljust(width) + "".join(f"{level:>8.2f}" for level in levels)]
     for weight in weights:

@@ -170,6 +170,20 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     return s3_server
 
 
+@pytest.fixture
+def make_row() -> Callable[..., object]:
+    """A factory of result rows (searchsvc.reporting.rows.ResultRow): the required columns filled in, the given
+    `columns` (fixed ones, or a run's own) on top."""
+    from searchsvc.reporting.rows import ResultRow
+
+    def make(**columns: object) -> ResultRow:
+        base = ResultRow(spec_hash="h", method="grid", run_id="r", code_version="test", status="ok", accuracy=0.0,
+                         reward=0.0, wall_s=0.0, cached=False, removed="[]", widths="{}")
+        return base.with_columns(**columns)
+
+    return make
+
+
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
 def store(request: pytest.FixtureRequest, tmp_path: Path):
     """The same tests run against both backends."""

@@ -56,13 +56,13 @@ def test_the_page_overlays_both_runs_and_chooses_each_runs_model_per_budget(two_
             expected = chosen(load_run(store, run_id), budget)
             at = [i for i, cell in enumerate(page.cells) if cell == label and page.cells[i + 1] == f"{run_id} (grid)"]
             assert len(at) == 1, (label, run_id)
-            assert page.cells[at[0] + 2] == (expected["spec_hash"] if expected else "-")
+            assert page.cells[at[0] + 2] == (expected.spec_hash if expected else "-")
             if expected:
-                assert expected["macs"] <= limit or budget is None or budget.macs is None
-                assert page.cells[at[0] + 4] == f"{expected['accuracy']:.2%}"  # the test accuracy, reported
+                assert expected.macs <= limit or budget is None or budget.macs is None
+                assert page.cells[at[0] + 4] == f"{expected.accuracy:.2%}"  # the test accuracy, reported
     best_within = chosen(load_run(store, first), Budget(macs=limit))
-    valid = [r for r in load_run(store, first).valid if r["macs"] <= limit]
-    assert best_within["val_accuracy"] == max(r["val_accuracy"] for r in valid)  # validation decides
+    valid = [r for r in load_run(store, first).valid if r.macs <= limit]
+    assert best_within.val_accuracy == max(r.val_accuracy for r in valid)  # validation decides
 
 
 def test_the_page_opens_in_headless_chromium_with_both_runs_in_its_plots(two_runs, tmp_path):
@@ -126,14 +126,14 @@ def test_a_run_judged_by_a_budget_it_did_not_have_uses_its_measured_columns(two_
     view = load_run(store, first)
     assert view.record["method"] == "grid" and "budget" not in json.dumps(view.config.get("search"))
     pick = chosen(view, Budget(macs=limit))
-    assert pick is not None and pick["macs"] <= limit
+    assert pick is not None and pick.macs <= limit
     assert chosen(view, Budget(macs=1)) is None  # nothing that small: no model to hand over
 
 
-def test_a_sparse_model_is_placed_by_its_non_zero_counts():
+def test_a_sparse_model_is_placed_by_its_non_zero_counts(make_row):
     from searchsvc.reporting.compare import sized
 
-    sparse = {"spec_hash": "s", "params": 1000, "nonzero_params": 100, "macs": 5000, "nonzero_macs": 600}
-    dense = {"spec_hash": "d", "params": 300, "macs": 2000}
-    assert (sized(sparse)["params"], sized(sparse)["macs"]) == (100, 600)
+    sparse = make_row(spec_hash="s", params=1000, nonzero_params=100, macs=5000, nonzero_macs=600)
+    dense = make_row(spec_hash="d", params=300, macs=2000)
+    assert (sized(sparse).params, sized(sparse).macs) == (100, 600)
     assert sized(dense) == dense

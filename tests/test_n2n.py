@@ -241,6 +241,7 @@ def test_a_candidate_proposed_twice_in_one_batch_counts_once_against_the_budget(
     from types import SimpleNamespace
 
     from searchsvc.methods.n2n.driver import StageBudget
+    from searchsvc.reporting.rows import ResultRow
 
     class FakeEvaluator:
         def __init__(self):
@@ -249,7 +250,9 @@ def test_a_candidate_proposed_twice_in_one_batch_counts_once_against_the_budget(
 
         def evaluate(self, specs):
             self.sent.append([s.spec_hash for s in specs])
-            return [{"spec_hash": s.spec_hash, "reward": 0.5} for s in specs]
+            return [ResultRow(spec_hash=s.spec_hash, method="n2n", run_id="r", code_version="test", status="ok",
+                              accuracy=0.5, reward=0.5, wall_s=0.0, cached=False, removed="[]", widths="{}")
+                    for s in specs]
 
     stage = removal_stage(("a", "b"), BASE)
     evaluator = FakeEvaluator()

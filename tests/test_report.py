@@ -104,25 +104,22 @@ def test_report_opens_in_headless_chromium(grid_report, tmp_path):
     assert taken.returncode == 0 and shot.stat().st_size > 20_000, taken.stderr[-2000:]
 
 
-def test_gpu_hours_count_only_evaluations_that_ran_on_a_gpu():
+def test_gpu_hours_count_only_evaluations_that_ran_on_a_gpu(make_row):
     from searchsvc.reporting.report import run_summary
 
-    rows = [{"status": "ok", "cached": False, "wall_s": 1800.0, "device": "cuda"},
-            {"status": "ok", "cached": False, "wall_s": 3600.0, "device": "cpu"},  # no GPU on that node
-            {"status": "ok", "cached": True, "wall_s": 3600.0, "device": "cuda"}]  # a cache hit costs nothing
+    rows = [make_row(status="ok", cached=False, wall_s=1800.0, device="cuda"),
+            make_row(status="ok", cached=False, wall_s=3600.0, device="cpu"),  # no GPU on that node
+            make_row(status="ok", cached=True, wall_s=3600.0, device="cuda")]  # a cache hit costs nothing
     assert dict(run_summary({}, rows, 0.5))["GPU-hours"] == "0.250 (0.5 GPU per evaluation)"
     assert dict(run_summary({}, rows[1:2], 0.5))["GPU-hours"] == "0 (evaluations ran on the CPU)"
 
 
-def test_the_budget_summary_counts_the_rows_within_and_names_the_most_accurate_on_validation():
+def test_the_budget_summary_counts_the_rows_within_and_names_the_most_accurate_on_validation(make_row):
     from searchsvc.reporting.report import budget_summary
 
-    rows = [{"spec_hash": "a", "status": "ok", "within_budget": True, "val_accuracy": 0.80, "accuracy": 0.95,
-             "params": 10},
-            {"spec_hash": "b", "status": "ok", "within_budget": True, "val_accuracy": 0.90, "accuracy": 0.85,
-             "params": 20},
-            {"spec_hash": "c", "status": "ok", "within_budget": False, "val_accuracy": 0.99, "accuracy": 0.99,
-             "params": 90}]
+    rows = [make_row(spec_hash="a", status="ok", within_budget=True, val_accuracy=0.80, accuracy=0.95, params=10),
+            make_row(spec_hash="b", status="ok", within_budget=True, val_accuracy=0.90, accuracy=0.85, params=20),
+            make_row(spec_hash="c", status="ok", within_budget=False, val_accuracy=0.99, accuracy=0.99, params=90)]
     summary = dict(budget_summary({"macs": 1000, "params": None}, rows))
     assert summary["budget"] == "macs <= 1,000" and summary["within budget"] == "2 of 3 valid candidates"
     assert summary["most accurate within budget"] == "b: 90.00 % validation, 85.00 % test"  # not a's test 95 %

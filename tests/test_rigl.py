@@ -257,8 +257,9 @@ def test_rigl_sweep_records_density_and_non_zero_params(tmp_path, ray_session):
         assert store.exists(f"runs/{run_id}/summaries/{row['spec_hash']}-sparsity.csv")
     from searchsvc.cli import format_table
     from searchsvc.reporting.report import build_report
+    from searchsvc.reporting.table import table_rows
 
-    header = format_table(rows).splitlines()[0].split()
+    header = format_table(table_rows(store.get_table(f"runs/{run_id}/results.parquet"))).splitlines()[0].split()
     assert header[header.index("sparsity") + 1] == "updates"  # 0 would mark a static baseline
     assert "<h2>Sparsity schedule</h2><img" in build_report(store, run_id)
     # A budget: a setting's size is fixed from the first step (sparse_footprint gives the trained model's

@@ -121,14 +121,13 @@ def test_failed_run_is_recorded_and_keeps_earlier_runs(tmp_path, capsys):
     assert sorted(r["status"] for r in failed) == ["failed", "finished"]
 
 
-def test_results_json_lists_ranked_rows(tmp_path, capsys):
+def test_results_json_lists_ranked_rows(tmp_path, capsys, make_row):
     store_dir = tmp_path / "store"
     assert _run(str(store_dir)) == 0
     store = LocalStore(store_dir)
     run_id = store.list("runs/")[0].split("/")[1]
-    rows = [{"spec_hash": f"h{i}", "method": "n2n", "run_id": run_id, "status": "ok", "accuracy": 0.5 + i / 10,
-             "params": 100 - i, "macs": 1000, "compression": 2.0, "reward": i / 10, "artifact": None}
-            for i in range(3)]
+    rows = [make_row(spec_hash=f"h{i}", method="n2n", run_id=run_id, status="ok", accuracy=0.5 + i / 10,
+                     params=100 - i, macs=1000, compression=2.0, reward=i / 10, artifact=None) for i in range(3)]
     write_results(store, run_id, rows)
     capsys.readouterr()
     assert main(["results", "--store", str(store_dir), "--json"]) == 0

@@ -85,11 +85,11 @@ def test_parquet_round_trip_keeps_schema_and_values(store):
     assert back.to_pylist() == table.to_pylist()
 
 
-def test_results_table_is_ranked_best_first(store):
+def test_results_table_is_ranked_best_first(store, make_row):
     rows = [
-        {"spec_hash": "low", "status": "ok", "reward": 0.1, "accuracy": 0.9, "params": 5},
-        {"spec_hash": "bad", "status": "invalid", "reward": 2.0, "accuracy": 0.0, "params": 1},
-        {"spec_hash": "high", "status": "ok", "reward": 0.7, "accuracy": 0.8, "params": 9},
+        make_row(spec_hash="low", status="ok", reward=0.1, accuracy=0.9, params=5),
+        make_row(spec_hash="bad", status="invalid", reward=2.0, accuracy=0.0, params=1),
+        make_row(spec_hash="high", status="ok", reward=0.7, accuracy=0.8, params=9),
     ]
     store.put_bytes("runs/r1/config.yaml", b"method: n2n\n")
     write_results(store, "r1", rows)
@@ -100,9 +100,10 @@ def test_the_result_schema_is_the_result_rows_fields_in_order():
     """One home for the row: a field of ResultRow is a column, typed from its hint (adding one adds a column)."""
     import dataclasses
 
-    from searchsvc.reporting.table import RESULT_SCHEMA, ResultRow, arrow_schema
+    from searchsvc.reporting.rows import ResultRow
+    from searchsvc.reporting.table import RESULT_SCHEMA, arrow_schema
 
-    names = [f.name for f in dataclasses.fields(ResultRow)]
+    names = [f.name for f in dataclasses.fields(ResultRow) if f.name != "extra"]  # extra: a run's own columns
     assert RESULT_SCHEMA.names == names
     assert names[:15] == ["spec_hash", "method", "run_id", "code_version", "status", "accuracy", "val_accuracy",
                           "params", "macs", "latency_ms", "compression", "reward", "wall_s", "worker", "artifact"]
@@ -114,7 +115,7 @@ def test_the_result_schema_is_the_result_rows_fields_in_order():
 
 
 def test_results_parquet_has_typed_columns_even_where_every_value_is_null(store):
-    from searchsvc.reporting.table import ResultRow
+    from searchsvc.reporting.rows import ResultRow
 
     row = ResultRow(spec_hash="a", method="grid", run_id="r2", code_version="v", status="invalid", accuracy=0.0,
                     val_accuracy=None, params=None, macs=None, latency_ms=None, compression=None, reward=-1.0,
@@ -122,7 +123,7 @@ def test_results_parquet_has_typed_columns_even_where_every_value_is_null(store)
                     cached=False, error="out of memory", removed="[]", widths="{}", finetuned_from=None,
                     parent_accuracy=None, within_budget=None)
     store.put_bytes("runs/r2/config.yaml", b"method: grid\n")
-    write_results(store, "r2", [{**row.to_data(), "order": 1}])
+    write_results(store, "r2", [row.with_columns(order=1)])
     table = store.get_table("runs/r2/results.parquet")
     assert table.schema.field("params").type == pa.int64() and table.schema.field("macs").type == pa.int64()
     assert table.schema.field("parent_accuracy").type == pa.float64()  # all null, still a number column

@@ -17,7 +17,8 @@ from searchsvc.cli import main
 from searchsvc.config import ConfigError, load_config
 from searchsvc.methods.taylor import TaylorStop
 from searchsvc.methods.taylor.driver import prune_count, stop_reason
-from searchsvc.reporting.table import pareto_front
+from searchsvc.reporting.rows import pareto_front
+from searchsvc.reporting.table import table_rows
 from storage import LocalStore, open_store
 from tests.conftest import kill_run_when
 from workers.compression.taylor import (
@@ -157,10 +158,10 @@ def test_bad_taylor_settings_name_the_key(tmp_path, capsys):
     assert "search.tune.epochs[0]" in capsys.readouterr().err
 
 
-def test_pareto_front_keeps_only_undominated_rows():
-    rows = [{"spec_hash": h, "status": "ok", "params": p, "val_accuracy": a, "accuracy": 1 - a}
+def test_pareto_front_keeps_only_undominated_rows(make_row):
+    rows = [make_row(spec_hash=h, status="ok", params=p, val_accuracy=a, accuracy=1 - a)
             for h, p, a in [("a", 100, 0.9), ("b", 50, 0.85), ("c", 60, 0.80), ("d", 50, 0.84), ("e", 10, 0.5)]]
-    rows.append({"spec_hash": "x", "status": "invalid", "params": None, "val_accuracy": None, "accuracy": 0.0})
+    rows.append(make_row(spec_hash="x", status="invalid", params=None, val_accuracy=None, accuracy=0.0))
     assert pareto_front(rows) == {"a", "b", "e"}  # chosen on validation accuracy: test accuracy plays no part
     assert pareto_front(rows, accuracy="accuracy") == {"e"}
 
@@ -244,7 +245,8 @@ def test_tune_sweep_of_two_trials_by_three_iterations_on_the_s3_store(s3_server,
             assert child["finetuned_from"] == parent["spec_hash"]  # each prunes the one before
             assert child["params"] < parent["params"] and child["filters"] < parent["filters"]
         assert all(r["macs"] > 0 and r["status"] == "ok" for r in trial_rows)
-    assert {r["spec_hash"] for r in rows if r["pareto"]} == pareto_front(rows)
+    assert {r["spec_hash"] for r in rows if r["pareto"]} == pareto_front(table_rows(store.get_table(
+        f"runs/{run_id}/results.parquet")))
     png = store.get_bytes(f"runs/{run_id}/plots/trajectory.png")
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     # Tune's own experiment is on the S3 store, beside the run

@@ -20,7 +20,8 @@ from core.records import RecordError, from_data
 from searchsvc.budget import Budget
 from searchsvc.reporting.plots import overlay_png
 from searchsvc.reporting.report import FRONTS, STYLE, escape, gpu_hours_of, img_html, table_html, teacher_point
-from searchsvc.reporting.table import most_accurate, stored_config, stored_record, stored_rows
+from searchsvc.reporting.rows import ResultRow, most_accurate, stored_rows
+from searchsvc.reporting.table import stored_config, stored_record
 from storage import ArtifactStore, check_id, layout
 
 BudgetChoice = tuple[str, Budget | None]  # (label, the budget; None: any size)
@@ -33,15 +34,15 @@ class RunView:
     run_id: str
     record: dict[str, Any]
     config: dict[str, Any]
-    rows: list[dict[str, Any]]
+    rows: list[ResultRow]
 
     @property
     def label(self) -> str:
         return f"{self.run_id} ({self.record.get('method')})"
 
     @property
-    def valid(self) -> list[dict[str, Any]]:
-        return [r for r in self.rows if r["status"] == "ok" and r.get("val_accuracy") is not None]
+    def valid(self) -> list[ResultRow]:
+        return [r for r in self.rows if r.ok and r.val_accuracy is not None]
 
 
 def load_run(store: ArtifactStore, run_id: str) -> RunView:
@@ -110,7 +111,7 @@ def budget_choices(views: list[RunView], extra: list[Budget]) -> list[BudgetChoi
     return list(found.items())
 
 
-def chosen(view: RunView, budget: Budget | None) -> dict[str, Any] | None:
+def chosen(view: RunView, budget: Budget | None) -> ResultRow | None:
     """The model the run hands over under `budget`: most accurate on validation among its valid candidates
     within it (fewer parameters on a tie); None if none is."""
     return most_accurate(r for r in view.valid if budget is None or budget.within(r.get))
@@ -141,10 +142,11 @@ def build_compare(store: ArtifactStore, run_ids: list[str], budgets: list[Budget
 SPARSE = ("params", "macs")  # sizes a sparse (unthinned) model is compared by in their non-zero form
 
 
-def sized(row: dict[str, Any]) -> dict[str, Any]:
+def sized(row: ResultRow) -> ResultRow:
     """The row with a sparse model's params and MACs as its non-zero counts (what a budget judges it by: a
     dense count would put a 90 %-sparse model beside the teacher)."""
-    return {**row, **{key: row[f"nonzero_{key}"] for key in SPARSE if row.get(f"nonzero_{key}") is not None}}
+    return row.with_columns(**{key: row.get(f"nonzero_{key}") for key in SPARSE
+                               if row.get(f"nonzero_{key}") is not None})
 
 
 def runs_table(views: list[RunView]) -> str:
@@ -152,7 +154,7 @@ def runs_table(views: list[RunView]) -> str:
     body = []
     for view in views:
         gpus = float((view.config.get("resources") or {}).get("gpus_per_eval") or 0)
-        trained = sum(not r.get("cached") for r in view.rows)
+        trained = sum(not r.cached for r in view.rows)
         body.append([view.run_id, view.record.get("method"), view.record.get("status"),
                      view.record.get("teacher_hash", "-"), f"{trained} trained, {len(view.rows) - trained} cached",
                      f"{len(view.valid)} of {len(view.rows)}", f"{(view.record.get('wall_s') or 0) / 60:.1f}",
@@ -173,9 +175,9 @@ def choices_table(views: list[RunView], budgets: list[BudgetChoice]) -> str:
             # a latency budget's own setting (ONNX Runtime, another batch size), else torch at batch 1
             latency = budget.columns("latency_ms")[0] if budget is not None and budget.latency_ms else "latency_ms"
             figures = ["-"] * (8 if int8 else 6) if row is None else [
-                row["spec_hash"], f"{row['val_accuracy']:.2%}", f"{row['accuracy']:.2%}", _count(row.get("params")),
-                _count(row.get("macs")), "-" if row.get(latency) is None else f"{row[latency]:.2f}"] + ([
-                    "-" if row.get("int8_accuracy") is None else f"{row['int8_accuracy']:.2%}",
+                row.spec_hash, f"{row.val_accuracy:.2%}", f"{row.accuracy:.2%}", _count(row.params),
+                _count(row.macs), "-" if row.get(latency) is None else f"{row.get(latency):.2f}"] + ([
+                    "-" if row.get("int8_accuracy") is None else f"{row.get('int8_accuracy'):.2%}",
                     _count(row.get("int8_model_bytes"))] if int8 else [])
             body.append([label, view.label, *figures])
     return table_html(["budget", "run", "model", "val accuracy", "test accuracy", "params (non-zero)",

@@ -11,10 +11,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from searchsvc.reporting.table import pareto_front  # noqa: E402
+from searchsvc.reporting.rows import ResultRow, pareto_front  # noqa: E402
 
 
-def trajectory_png(rows: list[dict[str, Any]], teacher_params: int, teacher_accuracy: float, title: str,
+def trajectory_png(rows: list[ResultRow], teacher_params: int, teacher_accuracy: float, title: str,
                    size: str = "params") -> bytes:
     """Parameters (or another `size` column) vs accuracy, one colour per trial, each trajectory starting
     at the teacher (the seed's plot); a trial without iterations is one point.
@@ -22,18 +22,18 @@ def trajectory_png(rows: list[dict[str, Any]], teacher_params: int, teacher_accu
     The Pareto front across all trials is the dashed line; accuracy in %, parameters on a log axis.
     """
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    trials = sorted({r["trial"] for r in rows})
+    trials = sorted({r.get("trial") for r in rows})
     colours = plt.get_cmap("tab10")
     for index, trial in enumerate(trials):
-        path = sorted((r for r in rows if r["trial"] == trial and r["status"] == "ok"), key=lambda r: r.get("iteration") or 0)
-        sample = json.loads(path[0]["sample"]) if path else {}
+        path = sorted((r for r in rows if r.get("trial") == trial and r.ok), key=lambda r: r.get("iteration", 0))
+        sample = json.loads(path[0].get("sample")) if path else {}
         label = f"trial {index + 1}: " + ", ".join(f"{k}={_short(v)}" for k, v in sorted(sample.items()))
-        xs = [teacher_params] + [r[size] for r in path]
-        ys = [100 * teacher_accuracy] + [100 * r["accuracy"] for r in path]
+        xs = [teacher_params] + [r.get(size) for r in path]
+        ys = [100 * teacher_accuracy] + [100 * r.accuracy for r in path]
         ax.plot(xs, ys, marker="o", markersize=4, color=colours(index % 10), label=label, alpha=0.85)
-    front = sorted((r for r in rows if r["spec_hash"] in pareto_front(rows, size)), key=lambda r: r[size])
+    front = sorted((r for r in rows if r.spec_hash in pareto_front(rows, size)), key=lambda r: r.get(size))
     if front:
-        ax.step([r[size] for r in front], [100 * r["accuracy"] for r in front], where="post",
+        ax.step([r.get(size) for r in front], [100 * r.accuracy for r in front], where="post",
                 linestyle="--", color="black", linewidth=1, label="Pareto front (chosen on validation)")
     ax.scatter([teacher_params], [100 * teacher_accuracy], marker="*", s=180, color="black", zorder=5,
                label=f"teacher ({teacher_params:,} params, {100 * teacher_accuracy:.2f} %)")
@@ -64,12 +64,12 @@ def sensitivity_png(table: list[dict[str, Any]], baseline: float, title: str) ->
     return _png(fig)
 
 
-def front_png(rows: list[dict[str, Any]], front: set[str], metric: str, label: str, teacher: dict[str, Any]) -> bytes:
+def front_png(rows: list[ResultRow], front: set[str], metric: str, label: str, teacher: dict[str, Any]) -> bytes:
     """Accuracy vs one cost metric: every valid candidate, the Pareto front as a step line, the teacher ★."""
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=110)
-    ax.scatter([r[metric] for r in rows], [100 * r["accuracy"] for r in rows], s=14, alpha=0.5, label="candidates")
-    best = sorted((r for r in rows if r["spec_hash"] in front), key=lambda r: r[metric])
-    ax.step([r[metric] for r in best], [100 * r["accuracy"] for r in best], where="post", color="black",
+    ax.scatter([r.get(metric) for r in rows], [100 * r.accuracy for r in rows], s=14, alpha=0.5, label="candidates")
+    best = sorted((r for r in rows if r.spec_hash in front), key=lambda r: r.get(metric))
+    ax.step([r.get(metric) for r in best], [100 * r.accuracy for r in best], where="post", color="black",
             linestyle="--", linewidth=1, marker="o", markersize=4, label="Pareto front (chosen on validation)")
     if teacher.get(metric) is not None:
         ax.scatter([teacher[metric]], [100 * teacher["accuracy"]], marker="*", s=180, color="crimson", zorder=5,
@@ -78,7 +78,7 @@ def front_png(rows: list[dict[str, Any]], front: set[str], metric: str, label: s
     return _png(fig)
 
 
-def overlay_png(runs: list[tuple[str, list[dict[str, Any]]]], metric: str, label: str,
+def overlay_png(runs: list[tuple[str, list[ResultRow]]], metric: str, label: str,
                 teacher: dict[str, Any]) -> bytes:
     """Several runs' Pareto fronts on one plot (`compare`): per run (its label, its valid rows) the candidates
     as faint points and the front, chosen on validation and drawn at test accuracy, in the run's colour."""
@@ -89,9 +89,9 @@ def overlay_png(runs: list[tuple[str, list[dict[str, Any]]]], metric: str, label
         if not points:
             continue
         colour = colours(index % 10)
-        ax.scatter([r[metric] for r in points], [100 * r["accuracy"] for r in points], s=10, alpha=0.3, color=colour)
-        front = sorted((r for r in points if r["spec_hash"] in pareto_front(points, metric)), key=lambda r: r[metric])
-        ax.step([r[metric] for r in front], [100 * r["accuracy"] for r in front], where="post", color=colour,
+        ax.scatter([r.get(metric) for r in points], [100 * r.accuracy for r in points], s=10, alpha=0.3, color=colour)
+        front = sorted((r for r in points if r.spec_hash in pareto_front(points, metric)), key=lambda r: r.get(metric))
+        ax.step([r.get(metric) for r in front], [100 * r.accuracy for r in front], where="post", color=colour,
                 linewidth=1.5, marker="o", markersize=4, label=name)
     if teacher.get(metric) is not None:
         ax.scatter([teacher[metric]], [100 * teacher["accuracy"]], marker="*", s=180, color="black", zorder=5,
@@ -111,12 +111,12 @@ def _accuracy_axes(ax: Any, metric: str, label: str) -> None:
     ax.legend(fontsize=7, loc="lower right")
 
 
-def progress_png(rows: list[dict[str, Any]]) -> bytes:
+def progress_png(rows: list[ResultRow]) -> bytes:
     """Reward (and accuracy) of each evaluation in the order they were recorded, with the best so far: the
     agent's learning curve for n2n, the sweep's progress for the others."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5), dpi=110, sharex=True)
     index = list(range(1, len(rows) + 1))
-    rewards = [r["reward"] if r["status"] == "ok" else float("nan") for r in rows]
+    rewards = [r.reward if r.ok else float("nan") for r in rows]
     best, running = [], float("-inf")
     for value in rewards:
         running = max(running, value) if value == value else running  # NaN (invalid) leaves the best alone
@@ -125,7 +125,7 @@ def progress_png(rows: list[dict[str, Any]]) -> bytes:
     top.plot(index, best, color="black", linewidth=1, label="best so far")
     top.set_ylabel("reward")
     top.legend(fontsize=7, loc="lower right")
-    bottom.scatter(index, [100 * r["accuracy"] for r in rows], s=10, alpha=0.6, color="tab:green")
+    bottom.scatter(index, [100 * r.accuracy for r in rows], s=10, alpha=0.6, color="tab:green")
     bottom.set_ylabel("test accuracy (%)")
     bottom.set_xlabel("evaluation (in the order recorded)")
     for ax in (top, bottom):

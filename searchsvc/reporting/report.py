@@ -16,15 +16,8 @@ from typing import Any
 from core.records import from_data
 from searchsvc.budget import Budget
 from searchsvc.reporting.plots import front_png, progress_png, schedule_png
-from searchsvc.reporting.table import (
-    most_accurate,
-    pareto_front,
-    rank,
-    results_table,
-    stored_config,
-    stored_record,
-    stored_rows,
-)
+from searchsvc.reporting.rows import ResultRow, most_accurate, pareto_front, stored_rows
+from searchsvc.reporting.table import rank, results_table, stored_config, stored_record, table_rows
 from storage import ArtifactStore, layout
 from workers.measurement.latency import probe_columns
 from workers.measurement.measure import count_macs, count_parameters
@@ -63,9 +56,9 @@ def teacher_point(store: ArtifactStore, teacher_hash: str | None) -> dict[str, A
             "macs": count_macs(teacher.model, meta["in_channels"], meta["image_size"]), "latency_ms": None}
 
 
-def run_summary(record: dict[str, Any], rows: list[dict[str, Any]], gpus_per_eval: float) -> list[tuple[str, str]]:
+def run_summary(record: dict[str, Any], rows: list[ResultRow], gpus_per_eval: float) -> list[tuple[str, str]]:
     """(label, value) pairs of the run: status, teacher, counts, wall time and GPU-hours."""
-    trained = [r for r in rows if not r.get("cached")]
+    trained = [r for r in rows if not r.cached]
     on_gpu = [r for r in trained if _on_gpu(r)] if gpus_per_eval else []
     gpu_hours = gpu_hours_of(rows, gpus_per_eval)
     return [("run", record.get("run_id", "?")), ("method", str(record.get("method"))),
@@ -73,34 +66,34 @@ def run_summary(record: dict[str, Any], rows: list[dict[str, Any]], gpus_per_eva
             ("teacher", f"{record.get('teacher_hash', '-')} ({100 * (record.get('teacher_val_accuracy') or 0):.2f} % "
                         f"validation, {100 * (record.get('teacher_accuracy') or 0):.2f} % test)"),
             ("evaluations", f"{len(trained)} trained, {len(rows) - len(trained)} from the store (cache hits)"),
-            ("valid", f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)}"),
+            ("valid", f"{sum(r.ok for r in rows)} of {len(rows)}"),
             ("wall time", f"{(record.get('wall_s') or 0) / 60:.1f} min"),
             ("GPU-hours", f"{gpu_hours:.3f} ({gpus_per_eval:g} GPU per evaluation)" if on_gpu
              else "0 (evaluations ran on the CPU)")]
 
 
-def budget_summary(budget: Any, ok: list[dict[str, Any]]) -> list[tuple[str, str]]:
+def budget_summary(budget: Any, ok: list[ResultRow]) -> list[tuple[str, str]]:
     """The run's budget (its stored `search.budget`), how many valid candidates meet it, and the most
     accurate of them on validation (the model `searchsvc compare` hands over for this budget)."""
     if not isinstance(budget, dict):
         return []
-    within = [r for r in ok if r.get("within_budget")]
+    within = [r for r in ok if r.within_budget]
     best = most_accurate(within)
     return [("budget", from_data(Budget, budget, path="search.budget").label()),
             ("within budget", f"{len(within)} of {len(ok)} valid candidates")] + (
-        [("most accurate within budget", f"{best['spec_hash']}: {100 * best['val_accuracy']:.2f} % validation, "
-                                         f"{100 * best['accuracy']:.2f} % test")] if best else [])
+        [("most accurate within budget", f"{best.spec_hash}: {100 * best.val_accuracy:.2f} % validation, "
+                                         f"{100 * best.accuracy:.2f} % test")] if best else [])
 
 
-def gpu_hours_of(rows: list[dict[str, Any]], gpus_per_eval: float) -> float:
+def gpu_hours_of(rows: list[ResultRow], gpus_per_eval: float) -> float:
     """GPU-hours of a run's evaluations: each one trained by this run on a GPU, at its share of the GPU."""
-    on_gpu = [r for r in rows if not r.get("cached") and _on_gpu(r)] if gpus_per_eval else []
-    return gpus_per_eval * sum(r.get("wall_s") or 0.0 for r in on_gpu) / 3600
+    on_gpu = [r for r in rows if not r.cached and _on_gpu(r)] if gpus_per_eval else []
+    return gpus_per_eval * sum(r.wall_s for r in on_gpu) / 3600
 
 
-def _on_gpu(row: dict[str, Any]) -> bool:
+def _on_gpu(row: ResultRow) -> bool:
     """Whether an evaluation ran on a GPU (rows from before `device` was recorded: as the config asked)."""
-    return row.get("device") is None or str(row["device"]).startswith("cuda")
+    return row.device is None or row.device.startswith("cuda")
 
 
 def build_report(store: ArtifactStore, run_id: str, top: int = 10) -> str:
@@ -110,7 +103,7 @@ def build_report(store: ArtifactStore, run_id: str, top: int = 10) -> str:
     rows = stored_rows(store, run_id)
     teacher = teacher_point(store, record.get("teacher_hash"))
     gpus = float((config.get("resources") or {}).get("gpus_per_eval") or 0)
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r.ok]
     summary = run_summary(record, rows, gpus) + budget_summary((config.get("search") or {}).get("budget"), ok)
     parts = [f"<h1>searchsvc run {escape(run_id)}</h1>", "<h2>Summary</h2>", table_html(["", ""], summary)]
     parts.append("<h2>Pareto fronts (test accuracy vs size and speed; ★ the teacher)</h2>"
@@ -135,23 +128,29 @@ def build_report(store: ArtifactStore, run_id: str, top: int = 10) -> str:
             f"<style>{STYLE}</style></head><body>\n{body}\n</body></html>\n")
 
 
-def schedule_plot(store: ArtifactStore, ok: list[dict[str, Any]], method: str, top: int) -> bytes:
+def schedule_plot(store: ArtifactStore, ok: list[ResultRow], method: str, top: int) -> bytes:
     """The per-epoch schedule of the best `top` candidates, from their stored training histories."""
-    best = rank(results_table(ok)).to_pylist()[:top]
-    histories = {f"{r['spec_hash'][:8]} ({100 * r['accuracy']:.1f} %)":
-                 list(verified_metrics(store, r["spec_hash"]).history or ()) for r in best}
+    best = ranked(ok)[:top]
+    histories = {f"{r.spec_hash[:8]} ({100 * r.accuracy:.1f} %)":
+                 list(verified_metrics(store, r.spec_hash).history or ()) for r in best}
     return schedule_png(histories, SCHEDULES[method], f"{method}: the best {len(best)} candidates")
 
 
-def top_table(rows: list[dict[str, Any]], top: int) -> str:
+def ranked(rows: list[ResultRow]) -> list[ResultRow]:
+    """`rows` best first: the order of results.parquet and `searchsvc results`."""
+    return table_rows(rank(results_table(rows)))
+
+
+def top_table(rows: list[ResultRow], top: int) -> str:
     """The best `top` valid candidates by reward, with links to their kept models."""
-    best = rank(results_table(rows)).to_pylist()[:top]  # the order of results.parquet and `searchsvc results`
-    columns = [c for c in TOP_COLUMNS if any(r.get(c[0]) is not None for r in best)] + probe_columns(best)
+    best = ranked(rows)[:top]
+    columns = [c for c in TOP_COLUMNS if any(r.get(c[0]) is not None for r in best)]
+    columns += probe_columns([r.to_data() for r in best])
     body = []
     for place, row in enumerate(best, start=1):
-        cells = [str(place), escape(row["spec_hash"])]
-        cells += ["-" if row.get(k) is None else fmt.format(row[k]) for k, _, fmt in columns]
-        link = row.get("artifact")
+        cells = [str(place), escape(row.spec_hash)]
+        cells += ["-" if row.get(k) is None else fmt.format(row.get(k)) for k, _, fmt in columns]
+        link = row.artifact
         cells.append(f"<a href='{escape(link)}'>{layout.MODEL}</a>" if link else "-")
         body.append(cells)
     return table_html(["#", "candidate", *(title for _, title, _ in columns), "artifact"], body, raw=True)

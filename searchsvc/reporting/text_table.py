@@ -2,17 +2,8 @@
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
+from searchsvc.reporting.rows import ResultRow
 from workers.measurement.latency import probe_columns
-
-
-def table_rows(table: Any) -> list[dict[str, Any]]:
-    """Table rows as JSON-safe dicts (NaN → null)."""
-    clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
-    return [{k: clean(v) for k, v in row.items()} for row in table.to_pylist()]
-
 
 _COLUMNS = [("spec_hash", "spec_hash", "{}"), ("method", "method", "{}"), ("status", "status", "{}"),
             ("reward", "reward", "{:.4f}"), ("compression", "x-factor", "{:.2f}"),
@@ -29,15 +20,16 @@ _INT8 = [("int8_accuracy", "int8 test acc", "{:.4f}"), ("int8_latency_ms", "int8
          ("int8_model_bytes", "int8 bytes", "{:,}")]
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+def format_table(rows: list[ResultRow]) -> str:
     """A plain-text table of result rows, ranked as given."""
     if not rows:
         return "(no results yet)"
     optional = [c for c in _OPTIONAL if any(row.get(c[0]) is not None for row in rows)]
     int8 = [c for c in _INT8 if any(row.get(c[0]) is not None for row in rows)]
-    columns = _COLUMNS[:3] + optional + _COLUMNS[3:10] + probe_columns(rows) + int8 + _COLUMNS[10:]
+    probes = probe_columns([row.to_data() for row in rows])
+    columns = _COLUMNS[:3] + optional + _COLUMNS[3:10] + probes + int8 + _COLUMNS[10:]
     header = ["#"] + [title for _, title, _ in columns]
-    body = [[str(rank)] + ["-" if row.get(key) is None else fmt.format(row[key]) for key, _, fmt in columns]
+    body = [[str(rank)] + ["-" if row.get(key) is None else fmt.format(row.get(key)) for key, _, fmt in columns]
             for rank, row in enumerate(rows, start=1)]
     return plain_table(header, body)
 

@@ -19,6 +19,7 @@ import pyarrow as pa
 from core.errors import SearchsvcError, first_line
 from searchsvc.config import JobConfig, config_to_yaml, parse_config
 from searchsvc.methods import get_method
+from searchsvc.reporting.rows import ResultRow
 from searchsvc.reporting.table import stored_config, write_results
 from searchsvc.running import stopping
 from searchsvc.running.preflight import check_device, check_ray_address
@@ -44,13 +45,13 @@ class RunContext:
     progress: bool = True
     address: str | None = None  # Ray cluster to use (None: RAY_ADDRESS, else a local one)
     resumed: bool = False  # continuing an interrupted run: drivers pick up their state from the store
-    rows: list[dict[str, Any]] = field(default_factory=list)  # result rows; the driver appends
+    rows: dict[str, ResultRow] = field(default_factory=dict)  # spec_hash → result row, as recorded (Recorder)
     summary: dict[str, Any] = field(default_factory=dict)  # counts the driver reports (evaluations, cache_hits)
 
     def write_results(self) -> pa.Table:
         """(Re)write the run's results.parquet from every row so far: the one writer of that file (the
         recorder calls it as rows arrive, the job once the driver is done); returns the ranked table."""
-        return write_results(self.store, self.run_id, self.rows)
+        return write_results(self.store, self.run_id, self.rows.values())
 
 
 @dataclass

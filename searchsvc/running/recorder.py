@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from core.errors import SearchsvcError, first_line
 from searchsvc.budget import budget_of, measures_of
 from searchsvc.methods import get_method
-from searchsvc.reporting.table import ResultRow, read_row
+from searchsvc.reporting.rows import ResultRow, read_row
 from searchsvc.rewards import INVALID_REWARD, RewardForm, compression_ratio
 from searchsvc.running import stopping
 from searchsvc.running.job import RunContext
@@ -60,7 +60,6 @@ class Recorder:
         if self.rewards.size == "latency_ms":  # timed by this driver: recorded, as the rewards depend on it
             context.summary.update(teacher_reward_latency_ms=self.rewards.teacher_size)
         self.teacher_accuracy = context.teacher.test_accuracy  # reported beside the candidates
-        self.rows: dict[str, dict[str, Any]] = {}  # spec_hash → row, this run
         self.started = time.perf_counter()
         self._last_write = 0.0
         self._store_down = False  # set when the store stayed unreachable: nothing more is written
@@ -69,28 +68,32 @@ class Recorder:
         if context.resumed:
             self._preload()
 
+    @property
+    def rows(self) -> dict[str, ResultRow]:
+        """spec_hash → row of this run, in the order recorded (the run's own: RunContext.rows)."""
+        return self.context.rows
+
     def _preload(self) -> None:
         """A resumed run: the evaluations it already recorded count as done and are not sent again."""
         prefix = layout.evals_prefix(self.context.run_id)
         for key in self.context.store.list(prefix):
             row = read_row(self.context.store, key)
-            self.rows[row["spec_hash"]] = row
-            self.context.rows.append(row)
+            self.rows[row.spec_hash] = row
             self.bar.update(1)
         log.info("resumed run %s: %d evaluations already recorded", self.context.run_id, len(self.rows))
 
     @property
     def evaluations(self) -> int:
         """Candidates trained for this run."""
-        return sum(not row["cached"] for row in self.rows.values())
+        return sum(not row.cached for row in self.rows.values())
 
     @property
     def cache_hits(self) -> int:
         """Candidates this run found in the store, untrained."""
-        return sum(bool(row["cached"]) for row in self.rows.values())
+        return sum(row.cached for row in self.rows.values())
 
     def record(self, spec: CandidateSpec, metrics: CandidateMetrics, cached: bool,
-               unsaved: UnsavedResult | None = None, **extra: Any) -> dict[str, Any]:
+               unsaved: UnsavedResult | None = None, **extra: Any) -> ResultRow:
         """Add a candidate's row (plus `extra` columns) to the run; a candidate already recorded keeps its row.
 
         `unsaved`: a worker could not store the candidate (the store is down): its files are kept locally
@@ -100,32 +103,31 @@ class Recorder:
         order = len(self.rows) + 1  # 1, 2, ... as recorded
         # the run's own measurements (a budget's latency probe, int8) sit in the row: compare and the report
         # judge a budget by the row, as the run did
-        row = {**self.row(spec, metrics, cached).to_data(), **run_columns(metrics), **self.columns(spec, metrics),
-               "order": order, **extra}
-        self.rows[row["spec_hash"]] = row
+        columns = {**run_columns(metrics), **self.columns(spec, metrics), "order": order, **extra}  # later wins
+        row = self.row(spec, metrics, cached).with_columns(**columns)
+        self.rows[row.spec_hash] = row
         self._store_row(row, unsaved)
-        self.context.rows.append(row)
-        self._progress(row)
+        self._progress()
         if time.perf_counter() - self._last_write > RESULTS_EVERY_S:
             self.flush()
         stopping.check()  # SIGTERM: stop after this result is recorded
         return row
 
-    def _store_row(self, row: dict[str, Any], unsaved: UnsavedResult | None) -> None:
+    def _store_row(self, row: ResultRow, unsaved: UnsavedResult | None) -> None:
         """evals/<hash>.json, once; if the store stays unreachable the row (and the candidate's unsaved files)
         are kept on local disk and the run stops with a message that says where (`searchsvc resume` uploads
         them)."""
-        store, key = self.context.store, layout.eval_row(self.context.run_id, row["spec_hash"])
+        store, key = self.context.store, layout.eval_row(self.context.run_id, row.spec_hash)
         cause: StoreUnreachableError | None = unsaved
         if cause is None:
             try:
-                store.put_json(key, row, write_once=True)
+                store.put_json(key, row.to_data(), write_once=True)
                 return
             except StoreUnreachableError as err:
                 cause = err
         for name, data in (unsaved.files if unsaved else {}).items():
             spool.keep_bytes(store, name, data)
-        spool.keep_bytes(store, key, store_json_bytes(row))
+        spool.keep_bytes(store, key, store_json_bytes(row.to_data()))
         raise self._store_down_error(cause, f"the finished result is kept in {spool.spool_dir(store)}") from None
 
     def store_down(self, err: StoreUnreachableError) -> StoreUnreachableError:
@@ -158,7 +160,7 @@ class Recorder:
             latency_b256_ms=m.latency_b256_ms, model_bytes=m.model_bytes, cached=cached, error=m.error,
             removed=json.dumps(list(spec.removed)), widths=json.dumps(dict(spec.widths)),
             finetuned_from=spec.init,  # built from this candidate; its accuracy is kept beside
-            parent_accuracy=self.rows[spec.init]["accuracy"] if spec.init in self.rows else None,
+            parent_accuracy=self.rows[spec.init].accuracy if spec.init in self.rows else None,
             within_budget=self.budget.within(m.get) if self.budget is not None and ok else None,
         )
 
@@ -166,12 +168,12 @@ class Recorder:
         """A method's own columns of a candidate's row, after the fixed ones (none here)."""
         return {}
 
-    def _progress(self, row: dict[str, Any]) -> None:
-        best = max(self.rows.values(), key=lambda r: r["reward"])
+    def _progress(self) -> None:
+        best = max(self.rows.values(), key=lambda r: r.reward)
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         self.bar.update(1)
-        self.bar.set_postfix(evals_min=f"{60 * len(self.rows) / elapsed:.1f}", best_reward=f"{best['reward']:.3f}",
-                             best_x=f"{best['compression'] or 0:.2f}", best_val=f"{best['val_accuracy'] or 0:.4f}",
+        self.bar.set_postfix(evals_min=f"{60 * len(self.rows) / elapsed:.1f}", best_reward=f"{best.reward:.3f}",
+                             best_x=f"{best.compression or 0:.2f}", best_val=f"{best.val_accuracy or 0:.4f}",
                              cache=self.cache_hits)
 
     def flush(self) -> None:
@@ -210,14 +212,14 @@ class Evaluator(Recorder):
                                      measures=measures_of(context.config),
                                      builder=get_method(context.config.method).worker_builder())
 
-    def evaluate(self, specs: Iterable[CandidateSpec]) -> list[dict[str, Any]]:
+    def evaluate(self, specs: Iterable[CandidateSpec]) -> list[ResultRow]:
         """Rows for `specs`, in order (evaluated concurrently; repeats within the run are free)."""
         specs = list(specs)
         for _ in self.stream(specs):
             pass
         return [self.rows[s.spec_hash] for s in specs]
 
-    def stream(self, specs: Iterable[CandidateSpec]) -> Iterator[dict[str, Any]]:
+    def stream(self, specs: Iterable[CandidateSpec]) -> Iterator[ResultRow]:
         """Rows as candidates finish; a spec already evaluated in this run is not sent again."""
         fresh = [s for s in dict.fromkeys(specs) if s.spec_hash not in self.rows]
         for outcome in self.pool.map_unordered(fresh):

@@ -38,16 +38,16 @@ class SparseRecorder(TrialRecorder):
 def finish_sparse(recorder: SparseRecorder, trials: int, title: str) -> None:
     """Pareto front by non-zero parameters, sparsity / compute summaries of every kept model, the plot."""
     context = recorder.context
+    front = mark_pareto(recorder.rows, size=SparseRecorder.size)
     rows = list(recorder.rows.values())
-    front = mark_pareto(rows, size=SparseRecorder.size)
     run_id, plot = context.run_id, layout.run_plot(context.run_id, layout.TRAJECTORY_PLOT)
     size = context.splits.in_channels, context.splits.image_size
     for row in rows:
-        if row["status"] != "ok" or not row.get("artifact"):
+        if not row.ok or not row.artifact:
             continue
-        model = load_candidate_model(context.store, row["spec_hash"])
+        model = load_candidate_model(context.store, row.spec_hash)
         for kind in SUMMARY_KINDS:
-            context.store.put_bytes(layout.run_summary(run_id, row["spec_hash"], kind),
+            context.store.put_bytes(layout.run_summary(run_id, row.spec_hash, kind),
                                     to_csv(summary(model, kind, *size)))
     png = trajectory_png(rows, recorder.teacher_params, recorder.teacher_accuracy, title=title, size=SparseRecorder.size)
     context.store.put_bytes(plot, png)
@@ -72,7 +72,7 @@ class CandidateJob:
     builder: Builder | None = None  # the method's own candidate builder (its registry entry's)
 
     @classmethod
-    def of(cls, context: RunContext, **extra: Any) -> "CandidateJob":
+    def of(cls, context: RunContext, **extra: Any) -> CandidateJob:
         config = context.config
         return cls(store=context.store, arch=config.teacher.base, teacher_hash=context.teacher.teacher_hash,
                    dataset=absolute_dataset(config.dataset), train=config.train, resources=config.resources,

@@ -20,7 +20,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from core.errors import SearchsvcError
-from searchsvc.reporting.table import pareto_front
+from searchsvc.reporting.rows import ResultRow, pareto_front
 from searchsvc.running.job import RunContext
 from searchsvc.sweeps.logs import one_line_logs
 from searchsvc.sweeps.reports import ReportRows, TrialRecorder, restored_tuner
@@ -76,7 +76,7 @@ def fit(context: RunContext, tuner: tune.Tuner, recorder: TrialRecorder) -> tune
     try:
         with one_line_logs():
             grid = tuner.fit()
-    except Exception as err:  # noqa: BLE001 — the store's error, however Tune wraps it; anything else as it is
+    except Exception as err:
         down = _store_error(err)
         if down is None:
             raise
@@ -124,9 +124,10 @@ def absolute_dataset(dataset: DatasetConfig) -> DatasetConfig:
     return replace(dataset, root=str(Path(dataset.root).resolve())) if dataset.root else dataset
 
 
-def mark_pareto(rows: list[dict[str, Any]], size: str = "params") -> set[str]:
-    """Set each row's `pareto` column (accuracy vs `size`); return the front's spec hashes."""
-    front = pareto_front(rows, size)
-    for row in rows:
-        row["pareto"] = row["spec_hash"] in front
+def mark_pareto(rows: dict[str, ResultRow], size: str = "params") -> set[str]:
+    """Set the `pareto` column (accuracy vs `size`) of each of a run's rows (spec_hash → row); return the
+    front's spec hashes."""
+    front = pareto_front(rows.values(), size)
+    for spec_hash, row in rows.items():
+        rows[spec_hash] = row.with_columns(pareto=spec_hash in front)
     return front

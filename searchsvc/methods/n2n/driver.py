@@ -31,6 +31,7 @@ from searchsvc.methods.n2n.env import (
     removal_stage,
     shrink_stage,
 )
+from searchsvc.reporting.rows import ResultRow
 from searchsvc.running.job import RunContext
 from searchsvc.running.recorder import Evaluator, ensure_ray
 from storage import layout
@@ -60,7 +61,7 @@ class StageBudget:
         """Budget spent, time up, target compression reached, or too many (cached) steps."""
         target = self.search.target_compression
         reached = target is not None and any(
-            (r["compression"] or 0) >= target and r["status"] == "ok" for r in self.evaluator.rows.values())
+            (r.compression or 0) >= target and r.ok for r in self.evaluator.rows.values())
         return (self.trained >= self.budget or time.monotonic() >= self.deadline or reached
                 or self.steps >= STEP_CAP * self.budget)
 
@@ -74,8 +75,8 @@ class StageBudget:
             if known or (self.trained < self.budget and time.monotonic() < self.deadline):
                 allowed[spec.spec_hash] = spec
                 self.trained += 0 if known else 1
-        rows = {row["spec_hash"]: row for row in self.evaluator.evaluate(list(allowed.values()))}
-        return [rows[s.spec_hash]["reward"] if s.spec_hash in rows else None for s in specs]
+        rows = {row.spec_hash: row for row in self.evaluator.evaluate(list(allowed.values()))}
+        return [rows[s.spec_hash].reward if s.spec_hash in rows else None for s in specs]
 
 
 class LiveSession:
@@ -207,28 +208,28 @@ def run_n2n(context: RunContext) -> None:
         evaluator.close()
 
 
-def finetune_top(evaluator: Evaluator, search: N2NSearch) -> list[dict[str, Any]]:
+def finetune_top(evaluator: Evaluator, search: N2NSearch) -> list[ResultRow]:
     """Distill the top-k networks further (from their own weights) and measure them again.
 
     Each fine-tuned network is a new candidate (`init` = the parent's hash), so both accuracies are
     in the results: the fine-tuned row's `accuracy` and its `parent_accuracy`.
     """
-    searched = [r for r in evaluator.rows.values() if r["status"] == "ok" and not r.get("finetuned_from")]
-    top = sorted(searched, key=lambda r: r["reward"], reverse=True)[: search.top_k]
+    searched = [r for r in evaluator.rows.values() if r.ok and not r.finetuned_from]
+    top = sorted(searched, key=lambda r: r.reward, reverse=True)[: search.top_k]
     store = evaluator.context.store
     specs = []
     for row in top:
-        parent = CandidateSpec.from_json(store.get_bytes(layout.candidate_spec(row["spec_hash"])).decode())
+        parent = CandidateSpec.from_json(store.get_bytes(layout.candidate_spec(row.spec_hash)).decode())
         recipe = replace(parent.train, epochs=search.finetune_epochs, max_images=None)  # full epochs
-        specs.append(replace(parent, init=row["spec_hash"], train=recipe))
+        specs.append(replace(parent, init=row.spec_hash, train=recipe))
     log.info("n2n: fine-tuning the top %d networks for %d epochs", len(specs), search.finetune_epochs)
     return evaluator.evaluate(specs)
 
 
 def _trained_in_stage(evaluator: Evaluator, stage: str) -> int:
     """Candidates a resumed run already trained in `stage` (removal rows have no widths)."""
-    return sum(1 for r in evaluator.rows.values() if not r.get("cached") and not r.get("finetuned_from")
-               and (r["widths"] == "{}") == (stage == "removal"))
+    return sum(1 for r in evaluator.rows.values() if not r.cached and not r.finetuned_from
+               and (r.widths == "{}") == (stage == "removal"))
 
 
 def _run_stage(session: StageBudget, seed: int, checkpoints: str, restore: bool) -> list[dict[str, Any]]:
@@ -240,9 +241,8 @@ def _run_stage(session: StageBudget, seed: int, checkpoints: str, restore: bool)
 
 def _best_removal(evaluator: Evaluator, base: CandidateSpec) -> CandidateSpec:
     """The removal-stage candidate with the highest reward (the teacher's shape if none was valid)."""
-    valid = [r for r in evaluator.rows.values()
-             if r["status"] == "ok" and r["widths"] == "{}" and not r.get("finetuned_from")]
+    valid = [r for r in evaluator.rows.values() if r.ok and r.widths == "{}" and not r.finetuned_from]
     if not valid:
         return base
-    best = max(valid, key=lambda r: r["reward"])
-    return replace(base, removed=tuple(json.loads(best["removed"])))
+    best = max(valid, key=lambda r: r.reward)
+    return replace(base, removed=tuple(json.loads(best.removed)))

@@ -21,6 +21,7 @@ import yaml
 from searchsvc.methods.sensitivity import SensitivitySearch
 from searchsvc.methods.sensitivity.weights import analysed_weights
 from searchsvc.reporting.plots import sensitivity_png
+from searchsvc.reporting.rows import ResultRow
 from searchsvc.running.job import RunContext
 from searchsvc.running.recorder import Evaluator, ensure_ray
 from storage import layout
@@ -72,12 +73,12 @@ def run_sensitivity(context: RunContext) -> None:
     context.summary.update({name: store.uri_for(key) for name, key in keys.items()})
 
 
-def sensitivity_table(rows: list[dict[str, Any]], baseline: float) -> list[dict[str, Any]]:
+def sensitivity_table(rows: list[ResultRow], baseline: float) -> list[dict[str, Any]]:
     """One entry per point, by weight then level; `drop` in validation accuracy points below `baseline` (the
     teacher's validation accuracy, 0..1): the starting schedule is a choice. Test accuracy is reported beside."""
-    table = [{"weight": r["weight"], "level": r["level"], "val_accuracy": r["val_accuracy"], "accuracy": r["accuracy"],
-              "drop": 100 * (baseline - (r["val_accuracy"] or 0.0)), "sparsity": r.get("sparsity"),
-              "nonzero_params": r.get("nonzero_params"), "status": r["status"]} for r in rows]
+    table = [{"weight": r.get("weight"), "level": r.get("level"), "val_accuracy": r.val_accuracy,
+              "accuracy": r.accuracy, "drop": 100 * (baseline - (r.val_accuracy or 0.0)), "sparsity": r.get("sparsity"),
+              "nonzero_params": r.get("nonzero_params"), "status": r.status} for r in rows]
     return sorted(table, key=lambda t: (t["weight"], t["level"]))
 
 

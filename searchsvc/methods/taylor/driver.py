@@ -31,6 +31,7 @@ from searchsvc.budget import measures_of
 from searchsvc.methods import get_method
 from searchsvc.methods.taylor import TaylorSearch, TaylorStop
 from searchsvc.reporting.plots import trajectory_png
+from searchsvc.reporting.rows import ResultRow
 from searchsvc.rewards import INVALID_REWARD, reward
 from searchsvc.running.job import RunContext
 from searchsvc.running.recorder import ensure_ray, prepare_teacher_logits
@@ -87,7 +88,7 @@ def trial_count(search: TaylorSearch) -> int:
     return space.trial_count(search.tune, search.tune.filters_per_iteration, search.tune.epochs, search.tune.distill)
 
 
-def prune_count(filters_per_iteration: int | float, teacher_channels: int) -> int:
+def prune_count(filters_per_iteration: float, teacher_channels: int) -> int:
     """Channels removed per iteration: a count as given, a fraction of the teacher's channels rounded."""
     if isinstance(filters_per_iteration, float):
         return max(1, round(filters_per_iteration * teacher_channels))
@@ -177,8 +178,8 @@ def run_taylor(context: RunContext) -> None:
 def finish(recorder: TrialRecorder) -> None:
     """Mark the Pareto front, store the trajectory plot and a per-trial summary, write the table."""
     context = recorder.context
+    front = mark_pareto(recorder.rows)
     rows = list(recorder.rows.values())
-    front = mark_pareto(rows)
     plot = layout.run_plot(context.run_id, layout.TRAJECTORY_PLOT)
     png = trajectory_png(rows, recorder.teacher_params, recorder.teacher_accuracy,
                          title=f"Taylor pruning, run {context.run_id}")
@@ -190,16 +191,16 @@ def finish(recorder: TrialRecorder) -> None:
                            plot=context.store.uri_for(plot))
 
 
-def trial_summaries(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def trial_summaries(rows: list[ResultRow]) -> dict[str, dict[str, Any]]:
     """Per trial: its sample, iterations done, why it stopped, and its best model within the stop rule."""
     trials: dict[str, dict[str, Any]] = {}
-    for row in sorted(rows, key=lambda r: (r["trial"], r["iteration"])):
-        trial = trials.setdefault(row["trial"], {"sample": json.loads(row["sample"]), "iterations": 0,
-                                                 "stop_reason": None, "best": None})
-        trial["iterations"] = row["iteration"]
-        trial["stop_reason"] = row["stop_reason"]
-        if row["status"] == "ok" and row["stop_reason"] is None and (
-                trial["best"] is None or row["reward"] > trial["best"]["reward"]):
-            trial["best"] = {k: row[k] for k in ("spec_hash", "iteration", "accuracy", "params", "compression",
-                                                 "reward", "artifact")}
+    for row in sorted(rows, key=lambda r: (r.get("trial"), r.get("iteration"))):
+        trial = trials.setdefault(row.get("trial"), {"sample": json.loads(row.get("sample")), "iterations": 0,
+                                                     "stop_reason": None, "best": None})
+        trial["iterations"] = row.get("iteration")
+        trial["stop_reason"] = row.get("stop_reason")
+        if row.ok and row.get("stop_reason") is None and (
+                trial["best"] is None or row.reward > trial["best"]["reward"]):
+            trial["best"] = {k: row.get(k) for k in ("spec_hash", "iteration", "accuracy", "params", "compression",
+                                                     "reward", "artifact")}
     return trials
