@@ -55,8 +55,11 @@ def results_table(rows: Iterable[ResultRow]) -> pa.Table:
 
 def table_rows(table: pa.Table, source: str = "a results table") -> list[ResultRow]:
     """A table's rows, in its order (NaN → null: a row holds finite numbers only)."""
-    clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v
-    return [ResultRow.from_data({k: clean(v) for k, v in row.items()}, source) for row in table.to_pylist()]
+    return [ResultRow.from_data({k: _finite_or_null(v) for k, v in row.items()}, source) for row in table.to_pylist()]
+
+
+def _finite_or_null(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def rank(table: pa.Table) -> pa.Table:

@@ -76,7 +76,7 @@ def fit(context: RunContext, tuner: tune.Tuner, recorder: TrialRecorder) -> tune
     try:
         with one_line_logs():
             grid = tuner.fit()
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 — the store's error, however Tune wraps it; anything else as it is
         down = _store_error(err)
         if down is None:
             raise
