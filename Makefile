@@ -26,7 +26,7 @@ run: setup       ## run the quickstart search (CONFIG=... to choose another conf
 
 test: setup      ## the test suite that runs on a 2-core CPU machine (no slow, no gpu tests)
 	@bash scripts/install-chromium.sh
-	$(BIN)/python -m pytest -m "not slow and not gpu" --durations=15
+	$(BIN)/python -m pytest -m "not slow and not gpu" -n 2 --dist loadscope --no-loadscope-reorder --durations=15
 
 test-all: setup  ## every test, slow ones included
 	$(BIN)/python -m pytest

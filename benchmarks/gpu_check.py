@@ -60,9 +60,9 @@ TARGETS = {"epoch_cached_s": 1.0, "epoch_live_s": 1.3, "resnet18_per_hour": 1500
 def sizes(tiny: bool) -> dict[str, Any]:
     """Workload sizes: the real ones, or tiny ones that run the same code in seconds on a CPU."""
     if tiny:
-        return {"arch": "resnet20", "images": 256, "batch": 64, "sync_images": 256, "loader_workers": 0,
-                "compile": False, "setups": ("resnet20",), "pool_images": 512, "processes": (1, 2),
-                "eager_processes": (), "candidates": 4}  # eager vs graphed: a GPU figure (the same loop on a CPU)
+        return {"arch": "resnet20", "images": 128, "batch": 64, "sync_images": 128, "loader_workers": 0,
+                "compile": False, "setups": ("resnet20",), "pool_images": 256, "processes": (1, 2),
+                "eager_processes": (), "candidates": 2}  # eager vs graphed: a GPU figure (the same loop on a CPU)
     return {"arch": "resnet18_cifar", "images": 50_000, "batch": 512, "sync_images": 8192,
             "loader_workers": min(8, os.cpu_count() or 1), "compile": True, "setups": ("resnet18_cifar", "resnet20"),
             "pool_images": 50_000, "processes": (1, 2, 4), "eager_processes": (1, 4),

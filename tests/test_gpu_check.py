@@ -37,6 +37,10 @@ def test_cpu_tiny_check_runs_every_part_without_ray_boto3_or_gymnasium(tmp_path)
                           env=bare_env(tmp_path), capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_check import sizes
+
+    tiny = sizes(True)  # the sizes the check ran at
     assert set(results) == {"gpu_tests", "sync_check", "epoch_time", "candidates_per_hour"}
     for record in results.values():  # every figure says where and when it was taken
         assert record["ok"] is True and record["device_name"] == "cpu" and record["torch"] and record["date"]
@@ -46,12 +50,13 @@ def test_cpu_tiny_check_runs_every_part_without_ray_boto3_or_gymnasium(tmp_path)
     epoch = results["epoch_time"]
     for teacher in ("cached", "live"):  # ours and both plain loops ran, timed
         figures = epoch[teacher]
-        assert figures["images"] == 256 and figures["ours_epoch_s"] > 0
+        assert figures["images"] == tiny["images"] and figures["ours_epoch_s"] > 0
         assert figures["plain_matched_epoch_s"] > 0 and figures["plain_epoch_s"] > 0
     assert epoch["live"]["gflops_per_image"] > epoch["cached"]["gflops_per_image"]  # the teacher's forward counts
     pool = results["candidates_per_hour"]["resnet20"]
     assert [run["processes"] for run in pool["runs"]] == [1, 2]
-    assert all(run["ok"] == run["candidates"] == 4 and run["candidates_per_hour"] > 0 for run in pool["runs"])
+    assert all(run["ok"] == run["candidates"] == tiny["candidates"] and run["candidates_per_hour"] > 0
+               for run in pool["runs"])
     assert pool["packing_gain"]["1"] == 1.0
     assert pool["eager_runs"] == [] and pool["graph_gain"] == {}  # the eager baseline is a GPU figure
     table = proc.stdout[proc.stdout.index("figure"):]

@@ -23,7 +23,7 @@ import pytest
 from storage import S3Store
 from tests.conftest import REPO, S3Server, _bindable
 
-pytestmark = [pytest.mark.s3, pytest.mark.cluster]
+pytestmark = pytest.mark.s3  # its Ray cluster runs in processes of its own: not `cluster`
 BIN = Path(sys.executable).parent
 GRID = "configs/grid-smoke.yaml"
 

@@ -29,7 +29,7 @@ PHASES: dict[str, Callable[[list[str], Path], bool]] = {
 def _term_when(store: Path, ready: Callable[[list[str], Path], bool]) -> subprocess.CompletedProcess:
     """`searchsvc run` in a session of its own; SIGTERM to the whole session once `ready`, then wait."""
     command = [sys.executable, "-m", "searchsvc", "run", str(GRID), "--store", str(store), "--no-progress",
-               "--set", "teacher.epochs=3"]
+               "--set", "teacher.epochs=3", "--set", "search.candidates=[{}, {scale: 0.5}]"]  # resume: 2 to train
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
                               start_new_session=True, env={**os.environ, "RAY_ADDRESS": ""})
     lines: list[str] = []
