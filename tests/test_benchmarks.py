@@ -18,7 +18,7 @@ CASES = [
     ("n2n_agents.py", ["--seeds", "0", "--budget", "4", "--iteration", "4", "--config", "configs/n2n-smoke.yaml",
                        "--set", "teacher.epochs=1", "--set", "dataset.synthetic.train_size=256"], ["budget"]),
     ("evals_per_hour.py", ["--teacher", "tiny_cnn", "--images", "256", "--batch", "64", "--candidates", "1",
-                           "--shares", "1", "0.5"], ["best_evals_per_hour"]),
+                           "--shares", "0.5"], ["best_evals_per_hour"]),  # 2 actors: the packed layout
     ("scaling.py", ["--nodes", "1,2", "--per-node", "2", "--cost-s", "0.2"], ["speedup_max_nodes", "efficiency_max_nodes"]),
     ("driver_overhead.py", ["--budget", "4", "--iteration", "2", "--teacher", "tiny_cnn", "--images", "256"],
      ["mean_eval_s", "overhead_median_ms", "overhead_fraction"]),
@@ -53,7 +53,9 @@ def tiny_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
 # Slow (not in `make test`): n2n_agents is two N2N searches, PPO and random, whose paths test_n2n.py runs
 # end to end (the PPO smoke run, the random agent's budget); only its comparison of the two is left out.
-SLOW = {"n2n_agents.py"}
+# driver_overhead is one N2N search with PPO (test_n2n.py's PPO smoke run) and the gaps between the stored
+# evaluations' start and end times; only that arithmetic is left out.
+SLOW = {"n2n_agents.py", "driver_overhead.py"}
 
 
 @pytest.mark.parametrize("script, args, keys", [

@@ -214,6 +214,9 @@ def test_ray_job_stop_leaves_a_consistent_store_that_resume_completes(head, s3_s
     assert store.get_json(f"runs/{run_id}/run.json")["status"] == "finished"
 
 
+# Slow (not in `make test`): resume on a live cluster is the `ray job stop` test above; a SIGKILLed driver
+# (no end written, resumed without repeats) is test_n2n's kill -9 (the actor pool) and test_taylor's (Tune).
+@pytest.mark.slow
 def test_driver_killed_with_sigkill_on_the_cluster_is_resumed_without_repeats(head, s3_server, monkeypatch):
     bucket = s3_server.new_bucket()
     uri = f"s3://{bucket}/jobs"

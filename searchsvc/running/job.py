@@ -27,6 +27,7 @@ from searchsvc.running.stopping import Stopped, stop_on_sigterm
 from searchsvc.version import code_version
 from storage import ArtifactStore, KeyNotFoundError, StoreOptions, StoreUnreachableError, layout, open_store, spool
 from workers.data.datasets import Splits, load_dataset
+from workers.evaluation.spec import Builder
 from workers.training.teacher import Teacher, load_or_train_teacher
 from workers.training.train import resolve_device
 
@@ -47,6 +48,11 @@ class RunContext:
     resumed: bool = False  # continuing an interrupted run: drivers pick up their state from the store
     rows: dict[str, ResultRow] = field(default_factory=dict)  # spec_hash → result row, as recorded (Recorder)
     summary: dict[str, Any] = field(default_factory=dict)  # counts the driver reports (evaluations, cache_hits)
+
+    @property
+    def builder(self) -> Builder | None:
+        """What the workers build this run's candidates with: its method's registry entry's (None: surgery)."""
+        return get_method(self.config.method).worker_builder()
 
     def write_results(self) -> pa.Table:
         """(Re)write the run's results.parquet from every row so far: the one writer of that file (the

@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 
 from core.errors import SearchsvcError, first_line
 from searchsvc.budget import budget_of, measures_of
-from searchsvc.methods import get_method
 from searchsvc.reporting.rows import ResultRow, read_row
 from searchsvc.rewards import INVALID_REWARD, RewardForm, compression_ratio
 from searchsvc.running import stopping
@@ -210,7 +209,7 @@ class Evaluator(Recorder):
         self.pool = pool or EvalPool(context.store, context.teacher.teacher_hash, context.config.dataset,
                                      context.config.resources, on_wait=stopping.check,
                                      measures=measures_of(context.config),
-                                     builder=get_method(context.config.method).worker_builder())
+                                     builder=context.builder)
 
     def evaluate(self, specs: Iterable[CandidateSpec]) -> list[ResultRow]:
         """Rows for `specs`, in order (evaluated concurrently; repeats within the run are free)."""

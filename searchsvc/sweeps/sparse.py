@@ -11,7 +11,6 @@ from typing import Any, Callable
 from ray import tune
 
 from searchsvc.budget import measures_of
-from searchsvc.methods import get_method
 from searchsvc.reporting.plots import trajectory_png
 from searchsvc.running.job import RunContext
 from searchsvc.running.recorder import ensure_ray, prepare_teacher_logits
@@ -77,7 +76,7 @@ class CandidateJob:
         return cls(store=context.store, arch=config.teacher.base, teacher_hash=context.teacher.teacher_hash,
                    dataset=absolute_dataset(config.dataset), train=config.train, resources=config.resources,
                    seed=config.seed, measures=measures_of(config),
-                   builder=get_method(config.method).worker_builder(), **extra)
+                   builder=context.builder, **extra)
 
 
 def candidate_trial(job: CandidateJob, spec: CandidateSpec, progress_key: str, row_keys: tuple[str, ...]) -> None:

@@ -28,7 +28,6 @@ from typing import Any
 from ray import tune
 
 from searchsvc.budget import measures_of
-from searchsvc.methods import get_method
 from searchsvc.methods.taylor import TaylorSearch, TaylorStop
 from searchsvc.reporting.plots import trajectory_png
 from searchsvc.reporting.rows import ResultRow
@@ -166,7 +165,7 @@ def run_taylor(context: RunContext) -> None:
                    dataset=absolute_dataset(context.config.dataset),
                    train=context.config.train, search=search, resources=context.config.resources,
                    seed=context.config.seed, measures=measures_of(context.config),
-                   builder=get_method(context.config.method).worker_builder())
+                   builder=context.builder)
     recorder = TrialRecorder(context, search.reward, total=trial_count(search) * search.iterations)
     tuner = build_tuner(context, taylor_trial, job, param_space(search, context.config.train), search.tune,
                               metric=TUNE_METRICS[search.tune.metric], time_attr="iteration",
