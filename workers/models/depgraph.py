@@ -29,6 +29,7 @@ from torch import fx, nn
 
 from core.errors import SearchsvcError, first_line
 from workers.models.surgery import InvalidTransform
+from workers.models.zoo import load_tensors
 
 log = logging.getLogger(__name__)
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
@@ -231,7 +232,7 @@ def rebuild(model: nn.Module, removed: Iterable[str], state: Mapping[str, torch.
     remove_units(model, removed)
     for name, module in model.named_modules():
         _resize(name, module, state)
-    model.load_state_dict(state, strict=True)
+    load_tensors(model, state)
     return model.eval()
 
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from core.errors import SearchsvcError, first_line
 from core.names import did_you_mean
+from workers.models.zoo import load_tensors
 
 TORCHVISION = "torchvision:"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -150,7 +151,7 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], where: str
     if extra:
         raise SearchsvcError(f"teacher.weights: {where} has tensors the model lacks, first {extra[0]!r}"
                              f" ({len(extra)} in all)")
-    model.load_state_dict(state, strict=True)
+    load_tensors(model, state)
     return model
 
 

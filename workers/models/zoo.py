@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import enum
 import io
+from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -299,11 +300,22 @@ def read_state_bytes(raw: bytes, where: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_tensors(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """`model.load_state_dict(state, strict=True)` for tensors read back from a file. Tensors alone (model.pt,
+    safetensors) carry no per-module version metadata; each module then gets its own class's, as a state_dict
+    of the same code has it (torchvision's MNASNet refuses a state_dict without its version)."""
+    if getattr(state, "_metadata", None) is None:
+        own = model.state_dict()
+        state = OrderedDict(state)
+        state._metadata = own._metadata  # type: ignore[attr-defined]  # what Module.load_state_dict reads
+    model.load_state_dict(state, strict=True)
+
+
 def load_state_bytes(model: nn.Module, raw: bytes, where: str) -> nn.Module:
     """Load `state_dict_bytes` output into `model` (weights_only=True); CorruptArtifactError naming `where`."""
     state = read_state_bytes(raw, where)
     try:
-        model.load_state_dict(state)
+        load_tensors(model, state)
     except Exception as err:  # noqa: BLE001 — a mismatched checkpoint, whatever torch raises
         raise CorruptArtifactError(f"{where} is not a loadable checkpoint: {err}") from None
     return model
