@@ -38,6 +38,7 @@ MODELS = {"resnet18": lambda: torchvision.models.resnet18(num_classes=10),
           "resnet50": lambda: torchvision.models.resnet50(num_classes=10),
           "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(num_classes=10),
           "mnasnet0_5": lambda: torchvision.models.mnasnet0_5(num_classes=10),  # checks its state_dict version
+          "convnext_tiny": lambda: torchvision.models.convnext_tiny(num_classes=10),  # a layer scale per block
           "factory": lambda: small_resnet(in_channels=3, num_classes=10)}
 
 

@@ -236,6 +236,15 @@ def rebuild(model: nn.Module, removed: Iterable[str], state: Mapping[str, torch.
     return model.eval()
 
 
+def _free_vectors(module: nn.Module, stored: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the module's tensors that changed shape are per-channel vectors ((C,), (C, 1, 1), ...) of a module
+    that keeps no count of their channels among its attributes (ConvNeXt's CNBlock and its layer scale): then
+    new tensors of the stored shapes are all its rebuild needs."""
+    changed = [getattr(module, key) for key, t in stored.items() if tuple(getattr(module, key).shape) != tuple(t.shape)]
+    counts = {v for v in vars(module).values() if isinstance(v, int) and not isinstance(v, bool)}
+    return bool(changed) and all(sum(d != 1 for d in t.shape) == 1 and t.numel() not in counts for t in changed)
+
+
 def _resize(name: str, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Give one layer the shapes of its stored tensors (only what channel pruning changes)."""
     prefix = f"{name}." if name else ""
@@ -258,6 +267,8 @@ def _resize(name: str, module: nn.Module, state: Mapping[str, torch.Tensor]) -> 
         module.normalized_shape = tuple(weight.shape)
     elif isinstance(module, nn.GroupNorm) and weight is not None:
         module.num_channels = weight.shape[0]
+    elif _free_vectors(module, stored):
+        pass  # per-channel tensors of a block of its own (ConvNeXt's layer scale): tensors of the stored shapes do
     else:
         raise InvalidTransform(f"cannot rebuild {name or 'the model'} ({type(module).__name__}) at its stored shapes")
     for key, tensor in stored.items():
