@@ -27,6 +27,7 @@ def test_a_row_round_trips_through_its_json_and_the_parquet_table(tmp_path, make
         store.put_json(f"runs/r/evals/{row.spec_hash}.json", row.to_data(), write_once=True)
     assert stored_rows(store, "r") == rows  # typed, the run's own columns in `extra`, in the order recorded
     assert rows[0].get("phase") == "prune" and rows[0].get("missing", 7) == 7 and rows[0].order == 1
+    assert rows[0].with_columns(order="2").order == 0  # an edited order is no traceback
     write_results(store, "r", rows)
     back = table_rows(read_results(store, "r"))
     assert [r.spec_hash for r in back] == ["h2", "h1", "h0"]  # ranked by reward

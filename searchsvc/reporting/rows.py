@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from core.names import is_int
 from core.records import RecordError, from_data
 from storage import CorruptArtifactError, layout
 from storage.base import ArtifactStore
@@ -55,7 +56,8 @@ class ResultRow:
     @property
     def order(self) -> int:
         """1, 2, ... in the order the run recorded its rows (0: not recorded by a run)."""
-        return int(self.extra.get("order") or 0)
+        value = self.extra.get("order")
+        return value if is_int(value) else 0  # an edited, non-integer order sorts first, not a traceback
 
     def get(self, column: str, default: Any = None) -> Any:
         """Any column by name, fixed or the run's own (`default` where the row has none, or it is null)."""
