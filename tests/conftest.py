@@ -207,9 +207,10 @@ def ray_session() -> Iterator[None]:
     ray.shutdown()
 
 
-# The longest modules, longest first (seconds of one fresh-clone run on 2 cores, 87bd9f2): `make test` runs
-# the suite on two workers, each module whole on one (`-n 2 --dist loadscope`), in this order; started first,
-# they leave the short modules to even out the two workers' ends.
+# The longest modules, longest first (by their summed test durations in runs of 87bd9f2 on 2 cores): `make test`
+# runs the suite on two workers, each module whole on one, in this order (`-n 2 --dist loadscope
+# --no-loadscope-reorder`; xdist would otherwise go by test count); started first, they leave the short modules
+# to even out the two workers' ends.
 LONGEST_FIRST = ("test_faults", "test_job", "test_taylor", "test_user_model", "test_n2n", "test_benchmarks",
                  "test_grid", "test_gpu_check", "test_signals", "test_pool", "test_agp", "test_quantize")
 
