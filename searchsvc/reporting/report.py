@@ -17,7 +17,7 @@ from core.records import from_data
 from searchsvc.budget import Budget
 from searchsvc.reporting.plots import front_png, progress_png, schedule_png
 from searchsvc.reporting.rows import ResultRow, most_accurate, pareto_front, stored_rows
-from searchsvc.reporting.table import rank, results_table, stored_config, stored_record, table_rows
+from searchsvc.reporting.table import rank, results_table, stored_config, stored_record
 from storage import ArtifactStore, layout
 from workers.measurement.latency import probe_columns
 from workers.measurement.measure import count_macs, count_parameters
@@ -137,8 +137,9 @@ def schedule_plot(store: ArtifactStore, ok: list[ResultRow], method: str, top: i
 
 
 def ranked(rows: list[ResultRow]) -> list[ResultRow]:
-    """`rows` best first: the order of results.parquet and `searchsvc results`."""
-    return table_rows(rank(results_table(rows)))
+    """`rows` best first: the order of results.parquet and `searchsvc results` (the table only ranks them)."""
+    by_hash = {row.spec_hash: row for row in rows}
+    return [by_hash[spec_hash] for spec_hash in rank(results_table(rows))["spec_hash"].to_pylist()]
 
 
 def top_table(rows: list[ResultRow], top: int) -> str:

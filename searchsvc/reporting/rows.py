@@ -68,8 +68,7 @@ class ResultRow:
         """This row with `columns` set: fixed ones replaced, the others added to (or replaced in) `extra`."""
         fixed = {k: v for k, v in columns.items() if k in COLUMNS}
         added = {k: v for k, v in columns.items() if k not in COLUMNS}
-        return dataclasses.replace(self, **fixed, extra={**self.extra, **added}) if added else \
-            dataclasses.replace(self, **fixed)
+        return dataclasses.replace(self, **fixed, extra={**self.extra, **added})
 
     def to_data(self) -> dict[str, Any]:
         """The row as one flat mapping: fixed columns, then the run's own (its stored JSON; a Parquet row)."""

@@ -3,9 +3,9 @@ when resuming, run with one-line logs, and the store's errors told apart from th
 
 A method supplies a trial function `trial(sample, job)` that evaluates candidates inside the trial
 (`stored_or_kept`: stored, else evaluated, then completed) and reports with `reports.report_fields`; the
-results callback (sweeps/reports.py) turns each report that carries a `spec` into a row of the run. Methods
-whose trial is one candidate (agp, rigl) use sweeps/sparse.py whole. Tune's experiment lives in
-runs/<id>/state/tune on the run's own store, so `searchsvc resume` restores it from there.
+results callback (sweeps/reports.py) turns each report that carries a finished candidate (a `TrialReport`)
+into a row of the run. Methods whose trial is one candidate (agp, rigl) use sweeps/sparse.py whole. Tune's
+experiment lives in runs/<id>/state/tune on the run's own store, so `searchsvc resume` restores it from there.
 """
 
 from __future__ import annotations
