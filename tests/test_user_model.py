@@ -27,7 +27,11 @@ from storage import LocalStore
 from tests.user_models.nets import scaled_cnn, small_resnet
 from workers.data.datasets import DatasetConfig, SyntheticConfig, load_dataset
 from workers.measurement.measure import count_macs, count_parameters
-from workers.models.depgraph import channel_groups, example_input, rebuild, removable_units, remove_units, shrink_graph
+from workers.compression.pruners import channel_keep
+from workers.compression.taylor import plan_removal
+from workers.models.depgraph import (channel_groups, example_input, rebuild, removable_units, remove_units, shrink_graph,
+                                     slice_positions)
+from workers.models.surgery import InvalidTransform
 from workers.models.user_model import ModelSource
 from workers.training.teacher import TeacherConfig, load_or_train_teacher, teacher_hash
 from workers.training.train import Recipe, train_model
@@ -39,6 +43,7 @@ MODELS = {"resnet18": lambda: torchvision.models.resnet18(num_classes=10),
           "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(num_classes=10),
           "mnasnet0_5": lambda: torchvision.models.mnasnet0_5(num_classes=10),  # checks its state_dict version
           "convnext_tiny": lambda: torchvision.models.convnext_tiny(num_classes=10),  # a layer scale per block
+          "regnet_x_400mf": lambda: torchvision.models.regnet_x_400mf(num_classes=10),  # grouped convolutions
           "factory": lambda: small_resnet(in_channels=3, num_classes=10)}
 
 
@@ -64,20 +69,34 @@ def test_traced_structure_cuts_real_smaller_models_and_rebuilds_them(name):
         assert torch.equal(again(images), small(images))
 
 
-def test_grouped_convolutions_keep_their_channels_and_the_rest_is_cut():
-    """RegNet's grouped (not depthwise) 3x3 convs: Torch-Pruning 1.6 would cut across their groups, so their
-    channel groups are left out; the residual streams around them are still cut, and rebuild exactly."""
-    teacher = torchvision.models.regnet_x_400mf(num_classes=10).eval()
+@pytest.mark.parametrize("name", ["regnet_x_400mf", "resnext50_32x4d"])
+def test_grouped_convolutions_are_pruned_within_their_groups(name):
+    """RegNet's and ResNeXt's grouped (not depthwise) 3x3 convs keep `groups`; the same positions leave every
+    group, so halving every channel group cuts ~4x as in any other network, and the result rebuilds exactly."""
+    build = getattr(torchvision.models, name)
+    torch.manual_seed(0)
+    teacher = build(num_classes=10).eval()
     example = example_input(teacher, 3, 32)
     groups = channel_groups(teacher, example)
-    grouped = [n for n, m in teacher.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
-    assert grouped and not any(n in g.outputs for g in groups for n in grouped)
+    grouped = {n: m.groups for n, m in teacher.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1}
+    assert grouped and {g.slices for g in groups if set(g.outputs) & set(grouped)} == set(grouped.values()) - {1}
+    with pytest.raises(InvalidTransform, match="width of"):
+        shrink_graph(teacher, example, widths={groups[0].key: 0})
     small = shrink_graph(teacher, example, widths={g.key: g.channels // 2 for g in groups})
-    assert count_macs(small, 3, 32) < 0.7 * count_macs(teacher, 3, 32)
+    assert count_macs(small, 3, 32) < 0.3 * count_macs(teacher, 3, 32)
+    for conv_name, count in grouped.items():
+        conv = small.get_submodule(conv_name)
+        assert conv.groups == count and conv.out_channels % count == 0 and conv.in_channels % count == 0
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(rebuild(torchvision.models.regnet_x_400mf(num_classes=10), (), small.state_dict())(images),
-                           small(images))
+        assert torch.equal(rebuild(build(num_classes=10), (), dict(small.state_dict()))(images), small(images))
+
+
+def test_a_grouped_channel_group_loses_the_same_positions_from_every_slice():
+    scores = torch.tensor([1.0, 9.0, 2.0, 8.0,   3.0, 7.0, 0.0, 6.0])  # two slices of four channels
+    assert slice_positions(scores, 4, slices=2) == [1, 3, 5, 7]  # positions 1 and 3 have the top mean scores
+    assert plan_removal({"g": scores, "h": torch.tensor([5.0, 5.0])}, 3, {"g": 2}) == {"g": 4}
+    assert channel_keep(scores, 0.5, slices=2).tolist() == [False, True, False, True] * 2
 
 
 def test_units_are_found_by_tracing_not_by_class_names():
@@ -415,10 +434,10 @@ def test_agp_prunes_a_user_model_element_wise_and_checks_structured_schedules(us
     assert "'blocks.1.body.1.weight' is not a prunable filter weight" in err, err
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "factory"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "regnet_x_400mf", "factory"])
 def test_structured_agp_on_a_user_model_thins_to_the_same_outputs(name):
-    """StructuredAGP over traced channel groups (residual streams, depthwise couplings): the masked network and
-    the thinned one compute the same function, with far fewer MACs."""
+    """StructuredAGP over traced channel groups (residual streams, depthwise couplings, grouped convolutions'
+    slices): the masked network and the thinned one compute the same function, with far fewer MACs."""
     from workers.compression.schedule import CompressionScheduler, parse_schedule
     from workers.models.thinning import group_of_weight, thin
 

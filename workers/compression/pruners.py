@@ -150,20 +150,22 @@ def filter_masks(model: nn.Module, weights: tuple[str, ...] | list[str], sparsit
     params = dict(model.named_parameters())
     masks: Masks = {}
     for group in {groups[name].key: groups[name] for name in weights}.values():
-        keep = channel_keep(group_scores([params[w] for w in group.weights], l1_importance), sparsity)
+        keep = channel_keep(group_scores([params[w] for w in group.weights], l1_importance), sparsity, group.slices)
         for name in group.params:
             shape = (-1,) + (1,) * (params[name].dim() - 1)
             masks[name] = keep.to(params[name].dtype).view(shape).expand_as(params[name]).clone()
     return masks
 
 
-def channel_keep(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Bool per channel: False for the round(sparsity · n) lowest scores; at least one channel kept."""
-    prune = min(int(round(sparsity * len(scores))), len(scores) - 1)
-    keep = torch.ones(len(scores), dtype=torch.bool, device=scores.device)
+def channel_keep(scores: torch.Tensor, sparsity: float, slices: int = 1) -> torch.Tensor:
+    """Bool per channel: False for the round(sparsity · n) lowest scores; at least one channel kept. With
+    `slices` (grouped convolutions), positions ranked by their mean score go from every slice together."""
+    positions = scores.view(slices, -1).mean(0)
+    prune = min(int(round(sparsity * len(positions))), len(positions) - 1)
+    keep = torch.ones(len(positions), dtype=torch.bool, device=scores.device)
     if prune > 0:
-        keep[torch.topk(scores, prune, largest=False).indices] = False
-    return keep
+        keep[torch.topk(positions, prune, largest=False).indices] = False
+    return keep.repeat(slices)
 
 
 class _PerWeightPruner(Pruner):

@@ -90,21 +90,26 @@ def _l2_normalise(scores: torch.Tensor) -> torch.Tensor:
     return scores / scores.norm().clamp_min(1e-12)
 
 
-def plan_removal(scores: Mapping[str, torch.Tensor], count: int) -> dict[str, int]:
+def plan_removal(scores: Mapping[str, torch.Tensor], count: int,
+                 slices: Mapping[str, int] | None = None) -> dict[str, int]:
     """Channels to remove per group: the `count` lowest scores across all groups, each keeping MIN_CHANNELS.
 
+    A group with `slices` (grouped convolutions) is ranked by position, the mean score of that position across
+    its slices, and loses a position from every slice at once (the last one may overshoot `count`).
     Ties are broken by group key then channel index, so the plan is deterministic.
     """
-    entries = sorted((float(s), key, i) for key, values in scores.items() for i, s in enumerate(values))
+    slices = {key: (slices or {}).get(key, 1) for key in scores}
+    positions = {key: values.float().view(slices[key], -1).mean(0) for key, values in scores.items()}
+    entries = sorted((float(s), key, i) for key, values in positions.items() for i, s in enumerate(values))
     removed = {key: 0 for key in scores}
     left = count
     for _, key, _ in entries:
-        if left == 0:
+        if left <= 0:
             break
-        if len(scores[key]) - removed[key] > MIN_CHANNELS:
+        if len(positions[key]) - removed[key] > MIN_CHANNELS:
             removed[key] += 1
-            left -= 1
-    return {key: n for key, n in removed.items() if n}
+            left -= slices[key]
+    return {key: n * slices[key] for key, n in removed.items() if n}
 
 
 def prunable_channels(model: nn.Module, in_channels: int, image_size: int) -> int:
@@ -176,7 +181,7 @@ def graph_taylor_prune(model: nn.Module, splits: Splits, count: int, batches: in
                        seed: int = 0) -> tuple[nn.Module, dict[str, int]]:
     """`taylor_prune` for a user's network: ranked and cut through its dependency graph."""
     scores = graph_taylor_scores(model, splits, batches, batch_size, seed)  # one score per channel of each group
-    plan = plan_removal(scores, count)
-    widths = {key: len(scores[key]) - n for key, n in plan.items()}
     example = example_input(model, splits.in_channels, splits.image_size)
+    plan = plan_removal(scores, count, {g.key: g.slices for g in channel_groups(model, example)})
+    widths = {key: len(scores[key]) - n for key, n in plan.items()}
     return shrink_graph(model, example, widths=widths, scores=scores), plan

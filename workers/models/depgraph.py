@@ -43,6 +43,7 @@ class ChannelGroup:
     key: str  # the root module's name
     channels: int
     outputs: tuple[str, ...]  # modules whose output channels the group prunes (the root among them)
+    slices: int = 1  # equal slices the channels fall into (a grouped conv's groups): the same positions leave each
 
 
 def example_input(model: nn.Module, in_channels: int, image_size: int) -> torch.Tensor:
@@ -137,29 +138,46 @@ def dependency_graph(model: nn.Module, example: torch.Tensor):
 
 
 def channel_groups(model: nn.Module, example: torch.Tensor) -> list[ChannelGroup]:
-    """Every prunable channel group of `model` in forward order: the classifier's outputs excluded, and the
-    groups a grouped (not depthwise) convolution belongs to."""
+    """Every prunable channel group of `model` in forward order (the classifier's outputs excluded)."""
     _, graph = dependency_graph(model, example)
     names = {module: name for name, module in model.named_modules()}
     last = model.get_submodule(classifier(model, example))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     groups = []
     for group in graph.get_all_groups(ignored_layers=[last], root_module_types=PRUNABLE):
-        if any(_grouped(item.dep.target.module) for item in group):
-            continue  # channels of a grouped convolution leave only a whole group at a time: kept as they are
         root = group[0].dep.target.module
+        channels = graph.get_out_channels(root)
         outputs = {names[item.dep.target.module] for item in group
                    if item.dep.target.module in names and graph.is_out_channel_pruning_fn(item.dep.handler)}
-        groups.append(ChannelGroup(names[root], graph.get_out_channels(root),
-                                   tuple(sorted(outputs, key=order.__getitem__))))
+        slices = _slices(graph, group)
+        if channels % slices:
+            continue  # slices of unequal size cannot keep the same positions: the group keeps its width
+        groups.append(ChannelGroup(names[root], channels, tuple(sorted(outputs, key=order.__getitem__)), slices))
     return sorted(groups, key=lambda g: order[g.key])
 
 
-def _grouped(module: nn.Module) -> bool:
-    """A grouped convolution that is not depthwise (ResNeXt, RegNet): Torch-Pruning 1.6 cuts its channels
-    across group boundaries, so the groups it belongs to are not pruned (depthwise ones are handled)."""
-    return isinstance(module, nn.Conv2d) and module.groups > 1 and not (
-        module.groups == module.in_channels == module.out_channels)
+def _slices(graph, group) -> int:
+    """The equal slices a group's channels fall into: the groups of a grouped (not depthwise) convolution or of
+    a GroupNorm it touches (ResNeXt, RegNet), 1 otherwise. Pruning the same positions from every slice keeps
+    `groups` and each group's channels together; Torch-Pruning's surgery relies on that for grouped inputs."""
+    slices = 1
+    for item in group:
+        module, handler = item.dep.target.module, item.dep.handler
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None or (isinstance(module, nn.Conv2d) and module.groups == module.out_channels):
+            continue  # depthwise convolutions follow their channels one by one
+        count = (pruner.get_out_channel_groups(module) if graph.is_out_channel_pruning_fn(handler)
+                 else pruner.get_in_channel_groups(module))
+        slices = max(slices, int(count))
+    return slices
+
+
+def slice_positions(score: torch.Tensor, width: int, slices: int = 1) -> list[int]:
+    """The channels to keep, in order: the `width` of highest score, or with `slices`, the `width // slices`
+    positions of highest mean score across the slices, kept in every slice."""
+    per = len(score) // slices
+    kept = torch.topk(score.float().cpu().view(slices, per).mean(0), width // slices).indices.tolist()
+    return sorted(s * per + p for s in range(slices) for p in kept)
 
 
 def remove_units(model: nn.Module, removed: Iterable[str]) -> nn.Module:
@@ -183,15 +201,18 @@ def shrink_graph(teacher: nn.Module, example: torch.Tensor, removed: Iterable[st
     if unknown:
         raise InvalidTransform(f"unknown units to remove: {unknown}; removable: {list(units)}")
     remove_units(model, removed)
-    groups = _resolve(channel_groups(model, example), widths)
-    if groups:
-        _prune(model, example, groups, scores or {})
+    groups = channel_groups(model, example)
+    chosen = _resolve(groups, widths)
+    if chosen:
+        slices = {g.key: g.slices for g in groups}
+        _prune(model, example, {key: (width, slices[key]) for key, width in chosen.items()}, scores or {})
     return model
 
 
 def _resolve(groups: list[ChannelGroup], widths: Mapping[str, int]) -> dict[str, int]:
     """Width keys (a group's root, or any layer whose outputs it prunes) → {root: width}, checked."""
     by_output = {name: group for group in groups for name in group.outputs}
+    by_key = {group.key: group for group in groups}
     chosen: dict[str, int] = {}
     for key, width in widths.items():
         group = by_output.get(key)
@@ -202,7 +223,10 @@ def _resolve(groups: list[ChannelGroup], widths: Mapping[str, int]) -> dict[str,
         if chosen.get(group.key, width) != width:
             raise InvalidTransform(f"width keys {key!r} and {group.key!r} set one channel group to two widths")
         chosen[group.key] = width
-    return {key: width for key, width in chosen.items() if width < by_output[key].channels}
+    # a sliced group (grouped convolutions) keeps a multiple of its slices: the nearest, at least one per slice
+    chosen = {key: max(by_key[key].slices, round(width / by_key[key].slices) * by_key[key].slices)
+              for key, width in chosen.items()}
+    return {key: width for key, width in chosen.items() if width < by_key[key].channels}
 
 
 def pruning_group(tp, graph, model: nn.Module, key: str, idxs: Iterable[int] | None = None):
@@ -213,16 +237,16 @@ def pruning_group(tp, graph, model: nn.Module, key: str, idxs: Iterable[int] | N
                                    else list(idxs))
 
 
-def _prune(model: nn.Module, example: torch.Tensor, widths: Mapping[str, int],
+def _prune(model: nn.Module, example: torch.Tensor, widths: Mapping[str, tuple[int, int]],
            scores: Mapping[str, torch.Tensor]) -> None:
-    """Prune each group rooted at a key down to its width, keeping the channels of highest score (default: the
-    group's L1 magnitude). The graph is traced with autograd on; the weights change under no_grad."""
+    """Prune each group rooted at a key down to its (width, slices), keeping the channels of highest score
+    (default: the group's L1 magnitude). The graph is traced with autograd on; the weights change under no_grad."""
     tp, graph = dependency_graph(model, example)
     magnitude = tp.importance.GroupMagnitudeImportance(p=1)
     with torch.no_grad():
-        for key, width in widths.items():
+        for key, (width, slices) in widths.items():
             score = scores[key] if key in scores else magnitude(pruning_group(tp, graph, model, key))
-            keep = set(torch.topk(score.float().cpu(), width).indices.tolist())
+            keep = set(slice_positions(score, width, slices))
             pruning_group(tp, graph, model, key, [i for i in range(len(score)) if i not in keep]).prune()
 
 

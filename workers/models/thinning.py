@@ -32,6 +32,7 @@ class ChannelGroup:
     key: str  # "layer2", "layer2.1" (ResNet) or "conv1", "fc1" (plain CNN)
     weights: tuple[str, ...]  # conv / linear weights whose rows are the channels (what ranks them)
     params: tuple[str, ...]  # every parameter indexed by the channels: weights, biases, BN scale/shift
+    slices: int = 1  # equal slices (a grouped conv's groups): a channel goes with its position in every slice
 
 
 def channel_groups(model: nn.Module, example: torch.Tensor | None = None) -> list[ChannelGroup]:
@@ -66,7 +67,7 @@ def _traced_groups(model: nn.Module, example: torch.Tensor | None) -> list[Chann
                     params.append(f"{name}.{pname}")
                     if pname == "weight" and isinstance(module, (nn.Conv2d, nn.Linear)):
                         weights.append(f"{name}.weight")
-        groups.append(ChannelGroup(group.key, tuple(weights), tuple(params)))
+        groups.append(ChannelGroup(group.key, tuple(weights), tuple(params), group.slices))
     return groups
 
 
