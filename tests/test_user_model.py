@@ -25,12 +25,19 @@ from searchsvc.cli import main
 from searchsvc.config import load_config
 from storage import LocalStore
 from tests.user_models.nets import scaled_cnn, small_resnet
-from workers.data.datasets import DatasetConfig, SyntheticConfig, load_dataset
-from workers.measurement.measure import count_macs, count_parameters
 from workers.compression.pruners import channel_keep
 from workers.compression.taylor import plan_removal
-from workers.models.depgraph import (channel_groups, example_input, rebuild, removable_units, remove_units, shrink_graph,
-                                     slice_positions)
+from workers.data.datasets import DatasetConfig, SyntheticConfig, load_dataset
+from workers.measurement.measure import count_macs, count_parameters
+from workers.models.depgraph import (
+    channel_groups,
+    example_input,
+    rebuild,
+    removable_units,
+    remove_units,
+    shrink_graph,
+    slice_positions,
+)
 from workers.models.surgery import InvalidTransform
 from workers.models.user_model import ModelSource
 from workers.training.teacher import TeacherConfig, load_or_train_teacher, teacher_hash
