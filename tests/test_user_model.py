@@ -51,6 +51,8 @@ MODELS = {"resnet18": lambda: torchvision.models.resnet18(num_classes=10),
           "mnasnet0_5": lambda: torchvision.models.mnasnet0_5(num_classes=10),  # checks its state_dict version
           "convnext_tiny": lambda: torchvision.models.convnext_tiny(num_classes=10),  # a layer scale per block
           "regnet_x_400mf": lambda: torchvision.models.regnet_x_400mf(num_classes=10),  # grouped convolutions
+          "vit_b_32": lambda: torchvision.models.vit_b_32(num_classes=10, image_size=32),  # nn.MultiheadAttention
+          "swin_t": lambda: torchvision.models.swin_t(num_classes=10),  # window attention, patch merging
           "factory": lambda: small_resnet(in_channels=3, num_classes=10)}
 
 

@@ -3,11 +3,15 @@
 A user's network (a torchvision model, or their own factory) comes with no architecture record, so its
 structure is read from the model itself:
 - `removable_units`: blocks with a skip connection whose input and output shapes match, found by tracing
-  (torch.fx: an addition inside the block, one of whose operands comes from outside it), not by class name;
-  removing one leaves the skip alone, i.e. the block becomes an identity.
+  (torch.fx: an addition inside the block, one of whose operands comes from outside it and the other is
+  computed from it), not by class name; removing one leaves the skip alone, i.e. the block becomes an
+  identity. ResNet blocks, MobileNet's inverted residuals, ConvNeXt blocks, transformer encoder blocks.
 - `channel_groups`: the channels that must be pruned together (residual additions, depthwise convolutions,
-  concatenations), from Torch-Pruning's DependencyGraph. A group is named by its root module: the first
-  conv or linear whose output channels it prunes (`layer1.0.conv1`, `features.2.conv.0.0`).
+  concatenations, a transformer's embedding stream with its class token and position embeddings), from
+  Torch-Pruning's DependencyGraph. A group is named by its root module: the first conv or linear whose
+  output channels it prunes (`layer1.0.conv1`, `features.2.conv.0.0`). A group that feeds grouped
+  convolutions or attention heads has `slices`: the same positions leave every group or head, so `groups`
+  and `num_heads` stay and each head narrows (`workers.models.custom_layers` says why for attention).
 
 `shrink_graph` cuts the smaller network (units removed, each group down to its width, keeping the
 channels of largest L1 magnitude in their original order, so keeping all reproduces the teacher exactly).
@@ -34,6 +38,8 @@ from workers.models.zoo import load_tensors
 log = logging.getLogger(__name__)
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 PRUNABLE = (nn.Conv2d, nn.Linear)  # root layers of a channel group
+LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+          nn.MultiheadAttention)  # the layers whose shape attributes `rebuild` sets itself
 
 
 @dataclass(frozen=True)
@@ -120,21 +126,56 @@ def _skip_unit(node: fx.Node, shapes: Mapping[str, tuple], modules: Mapping[str,
     for scope in reversed(_scopes(node)):  # innermost first
         inside = [scope in _scopes(a) for a in operands]
         if inside.count(True) == 1 and scope in shapes:
+            if not _depends_on(operands[inside.index(True)], operands[inside.index(False)]):
+                return None  # a constant added (ViT's position embeddings): not a branch beside a skip
             shape_in, shape_out = shapes[scope]
             return scope if shape_in == shape_out else None
     return None
+
+
+def _depends_on(node: fx.Node, source: fx.Node) -> bool:
+    """Whether `source` is among the nodes `node` is computed from."""
+    seen, todo = set(), [node]
+    while todo:
+        current = todo.pop()
+        if current is source:
+            return True
+        if current not in seen:
+            seen.add(current)
+            todo.extend(current.all_input_nodes)
+    return False
 
 
 def dependency_graph(model: nn.Module, example: torch.Tensor):
     """(the torch_pruning module, its DependencyGraph of `model`) — imported where a user's model is cut."""
     import torch_pruning as tp
 
+    from workers.models.custom_layers import customized_pruners, opaque
+
+    pruners = customized_pruners()
     try:
-        with torch.enable_grad():  # the graph is traced through autograd, whatever the caller's mode
-            return tp, tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        with torch.enable_grad(), opaque(model, tuple(pruners)):  # traced through autograd, whatever the mode
+            return tp, tp.DependencyGraph().build_dependency(
+                model, example_inputs=example, customized_pruners=pruners,
+                unwrapped_parameters=_unwrapped(tp, model, tuple(pruners)))
     except Exception as err:  # noqa: BLE001 — an operation Torch-Pruning cannot follow: one line naming it
         raise SearchsvcError(f"teacher.model: Torch-Pruning cannot build the dependency graph of "
                              f"{type(model).__name__} ({type(err).__name__}: {first_line(err)})") from None
+
+
+def _unwrapped(tp, model: nn.Module, customized: tuple[type, ...]) -> list[tuple[nn.Parameter, int]]:
+    """Parameters outside every layer Torch-Pruning knows (a class token, position embeddings, a layer scale),
+    each with its channel dimension: the last one wider than 1, which is where the channels are in every layout
+    torchvision uses ((1, 1, D) token, (1, N, D) positions, (C, 1, 1) scale). Scalars have no channels."""
+    known = tp.pruner.function.PrunerBox
+    wrapped = {id(p) for m in model.modules() if type(m) in customized or (
+        tp.ops.module2type(m) in known and tp.ops.module2type(m) != tp.ops.OPTYPE.ELEMENTWISE) for p in m.parameters()}
+    found = []
+    for param in model.parameters():
+        wide = [i for i, size in enumerate(param.shape) if size > 1]
+        if id(param) not in wrapped and wide:
+            found.append((param, wide[-1]))
+    return found
 
 
 def channel_groups(model: nn.Module, example: torch.Tensor) -> list[ChannelGroup]:
@@ -158,16 +199,20 @@ def channel_groups(model: nn.Module, example: torch.Tensor) -> list[ChannelGroup
 
 def _slices(graph, group) -> int:
     """The equal slices a group's channels fall into: the groups of a grouped (not depthwise) convolution or of
-    a GroupNorm it touches (ResNeXt, RegNet), 1 otherwise. Pruning the same positions from every slice keeps
-    `groups` and each group's channels together; Torch-Pruning's surgery relies on that for grouped inputs."""
+    a GroupNorm it touches (ResNeXt, RegNet), the heads of an attention layer it feeds, 1 otherwise. Pruning the
+    same positions from every slice keeps `groups` (and heads) and each one's channels together; Torch-Pruning's
+    surgery relies on that for grouped inputs."""
     slices = 1
     for item in group:
         module, handler = item.dep.target.module, item.dep.handler
         pruner = graph.get_pruner_of_module(module)
         if pruner is None or (isinstance(module, nn.Conv2d) and module.groups == module.out_channels):
             continue  # depthwise convolutions follow their channels one by one
-        count = (pruner.get_out_channel_groups(module) if graph.is_out_channel_pruning_fn(handler)
-                 else pruner.get_in_channel_groups(module))
+        if isinstance(module, nn.MultiheadAttention):
+            count = module.num_heads  # each head keeps its own channels: the same positions go from every head
+        else:
+            count = (pruner.get_out_channel_groups(module) if graph.is_out_channel_pruning_fn(handler)
+                     else pruner.get_in_channel_groups(module))
         slices = max(slices, int(count))
     return slices
 
@@ -205,7 +250,12 @@ def shrink_graph(teacher: nn.Module, example: torch.Tensor, removed: Iterable[st
     chosen = _resolve(groups, widths)
     if chosen:
         slices = {g.key: g.slices for g in groups}
+        before = own_shapes(model)
         _prune(model, example, {key: (width, slices[key]) for key, width in chosen.items()}, scores or {})
+        after = own_shapes(model)
+        for name, module in model.named_modules():  # Torch-Pruning keeps the counts of the layers it knows
+            if not isinstance(module, LAYERS) and after[name] != before[name]:
+                _follow_counts(module, before[name], after[name])
     return model
 
 
@@ -250,6 +300,13 @@ def _prune(model: nn.Module, example: torch.Tensor, widths: Mapping[str, tuple[i
             pruning_group(tp, graph, model, key, [i for i in range(len(score)) if i not in keep]).prune()
 
 
+def _resize_attention(module: nn.MultiheadAttention, width: int) -> None:
+    """nn.MultiheadAttention at embedding width `width` (q, k and v as wide): `num_heads` kept, so each head's
+    width falls with the stream's (the pruned stream loses the same positions from every head)."""
+    module.embed_dim = module.kdim = module.vdim = width
+    module.head_dim = width // module.num_heads
+
+
 def rebuild(model: nn.Module, removed: Iterable[str], state: Mapping[str, torch.Tensor]) -> nn.Module:
     """A fresh instance of the base model made into a stored candidate: units removed, every layer resized
     to its stored tensors, the weights loaded (strict). Nothing is unpickled: `state` is tensors."""
@@ -260,13 +317,36 @@ def rebuild(model: nn.Module, removed: Iterable[str], state: Mapping[str, torch.
     return model.eval()
 
 
-def _free_vectors(module: nn.Module, stored: Mapping[str, torch.Tensor]) -> bool:
-    """Whether the module's tensors that changed shape are per-channel vectors ((C,), (C, 1, 1), ...) of a module
-    that keeps no count of their channels among its attributes (ConvNeXt's CNBlock and its layer scale): then
-    new tensors of the stored shapes are all its rebuild needs."""
-    changed = [getattr(module, key) for key, t in stored.items() if tuple(getattr(module, key).shape) != tuple(t.shape)]
-    counts = {v for v in vars(module).values() if isinstance(v, int) and not isinstance(v, bool)}
-    return bool(changed) and all(sum(d != 1 for d in t.shape) == 1 and t.numel() not in counts for t in changed)
+def own_shapes(model: nn.Module) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Module name → the shapes of its own parameters and buffers (what pruning changes)."""
+    return {name: {key: tuple(t.shape) for key, t in _own_tensors(module).items()}
+            for name, module in model.named_modules()}
+
+
+def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    own = dict(module.named_parameters(recurse=False))
+    own.update((key, t) for key, t in module.named_buffers(recurse=False) if t is not None)
+    return own
+
+
+def _follow_counts(module: nn.Module, old: Mapping[str, tuple], new: Mapping[str, tuple]) -> bool:
+    """A module torch does not describe (VisionTransformer, ConvNeXt's CNBlock) whose own tensors changed along
+    one dimension each, old size → new size consistently: its integer attributes that held an old size take the
+    new one (`VisionTransformer.hidden_dim`, which its forward reshapes by). False if the change is not of that
+    kind: then nothing is known to rebuild it."""
+    sizes: dict[int, int] = {}
+    for key, shape in new.items():
+        before = old[key]
+        if before == shape:
+            continue
+        changed = [(a, b) for a, b in zip(before, shape) if a != b]
+        if len(before) != len(shape) or len(changed) != 1 or sizes.get(changed[0][0], changed[0][1]) != changed[0][1]:
+            return False
+        sizes[changed[0][0]] = changed[0][1]
+    for attr, value in list(vars(module).items()):
+        if type(value) is int and value in sizes:  # bool is an int subclass: `training` is left alone
+            setattr(module, attr, sizes[value])
+    return bool(sizes)
 
 
 def _resize(name: str, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
@@ -291,8 +371,11 @@ def _resize(name: str, module: nn.Module, state: Mapping[str, torch.Tensor]) -> 
         module.normalized_shape = tuple(weight.shape)
     elif isinstance(module, nn.GroupNorm) and weight is not None:
         module.num_channels = weight.shape[0]
-    elif _free_vectors(module, stored):
-        pass  # per-channel tensors of a block of its own (ConvNeXt's layer scale): tensors of the stored shapes do
+    elif isinstance(module, nn.MultiheadAttention) and "in_proj_weight" in stored:
+        _resize_attention(module, stored["in_proj_weight"].shape[1])
+    elif _follow_counts(module, {k: tuple(getattr(module, k).shape) for k in stored},
+                        {k: tuple(t.shape) for k, t in stored.items()}):
+        pass  # tensors of a module of its own (layer scale, class token): the stored shapes and its counts follow
     else:
         raise InvalidTransform(f"cannot rebuild {name or 'the model'} ({type(module).__name__}) at its stored shapes")
     for key, tensor in stored.items():

@@ -1,0 +1,106 @@
+"""Issue 33: the architectures people bring, pruned as the field prunes them and rebuilt exactly.
+
+Vision transformers (torchvision's ViT with nn.MultiheadAttention, Swin's shifted-window attention and patch
+merging): the embedding stream is one channel group that loses the same positions from every head, each MLP
+hidden width is a group, each transformer block is a removable unit. Every cut model rebuilds from its tensors
+in a fresh constructor, and exports to ONNX with the same outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import resource
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from workers.measurement import ort
+from workers.measurement.measure import count_macs
+from workers.models.depgraph import channel_groups, example_input, rebuild, removable_units, remove_units, shrink_graph
+
+
+def vit() -> torch.nn.Module:
+    return torchvision.models.vit_b_32(num_classes=10, image_size=32).eval()
+
+
+def swin() -> torch.nn.Module:
+    return torchvision.models.swin_t(num_classes=10).eval()
+
+
+def _halved(teacher: torch.nn.Module, removed: tuple[str, ...] = ()) -> torch.nn.Module:
+    example = example_input(teacher, 3, 32)
+    groups = channel_groups(remove_units(copy.deepcopy(teacher), removed), example)
+    return shrink_graph(teacher, example, removed, {g.key: g.channels // 2 for g in groups})
+
+
+def test_a_vision_transformer_loses_head_width_mlp_width_and_blocks():
+    torch.manual_seed(0)
+    teacher = vit()
+    example = example_input(teacher, 3, 32)
+    units = removable_units(teacher, example)
+    assert units == tuple(f"encoder.layers.encoder_layer_{i}" for i in range(12))  # not the whole encoder
+    groups = channel_groups(teacher, example)
+    stream = [g for g in groups if g.slices > 1]
+    assert len(stream) == 1 and stream[0].channels == 768 and stream[0].slices == 12  # one residual stream, 12 heads
+    assert sorted(g.key for g in groups if g.slices == 1) == sorted(f"{u}.mlp.0" for u in units)  # MLP hidden widths
+    small = _halved(teacher, units[-2:])
+    attention = small.encoder.layers.encoder_layer_0.self_attention
+    assert (attention.num_heads, attention.head_dim, attention.embed_dim) == (12, 32, 384)  # heads kept, narrower
+    assert small.hidden_dim == 384 and small.class_token.shape == (1, 1, 384)
+    assert small.encoder.pos_embedding.shape[-1] == 384
+    assert small.encoder.layers.encoder_layer_0.mlp[0].out_features == 1536
+    assert isinstance(small.encoder.layers.encoder_layer_11, torch.nn.Identity)
+    assert count_macs(small, 3, 32) < 0.25 * count_macs(teacher, 3, 32)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        again = rebuild(vit(), units[-2:], dict(small.state_dict()))
+        assert torch.equal(again(images), small(images))
+
+
+def test_heads_keep_their_own_channels_when_the_stream_narrows():
+    """Keeping every channel of the stream but one position per head changes nothing else: a head's q, k and v
+    positions are the stream's positions inside that head, so each narrowed head is a subset of the same head."""
+    torch.manual_seed(0)
+    teacher = vit()
+    example = example_input(teacher, 3, 32)
+    stream = next(g for g in channel_groups(teacher, example) if g.slices > 1)
+    scores = torch.arange(stream.channels, dtype=torch.float) % 64  # position 63 of each head scores lowest... last
+    small = shrink_graph(teacher, example, widths={stream.key: stream.channels - stream.slices}, scores={
+        stream.key: -scores})  # so the top-scored (least negative) positions 0..62 stay in every head
+    kept = [h * 64 + p for h in range(12) for p in range(63)]
+    before = teacher.encoder.layers.encoder_layer_0.self_attention.in_proj_weight
+    after = small.encoder.layers.encoder_layer_0.self_attention.in_proj_weight
+    rows = [part * 768 + i for part in range(3) for i in kept]
+    assert torch.equal(after, before[rows][:, kept])
+
+
+def test_swin_is_analysed_in_bounded_memory_and_rebuilt_exactly():
+    """Swin-T's graph used to take over 16 GB at 32 px (Torch-Pruning followed every window reshape); its
+    attention and patch merging are now single nodes of the graph."""
+    torch.manual_seed(0)
+    teacher = swin()
+    units = removable_units(teacher, example_input(teacher, 3, 32))
+    small = _halved(teacher, units[1:2])
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 4e6  # kB: the whole test process stays under 4 GB
+    attention = small.features[1][0].attn
+    assert attention.num_heads == 3 and attention.qkv.out_features == 3 * 48 and attention.proj.in_features == 48
+    assert small.features[2].reduction.in_features == 4 * 48 and small.features[2].norm.normalized_shape == (192,)
+    assert count_macs(small, 3, 32) < 0.3 * count_macs(teacher, 3, 32)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuild(swin(), units[1:2], dict(small.state_dict()))(images), small(images))
+
+
+@pytest.mark.parametrize("build", [vit, swin], ids=["vit_b_32", "swin_t"])
+def test_a_cut_transformer_exports_to_onnx_matching_pytorch(build):
+    import onnxruntime
+
+    torch.manual_seed(0)
+    small = _halved(build())
+    images = torch.randn(2, 3, 32, 32)
+    session = onnxruntime.InferenceSession(ort.onnx_bytes(small, 3, 32), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {ort.INPUT: images.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, small(images).numpy(), atol=1e-4, rtol=1e-4)
