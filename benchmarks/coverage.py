@@ -34,6 +34,8 @@ def input_size(name: str, size: int) -> int:
 def constructor_kwargs(name: str, size: int) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"num_classes": 10}
     kwargs.update({key: size for prefix, key in SIZE_KWARGS.items() if name.startswith(prefix)})
+    if name.startswith("maxvit_"):
+        kwargs["input_size"] = (size, size)
     if name in ("inception_v3", "googlenet"):
         kwargs["aux_logits"] = False  # one output tensor, as searchsvc asks of a classifier
         kwargs["init_weights"] = False  # scipy's truncated normal is slow and changes nothing here

@@ -29,8 +29,8 @@ def swin() -> torch.nn.Module:
     return torchvision.models.swin_t(num_classes=10).eval()
 
 
-def _halved(teacher: torch.nn.Module, removed: tuple[str, ...] = ()) -> torch.nn.Module:
-    example = example_input(teacher, 3, 32)
+def _halved(teacher: torch.nn.Module, removed: tuple[str, ...] = (), size: int = 32) -> torch.nn.Module:
+    example = example_input(teacher, 3, size)
     groups = channel_groups(remove_units(copy.deepcopy(teacher), removed), example)
     return shrink_graph(teacher, example, removed, {g.key: g.channels // 2 for g in groups})
 
@@ -104,3 +104,34 @@ def test_a_cut_transformer_exports_to_onnx_matching_pytorch(build):
     (logits,) = session.run(None, {ort.INPUT: images.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(logits, small(images).numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_shufflenet_prunes_inside_its_blocks_and_keeps_the_shuffled_streams():
+    """Torch-Pruning cannot follow a channel shuffle (ZeroDivisionError); traced as a barrier, the groups that
+    reach a shuffle keep their width and every branch's inner width is cut."""
+    build = lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()  # noqa: E731
+    torch.manual_seed(0)
+    teacher = build()
+    example = example_input(teacher, 3, 32)
+    groups = channel_groups(teacher, example)
+    assert {"stage2.1.branch2.0", "stage3.0.branch2.0", "conv1.0", "conv5.0"} <= {o for g in groups for o in g.outputs}
+    assert not any(o.endswith(("branch1.2", "branch2.5")) for g in groups for o in g.outputs)  # shuffled: kept
+    small = _halved(teacher)
+    assert count_macs(small, 3, 32) < 0.6 * count_macs(teacher, 3, 32)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuild(build(), (), dict(small.state_dict()))(images), small(images))
+        assert torch.equal(shrink_graph(teacher, example)(images), teacher(images))  # identity: exact
+
+
+def test_maxvit_attention_and_partitions_are_single_nodes():
+    build = lambda: torchvision.models.maxvit_t(num_classes=10, input_size=(224, 224)).eval()  # noqa: E731
+    torch.manual_seed(0)
+    teacher = build()
+    small = _halved(teacher, size=224)
+    attention = small.blocks[0].layers[0].layers.window_attention.attn_layer[1]
+    assert (attention.n_heads, attention.head_dim) == (2, 16)  # heads kept, each half as wide
+    assert count_macs(small, 3, 224) < 0.3 * count_macs(teacher, 3, 224)
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(rebuild(build(), (), dict(small.state_dict()))(images), small(images))

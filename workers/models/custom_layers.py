@@ -14,6 +14,14 @@ so nothing inside it is followed: the graph of Swin-T then takes under a GB.
 - `PatchMergingPruner` (Swin's `PatchMerging`, V1 and V2): its input is four 2x2 neighbours concatenated, so an
   input channel is four columns of `reduction` (and four of V1's LayerNorm); its outputs are `reduction`'s rows
   (and V2's LayerNorm).
+- `HeadsAttentionPruner` (MaxViT's `RelativePositionalMultiHeadAttention`): as Swin's, with q, k and v one
+  `to_qkv` layer chunked in three and `merge` the output; `head_dim` narrows, `n_heads` stays.
+- `MovesChannelsPruner` (MaxViT's `WindowPartition`, `WindowDepartition`, `SwapAxes`): reshapes that move every
+  channel to the same channel of their output; one node each, channels passed through unchanged.
+- `ShuffleBarrier` (ShuffleNet's `channel_shuffle`, a function): Torch-Pruning cannot map channels through the
+  shuffle's 5-d view (it fails with ZeroDivisionError), so while the graph is traced the shuffle is a node that
+  ends every channel group reaching it. Those groups (the streams between blocks) keep their width; the groups
+  inside each block's branches are pruned as in any network.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Iterator, Sequence
 import torch
 import torch_pruning as tp
 from torch import nn
+from torchvision.models import maxvit, shufflenetv2
 from torchvision.models import swin_transformer as swin
 
 NEIGHBOURS = 4  # a patch-merging input channel appears once per 2x2 neighbour
@@ -63,7 +72,7 @@ class PatchMergingPruner(tp.BasePruningFunc):
         tp.prune_linear_in_channels(layer.reduction, columns)
         if not isinstance(layer, swin.PatchMergingV2):  # V1 normalises the concatenation
             tp.prune_layernorm_out_channels(layer.norm, columns)
-        layer.dim = width - len(idxs)
+        settle(layer)
         return layer
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
@@ -79,11 +88,122 @@ class PatchMergingPruner(tp.BasePruningFunc):
         return layer.reduction.in_features // NEIGHBOURS
 
 
+class HeadsAttentionPruner(tp.BasePruningFunc):
+    """MaxViT's attention as one layer whose input and output channels are the same stream."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        width = layer.merge.out_features
+        tp.prune_linear_out_channels(layer.to_qkv, [i + part * width for part in range(3) for i in idxs])
+        tp.prune_linear_in_channels(layer.to_qkv, list(idxs))
+        tp.prune_linear_out_channels(layer.merge, list(idxs))
+        tp.prune_linear_in_channels(layer.merge, list(idxs))
+        settle(layer)
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.merge.out_features
+
+    get_in_channels = get_out_channels
+
+    def get_out_channel_groups(self, layer: nn.Module) -> int:
+        return layer.n_heads
+
+    get_in_channel_groups = get_out_channel_groups
+
+
+class MovesChannelsPruner(tp.BasePruningFunc):
+    """A layer without weights that moves each channel to the same channel index of its output."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module) -> None:
+        return None  # Torch-Pruning then reads the count from the layers around it
+
+    get_in_channels = get_out_channels
+
+
+def settle(module: nn.Module) -> None:
+    """Set the counts a layer of ours keeps beside its tensors from those tensors (after pruning or a rebuild):
+    MaxViT's `head_dim`, which its forward reshapes by, and Swin's `PatchMerging.dim`."""
+    if isinstance(module, maxvit.RelativePositionalMultiHeadAttention):
+        module.head_dim = module.merge.in_features // module.n_heads
+    elif isinstance(module, (swin.PatchMerging, swin.PatchMergingV2)):
+        module.dim = module.reduction.in_features // NEIGHBOURS
+
+
+class ShuffleBarrier(nn.Module):
+    """Stands for `channel_shuffle` while a graph is traced: the shuffle's values, one node in the graph."""
+
+    channels = 0
+
+    def forward(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        self.channels = x.shape[1]
+        return _Through.apply(x, _SHUFFLE(x, groups).detach())
+
+
+class BarrierPruner(tp.BasePruningFunc):
+    """A node no group crosses: its input and output pruning are two functions, so they are not coupled, and a
+    group that reaches it is left out (`depgraph.channel_groups`), so neither is ever called."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        raise RuntimeError("a channel group that reaches a channel shuffle keeps its width")
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        raise RuntimeError("a channel group that reaches a channel shuffle keeps its width")
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.channels
+
+    get_in_channels = get_out_channels
+
+
+_SHUFFLE = shufflenetv2.channel_shuffle
+BARRIER = "searchsvc_shuffle"  # the child name a ShuffleNet block's barrier has while its graph is traced
+
+
 def customized_pruners() -> dict[type[nn.Module], tp.BasePruningFunc]:
     """Layer class → its pruner (Torch-Pruning looks classes up exactly: subclasses are listed)."""
-    attention, merging = WindowAttentionPruner(), PatchMergingPruner()
+    attention, merging, moves = WindowAttentionPruner(), PatchMergingPruner(), MovesChannelsPruner()
     return {swin.ShiftedWindowAttention: attention, swin.ShiftedWindowAttentionV2: attention,
-            swin.PatchMerging: merging, swin.PatchMergingV2: merging}
+            swin.PatchMerging: merging, swin.PatchMergingV2: merging, ShuffleBarrier: BarrierPruner(),
+            maxvit.RelativePositionalMultiHeadAttention: HeadsAttentionPruner(), maxvit.WindowPartition: moves,
+            maxvit.WindowDepartition: moves, maxvit.SwapAxes: moves}
+
+
+@contextmanager
+def traceable(model: nn.Module) -> Iterator[None]:
+    """While open, `model` is what Torch-Pruning can trace: the layers with pruners of ours are single nodes
+    (`opaque`) and ShuffleNet's channel shuffles are barriers (`shuffle_barriers`)."""
+    with opaque(model, tuple(customized_pruners())), shuffle_barriers(model):
+        yield
+
+
+@contextmanager
+def shuffle_barriers(model: nn.Module) -> Iterator[None]:
+    """Every ShuffleNet block of `model` shuffles through a `ShuffleBarrier` child of its own while open (torchvision
+    calls `channel_shuffle` as a module-level function: it is swapped for the time of the trace)."""
+    blocks = [m for m in model.modules() if isinstance(m, shufflenetv2.InvertedResidual)]
+    if not blocks:
+        yield
+        return
+    calling: list[nn.Module] = []
+    for block in blocks:
+        block.add_module(BARRIER, ShuffleBarrier())
+    hooks = [b.register_forward_pre_hook(lambda module, _args: calling.append(module)) for b in blocks]
+    shufflenetv2.channel_shuffle = lambda x, groups: getattr(calling[-1], BARRIER)(x, groups)
+    try:
+        yield
+    finally:
+        shufflenetv2.channel_shuffle = _SHUFFLE
+        for hook in hooks:
+            hook.remove()
+        for block in blocks:
+            delattr(block, BARRIER)
 
 
 class _Through(torch.autograd.Function):

@@ -150,11 +150,11 @@ def dependency_graph(model: nn.Module, example: torch.Tensor):
     """(the torch_pruning module, its DependencyGraph of `model`) — imported where a user's model is cut."""
     import torch_pruning as tp
 
-    from workers.models.custom_layers import customized_pruners, opaque
+    from workers.models.custom_layers import customized_pruners, traceable  # imports torch_pruning
 
     pruners = customized_pruners()
     try:
-        with torch.enable_grad(), opaque(model, tuple(pruners)):  # traced through autograd, whatever the mode
+        with torch.enable_grad(), traceable(model):  # the graph is traced through autograd, whatever the mode
             return tp, tp.DependencyGraph().build_dependency(
                 model, example_inputs=example, customized_pruners=pruners,
                 unwrapped_parameters=_unwrapped(tp, model, tuple(pruners)))
@@ -180,12 +180,16 @@ def _unwrapped(tp, model: nn.Module, customized: tuple[type, ...]) -> list[tuple
 
 def channel_groups(model: nn.Module, example: torch.Tensor) -> list[ChannelGroup]:
     """Every prunable channel group of `model` in forward order (the classifier's outputs excluded)."""
+    from workers.models.custom_layers import ShuffleBarrier
+
     _, graph = dependency_graph(model, example)
     names = {module: name for name, module in model.named_modules()}
     last = model.get_submodule(classifier(model, example))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     groups = []
     for group in graph.get_all_groups(ignored_layers=[last], root_module_types=PRUNABLE):
+        if any(isinstance(item.dep.target.module, ShuffleBarrier) for item in group):
+            continue  # channels a shuffle interleaves keep their width (workers.models.custom_layers)
         root = group[0].dep.target.module
         channels = graph.get_out_channels(root)
         outputs = {names[item.dep.target.module] for item in group
@@ -310,9 +314,13 @@ def _resize_attention(module: nn.MultiheadAttention, width: int) -> None:
 def rebuild(model: nn.Module, removed: Iterable[str], state: Mapping[str, torch.Tensor]) -> nn.Module:
     """A fresh instance of the base model made into a stored candidate: units removed, every layer resized
     to its stored tensors, the weights loaded (strict). Nothing is unpickled: `state` is tensors."""
+    from workers.models.custom_layers import settle
+
     remove_units(model, removed)
     for name, module in model.named_modules():
         _resize(name, module, state)
+    for module in model.modules():  # after every layer has its shape: a block's counts follow its layers'
+        settle(module)
     load_tensors(model, state)
     return model.eval()
 
