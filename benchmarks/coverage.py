@@ -24,7 +24,7 @@ import common
 
 RESULT = "coverage"
 SIZE_KWARGS = {"vit_": "image_size", "maxvit_": "input_size"}  # models that are built for one input size
-MIN_SIZE = {"maxvit_": 224, "inception_v3": 75}  # below these the architecture cannot run
+MIN_SIZE = {"maxvit_": 224, "inception_v3": 75, "alexnet": 64}  # below these the architecture cannot run
 
 
 def input_size(name: str, size: int) -> int:
@@ -51,17 +51,15 @@ def structure(name: str, size: int) -> dict[str, Any]:
     import torchvision
 
     from workers.measurement.measure import count_macs, count_parameters
-    from workers.models.depgraph import (
-        channel_groups,
-        example_input,
-        rebuild,
-        removable_units,
-        remove_units,
-        shrink_graph,
-    )
+    from workers.models.depgraph import channel_groups, example_input, removable_units, shrink_graph
+    from workers.models.rebuild import rebuild, remove_units
 
     def build() -> torch.nn.Module:
-        return torchvision.models.get_model(name, **constructor_kwargs(name, size)).eval()
+        model = torchvision.models.get_model(name, **constructor_kwargs(name, size)).eval()
+        for param in model.parameters():  # ViT starts its head at zero: every output 0 would compare equal
+            if param.dim() > 1 and not param.detach().any():
+                torch.nn.init.normal_(param, std=0.02)
+        return model
 
     torch.manual_seed(0)
     teacher = build()

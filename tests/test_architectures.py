@@ -18,11 +18,16 @@ import torchvision
 
 from workers.measurement import ort
 from workers.measurement.measure import count_macs
-from workers.models.depgraph import channel_groups, example_input, rebuild, removable_units, remove_units, shrink_graph
+from workers.models.depgraph import channel_groups, example_input, removable_units, shrink_graph
+from workers.models.rebuild import rebuild, rebuild_mismatch, remove_units
 
 
 def vit() -> torch.nn.Module:
-    return torchvision.models.vit_b_32(num_classes=10, image_size=32).eval()
+    """ViT-B/32 at 32 px; torchvision starts its head at zero, which would make every output 0 and every
+    comparison of outputs vacuous, so it gets random weights (loaded over in a rebuild)."""
+    model = torchvision.models.vit_b_32(num_classes=10, image_size=32).eval()
+    torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model
 
 
 def swin() -> torch.nn.Module:
@@ -46,6 +51,9 @@ def test_a_vision_transformer_loses_head_width_mlp_width_and_blocks():
     assert len(stream) == 1 and stream[0].channels == 768 and stream[0].slices == 12  # one residual stream, 12 heads
     assert sorted(g.key for g in groups if g.slices == 1) == sorted(f"{u}.mlp.0" for u in units)  # MLP hidden widths
     small = _halved(teacher, units[-2:])
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert small(images).abs().min() > 0  # outputs to compare
     attention = small.encoder.layers.encoder_layer_0.self_attention
     assert (attention.num_heads, attention.head_dim, attention.embed_dim) == (12, 32, 384)  # heads kept, narrower
     assert small.hidden_dim == 384 and small.class_token.shape == (1, 1, 384)
@@ -135,3 +143,16 @@ def test_maxvit_attention_and_partitions_are_single_nodes():
     images = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(rebuild(build(), (), dict(small.state_dict()))(images), small(images))
+
+
+def test_a_model_that_would_not_come_back_from_its_tensors_is_named():
+    """The check a user's candidate passes before it is recorded ok (workers.evaluation.evaluate._measured)."""
+    torch.manual_seed(0)
+    teacher = vit()
+    small = _halved(teacher)
+    example = torch.randn(2, 3, 32, 32)
+    assert rebuild_mismatch(small, vit(), (), example) is None
+    other = torchvision.models.vit_b_16(num_classes=10, image_size=32)  # a constructor of another model
+    assert "cannot be rebuilt from its stored tensors" in rebuild_mismatch(small, other, (), example)
+    small.encoder.layers.encoder_layer_0.mlp[1] = torch.nn.Tanh()  # behaviour the tensors do not carry
+    assert "computes other outputs" in rebuild_mismatch(small, vit(), (), example)

@@ -42,9 +42,10 @@ from workers.measurement.latency import measure_probes
 from workers.measurement.measure import measure
 from workers.measurement.metrics import CandidateMetrics, stored_metrics, verified_metrics
 from workers.measurement.run_measures import Measures
-from workers.models.depgraph import example_input, rebuild, shrink_graph
+from workers.models.depgraph import example_input, shrink_graph
+from workers.models.rebuild import rebuild, rebuild_mismatch
 from workers.models.surgery import InvalidTransform, derive_arch, shrink
-from workers.models.user_model import construct
+from workers.models.user_model import ModelSource, construct
 from workers.models.zoo import Model, arch_from_data, build_model, load_state_bytes, read_state_bytes, state_dict_bytes
 from workers.training.distill import distill_loss_fn, inference_copy, teacher_logits
 from workers.training.teacher import Teacher, checked_source, load_teacher, load_train_logits
@@ -247,8 +248,14 @@ def _measured(spec: CandidateSpec, ctx: EvalContext, built: Built, history: list
         extra.update(measure_probes(student, ctx.measures.probes, ctx.device, ctx.splits.in_channels,
                                     ctx.splits.image_size))
     # A zoo model records what was built; a user's network is rebuilt from its teacher's constructor and the
-    # stored tensors' shapes (workers.models.depgraph.rebuild).
+    # stored tensors' shapes (workers.models.rebuild): shown to work before the candidate counts as ok.
     arch = to_data(student.arch) if hasattr(student, "arch") else None
+    if built.keep_model and arch is None and "source" in ctx.teacher.meta:
+        fresh = construct(ModelSource.from_data(ctx.teacher.meta["source"]))
+        probe = example_input(student.cpu(), ctx.splits.in_channels, ctx.splits.image_size)
+        reason = rebuild_mismatch(student, fresh, spec.removed, probe)
+        if reason is not None:
+            return Evaluated(spec, invalid(spec, reason, started, ctx))
     metrics = CandidateMetrics(spec.spec_hash, "ok", **measured, train_seconds=train_seconds, history=tuple(history),
                                worker=ctx.worker, device=str(ctx.device), arch=arch,
                                started_unix_s=started_unix_s, bn_recalibration_batches=recalibrated, extra=extra,

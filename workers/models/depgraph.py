@@ -15,9 +15,7 @@ structure is read from the model itself:
 
 `shrink_graph` cuts the smaller network (units removed, each group down to its width, keeping the
 channels of largest L1 magnitude in their original order, so keeping all reproduces the teacher exactly).
-`rebuild` makes the same structure in a fresh process from the constructor and the stored state_dict:
-the units are removed again and every layer takes the shape of its stored tensors, so the store never
-holds a pickled module.
+`workers.models.rebuild` makes the same structure again from the constructor and the stored tensors.
 """
 
 from __future__ import annotations
@@ -32,14 +30,13 @@ import torch
 from torch import fx, nn
 
 from core.errors import SearchsvcError, first_line
+from workers.models.rebuild import LAYERS, follow_counts, own_shapes, remove_units
 from workers.models.surgery import InvalidTransform
-from workers.models.zoo import load_tensors
 
 log = logging.getLogger(__name__)
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 PRUNABLE = (nn.Conv2d, nn.Linear)  # root layers of a channel group
-LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
-          nn.MultiheadAttention)  # the layers whose shape attributes `rebuild` sets itself
+
 
 
 @dataclass(frozen=True)
@@ -229,13 +226,6 @@ def slice_positions(score: torch.Tensor, width: int, slices: int = 1) -> list[in
     return sorted(s * per + p for s in range(slices) for p in kept)
 
 
-def remove_units(model: nn.Module, removed: Iterable[str]) -> nn.Module:
-    """`model` with each named unit replaced by identity (in place)."""
-    for name in removed:
-        model.set_submodule(name, nn.Identity())
-    return model
-
-
 def shrink_graph(teacher: nn.Module, example: torch.Tensor, removed: Iterable[str] = (),
                  widths: Mapping[str, int] | Iterable = (), scores: Mapping[str, torch.Tensor] | None = None,
                  ) -> nn.Module:
@@ -259,7 +249,7 @@ def shrink_graph(teacher: nn.Module, example: torch.Tensor, removed: Iterable[st
         after = own_shapes(model)
         for name, module in model.named_modules():  # Torch-Pruning keeps the counts of the layers it knows
             if not isinstance(module, LAYERS) and after[name] != before[name]:
-                _follow_counts(module, before[name], after[name])
+                follow_counts(module, before[name], after[name])
     return model
 
 
@@ -302,94 +292,3 @@ def _prune(model: nn.Module, example: torch.Tensor, widths: Mapping[str, tuple[i
             score = scores[key] if key in scores else magnitude(pruning_group(tp, graph, model, key))
             keep = set(slice_positions(score, width, slices))
             pruning_group(tp, graph, model, key, [i for i in range(len(score)) if i not in keep]).prune()
-
-
-def _resize_attention(module: nn.MultiheadAttention, width: int) -> None:
-    """nn.MultiheadAttention at embedding width `width` (q, k and v as wide): `num_heads` kept, so each head's
-    width falls with the stream's (the pruned stream loses the same positions from every head)."""
-    module.embed_dim = module.kdim = module.vdim = width
-    module.head_dim = width // module.num_heads
-
-
-def rebuild(model: nn.Module, removed: Iterable[str], state: Mapping[str, torch.Tensor]) -> nn.Module:
-    """A fresh instance of the base model made into a stored candidate: units removed, every layer resized
-    to its stored tensors, the weights loaded (strict). Nothing is unpickled: `state` is tensors."""
-    from workers.models.custom_layers import settle
-
-    remove_units(model, removed)
-    for name, module in model.named_modules():
-        _resize(name, module, state)
-    for module in model.modules():  # after every layer has its shape: a block's counts follow its layers'
-        settle(module)
-    load_tensors(model, state)
-    return model.eval()
-
-
-def own_shapes(model: nn.Module) -> dict[str, dict[str, tuple[int, ...]]]:
-    """Module name → the shapes of its own parameters and buffers (what pruning changes)."""
-    return {name: {key: tuple(t.shape) for key, t in _own_tensors(module).items()}
-            for name, module in model.named_modules()}
-
-
-def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    own = dict(module.named_parameters(recurse=False))
-    own.update((key, t) for key, t in module.named_buffers(recurse=False) if t is not None)
-    return own
-
-
-def _follow_counts(module: nn.Module, old: Mapping[str, tuple], new: Mapping[str, tuple]) -> bool:
-    """A module torch does not describe (VisionTransformer, ConvNeXt's CNBlock) whose own tensors changed along
-    one dimension each, old size → new size consistently: its integer attributes that held an old size take the
-    new one (`VisionTransformer.hidden_dim`, which its forward reshapes by). False if the change is not of that
-    kind: then nothing is known to rebuild it."""
-    sizes: dict[int, int] = {}
-    for key, shape in new.items():
-        before = old[key]
-        if before == shape:
-            continue
-        changed = [(a, b) for a, b in zip(before, shape) if a != b]
-        if len(before) != len(shape) or len(changed) != 1 or sizes.get(changed[0][0], changed[0][1]) != changed[0][1]:
-            return False
-        sizes[changed[0][0]] = changed[0][1]
-    for attr, value in list(vars(module).items()):
-        if type(value) is int and value in sizes:  # bool is an int subclass: `training` is left alone
-            setattr(module, attr, sizes[value])
-    return bool(sizes)
-
-
-def _resize(name: str, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Give one layer the shapes of its stored tensors (only what channel pruning changes)."""
-    prefix = f"{name}." if name else ""
-    stored = {key: state[prefix + key] for key, _ in module.named_parameters(recurse=False) if prefix + key in state}
-    stored.update({key: state[prefix + key] for key, _ in module.named_buffers(recurse=False)
-                   if prefix + key in state})
-    if all(tuple(getattr(module, key).shape) == tuple(t.shape) for key, t in stored.items()):
-        return
-    weight = stored.get("weight")
-    if isinstance(module, nn.modules.conv._ConvNd) and weight is not None:
-        depthwise = module.groups == module.in_channels == module.out_channels and module.groups > 1
-        module.out_channels = weight.shape[0]
-        module.groups = weight.shape[0] if depthwise else module.groups
-        module.in_channels = weight.shape[1] * module.groups
-    elif isinstance(module, nn.Linear) and weight is not None:
-        module.out_features, module.in_features = weight.shape
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-        module.num_features = stored["running_mean"].shape[0]
-    elif isinstance(module, nn.LayerNorm) and weight is not None:
-        module.normalized_shape = tuple(weight.shape)
-    elif isinstance(module, nn.GroupNorm) and weight is not None:
-        module.num_channels = weight.shape[0]
-    elif isinstance(module, nn.MultiheadAttention) and "in_proj_weight" in stored:
-        _resize_attention(module, stored["in_proj_weight"].shape[1])
-    elif _follow_counts(module, {k: tuple(getattr(module, k).shape) for k in stored},
-                        {k: tuple(t.shape) for k, t in stored.items()}):
-        pass  # tensors of a module of its own (layer scale, class token): the stored shapes and its counts follow
-    else:
-        raise InvalidTransform(f"cannot rebuild {name or 'the model'} ({type(module).__name__}) at its stored shapes")
-    for key, tensor in stored.items():
-        current = getattr(module, key)
-        fresh = torch.empty(tensor.shape, dtype=current.dtype)
-        if isinstance(current, nn.Parameter):
-            setattr(module, key, nn.Parameter(fresh, requires_grad=current.requires_grad))
-        else:
-            setattr(module, key, fresh)

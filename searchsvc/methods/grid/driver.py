@@ -19,7 +19,8 @@ from searchsvc.methods.grid import GridCandidate, GridSearch
 from searchsvc.running.job import RunContext
 from searchsvc.running.recorder import Evaluator, ensure_ray
 from workers.evaluation.spec import CandidateSpec
-from workers.models.depgraph import channel_groups, example_input, removable_units, remove_units
+from workers.models.depgraph import channel_groups, example_input, removable_units
+from workers.models.rebuild import remove_units
 from workers.models.surgery import round_width, width_keys
 
 
