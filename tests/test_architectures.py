@@ -16,10 +16,12 @@ import pytest
 import torch
 import torchvision
 
+from core.errors import SearchsvcError
 from workers.measurement import ort
 from workers.measurement.measure import count_macs
 from workers.models.depgraph import channel_groups, example_input, removable_units, shrink_graph
 from workers.models.rebuild import rebuild, rebuild_mismatch, remove_units
+from workers.models.user_model import ModelSource, construct, constructor
 
 
 def vit() -> torch.nn.Module:
@@ -156,3 +158,35 @@ def test_a_model_that_would_not_come_back_from_its_tensors_is_named():
     assert "cannot be rebuilt from its stored tensors" in rebuild_mismatch(small, other, (), example)
     small.encoder.layers.encoder_layer_0.mlp[1] = torch.nn.Tanh()  # behaviour the tensors do not carry
     assert "computes other outputs" in rebuild_mismatch(small, vit(), (), example)
+
+
+def timm_vit() -> torch.nn.Module:
+    model = constructor("timm:vit_tiny_patch16_224")(num_classes=10, img_size=32).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.02)  # timm starts its head at zero too
+    return model
+
+
+def test_a_timm_vision_transformer_narrows_every_head_of_q_k_and_v_alike():
+    """timm's attention keeps its own inner width (qkv → num_heads x head_dim → proj), apart from the stream:
+    its q/k/v outputs are one channel group in 3 x num_heads slices, so head_dim falls and num_heads stays."""
+    torch.manual_seed(0)
+    teacher = timm_vit()
+    example = example_input(teacher, 3, 32)
+    groups = {g.key: g for g in channel_groups(teacher, example)}
+    assert groups["blocks.0.attn.qkv"].slices == 3 * 3 and groups["blocks.0.attn.qkv"].channels == 3 * 192
+    small = shrink_graph(teacher, example, widths={"blocks.0.attn.qkv": 3 * 96, "blocks.0.mlp.fc1": 384})
+    attention = small.blocks[0].attn
+    assert (attention.num_heads, attention.head_dim, attention.attn_dim) == (3, 32, 96)
+    assert attention.qkv.out_features == 3 * 96 and attention.proj.in_features == 96
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert small(images).abs().min() > 0
+        again = rebuild(timm_vit(), (), dict(small.state_dict()))
+        assert torch.equal(again(images), small(images))
+
+
+def test_timm_names_are_checked_and_never_download():
+    with pytest.raises(SearchsvcError, match="timm has no model 'vit_tiny_patch16_2240'.*vit_tiny_patch16_224"):
+        constructor("timm:vit_tiny_patch16_2240")
+    with pytest.raises(SearchsvcError, match="teacher.kwargs.pretrained: timm's pretrained weights are downloaded"):
+        construct(ModelSource("timm:resnet18", {"pretrained": True}))

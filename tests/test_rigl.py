@@ -215,7 +215,7 @@ def test_an_mlp_is_sparse_only_with_its_linear_layers_and_erk_thins_the_input_la
     assert scheduler.rigl_steps == 8
     # the job's check refuses the config that would train nothing sparse, naming the key
     assert main(["validate", str(REPO / "configs" / "rigl-smoke.yaml"), "--set", "teacher.arch=mlp_32"]) == 2
-    assert "search.ignore_linear_layers: mlp_32 has only linear layers" in capsys.readouterr().err
+    assert "search.ignore_linear_layers: mlp_32 has no conv layer beyond its first" in capsys.readouterr().err
 
 
 def test_the_sweep_can_put_rigl_and_the_static_baseline_side_by_side():

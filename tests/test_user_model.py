@@ -401,12 +401,17 @@ def test_rigl_trains_a_user_model_sparse_from_fresh_weights(user_weights, tmp_pa
     assert sum(int(p.count_nonzero()) for p in again.parameters()) == rows[0]["nonzero_params"]
 
 
-def test_rigl_on_a_user_mlp_is_refused_while_linear_layers_are_ignored(user_weights, capsys):
-    config = write_config(user_weights, {"model": "tests.user_models.nets:mlp", "kwargs": {"num_classes": 4}},
-                          name="rigl-mlp.yaml")
+@pytest.mark.parametrize("model", ["tests.user_models.nets:mlp", "torchvision.models.vision_transformer:VisionTransformer"])
+def test_rigl_on_a_model_of_linear_layers_is_refused_while_they_are_ignored(model, user_weights, capsys):
+    """An MLP, or a vision transformer (one patch-embedding conv, kept dense as the first layer, then linear
+    layers): nothing would be sparse, which `validate` says rather than a trial that fails."""
+    kwargs = {"num_classes": 4} if model.endswith("mlp") else {"image_size": 16, "patch_size": 4, "num_layers": 1,
+                                                                "num_heads": 2, "hidden_dim": 8, "mlp_dim": 8,
+                                                                "num_classes": 4}
+    config = write_config(user_weights, {"model": model, "kwargs": kwargs}, name="rigl-linear.yaml")
     assert main(["validate", str(config), "--set", "method=rigl", "--set", "search={dense_allocation: 0.3}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "tests.user_models.nets:mlp has only linear layers" in err, err
+    assert len(err.splitlines()) == 1 and f"{model} has no conv layer beyond its first" in err, err
     assert main(["validate", str(config), "--set", "method=rigl",
                  "--set", "search={dense_allocation: 0.3, ignore_linear_layers: false}"]) == 0
 

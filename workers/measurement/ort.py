@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from workers.measurement.measure import unfused_attention
+
 INPUT, OUTPUT = "images", "logits"  # the exported graph's input and output names
 NOT_INSTALLED = "onnxruntime is not installed (pip install onnxruntime, or searchsvc's 'export' extra)"
 
@@ -34,15 +36,10 @@ def onnx_bytes(model: nn.Module, in_channels: int, image_size: int) -> bytes:
     cpu = copy.deepcopy(model).float().cpu().eval()
     example = torch.zeros(1, in_channels, image_size, image_size)
     buffer = io.BytesIO()
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)  # nn.MultiheadAttention's fused eval kernel has no ONNX form
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the TorchScript-based exporter warns that it is legacy
-            torch.onnx.export(cpu, (example,), buffer, dynamo=False, input_names=[INPUT], output_names=[OUTPUT],
-                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+    with warnings.catch_warnings(), torch.no_grad(), unfused_attention():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter warns that it is legacy
+        torch.onnx.export(cpu, (example,), buffer, dynamo=False, input_names=[INPUT], output_names=[OUTPUT],
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
     return buffer.getvalue()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from typing import Any
 
 import torch
@@ -47,11 +48,13 @@ def compute_summary(model: nn.Module, in_channels: int, image_size: int) -> list
 
     def hook(name: str):
         def record(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            output = output[0] if isinstance(output, tuple) else output  # nn.MultiheadAttention: (out, weights)
             shapes[name] = (tuple(inputs[0].shape[1:]), tuple(output.shape[1:]))
         return record
 
     layers = weight_layers(model)
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers]
+    attention = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers + attention]
     probe = next(model.parameters())
     was_training = model.training
     model.eval()
@@ -63,9 +66,11 @@ def compute_summary(model: nn.Module, in_channels: int, image_size: int) -> list
         model.train(was_training)
     rows, totals = [], {"weights": 0, "macs": 0, "nonzero_macs": 0}
     for name, layer in layers:
-        ifm, ofm = shapes[name]
+        # nn.MultiheadAttention uses its out_proj's weight without calling it: the attention's shapes are its own
+        ifm, ofm = shapes[name] if name in shapes else shapes[name.rpartition(".")[0]]
         weight = layer.weight.detach()
-        positions = ofm[1] * ofm[2] if isinstance(layer, nn.Conv2d) else 1  # output pixels per image
+        # a conv's weights are used once per output pixel, a linear layer's once per token (1 for a vector)
+        positions = ofm[1] * ofm[2] if isinstance(layer, nn.Conv2d) else math.prod(ofm[:-1])
         macs = weight.numel() * positions
         density = int(weight.count_nonzero()) / weight.numel()
         attrs = f"k={layer.kernel_size[0]} s={layer.stride[0]}" if isinstance(layer, nn.Conv2d) else ""

@@ -127,9 +127,26 @@ class MovesChannelsPruner(tp.BasePruningFunc):
     get_in_channels = get_out_channels
 
 
+def qkv_slices(model: nn.Module) -> dict[nn.Module, int]:
+    """The q/k/v projection of every attention module Torch-Pruning traces into (timm's `Attention`, a user's
+    own), known by its attributes: a `qkv` nn.Linear and an int `num_heads`. Its outputs are q, k and v for each
+    head: 3 x num_heads slices, from which the same positions go, so every head of q, k and v narrows alike."""
+    found = {}
+    for module in model.modules():
+        qkv, heads = getattr(module, "qkv", None), getattr(module, "num_heads", None)
+        if isinstance(qkv, nn.Linear) and type(heads) is int and heads > 0 and qkv.out_features % (3 * heads) == 0:
+            found[qkv] = 3 * heads
+    return found
+
+
 def settle(module: nn.Module) -> None:
-    """Set the counts a layer of ours keeps beside its tensors from those tensors (after pruning or a rebuild):
-    MaxViT's `head_dim`, which its forward reshapes by, and Swin's `PatchMerging.dim`."""
+    """Set the counts a layer keeps beside its tensors from those tensors (after pruning or a rebuild): MaxViT's
+    and timm's `head_dim` (and timm's `attn_dim`), which their forwards reshape by, and Swin's `PatchMerging.dim`."""
+    qkv, heads = getattr(module, "qkv", None), getattr(module, "num_heads", None)
+    if isinstance(qkv, nn.Linear) and type(heads) is int and type(getattr(module, "head_dim", None)) is int:
+        module.head_dim = qkv.out_features // (3 * heads)
+        if type(getattr(module, "attn_dim", None)) is int:
+            module.attn_dim = module.head_dim * heads
     if isinstance(module, maxvit.RelativePositionalMultiHeadAttention):
         module.head_dim = module.merge.in_features // module.n_heads
     elif isinstance(module, (swin.PatchMerging, swin.PatchMergingV2)):

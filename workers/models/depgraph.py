@@ -177,9 +177,10 @@ def _unwrapped(tp, model: nn.Module, customized: tuple[type, ...]) -> list[tuple
 
 def channel_groups(model: nn.Module, example: torch.Tensor) -> list[ChannelGroup]:
     """Every prunable channel group of `model` in forward order (the classifier's outputs excluded)."""
-    from workers.models.custom_layers import ShuffleBarrier
+    from workers.models.custom_layers import ShuffleBarrier, qkv_slices
 
     _, graph = dependency_graph(model, example)
+    attention = qkv_slices(model)
     names = {module: name for name, module in model.named_modules()}
     last = model.get_submodule(classifier(model, example))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
@@ -191,14 +192,14 @@ def channel_groups(model: nn.Module, example: torch.Tensor) -> list[ChannelGroup
         channels = graph.get_out_channels(root)
         outputs = {names[item.dep.target.module] for item in group
                    if item.dep.target.module in names and graph.is_out_channel_pruning_fn(item.dep.handler)}
-        slices = _slices(graph, group)
+        slices = _slices(graph, group, attention)
         if channels % slices:
             continue  # slices of unequal size cannot keep the same positions: the group keeps its width
         groups.append(ChannelGroup(names[root], channels, tuple(sorted(outputs, key=order.__getitem__)), slices))
     return sorted(groups, key=lambda g: order[g.key])
 
 
-def _slices(graph, group) -> int:
+def _slices(graph, group, attention: Mapping[nn.Module, int]) -> int:
     """The equal slices a group's channels fall into: the groups of a grouped (not depthwise) convolution or of
     a GroupNorm it touches (ResNeXt, RegNet), the heads of an attention layer it feeds, 1 otherwise. Pruning the
     same positions from every slice keeps `groups` (and heads) and each one's channels together; Torch-Pruning's
@@ -211,6 +212,8 @@ def _slices(graph, group) -> int:
             continue  # depthwise convolutions follow their channels one by one
         if isinstance(module, nn.MultiheadAttention):
             count = module.num_heads  # each head keeps its own channels: the same positions go from every head
+        elif module in attention and graph.is_out_channel_pruning_fn(handler):
+            count = attention[module]  # q, k and v of every head (custom_layers.qkv_slices)
         else:
             count = (pruner.get_out_channel_groups(module) if graph.is_out_channel_pruning_fn(handler)
                      else pruner.get_in_channel_groups(module))
@@ -232,6 +235,8 @@ def shrink_graph(teacher: nn.Module, example: torch.Tensor, removed: Iterable[st
     """The smaller network on the CPU (eval mode), initialised from the teacher's weights; InvalidTransform if
     a unit or width key is unknown or a width is out of range. `scores` (group root → one score per channel,
     e.g. Taylor importance) choose the kept channels instead of their L1 magnitude."""
+    from workers.models.custom_layers import settle
+
     removed, widths = tuple(removed), dict(widths)
     model = copy.deepcopy(teacher).cpu().eval()
     example = example.cpu()
@@ -250,6 +255,7 @@ def shrink_graph(teacher: nn.Module, example: torch.Tensor, removed: Iterable[st
         for name, module in model.named_modules():  # Torch-Pruning keeps the counts of the layers it knows
             if not isinstance(module, LAYERS) and after[name] != before[name]:
                 follow_counts(module, before[name], after[name])
+            settle(module)
     return model
 
 

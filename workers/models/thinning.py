@@ -24,6 +24,8 @@ from workers.models.depgraph import shrink_graph
 from workers.models.surgery import ScoreTable, prune_groups, shrink
 from workers.models.zoo import PlainArch, PlainCNN, build_model
 
+NORMALISED_ACROSS = (nn.LayerNorm, nn.GroupNorm)  # norms whose statistics span the group's channels
+
 
 @dataclass(frozen=True)
 class ChannelGroup:
@@ -54,11 +56,16 @@ def channel_groups(model: nn.Module, example: torch.Tensor | None = None) -> lis
 def _traced_groups(model: nn.Module, example: torch.Tensor | None) -> list[ChannelGroup]:
     """Dependency-graph groups as ChannelGroups: the conv / linear weights whose output channels the group
     prunes rank it, and every parameter indexed by those channels (weights, biases, norm scale and shift) is
-    masked with them, so a pruned channel outputs exactly zero (as `thin` then requires)."""
+    masked with them, so a pruned channel outputs exactly zero (as `thin` then requires). Groups a LayerNorm
+    or GroupNorm normalises (a transformer's embedding stream, ConvNeXt's stages) are left out: their zero
+    channels still move the norm's statistics, so thinning them would change the function; the methods that
+    cut and then train (taylor, grid, n2n) prune them."""
     if example is None:
         raise ValueError(f"the channel groups of {type(model).__name__} are traced: an example input is needed")
     groups = []
     for group in graph_groups(model, example):
+        if any(isinstance(model.get_submodule(name), NORMALISED_ACROSS) for name in group.outputs):
+            continue  # a zero channel still counts in a LayerNorm's mean and variance: removing it is not exact
         weights, params = [], []
         for name in group.outputs:
             module = model.get_submodule(name)

@@ -1,7 +1,7 @@
 """The user's own network: a constructor named in the config, its keyword arguments, and a weights file.
 
     teacher:
-      model: torchvision:resnet18        # any torchvision classification model, or "package.module:factory"
+      model: torchvision:resnet18        # a torchvision classification model, timm:NAME, or "package.module:factory"
       kwargs: {num_classes: 10}          # passed to the constructor
       weights: my_resnet18.pt            # a state_dict: .pt / .pth (weights_only) or .safetensors
 
@@ -28,6 +28,7 @@ from core.names import did_you_mean
 from workers.models.zoo import load_tensors
 
 TORCHVISION = "torchvision:"
+TIMM = "timm:"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
@@ -58,9 +59,12 @@ def constructor(model: str) -> Callable[..., nn.Module]:
             raise SearchsvcError(f"teacher.model: torchvision has no classification model {name!r}"
                                  f"{did_you_mean(name, known)}")
         return lambda **kwargs: models.get_model(name, **kwargs)
+    if model.startswith(TIMM):
+        return _timm_constructor(model[len(TIMM):])
     module_name, sep, attr = model.partition(":")
     if not sep or not module_name or not attr:
-        raise SearchsvcError(f"teacher.model: {model!r} is neither torchvision:NAME nor package.module:factory")
+        raise SearchsvcError(f"teacher.model: {model!r} is neither torchvision:NAME, timm:NAME nor "
+                             f"package.module:factory")
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # noqa: BLE001 — the user's module: ImportError, or whatever its import raises
@@ -71,11 +75,27 @@ def constructor(model: str) -> Callable[..., nn.Module]:
     return factory
 
 
+def _timm_constructor(name: str) -> Callable[..., nn.Module]:
+    """timm's `create_model(name, pretrained=False, **kwargs)`; SearchsvcError if timm or the name is missing."""
+    try:
+        import timm
+    except ImportError:
+        raise SearchsvcError("teacher.model: timm is not installed (pip install 'searchsvc[timm]')") from None
+    known = timm.list_models()
+    if name not in known:
+        raise SearchsvcError(f"teacher.model: timm has no model {name!r}{did_you_mean(name, known)}")
+    return lambda **kwargs: timm.create_model(name, pretrained=False, **kwargs)
+
+
 def construct(source: ModelSource) -> nn.Module:
     """A fresh instance of the user's model (random weights), on the CPU."""
     if "weights" in source.kwargs and source.model.startswith(TORCHVISION):
         raise SearchsvcError("teacher.kwargs.weights: torchvision's pretrained weights are downloaded, and runs "
                              "download nothing; save them once and give the file as teacher.weights")
+    if {"pretrained", "pretrained_cfg_overlay", "checkpoint_path"} & set(source.kwargs) and \
+            source.model.startswith(TIMM):
+        raise SearchsvcError("teacher.kwargs.pretrained: timm's pretrained weights are downloaded, and runs download "
+                             "nothing; save them once and give the file as teacher.weights")
     factory = constructor(source.model)
     try:
         model = factory(**source.kwargs)

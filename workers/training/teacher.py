@@ -49,7 +49,7 @@ class TeacherConfig(Recipe):
     lr: float = field(default=0.1, metadata={"gt": 0, "help": "peak learning rate of the one-cycle schedule"})
     seed: int = field(default=0, metadata={"min": 0, "help": "seed of the initial weights and batch order"})
     model: str | None = field(default=None, metadata={
-        "omit_default": True, "help": "your own network: torchvision:NAME or package.module:factory"})
+        "omit_default": True, "help": "your own network: torchvision:NAME, timm:NAME or package.module:factory"})
     kwargs: dict[str, Any] = field(default_factory=dict, metadata={
         "omit_default": True, "help": "keyword arguments of teacher.model's constructor, e.g. {num_classes: 10}"})
     weights: str | None = field(default=None, metadata={

@@ -18,23 +18,25 @@ Distribution = Literal["uniform", "erk"]
 
 
 def check_rigl(config: JobConfig) -> list[str]:
-    """A rigl job must leave some layer sparse: a teacher of nothing but linear layers (an MLP) has none."""
+    """A rigl job must leave some layer sparse: with linear layers kept dense and the first layer dense (as
+    rigl-torch keeps it), a teacher needs a conv layer beyond its first: an MLP has none, nor has a vision
+    transformer (a patch-embedding conv, then linear layers)."""
     from torch import nn
 
     from workers.models.user_model import construct
-    from workers.models.zoo import PlainArch, list_models, model_arch
+    from workers.models.zoo import PlainArch, list_models, model_arch, weight_layers
 
     if not config.search.ignore_linear_layers:
         return []
     arch, source = config.teacher.arch, config.teacher.source
     if source is not None:
-        has_conv = any(isinstance(m, nn.Conv2d) for m in construct(source).modules())
+        has_conv = any(isinstance(m, nn.Conv2d) for _, m in weight_layers(construct(source))[1:])
     else:
         family = model_arch(arch) if arch in list_models() else None
-        has_conv = not (isinstance(family, PlainArch) and not family.convs)
+        has_conv = not (isinstance(family, PlainArch) and len(family.convs) < 2)
     if not has_conv:
-        return [f"search.ignore_linear_layers: {config.teacher.base} has only linear layers, so nothing would be "
-                "sparse; set it to false"]
+        return [f"search.ignore_linear_layers: {config.teacher.base} has no conv layer beyond its first, and the "
+                "first layer and linear layers stay dense, so nothing would be sparse; set it to false"]
     return []
 
 
