@@ -55,6 +55,7 @@ class Method:
     residual_only: bool = False  # needs a residual teacher (surgery on blocks and streams)
     check: Check | None = None  # beyond the schema, at validate
     user_models: bool = False  # takes the user's own network (teacher.model), cut through its traced graph
+    cuts: bool = False  # removes units and channels of a user's network: checked at validate (`cut_problems`)
 
     def load_driver(self) -> Callable[..., Any]:
         """The driver function."""
@@ -75,22 +76,38 @@ class Method:
         if self.residual_only and arch in list_models() and not is_residual(arch):
             return [f"teacher.arch: method {self.name} needs a residual network (resnet20, resnet56, "
                     f"resnet18_cifar, tiny_cnn); {arch} is a plain network (use method agp or rigl)"]
-        problems = measure_problems(config)
-        return problems + (self.check(config) if self.check else [])
+        cut = cut_problems(config) if self.cuts else []  # a network that cannot be cut: nothing else to say
+        return measure_problems(config) + (cut or (self.check(config) if self.check else []))
 
 
 _METHODS: dict[str, Method] = {}
 
 
+def cut_problems(config: JobConfig) -> list[str]:
+    """A user's network that cannot be cut and rebuilt exactly is refused here, with the layer and why, rather
+    than searched into candidates that fail or that `load_candidate` and `export` could not load."""
+    from workers.data.datasets import input_shape
+    from workers.models.depgraph import cut_problem, example_input
+    from workers.models.user_model import check_outputs, construct
+
+    shape = input_shape(config.dataset)
+    if config.teacher.source is None or shape is None:
+        return []
+    model = construct(config.teacher.source)
+    check_outputs(model, *shape, num_classes=None)  # a model that cannot take the data says so first
+    problem = cut_problem(model, construct(config.teacher.source), example_input(model, *shape))
+    return [f"teacher.model: {config.teacher.model} {problem}"] if problem else []
+
+
 def register_method(name: str, description: str, *, driver: str, builder: str | None = None,
                     residual_only: bool = False, check: Check | None = None,
-                    user_models: bool = False) -> Callable[[type], type]:
+                    user_models: bool = False, cuts: bool = False) -> Callable[[type], type]:
     """Decorator of a method's `search:` schema: registers the method under `name`."""
 
     def register(schema: type) -> type:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is registered twice")
-        _METHODS[name] = Method(name, schema, description, driver, builder, residual_only, check, user_models)
+        _METHODS[name] = Method(name, schema, description, driver, builder, residual_only, check, user_models, cuts)
         return schema
 
     return register

@@ -190,3 +190,39 @@ def test_timm_names_are_checked_and_never_download():
         constructor("timm:vit_tiny_patch16_2240")
     with pytest.raises(SearchsvcError, match="teacher.kwargs.pretrained: timm's pretrained weights are downloaded"):
         construct(ModelSource("timm:resnet18", {"pretrained": True}))
+
+
+class _Scaled(torch.nn.Module):
+    """A user's layer that keeps its channel count in a tuple: cut, it still reshapes to the old count."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(channels))
+        self.shape = (1, channels, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.reshape(self.shape)
+
+
+def scaled_net(num_classes: int = 4) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), _Scaled(8), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, num_classes))
+
+
+def test_a_network_that_cannot_be_cut_is_refused_at_validate_naming_the_layer(tmp_path, capsys):
+    import yaml
+
+    from searchsvc.cli import main
+
+    data = {"name": "synthetic", "synthetic": {"num_classes": 4, "channels": 3, "image_size": 8, "train_size": 64,
+                                               "test_size": 16}}
+    config = {"method": "grid", "dataset": data, "resources": {"gpus_per_eval": 0},
+              "teacher": {"model": "tests.test_architectures:scaled_net", "kwargs": {"num_classes": 4}}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    for method in ("grid", "taylor", "n2n"):
+        assert main(["validate", str(tmp_path / "job.yaml"), "--set", f"method={method}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "teacher.model: tests.test_architectures:scaled_net cannot be" in err, err
+        assert "cut, 1 (_Scaled) fails (RuntimeError: shape '[1, 8, 1, 1]' is invalid" in err, err
+    assert main(["validate", str(tmp_path / "job.yaml"), "--set", "method=rigl",  # cuts nothing: fine
+                 "--set", "search={ignore_linear_layers: false}"]) == 0

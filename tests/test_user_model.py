@@ -249,7 +249,8 @@ BAD = {
     "logits for other classes": ({"model": FACTORY, "kwargs": {"num_classes": 3}}, "run", "4 classes"),
     "a pickled model": ({"model": FACTORY, "kwargs": {"num_classes": 4}, "weights": "pickled.pt"}, "run",
                         "weights_only"),
-    "another model's weights": ({"model": "torchvision:resnet18", "weights": "weights.pt"}, "run", "has no tensor"),
+    "another model's weights": ({"model": "tests.user_models.nets:plain_cnn", "weights": "weights.pt"}, "run",
+                                "has no tensor"),
 }
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import fx, nn
 
 from core.errors import SearchsvcError, first_line
-from workers.models.rebuild import LAYERS, follow_counts, own_shapes, remove_units
+from workers.models.rebuild import LAYERS, follow_counts, own_shapes, rebuild_mismatch, remove_units
 from workers.models.surgery import InvalidTransform
 
 log = logging.getLogger(__name__)
@@ -298,3 +298,47 @@ def _prune(model: nn.Module, example: torch.Tensor, widths: Mapping[str, tuple[i
             score = scores[key] if key in scores else magnitude(pruning_group(tp, graph, model, key))
             keep = set(slice_positions(score, width, slices))
             pruning_group(tp, graph, model, key, [i for i in range(len(score)) if i not in keep]).prune()
+
+
+def cut_problem(model: nn.Module, fresh: nn.Module, example: torch.Tensor) -> str | None:
+    """Why searchsvc cannot search over `model` (None: it can), found before a run: its structure is traced,
+    its first removable unit removed and every channel group halved, and the result must come back from its
+    tensors in `fresh` (a new instance of its constructor) computing the same outputs. One line naming the
+    layer or operation that fails."""
+    try:
+        units = removable_units(model, example)
+        groups = channel_groups(remove_units(copy.deepcopy(model), units[:1]), example)
+        small = shrink_graph(model, example, units[:1], {g.key: max(g.slices, g.channels // 2) for g in groups})
+    except SearchsvcError as err:
+        return str(err)
+    except Exception as err:  # noqa: BLE001 — an operation the tracer or Torch-Pruning cannot follow: one line
+        return f"cannot be cut ({type(err).__name__}: {first_line(err)})"
+    failing = failing_layer(small, example)
+    return failing or rebuild_mismatch(small, fresh, units[:1], example)
+
+
+def failing_layer(model: nn.Module, example: torch.Tensor) -> str | None:
+    """None if `model` runs on `example`; else which layer fails, and how (the innermost one still running)."""
+    running: list[str] = []
+
+    def enter(name: str):
+        def hook(_module: nn.Module, _args: tuple) -> None:
+            running.append(name)
+        return hook
+
+    def leave(_module: nn.Module, _args: tuple, _output: object) -> None:  # returns None: the output stays
+        running.pop()
+
+    layers = [(name, m) for name, m in model.named_modules() if name]
+    handles = [m.register_forward_pre_hook(enter(name)) for name, m in layers]
+    handles += [m.register_forward_hook(leave) for _, m in layers]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    except Exception as err:  # noqa: BLE001 — whatever the user's layer raises
+        where = f"{running[-1]} ({type(model.get_submodule(running[-1])).__name__})" if running else "its forward"
+        return f"cannot be cut: cut, {where} fails ({type(err).__name__}: {first_line(err)})"
+    finally:
+        for handle in handles:
+            handle.remove()
+    return None

@@ -21,7 +21,7 @@ class GridCandidate:
 
 @register_method("grid", "evaluate an explicit list of transformations",
                  driver="searchsvc.methods.grid.driver:run_grid",
-                 residual_only=True, user_models=True)
+                 residual_only=True, user_models=True, cuts=True)
 @dataclass(frozen=True)
 class GridSearch(SearchSection):
     """An explicit list of candidates."""

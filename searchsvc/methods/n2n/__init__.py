@@ -32,7 +32,8 @@ def check_n2n(config: JobConfig) -> list[str]:
 
 
 @register_method("n2n", "RLlib PPO agent removes and shrinks layers of the teacher",
-                 driver="searchsvc.methods.n2n.driver:run_n2n", residual_only=True, check=check_n2n, user_models=True)
+                 driver="searchsvc.methods.n2n.driver:run_n2n", residual_only=True, check=check_n2n, user_models=True,
+                 cuts=True)
 @dataclass(frozen=True)
 class N2NSearch(SearchSection):
     """Network-to-network compression by reinforcement learning (remove, then shrink layers)."""

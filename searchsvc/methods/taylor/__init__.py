@@ -38,7 +38,7 @@ class TaylorTune(SweepTune):
 
 @register_method("taylor", "iterative Taylor filter pruning as a Ray Tune sweep",
                  driver="searchsvc.methods.taylor.driver:run_taylor", builder="workers.compression.taylor:taylor_step",
-                 residual_only=True, user_models=True)
+                 residual_only=True, user_models=True, cuts=True)
 @dataclass(frozen=True)
 class TaylorSearch(SearchSection):
     """Iterative filter pruning ranked by first-order Taylor importance, one Tune trial per sample."""
