@@ -49,12 +49,12 @@ def compute_summary(model: nn.Module, in_channels: int, image_size: int) -> list
     def hook(name: str):
         def record(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             output = output[0] if isinstance(output, tuple) else output  # nn.MultiheadAttention: (out, weights)
-            shapes[name] = (tuple(inputs[0].shape[1:]), tuple(output.shape[1:]))
+            if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                shapes.setdefault(name, (tuple(inputs[0].shape[1:]), tuple(output.shape[1:])))
         return record
 
     layers = weight_layers(model)
-    attention = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers + attention]
+    handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules()]
     probe = next(model.parameters())
     was_training = model.training
     model.eval()
@@ -66,8 +66,7 @@ def compute_summary(model: nn.Module, in_channels: int, image_size: int) -> list
         model.train(was_training)
     rows, totals = [], {"weights": 0, "macs": 0, "nonzero_macs": 0}
     for name, layer in layers:
-        # nn.MultiheadAttention uses its out_proj's weight without calling it: the attention's shapes are its own
-        ifm, ofm = shapes[name] if name in shapes else shapes[name.rpartition(".")[0]]
+        ifm, ofm = shapes[_called(name, shapes)]
         weight = layer.weight.detach()
         # a conv's weights are used once per output pixel, a linear layer's once per token (1 for a vector)
         positions = ofm[1] * ofm[2] if isinstance(layer, nn.Conv2d) else math.prod(ofm[:-1])
@@ -82,6 +81,14 @@ def compute_summary(model: nn.Module, in_channels: int, image_size: int) -> list
             totals[key] += row[key]
     rows.append({"name": TOTAL, "type": "", "attrs": "", "ifm": "", "ofm": "", **totals})
     return rows
+
+
+def _called(name: str, shapes: dict[str, Any]) -> str:
+    """`name`, or the nearest module around it that was called: attention layers use their projections' weights
+    without calling them (nn.MultiheadAttention's out_proj, Swin's qkv and proj), on the tokens they were given."""
+    while name not in shapes and name:
+        name = name.rpartition(".")[0]
+    return name
 
 
 def weight_stats(model: nn.Module, in_channels: int, image_size: int) -> dict[str, Any]:
