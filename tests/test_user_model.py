@@ -24,7 +24,6 @@ from core.records import to_data
 from searchsvc.cli import main
 from searchsvc.config import load_config
 from storage import LocalStore
-from tests.test_architectures import vit
 from tests.user_models.nets import scaled_cnn, small_resnet
 from workers.compression.pruners import channel_keep
 from workers.compression.taylor import plan_removal
@@ -45,8 +44,6 @@ MODELS = {"resnet18": lambda: torchvision.models.resnet18(num_classes=10),
           "mnasnet0_5": lambda: torchvision.models.mnasnet0_5(num_classes=10),  # checks its state_dict version
           "convnext_tiny": lambda: torchvision.models.convnext_tiny(num_classes=10),  # a layer scale per block
           "regnet_x_400mf": lambda: torchvision.models.regnet_x_400mf(num_classes=10),  # grouped convolutions
-          "vit_b_32": lambda: vit(),  # nn.MultiheadAttention (tests/test_architectures.py: a head that is not zero)
-          "swin_t": lambda: torchvision.models.swin_t(num_classes=10),  # window attention, patch merging
           "factory": lambda: small_resnet(in_channels=3, num_classes=10)}
 
 

@@ -135,11 +135,15 @@ def _loss_batches(model: nn.Module, splits: Splits, batches: int, batch_size: in
         yield
 
 
-def graph_taylor_scores(model: nn.Module, splits: Splits, batches: int, batch_size: int,
-                        seed: int = 0) -> dict[str, torch.Tensor]:
-    """Θ per dependency-graph group of a user's network (L2-normalised, on the CPU); the model is unchanged."""
+def graph_taylor_scores(model: nn.Module, splits: Splits, batches: int, batch_size: int, seed: int = 0,
+                        slices: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """Θ per dependency-graph group of a user's network (L2-normalised, on the CPU); the model is unchanged.
+    `slices`, if given, receives each group's slices (what `plan_removal` needs), from the same graph."""
     example = example_input(model, splits.in_channels, splits.image_size)
-    tp, graph = dependency_graph(model, example)
+    tp, graph = traced = dependency_graph(model, example)
+    groups = channel_groups(model, example, traced)
+    if slices is not None:
+        slices.update({g.key: g.slices for g in groups})
     was_training = model.training
     model.eval()
     model.zero_grad(set_to_none=True)
@@ -147,7 +151,7 @@ def graph_taylor_scores(model: nn.Module, splits: Splits, batches: int, batch_si
         seen = sum(1 for _ in _loss_batches(model, splits, batches, batch_size, seed))  # gradients add up
         importance = tp.importance.GroupTaylorImportance(normalizer=None)
         scores = {g.key: _l2_normalise(importance(pruning_group(tp, graph, model, g.key)).float() / max(seen, 1)).cpu()
-                  for g in channel_groups(model, example)}
+                  for g in groups}
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
@@ -180,8 +184,9 @@ def taylor_step(parent: ResNet, spec: "CandidateSpec", ctx: "EvalContext") -> Bu
 def graph_taylor_prune(model: nn.Module, splits: Splits, count: int, batches: int, batch_size: int,
                        seed: int = 0) -> tuple[nn.Module, dict[str, int]]:
     """`taylor_prune` for a user's network: ranked and cut through its dependency graph."""
-    scores = graph_taylor_scores(model, splits, batches, batch_size, seed)  # one score per channel of each group
+    slices: dict[str, int] = {}
+    scores = graph_taylor_scores(model, splits, batches, batch_size, seed, slices)  # a score per channel of a group
     example = example_input(model, splits.in_channels, splits.image_size)
-    plan = plan_removal(scores, count, {g.key: g.slices for g in channel_groups(model, example)})
+    plan = plan_removal(scores, count, slices)
     widths = {key: len(scores[key]) - n for key, n in plan.items()}
     return shrink_graph(model, example, widths=widths, scores=scores), plan

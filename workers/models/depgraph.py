@@ -175,11 +175,12 @@ def _unwrapped(tp, model: nn.Module, customized: tuple[type, ...]) -> list[tuple
     return found
 
 
-def channel_groups(model: nn.Module, example: torch.Tensor) -> list[ChannelGroup]:
-    """Every prunable channel group of `model` in forward order (the classifier's outputs excluded)."""
+def channel_groups(model: nn.Module, example: torch.Tensor, traced: tuple | None = None) -> list[ChannelGroup]:
+    """Every prunable channel group of `model` in forward order (the classifier's outputs excluded). `traced`:
+    `dependency_graph(model, example)` when the caller has it (a graph costs a trace of the whole model)."""
     from workers.models.custom_layers import ShuffleBarrier, qkv_slices
 
-    _, graph = dependency_graph(model, example)
+    _, graph = traced or dependency_graph(model, example)
     attention = qkv_slices(model)
     names = {module: name for name, module in model.named_modules()}
     last = model.get_submodule(classifier(model, example))
@@ -245,12 +246,13 @@ def shrink_graph(teacher: nn.Module, example: torch.Tensor, removed: Iterable[st
     if unknown:
         raise InvalidTransform(f"unknown units to remove: {unknown}; removable: {list(units)}")
     remove_units(model, removed)
-    groups = channel_groups(model, example)
+    traced = dependency_graph(model, example)  # one graph: the groups and the surgery
+    groups = channel_groups(model, example, traced)
     chosen = _resolve(groups, widths)
     if chosen:
         slices = {g.key: g.slices for g in groups}
         before = own_shapes(model)
-        _prune(model, example, {key: (width, slices[key]) for key, width in chosen.items()}, scores or {})
+        _prune(model, traced, {key: (width, slices[key]) for key, width in chosen.items()}, scores or {})
         after = own_shapes(model)
         for name, module in model.named_modules():  # Torch-Pruning keeps the counts of the layers it knows
             if not isinstance(module, LAYERS) and after[name] != before[name]:
@@ -287,11 +289,12 @@ def pruning_group(tp, graph, model: nn.Module, key: str, idxs: Iterable[int] | N
                                    else list(idxs))
 
 
-def _prune(model: nn.Module, example: torch.Tensor, widths: Mapping[str, tuple[int, int]],
+def _prune(model: nn.Module, traced: tuple, widths: Mapping[str, tuple[int, int]],
            scores: Mapping[str, torch.Tensor]) -> None:
     """Prune each group rooted at a key down to its (width, slices), keeping the channels of highest score
-    (default: the group's L1 magnitude). The graph is traced with autograd on; the weights change under no_grad."""
-    tp, graph = dependency_graph(model, example)
+    (default: the group's L1 magnitude), through `traced` = (torch_pruning, the model's graph); the weights
+    change under no_grad."""
+    tp, graph = traced
     magnitude = tp.importance.GroupMagnitudeImportance(p=1)
     with torch.no_grad():
         for key, (width, slices) in widths.items():
