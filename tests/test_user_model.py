@@ -399,7 +399,8 @@ def test_rigl_trains_a_user_model_sparse_from_fresh_weights(user_weights, tmp_pa
     assert sum(int(p.count_nonzero()) for p in again.parameters()) == rows[0]["nonzero_params"]
 
 
-@pytest.mark.parametrize("model", ["tests.user_models.nets:mlp", "torchvision.models.vision_transformer:VisionTransformer"])
+@pytest.mark.parametrize("model", ["tests.user_models.nets:mlp",
+                                   "torchvision.models.vision_transformer:VisionTransformer"])
 def test_rigl_on_a_model_of_linear_layers_is_refused_while_they_are_ignored(model, user_weights, capsys):
     """An MLP, or a vision transformer (one patch-embedding conv, kept dense as the first layer, then linear
     layers): nothing would be sparse, which `validate` says rather than a trial that fails."""
