@@ -56,6 +56,7 @@ def test_a_vision_transformer_loses_head_width_mlp_width_and_blocks():
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert small(images).abs().min() > 0  # outputs to compare
+        assert torch.equal(shrink_graph(teacher, example)(images), teacher(images))  # identity: exact
     attention = small.encoder.layers.encoder_layer_0.self_attention
     assert (attention.num_heads, attention.head_dim, attention.embed_dim) == (12, 32, 384)  # heads kept, narrower
     assert small.hidden_dim == 384 and small.class_token.shape == (1, 1, 384)
@@ -91,7 +92,8 @@ def test_swin_is_analysed_in_bounded_memory_and_rebuilt_exactly():
     attention and patch merging are now single nodes of the graph."""
     torch.manual_seed(0)
     teacher = swin()
-    units = removable_units(teacher, example_input(teacher, 3, 32))
+    example = example_input(teacher, 3, 32)
+    units = removable_units(teacher, example)
     small = _halved(teacher, units[1:2])
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 4e6  # kB: the whole test process stays under 4 GB
     attention = small.features[1][0].attn
@@ -101,6 +103,7 @@ def test_swin_is_analysed_in_bounded_memory_and_rebuilt_exactly():
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(rebuild(swin(), units[1:2], dict(small.state_dict()))(images), small(images))
+        assert torch.equal(shrink_graph(teacher, example)(images), teacher(images))  # identity: exact
 
 
 @pytest.mark.parametrize("build", [vit, swin], ids=["vit_b_32", "swin_t"])
@@ -181,6 +184,7 @@ def test_a_timm_vision_transformer_narrows_every_head_of_q_k_and_v_alike():
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert small(images).abs().min() > 0
+        assert torch.equal(shrink_graph(teacher, example)(images), teacher(images))  # identity: exact
         again = rebuild(timm_vit(), (), dict(small.state_dict()))
         assert torch.equal(again(images), small(images))
 
