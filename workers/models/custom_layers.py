@@ -18,6 +18,9 @@ so nothing inside it is followed: the graph of Swin-T then takes under a GB.
   `to_qkv` layer chunked in three and `merge` the output; `head_dim` narrows, `n_heads` stays.
 - `MovesChannelsPruner` (MaxViT's `WindowPartition`, `WindowDepartition`, `SwapAxes`): reshapes that move every
   channel to the same channel of their output; one node each, channels passed through unchanged.
+- `qkv_slices` (timm's `Attention`, or any attention module naming a `qkv` nn.Linear and an int `num_heads`):
+  traced into, since its q, k and v have an inner width apart from the stream; their outputs are one group of
+  3 x num_heads slices, so `head_dim` narrows alike in every head (`settle` then sets `head_dim`, `attn_dim`).
 - `ShuffleBarrier` (ShuffleNet's `channel_shuffle`, a function): Torch-Pruning cannot map channels through the
   shuffle's 5-d view (it fails with ZeroDivisionError), so while the graph is traced the shuffle is a node that
   ends every channel group reaching it. Those groups (the streams between blocks) keep their width; the groups
