@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import operator
 from dataclasses import dataclass
 from typing import Iterable, Mapping
@@ -218,7 +219,7 @@ def _slices(graph, group, attention: Mapping[nn.Module, int]) -> int:
         else:
             count = (pruner.get_out_channel_groups(module) if graph.is_out_channel_pruning_fn(handler)
                      else pruner.get_in_channel_groups(module))
-        slices = max(slices, int(count))
+        slices = math.lcm(slices, int(count))  # positions the same in every slice of each kind
     return slices
 
 
