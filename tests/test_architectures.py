@@ -192,8 +192,10 @@ def test_a_timm_vision_transformer_narrows_every_head_of_q_k_and_v_alike():
 def test_timm_names_are_checked_and_never_download():
     with pytest.raises(SearchsvcError, match="timm has no model 'vit_tiny_patch16_2240'.*vit_tiny_patch16_224"):
         constructor("timm:vit_tiny_patch16_2240")
-    with pytest.raises(SearchsvcError, match="teacher.kwargs.pretrained: timm's pretrained weights are downloaded"):
+    with pytest.raises(SearchsvcError, match="teacher.kwargs.pretrained: timm's weights are downloaded or read"):
         construct(ModelSource("timm:resnet18", {"pretrained": True}))
+    with pytest.raises(SearchsvcError, match="teacher.kwargs.checkpoint_path: "):
+        construct(ModelSource("timm:resnet18", {"checkpoint_path": "elsewhere.pth"}))
 
 
 class _Scaled(torch.nn.Module):

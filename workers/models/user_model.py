@@ -92,10 +92,10 @@ def construct(source: ModelSource) -> nn.Module:
     if "weights" in source.kwargs and source.model.startswith(TORCHVISION):
         raise SearchsvcError("teacher.kwargs.weights: torchvision's pretrained weights are downloaded, and runs "
                              "download nothing; save them once and give the file as teacher.weights")
-    if {"pretrained", "pretrained_cfg_overlay", "checkpoint_path"} & set(source.kwargs) and \
-            source.model.startswith(TIMM):
-        raise SearchsvcError("teacher.kwargs.pretrained: timm's pretrained weights are downloaded, and runs download "
-                             "nothing; save them once and give the file as teacher.weights")
+    loading = sorted({"pretrained", "pretrained_cfg_overlay", "checkpoint_path"} & set(source.kwargs))
+    if loading and source.model.startswith(TIMM):
+        raise SearchsvcError(f"teacher.kwargs.{loading[0]}: timm's weights are downloaded or read by timm, and runs "
+                             f"download nothing; save them once as a state_dict and give the file as teacher.weights")
     factory = constructor(source.model)
     try:
         model = factory(**source.kwargs)
