@@ -251,8 +251,9 @@ def _measured(spec: CandidateSpec, ctx: EvalContext, built: Built, history: list
     # stored tensors' shapes (workers.models.rebuild): shown to work before the candidate counts as ok.
     arch = to_data(student.arch) if hasattr(student, "arch") else None
     if built.keep_model and arch is None and "source" in ctx.teacher.meta:
+        student = student.cpu()  # where it is kept anyway; the rebuild is on the CPU
         fresh = construct(ModelSource.from_data(ctx.teacher.meta["source"]))
-        probe = example_input(student.cpu(), ctx.splits.in_channels, ctx.splits.image_size)
+        probe = example_input(student, ctx.splits.in_channels, ctx.splits.image_size)
         reason = rebuild_mismatch(student, fresh, spec.removed, probe)
         if reason is not None:
             return Evaluated(spec, invalid(spec, reason, started, ctx))

@@ -39,7 +39,6 @@ _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 PRUNABLE = (nn.Conv2d, nn.Linear)  # root layers of a channel group
 
 
-
 @dataclass(frozen=True)
 class ChannelGroup:
     """Channels removed together: named by the root module, with the width it has now."""
@@ -237,9 +236,16 @@ def shrink_graph(teacher: nn.Module, example: torch.Tensor, removed: Iterable[st
     """The smaller network on the CPU (eval mode), initialised from the teacher's weights; InvalidTransform if
     a unit or width key is unknown or a width is out of range. `scores` (group root → one score per channel,
     e.g. Taylor importance) choose the kept channels instead of their L1 magnitude."""
-    from workers.models.custom_layers import settle
+    model, traced, groups = _without_units(teacher, example, removed)
+    _cut_channels(model, traced, groups, _resolve(groups, dict(widths)), scores or {})
+    return model
 
-    removed, widths = tuple(removed), dict(widths)
+
+def _without_units(teacher: nn.Module, example: torch.Tensor, removed: Iterable[str],
+                   ) -> tuple[nn.Module, tuple, list[ChannelGroup]]:
+    """A copy of the teacher on the CPU (eval mode) with the named units removed, its dependency graph (one
+    graph serves the groups and the surgery) and its channel groups."""
+    removed = tuple(removed)
     model = copy.deepcopy(teacher).cpu().eval()
     example = example.cpu()
     units = removable_units(model, example)
@@ -247,19 +253,26 @@ def shrink_graph(teacher: nn.Module, example: torch.Tensor, removed: Iterable[st
     if unknown:
         raise InvalidTransform(f"unknown units to remove: {unknown}; removable: {list(units)}")
     remove_units(model, removed)
-    traced = dependency_graph(model, example)  # one graph: the groups and the surgery
-    groups = channel_groups(model, example, traced)
-    chosen = _resolve(groups, widths)
-    if chosen:
-        slices = {g.key: g.slices for g in groups}
-        before = own_shapes(model)
-        _prune(model, traced, {key: (width, slices[key]) for key, width in chosen.items()}, scores or {})
-        after = own_shapes(model)
-        for name, module in model.named_modules():  # Torch-Pruning keeps the counts of the layers it knows
-            if not isinstance(module, LAYERS) and after[name] != before[name]:
-                follow_counts(module, before[name], after[name])
-            settle(module)
-    return model
+    traced = dependency_graph(model, example)
+    return model, traced, channel_groups(model, example, traced)
+
+
+def _cut_channels(model: nn.Module, traced: tuple, groups: list[ChannelGroup], chosen: Mapping[str, int],
+                  scores: Mapping[str, torch.Tensor]) -> None:
+    """Cut each chosen group (root → width) of `model` in place; then the counts of the layers Torch-Pruning
+    does not keep follow their tensors (VisionTransformer.hidden_dim, head_dim)."""
+    from workers.models.custom_layers import settle
+
+    if not chosen:
+        return
+    slices = {g.key: g.slices for g in groups}
+    before = own_shapes(model)
+    _prune(model, traced, {key: (width, slices[key]) for key, width in chosen.items()}, scores)
+    after = own_shapes(model)
+    for name, module in model.named_modules():  # Torch-Pruning keeps the counts of the layers it knows
+        if not isinstance(module, LAYERS) and after[name] != before[name]:
+            follow_counts(module, before[name], after[name])
+        settle(module)
 
 
 def _resolve(groups: list[ChannelGroup], widths: Mapping[str, int]) -> dict[str, int]:
@@ -311,8 +324,9 @@ def cut_problem(model: nn.Module, fresh: nn.Module, example: torch.Tensor) -> st
     layer or operation that fails."""
     try:
         units = removable_units(model, example)
-        groups = channel_groups(remove_units(copy.deepcopy(model), units[:1]), example)
-        small = shrink_graph(model, example, units[:1], {g.key: max(g.slices, g.channels // 2) for g in groups})
+        small, traced, groups = _without_units(model, example, units[:1])
+        halves = {g.key: max(g.slices, g.channels // 2) for g in groups}
+        _cut_channels(small, traced, groups, _resolve(groups, halves), {})
     except SearchsvcError as err:
         return str(err)
     except Exception as err:  # noqa: BLE001 — an operation the tracer or Torch-Pruning cannot follow: one line

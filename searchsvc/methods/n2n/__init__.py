@@ -15,16 +15,16 @@ if TYPE_CHECKING:
 
 
 def check_n2n(config: JobConfig) -> list[str]:
-    """n2n on a user's network needs a block to remove: traced here, at validate, when the data's shape is known."""
+    """n2n on a user's network needs a block to remove: traced here, at validate, when the data's shape is known
+    (after `registry.cut_problems` has run the model on that shape and cut it)."""
     from workers.data.datasets import input_shape
     from workers.models.structure import structure_of
-    from workers.models.user_model import check_outputs, construct
+    from workers.models.user_model import construct
 
     shape = input_shape(config.dataset)
     if config.teacher.source is None or shape is None:
         return []
     model = construct(config.teacher.source)
-    check_outputs(model, *shape, num_classes=None)  # a model that cannot take the data says so first
     if not structure_of(model, *shape).names:
         return [f"teacher.model: method n2n removes blocks, and {config.teacher.model} has none that can go (a block "
                 f"whose input and output shapes match, with a skip connection); use method grid or taylor"]
