@@ -104,9 +104,7 @@ def follow_counts(module: nn.Module, old: Mapping[str, tuple], new: Mapping[str,
 def _resize(name: str, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Give one layer the shapes of its stored tensors (only what channel pruning changes)."""
     prefix = f"{name}." if name else ""
-    stored = {key: state[prefix + key] for key, _ in module.named_parameters(recurse=False) if prefix + key in state}
-    stored.update({key: state[prefix + key] for key, _ in module.named_buffers(recurse=False)
-                   if prefix + key in state})
+    stored = {key: state[prefix + key] for key in _own_tensors(module) if prefix + key in state}
     if all(tuple(getattr(module, key).shape) == tuple(t.shape) for key, t in stored.items()):
         return
     weight = stored.get("weight")
