@@ -54,7 +54,7 @@ def constructor_kwargs(name: str, size: int) -> dict[str, Any]:
 def structure(name: str, size: int) -> dict[str, Any]:
     """One model through the structure engine (run in its own process: peak memory is this model's)."""
     import copy
-    import resource
+    from pathlib import Path
 
     import torch
     import torchvision
@@ -78,7 +78,8 @@ def structure(name: str, size: int) -> dict[str, Any]:
     removed = units[:1]
     groups = channel_groups(remove_units(copy.deepcopy(teacher), removed), example)
     analysis_s = time.perf_counter() - start
-    analysis_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: kB
+    # VmHWM (kB) is this process's own peak; ru_maxrss would start at the peak of the process that forked it
+    analysis_gb = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 1e6
     small = shrink_graph(teacher, example, removed, {g.key: max(g.slices, g.channels // 2) for g in groups})
     images = torch.randn(2, 3, size, size)
     with torch.no_grad():

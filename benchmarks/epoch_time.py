@@ -148,8 +148,8 @@ def kd_epoch(arch: str, images: int, batch: int, device: torch.device, workers: 
               "ours_epoch_s": round(ours_s, 3), "ours_images_per_s": round(trained / ours_s, 1),
               "compile_s": round(first_s - ours_s, 3) if compile_model else None,
               "ours_epoch_s_at_50k": round(ours_s * 50_000 / trained, 3),
-              "gflops_per_image": round(flops_per_image / 1e9, 3), "achieved_tflops": round(tflops, 3),
-              "bf16_peak_tflops": peak, "fraction_of_peak": round(tflops / peak, 4) if peak else None}
+              "gflops_per_image": round(flops_per_image / 1e9, 3), "achieved_tflops": float(f"{tflops:.4g}"),
+              "bf16_peak_tflops": peak, "fraction_of_peak": float(f"{tflops / peak:.4g}") if peak else None}
     if not plain_loops:
         return result
     student.load_state_dict(start_state)

@@ -99,11 +99,12 @@ def test_swin_is_analysed_in_bounded_memory_and_rebuilt_exactly():
     example = example_input(teacher, 3, 32)
     units = removable_units(teacher, example)
     small = _halved(teacher, units[1:2])
-    code = ("import resource, torchvision; from workers.models.depgraph import channel_groups, example_input; "
+    # VmHWM, not ru_maxrss: a forked child's ru_maxrss starts at its parent's (a test worker's ~4 GB), VmHWM with exec
+    code = ("import torchvision; from workers.models.depgraph import channel_groups, example_input; "
             "m = torchvision.models.swin_t(num_classes=10).eval(); channel_groups(m, example_input(m, 3, 32)); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
-    assert int(done.stdout.split()[-1]) < 4e6  # kB: a process of its own (a test worker's peak is every test's)
+    assert int(done.stdout.split()[-1]) < 2e6  # kB, in a process of its own: 0.9 GB measured (was over 16 GB)
     attention = small.features[1][0].attn
     assert attention.num_heads == 3 and attention.qkv.out_features == 3 * 48 and attention.proj.in_features == 48
     assert small.features[2].reduction.in_features == 4 * 48 and small.features[2].norm.normalized_shape == (192,)
