@@ -67,7 +67,8 @@ def _add_run_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     run.add_argument("config", metavar="CONFIG", help="job config YAML file")
     add_store(run, from_config=True)
     run.add_argument("--address", help="Ray cluster address, e.g. ray://head:10001 or auto (default: RAY_ADDRESS, "
-                                       "else a Ray started for this run on this machine)")
+                                       "else a Ray started for this run on this machine, without Ray's dashboard: "
+                                       "`ray start --head` and --address auto for one)")
     add_set(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     run.add_argument("--report", metavar="HTML", help="when the run ends, write its HTML report here")
