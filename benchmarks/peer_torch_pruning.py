@@ -4,6 +4,12 @@
 
     python examples/train_your_model.py -o examples/your_resnet18.pt     # the user's model (once)
     python benchmarks/peer_torch_pruning.py [--store DIR] [--steps 5] [--methods taylor,n2n] [--taylor-fractions 0.15,0.18]
+    python benchmarks/peer_torch_pruning.py --model vit --methods taylor  # a small torchvision ViT (trained first)
+
+`--model vit` (configs/your-vit-taylor.yaml) runs Torch-Pruning's pipeline for torchvision's ViT as its own
+examples do: the class token and position embeddings given as unwrapped parameters, `num_heads` of every
+nn.MultiheadAttention (head_dim pruned alike in every head, as searchsvc does), the classifier ignored, and
+`model.hidden_dim` reset to the stream's width after every step.
 
 Both pruners remove the same number of channels per step (`search.filters_per_iteration` of the teacher's
 prunable channels, ranked on the same `importance_batches` training batches) and every pruned model is
@@ -42,7 +48,26 @@ from workers.training.train import train_model  # noqa: E402
 
 TIE_POINTS = 0.3  # accuracy differences within this many points count as equal
 MACS_TOLERANCE = 0.02  # a model with up to 2 % more MACs than a Torch-Pruning point is matched to it
-CONFIGS = {"taylor": "configs/your-model-taylor.yaml", "n2n": "configs/your-model-n2n.yaml"}
+CONFIGS = {"resnet18": {"taylor": "configs/your-model-taylor.yaml", "n2n": "configs/your-model-n2n.yaml"},
+           "vit": {"taylor": "configs/your-vit-taylor.yaml"}}
+
+
+def _transformer_kwargs(model: torch.nn.Module) -> dict[str, Any]:
+    """What Torch-Pruning's ViT examples give MetaPruner: every attention's head count, and the parameters
+    outside its layers with their channel dimension (class token (1, 1, D), position embeddings (1, N, D))."""
+    num_heads = {m: m.num_heads for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)}
+    if not num_heads:
+        return {}
+    unwrapped = [(p, p.dim() - 1) for name, p in model.named_parameters()
+                 if name in ("class_token", "encoder.pos_embedding")]
+    return {"num_heads": num_heads, "unwrapped_parameters": unwrapped}
+
+
+def _after_step(model: torch.nn.Module) -> None:
+    """torchvision's VisionTransformer reads its width from `hidden_dim` in forward: Torch-Pruning's examples
+    set it to the pruned stream's width after each step."""
+    if hasattr(model, "hidden_dim") and hasattr(model, "conv_proj"):
+        model.hidden_dim = model.conv_proj.out_channels
 
 
 def torch_pruning_pipeline(ctx: EvalContext, config, steps: int) -> list[dict[str, Any]]:
@@ -57,7 +82,8 @@ def torch_pruning_pipeline(ctx: EvalContext, config, steps: int) -> list[dict[st
     pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupTaylorImportance(),
                                   global_pruning=True, pruning_ratio=min(per_step * steps, 0.95),
                                   iterative_steps=steps,
-                                  ignored_layers=[model.get_submodule(classifier(model, example))])
+                                  ignored_layers=[model.get_submodule(classifier(model, example))],
+                                  **_transformer_kwargs(model))
     loss_fn = distill_loss_fn(train.distill, cached=ctx.train_logits())
     points = []
     for step in range(1, steps + 1):
@@ -67,6 +93,7 @@ def torch_pruning_pipeline(ctx: EvalContext, config, steps: int) -> list[dict[st
         for _ in _loss_batches(model, splits, search.importance_batches, train.batch_size, config.seed):
             pass  # the gradients of the same batches searchsvc ranks on accumulate in .grad
         pruner.step()
+        _after_step(model)
         model.zero_grad(set_to_none=True)
         history = train_model(model, splits, train, ctx.device, seed=config.seed, progress=False, loss_fn=loss_fn)
         measured = measure(model, splits, ctx.device, timed=False,
@@ -78,7 +105,7 @@ def torch_pruning_pipeline(ctx: EvalContext, config, steps: int) -> list[dict[st
     return points
 
 
-def searchsvc_run(method: str, store: LocalStore, steps: int, overrides: list[str],
+def searchsvc_run(method: str, config_path: str, store: LocalStore, steps: int, overrides: list[str],
                   fractions: list[float]) -> dict[str, Any]:
     """One searchsvc run of the method's your-model config; its valid candidates and wall time. Taylor runs as
     many steps as Torch-Pruning's, none stopped early, one Tune trial per step size in `fractions`."""
@@ -86,14 +113,14 @@ def searchsvc_run(method: str, store: LocalStore, steps: int, overrides: list[st
         overrides = [*overrides, f"search.iterations={steps}", "search.stop.max_drop=100",
                      f"search.tune.filters_per_iteration={fractions}",
                      f"search.tune.grace_period={steps}"]  # every trial runs all its steps: no ASHA stop
-    config = searchsvc.load_config(common.REPO / CONFIGS[method], overrides)
+    config = searchsvc.load_config(common.REPO / config_path, overrides)
     started = time.perf_counter()
     result = searchsvc.run(config, store=store, progress=False)
     keys = ("spec_hash", "method", "macs", "params", "accuracy", "val_accuracy", "compression", "finetuned_from",
             "iteration", "cached", "sample")
     rows = [{k: row.get(k) for k in keys} for row in result.table.to_pylist() if row["status"] == "ok"]
     print(f"searchsvc {method}: {len(rows)} candidates in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
-    return {"run_id": result.run_id, "config": CONFIGS[method], "overrides": overrides,
+    return {"run_id": result.run_id, "config": config_path, "overrides": overrides,
             "wall_s": round(time.perf_counter() - started, 1), "candidates": rows}
 
 
@@ -135,21 +162,29 @@ def beyond(peer: list[dict[str, Any]], ours: list[dict[str, Any]]) -> list[dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", help="store folder (default: a temporary one); the teacher is evaluated there")
+    parser.add_argument("--model", choices=sorted(CONFIGS), default="resnet18",
+                        help="the user's model: resnet18 (examples/your_resnet18.pt, trained by "
+                             "examples/train_your_model.py) or vit (trained by searchsvc from its config)")
     parser.add_argument("--steps", type=int, default=5, help="pruning steps of both iterative pipelines")
-    parser.add_argument("--methods", default="taylor,n2n", help="searchsvc methods to run (comma-separated)")
+    parser.add_argument("--methods", help="searchsvc methods to run, comma-separated (default: every config the "
+                        "model has: taylor,n2n for resnet18, taylor for vit)")
     parser.add_argument("--taylor-fractions", default="0.15,0.18",
                         help="searchsvc taylor: one trial per share of channels removed per step (the first is "
                              "Torch-Pruning's step too)")
     parser.add_argument("--set", action="append", default=[], dest="overrides",
                         help="override for every config, e.g. train.max_images=512 for a quick try (repeatable)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--name", default="peer_torch_pruning", help="the JSON's name")
+    parser.add_argument("--name", help="the JSON's name (default peer_torch_pruning, peer_torch_pruning_vit)")
     parser.add_argument("--out", default=str(common.REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    methods = [m for m in args.methods.split(",") if m]
+    configs = CONFIGS[args.model]
+    methods = [m for m in args.methods.split(",") if m] if args.methods else list(configs)
+    name = args.name or ("peer_torch_pruning" if args.model == "resnet18" else f"peer_torch_pruning_{args.model}")
+    if set(methods) - set(configs):
+        parser.error(f"--methods: {args.model} has configs for {', '.join(configs)} only")
     fractions = [float(f) for f in args.taylor_fractions.split(",")]
-    config = searchsvc.load_config(common.REPO / CONFIGS["taylor"],
+    config = searchsvc.load_config(common.REPO / configs["taylor"],
                                    [*args.overrides, f"search.filters_per_iteration={fractions[0]}"])
     with tempfile.TemporaryDirectory(prefix="peer-") as folder:
         store = LocalStore(args.store or Path(folder) / "store")
@@ -160,7 +195,8 @@ def main() -> None:
         started = time.perf_counter()
         peer = torch_pruning_pipeline(ctx, config, args.steps)
         peer_s = time.perf_counter() - started
-        runs = {method: searchsvc_run(method, store, args.steps, args.overrides, fractions) for method in methods}
+        runs = {method: searchsvc_run(method, configs[method], store, args.steps, args.overrides, fractions)
+                for method in methods}
     ours = [c for run in runs.values() for c in run["candidates"]]
     levels = match(peer, ours)
     c, size = splits.in_channels, splits.image_size
@@ -178,7 +214,7 @@ def main() -> None:
         "matched_params": match(peer, ours, "params"), "beyond_torch_pruning": beyond(peer, ours),
         "taylor_fractions": fractions, "tie_points": TIE_POINTS, "macs_tolerance": MACS_TOLERANCE,
     }
-    path = common.write_result(args.out, args.name, result)
+    path = common.write_result(args.out, name, result)
     for level in levels:
         p, s = level["torch_pruning"], level["searchsvc"]
         mine = f"{s['method']} {s['macs'] / 1e6:.1f} M MACs {100 * s['accuracy']:.2f} %" if s else "none"
