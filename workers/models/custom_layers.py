@@ -29,6 +29,7 @@ so nothing inside it is followed: the graph of Swin-T then takes under a GB.
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -45,11 +46,12 @@ class WindowAttentionPruner(tp.BasePruningFunc):
     """Swin's shifted-window attention as one layer whose input and output channels are the same stream."""
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        width = layer.qkv.in_features
-        tp.prune_linear_out_channels(layer.qkv, [i + part * width for part in range(3) for i in idxs])  # q, k, v
+        if _heads_as_wide_as_stream(layer):  # q, k, v and the projection's inputs narrow with the stream
+            width = layer.qkv.in_features
+            tp.prune_linear_out_channels(layer.qkv, [i + part * width for part in range(3) for i in idxs])
+            tp.prune_linear_in_channels(layer.proj, list(idxs))
         tp.prune_linear_in_channels(layer.qkv, list(idxs))
         tp.prune_linear_out_channels(layer.proj, list(idxs))
-        tp.prune_linear_in_channels(layer.proj, list(idxs))
         return layer
 
     prune_in_channels = prune_out_channels  # one function: Torch-Pruning couples a layer's input and output
@@ -61,9 +63,15 @@ class WindowAttentionPruner(tp.BasePruningFunc):
         return layer.qkv.in_features
 
     def get_out_channel_groups(self, layer: nn.Module) -> int:
-        return layer.num_heads
+        return layer.num_heads if _heads_as_wide_as_stream(layer) else 1
 
     get_in_channel_groups = get_out_channel_groups
+
+
+def _heads_as_wide_as_stream(layer: nn.Module) -> bool:
+    """Whether q, k and v are each as wide as the stream (always in torchvision; in timm unless `head_dim` was
+    given): then they narrow with it. Otherwise only the stream's sides are cut and every head keeps its width."""
+    return layer.qkv.out_features == 3 * layer.qkv.in_features
 
 
 class PatchMergingPruner(tp.BasePruningFunc):
@@ -152,8 +160,19 @@ def settle(module: nn.Module) -> None:
             module.attn_dim = module.head_dim * heads
     if isinstance(module, maxvit.RelativePositionalMultiHeadAttention):
         module.head_dim = module.merge.in_features // module.n_heads
-    elif isinstance(module, (swin.PatchMerging, swin.PatchMergingV2)):
+    elif isinstance(module, _merging_classes()):
         module.dim = module.reduction.in_features // NEIGHBOURS
+
+
+def _merging_classes() -> tuple[type[nn.Module], ...]:
+    """Swin's patch-merging layers: torchvision's, and timm's, which concatenates the 2x2 neighbours in the same
+    layout as torchvision's V1."""
+    return (swin.PatchMerging, swin.PatchMergingV2) + ((_timm_swin().PatchMerging,) if _timm_swin() else ())
+
+
+def _timm_swin():
+    """timm's Swin module when it is imported (a model made of it has imported it; timm is optional), else None."""
+    return sys.modules.get("timm.models.swin_transformer")
 
 
 class ShuffleBarrier(nn.Module):
@@ -190,9 +209,10 @@ def customized_pruners() -> dict[type[nn.Module], tp.BasePruningFunc]:
     """Layer class → its pruner (Torch-Pruning looks classes up exactly: subclasses are listed)."""
     attention, merging, moves = WindowAttentionPruner(), PatchMergingPruner(), MovesChannelsPruner()
     return {swin.ShiftedWindowAttention: attention, swin.ShiftedWindowAttentionV2: attention,
-            swin.PatchMerging: merging, swin.PatchMergingV2: merging, ShuffleBarrier: BarrierPruner(),
-            maxvit.RelativePositionalMultiHeadAttention: HeadsAttentionPruner(), maxvit.WindowPartition: moves,
-            maxvit.WindowDepartition: moves, maxvit.SwapAxes: moves}
+            ShuffleBarrier: BarrierPruner(), maxvit.RelativePositionalMultiHeadAttention: HeadsAttentionPruner(),
+            maxvit.WindowPartition: moves, maxvit.WindowDepartition: moves, maxvit.SwapAxes: moves,
+            **{merging_class: merging for merging_class in _merging_classes()},
+            **({_timm_swin().WindowAttention: attention} if _timm_swin() else {})}
 
 
 @contextmanager
