@@ -1,7 +1,10 @@
 """Which torchvision classification models searchsvc can compress: every name in
-`torchvision.models.list_models(module=torchvision.models)`, at a small input size, random weights.
+`torchvision.models.list_models(module=torchvision.models)`, at a small input size, random weights; with
+`--timm`, one model of each of 46 timm families instead (`TIMM`: what people bring from timm, transformers,
+hybrids and CNNs; 64 px where a model has patches, so that a 16 px patch leaves 4x4 tokens).
 
     python benchmarks/coverage.py [--models resnet18,swin_t] [--size 32] [--timeout 900]
+    python benchmarks/coverage.py --timm [--models timm:swin_tiny_patch4_window7_224]
 
 Each model runs in a fresh process (so one model's peak memory is its own) through what a search does to a
 user's network, each step checked on its own (✓, or ✗ with the first line of its error):
@@ -32,12 +35,37 @@ from typing import Any
 import common
 
 RESULT = "coverage"
+TIMM = ("vit_tiny_patch16_224 deit_tiny_patch16_224 deit3_small_patch16_224 swin_tiny_patch4_window7_224 "
+        "swinv2_tiny_window8_256 convnext_atto resnet18 resnet50d efficientnet_b0 mobilenetv3_small_100 regnetx_002 "
+        "levit_128s mobilevit_xxs poolformer_s12 maxvit_tiny_tf_224 coatnet_0_rw_224 edgenext_xx_small "
+        "efficientformer_l1 fastvit_t8 ghostnet_100 rexnet_100 convformer_s18 caformer_s18 tiny_vit_5m_224 "
+        "eva02_tiny_patch14_224 beit_base_patch16_224 cait_xxs24_224 pvt_v2_b0 twins_svt_small mixer_b16_224 "
+        "resmlp_12_224 crossvit_tiny_240 densenet121 dla34 dpn68 hrnet_w18_small inception_v3 xception41 nfnet_l0 "
+        "cspresnet50 hgnet_tiny repvgg_a0 mobileone_s0 efficientvit_b0 mambaout_femto").split()
 SIZE_KWARGS = {"vit_": "image_size", "maxvit_": "input_size"}  # models that are built for one input size
 MIN_SIZE = {"maxvit_": 224, "inception_v3": 75, "alexnet": 224, "vgg": 224, "vit_h_14": 42}  # where each exports
 
 
 def input_size(name: str, size: int) -> int:
+    if name.startswith("timm:"):
+        return _timm_size(name[len("timm:"):], size)
     return max([size] + [v for prefix, v in MIN_SIZE.items() if name.startswith(prefix)])
+
+
+def _timm_size(name: str, size: int) -> int:
+    """A timm model built for one input size (patches, windows) is built for 64 px when its constructor takes
+    `img_size`, else run at its own size; any other at `size` (75 px for Inception's stem)."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    config = get_pretrained_cfg(name)
+    if not config.fixed_input_size:
+        return max(size, 75) if "inception" in name else size
+    try:
+        timm.create_model(name, num_classes=10, img_size=max(size, 64))
+    except TypeError:
+        return config.input_size[-1]
+    return max(size, 64)
 
 
 def constructor_kwargs(name: str, size: int) -> dict[str, Any]:
@@ -62,9 +90,20 @@ def structure(name: str, size: int) -> dict[str, Any]:
     from workers.measurement.measure import count_macs, count_parameters
     from workers.models.depgraph import channel_groups, example_input, removable_units, shrink_graph
     from workers.models.rebuild import rebuild, remove_units
+    from workers.models.user_model import constructor
+
+    if name.startswith("timm:"):
+        from timm.models import get_pretrained_cfg
+
+        native = get_pretrained_cfg(name[len("timm:"):]).input_size[-1]
 
     def build() -> torch.nn.Module:
-        model = torchvision.models.get_model(name, **constructor_kwargs(name, size)).eval()
+        if name.startswith("timm:"):
+            fixed = get_pretrained_cfg(name[len("timm:"):]).fixed_input_size
+            kwargs = {"num_classes": 10, **({"img_size": size} if fixed and size != native else {})}
+            model = constructor(name)(**kwargs).eval()  # what teacher.model: timm:NAME builds
+        else:
+            model = torchvision.models.get_model(name, **constructor_kwargs(name, size)).eval()
         for param in model.parameters():  # ViT starts its head at zero: every output 0 would compare equal
             if param.dim() > 1 and not param.detach().any():
                 torch.nn.init.normal_(param, std=0.02)
@@ -223,12 +262,16 @@ def main() -> None:
     import torchvision
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="", help="comma-separated names (default: every classification model)")
+    parser.add_argument("--models", default="", help="comma-separated names (default: every classification model; "
+                        "timm:NAME for a timm model)")
+    parser.add_argument("--timm", action="store_true", help="the 46 timm models of TIMM (default: torchvision's); "
+                        "writes coverage_timm.json")
     parser.add_argument("--size", type=int, default=32, help="input side in pixels (raised where a model needs more)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per model before it counts as ✗")
     parser.add_argument("--out", default=str(common.REPO / "benchmarks" / "results"), help="folder for the JSON")
     args = parser.parse_args()
-    names = args.models.split(",") if args.models else torchvision.models.list_models(module=torchvision.models)
+    names = (args.models.split(",") if args.models else [f"timm:{name}" for name in TIMM] if args.timm
+             else torchvision.models.list_models(module=torchvision.models))
     rows = []
     for name in names:
         rows.append(run_one(name, args.size, args.timeout))
@@ -236,8 +279,9 @@ def main() -> None:
     print(table(rows))
     every = sum(r["ok"] and all(str(r.get(step, "")).startswith("✓") or step == "n2n" for step in STEPS)
                 for r in rows)
-    common.write_result(args.out, RESULT, {"size": args.size, "models": rows, "total": len(rows),
-                                           "structure_ok": sum(r["ok"] for r in rows), "every_step_ok": every})
+    common.write_result(args.out, RESULT + ("_timm" if args.timm else ""),
+                        {"size": args.size, "models": rows, "total": len(rows),
+                         "structure_ok": sum(r["ok"] for r in rows), "every_step_ok": every})
 
 
 if __name__ == "__main__":

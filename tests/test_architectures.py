@@ -241,3 +241,29 @@ def test_a_network_that_cannot_be_cut_is_refused_at_validate_naming_the_layer(tm
         assert "cut, 1 (_Scaled) fails (RuntimeError: shape '[1, 8, 1, 1]' is invalid" in err, err
     assert main(["validate", str(tmp_path / "job.yaml"), "--set", "method=rigl",  # cuts nothing: fine
                  "--set", "search={ignore_linear_layers: false}"]) == 0
+
+
+def timm_swin() -> torch.nn.Module:
+    """timm's Swin-T layout, one block a stage, at 64 px (stages of 16, 8, 4 and 2 px: windows shrink to fit)."""
+    make = constructor("timm:swin_tiny_patch4_window7_224")
+    return make(num_classes=10, img_size=64, depths=(2, 1, 1, 1), embed_dim=48, num_heads=(2, 4, 8, 16)).eval()
+
+
+def test_timm_swin_is_cut_through_its_window_attention_and_rebuilt_exactly():
+    """timm's Swin windows its stream in the block, outside the attention: its WindowAttention and PatchMerging are
+    single graph nodes with pruners of ours (traced into, a relative-position table was pruned like channels), so
+    heads narrow with the stream, the tables stay whole and the merging keeps its 2x2 layout."""
+    torch.manual_seed(0)
+    teacher = timm_swin()
+    example = example_input(teacher, 3, 64)
+    removed = removable_units(teacher, example)[:1]
+    groups = channel_groups(remove_units(copy.deepcopy(teacher), removed), example)
+    assert {g.slices for g in groups} >= {2, 4, 8, 16}  # each stream in its stage's heads
+    small = shrink_graph(teacher, example, removed, {g.key: max(g.slices, g.channels // 2) for g in groups})
+    attention = small.layers[1].blocks[0].attn
+    assert attention.qkv.out_features == 3 * 48 and attention.proj.in_features == 48
+    table = teacher.layers[1].blocks[0].attn.relative_position_bias_table
+    assert attention.relative_position_bias_table.shape == table.shape  # one column a head, every head kept
+    assert small.layers[1].downsample.reduction.in_features == 4 * 24
+    assert count_macs(small, 3, 64) < 0.35 * count_macs(teacher, 3, 64)
+    assert rebuild_mismatch(small, timm_swin(), removed, example) is None  # the same outputs, rebuilt
