@@ -243,18 +243,20 @@ def test_a_network_that_cannot_be_cut_is_refused_at_validate_naming_the_layer(tm
                  "--set", "search={ignore_linear_layers: false}"]) == 0
 
 
-def timm_swin() -> torch.nn.Module:
-    """timm's Swin-T layout, one block a stage, at 64 px (stages of 16, 8, 4 and 2 px: windows shrink to fit)."""
-    make = constructor("timm:swin_tiny_patch4_window7_224")
+def timm_swin(name: str) -> torch.nn.Module:
+    """timm's Swin-T layout (V1 or V2), one block a stage, at 64 px (stages of 16, 8, 4 and 2 px: windows shrink)."""
+    make = constructor(f"timm:{name}")
     return make(num_classes=10, img_size=64, depths=(2, 1, 1, 1), embed_dim=48, num_heads=(2, 4, 8, 16)).eval()
 
 
-def test_timm_swin_is_cut_through_its_window_attention_and_rebuilt_exactly():
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"])
+def test_timm_swin_is_cut_through_its_window_attention_and_rebuilt_exactly(name):
     """timm's Swin windows its stream in the block, outside the attention: its WindowAttention and PatchMerging are
     single graph nodes with pruners of ours (traced into, a relative-position table was pruned like channels), so
-    heads narrow with the stream, the tables stay whole and the merging keeps its 2x2 layout."""
+    heads narrow with the stream, the tables stay whole and the merging keeps its 2x2 layout. V2 keeps q and v
+    biases apart (and a zero k bias outside the state_dict), and normalises after merging."""
     torch.manual_seed(0)
-    teacher = timm_swin()
+    teacher = timm_swin(name)
     example = example_input(teacher, 3, 64)
     removed = removable_units(teacher, example)[:1]
     groups = channel_groups(remove_units(copy.deepcopy(teacher), removed), example)
@@ -262,8 +264,19 @@ def test_timm_swin_is_cut_through_its_window_attention_and_rebuilt_exactly():
     small = shrink_graph(teacher, example, removed, {g.key: max(g.slices, g.channels // 2) for g in groups})
     attention = small.layers[1].blocks[0].attn
     assert attention.qkv.out_features == 3 * 48 and attention.proj.in_features == 48
-    table = teacher.layers[1].blocks[0].attn.relative_position_bias_table
-    assert attention.relative_position_bias_table.shape == table.shape  # one column a head, every head kept
+    heads = {key: value.shape for key, value in teacher.layers[1].blocks[0].attn.state_dict().items()
+             if "relative_position" in key or "cpb_mlp.2" in key or "logit_scale" in key}
+    assert heads and all(attention.state_dict()[key].shape == shape for key, shape in heads.items())  # all kept
     assert small.layers[1].downsample.reduction.in_features == 4 * 24
     assert count_macs(small, 3, 64) < 0.35 * count_macs(teacher, 3, 64)
-    assert rebuild_mismatch(small, timm_swin(), removed, example) is None  # the same outputs, rebuilt
+    assert rebuild_mismatch(small, timm_swin(name), removed, example) is None  # the same outputs, rebuilt
+
+
+def test_a_shape_a_layer_views_by_follows_its_tensor():
+    """timm's MetaFormer `Scale` views its vector by `self.shape`, (dim, 1, 1): the tuple follows a cut."""
+    from timm.models.metaformer import Scale
+
+    from workers.models.rebuild import follow_counts
+
+    scale = Scale(dim=8, use_nchw=True)
+    assert follow_counts(scale, {"scale": (8,)}, {"scale": (5,)}) and scale.shape == (5, 1, 1)

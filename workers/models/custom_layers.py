@@ -6,14 +6,15 @@ Swin-T at 32 px needed more than 16 GB before it finished. Given a pruner of its
 the graph, and while the graph is traced (`opaque`) the layer's output is tied in autograd to its input alone,
 so nothing inside it is followed: the graph of Swin-T then takes under a GB.
 
-- `WindowAttentionPruner` (Swin's `ShiftedWindowAttention`, V1 and V2): q, k, v and the output projection are as
+- `WindowAttentionPruner` (torchvision's `ShiftedWindowAttention`, V1 and V2, and timm's Swin and Swin V2
+  `WindowAttention`, which timm calls on windows its block makes): q, k, v and the output projection are as
   wide as the stream the layer reads (its forward splits the input's width into `num_heads` heads), so pruning
   the stream prunes the same positions of q, k and v and of the projection. `num_heads` is kept and each head
   narrows: the group's slices are the heads (`depgraph.channel_groups`), so every head keeps its own channels.
   Removing whole heads instead would need an inner width apart from the stream's, which these layers lack.
-- `PatchMergingPruner` (Swin's `PatchMerging`, V1 and V2): its input is four 2x2 neighbours concatenated, so an
-  input channel is four columns of `reduction` (and four of V1's LayerNorm); its outputs are `reduction`'s rows
-  (and V2's LayerNorm).
+- `PatchMergingPruner` (`PatchMerging` of torchvision's and timm's Swin, V1 and V2): its input is four 2x2
+  neighbours concatenated (the same layout in both), so an input channel is four columns of `reduction` (and
+  four of V1's LayerNorm); its outputs are `reduction`'s rows (and V2's LayerNorm).
 - `HeadsAttentionPruner` (MaxViT's `RelativePositionalMultiHeadAttention`): as Swin's, with q, k and v one
   `to_qkv` layer chunked in three and `merge` the output; `head_dim` narrows, `n_heads` stays.
 - `MovesChannelsPruner` (MaxViT's `WindowPartition`, `WindowDepartition`, `SwapAxes`): reshapes that move every
@@ -50,6 +51,11 @@ class WindowAttentionPruner(tp.BasePruningFunc):
             width = layer.qkv.in_features
             tp.prune_linear_out_channels(layer.qkv, [i + part * width for part in range(3) for i in idxs])
             tp.prune_linear_in_channels(layer.proj, list(idxs))
+            for name in ("q_bias", "v_bias"):  # timm's V2 keeps q and v biases apart from qkv
+                if isinstance(getattr(layer, name, None), nn.Parameter):
+                    keep = [i for i in range(width) if i not in set(idxs)]
+                    setattr(layer, name, nn.Parameter(getattr(layer, name).data[keep].clone()))
+            settle(layer)
         tp.prune_linear_in_channels(layer.qkv, list(idxs))
         tp.prune_linear_out_channels(layer.proj, list(idxs))
         return layer
@@ -81,13 +87,13 @@ class PatchMergingPruner(tp.BasePruningFunc):
         width = layer.reduction.in_features // NEIGHBOURS  # not `layer.dim`: a rebuilt layer keeps the constructor's
         columns = [i + part * width for part in range(NEIGHBOURS) for i in idxs]
         tp.prune_linear_in_channels(layer.reduction, columns)
-        if not isinstance(layer, swin.PatchMergingV2):  # V1 normalises the concatenation
+        if not isinstance(layer, _merging_v2_classes()):  # V1 normalises the concatenation
             tp.prune_layernorm_out_channels(layer.norm, columns)
         settle(layer)
         return layer
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        if isinstance(layer, swin.PatchMergingV2):  # V2 normalises the output
+        if isinstance(layer, _merging_v2_classes()):  # V2 normalises the output
             tp.prune_layernorm_out_channels(layer.norm, list(idxs))
         tp.prune_linear_out_channels(layer.reduction, list(idxs))
         return layer
@@ -162,17 +168,28 @@ def settle(module: nn.Module) -> None:
         module.head_dim = module.merge.in_features // module.n_heads
     elif isinstance(module, _merging_classes()):
         module.dim = module.reduction.in_features // NEIGHBOURS
+    q_bias, k_bias = getattr(module, "q_bias", None), getattr(module, "k_bias", None)
+    if isinstance(q_bias, nn.Parameter) and isinstance(k_bias, torch.Tensor) and k_bias.shape != q_bias.shape:
+        module.k_bias = torch.zeros_like(q_bias.data)  # timm's V2: a zero buffer outside the state_dict
 
 
 def _merging_classes() -> tuple[type[nn.Module], ...]:
-    """Swin's patch-merging layers: torchvision's, and timm's, which concatenates the 2x2 neighbours in the same
-    layout as torchvision's V1."""
-    return (swin.PatchMerging, swin.PatchMergingV2) + ((_timm_swin().PatchMerging,) if _timm_swin() else ())
+    """Swin's patch-merging layers: torchvision's, and timm's, which concatenate the 2x2 neighbours in the same
+    layout as torchvision's."""
+    timm_swin = _timm_swin("")
+    return (swin.PatchMerging,) + ((timm_swin.PatchMerging,) if timm_swin else ()) + _merging_v2_classes()
 
 
-def _timm_swin():
-    """timm's Swin module when it is imported (a model made of it has imported it; timm is optional), else None."""
-    return sys.modules.get("timm.models.swin_transformer")
+def _merging_v2_classes() -> tuple[type[nn.Module], ...]:
+    """The patch mergings that normalise their output (V2), not their concatenated input."""
+    timm_swin_v2 = _timm_swin("_v2")
+    return (swin.PatchMergingV2,) + ((timm_swin_v2.PatchMerging,) if timm_swin_v2 else ())
+
+
+def _timm_swin(version: str):
+    """timm's Swin (`version` "") or Swin V2 ("_v2") module when it is imported (a model made of it has imported
+    it; timm is optional), else None."""
+    return sys.modules.get(f"timm.models.swin_transformer{version}")
 
 
 class ShuffleBarrier(nn.Module):
@@ -212,7 +229,7 @@ def customized_pruners() -> dict[type[nn.Module], tp.BasePruningFunc]:
             ShuffleBarrier: BarrierPruner(), maxvit.RelativePositionalMultiHeadAttention: HeadsAttentionPruner(),
             maxvit.WindowPartition: moves, maxvit.WindowDepartition: moves, maxvit.SwapAxes: moves,
             **{merging_class: merging for merging_class in _merging_classes()},
-            **({_timm_swin().WindowAttention: attention} if _timm_swin() else {})}
+            **{_timm_swin(v).WindowAttention: attention for v in ("", "_v2") if _timm_swin(v)}}
 
 
 @contextmanager

@@ -24,6 +24,7 @@ import copy
 import logging
 import math
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -151,7 +152,9 @@ def dependency_graph(model: nn.Module, example: torch.Tensor):
 
     pruners = customized_pruners()
     try:
-        with torch.enable_grad(), traceable(model):  # the graph is traced through autograd, whatever the mode
+        with torch.enable_grad(), traceable(model), warnings.catch_warnings():  # traced through autograd
+            # what it calls unwrapped now are scalars (timm's StarReLU scale), which it leaves alone: no warning
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
             return tp, tp.DependencyGraph().build_dependency(
                 model, example_inputs=example, customized_pruners=pruners,
                 unwrapped_parameters=_unwrapped(tp, model, tuple(pruners)))

@@ -84,7 +84,8 @@ def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 def follow_counts(module: nn.Module, old: Mapping[str, tuple], new: Mapping[str, tuple]) -> bool:
     """A module torch does not describe (VisionTransformer, ConvNeXt's CNBlock) whose own tensors changed along
     one dimension each, old size → new size consistently: its integer attributes that held an old size take the
-    new one (`VisionTransformer.hidden_dim`, which its forward reshapes by). False if the change is not of that
+    new one (`VisionTransformer.hidden_dim`, which its forward reshapes by), and so do such entries of its tuples
+    of integers (timm's `Scale.shape`, `(dim, 1, 1)`). False if the change is not of that
     kind: then nothing is known to rebuild it."""
     sizes: dict[int, int] = {}
     for key, shape in new.items():
@@ -98,6 +99,8 @@ def follow_counts(module: nn.Module, old: Mapping[str, tuple], new: Mapping[str,
     for attr, value in list(vars(module).items()):
         if type(value) is int and value in sizes:  # bool is an int subclass: `training` is left alone
             setattr(module, attr, sizes[value])
+        elif type(value) is tuple and value and all(type(v) is int for v in value) and set(value) & set(sizes):
+            setattr(module, attr, tuple(sizes.get(v, v) for v in value))  # a shape its forward views by: timm's Scale
     return bool(sizes)
 
 
