@@ -88,7 +88,9 @@ def test_heads_keep_their_own_channels_when_the_stream_narrows():
     before = teacher.encoder.layers.encoder_layer_0.self_attention.in_proj_weight
     after = small.encoder.layers.encoder_layer_0.self_attention.in_proj_weight
     rows = [part * 768 + i for part in range(3) for i in kept]
-    assert torch.equal(after, before[rows][:, kept])
+    assert torch.equal(after[len(kept):], before[rows][len(kept):, kept])  # k and v: the same weights
+    scale = (63 / 64) ** 0.5  # q keeps q·k / sqrt(head width) as it was: keep_temperature
+    assert torch.allclose(after[:len(kept)], scale * before[rows][:len(kept), kept])
 
 
 def test_swin_is_analysed_in_bounded_memory_and_rebuilt_exactly():
@@ -198,6 +200,30 @@ def test_a_timm_vision_transformer_narrows_every_head_of_q_k_and_v_alike():
         assert torch.equal(again(images), small(images))
 
 
+def test_a_thinned_head_keeps_the_attention_it_had_with_zeros():
+    """A head narrowed from 64 to 48 would divide q·k by sqrt(48), not sqrt(64), sharpening every softmax: the
+    cut scales q by sqrt(48 / 64), so removing channels that were zero (a structured mask, thinned) leaves every
+    output as it was — with timm's fused attention and without (its own `scale`)."""
+    from workers.models.thinning import thin
+
+    torch.manual_seed(0)
+    teacher = timm_vit()
+    example = example_input(teacher, 3, 32)
+    qkv = teacher.blocks[0].attn.qkv
+    dead = [p for part in range(3 * 3) for p in range(part * 64, part * 64 + 16)]  # 16 of 64 in q, k, v of 3 heads
+    with torch.no_grad():
+        qkv.weight[dead] = 0
+        qkv.bias[dead] = 0
+    images = torch.randn(2, 3, 32, 32)
+    for fused in (True, False):
+        for block in teacher.blocks:
+            block.attn.fused_attn = fused
+        thinned, removed = thin(teacher, example)
+        assert removed == {"blocks.0.attn.qkv": 3 * 3 * 16} and thinned.blocks[0].attn.head_dim == 48
+        with torch.no_grad():
+            assert torch.allclose(thinned(images), teacher(images), atol=1e-5)
+
+
 def test_timm_names_are_checked_and_never_download():
     with pytest.raises(SearchsvcError, match="timm has no model 'vit_tiny_patch16_2240'.*vit_tiny_patch16_224"):
         constructor("timm:vit_tiny_patch16_2240")
@@ -208,12 +234,13 @@ def test_timm_names_are_checked_and_never_download():
 
 
 class _Scaled(torch.nn.Module):
-    """A user's layer that keeps its channel count in a tuple: cut, it still reshapes to the old count."""
+    """A user's layer that keeps its channel count in a list (an int or a tuple of ints would follow the cut):
+    cut, it still reshapes to the old count."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.scale = torch.nn.Parameter(torch.ones(channels))
-        self.shape = (1, channels, 1, 1)
+        self.shape = [1, channels, 1, 1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale.reshape(self.shape)

@@ -30,6 +30,7 @@ so nothing inside it is followed: the graph of Swin-T then takes under a GB.
 
 from __future__ import annotations
 
+import math
 import sys
 from contextlib import contextmanager
 from typing import Iterator, Sequence
@@ -156,6 +157,38 @@ def qkv_slices(model: nn.Module) -> dict[nn.Module, int]:
     return found
 
 
+def head_width(module: nn.Module) -> int | None:
+    """The width of each head of an attention layer whose softmax temperature is 1 / sqrt(that width): torch's
+    nn.MultiheadAttention, torchvision's Swin (V1), timm's attention and Swin window attention (V1). None for any
+    other layer, and for the cosine attention of Swin V2, whose q and k are normalised."""
+    if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
+        return module.embed_dim // module.num_heads
+    qkv, heads = getattr(module, "qkv", None), getattr(module, "num_heads", None)
+    scaled = type(module) is swin.ShiftedWindowAttention or type(getattr(module, "scale", None)) is float
+    if isinstance(qkv, nn.Linear) and type(heads) is int and scaled and not hasattr(module, "logit_scale"):
+        return qkv.out_features // (3 * heads)
+    return None
+
+
+def keep_temperature(module: nn.Module, old_width: int) -> None:
+    """After a cut narrowed each head of `module` from `old_width`: q times sqrt(new / old), so that q·k / sqrt(new)
+    is the q·k / sqrt(old) the layer computed before on the channels kept (its scores before the softmax are
+    unchanged where only zeros went, as in a thinned mask, instead of sharpened by sqrt(old / new))."""
+    new_width = head_width(module)
+    if new_width is None or new_width == old_width:
+        return
+    factor = math.sqrt(new_width / old_width)
+    weight, bias = ((module.in_proj_weight, module.in_proj_bias) if isinstance(module, nn.MultiheadAttention)
+                    else (module.qkv.weight, module.qkv.bias))
+    rows = weight.shape[0] // 3  # q first, then k and v
+    with torch.no_grad():
+        weight[:rows].mul_(factor)
+        if bias is not None:
+            bias[:rows].mul_(factor)
+        if isinstance(getattr(module, "q_bias", None), nn.Parameter):
+            module.q_bias.mul_(factor)
+
+
 def settle(module: nn.Module) -> None:
     """Set the counts a layer keeps beside its tensors from those tensors (after pruning or a rebuild): MaxViT's
     and timm's `head_dim` (and timm's `attn_dim`), which their forwards reshape by, and Swin's `PatchMerging.dim`."""
@@ -164,6 +197,8 @@ def settle(module: nn.Module) -> None:
         module.head_dim = qkv.out_features // (3 * heads)
         if type(getattr(module, "attn_dim", None)) is int:
             module.attn_dim = module.head_dim * heads
+    if type(getattr(module, "scale", None)) is float and head_width(module):  # timm's, used where fused is off
+        module.scale = head_width(module) ** -0.5
     if isinstance(module, maxvit.RelativePositionalMultiHeadAttention):
         module.head_dim = module.merge.in_features // module.n_heads
     elif isinstance(module, _merging_classes()):

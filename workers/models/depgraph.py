@@ -264,18 +264,21 @@ def _cut_channels(model: nn.Module, traced: tuple, groups: list[ChannelGroup], c
                   scores: Mapping[str, torch.Tensor]) -> None:
     """Cut each chosen group (root → width) of `model` in place; then the counts of the layers Torch-Pruning
     does not keep follow their tensors (VisionTransformer.hidden_dim, head_dim)."""
-    from workers.models.custom_layers import settle
+    from workers.models.custom_layers import head_width, keep_temperature, settle
 
     if not chosen:
         return
     slices = {g.key: g.slices for g in groups}
     before = own_shapes(model)
+    heads = {module: head_width(module) for module in model.modules() if head_width(module)}
     _prune(model, traced, {key: (width, slices[key]) for key, width in chosen.items()}, scores)
     after = own_shapes(model)
     for name, module in model.named_modules():  # Torch-Pruning keeps the counts of the layers it knows
         if not isinstance(module, LAYERS) and after[name] != before[name]:
             follow_counts(module, before[name], after[name])
         settle(module)
+    for module, width in heads.items():
+        keep_temperature(module, width)
 
 
 def _resolve(groups: list[ChannelGroup], widths: Mapping[str, int]) -> dict[str, int]:
