@@ -307,3 +307,11 @@ def test_a_shape_a_layer_views_by_follows_its_tensor():
 
     scale = Scale(dim=8, use_nchw=True)
     assert follow_counts(scale, {"scale": (8,)}, {"scale": (5,)}) and scale.shape == (5, 1, 1)
+
+
+def test_timm_maxxvit_is_refused_before_torch_pruning_traces_it():
+    """Traced, timm's MaxViT at 64 px passed 20 GB within minutes (its window partitions are functions): refused in
+    one line before the graph is built, never left to the kernel's out-of-memory kill."""
+    model = constructor("timm:maxvit_tiny_tf_224")(num_classes=10, img_size=64, depths=(1, 1, 1, 1)).eval()
+    with pytest.raises(SearchsvcError, match="MaxxVit is not supported yet: timm's MaxxVit"):
+        channel_groups(model, example_input(model, 3, 64))

@@ -267,6 +267,17 @@ def customized_pruners() -> dict[type[nn.Module], tp.BasePruningFunc]:
             **{_timm_swin(v).WindowAttention: attention for v in ("", "_v2") if _timm_swin(v)}}
 
 
+def unfollowable(model: nn.Module) -> str | None:
+    """Why Torch-Pruning must not trace `model` (None: it may): timm's MaxViT and CoAtNet (`timm.models.maxxvit`)
+    partition windows and grids in plain functions, which it follows index list by index list: past 20 GB within
+    minutes at 64 px (measured), where the kernel's out-of-memory kill would end the run and its neighbours."""
+    maxxvit = sys.modules.get("timm.models.maxxvit")
+    if maxxvit is not None and any(isinstance(m, maxxvit.MaxxVit) for m in model.modules()):
+        return ("timm's MaxxVit (MaxViT, CoAtNet) partitions its windows in functions that Torch-Pruning follows "
+                "into tens of GB; torchvision's maxvit_t is supported")
+    return None
+
+
 @contextmanager
 def traceable(model: nn.Module) -> Iterator[None]:
     """While open, `model` is what Torch-Pruning can trace: the layers with pruners of ours are single nodes

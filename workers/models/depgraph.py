@@ -148,9 +148,12 @@ def dependency_graph(model: nn.Module, example: torch.Tensor):
     """(the torch_pruning module, its DependencyGraph of `model`) — imported where a user's model is cut."""
     import torch_pruning as tp
 
-    from workers.models.custom_layers import customized_pruners, traceable  # imports torch_pruning
+    from workers.models.custom_layers import customized_pruners, traceable, unfollowable  # imports torch_pruning
 
     pruners = customized_pruners()
+    unsupported = unfollowable(model)
+    if unsupported:
+        raise SearchsvcError(f"teacher.model: {type(model).__name__} is not supported yet: {unsupported}")
     try:
         with torch.enable_grad(), traceable(model), warnings.catch_warnings():  # traced through autograd
             # what it calls unwrapped now are scalars (timm's StarReLU scale), which it leaves alone: no warning
