@@ -1,6 +1,6 @@
 """Which torchvision classification models searchsvc can compress: every name in
 `torchvision.models.list_models(module=torchvision.models)`, at a small input size, random weights; with
-`--timm`, one model of each of 46 timm families instead (`TIMM`: what people bring from timm, transformers,
+`--timm`, one model of each of 45 timm families instead (`TIMM`: what people bring from timm, transformers,
 hybrids and CNNs; 64 px where a model has patches, so that a 16 px patch leaves 4x4 tokens).
 
     python benchmarks/coverage.py [--models resnet18,swin_t] [--size 32] [--timeout 900]
@@ -264,7 +264,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="", help="comma-separated names (default: every classification model; "
                         "timm:NAME for a timm model)")
-    parser.add_argument("--timm", action="store_true", help="the 46 timm models of TIMM (default: torchvision's); "
+    parser.add_argument("--timm", action="store_true", help="the 45 timm models of TIMM (default: torchvision's); "
                         "writes coverage_timm.json")
     parser.add_argument("--size", type=int, default=32, help="input side in pixels (raised where a model needs more)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per model before it counts as ✗")
