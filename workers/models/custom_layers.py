@@ -52,10 +52,10 @@ class WindowAttentionPruner(tp.BasePruningFunc):
             width = layer.qkv.in_features
             tp.prune_linear_out_channels(layer.qkv, [i + part * width for part in range(3) for i in idxs])
             tp.prune_linear_in_channels(layer.proj, list(idxs))
+            keep = sorted(set(range(width)) - set(idxs))
             for name in ("q_bias", "v_bias"):  # timm's V2 keeps q and v biases apart from qkv
                 if isinstance(getattr(layer, name, None), nn.Parameter):
-                    keep = [i for i in range(width) if i not in set(idxs)]
-                    setattr(layer, name, nn.Parameter(getattr(layer, name).data[keep].clone()))
+                    setattr(layer, name, self._prune_parameter_and_grad(getattr(layer, name), keep, 0))
             settle(layer)
         tp.prune_linear_in_channels(layer.qkv, list(idxs))
         tp.prune_linear_out_channels(layer.proj, list(idxs))
@@ -185,8 +185,6 @@ def keep_temperature(module: nn.Module, old_width: int) -> None:
         weight[:rows].mul_(factor)
         if bias is not None:
             bias[:rows].mul_(factor)
-        if isinstance(getattr(module, "q_bias", None), nn.Parameter):
-            module.q_bias.mul_(factor)
 
 
 def settle(module: nn.Module) -> None:
@@ -197,8 +195,9 @@ def settle(module: nn.Module) -> None:
         module.head_dim = qkv.out_features // (3 * heads)
         if type(getattr(module, "attn_dim", None)) is int:
             module.attn_dim = module.head_dim * heads
-    if type(getattr(module, "scale", None)) is float and head_width(module):  # timm's, used where fused is off
-        module.scale = head_width(module) ** -0.5
+    width = head_width(module)
+    if width and type(getattr(module, "scale", None)) is float:  # timm's, used where fused attention is off
+        module.scale = width ** -0.5
     if isinstance(module, maxvit.RelativePositionalMultiHeadAttention):
         module.head_dim = module.merge.in_features // module.n_heads
     elif isinstance(module, _merging_classes()):

@@ -273,7 +273,7 @@ def _cut_channels(model: nn.Module, traced: tuple, groups: list[ChannelGroup], c
         return
     slices = {g.key: g.slices for g in groups}
     before = own_shapes(model)
-    heads = {module: head_width(module) for module in model.modules() if head_width(module)}
+    heads = {module: width for module in model.modules() if (width := head_width(module))}
     _prune(model, traced, {key: (width, slices[key]) for key, width in chosen.items()}, scores)
     after = own_shapes(model)
     for name, module in model.named_modules():  # Torch-Pruning keeps the counts of the layers it knows
