@@ -248,13 +248,14 @@ def shrink_graph(teacher: nn.Module, example: torch.Tensor, removed: Iterable[st
 
 
 def _without_units(teacher: nn.Module, example: torch.Tensor, removed: Iterable[str],
-                   ) -> tuple[nn.Module, tuple, list[ChannelGroup]]:
+                   units: tuple[str, ...] | None = None) -> tuple[nn.Module, tuple, list[ChannelGroup]]:
     """A copy of the teacher on the CPU (eval mode) with the named units removed, its dependency graph (one
-    graph serves the groups and the surgery) and its channel groups."""
+    graph serves the groups and the surgery) and its channel groups. `units`: the teacher's removable units
+    when the caller has traced them."""
     removed = tuple(removed)
     model = copy.deepcopy(teacher).cpu().eval()
     example = example.cpu()
-    units = removable_units(model, example)
+    units = removable_units(model, example) if units is None else units
     unknown = sorted(set(removed) - set(units))
     if unknown:
         raise InvalidTransform(f"unknown units to remove: {unknown}; removable: {list(units)}")
@@ -333,11 +334,11 @@ def cut_problem(model: nn.Module, fresh: nn.Module, example: torch.Tensor) -> st
     layer or operation that fails."""
     try:
         units = removable_units(model, example)
-        small, traced, groups = _without_units(model, example, units[:1])
+        small, traced, groups = _without_units(model, example, units[:1], units)
         halves = {g.key: max(g.slices, g.channels // 2) for g in groups}
         _cut_channels(small, traced, groups, _resolve(groups, halves), {})
-    except SearchsvcError as err:
-        return str(err)
+    except SearchsvcError as err:  # the caller names teacher.model: said once
+        return str(err).removeprefix("teacher.model: ")
     except Exception as err:  # noqa: BLE001 — an operation the tracer or Torch-Pruning cannot follow: one line
         return f"cannot be cut ({type(err).__name__}: {first_line(err)})"
     failing = failing_layer(small, example)
