@@ -105,7 +105,7 @@ def main() -> None:
     out = Path(args.out)
     page = out / "compare-fashion-resnet20.html"
     subprocess.run([sys.executable, "-m", "searchsvc", "compare", "--store", args.store,
-                    *(r["run_id"] for r in runs.values()), "-o", str(page)], check=True)
+                    *(a for r in runs.values() for a in ("--run", r["run_id"])), "-o", str(page)], check=True)
     chromium = shutil.which("chromium")
     if chromium:
         subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",

@@ -1,7 +1,8 @@
 """Errors a user can cause. The base class lives in the bottom layer so every layer can raise it.
 
-The CLI turns any `SearchsvcError` into one line on stderr and exit code 2; anything else is a bug
-and keeps its traceback.
+The CLI turns any `SearchsvcError` into one line on stderr and exit code 2 (a subclass may carry another
+`exit_code`: an infrastructure fault's RunFailed exits 75, the run resumable); anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations

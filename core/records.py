@@ -30,6 +30,7 @@ from core.errors import SearchsvcError
 from core.names import did_you_mean, is_int, is_number
 
 _FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")  # YAML 1.1 reads 1e-3 as a string
+MAX_SEED = 2**32 - 1  # the bound of every seed key: torch.manual_seed overflows past 2**64, NumPy past 2**32
 
 
 class RecordError(SearchsvcError):

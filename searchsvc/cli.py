@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from core.errors import SearchsvcError
-from searchsvc.cli_args import add_set, add_store, open_for, output_path
+from searchsvc.cli_args import Parser, add_set, add_store, id_arg, open_for, output_path
 from searchsvc.cli_models import MODEL_COMMANDS, add_model_commands
 from searchsvc.reporting.rows import ResultRow
 from searchsvc.reporting.table import table_rows
 from searchsvc.reporting.text_table import format_table
+from searchsvc.running.faults import RunFailed
 from searchsvc.running.stopping import Stopped
-from storage import check_id
 
 EXIT_USAGE = 2
 
@@ -37,13 +37,12 @@ Typical use:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with help for every flag."""
-    parser = argparse.ArgumentParser(prog="searchsvc", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="searchsvc", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
     parser.add_argument("--version", action="version", version=_version_text())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # --debug is accepted after the command too (`searchsvc run x.yaml --debug`).
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show full tracebacks and debug logs")
 
@@ -78,9 +77,10 @@ def _add_run_commands(commands: Any, common: argparse.ArgumentParser) -> None:
                                              "the evaluations it recorded (not trained again) and the driver's "
                                              "checkpoints.")
     add_store(resume)
-    resume.add_argument("--run", required=True, help="id of the run to continue")
+    resume.add_argument("--run", required=True, type=id_arg("run id"), help="id of the run to continue")
     resume.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     resume.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    resume.add_argument("--report", metavar="HTML", help="when the run ends, write its HTML report here")
 
     sens = commands.add_parser("sensitivity", parents=[common], help="prune each layer alone; accuracy per level",
                                description="Sensitivity analysis of CONFIG's teacher: each weight pruned alone to "
@@ -121,7 +121,7 @@ def _add_inspect_commands(commands: Any, common: argparse.ArgumentParser) -> Non
     results = commands.add_parser("results", parents=[common], help="show a run's ranked results",
                                   description="Print the consolidated results of a run, best first.")
     add_store(results)
-    results.add_argument("--run", help="run id (default: the latest run in the store)")
+    results.add_argument("--run", type=id_arg("run id"), help="run id (default: the latest run that has results)")
     results.add_argument("--top", type=int, metavar="K", help="show only the best K rows")
     results.add_argument("--json", action="store_true", help="print a JSON list of row objects instead of a table")
 
@@ -129,7 +129,7 @@ def _add_inspect_commands(commands: Any, common: argparse.ArgumentParser) -> Non
                                  description="Write one self-contained HTML file (plots inline) with the run's "
                                              "summary, Pareto fronts, best candidates and the method's plots.")
     add_store(report)
-    report.add_argument("--run", help="run id (default: the latest run in the store)")
+    report.add_argument("--run", type=id_arg("run id"), help="run id (default: the latest run that has results)")
     report.add_argument("-o", "--output", default="report.html", help="HTML file to write (default report.html)")
     report.add_argument("--top", type=int, default=10, metavar="K", help="rows of the best-candidates table (10)")
 
@@ -138,7 +138,8 @@ def _add_inspect_commands(commands: Any, common: argparse.ArgumentParser) -> Non
         description="Write one self-contained HTML page: the runs' Pareto fronts overlaid (the teacher marked), the "
                     "model each run hands over per budget (chosen on validation accuracy, with its test accuracy), "
                     "wall time and GPU-hours per run.")
-    compare.add_argument("runs", nargs="+", metavar="RUN", help="run ids (at least one; the same teacher and data)")
+    compare.add_argument("--run", action="append", required=True, type=id_arg("run id"), dest="runs", metavar="ID",
+                         help="a run to compare (repeatable: --run A --run B; the same teacher and data)")
     add_store(compare)
     compare.add_argument("-o", "--output", default="compare.html", help="HTML file to write (default compare.html)")
     compare.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE[,...]",
@@ -177,7 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from searchsvc.running.job import run
 
     config = load_config(args.config, args.overrides)
-    report = output_path(args.report, "--report") if args.report else None
+    report = output_path(args.report, "--report", store=args.store or config.store) if args.report else None
     result = run(config, store=args.store, endpoint=args.s3_endpoint, progress=not args.no_progress,
                  address=args.address)
     _print_run(result)
@@ -204,27 +205,30 @@ def _print_run(result: Any) -> None:
 def cmd_resume(args: argparse.Namespace) -> int:
     from searchsvc.running.job import resume
 
-    check_id(args.run, "run id")
+    report = output_path(args.report, "--report", store=args.store) if args.report else None
     result = resume(args.store, args.run, endpoint=args.s3_endpoint, progress=not args.no_progress,
                     address=args.address)
     _print_run(result)
+    if report is not None:
+        _write_report(open_for(args, result.store_uri), result.run_id, report)
     return 0
 
 
 def cmd_results(args: argparse.Namespace) -> int:
     from searchsvc.reporting.table import read_results
-    from storage.layout import latest_run
 
     if args.top is not None and args.top < 1:
         raise SearchsvcError(f"--top: must be a positive integer, got {args.top}")
     store = open_for(args, args.store)
-    run_id = args.run or latest_run(store)
+    run_id, note = (args.run, "") if args.run else _latest_with_results(store)
     every = table_rows(read_results(store, run_id))
     rows = every[: args.top]
     if args.json:
+        if note:  # stdout stays one JSON document
+            print(f"run {run_id}{note}", file=sys.stderr)
         print(json.dumps([row.to_data() for row in rows], indent=2))
     else:
-        print(f"run {run_id} in {store.uri}")
+        print(f"run {run_id} in {store.uri}{note}")
         judged = [row for row in every if row.within_budget is not None]
         if judged:  # ranked first: the best model within the run's budget leads the table
             print(f"within budget (search.budget): {sum(bool(r.within_budget) for r in judged)} of {len(judged)}")
@@ -234,24 +238,36 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from storage import layout
-    from storage.layout import latest_run
 
     if args.top < 1:
         raise SearchsvcError(f"--top: must be a positive integer, got {args.top}")
-    output = output_path(args.output, "--output")
+    output = output_path(args.output, "--output", store=args.store)
     store = open_for(args, args.store)
-    run_id = check_id(args.run, "run id") if args.run else latest_run(store)
+    run_id, note = (args.run, "") if args.run else _latest_with_results(store)
     if not layout.run_exists(store, run_id):
         raise SearchsvcError(f"--run: run '{run_id}' does not exist in {store.uri}")
+    if note:
+        print(f"run {run_id}{note}")
     _write_report(store, run_id, output, args.top)
     return 0
+
+
+def _latest_with_results(store: Any) -> tuple[str, str]:
+    """The run `results` and `report` show without --run: the newest with results (a newer run that failed or
+    stopped before its first result does not hide it), and a note saying so when newer runs were passed over."""
+    from storage.layout import latest_run_with_results
+
+    run_id, newer = latest_run_with_results(store)
+    if not newer:
+        return run_id, ""
+    return run_id, f" (the latest with results; {newer} newer run{' has' if newer == 1 else 's have'} none)"
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from searchsvc.reporting.compare import build_compare, parse_budget
 
     budgets = [parse_budget(text) for text in args.budget]
-    output = output_path(args.output, "--output")
+    output = output_path(args.output, "--output", store=args.store)
     store = open_for(args, args.store)
     output.write_text(build_compare(store, args.runs, budgets, allow_mixed=args.allow_mixed))
     print(f"comparison of {len(dict.fromkeys(args.runs))} run(s): {output.resolve()}")
@@ -263,13 +279,14 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from searchsvc.running.job import run
     from storage import layout
 
-    schedule_out = output_path(args.schedule_out, "--schedule-out") if args.schedule_out else None
     raw = apply_overrides(read_yaml(args.config), args.overrides)
     search = dict(raw.get("search") or {}) if raw.get("method") == "sensitivity" else {}
     flags = {"levels": _floats(args.levels, "--levels"), "structure": args.structure,
              "weights": args.weights.split(",") if args.weights else None, "tolerance": args.tolerance}
     search.update({k: v for k, v in flags.items() if v is not None})
     config = parse_config({**raw, "method": "sensitivity", "search": search}, source=args.config)
+    schedule_out = (output_path(args.schedule_out, "--schedule-out", store=args.store or config.store)
+                    if args.schedule_out else None)
     result = run(config, store=args.store, endpoint=args.s3_endpoint, progress=not args.no_progress,
                  address=args.address)
     rows = table_rows(result.table)
@@ -313,7 +330,10 @@ COMMANDS = {"validate": cmd_validate, "config": cmd_config, "run": cmd_run, "res
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error already printed as one line
+        return done.code if isinstance(done.code, int) else EXIT_USAGE
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -321,6 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
+    except RunFailed as err:  # Ray lost a worker or a node: one line, the run recorded as failed and resumable
+        if args.debug:
+            raise
+        print(f"searchsvc: error: {err}", file=sys.stderr)
+        return err.exit_code
     except SearchsvcError as err:
         if args.debug:
             raise
@@ -330,6 +355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("searchsvc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `searchsvc results | head -1`: the reader left; what is left unwritten goes nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit's flush fails again
+        return 128 + signal.SIGPIPE
     except Stopped as err:  # SIGTERM: `ray job stop`; the run is recorded as stopped and can be resumed
         print(f"searchsvc: {err}; `searchsvc resume` continues the run", file=sys.stderr)
         return 128 + signal.SIGTERM

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from core.errors import SearchsvcError
 from searchsvc.cli_args import add_store, open_for, output_path
-from storage import check_id, layout
+from storage import StoreWriteError, check_id, layout
 
 
 def add_model_commands(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -54,8 +55,9 @@ def add_model_commands(commands: Any, common: argparse.ArgumentParser) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from searchsvc.candidates import candidate_input, export_model, load_candidate, split_candidate_uri
 
-    output = output_path(args.output, "--output", (".onnx", ".pt", ".ts"), create_folders=True)
     store_uri, spec_hash = split_candidate_uri(args.candidate)
+    output = output_path(args.output, "--output", (".onnx", ".pt", ".ts"), create_folders=True,
+                         store=store_uri or args.store)
     store = open_for(args, store_uri or args.store)
     model = load_candidate(spec_hash, store=store)
     path = export_model(model, output, candidate_input(store, spec_hash, model))
@@ -71,11 +73,15 @@ def cmd_summary(args: argparse.Namespace) -> int:
     store = open_for(args, args.store)
     model, (channels, image_size) = stored_model(store, check_id(args.model, "model hash"))
     rows = summary(model, args.kind, channels, image_size)
-    key = layout.store_summary(args.model, args.kind)
-    store.put_bytes(key, to_csv(rows))
     name = model.arch.name if hasattr(model, "arch") else type(model).__name__
     print(f"{args.kind} summary of {args.model} ({name}, {image_size}x{image_size} input)")
     print(format_summary(rows))
+    key = layout.store_summary(args.model, args.kind)
+    try:
+        store.put_bytes(key, to_csv(rows))
+    except StoreWriteError as err:  # a read-only store: the table above is the command's answer
+        print(f"searchsvc: warning: not stored: {err}", file=sys.stderr)
+        return 0
     print(f"stored: {store.uri_for(key)}")
     return 0
 
@@ -89,7 +95,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     config = quantize_config(args)
     if not ort.available():
         raise SearchsvcError(f"quantize: {ort.NOT_INSTALLED}")
-    output = output_path(args.output, "-o", (".onnx",), create_folders=True) if args.output else None
+    output = output_path(args.output, "-o", (".onnx",), create_folders=True, store=args.store) if args.output else None
     store = open_for(args, args.store)
     spec_hash = check_id(args.candidate, "spec hash")
     outcome = quantize_candidate(store, spec_hash, config)

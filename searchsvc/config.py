@@ -11,8 +11,8 @@ from typing import Any, Iterable, Literal
 import yaml
 
 from core.errors import SearchsvcError
-from core.records import RecordError, from_data, to_data
-from core.yamlio import load_yaml
+from core.records import MAX_SEED, RecordError, from_data, to_data
+from core.yamlio import load_yaml, read_text
 from searchsvc.methods import get_method, list_methods
 from searchsvc.registry import SearchSection
 from storage import DEFAULT_STORE
@@ -45,7 +45,7 @@ class JobConfig:
     resources: Resources = field(default_factory=Resources)
     store: str = field(default=DEFAULT_STORE, metadata={"help": "folder, file:///abs/dir or s3://bucket/prefix"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: the GPU if any"})
-    seed: int = field(default=0, metadata={"min": 0, "help": "seed of the search"})
+    seed: int = field(default=0, metadata={"min": 0, "max": MAX_SEED, "help": "seed of the search"})
     quantize: QuantizeConfig | None = field(default=None, metadata={
         "omit_default": True, "help": "int8: every kept candidate also quantized and measured (docs/quantization.md)"})
 
@@ -77,7 +77,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """The top-level mapping of a YAML file; ConfigError naming the file (and line) otherwise."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = read_text(path)
     except FileNotFoundError:
         raise ConfigError([f"{path}: no such file"]) from None
     except UnicodeDecodeError as err:
@@ -109,11 +109,25 @@ def parse_config(raw: dict[str, Any], source: str = "") -> JobConfig:
     if config is not None and config.dataset.val_fraction == 0:
         problems.append("dataset.val_fraction: must be above 0: validation accuracy decides every choice (rewards, "
                         "stop rules, ranking); test accuracy only reports")
+    if not problems and config.teacher.source is not None:  # before any check builds it in this process
+        problems.extend(_user_code_problems(config.teacher.source))
     if not problems:
         problems.extend(get_method(config.method).check_config(config))
     if problems:
         raise ConfigError(problems, source)
     return config
+
+
+def _user_code_problems(source: Any) -> list[str]:
+    """The user's model module and factory tried in a child process first: one that exits or kills its
+    process ends the child (workers.models.user_model.try_in_a_child)."""
+    from workers.models.user_model import try_in_a_child
+
+    try:
+        try_in_a_child(source)
+    except SearchsvcError as err:
+        return [str(err)]
+    return []
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> JobConfig:

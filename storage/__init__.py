@@ -24,6 +24,7 @@ from storage.errors import (
     StoreAccessError,
     StoreError,
     StoreUnreachableError,
+    StoreWriteError,
     WriteConflictError,
 )
 from storage.local import LocalStore
@@ -41,7 +42,7 @@ def __getattr__(name: str):  # PEP 562: `from storage import S3Store` imports bo
 __all__ = [
     "DEFAULT_STORE", "ArtifactStore", "BucketNotFoundError", "CorruptArtifactError", "InvalidKeyError",
     "KeyNotFoundError", "LocalStore", "S3Store", "StoreAccessError", "StoreError", "StoreOptions",
-    "StoreUnreachableError", "WriteConflictError", "check_id", "check_key", "open_store",
+    "StoreUnreachableError", "StoreWriteError", "WriteConflictError", "check_id", "check_key", "open_store",
     "sha256_bytes", "sha256_file",
 ]
 

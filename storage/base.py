@@ -11,7 +11,7 @@ import json
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,7 +21,8 @@ from storage.errors import CorruptArtifactError, InvalidKeyError, KeyNotFoundErr
 MANIFEST = "manifest.json"
 # Where results that cannot reach a store are kept meanwhile (storage.spool), unless StoreOptions says otherwise.
 DEFAULT_SPOOL_ROOT = Path.home() / ".cache" / "searchsvc" / "pending"
-_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=+-]*$")
+_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=+-]*")  # matched in full (fullmatch: no trailing newline)
+MAX_ID = 128  # characters of a run id or spec hash (ours are 16-32): checked before any file-system call
 _HASH_CHUNK = 1 << 20  # bytes read at a time when hashing a file
 
 
@@ -30,14 +31,18 @@ def check_key(key: str) -> str:
     if not isinstance(key, str) or not key or key.startswith("/") or key.endswith("/"):
         raise InvalidKeyError(f"invalid store key {key!r}: must be a relative path like 'runs/x/config.yaml'")
     for segment in key.split("/"):
-        if segment in ("", ".", "..") or not _SEGMENT.match(segment):
+        if segment in ("", ".", "..") or len(segment) > 255 or not _SEGMENT.fullmatch(segment):
             raise InvalidKeyError(f"invalid store key {key!r}: segment {segment!r} is not allowed")
     return key
 
 
 def check_id(value: str, what: str = "id") -> str:
-    """Validate a run id or spec hash that becomes one key segment (no '/', no '..')."""
-    if not isinstance(value, str) or not _SEGMENT.match(value) or value in (".", ".."):
+    """Validate a run id or spec hash that becomes one key segment (no '/', no '..', at most MAX_ID characters)."""
+    if not isinstance(value, str) or not value:
+        raise InvalidKeyError(f"invalid {what}: it is empty")
+    if len(value) > MAX_ID:
+        raise InvalidKeyError(f"invalid {what} {value[:24]!r}... ({len(value)} characters; at most {MAX_ID})")
+    if not _SEGMENT.fullmatch(value) or value in (".", ".."):
         raise InvalidKeyError(f"invalid {what} {value!r}: use letters, digits, '.', '_', '-' only")
     return value
 
@@ -59,6 +64,23 @@ def sha256_file(path: str | Path) -> str:
 def json_bytes(obj: Any) -> bytes:
     """The stored form of JSON: indented, key-sorted, newline-terminated (same object, same bytes)."""
     return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
+# The checksum a record carries of its own content: records with no manifest over them (a run's evals/<hash>.json,
+# written once) or rewritten as a run goes (run.json) are checked by it on every read (`get_mapping`).
+RECORD_SHA256 = "record_sha256"
+
+
+def record_sha256(record: Mapping[str, Any]) -> str:
+    """sha256 of a record's content as stored: its canonical JSON (sorted keys, no whitespace), less its checksum."""
+    content = json.loads(json.dumps({k: v for k, v in record.items() if k != RECORD_SHA256}, default=str))
+    return sha256_bytes(json.dumps(content, sort_keys=True, separators=(",", ":")).encode())
+
+
+def sealed(record: Mapping[str, Any]) -> dict[str, Any]:
+    """`record` carrying the checksum of its content (RECORD_SHA256). `put_json` keeps it current: a sealed record
+    rewritten with changes (run.json) is stored sealed again."""
+    return {**record, RECORD_SHA256: record_sha256(record)}
 
 
 def arrow_owned(data: bytes) -> pa.Buffer:
@@ -173,7 +195,10 @@ class ArtifactStore(ABC):
 
     # ---- structured data ------------------------------------------------------------------------
     def put_json(self, key: str, obj: Any, write_once: bool = False) -> str:
-        """Store `obj` as indented, key-sorted JSON (`json_bytes`)."""
+        """Store `obj` as indented, key-sorted JSON (`json_bytes`); a mapping that carries RECORD_SHA256 is stored
+        `sealed` anew (the checksum of what is written, whatever the caller changed since it was sealed)."""
+        if isinstance(obj, Mapping) and RECORD_SHA256 in obj:
+            obj = sealed(obj)
         return self.put_bytes(key, json_bytes(obj), write_once=write_once)
 
     def get_json(self, key: str) -> Any:
@@ -185,11 +210,15 @@ class ArtifactStore(ABC):
 
     def get_mapping(self, key: str) -> dict[str, Any]:
         """The JSON object stored at `key` (a record: run.json, an evaluation, a manifest); anything else stored
-        there is a CorruptArtifactError naming it."""
+        there, or a sealed record whose content no longer matches its RECORD_SHA256, is a CorruptArtifactError
+        naming it. A sealed record comes back with its checksum (rewriting it keeps it sealed)."""
         value = self.get_json(key)
         if not isinstance(value, dict):
             raise CorruptArtifactError(f"{self.uri_for(key)} is corrupt: a JSON object was expected, "
                                        f"found {type(value).__name__}")
+        if RECORD_SHA256 in value and value[RECORD_SHA256] != record_sha256(value):
+            raise CorruptArtifactError(f"{self.uri_for(key)} is corrupt: its content does not match the "
+                                       f"{RECORD_SHA256} written with it (edited after it was written?)")
         return value
 
     def put_table(self, key: str, table: pa.Table) -> str:

@@ -29,6 +29,10 @@ class StoreAccessError(StoreError):
     """Credentials are missing or are refused by the S3 server."""
 
 
+class StoreWriteError(StoreError):
+    """The store's file system refuses a write: read-only, full, or no permission."""
+
+
 class WriteConflictError(StoreError):
     """A write-once key already holds different content."""
 

@@ -253,3 +253,18 @@ def latest_run(store: ArtifactStore) -> str:
     if not runs:
         raise StoreError(f"{store.uri} holds no runs yet: start one with `searchsvc run CONFIG`")
     return runs[-1]
+
+
+def latest_run_with_results(store: ArtifactStore) -> tuple[str, int]:
+    """The newest run that has a results table, and how many newer runs have none (failed or stopped before their
+    first result, or just started): what `searchsvc results` shows by default. The newest run, and 0, when no run
+    has results yet; StoreError if the store holds no run. One listing of runs/."""
+    keys = store.list(RUNS)
+    runs = run_ids(keys)
+    if not runs:
+        raise StoreError(f"{store.uri} holds no runs yet: start one with `searchsvc run CONFIG`")
+    with_results = {key.split("/")[1] for key in keys if key.count("/") == 2 and key.endswith(f"/{RESULTS}")}
+    for newer, run_id in enumerate(reversed(runs)):
+        if run_id in with_results:
+            return run_id, newer
+    return runs[-1], 0

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 from storage.base import ArtifactStore
-from storage.errors import InvalidKeyError, KeyNotFoundError, StoreError
+from storage.errors import InvalidKeyError, KeyNotFoundError, StoreError, StoreWriteError
 
 _TMP_PREFIX = ".tmp-"
 
@@ -24,7 +25,10 @@ class LocalStore(ArtifactStore):
         if not self.root.exists():
             if not create:
                 raise StoreError(f"store {self.root} does not exist")
-            self.root.mkdir(parents=True)
+            try:
+                self.root.mkdir(parents=True)
+            except OSError as err:  # a path through a file (/dev/null/x), a read-only or full disk, no permission
+                raise StoreError(f"store {self.root}: cannot create the folder ({err.strerror})") from None
         self.uri = self.root.as_uri()
 
     def _path(self, key: str) -> Path:
@@ -60,7 +64,8 @@ class LocalStore(ArtifactStore):
 
     def _put(self, key: str, data: bytes, if_absent: bool) -> bool:
         target = self._path(key)
-        return self._commit(self._write_temp(target, lambda h: h.write(data)), target, if_absent)
+        with self._writing(key):
+            return self._commit(self._write_temp(target, lambda h: h.write(data)), target, if_absent)
 
     def _put_file(self, key: str, path: Path, if_absent: bool) -> bool:
         target = self._path(key)
@@ -69,7 +74,19 @@ class LocalStore(ArtifactStore):
             with open(path, "rb") as src:
                 shutil.copyfileobj(src, handle, 1 << 20)
 
-        return self._commit(self._write_temp(target, copy), target, if_absent)
+        with self._writing(key):
+            return self._commit(self._write_temp(target, copy), target, if_absent)
+
+    @contextmanager
+    def _writing(self, key: str) -> Iterator[None]:
+        """A write the file system refuses (read-only, full, no permission) as one StoreError naming the key;
+        the file that was there is untouched (writes go to a temp file, then a rename)."""
+        try:
+            yield
+        except OSError as err:
+            if err.strerror is None:  # not the file system's refusal: a bug keeps its traceback
+                raise
+            raise StoreWriteError(f"cannot write {self.uri_for(key)}: {err.strerror}") from None
 
     def _get(self, key: str) -> bytes:
         try:

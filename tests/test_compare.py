@@ -40,7 +40,7 @@ def two_runs(grid_report, tmp_path_factory):
 def test_the_page_overlays_both_runs_and_chooses_each_runs_model_per_budget(two_runs, tmp_path, capsys):
     store_dir, store, first, second, limit = two_runs
     page_file = tmp_path / "compare.html"
-    assert main(["compare", "--store", str(store_dir), first, second, "-o", str(page_file),
+    assert main(["compare", "--store", str(store_dir), "--run", first, "--run", second, "-o", str(page_file),
                  "--budget", f"params={10**9}"]) == 0
     text = page_file.read_text()
     page = Collect()
@@ -68,7 +68,7 @@ def test_the_page_overlays_both_runs_and_chooses_each_runs_model_per_budget(two_
 def test_the_page_opens_in_headless_chromium_with_both_runs_in_its_plots(two_runs, tmp_path):
     store_dir, _, first, second, _ = two_runs
     page_file = tmp_path / "compare.html"
-    assert main(["compare", "--store", str(store_dir), first, second, "-o", str(page_file)]) == 0
+    assert main(["compare", "--store", str(store_dir), "--run", first, "--run", second, "-o", str(page_file)]) == 0
     chromium = shutil.which("chromium")
     assert chromium, "headless Chromium is missing: `make test` installs it (Debian package chromium)"
     common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
@@ -96,20 +96,21 @@ def test_runs_on_another_teacher_are_refused_unless_allowed(two_runs, tmp_path, 
                  "--set", "search.candidates=[{scale: 0.5}]"]) == 0
     other = sorted({k.split("/")[1] for k in LocalStore(mixed).list("runs/")})[-1]
     capsys.readouterr()
-    assert main(["compare", "--store", str(mixed), first, other, "-o", str(tmp_path / "c.html")]) == 2
+    assert main(["compare", "--store", str(mixed), "--run", first, "--run", other, "-o", str(tmp_path / "c.html")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "different teachers" in err and "--allow-mixed" in err
     assert not (tmp_path / "c.html").exists()
-    assert main(["compare", "--store", str(mixed), first, other, "-o", str(tmp_path / "c.html"), "--allow-mixed"]) == 0
+    assert main(["compare", "--store", str(mixed), "--run", first, "--run", other, "-o", str(tmp_path / "c.html"),
+                 "--allow-mixed"]) == 0
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["no-such-run"], "run 'no-such-run' does not exist"),
-    (["../x"], "invalid run id"),
-    (["{first}", "--budget", "macs=-5"], "--budget.macs: must be a positive integer"),
-    (["{first}", "--budget", "watts=3"], "--budget.watts: unknown key"),
-    (["{first}", "--budget", "latency_ms=2"], "--budget.latency_batch: a latency budget needs the batch size"),
-    (["{first}", "--budget", "macs"], "--budget 'macs': expected KEY=VALUE"),
+    (["--run", "no-such-run"], "run 'no-such-run' does not exist"),
+    (["--run", "../x"], "invalid run id"),
+    (["--run", "{first}", "--budget", "macs=-5"], "--budget.macs: must be a positive integer"),
+    (["--run", "{first}", "--budget", "watts=3"], "--budget.watts: unknown key"),
+    (["--run", "{first}", "--budget", "latency_ms=2"], "--budget.latency_batch: a latency budget needs the batch size"),
+    (["--run", "{first}", "--budget", "macs"], "--budget 'macs': expected KEY=VALUE"),
 ])
 def test_bad_input_is_one_line_and_exit_2(two_runs, tmp_path, capsys, args, fragment):
     store_dir, _, first, _, _ = two_runs

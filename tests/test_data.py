@@ -355,8 +355,8 @@ def test_float_subset_of_one_keeps_everything():
 
 
 def test_float_subset_above_one_is_an_error():
-    with pytest.raises(SearchsvcError, match="dataset.subset"):
-        load_dataset(synthetic(train_size=100, test_size=10, subset=1.5))
+    with pytest.raises(ValueError, match="subset: a fraction"):  # validate names it as dataset.subset
+        synthetic(train_size=100, test_size=10, subset=1.5)
 
 
 def test_subset_is_a_subset_of_the_full_split(tmp_path):

@@ -101,9 +101,11 @@ def head(s3_server: S3Server) -> Iterator[RayHead]:
         start_new_session=True))
     try:
         wait_for(lambda: cluster.ray("job", "list", "--address", cluster.address, timeout=30).returncode == 0, 90)
+        # A folder of its own, as a second machine has: a node's runtime-env agent deletes the job's working_dir
+        # package when its own workers no longer use it, and a shared folder is the driver's working directory.
         cluster.processes.append(subprocess.Popen(
-            [*start, f"--address={cluster.gcs}", *node_args(temp_dir)], env=node_env, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True))
+            [*start, f"--address={cluster.gcs}", *node_args(temp_dir / "w")], env=node_env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         yield cluster
     finally:
         cluster.stop()
@@ -174,7 +176,7 @@ def test_a_client_without_the_token_is_refused(head, s3_server):
         assert "401" in result.stdout + result.stderr or "auth" in (result.stdout + result.stderr).lower()
 
 
-def test_ray_job_stop_leaves_a_consistent_store_that_resume_completes(head, s3_server, monkeypatch):
+def test_ray_job_stop_leaves_a_consistent_store_that_resume_completes(head, s3_server, monkeypatch, tmp_path):
     bucket = s3_server.new_bucket()
     uri = f"s3://{bucket}/jobs"
     result = submit(head, uri, s3_server.endpoint, "train.epochs=20", no_wait=True)
@@ -204,10 +206,13 @@ def test_ray_job_stop_leaves_a_consistent_store_that_resume_completes(head, s3_s
     table = store.get_table(f"runs/{run_id}/results.parquet")  # flushed on the way out
     assert sorted(table.column("spec_hash").to_pylist()) == sorted(r["spec_hash"] for r in rows)
     assert len(rows) < 5
+    report = tmp_path / "resumed.html"  # `resume --report`, as `run --report`: the report of the whole run
     resumed = subprocess.run([sys.executable, "-m", "searchsvc", "resume", "--store", uri, "--s3-endpoint",
-                              s3_server.endpoint, "--run", run_id, "--no-progress"], capture_output=True, text=True,
-                             env={**os.environ, **head.env, "RAY_ADDRESS": head.gcs}, cwd=REPO, timeout=400)
+                              s3_server.endpoint, "--run", run_id, "--no-progress", "--report", str(report)],
+                             capture_output=True, text=True, env={**os.environ, **head.env, "RAY_ADDRESS": head.gcs},
+                             cwd=REPO, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert run_id in report.read_text() and report.read_text().rstrip().endswith("</html>")
     evals = [store.get_json(k) for k in store.list(f"runs/{run_id}/evals/")]
     trained = [e["spec_hash"] for e in evals if not e["cached"]]
     assert len(evals) == 5 and len(trained) == len(set(trained))

@@ -171,12 +171,13 @@ def test_a_run_stopped_before_its_record_is_listed_and_said_so_in_one_line(tmp_p
     `compare`, which need the record, say so in one line (exit 2), naming the file and how to continue."""
     from searchsvc.cli import main
 
-    LocalStore(tmp_path).put_bytes(f"runs/{RUN}/config.yaml", b"method: grid\n")
-    assert main(["results", "--store", str(tmp_path), "--run", RUN, "--json"]) == 0
+    store = tmp_path / "store"
+    LocalStore(store).put_bytes(f"runs/{RUN}/config.yaml", b"method: grid\n")
+    assert main(["results", "--store", str(store), "--run", RUN, "--json"]) == 0
     assert capsys.readouterr().out.strip() == "[]"
     for argv in (["report", "--run", RUN, "-o", str(tmp_path / "r.html")],
-                 ["compare", RUN, "-o", str(tmp_path / "c.html")]):
-        assert main([argv[0], "--store", str(tmp_path), *argv[1:]]) == 2
+                 ["compare", "--run", RUN, "-o", str(tmp_path / "c.html")]):
+        assert main([argv[0], "--store", str(store), *argv[1:]]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and f"run '{RUN}' has no record yet" in err and "run.json" in err, err
         assert "searchsvc resume" in err

@@ -183,7 +183,7 @@ def test_a_search_with_a_quantize_section_measures_every_kept_candidate_in_int8(
     for row in again:
         assert row["within_budget"] == (row["int8_model_bytes"] <= limit)
     assert {p: store.get_bytes(f"{p}/int8.json") for p in records} == records
-    assert main(["compare", "--store", str(store_dir), first, second, "-o", str(page)]) == 0
+    assert main(["compare", "--store", str(store_dir), "--run", first, "--run", second, "-o", str(page)]) == 0
     assert "int8 test accuracy" in page.read_text()
 
 

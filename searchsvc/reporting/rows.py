@@ -6,14 +6,18 @@ method's extras, the run's own measurements) ride in `extra`, after them. Stored
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from core.names import is_int
 from core.records import RecordError, from_data
-from storage import CorruptArtifactError, layout
-from storage.base import ArtifactStore
+from storage import CorruptArtifactError, InvalidKeyError, layout
+from storage.base import RECORD_SHA256, ArtifactStore
+from workers.measurement.metrics import stored_metrics
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,15 +97,49 @@ REQUIRED = tuple(f.name for f in dataclasses.fields(ResultRow)
                  if f.metadata.get("column", True) and f.default is dataclasses.MISSING)
 
 
+# What an ok row took from its candidate's metrics.json as it was recorded: they must still agree.
+MEASURED = ("status", "accuracy", "val_accuracy", "params", "macs", "latency_ms", "latency_b256_ms", "model_bytes")
+
+
 def read_row(store: ArtifactStore, key: str) -> ResultRow:
-    """A stored evaluation row (runs/<id>/evals/<spec_hash>.json), checked column by column."""
-    return ResultRow.from_data(store.get_mapping(key), source=store.uri_for(key))
+    """A stored evaluation row (runs/<id>/evals/<spec_hash>.json), verified (`verified_row`)."""
+    return verified_row(store, key)[0]
+
+
+def verified_row(store: ArtifactStore, key: str) -> tuple[ResultRow, bool]:
+    """(row, sealed): a stored evaluation row, every byte checked before it is used. Its RECORD_SHA256 (rows
+    written before rows carried one: unsealed), its key (the run and candidate it holds), every fixed column's
+    type, and for an ok row, its measurements against its candidate's manifest-checked metrics.json where the
+    store holds the candidate. CorruptArtifactError naming the file otherwise."""
+    data, source = store.get_mapping(key), store.uri_for(key)
+    is_sealed = data.pop(RECORD_SHA256, None) is not None
+    row = ResultRow.from_data(data, source=source)
+    try:
+        in_place = key == layout.eval_row(row.run_id, row.spec_hash)
+    except InvalidKeyError:  # an id no key could hold
+        in_place = False
+    if not in_place:
+        raise CorruptArtifactError(f"{source} is corrupt: it holds the row of {row.spec_hash} in run {row.run_id}")
+    metrics = stored_metrics(store, row.spec_hash) if row.ok else None  # None: the candidate is not stored
+    differs = [column for column in MEASURED if metrics is not None and getattr(row, column) != metrics.get(column)]
+    if differs:
+        raise CorruptArtifactError(
+            f"{source} is corrupt: its {differs[0]} {getattr(row, differs[0])!r} is not the "
+            f"{metrics.get(differs[0])!r} of {store.uri_for(layout.candidate_metrics(row.spec_hash))}")
+    return row, is_sealed
 
 
 def stored_rows(store: ArtifactStore, run_id: str) -> list[ResultRow]:
-    """Every evaluation row a run has recorded, in the order they were recorded (report, compare)."""
-    rows = [read_row(store, key) for key in store.list(layout.evals_prefix(run_id))]
-    return sorted(rows, key=lambda r: r.order)
+    """Every evaluation row a run has recorded, verified (`verified_row`), in the order they were recorded
+    (report, compare, resume). Rows an older version wrote without a checksum are read as they are (a warning
+    counts them): an ok one still agrees with its candidate's metrics.json, or is refused."""
+    checked = [verified_row(store, key) for key in store.list(layout.evals_prefix(run_id))]
+    unsealed = sum(not is_sealed for _, is_sealed in checked)
+    if unsealed:
+        log.warning("run %s: %d of its %d evaluation rows carry no %s (written before rows did); their "
+                    "measurements are checked against their candidates' %s, their rewards are not",
+                    run_id, unsealed, len(checked), RECORD_SHA256, layout.METRICS)
+    return sorted((row for row, _ in checked), key=lambda r: r.order)
 
 
 def most_accurate(rows: Iterable[ResultRow]) -> ResultRow | None:

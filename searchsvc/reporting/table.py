@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import types
 import typing
@@ -18,7 +19,9 @@ import yaml
 
 from searchsvc.reporting.rows import ResultRow, read_row
 from storage import CorruptArtifactError, KeyNotFoundError, layout
-from storage.base import ArtifactStore
+from storage.base import RECORD_SHA256, ArtifactStore
+
+log = logging.getLogger(__name__)
 
 ARROW_TYPES = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
 
@@ -128,13 +131,18 @@ def stored_config(store: ArtifactStore, run_id: str) -> tuple[str, dict[str, Any
 
 
 def stored_record(store: ArtifactStore, run_id: str) -> dict[str, Any]:
-    """A run's run.json (report, compare). A run stopped between writing its config and its record has none:
-    a KeyNotFoundError that says so, in one line."""
+    """A run's run.json (report, compare), checked against the checksum it carries (CorruptArtifactError naming it
+    if edited; one an older version wrote without a checksum is read as it is, with a warning). A run stopped
+    between writing its config and its record has none: a KeyNotFoundError that says so, in one line."""
     key = layout.run_record(run_id)
     if not store.exists(key):
         raise KeyNotFoundError(f"run '{run_id}' has no record yet ({store.uri_for(key)}): it stopped before it "
                                f"started; `searchsvc resume --store {store.uri} --run {run_id}` continues it")
-    return store.get_mapping(key)
+    record = store.get_mapping(key)
+    if RECORD_SHA256 not in record:
+        log.warning("%s carries no %s (written before run records did): read unverified", store.uri_for(key),
+                    RECORD_SHA256)
+    return {k: v for k, v in record.items() if k != RECORD_SHA256}
 
 
 def check_results(store: ArtifactStore, run_id: str, table: pa.Table) -> None:

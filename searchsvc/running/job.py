@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -22,11 +22,14 @@ from searchsvc.methods import get_method
 from searchsvc.reporting.rows import ResultRow
 from searchsvc.reporting.table import stored_config, write_results
 from searchsvc.running import stopping
-from searchsvc.running.preflight import check_device, check_ray_address
+from searchsvc.running.faults import run_failed
+from searchsvc.running.preflight import check_device, check_ray_address, check_resources
 from searchsvc.running.stopping import Stopped, stop_on_sigterm
 from searchsvc.version import code_version
 from storage import ArtifactStore, KeyNotFoundError, StoreOptions, StoreUnreachableError, layout, open_store, spool
+from storage.base import sealed
 from workers.data.datasets import Splits, load_dataset
+from workers.evaluation.resources import with_memory, workers_on_gpu
 from workers.evaluation.spec import Builder
 from workers.training.teacher import Teacher, load_or_train_teacher
 from workers.training.train import resolve_device
@@ -91,6 +94,7 @@ def run(config: JobConfig, store: ArtifactStore | str | None = None, endpoint: s
     """
     check_device(config.device)
     check_ray_address(address)
+    check_resources(config.resources, address)  # before anything is recorded: a run no node can serve is not one
     if not isinstance(store, ArtifactStore):
         store = open_store(store or config.store, endpoint=endpoint, options=StoreOptions.from_env())
     run_id = new_run_id()
@@ -118,6 +122,7 @@ def resume(store: ArtifactStore | str, run_id: str, endpoint: str | None = None,
     config = parse_config(stored_config(store, run_id)[1], source=store.uri_for(layout.run_config(run_id)))
     check_device(config.device)
     check_ray_address(address)
+    check_resources(config.resources, address)
     record.update(status="running", resumed_at=_now(), resumes=record.get("resumes", 0) + 1,
                   code_version=code_version())
     return _execute(config, store, run_id, record, progress, address, resumed=True)
@@ -133,10 +138,19 @@ def upload_kept(store: ArtifactStore) -> None:
     spool.upload(store, layout.RUNS)
 
 
+def _with_memory(config: JobConfig, splits: Splits, teacher: Teacher, device: Any, address: str | None) -> JobConfig:
+    """The config with `resources.memory_per_eval` filled in (estimated where null): each evaluation worker asks
+    Ray for the host memory it holds, so the scheduler never oversubscribes a node (docs/clusters.md#memory)."""
+    on_gpu = workers_on_gpu(config.resources, config.device, device, address)
+    resources = with_memory(config.resources, teacher.model, splits, config.train.batch_size, on_gpu)
+    return replace(config, resources=resources)
+
+
 def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[str, Any], progress: bool,
              address: str | None, resumed: bool) -> RunResult:
     stop_on_sigterm(deferred=True)
     record_key = layout.run_record(run_id)
+    record = sealed(record)  # run.json carries the checksum of its content: every write below re-seals it
     store.put_json(record_key, record)
     log.info("run %s (%s) %s %s", run_id, config.method, "resumed in" if resumed else "recording to",
              store.uri_for(layout.run(run_id)))
@@ -159,6 +173,7 @@ def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[
         record.update(teacher_hash=teacher.teacher_hash, teacher_accuracy=teacher.test_accuracy,
                       teacher_val_accuracy=teacher.val_accuracy, teacher_cached=teacher.cached)
         store.put_json(record_key, record)
+        config = _with_memory(config, splits, teacher, device, address)
         context = RunContext(config, store, run_id, splits, teacher, progress, address, resumed=resumed)
         with stopping.last_words(stopped_while_ray_starts):
             driver(context)
@@ -168,7 +183,10 @@ def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[
         # By the user (resume continues it) — and so is whatever failed after a SIGTERM: a signal sent to the
         # process group also ends Ray's own daemons, and Ray then fails in its own ways.
         stopped = isinstance(err, (Stopped, KeyboardInterrupt)) or stopping.requested()
-        record.update(status="stopped" if stopped else "failed", error=f"{type(err).__name__}: {err}",
+        # Ray lost a worker or a node and the retries ran out: one line naming the cause and how to resume.
+        failure = None if stopped or not isinstance(err, Exception) else run_failed(err, store.uri, run_id)
+        record.update(status="stopped" if stopped else "failed", error=f"{type(err).__name__}: {err}"
+                      if failure is None else f"{type(failure).__name__}: {failure}",
                       finished_at=_now(), wall_s=time.perf_counter() - started)
         if not isinstance(err, StoreUnreachableError):  # else the record stays "running": resume continues it
             try:
@@ -180,6 +198,8 @@ def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[
         if stopped and not isinstance(err, (Stopped, KeyboardInterrupt)):
             stopping.check()  # the stop, not what it broke, is what the user sees
         stopping.clear()  # acted on
+        if failure is not None:
+            raise failure from err  # its traceback with --debug
         raise
     summary = {"evaluations": len(context.rows), "cache_hits": 0, **context.summary}
     record.update(status=status, finished_at=_now(), wall_s=time.perf_counter() - started, **summary)

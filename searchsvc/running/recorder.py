@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any, Iterable, Iterator
 
-import ray
 from tqdm.auto import tqdm
 
-from core.errors import SearchsvcError, first_line
 from searchsvc.budget import budget_of, measures_of
-from searchsvc.reporting.rows import ResultRow, read_row
+from searchsvc.reporting.rows import ResultRow, stored_rows
 from searchsvc.rewards import INVALID_REWARD, RewardForm, compression_ratio
 from searchsvc.running import stopping
 from searchsvc.running.job import RunContext
 from searchsvc.running.reward_rule import RewardRule
-from searchsvc.running.stopping import stop_on_sigterm
 from searchsvc.version import code_version
 from storage import StoreUnreachableError, layout, spool
 from storage.base import json_bytes as store_json_bytes
+from storage.base import sealed
 from workers.evaluation.evaluate import UnsavedResult
 from workers.evaluation.pool import EvalPool
 from workers.evaluation.spec import CandidateSpec
@@ -73,10 +70,10 @@ class Recorder:
         return self.context.rows
 
     def _preload(self) -> None:
-        """A resumed run: the evaluations it already recorded count as done and are not sent again."""
-        prefix = layout.evals_prefix(self.context.run_id)
-        for key in self.context.store.list(prefix):
-            row = read_row(self.context.store, key)
+        """A resumed run: the evaluations it already recorded count as done and are not sent again. Each is
+        verified first (`stored_rows`): one that fails stops the resume in one line naming it, before it can
+        rank or enter results.parquet (the file is write-once: remove it, and resume evaluates it again)."""
+        for row in stored_rows(self.context.store, self.context.run_id):
             self.rows[row.spec_hash] = row
             self.bar.update(1)
         log.info("resumed run %s: %d evaluations already recorded", self.context.run_id, len(self.rows))
@@ -113,20 +110,21 @@ class Recorder:
         return row
 
     def _store_row(self, row: ResultRow, unsaved: UnsavedResult | None) -> None:
-        """evals/<hash>.json, once; if the store stays unreachable the row (and the candidate's unsaved files)
-        are kept on local disk and the run stops with a message that says where (`searchsvc resume` uploads
-        them)."""
+        """evals/<hash>.json, once, sealed (it carries the checksum of its content: no manifest covers it); if the
+        store stays unreachable the row (and the candidate's unsaved files) are kept on local disk and the run
+        stops with a message that says where (`searchsvc resume` uploads them)."""
         store, key = self.context.store, layout.eval_row(self.context.run_id, row.spec_hash)
+        sealed_row = sealed(row.to_data())
         cause: StoreUnreachableError | None = unsaved
         if cause is None:
             try:
-                store.put_json(key, row.to_data(), write_once=True)
+                store.put_json(key, sealed_row, write_once=True)
                 return
             except StoreUnreachableError as err:
                 cause = err
         for name, data in (unsaved.files if unsaved else {}).items():
             spool.keep_bytes(store, name, data)
-        spool.keep_bytes(store, key, store_json_bytes(row.to_data()))
+        spool.keep_bytes(store, key, store_json_bytes(sealed_row))
         raise self._store_down_error(cause, f"the finished result is kept in {spool.spool_dir(store)}") from None
 
     def store_down(self, err: StoreUnreachableError) -> StoreUnreachableError:
@@ -231,22 +229,3 @@ class Evaluator(Recorder):
         self.pool.shutdown()
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to the Ray cluster at `address` (or RAY_ADDRESS), or start a local one, once per process.
-
-    Without either, a Ray of this run's own ("local"): never the cluster another process recorded in
-    /tmp/ray/ray_current_cluster, which may belong to another run and end under this one. That Ray starts
-    without its dashboard, which would double its start-up cost (~4 CPU-seconds more, measured on 2 cores) and
-    contend for port 8265 with any other run; `ray start --head` and `--address auto` give a dashboard."""
-    stop_on_sigterm(deferred=True)  # from here on a signal must not raise inside a Ray call
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
-    try:
-        with stopping.ray_keeps_our_handler():
-            ray.init(address=address, logging_level=logging.WARNING, configure_logging=False,
-                     include_dashboard=False if address == "local" else None)
-    except ConnectionError as err:  # something answered at the address (job.run checked), but not a Ray cluster
-        raise SearchsvcError(f"--address {address}: cannot connect to a Ray cluster ({first_line(err)})") from None
-    stop_on_sigterm(deferred=True)  # a Ray without the hook may have put its own handler in place of the run's
-    stopping.check()  # a signal that came while Ray started

@@ -23,14 +23,16 @@ class NoTraceback(logging.Filter):
         if record.exc_info or TRACEBACK in message:
             cause = first_line(record.exc_info[1]) if record.exc_info and record.exc_info[1] else \
                 message.rstrip().splitlines()[-1]
-            record.msg = f"{message.split(TRACEBACK)[0].strip()} {cause}"
+            head = message.split(TRACEBACK)[0].strip().splitlines()  # RLlib's message holds the error's many lines
+            record.msg = f"{head[0] if head else ''} {cause}"
             record.args, record.exc_info, record.exc_text = (), None, None
         return True
 
 
 @contextlib.contextmanager
-def one_line_logs() -> Iterator[None]:
-    loggers = [] if logging.getLogger().isEnabledFor(logging.DEBUG) else [logging.getLogger(n) for n in QUIET_LOGGERS]
+def one_line_logs(names: tuple[str, ...] = QUIET_LOGGERS) -> Iterator[None]:
+    """While the block runs, the loggers `names` log one line per failure (all of it with --debug)."""
+    loggers = [] if logging.getLogger().isEnabledFor(logging.DEBUG) else [logging.getLogger(n) for n in names]
     only_line = NoTraceback()
     for logger in loggers:
         logger.addFilter(only_line)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from workers.training.train import MAX_LR
+
 
 def check_positive_choices(key: str, values: tuple[int, ...]) -> None:
     """Every choice a positive integer (epochs, ending epochs): ValueError naming `key[i]` otherwise."""
@@ -16,8 +18,8 @@ def check_positive_choices(key: str, values: tuple[int, ...]) -> None:
 class LogRange:
     """A log-uniform range [low, high] (learning rates)."""
 
-    low: float = field(metadata={"gt": 0, "help": "smallest value"})
-    high: float = field(metadata={"gt": 0, "help": "largest value"})
+    low: float = field(metadata={"gt": 0, "max": MAX_LR, "help": "smallest value"})
+    high: float = field(metadata={"gt": 0, "max": MAX_LR, "help": "largest value"})
 
     def __post_init__(self) -> None:
         if self.high < self.low:
@@ -34,12 +36,13 @@ class SweepTune:
     """
 
     num_samples: int = field(default=1, metadata={"min": 1, "help": "lr samples per combination (lr a range)"})
-    lr: tuple[float, ...] | LogRange = field(default=(), metadata={"help": "lr: choices or {low, high}"})
+    lr: tuple[float, ...] | LogRange = field(default=(), metadata={
+        "help": f"lr: choices or {{low, high}}, each in (0, {MAX_LR:g}]"})
     grace_period: int = field(default=1, metadata={"min": 1, "help": "iterations / epochs before ASHA may stop a trial"})
     reduction_factor: int = field(default=2, metadata={"min": 2, "help": "ASHA keeps 1/reduction_factor per rung"})
     max_failures: int = field(default=2, metadata={"min": 0, "help": "restarts of a trial whose worker fails"})
 
     def __post_init__(self) -> None:
         for i, lr in enumerate(self.lr if isinstance(self.lr, tuple) else ()):
-            if lr <= 0:
-                raise ValueError(f"lr[{i}]: must be a positive number, got {lr}")
+            if not 0 < lr <= MAX_LR:
+                raise ValueError(f"lr[{i}]: must be a number in (0, {MAX_LR:g}], got {lr:g}")

@@ -13,7 +13,8 @@ from ray import tune
 from searchsvc.budget import measures_of
 from searchsvc.reporting.plots import trajectory_png
 from searchsvc.running.job import RunContext
-from searchsvc.running.recorder import ensure_ray, prepare_teacher_logits
+from searchsvc.running.ray_start import ensure_ray
+from searchsvc.running.recorder import prepare_teacher_logits
 from searchsvc.sweeps.checkpoints import TrialCheckpoints
 from searchsvc.sweeps.reports import TrialRecorder, report_fields
 from searchsvc.sweeps.schema import SweepTune

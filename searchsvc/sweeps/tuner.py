@@ -21,6 +21,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from core.errors import SearchsvcError
 from searchsvc.reporting.rows import ResultRow, pareto_front
+from searchsvc.running.faults import ray_fault
 from searchsvc.running.job import RunContext
 from searchsvc.sweeps.logs import one_line_logs
 from searchsvc.sweeps.reports import ReportRows, TrialRecorder, restored_tuner
@@ -71,8 +72,9 @@ def build_tuner(context: RunContext, trial: Callable[..., None], job: Any, param
 
 
 def fit(context: RunContext, tuner: tune.Tuner, recorder: TrialRecorder) -> tune.ResultGrid:
-    """Run the sweep (its callback records rows as trials report); SearchsvcError if every trial failed, and
-    the store's StoreUnreachableError (with how to resume) if the store stayed down for trials or driver."""
+    """Run the sweep (its callback records rows as trials report); SearchsvcError if every trial failed, the
+    store's StoreUnreachableError (with how to resume) if the store stayed down for trials or driver, and Ray's
+    own error if it lost a trial's worker or node more than `max_failures` times (searchsvc/running/faults.py)."""
     try:
         with one_line_logs():
             grid = tuner.fit()
@@ -84,6 +86,10 @@ def fit(context: RunContext, tuner: tune.Tuner, recorder: TrialRecorder) -> tune
     down = next((found for err in grid.errors if (found := _store_error(err)) is not None), None)
     if down is not None:  # trials failed because the store stayed down: resume continues them
         raise recorder.store_down(down)
+    lost = next((err for err in grid.errors if ray_fault(err) is not None), None)
+    if lost is not None:  # Ray lost a trial's worker or node past max_failures: the run fails (the job says so in
+        recorder.close()  # one line), and resume restores the trial from its last checkpoint
+        raise lost
     failed = [str(err).splitlines()[0][:300] for err in grid.errors]
     if failed and len(failed) == len(grid):
         recorder.close()

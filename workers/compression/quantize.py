@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from core import records
-from core.records import RecordError
+from core.records import MAX_SEED, RecordError
 from storage import ArtifactStore, CorruptArtifactError, StoreError, WriteConflictError, layout
 from storage.base import json_bytes
 from workers.data.datasets import Splits, normalize
@@ -54,7 +54,7 @@ class QuantizeConfig:
         "help": "how activation ranges are taken from the calibration batches"})
     per_channel: bool = field(default=True, metadata={"help": "one weight scale per output channel"})
     threads: int = field(default=1, metadata={"min": 1, "help": "CPU threads the int8 and fp32 latencies use"})
-    seed: int = field(default=0, metadata={"min": 0, "help": "which training images calibrate"})
+    seed: int = field(default=0, metadata={"min": 0, "max": MAX_SEED, "help": "which training images calibrate"})
 
     def __post_init__(self) -> None:
         if self.bits != 8:

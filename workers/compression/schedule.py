@@ -41,7 +41,7 @@ from torch import nn
 
 from core.names import did_you_mean, is_int
 from core.records import RecordError, from_data
-from core.yamlio import load_yaml
+from core.yamlio import load_yaml, read_text
 from workers.compression.pruners import ANY, Masks, PolicyStep, Pruner, StructuredAGP, prunable_weights, pruner_classes
 from workers.compression.qat import QUANTIZERS, FakeQuantized, LinearQuantAwareTraining
 from workers.compression.regularizers import REGULARIZERS, Regularizer, shape_problems
@@ -97,10 +97,10 @@ class Schedule:
 def load_schedule(path: str, model: nn.Module | None = None, example: torch.Tensor | None = None) -> Schedule:
     """Read and validate a schedule file (core.yamlio); ScheduleError naming the file and key."""
     try:
-        with open(path) as handle:
-            raw = load_yaml(handle.read())
-    except OSError as err:
-        raise ScheduleError([f"cannot read the schedule: {err.strerror}"], path) from None
+        raw = load_yaml(read_text(path))
+    except (OSError, UnicodeDecodeError) as err:
+        why = getattr(err, "strerror", None) or "not UTF-8 text"
+        raise ScheduleError([f"cannot read the schedule: {why}"], path) from None
     except yaml.YAMLError as err:
         raise ScheduleError([f"invalid YAML: {str(err).splitlines()[0]}"], path) from None
     return parse_schedule(raw, model, source=path, example=example)

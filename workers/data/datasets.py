@@ -16,9 +16,13 @@ from typing import Literal
 import torch
 
 from core.errors import SearchsvcError
+from core.records import MAX_SEED
 from workers.data import sources
 
 DatasetName = Literal["cifar10", "fashion_mnist", "imagefolder", "synthetic"]
+MAX_IMAGE_SIZE = 4096  # pixels a side: an image resized (or made) larger is a typo, not a dataset
+MAX_IMAGE_VALUES = 3 * MAX_IMAGE_SIZE ** 2  # channels x height x width of one image: an RGB image of 4096 px
+STD_RANGE, MEAN_RANGE = (1e-3, 1e3), (-1e3, 1e3)  # 0..1 scale: a smaller std overflows the normalised pixels
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class SyntheticConfig:
 
     num_classes: int = field(default=4, metadata={"min": 2, "help": "number of classes"})
     channels: int = field(default=1, metadata={"min": 1, "help": "image channels"})
-    image_size: int = field(default=16, metadata={"min": 4, "help": "height = width, pixels"})
+    image_size: int = field(default=16, metadata={"min": 4, "max": MAX_IMAGE_SIZE, "help": "height = width, pixels"})
     train_size: int = field(default=1024, metadata={"min": 2, "help": "images in the official train split"})
     test_size: int = field(default=256, metadata={"min": 1, "help": "images in the test split"})
     noise: float = field(default=0.35, metadata={"min": 0, "help": "noise std relative to the pattern range"})
@@ -42,16 +46,21 @@ class DatasetConfig:
     subset: int | float | None = field(
         default=None, metadata={"gt": 0, "help": "int: training images kept; float in (0, 1]: fraction of each split"})
     val_fraction: float = field(default=0.1, metadata={"min": 0, "lt": 1, "help": "share of train held out"})
-    split_seed: int = field(default=0, metadata={"min": 0, "help": "seed of the train/val split and subset"})
+    split_seed: int = field(default=0, metadata={
+        "min": 0, "max": MAX_SEED, "help": "seed of the train/val split and subset"})
     image_size: int | None = field(default=None, metadata={
-        "min": 4, "help": "resize every image to this side, pixels (a model trained at another size); null: as stored"})
+        "min": 4, "max": MAX_IMAGE_SIZE,
+        "help": "resize every image to this side, pixels (a model trained at another size); null: as stored. One "
+                "image fed to the model holds at most 3 x 4096 x 4096 values (channels x side x side)"})
     download: bool = field(default=True, metadata={"help": "let torchvision download if no files are found"})
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     # The input contract of a model trained elsewhere (teacher.model): its normalisation and channels.
     mean: tuple[float, ...] | None = field(default=None, metadata={
-        "omit_default": True, "help": "per-channel mean the model was trained with (0..1 scale); null: this data's"})
+        "omit_default": True, "help": "per-channel mean the model was trained with (0..1 scale; each in [-1000, "
+                                      "1000]); null: this data's"})
     std: tuple[float, ...] | None = field(default=None, metadata={
-        "omit_default": True, "help": "per-channel std the model was trained with; null: this data's"})
+        "omit_default": True, "help": "per-channel std the model was trained with (each in [0.001, 1000]); null: "
+                                      "this data's"})
     channels: int | None = field(default=None, metadata={
         "omit_default": True, "min": 1,
         "help": "channels fed to the model: 3 repeats a 1-channel image (grayscale data, RGB model); null: as stored"})
@@ -63,6 +72,26 @@ class DatasetConfig:
                 raise ValueError(f"{key}: must be a non-empty list{' of positive numbers' if key == 'std' else ''}")
         if (self.mean is None) != (self.std is None):
             raise ValueError("mean: mean and std are given together (the model's normalisation), or neither")
+        for key, (low, high) in (("mean", MEAN_RANGE), ("std", STD_RANGE)):
+            for i, value in enumerate(getattr(self, key) or ()):
+                if not low <= value <= high:
+                    raise ValueError(f"{key}[{i}]: must be in [{low:g}, {high:g}] (0..1 scale), got {value:g}")
+        if isinstance(self.subset, float) and not 0 < self.subset <= 1:
+            raise ValueError(f"subset: a fraction (a float) must be in (0, 1], got {self.subset:g}; an integer keeps "
+                             "that many training images")
+        self._check_image_values()
+
+    def _check_image_values(self) -> None:
+        """One image of the data as the model takes it stays below MAX_IMAGE_VALUES (a memory bound per image)."""
+        shape = input_shape(self)
+        if shape is None or shape[0] * shape[1] ** 2 <= MAX_IMAGE_VALUES:
+            return
+        key = "channels" if self.channels is not None else "synthetic.channels" if self.name == "synthetic" \
+            else "image_size"
+        channels, side = shape
+        raise ValueError(f"{key}: {channels} channels of {side} x {side} px make one image of "
+                         f"{channels * side * side} values; at most {MAX_IMAGE_VALUES} (3 x {MAX_IMAGE_SIZE} x "
+                         f"{MAX_IMAGE_SIZE})")
 
 
 @dataclass

@@ -147,8 +147,12 @@ class Stored:
 
 
 def find_stored(store: ArtifactStore, spec: CandidateSpec, measures: Measures) -> Stored | None:
-    """Step one of every evaluation: a candidate already in the store (checked) is never trained again."""
+    """Step one of every evaluation: a candidate already in the store is never trained again. A cache hit checks
+    every file it reuses against the candidate's manifest (model.pt too, which its row points to): a mismatch is a
+    CorruptArtifactError naming the file, and the run stops (write-once: a fresh evaluation could not replace it)."""
     metrics = stored_metrics(store, spec.spec_hash)
+    if metrics is not None:
+        store.verify(layout.candidate(spec.spec_hash))
     return None if metrics is None else Stored(metrics, measures.incomplete(metrics))
 
 

@@ -8,10 +8,12 @@ done with the last one: the last one's store write (serialise, hash, fsync) runs
 training, and its result comes back once it is stored.
 
 On a cluster the actors are placed by resources alone (SPREAD over the nodes that have them, never
-by host name). The pool follows the cluster: an actor whose node died is dropped and its candidate
-retried on another (bounded); a replacement starts when the cluster has room, and a node that joins
-mid-run gets new actors within GROW_EVERY_S. An actor takes work only once it is ready, so a
-replacement waiting for a node never holds a candidate.
+by host name), each asking for the host memory it holds (`memory_per_eval`). The pool follows the cluster:
+an actor that died (its node lost, SIGKILL, Ray's memory monitor) is dropped and its candidate retried on
+another (bounded: then the candidate is invalid, or after out-of-memory kills the run stops, resumable); a
+replacement starts when the cluster has room, and a node that joins mid-run gets new actors within
+GROW_EVERY_S. An actor takes work only once it is ready, so a replacement waiting for a node never holds a
+candidate.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import ray
 import torch
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
 
 from core.errors import SearchsvcError
-from storage import ArtifactStore, StoreAccessError, StoreUnreachableError
+from storage import ArtifactStore, CorruptArtifactError, StoreAccessError, StoreUnreachableError
 from workers.data.datasets import DatasetConfig
 from workers.evaluation.evaluate import (
     EvalContext,
@@ -42,7 +44,7 @@ from workers.evaluation.evaluate import (
     local_context,
     save_and_complete,
 )
-from workers.evaluation.resources import Resources
+from workers.evaluation.resources import MIB, Resources
 from workers.evaluation.spec import Builder, CandidateSpec
 from workers.measurement.metrics import CandidateMetrics
 from workers.measurement.run_measures import Measures
@@ -50,6 +52,12 @@ from workers.measurement.run_measures import Measures
 log = logging.getLogger(__name__)
 GROW_EVERY_S = 5.0  # seconds between looks at the cluster's size while candidates wait
 WAKE_EVERY_S = 0.5  # seconds the driver waits on Ray at most before checking signals
+# What a worker raises that is the store's fault, not the candidate's: the run stops on it in one line naming the
+# key, never an invalid row (a corrupt teacher logits file would otherwise make every candidate invalid).
+STORE_FAULTS = (StoreUnreachableError, StoreAccessError, CorruptArtifactError)
+# What ray.get raises when an actor's process is gone: SIGKILL, a crash, its node lost (RayActorError), or Ray's memory
+# monitor killed it (OutOfMemoryError, which is no RayActorError): the actor is replaced and its candidate retried.
+WORKER_LOST = (RayActorError, OutOfMemoryError, WorkerCrashedError)
 
 
 @dataclass
@@ -76,9 +84,20 @@ def worker_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConf
 
 
 def ray_resources(resources: Resources) -> dict[str, float]:
-    """Ray's resource request for one evaluation: GPU share only where the cluster has GPUs."""
+    """Ray's resource request for one evaluation: GPU share only where the cluster has GPUs; host memory in bytes
+    (`memory_per_eval` MiB) where set, at most what the largest node offers (an estimate never makes an evaluation
+    unschedulable)."""
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and resources.gpus_per_eval > 0
-    return {"CPU": resources.cpus_per_eval, "GPU": resources.gpus_per_eval if use_gpu else 0}
+    request = {"CPU": resources.cpus_per_eval, "GPU": resources.gpus_per_eval if use_gpu else 0}
+    if resources.memory_per_eval is not None:
+        memory = resources.memory_per_eval * MIB
+        largest = max((node["Resources"].get("memory", 0) for node in ray.nodes() if node["Alive"]), default=0)
+        if 0 < largest < memory:
+            log.warning("resources.memory_per_eval: %d MiB is more than any node offers; asking for %d MiB",
+                        resources.memory_per_eval, largest // MIB)
+            memory = largest
+        request["memory"] = memory
+    return request
 
 
 class EvalWorker:
@@ -123,6 +142,9 @@ def default_pool_size(resources: Resources) -> int:
         size = math.floor(total["GPU"] / resources.gpus_per_eval + 1e-9)
     else:
         size = math.floor(total.get("CPU", 1) / resources.cpus_per_eval + 1e-9)
+    memory = ray_resources(resources).get("memory", 0)
+    if memory:  # no more actors than the cluster's memory holds: the rest would wait for room forever
+        size = min(size, math.floor(total.get("memory", 0) / memory + 1e-9))
     if resources.max_concurrent is not None:
         size = min(size, resources.max_concurrent)
     return max(1, size)
@@ -144,8 +166,8 @@ class EvalPool:
         self.max_retries = max_retries  # extra attempts after an actor died under a candidate
         request = ray_resources(resources)
         # Two threads per actor: one candidate on the device, one `saved` waiting for the last one's write.
-        self._actor_class = ray.remote(num_cpus=request["CPU"], num_gpus=request["GPU"], max_concurrency=2,
-                                       scheduling_strategy="SPREAD")(worker_class)
+        self._actor_class = ray.remote(num_cpus=request["CPU"], num_gpus=request["GPU"], memory=request.get("memory"),
+                                       max_concurrency=2, scheduling_strategy="SPREAD")(worker_class)
         self._args = (store, teacher_hash, dataset, resources, measures, builder)
         self.fixed_size = size  # None: as many actors as the cluster holds, growing when nodes join
         self.actors: list[Any] = []
@@ -154,6 +176,7 @@ class EvalPool:
         self.lost = 0  # actors that died (their node went away, or a candidate killed them)
         self.replaced = 0  # of those, replaced at once (the cluster still had room)
         self.cache_hits = 0
+        self._died_starting = 0  # actors in a row that died before they were ready
         for _ in range(self.target_size()):
             self._start_actor()
         self._looked = time.monotonic()
@@ -210,18 +233,21 @@ class EvalPool:
                 continue
             try:
                 result = ray.get(ready[0])
-            except RayActorError as err:
+            except WORKER_LOST as err:
                 self._lost(actor)
                 idle = [a for a in idle if a is not actor]
                 if attempt <= self.max_retries:
-                    log.warning("worker died evaluating %s (attempt %d); retrying", spec.spec_hash, attempt)
+                    log.warning("worker died evaluating %s (attempt %d, %s); retrying on a fresh worker",
+                                spec.spec_hash, attempt, type(err).__name__)
                     pending.appendleft((spec, attempt + 1, None))
                     continue
+                if isinstance(err, OutOfMemoryError):  # the node's memory ran out, maybe to another process: no
+                    raise  # verdict on this candidate; the run stops, and `searchsvc resume` tries it again
                 metrics = CandidateMetrics.invalid(spec.spec_hash, f"worker died {attempt} times: {type(err).__name__}")
             except RayTaskError as err:  # an unexpected error inside evaluate: this candidate only
                 if isinstance(err.cause, UnsavedResult):  # trained, but the store is gone: the driver keeps it
                     yield EvalOutcome(spec, err.cause.metrics, False, attempt, unsaved=err.cause)
-                if isinstance(err.cause, (StoreUnreachableError, StoreAccessError)):
+                if isinstance(err.cause, STORE_FAULTS):
                     raise err.cause from None  # the store, not the candidate: the run stops (and can resume)
                 if phase == "device":
                     idle.append(actor)
@@ -271,7 +297,7 @@ class EvalPool:
         metrics = stored
         try:
             metrics = ray.get(ref)
-        except RayActorError:
+        except WORKER_LOST:
             self._lost(actor)
             idle[:] = [a for a in idle if a is not actor]
             if attempt <= self.max_retries:
@@ -279,7 +305,7 @@ class EvalPool:
                 return None
             log.warning("candidate %s: its worker died completing it %d times; kept as stored", spec.spec_hash, attempt)
         except RayTaskError as err:
-            if isinstance(err.cause, (StoreUnreachableError, StoreAccessError)):
+            if isinstance(err.cause, STORE_FAULTS):
                 raise err.cause from None
             idle.append(actor)
             log.warning("candidate %s: completing it raised %r; kept as stored", spec.spec_hash, err.cause)
@@ -292,11 +318,16 @@ class EvalPool:
         actor = self._starting.pop(ref)
         try:
             ray.get(ref)
-        except RayActorError as err:
-            if err.actor_init_failed:  # the worker cannot start (data, teacher, store): not a candidate's fault
+        except WORKER_LOST as err:
+            # The worker cannot start (data, teacher, store): not a candidate's fault, nor the infrastructure's.
+            if isinstance(err, RayActorError) and err.actor_init_failed:
                 raise SearchsvcError(f"an evaluation worker failed to start: {_cause_line(err)}") from None
-            self._lost(actor)  # its node went away before it was ready
+            self._lost(actor)  # its node went away, or Ray's memory monitor killed it, before it was ready
+            self._died_starting += 1
+            if self._died_starting > (self.max_retries + 1) * self.target_size():  # its replacements die too
+                raise
             return []
+        self._died_starting = 0
         return [actor]
 
     def _lost(self, dead: Any) -> None:

@@ -32,6 +32,7 @@ import torch
 from torch import fx, nn
 
 from core.errors import SearchsvcError, first_line
+from workers.models.branches import branch_problem, forward_with_hooks
 from workers.models.rebuild import LAYERS, follow_counts, own_shapes, rebuild_mismatch, remove_units
 from workers.models.surgery import InvalidTransform
 
@@ -69,13 +70,7 @@ def module_shapes(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, tu
                 order.append(name)
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with_hooks(model, example, [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n])
     return shapes, order
 
 
@@ -334,6 +329,9 @@ def cut_problem(model: nn.Module, fresh: nn.Module, example: torch.Tensor) -> st
     layer or operation that fails."""
     try:
         units = removable_units(model, example)
+        branch = None if units else branch_problem(model, example)  # units found: fx traced it
+        if branch:
+            return branch
         small, traced, groups = _without_units(model, example, units[:1], units)
         halves = {g.key: max(g.slices, g.channels // 2) for g in groups}
         _cut_channels(small, traced, groups, _resolve(groups, halves), {})

@@ -25,6 +25,7 @@ from torch import nn
 
 from core.errors import SearchsvcError, first_line
 from core.names import did_you_mean
+from core.user_code import call_safely_once, import_module_safely
 from workers.models.zoo import load_tensors
 
 TORCHVISION = "torchvision:"
@@ -67,12 +68,32 @@ def constructor(model: str) -> Callable[..., nn.Module]:
                              f"package.module:factory")
     try:
         module = importlib.import_module(module_name)
-    except Exception as err:  # noqa: BLE001 — the user's module: ImportError, or whatever its import raises
+    except (Exception, SystemExit) as err:  # noqa: BLE001 — the user's module: ImportError, or what it raises
         raise SearchsvcError(f"teacher.model: cannot import {module_name!r} ({type(err).__name__}: {err})") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise SearchsvcError(f"teacher.model: {module_name} has no callable {attr!r}")
     return factory
+
+
+TRUSTED_PACKAGES = ("torch", "torchvision", "timm")  # libraries, not the user's code: not tried in a child
+
+
+def try_in_a_child(source: ModelSource) -> None:
+    """The user's module imported, then its factory called, in a forked child first (core.user_code):
+    SearchsvcError naming teacher.model if either ends, kills or hangs its process — then it ends a child, not
+    searchsvc. The driver calls this before it builds the model itself; torchvision's and timm's are not
+    the user's code."""
+    module_name, sep, attr = source.model.partition(":")
+    if not (sep and module_name and attr) or module_name.partition(".")[0] in TRUSTED_PACKAGES:
+        return  # `constructor` names a malformed name; torchvision.models.x:Y is not the user's code
+    import_module_safely(module_name, "teacher.model")
+    try:  # imported here too once it is known not to end the process: the factory's child inherits it
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (Exception, SystemExit):
+        return  # `constructor` names it, in one line
+    call_safely_once(lambda: factory(**source.kwargs), "teacher.model", source.model,
+                     same_as=f"{source.model}(**{sorted(source.kwargs.items())!r})")
 
 
 def _timm_constructor(name: str) -> Callable[..., nn.Module]:
@@ -99,7 +120,7 @@ def construct(source: ModelSource) -> nn.Module:
     factory = constructor(source.model)
     try:
         model = factory(**source.kwargs)
-    except Exception as err:  # noqa: BLE001 — the user's code: whatever it raises is one line
+    except (Exception, SystemExit) as err:  # noqa: BLE001 — the user's code: whatever it raises is one line
         raise SearchsvcError(f"teacher.model: {source.model}(**{dict(source.kwargs)}) raised "
                              f"{type(err).__name__}: {err}") from None
     if not isinstance(model, nn.Module):

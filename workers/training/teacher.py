@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import pickle
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.records import canonical_json, to_data
+from core.records import MAX_SEED, canonical_json, to_data
 from storage import ArtifactStore, CorruptArtifactError, WriteConflictError, layout
 from workers.data.datasets import DatasetConfig, Splits
 from workers.evaluation.spec import short_hash
@@ -32,7 +33,7 @@ from workers.models.zoo import (
     state_dict_bytes,
 )
 from workers.training.distill import teacher_logits
-from workers.training.train import Recipe, evaluate, train_model
+from workers.training.train import MAX_LR, Recipe, evaluate, train_model
 
 log = logging.getLogger(__name__)
 TEACHER_FORMAT = 1  # bump when the saved layout or the training code changes what a teacher is
@@ -46,8 +47,10 @@ class TeacherConfig(Recipe):
     arch: str | None = field(default=None, metadata={
         "choices": list_models, "help": "zoo model name (default resnet20); or give teacher.model"})
     epochs: int = field(default=15, metadata={"min": 1, "help": "passes over the training split"})
-    lr: float = field(default=0.1, metadata={"gt": 0, "help": "peak learning rate of the one-cycle schedule"})
-    seed: int = field(default=0, metadata={"min": 0, "help": "seed of the initial weights and batch order"})
+    lr: float = field(default=0.1, metadata={
+        "gt": 0, "max": MAX_LR, "help": "peak learning rate of the one-cycle schedule"})
+    seed: int = field(default=0, metadata={
+        "min": 0, "max": MAX_SEED, "help": "seed of the initial weights and batch order"})
     model: str | None = field(default=None, metadata={
         "omit_default": True, "help": "your own network: torchvision:NAME, timm:NAME or package.module:factory"})
     kwargs: dict[str, Any] = field(default_factory=dict, metadata={
@@ -237,7 +240,7 @@ def ensure_val_accuracy(store: ArtifactStore, teacher: Teacher, splits: Splits, 
         return teacher.val_accuracy
     prefix = layout.teacher_validation(teacher.teacher_hash)  # with its own manifest
     if store.exists(layout.manifest(prefix)):
-        accuracy = float(json.loads(store.get_verified(prefix, layout.VAL_RECORD))["val_accuracy"])
+        accuracy = _recorded_val_accuracy(store, teacher.teacher_hash)
     else:
         data = splits.to(device)
         teacher.model.to(device, memory_format=torch.channels_last)
@@ -247,21 +250,37 @@ def ensure_val_accuracy(store: ArtifactStore, teacher: Teacher, splits: Splits, 
                            write_once=True)
             store.write_manifest(prefix)
         except WriteConflictError:  # another run recorded it first (bf16 on a GPU may differ slightly)
-            accuracy = float(json.loads(store.get_verified(prefix, layout.VAL_RECORD))["val_accuracy"])
+            accuracy = _recorded_val_accuracy(store, teacher.teacher_hash)
         log.info("teacher %s: validation accuracy %.4f computed and recorded at %s", teacher.teacher_hash,
                  accuracy, store.uri_for(prefix))
     teacher.meta["val_accuracy"] = accuracy
     return accuracy
 
 
+def _recorded_val_accuracy(store: ArtifactStore, key: str) -> float:
+    """The accuracy in teacher `key`'s validation/val.json, checked against its manifest and as a record."""
+    raw = store.get_verified(layout.teacher_validation(key), layout.VAL_RECORD)
+    try:
+        accuracy = json.loads(raw)["val_accuracy"]
+    except (ValueError, TypeError, KeyError):  # not UTF-8 JSON, not a mapping, or no val_accuracy
+        accuracy = None
+    if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) or not 0 <= accuracy <= 1:
+        raise CorruptArtifactError(f"{store.uri_for(layout.teacher_val_record(key))} is corrupt: no val_accuracy "
+                                   f"between 0 and 1")
+    return float(accuracy)
+
+
 def ensure_train_logits(store: ArtifactStore, teacher: Teacher, splits: Splits, device: torch.device) -> str:
     """Compute the teacher's logits for the training split once per teacher and store them; return the key.
 
     Workers then load 2 MB (54k x 10 floats for Fashion-MNIST) instead of each running the teacher over
-    the whole training split.
+    the whole training split. Stored ones are checked against their manifest here, on the driver: a corrupt file
+    stops the run (CorruptArtifactError naming it) before any worker distills from it.
     """
     prefix = layout.teacher_logits(teacher.teacher_hash)  # with its own manifest
-    if not store.exists(layout.manifest(prefix)):
+    if store.exists(layout.manifest(prefix)):
+        store.verify(prefix)
+    else:
         data = splits.to(device)
         teacher.model.to(device, memory_format=torch.channels_last)
         logits = teacher_logits(teacher.model, data.train[0], data.mean, data.std).cpu()
@@ -276,9 +295,17 @@ def ensure_train_logits(store: ArtifactStore, teacher: Teacher, splits: Splits, 
 
 
 def load_train_logits(store: ArtifactStore, key: str, device: torch.device | str = "cpu") -> torch.Tensor | None:
-    """The stored training-split logits of teacher `key` (sha256-checked), or None if none are stored."""
+    """The stored training-split logits of teacher `key` (sha256-checked), or None if none are stored; a file
+    that is no tensor is a CorruptArtifactError naming it (the pool stops the run on it: no candidate's fault)."""
     prefix = layout.teacher_logits(key)
     if not store.exists(layout.manifest(prefix)):
         return None
     raw = store.get_verified(prefix, layout.TRAIN_LOGITS)
-    return torch.load(io.BytesIO(raw), map_location=device, weights_only=True)
+    try:
+        logits = torch.load(io.BytesIO(raw), map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):  # bytes torch cannot load
+        logits = None
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        raise CorruptArtifactError(f"{store.uri_for(layout.teacher_train_logits(key))} is corrupt: not a "
+                                   f"(samples, classes) tensor of logits")
+    return logits

@@ -24,6 +24,11 @@ from workers.training.cuda_graph import GraphedStep
 
 log = logging.getLogger(__name__)
 MIN_ONE_CYCLE_STEPS = 8  # below this, the one-cycle schedule has empty phases
+# Upper bounds of the recipe's numbers: beyond them SGD overflows to inf/NaN within a few steps (lr 1e308 does at
+# once); far above any value that trains (peak lr 0.05-0.4, weight decay 1e-5-1e-3, temperature 1-20).
+MAX_LR = 10.0
+MAX_WEIGHT_DECAY = 1.0
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 
 
 @dataclass(frozen=True)
@@ -32,9 +37,10 @@ class Recipe:
 
     epochs: int = field(default=1, metadata={"min": 1, "help": "passes over the training split"})
     batch_size: int = field(default=256, metadata={"min": 1, "help": "images per step"})
-    lr: float = field(default=0.05, metadata={"gt": 0, "help": "peak learning rate of the one-cycle schedule"})
+    lr: float = field(default=0.05, metadata={"gt": 0, "max": MAX_LR,
+                                              "help": "peak learning rate of the one-cycle schedule"})
     momentum: float = field(default=0.9, metadata={"min": 0, "lt": 1, "help": "SGD (Nesterov) momentum"})
-    weight_decay: float = field(default=5e-4, metadata={"min": 0, "help": "L2 weight decay"})
+    weight_decay: float = field(default=5e-4, metadata={"min": 0, "max": MAX_WEIGHT_DECAY, "help": "L2 weight decay"})
     label_smoothing: float = field(default=0.0, metadata={"min": 0, "lt": 1, "help": "cross-entropy smoothing"})
     augment: bool = field(default=True, metadata={"help": "random crop (pad 1/8 of the size) and horizontal flip"})
     max_images: int | None = field(default=None, metadata={
@@ -46,7 +52,8 @@ class DistillConfig:
     """Knowledge distillation: loss = (1-alpha)·CE + alpha·T²·KL(teacher_T || student_T)."""
 
     alpha: float = field(default=0.9, metadata={"min": 0, "max": 1, "help": "weight of the distillation term"})
-    temperature: float = field(default=4.0, metadata={"gt": 0, "help": "softmax temperature T"})
+    temperature: float = field(default=4.0, metadata={
+        "min": MIN_TEMPERATURE, "max": MAX_TEMPERATURE, "help": "softmax temperature T"})
     loss: Literal["kl", "logits"] = field(default="kl", metadata={"help": "kl (Hinton) or logits (L2 regression)"})
 
 

@@ -16,9 +16,11 @@ import yaml
 from torch import nn
 
 from core.records import RecordError
-from core.yamlio import load_yaml
+from core.yamlio import load_yaml, read_text
+from workers.compression.pruners import StructuredAGP
 from workers.compression.schedule import ScheduleError, parse_schedule
 from workers.data.datasets import input_shape
+from workers.models.branches import branch_problem
 from workers.models.depgraph import example_input
 from workers.training.teacher import untrained_network
 
@@ -32,10 +34,10 @@ def base_schedule(search: AgpSearch) -> dict[str, Any]:
     if isinstance(search.schedule, dict):
         return copy.deepcopy(search.schedule)
     try:
-        with open(search.schedule) as handle:
-            raw = load_yaml(handle.read())
-    except OSError as err:
-        raise ScheduleError([f"search.schedule: cannot read {search.schedule!r}: {err.strerror}"]) from None
+        raw = load_yaml(read_text(search.schedule))
+    except (OSError, UnicodeDecodeError) as err:
+        why = getattr(err, "strerror", None) or "not UTF-8 text"
+        raise ScheduleError([f"search.schedule: cannot read {search.schedule!r}: {why}"]) from None
     except yaml.YAMLError as err:
         raise ScheduleError([f"search.schedule: {search.schedule}: invalid YAML: {str(err).splitlines()[0]}"]) from None
     return raw
@@ -96,10 +98,12 @@ def check_agp(config: JobConfig) -> list[str]:
     shape = input_shape(config.dataset)
     example = example_input(model, *shape) if shape is not None and config.teacher.source is not None else None
     try:
-        schedule_variants(config.search, model, example)
+        variants = schedule_variants(config.search, model, example)
     except RecordError as err:
         return str(err).splitlines()
-    return []
+    structured = any(isinstance(p, StructuredAGP) for v in variants for p in v["schedule"].pruners.values())
+    problem = branch_problem(model, example) if structured and example is not None else None  # thinned: cut
+    return [f"teacher.model: {config.teacher.model} {problem}"] if problem else []
 
 
 def _name(search: AgpSearch) -> str:

@@ -10,47 +10,12 @@
 
 from __future__ import annotations
 
-import copy
-
-from torch import nn
-
-from core.names import is_int
-from searchsvc.methods.grid import GridCandidate, GridSearch
+from searchsvc.methods.grid import GridSearch
+from searchsvc.methods.grid.widths import candidate_widths, teacher_widths
 from searchsvc.running.job import RunContext
-from searchsvc.running.recorder import Evaluator, ensure_ray
+from searchsvc.running.ray_start import ensure_ray
+from searchsvc.running.recorder import Evaluator
 from workers.evaluation.spec import CandidateSpec
-from workers.models.depgraph import channel_groups, example_input, removable_units
-from workers.models.rebuild import remove_units
-from workers.models.surgery import round_width, width_keys
-
-
-def teacher_widths(teacher: nn.Module, removed: tuple[str, ...], in_channels: int, image_size: int) -> dict[str, int]:
-    """Every width a candidate may set, with the teacher's value: the zoo's width keys, or for a user's
-    network the channel groups (by root layer) left after `removed` units go (none if a unit is unknown:
-    the worker then reports the candidate invalid, naming it)."""
-    if hasattr(teacher, "arch"):
-        return width_keys(teacher.arch)
-    example = example_input(teacher, in_channels, image_size)
-    if not set(removed) <= set(removable_units(teacher, example)):
-        return {}
-    cut = remove_units(copy.deepcopy(teacher), removed)
-    return {group.key: group.channels for group in channel_groups(cut, example)}
-
-
-def candidate_widths(teacher: dict[str, int], candidate: GridCandidate, round_to: int) -> dict[str, int]:
-    """Final widths (only those that differ from the teacher's `width key → channels`), after scaling and
-    rounding.
-
-    Explicit widths that are not integers or not known keys pass through unchanged, so surgery
-    reports them as an invalid candidate rather than the driver guessing.
-    """
-    widths: dict[str, int] = {}
-    if candidate.scale is not None:
-        widths = {k: round_width(max(1, round(w * candidate.scale)), round_to, w) for k, w in teacher.items()}
-    for key, width in candidate.widths.items():
-        valid = key in teacher and is_int(width) and 1 <= width <= teacher[key]
-        widths[key] = round_width(width, round_to, teacher[key]) if valid else width
-    return {k: w for k, w in widths.items() if teacher.get(k) != w}
 
 
 def grid_specs(context: RunContext) -> list[CandidateSpec]:

@@ -18,6 +18,7 @@ def check_n2n(config: JobConfig) -> list[str]:
     """n2n on a user's network needs a block to remove: traced here, at validate, when the data's shape is known
     (after `registry.cut_problems` has run the model on that shape and cut it)."""
     from workers.data.datasets import input_shape
+    from workers.models.branches import fx_trace_error
     from workers.models.structure import structure_of
     from workers.models.user_model import construct
 
@@ -26,8 +27,11 @@ def check_n2n(config: JobConfig) -> list[str]:
         return []
     model = construct(config.teacher.source)
     if not structure_of(model, *shape).names:
-        return [f"teacher.model: method n2n removes blocks, and {config.teacher.model} has none that can go (a block "
-                f"whose input and output shapes match, with a skip connection); use method grid or taylor"]
+        untraced = fx_trace_error(model)  # then no block is found at all: the tracer's error says why
+        why = f"torch.fx cannot trace it ({untraced})" if untraced else "a block whose input and output shapes " \
+            "match, with a skip connection"
+        return [f"teacher.model: method n2n removes blocks, and {config.teacher.model} has none that can go ({why}); "
+                "use method grid or taylor"]
     return []
 
 
@@ -48,8 +52,8 @@ class N2NSearch(SearchSection):
     iteration_evaluations: int = field(default=16, metadata={"min": 2, "help": "PPO train batch: steps per iteration"})
     shrink: bool = field(default=True, metadata={"help": "run the layer-shrinkage stage after removal"})
     shrink_share: float = field(default=0.4, metadata={"gt": 0, "lt": 1, "help": "share of the budget for shrinkage"})
-    width_scales: tuple[float, ...] = field(default=(0.25, 0.5, 0.75, 1.0),
-                                            metadata={"help": "inner-width multipliers the shrink stage chooses from"})
+    width_scales: tuple[float, ...] = field(default=(0.25, 0.5, 0.75, 1.0), metadata={
+        "help": "inner-width multipliers the shrink stage chooses from, each in (0, 1]"})
     checkpoint_every: int = field(default=1, metadata={"min": 1, "help": "PPO iterations between checkpoints"})
     top_k: int = field(default=5, metadata={"min": 0, "help": "best networks to fine-tune at the end"})
     finetune_epochs: int = field(default=0, metadata={"min": 0, "help": "epochs of distillation for the top-k"})
@@ -57,3 +61,10 @@ class N2NSearch(SearchSection):
     reward_size: Literal["params", "macs", "latency_ms"] = field(default="params", metadata={
         "omit_default": True, "help": "what the reward's compression C = 1 - size/teacher's counts: params, macs, "
                                       "or latency_ms (at the budget's latency setting, else torch at batch 1)"})
+
+    def __post_init__(self) -> None:
+        if self.shrink and not self.width_scales:
+            raise ValueError("width_scales: the shrink stage needs at least one scale (or set shrink: false)")
+        for i, scale in enumerate(self.width_scales):
+            if not 0 < scale <= 1:
+                raise ValueError(f"width_scales[{i}]: a width multiplier must be in (0, 1], got {scale:g}")

@@ -33,7 +33,9 @@ from searchsvc.methods.n2n.env import (
 )
 from searchsvc.reporting.rows import ResultRow
 from searchsvc.running.job import RunContext
-from searchsvc.running.recorder import Evaluator, ensure_ray
+from searchsvc.running.ray_start import ensure_ray
+from searchsvc.running.recorder import Evaluator
+from searchsvc.sweeps.logs import one_line_logs
 from storage import layout
 from workers.evaluation.spec import CandidateSpec
 from workers.measurement.metrics import stored_metrics
@@ -42,6 +44,7 @@ from workers.models.structure import structure_of
 log = logging.getLogger(__name__)
 ENV_NAME = "searchsvc-n2n"
 STEP_CAP = 4  # total env steps (cache hits included) are capped at this many times the budget
+RLLIB_LOGGERS = ("ray.rllib",)  # where RLlib's env runner logs a failed env step, with its traceback
 
 
 @dataclass
@@ -136,7 +139,10 @@ def run_ppo(session: StageBudget, seed: int, checkpoints: str, restore: bool) ->
                      env_to_module_connector=lambda env, spaces=None, device=None: FlattenObservations())
         .training(train_batch_size_per_learner=batch, minibatch_size=min(batch, 32), num_epochs=4, lr=3e-4,
                   entropy_coeff=0.01)
-        .fault_tolerance(restart_failed_env_runners=True)
+        # The env runs in this process (num_env_runners=0: RLlib has no remote env runner to restart); the workers
+        # that die are the pool's actors, and the pool retries their candidates on fresh ones (bounded). A step that
+        # fails past that (RLlib raises a RuntimeError from the pool's error) ends the run: no sub-env restart.
+        .fault_tolerance(restart_failed_env_runners=True, restart_failed_sub_environments=False)
         .debugging(seed=seed)
     )
     algo = config.build_algo()
@@ -149,7 +155,8 @@ def run_ppo(session: StageBudget, seed: int, checkpoints: str, restore: bool) ->
                 algo.restore_from_path(folder)
             log.info("n2n: PPO restored from %s", store.uri_for(checkpoints))
         while not session.exhausted():
-            result = algo.train()
+            with one_line_logs(RLLIB_LOGGERS):  # a failed env step: RLlib's own traceback in one line (--debug: all)
+                result = algo.train()
             runners = result.get("env_runners", {})
             history.append({"iteration": len(history) + 1, "trained": session.trained,
                             "episode_return_mean": runners.get("episode_return_mean")})

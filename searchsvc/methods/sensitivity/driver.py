@@ -23,7 +23,8 @@ from searchsvc.methods.sensitivity.weights import analysed_weights
 from searchsvc.reporting.plots import sensitivity_png
 from searchsvc.reporting.rows import ResultRow
 from searchsvc.running.job import RunContext
-from searchsvc.running.recorder import Evaluator, ensure_ray
+from searchsvc.running.ray_start import ensure_ray
+from searchsvc.running.recorder import Evaluator
 from storage import layout
 from workers.evaluation.spec import CandidateSpec
 from workers.measurement.metrics import CandidateMetrics

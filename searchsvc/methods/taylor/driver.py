@@ -33,7 +33,8 @@ from searchsvc.reporting.plots import trajectory_png
 from searchsvc.reporting.rows import ResultRow
 from searchsvc.rewards import INVALID_REWARD, reward
 from searchsvc.running.job import RunContext
-from searchsvc.running.recorder import ensure_ray, prepare_teacher_logits
+from searchsvc.running.ray_start import ensure_ray
+from searchsvc.running.recorder import prepare_teacher_logits
 from searchsvc.sweeps import space
 from searchsvc.sweeps.checkpoints import TrialCheckpoints
 from searchsvc.sweeps.reports import TrialRecorder, report_fields
