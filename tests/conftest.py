@@ -212,7 +212,8 @@ def ray_session() -> Iterator[None]:
 # --no-loadscope-reorder`; xdist would otherwise go by test count); started first, they leave the short modules
 # to even out the two workers' ends.
 LONGEST_FIRST = ("test_faults", "test_job", "test_taylor", "test_user_model", "test_n2n", "test_benchmarks",
-                 "test_grid", "test_gpu_check", "test_signals", "test_pool", "test_agp", "test_quantize")
+                 "test_grid", "test_gpu_check", "test_signals", "test_worker_faults", "test_pool", "test_agp",
+                 "test_quantize")
 
 
 def _order(item: pytest.Item) -> tuple[bool, int]:
