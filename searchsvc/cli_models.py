@@ -8,7 +8,7 @@ from typing import Any
 
 from core.errors import SearchsvcError
 from searchsvc.cli_args import add_store, open_for, output_path
-from storage import StoreWriteError, check_id, layout
+from storage import StoreAccessError, StoreWriteError, check_id, layout
 
 
 def add_model_commands(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -79,7 +79,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     key = layout.store_summary(args.model, args.kind)
     try:
         store.put_bytes(key, to_csv(rows))
-    except StoreWriteError as err:  # a read-only store: the table above is the command's answer
+    except (StoreWriteError, StoreAccessError) as err:  # a read-only store: the table above is the answer
         print(f"searchsvc: warning: not stored: {err}", file=sys.stderr)
         return 0
     print(f"stored: {store.uri_for(key)}")

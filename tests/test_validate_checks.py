@@ -203,3 +203,26 @@ def test_without_any_results_the_newest_run_is_the_one_shown(tmp_path, make_row)
     _fake_run(store, make_row, None)
     newest = _fake_run(store, make_row, None)
     assert layout.latest_run_with_results(store) == (newest, 0)
+
+
+def test_an_attention_weight_read_without_calling_its_module_counts_as_run():
+    """MultiheadAttention uses out_proj.weight without calling out_proj: fx cannot trace this network (an input
+    check), yet nothing in it is a branch the data decides, so it is not refused."""
+    import torch
+    from torch import nn
+
+    from workers.models.branches import branch_problem, layers_not_run
+
+    class Checked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.att, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.MultiheadAttention(8, 2), nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[-1] != 16:  # fx cannot trace a check on the input
+                raise ValueError("16 px images only")
+            y = self.conv(x).flatten(2).permute(2, 0, 1)
+            return self.fc(self.att(y, y, y)[0].mean(0))
+
+    example = torch.rand(1, 1, 16, 16)
+    assert layers_not_run(Checked(), example) == [] and branch_problem(Checked(), example) is None

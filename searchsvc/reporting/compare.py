@@ -1,6 +1,6 @@
 """`searchsvc compare`: runs on one teacher side by side, in one self-contained HTML page.
 
-    searchsvc compare --store URI RUN [RUN ...] -o compare.html [--budget macs=14000000] [--allow-mixed]
+    searchsvc compare --store URI --run A --run B ... -o compare.html [--budget macs=14000000] [--allow-mixed]
 
 The question it answers: which method gives the most accurate model under my budget? For every run (named
 by its id and method): its Pareto fronts overlaid on the others' (test accuracy against params, MACs and

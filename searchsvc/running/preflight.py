@@ -93,7 +93,7 @@ def _cluster_nodes(address: str | None) -> tuple[list[dict[str, float]], list[di
 
         ensure_ray(address)
     nodes = [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
-    return nodes, _autoscaled_types()
+    return nodes, ([] if address == "local" else _autoscaled_types())  # a Ray started here has no autoscaler
 
 
 def _local_cpus() -> float:
@@ -115,8 +115,8 @@ def _local_gpus() -> int:
 
 def _autoscaled_types() -> list[dict[str, float]] | None:
     """The resources of each node type the cluster's autoscaler may start: from the cluster config it publishes
-    (autoscaler v2, KubeRay), else from the cluster launcher's config on the head node (v1); [] without an
-    autoscaler; None when it cannot tell (a node type whose resources Ray detects when the node starts)."""
+    (autoscaler v2, KubeRay), else from the cluster launcher's config on the head node (v1); None when it cannot
+    tell (no such config here, or a node type whose resources Ray detects when the node starts)."""
     try:
         from ray._private.state import state
 
@@ -126,8 +126,8 @@ def _autoscaled_types() -> list[dict[str, float]] | None:
     if config is not None and config.node_group_configs:
         return [dict(group.resources) for group in config.node_group_configs]
     launcher = Path("~/ray_bootstrap_config.yaml").expanduser()
-    if not launcher.exists():
-        return []
+    if not launcher.exists():  # not a `ray up` head: KubeRay's v1 autoscaler, a driver on a worker node, ...
+        return None
     try:
         types = (yaml.safe_load(launcher.read_text()) or {}).get("available_node_types") or {}
         found = [dict(kind.get("resources") or {}) for kind in types.values()]

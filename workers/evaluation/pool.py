@@ -33,7 +33,7 @@ import torch
 from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
 
 from core.errors import SearchsvcError
-from storage import ArtifactStore, CorruptArtifactError, StoreAccessError, StoreUnreachableError
+from storage import ArtifactStore, CorruptArtifactError, StoreAccessError, StoreUnreachableError, StoreWriteError
 from workers.data.datasets import DatasetConfig
 from workers.evaluation.evaluate import (
     EvalContext,
@@ -54,7 +54,7 @@ GROW_EVERY_S = 5.0  # seconds between looks at the cluster's size while candidat
 WAKE_EVERY_S = 0.5  # seconds the driver waits on Ray at most before checking signals
 # What a worker raises that is the store's fault, not the candidate's: the run stops on it in one line naming the
 # key, never an invalid row (a corrupt teacher logits file would otherwise make every candidate invalid).
-STORE_FAULTS = (StoreUnreachableError, StoreAccessError, CorruptArtifactError)
+STORE_FAULTS = (StoreUnreachableError, StoreAccessError, StoreWriteError, CorruptArtifactError)
 # What ray.get raises when an actor's process is gone: SIGKILL, a crash, its node lost (RayActorError), or Ray's memory
 # monitor killed it (OutOfMemoryError, which is no RayActorError): the actor is replaced and its candidate retried.
 WORKER_LOST = (RayActorError, OutOfMemoryError, WorkerCrashedError)

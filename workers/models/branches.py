@@ -27,12 +27,48 @@ def fx_trace_error(model: nn.Module) -> str | None:
 
 
 def layers_not_run(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """The layers with parameters of their own that the forward pass on `example` does not call."""
+    """The layers with parameters of their own that the forward pass on `example` neither calls nor reads: a
+    weight used without calling its module (MultiheadAttention's out_proj) is found in the autograd graph."""
     ran: set[str] = set()
     layers = [(name, m) for name, m in model.named_modules() if name and next(m.parameters(False), None) is not None]
     forward_with_hooks(model, example, [m.register_forward_pre_hook(lambda _m, _a, name=name: ran.add(name))
                                         for name, m in layers])
-    return [name for name, _ in layers if name not in ran]
+    idle = [(name, m) for name, m in layers if name not in ran]
+    if not idle:
+        return []
+    used = parameters_used(model, example)
+    return [name for name, m in idle if not any(id(p) in used for p in m.parameters(False))]
+
+
+def parameters_used(model: nn.Module, example: torch.Tensor) -> set[int]:
+    """ids of the parameters the autograd graph of one eval-mode forward pass on `example` reaches (with
+    gradients: nn.TransformerEncoderLayer's no-grad fast path would skip its layers)."""
+    training = model.training
+    try:
+        with torch.enable_grad():
+            output = model.eval()(example)
+    finally:
+        model.train(training)
+    stack = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+    seen, used = set(), set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf, the parameter itself
+        if variable is not None:
+            used.add(id(variable))
+        stack.extend(child for child, _ in node.next_functions if child is not None)
+    return used
+
+
+def _tensors(output: object) -> list[torch.Tensor]:
+    """The tensors in a model's output (a tensor, a tuple or list, a dict of them)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else []
+    return [t for value in values for t in _tensors(value)]
 
 
 def forward_with_hooks(model: nn.Module, example: torch.Tensor, handles: list) -> None:
