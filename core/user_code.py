@@ -10,7 +10,6 @@ call the time to build the model once more. Each (module, factory and arguments)
 from __future__ import annotations
 
 import faulthandler
-import functools
 import importlib
 import os
 import signal
@@ -29,19 +28,14 @@ def import_module_safely(name: str, key: str) -> None:
     """Import the module `name` in a forked child first (once per process); SearchsvcError naming `key`
     (e.g. "teacher.model") if that import ends or hangs the child's process. Does not import it here."""
     if name not in sys.modules:
-        _import_in_child(name, key)
+        try_once_in_child(lambda: importlib.import_module(name), key, f"importing {name!r}", f"import {name}")
 
 
-@functools.cache  # a module that imported cleanly in a child once needs no second child
-def _import_in_child(name: str, key: str) -> None:
-    try_in_child(lambda: importlib.import_module(name), key, f"importing {name!r}")
-
-
-def call_safely_once(call: Callable[[], object], key: str, what: str, same_as: str) -> None:
-    """`try_in_child(call, key, f"calling {what}")` once per process for each `same_as` (the call's
-    function and arguments, as text): `construct` is called for every candidate a worker builds."""
+def try_once_in_child(call: Callable[[], object], key: str, doing: str, same_as: str) -> None:
+    """`try_in_child(call, key, doing)` once per process for each `same_as` (what `call` does, as text): a
+    module imported or a factory called cleanly in a child once needs no second child."""
     if same_as not in _TRIED:
-        try_in_child(call, key, f"calling {what}")
+        try_in_child(call, key, doing)
         _TRIED.add(same_as)
 
 

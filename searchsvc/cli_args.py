@@ -7,10 +7,19 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Callable, NoReturn
-from urllib.parse import urlsplit
 
 from core.errors import SearchsvcError
-from storage import DEFAULT_STORE, ArtifactStore, InvalidKeyError, StoreOptions, check_id, open_store
+from storage import (
+    DEFAULT_STORE,
+    ArtifactStore,
+    InvalidKeyError,
+    StoreError,
+    StoreOptions,
+    check_id,
+    local_folder,
+    open_store,
+)
+from storage.local import local_root
 
 STORE_HELP = (f"artifact store: a folder, file:///abs/dir or s3://bucket/prefix (default: the config's store:, "
               f"else {DEFAULT_STORE})")
@@ -50,11 +59,13 @@ def outside_store(output: Path, store: str, flag: str) -> None:
     """SearchsvcError if `output` resolves (symbolic links followed) into the local store `store`: the store
     is written once, by searchsvc, under manifests; an output file there would replace a record. An s3://
     store cannot hold a local file."""
-    scheme = urlsplit(store).scheme
-    if scheme == "s3" or (scheme not in ("", "file") and len(scheme) > 1):
+    try:
+        folder = local_folder(store)
+    except StoreError:
+        return  # not a store URI: opening it says so, in one line
+    if folder is None:
         return
-    root = Path(urlsplit(store).path if scheme == "file" else store).resolve()
-    target = output.resolve()
+    root, target = local_root(folder), output.resolve()
     if target == root or root in target.parents:
         raise SearchsvcError(f"{flag}: {output} is inside the store {store}; write outputs outside it")
 

@@ -42,7 +42,8 @@ def __getattr__(name: str):  # PEP 562: `from storage import S3Store` imports bo
 __all__ = [
     "DEFAULT_STORE", "ArtifactStore", "BucketNotFoundError", "CorruptArtifactError", "InvalidKeyError",
     "KeyNotFoundError", "LocalStore", "S3Store", "StoreAccessError", "StoreError", "StoreOptions",
-    "StoreUnreachableError", "StoreWriteError", "WriteConflictError", "check_id", "check_key", "open_store",
+    "StoreUnreachableError", "StoreWriteError", "WriteConflictError", "check_id", "check_key", "local_folder",
+    "open_store",
     "sha256_bytes", "sha256_file",
 ]
 
@@ -85,21 +86,31 @@ def open_store(
     """
     uri = uri or DEFAULT_STORE
     options = options or StoreOptions()
-    parts = urlsplit(uri)
-    if parts.scheme == "s3":
+    folder = local_folder(uri)
+    if folder is not None:
+        store: ArtifactStore = LocalStore(folder, create=create)
+    else:
+        parts = urlsplit(uri)
         if not parts.netloc:
             raise StoreError(f"store URI {uri!r} has no bucket: expected s3://bucket/prefix")
         from storage.s3 import S3Store
 
-        store: ArtifactStore = S3Store(parts.netloc, parts.path, endpoint=endpoint, max_attempts=max_attempts,
-                                       retry_window_s=options.retry_window_s)
-    elif parts.scheme == "file":
-        if parts.netloc not in ("", "localhost"):
-            raise StoreError(f"store URI {uri!r}: file URIs must be file:///absolute/path")
-        store = LocalStore(parts.path, create=create)
-    elif parts.scheme and len(parts.scheme) > 1:  # one letter would be a Windows drive
-        raise StoreError(f"store URI {uri!r}: unsupported scheme {parts.scheme!r} (use a path, file:// or s3://)")
-    else:
-        store = LocalStore(uri, create=create)
+        store = S3Store(parts.netloc, parts.path, endpoint=endpoint, max_attempts=max_attempts,
+                        retry_window_s=options.retry_window_s)
     store.spool_root = options.spool_root
     return store
+
+
+def local_folder(uri: str) -> str | None:
+    """The folder of a local store URI (a path or file:///abs/dir) as given, None for s3://bucket/prefix;
+    StoreError for a URI that is neither."""
+    parts = urlsplit(uri)
+    if parts.scheme == "s3":
+        return None
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise StoreError(f"store URI {uri!r}: file URIs must be file:///absolute/path")
+        return parts.path
+    if parts.scheme and len(parts.scheme) > 1:  # one letter would be a Windows drive
+        raise StoreError(f"store URI {uri!r}: unsupported scheme {parts.scheme!r} (use a path, file:// or s3://)")
+    return uri

@@ -15,11 +15,16 @@ from storage.errors import InvalidKeyError, KeyNotFoundError, StoreError, StoreW
 _TMP_PREFIX = ".tmp-"
 
 
+def local_root(folder: str | Path) -> Path:
+    """The absolute folder a local store at `folder` lives in (`~` expanded, links followed)."""
+    return Path(folder).expanduser().resolve()
+
+
 class LocalStore(ArtifactStore):
     """An artifact store in a local folder (`./searchsvc-store` by default)."""
 
     def __init__(self, root: str | Path, create: bool = True) -> None:
-        self.root = Path(root).expanduser().resolve()
+        self.root = local_root(root)
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"store path {self.root} exists and is not a folder")
         if not self.root.exists():

@@ -25,7 +25,7 @@ from torch import nn
 
 from core.errors import SearchsvcError, first_line
 from core.names import did_you_mean
-from core.user_code import call_safely_once, import_module_safely
+from core.user_code import import_module_safely, try_once_in_child
 from workers.models.zoo import load_tensors
 
 TORCHVISION = "torchvision:"
@@ -92,8 +92,8 @@ def try_in_a_child(source: ModelSource) -> None:
         factory = getattr(importlib.import_module(module_name), attr)
     except (Exception, SystemExit):
         return  # `constructor` names it, in one line
-    call_safely_once(lambda: factory(**source.kwargs), "teacher.model", source.model,
-                     same_as=f"{source.model}(**{sorted(source.kwargs.items())!r})")
+    try_once_in_child(lambda: factory(**source.kwargs), "teacher.model", f"calling {source.model}",
+                      same_as=f"{source.model}(**{sorted(source.kwargs.items())!r})")
 
 
 def _timm_constructor(name: str) -> Callable[..., nn.Module]:
