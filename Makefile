@@ -16,7 +16,7 @@ setup: $(STAMP)  ## create .venv and install the package editable with its dev e
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing searchsvc and its dependencies into $(VENV) (first time: a few minutes)"
-	@$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v 'is ignored: it is neither' || true
+	@$(BIN)/python -m pip install -q --no-cache-dir --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v 'is ignored: it is neither' || true
 	@$(BIN)/python -c "import searchsvc, torch, ray" || { echo "setup: install failed"; exit 1; }
 	@bash scripts/install-datasets.sh
 	@touch $(STAMP)

@@ -151,11 +151,11 @@ def _taylor(teacher, build, size: int) -> str:
 
     import torch
 
-    from workers.compression.taylor import graph_taylor_prune, prunable_channels
+    from workers.compression.taylor import prunable_channels, taylor_prune
     from workers.models.rebuild import rebuild
 
     count = prunable_channels(teacher, 3, size) // 5
-    student, plan = graph_taylor_prune(copy.deepcopy(teacher).requires_grad_(True), _splits(size), count, 2, 8)
+    student, plan = taylor_prune(copy.deepcopy(teacher).requires_grad_(True), _splits(size), count, 2, 8)
     images = torch.randn(2, 3, size, size)
     with torch.no_grad():  # close, not equal: the step ran in channels_last, the rebuild is contiguous
         if not torch.allclose(rebuild(build(), (), dict(student.state_dict()))(images), student(images),

@@ -3,20 +3,24 @@
 `n2n` runs on the same teacher, data and fine-tune recipe, compared at matched MACs.
 
     python examples/train_your_model.py -o examples/your_resnet18.pt     # the user's model (once)
-    python benchmarks/peer_torch_pruning.py [--store DIR] [--steps 5] [--methods taylor,n2n] [--taylor-fractions 0.15,0.18]
-    python benchmarks/peer_torch_pruning.py --model vit --methods taylor  # a small torchvision ViT (trained first)
+    python benchmarks/peer_torch_pruning.py [--store DIR] [--steps 5] [--methods taylor,n2n] [--rankings mean:0,l2:0]
+    python benchmarks/peer_torch_pruning.py --model vit   # a small torchvision ViT (trained first)
 
 `--model vit` (configs/your-vit-taylor.yaml) runs Torch-Pruning's pipeline for torchvision's ViT as its own
 examples do: the class token and position embeddings given as unwrapped parameters, `num_heads` of every
 nn.MultiheadAttention (head_dim pruned alike in every head, as searchsvc does), the classifier ignored, and
 `model.hidden_dim` reset to the stream's width after every step.
 
-Both pruners remove the same number of channels per step (`search.filters_per_iteration` of the teacher's
-prunable channels, ranked on the same `importance_batches` training batches) and every pruned model is
-fine-tuned by the same function with the same recipe (`train:` of the config: distillation from the
-teacher's cached logits), so the pruning decision and the search are what differ. Matching: for each
-Torch-Pruning step, searchsvc's model with no more MACs (2 % tolerance), chosen on validation accuracy;
-test accuracy only reports. Writes benchmarks/results/peer_torch_pruning.json. About 30 minutes on 2 cores.
+Torch-Pruning removes `search.filters_per_iteration` of the teacher's prunable channels per step, ranked on
+`importance_batches` training batches. searchsvc is asked what a user asks it: for each of Torch-Pruning's
+steps k, one taylor run with `search.budget.macs` at that step's MACs and k iterations (steps of the same share
+of channels, the last landing just under the budget, the rest fine-tuning it), so both pipelines fine-tune k
+times. Every pruned model is fine-tuned by the same function with the same recipe (`train:` of the config:
+distillation from the teacher's cached logits), so the pruning decision and the search are what differ.
+`--rankings` runs those taylor runs once per ranking (normalizer:cost_power, the first is the one matched;
+the others are reported beside it). Matching: for each Torch-Pruning step, searchsvc's model with no more MACs
+(2 % tolerance), chosen on validation accuracy; test accuracy only reports. Writes
+benchmarks/results/peer_torch_pruning.json. About 10 minutes per ranking on 2 cores, 5 more with n2n.
 """
 
 from __future__ import annotations
@@ -105,23 +109,36 @@ def torch_pruning_pipeline(ctx: EvalContext, config, steps: int) -> list[dict[st
     return points
 
 
-def searchsvc_run(method: str, config_path: str, store: LocalStore, steps: int, overrides: list[str],
-                  fractions: list[float]) -> dict[str, Any]:
-    """One searchsvc run of the method's your-model config; its valid candidates and wall time. Taylor runs as
-    many steps as Torch-Pruning's, none stopped early, one Tune trial per step size in `fractions`."""
-    if method == "taylor":
-        overrides = [*overrides, f"search.iterations={steps}", "search.stop.max_drop=100",
-                     f"search.tune.filters_per_iteration={fractions}",
-                     f"search.tune.grace_period={steps}"]  # every trial runs all its steps: no ASHA stop
+def searchsvc_run(method: str, config_path: str, store: LocalStore, overrides: list[str]) -> dict[str, Any]:
+    """One searchsvc run of the method's your-model config: its valid candidates and wall time."""
     config = searchsvc.load_config(common.REPO / config_path, overrides)
     started = time.perf_counter()
     result = searchsvc.run(config, store=store, progress=False)
     keys = ("spec_hash", "method", "macs", "params", "accuracy", "val_accuracy", "compression", "finetuned_from",
-            "iteration", "cached", "sample")
+            "iteration", "cached", "sample", "phase", "within_budget")
     rows = [{k: row.get(k) for k in keys} for row in result.table.to_pylist() if row["status"] == "ok"]
     print(f"searchsvc {method}: {len(rows)} candidates in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     return {"run_id": result.run_id, "config": config_path, "overrides": overrides,
             "wall_s": round(time.perf_counter() - started, 1), "candidates": rows}
+
+
+def budgeted_taylor(config_path: str, store: LocalStore, peer: list[dict[str, Any]], overrides: list[str],
+                    fraction: float, ranking: str) -> dict[str, Any]:
+    """One taylor run per Torch-Pruning step k: the budget at its MACs, k iterations, one trial, none stopped
+    early; `ranking` is normalizer:cost_power. Their candidates together, and the runs."""
+    normalizer, power = ranking.split(":")
+    runs, candidates = [], []
+    for point in peer:
+        k = point["step"]
+        run = searchsvc_run("taylor", config_path, store, [
+            *overrides, f"search.iterations={k}", "search.stop.max_drop=100",
+            f"search.filters_per_iteration={fraction}", "search.tune.filters_per_iteration=[]",
+            f"search.tune.grace_period={k}", f"search.normalizer={normalizer}", f"search.cost_power={power}",
+            f"search.budget={{macs: {point['macs']}}}"])
+        runs.append({key: run[key] for key in ("run_id", "overrides", "wall_s")})
+        candidates += [{**c, "budget_step": k} for c in run["candidates"]]
+    return {"ranking": ranking, "runs": runs, "wall_s": round(sum(r["wall_s"] for r in runs), 1),
+            "candidates": candidates}
 
 
 def verdict(gap_points: float) -> str:
@@ -166,11 +183,12 @@ def main() -> None:
                         help="the user's model: resnet18 (examples/your_resnet18.pt, trained by "
                              "examples/train_your_model.py) or vit (trained by searchsvc from its config)")
     parser.add_argument("--steps", type=int, default=5, help="pruning steps of both iterative pipelines")
-    parser.add_argument("--methods", help="searchsvc methods to run, comma-separated (default: every config the "
-                        "model has: taylor,n2n for resnet18, taylor for vit)")
-    parser.add_argument("--taylor-fractions", default="0.15,0.18",
-                        help="searchsvc taylor: one trial per share of channels removed per step (the first is "
-                             "Torch-Pruning's step too)")
+    parser.add_argument("--methods", default="taylor", help="searchsvc methods to run, comma-separated: taylor (the "
+                        "budgeted runs), n2n (resnet18 only: its your-model config, candidates matched beside "
+                        "taylor's)")
+    parser.add_argument("--rankings", default="mean:0",
+                        help="searchsvc taylor rankings, normalizer:cost_power, comma-separated: one set of budgeted "
+                             "runs each; the first is matched, the others reported beside it")
     parser.add_argument("--set", action="append", default=[], dest="overrides",
                         help="override for every config, e.g. train.max_images=512 for a quick try (repeatable)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -179,13 +197,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     configs = CONFIGS[args.model]
-    methods = [m for m in args.methods.split(",") if m] if args.methods else list(configs)
+    methods = [m for m in args.methods.split(",") if m]
     name = args.name or ("peer_torch_pruning" if args.model == "resnet18" else f"peer_torch_pruning_{args.model}")
     if set(methods) - set(configs):
         parser.error(f"--methods: {args.model} has configs for {', '.join(configs)} only")
-    fractions = [float(f) for f in args.taylor_fractions.split(",")]
-    config = searchsvc.load_config(common.REPO / configs["taylor"],
-                                   [*args.overrides, f"search.filters_per_iteration={fractions[0]}"])
+    rankings = [r for r in args.rankings.split(",") if r]
+    config = searchsvc.load_config(common.REPO / configs["taylor"], args.overrides)
+    fraction = config.search.filters_per_iteration
     with tempfile.TemporaryDirectory(prefix="peer-") as folder:
         store = LocalStore(args.store or Path(folder) / "store")
         splits = load_dataset(config.dataset)
@@ -195,9 +213,12 @@ def main() -> None:
         started = time.perf_counter()
         peer = torch_pruning_pipeline(ctx, config, args.steps)
         peer_s = time.perf_counter() - started
-        runs = {method: searchsvc_run(method, configs[method], store, args.steps, args.overrides, fractions)
-                for method in methods}
-    ours = [c for run in runs.values() for c in run["candidates"]]
+        runs = {method: searchsvc_run(method, configs[method], store, args.overrides)
+                for method in methods if method != "taylor"}
+        taylor = [budgeted_taylor(configs["taylor"], store, peer, args.overrides, fraction, ranking)
+                  for ranking in rankings] if "taylor" in methods else []
+    others = [c for run in runs.values() for c in run["candidates"]]
+    ours = others + (taylor[0]["candidates"] if taylor else [])
     levels = match(peer, ours)
     c, size = splits.in_channels, splits.image_size
     result = {
@@ -210,11 +231,16 @@ def main() -> None:
                                                                         "lr": config.train.lr},
         "torch_pruning": {"version": __import__("torch_pruning").__version__, "wall_s": round(peer_s, 1),
                           "points": peer},
-        "overrides": args.overrides, "searchsvc": runs, "matched": levels,
+        "overrides": args.overrides, "searchsvc": runs, "taylor": taylor, "matched": levels,
         "matched_params": match(peer, ours, "params"), "beyond_torch_pruning": beyond(peer, ours),
-        "taylor_fractions": fractions, "tie_points": TIE_POINTS, "macs_tolerance": MACS_TOLERANCE,
+        "rankings": {t["ranking"]: {"wall_s": t["wall_s"], "matched": match(peer, others + t["candidates"])}
+                     for t in taylor},
+        "tie_points": TIE_POINTS, "macs_tolerance": MACS_TOLERANCE,
     }
     path = common.write_result(args.out, name, result)
+    for t in taylor[1:]:
+        print(f"ranking {t['ranking']}: " + ", ".join(
+            f"{level['verdict']} {level.get('gap_points')}" for level in match(peer, others + t["candidates"])))
     for level in levels:
         p, s = level["torch_pruning"], level["searchsvc"]
         mine = f"{s['method']} {s['macs'] / 1e6:.1f} M MACs {100 * s['accuracy']:.2f} %" if s else "none"

@@ -21,9 +21,9 @@ from searchsvc.reporting.rows import pareto_front
 from searchsvc.reporting.table import table_rows
 from storage import LocalStore, open_store
 from tests.conftest import kill_run_when
+from workers.compression.ranking import plan_removal
 from workers.compression.taylor import (
     count_filters,
-    plan_removal,
     prunable_channels,
     prune_groups,
     taylor_prune,
@@ -85,7 +85,7 @@ def test_lowest_taylor_score_is_the_channel_whose_removal_changes_the_loss_least
         gap = (change[lowest] - change.min()) / (change.max() - change.min())
         assert gap <= tolerance, f"{group.key}: Taylor's lowest channel {lowest} changes the loss by {change[lowest]:.4f}, " \
                                  f"the least any channel does is {change.min():.4f}"
-        assert torch.isclose(scores[group.key].norm(), torch.tensor(1.0))  # L2-normalised per group
+        assert (scores[group.key] >= 0).all()  # raw |a·g| means: the ranking normalises them
 
 
 def test_a_dead_channel_scores_zero_and_the_model_is_left_unchanged(splits):

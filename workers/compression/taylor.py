@@ -6,8 +6,9 @@ Importance of output channel k of a layer, averaged over `batches` training batc
     Θ(k) = mean_b | Σ_{n∈b} Σ_{h,w} a_n[k,h,w] · ∂L_b/∂a_n[k,h,w] |     (a: the layer's conv-bn output,
                                                                           L_b: the batch's mean loss)
 
-the first-order estimate of how much the batch loss changes when channel k is zeroed,
-L2-normalised per group, so groups of any size compete in one global ranking. A *group* is
+the first-order estimate of how much the batch loss changes when channel k is zeroed. Every group's scores
+then compete in one global ranking (workers.compression.ranking: normalised per group, per unit of a budget's
+cost, in chunks of hardware multiples, landing on the budget). A *group* is
 what surgery removes as one: a block's inner width (`layer2.1`, one conv) or a residual stream
 (`layer2`, every conv whose output is added into it). A stream channel's contribution is summed over
 all its members before the absolute value: removing it zeroes the channel in every addition at once.
@@ -15,18 +16,20 @@ all its members before the absolute value: removing it zeroes the channel in eve
 A user's network (no zoo architecture) is ranked over its dependency graph instead (`graph_taylor_scores`):
 the groups are Torch-Pruning's, and a channel's importance is the first-order Taylor term of the group's
 weights, Σ |w · ∂L/∂w| over every layer the channel touches, with the gradient of the mean loss over the
-same batches; the same per-group L2 normalisation, global ranking and removal plan follow.
+same batches; the same ranking follows.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.compression.costs import counter, group_costs
+from workers.compression.ranking import Step, chunks_for, prefix, removal_order
 from workers.data.datasets import Splits, normalize
 from workers.evaluation.evaluate import Built
 from workers.models.depgraph import channel_groups, dependency_graph, example_input, pruning_group, shrink_graph
@@ -38,7 +41,6 @@ if TYPE_CHECKING:
     from workers.evaluation.evaluate import EvalContext
     from workers.evaluation.spec import CandidateSpec
 
-MIN_CHANNELS = 1  # a group never loses its last channel (the network must stay connected)
 
 
 def count_filters(model: nn.Module) -> int:
@@ -46,8 +48,9 @@ def count_filters(model: nn.Module) -> int:
     return sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
-def taylor_scores(model: ResNet, splits: Splits, batches: int, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Θ per group key (L2-normalised, on the CPU) from `batches` training batches; the model is unchanged.
+def taylor_scores(model: ResNet, splits: Splits, batches: int, batch_size: int,
+                  seed: int = 0) -> dict[str, torch.Tensor]:
+    """Θ per group key (on the CPU) from `batches` training batches; the model is unchanged.
 
     Runs in eval mode (batch-norm uses its running statistics, as the pruned model will), on the
     device the model and `splits` are on.
@@ -83,42 +86,13 @@ def taylor_scores(model: ResNet, splits: Splits, batches: int, batch_size: int, 
             handle.remove()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return {key: _l2_normalise(total / max(seen, 1)).cpu() for key, total in totals.items()}  # mean over batches
-
-
-def _l2_normalise(scores: torch.Tensor) -> torch.Tensor:
-    return scores / scores.norm().clamp_min(1e-12)
-
-
-def plan_removal(scores: Mapping[str, torch.Tensor], count: int,
-                 slices: Mapping[str, int] | None = None) -> dict[str, int]:
-    """Channels to remove per group: the `count` lowest scores across all groups, each keeping MIN_CHANNELS.
-
-    A group with `slices` (grouped convolutions) is ranked by position, the mean score of that position across
-    its slices, and loses a position from every slice at once (the last one may overshoot `count`).
-    Ties are broken by group key then channel index, so the plan is deterministic.
-    """
-    slices = {key: (slices or {}).get(key, 1) for key in scores}
-    positions = {key: values.float().view(slices[key], -1).mean(0) for key, values in scores.items()}
-    entries = sorted((float(s), key, i) for key, values in positions.items() for i, s in enumerate(values))
-    removed = {key: 0 for key in scores}
-    left = count
-    for _, key, _ in entries:
-        if left <= 0:
-            break
-        if len(positions[key]) - removed[key] > MIN_CHANNELS:
-            removed[key] += 1
-            left -= slices[key]
-    return {key: n * slices[key] for key, n in removed.items() if n}
+    return {key: (total / max(seen, 1)).cpu() for key, total in totals.items()}  # mean over batches
 
 
 def prunable_channels(model: nn.Module, in_channels: int, image_size: int) -> int:
     """Channels the ranking chooses among: one per channel group's channel (a zoo stream or inner width, or a
     dependency-graph group of a user's network)."""
-    if hasattr(model, "arch"):
-        widths = width_keys(model.arch)
-        return sum(widths[g.key] for g in prune_groups(model.arch))
-    return sum(g.channels for g in channel_groups(model, example_input(model, in_channels, image_size)))
+    return sum(group_widths(model, in_channels, image_size).values())
 
 
 def _loss_batches(model: nn.Module, splits: Splits, batches: int, batch_size: int, seed: int):
@@ -137,7 +111,7 @@ def _loss_batches(model: nn.Module, splits: Splits, batches: int, batch_size: in
 
 def graph_taylor_scores(model: nn.Module, splits: Splits, batches: int, batch_size: int, seed: int = 0,
                         slices: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
-    """Θ per dependency-graph group of a user's network (L2-normalised, on the CPU); the model is unchanged.
+    """Θ per dependency-graph group of a user's network (on the CPU); the model is unchanged.
     `slices`, if given, receives each group's slices (what `plan_removal` needs), from the same graph."""
     example = example_input(model, splits.in_channels, splits.image_size)
     tp, graph = traced = dependency_graph(model, example)
@@ -150,7 +124,7 @@ def graph_taylor_scores(model: nn.Module, splits: Splits, batches: int, batch_si
     try:
         seen = sum(1 for _ in _loss_batches(model, splits, batches, batch_size, seed))  # gradients add up
         importance = tp.importance.GroupTaylorImportance(normalizer=None)
-        scores = {g.key: _l2_normalise(importance(pruning_group(tp, graph, model, g.key)).float() / max(seen, 1)).cpu()
+        scores = {g.key: (importance(pruning_group(tp, graph, model, g.key)).float() / max(seen, 1)).cpu()
                   for g in groups}
     finally:
         model.zero_grad(set_to_none=True)
@@ -158,35 +132,78 @@ def graph_taylor_scores(model: nn.Module, splits: Splits, batches: int, batch_si
     return scores
 
 
-def taylor_prune(model: ResNet, splits: Splits, count: int, batches: int, batch_size: int,
-                 seed: int = 0) -> tuple[ResNet, dict[str, int]]:
-    """Remove the `count` least important channels: a real smaller network (CPU, eval mode) and the plan."""
-    scores = taylor_scores(model, splits, batches, batch_size, seed)
-    plan = plan_removal(scores, count)
-    widths = width_keys(model.arch)
-    new_widths = {key: widths[key] - n for key, n in plan.items()}
-    return shrink(model, widths=new_widths, importance=ScoreTable(model, scores)), plan
+def taylor_prune(model: nn.Module, splits: Splits, step: Step | int, batches: int, batch_size: int, seed: int = 0,
+                 full: Mapping[str, int] | None = None, cost: str | None = None,
+                 limit: float | None = None) -> tuple[nn.Module, dict[str, int]]:
+    """Remove the least important channels as `step` asks (a count, or a Step with its normalisation, multiples
+    and count): a real smaller network (CPU, eval mode) and the plan (group key → channels removed). `full`: the
+    teacher's channels per group (what `round_to` is decided on); `cost` (macs or params): what `step.cost_power`
+    weighs in the ranking, and with `limit`, the step stops at the fewest chunks whose model has at most that much
+    of it (landing just under a budget). Zoo ResNets are ranked and cut by their architecture, any other network
+    through its dependency graph."""
+    step = step if isinstance(step, Step) else Step(step)
+    zoo = hasattr(model, "arch")
+    slices: dict[str, int] = {}
+    scores = taylor_scores(model, splits, batches, batch_size, seed) if zoo else \
+        graph_taylor_scores(model, splits, batches, batch_size, seed, slices)
+    example = example_input(model, splits.in_channels, splits.image_size)
+
+    def cut(plan: dict[str, int]) -> nn.Module:
+        if zoo:
+            widths = width_keys(model.arch)
+            return shrink(model, widths={key: widths[key] - n for key, n in plan.items()},
+                          importance=ScoreTable(model, scores))
+        return shrink_graph(model, example, widths={key: len(scores[key]) - n for key, n in plan.items()},
+                            scores=scores)
+
+    costs = group_costs(model, cost, splits.in_channels, splits.image_size) if cost and step.cost_power else None
+    order = removal_order(scores, slices, step, costs, full)
+    chunks = chunks_for(order, step.count)
+    if limit is not None:
+        chunks = _landing(order, chunks, lambda n: cut(prefix(order, n)),
+                          counter(cost, splits.in_channels, splits.image_size), limit)
+    plan = prefix(order, chunks)
+    return cut(plan), plan
 
 
-def taylor_step(parent: ResNet, spec: "CandidateSpec", ctx: "EvalContext") -> Built:
-    """The builder of `method: taylor` candidates: prune `params.prune` channels of the parent.
+def _landing(order: list[tuple[str, int]], chunks: int, cut: Callable[[int], nn.Module],
+             count: Callable[[nn.Module], int], limit: float) -> int:
+    """The fewest chunks of `order` whose cut model is within `limit`, if the step's own `chunks` reach it (else
+    `chunks`: the step goes its full length). Bisection over cut-and-counted models: the count falls as chunks
+    are added (about log2(chunks) cuts)."""
+    if count(cut(chunks)) > limit:
+        return chunks
+    low, high = 0, chunks  # the parent (0 chunks) is over the limit, `high` chunks within it
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if count(cut(middle)) <= limit else (middle, high)
+    return high
+
+
+def group_widths(model: nn.Module, in_channels: int, image_size: int) -> dict[str, int]:
+    """Channels per prunable group: a zoo ResNet's groups by its architecture, another network's by its graph."""
+    if hasattr(model, "arch"):
+        widths = width_keys(model.arch)
+        return {g.key: widths[g.key] for g in prune_groups(model.arch)}
+    return {g.key: g.channels for g in channel_groups(model, example_input(model, in_channels, image_size))}
+
+
+def taylor_step(parent: nn.Module, spec: "CandidateSpec", ctx: "EvalContext") -> Built:
+    """The builder of `method: taylor` candidates: prune `params.prune` channels of the parent, ranked with
+    `params.normalizer` (l2 when absent: specs stored before it existed), kept widths multiples of
+    `params.round_to` (1 when absent), with `params.cost` weighed by `params.cost_power`, and with `params.limit`
+    landing on it.
 
     The parent is the teacher or the previous iteration's stored model; its weights are not changed.
     """
     params = dict(spec.params)
     model = copy.deepcopy(parent).to(ctx.device).requires_grad_(True)
-    prune = graph_taylor_prune if not hasattr(model, "arch") else taylor_prune
-    student, plan = prune(model, ctx.splits, int(params["prune"]), int(params["importance_batches"]),
-                          spec.train.batch_size, spec.seed)
+    step = Step(int(params["prune"]), str(params.get("normalizer", "l2")), int(params.get("round_to", 1)),
+                float(params.get("cost_power", 0.0)))
+    cost, limit = params.get("cost"), params.get("limit")
+    full = group_widths(ctx.teacher.model, ctx.splits.in_channels, ctx.splits.image_size) \
+        if step.round_to > 1 else None
+    student, plan = taylor_prune(model, ctx.splits, step, int(params["importance_batches"]), spec.train.batch_size,
+                                 spec.seed, full, None if cost is None else str(cost),
+                                 None if limit is None else float(limit))
     return Built(student, {"pruned": plan, "filters": count_filters(student), "parent_filters": count_filters(parent)})
-
-
-def graph_taylor_prune(model: nn.Module, splits: Splits, count: int, batches: int, batch_size: int,
-                       seed: int = 0) -> tuple[nn.Module, dict[str, int]]:
-    """`taylor_prune` for a user's network: ranked and cut through its dependency graph."""
-    slices: dict[str, int] = {}
-    scores = graph_taylor_scores(model, splits, batches, batch_size, seed, slices)  # a score per channel of a group
-    example = example_input(model, splits.in_channels, splits.image_size)
-    plan = plan_removal(scores, count, slices)
-    widths = {key: len(scores[key]) - n for key, n in plan.items()}
-    return shrink_graph(model, example, widths=widths, scores=scores), plan

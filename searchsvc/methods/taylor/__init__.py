@@ -10,6 +10,7 @@ from searchsvc.budget import Budget
 from searchsvc.registry import SearchSection, budget_field, register_method
 from searchsvc.rewards import RewardForm
 from searchsvc.sweeps.schema import SweepTune, check_positive_choices
+from workers.compression.ranking import Normalizer
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,14 @@ class TaylorSearch(SearchSection):
     filters_per_iteration: int | float = field(default=0.1, metadata={
         "gt": 0, "help": "channels removed per round: a count, or a fraction (< 1) of the teacher's channels"})
     importance_batches: int = field(default=8, metadata={"min": 1, "help": "training batches averaged for importance"})
+    normalizer: Normalizer = field(default="mean", metadata={
+        "help": "how each group's scores are scaled before all groups are ranked together: mean (divided by their "
+                "mean; measured best, README: Pruning), l2 (by their L2 norm: wide groups go first) or none"})
+    cost_power: float = field(default=0.0, metadata={
+        "min": 0, "max": 2, "help": "with a budget, rank a channel by its score / its cost (MACs or parameters) to "
+                                    "this power: 1 per unit of cost, 0 (measured best) the cost ignored"})
+    round_to: int = field(default=8, metadata={
+        "min": 1, "help": "a group the teacher has wider than twice this keeps a multiple of it (1: any width)"})
     stop: TaylorStop = field(default_factory=TaylorStop)
     tune: TaylorTune = field(default_factory=TaylorTune)
     reward: RewardForm = field(default="c_2_minus_c", metadata={"help": "c_2_minus_c or c_over_2_minus_c"})

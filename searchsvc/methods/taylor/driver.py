@@ -9,8 +9,10 @@
 A trial's iteration i prunes the model of iteration i-1 (the teacher for i = 1) by Taylor importance
 (workers/compression/taylor.py), fine-tunes it, and measures it: a candidate in the store whose `init` is its
 parent, reported to Tune as one step. The trial ends after `iterations`, at the stop rule, or when
-ASHA stops it. With `search.budget`, the first point within budget ends the pruning: the trial's
-remaining iterations fine-tune it (rows of phase `fine-tune`, same architecture). A checkpoint is
+ASHA stops it. With `search.budget`, every step ranks channels per unit of the budget's cost (MACs or parameters,
+workers/compression/costs.py) and, when that cost is limited, stops once the model is within the limit, so the
+last step lands just under it; the first point within budget ends the pruning: the trial's remaining iterations
+fine-tune it (rows of phase `fine-tune`, same architecture). A checkpoint is
 (iteration, parent hash), plus the training state after each epoch of the iteration's fine-tune; the models
 are in the store, so a restarted or restored trial continues where it was, mid-fine-tune included. Tune's
 experiment lives in runs/<id>/state/tune.
@@ -41,6 +43,7 @@ from searchsvc.sweeps.reports import TrialRecorder, report_fields
 from searchsvc.sweeps.space import TUNE_METRICS, choose, lr_space
 from searchsvc.sweeps.tuner import absolute_dataset, build_tuner, fit, mark_pareto, stored_or_kept
 from storage import ArtifactStore, layout
+from workers.compression.costs import ranked_quantity
 from workers.compression.taylor import prunable_channels
 from workers.data.datasets import DatasetConfig
 from workers.evaluation.pool import worker_context
@@ -103,8 +106,22 @@ def iteration_spec(job: TrialJob, sample: dict[str, Any], parent: str | None, pr
                     distill=replace(job.train.distill, alpha=alpha))
     count = prune_count(sample["filters_per_iteration"], job.teacher_channels) if prune else 0
     return CandidateSpec(arch=job.arch, teacher=job.teacher_hash, dataset=job.dataset, train=train,
-                         method="taylor", init=parent, seed=job.seed,
-                         params=(("importance_batches", job.search.importance_batches), ("prune", count)))
+                         method="taylor", init=parent, seed=job.seed, params=step_params(job.search, count))
+
+
+def step_params(search: TaylorSearch, count: int) -> tuple[tuple[str, int | float | str], ...]:
+    """What a pruning step needs beyond its parent: its channel count and ranking, and with a budget the cost it
+    ranks by (workers.compression.costs) and, when that cost is itself limited, the limit it lands on."""
+    params: list[tuple[str, int | float | str]] = [
+        ("importance_batches", search.importance_batches), ("prune", count), ("normalizer", search.normalizer),
+        ("round_to", search.round_to)]
+    cost = ranked_quantity(search.budget)
+    if cost is not None and count:
+        params += [("cost", cost), ("cost_power", search.cost_power)]
+        limit = search.budget.limits().get(cost)
+        if limit is not None:
+            params.append(("limit", limit))
+    return tuple(params)
 
 
 def stop_reason(accuracy: float, start: float, stop: TaylorStop) -> str | None:
