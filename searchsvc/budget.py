@@ -85,6 +85,17 @@ class Budget:
                   "int8_latency_ms": self.int8_latency_ms}
         return {name: limit for name, limit in stated.items() if limit is not None}
 
+    def cost(self) -> tuple[str, float | None]:
+        """The counted cost a pruning step ranks by (workers.compression.costs: macs or params) and its limit, if
+        the budget limits it: MACs or parameters where stated (MACs first), else latency as MACs and bytes as
+        parameters, with no limit a step can count (the trajectory still stops at the first measured point
+        within budget)."""
+        limits = self.limits()
+        for name in ("macs", "params"):
+            if name in limits:
+                return name, limits[name]
+        return ("macs" if any("latency" in name for name in limits) else "params"), None
+
     def label(self) -> str:
         """The limits as text: "macs <= 14,000,000; latency_ms <= 2 (batch 1)"."""
         text = "; ".join(f"{name} <= {format_number(limit)}" for name, limit in self.limits().items())

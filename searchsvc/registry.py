@@ -43,6 +43,13 @@ def budget_field() -> Any:
                                          "onnxruntime), latency_threads (searchsvc/budget.py)"})
 
 
+def round_to_field() -> Any:
+    """`search.round_to` of a method that cuts channels: kept widths multiples of it (workers.models.surgery)."""
+    return field(default=8, metadata={"min": 1, "help": "a channel group the teacher has wider than twice this "
+                                      "keeps a multiple of it (int8 and bf16 kernels like multiples of 8; 1: any "
+                                      "width)"})
+
+
 @dataclass(frozen=True)
 class Method:
     """A registered method: its schema, driver, worker-side builder and checks."""

@@ -8,14 +8,14 @@ convolutions included: a zoo network is rebuilt from its architecture with the g
 (no weights copied); a user's network is cut through its dependency graph (about 0.1 s per group on a CPU for
 a ResNet-18). A model's cost is counted the way its measurement is (`count_macs`, `count_parameters`).
 
-A budget names quantities; ranking needs one: MACs and parameters rank as themselves, latency by MACs (what a
-forward pass computes; a measured per-layer latency table is not built yet), and bytes by parameters (what a
-saved model holds).
+A budget names quantities and a step needs one (`searchsvc.budget.Budget.cost`): MACs and parameters stand for
+themselves, latency for MACs (what a forward pass computes; a measured per-layer latency table is not built yet),
+bytes for parameters (what a saved model holds).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from torch import nn
 
@@ -24,12 +24,7 @@ from workers.models.depgraph import channel_groups, example_input, shrink_graph
 from workers.models.surgery import derive_arch, prune_groups, width_keys
 from workers.models.zoo import build_model
 
-if TYPE_CHECKING:
-    from searchsvc.budget import Budget
-
-COSTED = ("macs", "params")  # the quantities a step can count exactly, and so land on
-RANKED_BY = {"macs": "macs", "params": "params", "latency_ms": "macs", "int8_latency_ms": "macs",
-             "model_bytes": "params", "int8_model_bytes": "params"}  # a budget's quantity → the cost it ranks by
+COSTED = ("macs", "params")  # the quantities a step counts exactly (and so can land on)
 
 
 def counter(quantity: str, in_channels: int, image_size: int) -> Callable[[nn.Module], int]:
@@ -60,12 +55,3 @@ def group_costs(model: nn.Module, quantity: str, in_channels: int, image_size: i
             narrower = shrink_graph(model, example, widths={group.key: group.channels - group.slices})
             costs[group.key] = float(whole - count(narrower))
     return costs
-
-
-def ranked_quantity(budget: Budget | None) -> str | None:
-    """The cost a budget ranks channels by: that of its first stated limit (MACs and parameters first, as the
-    ones a step can land on); None without a budget."""
-    if budget is None:
-        return None
-    names = sorted(budget.limits(), key=lambda name: (name not in COSTED, name))
-    return RANKED_BY[names[0]] if names else None

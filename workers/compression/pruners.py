@@ -27,7 +27,7 @@ from torch import nn
 
 from core.names import is_number
 from workers.compression.importance import l1_importance
-from workers.models.surgery import group_scores
+from workers.models.surgery import group_scores, round_width
 from workers.models.thinning import ChannelGroup, group_of_weight
 from workers.models.zoo import weight_layers
 
@@ -136,32 +136,38 @@ class StructuredAGP(AutomatedGradualPruner):
     """
 
     group_type: Literal["Filters", "Rows"] = field(default="Filters", metadata={"help": "Filters or Rows"})
+    round_to: int = field(default=1, metadata={
+        "min": 1, "help": "a group wider than twice this keeps a multiple of it (method agp sets its search.round_to)"})
 
     def masks(self, model: nn.Module, step: PolicyStep, groups: Groups | None = None) -> Masks:
         sparsity = agp_sparsity(self.initial_sparsity, self.final_sparsity, step)
-        return filter_masks(model, self.targets(), sparsity, groups)
+        return filter_masks(model, self.targets(), sparsity, groups, self.round_to)
 
 
 def filter_masks(model: nn.Module, weights: tuple[str, ...] | list[str], sparsity: float,
-                 groups: Groups | None = None) -> Masks:
+                 groups: Groups | None = None, round_to: int = 1) -> Masks:
     """Masks that zero the `sparsity` share of each named weight's channel group (lowest summed L1 norms),
-    over every parameter that carries those channels. `groups`: default, the zoo model's own."""
+    over every parameter that carries those channels; a group wider than 2 x `round_to` keeps a multiple of it
+    (the kept count rounded up). `groups`: default, the zoo model's own."""
     groups = group_of_weight(model) if groups is None else groups
     params = dict(model.named_parameters())
     masks: Masks = {}
     for group in {groups[name].key: groups[name] for name in weights}.values():
-        keep = channel_keep(group_scores([params[w] for w in group.weights], l1_importance), sparsity, group.slices)
+        keep = channel_keep(group_scores([params[w] for w in group.weights], l1_importance), sparsity, group.slices,
+                            round_to)
         for name in group.params:
             shape = (-1,) + (1,) * (params[name].dim() - 1)
             masks[name] = keep.to(params[name].dtype).view(shape).expand_as(params[name]).clone()
     return masks
 
 
-def channel_keep(scores: torch.Tensor, sparsity: float, slices: int = 1) -> torch.Tensor:
-    """Bool per channel: False for the round(sparsity · n) lowest scores; at least one channel kept. With
-    `slices` (grouped convolutions), positions ranked by their mean score go from every slice together."""
+def channel_keep(scores: torch.Tensor, sparsity: float, slices: int = 1, round_to: int = 1) -> torch.Tensor:
+    """Bool per channel: False for the round(sparsity · n) lowest scores; at least one channel kept, and where
+    the group is wider than 2 x `round_to`, a multiple of it (rounded up: surgery.round_width). With `slices`
+    (grouped convolutions), positions ranked by their mean score go from every slice together."""
     positions = scores.view(slices, -1).mean(0)
-    prune = min(int(round(sparsity * len(positions))), len(positions) - 1)
+    kept = max(1, len(positions) - int(round(sparsity * len(positions))))
+    prune = len(positions) - round_width(kept, round_to, len(positions))
     keep = torch.ones(len(positions), dtype=torch.bool, device=scores.device)
     if prune > 0:
         keep[torch.topk(positions, prune, largest=False).indices] = False

@@ -28,6 +28,8 @@ from typing import Literal, Mapping
 
 import torch
 
+from workers.models.surgery import rounded
+
 Normalizer = Literal["mean", "l2", "none"]
 NORMALIZERS: tuple[str, ...] = ("mean", "l2", "none")
 MIN_CHANNELS = 1  # a group never loses its last position (the network must stay connected)
@@ -41,11 +43,6 @@ def normalise(scores: torch.Tensor, how: Normalizer) -> torch.Tensor:
     if how == "l2":
         return scores / scores.norm().clamp_min(1e-12)
     return scores
-
-
-def rounded(full: int, round_to: int) -> bool:
-    """Whether a group that had `full` positions in the teacher keeps multiples of `round_to`."""
-    return round_to > 1 and full > 2 * round_to
 
 
 def chunk_sizes(positions: int, full: int, round_to: int) -> list[int]:

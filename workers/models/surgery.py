@@ -66,9 +66,17 @@ def _stream_width(arch: ResNetArch, key: str, groups: Streams) -> int:
     return arch.stem if first == "stem" else dict(arch.blocks())[first].out
 
 
+def rounded(full: int, multiple: int) -> bool:
+    """Whether a group the teacher has `full` channels wide keeps multiples of `multiple`: only when wider than
+    twice it (int8 and bf16 kernels work on 4 to 16 channels at once; a narrow group keeps any width)."""
+    return multiple > 1 and full > 2 * multiple
+
+
 def round_width(width: int, multiple: int, limit: int) -> int:
-    """Round up to a multiple (hardware-friendly channel counts), never above the teacher's width."""
-    return min(limit, max(multiple, int(math.ceil(width / multiple)) * multiple)) if multiple > 1 else width
+    """Round up to a multiple (hardware-friendly channel counts) where the teacher's group, `limit` channels wide,
+    is wider than twice it; never above the teacher's width."""
+    return min(limit, max(multiple, int(math.ceil(width / multiple)) * multiple)) if rounded(limit, multiple) \
+        else width
 
 
 def derive_arch(arch: ResNetArch, removed: Iterable[str] = (), widths: Mapping[str, int] | Iterable = (),

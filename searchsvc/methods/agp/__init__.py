@@ -10,7 +10,7 @@ from typing import Any
 from core.names import is_number
 from searchsvc.budget import Budget
 from searchsvc.methods.agp.variants import check_agp
-from searchsvc.registry import SearchSection, budget_field, register_method
+from searchsvc.registry import SearchSection, budget_field, register_method, round_to_field
 from searchsvc.rewards import RewardForm
 from searchsvc.sweeps.schema import SweepTune, check_positive_choices
 
@@ -49,4 +49,5 @@ class AgpSearch(SearchSection):
     tune: AgpTune = field(default_factory=AgpTune)
     reward: RewardForm = field(default="c_2_minus_c", metadata={
         "help": "c_2_minus_c or c_over_2_minus_c; size is the non-zero parameter count"})
+    round_to: int = round_to_field()
     budget: Budget | None = budget_field()

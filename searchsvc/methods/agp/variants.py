@@ -17,7 +17,7 @@ from torch import nn
 
 from core.records import RecordError
 from core.yamlio import load_yaml, read_text
-from workers.compression.pruners import StructuredAGP
+from workers.compression.pruners import StructuredAGP, pruner_classes
 from workers.compression.schedule import ScheduleError, parse_schedule
 from workers.data.datasets import input_shape
 from workers.models.branches import branch_problem
@@ -44,11 +44,16 @@ def base_schedule(search: AgpSearch) -> dict[str, Any]:
 
 
 def variant(raw: dict[str, Any], final_sparsity: float | dict[str, float] | None,
-            ending_epoch: int | None, where: str = "search.tune") -> dict[str, Any]:
+            ending_epoch: int | None, where: str = "search.tune", round_to: int | None = None) -> dict[str, Any]:
     """A copy of the schedule with every AGP pruner's final sparsity (a number) or the named ones (a
-    mapping) replaced, and every pruner policy's ending_epoch replaced."""
+    mapping) replaced, every pruner policy's ending_epoch replaced, and `round_to` given to every structured
+    pruner that names none (so it is part of the stored schedule, and of the candidates' hashes)."""
     out = copy.deepcopy(raw)
     pruners = out.get("pruners") if isinstance(out.get("pruners"), dict) else {}
+    for settings in pruners.values():
+        structured = isinstance(settings, dict) and pruner_classes().get(settings.get("class")) is StructuredAGP
+        if round_to is not None and structured and "round_to" not in settings:
+            settings["round_to"] = round_to
     agp = {name: p for name, p in pruners.items() if isinstance(p, dict) and "final_sparsity" in p}
     if isinstance(final_sparsity, dict):
         for name, level in final_sparsity.items():
@@ -81,7 +86,7 @@ def schedule_variants(search: AgpSearch, model: nn.Module, example: torch.Tensor
     for (i, final), (j, ending) in itertools.product(enumerate(finals), enumerate(endings)):
         where = f"search.tune (final_sparsity[{i}], ending_epoch[{j}])"
         try:
-            changed = variant(raw, final, ending)
+            changed = variant(raw, final, ending, round_to=search.round_to)
             parsed = parse_schedule(changed, model, source=where, example=example)
         except RecordError as err:
             problems.extend(str(err).splitlines())

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from searchsvc.budget import Budget
-from searchsvc.registry import SearchSection, budget_field, register_method
+from searchsvc.registry import SearchSection, budget_field, register_method, round_to_field
 from searchsvc.rewards import RewardForm
 
 if TYPE_CHECKING:
@@ -41,6 +41,6 @@ class GridSearch(SearchSection):
 
     candidates: tuple[GridCandidate, ...] = field(default=(GridCandidate(scale=0.5),),
                                                   metadata={"help": "the transformations to evaluate"})
-    round_to: int = field(default=1, metadata={"min": 1, "help": "round channel counts up to a multiple"})
+    round_to: int = round_to_field()
     reward: RewardForm = field(default="c_2_minus_c", metadata={"help": "c_2_minus_c or c_over_2_minus_c"})
     budget: Budget | None = budget_field()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from searchsvc.budget import Budget
-from searchsvc.registry import SearchSection, budget_field, register_method
+from searchsvc.registry import SearchSection, budget_field, register_method, round_to_field
 from searchsvc.rewards import RewardForm
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ class N2NSearch(SearchSection):
     shrink_share: float = field(default=0.4, metadata={"gt": 0, "lt": 1, "help": "share of the budget for shrinkage"})
     width_scales: tuple[float, ...] = field(default=(0.25, 0.5, 0.75, 1.0), metadata={
         "help": "inner-width multipliers the shrink stage chooses from, each in (0, 1]"})
+    round_to: int = round_to_field()
     checkpoint_every: int = field(default=1, metadata={"min": 1, "help": "PPO iterations between checkpoints"})
     top_k: int = field(default=5, metadata={"min": 0, "help": "best networks to fine-tune at the end"})
     finetune_epochs: int = field(default=0, metadata={"min": 0, "help": "epochs of distillation for the top-k"})

@@ -199,7 +199,8 @@ def run_n2n(context: RunContext) -> None:
             if name == "removal":
                 stage = removal_stage(units.names, base)
             else:
-                stage = shrink_stage(_best_removal(evaluator, base), units.inner, search.width_scales)
+                stage = shrink_stage(_best_removal(evaluator, base), units.inner, search.width_scales,
+                                     search.round_to)
                 if not stage.blocks:  # the best removal kept no block: nothing left to shrink
                     log.info("n2n: the best removal result keeps no block; skipping the shrink stage")
                     continue

@@ -21,6 +21,7 @@ import numpy as np
 
 from workers.evaluation.spec import CandidateSpec
 from workers.models.structure import Units
+from workers.models.surgery import round_width
 
 # (specs) → one reward per spec, or None for a spec past the evaluation budget
 EvaluateFn = Callable[[list[CandidateSpec]], list[float | None]]
@@ -55,16 +56,18 @@ def removal_stage(blocks: tuple[str, ...], base: CandidateSpec) -> Stage:
     return Stage(blocks, 2, make)
 
 
-def shrink_stage(base: CandidateSpec, inner: dict[str, dict[str, int]], scales: tuple[float, ...]) -> Stage:
+def shrink_stage(base: CandidateSpec, inner: dict[str, dict[str, int]], scales: tuple[float, ...],
+                 round_to: int = 1) -> Stage:
     """Scale the inner widths of each block the removal result kept (`inner`: block → width key → the
-    teacher's channels) by one of `scales`."""
+    teacher's channels) by one of `scales`, rounded up to a multiple of `round_to` where the teacher's width is
+    more than twice it (surgery.round_width)."""
     blocks = tuple(name for name, widths in inner.items() if name not in base.removed and widths)
 
     def make(action: np.ndarray) -> CandidateSpec:
         widths = {}
         for name, a in zip(blocks, action):
             for key, channels in inner[name].items():
-                width = max(1, round(channels * scales[int(a)]))
+                width = round_width(max(1, round(channels * scales[int(a)])), round_to, channels)
                 if width != channels:  # the teacher's own width is no transformation
                     widths[key] = width
         return replace(base, widths=tuple(widths.items()))

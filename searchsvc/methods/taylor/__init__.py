@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from searchsvc.budget import Budget
-from searchsvc.registry import SearchSection, budget_field, register_method
+from searchsvc.registry import SearchSection, budget_field, register_method, round_to_field
 from searchsvc.rewards import RewardForm
 from searchsvc.sweeps.schema import SweepTune, check_positive_choices
 from workers.compression.ranking import Normalizer
@@ -54,8 +54,7 @@ class TaylorSearch(SearchSection):
     cost_power: float = field(default=0.0, metadata={
         "min": 0, "max": 2, "help": "with a budget, rank a channel by its score / its cost (MACs or parameters) to "
                                     "this power: 1 per unit of cost, 0 (measured best) the cost ignored"})
-    round_to: int = field(default=8, metadata={
-        "min": 1, "help": "a group the teacher has wider than twice this keeps a multiple of it (1: any width)"})
+    round_to: int = round_to_field()
     stop: TaylorStop = field(default_factory=TaylorStop)
     tune: TaylorTune = field(default_factory=TaylorTune)
     reward: RewardForm = field(default="c_2_minus_c", metadata={"help": "c_2_minus_c or c_over_2_minus_c"})

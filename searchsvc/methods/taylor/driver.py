@@ -43,7 +43,6 @@ from searchsvc.sweeps.reports import TrialRecorder, report_fields
 from searchsvc.sweeps.space import TUNE_METRICS, choose, lr_space
 from searchsvc.sweeps.tuner import absolute_dataset, build_tuner, fit, mark_pareto, stored_or_kept
 from storage import ArtifactStore, layout
-from workers.compression.costs import ranked_quantity
 from workers.compression.taylor import prunable_channels
 from workers.data.datasets import DatasetConfig
 from workers.evaluation.pool import worker_context
@@ -115,10 +114,9 @@ def step_params(search: TaylorSearch, count: int) -> tuple[tuple[str, int | floa
     params: list[tuple[str, int | float | str]] = [
         ("importance_batches", search.importance_batches), ("prune", count), ("normalizer", search.normalizer),
         ("round_to", search.round_to)]
-    cost = ranked_quantity(search.budget)
-    if cost is not None and count:
+    if search.budget is not None and count:
+        cost, limit = search.budget.cost()
         params += [("cost", cost), ("cost_power", search.cost_power)]
-        limit = search.budget.limits().get(cost)
         if limit is not None:
             params.append(("limit", limit))
     return tuple(params)
