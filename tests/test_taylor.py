@@ -194,25 +194,27 @@ def test_a_huge_prune_step_fires_the_stop_rule_after_one_iteration(tmp_path, ray
 
 
 def test_pruning_stops_at_the_first_iteration_within_budget_and_the_rest_fine_tune_it(tmp_path, ray_session):
-    """A MACs budget just under the teacher's: iteration 1 meets it, so iterations 2 and 3 fine-tune that
-    model (same MACs and parameters, each built from the one before) instead of pruning further."""
+    """A MACs budget 10 % under the teacher's, which a step of 15 % of the channels passes: iteration 1 stops at
+    the fewest ranked channels within it (landing just under it, not a whole step past), so iterations 2 and 3
+    fine-tune that model (same MACs and parameters, each built from the one before) instead of pruning further."""
     teacher_macs = count_macs(create_model("tiny_cnn", 1, 4), 1, 16)
+    limit = int(0.9 * teacher_macs)
     run = _run(str(tmp_path / "s"), "search.tune.num_samples=1", "search.tune.filters_per_iteration=[]",
                "search.filters_per_iteration=0.15", "search.stop.max_drop=100",
-               f"search.budget={{macs: {teacher_macs - 1}}}")
+               f"search.budget={{macs: {limit}}}")
     store, run_id = run["store"], run["run_id"]
     rows = sorted(store.get_table(f"runs/{run_id}/results.parquet").to_pylist(), key=lambda r: r["iteration"])
     assert [r["iteration"] for r in rows] == [1, 2, 3] and all(r["status"] == "ok" for r in rows)
     assert [r["within_budget"] for r in rows] == [True, True, True]
     assert [r["phase"] for r in rows] == ["prune", "fine-tune", "fine-tune"]
-    assert rows[0]["macs"] < teacher_macs
+    assert 0.85 * limit <= rows[0]["macs"] <= limit  # one channel of this tiny network is up to 4 % of its MACs
     for parent, child in zip(rows, rows[1:]):
         assert child["finetuned_from"] == parent["spec_hash"]
         assert (child["macs"], child["params"], child["filters"]) == (parent["macs"], parent["params"], parent["filters"])
 
     # The same sweep with an ONNX Runtime latency limit beside the MACs one, and int8 quantization: the same
     # trajectory, every candidate from the store, timed again and quantized inside its trial, and judged by it.
-    budget = f"{{macs: {teacher_macs - 1}, latency_ms: 1000, latency_batch: 2, latency_backend: onnxruntime}}"
+    budget = f"{{macs: {limit}, latency_ms: 1000, latency_batch: 2, latency_backend: onnxruntime}}"
     again = _run(str(tmp_path / "s"), "search.tune.num_samples=1", "search.tune.filters_per_iteration=[]",
                  "search.filters_per_iteration=0.15", "search.stop.max_drop=100", f"search.budget={budget}",
                  "quantize={calibration_batches: 1}")
