@@ -137,15 +137,15 @@ def test_cost_power_ranks_per_unit_of_cost():
 @pytest.mark.parametrize("quantity, share", [("macs", 0.6), ("params", 0.5)])
 def test_a_step_lands_just_under_the_budget(splits, name, quantity, share):
     """A step allowed to remove every channel stops at the fewest ranked chunks within the limit: under it, and
-    within one chunk of it (in these small networks a chunk of 8 stream channels is up to 7 % of the MACs; on the
-    ResNet-18 of benchmarks/peer_torch_pruning.py, 0.1 to 3.5 %), with every wide group a multiple of 8."""
+    within a few percent of it (these networks are small: a chunk of 8 stream channels is up to 7 % of the MACs;
+    on the ResNet-18 of benchmarks/peer_torch_pruning.py, 0.05 to 0.6 %), every wide group a multiple of 8."""
     model = MODELS[name]()
     count = counter(quantity, 3, SIZE)
     limit = share * count(model)
     full = group_widths(model, 3, SIZE)
     student, plan = taylor_prune(copy.deepcopy(model), splits, Step(10 ** 6, round_to=8), 1, 64, 0, full,
                                  quantity, limit)
-    assert 0.9 * limit <= count(student) <= limit
+    assert 0.95 * limit <= count(student) <= limit
     slices = {key: _slices(model, key) for key in full}
     widths = group_widths(student, 3, SIZE)
     for key, width in widths.items():
