@@ -153,9 +153,22 @@ def test_a_step_lands_just_under_the_budget(splits, name, quantity, share):
             assert (width // slices[key]) % 8 == 0, (key, width)
 
 
-def test_a_step_that_does_not_reach_the_budget_removes_its_count(splits):
+def test_a_step_goes_its_count_or_its_share_of_the_way_whichever_is_further(splits):
+    """With 100 steps to go a step's share of the way to a tenth of the MACs is under 1 %: its 20 channels go
+    further, and it removes them. With 2 steps to go its share is half the way: it removes more than 20
+    channels to get there. With 1 step left it reaches the limit."""
     model = _resnet20()
     count = counter("macs", 3, SIZE)
+    whole, limit = count(model), 0.1 * count(model)
     full = group_widths(model, 3, SIZE)
-    student, plan = taylor_prune(copy.deepcopy(model), splits, Step(20), 1, 64, 0, full, "macs", 0.1 * count(model))
-    assert sum(plan.values()) == 20 and count(student) > 0.1 * count(model)
+
+    def step(left: int) -> tuple[int, dict[str, int]]:
+        student, plan = taylor_prune(copy.deepcopy(model), splits, Step(20), 1, 64, 0, full, "macs", limit, left)
+        return count(student), plan
+
+    size, plan = step(100)
+    assert sum(plan.values()) == 20 and size < whole - (whole - limit) / 100
+    size, plan = step(2)
+    assert sum(plan.values()) > 20 and limit < size <= whole - (whole - limit) / 2
+    size, plan = step(1)
+    assert 0.9 * limit <= size <= limit

@@ -14,7 +14,8 @@ hardware likes, until the step's channel count is reached or the budgeted cost i
   multiple below, each chunk ranked by the mean score of its channels. Narrow groups lose one at a time.
 - **Landing**: the ranking is one order of chunks (`removal_order`); a step takes its first chunks, as many as
   its channel count asks (`plan_removal`), or fewer where a budget is met sooner (workers.compression.taylor
-  finds the fewest that land within it), so the last step sits just under the budget.
+  finds the fewest that land within it, and a step goes at least its share of the way), so the last step sits
+  just under the budget.
 
 A group with slices (grouped convolutions, attention heads) is ranked by position, the mean score of the
 position across its slices; a position leaves every slice at once. Ties break by group key then position.
@@ -31,7 +32,6 @@ import torch
 from workers.models.surgery import rounded
 
 Normalizer = Literal["mean", "l2", "none"]
-NORMALIZERS: tuple[str, ...] = ("mean", "l2", "none")
 MIN_CHANNELS = 1  # a group never loses its last position (the network must stay connected)
 
 

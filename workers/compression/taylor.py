@@ -136,14 +136,15 @@ def graph_taylor_scores(model: nn.Module, splits: Splits, batches: int, batch_si
 
 
 def taylor_prune(model: nn.Module, splits: Splits, step: Step | int, batches: int, batch_size: int, seed: int = 0,
-                 full: Mapping[str, int] | None = None, cost: str | None = None,
-                 limit: float | None = None) -> tuple[nn.Module, dict[str, int]]:
+                 full: Mapping[str, int] | None = None, cost: str | None = None, limit: float | None = None,
+                 steps_left: int = 1) -> tuple[nn.Module, dict[str, int]]:
     """Remove the least important channels as `step` asks (a count, or a Step with its normalisation, multiples
     and count): a real smaller network (CPU, eval mode) and the plan (group key → channels removed). `full`: the
     teacher's channels per group (what `round_to` is decided on); `cost` (macs or params): what `step.cost_power`
-    weighs in the ranking, and with `limit`, the step stops at the fewest chunks whose model has at most that much
-    of it (landing just under a budget). Zoo ResNets are ranked and cut by their architecture, any other network
-    through its dependency graph."""
+    weighs in the ranking; with `limit` the step goes toward it: at least its share of the way with `steps_left`
+    steps to go (the last one reaches it), and where it would pass the limit, only as far as the fewest chunks
+    within it (landing just under a budget). Zoo ResNets are ranked and cut by their architecture, any other
+    network through its dependency graph."""
     step = step if isinstance(step, Step) else Step(step)
     zoo = hasattr(model, "arch")
     slices: dict[str, int] = {}
@@ -162,33 +163,47 @@ def taylor_prune(model: nn.Module, splits: Splits, step: Step | int, batches: in
     costs = group_costs(model, cost, splits.in_channels, splits.image_size) if cost and step.cost_power else None
     order = removal_order(scores, slices, step, costs, full)
     chunks = chunks_for(order, step.count)
-    plan = prefix(order, chunks)
-    if limit is not None:
-        size = counter(cost, splits.in_channels, splits.image_size)
-        plan = _landing(order, chunks, lambda p: size(cut(p)), limit)
+    if limit is None:
+        return cut(prefix(order, chunks)), prefix(order, chunks)
+    count = counter(cost, splits.in_channels, splits.image_size)
+    plan = _toward(order, chunks, lambda p: count(cut(p)), limit, steps_left)
     return cut(plan), plan
 
 
-def _landing(order: list[tuple[str, int]], chunks: int, size: Callable[[dict[str, int]], int],
-             limit: float) -> dict[str, int]:
-    """The step's first `chunks` of `order` if their model is still over `limit`; else the fewest chunks within
-    it (a bisection over cut-and-counted models: the size falls as chunks are added, about log2(chunks) cuts),
-    with the last chunk swapped for one of the next LANDING_CHOICES if that lands closer under the limit (8
-    channels of a MAC-heavy group can be 6 % of a ResNet-18's MACs)."""
+def _toward(order: list[tuple[str, int]], chunks: int, size: Callable[[dict[str, int]], int], limit: float,
+            steps_left: int) -> dict[str, int]:
+    """The chunks of `order` a step toward a budget removes: its own `chunks`, or more where they fall short of
+    this step's share of the way to `limit` (what is left of it over `steps_left` steps: the last step reaches
+    it), or fewer where they pass the limit: then the fewest within it, the last chunk swapped for one of the
+    next LANDING_CHOICES if that lands closer under it (8 channels of a MAC-heavy group can be 6 % of a
+    ResNet-18's MACs). Sizes come from cutting and counting; the searches are bisections (the size falls as
+    chunks are added: about log2(len(order)) cuts)."""
+    parent = size({})
+    if parent <= limit:
+        return {}
+    share = limit if steps_left <= 1 else parent - (parent - limit) / steps_left
+    if size(prefix(order, chunks)) > share:
+        chunks = _fewest(order, chunks, len(order), size, share)
     if size(prefix(order, chunks)) > limit:
-        return prefix(order, chunks)
-    low, high = 0, chunks  # 0 chunks: the parent, over the limit
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (low, middle) if size(prefix(order, middle)) <= limit else (middle, high)
-    best = prefix(order, high)
-    best_size, base = size(best), prefix(order, high - 1)
-    for key, channels in order[high:high + LANDING_CHOICES]:
+        return prefix(order, chunks)  # the step's share, still over the limit: later steps go on
+    chunks = _fewest(order, 0, chunks, size, limit)
+    best, base = prefix(order, chunks), prefix(order, chunks - 1)
+    best_size = size(best)
+    for key, channels in order[chunks:chunks + LANDING_CHOICES]:
         other = {**base, key: base.get(key, 0) + channels}
         other_size = size(other)
         if best_size < other_size <= limit:
             best, best_size = other, other_size
     return best
+
+
+def _fewest(order: list[tuple[str, int]], low: int, high: int, size: Callable[[dict[str, int]], int],
+            goal: float) -> int:
+    """The fewest chunks in (low, high] whose model's size is at most `goal` (`high` if none: every chunk cut)."""
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if size(prefix(order, middle)) <= goal else (middle, high)
+    return high
 
 
 def group_widths(model: nn.Module, in_channels: int, image_size: int) -> dict[str, int]:
@@ -203,7 +218,7 @@ def taylor_step(parent: nn.Module, spec: "CandidateSpec", ctx: "EvalContext") ->
     """The builder of `method: taylor` candidates: prune `params.prune` channels of the parent, ranked with
     `params.normalizer` (l2 when absent: specs stored before it existed), kept widths multiples of
     `params.round_to` (1 when absent), with `params.cost` weighed by `params.cost_power`, and with `params.limit`
-    landing on it.
+    going toward it with `params.steps_left` pruning steps to go (`taylor_prune`).
 
     The parent is the teacher or the previous iteration's stored model; its weights are not changed.
     """
@@ -211,10 +226,10 @@ def taylor_step(parent: nn.Module, spec: "CandidateSpec", ctx: "EvalContext") ->
     model = copy.deepcopy(parent).to(ctx.device).requires_grad_(True)
     step = Step(int(params["prune"]), str(params.get("normalizer", "l2")), int(params.get("round_to", 1)),
                 float(params.get("cost_power", 0.0)))
-    cost, limit = params.get("cost"), params.get("limit")
+    cost, limit, left = params.get("cost"), params.get("limit"), int(params.get("steps_left", 1))
     full = group_widths(ctx.teacher.model, ctx.splits.in_channels, ctx.splits.image_size) \
         if step.round_to > 1 else None
     student, plan = taylor_prune(model, ctx.splits, step, int(params["importance_batches"]), spec.train.batch_size,
                                  spec.seed, full, None if cost is None else str(cost),
-                                 None if limit is None else float(limit))
+                                 None if limit is None else float(limit), left)
     return Built(student, {"pruned": plan, "filters": count_filters(student), "parent_filters": count_filters(parent)})

@@ -9,9 +9,10 @@
 A trial's iteration i prunes the model of iteration i-1 (the teacher for i = 1) by Taylor importance
 (workers/compression/taylor.py), fine-tunes it, and measures it: a candidate in the store whose `init` is its
 parent, reported to Tune as one step. The trial ends after `iterations`, at the stop rule, or when
-ASHA stops it. With `search.budget`, every step ranks channels per unit of the budget's cost (MACs or parameters,
-workers/compression/costs.py) and, when that cost is limited, stops once the model is within the limit, so the
-last step lands just under it; the first point within budget ends the pruning: the trial's remaining iterations
+ASHA stops it. With a MACs or parameter limit in `search.budget`, every step goes toward it: at least its share of
+what is left of the way (the trial's last iteration reaches it), and where its channel count would pass the limit,
+only as far as the fewest ranked channels within it, so the last pruned model sits just under the limit
+(workers/compression/taylor.py). The first point within budget ends the pruning: the trial's remaining iterations
 fine-tune it (rows of phase `fine-tune`, same architecture). A checkpoint is
 (iteration, parent hash), plus the training state after each epoch of the iteration's fine-tune; the models
 are in the store, so a restarted or restored trial continues where it was, mid-fine-tune included. Tune's
@@ -97,20 +98,24 @@ def prune_count(filters_per_iteration: float, teacher_channels: int) -> int:
     return int(filters_per_iteration)
 
 
-def iteration_spec(job: TrialJob, sample: dict[str, Any], parent: str | None, prune: bool = True) -> CandidateSpec:
+def iteration_spec(job: TrialJob, sample: dict[str, Any], parent: str | None, prune: bool = True,
+                   steps_left: int = 1) -> CandidateSpec:
     """The candidate of one iteration: prune `parent` (None: the teacher), fine-tune with the sample's recipe.
-    `prune=False`: fine-tune `parent` as it is (a trajectory that has met the budget)."""
+    `prune=False`: fine-tune `parent` as it is (a trajectory that has met the budget). `steps_left`: iterations
+    left to the trial, this one included (a budgeted step goes at least its share of the way)."""
     alpha = (job.train.distill.alpha or DistillConfig().alpha) if sample["distill"] else 0.0
     train = replace(job.train, lr=float(sample["lr"]), epochs=int(sample["epochs"]),
                     distill=replace(job.train.distill, alpha=alpha))
     count = prune_count(sample["filters_per_iteration"], job.teacher_channels) if prune else 0
     return CandidateSpec(arch=job.arch, teacher=job.teacher_hash, dataset=job.dataset, train=train,
-                         method="taylor", init=parent, seed=job.seed, params=step_params(job.search, count))
+                         method="taylor", init=parent, seed=job.seed,
+                         params=step_params(job.search, count, steps_left))
 
 
-def step_params(search: TaylorSearch, count: int) -> tuple[tuple[str, int | float | str], ...]:
+def step_params(search: TaylorSearch, count: int, steps_left: int = 1) -> tuple[tuple[str, int | float | str], ...]:
     """What a pruning step needs beyond its parent: its channel count and ranking, and with a budget the cost it
-    ranks by (workers.compression.costs) and, when that cost is itself limited, the limit it lands on."""
+    ranks by (workers.compression.costs) and, when that cost is itself limited, the limit it goes toward with
+    `steps_left` steps to go (each at least its share of the way, the last reaching it)."""
     params: list[tuple[str, int | float | str]] = [
         ("importance_batches", search.importance_batches), ("prune", count), ("normalizer", search.normalizer),
         ("round_to", search.round_to)]
@@ -118,7 +123,7 @@ def step_params(search: TaylorSearch, count: int) -> tuple[tuple[str, int | floa
         cost, limit = search.budget.cost()
         params += [("cost", cost), ("cost_power", search.cost_power)]
         if limit is not None:
-            params.append(("limit", limit))
+            params += [("limit", limit), ("steps_left", steps_left)]
     return tuple(params)
 
 
@@ -145,7 +150,8 @@ def taylor_trial(sample: dict[str, Any], job: TrialJob) -> None:
     for iteration in range(state["iteration"] + 1, job.search.iterations + 1):
         # Once a point meets the budget, pruning stops: the trial's remaining iterations fine-tune that point.
         met = state.get("budget_met", False)
-        spec = iteration_spec(job, sample, state["parent"], prune=not met)
+        spec = iteration_spec(job, sample, state["parent"], prune=not met,
+                              steps_left=job.search.iterations - iteration + 1)
         # a fresh candidate's epochs are checkpointed with the trial's state: a restart goes on mid-iteration
         keeper = TrialCheckpoints(spec_hash=spec.spec_hash, files={"state.json": json.dumps(state)},
                                   fixed={"reward": score})
