@@ -138,7 +138,7 @@ def test_cost_power_ranks_per_unit_of_cost():
 def test_a_step_lands_just_under_the_budget(splits, name, quantity, share):
     """A step allowed to remove every channel stops at the fewest ranked chunks within the limit: under it, and
     within a few percent of it (these networks are small: a chunk of 8 stream channels is up to 7 % of the MACs;
-    on the ResNet-18 of benchmarks/peer_torch_pruning.py, 0.05 to 0.6 %), every wide group a multiple of 8."""
+    on the ResNet-18 of benchmarks/peer_torch_pruning.py, 0.03 to 0.4 %), every wide group a multiple of 8."""
     model = MODELS[name]()
     count = counter(quantity, 3, SIZE)
     limit = share * count(model)
