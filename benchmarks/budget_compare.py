@@ -103,6 +103,7 @@ def main() -> None:
             "spec_hash", "val_accuracy", "accuracy", "params", "macs", "nonzero_macs", "latency_ms")}
         print(f"{name}: {run['chosen']}", flush=True)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # compare refuses an output folder that does not exist
     page = out / "compare-fashion-resnet20.html"
     subprocess.run([sys.executable, "-m", "searchsvc", "compare", "--store", args.store,
                     *(a for r in runs.values() for a in ("--run", r["run_id"])), "-o", str(page)], check=True)

@@ -46,8 +46,8 @@ def budget_field() -> Any:
 def round_to_field() -> Any:
     """`search.round_to` of a method that cuts channels: kept widths multiples of it (workers.models.surgery)."""
     return field(default=8, metadata={"min": 1, "help": "a channel group the teacher has wider than twice this "
-                                      "keeps a multiple of it (int8 and bf16 kernels like multiples of 8; 1: any "
-                                      "width)"})
+                                      "keeps a multiple of it, one wider than this a multiple of half of it (int8 "
+                                      "and bf16 kernels work on 4 to 16 channels; 1: any width)"})
 
 
 @dataclass(frozen=True)

@@ -153,9 +153,9 @@ def test_export_refuses_unknown_formats(grid_run, tmp_path, capsys):
 def test_scaled_widths_round_up_to_multiples_and_stay_within_the_teacher():
     arch = width_keys(model_arch("resnet20", 1, 10))
     widths = candidate_widths(arch, GridCandidate(scale=0.3), round_to=8)
-    # 16 * 0.3 = 4.8 → 5 (16 is not wider than 2 x 8: any width); 32 * 0.3 = 9.6 → 10 → 16; 64 * 0.3 = 19.2 → 24
-    assert widths["layer1"] == 5 and widths["layer2"] == 16 and widths["layer3"] == 24
-    assert widths["layer1.0"] == 5 and widths["layer3.2"] == 24
+    # 16 * 0.3 = 4.8 → 5 → 8 (a 16-wide group keeps multiples of 4); 32 * 0.3 = 9.6 → 10 → 16; 64 * 0.3 → 24
+    assert widths["layer1"] == 8 and widths["layer2"] == 16 and widths["layer3"] == 24
+    assert widths["layer1.0"] == 8 and widths["layer3.2"] == 24
     assert candidate_widths(arch, GridCandidate(scale=1.0), round_to=8) == {}
     assert candidate_widths(arch, GridCandidate(widths={"layer3": 64}), round_to=1) == {}
 

@@ -366,12 +366,12 @@ def test_manual_forward_without_removals_is_the_teacher():  # guards the referen
 
 # ---- rounding -----------------------------------------------------------------------------------------------
 
-def test_round_to_rounds_widths_up_to_the_multiple_where_the_teacher_is_wider_than_twice_it():
+def test_round_to_rounds_widths_up_to_the_multiple_or_its_half_in_narrower_groups():
     widths = {"layer1.0": 5, "layer1": 13, "layer2.1": 17, "layer3": 33}
     student = shrink(shared_teacher("resnet20"), widths=widths, round_to=8)
-    rounded = {"layer1.0": 5, "layer1": 13, "layer2.1": 24, "layer3": 40}  # layer1 is 16 wide: any width
-    assert student.layer1[0].conv1[0].out_channels == 5
-    assert student.stem[0].out_channels == 13
+    rounded = {"layer1.0": 8, "layer1": 16, "layer2.1": 24, "layer3": 40}  # layer1 is 16 wide: multiples of 4
+    assert student.layer1[0].conv1[0].out_channels == 8
+    assert student.stem[0].out_channels == 16
     assert student.layer2[1].conv1[0].out_channels == 24
     assert [student.layer3[b].conv2[0].out_channels for b in range(3)] == [40, 40, 40]
     assert student.fc.in_features == 40
@@ -379,8 +379,9 @@ def test_round_to_rounds_widths_up_to_the_multiple_where_the_teacher_is_wider_th
 
 
 @pytest.mark.parametrize("name, widths, round_to, expected", [
-    ("tiny_cnn", {"layer1": 7, "layer1.0": 3, "layer2": 15}, 4, {"layer1": 7, "layer1.0": 3, "layer2": 16}),
-    ("resnet20", {"layer2.0": 30, "layer3.2": 1, "layer3": 50}, 24, {"layer2.0": 30, "layer3.2": 24, "layer3": 64}),
+    ("tiny_cnn", {"layer1": 7, "layer1.0": 3, "layer2": 15}, 4, {"layer1": 8, "layer1.0": 4, "layer2": 16}),
+    ("tiny_cnn", {"layer1": 7, "layer1.0": 3, "layer2": 15}, 16, {"layer1": 7, "layer1.0": 3, "layer2": 15}),
+    ("resnet20", {"layer2.0": 30, "layer3.2": 1, "layer3": 50}, 24, {"layer2.0": 32, "layer3.2": 24, "layer3": 64}),
 ])
 def test_round_to_never_exceeds_the_teachers_width(name, widths, round_to, expected):
     arch = derive_arch(shared_teacher(name).arch, widths=widths, round_to=round_to)

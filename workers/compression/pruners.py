@@ -137,7 +137,8 @@ class StructuredAGP(AutomatedGradualPruner):
 
     group_type: Literal["Filters", "Rows"] = field(default="Filters", metadata={"help": "Filters or Rows"})
     round_to: int = field(default=1, metadata={
-        "min": 1, "help": "a group wider than twice this keeps a multiple of it (method agp sets its search.round_to)"})
+        "min": 1, "help": "a group wider than twice this keeps a multiple of it, one wider than this a multiple of "
+                "half of it (method agp sets its search.round_to)"})
 
     def masks(self, model: nn.Module, step: PolicyStep, groups: Groups | None = None) -> Masks:
         sparsity = agp_sparsity(self.initial_sparsity, self.final_sparsity, step)
@@ -147,8 +148,8 @@ class StructuredAGP(AutomatedGradualPruner):
 def filter_masks(model: nn.Module, weights: tuple[str, ...] | list[str], sparsity: float,
                  groups: Groups | None = None, round_to: int = 1) -> Masks:
     """Masks that zero the `sparsity` share of each named weight's channel group (lowest summed L1 norms),
-    over every parameter that carries those channels; a group wider than 2 x `round_to` keeps a multiple of it
-    (the kept count rounded up). `groups`: default, the zoo model's own."""
+    over every parameter that carries those channels; the kept count is rounded up to the group's step
+    (`surgery.width_step` of its width and `round_to`). `groups`: default, the zoo model's own."""
     groups = group_of_weight(model) if groups is None else groups
     params = dict(model.named_parameters())
     masks: Masks = {}
@@ -162,8 +163,8 @@ def filter_masks(model: nn.Module, weights: tuple[str, ...] | list[str], sparsit
 
 
 def channel_keep(scores: torch.Tensor, sparsity: float, slices: int = 1, round_to: int = 1) -> torch.Tensor:
-    """Bool per channel: False for the round(sparsity · n) lowest scores; at least one channel kept, and where
-    the group is wider than 2 x `round_to`, a multiple of it (rounded up: surgery.round_width). With `slices`
+    """Bool per channel: False for the round(sparsity · n) lowest scores; at least one channel kept, rounded up to
+    the group's step (`surgery.round_width` of its width and `round_to`). With `slices`
     (grouped convolutions), positions ranked by their mean score go from every slice together."""
     positions = scores.view(slices, -1).mean(0)
     kept = max(1, len(positions) - int(round(sparsity * len(positions))))

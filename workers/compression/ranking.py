@@ -10,8 +10,9 @@ hardware likes, until the step's channel count is reached or the budgeted cost i
   cost to that power, so at 1 the channels that buy the most MACs for the least importance go first. Measured on
   the user's ResNet-18 it lost (README: "Pruning"): the default is 0, the cost ignored.
 - **Hardware multiples** (`round_to`): a group the teacher had wider than 2 x `round_to` channels per slice keeps
-  a multiple of `round_to` (at least one multiple): it loses whole chunks, the first one taking it to the
-  multiple below, each chunk ranked by the mean score of its channels. Narrow groups lose one at a time.
+  a multiple of `round_to`, one wider than `round_to` a multiple of half of it (`surgery.width_step`), at least
+  one multiple: it loses whole chunks, the first one taking it to the multiple below, each chunk ranked by the
+  mean score of its channels. Narrower groups lose one at a time.
 - **Landing**: the ranking is one order of chunks (`removal_order`); a step takes its first chunks, as many as
   its channel count asks (`plan_removal`), or fewer where a budget is met sooner (workers.compression.taylor
   finds the fewest that land within it, and a step goes at least its share of the way), so the last step sits
@@ -29,7 +30,7 @@ from typing import Literal, Mapping
 
 import torch
 
-from workers.models.surgery import rounded
+from workers.models.surgery import width_step
 
 Normalizer = Literal["mean", "l2", "none"]
 MIN_CHANNELS = 1  # a group never loses its last position (the network must stay connected)
@@ -47,11 +48,12 @@ def normalise(scores: torch.Tensor, how: Normalizer) -> torch.Tensor:
 
 def chunk_sizes(positions: int, full: int, round_to: int) -> list[int]:
     """The positions a group loses per chunk, from its current count down to the least it may keep."""
-    if not rounded(full, round_to):
+    step = width_step(full, round_to)
+    if step == 1:
         return [1] * (positions - MIN_CHANNELS)
-    below = (positions - 1) // round_to * round_to  # the multiple below the current count
-    sizes = [positions - below] if below >= round_to else []
-    return sizes + [round_to] * max(0, below // round_to - 1)
+    below = (positions - 1) // step * step  # the multiple below the current count
+    sizes = [positions - below] if below >= step else []
+    return sizes + [step] * max(0, below // step - 1)
 
 
 @dataclass(frozen=True)

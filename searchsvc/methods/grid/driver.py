@@ -1,7 +1,7 @@
 """`method: grid` — evaluate an explicit list of transformations of the teacher.
 
     search:
-      round_to: 8                      # groups wider than 16 channels rounded up to a multiple of 8 (the default)
+      round_to: 8                      # widths rounded up: to 8s in groups wider than 16, 4s in groups of 9-16 (default)
       candidates:
         - {scale: 0.5}                 # every width halved
         - {remove: [layer1.1, layer2.2]}

@@ -59,8 +59,8 @@ def removal_stage(blocks: tuple[str, ...], base: CandidateSpec) -> Stage:
 def shrink_stage(base: CandidateSpec, inner: dict[str, dict[str, int]], scales: tuple[float, ...],
                  round_to: int = 1) -> Stage:
     """Scale the inner widths of each block the removal result kept (`inner`: block → width key → the
-    teacher's channels) by one of `scales`, rounded up to a multiple of `round_to` where the teacher's width is
-    more than twice it (surgery.round_width)."""
+    teacher's channels) by one of `scales`, rounded up to the group's step (surgery.round_width of the teacher's
+    width and `round_to`)."""
     blocks = tuple(name for name, widths in inner.items() if name not in base.removed and widths)
 
     def make(action: np.ndarray) -> CandidateSpec:
