@@ -182,7 +182,8 @@ def _run(store: str, *sets: str, endpoint: str | None = None) -> dict:
 
 def test_a_huge_prune_step_fires_the_stop_rule_after_one_iteration(tmp_path, ray_session):
     run = _run(str(tmp_path / "s"), "search.tune.num_samples=1", "search.tune.filters_per_iteration=[]",
-               "search.tune.distill=[]", "search.filters_per_iteration=1000", "search.stop.max_drop=2")
+               "search.tune.distill=[]", "search.filters_per_iteration=1000", "search.stop.max_drop=2",
+               "search.round_to=1")  # any width: every group may go down to one channel
     store, run_id = run["store"], run["run_id"]
     rows = store.get_table(f"runs/{run_id}/results.parquet").to_pylist()
     assert len(rows) == 1 and rows[0]["iteration"] == 1
