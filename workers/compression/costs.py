@@ -1,4 +1,4 @@
-"""What a channel of each group costs in a budgeted quantity, and which quantity a budget ranks by.
+"""What a channel of each group costs in a counted quantity (MACs or parameters), and how a model is counted.
 
 The cost of a group is the drop in MACs (or parameters) that cutting one of its positions gives, summed over
 every layer the group touches: the output rows of the layers whose outputs it prunes, the input columns of
@@ -23,8 +23,6 @@ from workers.measurement.measure import count_macs, count_parameters
 from workers.models.depgraph import channel_groups, example_input, shrink_graph
 from workers.models.surgery import derive_arch, prune_groups, width_keys
 from workers.models.zoo import build_model
-
-COSTED = ("macs", "params")  # the quantities a step counts exactly (and so can land on)
 
 
 def counter(quantity: str, in_channels: int, image_size: int) -> Callable[[nn.Module], int]:
