@@ -41,14 +41,12 @@ if TYPE_CHECKING:
     from workers.evaluation.evaluate import EvalContext
     from workers.evaluation.spec import CandidateSpec
 
+LANDING_CHOICES = 32  # chunks after the one that crosses a budget, tried in its place (one cut each)
 
 
 def count_filters(model: nn.Module) -> int:
     """Output channels summed over every conv of the network (what "filters" counts)."""
     return sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
-
-
-LANDING_CHOICES = 32  # chunks after the one that crosses a budget, tried in its place (one cut each)
 
 
 def taylor_scores(model: ResNet, splits: Splits, batches: int, batch_size: int,
@@ -228,7 +226,7 @@ def taylor_step(parent: nn.Module, spec: "CandidateSpec", ctx: "EvalContext") ->
                 float(params.get("cost_power", 0.0)))
     cost, limit, left = params.get("cost"), params.get("limit"), int(params.get("steps_left", 1))
     full = group_widths(ctx.teacher.model, ctx.splits.in_channels, ctx.splits.image_size) \
-        if step.round_to > 1 else None
+        if step.round_to > 1 and step.count else None  # a fine-tune step (count 0) cuts nothing: no trace
     student, plan = taylor_prune(model, ctx.splits, step, int(params["importance_batches"]), spec.train.batch_size,
                                  spec.seed, full, None if cost is None else str(cost),
                                  None if limit is None else float(limit), left)
