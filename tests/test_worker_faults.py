@@ -109,7 +109,7 @@ def test_a_trial_worker_killed_past_max_failures_ends_in_one_line_and_resume_fin
         ray_session, store_dir, capsys):
     """max_failures: 1. The first SIGKILL: Tune restarts the trial from its checkpoint. The second: the run
     fails, the CLI says so in one line with the resume command; resume restores the trial from its checkpoint
-    and finishes, no epoch reported twice."""
+    and finishes, no epoch redone but one whose checkpoint was in flight."""
     before = _runs(store_dir)
     done, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_trial_workers, args=(store_dir, 2, done, killed), daemon=True)
@@ -136,7 +136,11 @@ def test_a_trial_worker_killed_past_max_failures_ends_in_one_line_and_resume_fin
     history = [epoch for path in (store_dir / "runs" / run_id).glob("state/**/result.json")
                for text in path.read_text().splitlines() if text.strip()
                if (epoch := json.loads(text).get("epoch")) is not None]
-    assert history == sorted(set(history)) and history[-1] == 8, history  # each epoch once: restored, not redone
+    # Restored, not redone: every epoch reported, in order, and each restart redoes at most the one epoch whose
+    # checkpoint was in flight (Tune logs a result before its separate `save` task registers the checkpoint; a
+    # worker killed in between restarts from the checkpoint before). From scratch would redo every epoch.
+    assert sorted(set(history)) == list(range(1, 9)) and history == sorted(history), history
+    assert len(history) <= 8 + len(killed), (history, killed)
 
 
 def test_ray_memory_monitor_killing_every_pool_worker_ends_in_one_line_and_resume_finishes_it(
