@@ -48,10 +48,10 @@ METHODS = {
 }
 
 
-def run_method(name: str, store: str, budget_macs: int) -> dict:
-    """One method's run through the CLI; its run id and wall seconds."""
+def run_method(name: str, store: str, budget_macs: int, extra: list[str]) -> dict:
+    """One method's run through the CLI (`extra`: overrides after its own); its run id and wall seconds."""
     config, overrides = METHODS[name]
-    sets = [*TEACHER, *SHORT, *overrides, f"search.budget={{macs: {budget_macs}}}"]
+    sets = [*TEACHER, *SHORT, *overrides, f"search.budget={{macs: {budget_macs}}}", *extra]
     argv = [sys.executable, "-m", "searchsvc", "run", config, "--store", store, "--no-progress"]
     for item in sets:
         argv += ["--set", item]
@@ -88,6 +88,9 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(METHODS), help="comma-separated methods (default: all four)")
     parser.add_argument("--reuse", default="", metavar="METHOD=RUN,...",
                         help="finished runs of this benchmark in the store to take as they are (their own wall time)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for every method's run after its own (repeatable), e.g. search.max_ratio=0.5")
+    parser.add_argument("--tag", default="", help="suffix of the JSON's name (budget_compare_fashion_resnet20_TAG)")
     args = parser.parse_args()
     teacher_hash, macs = teacher_macs(args.store)
     budget = macs // 3
@@ -96,7 +99,7 @@ def main() -> None:
     reused = dict(item.split("=", 1) for item in args.reuse.split(",") if item)
     runs = {name: {"run_id": run_id, "wall_s": store.get_json(f"runs/{run_id}/run.json")["wall_s"], "reused": True}
             for name, run_id in reused.items()}
-    runs.update({name: run_method(name, args.store, budget) for name in args.only.split(",") if name not in reused})
+    runs.update({name: run_method(name, args.store, budget, args.set) for name in args.only.split(",") if name not in reused})
     for name, run in runs.items():
         pick = chosen(load_run(store, run["run_id"]), Budget(macs=budget))
         run["chosen"] = None if pick is None else {k: pick.get(k) for k in (
@@ -114,7 +117,7 @@ def main() -> None:
                         page.resolve().as_uri()], capture_output=True, timeout=120)
     result = {"benchmark": "budget_compare", "teacher": teacher_hash, "teacher_macs": macs, "budget_macs": budget,
               "methods": runs}
-    common.write_result(out, "budget_compare_fashion_resnet20", result)
+    common.write_result(out, "_".join(filter(None, ["budget_compare_fashion_resnet20", args.tag])), result)
     print(json.dumps({n: (r["chosen"] or {}).get("accuracy") for n, r in runs.items()}))
 
 

@@ -101,6 +101,28 @@ def test_chunks_take_a_wide_group_to_multiples_and_a_narrow_one_channel_by_chann
     assert chunk_sizes(40, 40, 1) == [1] * 39
 
 
+def test_max_ratio_keeps_every_group_at_least_that_share_of_its_teacher_width():
+    assert chunk_sizes(16, 16, 8, max_ratio=0.5) == [4, 4]  # 16 → 12 → 8: half of 16, a multiple of 4
+    assert chunk_sizes(13, 16, 8, max_ratio=0.75) == [1, 4, 4]  # 4 = 16 × 0.25, rounded up to the multiple
+    assert chunk_sizes(64, 64, 8, max_ratio=0.3) == [8] * 2  # 64 × 0.7 = 44.8 → 48
+    assert chunk_sizes(40, 64, 8, max_ratio=0.3) == []  # already below its floor (an older step): keeps it
+    assert chunk_sizes(10, 10, 1, max_ratio=0.5) == [1] * 5
+    assert chunk_sizes(40, 40, 8, max_ratio=1.0) == chunk_sizes(40, 40, 8)  # no floor but one multiple
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_step_with_max_ratio_thins_no_group_below_its_floor(splits, name):
+    """A step asked to remove every channel: each group keeps at least half its teacher width, the model runs."""
+    model = MODELS[name]()
+    full = group_widths(model, 3, SIZE)
+    student, plan = taylor_prune(copy.deepcopy(model), splits, Step(10**6, round_to=8, max_ratio=0.5), 2, 64,
+                                 full=full)
+    kept = group_widths(student, 3, SIZE)
+    assert plan and all(kept[key] * 2 >= full[key] for key in full), (full, kept)
+    assert any(kept[key] < full[key] for key in full)
+    assert student(torch.zeros(2, 3, SIZE, SIZE)).shape == (2, 10)
+
+
 def test_a_plan_keeps_multiples_of_round_to_where_the_teacher_group_is_wide():
     torch.manual_seed(0)
     scores = {"a": torch.rand(64), "b": torch.rand(40), "c": torch.rand(7), "d": torch.rand(63)}

@@ -13,6 +13,9 @@ hardware likes, until the step's channel count is reached or the budgeted cost i
   a multiple of `round_to`, one wider than `round_to` a multiple of half of it (`surgery.width_step`), at least
   one multiple: it loses whole chunks, the first one taking it to the multiple below, each chunk ranked by the
   mean score of its channels. Narrower groups lose one at a time.
+- **A floor** (`max_ratio`, Torch-Pruning's `max_pruning_ratio`): no group loses more than this share of the
+  teacher's width, so a step cannot thin one layer to a few channels that cost latency out of proportion to
+  their MACs (thin layers run far below a CPU's peak, in fp32 and more so in int8).
 - **Landing**: the ranking is one order of chunks (`removal_order`); a step takes its first chunks, as many as
   its channel count asks (`plan_removal`), or fewer where a budget is met sooner (workers.compression.taylor
   finds the fewest that land within it, and a step goes at least its share of the way), so the last step sits
@@ -25,6 +28,7 @@ position across its slices; a position leaves every slice at once. Ties break by
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
@@ -46,14 +50,20 @@ def normalise(scores: torch.Tensor, how: Normalizer) -> torch.Tensor:
     return scores
 
 
-def chunk_sizes(positions: int, full: int, round_to: int) -> list[int]:
-    """The positions a group loses per chunk, from its current count down to the least it may keep."""
+def chunk_sizes(positions: int, full: int, round_to: int, max_ratio: float = 1.0) -> list[int]:
+    """The positions a group loses per chunk, from its current count down to the least it may keep: one
+    position, or one multiple, or with `max_ratio` < 1 the teacher's `full` times (1 - max_ratio) rounded up
+    to the group's multiple."""
     step = width_step(full, round_to)
+    least = max(MIN_CHANNELS, math.ceil(round(full * (1 - max_ratio), 9)))
+    floor = max(step, math.ceil(least / step) * step) if step > 1 else least
+    if positions <= floor:
+        return []
     if step == 1:
-        return [1] * (positions - MIN_CHANNELS)
+        return [1] * (positions - floor)
     below = (positions - 1) // step * step  # the multiple below the current count
-    sizes = [positions - below] if below >= step else []
-    return sizes + [step] * max(0, below // step - 1)
+    sizes = [positions - below] if below >= floor else []
+    return sizes + [step] * max(0, (below - floor) // step)
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,7 @@ class Step:
     normalizer: Normalizer = "mean"
     round_to: int = 1
     cost_power: float = 0.0
+    max_ratio: float = 1.0  # the most of a group's teacher width that may go (Torch-Pruning's max_pruning_ratio)
 
 
 def removal_order(scores: Mapping[str, torch.Tensor], slices: Mapping[str, int] | None = None,
@@ -80,7 +91,7 @@ def removal_order(scores: Mapping[str, torch.Tensor], slices: Mapping[str, int] 
     for key, values in scores.items():
         positions = normalise(values, step.normalizer).view(slices[key], -1).mean(0)
         whole = (full or {}).get(key, len(values)) // slices[key]
-        plans[key] = (torch.sort(positions, stable=True).values, chunk_sizes(len(positions), whole, step.round_to))
+        plans[key] = (torch.sort(positions, stable=True).values, chunk_sizes(len(positions), whole, step.round_to, step.max_ratio))
         _push(heap, key, plans[key], 0, 0, (costs or {}).get(key, 1.0) ** step.cost_power)
     taken = {key: 0 for key in scores}
     order = []

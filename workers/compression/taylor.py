@@ -215,7 +215,8 @@ def group_widths(model: nn.Module, in_channels: int, image_size: int) -> dict[st
 def taylor_step(parent: nn.Module, spec: "CandidateSpec", ctx: "EvalContext") -> Built:
     """The builder of `method: taylor` candidates: prune `params.prune` channels of the parent, ranked with
     `params.normalizer` (l2 when absent: specs stored before it existed), kept widths multiples of
-    `params.round_to` (1 when absent), with `params.cost` weighed by `params.cost_power`, and with `params.limit`
+    `params.round_to` (1 when absent), no group below (1 - `params.max_ratio`) of its teacher width (1 when
+    absent: any), with `params.cost` weighed by `params.cost_power`, and with `params.limit`
     going toward it with `params.steps_left` pruning steps to go (`taylor_prune`).
 
     The parent is the teacher or the previous iteration's stored model; its weights are not changed.
@@ -223,10 +224,10 @@ def taylor_step(parent: nn.Module, spec: "CandidateSpec", ctx: "EvalContext") ->
     params = dict(spec.params)
     model = copy.deepcopy(parent).to(ctx.device).requires_grad_(True)
     step = Step(int(params["prune"]), str(params.get("normalizer", "l2")), int(params.get("round_to", 1)),
-                float(params.get("cost_power", 0.0)))
+                float(params.get("cost_power", 0.0)), float(params.get("max_ratio", 1.0)))
     cost, limit, left = params.get("cost"), params.get("limit"), int(params.get("steps_left", 1))
     full = group_widths(ctx.teacher.model, ctx.splits.in_channels, ctx.splits.image_size) \
-        if step.round_to > 1 and step.count else None  # a fine-tune step (count 0) cuts nothing: no trace
+        if (step.round_to > 1 or step.max_ratio < 1) and step.count else None  # a fine-tune step cuts nothing
     student, plan = taylor_prune(model, ctx.splits, step, int(params["importance_batches"]), spec.train.batch_size,
                                  spec.seed, full, None if cost is None else str(cost),
                                  None if limit is None else float(limit), left)

@@ -55,6 +55,9 @@ class TaylorSearch(SearchSection):
         "min": 0, "max": 2, "help": "with a budget, rank a channel by its score / its cost (MACs or parameters) to "
                                     "this power: 1 per unit of cost, 0 (measured best) the cost ignored"})
     round_to: int = round_to_field()
+    max_ratio: float = field(default=1.0, metadata={
+        "gt": 0, "max": 1, "help": "the most of any one group's teacher width that may be pruned (Torch-Pruning's "
+                                   "max_pruning_ratio): 0.5 keeps every layer at least half as wide; 1: no floor"})
     stop: TaylorStop = field(default_factory=TaylorStop)
     tune: TaylorTune = field(default_factory=TaylorTune)
     reward: RewardForm = field(default="c_2_minus_c", metadata={"help": "c_2_minus_c or c_over_2_minus_c"})

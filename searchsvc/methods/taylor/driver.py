@@ -119,6 +119,8 @@ def step_params(search: TaylorSearch, count: int, steps_left: int = 1) -> tuple[
     params: list[tuple[str, int | float | str]] = [
         ("importance_batches", search.importance_batches), ("prune", count), ("normalizer", search.normalizer),
         ("round_to", search.round_to)]
+    if search.max_ratio < 1:  # absent at 1, as in every spec stored before the floor existed
+        params.append(("max_ratio", search.max_ratio))
     if search.budget is not None and count:
         cost, limit = search.budget.cost()
         params += [("cost", cost), ("cost_power", search.cost_power)]
