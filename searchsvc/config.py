@@ -111,6 +111,8 @@ def parse_config(raw: dict[str, Any], source: str = "") -> JobConfig:
                         "stop rules, ranking); test accuracy only reports")
     if not problems and config.teacher.source is not None:  # before any check builds it in this process
         problems.extend(_user_code_problems(config.teacher.source))
+    if not problems and config.dataset.factory is not None:  # its module imported in a child first
+        problems.extend(_dataset_factory_problems(config.dataset.factory))
     if not problems:
         problems.extend(get_method(config.method).check_config(config))
     if problems:
@@ -125,6 +127,18 @@ def _user_code_problems(source: Any) -> list[str]:
 
     try:
         try_in_a_child(source)
+    except SearchsvcError as err:
+        return [str(err)]
+    return []
+
+
+def _dataset_factory_problems(factory: str) -> list[str]:
+    """dataset.factory names a callable whose module imports (tried in a child process first); it is called
+    when the run reads its data, not here."""
+    from workers.data.python_source import factory_of
+
+    try:
+        factory_of(factory)
     except SearchsvcError as err:
         return [str(err)]
     return []

@@ -268,9 +268,11 @@ def reference_data(spec: CandidateSpec) -> dict:
     """asdict, less the dataset fields added after stores existed while they hold their default (they are
     left out of the canonical form so that stored hashes stay: core.records `omit_default`)."""
     data = dataclasses.asdict(spec)
-    for key in ("mean", "std", "channels"):
+    for key in ("mean", "std", "channels", "factory"):
         if data["dataset"][key] is None:
             del data["dataset"][key]
+    if data["dataset"]["kwargs"] == {}:
+        del data["dataset"]["kwargs"]
     return data
 
 

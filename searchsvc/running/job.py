@@ -167,6 +167,7 @@ def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[
         splits = load_dataset(config.dataset)
         log.info("dataset %s: %s, %d classes, %d channels, %dx%d px", config.dataset.name, splits.sizes(),
                  splits.num_classes, splits.in_channels, splits.image_size, splits.image_size)
+        record.update(data=splits.provenance())  # where each split came from, and its size
         device = resolve_device(config.device)
         teacher = load_or_train_teacher(store, config.teacher, config.dataset, splits, device, progress=progress,
                                         extra_meta={"code_version": code_version()})

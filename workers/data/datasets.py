@@ -11,15 +11,15 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from core.errors import SearchsvcError
-from core.records import MAX_SEED
-from workers.data import sources
+from core.records import MAX_SEED, canonical_json
+from workers.data import python_source, sources
 
-DatasetName = Literal["cifar10", "fashion_mnist", "imagefolder", "synthetic"]
+DatasetName = Literal["cifar10", "fashion_mnist", "imagefolder", "synthetic", "python"]
 MAX_IMAGE_SIZE = 4096  # pixels a side: an image resized (or made) larger is a typo, not a dataset
 MAX_IMAGE_VALUES = 3 * MAX_IMAGE_SIZE ** 2  # channels x height x width of one image: an RGB image of 4096 px
 STD_RANGE, MEAN_RANGE = (1e-3, 1e3), (-1e3, 1e3)  # 0..1 scale: a smaller std overflows the normalised pixels
@@ -45,7 +45,8 @@ class DatasetConfig:
     root: str | None = field(default=None, metadata={"help": "folder with the files; null: search known places"})
     subset: int | float | None = field(
         default=None, metadata={"gt": 0, "help": "int: training images kept; float in (0, 1]: fraction of each split"})
-    val_fraction: float = field(default=0.1, metadata={"min": 0, "lt": 1, "help": "share of train held out"})
+    val_fraction: float = field(default=0.1, metadata={
+        "min": 0, "lt": 1, "help": "share of train held out as validation (not used where the source has its own)"})
     split_seed: int = field(default=0, metadata={
         "min": 0, "max": MAX_SEED, "help": "seed of the train/val split and subset"})
     image_size: int | None = field(default=None, metadata={
@@ -54,6 +55,11 @@ class DatasetConfig:
                 "image fed to the model holds at most 3 x 4096 x 4096 values (channels x side x side)"})
     download: bool = field(default=True, metadata={"help": "let torchvision download if no files are found"})
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    factory: str | None = field(default=None, metadata={
+        "omit_default": True, "help": "name: python — your own data: package.module:function returning {train: "
+                                      "Dataset, test: Dataset, val: Dataset (optional)} of (input, target) pairs"})
+    kwargs: dict[str, Any] = field(default_factory=dict, metadata={
+        "omit_default": True, "help": "keyword arguments of dataset.factory, e.g. {root: /data/mine}"})
     # The input contract of a model trained elsewhere (teacher.model): its normalisation and channels.
     mean: tuple[float, ...] | None = field(default=None, metadata={
         "omit_default": True, "help": "per-channel mean the model was trained with (0..1 scale; each in [-1000, "
@@ -66,6 +72,11 @@ class DatasetConfig:
         "help": "channels fed to the model: 3 repeats a 1-channel image (grayscale data, RGB model); null: as stored"})
 
     def __post_init__(self) -> None:
+        if (self.name == "python") != (self.factory is not None):
+            raise ValueError("factory: name: python takes your dataset from dataset.factory (package.module:function)"
+                             if self.factory is None else "factory: only with name: python")
+        if self.kwargs and self.factory is None:
+            raise ValueError("kwargs: only with dataset.factory (name: python)")
         for key in ("mean", "std"):
             value = getattr(self, key)
             if value is not None and (not value or (key == "std" and min(value) <= 0)):
@@ -80,6 +91,9 @@ class DatasetConfig:
             raise ValueError(f"subset: a fraction (a float) must be in (0, 1], got {self.subset:g}; an integer keeps "
                              "that many training images")
         self._check_image_values()
+
+    def __hash__(self) -> int:  # `kwargs` is a dict: hashed by its canonical JSON, so specs stay hashable
+        return hash(canonical_json(self))
 
     def _check_image_values(self) -> None:
         """One image of the data as the model takes it stays below MAX_IMAGE_VALUES (a memory bound per image)."""
@@ -96,7 +110,9 @@ class DatasetConfig:
 
 @dataclass
 class Splits:
-    """Train / val / test tensors of one dataset, plus what a model needs to know about them."""
+    """Train / val / test tensors of one dataset, plus what a model needs to know about them. Inputs are uint8
+    images (normalised with `mean` and `std` on the way into a model) or floating-point inputs the user's code
+    prepared (taken as they are)."""
 
     name: str
     train: tuple[torch.Tensor, torch.Tensor]
@@ -105,6 +121,7 @@ class Splits:
     num_classes: int
     mean: tuple[float, ...]  # per channel, on the 0..1 scale
     std: tuple[float, ...]
+    sources: dict[str, str] = field(default_factory=dict)  # split → where it came from (run.json)
 
     @property
     def in_channels(self) -> int:
@@ -118,14 +135,21 @@ class Splits:
         """A copy with every tensor on `device` (the fast path keeps data resident on the GPU)."""
         move = lambda pair: (pair[0].to(device), pair[1].to(device))
         return Splits(self.name, move(self.train), move(self.val), move(self.test), self.num_classes,
-                      self.mean, self.std)
+                      self.mean, self.std, self.sources)
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train[1]), "val": len(self.val[1]), "test": len(self.test[1])}
 
+    def provenance(self) -> dict[str, dict[str, Any]]:
+        """Each split's source and size, as run.json records them."""
+        return {name: {"from": self.sources.get(name, self.name), "size": size} for name, size in self.sizes().items()}
+
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 images → float, standardised per channel (runs on whatever device the images are on)."""
+    """uint8 images → float, standardised per channel (runs on whatever device the images are on); floating-point
+    inputs (a python dataset's, normalised by the user's own transform) as they are."""
+    if images.is_floating_point():
+        return images.float()
     m, s = channel_stats_on(tuple(mean), tuple(std), images.device)
     return (images.float() / 255.0 - m) / s
 
@@ -159,11 +183,12 @@ def _synthetic(config: DatasetConfig) -> Raw:
     return train_x, train_y, test_x, test_y, syn.num_classes
 
 
-_LOADERS: dict[str, Callable[[DatasetConfig], Raw]] = {
+_LOADERS: dict[str, Callable[[DatasetConfig], Raw | sources.Loaded]] = {
     "synthetic": _synthetic,
     "fashion_mnist": lambda c: sources.fashion_mnist(c.root, c.download),
     "cifar10": lambda c: sources.cifar10(c.root, c.download),
     "imagefolder": lambda c: sources.imagefolder(c.root, c.image_size, c.split_seed),
+    "python": lambda c: python_source.load(str(c.factory), c.kwargs),
 }
 
 
@@ -175,25 +200,47 @@ def load_dataset(config: DatasetConfig) -> Splits:
     """Load `config`'s dataset into three fixed splits (same seed → same split, on any machine)."""
     if config.name not in _LOADERS:
         raise SearchsvcError(f"dataset.name: unknown dataset {config.name!r}; choose one of {', '.join(_LOADERS)}")
-    train_x, train_y, test_x, test_y, classes = _LOADERS[config.name](config)
+    found = _LOADERS[config.name](config)
+    loaded = found if isinstance(found, sources.Loaded) else sources.Loaded(*found)
+    train_x, train_y, test_x, test_y = loaded.train_x, loaded.train_y, loaded.test_x, loaded.test_y
     gen = torch.Generator().manual_seed(config.split_seed)
     order = torch.randperm(len(train_y), generator=gen)
-    n_val = int(round(config.val_fraction * len(train_y)))
+    n_val = 0 if loaded.val is not None else int(round(config.val_fraction * len(train_y)))
     if len(train_y) - n_val < 1:
         raise SearchsvcError(f"dataset.val_fraction: {config.val_fraction} leaves no training images")
     val_index, train_index = order[:n_val], order[n_val:]
     test_index = torch.randperm(len(test_y), generator=gen)
+    val_x, val_y = (train_x, train_y) if loaded.val is None else loaded.val
+    if loaded.val is not None:  # the source's own validation split, in an order fixed by the seed
+        val_index = torch.randperm(len(val_y), generator=gen)
     if config.subset is not None:
         n_train = len(train_index)
         train_index, val_index, test_index = (index[: _subset_size(config.subset, len(index), n_train)]
                                               for index in (train_index, val_index, test_index))
     # The model's input contract applies to the images kept (after `subset`), one split at a time.
     train, val, test = ((_model_input(x, config), y) for x, y in (
-        _take((train_x, train_y), train_index), _take((train_x, train_y), val_index), _take((test_x, test_y), test_index)))
-    mean, std = _channel_stats(train[0])
+        _take((train_x, train_y), train_index), _take((val_x, val_y), val_index), _take((test_x, test_y), test_index)))
+    if train[0].is_floating_point():  # inputs the user's code normalised: taken as they are
+        mean, std = (0.0,) * train[0].shape[1], (1.0,) * train[0].shape[1]
+    else:
+        mean, std = _channel_stats(train[0])
     if config.mean is not None:  # the normalisation the model was trained with, not this data's own
         mean, std = _stated_stats(config, train[0].shape[1])
-    return Splits(config.name, train, val, test, classes, mean, std)
+    return Splits(config.name, train, val, test, loaded.classes, mean, std, _where(config, loaded))
+
+
+def _where(config: DatasetConfig, loaded: sources.Loaded) -> dict[str, str]:
+    """Each split's source as run.json states it: the reader's own words, validation carved or given."""
+    where = {"train": loaded.sources.get("train", f"{config.name} train"),
+             "test": loaded.sources.get("test", f"{config.name} test")}
+    if loaded.val is not None:
+        where["val"] = loaded.sources.get("val", f"{config.name} val")
+    else:
+        where["val"] = f"{config.val_fraction:.0%} of {where['train']} (val_fraction, split_seed {config.split_seed})"
+        where["train"] = f"the rest of {where['train']}"
+    if config.subset is not None:
+        where = {name: f"{text}, subset {config.subset}" for name, text in where.items()}
+    return where
 
 
 # (channels, side in pixels) of the datasets whose files have one shape
@@ -219,10 +266,13 @@ def _model_input(images: torch.Tensor, config: DatasetConfig) -> torch.Tensor:
         images = images.expand(-1, config.channels, -1, -1).contiguous()
     if config.image_size is not None and config.name != "imagefolder" and images.shape[-1] != config.image_size:
         size = (config.image_size, config.image_size)
+        resize = lambda chunk: torch.nn.functional.interpolate(  # noqa: E731
+            chunk.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+        as_stored = (lambda x: x) if images.is_floating_point() else \
+            (lambda x: x.round_().clamp_(0, 255).to(torch.uint8))
         images = torch.cat([  # 1,024 images at a time: the float copy stays small whatever the target size
-            torch.nn.functional.interpolate(chunk.float(), size=size, mode="bilinear", antialias=True,
-                                            align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
-            for chunk in images.split(1024)]) if len(images) else images.new_zeros((0, images.shape[1], *size))
+            as_stored(resize(chunk)) for chunk in images.split(1024)]) if len(images) \
+            else images.new_zeros((0, images.shape[1], *size))
     return images
 
 

@@ -11,6 +11,7 @@ import gzip
 import os
 import pickle
 import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,21 @@ _IDX_DTYPES = {0x08: np.uint8}
 
 
 Raw = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]
+
+
+@dataclass
+class Loaded:
+    """What a reader found: the train and test split (uint8 NCHW images, or float inputs, and int64 labels), the
+    number of classes, a validation split where the source has its own (else None: carved from train), and
+    where each split came from (split name → text for run.json)."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: int
+    val: tuple[torch.Tensor, torch.Tensor] | None = None
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -145,8 +161,9 @@ def _cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 IMAGEFOLDER_TEST_FRACTION = 0.2  # share of a single-folder layout held out as the test split
 
 
-def imagefolder(root: str | None, image_size: int | None, seed: int) -> Raw:
-    """Images in class folders: root/train/<class>/*, root/test/<class>/*, or root/<class>/* (split by seed)."""
+def imagefolder(root: str | None, image_size: int | None, seed: int) -> Loaded:
+    """Images in class folders: root/train/<class>/*, root/test/<class>/* and, where it exists,
+    root/val/<class>/* (the validation split, as given); or root/<class>/* (test split off by seed)."""
     if root is None:
         raise SearchsvcError("dataset.root: imagefolder needs a folder of class sub-folders")
     base = Path(root).expanduser()
@@ -155,15 +172,27 @@ def imagefolder(root: str | None, image_size: int | None, seed: int) -> Raw:
     size = image_size or 32
     if (base / "train").is_dir() and (base / "test").is_dir():
         classes = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
+        for split in ("test", "val"):
+            extra = sorted(p.name for p in (base / split).glob("*") if p.is_dir() and p.name not in classes)
+            if extra:
+                raise SearchsvcError(f"dataset.root: {base / split / extra[0]} is a class train/ does not have")
         train_x, train_y = _read_images(base / "train", classes, size)
         test_x, test_y = _read_images(base / "test", classes, size)
-        return train_x, train_y, test_x, test_y, len(classes)
+        val = _read_images(base / "val", classes, size) if (base / "val").is_dir() else None
+        sources = {name: str(base / name) for name in ("train", "test")} | ({"val": str(base / "val")} if val else {})
+        return Loaded(train_x, train_y, test_x, test_y, len(classes), val, sources)
+    if (base / "val").is_dir() or (base / "train").is_dir():
+        raise SearchsvcError(f"dataset.root: {base} has {'val/' if (base / 'val').is_dir() else 'train/'} but "
+                             f"not both train/ and test/: give train/ and test/ (and val/ if you have one), or "
+                             f"class folders alone")
     classes = sorted(p.name for p in base.iterdir() if p.is_dir())
     images, labels = _read_images(base, classes, size)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + 7))
     n_test = max(1, int(round(IMAGEFOLDER_TEST_FRACTION * len(labels))))
     test, train = order[:n_test], order[n_test:]
-    return images[train], labels[train], images[test], labels[test], len(classes)
+    share = f"{IMAGEFOLDER_TEST_FRACTION:.0%} of {base} by split_seed"
+    return Loaded(images[train], labels[train], images[test], labels[test], len(classes),
+                  sources={"train": f"{base} less its test share", "test": share})
 
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}

@@ -1,0 +1,164 @@
+"""Issue 36: the user's own data — a dataset from their code (map-style, iterable, PIL images, inputs their own
+transform normalised), explicit validation splits (theirs, or an image folder's val/), where each split came from
+and its size in run.json, runs of grid and taylor on it, and every mistake as one line with exit 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from searchsvc.cli import main
+from tests.conftest import REPO
+from tests.user_data import factories
+from workers.data.datasets import DatasetConfig, load_dataset, normalize
+from workers.evaluation.spec import CandidateSpec
+from workers.training.train import TrainConfig
+
+FACTORIES = "tests.user_data.factories"
+
+
+def _python(name: str, **kwargs) -> DatasetConfig:
+    return DatasetConfig(name="python", factory=f"{FACTORIES}:{name}", kwargs=kwargs)
+
+
+def _rows(store: Path, run_id: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in (store / "runs" / run_id / "evals").glob("*.json")]
+
+
+def _only_run(store: Path) -> tuple[str, dict]:
+    (run,) = (store / "runs").iterdir()
+    return run.name, json.loads((run / "run.json").read_text())
+
+
+def test_a_python_dataset_with_its_own_validation_split_is_used_as_given():
+    splits = load_dataset(_python("images", train=96, val=40, test=24))
+    given = factories.images(train=96, val=40, test=24)
+    assert splits.sizes() == {"train": 96, "val": 40, "test": 24} and splits.num_classes == 4
+    as_rows = lambda x: {bytes(row.numpy()) for row in x.flatten(1)}  # noqa: E731 — the same images, any order
+    for name in ("train", "val", "test"):
+        x, y = getattr(splits, name)
+        assert x.dtype == torch.uint8 and as_rows(x) == as_rows(given[name].tensors[0])
+        assert torch.bincount(y, minlength=4).tolist() == torch.bincount(given[name].tensors[1], minlength=4).tolist()
+    assert splits.provenance()["val"] == {"from": f"python {FACTORIES}:images 'val'", "size": 40}
+
+
+def test_without_val_the_python_dataset_is_carved_and_floats_are_taken_as_the_users_transform_left_them():
+    splits = load_dataset(_python("normalised", train=200, test=50))
+    assert splits.sizes() == {"train": 180, "val": 20, "test": 50}  # val_fraction 0.1 of train
+    assert "10% of" in splits.provenance()["val"]["from"] and "the rest of" in splits.provenance()["train"]["from"]
+    x = splits.train[0]
+    assert x.dtype == torch.float32 and x.shape[1:] == (3, 16, 16)
+    assert torch.equal(normalize(x[:4], splits.mean, splits.std), x[:4])  # not divided by 255 nor standardised
+    assert abs(float(x.mean())) < 1.5  # the user's normalisation: around 0, not 0..255
+
+
+def test_pil_images_and_numpy_targets_become_uint8_tensors():
+    splits = load_dataset(_python("pil"))
+    assert splits.train[0].dtype == torch.uint8 and splits.in_channels == 3 and splits.image_size == 12
+    assert splits.num_classes == 3 and splits.train[1].dtype == torch.int64
+
+
+def test_a_python_dataset_is_part_of_the_candidates_identity():
+    train = TrainConfig()
+    spec = lambda dataset: CandidateSpec(arch="tiny_cnn", teacher="t", dataset=dataset, train=train)  # noqa: E731
+    one, again = spec(_python("images", train=96)), spec(_python("images", train=96))
+    assert one.spec_hash == again.spec_hash and hash(one) == hash(again)
+    assert one.spec_hash != spec(_python("images", train=97)).spec_hash
+    assert spec(DatasetConfig()).spec_hash == spec(DatasetConfig(kwargs={})).spec_hash  # others: unchanged
+
+
+def _image_folder(root: Path, counts: dict[str, int]) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in counts.items():
+        for label in ("cat", "dog"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 255, (10, 10, 3), dtype=np.uint8) // (2 if label == "cat" else 1)
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+
+
+def test_an_image_folder_with_val_uses_it_and_says_so(tmp_path):
+    _image_folder(tmp_path, {"train": 6, "val": 3, "test": 2})
+    splits = load_dataset(DatasetConfig(name="imagefolder", root=str(tmp_path), image_size=8))
+    assert splits.sizes() == {"train": 12, "val": 6, "test": 4}  # val/ as given: nothing carved from train
+    assert splits.provenance()["val"] == {"from": str(tmp_path / "val"), "size": 6}
+    (tmp_path / "val" / "bird").mkdir()
+    with pytest.raises(Exception, match="bird is a class train/ does not have"):
+        load_dataset(DatasetConfig(name="imagefolder", root=str(tmp_path), image_size=8))
+
+
+def _config(folder: Path, method: str, dataset: dict, **sections) -> Path:
+    base = yaml.safe_load((REPO / "configs" / f"{method}-smoke.yaml").read_text())
+    base.update(dataset=dataset, **sections)
+    path = folder / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+@pytest.mark.parametrize("method", ["grid", "taylor"])
+def test_grid_and_taylor_run_on_a_python_dataset_and_record_its_splits(method, tmp_path, ray_session):
+    dataset = {"name": "python", "factory": f"{FACTORIES}:images", "kwargs": {"train": 384, "val": 96, "test": 64}}
+    sections = {"teacher": {"arch": "tiny_cnn", "epochs": 2, "batch_size": 128}}
+    if method == "taylor":
+        sections["search"] = {"iterations": 2, "filters_per_iteration": 0.1, "importance_batches": 2,
+                              "stop": {"max_drop": 100}, "tune": {"grace_period": 2}}
+    else:
+        sections["search"] = {"round_to": 1, "candidates": [{"scale": 0.5}]}
+    store = tmp_path / "store"
+    assert main(["run", str(_config(tmp_path, method, dataset, **sections)), "--store", str(store),
+                 "--no-progress"]) == 0
+    run_id, record = _only_run(store)
+    assert record["data"] == {"train": {"from": f"python {FACTORIES}:images 'train'", "size": 384},
+                              "val": {"from": f"python {FACTORIES}:images 'val'", "size": 96},
+                              "test": {"from": f"python {FACTORIES}:images 'test'", "size": 64}}
+    rows = _rows(store, run_id)
+    assert rows and all(r["status"] == "ok" for r in rows), rows
+    assert all(r["params"] < 5020 for r in rows)  # smaller than the tiny_cnn teacher: real cuts on this data
+
+
+BAD = {
+    "no such module": ("validate", f"{FACTORIES.replace('factories', 'nowhere')}:images", "cannot import"),
+    "no such function": ("validate", f"{FACTORIES}:nothing", "has no callable 'nothing'"),
+    "not module:function": ("validate", "justaname", "is not package.module:function"),
+    "exits": ("run", f"{FACTORIES}:exits", "raised SystemExit"),
+    "raises": ("run", f"{FACTORIES}:raises", "raised FileNotFoundError: /data/mine"),
+    "a list": ("run", f"{FACTORIES}:a_list", "returned list; expected a dict of splits"),
+    "no test": ("run", f"{FACTORIES}:no_test", "no 'test' split"),
+    "not a dataset": ("run", f"{FACTORIES}:a_count", "is of type int, not a torch Dataset"),
+    "empty test": ("run", f"{FACTORIES}:empty_test", "split 'test' is empty"),
+    "negative target": ("run", f"{FACTORIES}:negative_target", "is not a class"),
+    "NaN": ("run", f"{FACTORIES}:with_nan", "example 5: the input holds NaN"),
+    "mixed shapes": ("run", f"{FACTORIES}:mixed_shapes", "one shape and dtype"),
+    "an example that cannot be read": ("run", f"{FACTORIES}:broken_item", "image 0.jpg is truncated"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_bad_python_dataset_is_one_line_exit_2_and_nothing_stored(case, tmp_path, capsys):
+    command, factory, expected = BAD[case]
+    config = _config(tmp_path, "grid", {"name": "python", "factory": factory})
+    store = tmp_path / "store"
+    args = ["validate", str(config)] if command == "validate" else ["run", str(config), "--store", str(store),
+                                                                    "--no-progress"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err and "dataset.factory" in err and "Traceback" not in err, err
+    assert not (store / "teachers").exists() and not (store / "candidates").exists()
+
+
+@pytest.mark.parametrize("dataset, key", [({"name": "python"}, "dataset.factory"),
+                                          ({"name": "synthetic", "factory": f"{FACTORIES}:images"}, "dataset.factory"),
+                                          ({"name": "synthetic", "kwargs": {"a": 1}}, "dataset.kwargs")])
+def test_factory_and_name_python_come_together(dataset, key, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["validate", str(_config(tmp_path, "grid", dataset))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and key in err, err

@@ -1,0 +1,206 @@
+"""A dataset from the user's code: `dataset: {name: python, factory: "package.module:function", kwargs: {...}}`.
+
+The factory returns its splits as a mapping, `{"train": ..., "test": ..., "val": ...}` (`val` optional: without
+it, validation is carved from train by `val_fraction` as for every other source), each a `torch.utils.data`
+Dataset of `(input, target)` pairs — map-style (`__len__` and `__getitem__`) or iterable. An input is a tensor,
+a numpy array or a PIL image: uint8 images ([C, H, W], or [H, W] for one channel; PIL's H x W x C is turned
+around) are normalised as every image source is, floating-point inputs are taken as the model takes them (the
+user's transform normalised them). A target is an integer class. Every input of the data has one shape and one
+dtype.
+
+This reader decodes every example once into resident tensors (the in-memory fast path, DESIGN: data on the
+device): it refuses data whose decoded size passes MEMORY_SHARE of the memory available, in one line, before
+decoding it all.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.errors import SearchsvcError
+from core.user_code import import_module_safely, try_once_in_child
+from workers.data.sources import Loaded
+
+SPLITS = ("train", "val", "test")
+MEMORY_SHARE = 0.5  # of the memory available when the data is read: the rest is the models', Ray's, the OS's
+KEY = "dataset.factory"
+
+
+def factory_of(factory: str) -> Any:
+    """The callable `factory` ("package.module:function") names, its module tried in a child process first
+    (core.user_code: a module that exits ends a child, not searchsvc); SearchsvcError naming dataset.factory."""
+    module_name, sep, attr = factory.partition(":")
+    if not sep or not module_name or not attr:
+        raise SearchsvcError(f"{KEY}: {factory!r} is not package.module:function")
+    import_module_safely(module_name, KEY)
+    try:
+        module = importlib.import_module(module_name)
+    except (Exception, SystemExit) as err:  # noqa: BLE001 — the user's module: ImportError, or what it raises
+        raise SearchsvcError(f"{KEY}: cannot import {module_name!r} ({type(err).__name__}: {err})") from None
+    function = getattr(module, attr, None)
+    if not callable(function):
+        raise SearchsvcError(f"{KEY}: {module_name} has no callable {attr!r}")
+    return function
+
+
+def call_factory(factory: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The factory's splits, checked to be a mapping with train and test (and maybe val) datasets."""
+    function = factory_of(factory)
+    try_once_in_child(lambda: function(**kwargs), KEY, f"calling {factory}",
+                      same_as=f"{factory}(**{sorted(kwargs.items())!r})")
+    try:
+        result = function(**kwargs)
+    except (Exception, SystemExit) as err:  # noqa: BLE001 — the user's code: whatever it raises is one line
+        raise SearchsvcError(f"{KEY}: {factory}(**{dict(kwargs)}) raised {type(err).__name__}: {err}") from None
+    if not isinstance(result, Mapping):
+        raise SearchsvcError(f"{KEY}: {factory} returned {type(result).__name__}; expected a dict of splits "
+                             f"{{train: ..., test: ..., val: ... (optional)}}")
+    unknown = sorted(set(map(str, result)) - set(SPLITS))
+    if unknown:
+        raise SearchsvcError(f"{KEY}: {factory} returned a split named {unknown[0]!r}; the splits are train, val "
+                             f"(optional) and test")
+    for name in ("train", "test"):
+        if result.get(name) is None:
+            raise SearchsvcError(f"{KEY}: {factory} returned no {name!r} split (train and test are needed; val is "
+                                 f"carved from train when absent)")
+    for name, dataset in result.items():
+        if dataset is not None and not _is_dataset(dataset):
+            raise SearchsvcError(f"{KEY}: split {name!r} is of type {type(dataset).__name__}, not a torch Dataset of "
+                                 f"(input, target) pairs (map-style or iterable)")
+    return dict(result)
+
+
+def load(factory: str, kwargs: Mapping[str, Any], available_bytes: int | None = None) -> Loaded:
+    """Every split of the factory's data decoded into resident tensors (uint8 images or float32 inputs, int64
+    targets). `available_bytes`: the memory the data may take MEMORY_SHARE of (default: this machine's now)."""
+    splits = call_factory(factory, kwargs)
+    available = _available_memory() if available_bytes is None else available_bytes
+    decoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    first: torch.Tensor | None = None
+    for name in SPLITS:
+        if splits.get(name) is None:
+            continue
+        decoded[name], first = _decode(splits[name], name, first, available, decoded)
+    classes = 1 + max(int(y.max()) for _, y in decoded.values())
+    where = f"python {factory}"
+    return Loaded(*decoded["train"], *decoded["test"], classes, val=decoded.get("val"),
+                  sources={name: f"{where} {name!r}" for name in decoded})
+
+
+def _is_dataset(value: Any) -> bool:
+    if isinstance(value, torch.utils.data.IterableDataset):
+        return True
+    return hasattr(value, "__getitem__") and hasattr(value, "__len__")
+
+
+def _items(dataset: Any) -> Iterable[Any]:
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return iter(dataset)
+    return (dataset[i] for i in range(len(dataset)))
+
+
+Pair = tuple[torch.Tensor, torch.Tensor]  # inputs [N, ...], targets [N]
+
+
+def _decode(dataset: Any, split: str, first: torch.Tensor | None, available: int,
+            done: dict[str, Pair]) -> tuple[Pair, torch.Tensor]:
+    """One split as (inputs [N, ...], targets [N]); `first`: the data's first input (shape and dtype to match)."""
+    size = len(dataset) if hasattr(dataset, "__len__") else None
+    inputs: list[torch.Tensor] = []
+    targets: list[int] = []
+    held = sum(x.numel() * x.element_size() for x, _ in done.values())
+    try:
+        for index, item in enumerate(_items(dataset)):
+            x, y = _pair(item, split, index)
+            first = x if first is None else first
+            _same_kind(x, first, split, index)
+            if index == 0 and size is not None:
+                _fits(held + size * x.numel() * x.element_size(), available)
+            held += x.numel() * x.element_size()
+            if index % 1024 == 0:
+                _fits(held, available)
+            inputs.append(x)
+            targets.append(y)
+    except SearchsvcError:
+        raise
+    except Exception as err:  # noqa: BLE001 — the user's dataset: reading an example raised
+        raise SearchsvcError(f"{KEY}: reading split {split!r} example {len(inputs)} raised "
+                             f"{type(err).__name__}: {err}") from None
+    if not inputs:
+        raise SearchsvcError(f"{KEY}: split {split!r} is empty")
+    return (torch.stack(inputs), torch.tensor(targets, dtype=torch.int64)), first
+
+
+def _pair(item: Any, split: str, index: int) -> tuple[torch.Tensor, int]:
+    """An example as (input tensor, class); SearchsvcError naming the example if it is neither."""
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise SearchsvcError(f"{KEY}: split {split!r} example {index} is a {type(item).__name__}, not an "
+                             f"(input, target) pair")
+    return _input(item[0], split, index), _target(item[1], split, index)
+
+
+def _input(value: Any, split: str, index: int) -> torch.Tensor:
+    if hasattr(value, "mode") and hasattr(value, "size") and not isinstance(value, (torch.Tensor, np.ndarray)):
+        array = np.asarray(value)  # a PIL image: H x W (x C), uint8
+        value = torch.from_numpy(array.copy()).permute(2, 0, 1) if array.ndim == 3 else torch.from_numpy(array.copy())
+    elif isinstance(value, np.ndarray):
+        value = torch.from_numpy(value.copy())
+    if not isinstance(value, torch.Tensor):
+        raise SearchsvcError(f"{KEY}: split {split!r} example {index}: the input is a {type(value).__name__}; "
+                             f"expected a tensor, a numpy array or a PIL image")
+    if value.ndim == 2:
+        value = value.unsqueeze(0)  # one channel
+    if value.ndim != 3 or value.shape[-1] != value.shape[-2]:
+        raise SearchsvcError(f"{KEY}: split {split!r} example {index}: an input of shape {tuple(value.shape)}; "
+                             f"searchsvc takes square images [C, S, S] (other inputs: not yet)")
+    if value.dtype == torch.uint8:
+        return value.contiguous()
+    if not value.is_floating_point():
+        raise SearchsvcError(f"{KEY}: split {split!r} example {index}: inputs of dtype {value.dtype}; expected "
+                             f"uint8 images or floating-point inputs")
+    value = value.float().contiguous()
+    if not torch.isfinite(value).all():
+        raise SearchsvcError(f"{KEY}: split {split!r} example {index}: the input holds NaN or infinity")
+    return value
+
+
+def _target(value: Any, split: str, index: int) -> int:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value.item())
+    elif isinstance(value, np.integer):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SearchsvcError(f"{KEY}: split {split!r} example {index}: the target {value!r} is not a class "
+                             f"(an integer >= 0)")
+    return value
+
+
+def _same_kind(x: torch.Tensor, first: torch.Tensor, split: str, index: int) -> None:
+    if x.shape != first.shape or x.dtype != first.dtype:
+        raise SearchsvcError(f"{KEY}: split {split!r} example {index} is {x.dtype} of shape {tuple(x.shape)}, the "
+                             f"data's first input {first.dtype} of shape {tuple(first.shape)}: every input must "
+                             f"have one shape and dtype")
+
+
+def _fits(needed: int, available: int) -> None:
+    if needed > MEMORY_SHARE * available:
+        raise SearchsvcError(f"dataset: the decoded data takes {needed / 2**30:.1f} GiB, more than "
+                             f"{MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GiB of memory available; have the "
+                             f"factory return fewer examples (streaming data larger than memory: not yet)")
+
+
+def _available_memory() -> int:
+    """Bytes of memory available now (Linux's MemAvailable; where there is none, the pages not in use)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            fields = dict(line.split(":", 1) for line in handle)
+        return int(fields["MemAvailable"].split()[0]) * 1024  # kB
+    except (OSError, KeyError, ValueError):
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
