@@ -46,8 +46,8 @@ def ort_figures(model: torch.nn.Module, splits: Splits, config: QuantizeConfig, 
     int8 = quantize_onnx(fp32, calibration_images(splits, config), config)
     figures: dict[str, Any] = {"quantize_s": time.perf_counter() - started, "fp32_onnx_bytes": len(fp32),
                                "int8_onnx_bytes": len(int8),
-                               "int8_test_accuracy": accuracy(int8, *splits.test, splits, max(threads)),
-                               "int8_val_accuracy": accuracy(int8, *splits.val, splits, max(threads))}
+                               "int8_test_accuracy": accuracy(int8, splits.test, splits, max(threads)),
+                               "int8_val_accuracy": accuracy(int8, splits.val, splits, max(threads))}
     for t in threads:
         for batch in (1, 256):
             n = repeats if batch == 1 else max(3, repeats // 5)

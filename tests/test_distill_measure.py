@@ -462,7 +462,7 @@ def test_a_trained_candidate_is_measured_with_its_last_epochs_accuracies_not_a_s
     from workers.evaluation.evaluate import EvalContext, evaluate_candidate, load_candidate_model
     from workers.evaluation.spec import CandidateSpec
     from workers.training.teacher import TeacherConfig, load_or_train_teacher
-    from workers.training.train import evaluate
+    from workers.training.train import evaluate, evaluate_split
 
     data = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(train_size=256, test_size=64))
     splits = load_dataset(data)
@@ -470,7 +470,8 @@ def test_a_trained_candidate_is_measured_with_its_last_epochs_accuracies_not_a_s
     teacher = load_or_train_teacher(store, TeacherConfig(arch="tiny_cnn", epochs=1, batch_size=64), data, splits, CPU,
                                     progress=False)
     passes = []
-    monkeypatch.setattr(measure_module, "evaluate", lambda *args, **kw: passes.append(1) or evaluate(*args, **kw))
+    monkeypatch.setattr(measure_module, "evaluate_split",
+                        lambda *args, **kw: passes.append(1) or evaluate_split(*args, **kw))
     spec = CandidateSpec(arch="tiny_cnn", teacher=teacher.teacher_hash, dataset=data,
                          train=TrainConfig(epochs=2, batch_size=64, augment=False), widths=(("layer1.0", 4),))
     metrics = evaluate_candidate(spec, EvalContext(store, teacher, splits, CPU))

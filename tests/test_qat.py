@@ -130,4 +130,4 @@ def test_an_agp_schedule_with_a_quantizer_trains_into_an_int8_model(tmp_path, ra
     assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)
     spec = CandidateSpec.from_json(store.get_verified(f"candidates/{row['spec_hash']}", "spec.json").decode())
     splits = load_dataset(spec.dataset)
-    assert accuracy(model, *splits.test, splits, threads=1) == row["int8_accuracy"]
+    assert accuracy(model, splits.test, splits, threads=1) == row["int8_accuracy"]

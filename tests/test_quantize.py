@@ -101,7 +101,7 @@ def test_quantize_stores_the_int8_model_beside_the_candidate_and_it_reloads_in_a
             f"store = LocalStore({str(store_dir)!r})\n"
             f"spec = CandidateSpec.from_json(store.get_verified('candidates/{spec_hash}', 'spec.json').decode())\n"
             "splits = load_dataset(spec.dataset)\n"
-            f"print(accuracy(store.get_verified({prefix!r}, 'model.onnx'), *splits.test, splits, threads=1))\n")
+            f"print(accuracy(store.get_verified({prefix!r}, 'model.onnx'), splits.test, splits, threads=1))\n")
     fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert float(fresh.stdout.strip().splitlines()[-1]) == recorded["metrics"]["int8_accuracy"]
 

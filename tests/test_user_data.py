@@ -16,8 +16,10 @@ from searchsvc.cli import main
 from tests.conftest import REPO
 from tests.user_data import factories
 from workers.data.datasets import DatasetConfig, load_dataset, normalize
+from workers.data.streaming import Streamed, count, take
 from workers.evaluation.spec import CandidateSpec
-from workers.training.train import TrainConfig
+from workers.models.zoo import create_model
+from workers.training.train import Recipe, TrainConfig, train_model
 
 FACTORIES = "tests.user_data.factories"
 
@@ -162,3 +164,75 @@ def test_factory_and_name_python_come_together(dataset, key, tmp_path, capsys):
     assert main(["validate", str(_config(tmp_path, "grid", dataset))]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and key in err, err
+
+
+# ---- streaming: data read batch by batch -------------------------------------------------------------------------
+
+def _folder(tmp_path: Path) -> Path:
+    root = tmp_path / "folder"
+    _image_folder(root, {"train": 40, "val": 12, "test": 12})
+    return root
+
+
+def test_a_streamed_folder_holds_no_images_and_reads_the_same_splits_as_memory(tmp_path):
+    root = _folder(tmp_path)
+    resident = load_dataset(DatasetConfig(name="imagefolder", root=str(root), image_size=8, in_memory=True))
+    streamed = load_dataset(DatasetConfig(name="imagefolder", root=str(root), image_size=8, in_memory=False,
+                                          workers=1))
+    assert not resident.streamed and streamed.streamed and isinstance(streamed.train, Streamed)
+    assert streamed.sizes() == resident.sizes() == {"train": 80, "val": 24, "test": 24}
+    assert (streamed.mean, streamed.std) == (resident.mean, resident.std)  # every image: the same statistics
+    assert streamed.provenance()["val"]["from"] == f"{root / 'val'} (streamed)"
+    for name in ("train", "val", "test"):  # the same examples in the same order, read from the files
+        x, y = take(getattr(streamed, name), torch.arange(count(getattr(streamed, name))))
+        assert torch.equal(x, getattr(resident, name)[0]) and torch.equal(y, getattr(resident, name)[1])
+    auto = lambda share: load_dataset(DatasetConfig(name="imagefolder", root=str(root), image_size=8,  # noqa: E731
+                                                     memory_share=share))
+    assert auto(1e-9).streamed and not auto(0.25).streamed  # auto: by the decoded size against its share
+
+
+def test_training_on_streamed_data_takes_the_same_steps_as_on_resident_data(tmp_path):
+    root = _folder(tmp_path)
+    histories = []
+    for in_memory in (True, False):
+        splits = load_dataset(DatasetConfig(name="imagefolder", root=str(root), image_size=8, in_memory=in_memory,
+                                            workers=1))
+        torch.manual_seed(0)
+        model = create_model("tiny_cnn", 3, 2)
+        history = train_model(model, splits, Recipe(epochs=2, batch_size=16, lr=0.05, augment=True),
+                              torch.device("cpu"), progress=False)
+        histories.append([(round(r["loss"], 5), r["val_accuracy"], r["test_accuracy"]) for r in history])
+    assert histories[0] == histories[1]  # the same batches in the same order, the same augmentation
+
+
+def test_a_run_on_a_streamed_folder_finds_the_candidates_the_resident_run_finds(tmp_path, ray_session):
+    root = _folder(tmp_path)
+    found = {}
+    for in_memory in (True, False):
+        dataset = {"name": "imagefolder", "root": str(root), "image_size": 8, "in_memory": in_memory, "workers": 1}
+        store = tmp_path / f"store-{in_memory}"
+        config = _config(tmp_path, "grid", dataset, teacher={"arch": "tiny_cnn", "epochs": 2, "batch_size": 32},
+                         search={"round_to": 1, "candidates": [{"scale": 0.5}, {"remove": ["layer1.0"]}]})
+        assert main(["run", str(config), "--store", str(store), "--no-progress"]) == 0
+        run_id, record = _only_run(store)
+        assert record["data"]["train"]["size"] == 80 and ("(streamed)" in record["data"]["train"]["from"]) \
+            == (not in_memory)
+        found[in_memory] = {r["spec_hash"]: (r["status"], r["val_accuracy"], r["params"]) for r in _rows(store, run_id)}
+    assert found[True] == found[False] and len(found[True]) == 2  # same candidates, same figures
+
+
+def test_an_iterable_dataset_cannot_stream_in_a_shuffled_order(tmp_path, capsys):
+    config = _config(tmp_path, "grid", {"name": "python", "factory": f"{FACTORIES}:normalised", "in_memory": False})
+    capsys.readouterr()
+    assert main(["run", str(config), "--store", str(tmp_path / "store"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "iterable dataset" in err and "in_memory: true" in err, err
+
+
+def test_a_map_style_python_dataset_streams_through_its_own_getitem():
+    splits = load_dataset(DatasetConfig(name="python", factory=f"{FACTORIES}:images",
+                                        kwargs={"train": 64, "val": 16, "test": 16}, in_memory=False, workers=0))
+    resident = load_dataset(_python("images", train=64, val=16, test=16))
+    assert splits.streamed and splits.sizes() == resident.sizes() and splits.mean == resident.mean
+    x, y = take(splits.val, torch.arange(16))
+    assert torch.equal(x, resident.val[0]) and torch.equal(y, resident.val[1])

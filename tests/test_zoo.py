@@ -271,8 +271,9 @@ def reference_data(spec: CandidateSpec) -> dict:
     for key in ("mean", "std", "channels", "factory"):
         if data["dataset"][key] is None:
             del data["dataset"][key]
-    if data["dataset"]["kwargs"] == {}:
-        del data["dataset"]["kwargs"]
+    for key, default in (("kwargs", {}), ("in_memory", "auto"), ("memory_share", 0.25), ("workers", 2)):
+        if data["dataset"][key] == default:
+            del data["dataset"][key]
     return data
 
 

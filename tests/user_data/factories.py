@@ -95,7 +95,7 @@ def negative_target() -> dict:
 def with_nan() -> dict:
     x = torch.zeros(8, 1, 8, 8)
     x[5, 0, 2, 2] = float("nan")
-    return {"train": TensorDataset(x, torch.zeros(8, dtype=torch.int64)), "test": TensorDataset(x[:2], torch.zeros(2))}
+    return {"train": TensorDataset(x, torch.zeros(8, dtype=torch.int64)), "test": TensorDataset(x[:2], torch.zeros(2, dtype=torch.int64))}
 
 
 def mixed_shapes() -> dict:

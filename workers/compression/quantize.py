@@ -32,6 +32,7 @@ from core.records import MAX_SEED, RecordError
 from storage import ArtifactStore, CorruptArtifactError, StoreError, WriteConflictError, layout
 from storage.base import json_bytes
 from workers.data.datasets import Splits, normalize
+from workers.data.streaming import Split, batches, count, take
 from workers.measurement import ort
 
 log = logging.getLogger(__name__)
@@ -97,10 +98,10 @@ class Quantized:
 def calibration_images(splits: Splits, config: QuantizeConfig) -> np.ndarray:
     """`calibration_batches` × `calibration_batch_size` training images (a seeded random choice), normalised as
     training normalises them, float32 on the CPU: what the activation ranges are taken from."""
-    images = splits.train[0]
-    count = min(len(images), config.calibration_batches * config.calibration_batch_size)
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))[:count]
-    return normalize(images[order.to(images.device)], splits.mean, splits.std).cpu().numpy().astype(np.float32)
+    examples = count(splits.train)
+    order = torch.randperm(examples, generator=torch.Generator().manual_seed(config.seed))
+    images = take(splits.train, order[:config.calibration_batches * config.calibration_batch_size])[0]
+    return normalize(images, splits.mean, splits.std).cpu().numpy().astype(np.float32)
 
 
 def quantize_onnx(fp32: bytes, calibration: np.ndarray, config: QuantizeConfig, fp32_layers: tuple[str, ...] = ()
@@ -176,16 +177,15 @@ def compact_names(model: bytes) -> bytes:
     return graph.SerializeToString()
 
 
-def accuracy(model: bytes, images: torch.Tensor, labels: torch.Tensor, splits: Splits, threads: int,
-             chunk: int = 512) -> float:
-    """Top-1 (0..1) of an ONNX model run by ONNX Runtime on uint8 `images`, normalised a chunk at a time."""
+def accuracy(model: bytes, split: Split, splits: Splits, threads: int, chunk: int = 512) -> float:
+    """Top-1 (0..1) of an ONNX model run by ONNX Runtime on a split of `splits`, normalised a chunk at a time."""
     runner = ort.session(model, threads)
     correct = 0
-    for start in range(0, len(labels), chunk):
-        x = normalize(images[start:start + chunk], splits.mean, splits.std).cpu().numpy().astype(np.float32)
+    for _, images, labels in batches(split, chunk):
+        x = normalize(images, splits.mean, splits.std).cpu().numpy().astype(np.float32)
         logits = runner.run([ort.OUTPUT], {ort.INPUT: x})[0]
-        correct += int((logits.argmax(1) == labels[start:start + chunk].cpu().numpy()).sum())
-    return correct / max(1, len(labels))
+        correct += int((logits.argmax(1) == labels.cpu().numpy()).sum())
+    return correct / max(1, count(split))
 
 
 def quantize_model(model: nn.Module, splits: Splits, config: QuantizeConfig, eval_threads: int = 2,
@@ -200,8 +200,8 @@ def quantize_model(model: nn.Module, splits: Splits, config: QuantizeConfig, eva
     latency = lambda onnx, batch: ort.latency_ms(onnx, c, size, batch, config.threads,  # noqa: E731
                                                  repeats if batch == 1 else max(1, repeats // 3))
     metrics = Int8Metrics(
-        int8_accuracy=accuracy(int8, *splits.test, splits, eval_threads),
-        int8_val_accuracy=accuracy(int8, *splits.val, splits, eval_threads),
+        int8_accuracy=accuracy(int8, splits.test, splits, eval_threads),
+        int8_val_accuracy=accuracy(int8, splits.val, splits, eval_threads),
         int8_latency_ms=latency(int8, 1), int8_latency_b256_ms=latency(int8, 256), int8_model_bytes=len(int8),
         fp32_ort_latency_ms=latency(fp32, 1), fp32_ort_latency_b256_ms=latency(fp32, 256), fp32_onnx_bytes=len(fp32),
         int8_threads=config.threads, int8_calibration_images=len(calibration), int8_source=source)

@@ -91,7 +91,8 @@ def removal_order(scores: Mapping[str, torch.Tensor], slices: Mapping[str, int] 
     for key, values in scores.items():
         positions = normalise(values, step.normalizer).view(slices[key], -1).mean(0)
         whole = (full or {}).get(key, len(values)) // slices[key]
-        plans[key] = (torch.sort(positions, stable=True).values, chunk_sizes(len(positions), whole, step.round_to, step.max_ratio))
+        sizes = chunk_sizes(len(positions), whole, step.round_to, step.max_ratio)
+        plans[key] = (torch.sort(positions, stable=True).values, sizes)
         _push(heap, key, plans[key], 0, 0, (costs or {}).get(key, 1.0) ** step.cost_power)
     taken = {key: 0 for key in scores}
     order = []

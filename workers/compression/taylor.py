@@ -31,6 +31,8 @@ from torch import nn
 from workers.compression.costs import counter, group_costs
 from workers.compression.ranking import Step, chunks_for, prefix, removal_order
 from workers.data.datasets import Splits, normalize
+from workers.data.streaming import batches as split_batches
+from workers.data.streaming import count, device_of
 from workers.evaluation.evaluate import Built
 from workers.models.depgraph import channel_groups, dependency_graph, example_input, pruning_group, shrink_graph
 from workers.models.surgery import ScoreTable, prune_groups, shrink, width_keys
@@ -75,7 +77,7 @@ def taylor_scores(model: ResNet, splits: Splits, batches: int, batch_size: int,
     was_training = model.training
     model.eval()
     widths = width_keys(model.arch)
-    totals = {g.key: torch.zeros(widths[g.key], device=splits.train[0].device) for g in groups}
+    totals = {g.key: torch.zeros(widths[g.key], device=device_of(splits.train)) for g in groups}
     seen = 0
     try:
         for _ in _loss_batches(model, splits, batches, batch_size, seed):
@@ -98,15 +100,13 @@ def prunable_channels(model: nn.Module, in_channels: int, image_size: int) -> in
 
 def _loss_batches(model: nn.Module, splits: Splits, batches: int, batch_size: int, seed: int):
     """Yield after each training batch's loss.backward() (eval mode: batch-norm as the pruned model uses it)."""
-    images, labels = splits.train
-    device = images.device
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    layout = training_memory_format(model, device, batch_size)
+    train = splits.train
+    order = torch.randperm(count(train), generator=torch.Generator().manual_seed(seed))[:batches * batch_size]
+    layout = training_memory_format(model, device_of(train), batch_size)
     model.to(memory_format=layout)
-    for start in range(0, min(batches * batch_size, len(labels)), batch_size):
-        index = order[start:start + batch_size].to(device)
-        x = normalize(images[index], splits.mean, splits.std).contiguous(memory_format=layout)
-        F.cross_entropy(model(x), labels[index]).backward()
+    for _, images, labels in split_batches(train, batch_size, order.to(device_of(train))):
+        x = normalize(images, splits.mean, splits.std).contiguous(memory_format=layout)
+        F.cross_entropy(model(x), labels).backward()
         yield
 
 

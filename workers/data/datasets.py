@@ -10,16 +10,18 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 
 from core.errors import SearchsvcError
 from core.records import MAX_SEED, canonical_json
-from workers.data import python_source, sources
+from workers.data import python_source, sources, streaming
+from workers.data.streaming import Split
 
 DatasetName = Literal["cifar10", "fashion_mnist", "imagefolder", "synthetic", "python"]
+STREAMABLE = ("imagefolder", "python")  # the sources whose data may be larger than memory
 MAX_IMAGE_SIZE = 4096  # pixels a side: an image resized (or made) larger is a typo, not a dataset
 MAX_IMAGE_VALUES = 3 * MAX_IMAGE_SIZE ** 2  # channels x height x width of one image: an RGB image of 4096 px
 STD_RANGE, MEAN_RANGE = (1e-3, 1e3), (-1e3, 1e3)  # 0..1 scale: a smaller std overflows the normalised pixels
@@ -60,6 +62,17 @@ class DatasetConfig:
                                       "Dataset, test: Dataset, val: Dataset (optional)} of (input, target) pairs"})
     kwargs: dict[str, Any] = field(default_factory=dict, metadata={
         "omit_default": True, "help": "keyword arguments of dataset.factory, e.g. {root: /data/mine}"})
+    # How the data is held, not what it is: none of these is part of a candidate's or a teacher's identity.
+    in_memory: bool | Literal["auto"] = field(default="auto", metadata={
+        "omit_default": True, "help": "imagefolder and python: true decodes every split into memory (fast: "
+                                      "indexed on the device), false streams batches from the files or your "
+                                      "Dataset, auto streams when the decoded data passes memory_share"})
+    memory_share: float = field(default=0.25, metadata={
+        "omit_default": True, "gt": 0, "max": 1, "help": "in_memory auto: the share of the memory available "
+                                                         "that decoded data may take in each process holding it"})
+    workers: int = field(default=2, metadata={
+        "omit_default": True, "min": 0, "max": 64, "help": "streamed data: processes decoding batches beside each "
+                                                           "training process (0: in it)"})
     # The input contract of a model trained elsewhere (teacher.model): its normalisation and channels.
     mean: tuple[float, ...] | None = field(default=None, metadata={
         "omit_default": True, "help": "per-channel mean the model was trained with (0..1 scale; each in [-1000, "
@@ -77,6 +90,10 @@ class DatasetConfig:
                              if self.factory is None else "factory: only with name: python")
         if self.kwargs and self.factory is None:
             raise ValueError("kwargs: only with dataset.factory (name: python)")
+        if self.in_memory is False and self.name not in STREAMABLE:
+            raise ValueError(f"in_memory: {self.name} is always held in memory; imagefolder and python data "
+                             f"can stream")
+
         for key in ("mean", "std"):
             value = getattr(self, key)
             if value is not None and (not value or (key == "std" and min(value) <= 0)):
@@ -91,6 +108,11 @@ class DatasetConfig:
             raise ValueError(f"subset: a fraction (a float) must be in (0, 1], got {self.subset:g}; an integer keeps "
                              "that many training images")
         self._check_image_values()
+
+    def identity(self) -> DatasetConfig:
+        """What the data is, not where its files are nor how it is held: the part of the config identities
+        (spec_hash, teacher_hash) are taken of."""
+        return replace(self, root=None, download=True, in_memory="auto", memory_share=0.25, workers=2)
 
     def __hash__(self) -> int:  # `kwargs` is a dict: hashed by its canonical JSON, so specs stay hashable
         return hash(canonical_json(self))
@@ -110,14 +132,16 @@ class DatasetConfig:
 
 @dataclass
 class Splits:
-    """Train / val / test tensors of one dataset, plus what a model needs to know about them. Inputs are uint8
+    """Train / val / test of one dataset, plus what a model needs to know about them. Each split is resident —
+    (inputs, labels) tensors indexed on the device, the fast path — or streamed from its source batch by batch
+    (workers.data.streaming; read it through that module's functions, which take either). Inputs are uint8
     images (normalised with `mean` and `std` on the way into a model) or floating-point inputs the user's code
     prepared (taken as they are)."""
 
     name: str
-    train: tuple[torch.Tensor, torch.Tensor]
-    val: tuple[torch.Tensor, torch.Tensor]
-    test: tuple[torch.Tensor, torch.Tensor]
+    train: Split
+    val: Split
+    test: Split
     num_classes: int
     mean: tuple[float, ...]  # per channel, on the 0..1 scale
     std: tuple[float, ...]
@@ -125,20 +149,27 @@ class Splits:
 
     @property
     def in_channels(self) -> int:
-        return self.train[0].shape[1]
+        return streaming.input_shape(self.train)[0]
 
     @property
     def image_size(self) -> int:
-        return self.train[0].shape[-1]
+        return streaming.input_shape(self.train)[-1]
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the training split is read from its source batch by batch (not resident)."""
+        return isinstance(self.train, streaming.Streamed)
 
     def to(self, device: torch.device | str) -> Splits:
-        """A copy with every tensor on `device` (the fast path keeps data resident on the GPU)."""
-        move = lambda pair: (pair[0].to(device), pair[1].to(device))
+        """A copy with every resident tensor on `device` (the fast path keeps data resident on the GPU); a
+        streamed split delivers its batches there."""
+        move = lambda split: split.to(device) if isinstance(split, streaming.Streamed) else \
+            (split[0].to(device), split[1].to(device))  # noqa: E731
         return Splits(self.name, move(self.train), move(self.val), move(self.test), self.num_classes,
                       self.mean, self.std, self.sources)
 
     def sizes(self) -> dict[str, int]:
-        return {"train": len(self.train[1]), "val": len(self.val[1]), "test": len(self.test[1])}
+        return {name: streaming.count(getattr(self, name)) for name in ("train", "val", "test")}
 
     def provenance(self) -> dict[str, dict[str, Any]]:
         """Each split's source and size, as run.json records them."""
@@ -183,12 +214,44 @@ def _synthetic(config: DatasetConfig) -> Raw:
     return train_x, train_y, test_x, test_y, syn.num_classes
 
 
+def _imagefolder(config: DatasetConfig) -> sources.Loaded:
+    """An image folder decoded whole, or streamed from its files (`in_memory`; auto: by its decoded size)."""
+    layout = sources.imagefolder_layout(config.root, config.split_seed)
+    size = config.image_size or 32
+    decoded = sum(len(paths) for paths, _ in layout.files.values()) * 3 * size * size
+    if not _streams(config, decoded):
+        return sources.imagefolder(config.root, config.image_size, config.split_seed)
+    split = lambda paths, labels: streaming.Streamed(  # noqa: E731
+        streaming.ImageFiles(paths, labels, size), torch.tensor(labels, dtype=torch.int64), (3, size, size),
+        torch.uint8, workers=config.workers)
+    return sources.Loaded(*(split(*layout.files[name]) for name in ("train", "test")), len(layout.classes),
+                          split(*layout.files["val"]) if "val" in layout.files else None,
+                          {name: f"{text} (streamed)" for name, text in layout.sources.items()})
+
+
+def _python(config: DatasetConfig) -> sources.Loaded:
+    """The user's dataset (workers.data.python_source) decoded whole, or streamed (`in_memory`)."""
+    splits = python_source.call_factory(str(config.factory), config.kwargs)
+    if config.in_memory is not False and (config.in_memory is True or (size := python_source.decoded_bytes(splits))
+                                          is None or not _streams(config, size)):
+        return python_source.decode(splits, str(config.factory))
+    return python_source.stream(splits, str(config.factory), config.workers)
+
+
+def _streams(config: DatasetConfig, decoded_bytes: int) -> bool:
+    """Whether data of `decoded_bytes` is streamed: as `in_memory` says, or (auto) where it passes its share of the
+    memory available here."""
+    if config.in_memory != "auto":
+        return not config.in_memory
+    return decoded_bytes > config.memory_share * python_source.available_memory()
+
+
 _LOADERS: dict[str, Callable[[DatasetConfig], Raw | sources.Loaded]] = {
     "synthetic": _synthetic,
     "fashion_mnist": lambda c: sources.fashion_mnist(c.root, c.download),
     "cifar10": lambda c: sources.cifar10(c.root, c.download),
-    "imagefolder": lambda c: sources.imagefolder(c.root, c.image_size, c.split_seed),
-    "python": lambda c: python_source.load(str(c.factory), c.kwargs),
+    "imagefolder": _imagefolder,
+    "python": _python,
 }
 
 
@@ -201,32 +264,63 @@ def load_dataset(config: DatasetConfig) -> Splits:
     if config.name not in _LOADERS:
         raise SearchsvcError(f"dataset.name: unknown dataset {config.name!r}; choose one of {', '.join(_LOADERS)}")
     found = _LOADERS[config.name](config)
-    loaded = found if isinstance(found, sources.Loaded) else sources.Loaded(*found)
-    train_x, train_y, test_x, test_y = loaded.train_x, loaded.train_y, loaded.test_x, loaded.test_y
+    loaded = found if isinstance(found, sources.Loaded) else sources.Loaded.of(found)
+    n_all = streaming.count(loaded.train)
     gen = torch.Generator().manual_seed(config.split_seed)
-    order = torch.randperm(len(train_y), generator=gen)
-    n_val = 0 if loaded.val is not None else int(round(config.val_fraction * len(train_y)))
-    if len(train_y) - n_val < 1:
+    order = torch.randperm(n_all, generator=gen)
+    n_val = 0 if loaded.val is not None else int(round(config.val_fraction * n_all))
+    if n_all - n_val < 1:
         raise SearchsvcError(f"dataset.val_fraction: {config.val_fraction} leaves no training images")
     val_index, train_index = order[:n_val], order[n_val:]
-    test_index = torch.randperm(len(test_y), generator=gen)
-    val_x, val_y = (train_x, train_y) if loaded.val is None else loaded.val
+    test_index = torch.randperm(streaming.count(loaded.test), generator=gen)
     if loaded.val is not None:  # the source's own validation split, in an order fixed by the seed
-        val_index = torch.randperm(len(val_y), generator=gen)
+        val_index = torch.randperm(streaming.count(loaded.val), generator=gen)
     if config.subset is not None:
         n_train = len(train_index)
         train_index, val_index, test_index = (index[: _subset_size(config.subset, len(index), n_train)]
                                               for index in (train_index, val_index, test_index))
     # The model's input contract applies to the images kept (after `subset`), one split at a time.
-    train, val, test = ((_model_input(x, config), y) for x, y in (
-        _take((train_x, train_y), train_index), _take((val_x, val_y), val_index), _take((test_x, test_y), test_index)))
-    if train[0].is_floating_point():  # inputs the user's code normalised: taken as they are
-        mean, std = (0.0,) * train[0].shape[1], (1.0,) * train[0].shape[1]
-    else:
-        mean, std = _channel_stats(train[0])
+    val_from = loaded.train if loaded.val is None else loaded.val
+    train, val, test = (_pick(split, index, config) for split, index in (
+        (loaded.train, train_index), (val_from, val_index), (loaded.test, test_index)))
+    channels = streaming.input_shape(train)[0]
     if config.mean is not None:  # the normalisation the model was trained with, not this data's own
-        mean, std = _stated_stats(config, train[0].shape[1])
+        mean, std = _stated_stats(config, channels)
+    elif _floating(train):  # inputs the user's code normalised: taken as they are
+        mean, std = (0.0,) * channels, (1.0,) * channels
+    else:
+        mean, std = _channel_stats(_stats_sample(train))
     return Splits(config.name, train, val, test, loaded.classes, mean, std, _where(config, loaded))
+
+
+STATS_SAMPLE = 4096  # streamed training images the channel statistics are taken from (all of a smaller split)
+
+
+def _pick(split: streaming.Split, index: torch.Tensor, config: DatasetConfig) -> streaming.Split:
+    """The examples at `index`, as the model takes them (a resident split's images converted here; a streamed
+    one's are read as they are: channels and image_size are its reader's business)."""
+    if isinstance(split, streaming.Streamed):
+        if config.channels is not None and config.channels != split.shape[0]:
+            raise SearchsvcError(f"dataset.channels: streamed data is read as its source gives it ({split.shape[0]} "
+                                 f"channels); convert in your dataset, or set dataset.in_memory: true")
+        return split.subset(index)
+    x, y = _take(split, index)
+    return _model_input(x, config), y
+
+
+def _floating(split: streaming.Split) -> bool:
+    return split.dtype.is_floating_point if isinstance(split, streaming.Streamed) else split[0].is_floating_point()
+
+
+def _stats_sample(split: streaming.Split) -> torch.Tensor:
+    """The training images the channel statistics are taken from: all of a resident split; of a streamed one,
+    the first STATS_SAMPLE of a fixed shuffle (all, in order, when it has no more)."""
+    if not isinstance(split, streaming.Streamed):
+        return split[0]
+    n = len(split)
+    index = torch.arange(n) if n <= STATS_SAMPLE else \
+        torch.randperm(n, generator=torch.Generator().manual_seed(0))[:STATS_SAMPLE]
+    return streaming.take(split, index)[0]
 
 
 def _where(config: DatasetConfig, loaded: sources.Loaded) -> dict[str, str]:

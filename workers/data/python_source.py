@@ -25,10 +25,12 @@ import torch
 from core.errors import SearchsvcError
 from core.user_code import import_module_safely, try_once_in_child
 from workers.data.sources import Loaded
+from workers.data.streaming import Converted, Streamed
 
 SPLITS = ("train", "val", "test")
 MEMORY_SHARE = 0.5  # of the memory available when the data is read: the rest is the models', Ray's, the OS's
 KEY = "dataset.factory"
+Pair = tuple[torch.Tensor, torch.Tensor]  # inputs [N, ...], targets [N]
 
 
 def factory_of(factory: str) -> Any:
@@ -78,18 +80,82 @@ def call_factory(factory: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
 def load(factory: str, kwargs: Mapping[str, Any], available_bytes: int | None = None) -> Loaded:
     """Every split of the factory's data decoded into resident tensors (uint8 images or float32 inputs, int64
     targets). `available_bytes`: the memory the data may take MEMORY_SHARE of (default: this machine's now)."""
-    splits = call_factory(factory, kwargs)
-    available = _available_memory() if available_bytes is None else available_bytes
-    decoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    return decode(call_factory(factory, kwargs), factory, available_bytes)
+
+
+def decode(splits: Mapping[str, Any], factory: str, available_bytes: int | None = None) -> Loaded:
+    """The factory's splits (`call_factory`) decoded into resident tensors."""
+    available = available_memory() if available_bytes is None else available_bytes
+    decoded: dict[str, Pair] = {}
     first: torch.Tensor | None = None
     for name in SPLITS:
         if splits.get(name) is None:
             continue
         decoded[name], first = _decode(splits[name], name, first, available, decoded)
     classes = 1 + max(int(y.max()) for _, y in decoded.values())
-    where = f"python {factory}"
-    return Loaded(*decoded["train"], *decoded["test"], classes, val=decoded.get("val"),
-                  sources={name: f"{where} {name!r}" for name in decoded})
+    return Loaded(decoded["train"], decoded["test"], classes, val=decoded.get("val"),
+                  sources={name: f"python {factory} {name!r}" for name in decoded})
+
+
+def decoded_bytes(splits: Mapping[str, Any]) -> int | None:
+    """What the splits would take decoded, from their lengths and their first example (None: an iterable split,
+    whose length is unknown)."""
+    total = 0
+    for name, dataset in splits.items():
+        if dataset is None:
+            continue
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+            return None
+        if len(dataset):
+            x, _ = _example(dataset, name, 0)
+            total += len(dataset) * x.numel() * x.element_size()
+    return total
+
+
+def stream(splits: Mapping[str, Any], factory: str, workers: int) -> Loaded:
+    """The factory's splits read batch by batch (workers.data.streaming): each example checked and converted as
+    `decode` does, when it is read. The targets are read once up front (a dataset's `targets`, where it has them
+    for every example, else by reading each example)."""
+    streamed: dict[str, Streamed] = {}
+    first: torch.Tensor | None = None
+    for name in SPLITS:
+        dataset = splits.get(name)
+        if dataset is None:
+            continue
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+            raise SearchsvcError(f"{KEY}: split {name!r} is an iterable dataset: it streams only in its own order, "
+                                 f"and training reads examples in a shuffled one; give a map-style dataset "
+                                 f"(__len__ and __getitem__), or dataset.in_memory: true")
+        if not len(dataset):
+            raise SearchsvcError(f"{KEY}: split {name!r} is empty")
+        x, _ = _example(dataset, name, 0)
+        first = x if first is None else first
+        _same_kind(x, first, name, 0)
+        streamed[name] = Streamed(Converted(dataset, name, _pair), _targets(dataset, name), tuple(x.shape),
+                                  x.dtype, workers=workers)
+    classes = 1 + max(int(s.labels.max()) for s in streamed.values())
+    return Loaded(streamed["train"], streamed["test"], classes, val=streamed.get("val"),
+                  sources={name: f"python {factory} {name!r} (streamed)" for name in streamed})
+
+
+def _example(dataset: Any, split: str, index: int) -> tuple[torch.Tensor, int]:
+    try:
+        item = dataset[index]
+    except Exception as err:  # noqa: BLE001 — the user's dataset: reading an example raised
+        raise SearchsvcError(f"{KEY}: reading split {split!r} example {index} raised {type(err).__name__}: {err}"
+                             ) from None
+    return _pair(item, split, index)
+
+
+def _targets(dataset: Any, split: str) -> torch.Tensor:
+    """Every example's target: the dataset's `targets` where it has one per example (torchvision's datasets do),
+    else each example read once."""
+    given = getattr(dataset, "targets", None)
+    if given is not None and len(given) == len(dataset):
+        targets = [_target(t, split, i) for i, t in enumerate(given)]
+    else:
+        targets = [_example(dataset, split, i)[1] for i in range(len(dataset))]
+    return torch.tensor(targets, dtype=torch.int64)
 
 
 def _is_dataset(value: Any) -> bool:
@@ -102,9 +168,6 @@ def _items(dataset: Any) -> Iterable[Any]:
     if isinstance(dataset, torch.utils.data.IterableDataset):
         return iter(dataset)
     return (dataset[i] for i in range(len(dataset)))
-
-
-Pair = tuple[torch.Tensor, torch.Tensor]  # inputs [N, ...], targets [N]
 
 
 def _decode(dataset: Any, split: str, first: torch.Tensor | None, available: int,
@@ -194,7 +257,7 @@ def _fits(needed: int, available: int) -> None:
                              f"factory return fewer examples (streaming data larger than memory: not yet)")
 
 
-def _available_memory() -> int:
+def available_memory() -> int:
     """Bytes of memory available now (Linux's MemAvailable; where there is none, the pages not in use)."""
     try:
         with open("/proc/meminfo") as handle:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from core.errors import SearchsvcError
+from workers.data.streaming import Split
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 DOWNLOAD_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "searchsvc" / "datasets"
@@ -38,17 +39,20 @@ Raw = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]
 
 @dataclass
 class Loaded:
-    """What a reader found: the train and test split (uint8 NCHW images, or float inputs, and int64 labels), the
-    number of classes, a validation split where the source has its own (else None: carved from train), and
-    where each split came from (split name → text for run.json)."""
+    """What a reader found: the train and test split (resident (inputs, labels) tensors — uint8 NCHW images or
+    float inputs, int64 labels — or streamed), the number of classes, a validation split where the source has its
+    own (else None: carved from train), and where each split came from (split name → text for run.json)."""
 
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
+    train: Split
+    test: Split
     classes: int
-    val: tuple[torch.Tensor, torch.Tensor] | None = None
+    val: Split | None = None
     sources: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, raw: Raw) -> Loaded:
+        train_x, train_y, test_x, test_y, classes = raw
+        return cls((train_x, train_y), (test_x, test_y), classes)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -161,7 +165,17 @@ def _cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 IMAGEFOLDER_TEST_FRACTION = 0.2  # share of a single-folder layout held out as the test split
 
 
-def imagefolder(root: str | None, image_size: int | None, seed: int) -> Loaded:
+@dataclass
+class FolderLayout:
+    """An image folder's splits as files: split name → (paths, class indices), the classes, and each split's
+    source as run.json states it. `val` is absent where the folder has none (then it is carved from train)."""
+
+    files: dict[str, tuple[list[Path], list[int]]]
+    classes: list[str]
+    sources: dict[str, str]
+
+
+def imagefolder_layout(root: str | None, seed: int) -> FolderLayout:
     """Images in class folders: root/train/<class>/*, root/test/<class>/* and, where it exists,
     root/val/<class>/* (the validation split, as given); or root/<class>/* (test split off by seed)."""
     if root is None:
@@ -169,52 +183,65 @@ def imagefolder(root: str | None, image_size: int | None, seed: int) -> Loaded:
     base = Path(root).expanduser()
     if not base.is_dir():
         raise SearchsvcError(f"dataset.root: {base} is not a folder")
-    size = image_size or 32
     if (base / "train").is_dir() and (base / "test").is_dir():
         classes = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
         for split in ("test", "val"):
             extra = sorted(p.name for p in (base / split).glob("*") if p.is_dir() and p.name not in classes)
             if extra:
                 raise SearchsvcError(f"dataset.root: {base / split / extra[0]} is a class train/ does not have")
-        train_x, train_y = _read_images(base / "train", classes, size)
-        test_x, test_y = _read_images(base / "test", classes, size)
-        val = _read_images(base / "val", classes, size) if (base / "val").is_dir() else None
-        sources = {name: str(base / name) for name in ("train", "test")} | ({"val": str(base / "val")} if val else {})
-        return Loaded(train_x, train_y, test_x, test_y, len(classes), val, sources)
+        names = ("train", "test", "val") if (base / "val").is_dir() else ("train", "test")
+        return FolderLayout({name: image_files(base / name, classes) for name in names}, classes,
+                            {name: str(base / name) for name in names})
     if (base / "val").is_dir() or (base / "train").is_dir():
         raise SearchsvcError(f"dataset.root: {base} has {'val/' if (base / 'val').is_dir() else 'train/'} but "
                              f"not both train/ and test/: give train/ and test/ (and val/ if you have one), or "
                              f"class folders alone")
     classes = sorted(p.name for p in base.iterdir() if p.is_dir())
-    images, labels = _read_images(base, classes, size)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + 7))
+    paths, labels = image_files(base, classes)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + 7)).tolist()
     n_test = max(1, int(round(IMAGEFOLDER_TEST_FRACTION * len(labels))))
-    test, train = order[:n_test], order[n_test:]
-    share = f"{IMAGEFOLDER_TEST_FRACTION:.0%} of {base} by split_seed"
-    return Loaded(images[train], labels[train], images[test], labels[test], len(classes),
-                  sources={"train": f"{base} less its test share", "test": share})
+    pick = lambda index: ([paths[i] for i in index], [labels[i] for i in index])  # noqa: E731
+    return FolderLayout({"train": pick(order[n_test:]), "test": pick(order[:n_test])}, classes,
+                        {"train": f"{base} less its test share",
+                         "test": f"{IMAGEFOLDER_TEST_FRACTION:.0%} of {base} by split_seed"})
+
+
+def imagefolder(root: str | None, image_size: int | None, seed: int) -> Loaded:
+    """An image folder (`imagefolder_layout`) decoded whole, every image resized to `image_size` (default 32)."""
+    layout = imagefolder_layout(root, seed)
+    size = image_size or 32
+    decoded = {name: (torch.stack([decode_image(p, size) for p in paths]), torch.tensor(labels, dtype=torch.int64))
+               for name, (paths, labels) in layout.files.items()}
+    return Loaded(decoded["train"], decoded["test"], len(layout.classes), decoded.get("val"), layout.sources)
 
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
 
 
-def _read_images(folder: Path, classes: list[str], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from PIL import Image, UnidentifiedImageError
-
+def image_files(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    """Every image file under `folder`'s class sub-folders, in a fixed order, with its class index."""
     if not classes:
         raise SearchsvcError(f"dataset.root: {folder} has no class sub-folders")
-    images, labels = [], []
+    paths, labels = [], []
     for label, name in enumerate(classes):
         for path in sorted((folder / name).rglob("*")):
-            if path.suffix.lower() not in _IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(path) as image:
-                    rgb = image.convert("RGB").resize((size, size), Image.BILINEAR)
-            except (OSError, UnidentifiedImageError) as err:
-                raise SearchsvcError(f"dataset file {path} is not a readable image: {err}") from None
-            images.append(torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1))
-            labels.append(label)
-    if not images:
+            if path.suffix.lower() in _IMAGE_SUFFIXES:
+                paths.append(path)
+                labels.append(label)
+    if not paths:
         raise SearchsvcError(f"dataset.root: no images found under {folder}")
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+    return paths, labels
+
+
+def decode_image(path: Path, size: int) -> torch.Tensor:
+    """One image file as uint8 RGB [3, size, size]; SearchsvcError naming the file if it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB").resize((size, size), Image.BILINEAR)
+    except (OSError, UnidentifiedImageError) as err:
+        raise SearchsvcError(f"dataset file {path} is not a readable image: {err}") from None
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+
+

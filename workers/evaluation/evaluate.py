@@ -36,6 +36,7 @@ from storage import (
 from storage.base import json_bytes
 from workers.compression.quantize import quantize_model, save_int8, stored_int8, unless_unquantizable
 from workers.data.datasets import DatasetConfig, Splits, load_dataset
+from workers.data.streaming import count
 from workers.evaluation.resources import Resources
 from workers.evaluation.spec import Builder, CandidateSpec
 from workers.measurement.latency import measure_probes
@@ -97,9 +98,9 @@ class EvalContext:
         """The teacher's logits for the training split: from the store if cached there, else computed here."""
         if self._logits is None:
             self._logits = load_train_logits(self.store, self.teacher.teacher_hash, self.device)
-        if self._logits is None or len(self._logits) != len(self.splits.train[1]):
+        if self._logits is None or len(self._logits) != count(self.splits.train):
             self.teacher.model.to(self.device, memory_format=torch.channels_last)
-            self._logits = teacher_logits(self.teacher.model, self.splits.train[0], self.splits.mean, self.splits.std)
+            self._logits = teacher_logits(self.teacher.model, self.splits.train, self.splits.mean, self.splits.std)
         return self._logits
 
 

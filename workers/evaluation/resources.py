@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from workers.data.streaming import Streamed, count, take
+
 log = logging.getLogger(__name__)
 MIB = 1 << 20
 # A Ray worker process with torch imported, its data loaded and its store client: 650-910 MiB RSS measured on
@@ -61,10 +63,11 @@ def estimate_memory_mib(model: nn.Module, splits: object, batch_size: int, on_gp
     """Host memory one evaluation worker holds, in MiB: WORKER_MIB, plus the dataset as loaded (every split) and
     its teacher logits, plus MODEL_COPIES times the model's parameter and buffer bytes, plus on CPU (`on_gpu`
     False: a GPU keeps them in its own memory) ACTIVATION_COPIES times one training batch's activations."""
-    tensors = [t for pair in (splits.train, splits.val, splits.test) for t in pair]
-    data = sum(t.numel() * t.element_size() for t in tensors) + len(splits.train[1]) * splits.num_classes * 4
+    held = [split for split in (splits.train, splits.val, splits.test) if not isinstance(split, Streamed)]
+    data = sum(t.numel() * t.element_size() for pair in held for t in pair) + count(splits.train) * splits.num_classes * 4
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    step = 0 if on_gpu else ACTIVATION_COPIES * batch_size * activation_bytes(model, splits.val[0][:1])
+    image = take(splits.val, torch.arange(1))[0]
+    step = 0 if on_gpu else ACTIVATION_COPIES * batch_size * activation_bytes(model, image)
     return WORKER_MIB + math.ceil((data + MODEL_COPIES * weights + step) / MIB)
 
 

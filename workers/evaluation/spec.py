@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from core.records import canonical_json, from_data
 from storage import layout
@@ -42,7 +42,7 @@ class CandidateSpec:
     def __post_init__(self) -> None:
         # Where the files are is not what the candidate is: the same data from another folder (or
         # another machine) must give the same hash. Workers get the real dataset config from the pool.
-        object.__setattr__(self, "dataset", replace(self.dataset, root=None, download=True))
+        object.__setattr__(self, "dataset", self.dataset.identity())
         # Canonical order, so the same transformation always has the same hash.
         object.__setattr__(self, "removed", tuple(sorted(self.removed)))
         object.__setattr__(self, "widths", tuple(sorted((str(k), v) for k, v in self.widths)))

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from workers.data.datasets import Splits
 from workers.models.zoo import state_dict_bytes
-from workers.training.train import evaluate
+from workers.training.train import evaluate_split
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -98,8 +98,8 @@ def measure(model: nn.Module, splits: Splits, device: torch.device, latency_repe
     already measured (by the last training epoch): the splits are not evaluated again.
     """
     c, size = splits.in_channels, splits.image_size
-    accuracies = accuracies or {"accuracy": evaluate(model, *splits.test, splits.mean, splits.std),
-                                "val_accuracy": evaluate(model, *splits.val, splits.mean, splits.std)}
+    accuracies = accuracies or {"accuracy": evaluate_split(model, splits.test, splits.mean, splits.std),
+                                "val_accuracy": evaluate_split(model, splits.val, splits.mean, splits.std)}
     counted = {
         **accuracies,
         "params": count_parameters(model),

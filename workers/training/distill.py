@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.data.datasets import normalize
+from workers.data.streaming import Split, batches, device_of
 from workers.training.train import DistillConfig, LossFn
 
 
@@ -36,16 +37,18 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, 
 
 
 @torch.inference_mode()
-def teacher_logits(teacher: nn.Module, images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+def teacher_logits(teacher: nn.Module, split: Split | torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
                    batch_size: int = 1024) -> torch.Tensor:
-    """The teacher's float32 logits for every uint8 image (on the images' device), in eval mode."""
+    """The teacher's float32 logits for every example of a split (or of uint8 images), in the split's order, on
+    its device, in eval mode: row i is example i's (a streamed split's too, read once in order)."""
     teacher.eval()
-    device = images.device
+    if isinstance(split, torch.Tensor):
+        split = (split, torch.zeros(len(split), dtype=torch.int64, device=split.device))
+    device = device_of(split)
     chunks = []
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        for start in range(0, len(images), batch_size):
-            x = normalize(images[start : start + batch_size], mean, std).contiguous(memory_format=torch.channels_last)
-            chunks.append(teacher(x).float())
+        for _, images, _ in batches(split, batch_size):
+            chunks.append(teacher(normalize(images, mean, std).contiguous(memory_format=torch.channels_last)).float())
     return torch.cat(chunks)
 
 

@@ -33,7 +33,7 @@ from workers.models.zoo import (
     state_dict_bytes,
 )
 from workers.training.distill import teacher_logits
-from workers.training.train import MAX_LR, Recipe, evaluate, train_model
+from workers.training.train import MAX_LR, Recipe, evaluate_split, train_model
 
 log = logging.getLogger(__name__)
 TEACHER_FORMAT = 1  # bump when the saved layout or the training code changes what a teacher is
@@ -113,7 +113,7 @@ def untrained_network(config: TeacherConfig) -> nn.Module:
 
 def data_identity(dataset: DatasetConfig) -> dict[str, Any]:
     """The parts of a dataset config that change the data (not where the files are, nor downloads)."""
-    identity = to_data(replace(dataset, root=None, download=True))
+    identity = to_data(dataset.identity())
     identity.pop("root"), identity.pop("download")
     if dataset.name != "synthetic":
         identity.pop("synthetic")
@@ -170,8 +170,8 @@ def load_or_train_teacher(store: ArtifactStore, config: TeacherConfig, dataset: 
     model.to(device)
     meta = {
         "teacher_hash": key, **identity, "config": to_data(config), "dataset": data_identity(dataset),
-        "test_accuracy": history[-1]["test_accuracy"] if history else evaluate(model, *data.test, data.mean, data.std),
-        "val_accuracy": evaluate(model, *data.val, data.mean, data.std),
+        "test_accuracy": history[-1]["test_accuracy"] if history else evaluate_split(model, data.test, data.mean, data.std),
+        "val_accuracy": evaluate_split(model, data.val, data.mean, data.std),
         "train_seconds": seconds, "device": str(device), "history": history, "mean": data.mean, "std": data.std,
         "image_size": data.image_size, "in_channels": data.in_channels, "num_classes": data.num_classes,
         **(extra_meta or {}),
@@ -244,7 +244,7 @@ def ensure_val_accuracy(store: ArtifactStore, teacher: Teacher, splits: Splits, 
     else:
         data = splits.to(device)
         teacher.model.to(device, memory_format=torch.channels_last)
-        accuracy = evaluate(teacher.model, *data.val, data.mean, data.std)
+        accuracy = evaluate_split(teacher.model, data.val, data.mean, data.std)
         try:
             store.put_json(layout.teacher_val_record(teacher.teacher_hash), {"val_accuracy": accuracy},
                            write_once=True)
@@ -283,7 +283,7 @@ def ensure_train_logits(store: ArtifactStore, teacher: Teacher, splits: Splits, 
     else:
         data = splits.to(device)
         teacher.model.to(device, memory_format=torch.channels_last)
-        logits = teacher_logits(teacher.model, data.train[0], data.mean, data.std).cpu()
+        logits = teacher_logits(teacher.model, data.train, data.mean, data.std).cpu()
         buffer = io.BytesIO()
         torch.save(logits, buffer)
         try:

@@ -19,6 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workers.data.datasets import Splits, channel_stats_on, normalize
+from workers.data.streaming import Split, count, device_of, index_batches, take
+from workers.data.streaming import batches as split_batches
 from workers.training.callbacks import Checkpointer, TrainCallback
 from workers.training.cuda_graph import GraphedStep
 
@@ -98,16 +100,23 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: tuple[float, ...],
              std: tuple[float, ...], batch_size: int = 1024) -> float:
     """Top-1 accuracy (0..1) of `model` on uint8 `images` already on the model's device."""
-    if len(labels) == 0:
+    return evaluate_split(model, (images, labels), mean, std, batch_size)
+
+
+@torch.inference_mode()
+def evaluate_split(model: nn.Module, split: Split, mean: tuple[float, ...], std: tuple[float, ...],
+                   batch_size: int = 1024) -> float:
+    """Top-1 accuracy (0..1) of `model` on a split (resident on the model's device, or streamed to it)."""
+    if count(split) == 0:
         return float("nan")
     model.eval()
-    device = images.device
+    device = device_of(split)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        for start in range(0, len(labels), batch_size):
-            x = normalize(images[start : start + batch_size], mean, std).contiguous(memory_format=torch.channels_last)
-            correct += (model(x).argmax(1) == labels[start : start + batch_size]).sum()
-    return correct.item() / len(labels)
+        for _, images, labels in split_batches(split, batch_size):
+            x = normalize(images, mean, std).contiguous(memory_format=torch.channels_last)
+            correct += (model(x).argmax(1) == labels).sum()
+    return correct.item() / count(split)
 
 
 @torch.no_grad()
@@ -124,21 +133,20 @@ def recalibrate_batchnorm(model: nn.Module, splits: Splits, batches: int, batch_
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if batches <= 0 or not norms:
         return 0
-    images, _ = splits.train
-    layout = layout or training_memory_format(model, images.device, min(batch_size, len(images)))
+    train, device = splits.train, device_of(splits.train)
+    size = min(batch_size, count(train))
+    layout = layout or training_memory_format(model, device, size)
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches, not an exponential one
     was_training = model.training
     model.train()
-    generator = torch.Generator(device=images.device).manual_seed(seed)
-    size = min(batch_size, len(images))
-    used = min(batches, max(1, len(images) // size))
-    order = torch.randperm(len(images), device=images.device, generator=generator)
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
-        for step in range(used):
-            batch = images[order[step * size : (step + 1) * size]]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    used = min(batches, max(1, count(train) // size))
+    order = torch.randperm(count(train), device=device, generator=generator)[:used * size]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for _, batch, _ in split_batches(train, size, order):
             model(normalize(batch, splits.mean, splits.std).contiguous(memory_format=layout))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
@@ -205,7 +213,7 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
     """
     torch.manual_seed(seed)
     data = splits.to(device)
-    per_epoch = min(len(data.train[1]), recipe.max_images or len(data.train[1]))
+    per_epoch = min(count(data.train), recipe.max_images or count(data.train))
     batch = min(recipe.batch_size, per_epoch)
     steps = per_epoch // batch  # drop the ragged last batch: static shapes, no tiny noisy steps
     layout = training_memory_format(model, device, batch)
@@ -213,7 +221,7 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
     optimizer, schedule = _optimizer(model, recipe, recipe.epochs * steps, callbacks)
     loop = _Loop(model, torch.compile(model) if compile_model else model, data, recipe, layout, optimizer, schedule,
                  torch.Generator(device=device).manual_seed(seed), loss_fn, callbacks)
-    if cuda_graph and _graphable(device, recipe, compile_model, callbacks):
+    if cuda_graph and not data.streamed and _graphable(device, recipe, compile_model, callbacks):
         loop.graphed = GraphedStep(model, loop.batch_loss, batch, device)
     bar = _progress_bar(recipe.epochs * steps, desc, progress)
     for cb in callbacks:
@@ -299,28 +307,30 @@ class _Loop:
 
     def epoch(self, epoch: int, per_epoch: int, batch: int, bar: tqdm) -> float:
         """Train one epoch (counted from 0) on a fresh random `per_epoch` images; return the mean loss."""
-        x_train, y_train = self.data.train
-        device = x_train.device
+        train = self.data.train
+        device = device_of(train)
         channel_stats_on(tuple(self.data.mean), tuple(self.data.std), device)  # on the device before the loop
         for cb in self.callbacks:
             cb.on_epoch_begin(epoch)
         self.model.train()
         loss_sum = torch.zeros((), device=device)
-        order = torch.randperm(len(y_train), device=device, generator=self.generator)[:per_epoch]
         steps = per_epoch // batch
-        for step in range(steps):
-            loss_sum += self.step(epoch, step, steps, order[step * batch : (step + 1) * batch])
+        order = torch.randperm(count(train), device=device, generator=self.generator)[:steps * batch]
+        for step, (index, images, labels) in enumerate(index_batches(train, batch, order)):
+            loss_sum += self.step(epoch, step, steps, index, images, labels)
             bar.update(1)
         return loss_sum.item() / steps  # the one host sync of the epoch
 
-    def step(self, epoch: int, step: int, steps: int, index: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on the training images at `index`; returns its loss (a device tensor, detached)."""
+    def step(self, epoch: int, step: int, steps: int, index: torch.Tensor, images: torch.Tensor | None = None,
+             labels: torch.Tensor | None = None) -> torch.Tensor:
+        """One optimizer step on the training examples at `index` (`images` and `labels`: a streamed split's
+        batch; a resident split's are indexed from it); returns its loss (a device tensor, detached)."""
         for cb in self.callbacks:
             cb.on_minibatch_begin(epoch, step, steps)
         graphed = self.graphed
         loss = graphed.run(index) if graphed is not None and graphed.ready() else None
         if loss is None:
-            loss = self.eager_backward(epoch, step, steps, index)
+            loss = self.eager_backward(epoch, step, steps, index, images, labels)
             if graphed is not None and graphed.active:
                 graphed.count_eager()
         if all([cb.before_optimizer_step(epoch, step, steps) for cb in self.callbacks]):  # every one is asked
@@ -330,15 +340,16 @@ class _Loop:
             cb.on_minibatch_end(epoch, step, steps)
         return loss
 
-    def eager_backward(self, epoch: int, step: int, steps: int, index: torch.Tensor) -> torch.Tensor:
+    def eager_backward(self, epoch: int, step: int, steps: int, index: torch.Tensor,
+                       images: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Forward, loss (through the callbacks) and backward of the batch at `index`; the detached loss."""
-        x_train, y_train = self.data.train
-        images = x_train[index]
+        if images is None or labels is None:
+            images, labels = take(self.data.train, index)
         if self.recipe.augment:
             images = augment(images, self.generator)
         images = normalize(images, self.data.mean, self.data.std).contiguous(memory_format=self.layout)
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
-            loss = self.criterion(self.forward(images), y_train[index], index, images)
+            loss = self.criterion(self.forward(images), labels, index, images)
         for cb in self.callbacks:
             loss = cb.before_backward_pass(epoch, step, steps, loss)
         self.optimizer.zero_grad(set_to_none=True)
@@ -360,6 +371,6 @@ def _epoch_record(model: nn.Module, data: Splits, recipe: Recipe, epoch: int, me
     recalibrated = recalibrate_batchnorm(model, data, getattr(recipe, "bn_recalibration_batches", 0), batch,
                                          seed + epoch + 1, layout)
     return {"epoch": epoch + 1, "loss": mean_loss, "images_per_s": images / seconds,
-            "val_accuracy": evaluate(model, *data.val, data.mean, data.std),
-            "test_accuracy": evaluate(model, *data.test, data.mean, data.std),
+            "val_accuracy": evaluate_split(model, data.val, data.mean, data.std),
+            "test_accuracy": evaluate_split(model, data.test, data.mean, data.std),
             "seconds": seconds, "bn_recalibration_batches": recalibrated}

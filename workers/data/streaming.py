@@ -1,0 +1,175 @@
+"""Splits too large for memory, read batch by batch (`dataset.in_memory: false`, or `auto` when the decoded data
+passes its share of memory).
+
+A streamed split is a map-style Dataset of (input, target) pairs — an image folder's files decoded and resized on
+demand, or the user's own dataset — read through a `torch.utils.data.DataLoader`: `workers` background processes
+decode the batches of a given order (the same order the resident path takes), pinned memory on a GPU, each batch
+moved to the device while the previous one trains (`prefetch` batches ahead per worker). Memory is bounded by the
+batch and the prefetch depth, not the dataset. Why DataLoader workers and not Ray Data: the order of a split's
+examples must be the training loop's own (the teacher's cached logits are looked up by example index, and a
+resumed trial must see the batches it would have seen), each evaluation worker already is a Ray actor with its
+CPUs, and a DataLoader needs no second scheduler inside it (benchmarks/data_scale.py measures it).
+
+Every function here also takes a resident split, the (inputs, targets) tensors of the in-memory path, so callers
+need not know which one they hold.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+Resident = tuple[torch.Tensor, torch.Tensor]  # inputs [N, ...] (uint8 images or float), targets [N] int64
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """A split read from its source batch by batch: `dataset[i]` is (input tensor, target int); `labels` are every
+    example's target, known up front (class counts, accuracy); `shape` and `dtype` one input's."""
+
+    dataset: Dataset
+    labels: torch.Tensor  # [N] int64, on the CPU
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device = torch.device("cpu")  # where its batches are delivered
+    workers: int = 2  # DataLoader processes decoding batches (0: in the reading process)
+    prefetch: int = 2  # batches each worker decodes ahead
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device | str) -> Streamed:
+        return replace(self, device=torch.device(device))
+
+    def subset(self, index: torch.Tensor) -> Streamed:
+        """The examples at `index` (a split carved from another, or a subset), in that order."""
+        return replace(self, dataset=torch.utils.data.Subset(self.dataset, index.tolist()),
+                       labels=self.labels[index].clone())
+
+    def nbytes(self) -> int:
+        """What the split would take decoded in memory, bytes."""
+        return len(self) * math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+Split = Resident | Streamed
+
+
+def count(split: Split) -> int:
+    """Examples in the split."""
+    return len(split) if isinstance(split, Streamed) else len(split[1])
+
+
+def input_shape(split: Split) -> tuple[int, ...]:
+    """One example's input shape ([C, H, W] for images)."""
+    return split.shape if isinstance(split, Streamed) else tuple(split[0].shape[1:])
+
+
+def device_of(split: Split) -> torch.device:
+    return split.device if isinstance(split, Streamed) else split[0].device
+
+
+def labels_of(split: Split) -> torch.Tensor:
+    return split.labels if isinstance(split, Streamed) else split[1]
+
+
+def batches(split: Split, batch_size: int, order: torch.Tensor | None = None
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(index, inputs, targets) of consecutive batches of `order` (default: the split's own order), on the split's
+    device; the last batch may be short. A resident split is indexed on its device, no copy of the rest; a
+    streamed one is decoded by its DataLoader a batch or more ahead."""
+    device = device_of(split)
+    if order is None:
+        order = torch.arange(count(split), device=device)
+    if not isinstance(split, Streamed):
+        images, labels = split
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            yield index, images[index], labels[index]
+        return
+    chunks = [chunk.tolist() for chunk in order.cpu().split(batch_size)]
+    for index, inputs, targets in _loader(split, chunks):
+        cuda = device.type == "cuda"
+        yield (index.to(device, non_blocking=cuda), inputs.to(device, non_blocking=cuda),
+               targets.to(device, non_blocking=cuda))
+
+
+def index_batches(split: Split, batch_size: int, order: torch.Tensor
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+    """As `batches`, but a resident split's inputs and targets are left to the caller to index (None): the
+    training loop indexes them itself, or a CUDA graph reads them through the index."""
+    if isinstance(split, Streamed):
+        yield from batches(split, batch_size, order)
+        return
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size], None, None
+
+
+def take(split: Split, index: torch.Tensor) -> Resident:
+    """The examples at `index` as resident tensors on the split's device (a few batches: calibration, probes)."""
+    if not isinstance(split, Streamed):
+        return split[0][index.to(split[0].device)], split[1][index.to(split[1].device)]
+    parts = [(x, y) for _, x, y in batches(split, 256, index)]
+    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+
+def _loader(split: Streamed, chunks: Sequence[list[int]]) -> DataLoader:
+    """A DataLoader over `split` yielding (index, inputs, targets) for each chunk of example indices, in order."""
+    return DataLoader(_Indexed(split.dataset), batch_sampler=chunks, num_workers=split.workers,
+                      pin_memory=split.device.type == "cuda", collate_fn=_collate,
+                      prefetch_factor=split.prefetch if split.workers else None,
+                      persistent_workers=False, multiprocessing_context="fork" if split.workers else None)
+
+
+class _Indexed(Dataset):
+    """(index, input, target) of the wrapped dataset: the loop needs each example's index (cached logits)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, int]:
+        x, y = self.dataset[index]
+        return index, x, y
+
+
+def _collate(items: list[tuple[int, torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    index, inputs, targets = zip(*items)
+    return (torch.tensor(index, dtype=torch.int64), torch.stack(inputs),
+            torch.tensor(targets, dtype=torch.int64))
+
+
+class ImageFiles(Dataset):
+    """An image folder's files, each decoded to RGB and resized to `size` x `size` when read (uint8 [3, S, S])."""
+
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int], size: int) -> None:
+        self.paths, self.labels, self.size = [str(p) for p in paths], list(labels), size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from workers.data.sources import decode_image
+
+        return decode_image(Path(self.paths[index]), self.size), self.labels[index]
+
+
+class Converted(Dataset):
+    """The user's map-style dataset with each example checked and converted as the in-memory reader does it."""
+
+    def __init__(self, dataset: Dataset, split: str, convert: Callable[[Any, str, int], tuple[torch.Tensor, int]]
+                 ) -> None:
+        self.dataset, self.split, self.convert = dataset, split, convert
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.convert(self.dataset[index], self.split, index)
