@@ -60,11 +60,16 @@ def workers_on_gpu(resources: Resources, device: str, driver_device: torch.devic
 
 
 def estimate_memory_mib(model: nn.Module, splits: object, batch_size: int, on_gpu: bool) -> int:
-    """Host memory one evaluation worker holds, in MiB: WORKER_MIB, plus the dataset as loaded (every split) and
-    its teacher logits, plus MODEL_COPIES times the model's parameter and buffer bytes, plus on CPU (`on_gpu`
-    False: a GPU keeps them in its own memory) ACTIVATION_COPIES times one training batch's activations."""
+    """Host memory one evaluation worker holds, in MiB: WORKER_MIB, plus the dataset as loaded (every resident
+    split; a streamed one's batches in flight) and its teacher logits, plus MODEL_COPIES times the model's parameter
+    and buffer bytes, plus on CPU (`on_gpu` False: a GPU keeps them in its own memory) ACTIVATION_COPIES times one
+    training batch's activations."""
     held = [split for split in (splits.train, splits.val, splits.test) if not isinstance(split, Streamed)]
-    data = sum(t.numel() * t.element_size() for pair in held for t in pair) + count(splits.train) * splits.num_classes * 4
+    data = sum(t.numel() * t.element_size() for pair in held for t in pair)
+    data += count(splits.train) * splits.num_classes * 4  # the teacher's logits, float32
+    if isinstance(splits.train, Streamed):  # the batches decoded ahead, and the one in use
+        per_example = splits.train.nbytes() // len(splits.train)
+        data += (splits.train.workers * splits.train.prefetch + 2) * batch_size * per_example
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     image = take(splits.val, torch.arange(1))[0]
     step = 0 if on_gpu else ACTIVATION_COPIES * batch_size * activation_bytes(model, image)
