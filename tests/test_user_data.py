@@ -5,6 +5,7 @@ and its size in run.json, runs of grid and taylor on it, and every mistake as on
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from tests.conftest import REPO
 from tests.user_data import factories
 from workers.data.datasets import DatasetConfig, load_dataset, normalize
 from workers.data.streaming import Streamed, count, take
+from workers.data.streaming import batches as split_batches
 from workers.evaluation.spec import CandidateSpec
 from workers.models.zoo import create_model
 from workers.training.train import Recipe, TrainConfig, train_model
@@ -78,10 +80,10 @@ def _image_folder(root: Path, counts: dict[str, int]) -> None:
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for split, count in counts.items():
+    for split, per_class in counts.items():
         for label in ("cat", "dog"):
             (root / split / label).mkdir(parents=True)
-            for i in range(count):
+            for i in range(per_class):
                 pixels = rng.integers(0, 255, (10, 10, 3), dtype=np.uint8) // (2 if label == "cat" else 1)
                 Image.fromarray(pixels).save(root / split / label / f"{i}.png")
 
@@ -92,6 +94,7 @@ def test_an_image_folder_with_val_uses_it_and_says_so(tmp_path):
     assert splits.sizes() == {"train": 12, "val": 6, "test": 4}  # val/ as given: nothing carved from train
     assert splits.provenance()["val"] == {"from": str(tmp_path / "val"), "size": 6}
     (tmp_path / "val" / "bird").mkdir()
+    (tmp_path / "val" / "bird" / "0.png").write_bytes((tmp_path / "val" / "cat" / "0.png").read_bytes())
     with pytest.raises(Exception, match="bird is a class train/ does not have"):
         load_dataset(DatasetConfig(name="imagefolder", root=str(tmp_path), image_size=8))
 
@@ -236,3 +239,47 @@ def test_a_map_style_python_dataset_streams_through_its_own_getitem():
     assert splits.streamed and splits.sizes() == resident.sizes() and splits.mean == resident.mean
     x, y = take(splits.val, torch.arange(16))
     assert torch.equal(x, resident.val[0]) and torch.equal(y, resident.val[1])
+
+
+# ---- data on S3 ----------------------------------------------------------------------------------------------------
+
+def _upload(s3, folder: Path, bucket: str, prefix: str) -> None:
+    client = s3.client()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            client.put_object(Bucket=bucket, Key=f"{prefix}/{path.relative_to(folder).as_posix()}",
+                              Body=path.read_bytes())
+
+
+@pytest.mark.s3
+def test_an_image_folder_on_s3_is_read_where_it_is_as_the_local_one(tmp_path, s3_env):
+    root = _folder(tmp_path)
+    (root / "train" / "cat" / "notes.txt").write_text("not an image: not listed")
+    bucket = s3_env.new_bucket()
+    _upload(s3_env, root, bucket, "data/pets")
+    local = load_dataset(DatasetConfig(name="imagefolder", root=str(root), image_size=8))
+    for in_memory in (True, False):
+        config = DatasetConfig(name="imagefolder", root=f"s3://{bucket}/data/pets", image_size=8, in_memory=in_memory,
+                               workers=1)
+        remote = load_dataset(config, endpoint=s3_env.endpoint)
+        assert remote.streamed == (not in_memory) and remote.sizes() == local.sizes()
+        assert remote.provenance()["val"]["from"].startswith(f"s3://{bucket}/data/pets/val")
+        for name in ("train", "val", "test"):  # the same images, in the same order, as the folder on disk
+            x, y = take(getattr(remote, name), torch.arange(count(getattr(remote, name))))
+            assert torch.equal(x, getattr(local, name)[0]) and torch.equal(y, getattr(local, name)[1])
+    with pytest.raises(Exception, match=f"s3://{bucket}/data/nothing/ has no class sub-folders"):
+        load_dataset(DatasetConfig(name="imagefolder", root=f"s3://{bucket}/data/nothing/"), s3_env.endpoint)
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_an_unreadable_image_stops_naming_it_or_is_skipped(tmp_path, in_memory):
+    root = _folder(tmp_path)
+    (root / "train" / "dog" / "7.png").write_bytes(b"truncated")
+    config = DatasetConfig(name="imagefolder", root=str(root), image_size=8, in_memory=in_memory, workers=1)
+    with pytest.raises(Exception, match=f"dataset file {root}/train/dog/7.png is not a readable image"):
+        splits = load_dataset(config)
+        list(split_batches(splits.train, 16))  # streamed: found when its batch is read
+    skipped = load_dataset(replace(config, bad_files="skip"))
+    images, labels = take(skipped.train, torch.arange(count(skipped.train)))
+    assert len(images) == (79 if in_memory else 80)  # left out, or stood in for by the next readable one
+    assert images.shape[1:] == (3, 8, 8)

@@ -271,7 +271,8 @@ def reference_data(spec: CandidateSpec) -> dict:
     for key in ("mean", "std", "channels", "factory"):
         if data["dataset"][key] is None:
             del data["dataset"][key]
-    for key, default in (("kwargs", {}), ("in_memory", "auto"), ("memory_share", 0.25), ("workers", 2)):
+    for key, default in (("kwargs", {}), ("in_memory", "auto"), ("memory_share", 0.25), ("workers", 2),
+                         ("bad_files", "stop")):
         if data["dataset"][key] == default:
             del data["dataset"][key]
     return data

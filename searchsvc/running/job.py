@@ -164,7 +164,7 @@ def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[
         stop_on_sigterm()  # until Ray starts (ensure_ray), a signal stops the run at once ...
         stopping.check()  # ... as does one that came while the run was being recorded
         driver = get_method(config.method).load_driver()  # imports Ray and Tune: seconds a signal may land in
-        splits = load_dataset(config.dataset)
+        splits = load_dataset(config.dataset, getattr(store, "endpoint", None))  # data on S3: the store's endpoint
         log.info("dataset %s: %s, %d classes, %d channels, %dx%d px", config.dataset.name, splits.sizes(),
                  splits.num_classes, splits.in_channels, splits.image_size, splits.image_size)
         record.update(data=splits.provenance())  # where each split came from, and its size

@@ -127,7 +127,9 @@ def stored_or_kept(spec: CandidateSpec, ctx: Any,
 
 def absolute_dataset(dataset: DatasetConfig) -> DatasetConfig:
     """Tune runs trials in their own working folder: a relative dataset root must not move with them."""
-    return replace(dataset, root=str(Path(dataset.root).resolve())) if dataset.root else dataset
+    if not dataset.root or "://" in dataset.root:  # none, or on S3: nothing to resolve
+        return dataset
+    return replace(dataset, root=str(Path(dataset.root).resolve()))
 
 
 def mark_pareto(rows: dict[str, ResultRow], size: str = "params") -> set[str]:

@@ -17,7 +17,7 @@ import torch
 
 from core.errors import SearchsvcError
 from core.records import MAX_SEED, canonical_json
-from workers.data import python_source, sources, streaming
+from workers.data import folders, python_source, sources, streaming
 from workers.data.streaming import Split
 
 DatasetName = Literal["cifar10", "fashion_mnist", "imagefolder", "synthetic", "python"]
@@ -44,7 +44,9 @@ class DatasetConfig:
     """Which data, where it is, and how it is split."""
 
     name: DatasetName = "fashion_mnist"
-    root: str | None = field(default=None, metadata={"help": "folder with the files; null: search known places"})
+    root: str | None = field(default=None, metadata={
+        "help": "folder with the files (imagefolder: also s3://bucket/prefix, read through the store's endpoint); "
+                "null: search known places"})
     subset: int | float | None = field(
         default=None, metadata={"gt": 0, "help": "int: training images kept; float in (0, 1]: fraction of each split"})
     val_fraction: float = field(default=0.1, metadata={
@@ -70,6 +72,9 @@ class DatasetConfig:
     memory_share: float = field(default=0.25, metadata={
         "omit_default": True, "gt": 0, "max": 1, "help": "in_memory auto: the share of the memory available "
                                                          "that decoded data may take in each process holding it"})
+    bad_files: Literal["stop", "skip"] = field(default="stop", metadata={
+        "omit_default": True, "help": "imagefolder: a file that is no readable image stops the run naming it (stop), "
+                                      "or is left out (skip; streamed: the next readable one stands in)"})
     workers: int = field(default=2, metadata={
         "omit_default": True, "min": 0, "max": 64, "help": "streamed data: processes decoding batches beside each "
                                                            "training process (0: in it)"})
@@ -214,19 +219,17 @@ def _synthetic(config: DatasetConfig) -> Raw:
     return train_x, train_y, test_x, test_y, syn.num_classes
 
 
-def _imagefolder(config: DatasetConfig) -> sources.Loaded:
-    """An image folder decoded whole, or streamed from its files (`in_memory`; auto: by its decoded size)."""
-    layout = sources.imagefolder_layout(config.root, config.split_seed)
-    size = config.image_size or 32
-    decoded = sum(len(paths) for paths, _ in layout.files.values()) * 3 * size * size
-    if not _streams(config, decoded):
-        return sources.imagefolder(config.root, config.image_size, config.split_seed)
-    split = lambda paths, labels: streaming.Streamed(  # noqa: E731
-        streaming.ImageFiles(paths, labels, size), torch.tensor(labels, dtype=torch.int64), (3, size, size),
-        torch.uint8, workers=config.workers)
-    return sources.Loaded(*(split(*layout.files[name]) for name in ("train", "test")), len(layout.classes),
-                          split(*layout.files["val"]) if "val" in layout.files else None,
-                          {name: f"{text} (streamed)" for name, text in layout.sources.items()})
+def _imagefolder(config: DatasetConfig, endpoint: str | None) -> sources.Loaded:
+    """An image folder (local or on S3: workers.data.folders) decoded whole, or streamed from its files
+    (`in_memory`; auto: by its decoded size)."""
+    if config.root is None:
+        raise SearchsvcError("dataset.root: imagefolder needs a folder of class sub-folders (a path or s3://)")
+    files = folders.Files(config.root, endpoint)
+    found = folders.layout(files, config.split_seed)
+    size, skip = config.image_size or 32, config.bad_files == "skip"
+    if _streams(config, sum(len(keys) for keys, _ in found.files.values()) * 3 * size * size):
+        return folders.streamed(files, found, size, skip, config.workers)
+    return folders.read_all(files, found, size, skip)
 
 
 def _python(config: DatasetConfig) -> sources.Loaded:
@@ -246,12 +249,12 @@ def _streams(config: DatasetConfig, decoded_bytes: int) -> bool:
     return decoded_bytes > config.memory_share * python_source.available_memory()
 
 
-_LOADERS: dict[str, Callable[[DatasetConfig], Raw | sources.Loaded]] = {
-    "synthetic": _synthetic,
-    "fashion_mnist": lambda c: sources.fashion_mnist(c.root, c.download),
-    "cifar10": lambda c: sources.cifar10(c.root, c.download),
+_LOADERS: dict[str, Callable[[DatasetConfig, str | None], Raw | sources.Loaded]] = {
+    "synthetic": lambda c, _: _synthetic(c),
+    "fashion_mnist": lambda c, _: sources.fashion_mnist(c.root, c.download),
+    "cifar10": lambda c, _: sources.cifar10(c.root, c.download),
     "imagefolder": _imagefolder,
-    "python": _python,
+    "python": lambda c, _: _python(c),
 }
 
 
@@ -259,11 +262,12 @@ def _take(pair: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor) -> tuple
     return pair[0][index].contiguous(), pair[1][index].contiguous()
 
 
-def load_dataset(config: DatasetConfig) -> Splits:
-    """Load `config`'s dataset into three fixed splits (same seed → same split, on any machine)."""
+def load_dataset(config: DatasetConfig, endpoint: str | None = None) -> Splits:
+    """Load `config`'s dataset into three fixed splits (same seed → same split, on any machine). `endpoint`: the
+    S3 endpoint data under an s3:// root is read through (the run's store's; else the environment's)."""
     if config.name not in _LOADERS:
         raise SearchsvcError(f"dataset.name: unknown dataset {config.name!r}; choose one of {', '.join(_LOADERS)}")
-    found = _LOADERS[config.name](config)
+    found = _LOADERS[config.name](config, endpoint)
     loaded = found if isinstance(found, sources.Loaded) else sources.Loaded.of(found)
     n_all = streaming.count(loaded.train)
     gen = torch.Generator().manual_seed(config.split_seed)

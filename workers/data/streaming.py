@@ -19,11 +19,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from core.errors import SearchsvcError
 
 Resident = tuple[torch.Tensor, torch.Tensor]  # inputs [N, ...] (uint8 images or float), targets [N] int64
 
@@ -93,10 +94,13 @@ def batches(split: Split, batch_size: int, order: torch.Tensor | None = None
             yield index, images[index], labels[index]
         return
     chunks = [chunk.tolist() for chunk in order.cpu().split(batch_size)]
-    for index, inputs, targets in _loader(split, chunks):
-        cuda = device.type == "cuda"
-        yield (index.to(device, non_blocking=cuda), inputs.to(device, non_blocking=cuda),
-               targets.to(device, non_blocking=cuda))
+    cuda = device.type == "cuda"
+    try:
+        for index, inputs, targets in _loader(split, chunks):
+            yield (index.to(device, non_blocking=cuda), inputs.to(device, non_blocking=cuda),
+                   targets.to(device, non_blocking=cuda))
+    except SearchsvcError as err:  # from a DataLoader worker: its message carries the worker's traceback
+        raise SearchsvcError(str(err).strip().splitlines()[-1].split("SearchsvcError: ", 1)[-1]) from None
 
 
 def index_batches(split: Split, batch_size: int, order: torch.Tensor
@@ -144,21 +148,6 @@ def _collate(items: list[tuple[int, torch.Tensor, int]]) -> tuple[torch.Tensor, 
     index, inputs, targets = zip(*items)
     return (torch.tensor(index, dtype=torch.int64), torch.stack(inputs),
             torch.tensor(targets, dtype=torch.int64))
-
-
-class ImageFiles(Dataset):
-    """An image folder's files, each decoded to RGB and resized to `size` x `size` when read (uint8 [3, S, S])."""
-
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int], size: int) -> None:
-        self.paths, self.labels, self.size = [str(p) for p in paths], list(labels), size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from workers.data.sources import decode_image
-
-        return decode_image(Path(self.paths[index]), self.size), self.labels[index]
 
 
 class Converted(Dataset):

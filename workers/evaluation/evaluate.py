@@ -117,7 +117,7 @@ def local_context(store: ArtifactStore, teacher_hash: str, dataset: DatasetConfi
         if 0 < resources.gpus_per_eval < 1:  # a share of the GPU is a share of its memory too
             torch.cuda.set_per_process_memory_fraction(resources.gpus_per_eval, torch.cuda.current_device())
     teacher = load_teacher(store, teacher_hash, device)
-    return EvalContext(store, teacher, load_dataset(dataset).to(device), device, worker=where,
+    return EvalContext(store, teacher, load_dataset(dataset, getattr(store, "endpoint", None)).to(device), device, worker=where,
                        compile_model=resources.compile, cuda_graph=resources.cuda_graph, measures=measures,
                        builder=builder)
 
