@@ -240,6 +240,7 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
         record = _epoch_record(model, data, recipe, epoch, mean_loss, steps * batch, time.perf_counter() - started,
                                seed, batch, layout)
         record["cuda_graph"] = loop.graphed is not None and loop.graphed.replays > 0
+        record["data_wait_s"] = loop.data_wait_s  # seconds the steps waited for their batches (streamed data)
         for cb in callbacks:
             cb.on_epoch_end(epoch, record)
         history.append(record)
@@ -298,6 +299,7 @@ class _Loop:
     loss_fn: LossFn | None
     callbacks: Sequence[TrainCallback]
     graphed: GraphedStep | None = None  # the step as a CUDA graph, once warmed up
+    data_wait_s: float = 0.0  # the last epoch's seconds spent waiting for batches
 
     def criterion(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
                   images: torch.Tensor) -> torch.Tensor:
@@ -316,7 +318,12 @@ class _Loop:
         loss_sum = torch.zeros((), device=device)
         steps = per_epoch // batch
         order = torch.randperm(count(train), device=device, generator=self.generator)[:steps * batch]
-        for step, (index, images, labels) in enumerate(index_batches(train, batch, order)):
+        self.data_wait_s = 0.0
+        reading = iter(index_batches(train, batch, order))
+        for step in range(steps):
+            asked = time.perf_counter()
+            index, images, labels = next(reading)
+            self.data_wait_s += time.perf_counter() - asked  # streamed: the batch was not decoded yet
             loss_sum += self.step(epoch, step, steps, index, images, labels)
             bar.update(1)
         return loss_sum.item() / steps  # the one host sync of the epoch
