@@ -89,7 +89,7 @@ def test_a_teacher_stored_without_validation_accuracy_gets_it_once_beside_it(tmp
     assert record["teacher_cached"] and record["teacher_val_accuracy"] == pytest.approx(expected)
     assert set(old.verify(f"{prefix}/validation")) == {"val.json"}
     assert "val_accuracy" not in old.get_json(f"{prefix}/meta.json")  # the teacher's own files are untouched
-    monkeypatch.setattr(teachers, "evaluate", lambda *a, **k: pytest.fail("computed again"))
+    monkeypatch.setattr(teachers, "evaluate_split", lambda *a, **k: pytest.fail("computed again"))
     third = searchsvc.run(config, store=old, progress=False)
     assert old.get_json(f"runs/{third.run_id}/run.json")["teacher_val_accuracy"] == pytest.approx(expected)
 
