@@ -227,18 +227,25 @@ def _imagefolder(config: DatasetConfig, endpoint: str | None) -> sources.Loaded:
     files = folders.Files(config.root, endpoint)
     found = folders.layout(files, config.split_seed)
     size, skip = config.image_size or 32, config.bad_files == "skip"
-    if _streams(config, sum(len(keys) for keys, _ in found.files.values()) * 3 * size * size):
+    decoded = sum(len(keys) for keys, _ in found.files.values()) * 3 * size * size
+    if _streams(config, decoded):
         return folders.streamed(files, found, size, skip, config.workers)
+    python_source.check_fits(decoded, python_source.available_memory(), "set dataset.in_memory: auto (or false) to "
+                                                                          "stream it")
     return folders.read_all(files, found, size, skip)
 
 
 def _python(config: DatasetConfig) -> sources.Loaded:
     """The user's dataset (workers.data.python_source) decoded whole, or streamed (`in_memory`)."""
     splits = python_source.call_factory(str(config.factory), config.kwargs)
-    if config.in_memory is not False and (config.in_memory is True or (size := python_source.decoded_bytes(splits))
-                                          is None or not _streams(config, size)):
-        return python_source.decode(splits, str(config.factory))
-    return python_source.stream(splits, str(config.factory), config.workers)
+    if config.in_memory == "auto":
+        size = python_source.decoded_bytes(splits)  # None: an iterable split, decoded whole (it cannot stream)
+        stream = size is not None and _streams(config, size)
+    else:
+        stream = not config.in_memory
+    if stream:
+        return python_source.stream(splits, str(config.factory), config.workers)
+    return python_source.decode(splits, str(config.factory))
 
 
 def _streams(config: DatasetConfig, decoded_bytes: int) -> bool:

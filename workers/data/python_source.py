@@ -183,10 +183,10 @@ def _decode(dataset: Any, split: str, first: torch.Tensor | None, available: int
             first = x if first is None else first
             _same_kind(x, first, split, index)
             if index == 0 and size is not None:
-                _fits(held + size * x.numel() * x.element_size(), available)
+                check_fits(held + size * x.numel() * x.element_size(), available, STREAM_HINT)
             held += x.numel() * x.element_size()
             if index % 1024 == 0:
-                _fits(held, available)
+                check_fits(held, available, STREAM_HINT)
             inputs.append(x)
             targets.append(y)
     except SearchsvcError:
@@ -250,11 +250,15 @@ def _same_kind(x: torch.Tensor, first: torch.Tensor, split: str, index: int) -> 
                              f"have one shape and dtype")
 
 
-def _fits(needed: int, available: int) -> None:
+STREAM_HINT = "a map-style dataset streams (dataset.in_memory: auto or false); an iterable one is decoded whole"
+
+
+def check_fits(needed: int, available: int, hint: str) -> None:
+    """SearchsvcError (one line, before memory runs out) if decoded data of `needed` bytes passes MEMORY_SHARE of
+    the `available` bytes."""
     if needed > MEMORY_SHARE * available:
         raise SearchsvcError(f"dataset: the decoded data takes {needed / 2**30:.1f} GiB, more than "
-                             f"{MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GiB of memory available; have the "
-                             f"factory return fewer examples (streaming data larger than memory: not yet)")
+                             f"{MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GiB of memory available; {hint}")
 
 
 def available_memory() -> int:
