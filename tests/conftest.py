@@ -18,6 +18,23 @@ from typing import Callable, Iterator
 
 import pytest
 
+# One intra-op thread for torch (and ONNX Runtime's OpenMP) in this process and every process it starts: the
+# drivers the tests run train their teachers here, two xdist workers share 2 cores, and on a busy 2-core machine
+# two threads per process spin against each other (a 6-epoch tiny_cnn teacher: 36 s on two threads, 2 s on one,
+# the same weights). Ray gives its workers one thread per CPU they ask for in any case; code that sets a count of
+# its own (torch.set_num_threads) still does. Set before anything imports torch. A test of behaviour that depends
+# on the thread count (oneDNN's crash in test_distill_measure.py) runs its process with `unpinned_env()`.
+PINNED = "SEARCHSVC_TESTS_PINNED_OMP"  # set beside the pin (the environment survives this module's re-imports)
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ.update({"OMP_NUM_THREADS": "1", PINNED: "1"})
+
+
+def unpinned_env() -> dict[str, str]:
+    """This process's environment without the pin above: the thread count a user's process gets."""
+    pinned = (PINNED, "OMP_NUM_THREADS") if PINNED in os.environ else ()
+    return {k: v for k, v in os.environ.items() if k not in pinned}
+
+
 from storage import LocalStore  # boto3 only where an S3 test needs it: the GPU check imports this without it
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
