@@ -24,6 +24,23 @@ _RETURNED = "returned"  # what the child writes when the code came back (or rais
 _TRIED: set[str] = set()  # calls that came back in a child once: this process's memo, never a decision
 
 
+def named_callable(name: str, key: str, form: str) -> Callable[..., object]:
+    """The callable "package.module:attr" names, its module imported here; SearchsvcError naming `key` if `name`
+    is not of that form (the error says it should be `form`), its module does not import, or nothing callable is
+    there. Callers that run user code try the module in a child first (`import_module_safely`)."""
+    module_name, sep, attr = name.partition(":")
+    if not sep or not module_name or not attr:
+        raise SearchsvcError(f"{key}: {name!r} is {form}")
+    try:
+        module = importlib.import_module(module_name)
+    except (Exception, SystemExit) as err:  # noqa: BLE001 — the user's module: ImportError, or what it raises
+        raise SearchsvcError(f"{key}: cannot import {module_name!r} ({type(err).__name__}: {err})") from None
+    found = getattr(module, attr, None)
+    if not callable(found):
+        raise SearchsvcError(f"{key}: {module_name} has no callable {attr!r}")
+    return found
+
+
 def import_module_safely(name: str, key: str) -> None:
     """Import the module `name` in a forked child first (once per process); SearchsvcError naming `key`
     (e.g. "teacher.model") if that import ends or hangs the child's process. Does not import it here."""

@@ -15,7 +15,6 @@ decoding it all.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from core.errors import SearchsvcError
-from core.user_code import import_module_safely, try_once_in_child
+from core.user_code import import_module_safely, named_callable, try_once_in_child
 from workers.data.sources import Loaded
 from workers.data.streaming import Converted, Streamed
 
@@ -37,17 +36,9 @@ def factory_of(factory: str) -> Any:
     """The callable `factory` ("package.module:function") names, its module tried in a child process first
     (core.user_code: a module that exits ends a child, not searchsvc); SearchsvcError naming dataset.factory."""
     module_name, sep, attr = factory.partition(":")
-    if not sep or not module_name or not attr:
-        raise SearchsvcError(f"{KEY}: {factory!r} is not package.module:function")
-    import_module_safely(module_name, KEY)
-    try:
-        module = importlib.import_module(module_name)
-    except (Exception, SystemExit) as err:  # noqa: BLE001 — the user's module: ImportError, or what it raises
-        raise SearchsvcError(f"{KEY}: cannot import {module_name!r} ({type(err).__name__}: {err})") from None
-    function = getattr(module, attr, None)
-    if not callable(function):
-        raise SearchsvcError(f"{KEY}: {module_name} has no callable {attr!r}")
-    return function
+    if sep and module_name and attr:
+        import_module_safely(module_name, KEY)
+    return named_callable(factory, KEY, "not package.module:function")
 
 
 def call_factory(factory: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:

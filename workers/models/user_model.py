@@ -25,7 +25,7 @@ from torch import nn
 
 from core.errors import SearchsvcError, first_line
 from core.names import did_you_mean
-from core.user_code import import_module_safely, try_once_in_child
+from core.user_code import import_module_safely, named_callable, try_once_in_child
 from workers.models.zoo import load_tensors
 
 TORCHVISION = "torchvision:"
@@ -62,18 +62,7 @@ def constructor(model: str) -> Callable[..., nn.Module]:
         return lambda **kwargs: models.get_model(name, **kwargs)
     if model.startswith(TIMM):
         return _timm_constructor(model[len(TIMM):])
-    module_name, sep, attr = model.partition(":")
-    if not sep or not module_name or not attr:
-        raise SearchsvcError(f"teacher.model: {model!r} is neither torchvision:NAME, timm:NAME nor "
-                             f"package.module:factory")
-    try:
-        module = importlib.import_module(module_name)
-    except (Exception, SystemExit) as err:  # noqa: BLE001 — the user's module: ImportError, or what it raises
-        raise SearchsvcError(f"teacher.model: cannot import {module_name!r} ({type(err).__name__}: {err})") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise SearchsvcError(f"teacher.model: {module_name} has no callable {attr!r}")
-    return factory
+    return named_callable(model, "teacher.model", "neither torchvision:NAME, timm:NAME nor package.module:factory")
 
 
 TRUSTED_PACKAGES = ("torch", "torchvision", "timm")  # libraries, not the user's code: not tried in a child
