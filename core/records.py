@@ -137,6 +137,11 @@ def _convert_union(args: tuple, value: Any, path: str, problems: list[str], meta
             return converted
     if len(options) == 1:
         return _convert(options[0], value, path, problems, meta)
+    literals = [a for option in options if typing.get_origin(option) is Literal for a in typing.get_args(option)]
+    if literals and all(typing.get_origin(o) is Literal or o is bool for o in options):  # e.g. bool | "auto"
+        named = (["true", "false"] if bool in options else []) + [str(a) for a in literals]
+        problems.append(f"{_name(path)}: must be {', '.join(named[:-1])} or {named[-1]}; got {_describe(value)}")
+        return value
     # Report the first option's problem (the most specific one for int | float style unions).
     _convert(options[-1], value, path, problems, meta)
     return value

@@ -295,3 +295,13 @@ def test_data_too_large_for_memory_is_one_line_or_streams(tmp_path, monkeypatch)
     assert load_dataset(DatasetConfig(name="imagefolder", root=str(root), image_size=8)).streamed  # auto
     with pytest.raises(Exception, match="an iterable one is decoded whole"):
         load_dataset(_python("normalised"))  # iterable: cannot stream, and does not fit
+
+
+@pytest.mark.parametrize("value, says", [("maybe", "must be true, false or auto; got 'maybe'"),
+                                         (False, "synthetic is always held in memory")])
+def test_in_memory_takes_true_false_or_auto_where_the_data_can_stream(value, says, tmp_path, capsys):
+    config = _config(tmp_path, "grid", {"name": "synthetic", "in_memory": value})
+    capsys.readouterr()
+    assert main(["validate", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "dataset.in_memory" in err and says in err, err
