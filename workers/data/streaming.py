@@ -29,7 +29,7 @@ from core.errors import SearchsvcError
 Resident = tuple[torch.Tensor, torch.Tensor]  # inputs [N, ...] (uint8 images or float), targets [N] int64
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: its fields hold a dataset and a tensor
 class Streamed:
     """A split read from its source batch by batch: `dataset[i]` is (input tensor, target int); `labels` are every
     example's target, known up front (class counts, accuracy); `shape` and `dtype` one input's."""
@@ -73,10 +73,6 @@ def input_shape(split: Split) -> tuple[int, ...]:
 
 def device_of(split: Split) -> torch.device:
     return split.device if isinstance(split, Streamed) else split[0].device
-
-
-def labels_of(split: Split) -> torch.Tensor:
-    return split.labels if isinstance(split, Streamed) else split[1]
 
 
 def batches(split: Split, batch_size: int, order: torch.Tensor | None = None
