@@ -232,11 +232,15 @@ def test_an_iterable_dataset_cannot_stream_in_a_shuffled_order(tmp_path, capsys)
     assert len(err.splitlines()) == 1 and "iterable dataset" in err and "in_memory: true" in err, err
 
 
-def test_a_map_style_python_dataset_streams_through_its_own_getitem():
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_map_style_python_dataset_streams_through_its_own_getitem(workers):
+    """Its targets (no `targets` attribute) read by a pass of the split's decode workers, its examples when read."""
     splits = load_dataset(DatasetConfig(name="python", factory=f"{FACTORIES}:images",
-                                        kwargs={"train": 64, "val": 16, "test": 16}, in_memory=False, workers=0))
-    resident = load_dataset(_python("images", train=64, val=16, test=16))
+                                        kwargs={"train": 300, "val": 16, "test": 16}, in_memory=False,
+                                        workers=workers))
+    resident = load_dataset(_python("images", train=300, val=16, test=16))
     assert splits.streamed and splits.sizes() == resident.sizes() and splits.mean == resident.mean
+    assert torch.equal(splits.train.labels.sort().values, resident.train[1].sort().values)
     x, y = take(splits.val, torch.arange(16))
     assert torch.equal(x, resident.val[0]) and torch.equal(y, resident.val[1])
 

@@ -16,6 +16,7 @@ decoding it all.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -24,12 +25,13 @@ import torch
 from core.errors import SearchsvcError
 from core.user_code import import_module_safely, named_callable, try_once_in_child
 from workers.data.sources import Loaded
-from workers.data.streaming import Converted, Streamed
+from workers.data.streaming import Converted, Streamed, batches
 
 SPLITS = ("train", "val", "test")
 MEMORY_SHARE = 0.5  # of the memory available when the data is read: the rest is the models', Ray's, the OS's
 KEY = "dataset.factory"
 Pair = tuple[torch.Tensor, torch.Tensor]  # inputs [N, ...], targets [N]
+TARGET_BATCH = 256  # examples per batch of the pass that reads a streamed dataset's targets
 
 
 def factory_of(factory: str) -> Any:
@@ -122,8 +124,9 @@ def stream(splits: Mapping[str, Any], factory: str, workers: int) -> Loaded:
         x, _ = _example(dataset, name, 0)
         first = x if first is None else first
         _same_kind(x, first, name, 0)
-        streamed[name] = Streamed(Converted(dataset, name, _pair), _targets(dataset, name), tuple(x.shape),
-                                  x.dtype, workers=workers)
+        unread = Streamed(Converted(dataset, name, _pair), torch.zeros(len(dataset), dtype=torch.int64),
+                          tuple(x.shape), x.dtype, workers=workers)
+        streamed[name] = replace(unread, labels=_targets(dataset, name, unread))
     classes = 1 + max(int(s.labels.max()) for s in streamed.values())
     return Loaded(streamed["train"], streamed["test"], classes, val=streamed.get("val"),
                   sources={name: f"python {factory} {name!r} (streamed)" for name in streamed})
@@ -138,15 +141,16 @@ def _example(dataset: Any, split: str, index: int) -> tuple[torch.Tensor, int]:
     return _pair(item, split, index)
 
 
-def _targets(dataset: Any, split: str) -> torch.Tensor:
+def _targets(dataset: Any, split: str, unread: Streamed) -> torch.Tensor:
     """Every example's target: the dataset's `targets` where it has one per example (torchvision's datasets do),
-    else each example read once."""
+    else every example read once, by the split's own decode workers (`unread`: the split, its labels unknown)."""
     given = getattr(dataset, "targets", None)
     if given is not None and len(given) == len(dataset):
-        targets = [_target(t, split, i) for i, t in enumerate(given)]
-    else:
-        targets = [_example(dataset, split, i)[1] for i in range(len(dataset))]
-    return torch.tensor(targets, dtype=torch.int64)
+        return torch.tensor([_target(t, split, i) for i, t in enumerate(given)], dtype=torch.int64)
+    targets = torch.empty(len(dataset), dtype=torch.int64)
+    for index, _, found in batches(unread, TARGET_BATCH):
+        targets[index] = found
+    return targets
 
 
 def _is_dataset(value: Any) -> bool:
