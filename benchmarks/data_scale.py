@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--folder", default="/tmp/searchsvc-data-scale", help="where the images are written")
     parser.add_argument("--out", default=str(common.REPO / "benchmarks" / "results"))
     args = parser.parse_args()
-    from workers.data.python_source import available_memory
+    from workers.data.streaming import available_memory
 
     root = Path(args.folder) / f"{args.images}-{args.size}px"
     started = time.perf_counter()

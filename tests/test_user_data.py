@@ -290,10 +290,10 @@ def test_an_unreadable_image_stops_naming_it_or_is_skipped(tmp_path, in_memory):
 
 
 def test_data_too_large_for_memory_is_one_line_or_streams(tmp_path, monkeypatch):
-    from workers.data import python_source
+    from workers.data import streaming
 
     root = _folder(tmp_path)
-    monkeypatch.setattr(python_source, "available_memory", lambda: 30_000)  # bytes: less than the 24 KiB decoded x 2
+    monkeypatch.setattr(streaming, "available_memory", lambda: 30_000)  # bytes: less than the 24 KiB decoded x 2
     with pytest.raises(Exception, match="more than 50% of the 0.0 GiB of memory available; set dataset.in_memory"):
         load_dataset(DatasetConfig(name="imagefolder", root=str(root), image_size=8, in_memory=True))
     assert load_dataset(DatasetConfig(name="imagefolder", root=str(root), image_size=8)).streamed  # auto

@@ -230,8 +230,7 @@ def _imagefolder(config: DatasetConfig, endpoint: str | None) -> sources.Loaded:
     decoded = sum(len(keys) for keys, _ in found.files.values()) * 3 * size * size
     if _streams(config, decoded):
         return folders.streamed(files, found, size, skip, config.workers)
-    python_source.check_fits(decoded, python_source.available_memory(), "set dataset.in_memory: auto (or false) to "
-                                                                          "stream it")
+    streaming.check_fits(decoded, streaming.available_memory(), "set dataset.in_memory: auto (or false) to stream it")
     return folders.read_all(files, found, size, skip)
 
 
@@ -253,7 +252,7 @@ def _streams(config: DatasetConfig, decoded_bytes: int) -> bool:
     memory available here."""
     if config.in_memory != "auto":
         return not config.in_memory
-    return decoded_bytes > config.memory_share * python_source.available_memory()
+    return decoded_bytes > config.memory_share * streaming.available_memory()
 
 
 _LOADERS: dict[str, Callable[[DatasetConfig, str | None], Raw | sources.Loaded]] = {

@@ -8,9 +8,9 @@ around) are normalised as every image source is, floating-point inputs are taken
 user's transform normalised them). A target is an integer class. Every input of the data has one shape and one
 dtype.
 
-This reader decodes every example once into resident tensors (the in-memory fast path, DESIGN: data on the
-device): it refuses data whose decoded size passes MEMORY_SHARE of the memory available, in one line, before
-decoding it all.
+`decode` reads every example once into resident tensors (the in-memory fast path, DESIGN: data on the device),
+refusing in one line, before decoding it all, data whose decoded size passes streaming.MEMORY_SHARE of the memory
+available; `stream` wraps the datasets to be read batch by batch (workers.data.streaming).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import torch
 
 from core.errors import SearchsvcError
 from core.user_code import import_module_safely, named_callable, try_once_in_child
+from workers.data import streaming
 from workers.data.sources import Loaded
 from workers.data.streaming import Converted, Streamed, batches
 
 SPLITS = ("train", "val", "test")
-MEMORY_SHARE = 0.5  # of the memory available when the data is read: the rest is the models', Ray's, the OS's
 KEY = "dataset.factory"
 Pair = tuple[torch.Tensor, torch.Tensor]  # inputs [N, ...], targets [N]
 TARGET_BATCH = 256  # examples per batch of the pass that reads a streamed dataset's targets
@@ -70,15 +70,10 @@ def call_factory(factory: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return dict(result)
 
 
-def load(factory: str, kwargs: Mapping[str, Any], available_bytes: int | None = None) -> Loaded:
-    """Every split of the factory's data decoded into resident tensors (uint8 images or float32 inputs, int64
-    targets). `available_bytes`: the memory the data may take MEMORY_SHARE of (default: this machine's now)."""
-    return decode(call_factory(factory, kwargs), factory, available_bytes)
-
-
-def decode(splits: Mapping[str, Any], factory: str, available_bytes: int | None = None) -> Loaded:
-    """The factory's splits (`call_factory`) decoded into resident tensors."""
-    available = available_memory() if available_bytes is None else available_bytes
+def decode(splits: Mapping[str, Any], factory: str) -> Loaded:
+    """The factory's splits (`call_factory`) decoded into resident tensors (uint8 images or float32 inputs, int64
+    targets)."""
+    available = streaming.available_memory()
     decoded: dict[str, Pair] = {}
     first: torch.Tensor | None = None
     for name in SPLITS:
@@ -178,10 +173,10 @@ def _decode(dataset: Any, split: str, first: torch.Tensor | None, available: int
             first = x if first is None else first
             _same_kind(x, first, split, index)
             if index == 0 and size is not None:
-                check_fits(held + size * x.numel() * x.element_size(), available, STREAM_HINT)
+                streaming.check_fits(held + size * x.numel() * x.element_size(), available, STREAM_HINT)
             held += x.numel() * x.element_size()
             if index % 1024 == 0:
-                check_fits(held, available, STREAM_HINT)
+                streaming.check_fits(held, available, STREAM_HINT)
             inputs.append(x)
             targets.append(y)
     except SearchsvcError:
@@ -246,23 +241,3 @@ def _same_kind(x: torch.Tensor, first: torch.Tensor, split: str, index: int) -> 
 
 
 STREAM_HINT = "a map-style dataset streams (dataset.in_memory: auto or false); an iterable one is decoded whole"
-
-
-def check_fits(needed: int, available: int, hint: str) -> None:
-    """SearchsvcError (one line, before memory runs out) if decoded data of `needed` bytes passes MEMORY_SHARE of
-    the `available` bytes."""
-    if needed > MEMORY_SHARE * available:
-        raise SearchsvcError(f"dataset: the decoded data takes {needed / 2**30:.1f} GiB, more than "
-                             f"{MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GiB of memory available; {hint}")
-
-
-def available_memory() -> int:
-    """Bytes of memory available now (Linux's MemAvailable; where there is none, the pages not in use)."""
-    try:
-        with open("/proc/meminfo") as handle:
-            fields = dict(line.split(":", 1) for line in handle)
-        return int(fields["MemAvailable"].split()[0]) * 1024  # kB
-    except (OSError, KeyError, ValueError):
-        import os
-
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

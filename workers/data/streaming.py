@@ -17,6 +17,7 @@ need not know which one they hold.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -27,6 +28,25 @@ from torch.utils.data import DataLoader, Dataset
 from core.errors import SearchsvcError
 
 Resident = tuple[torch.Tensor, torch.Tensor]  # inputs [N, ...] (uint8 images or float), targets [N] int64
+MEMORY_SHARE = 0.5  # of the memory available that data decoded whole may take: the rest is the models', Ray's, the OS's
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (Linux's MemAvailable; where there is none, the pages not in use)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            fields = dict(line.split(":", 1) for line in handle)
+        return int(fields["MemAvailable"].split()[0]) * 1024  # kB
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(needed: int, available: int, hint: str) -> None:
+    """SearchsvcError (one line, before memory runs out) if data of `needed` bytes decoded whole passes
+    MEMORY_SHARE of the `available` bytes; `hint` says what to do instead."""
+    if needed > MEMORY_SHARE * available:
+        raise SearchsvcError(f"dataset: the decoded data takes {needed / 2**30:.1f} GiB, more than "
+                             f"{MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GiB of memory available; {hint}")
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity: its fields hold a dataset and a tensor
