@@ -309,3 +309,15 @@ def test_in_memory_takes_true_false_or_auto_where_the_data_can_stream(value, say
     assert main(["validate", str(config)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "dataset.in_memory" in err and says in err, err
+
+
+@pytest.mark.parametrize("key, value", [("image_size", 8), ("channels", 3)])
+def test_streamed_python_data_is_not_converted_silently(key, value):
+    """Resident data is resized and given channels here; streamed data is read as the dataset gives it: asking for
+    another size or channel count is one line, not a silent mismatch between the two paths."""
+    config = DatasetConfig(name="python", factory=f"{FACTORIES}:images", kwargs={"train": 64, "val": 16, "test": 16},
+                           in_memory=False, workers=0, **{key: value})
+    with pytest.raises(Exception, match=f"dataset.{key}: streamed data is read as its source gives it"):
+        load_dataset(config)
+    assert load_dataset(replace(config, in_memory=True)).train[0].shape[1:] == ((1, 8, 8) if key == "image_size"
+                                                                                  else (3, 16, 16))

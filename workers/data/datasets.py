@@ -313,6 +313,9 @@ def _pick(split: streaming.Split, index: torch.Tensor, config: DatasetConfig) ->
         if config.channels is not None and config.channels != split.shape[0]:
             raise SearchsvcError(f"dataset.channels: streamed data is read as its source gives it ({split.shape[0]} "
                                  f"channels); convert in your dataset, or set dataset.in_memory: true")
+        if config.image_size is not None and config.image_size != split.shape[-1]:  # an image folder's: resized
+            raise SearchsvcError(f"dataset.image_size: streamed data is read as its source gives it ({split.shape[-1]}"
+                                 f" px); resize in your dataset, or set dataset.in_memory: true")
         return split.subset(index)
     x, y = _take(split, index)
     return _model_input(x, config), y
