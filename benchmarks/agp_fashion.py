@@ -56,12 +56,11 @@ def main() -> None:
         started = time.perf_counter()
         metrics = evaluate_candidate(spec, ctx, progress=True)
         small = load_candidate_model(store, spec.spec_hash)
-        c, size = splits.in_channels, splits.image_size
         # Interleaved timing: dense and thinned alternate, so machine noise hits both alike.
         dense_ms, small_ms = [], []
         for _ in range(3):
-            dense_ms.append(latency_ms(dense, cpu, c, size, 256, args.repeats))
-            small_ms.append(latency_ms(small, cpu, c, size, 256, args.repeats))
+            dense_ms.append(latency_ms(dense, cpu, splits.inputs, 256, args.repeats))
+            small_ms.append(latency_ms(small, cpu, splits.inputs, 256, args.repeats))
         run = {k: metrics.get(k) for k in ("spec_hash", "accuracy", "sparsity", "sparsity_before_thinning",
                                            "nonzero_params", "params", "macs", "macs_before_thinning", "thinned")}
         run.update(schedule=path, wall_s=time.perf_counter() - started,

@@ -27,6 +27,7 @@ from searchsvc.budget import Budget
 from searchsvc.reporting.compare import chosen, load_run
 from storage import open_store
 from workers.measurement.measure import count_macs
+from workers.models.inputs import InputSpec
 from workers.training.teacher import load_teacher
 
 TEACHER = ["teacher.arch=resnet20", "teacher.epochs=4", "teacher.batch_size=256", "teacher.lr=0.1",
@@ -78,7 +79,7 @@ def teacher_macs(store: str) -> tuple[str, int]:
     latest = sorted({k.split("/")[1] for k in opened.list("runs/")})[-1]
     teacher_hash = opened.get_json(f"runs/{latest}/run.json")["teacher_hash"]
     teacher = load_teacher(opened, teacher_hash)
-    return teacher_hash, count_macs(teacher.model, teacher.meta["in_channels"], teacher.meta["image_size"])
+    return teacher_hash, count_macs(teacher.model, InputSpec.from_meta(teacher.meta))
 
 
 def main() -> None:

@@ -88,7 +88,8 @@ def structure(name: str, size: int) -> dict[str, Any]:
     import torchvision
 
     from workers.measurement.measure import count_macs, count_parameters
-    from workers.models.depgraph import channel_groups, example_input, removable_units, shrink_graph
+    from workers.models.depgraph import channel_groups, removable_units, shrink_graph
+    from workers.models.inputs import InputSpec
     from workers.models.rebuild import rebuild, remove_units
     from workers.models.user_model import constructor
 
@@ -111,7 +112,7 @@ def structure(name: str, size: int) -> dict[str, Any]:
 
     torch.manual_seed(0)
     teacher = build()
-    example = example_input(teacher, 3, size)
+    example = InputSpec.image(3, size).example(teacher)
     start = time.perf_counter()
     units = removable_units(teacher, example)
     removed = units[:1]
@@ -126,7 +127,7 @@ def structure(name: str, size: int) -> dict[str, Any]:
         exact = bool(torch.equal(again(images), small(images)))
     result = {"units": len(units), "groups": len(groups), "sliced_groups": sum(g.slices > 1 for g in groups),
               "analysis_s": round(analysis_s, 2), "analysis_peak_gb": round(analysis_gb, 2),
-              "macs_ratio": round(count_macs(teacher, 3, size) / count_macs(small, 3, size), 2),
+              "macs_ratio": round(count_macs(teacher, InputSpec.image(3, size)) / count_macs(small, InputSpec.image(3, size)), 2),
               "params_ratio": round(count_parameters(teacher) / count_parameters(small), 2), "rebuild_exact": exact}
     steps = {"taylor": lambda: _taylor(teacher, build, size), "n2n": lambda: _n2n(teacher, size),
              "agp": lambda: _agp(teacher, example, images), "export": lambda: _export(small, images, size),
@@ -152,9 +153,10 @@ def _taylor(teacher, build, size: int) -> str:
     import torch
 
     from workers.compression.taylor import prunable_channels, taylor_prune
+    from workers.models.inputs import InputSpec
     from workers.models.rebuild import rebuild
 
-    count = prunable_channels(teacher, 3, size) // 5
+    count = prunable_channels(teacher, InputSpec.image(3, size)) // 5
     student, plan = taylor_prune(copy.deepcopy(teacher).requires_grad_(True), _splits(size), count, 2, 8)
     images = torch.randn(2, 3, size, size)
     with torch.no_grad():  # close, not equal: the step ran in channels_last, the rebuild is contiguous
@@ -165,9 +167,10 @@ def _taylor(teacher, build, size: int) -> str:
 
 
 def _n2n(teacher, size: int) -> str:
+    from workers.models.inputs import InputSpec
     from workers.models.structure import structure_of
 
-    units = structure_of(teacher, 3, size)
+    units = structure_of(teacher, InputSpec.image(3, size))
     return f"✓ {len(units.names)} blocks" if units.names else "✗ no block with a skip"
 
 
@@ -201,8 +204,9 @@ def _export(small, images, size: int) -> str:
     import torch
 
     from workers.measurement import ort
+    from workers.models.inputs import InputSpec
 
-    session = onnxruntime.InferenceSession(ort.onnx_bytes(small, 3, size), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(ort.onnx_bytes(small, InputSpec.image(3, size)), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {ort.INPUT: images.numpy()})
     with torch.no_grad():
         gap = float(np.abs(logits - small(images).numpy()).max())
@@ -214,9 +218,10 @@ def _quantize(small, size: int) -> str:
 
     from workers.compression.quantize import QuantizeConfig, quantize_onnx
     from workers.measurement import ort
+    from workers.models.inputs import InputSpec
 
     calibration = torch.randn(8, 3, size, size).numpy()
-    int8 = quantize_onnx(ort.onnx_bytes(small, 3, size), calibration, QuantizeConfig(calibration_batch_size=8))
+    int8 = quantize_onnx(ort.onnx_bytes(small, InputSpec.image(3, size)), calibration, QuantizeConfig(calibration_batch_size=8))
     return f"✓ {len(int8) // 1024} KiB"
 
 

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from workers.data.datasets import Splits, load_dataset
 from workers.measurement.measure import count_macs
+from workers.models.inputs import InputSpec
 from workers.models.zoo import create_model
 from workers.training.distill import distill_loss_fn, inference_copy, kd_loss, teacher_logits
 from workers.training.train import DistillConfig, TrainConfig, resolve_device, train_model
@@ -139,7 +140,7 @@ def kd_epoch(arch: str, images: int, batch: int, device: torch.device, workers: 
     start_state = {k: v.clone() for k, v in student.state_dict().items()}
     first_s, ours_s = ours(student, teacher, splits, batch, device, compile_model, live)
     trained = (images // batch) * batch  # both loops drop the ragged last batch
-    macs = count_macs(create_model(arch, 3, 10), 3, 32)
+    macs = count_macs(create_model(arch, 3, 10), InputSpec.image(3, 32))
     flops_per_image = 2 * (3 * macs + (macs if live else 0))  # student forward + backward (+ live teacher forward)
     tflops = flops_per_image * trained / ours_s / 1e12
     peak = bf16_peak(device)

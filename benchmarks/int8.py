@@ -40,8 +40,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def ort_figures(model: torch.nn.Module, splits: Splits, config: QuantizeConfig, threads: list[int],
                 repeats: int) -> dict[str, Any]:
     """fp32 and int8 through ONNX Runtime: bytes, accuracy, latency per thread count."""
-    c, size = splits.in_channels, splits.image_size
-    fp32 = ort.onnx_bytes(model, c, size)
+    fp32 = ort.onnx_bytes(model, splits.inputs)
     started = time.perf_counter()
     int8 = quantize_onnx(fp32, calibration_images(splits, config), config)
     figures: dict[str, Any] = {"quantize_s": time.perf_counter() - started, "fp32_onnx_bytes": len(fp32),
@@ -51,8 +50,8 @@ def ort_figures(model: torch.nn.Module, splits: Splits, config: QuantizeConfig, 
     for t in threads:
         for batch in (1, 256):
             n = repeats if batch == 1 else max(3, repeats // 5)
-            figures[f"fp32_ort_b{batch}_t{t}_ms"] = ort.latency_ms(fp32, c, size, batch, t, n)
-            figures[f"int8_ort_b{batch}_t{t}_ms"] = ort.latency_ms(int8, c, size, batch, t, n)
+            figures[f"fp32_ort_b{batch}_t{t}_ms"] = ort.latency_ms(fp32, splits.inputs, batch, t, n)
+            figures[f"int8_ort_b{batch}_t{t}_ms"] = ort.latency_ms(int8, splits.inputs, batch, t, n)
     return figures
 
 
@@ -67,7 +66,7 @@ def pt2e_figures(model: torch.nn.Module, splits: Splits, config: QuantizeConfig,
     except ImportError as err:
         return {"error": f"not installed: {err}"}
     try:
-        example = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
+        example = torch.zeros(1, *splits.inputs.shape)
         exported = torch.export.export(model.eval(), (example,)).module()
         quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
         prepared = prepare_pt2e(exported, quantizer)
@@ -82,8 +81,8 @@ def pt2e_figures(model: torch.nn.Module, splits: Splits, config: QuantizeConfig,
     for t in threads:
         torch.set_num_threads(t)
         for batch in (1, 256):
-            figures[f"int8_eager_b{batch}_t{t}_ms"] = latency_ms(converted, torch.device("cpu"), splits.in_channels,
-                                                                 splits.image_size, batch, repeats)
+            figures[f"int8_eager_b{batch}_t{t}_ms"] = latency_ms(converted, torch.device("cpu"), splits.inputs,
+                                                                 batch, repeats)
     return figures
 
 
@@ -96,8 +95,8 @@ def torch_figures(model: torch.nn.Module, splits: Splits, threads: list[int], re
         torch.set_num_threads(t)
         for batch in (1, 256):
             n = repeats if batch == 1 else max(3, repeats // 5)
-            figures[f"fp32_torch_b{batch}_t{t}_ms"] = latency_ms(model, torch.device("cpu"), splits.in_channels,
-                                                                 splits.image_size, batch, n)
+            figures[f"fp32_torch_b{batch}_t{t}_ms"] = latency_ms(model, torch.device("cpu"), splits.inputs,
+                                                                 batch, n)
     return figures
 
 

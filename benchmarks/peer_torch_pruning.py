@@ -45,7 +45,7 @@ from workers.compression.taylor import _loss_batches, prunable_channels  # noqa:
 from workers.data.datasets import load_dataset  # noqa: E402
 from workers.evaluation.evaluate import EvalContext  # noqa: E402
 from workers.measurement.measure import count_macs, count_parameters, measure  # noqa: E402
-from workers.models.depgraph import classifier, example_input  # noqa: E402
+from workers.models.depgraph import classifier  # noqa: E402
 from workers.training.distill import distill_loss_fn  # noqa: E402
 from workers.training.teacher import load_or_train_teacher  # noqa: E402
 from workers.training.train import train_model  # noqa: E402
@@ -80,8 +80,8 @@ def torch_pruning_pipeline(ctx: EvalContext, config, steps: int) -> list[dict[st
 
     splits, search, train = ctx.splits, config.search, config.train
     model = copy.deepcopy(ctx.teacher.model).cpu()
-    example = example_input(model, splits.in_channels, splits.image_size)
-    total = prunable_channels(model, splits.in_channels, splits.image_size)
+    example = splits.inputs.example(model)
+    total = prunable_channels(model, splits.inputs)
     per_step = prune_count(search.filters_per_iteration, total) / total  # the share searchsvc's taylor removes
     pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupTaylorImportance(),
                                   global_pruning=True, pruning_ratio=min(per_step * steps, 0.95),
@@ -220,11 +220,10 @@ def main() -> None:
     others = [c for run in runs.values() for c in run["candidates"]]
     ours = others + (taylor[0]["candidates"] if taylor else [])
     levels = match(peer, ours)
-    c, size = splits.in_channels, splits.image_size
     result = {
         "teacher": {"model": config.teacher.model, "teacher_hash": teacher.teacher_hash,
                     "accuracy": teacher.test_accuracy, "val_accuracy": teacher.val_accuracy,
-                    "macs": count_macs(teacher.model, c, size), "params": count_parameters(teacher.model)},
+                    "macs": count_macs(teacher.model, splits.inputs), "params": count_parameters(teacher.model)},
         "steps": args.steps, "filters_per_iteration": config.search.filters_per_iteration,
         "importance_batches": config.search.importance_batches, "train": {"epochs": config.train.epochs,
                                                                         "max_images": config.train.max_images,

@@ -62,7 +62,7 @@ def main() -> None:
     for mode in modes:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             torch.manual_seed(seed)
-            model = create_model(args.arch, splits.in_channels, splits.num_classes)
+            model = create_model(args.arch, splits.inputs.channels, splits.num_classes)
             callbacks = [] if mode == "dense" else [rigl_callback(args, static=mode == "static", seed=seed)]
             started = time.perf_counter()
             history = train_model(model, splits, recipe, torch.device("cpu"), seed=seed, progress=False,

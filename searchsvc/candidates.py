@@ -14,6 +14,7 @@ from storage import ArtifactStore, KeyNotFoundError, StoreOptions, check_id, lay
 from workers.evaluation.evaluate import load_candidate_model
 from workers.evaluation.spec import CandidateSpec
 from workers.measurement import ort
+from workers.models.inputs import InputSpec
 from workers.training.teacher import load_teacher
 
 
@@ -36,23 +37,19 @@ def load_candidate(uri_or_hash: str, store: ArtifactStore | str | None = None,
     return load_candidate_model(store, spec_hash)
 
 
-InputShape = tuple[int, int]  # (channels, side in pixels) of the images a model takes
-
-
-def _input_shape(meta: dict, model: nn.Module) -> InputShape:
+def _input_shape(meta: dict, model: nn.Module) -> InputSpec:
     """What the teacher was trained or evaluated on (teachers stored before `in_channels` was recorded: the
-    zoo architecture's own)."""
-    channels = meta.get("in_channels") or model.arch.in_channels
-    return int(channels), int(meta.get("image_size", 32))
+    zoo architecture's own channels)."""
+    return InputSpec.from_meta(meta, getattr(getattr(model, "arch", None), "in_channels", None))
 
 
-def candidate_input(store: ArtifactStore, spec_hash: str, model: nn.Module) -> InputShape:
+def candidate_input(store: ArtifactStore, spec_hash: str, model: nn.Module) -> InputSpec:
     """The input shape of the candidate's teacher, for export's example input."""
     spec = CandidateSpec.from_json(store.get_verified(layout.candidate(spec_hash), layout.SPEC).decode())
     return _input_shape(json.loads(store.get_verified(layout.teacher(spec.teacher), layout.META)), model)
 
 
-def stored_model(store: ArtifactStore, model_hash: str) -> tuple[nn.Module, InputShape]:
+def stored_model(store: ArtifactStore, model_hash: str) -> tuple[nn.Module, InputSpec]:
     """A kept candidate (by spec hash) or a teacher (by teacher hash) and its input shape."""
     if store.exists(layout.manifest(layout.candidate(model_hash))):
         model = load_candidate_model(store, model_hash)
@@ -63,13 +60,13 @@ def stored_model(store: ArtifactStore, model_hash: str) -> tuple[nn.Module, Inpu
     raise KeyNotFoundError(f"{model_hash} is neither a kept candidate nor a teacher in {store.uri}")
 
 
-def export_model(model: nn.Module, path: str | Path, shape: InputShape) -> Path:
+def export_model(model: nn.Module, path: str | Path, shape: InputSpec) -> Path:
     """Write ONNX (.onnx, dynamic batch) or TorchScript (.pt / .ts) depending on the file name."""
     path = Path(path)
-    example = torch.zeros(1, shape[0], shape[1], shape[1])
+    example = torch.zeros(1, *shape.shape)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".onnx":
-        path.write_bytes(ort.onnx_bytes(model, shape[0], shape[1]))  # the model ONNX Runtime times and quantizes
+        path.write_bytes(ort.onnx_bytes(model, shape))  # the model ONNX Runtime times and quantizes
     elif path.suffix in (".pt", ".ts"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -71,10 +71,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from workers.measurement.summary import format_summary, summary, to_csv
 
     store = open_for(args, args.store)
-    model, (channels, image_size) = stored_model(store, check_id(args.model, "model hash"))
-    rows = summary(model, args.kind, channels, image_size)
+    model, inputs = stored_model(store, check_id(args.model, "model hash"))
+    rows = summary(model, args.kind, inputs)
     name = model.arch.name if hasattr(model, "arch") else type(model).__name__
-    print(f"{args.kind} summary of {args.model} ({name}, {image_size}x{image_size} input)")
+    print(f"{args.kind} summary of {args.model} ({name}, {inputs} input)")
     print(format_summary(rows))
     key = layout.store_summary(args.model, args.kind)
     try:

@@ -94,15 +94,15 @@ def cut_problems(config: JobConfig) -> list[str]:
     """A user's network that cannot be cut and rebuilt exactly is refused here, with the layer and why, rather
     than searched into candidates that fail or that `load_candidate` and `export` could not load."""
     from workers.data.datasets import input_shape
-    from workers.models.depgraph import cut_problem, example_input
+    from workers.models.depgraph import cut_problem
     from workers.models.user_model import check_outputs, construct
 
     shape = input_shape(config.dataset)
     if config.teacher.source is None or shape is None:
         return []
     model = construct(config.teacher.source)
-    check_outputs(model, *shape, num_classes=None)  # a model that cannot take the data says so first
-    problem = cut_problem(model, construct(config.teacher.source), example_input(model, *shape))
+    check_outputs(model, shape, num_classes=None)  # a model that cannot take the data says so first
+    problem = cut_problem(model, construct(config.teacher.source), shape.example(model))
     return [f"teacher.model: {config.teacher.model} {problem}"] if problem else []
 
 

@@ -20,7 +20,7 @@ from workers.compression.pruners import PolicyStep, agp_sparsity
 from workers.compression.schedule import CompressionScheduler, ScheduleError, load_schedule, parse_schedule
 from workers.measurement.measure import count_macs
 from workers.measurement.summary import compute_summary, sparsity_summary
-from workers.models.depgraph import example_input
+from workers.models.inputs import InputSpec
 from workers.models.thinning import alive_channels, thin
 from workers.models.zoo import create_model
 from workers.training.teacher import load_teacher
@@ -155,9 +155,9 @@ def test_thinning_a_plain_cnn_keeps_outputs_and_drops_the_expected_macs(rgb32):
         torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
     # MACs per image by hand: out x in x k² x output pixels, with the live channels only
     expected = 3 * 3 * 25 * 28 * 28 + 8 * 3 * 25 * 10 * 10 + 60 * (8 * 25) + 42 * 60 + rgb32.num_classes * 42
-    assert count_macs(small, 3, 32) == expected
+    assert count_macs(small, InputSpec.image(3, 32)) == expected
     assert removed == {"conv1": 3, "conv2": 8, "fc1": 60, "fc2": 42}
-    assert compute_summary(small, 3, 32)[-1]["macs"] == expected
+    assert compute_summary(small, InputSpec.image(3, 32))[-1]["macs"] == expected
 
 
 def test_thinning_an_mlp_keeps_outputs_and_drops_the_expected_macs(rgb32):
@@ -172,12 +172,12 @@ def test_thinning_an_mlp_keeps_outputs_and_drops_the_expected_macs(rgb32):
     x = torch.randn(8, 3, 32, 32)  # 32 px: max-pooled to the 28 x 28 it was built for
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
-    assert count_macs(small, 3, 32) == 150 * 3 * 28 * 28 + 50 * 150 + rgb32.num_classes * 50
+    assert count_macs(small, InputSpec.image(3, 32)) == 150 * 3 * 28 * 28 + 50 * 150 + rgb32.num_classes * 50
 
 
 def test_thinning_a_resnet_is_residual_aware_and_exact(rgb32):
     model = create_model("tiny_cnn", 3, rgb32.num_classes)
-    before = compute_summary(model, 3, 32)
+    before = compute_summary(model, InputSpec.image(3, 32))
     # an inner width, and a residual stream (naming one member prunes every layer adding into it)
     scheduler = _structured(model, ["layer1.0.conv1.0.weight", "layer2.0.conv2.0.weight"])
     train_model(model, rgb32, Recipe(epochs=2, batch_size=64, lr=0.05), CPU, progress=False, callbacks=[scheduler])
@@ -197,7 +197,7 @@ def test_thinning_a_resnet_is_residual_aware_and_exact(rgb32):
     # of its conv2 and shortcut and the inputs of the classifier
     expected_drop = (macs["layer1.0.conv1.0"] + macs["layer1.0.conv2.0"] + macs["layer2.0.conv2.0"]
                      + macs["layer2.0.shortcut.0"] + macs["fc"]) // 2
-    assert count_macs(small, 3, 32) == count_macs(model, 3, 32) - expected_drop
+    assert count_macs(small, InputSpec.image(3, 32)) == count_macs(model, InputSpec.image(3, 32)) - expected_drop
 
 
 def test_sparsity_summary_counts_zeros_and_totals():
@@ -331,11 +331,11 @@ def test_agp_sweep_thins_records_and_summarises(tmp_path, ray_session, capsys):
     # trials train past the schedule's end), the variant over it is skipped, and a budget nothing meets is
     # one line, exit 2, before any trial.
     teacher = load_teacher(store, store.get_json(f"runs/{run_id}/run.json")["teacher_hash"])
-    example = example_input(teacher.model, 3, 32)
+    example = InputSpec.image(3, 32).example(teacher.model)
     for row in rows:
         key = store.get_json(f"candidates/{row['spec_hash']}/spec.json")["schedule"]
         schedule = get_schedule(store, key, teacher.model, example)
-        footprint = final_footprint(teacher.model, schedule, example, 3, 32)
+        footprint = final_footprint(teacher.model, schedule, example, InputSpec.image(3, 32))
         assert (footprint["macs"], footprint["params"]) == (row["macs"], row["params"])
         # A budget judges a sparse model by its non-zero MACs: the trained model's zeros fall a little apart
         # from those of the teacher's pruned weights (11 of 147,733 here)

@@ -21,7 +21,8 @@ import torchvision
 from core.errors import SearchsvcError
 from workers.measurement import ort
 from workers.measurement.measure import count_macs
-from workers.models.depgraph import channel_groups, example_input, removable_units, shrink_graph
+from workers.models.depgraph import channel_groups, removable_units, shrink_graph
+from workers.models.inputs import InputSpec
 from workers.models.rebuild import rebuild, rebuild_mismatch, remove_units
 from workers.models.user_model import ModelSource, construct, constructor
 
@@ -41,7 +42,7 @@ def swin() -> torch.nn.Module:
 
 
 def _halved(teacher: torch.nn.Module, removed: tuple[str, ...] = (), size: int = 32) -> torch.nn.Module:
-    example = example_input(teacher, 3, size)
+    example = InputSpec.image(3, size).example(teacher)
     groups = channel_groups(remove_units(copy.deepcopy(teacher), removed), example)
     return shrink_graph(teacher, example, removed, {g.key: g.channels // 2 for g in groups})
 
@@ -49,7 +50,7 @@ def _halved(teacher: torch.nn.Module, removed: tuple[str, ...] = (), size: int =
 def test_a_vision_transformer_loses_head_width_mlp_width_and_blocks():
     torch.manual_seed(0)
     teacher = vit()
-    example = example_input(teacher, 3, 32)
+    example = InputSpec.image(3, 32).example(teacher)
     units = removable_units(teacher, example)
     assert units == tuple(f"encoder.layers.encoder_layer_{i}" for i in range(12))  # not the whole encoder
     groups = channel_groups(teacher, example)
@@ -67,7 +68,7 @@ def test_a_vision_transformer_loses_head_width_mlp_width_and_blocks():
     assert small.encoder.pos_embedding.shape[-1] == 384
     assert small.encoder.layers.encoder_layer_0.mlp[0].out_features == 1536
     assert isinstance(small.encoder.layers.encoder_layer_11, torch.nn.Identity)
-    assert count_macs(small, 3, 32) < 0.25 * count_macs(teacher, 3, 32)
+    assert count_macs(small, InputSpec.image(3, 32)) < 0.25 * count_macs(teacher, InputSpec.image(3, 32))
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         again = rebuild(vit(), units[-2:], dict(small.state_dict()))
@@ -79,7 +80,7 @@ def test_heads_keep_their_own_channels_when_the_stream_narrows():
     positions are the stream's positions inside that head, so each narrowed head is a subset of the same head."""
     torch.manual_seed(0)
     teacher = vit()
-    example = example_input(teacher, 3, 32)
+    example = InputSpec.image(3, 32).example(teacher)
     stream = next(g for g in channel_groups(teacher, example) if g.slices > 1)
     scores = torch.arange(stream.channels, dtype=torch.float) % 64  # position 63 of each head scores lowest... last
     small = shrink_graph(teacher, example, widths={stream.key: stream.channels - stream.slices}, scores={
@@ -98,19 +99,20 @@ def test_swin_is_analysed_in_bounded_memory_and_rebuilt_exactly():
     attention and patch merging are now single nodes of the graph."""
     torch.manual_seed(0)
     teacher = swin()
-    example = example_input(teacher, 3, 32)
+    example = InputSpec.image(3, 32).example(teacher)
     units = removable_units(teacher, example)
     small = _halved(teacher, units[1:2])
     # VmHWM, not ru_maxrss: a forked child's ru_maxrss starts at its parent's (a test worker's ~4 GB), VmHWM with exec
-    code = ("import torchvision; from workers.models.depgraph import channel_groups, example_input; "
-            "m = torchvision.models.swin_t(num_classes=10).eval(); channel_groups(m, example_input(m, 3, 32)); "
+    code = ("import torchvision; from workers.models.depgraph import channel_groups; "
+            "from workers.models.inputs import InputSpec; "
+            "m = torchvision.models.swin_t(num_classes=10).eval(); channel_groups(m, InputSpec.image(3, 32).example(m)); "
             "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert int(done.stdout.split()[-1]) < 2e6  # kB, in a process of its own: 0.9 GB measured (was over 16 GB)
     attention = small.features[1][0].attn
     assert attention.num_heads == 3 and attention.qkv.out_features == 3 * 48 and attention.proj.in_features == 48
     assert small.features[2].reduction.in_features == 4 * 48 and small.features[2].norm.normalized_shape == (192,)
-    assert count_macs(small, 3, 32) < 0.3 * count_macs(teacher, 3, 32)
+    assert count_macs(small, InputSpec.image(3, 32)) < 0.3 * count_macs(teacher, InputSpec.image(3, 32))
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(rebuild(swin(), units[1:2], dict(small.state_dict()))(images), small(images))
@@ -124,7 +126,7 @@ def test_a_cut_transformer_exports_to_onnx_matching_pytorch(build):
     torch.manual_seed(0)
     small = _halved(build())
     images = torch.randn(2, 3, 32, 32)
-    session = onnxruntime.InferenceSession(ort.onnx_bytes(small, 3, 32), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(ort.onnx_bytes(small, InputSpec.image(3, 32)), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {ort.INPUT: images.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(logits, small(images).numpy(), atol=1e-4, rtol=1e-4)
@@ -136,12 +138,12 @@ def test_shufflenet_prunes_inside_its_blocks_and_keeps_the_shuffled_streams():
     build = lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()  # noqa: E731
     torch.manual_seed(0)
     teacher = build()
-    example = example_input(teacher, 3, 32)
+    example = InputSpec.image(3, 32).example(teacher)
     groups = channel_groups(teacher, example)
     assert {"stage2.1.branch2.0", "stage3.0.branch2.0", "conv1.0", "conv5.0"} <= {o for g in groups for o in g.outputs}
     assert not any(o.endswith(("branch1.2", "branch2.5")) for g in groups for o in g.outputs)  # shuffled: kept
     small = _halved(teacher)
-    assert count_macs(small, 3, 32) < 0.6 * count_macs(teacher, 3, 32)
+    assert count_macs(small, InputSpec.image(3, 32)) < 0.6 * count_macs(teacher, InputSpec.image(3, 32))
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(rebuild(build(), (), dict(small.state_dict()))(images), small(images))
@@ -155,7 +157,7 @@ def test_maxvit_attention_and_partitions_are_single_nodes():
     small = _halved(teacher, size=224)
     attention = small.blocks[0].layers[0].layers.window_attention.attn_layer[1]
     assert (attention.n_heads, attention.head_dim) == (2, 16)  # heads kept, each half as wide
-    assert count_macs(small, 3, 224) < 0.3 * count_macs(teacher, 3, 224)
+    assert count_macs(small, InputSpec.image(3, 224)) < 0.3 * count_macs(teacher, InputSpec.image(3, 224))
     images = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(rebuild(build(), (), dict(small.state_dict()))(images), small(images))
@@ -185,7 +187,7 @@ def test_a_timm_vision_transformer_narrows_every_head_of_q_k_and_v_alike():
     its q/k/v outputs are one channel group in 3 x num_heads slices, so head_dim falls and num_heads stays."""
     torch.manual_seed(0)
     teacher = timm_vit()
-    example = example_input(teacher, 3, 32)
+    example = InputSpec.image(3, 32).example(teacher)
     groups = {g.key: g for g in channel_groups(teacher, example)}
     assert groups["blocks.0.attn.qkv"].slices == 3 * 3 and groups["blocks.0.attn.qkv"].channels == 3 * 192
     small = shrink_graph(teacher, example, widths={"blocks.0.attn.qkv": 3 * 96, "blocks.0.mlp.fc1": 384})
@@ -208,7 +210,7 @@ def test_a_thinned_head_keeps_the_attention_it_had_with_zeros():
 
     torch.manual_seed(0)
     teacher = timm_vit()
-    example = example_input(teacher, 3, 32)
+    example = InputSpec.image(3, 32).example(teacher)
     qkv = teacher.blocks[0].attn.qkv
     dead = [p for part in range(3 * 3) for p in range(part * 64, part * 64 + 16)]  # 16 of 64 in q, k, v of 3 heads
     with torch.no_grad():
@@ -284,7 +286,7 @@ def test_timm_swin_is_cut_through_its_window_attention_and_rebuilt_exactly(name)
     biases apart (and a zero k bias outside the state_dict), and normalises after merging."""
     torch.manual_seed(0)
     teacher = timm_swin(name)
-    example = example_input(teacher, 3, 64)
+    example = InputSpec.image(3, 64).example(teacher)
     removed = removable_units(teacher, example)[:1]
     groups = channel_groups(remove_units(copy.deepcopy(teacher), removed), example)
     assert {g.slices for g in groups} >= {2, 4, 8, 16}  # each stream in its stage's heads
@@ -295,7 +297,7 @@ def test_timm_swin_is_cut_through_its_window_attention_and_rebuilt_exactly(name)
              if "relative_position" in key or "cpb_mlp.2" in key or "logit_scale" in key}
     assert heads and all(attention.state_dict()[key].shape == shape for key, shape in heads.items())  # all kept
     assert small.layers[1].downsample.reduction.in_features == 4 * 24
-    assert count_macs(small, 3, 64) < 0.35 * count_macs(teacher, 3, 64)
+    assert count_macs(small, InputSpec.image(3, 64)) < 0.35 * count_macs(teacher, InputSpec.image(3, 64))
     assert rebuild_mismatch(small, timm_swin(name), removed, example) is None  # the same outputs, rebuilt
 
 
@@ -314,4 +316,4 @@ def test_timm_maxxvit_is_refused_before_torch_pruning_traces_it():
     one line before the graph is built, never left to the kernel's out-of-memory kill."""
     model = constructor("timm:maxvit_tiny_tf_224")(num_classes=10, img_size=64, depths=(1, 1, 1, 1)).eval()
     with pytest.raises(SearchsvcError, match="MaxxVit is not supported yet: timm's MaxxVit"):
-        channel_groups(model, example_input(model, 3, 64))
+        channel_groups(model, InputSpec.image(3, 64).example(model))

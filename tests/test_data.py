@@ -96,7 +96,7 @@ def test_synthetic_images_are_uint8_nchw_and_labels_int64():
         assert labels.shape == (images.shape[0],)
         assert int(labels.min()) >= 0 and int(labels.max()) < 5
     assert splits.num_classes == 5
-    assert splits.in_channels == 3 and splits.image_size == 12
+    assert splits.inputs.shape == (3, 12, 12)
 
 
 def test_synthetic_split_sizes_follow_val_fraction():
@@ -300,7 +300,7 @@ def test_debian_fashion_mnist_split_sizes(fashion):
 
 def test_debian_fashion_mnist_is_10_classes_of_28x28_grey(fashion):
     assert fashion.num_classes == 10
-    assert fashion.in_channels == 1 and fashion.image_size == 28
+    assert fashion.inputs.shape == (1, 28, 28)
     assert fashion.train[0].shape == (54000, 1, 28, 28) and fashion.train[0].dtype == torch.uint8
     assert sorted(torch.unique(fashion.test[1]).tolist()) == list(range(10))
 

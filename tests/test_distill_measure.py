@@ -18,6 +18,7 @@ from torch import nn
 
 from workers.data.datasets import DatasetConfig, SyntheticConfig, load_dataset
 from workers.measurement.measure import count_macs, count_parameters, latency_ms, measure, model_bytes
+from workers.models.inputs import InputSpec
 from workers.models.surgery import shrink
 from workers.models.zoo import BlockArch, ResNetArch, build_model, create_model
 from workers.training.distill import distill_loss_fn, kd_loss, teacher_logits
@@ -218,13 +219,13 @@ def test_count_macs_of_tiny_cnn_at_16x16_grey_is_the_hand_count():
         + 16 * 10  # fc
     )
     assert expected == 542_880
-    assert count_macs(model, 1, 16) == expected
+    assert count_macs(model, InputSpec.image(1, 16)) == expected
 
 
 def test_count_macs_of_a_hand_built_one_block_net():
     arch = ResNetArch("probe", in_channels=2, num_classes=5, stem=4, stages=((BlockArch(mid=6, out=4, stride=1),),))
     expected = conv_macs(2, 4, 3, 8) + conv_macs(4, 6, 3, 8) + conv_macs(6, 4, 3, 8) + 4 * 5
-    assert count_macs(build_model(arch), 2, 8) == expected
+    assert count_macs(build_model(arch), InputSpec.image(2, 8)) == expected
 
 
 def test_count_macs_of_a_removed_block_counts_only_its_projection():
@@ -232,12 +233,12 @@ def test_count_macs_of_a_removed_block_counts_only_its_projection():
                       stages=((BlockArch(mid=4, out=4, stride=1, removed=True),),
                               (BlockArch(mid=8, out=8, stride=2, removed=True),)))
     expected = conv_macs(1, 4, 3, 8) + conv_macs(4, 8, 1, 4) + 8 * 3
-    assert count_macs(build_model(arch), 1, 8) == expected
+    assert count_macs(build_model(arch), InputSpec.image(1, 8)) == expected
 
 
 def test_count_macs_leaves_the_training_mode_as_it_was():
     model = create_model("tiny_cnn", in_channels=1, num_classes=10).train()
-    count_macs(model, 1, 16)
+    count_macs(model, InputSpec.image(1, 16))
     assert model.training
 
 
@@ -271,21 +272,21 @@ def test_model_bytes_of_a_shrunk_model_is_smaller_than_the_teachers():
 
 def test_latency_ms_is_a_positive_finite_median():
     model = create_model("tiny_cnn", in_channels=1, num_classes=10)
-    value = latency_ms(model, CPU, 1, 16, batch=2, repeats=3, warmup=1)
+    value = latency_ms(model, CPU, InputSpec.image(1, 16), batch=2, repeats=3, warmup=1)
     assert isinstance(value, float)
     assert math.isfinite(value) and value > 0
 
 
 def test_measure_returns_every_metric_with_sane_values():
     splits = small_splits()
-    model = create_model("tiny_cnn", in_channels=splits.in_channels, num_classes=splits.num_classes)
+    model = create_model("tiny_cnn", in_channels=splits.inputs.channels, num_classes=splits.num_classes)
     result = measure(model, splits, CPU, latency_repeats=2, large_batch=8)
     assert set(result) == {"accuracy", "val_accuracy", "params", "macs", "latency_ms", "latency_b256_ms",
                            "model_bytes"}
     assert 0.0 <= result["accuracy"] <= 1.0
     assert 0.0 <= result["val_accuracy"] <= 1.0
     assert result["params"] == tiny_cnn_params(1, 4)
-    assert result["macs"] == count_macs(model, 1, 16) > 0
+    assert result["macs"] == count_macs(model, InputSpec.image(1, 16)) > 0
     assert math.isfinite(result["latency_ms"]) and result["latency_ms"] > 0
     assert math.isfinite(result["latency_b256_ms"]) and result["latency_b256_ms"] > 0
     assert result["model_bytes"] == saved_size(model)
@@ -407,7 +408,7 @@ def test_recalibration_replaces_lagging_statistics_with_the_training_batches_own
     recovers from statistics that describe another network."""
     splits = load_dataset(DatasetConfig(name="synthetic", synthetic=SyntheticConfig(train_size=512, test_size=256)))
     torch.manual_seed(0)
-    model = create_model("tiny_cnn", splits.in_channels, splits.num_classes)
+    model = create_model("tiny_cnn", splits.inputs.channels, splits.num_classes)
     train_model(model, splits, TrainConfig(epochs=4, batch_size=64, augment=False, bn_recalibration_batches=0), CPU,
                 progress=False)
     weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
@@ -445,15 +446,15 @@ def test_count_macs_counts_each_architecture_once_and_other_models_every_time(mo
     monkeypatch.setattr(measure_module, "_MACS", {})  # other tests filled the process's cache
     monkeypatch.setattr(measure_module, "_count_macs", lambda *args: calls.append(args[1:]) or real(*args))
     first, second = create_model("tiny_cnn", 1, 10), create_model("tiny_cnn", 1, 10)
-    assert count_macs(first, 1, 16) == count_macs(second, 1, 16) == 542_880
-    assert count_macs(second, 1, 8) < 542_880  # another input size is another count
+    assert count_macs(first, InputSpec.image(1, 16)) == count_macs(second, InputSpec.image(1, 16)) == 542_880
+    assert count_macs(second, InputSpec.image(1, 8)) < 542_880  # another input size is another count
     other = ResNetArch("probe", in_channels=2, num_classes=5, stem=4, stages=((BlockArch(mid=6, out=4, stride=1),),))
     expected = conv_macs(2, 4, 3, 8) + conv_macs(4, 6, 3, 8) + conv_macs(6, 4, 3, 8) + 4 * 5
-    assert count_macs(build_model(other), 2, 8) == count_macs(build_model(other), 2, 8) == expected
-    assert calls == [(1, 16), (1, 8), (2, 8)]
+    assert count_macs(build_model(other), InputSpec.image(2, 8)) == count_macs(build_model(other), InputSpec.image(2, 8)) == expected
+    assert calls == [(InputSpec.image(1, 16),), (InputSpec.image(1, 8),), (InputSpec.image(2, 8),)]
     plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 14 * 14, 3))  # no `arch`: never remembered
-    assert count_macs(plain, 1, 16) == count_macs(plain, 1, 16) == 2 * 14 * 14 * 9 + 2 * 14 * 14 * 3
-    assert calls[3:] == [(1, 16), (1, 16)]
+    assert count_macs(plain, InputSpec.image(1, 16)) == count_macs(plain, InputSpec.image(1, 16)) == 2 * 14 * 14 * 9 + 2 * 14 * 14 * 3
+    assert calls[3:] == [(InputSpec.image(1, 16),)] * 2
 
 
 def test_a_trained_candidate_is_measured_with_its_last_epochs_accuracies_not_a_second_pass(tmp_path, monkeypatch):

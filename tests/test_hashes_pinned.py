@@ -24,6 +24,7 @@ from searchsvc.sweeps.sparse import CandidateJob
 from storage import open_store
 from workers.compression.agp import put_schedule
 from workers.evaluation.spec import CandidateSpec
+from workers.models.inputs import InputSpec
 from workers.models.zoo import create_model
 from workers.training.teacher import teacher_hash
 
@@ -39,7 +40,7 @@ def _context(name: str) -> SimpleNamespace:
     synthetic = config.dataset.synthetic
     model = create_model(config.teacher.arch, synthetic.channels, synthetic.num_classes)
     return SimpleNamespace(config=config, teacher=SimpleNamespace(teacher_hash=TEACHER, model=model),
-                           splits=SimpleNamespace(in_channels=synthetic.channels, image_size=synthetic.image_size))
+                           splits=SimpleNamespace(inputs=InputSpec.image(synthetic.channels, synthetic.image_size)))
 
 
 def _job(context: SimpleNamespace, **extra) -> dict:

@@ -26,6 +26,7 @@ from workers.measurement import ort
 from workers.measurement.latency import LatencyProbe, measure_probes, time_probe
 from workers.measurement.metrics import stored_metrics
 from workers.measurement.run_measures import Measures
+from workers.models.inputs import InputSpec
 from workers.models.zoo import create_model
 from workers.training.teacher import TeacherConfig, load_or_train_teacher
 from workers.training.train import TrainConfig
@@ -40,7 +41,7 @@ def test_the_onnx_model_gives_torchs_logits(name, size):
     torch.manual_seed(0)
     model = create_model(name, in_channels=1, num_classes=4).eval()
     images = torch.randn(5, 1, size, size)
-    runner = ort.session(ort.onnx_bytes(model, 1, size), threads=1)
+    runner = ort.session(ort.onnx_bytes(model, InputSpec.image(1, size)), threads=1)
     got = runner.run([ort.OUTPUT], {ort.INPUT: images.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, model(images).numpy(), rtol=1e-4, atol=1e-5)
@@ -51,7 +52,7 @@ def test_ort_probes_time_a_zoo_and_a_torchvision_model_into_their_own_columns():
               LatencyProbe("torch", batch=1))  # the last is standard: measured by every worker anyway
     for model, channels, size in ((create_model("tiny_cnn", 1, 4), 1, 16),
                                   (torchvision.models.mobilenet_v3_small(num_classes=10), 3, 32)):
-        timed = measure_probes(model, probes, CPU, channels, size)
+        timed = measure_probes(model, probes, CPU, InputSpec.image(channels, size))
         assert set(timed) == {"ort_latency_b1_t1_ms", "ort_latency_b32_t2_ms", "latency_b16_ms"}
         assert all(math.isfinite(v) and v > 0 for v in timed.values())
         assert timed["ort_latency_b32_t2_ms"] > timed["ort_latency_b1_t1_ms"]  # 32 images, not one
@@ -68,8 +69,8 @@ def test_a_model_onnx_cannot_export_is_left_untimed_with_a_warning(caplog):
             return self.fc(flat) + torch.linalg.svdvals(flat[:, :4].reshape(-1, 2, 2)).sum(-1, keepdim=True)
 
     with caplog.at_level(logging.WARNING, logger="workers.measurement.latency"):
-        assert time_probe(Unexportable(), ORT_B1, CPU, 1, 16) is None
-        assert measure_probes(Unexportable(), (ORT_B1,), CPU, 1, 16) == {}
+        assert time_probe(Unexportable(), ORT_B1, CPU, InputSpec.image(1, 16)) is None
+        assert measure_probes(Unexportable(), (ORT_B1,), CPU, InputSpec.image(1, 16)) == {}
     assert "ONNX Runtime on 1 CPU thread, batch 1: not measured" in caplog.text
 
 

@@ -24,6 +24,7 @@ from tests.conftest import kill_run_when
 from workers.data.datasets import DatasetConfig
 from workers.evaluation.spec import CandidateSpec
 from workers.measurement.measure import count_macs
+from workers.models.inputs import InputSpec
 from workers.models.structure import structure_of
 from workers.models.zoo import create_model
 from workers.training.train import TrainConfig
@@ -42,7 +43,7 @@ def test_reward_forms_match_hand_computed_values():
 
 def test_observation_is_one_normalised_row_of_8_per_removable_block():
     teacher = create_model("resnet20", 1, 10)
-    units = structure_of(teacher, 1, 16)
+    units = structure_of(teacher, InputSpec.image(1, 16))
     blocks = units.names
     assert blocks == tuple(f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3))
     obs = observation_rows(units, blocks)
@@ -161,7 +162,7 @@ def test_random_agent_respects_the_evaluation_budget_and_rewards_macs_or_latency
     MACs compression, scaled by limit / MACs when over budget, and within_budget marks exactly those at most
     the limit."""
     teacher = create_model("resnet20", 1, 4)
-    teacher_macs = count_macs(teacher, 1, 16)
+    teacher_macs = count_macs(teacher, InputSpec.image(1, 16))
     limit = int(0.6 * teacher_macs)
     run = _run(tmp_path / "s", "teacher.arch=resnet20", "teacher.epochs=1", "dataset.synthetic.train_size=256",
                "search.agent=random", "search.max_evaluations=6", "search.shrink=false",

@@ -35,6 +35,7 @@ from workers.evaluation.spec import CandidateSpec
 from workers.measurement import ort
 from workers.measurement.metrics import CandidateMetrics
 from workers.measurement.run_measures import Measures
+from workers.models.inputs import InputSpec
 from workers.models.zoo import create_model
 from workers.training.teacher import TeacherConfig, load_or_train_teacher, load_teacher
 from workers.training.train import TrainConfig, evaluate, train_model
@@ -250,7 +251,7 @@ def test_layers_left_in_fp32_are_found_by_their_module_names(build, size, layers
     deep it sits in containers: exactly those layers read fp32 weights."""
     model = build().eval()
     channels = 1 if size == 16 else 3
-    fp32 = ort.onnx_bytes(model, channels, size)
+    fp32 = ort.onnx_bytes(model, InputSpec.image(channels, size))
     calibration = np.random.default_rng(0).standard_normal((8, channels, size, size), dtype=np.float32)
     config = QuantizeConfig(calibration_batches=1, calibration_batch_size=8)
     assert _fp32_weighted(quantize_onnx(fp32, calibration, config)) == 0

@@ -15,7 +15,8 @@ from workers.compression.costs import counter, group_costs
 from workers.compression.ranking import Step, chunk_sizes, plan_removal, removal_order
 from workers.compression.taylor import group_widths, taylor_prune
 from workers.data.datasets import DatasetConfig, SyntheticConfig, load_dataset
-from workers.models.depgraph import channel_groups, example_input, shrink_graph
+from workers.models.depgraph import channel_groups, shrink_graph
+from workers.models.inputs import InputSpec
 from workers.models.surgery import derive_arch, width_keys
 from workers.models.zoo import build_model, create_model
 
@@ -45,7 +46,7 @@ def _narrower(model: torch.nn.Module, key: str, positions: int) -> torch.nn.Modu
     """The model with `positions` positions of group `key` cut by the surgery a method uses."""
     if hasattr(model, "arch"):
         return build_model(derive_arch(model.arch, widths={key: width_keys(model.arch)[key] - positions}))
-    example = example_input(model, 3, SIZE)
+    example = InputSpec.image(3, SIZE).example(model)
     group = {g.key: g for g in channel_groups(model, example)}[key]
     return shrink_graph(model, example, widths={key: group.channels - positions * group.slices})
 
@@ -56,8 +57,8 @@ def test_a_zoo_group_costs_what_its_layers_account_for_by_hand():
     """layer2.1's inner width: conv1 reads the 32-channel stream and conv2 writes it, 3x3 at 16x16 (stride 2 at
     layer2), so one channel is 2 x 32 x 9 x 256 MACs, and 2 x 32 x 9 weights plus its batch-norm scale and shift."""
     model = _resnet20()
-    assert group_costs(model, "macs", 3, SIZE)["layer2.1"] == 2 * 32 * 9 * 16 * 16
-    assert group_costs(model, "params", 3, SIZE)["layer2.1"] == 2 * 32 * 9 + 2
+    assert group_costs(model, "macs", InputSpec.image(3, SIZE))["layer2.1"] == 2 * 32 * 9 * 16 * 16
+    assert group_costs(model, "params", InputSpec.image(3, SIZE))["layer2.1"] == 2 * 32 * 9 + 2
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -67,9 +68,9 @@ def test_each_group_costs_the_drop_measured_by_cutting_it(name, quantity):
     cutting k positions of a group drops k times its cost: the cost of one position, measured once, is the drop of
     any cut of that group alone."""
     model = MODELS[name]()
-    count = counter(quantity, 3, SIZE)
-    costs = group_costs(model, quantity, 3, SIZE)
-    widths = group_widths(model, 3, SIZE)
+    count = counter(quantity, InputSpec.image(3, SIZE))
+    costs = group_costs(model, quantity, InputSpec.image(3, SIZE))
+    widths = group_widths(model, InputSpec.image(3, SIZE))
     assert set(costs) == {key for key, width in widths.items() if width > 1} and len(costs) >= 9
     whole = count(model)
     for key, cost in costs.items():
@@ -81,7 +82,7 @@ def test_each_group_costs_the_drop_measured_by_cutting_it(name, quantity):
 def _slices(model: torch.nn.Module, key: str) -> int:
     if hasattr(model, "arch"):
         return 1
-    return {g.key: g.slices for g in channel_groups(model, example_input(model, 3, SIZE))}[key]
+    return {g.key: g.slices for g in channel_groups(model, InputSpec.image(3, SIZE).example(model))}[key]
 
 
 def test_a_budget_names_the_cost_a_step_ranks_by_and_lands_on():
@@ -114,10 +115,10 @@ def test_max_ratio_keeps_every_group_at_least_that_share_of_its_teacher_width():
 def test_a_step_with_max_ratio_thins_no_group_below_its_floor(splits, name):
     """A step asked to remove every channel: each group keeps at least half its teacher width, the model runs."""
     model = MODELS[name]()
-    full = group_widths(model, 3, SIZE)
+    full = group_widths(model, InputSpec.image(3, SIZE))
     student, plan = taylor_prune(copy.deepcopy(model), splits, Step(10**6, round_to=8, max_ratio=0.5), 2, 64,
                                  full=full)
-    kept = group_widths(student, 3, SIZE)
+    kept = group_widths(student, InputSpec.image(3, SIZE))
     assert plan and all(kept[key] * 2 >= full[key] for key in full), (full, kept)
     assert any(kept[key] < full[key] for key in full)
     assert student(torch.zeros(2, 3, SIZE, SIZE)).shape == (2, 10)
@@ -163,14 +164,14 @@ def test_a_step_lands_just_under_the_budget(splits, name, quantity, share):
     within a few percent of it (these networks are small: a chunk of 8 stream channels is up to 7 % of the MACs;
     on the ResNet-18 of benchmarks/peer_torch_pruning.py, 0.03 to 0.4 %), every group a multiple of its step."""
     model = MODELS[name]()
-    count = counter(quantity, 3, SIZE)
+    count = counter(quantity, InputSpec.image(3, SIZE))
     limit = share * count(model)
-    full = group_widths(model, 3, SIZE)
+    full = group_widths(model, InputSpec.image(3, SIZE))
     student, plan = taylor_prune(copy.deepcopy(model), splits, Step(10 ** 6, round_to=8), 1, 64, 0, full,
                                  quantity, limit)
     assert 0.95 * limit <= count(student) <= limit
     slices = {key: _slices(model, key) for key in full}
-    widths = group_widths(student, 3, SIZE)
+    widths = group_widths(student, InputSpec.image(3, SIZE))
     for key, width in widths.items():
         step = 8 if full[key] // slices[key] > 16 else 4 if full[key] // slices[key] > 8 else 1
         assert (width // slices[key]) % step == 0, (key, width)
@@ -181,9 +182,9 @@ def test_a_step_goes_its_count_or_its_share_of_the_way_whichever_is_further(spli
     further, and it removes them. With 2 steps to go its share is half the way: it removes more than 20
     channels to get there. With 1 step left it reaches the limit."""
     model = _resnet20()
-    count = counter("macs", 3, SIZE)
+    count = counter("macs", InputSpec.image(3, SIZE))
     whole, limit = count(model), 0.1 * count(model)
-    full = group_widths(model, 3, SIZE)
+    full = group_widths(model, InputSpec.image(3, SIZE))
 
     def step(left: int) -> tuple[int, dict[str, int]]:
         student, plan = taylor_prune(copy.deepcopy(model), splits, Step(20), 1, 64, 0, full, "macs", limit, left)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from workers.compression.rigl import RigLCallback, RigLScheduler, drop_and_grow, erk_densities, sparse_footprint
 from workers.data.datasets import DatasetConfig, SyntheticConfig, load_dataset, normalize
 from workers.evaluation.evaluate import load_candidate_model
+from workers.models.inputs import InputSpec
 from workers.models.zoo import create_model
 from workers.training.train import Recipe, train_model
 
@@ -265,7 +266,7 @@ def test_rigl_sweep_records_density_and_non_zero_params(tmp_path, ray_session):
     # A budget: a setting's size is fixed from the first step (sparse_footprint gives the trained model's
     # counts), the setting over it is skipped, and a budget nothing meets is one line, exit 2, before any trial.
     for row in rows:
-        footprint = sparse_footprint(create_model("tiny_cnn", 1, 4), 1, 16, dense_allocation=0.25,
+        footprint = sparse_footprint(create_model("tiny_cnn", 1, 4), InputSpec.image(1, 16), dense_allocation=0.25,
                                      sparsity_distribution=json.loads(row["sample"])["distribution"])
         assert (footprint["nonzero_params"], footprint["nonzero_macs"]) == (row["nonzero_params"], row["nonzero_macs"])
     small = min(rows, key=lambda r: r["nonzero_macs"])

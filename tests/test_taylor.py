@@ -31,6 +31,7 @@ from workers.compression.taylor import (
 )
 from workers.data.datasets import DatasetConfig, load_dataset, normalize
 from workers.measurement.measure import count_macs, count_parameters
+from workers.models.inputs import InputSpec
 from workers.models.surgery import predicted_params, width_keys
 from workers.models.zoo import create_model
 from workers.training.train import TrainConfig, train_model
@@ -67,7 +68,7 @@ def _loss_without(model, group, channel: int, x, y) -> float:
 @pytest.mark.parametrize("seed,epochs,tolerance", [(0, 0, 0.05), (1, 0, 0.05), (2, 0, 0.05), (1, 1, 0.1)])
 def test_lowest_taylor_score_is_the_channel_whose_removal_changes_the_loss_least(splits, seed, epochs, tolerance):
     torch.manual_seed(seed)
-    model = create_model("tiny_cnn", splits.in_channels, splits.num_classes)
+    model = create_model("tiny_cnn", splits.inputs.channels, splits.num_classes)
     if epochs:
         # BN statistics as the training steps leave them (no recalibration): the model these tolerances were
         # set on; the test is about the importance estimate of a given model, whichever its statistics.
@@ -90,7 +91,7 @@ def test_lowest_taylor_score_is_the_channel_whose_removal_changes_the_loss_least
 
 def test_a_dead_channel_scores_zero_and_the_model_is_left_unchanged(splits):
     torch.manual_seed(0)
-    model = create_model("tiny_cnn", splits.in_channels, splits.num_classes).eval()
+    model = create_model("tiny_cnn", splits.inputs.channels, splits.num_classes).eval()
     with torch.no_grad():
         bn = model.get_submodule("layer2.0.conv1")[1]
         bn.weight[5] = 0
@@ -122,8 +123,8 @@ def test_plan_removes_the_lowest_scores_across_groups_and_keeps_one_channel_each
 
 def test_each_iteration_removes_exactly_the_planned_filters_and_parameters(splits):
     torch.manual_seed(0)
-    model = create_model("resnet20", splits.in_channels, splits.num_classes)
-    count = prune_count(0.1, prunable_channels(model, 1, 16))
+    model = create_model("resnet20", splits.inputs.channels, splits.num_classes)
+    count = prune_count(0.1, prunable_channels(model, InputSpec.image(1, 16)))
     assert count == round(0.1 * (16 + 32 + 64 + 3 * (16 + 32 + 64)))
     for _ in range(3):
         scores = taylor_scores(model, splits, batches=1, batch_size=64)
@@ -138,7 +139,7 @@ def test_each_iteration_removes_exactly_the_planned_filters_and_parameters(split
             ordered = scores[key].sort().values
             assert ordered[n - 1] <= ordered[n]
         assert count_parameters(student) == predicted_params(student.arch) < count_parameters(model)
-        out = student(torch.zeros(2, splits.in_channels, splits.image_size, splits.image_size))
+        out = student(splits.inputs.batch(2))
         assert out.shape == (2, splits.num_classes)
         model = student
 
@@ -198,7 +199,7 @@ def test_pruning_stops_at_the_first_iteration_within_budget_and_the_rest_fine_tu
     """A MACs budget 10 % under the teacher's, which a step of 15 % of the channels passes: iteration 1 stops at
     the fewest ranked channels within it (landing just under it, not a whole step past), so iterations 2 and 3
     fine-tune that model (same MACs and parameters, each built from the one before) instead of pruning further."""
-    teacher_macs = count_macs(create_model("tiny_cnn", 1, 4), 1, 16)
+    teacher_macs = count_macs(create_model("tiny_cnn", 1, 4), InputSpec.image(1, 16))
     limit = int(0.9 * teacher_macs)
     run = _run(str(tmp_path / "s"), "search.tune.num_samples=1", "search.tune.filters_per_iteration=[]",
                "search.filters_per_iteration=0.15", "search.stop.max_drop=100",
@@ -298,7 +299,7 @@ def test_importance_keeps_no_activation_alive(splits):
     import gc
     import weakref
 
-    model = create_model("tiny_cnn", splits.in_channels, splits.num_classes)
+    model = create_model("tiny_cnn", splits.inputs.channels, splits.num_classes)
     outputs: list[weakref.ref] = []
     probe = model.get_submodule("layer1.0.conv1").register_forward_hook(lambda m, i, o: outputs.append(weakref.ref(o)))
     taylor_scores(model, splits, batches=2, batch_size=64)

@@ -63,7 +63,7 @@ def test_without_val_the_python_dataset_is_carved_and_floats_are_taken_as_the_us
 
 def test_pil_images_and_numpy_targets_become_uint8_tensors():
     splits = load_dataset(_python("pil"))
-    assert splits.train[0].dtype == torch.uint8 and splits.in_channels == 3 and splits.image_size == 12
+    assert splits.train[0].dtype == torch.uint8 and splits.inputs.shape == (3, 12, 12)
     assert splits.num_classes == 3 and splits.train[1].dtype == torch.int64
 
 

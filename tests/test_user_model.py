@@ -29,7 +29,8 @@ from workers.compression.pruners import channel_keep
 from workers.compression.ranking import plan_removal
 from workers.data.datasets import DatasetConfig, SyntheticConfig, load_dataset
 from workers.measurement.measure import count_macs, count_parameters
-from workers.models.depgraph import channel_groups, example_input, removable_units, shrink_graph, slice_positions
+from workers.models.depgraph import channel_groups, removable_units, shrink_graph, slice_positions
+from workers.models.inputs import InputSpec
 from workers.models.rebuild import rebuild, remove_units
 from workers.models.surgery import InvalidTransform
 from workers.models.user_model import ModelSource
@@ -52,7 +53,7 @@ def test_traced_structure_cuts_real_smaller_models_and_rebuilds_them(name):
     torch.manual_seed(0)
     teacher = MODELS[name]().eval()
     images = torch.randn(3, 3, 32, 32)
-    example = example_input(teacher, 3, 32)
+    example = InputSpec.image(3, 32).example(teacher)
     with torch.no_grad():
         expected = teacher(images)
         assert torch.equal(shrink_graph(teacher, example)(images), expected)  # identity: exact
@@ -62,7 +63,7 @@ def test_traced_structure_cuts_real_smaller_models_and_rebuilds_them(name):
     groups = channel_groups(remove_units(copy.deepcopy(teacher), removed), example)
     small = shrink_graph(teacher, example, removed, {g.key: max(1, g.channels // 2) for g in groups})
     assert count_parameters(small) < count_parameters(teacher) / 2
-    assert count_macs(small, 3, 32) < count_macs(teacher, 3, 32) / 2
+    assert count_macs(small, InputSpec.image(3, 32)) < count_macs(teacher, InputSpec.image(3, 32)) / 2
     tensors = dict(small.state_dict())  # tensors only, as model.pt holds them: no per-module version metadata
     again = rebuild(MODELS[name](), removed, tensors)  # a fresh constructor
     with torch.no_grad():
@@ -76,14 +77,14 @@ def test_grouped_convolutions_are_pruned_within_their_groups(name):
     build = getattr(torchvision.models, name)
     torch.manual_seed(0)
     teacher = build(num_classes=10).eval()
-    example = example_input(teacher, 3, 32)
+    example = InputSpec.image(3, 32).example(teacher)
     groups = channel_groups(teacher, example)
     grouped = {n: m.groups for n, m in teacher.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1}
     assert grouped and {g.slices for g in groups if set(g.outputs) & set(grouped)} == set(grouped.values()) - {1}
     with pytest.raises(InvalidTransform, match="width of"):
         shrink_graph(teacher, example, widths={groups[0].key: 0})
     small = shrink_graph(teacher, example, widths={g.key: g.channels // 2 for g in groups})
-    assert count_macs(small, 3, 32) < 0.3 * count_macs(teacher, 3, 32)
+    assert count_macs(small, InputSpec.image(3, 32)) < 0.3 * count_macs(teacher, InputSpec.image(3, 32))
     for conv_name, count in grouped.items():
         conv = small.get_submodule(conv_name)
         assert conv.groups == count and conv.out_channels % count == 0 and conv.in_channels % count == 0
@@ -102,7 +103,7 @@ def test_a_grouped_channel_group_loses_the_same_positions_from_every_slice():
 def test_units_are_found_by_tracing_not_by_class_names():
     teacher = small_resnet(in_channels=1, num_classes=4)
     # blocks.2 changes width and stride (its skip is a projection): not removable; the others are.
-    assert removable_units(teacher, example_input(teacher, 1, 16)) == ("blocks.0", "blocks.1", "blocks.3")
+    assert removable_units(teacher, InputSpec.image(1, 16).example(teacher)) == ("blocks.0", "blocks.1", "blocks.3")
 
 
 def test_fields_added_for_user_models_leave_stored_identities_alone():
@@ -208,7 +209,7 @@ def test_safetensors_weights_and_the_input_contract(tmp_path):
     dataset = DatasetConfig(name="synthetic", synthetic=SyntheticConfig(**DATA["synthetic"]), channels=3,
                             image_size=20, mean=(0.5,), std=(0.25,))
     splits = load_dataset(dataset)
-    assert splits.in_channels == 3 and splits.image_size == 20 and splits.mean == (0.5,) * 3
+    assert splits.inputs.shape == (3, 20, 20) and splits.mean == (0.5,) * 3
     config = TeacherConfig(model=FACTORY, kwargs={"in_channels": 3, "num_classes": 4},
                            weights=str(tmp_path / "w.safetensors"))
     store = LocalStore(tmp_path / "store")
@@ -293,7 +294,7 @@ def test_a_fine_tuned_teacher_is_a_new_teacher_beside_the_given_one(user_weights
 def test_n2n_removes_and_shrinks_a_user_models_traced_blocks(user_weights, tmp_path, ray_session):
     from workers.models.structure import structure_of
 
-    units = structure_of(small_resnet(1, 4), 1, 16)
+    units = structure_of(small_resnet(1, 4), InputSpec.image(1, 16))
     assert units.names == ("blocks.0", "blocks.1", "blocks.3")
     assert units.inner["blocks.0"] == {"blocks.0.body.0": 8} and units.rows["blocks.3"].filters == 16
     config = write_config(user_weights, {"model": FACTORY, "kwargs": {"num_classes": 4}, "weights": "weights.pt"},
@@ -317,7 +318,7 @@ def test_taylor_prunes_a_user_model_over_its_dependency_graph(user_weights, tmp_
     model = small_resnet(1, 4)
     model.load_state_dict(torch.load(user_weights / "weights.pt", weights_only=True))
     scores = graph_taylor_scores(model, load_dataset(dataset), batches=2, batch_size=64)
-    example = example_input(model, 1, 16)
+    example = InputSpec.image(1, 16).example(model)
     assert {g.key: g.channels for g in channel_groups(model, example)} == {k: len(v) for k, v in scores.items()}
     assert all(bool((v >= 0).all()) and v.sum() > 0 for v in scores.values())  # Σ|w·∂L/∂w|: raw, for the ranking
     assert sum(plan_removal(scores, 10).values()) == 10
@@ -353,7 +354,7 @@ def test_taylor_on_torchvision_mobilenet_v2_from_its_weights(tmp_path, ray_sessi
     assert main(["run", str(tmp_path / "job.yaml"), "--store", str(store_dir), "--no-progress"]) == 0
     rows = searchsvc.results(LocalStore(store_dir)).to_pylist()
     assert len(rows) == 1 and rows[0]["status"] == "ok"
-    assert rows[0]["params"] < count_parameters(teacher) and rows[0]["macs"] < count_macs(teacher, 3, 32)
+    assert rows[0]["params"] < count_parameters(teacher) and rows[0]["macs"] < count_macs(teacher, InputSpec.image(3, 32))
     again = searchsvc.load_candidate(rows[0]["spec_hash"], store=str(store_dir))
     assert count_parameters(again) == rows[0]["params"]
 
@@ -366,7 +367,7 @@ def test_both_engines_agree_on_a_zoo_model_where_both_apply():
     from workers.models.zoo import create_model
 
     teacher = create_model("resnet20", 1, 10).eval()
-    example = example_input(teacher, 1, 28)
+    example = InputSpec.image(1, 28).example(teacher)
     traced = removable_units(teacher, example)
     assert set(traced) < set(removable_blocks(teacher))
     assert set(removable_blocks(teacher)) - set(traced) == {"layer2.0", "layer3.0"}  # the projection blocks
@@ -451,7 +452,7 @@ def test_structured_agp_on_a_user_model_thins_to_the_same_outputs(name):
 
     torch.manual_seed(0)
     model = MODELS[name]().eval()
-    example = example_input(model, 3, 32)
+    example = InputSpec.image(3, 32).example(model)
     weights = sorted({group.weights[0] for group in group_of_weight(model, example).values()})  # every group
     raw = {"version": 1, "pruners": {"filters": {"class": "StructuredAGP", "initial_sparsity": 0.5,
                                                  "final_sparsity": 0.5, "weights": weights}},
@@ -464,14 +465,14 @@ def test_structured_agp_on_a_user_model_thins_to_the_same_outputs(name):
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(thinned(images), model(images), atol=1e-4)
-    assert count_macs(thinned, 3, 32) < 0.5 * count_macs(model, 3, 32)
+    assert count_macs(thinned, InputSpec.image(3, 32)) < 0.5 * count_macs(model, InputSpec.image(3, 32))
 
 
 def test_thinning_a_user_model_removes_exactly_its_dead_channels():
     from workers.models.thinning import thin
 
     model = small_resnet(1, 4).eval()
-    example = example_input(model, 1, 16)
+    example = InputSpec.image(1, 16).example(model)
     with torch.no_grad():  # kill 3 inner channels of blocks.1: every parameter of their group zeroed
         for module in (model.blocks[1].body[0], model.blocks[1].body[1]):
             for p in module.parameters():

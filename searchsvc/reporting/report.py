@@ -22,6 +22,7 @@ from storage import ArtifactStore, layout
 from workers.measurement.latency import probe_columns
 from workers.measurement.measure import count_macs, count_parameters
 from workers.measurement.metrics import verified_metrics
+from workers.models.inputs import InputSpec
 from workers.training.teacher import load_teacher
 
 # (metric, axis title, unit) of the Pareto plots; accuracy is always the other axis.
@@ -53,7 +54,7 @@ def teacher_point(store: ArtifactStore, teacher_hash: str | None) -> dict[str, A
     teacher = load_teacher(store, teacher_hash)
     meta = teacher.meta
     return {"accuracy": meta["test_accuracy"], "params": count_parameters(teacher.model),
-            "macs": count_macs(teacher.model, meta["in_channels"], meta["image_size"]), "latency_ms": None}
+            "macs": count_macs(teacher.model, InputSpec.from_meta(meta)), "latency_ms": None}
 
 
 def run_summary(record: dict[str, Any], rows: list[ResultRow], gpus_per_eval: float) -> list[tuple[str, str]]:

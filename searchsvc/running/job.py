@@ -165,8 +165,8 @@ def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[
         stopping.check()  # ... as does one that came while the run was being recorded
         driver = get_method(config.method).load_driver()  # imports Ray and Tune: seconds a signal may land in
         splits = load_dataset(config.dataset, getattr(store, "endpoint", None))  # data on S3: the store's endpoint
-        log.info("dataset %s: %s, %d classes, %d channels, %dx%d px", config.dataset.name, splits.sizes(),
-                 splits.num_classes, splits.in_channels, splits.image_size, splits.image_size)
+        log.info("dataset %s: %s, %d classes, inputs %s", config.dataset.name, splits.sizes(), splits.num_classes,
+                 splits.inputs)
         record.update(data=splits.provenance())  # where each split came from, and its size
         device = resolve_device(config.device)
         teacher = load_or_train_teacher(store, config.teacher, config.dataset, splits, device, progress=progress,

@@ -35,9 +35,9 @@ class RewardRule:
         if self.size in ("params", "nonzero_params"):
             return count_parameters(model)
         if self.size == "macs":
-            return count_macs(model, splits.in_channels, splits.image_size)
+            return count_macs(model, splits.inputs)
         probe, device = self.latency_probe(), resolve_device(device_name)
-        value = time_probe(model.to(device), probe, device, splits.in_channels, splits.image_size)
+        value = time_probe(model.to(device), probe, device, splits.inputs)
         if value is None:
             raise SearchsvcError(f"search.reward_size: latency_ms: the teacher cannot be timed ({probe.describe()})")
         log.info("teacher latency for the reward: %.3f ms (%s)", value, probe.describe())

@@ -41,14 +41,13 @@ def finish_sparse(recorder: SparseRecorder, trials: int, title: str) -> None:
     front = mark_pareto(recorder.rows, size=SparseRecorder.size)
     rows = list(recorder.rows.values())
     run_id, plot = context.run_id, layout.run_plot(context.run_id, layout.TRAJECTORY_PLOT)
-    size = context.splits.in_channels, context.splits.image_size
     for row in rows:
         if not row.ok or not row.artifact:
             continue
         model = load_candidate_model(context.store, row.spec_hash)
         for kind in SUMMARY_KINDS:
             context.store.put_bytes(layout.run_summary(run_id, row.spec_hash, kind),
-                                    to_csv(summary(model, kind, *size)))
+                                    to_csv(summary(model, kind, context.splits.inputs)))
     png = trajectory_png(rows, recorder.teacher_params, recorder.teacher_accuracy, title=title, size=SparseRecorder.size)
     context.store.put_bytes(plot, png)
     recorder.close()

@@ -40,7 +40,7 @@ from workers.compression.schedule import CompressionScheduler, Schedule, parse_s
 from workers.evaluation.evaluate import Built
 from workers.evaluation.spec import short_hash
 from workers.measurement.summary import size_counts, weight_stats
-from workers.models.depgraph import example_input
+from workers.models.inputs import InputSpec
 from workers.models.thinning import group_of_weight, thin
 from workers.models.zoo import Model
 
@@ -71,16 +71,15 @@ def get_schedule(store: ArtifactStore, key: str, model: nn.Module, example: torc
 def agp_step(parent: Model, spec: "CandidateSpec", ctx: "EvalContext") -> Built:
     """Train a copy of the teacher under the candidate's schedule; thin it when training is done."""
     model = copy.deepcopy(parent).cpu().train()
-    c, size = ctx.splits.in_channels, ctx.splits.image_size
-    example = example_input(model, c, size)
+    example = ctx.splits.inputs.example(model)
     schedule = get_schedule(ctx.store, spec.schedule, model, example)
     scheduler = CompressionScheduler(schedule, model, example)
 
     def finish(trained: Model) -> tuple[Model, dict[str, Any]]:
         quantizer = scheduler.finish_quantization()  # the float network quantization-aware training shaped
-        before = weight_stats(trained, c, size)
+        before = weight_stats(trained, ctx.splits.inputs)
         thinned, removed = thin(trained.cpu(), example)
-        after = weight_stats(thinned, c, size)
+        after = weight_stats(thinned, ctx.splits.inputs)
         extra = {"sparsity": after["sparsity"], "nonzero_params": after["nonzero_params"],
                  "nonzero_macs": after["nonzero_macs"], "macs_before_thinning": before["dense_macs"],
                  "sparsity_before_thinning": before["sparsity"], "thinned": removed,
@@ -104,8 +103,8 @@ def qat_int8(model: Model, quantizer: LinearQuantAwareTraining, spec: "Candidate
     return save_int8(ctx.store, spec.spec_hash, QAT_KEY, quantized, settings)
 
 
-def final_footprint(model: nn.Module, schedule: Schedule, example: torch.Tensor, in_channels: int,
-                    image_size: int) -> dict[str, int]:
+def final_footprint(model: nn.Module, schedule: Schedule, example: torch.Tensor, inputs: InputSpec
+                    ) -> dict[str, int]:
     """What `schedule` makes of `model` at its end, without training: every pruner's masks at its policy's
     last step applied to a copy, thinned as a trial's model is. Its params, MACs and non-zero counts are the
     least a trial of this schedule can reach (one that stops short of the last epoch prunes less), so a
@@ -117,7 +116,7 @@ def final_footprint(model: nn.Module, schedule: Schedule, example: torch.Tensor,
             step = policy.step(policy.epochs[-1])
             scheduler.masks.update(schedule.pruners[policy.instance].masks(pruned, step, scheduler.groups))
     scheduler.apply_masks()
-    return size_counts(thin(pruned, example)[0], in_channels, image_size)
+    return size_counts(thin(pruned, example)[0], inputs)
 
 
 def prune_alone(model: Model, weight: str, level: float, structure: str,
@@ -139,9 +138,8 @@ def sensitivity_step(parent: Model, spec: "CandidateSpec", ctx: "EvalContext") -
     """One point of a sensitivity analysis: the teacher with `params.weight` pruned to `params.level`,
     measured without fine-tuning and not kept (only its metrics are stored)."""
     params = dict(spec.params)
-    c, size = ctx.splits.in_channels, ctx.splits.image_size
     model = prune_alone(parent, str(params["weight"]), float(params["level"]), str(params["structure"]),
-                        example_input(parent, c, size))
-    stats = weight_stats(model, c, size)
+                        ctx.splits.inputs.example(parent))
+    stats = weight_stats(model, ctx.splits.inputs)
     return Built(model, {"weight": params["weight"], "level": params["level"], **stats}, train=False,
                  keep_model=False)

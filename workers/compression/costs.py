@@ -20,24 +20,25 @@ from typing import Callable
 from torch import nn
 
 from workers.measurement.measure import count_macs, count_parameters
-from workers.models.depgraph import channel_groups, example_input, shrink_graph
+from workers.models.depgraph import channel_groups, shrink_graph
+from workers.models.inputs import InputSpec
 from workers.models.surgery import derive_arch, prune_groups, width_keys
 from workers.models.zoo import build_model
 
 
-def counter(quantity: str, in_channels: int, image_size: int) -> Callable[[nn.Module], int]:
+def counter(quantity: str, inputs: InputSpec) -> Callable[[nn.Module], int]:
     """The function that counts `quantity` (macs or params) of a model on this input."""
     if quantity == "macs":
-        return lambda model: count_macs(model, in_channels, image_size)
+        return lambda model: count_macs(model, inputs)
     if quantity == "params":
         return count_parameters
     raise ValueError(f"cost: macs or params, got {quantity!r}")
 
 
-def group_costs(model: nn.Module, quantity: str, in_channels: int, image_size: int) -> dict[str, float]:
+def group_costs(model: nn.Module, quantity: str, inputs: InputSpec) -> dict[str, float]:
     """Group key → the drop in `quantity` from cutting one position of the group (a group down to one position
     costs nothing more to keep: it is left out)."""
-    count = counter(quantity, in_channels, image_size)
+    count = counter(quantity, inputs)
     whole = count(model)
     costs: dict[str, float] = {}
     if hasattr(model, "arch"):
@@ -47,7 +48,7 @@ def group_costs(model: nn.Module, quantity: str, in_channels: int, image_size: i
                 narrower = build_model(derive_arch(model.arch, widths={group.key: widths[group.key] - 1}))
                 costs[group.key] = float(whole - count(narrower))
         return costs
-    example = example_input(model, in_channels, image_size)
+    example = inputs.example(model)
     for group in channel_groups(model, example):
         if group.channels > group.slices:
             narrower = shrink_graph(model, example, widths={group.key: group.channels - group.slices})

@@ -193,11 +193,10 @@ def quantize_model(model: nn.Module, splits: Splits, config: QuantizeConfig, eva
     """Quantize `model` to int8 and measure it (`eval_threads`: ONNX Runtime's threads for the accuracy
     passes, which are not timed; `fp32_layers`: module names left in fp32; `source`: ptq, or qat for the
     end of quantization-aware training). Raises what export or the quantizer raise."""
-    c, size = splits.in_channels, splits.image_size
-    fp32 = ort.onnx_bytes(model, c, size)
+    fp32 = ort.onnx_bytes(model, splits.inputs)
     calibration = calibration_images(splits, config)
     int8 = quantize_onnx(fp32, calibration, config, fp32_layers)
-    latency = lambda onnx, batch: ort.latency_ms(onnx, c, size, batch, config.threads,  # noqa: E731
+    latency = lambda onnx, batch: ort.latency_ms(onnx, splits.inputs, batch, config.threads,  # noqa: E731
                                                  repeats if batch == 1 else max(1, repeats // 3))
     metrics = Int8Metrics(
         int8_accuracy=accuracy(int8, splits.test, splits, eval_threads),

@@ -26,6 +26,7 @@ from torch import nn
 
 from workers.evaluation.evaluate import Built
 from workers.measurement.summary import size_counts, weight_stats
+from workers.models.inputs import InputSpec
 from workers.models.user_model import ModelSource, construct
 from workers.models.zoo import build_model, weight_layers
 from workers.training.train import TrainCallback
@@ -285,13 +286,13 @@ def fresh_weights(model: nn.Module, source: ModelSource | None = None) -> nn.Mod
     return fresh
 
 
-def sparse_footprint(model: nn.Module, in_channels: int, image_size: int, **options: Any) -> dict[str, int]:
+def sparse_footprint(model: nn.Module, inputs: InputSpec, **options: Any) -> dict[str, int]:
     """Params, MACs and non-zero counts of `model` under RigL with `options` (dense_allocation,
     sparsity_distribution, ignore_linear_layers): each layer's density is fixed for the whole training, so
     these are the trained model's, known before it trains (`searchsvc.methods.rigl.driver` skips settings over budget)."""
     sparse = copy.deepcopy(model).cpu()
     scheduler = RigLScheduler(sparse, torch.optim.SGD(sparse.parameters(), lr=0.0), T_end=1, **options)
-    counts = size_counts(sparse, in_channels, image_size)  # the masks are applied: MACs of the non-zero weights
+    counts = size_counts(sparse, inputs)  # the masks are applied: MACs of the non-zero weights
     masked = sum(int((~mask).sum()) for mask in scheduler.masks)  # (a fresh model's zero biases still count)
     return {**counts, "nonzero_params": counts["params"] - masked}
 
@@ -310,7 +311,7 @@ def rigl_step(parent: nn.Module, spec: "CandidateSpec", ctx: "EvalContext") -> B
                             **{k: params[k] for k in SPEC_OPTIONS})
 
     def finish(trained: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
-        stats = weight_stats(trained, ctx.splits.in_channels, ctx.splits.image_size)
+        stats = weight_stats(trained, ctx.splits.inputs)
         scheduler = callback.scheduler
         return trained.cpu(), {"density": 1 - stats["sparsity"], "sparsity": stats["sparsity"],
                                "nonzero_params": stats["nonzero_params"], "nonzero_macs": stats["nonzero_macs"],

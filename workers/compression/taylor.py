@@ -34,7 +34,8 @@ from workers.data.datasets import Splits, normalize
 from workers.data.streaming import batches as split_batches
 from workers.data.streaming import count, device_of
 from workers.evaluation.evaluate import Built
-from workers.models.depgraph import channel_groups, dependency_graph, example_input, pruning_group, shrink_graph
+from workers.models.depgraph import channel_groups, dependency_graph, pruning_group, shrink_graph
+from workers.models.inputs import InputSpec
 from workers.models.surgery import ScoreTable, prune_groups, shrink, width_keys
 from workers.models.zoo import ResNet
 from workers.training.train import training_memory_format
@@ -92,10 +93,10 @@ def taylor_scores(model: ResNet, splits: Splits, batches: int, batch_size: int,
     return {key: (total / max(seen, 1)).cpu() for key, total in totals.items()}  # mean over batches
 
 
-def prunable_channels(model: nn.Module, in_channels: int, image_size: int) -> int:
+def prunable_channels(model: nn.Module, inputs: InputSpec) -> int:
     """Channels the ranking chooses among: one per channel group's channel (a zoo stream or inner width, or a
     dependency-graph group of a user's network)."""
-    return sum(group_widths(model, in_channels, image_size).values())
+    return sum(group_widths(model, inputs).values())
 
 
 def _loss_batches(model: nn.Module, splits: Splits, batches: int, batch_size: int, seed: int):
@@ -114,7 +115,7 @@ def graph_taylor_scores(model: nn.Module, splits: Splits, batches: int, batch_si
                         slices: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Θ per dependency-graph group of a user's network (on the CPU); the model is unchanged.
     `slices`, if given, receives each group's slices (what `plan_removal` needs), from the same graph."""
-    example = example_input(model, splits.in_channels, splits.image_size)
+    example = splits.inputs.example(model)
     tp, graph = traced = dependency_graph(model, example)
     groups = channel_groups(model, example, traced)
     if slices is not None:
@@ -148,7 +149,7 @@ def taylor_prune(model: nn.Module, splits: Splits, step: Step | int, batches: in
     slices: dict[str, int] = {}
     scores = taylor_scores(model, splits, batches, batch_size, seed) if zoo else \
         graph_taylor_scores(model, splits, batches, batch_size, seed, slices)
-    example = example_input(model, splits.in_channels, splits.image_size)
+    example = splits.inputs.example(model)
 
     def cut(plan: dict[str, int]) -> nn.Module:
         if zoo:
@@ -158,12 +159,12 @@ def taylor_prune(model: nn.Module, splits: Splits, step: Step | int, batches: in
         return shrink_graph(model, example, widths={key: len(scores[key]) - n for key, n in plan.items()},
                             scores=scores)
 
-    costs = group_costs(model, cost, splits.in_channels, splits.image_size) if cost and step.cost_power else None
+    costs = group_costs(model, cost, splits.inputs) if cost and step.cost_power else None
     order = removal_order(scores, slices, step, costs, full)
     chunks = chunks_for(order, step.count)
     if limit is None:
         return cut(prefix(order, chunks)), prefix(order, chunks)
-    count = counter(cost, splits.in_channels, splits.image_size)
+    count = counter(cost, splits.inputs)
     plan = _toward(order, chunks, lambda p: count(cut(p)), limit, steps_left)
     return cut(plan), plan
 
@@ -204,12 +205,12 @@ def _fewest(order: list[tuple[str, int]], low: int, high: int, size: Callable[[d
     return high
 
 
-def group_widths(model: nn.Module, in_channels: int, image_size: int) -> dict[str, int]:
+def group_widths(model: nn.Module, inputs: InputSpec) -> dict[str, int]:
     """Channels per prunable group: a zoo ResNet's groups by its architecture, another network's by its graph."""
     if hasattr(model, "arch"):
         widths = width_keys(model.arch)
         return {g.key: widths[g.key] for g in prune_groups(model.arch)}
-    return {g.key: g.channels for g in channel_groups(model, example_input(model, in_channels, image_size))}
+    return {g.key: g.channels for g in channel_groups(model, inputs.example(model))}
 
 
 def taylor_step(parent: nn.Module, spec: "CandidateSpec", ctx: "EvalContext") -> Built:
@@ -226,7 +227,7 @@ def taylor_step(parent: nn.Module, spec: "CandidateSpec", ctx: "EvalContext") ->
     step = Step(int(params["prune"]), str(params.get("normalizer", "l2")), int(params.get("round_to", 1)),
                 float(params.get("cost_power", 0.0)), float(params.get("max_ratio", 1.0)))
     cost, limit, left = params.get("cost"), params.get("limit"), int(params.get("steps_left", 1))
-    full = group_widths(ctx.teacher.model, ctx.splits.in_channels, ctx.splits.image_size) \
+    full = group_widths(ctx.teacher.model, ctx.splits.inputs) \
         if (step.round_to > 1 or step.max_ratio < 1) and step.count else None  # a fine-tune step cuts nothing
     student, plan = taylor_prune(model, ctx.splits, step, int(params["importance_batches"]), spec.train.batch_size,
                                  spec.seed, full, None if cost is None else str(cost),

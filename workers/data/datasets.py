@@ -19,6 +19,7 @@ from core.errors import SearchsvcError
 from core.records import MAX_SEED, canonical_json
 from workers.data import folders, python_source, sources, streaming
 from workers.data.streaming import Split
+from workers.models.inputs import InputSpec
 
 DatasetName = Literal["cifar10", "fashion_mnist", "imagefolder", "synthetic", "python"]
 STREAMABLE = ("imagefolder", "python")  # the sources whose data may be larger than memory
@@ -125,11 +126,11 @@ class DatasetConfig:
     def _check_image_values(self) -> None:
         """One image of the data as the model takes it stays below MAX_IMAGE_VALUES (a memory bound per image)."""
         shape = input_shape(self)
-        if shape is None or shape[0] * shape[1] ** 2 <= MAX_IMAGE_VALUES:
+        if shape is None or shape.values <= MAX_IMAGE_VALUES:
             return
         key = "channels" if self.channels is not None else "synthetic.channels" if self.name == "synthetic" \
             else "image_size"
-        channels, side = shape
+        channels, side = shape.channels, shape.shape[-1]
         raise ValueError(f"{key}: {channels} channels of {side} x {side} px make one image of "
                          f"{channels * side * side} values; at most {MAX_IMAGE_VALUES} (3 x {MAX_IMAGE_SIZE} x "
                          f"{MAX_IMAGE_SIZE})")
@@ -153,12 +154,9 @@ class Splits:
     sources: dict[str, str] = field(default_factory=dict)  # split → where it came from (run.json)
 
     @property
-    def in_channels(self) -> int:
-        return streaming.input_shape(self.train)[0]
-
-    @property
-    def image_size(self) -> int:
-        return streaming.input_shape(self.train)[-1]
+    def inputs(self) -> InputSpec:
+        """One example's input as the model receives it (the training split's)."""
+        return InputSpec.of(streaming.input_shape(self.train))
 
     @property
     def streamed(self) -> bool:
@@ -354,13 +352,13 @@ def _where(config: DatasetConfig, loaded: sources.Loaded) -> dict[str, str]:
 _SHAPES = {"fashion_mnist": (1, 28), "cifar10": (3, 32)}
 
 
-def input_shape(config: DatasetConfig) -> tuple[int, int] | None:
-    """(channels, side) of the images a model will be fed, known from the config alone (None: only the files
-    can tell, an imagefolder without image_size)."""
+def input_shape(config: DatasetConfig) -> InputSpec | None:
+    """The images a model will be fed, known from the config alone (None: only the data can tell — an
+    imagefolder without image_size, a dataset from the user's code)."""
     channels, side = (config.synthetic.channels, config.synthetic.image_size) if config.name == "synthetic" \
         else _SHAPES.get(config.name, (None, None))
     channels, side = config.channels or channels, config.image_size or side
-    return (channels, side) if channels and side else None
+    return InputSpec.image(channels, side) if channels and side else None
 
 
 def _model_input(images: torch.Tensor, config: DatasetConfig) -> torch.Tensor:

@@ -43,7 +43,7 @@ from workers.measurement.latency import measure_probes
 from workers.measurement.measure import measure
 from workers.measurement.metrics import CandidateMetrics, stored_metrics, verified_metrics
 from workers.measurement.run_measures import Measures
-from workers.models.depgraph import example_input, shrink_graph
+from workers.models.depgraph import shrink_graph
 from workers.models.rebuild import rebuild, rebuild_mismatch
 from workers.models.surgery import InvalidTransform, derive_arch, shrink
 from workers.models.user_model import ModelSource, construct
@@ -250,15 +250,14 @@ def _measured(spec: CandidateSpec, ctx: EvalContext, built: Built, history: list
                   if unchanged and history else None)
     measured = measure(student, ctx.splits, ctx.device, timed=built.keep_model, accuracies=accuracies)
     if built.keep_model:
-        extra.update(measure_probes(student, ctx.measures.probes, ctx.device, ctx.splits.in_channels,
-                                    ctx.splits.image_size))
+        extra.update(measure_probes(student, ctx.measures.probes, ctx.device, ctx.splits.inputs))
     # A zoo model records what was built; a user's network is rebuilt from its teacher's constructor and the
     # stored tensors' shapes (workers.models.rebuild): shown to work before the candidate counts as ok.
     arch = to_data(student.arch) if hasattr(student, "arch") else None
     if built.keep_model and arch is None and "source" in ctx.teacher.meta:
         student = student.cpu()  # where it is kept anyway; the rebuild is on the CPU
         fresh = construct(ModelSource.from_data(ctx.teacher.meta["source"]))
-        probe = example_input(student, ctx.splits.in_channels, ctx.splits.image_size)
+        probe = ctx.splits.inputs.example(student)
         reason = rebuild_mismatch(student, fresh, spec.removed, probe)
         if reason is not None:
             return Evaluated(spec, invalid(spec, reason, started, ctx))
@@ -286,8 +285,7 @@ def complete(metrics: CandidateMetrics, ctx: EvalContext, model: torch.nn.Module
         model = load_candidate_model(ctx.store, metrics.spec_hash)
     if probes:
         with ctx.device_lock:
-            extra.update(measure_probes(model.to(ctx.device), probes, ctx.device, ctx.splits.in_channels,
-                                        ctx.splits.image_size))
+            extra.update(measure_probes(model.to(ctx.device), probes, ctx.device, ctx.splits.inputs))
     if int8:
         config = ctx.measures.quantize
         figures = stored_int8(ctx.store, metrics.spec_hash, config) or unless_unquantizable(
@@ -330,7 +328,7 @@ def build_student(spec: CandidateSpec, ctx: EvalContext) -> Built:
     if spec.init is not None:
         return Built(parent)
     if not hasattr(parent, "arch"):  # a user's network: its structure traced, cut through its dependency graph
-        example = example_input(parent, ctx.splits.in_channels, ctx.splits.image_size)
+        example = ctx.splits.inputs.example(parent)
         return Built(shrink_graph(parent, example, spec.removed, spec.widths))
     return Built(shrink(parent, spec.removed, spec.widths))
 

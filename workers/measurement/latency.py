@@ -19,6 +19,8 @@ if TYPE_CHECKING:  # torch is imported where a model is timed, not where a budge
     import torch
     from torch import nn
 
+    from workers.models.inputs import InputSpec
+
 log = logging.getLogger(__name__)
 Backend = Literal["torch", "onnxruntime"]
 
@@ -69,15 +71,14 @@ def probe_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     return [(k, f"{title(k).replace('_', ' ')} ms", "{:.2f}") for k in found]
 
 
-def measure_probes(model: nn.Module, probes: tuple[LatencyProbe, ...], device: torch.device, in_channels: int,
-                   image_size: int) -> dict[str, float]:
+def measure_probes(model: nn.Module, probes: tuple[LatencyProbe, ...], device: torch.device, inputs: InputSpec
+                   ) -> dict[str, float]:
     """Each non-standard probe's latency of `model`, by column (`time_probe`; a probe that failed is left out)."""
-    timed = {p.column: time_probe(model, p, device, in_channels, image_size) for p in probes if not p.standard}
+    timed = {p.column: time_probe(model, p, device, inputs) for p in probes if not p.standard}
     return {column: value for column, value in timed.items() if value is not None}
 
 
-def time_probe(model: nn.Module, probe: LatencyProbe, device: torch.device, in_channels: int,
-               image_size: int) -> float | None:
+def time_probe(model: nn.Module, probe: LatencyProbe, device: torch.device, inputs: InputSpec) -> float | None:
     """The latency of `model` at `probe`, milliseconds (torch: on `device`). None when ONNX cannot export the
     model or ONNX Runtime cannot run it: a warning, and a budget on it counts the candidate as not measured,
     never within."""
@@ -85,12 +86,12 @@ def time_probe(model: nn.Module, probe: LatencyProbe, device: torch.device, in_c
     if probe.backend == "torch":
         from workers.measurement.measure import latency_ms
 
-        return latency_ms(model, device, in_channels, image_size, probe.batch, repeats)
+        return latency_ms(model, device, inputs, probe.batch, repeats)
     from workers.measurement import ort
 
     try:
-        exported = ort.onnx_bytes(model, in_channels, image_size)
-        return ort.latency_ms(exported, in_channels, image_size, probe.batch, probe.threads or 1, repeats)
+        exported = ort.onnx_bytes(model, inputs)
+        return ort.latency_ms(exported, inputs, probe.batch, probe.threads or 1, repeats)
     except Exception as err:  # noqa: BLE001 — any export or runtime failure: this probe only
         log.warning("%s: not measured (%s: %s)", probe.describe(), type(err).__name__, str(err)[:200])
         return None

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from workers.data.datasets import Splits
+from workers.models.inputs import InputSpec
 from workers.models.zoo import state_dict_bytes
 from workers.training.train import evaluate_split
 
@@ -26,14 +27,14 @@ def count_parameters(model: nn.Module) -> int:
 _MACS: dict[tuple[Any, ...], int] = {}
 
 
-def count_macs(model: nn.Module, in_channels: int, image_size: int) -> int:
-    """Multiply-accumulates for one image (FLOPs / 2 of torch's FLOP counter); remembered per architecture
+def count_macs(model: nn.Module, inputs: InputSpec) -> int:
+    """Multiply-accumulates for one example (FLOPs / 2 of torch's FLOP counter); remembered per architecture
     for models that describe theirs (`model.arch`, frozen data), counted afresh for any other model."""
     arch = getattr(model, "arch", None)
-    key = (type(model), arch, in_channels, image_size) if arch is not None else None
+    key = (type(model), arch, inputs.shape) if arch is not None else None
     if key is not None and key in _MACS:
         return _MACS[key]
-    macs = _count_macs(model, in_channels, image_size)
+    macs = _count_macs(model, inputs)
     if key is not None:
         _MACS[key] = macs
     return macs
@@ -51,9 +52,8 @@ def unfused_attention() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
-def _count_macs(model: nn.Module, in_channels: int, image_size: int) -> int:
-    probe = next(model.parameters())
-    x = torch.zeros(1, in_channels, image_size, image_size, device=probe.device, dtype=probe.dtype)
+def _count_macs(model: nn.Module, inputs: InputSpec) -> int:
+    x = inputs.example(model)
     was_training = model.training
     model.eval()
     with torch.no_grad(), unfused_attention(), FlopCounterMode(display=False) as counter:
@@ -68,12 +68,11 @@ def model_bytes(model: nn.Module) -> int:
 
 
 @torch.inference_mode()
-def latency_ms(model: nn.Module, device: torch.device, in_channels: int, image_size: int, batch: int,
-               repeats: int, warmup: int = 2) -> float:
+def latency_ms(model: nn.Module, device: torch.device, inputs: InputSpec, batch: int, repeats: int,
+               warmup: int = 2) -> float:
     """Median wall time of one forward pass at `batch` on `device`, milliseconds."""
     model.eval()
-    x = torch.randn(batch, in_channels, image_size, image_size, device=device).contiguous(
-        memory_format=torch.channels_last)
+    x = inputs.batch(batch, device, random=True)
     times = []
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for step in range(warmup + repeats):
@@ -97,19 +96,19 @@ def measure(model: nn.Module, splits: Splits, device: torch.device, latency_repe
     (a sensitivity point only needs accuracy). `accuracies` (accuracy, val_accuracy) are this model's,
     already measured (by the last training epoch): the splits are not evaluated again.
     """
-    c, size = splits.in_channels, splits.image_size
+    inputs = splits.inputs
     accuracies = accuracies or {"accuracy": evaluate_split(model, splits.test, splits.mean, splits.std),
                                 "val_accuracy": evaluate_split(model, splits.val, splits.mean, splits.std)}
     counted = {
         **accuracies,
         "params": count_parameters(model),
-        "macs": count_macs(model, c, size),
+        "macs": count_macs(model, inputs),
     }
     if not timed:
         return counted
     return {
         **counted,
-        "latency_ms": latency_ms(model, device, c, size, 1, latency_repeats),
-        "latency_b256_ms": latency_ms(model, device, c, size, large_batch, max(1, latency_repeats // 3)),
+        "latency_ms": latency_ms(model, device, inputs, 1, latency_repeats),
+        "latency_b256_ms": latency_ms(model, device, inputs, large_batch, max(1, latency_repeats // 3)),
         "model_bytes": model_bytes(model),
     }

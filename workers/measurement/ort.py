@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from workers.measurement.measure import unfused_attention
+from workers.models.inputs import InputSpec
 
 INPUT, OUTPUT = "images", "logits"  # the exported graph's input and output names
 NOT_INSTALLED = "onnxruntime is not installed (pip install onnxruntime, or searchsvc's 'export' extra)"
@@ -30,11 +31,11 @@ def available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
-def onnx_bytes(model: nn.Module, in_channels: int, image_size: int) -> bytes:
+def onnx_bytes(model: nn.Module, inputs: InputSpec) -> bytes:
     """The model as an ONNX file's bytes: fp32, on the CPU, eval mode, batch axis dynamic. The model itself is
     left where it was (a copy is exported)."""
     cpu = copy.deepcopy(model).float().cpu().eval()
-    example = torch.zeros(1, in_channels, image_size, image_size)
+    example = torch.zeros(1, *inputs.shape)
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad(), unfused_attention():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter warns that it is legacy
@@ -57,12 +58,12 @@ def session(model: bytes, threads: int) -> Any:
     return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def latency_ms(model: bytes, in_channels: int, image_size: int, batch: int, threads: int, repeats: int,
-               warmup: int = 2) -> float:
+def latency_ms(model: bytes, inputs: InputSpec, batch: int, threads: int, repeats: int, warmup: int = 2
+               ) -> float:
     """Median wall time of one ONNX Runtime forward pass of `model` (ONNX bytes) at `batch` on `threads`
     CPU threads, milliseconds."""
     runner = session(model, threads)
-    x = np.random.default_rng(0).standard_normal((batch, in_channels, image_size, image_size), dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal((batch, *inputs.shape), dtype=np.float32)
     times = []
     for step in range(warmup + repeats):
         started = time.perf_counter()

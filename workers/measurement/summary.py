@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers.models.inputs import InputSpec
 from workers.models.zoo import weight_layers
 
 SUMMARY_KINDS = ("sparsity", "compute")
@@ -42,8 +43,8 @@ def sparsity_summary(model: nn.Module) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def compute_summary(model: nn.Module, in_channels: int, image_size: int) -> list[dict[str, Any]]:
-    """Per conv / linear layer for one image: feature-map shapes, weights, MACs and non-zero MACs."""
+def compute_summary(model: nn.Module, inputs: InputSpec) -> list[dict[str, Any]]:
+    """Per conv / linear layer for one example: feature-map shapes, weights, MACs and non-zero MACs."""
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
     def hook(name: str):
@@ -55,11 +56,10 @@ def compute_summary(model: nn.Module, in_channels: int, image_size: int) -> list
 
     layers = weight_layers(model)
     handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules()]
-    probe = next(model.parameters())
     was_training = model.training
     model.eval()
     try:
-        model(torch.zeros(1, in_channels, image_size, image_size, device=probe.device, dtype=probe.dtype))
+        model(inputs.example(model))
     finally:
         for handle in handles:
             handle.remove()
@@ -91,29 +91,29 @@ def _called(name: str, shapes: dict[str, Any]) -> str:
     return name
 
 
-def weight_stats(model: nn.Module, in_channels: int, image_size: int) -> dict[str, Any]:
+def weight_stats(model: nn.Module, inputs: InputSpec) -> dict[str, Any]:
     """Sparsity (0..1) of the conv / linear weights (Distiller's "Total sparsity"), non-zero parameters
     (all of them: biases and batch-norm too, so they compare with `params`), dense and non-zero MACs."""
     total = sparsity_summary(model)[-1]
-    compute = compute_summary(model, in_channels, image_size)[-1]
+    compute = compute_summary(model, inputs)[-1]
     nonzero = sum(int(p.count_nonzero()) for p in model.parameters())
     return {"sparsity": total["sparsity_pct"] / 100, "nonzero_params": nonzero, "dense_macs": compute["macs"],
             "nonzero_macs": compute["nonzero_macs"]}
 
 
-def size_counts(model: nn.Module, in_channels: int, image_size: int) -> dict[str, int]:
+def size_counts(model: nn.Module, inputs: InputSpec) -> dict[str, int]:
     """Params and MACs of `model`, dense and non-zero: what a budget judges a model by (searchsvc.budget)."""
-    stats = weight_stats(model, in_channels, image_size)
+    stats = weight_stats(model, inputs)
     return {"params": sum(p.numel() for p in model.parameters()), "macs": stats["dense_macs"],
             "nonzero_params": stats["nonzero_params"], "nonzero_macs": stats["nonzero_macs"]}
 
 
-def summary(model: nn.Module, kind: str, in_channels: int, image_size: int) -> list[dict[str, Any]]:
+def summary(model: nn.Module, kind: str, inputs: InputSpec) -> list[dict[str, Any]]:
     """The `kind` summary (sparsity or compute) of `model`."""
     if kind == "sparsity":
         return sparsity_summary(model)
     if kind == "compute":
-        return compute_summary(model, in_channels, image_size)
+        return compute_summary(model, inputs)
     raise ValueError(f"unknown summary kind {kind!r}; choose one of {', '.join(SUMMARY_KINDS)}")
 
 

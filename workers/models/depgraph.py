@@ -51,12 +51,6 @@ class ChannelGroup:
     slices: int = 1  # equal slices the channels fall into (a grouped conv's groups): the same positions leave each
 
 
-def example_input(model: nn.Module, in_channels: int, image_size: int) -> torch.Tensor:
-    """One zero image on the model's device: what tracing and the dependency graph run on."""
-    probe = next(model.parameters())
-    return torch.zeros(1, in_channels, image_size, image_size, device=probe.device, dtype=probe.dtype)
-
-
 def module_shapes(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, tuple], list[str]]:
     """Each module's (input shape, output shape) on `example`, and the conv/linear layers in call order."""
     shapes: dict[str, tuple] = {}

@@ -1,6 +1,6 @@
 """What a search acts on in any teacher — the zoo's own models or a user's network — in one shape.
 
-    units = structure_of(teacher, in_channels, image_size)
+    units = structure_of(teacher, inputs)
     units.names        # blocks removal may replace by identity, forward order
     units.rows[name]   # the block's layer descriptor (the N2N agent's observation row)
     units.inner[name]  # width key → channels inside the block (what the shrink stage scales)
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from workers.models.depgraph import channel_groups, example_input, module_shapes, removable_units
+from workers.models.depgraph import channel_groups, module_shapes, removable_units
+from workers.models.inputs import InputSpec
 from workers.models.surgery import removable_blocks, width_keys
 from workers.models.zoo import LayerDescriptor, LayerType
 
@@ -29,13 +30,13 @@ class Units:
     inner: dict[str, dict[str, int]]
 
 
-def structure_of(teacher: nn.Module, in_channels: int, image_size: int) -> Units:
+def structure_of(teacher: nn.Module, inputs: InputSpec) -> Units:
     """The teacher's removable blocks as data (zoo: as it describes itself; any other network: traced)."""
     if hasattr(teacher, "describe"):
         names = removable_blocks(teacher)
         widths = width_keys(teacher.arch)
         return Units(names, {d.name: d for d in teacher.describe()}, {n: {n: widths[n]} for n in names})
-    example = example_input(teacher, in_channels, image_size)
+    example = inputs.example(teacher)
     names = removable_units(teacher, example)
     groups = channel_groups(teacher, example)
     shapes, _ = module_shapes(teacher, example)

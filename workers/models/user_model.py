@@ -26,6 +26,7 @@ from torch import nn
 from core.errors import SearchsvcError, first_line
 from core.names import did_you_mean
 from core.user_code import import_module_safely, named_callable, try_once_in_child
+from workers.models.inputs import InputSpec
 from workers.models.zoo import load_tensors
 
 TORCHVISION = "torchvision:"
@@ -185,20 +186,19 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], where: str
     return model
 
 
-def check_outputs(model: nn.Module, in_channels: int, image_size: int, num_classes: int | None) -> None:
-    """One forward pass at the dataset's shape: it must run and give `num_classes` logits per image (None: any
+def check_outputs(model: nn.Module, inputs: InputSpec, num_classes: int | None) -> None:
+    """One forward pass at the dataset's shape: it must run and give `num_classes` logits per example (None: any
     number, when only the files know the classes)."""
     model.eval()
     try:
         with torch.no_grad():
-            out = model(torch.zeros(2, in_channels, image_size, image_size))
+            out = model(inputs.batch(2))
     except Exception as err:  # noqa: BLE001 — the user's model: whatever it raises is one line
-        raise SearchsvcError(f"teacher.model: fails on {in_channels}x{image_size}x{image_size} images "
-                             f"({first_line(err)}); "
+        raise SearchsvcError(f"teacher.model: fails on inputs of shape {inputs} (the data's; {first_line(err)}); "
                              f"see dataset.channels and dataset.image_size") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2 or \
             (num_classes is not None and out.shape[1] != num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise SearchsvcError(f"teacher.model: gives outputs of shape {shape} for 2 images; the dataset has "
+        raise SearchsvcError(f"teacher.model: gives outputs of shape {shape} for 2 examples; the dataset has "
                              f"{num_classes} classes, so (2, {num_classes}) logits are needed "
                              f"(teacher.kwargs.num_classes?)")

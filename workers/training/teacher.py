@@ -173,7 +173,7 @@ def load_or_train_teacher(store: ArtifactStore, config: TeacherConfig, dataset: 
         "test_accuracy": history[-1]["test_accuracy"] if history else evaluate_split(model, data.test, data.mean, data.std),
         "val_accuracy": evaluate_split(model, data.val, data.mean, data.std),
         "train_seconds": seconds, "device": str(device), "history": history, "mean": data.mean, "std": data.std,
-        "image_size": data.image_size, "in_channels": data.in_channels, "num_classes": data.num_classes,
+        **data.inputs.meta(), "num_classes": data.num_classes,
         **(extra_meta or {}),
     }
     model.eval()
@@ -187,13 +187,13 @@ def _untrained(config: TeacherConfig, splits: Splits, raw: bytes, sha256: str | 
     """The teacher before any training here, and how meta.json names what builds it (`arch` or `source`)."""
     torch.manual_seed(config.seed)  # the initial weights
     if config.source is None:
-        arch = model_arch(config.arch, splits.in_channels, splits.num_classes)
+        arch = model_arch(config.arch, splits.inputs.channels, splits.num_classes)
         return build_model(arch), {"arch": to_data(arch)}
     source = replace(config.source, weights_sha256=sha256)
     model = construct(source)
     if sha256 is not None:
         load_weights(model, read_weights(raw, config.weights), config.weights)
-    check_outputs(model, splits.in_channels, splits.image_size, splits.num_classes)
+    check_outputs(model, splits.inputs, splits.num_classes)
     return model, {"source": source.to_data(), "weights": config.weights}
 
 

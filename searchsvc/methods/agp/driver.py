@@ -28,7 +28,6 @@ from searchsvc.sweeps.space import choose, lr_space, trial_count
 from searchsvc.sweeps.sparse import CandidateJob, candidate_trial, run_sparse_sweep
 from workers.compression.agp import final_footprint, put_schedule
 from workers.evaluation.spec import CandidateSpec
-from workers.models.depgraph import example_input
 from workers.training.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -56,9 +55,9 @@ def agp_trial(sample: dict[str, Any], job: CandidateJob) -> None:
 def within_reach(parsed: list[dict[str, Any]], budget: Budget, context: RunContext) -> list[dict[str, Any]]:
     """The schedule variants whose smallest model (`final_footprint`) meets the budget (budget.feasible)."""
     splits, model = context.splits, context.teacher.model
-    example = example_input(model, splits.in_channels, splits.image_size)
+    example = splits.inputs.example(model)
     return feasible(parsed, budget,
-                    lambda v: final_footprint(model, v["schedule"], example, splits.in_channels, splits.image_size),
+                    lambda v: final_footprint(model, v["schedule"], example, splits.inputs),
                     lambda v: f"the variant final_sparsity={v['final_sparsity']}, ending_epoch={v['ending_epoch']}",
                     "prune more (search.tune.final_sparsity) or loosen the budget")
 
@@ -68,7 +67,7 @@ def run_agp(context: RunContext) -> None:
     search: AgpSearch = context.config.search
     splits = context.splits
     parsed = schedule_variants(search, context.teacher.model,
-                               example_input(context.teacher.model, splits.in_channels, splits.image_size))
+                               splits.inputs.example(context.teacher.model))
     epochs = max(search.tune.epochs or (context.config.train.epochs,))
     for v in parsed:
         if v["schedule"].last_epoch() >= epochs:

@@ -21,7 +21,6 @@ from workers.compression.pruners import StructuredAGP, pruner_classes
 from workers.compression.schedule import ScheduleError, parse_schedule
 from workers.data.datasets import input_shape
 from workers.models.branches import branch_problem
-from workers.models.depgraph import example_input
 from workers.training.teacher import untrained_network
 
 if TYPE_CHECKING:
@@ -101,7 +100,7 @@ def check_agp(config: JobConfig) -> list[str]:
     """Config-time check of an agp job: its schedule and every Tune variant run on the teacher's arch."""
     model = untrained_network(config.teacher)
     shape = input_shape(config.dataset)
-    example = example_input(model, *shape) if shape is not None and config.teacher.source is not None else None
+    example = shape.example(model) if shape is not None and config.teacher.source is not None else None
     try:
         variants = schedule_variants(config.search, model, example)
     except RecordError as err:

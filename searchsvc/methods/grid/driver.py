@@ -24,7 +24,7 @@ def grid_specs(context: RunContext) -> list[CandidateSpec]:
     splits = context.splits
     specs = []
     for c in search.candidates:
-        teacher = teacher_widths(context.teacher.model, tuple(c.remove), splits.in_channels, splits.image_size)
+        teacher = teacher_widths(context.teacher.model, tuple(c.remove), splits.inputs)
         specs.append(CandidateSpec(
             arch=context.config.teacher.base, teacher=context.teacher.teacher_hash, dataset=context.config.dataset,
             train=context.config.train, method="grid", removed=tuple(c.remove),

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from core.names import did_you_mean, is_int
+from workers.models.inputs import InputSpec
 from workers.models.surgery import InvalidTransform, derive_arch, round_width, width_keys
 
 if TYPE_CHECKING:
@@ -24,16 +25,16 @@ if TYPE_CHECKING:
 LISTED = 12  # names listed in a message at most (a torchvision ResNet-50 has 50 channel groups)
 
 
-def teacher_widths(teacher: nn.Module, removed: tuple[str, ...], in_channels: int, image_size: int) -> dict[str, int]:
+def teacher_widths(teacher: nn.Module, removed: tuple[str, ...], inputs: InputSpec) -> dict[str, int]:
     """Every width a candidate may set, with the teacher's value: the zoo's width keys, or for a user's
     network the channel groups (by root layer) left after `removed` units go (none if a unit is unknown:
     the worker then reports the candidate invalid, naming it)."""
-    from workers.models.depgraph import channel_groups, example_input, removable_units
+    from workers.models.depgraph import channel_groups, removable_units
     from workers.models.rebuild import remove_units
 
     if hasattr(teacher, "arch"):
         return width_keys(teacher.arch)
-    example = example_input(teacher, in_channels, image_size)
+    example = inputs.example(teacher)
     if not set(removed) <= set(removable_units(teacher, example)):
         return {}
     cut = remove_units(copy.deepcopy(teacher), removed)
@@ -88,14 +89,14 @@ def _traced_problems(config: JobConfig) -> list[str]:
     """A user's network, traced on the data's shape (unknown before the files are read: checked at run)."""
     from workers.data.datasets import input_shape
     from workers.models.branches import fx_trace_error
-    from workers.models.depgraph import example_input, removable_units
+    from workers.models.depgraph import removable_units
     from workers.models.user_model import construct
 
     shape = input_shape(config.dataset)
     if shape is None or not any(c.remove or c.widths for c in config.search.candidates):
         return []
     model = construct(config.teacher.source)
-    units = removable_units(model, example_input(model, *shape))
+    units = removable_units(model, shape.example(model))
     untraced = fx_trace_error(model) if not units else None
     unit_kind = f"a removable unit of {config.teacher.model}" + (f" (torch.fx cannot trace it: {untraced})"
                                                                     if untraced else "")
@@ -103,7 +104,7 @@ def _traced_problems(config: JobConfig) -> list[str]:
     for i, candidate in enumerate(config.search.candidates):
         removed = tuple(candidate.remove)
         if candidate.widths and set(removed) <= set(units) and removed not in groups:
-            groups[removed] = teacher_widths(model, removed, *shape)
+            groups[removed] = teacher_widths(model, removed, shape)
         keys = groups.get(removed, {}) if candidate.widths else {}
         problems.extend(_name_problems(f"search.candidates[{i}]", candidate, (units, unit_kind, "units"),
                                        (keys, "channel group (by its root layer)")))

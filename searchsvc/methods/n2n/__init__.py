@@ -26,7 +26,7 @@ def check_n2n(config: JobConfig) -> list[str]:
     if config.teacher.source is None or shape is None:
         return []
     model = construct(config.teacher.source)
-    if not structure_of(model, *shape).names:
+    if not structure_of(model, shape).names:
         untraced = fx_trace_error(model)  # then no block is found at all: the tracer's error says why
         why = f"torch.fx cannot trace it ({untraced})" if untraced else "a block whose input and output shapes " \
             "match, with a skip connection"

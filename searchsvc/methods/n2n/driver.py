@@ -186,7 +186,7 @@ def run_n2n(context: RunContext) -> None:
     state = {"done": [], "history": {}}
     if context.resumed and context.store.exists(state_key):
         state = context.store.get_json(state_key)
-    units = structure_of(teacher, context.splits.in_channels, context.splits.image_size)
+    units = structure_of(teacher, context.splits.inputs)
     if not units.names:
         raise SearchsvcError(f"method n2n: {context.config.teacher.base} has no removable block (a block whose input "
                              f"and output shapes match, with a skip connection): use method grid")

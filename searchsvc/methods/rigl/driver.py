@@ -65,7 +65,7 @@ def within_reach(search: RigLSearch, budget: Budget, context: RunContext) -> lis
     splits = context.splits
 
     def footprint(setting: dict[str, Any]) -> dict[str, int]:
-        return sparse_footprint(context.teacher.model, splits.in_channels, splits.image_size,
+        return sparse_footprint(context.teacher.model, splits.inputs,
                                 dense_allocation=setting["dense_allocation"],
                                 sparsity_distribution=setting["distribution"],
                                 ignore_linear_layers=search.ignore_linear_layers)

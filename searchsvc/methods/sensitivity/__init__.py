@@ -18,14 +18,13 @@ def check_sensitivity(config: JobConfig) -> list[str]:
     """The weights a sensitivity analysis names exist in the teacher's network (a user's network's channel
     groups traced on the data's shape, when the config tells it)."""
     from workers.data.datasets import input_shape
-    from workers.models.depgraph import example_input
     from workers.training.teacher import untrained_network
 
     model, shape = untrained_network(config.teacher), input_shape(config.dataset)
     if shape is None and config.teacher.source is not None and config.search.structure == "filter":
         return []  # traced at run time, on the data's own shape
     try:
-        analysed_weights(model, config.search, example_input(model, *shape) if shape else None)
+        analysed_weights(model, config.search, shape.example(model) if shape else None)
     except SearchsvcError as err:
         return [str(err)]
     return []

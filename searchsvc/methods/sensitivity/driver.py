@@ -29,7 +29,6 @@ from storage import layout
 from workers.evaluation.spec import CandidateSpec
 from workers.measurement.metrics import CandidateMetrics
 from workers.measurement.summary import to_csv
-from workers.models.depgraph import example_input
 
 
 def sensitivity_specs(context: RunContext, weights: list[str]) -> list[CandidateSpec]:
@@ -54,7 +53,7 @@ def run_sensitivity(context: RunContext) -> None:
     """The sensitivity driver: every (weight, level) point through the pool; CSV, plot, schedule."""
     search: SensitivitySearch = context.config.search
     teacher, splits = context.teacher.model, context.splits
-    weights = analysed_weights(teacher, search, example_input(teacher, splits.in_channels, splits.image_size))
+    weights = analysed_weights(teacher, search, splits.inputs.example(teacher))
     specs = sensitivity_specs(context, weights)
     ensure_ray(context.address)
     evaluator = SensitivityEvaluator(context, total=len(specs))

@@ -184,8 +184,7 @@ def run_taylor(context: RunContext) -> None:
     teacher = context.teacher
     job = TrialJob(store=context.store, arch=context.config.teacher.base, teacher_hash=teacher.teacher_hash,
                    teacher_val_accuracy=teacher.val_accuracy, teacher_params=count_parameters(teacher.model),
-                   teacher_channels=prunable_channels(teacher.model, context.splits.in_channels,
-                                                      context.splits.image_size),
+                   teacher_channels=prunable_channels(teacher.model, context.splits.inputs),
                    dataset=absolute_dataset(context.config.dataset),
                    train=context.config.train, search=search, resources=context.config.resources,
                    seed=context.config.seed, measures=measures_of(context.config),

@@ -1,0 +1,85 @@
+"""What one input of a model looks like — taken from the data, not assumed to be a square image.
+
+Tracing, the dependency graph, MACs, latency, summaries and ONNX export all run the model on an example input;
+`InputSpec` is the one description of it they share: an example's shape without the batch dimension — [C, H, W]
+for images of any size and aspect, [F] for feature vectors, [C, L] for sequences — as the data loader delivers it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One example's input as the model receives it: `shape` without the batch dimension, floating point."""
+
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.shape or any(not isinstance(n, int) or n < 1 for n in self.shape):
+            raise ValueError(f"an input shape is one or more positive sizes, got {self.shape!r}")
+
+    @classmethod
+    def image(cls, channels: int, height: int, width: int | None = None) -> InputSpec:
+        """[channels, height, width] images (square when `width` is not given)."""
+        return cls((int(channels), int(height), int(height if width is None else width)))
+
+    @classmethod
+    def of(cls, shape: Sequence[int]) -> InputSpec:
+        return cls(tuple(int(n) for n in shape))
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], channels: int | None = None) -> InputSpec:
+        """The input a stored teacher was trained on: its `input_shape`, or (stored before inputs of any shape)
+        its `in_channels` (else `channels`) and square `image_size` (default 32 px)."""
+        if meta.get("input_shape"):
+            return cls.of(meta["input_shape"])
+        return cls.image(int(meta.get("in_channels") or channels or 3), int(meta.get("image_size", 32)))
+
+    @property
+    def channels(self) -> int:
+        """The first dimension: an image's channels (a feature vector's length)."""
+        return self.shape[0]
+
+    @property
+    def is_image(self) -> bool:
+        """[C, H, W]: what convolutions, crops, flips and channels_last apply to."""
+        return len(self.shape) == 3
+
+    @property
+    def values(self) -> int:
+        """Numbers in one example."""
+        return math.prod(self.shape)
+
+    def meta(self) -> dict[str, Any]:
+        """As a teacher's stored meta records it (in_channels and image_size kept for older readers)."""
+        record: dict[str, Any] = {"input_shape": list(self.shape), "in_channels": self.channels}
+        if self.is_image and self.shape[1] == self.shape[2]:
+            record["image_size"] = self.shape[2]
+        return record
+
+    def __str__(self) -> str:
+        return "x".join(str(n) for n in self.shape)
+
+    def batch(self, size: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+              random: bool = False, seed: int = 0) -> torch.Tensor:
+        """`size` examples: zeros, or standard normal values from `seed` (timing: no all-zero shortcuts);
+        channels_last for images (the layout training and timing use)."""
+        shape = (size, *self.shape)
+        if random:
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=dtype)
+        else:
+            x = torch.zeros(shape, device=device, dtype=dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.is_image else x
+
+    def example(self, model: nn.Module, size: int = 1) -> torch.Tensor:
+        """Zero examples on the model's device and in its dtype: what tracing and counting run on."""
+        probe = next(model.parameters())
+        return torch.zeros(size, *self.shape, device=probe.device, dtype=probe.dtype)
