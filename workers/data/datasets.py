@@ -332,7 +332,7 @@ def _stats_sample(split: streaming.Split) -> torch.Tensor:
         return split[0]
     n = len(split)
     index = torch.arange(n) if n <= STATS_SAMPLE else \
-        torch.randperm(n, generator=torch.Generator().manual_seed(0))[:STATS_SAMPLE]
+        streaming.epoch_order(split, torch.Generator().manual_seed(0))[:STATS_SAMPLE]
     return streaming.take(split, index)[0]
 
 
