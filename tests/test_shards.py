@@ -68,9 +68,9 @@ def test_streamed_shards_give_the_resident_examples_and_statistics(tmp_path):
     assert streamed.streamed and isinstance(streamed.val, Streamed) and streamed.sizes() == resident.sizes()
     assert (streamed.mean, streamed.std) == (resident.mean, resident.std)  # every training image, both ways
     assert streamed.provenance()["val"]["from"].endswith("(2 Parquet shards) (streamed)")
-    for name in ("train", "val", "test"):
-        assert _examples(getattr(streamed, name)) == _examples(getattr(resident, name))
-        assert torch.equal(getattr(streamed, name).labels.sort().values, getattr(resident, name)[1].sort().values)
+    for name in ("train", "val", "test"):  # the same examples in the same (storage) order: one set of cached logits
+        x, y = take(getattr(streamed, name), torch.arange(count(getattr(streamed, name))))
+        assert torch.equal(x, getattr(resident, name)[0]) and torch.equal(y, getattr(resident, name)[1])
     assert load_dataset(_shards(sharded, memory_share=1e-9)).streamed  # auto: by the decoded size
     assert not load_dataset(_shards(sharded)).streamed
 
@@ -106,21 +106,36 @@ def test_resident_and_per_example_splits_keep_torch_randperm_as_their_epoch_orde
 
 
 def test_a_carved_or_subset_sharded_split_keeps_storage_order_and_its_row_groups(tmp_path):
-    """val carved from train (no val/ shards) and `subset` pick the resident path's examples; the streamed split
-    keeps them in storage order, each with its row group, so an epoch still reads row group by row group."""
+    """val carved from train (no val/ shards) and `subset` keep the examples the seed picks, in storage order
+    (resident and streamed alike), each with its row group, so an epoch still reads row group by row group."""
     _, sharded = _folder_and_shards(tmp_path, {"train": 40, "test": 12})
     whole = load_dataset(_shards(sharded, in_memory=False, val_fraction=0.0)).train
+    seeded = torch.randperm(80, generator=torch.Generator().manual_seed(0))  # load_dataset's carve, split_seed 0
+    assert sorted(load_dataset(_shards(sharded, in_memory=False)).val.dataset.indices) == sorted(seeded[:8].tolist())
     for settings in ({"val_fraction": 0.25}, {"subset": 30}):
         streamed = load_dataset(_shards(sharded, in_memory=False, **settings))
         resident = load_dataset(_shards(sharded, in_memory=True, **settings))
         for name in ("train", "val", "test"):
             split = getattr(streamed, name)
-            assert _examples(split) == _examples(getattr(resident, name))
+            x, y = take(split, torch.arange(count(split)))
+            assert torch.equal(x, getattr(resident, name)[0]) and torch.equal(y, getattr(resident, name)[1])
             assert torch.equal(split.blocks, split.blocks.sort().values)  # storage order
         kept = streamed.train.dataset.indices  # the whole split's rows it holds, and their row groups
         assert kept == sorted(kept) and torch.equal(streamed.train.blocks, whole.blocks[kept])
         order = epoch_order(streamed.train, torch.Generator().manual_seed(0))
         assert sorted(_runs(order, streamed.train.blocks)) == sorted(set(streamed.train.blocks.tolist()))
+
+
+def test_a_shuffled_subset_of_a_sharded_split_still_goes_row_group_by_row_group(tmp_path):
+    """Streamed.subset keeps any order it is given, each example with its row group: the epoch order groups them."""
+    _, sharded = _folder_and_shards(tmp_path)
+    train = load_dataset(_shards(sharded, in_memory=False)).train
+    index = torch.randperm(count(train), generator=torch.Generator().manual_seed(1))[:50]
+    part = train.subset(index)
+    assert torch.equal(part.blocks, train.blocks[index]) and part.dataset.indices == index.tolist()
+    order = epoch_order(part, torch.Generator().manual_seed(2))
+    assert sorted(order.tolist()) == list(range(50))
+    assert sorted(_runs(order, part.blocks)) == sorted(set(part.blocks.tolist()))
 
 
 def test_a_streamed_epoch_reads_each_row_group_once(tmp_path, monkeypatch):

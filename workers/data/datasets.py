@@ -23,6 +23,11 @@ from workers.data.streaming import Split
 DatasetName = Literal["cifar10", "fashion_mnist", "imagefolder", "synthetic", "python", "shards"]
 STREAMABLE = ("imagefolder", "shards", "python")  # the sources whose data may be larger than memory
 RESIZED_ON_READ = ("imagefolder", "shards")  # image_size applied as each image is decoded
+# Sources read in blocks (Parquet row groups): a split carved or cut from one keeps its examples in storage order,
+# not the seed's shuffle — evaluation and the teacher's logits read a split in its order, which must not read a
+# block per example; resident too, so both paths hold the same examples in the same order (the teacher's cached
+# logits, stored once for both, are looked up by example index).
+STORAGE_ORDER = ("shards",)
 MAX_IMAGE_SIZE = 4096  # pixels a side: an image resized (or made) larger is a typo, not a dataset
 MAX_IMAGE_VALUES = 3 * MAX_IMAGE_SIZE ** 2  # channels x height x width of one image: an RGB image of 4096 px
 STD_RANGE, MEAN_RANGE = (1e-3, 1e3), (-1e3, 1e3)  # 0..1 scale: a smaller std overflows the normalised pixels
@@ -333,7 +338,10 @@ STATS_SAMPLE = 4096  # streamed training images the channel statistics are taken
 
 def _pick(split: streaming.Split, index: torch.Tensor, config: DatasetConfig) -> streaming.Split:
     """The examples at `index`, as the model takes them (a resident split's images converted here; a streamed
-    one's are read as they are: channels and image_size are its reader's business)."""
+    one's are read as they are: channels and image_size are its reader's business). Data read in blocks keeps
+    them in storage order, resident or streamed alike (STORAGE_ORDER)."""
+    if config.name in STORAGE_ORDER:
+        index = index.sort().values
     if isinstance(split, streaming.Streamed):
         if config.channels is not None and config.channels != split.shape[0]:
             raise SearchsvcError(f"dataset.channels: streamed data is read as its source gives it ({split.shape[0]} "

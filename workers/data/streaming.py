@@ -72,11 +72,8 @@ class Streamed:
         return replace(self, device=torch.device(device))
 
     def subset(self, index: torch.Tensor) -> Streamed:
-        """The examples at `index` (a split carved from another, or a subset), in that order; a split read in
-        blocks keeps them in its own (storage) order instead: read in `index`'s shuffled order, evaluation and the
-        teacher's logits would read a whole block for each example."""
-        if self.blocks is not None:
-            index = index.sort().values
+        """The examples at `index` (a split carved from another, or a subset), in that order, each with its block
+        (a split read in blocks is best cut in storage order: workers.data.datasets.STORAGE_ORDER)."""
         return replace(self, dataset=torch.utils.data.Subset(self.dataset, index.tolist()),
                        labels=self.labels[index].clone(),
                        blocks=None if self.blocks is None else self.blocks[index].clone())
