@@ -12,6 +12,7 @@ store that never answered fails at once, so a typo in the endpoint is reported i
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import time
@@ -240,6 +241,24 @@ class S3Store(ArtifactStore):
     def _get_to_file(self, key: str, path: Path) -> None:
         self._call(self.uri_for(key), lambda: self.client.download_file(self.bucket, self._key(key), str(path)))
 
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """`length` bytes of the object at `key` from byte `start`: one ranged GET (a Parquet footer or row group,
+        not the whole object)."""
+        if length <= 0:
+            return b""
+        ranged = f"bytes={start}-{start + length - 1}"  # HTTP ranges are inclusive
+        return self._call(self.uri_for(key), lambda: self.client.get_object(
+            Bucket=self.bucket, Key=self._key(key), Range=ranged)["Body"].read())
+
+    def size(self, key: str) -> int:
+        """Bytes of the object at `key`."""
+        head = self._call(self.uri_for(key), lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)))
+        return int(head["ContentLength"])
+
+    def open_ranged(self, key: str) -> RangedObject:
+        """The object at `key` as a read-only, seekable file whose reads are ranged GETs (nothing read ahead)."""
+        return RangedObject(self, key)
+
     def exists(self, key: str) -> bool:
         try:
             self._call(self.uri_for(key), lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)))
@@ -256,3 +275,39 @@ class S3Store(ArtifactStore):
         for page in pages:
             keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
         return sorted(keys)
+
+
+class RangedObject(io.RawIOBase):
+    """An S3 object read as a file: each `read` is one ranged GET of the bytes asked for. What readers that seek
+    (pyarrow's Parquet reader: the footer, then one row group's column chunks) need, without the rest."""
+
+    def __init__(self, store: S3Store, key: str) -> None:
+        super().__init__()
+        self.store, self.key = store, key
+        self.length = store.size(key)  # bytes
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def read(self, size: int = -1) -> bytes:
+        end = self.length if size is None or size < 0 else min(self.length, self.position + size)
+        data = self.store.get_range(self.key, self.position, end - self.position)
+        self.position += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)

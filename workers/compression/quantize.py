@@ -32,7 +32,7 @@ from core.records import MAX_SEED, RecordError
 from storage import ArtifactStore, CorruptArtifactError, StoreError, WriteConflictError, layout
 from storage.base import json_bytes
 from workers.data.datasets import Splits, normalize
-from workers.data.streaming import Split, batches, count, take
+from workers.data.streaming import Split, batches, count, epoch_order, take
 from workers.measurement import ort
 
 log = logging.getLogger(__name__)
@@ -98,8 +98,7 @@ class Quantized:
 def calibration_images(splits: Splits, config: QuantizeConfig) -> np.ndarray:
     """`calibration_batches` × `calibration_batch_size` training images (a seeded random choice), normalised as
     training normalises them, float32 on the CPU: what the activation ranges are taken from."""
-    examples = count(splits.train)
-    order = torch.randperm(examples, generator=torch.Generator().manual_seed(config.seed))
+    order = epoch_order(splits.train, torch.Generator().manual_seed(config.seed))
     images = take(splits.train, order[:config.calibration_batches * config.calibration_batch_size])[0]
     return normalize(images, splits.mean, splits.std).cpu().numpy().astype(np.float32)
 

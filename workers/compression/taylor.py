@@ -32,7 +32,7 @@ from workers.compression.costs import counter, group_costs
 from workers.compression.ranking import Step, chunks_for, prefix, removal_order
 from workers.data.datasets import Splits, normalize
 from workers.data.streaming import batches as split_batches
-from workers.data.streaming import count, device_of
+from workers.data.streaming import device_of, epoch_order
 from workers.evaluation.evaluate import Built
 from workers.models.depgraph import channel_groups, dependency_graph, pruning_group, shrink_graph
 from workers.models.inputs import InputSpec
@@ -102,7 +102,7 @@ def prunable_channels(model: nn.Module, inputs: InputSpec) -> int:
 def _loss_batches(model: nn.Module, splits: Splits, batches: int, batch_size: int, seed: int):
     """Yield after each training batch's loss.backward() (eval mode: batch-norm as the pruned model uses it)."""
     train = splits.train
-    order = torch.randperm(count(train), generator=torch.Generator().manual_seed(seed))[:batches * batch_size]
+    order = epoch_order(train, torch.Generator().manual_seed(seed))[:batches * batch_size]
     layout = training_memory_format(model, device_of(train), batch_size)
     model.to(memory_format=layout)
     for _, images, labels in split_batches(train, batch_size, order.to(device_of(train))):

@@ -17,12 +17,18 @@ import torch
 
 from core.errors import SearchsvcError
 from core.records import MAX_SEED, canonical_json
-from workers.data import folders, python_source, sources, streaming
+from workers.data import folders, python_source, shards, sources, streaming
 from workers.data.streaming import Split
 from workers.models.inputs import InputSpec
 
-DatasetName = Literal["cifar10", "fashion_mnist", "imagefolder", "synthetic", "python"]
-STREAMABLE = ("imagefolder", "python")  # the sources whose data may be larger than memory
+DatasetName = Literal["cifar10", "fashion_mnist", "imagefolder", "synthetic", "python", "shards"]
+STREAMABLE = ("imagefolder", "shards", "python")  # the sources whose data may be larger than memory
+RESIZED_ON_READ = ("imagefolder", "shards")  # image_size applied as each image is decoded
+# Sources read in blocks (Parquet row groups): a split carved or cut from one keeps its examples in storage order,
+# not the seed's shuffle — evaluation and the teacher's logits read a split in its order, which must not read a
+# block per example; resident too, so both paths hold the same examples in the same order (the teacher's cached
+# logits, stored once for both, are looked up by example index).
+STORAGE_ORDER = ("shards",)
 MAX_IMAGE_SIZE = 4096  # pixels a side: an image resized (or made) larger is a typo, not a dataset
 MAX_IMAGE_VALUES = 3 * MAX_IMAGE_SIZE ** 2  # channels x height x width of one image: an RGB image of 4096 px
 STD_RANGE, MEAN_RANGE = (1e-3, 1e3), (-1e3, 1e3)  # 0..1 scale: a smaller std overflows the normalised pixels
@@ -46,8 +52,8 @@ class DatasetConfig:
 
     name: DatasetName = "fashion_mnist"
     root: str | None = field(default=None, metadata={
-        "help": "folder with the files (imagefolder: also s3://bucket/prefix, read through the store's endpoint); "
-                "null: search known places"})
+        "help": "folder with the files (imagefolder, shards: also s3://bucket/prefix, read through the store's "
+                "endpoint); null: search known places"})
     subset: int | float | None = field(
         default=None, metadata={"gt": 0, "help": "int: training images kept; float in (0, 1]: fraction of each split"})
     val_fraction: float = field(default=0.1, metadata={
@@ -67,15 +73,16 @@ class DatasetConfig:
         "omit_default": True, "help": "keyword arguments of dataset.factory, e.g. {root: /data/mine}"})
     # How the data is held, not what it is: none of these is part of a candidate's or a teacher's identity.
     in_memory: bool | Literal["auto"] = field(default="auto", metadata={
-        "omit_default": True, "help": "imagefolder and python: true decodes every split into memory (fast: "
-                                      "indexed on the device), false streams batches from the files or your "
-                                      "Dataset, auto streams when the decoded data passes memory_share"})
+        "omit_default": True, "help": "imagefolder, shards and python: true decodes every split into memory "
+                                      "(fast: indexed on the device), false streams batches from the files or "
+                                      "your Dataset, auto streams when the decoded data passes memory_share"})
     memory_share: float = field(default=0.25, metadata={
         "omit_default": True, "gt": 0, "max": 1, "help": "in_memory auto: the share of the memory available "
                                                          "that decoded data may take in each process holding it"})
     bad_files: Literal["stop", "skip"] = field(default="stop", metadata={
-        "omit_default": True, "help": "imagefolder: a file that is no readable image stops the run naming it (stop), "
-                                      "or is left out (skip; streamed: the next readable one stands in)"})
+        "omit_default": True, "help": "imagefolder, shards: a file (a shard's row) that is no readable image stops "
+                                      "the run naming it (stop), or is left out (skip; streamed: the next "
+                                      "readable one stands in)"})
     workers: int = field(default=2, metadata={
         "omit_default": True, "min": 0, "max": 64, "help": "streamed data: processes decoding batches beside each "
                                                            "training process (0: in it)"})
@@ -97,7 +104,7 @@ class DatasetConfig:
         if self.kwargs and self.factory is None:
             raise ValueError("kwargs: only with dataset.factory (name: python)")
         if self.in_memory is False and self.name not in STREAMABLE:
-            raise ValueError(f"in_memory: {self.name} is always held in memory; imagefolder and python data "
+            raise ValueError(f"in_memory: {self.name} is always held in memory; {', '.join(STREAMABLE)} data "
                              f"can stream")
 
         for key in ("mean", "std"):
@@ -225,11 +232,33 @@ def _imagefolder(config: DatasetConfig, endpoint: str | None) -> sources.Loaded:
     files = folders.Files(config.root, endpoint)
     found = folders.layout(files, config.split_seed)
     size, skip = config.image_size or 32, config.bad_files == "skip"
-    decoded = sum(len(keys) for keys, _ in found.files.values()) * 3 * size * size
-    if _streams(config, decoded):
+    if _streams_images(config, sum(len(keys) for keys, _ in found.files.values()), size):
         return folders.streamed(files, found, size, skip, config.workers)
-    streaming.check_fits(decoded, streaming.available_memory(), "set dataset.in_memory: auto (or false) to stream it")
     return folders.read_all(files, found, size, skip)
+
+
+def _shards(config: DatasetConfig, endpoint: str | None) -> sources.Loaded:
+    """Parquet shards (local or on S3: workers.data.shards) decoded whole, or streamed row group by row group
+    (`in_memory`; auto: by their decoded size)."""
+    if config.root is None:
+        raise SearchsvcError("dataset.root: shards needs a folder or s3://bucket/prefix holding train/*.parquet and "
+                             "test/*.parquet")
+    files = folders.Files(config.root, endpoint)
+    parts = shards.index(files)
+    size, skip = config.image_size or 32, config.bad_files == "skip"
+    if _streams_images(config, sum(len(part.labels) for part in parts.values()), size):
+        return shards.streamed(files, parts, size, skip, config.workers)
+    return shards.read_all(files, parts, size, skip)
+
+
+def _streams_images(config: DatasetConfig, images: int, size: int) -> bool:
+    """Whether `images` RGB images of `size` px a side are streamed (`_streams`); SearchsvcError where they are to
+    be decoded whole and do not fit."""
+    decoded = images * 3 * size * size  # bytes, uint8
+    if _streams(config, decoded):
+        return True
+    streaming.check_fits(decoded, streaming.available_memory(), "set dataset.in_memory: auto (or false) to stream it")
+    return False
 
 
 def _python(config: DatasetConfig) -> sources.Loaded:
@@ -258,6 +287,7 @@ _LOADERS: dict[str, Callable[[DatasetConfig, str | None], Raw | sources.Loaded]]
     "fashion_mnist": lambda c, _: sources.fashion_mnist(c.root, c.download),
     "cifar10": lambda c, _: sources.cifar10(c.root, c.download),
     "imagefolder": _imagefolder,
+    "shards": _shards,
     "python": lambda c, _: _python(c),
 }
 
@@ -306,7 +336,10 @@ STATS_SAMPLE = 4096  # streamed training images the channel statistics are taken
 
 def _pick(split: streaming.Split, index: torch.Tensor, config: DatasetConfig) -> streaming.Split:
     """The examples at `index`, as the model takes them (a resident split's images converted here; a streamed
-    one's are read as they are: channels and image_size are its reader's business)."""
+    one's are read as they are: channels and image_size are its reader's business). Data read in blocks keeps
+    them in storage order, resident or streamed alike (STORAGE_ORDER)."""
+    if config.name in STORAGE_ORDER:
+        index = index.sort().values
     if isinstance(split, streaming.Streamed):
         if config.channels is not None and config.channels != split.shape[0]:
             raise SearchsvcError(f"dataset.channels: streamed data is read as its source gives it ({split.shape[0]} "
@@ -330,7 +363,7 @@ def _stats_sample(split: streaming.Split) -> torch.Tensor:
         return split[0]
     n = len(split)
     index = torch.arange(n) if n <= STATS_SAMPLE else \
-        torch.randperm(n, generator=torch.Generator().manual_seed(0))[:STATS_SAMPLE]
+        streaming.epoch_order(split, torch.Generator().manual_seed(0))[:STATS_SAMPLE]
     return streaming.take(split, index)[0]
 
 
@@ -369,7 +402,7 @@ def _model_input(images: torch.Tensor, config: DatasetConfig) -> torch.Tensor:
             raise SearchsvcError(f"dataset.channels: {config.channels} channels cannot be made from "
                                  f"{images.shape[1]}-channel images (only a single channel is repeated)")
         images = images.expand(-1, config.channels, -1, -1).contiguous()
-    if config.image_size is not None and config.name != "imagefolder" and images.shape[-1] != config.image_size:
+    if config.image_size is not None and config.name not in RESIZED_ON_READ and images.shape[-1] != config.image_size:
         size = (config.image_size, config.image_size)
         resize = lambda chunk: torch.nn.functional.interpolate(  # noqa: E731
             chunk.float(), size=size, mode="bilinear", antialias=True, align_corners=False)

@@ -19,7 +19,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -66,6 +66,12 @@ class Files:
         if self.on_s3:
             return self._s3()._get(key)  # any object name the user has (the store's own keys are stricter)
         return (Path(self.root).expanduser() / key).read_bytes()
+
+    def open_file(self, key: str) -> BinaryIO:
+        """The file at `key` to read with seeks: on S3 each read is a ranged GET (nothing downloaded whole)."""
+        if self.on_s3:
+            return self._s3().open_ranged(key)
+        return (Path(self.root).expanduser() / key).open("rb")
 
     def _s3(self) -> Any:
         from storage import StoreError, open_store

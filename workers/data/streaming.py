@@ -61,6 +61,9 @@ class Streamed:
     device: torch.device = torch.device("cpu")  # where its batches are delivered
     workers: int = 2  # DataLoader processes decoding batches (0: in the reading process)
     prefetch: int = 2  # batches each worker decodes ahead
+    # [N] int64, non-decreasing: the block each example is read with (a Parquet row group: reading one example
+    # reads its block); None where examples are read one by one. `epoch_order` keeps a block's examples together.
+    blocks: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -69,9 +72,11 @@ class Streamed:
         return replace(self, device=torch.device(device))
 
     def subset(self, index: torch.Tensor) -> Streamed:
-        """The examples at `index` (a split carved from another, or a subset), in that order."""
+        """The examples at `index` (a split carved from another, or a subset), in that order, each with its block
+        (a split read in blocks is best cut in storage order: workers.data.datasets.STORAGE_ORDER)."""
         return replace(self, dataset=torch.utils.data.Subset(self.dataset, index.tolist()),
-                       labels=self.labels[index].clone())
+                       labels=self.labels[index].clone(),
+                       blocks=None if self.blocks is None else self.blocks[index].clone())
 
     def nbytes(self) -> int:
         """What the split would take decoded in memory, bytes."""
@@ -93,6 +98,24 @@ def input_shape(split: Split) -> tuple[int, ...]:
 
 def device_of(split: Split) -> torch.device:
     return split.device if isinstance(split, Streamed) else split[0].device
+
+
+def epoch_order(split: Split, generator: torch.Generator, device: torch.device | str | None = None
+                ) -> torch.Tensor:
+    """A random order of the split's examples from `generator` (an epoch's, a calibration sample's), on `device`
+    (default: the generator's): `torch.randperm`, except for a split read in blocks, whose blocks come in a random
+    order, each block's examples shuffled within it — each block is then read once per pass (per DataLoader
+    worker), not once per example."""
+    device = torch.device(device) if device is not None else generator.device
+    n = count(split)
+    blocks = split.blocks if isinstance(split, Streamed) else None
+    if blocks is None:
+        return torch.randperm(n, generator=generator, device=device)
+    block_id = torch.unique(blocks, return_inverse=True)[1].to(device)  # 0 .. blocks - 1
+    rank = torch.randperm(int(block_id.max()) + 1 if n else 0, generator=generator, device=device)
+    # A block's rank plus a uniform draw in [0, 1): sorted, the blocks in rank order, each one's examples shuffled.
+    score = rank[block_id].double() + torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+    return torch.sort(score, stable=True).indices
 
 
 def batches(split: Split, batch_size: int, order: torch.Tensor | None = None

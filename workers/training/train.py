@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workers.data.datasets import Splits, channel_stats_on, normalize
-from workers.data.streaming import Split, count, device_of, index_batches, take
+from workers.data.streaming import Split, count, device_of, epoch_order, index_batches, take
 from workers.data.streaming import batches as split_batches
 from workers.training.callbacks import Checkpointer, TrainCallback
 from workers.training.cuda_graph import GraphedStep
@@ -144,7 +144,7 @@ def recalibrate_batchnorm(model: nn.Module, splits: Splits, batches: int, batch_
     model.train()
     generator = torch.Generator(device=device).manual_seed(seed)
     used = min(batches, max(1, count(train) // size))
-    order = torch.randperm(count(train), device=device, generator=generator)[:used * size]
+    order = epoch_order(train, generator, device)[:used * size]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for _, batch, _ in split_batches(train, size, order):
             model(normalize(batch, splits.mean, splits.std).contiguous(memory_format=layout))
@@ -317,7 +317,7 @@ class _Loop:
         self.model.train()
         loss_sum = torch.zeros((), device=device)
         steps = per_epoch // batch
-        order = torch.randperm(count(train), device=device, generator=self.generator)[:steps * batch]
+        order = epoch_order(train, self.generator, device)[:steps * batch]  # a sharded split: row group by row group
         self.data_wait_s = 0.0
         reading = iter(index_batches(train, batch, order))
         for step in range(steps):
