@@ -142,6 +142,7 @@ BAD = {
     "NaN": ("run", f"{FACTORIES}:with_nan", "example 5: the input holds NaN"),
     "mixed shapes": ("run", f"{FACTORIES}:mixed_shapes", "one shape and dtype"),
     "an example that cannot be read": ("run", f"{FACTORIES}:broken_item", "image 0.jpg is truncated"),
+    "uint8 that is no image": ("run", f"{FACTORIES}:uint8_vectors", "uint8 inputs are images"),
 }
 
 

@@ -32,7 +32,7 @@ from workers.measurement.measure import count_parameters
 from workers.measurement.metrics import CandidateMetrics
 from workers.measurement.run_measures import run_columns
 from workers.training.teacher import ensure_train_logits
-from workers.training.train import resolve_device
+from workers.training.train import augments, resolve_device
 
 log = logging.getLogger(__name__)
 RESULTS_EVERY_S = 5.0  # seconds between rewrites of results.parquet while the run goes
@@ -193,7 +193,7 @@ class Recorder:
 def prepare_teacher_logits(context: RunContext) -> None:
     """Compute the teacher's training-split logits once, before workers look them up (distillation only)."""
     train = context.config.train
-    if train.distill.alpha > 0 and not train.augment:
+    if train.distill.alpha > 0 and not augments(train, context.splits.inputs):
         ensure_train_logits(context.store, context.teacher, context.splits, resolve_device(context.config.device))
 
 

@@ -115,3 +115,31 @@ def broken_item() -> dict:
             raise OSError(f"image {index}.jpg is truncated")
 
     return {"train": Broken(), "test": Broken()}
+
+
+# ---- inputs that are not square images --------------------------------------------------------------------------
+
+def features(train: int = 384, val: int = 96, test: int = 96, size: int = 16, classes: int = 4) -> dict[str, Dataset]:
+    """Float feature vectors [size] (tabular data, embeddings): a class's mean vector plus noise."""
+    means = torch.randn(classes, size, generator=torch.Generator().manual_seed(99))
+
+    def split(count: int, seed: int) -> TensorDataset:
+        gen = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, classes, (count,), generator=gen)
+        return TensorDataset(means[labels] + 0.8 * torch.randn(count, size, generator=gen), labels)
+
+    return {"train": split(train, 1), "val": split(val, 2), "test": split(test, 3)}
+
+
+def wide_images(train: int = 256, test: int = 64, height: int = 12, width: int = 20) -> dict[str, Dataset]:
+    """uint8 RGB images wider than they are high: a class's pattern plus noise."""
+    def split(count: int, seed: int) -> TensorDataset:
+        x, y = _patterns(count, 3, 3, width, seed)
+        return TensorDataset(x[:, :, :height].contiguous(), y)
+
+    return {"train": split(train, 1), "test": split(test, 3)}
+
+
+def uint8_vectors() -> dict:
+    x = torch.zeros(8, 16, dtype=torch.uint8)
+    return {"train": TensorDataset(x, torch.zeros(8, dtype=torch.int64)), "test": TensorDataset(x[:2], torch.zeros(2, dtype=torch.int64))}

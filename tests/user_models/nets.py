@@ -72,3 +72,9 @@ def scaled_cnn(num_classes: int = 4) -> ScaledCNN:
 def mlp(num_classes: int = 4, image_size: int = 16) -> nn.Module:
     """Linear layers only: nothing RigL may sparsify while `ignore_linear_layers` is on."""
     return nn.Sequential(nn.Flatten(), nn.Linear(image_size * image_size, 32), nn.ReLU(), nn.Linear(32, num_classes))
+
+
+def feature_mlp(features: int = 16, num_classes: int = 4, hidden: int = 32) -> nn.Module:
+    """A network on feature vectors [features], not images: two hidden layers whose widths a search may cut."""
+    return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, num_classes))

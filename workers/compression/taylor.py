@@ -35,7 +35,7 @@ from workers.data.streaming import batches as split_batches
 from workers.data.streaming import device_of, epoch_order
 from workers.evaluation.evaluate import Built
 from workers.models.depgraph import channel_groups, dependency_graph, pruning_group, shrink_graph
-from workers.models.inputs import InputSpec
+from workers.models.inputs import InputSpec, in_layout
 from workers.models.surgery import ScoreTable, prune_groups, shrink, width_keys
 from workers.models.zoo import ResNet
 from workers.training.train import training_memory_format
@@ -106,7 +106,7 @@ def _loss_batches(model: nn.Module, splits: Splits, batches: int, batch_size: in
     layout = training_memory_format(model, device_of(train), batch_size)
     model.to(memory_format=layout)
     for _, images, labels in split_batches(train, batch_size, order.to(device_of(train))):
-        x = normalize(images, splits.mean, splits.std).contiguous(memory_format=layout)
+        x = in_layout(normalize(images, splits.mean, splits.std), layout)
         F.cross_entropy(model(x), labels).backward()
         yield
 

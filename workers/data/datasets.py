@@ -397,6 +397,10 @@ def input_shape(config: DatasetConfig) -> InputSpec | None:
 def _model_input(images: torch.Tensor, config: DatasetConfig) -> torch.Tensor:
     """Images as the model takes them: `channels` (a single channel repeated) and `image_size` (resized;
     imagefolder resizes while reading)."""
+    if images.dim() != 4 and (config.channels is not None or config.image_size is not None):
+        key = "channels" if config.channels is not None else "image_size"
+        raise SearchsvcError(f"dataset.{key}: the inputs are of shape {'x'.join(map(str, images.shape[1:]))}, "
+                             f"not images [C, H, W]: nothing to convert")
     if config.channels is not None and config.channels != images.shape[1]:
         if images.shape[1] != 1:
             raise SearchsvcError(f"dataset.channels: {config.channels} channels cannot be made from "

@@ -3,10 +3,11 @@
 The factory returns its splits as a mapping, `{"train": ..., "test": ..., "val": ...}` (`val` optional: without
 it, validation is carved from train by `val_fraction` as for every other source), each a `torch.utils.data`
 Dataset of `(input, target)` pairs — map-style (`__len__` and `__getitem__`) or iterable. An input is a tensor,
-a numpy array or a PIL image: uint8 images ([C, H, W], or [H, W] for one channel; PIL's H x W x C is turned
-around) are normalised as every image source is, floating-point inputs are taken as the model takes them (the
-user's transform normalised them). A target is an integer class. Every input of the data has one shape and one
-dtype.
+a numpy array or a PIL image: uint8 images ([C, H, W] of any height and width, or [H, W] for one channel; PIL's
+H x W x C is turned around) are normalised as every image source is; floating-point inputs of any shape ([C, H, W]
+images, [F] feature vectors, [C, L] sequences) are taken as the model takes them (the user's transform normalised
+them). A target is an integer class. Every input of the data has one shape and one dtype: the example input that
+tracing, MACs, latency and export run on is one of that shape (workers.models.inputs).
 
 `decode` reads every example once into resident tensors (the in-memory fast path, DESIGN: data on the device),
 refusing in one line, before decoding it all, data whose decoded size passes streaming.MEMORY_SHARE of the memory
@@ -206,13 +207,17 @@ def _input(value: Any, split: str, index: int) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise SearchsvcError(f"{KEY}: split {split!r} example {index}: the input is a {type(value).__name__}; "
                              f"expected a tensor, a numpy array or a PIL image")
-    if value.ndim == 2:
-        value = value.unsqueeze(0)  # one channel
-    if value.ndim != 3 or value.shape[-1] != value.shape[-2]:
-        raise SearchsvcError(f"{KEY}: split {split!r} example {index}: an input of shape {tuple(value.shape)}; "
-                             f"searchsvc takes square images [C, S, S] (other inputs: not yet)")
     if value.dtype == torch.uint8:
+        if value.ndim == 2:
+            value = value.unsqueeze(0)  # one channel
+        if value.ndim != 3:
+            raise SearchsvcError(f"{KEY}: split {split!r} example {index}: a uint8 input of shape "
+                                 f"{tuple(value.shape)}; uint8 inputs are images, [C, H, W] or [H, W] (other inputs: "
+                                 f"as floats)")
         return value.contiguous()
+    if value.ndim == 0 or value.numel() == 0:
+        raise SearchsvcError(f"{KEY}: split {split!r} example {index}: an input of shape {tuple(value.shape)}; "
+                             f"expected one or more values per example")
     if not value.is_floating_point():
         raise SearchsvcError(f"{KEY}: split {split!r} example {index}: inputs of dtype {value.dtype}; expected "
                              f"uint8 images or floating-point inputs")

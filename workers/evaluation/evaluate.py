@@ -50,7 +50,7 @@ from workers.models.user_model import ModelSource, construct
 from workers.models.zoo import Model, arch_from_data, build_model, load_state_bytes, read_state_bytes, state_dict_bytes
 from workers.training.distill import distill_loss_fn, inference_copy, teacher_logits
 from workers.training.teacher import Teacher, checked_source, load_teacher, load_train_logits
-from workers.training.train import LossFn, TrainCallback, recalibrate_batchnorm, train_model
+from workers.training.train import LossFn, TrainCallback, augments, recalibrate_batchnorm, train_model
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ def _loss_fn(spec: CandidateSpec, ctx: EvalContext) -> LossFn | None:
     distill = spec.train.distill
     if distill.alpha == 0:
         return None
-    if spec.train.augment:  # the teacher must see the same augmented batch
+    if augments(spec.train, ctx.splits.inputs):  # the teacher must see the same augmented batch
         return distill_loss_fn(distill, teacher=ctx.live_teacher())
     return distill_loss_fn(distill, cached=ctx.train_logits())
 

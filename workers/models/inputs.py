@@ -77,9 +77,15 @@ class InputSpec:
             x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=dtype)
         else:
             x = torch.zeros(shape, device=device, dtype=dtype)
-        return x.contiguous(memory_format=torch.channels_last) if self.is_image else x
+        return in_layout(x)
 
     def example(self, model: nn.Module, size: int = 1) -> torch.Tensor:
         """Zero examples on the model's device and in its dtype: what tracing and counting run on."""
         probe = next(model.parameters())
         return torch.zeros(size, *self.shape, device=probe.device, dtype=probe.dtype)
+
+
+def in_layout(batch: torch.Tensor, layout: torch.memory_format = torch.channels_last) -> torch.Tensor:
+    """`batch` in the memory layout training and timing use — which applies to image batches [N, C, H, W] only:
+    any other input stays contiguous as it is."""
+    return batch.contiguous(memory_format=layout) if batch.dim() == 4 else batch.contiguous()

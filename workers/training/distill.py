@@ -15,6 +15,7 @@ from torch import nn
 
 from workers.data.datasets import normalize
 from workers.data.streaming import Split, batches, device_of
+from workers.models.inputs import in_layout
 from workers.training.train import DistillConfig, LossFn
 
 
@@ -48,7 +49,7 @@ def teacher_logits(teacher: nn.Module, split: Split | torch.Tensor, mean: tuple[
     chunks = []
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for _, images, _ in batches(split, batch_size):
-            chunks.append(teacher(normalize(images, mean, std).contiguous(memory_format=torch.channels_last)).float())
+            chunks.append(teacher(in_layout(normalize(images, mean, std), torch.channels_last)).float())
     return torch.cat(chunks)
 
 

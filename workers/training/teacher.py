@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.errors import SearchsvcError
 from core.records import MAX_SEED, canonical_json, to_data
 from storage import ArtifactStore, CorruptArtifactError, WriteConflictError, layout
 from workers.data.datasets import DatasetConfig, Splits
@@ -187,6 +188,9 @@ def _untrained(config: TeacherConfig, splits: Splits, raw: bytes, sha256: str | 
     """The teacher before any training here, and how meta.json names what builds it (`arch` or `source`)."""
     torch.manual_seed(config.seed)  # the initial weights
     if config.source is None:
+        if not splits.inputs.is_image:
+            raise SearchsvcError(f"teacher.arch: the zoo's networks take images [C, H, W]; this data's inputs are "
+                                 f"{splits.inputs} — bring your own network (teacher.model, docs/your-model.md)")
         arch = model_arch(config.arch, splits.inputs.channels, splits.num_classes)
         return build_model(arch), {"arch": to_data(arch)}
     source = replace(config.source, weights_sha256=sha256)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from workers.data.datasets import Splits, channel_stats_on, normalize
 from workers.data.streaming import Split, count, device_of, epoch_order, index_batches, take
 from workers.data.streaming import batches as split_batches
+from workers.models.inputs import InputSpec, in_layout
 from workers.training.callbacks import Checkpointer, TrainCallback
 from workers.training.cuda_graph import GraphedStep
 
@@ -44,7 +45,8 @@ class Recipe:
     momentum: float = field(default=0.9, metadata={"min": 0, "lt": 1, "help": "SGD (Nesterov) momentum"})
     weight_decay: float = field(default=5e-4, metadata={"min": 0, "max": MAX_WEIGHT_DECAY, "help": "L2 weight decay"})
     label_smoothing: float = field(default=0.0, metadata={"min": 0, "lt": 1, "help": "cross-entropy smoothing"})
-    augment: bool = field(default=True, metadata={"help": "random crop (pad 1/8 of the size) and horizontal flip"})
+    augment: bool = field(default=True, metadata={"help": "random crop (pad 1/8 of the height) and horizontal flip of "
+                                                            "images (other inputs are not augmented)"})
     max_images: int | None = field(default=None, metadata={
         "min": 1, "help": "images per epoch, a fresh random subset each epoch; null: the whole training split"})
 
@@ -81,8 +83,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def augments(recipe: Recipe, inputs: InputSpec) -> bool:
+    """Whether training on `inputs` is augmented: the recipe says so and they are images (what `augment` crops)."""
+    return recipe.augment and inputs.is_image
+
+
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random crop after zero-padding by 1/8 of the size, and random horizontal flip, batched on device."""
+    """Random crop after zero-padding by 1/8 of the height, and random horizontal flip, batched on device; inputs
+    that are not image batches [N, C, H, W] are returned as they are (nothing to crop or flip)."""
+    if images.dim() != 4:
+        return images
     n, c, h, w = images.shape
     pad = max(1, h // 8)
     padded = F.pad(images, (pad, pad, pad, pad))
@@ -114,7 +124,7 @@ def evaluate_split(model: nn.Module, split: Split, mean: tuple[float, ...], std:
     correct = torch.zeros((), dtype=torch.int64, device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for _, images, labels in split_batches(split, batch_size):
-            x = normalize(images, mean, std).contiguous(memory_format=torch.channels_last)
+            x = in_layout(normalize(images, mean, std), torch.channels_last)
             correct += (model(x).argmax(1) == labels).sum()
     return correct.item() / count(split)
 
@@ -147,7 +157,7 @@ def recalibrate_batchnorm(model: nn.Module, splits: Splits, batches: int, batch_
     order = epoch_order(train, generator, device)[:used * size]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for _, batch, _ in split_batches(train, size, order):
-            model(normalize(batch, splits.mean, splits.std).contiguous(memory_format=layout))
+            model(in_layout(normalize(batch, splits.mean, splits.std), layout))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.train(was_training)
@@ -354,7 +364,7 @@ class _Loop:
             images, labels = take(self.data.train, index)
         if self.recipe.augment:
             images = augment(images, self.generator)
-        images = normalize(images, self.data.mean, self.data.std).contiguous(memory_format=self.layout)
+        images = in_layout(normalize(images, self.data.mean, self.data.std), self.layout)
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
             loss = self.criterion(self.forward(images), labels, index, images)
         for cb in self.callbacks:
@@ -367,7 +377,7 @@ class _Loop:
         """The loss of the (unaugmented) batch at `index`, read through `index` alone: what a CUDA graph
         captures. Autocast's weight cache is off: a graph must cast the weights it replays with."""
         x_train, y_train = self.data.train
-        images = normalize(x_train[index], self.data.mean, self.data.std).contiguous(memory_format=self.layout)
+        images = in_layout(normalize(x_train[index], self.data.mean, self.data.std), self.layout)
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
             return self.criterion(self.forward(images), y_train[index], index, images)
 
