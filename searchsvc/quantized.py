@@ -2,18 +2,23 @@
 
     searchsvc quantize --store URI SPEC_HASH [-o model.onnx] [--calibration-batches 8] [--threads 1]
 
-The candidate's stored model (checked against its manifest) is exported to ONNX, calibrated on training
-batches of its own dataset, quantized by ONNX Runtime and measured (workers.compression.quantize); the int8 model and its
-figures are stored beside the candidate, `candidates/<hash>/int8-<key>/`, under their own manifest. Asked
-again with the same settings, the stored int8 model is used (checked like every stored byte).
+The candidate's stored model (checked against its manifest) is exported to ONNX, calibrated on training batches of
+its own dataset (read where the newest run on that data read it: a spec does not record where files are), quantized
+by ONNX Runtime and measured (workers.compression.quantize); the int8 model and its figures are stored beside the
+candidate, `candidates/<hash>/int8-<key>/`, under their own manifest. Asked again with the same settings, the stored
+int8 model is used (checked like every stored byte).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
-from storage import ArtifactStore, layout
+from core.records import RecordError
+from searchsvc.config import parse_config
+from searchsvc.reporting.table import stored_config
+from storage import ArtifactStore, CorruptArtifactError, KeyNotFoundError, layout
 from workers.compression.quantize import (
     Int8Metrics,
     QuantizeConfig,
@@ -22,10 +27,12 @@ from workers.compression.quantize import (
     save_int8,
     stored_int8,
 )
-from workers.data.datasets import load_dataset
+from workers.data.datasets import DatasetConfig, load_dataset
 from workers.evaluation.evaluate import load_candidate_model
 from workers.evaluation.spec import CandidateSpec
 from workers.measurement.metrics import CandidateMetrics, stored_metrics
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,9 +55,25 @@ def quantize_candidate(store: ArtifactStore, spec_hash: str, config: QuantizeCon
     if stored is not None:
         return QuantizeOutcome(fp32, stored, True, uri)
     spec = CandidateSpec.from_json(store.get_verified(layout.candidate(spec_hash), layout.SPEC).decode())
-    splits = load_dataset(spec.dataset)
+    splits = load_dataset(candidate_data(store, spec.dataset), getattr(store, "endpoint", None))
     quantized = quantize_model(model, splits, config, eval_threads=os.cpu_count() or 1)
     return QuantizeOutcome(fp32, save_int8(store, spec_hash, config, quantized), False, uri)
+
+
+def candidate_data(store: ArtifactStore, data: DatasetConfig) -> DatasetConfig:
+    """Where a candidate's data is read from: a spec records what the data is, not where its files are
+    (`DatasetConfig.identity`: no root), so the newest run in the store that read the same data says where
+    (its config's dataset: root, in_memory, workers); without one, the spec's own (files looked for in known
+    places)."""
+    for run_id in reversed(layout.list_runs(store)):
+        try:
+            config = parse_config(stored_config(store, run_id)[1])
+        except (RecordError, KeyNotFoundError, CorruptArtifactError):  # a run stopped before its config was
+            continue  # stored, or one this version cannot read: not the place to learn where data is
+        if config.dataset.identity() == data:
+            log.info("dataset %s read as run %s read it", data.name, run_id)
+            return config.dataset
+    return data
 
 
 def comparison_rows(outcome: QuantizeOutcome) -> list[list[str]]:

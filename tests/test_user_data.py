@@ -223,6 +223,9 @@ def test_a_run_on_a_streamed_folder_finds_the_candidates_the_resident_run_finds(
             == (not in_memory)
         found[in_memory] = {r["spec_hash"]: (r["status"], r["val_accuracy"], r["params"]) for r in _rows(store, run_id)}
     assert found[True] == found[False] and len(found[True]) == 2  # same candidates, same figures
+    # a kept candidate's spec records what its data is, not where: quantize reads it where the run read it
+    spec_hash = next(h for h, (status, _, _) in found[False].items() if status == "ok")
+    assert main(["quantize", "--store", str(store), spec_hash, "--calibration-batches", "1"]) == 0
 
 
 def test_an_iterable_dataset_cannot_stream_in_a_shuffled_order(tmp_path, capsys):

@@ -141,5 +141,6 @@ def wide_images(train: int = 256, test: int = 64, height: int = 12, width: int =
 
 
 def uint8_vectors() -> dict:
-    x = torch.zeros(8, 16, dtype=torch.uint8)
-    return {"train": TensorDataset(x, torch.zeros(8, dtype=torch.int64)), "test": TensorDataset(x[:2], torch.zeros(2, dtype=torch.int64))}
+    x = torch.zeros(8, 16, dtype=torch.uint8)  # a vector of bytes, not an image
+    y = torch.zeros(8, dtype=torch.int64)
+    return {"train": TensorDataset(x, y), "test": TensorDataset(x[:2], y[:2])}
