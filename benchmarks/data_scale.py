@@ -42,8 +42,9 @@ def _write_class(args: tuple[Path, int, int, int, int]) -> None:
 
     folder, label, count, size, seed = args
     folder.mkdir(parents=True, exist_ok=True)
+    # the class's pattern, the same in every split (seeded by the label); the noise is the split's own
+    pattern = np.kron(np.random.default_rng(label).integers(0, 255, (4, 4, 3)), np.ones((size // 4, size // 4, 1)))
     rng = np.random.default_rng(seed)
-    pattern = np.kron(rng.integers(0, 255, (4, 4, 3)), np.ones((size // 4, size // 4, 1)))
     for i in range(count):
         noise = rng.normal(0, 40, (size, size, 3))
         Image.fromarray(np.clip(pattern + noise, 0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
