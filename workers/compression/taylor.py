@@ -38,7 +38,7 @@ from workers.models.depgraph import channel_groups, dependency_graph, pruning_gr
 from workers.models.inputs import InputSpec, in_layout
 from workers.models.surgery import ScoreTable, prune_groups, shrink, width_keys
 from workers.models.zoo import ResNet
-from workers.training.train import training_memory_format
+from workers.training.train import largest_side, training_memory_format
 
 if TYPE_CHECKING:
     from workers.evaluation.evaluate import EvalContext
@@ -103,7 +103,7 @@ def _loss_batches(model: nn.Module, splits: Splits, batches: int, batch_size: in
     """Yield after each training batch's loss.backward() (eval mode: batch-norm as the pruned model uses it)."""
     train = splits.train
     order = epoch_order(train, torch.Generator().manual_seed(seed))[:batches * batch_size]
-    layout = training_memory_format(model, device_of(train), batch_size)
+    layout = training_memory_format(model, device_of(train), batch_size, largest_side(splits.inputs))
     model.to(memory_format=layout)
     for _, images, labels in split_batches(train, batch_size, order.to(device_of(train))):
         x = in_layout(normalize(images, splits.mean, splits.std), layout)

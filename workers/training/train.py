@@ -83,6 +83,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def largest_side(inputs: InputSpec) -> int:
+    """An image's larger side, px (0 for inputs that are not images)."""
+    return max(inputs.shape[1:]) if inputs.is_image else 0
+
+
 def augments(recipe: Recipe, inputs: InputSpec) -> bool:
     """Whether training on `inputs` is augmented: the recipe says so and they are images (what `augment` crops)."""
     return recipe.augment and inputs.is_image
@@ -145,7 +150,7 @@ def recalibrate_batchnorm(model: nn.Module, splits: Splits, batches: int, batch_
         return 0
     train, device = splits.train, device_of(splits.train)
     size = min(batch_size, count(train))
-    layout = layout or training_memory_format(model, device, size)
+    layout = layout or training_memory_format(model, device, size, largest_side(splits.inputs))
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
@@ -164,14 +169,21 @@ def recalibrate_batchnorm(model: nn.Module, splits: Splits, batches: int, batch_
     return used
 
 
-def training_memory_format(model: nn.Module, device: torch.device, batch: int) -> torch.memory_format:
+ONEDNN_LARGE_SIDE = 56  # px: from here a strided 1x1 conv of 8 input channels crashes too (48 px did not)
+
+
+def training_memory_format(model: nn.Module, device: torch.device, batch: int, side: int = 0
+                           ) -> torch.memory_format:
     """channels_last, except on the CPU for a network with a strided 1x1 conv (a projection shortcut) when
-    the batch is odd or that conv's input channels are not a multiple of 8: there torch 2.14.1's oneDNN
-    corrupts the heap in the conv's backward pass on channels_last tensors (pruned networks have such widths;
-    SIGSEGV or abort). NCHW is slower there but correct. `tests/test_distill_measure.py::
-    test_the_onednn_workaround_is_still_needed` fails once a torch release no longer crashes: then this can go."""
+    the batch is odd, that conv's input channels are not a multiple of 8, or fewer than 16 on images of
+    ONEDNN_LARGE_SIDE px or more (`side`: the input's largest side; tiny_cnn at 64 px): there torch 2.14.1's
+    oneDNN corrupts the heap in the conv's backward pass on channels_last tensors (pruned networks have such
+    widths; SIGSEGV or abort). NCHW is slower there (tiny_cnn at 32 px: 90 against 55 ms a step) but correct.
+    `tests/test_distill_measure.py::test_the_onednn_workaround_is_still_needed` fails once a torch release no
+    longer crashes: then this can go."""
     if device.type == "cpu" and any(
-            m.kernel_size == (1, 1) and m.stride != (1, 1) and (batch % 2 or m.in_channels % 8)
+            m.kernel_size == (1, 1) and m.stride != (1, 1) and (
+                batch % 2 or m.in_channels % 8 or (m.in_channels < 16 and side >= ONEDNN_LARGE_SIDE))
             for m in model.modules() if isinstance(m, nn.Conv2d)):
         return torch.contiguous_format
     return torch.channels_last
@@ -226,7 +238,7 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
     per_epoch = min(count(data.train), recipe.max_images or count(data.train))
     batch = min(recipe.batch_size, per_epoch)
     steps = per_epoch // batch  # drop the ragged last batch: static shapes, no tiny noisy steps
-    layout = training_memory_format(model, device, batch)
+    layout = training_memory_format(model, device, batch, largest_side(data.inputs))
     model.to(device=device, memory_format=layout)
     optimizer, schedule = _optimizer(model, recipe, recipe.epochs * steps, callbacks)
     loop = _Loop(model, torch.compile(model) if compile_model else model, data, recipe, layout, optimizer, schedule,
