@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from core.records import RecordError
 from searchsvc.config import parse_config
@@ -70,9 +70,10 @@ def candidate_data(store: ArtifactStore, data: DatasetConfig) -> DatasetConfig:
             config = parse_config(stored_config(store, run_id)[1])
         except (RecordError, KeyNotFoundError, CorruptArtifactError):  # a run stopped before its config was
             continue  # stored, or one this version cannot read: not the place to learn where data is
-        if config.dataset.identity() == data:
+        stated = replace(config.dataset, fingerprint=data.fingerprint)  # the config was stored before the data
+        if stated.identity() == data:  # was read; loading checks the files are still those the spec was trained on
             log.info("dataset %s read as run %s read it", data.name, run_id)
-            return config.dataset
+            return stated
     return data
 
 

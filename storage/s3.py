@@ -267,14 +267,16 @@ class S3Store(ArtifactStore):
         return True
 
     def list(self, prefix: str = "") -> list[str]:
+        return sorted(self.versions(prefix))
+
+    def versions(self, prefix: str = "") -> dict[str, str]:
+        """Every key under `prefix` with its version: size and ETag (a digest of the content), one listing."""
         full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
         strip = len(self.prefix) + 1 if self.prefix else 0
         paginator = self.client.get_paginator("list_objects_v2")
-        keys: list[str] = []
         pages = self._call(f"{self.uri}/{prefix}", lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full)))
-        for page in pages:
-            keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
-        return sorted(keys)
+        return {obj["Key"][strip:]: f"{obj.get('Size', 0)} {obj.get('ETag', '')}"
+                for page in pages for obj in page.get("Contents", [])}
 
 
 class RangedObject(io.RawIOBase):

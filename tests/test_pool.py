@@ -135,15 +135,23 @@ def test_invalid_candidates_are_results_and_the_rest_finish(prepared):
     assert "diverged" in outcomes[2].metrics.error
 
 
-def test_a_worker_that_cannot_start_fails_the_pool_with_its_cause(prepared, tmp_path):
-    """Workers that cannot load their data are a configuration error, not a stream of invalid candidates."""
+@pytest.mark.parametrize("case", ["missing", "other files"])
+def test_a_worker_that_cannot_start_fails_the_pool_with_its_cause(prepared, tmp_path, case):
+    """Workers that cannot load their data — or that see other files than the run started on (a node with another
+    copy of the folder) — are a configuration error, not a stream of invalid candidates."""
     from core.errors import SearchsvcError
+    from tests.test_user_data import _image_folder
 
     store, teacher_hash = prepared
-    missing = DatasetConfig(name="fashion_mnist", root=str(tmp_path / "nowhere"), download=False)
-    pool = EvalPool(store, teacher_hash, missing, Resources(gpus_per_eval=0, cpus_per_eval=1), size=1)
+    if case == "missing":
+        data, says = DatasetConfig(name="fashion_mnist", root=str(tmp_path / "nowhere"), download=False), "dataset.root"
+    else:
+        _image_folder(tmp_path / "pets", {"train": 4, "test": 2})
+        data = DatasetConfig(name="imagefolder", root=str(tmp_path / "pets"), image_size=8, fingerprint="0" * 16)
+        says = "are not the data this run started on"
+    pool = EvalPool(store, teacher_hash, data, Resources(gpus_per_eval=0, cpus_per_eval=1), size=1)
     try:
-        with pytest.raises(SearchsvcError, match="failed to start.*dataset.root"):
+        with pytest.raises(SearchsvcError, match=f"failed to start.*{says}"):
             list(pool.map_unordered([spec(teacher_hash, seed=41)]))
     finally:
         pool.shutdown()

@@ -178,6 +178,31 @@ def _folder(tmp_path: Path) -> Path:
     return root
 
 
+def test_other_files_are_other_data_to_every_identity(tmp_path, capsys):
+    """A spec and a teacher name their data by a fingerprint of its files (names, sizes, versions), not its path:
+    another folder at another path, or a file changed in place, is other data; a worker whose files are not the
+    run's stops in one line."""
+    from workers.training.teacher import TeacherConfig, teacher_hash
+
+    config = lambda root: DatasetConfig(name="imagefolder", root=str(root), image_size=8)  # noqa: E731
+    first, other = _folder(tmp_path / "a"), tmp_path / "b" / "folder"
+    _image_folder(other, {"train": 40, "val": 12, "test": 12})
+    (other / "train" / "cat" / "0.png").unlink()  # the same names but one: other data
+    prints = {root: load_dataset(config(root)).fingerprint for root in (first, other)}
+    assert None not in prints.values() and prints[first] != prints[other]
+    assert load_dataset(config(first)).fingerprint == prints[first]  # listed again: the same data
+    stated = {root: replace(config(root), fingerprint=fp) for root, fp in prints.items()}
+    assert len({teacher_hash(TeacherConfig(arch="tiny_cnn"), d) for d in stated.values()}) == 2
+    spec = lambda d: CandidateSpec(arch="tiny_cnn", teacher="t", dataset=d, train=TrainConfig())  # noqa: E731
+    assert spec(stated[first]).spec_hash != spec(stated[other]).spec_hash
+    assert spec(replace(stated[first], root=str(other))).spec_hash == spec(stated[first]).spec_hash  # path: not data
+    (first / "test" / "dog" / "1.png").write_bytes(b"\0" * 7)  # another size: another file
+    with pytest.raises(Exception, match="are not the data this run started on") as err:
+        load_dataset(stated[first])
+    assert len(str(err.value).splitlines()) == 1
+    assert load_dataset(DatasetConfig(name="synthetic")).fingerprint is None  # the config names it: hashes as before
+
+
 def test_a_streamed_folder_holds_no_images_and_reads_the_same_splits_as_memory(tmp_path):
     root = _folder(tmp_path)
     resident = load_dataset(DatasetConfig(name="imagefolder", root=str(root), image_size=8, in_memory=True))
@@ -275,6 +300,10 @@ def test_an_image_folder_on_s3_is_read_where_it_is_as_the_local_one(tmp_path, s3
         for name in ("train", "val", "test"):  # the same images, in the same order, as the folder on disk
             x, y = take(getattr(remote, name), torch.arange(count(getattr(remote, name))))
             assert torch.equal(x, getattr(local, name)[0]) and torch.equal(y, getattr(local, name)[1])
+        assert remote.fingerprint == load_dataset(config, endpoint=s3_env.endpoint).fingerprint  # sizes and ETags
+    replaced = (root / "train" / "dog" / "0.png").read_bytes()
+    s3_env.client().put_object(Bucket=bucket, Key="data/pets/train/cat/0.png", Body=replaced)
+    assert load_dataset(config, endpoint=s3_env.endpoint).fingerprint != remote.fingerprint  # a file replaced
     with pytest.raises(Exception, match=f"s3://{bucket}/data/nothing/ has no class sub-folders"):
         load_dataset(DatasetConfig(name="imagefolder", root=f"s3://{bucket}/data/nothing/"), s3_env.endpoint)
 

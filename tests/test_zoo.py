@@ -268,7 +268,7 @@ def reference_data(spec: CandidateSpec) -> dict:
     """asdict, less the dataset fields added after stores existed while they hold their default (they are
     left out of the canonical form so that stored hashes stay: core.records `omit_default`)."""
     data = dataclasses.asdict(spec)
-    for key in ("mean", "std", "channels", "factory"):
+    for key in ("mean", "std", "channels", "factory", "fingerprint"):
         if data["dataset"][key] is None:
             del data["dataset"][key]
     for key, default in (("kwargs", {}), ("in_memory", "auto"), ("memory_share", 0.25), ("workers", 2),

@@ -146,6 +146,17 @@ def _with_memory(config: JobConfig, splits: Splits, teacher: Teacher, device: An
     return replace(config, resources=resources)
 
 
+def _read_data(config: JobConfig, store: ArtifactStore) -> tuple[JobConfig, Splits]:
+    """The run's data (on S3: through the store's endpoint), and the config with its fingerprint where the data
+    has one (what the files are: in every identity; each worker checks the files it reads against it)."""
+    splits = load_dataset(config.dataset, getattr(store, "endpoint", None))
+    if splits.fingerprint is not None:
+        config = replace(config, dataset=replace(config.dataset, fingerprint=splits.fingerprint))
+    log.info("dataset %s: %s, %d classes, inputs %s", config.dataset.name, splits.sizes(), splits.num_classes,
+             splits.inputs)
+    return config, splits
+
+
 def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[str, Any], progress: bool,
              address: str | None, resumed: bool) -> RunResult:
     stop_on_sigterm(deferred=True)
@@ -164,9 +175,7 @@ def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[
         stop_on_sigterm()  # until Ray starts (ensure_ray), a signal stops the run at once ...
         stopping.check()  # ... as does one that came while the run was being recorded
         driver = get_method(config.method).load_driver()  # imports Ray and Tune: seconds a signal may land in
-        splits = load_dataset(config.dataset, getattr(store, "endpoint", None))  # data on S3: the store's endpoint
-        log.info("dataset %s: %s, %d classes, inputs %s", config.dataset.name, splits.sizes(), splits.num_classes,
-                 splits.inputs)
+        config, splits = _read_data(config, store)
         record.update(data=splits.provenance())  # where each split came from, and its size
         device = resolve_device(config.device)
         teacher = load_or_train_teacher(store, config.teacher, config.dataset, splits, device, progress=progress,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -17,7 +16,7 @@ import torch
 
 from core.errors import SearchsvcError
 from core.records import MAX_SEED, canonical_json
-from workers.data import folders, python_source, shards, sources, streaming
+from workers.data import readers, sources, streaming
 from workers.data.streaming import Split
 from workers.models.inputs import InputSpec
 
@@ -71,6 +70,10 @@ class DatasetConfig:
                                       "Dataset, test: Dataset, val: Dataset (optional)} of (input, target) pairs"})
     kwargs: dict[str, Any] = field(default_factory=dict, metadata={
         "omit_default": True, "help": "keyword arguments of dataset.factory, e.g. {root: /data/mine}"})
+    fingerprint: str | None = field(default=None, metadata={
+        "omit_default": True, "help": "set by a run, not in configs: what the files of an imagefolder or shards "
+                                      "root are (a digest of names, sizes and versions), so other or changed files "
+                                      "are other data to every identity; a worker whose files differ stops"})
     # How the data is held, not what it is: none of these is part of a candidate's or a teacher's identity.
     in_memory: bool | Literal["auto"] = field(default="auto", metadata={
         "omit_default": True, "help": "imagefolder, shards and python: true decodes every split into memory "
@@ -159,6 +162,7 @@ class Splits:
     mean: tuple[float, ...]  # per channel, on the 0..1 scale
     std: tuple[float, ...]
     sources: dict[str, str] = field(default_factory=dict)  # split → where it came from (run.json)
+    fingerprint: str | None = None  # what the files are (imagefolder, shards: DatasetConfig.fingerprint)
 
     @property
     def inputs(self) -> InputSpec:
@@ -176,7 +180,7 @@ class Splits:
         move = lambda split: split.to(device) if isinstance(split, streaming.Streamed) else \
             (split[0].to(device), split[1].to(device))  # noqa: E731
         return Splits(self.name, move(self.train), move(self.val), move(self.test), self.num_classes,
-                      self.mean, self.std, self.sources)
+                      self.mean, self.std, self.sources, self.fingerprint)
 
     def sizes(self) -> dict[str, int]:
         return {name: streaming.count(getattr(self, name)) for name in ("train", "val", "test")}
@@ -203,95 +207,6 @@ def channel_stats_on(mean: tuple[float, ...], std: tuple[float, ...],
     return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
 
 
-Raw = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]  # train x, y, test x, y, classes
-
-
-def _synthetic(config: DatasetConfig) -> Raw:
-    syn = config.synthetic
-    gen = torch.Generator().manual_seed(config.split_seed + 1)
-    # Smooth class prototypes: low-resolution noise upsampled, so convolutions can pick them up.
-    low = torch.rand(syn.num_classes, syn.channels, 4, 4, generator=gen)
-    protos = torch.nn.functional.interpolate(low, size=syn.image_size, mode="bilinear", align_corners=False)
-
-    def draw(count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.randint(0, syn.num_classes, (count,), generator=gen)
-        noise = syn.noise * torch.randn(count, syn.channels, syn.image_size, syn.image_size, generator=gen)
-        images = (protos[labels] + noise).clamp(0, 1)
-        return (images * 255).round().to(torch.uint8), labels
-
-    train_x, train_y = draw(syn.train_size)
-    test_x, test_y = draw(syn.test_size)
-    return train_x, train_y, test_x, test_y, syn.num_classes
-
-
-def _imagefolder(config: DatasetConfig, endpoint: str | None) -> sources.Loaded:
-    """An image folder (local or on S3: workers.data.folders) decoded whole, or streamed from its files
-    (`in_memory`; auto: by its decoded size)."""
-    if config.root is None:
-        raise SearchsvcError("dataset.root: imagefolder needs a folder of class sub-folders (a path or s3://)")
-    files = folders.Files(config.root, endpoint)
-    found = folders.layout(files, config.split_seed)
-    size, skip = config.image_size or 32, config.bad_files == "skip"
-    if _streams_images(config, sum(len(keys) for keys, _ in found.files.values()), size):
-        return folders.streamed(files, found, size, skip, config.workers)
-    return folders.read_all(files, found, size, skip)
-
-
-def _shards(config: DatasetConfig, endpoint: str | None) -> sources.Loaded:
-    """Parquet shards (local or on S3: workers.data.shards) decoded whole, or streamed row group by row group
-    (`in_memory`; auto: by their decoded size)."""
-    if config.root is None:
-        raise SearchsvcError("dataset.root: shards needs a folder or s3://bucket/prefix holding train/*.parquet and "
-                             "test/*.parquet")
-    files = folders.Files(config.root, endpoint)
-    parts = shards.index(files)
-    size, skip = config.image_size or 32, config.bad_files == "skip"
-    if _streams_images(config, sum(len(part.labels) for part in parts.values()), size):
-        return shards.streamed(files, parts, size, skip, config.workers)
-    return shards.read_all(files, parts, size, skip)
-
-
-def _streams_images(config: DatasetConfig, images: int, size: int) -> bool:
-    """Whether `images` RGB images of `size` px a side are streamed (`_streams`); SearchsvcError where they are to
-    be decoded whole and do not fit."""
-    decoded = images * 3 * size * size  # bytes, uint8
-    if _streams(config, decoded):
-        return True
-    streaming.check_fits(decoded, streaming.available_memory(), "set dataset.in_memory: auto (or false) to stream it")
-    return False
-
-
-def _python(config: DatasetConfig) -> sources.Loaded:
-    """The user's dataset (workers.data.python_source) decoded whole, or streamed (`in_memory`)."""
-    splits = python_source.call_factory(str(config.factory), config.kwargs)
-    if config.in_memory == "auto":
-        size = python_source.decoded_bytes(splits)  # None: an iterable split, decoded whole (it cannot stream)
-        stream = size is not None and _streams(config, size)
-    else:
-        stream = not config.in_memory
-    if stream:
-        return python_source.stream(splits, str(config.factory), config.workers)
-    return python_source.decode(splits, str(config.factory))
-
-
-def _streams(config: DatasetConfig, decoded_bytes: int) -> bool:
-    """Whether data of `decoded_bytes` is streamed: as `in_memory` says, or (auto) where it passes its share of the
-    memory available here."""
-    if config.in_memory != "auto":
-        return not config.in_memory
-    return decoded_bytes > config.memory_share * streaming.available_memory()
-
-
-_LOADERS: dict[str, Callable[[DatasetConfig, str | None], Raw | sources.Loaded]] = {
-    "synthetic": lambda c, _: _synthetic(c),
-    "fashion_mnist": lambda c, _: sources.fashion_mnist(c.root, c.download),
-    "cifar10": lambda c, _: sources.cifar10(c.root, c.download),
-    "imagefolder": _imagefolder,
-    "shards": _shards,
-    "python": lambda c, _: _python(c),
-}
-
-
 def _take(pair: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pair[0][index].contiguous(), pair[1][index].contiguous()
 
@@ -299,9 +214,9 @@ def _take(pair: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor) -> tuple
 def load_dataset(config: DatasetConfig, endpoint: str | None = None) -> Splits:
     """Load `config`'s dataset into three fixed splits (same seed → same split, on any machine). `endpoint`: the
     S3 endpoint data under an s3:// root is read through (the run's store's; else the environment's)."""
-    if config.name not in _LOADERS:
-        raise SearchsvcError(f"dataset.name: unknown dataset {config.name!r}; choose one of {', '.join(_LOADERS)}")
-    found = _LOADERS[config.name](config, endpoint)
+    if config.name not in readers.LOADERS:
+        raise SearchsvcError(f"dataset.name: unknown dataset {config.name!r}; choose one of {', '.join(readers.LOADERS)}")
+    found = readers.LOADERS[config.name](config, endpoint)
     loaded = found if isinstance(found, sources.Loaded) else sources.Loaded.of(found)
     n_all = streaming.count(loaded.train)
     gen = torch.Generator().manual_seed(config.split_seed)
@@ -328,7 +243,8 @@ def load_dataset(config: DatasetConfig, endpoint: str | None = None) -> Splits:
         mean, std = (0.0,) * channels, (1.0,) * channels
     else:
         mean, std = _channel_stats(_stats_sample(train))
-    return Splits(config.name, train, val, test, loaded.classes, mean, std, _where(config, loaded))
+    return Splits(config.name, train, val, test, loaded.classes, mean, std, _where(config, loaded),
+                  loaded.fingerprint)
 
 
 STATS_SAMPLE = 4096  # streamed training images the channel statistics are taken from (all of a smaller split)

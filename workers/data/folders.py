@@ -13,6 +13,7 @@ size; its label goes with it).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -43,6 +44,7 @@ class Files:
         self.root, self.endpoint = root.rstrip("/"), endpoint
         self._store: Any = None
         self._pid = -1
+        self._versions: dict[str, str] = {}  # key → its version as the listing saw it (fingerprint)
 
     @property
     def on_s3(self) -> bool:
@@ -54,13 +56,23 @@ class Files:
     def keys(self) -> list[str]:
         """Every file's key, in path order (a folder's files before a sibling folder named after them, as on disk)."""
         if self.on_s3:
-            keys = self._s3().list("")
+            self._versions = self._s3().versions("")
         else:
             base = Path(self.root).expanduser()
             if not base.is_dir():
                 raise SearchsvcError(f"dataset.root: {base} is not a folder")
-            keys = [p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file()]
-        return sorted(keys, key=lambda key: key.split("/"))
+            # sizes, not modification times: each node of a cluster may hold its own copy of the folder
+            self._versions = {p.relative_to(base).as_posix(): str(p.stat().st_size) for p in base.rglob("*")
+                              if p.is_file()}
+        return sorted(self._versions, key=lambda key: key.split("/"))
+
+    def fingerprint(self) -> str:
+        """What the files under the root are, as of the last `keys()` listing: a digest of their names and sizes
+        (and ETags, digests of the content, on S3) — not of their bytes, which would mean reading them all.
+        Part of every identity of the data (DatasetConfig.fingerprint): other files, or changed ones, are other
+        data."""
+        lines = "".join(f"{key}\t{version}\n" for key, version in sorted(self._versions.items()))
+        return hashlib.sha256(lines.encode()).hexdigest()[:16]
 
     def read(self, key: str) -> bytes:
         if self.on_s3:

@@ -48,6 +48,7 @@ class Loaded:
     classes: int
     val: Split | None = None
     sources: dict[str, str] = field(default_factory=dict)
+    fingerprint: str | None = None  # what the files are (folders.Files.fingerprint); None: the config names the data
 
     @classmethod
     def of(cls, raw: Raw) -> Loaded:
