@@ -612,3 +612,15 @@ def test_splits_to_cpu_returns_cpu_tensors_with_the_same_values():
     assert (moved.name, moved.num_classes, moved.mean, moved.std) == (splits.name, splits.num_classes,
                                                                       splits.mean, splits.std)
     assert moved.sizes() == splits.sizes()
+
+
+def test_channel_statistics_are_summed_in_chunks_as_one_pass_over_the_split_would_give_them():
+    """The mean and std of uint8 images, STATS_CHUNK images at a time (no float copy of the split), equal
+    torch's over the whole split in float64."""
+    from workers.data.datasets import STATS_CHUNK, _channel_stats
+
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (2 * STATS_CHUNK + 7, 3, 5, 4), dtype=torch.uint8, generator=gen)
+    x = images.to(torch.float64).div(255).transpose(0, 1).reshape(3, -1)
+    mean, std = _channel_stats(images)
+    assert mean == pytest.approx(x.mean(1).tolist(), abs=2e-6) and std == pytest.approx(x.std(1).tolist(), abs=2e-6)

@@ -362,9 +362,23 @@ def _subset_size(subset: float, size: int, n_train: int) -> int:
     return max(1, -(-size * subset // n_train))  # ceil(size * subset / n_train)
 
 
+STATS_CHUNK = 256  # images converted to float at a time: a float copy of a whole split is 4x its bytes
+
+
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images on the 0..1 scale (from the training split only)."""
-    x = images.float().div_(255.0).transpose(0, 1).reshape(images.shape[1], -1)
-    std = x.std(dim=1).clamp_min(1e-3)
-    return tuple(round(v, 6) for v in x.mean(dim=1).tolist()), tuple(round(v, 6) for v in std.tolist())
+    """Per-channel mean and (sample) std of uint8 images on the 0..1 scale (from the training split only), summed
+    STATS_CHUNK images at a time in float64: memory stays a chunk's, not a float copy of the split (4,000 images
+    of 160 px took 5.8 GiB at the peak that way)."""
+    channels = images.shape[1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    for chunk in images.split(STATS_CHUNK):
+        x = chunk.to(torch.float64).transpose(0, 1).reshape(channels, -1)
+        total += x.sum(dim=1)
+        squares += x.square().sum(dim=1)
+    n = images.numel() // channels
+    mean = total / n
+    var = (squares - n * mean.square()) / max(1, n - 1)
+    std = (var.clamp_min(0).sqrt() / 255.0).clamp_min(1e-3)
+    return tuple(round(v, 6) for v in (mean / 255.0).tolist()), tuple(round(v, 6) for v in std.tolist())
 
