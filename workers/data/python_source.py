@@ -165,7 +165,8 @@ def _decode(dataset: Any, split: str, first: torch.Tensor | None, available: int
             done: dict[str, Pair]) -> tuple[Pair, torch.Tensor]:
     """One split as (inputs [N, ...], targets [N]); `first`: the data's first input (shape and dtype to match)."""
     size = len(dataset) if hasattr(dataset, "__len__") else None
-    inputs: list[torch.Tensor] = []
+    inputs: list[torch.Tensor] = []  # an iterable split's inputs, stacked at the end (its size is not known)
+    out: torch.Tensor | None = None  # a map-style split's, each written into its row: the split held once
     targets: list[int] = []
     held = sum(x.numel() * x.element_size() for x, _ in done.values())
     try:
@@ -178,16 +179,20 @@ def _decode(dataset: Any, split: str, first: torch.Tensor | None, available: int
             held += x.numel() * x.element_size()
             if index % 1024 == 0:
                 streaming.check_fits(held, available, STREAM_HINT)
-            inputs.append(x)
+            if size is None:
+                inputs.append(x)
+            else:
+                out = torch.empty((size, *x.shape), dtype=x.dtype) if out is None else out
+                out[index] = x
             targets.append(y)
     except SearchsvcError:
         raise
     except Exception as err:  # noqa: BLE001 — the user's dataset: reading an example raised
-        raise SearchsvcError(f"{KEY}: reading split {split!r} example {len(inputs)} raised "
+        raise SearchsvcError(f"{KEY}: reading split {split!r} example {len(targets)} raised "
                              f"{type(err).__name__}: {err}") from None
-    if not inputs:
+    if not targets:
         raise SearchsvcError(f"{KEY}: split {split!r} is empty")
-    return (torch.stack(inputs), torch.tensor(targets, dtype=torch.int64)), first
+    return (out if out is not None else torch.stack(inputs), torch.tensor(targets, dtype=torch.int64)), first
 
 
 def _pair(item: Any, split: str, index: int) -> tuple[torch.Tensor, int]:
