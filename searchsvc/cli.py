@@ -328,6 +328,18 @@ COMMANDS = {"validate": cmd_validate, "config": cmd_config, "run": cmd_run, "res
             **MODEL_COMMANDS}
 
 
+def importable_from_here() -> None:
+    """The folder the command runs in on the import path — of this process and (PYTHONPATH) of the Ray workers and
+    processes it starts — as `python -m searchsvc` has it: a config's "package.module:function" (a model or a
+    dataset factory of the user's, `examples.your_data:csv_images`) is found from where the user runs searchsvc."""
+    here = os.getcwd()
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if here not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([here, *paths])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     try:
@@ -335,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as done:  # --help, --version, or a usage error already printed as one line
         return done.code if isinstance(done.code, int) else EXIT_USAGE
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    importable_from_here()
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):

@@ -354,3 +354,17 @@ def test_streamed_python_data_is_not_converted_silently(key, value):
         load_dataset(config)
     assert load_dataset(replace(config, in_memory=True)).train[0].shape[1:] == ((1, 8, 8) if key == "image_size"
                                                                                   else (3, 16, 16))
+
+
+def test_the_console_script_finds_a_factory_in_the_folder_it_runs_in(tmp_path):
+    """`searchsvc` (the console script, not `python -m`) imports "package.module:function" from the folder it is
+    run in, as the README's `searchsvc run configs/your-data-grid.yaml` needs (examples.your_data)."""
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "mydata.py").write_text((REPO / "tests" / "user_data" / "factories.py").read_text())
+    config = _config(tmp_path, "grid", {"name": "python", "factory": "mydata:images"})
+    script = shutil.which("searchsvc", path=str(Path(sys.executable).parent))
+    done = subprocess.run([script, "validate", str(config)], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
