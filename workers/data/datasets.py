@@ -215,7 +215,8 @@ def load_dataset(config: DatasetConfig, endpoint: str | None = None) -> Splits:
     """Load `config`'s dataset into three fixed splits (same seed → same split, on any machine). `endpoint`: the
     S3 endpoint data under an s3:// root is read through (the run's store's; else the environment's)."""
     if config.name not in readers.LOADERS:
-        raise SearchsvcError(f"dataset.name: unknown dataset {config.name!r}; choose one of {', '.join(readers.LOADERS)}")
+        raise SearchsvcError(f"dataset.name: unknown dataset {config.name!r}; choose one of "
+                             f"{', '.join(readers.LOADERS)}")
     found = readers.LOADERS[config.name](config, endpoint)
     loaded = found if isinstance(found, sources.Loaded) else sources.Loaded.of(found)
     n_all = streaming.count(loaded.train)

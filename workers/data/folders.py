@@ -20,7 +20,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterable
 
 import numpy as np
 import torch
@@ -183,22 +183,31 @@ def _read_split(files: Files, keys: list[str], labels: list[int], size: int, ski
         except OSError as err:
             raise SearchsvcError(f"dataset file {files.where(key)}: cannot read ({type(err).__name__})") from None
 
-    # each image decoded straight into its row: a list of decoded images stacked at the end held the split twice
-    # (a 1.4 GiB folder peaked at 4.0 GiB)
-    out = torch.empty((len(keys), 3, size, size), dtype=torch.uint8)
-    kept = []
     with ThreadPoolExecutor(S3_READERS if files.on_s3 else 1) as pool:
-        for i, image in enumerate(pool.map(one, keys)):
-            if image is not None:
-                out[i] = image
-                kept.append(i)
-    if len(kept) < len(keys):
-        log.warning("dataset: %d of %d files under %s are not readable images: left out (bad_files: skip)",
-                    len(keys) - len(kept), len(keys), files.root)
+        images, kept = into_rows(pool.map(one, keys), len(keys), size, files.root, "files")
+    return images, torch.tensor(labels, dtype=torch.int64)[kept]
+
+
+def into_rows(images: Iterable[torch.Tensor | None], count: int, size: int, root: str, unit: str
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` decoded images (None: an unreadable one, left out under bad_files: skip) as one uint8 tensor
+    [kept, 3, size, size], each written into its row as it comes — a list stacked at the end held the split twice
+    (a 1.4 GiB folder peaked at 4.0 GiB) — and the positions kept. Warns how many `unit`s (files, rows) were left
+    out; SearchsvcError if none is readable."""
+    out = torch.empty((count, 3, size, size), dtype=torch.uint8)
+    kept = []
+    for i, image in enumerate(images):
+        if image is not None:
+            out[i] = image
+            kept.append(i)
+    index = torch.tensor(kept, dtype=torch.int64)
+    if len(kept) < count:
+        log.warning("dataset: %d of %d %s under %s are not readable images: left out (bad_files: skip)",
+                    count - len(kept), count, unit, root)
         if not kept:
-            raise SearchsvcError(f"dataset.root: no readable images under {files.root}")
-        out = out[torch.tensor(kept)]
-    return out, torch.tensor([labels[i] for i in kept], dtype=torch.int64)
+            raise SearchsvcError(f"dataset.root: no readable images under {root}")
+        out = out[index]
+    return out, index
 
 
 def streamed(files: Files, found: Layout, size: int, skip_bad: bool, workers: int) -> Loaded:

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from core.errors import SearchsvcError
-from workers.data.folders import S3_READERS, Files, decode
+from workers.data.folders import S3_READERS, Files, decode, into_rows
 from workers.data.folders import layout as folders_layout
 from workers.data.sources import Loaded
 from workers.data.streaming import Streamed
@@ -153,23 +153,10 @@ def _read_split(files: Files, part: Part, size: int, skip_bad: bool) -> tuple[to
         rows = [raw for g in range(parquet.metadata.num_row_groups) for raw in _images(parquet, g)]
         return [_decode(raw, where, row, size, skip_bad) for row, raw in enumerate(rows)]
 
-    out = torch.empty((len(part.labels), 3, size, size), dtype=torch.uint8)  # filled row by row: the split once
-    kept: list[int] = []
     with ThreadPoolExecutor(S3_READERS if files.on_s3 else 1) as pool:
-        row = 0
-        for shard in pool.map(one, shard_keys):
-            for image in shard:
-                if image is not None:
-                    out[row] = image
-                    kept.append(row)
-                row += 1
-    if len(kept) < len(out):
-        log.warning("dataset: %d of %d rows under %s hold no readable image: left out (bad_files: skip)",
-                    len(out) - len(kept), len(out), files.root)
-        if not kept:
-            raise SearchsvcError(f"dataset.root: no readable images under {files.root}")
-        out = out[torch.tensor(kept, dtype=torch.int64)]
-    return out, part.labels[torch.tensor(kept, dtype=torch.int64)]
+        rows = (image for shard in pool.map(one, shard_keys) for image in shard)
+        images, kept = into_rows(rows, len(part.labels), size, files.root, "rows")
+    return images, part.labels[kept]
 
 
 def _decode(raw: bytes | None, where: str, row: int, size: int, skip_bad: bool) -> torch.Tensor | None:
