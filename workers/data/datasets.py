@@ -72,8 +72,8 @@ class DatasetConfig:
         "omit_default": True, "help": "keyword arguments of dataset.factory, e.g. {root: /data/mine}"})
     fingerprint: str | None = field(default=None, metadata={
         "omit_default": True, "help": "set by a run, not in configs: what the files of an imagefolder or shards "
-                                      "root are (a digest of names, sizes and versions), so other or changed files "
-                                      "are other data to every identity; a worker whose files differ stops"})
+                                      "root are (a digest of names and sizes; on S3 ETags too), so other or changed "
+                                      "files are other data to every identity; a worker whose files differ stops"})
     # How the data is held, not what it is: none of these is part of a candidate's or a teacher's identity.
     in_memory: bool | Literal["auto"] = field(default="auto", metadata={
         "omit_default": True, "help": "imagefolder, shards and python: true decodes every split into memory "
