@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal, TypeVar
 
 from core.errors import SearchsvcError
-from workers.measurement.latency import LatencyProbe
+from workers.measurement.latency import LatencyCost, LatencyProbe
 from workers.measurement.run_measures import Measures
 
 if TYPE_CHECKING:  # both import this module: types only
@@ -85,16 +85,22 @@ class Budget:
                   "int8_latency_ms": self.int8_latency_ms}
         return {name: limit for name, limit in stated.items() if limit is not None}
 
-    def cost(self) -> tuple[str, float | None]:
-        """The counted cost a pruning step ranks by (workers.compression.costs: macs or params) and its limit, if
-        the budget limits it: MACs or parameters where stated (MACs first), else latency as MACs and bytes as
-        parameters, with no limit a step can count (the trajectory still stops at the first measured point
-        within budget)."""
+    def cost(self, int8_threads: int = 1) -> tuple[str, float | None]:
+        """The cost a pruning step ranks by and lands on (workers.compression.costs), and its limit: MACs or
+        parameters where stated (MACs first), else latency (`latency_ms` on its probe, then `int8_latency_ms`:
+        ONNX Runtime at batch 1 on `int8_threads`, quantize.threads), each priced by a per-layer latency table;
+        bytes as parameters, with no limit a step can count (the trajectory still stops at the first measured
+        point within budget)."""
         limits = self.limits()
         for name in ("macs", "params"):
             if name in limits:
                 return name, limits[name]
-        return ("macs" if any("latency" in name for name in limits) else "params"), None
+        probe = self.probe()
+        if probe is not None:
+            return LatencyCost(probe).name, limits["latency_ms"]
+        if "int8_latency_ms" in limits:
+            return LatencyCost(LatencyProbe("onnxruntime", 1, int8_threads), int8=True).name, limits["int8_latency_ms"]
+        return "params", None
 
     def label(self) -> str:
         """The limits as text: "macs <= 14,000,000; latency_ms <= 2 (batch 1)"."""

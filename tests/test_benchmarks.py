@@ -28,6 +28,7 @@ CASES = [
     ("epoch_time.py", ["--arch", "tiny_cnn", "--images", "128", "--batch", "32", "--workers", "0", "--device", "cpu"],
      ["ours_epoch_s", "plain_matched_epoch_s", "speedup_loop_only", "plain_epoch_s", "speedup_vs_plain",
       "achieved_tflops"]),
+    ("layer_latency.py", ["--batch", "2"], ["int8_speedup_thinnest", "int8_speedup_widest"]),
     ("store_throughput.py", ["--mb", "2", "--small", "5"], ["put_mb_per_s", "get_mb_per_s", "small_json_writes_per_s"]),
     ("train_throughput.py", ["--arch", "tiny_cnn", "--batch", "8", "--size", "16", "--steps", "2", "--device", "cpu"],
      ["channels_last_images_per_s", "contiguous_images_per_s", "channels_last_speedup"]),

@@ -88,7 +88,7 @@ def _slices(model: torch.nn.Module, key: str) -> int:
 def test_a_budget_names_the_cost_a_step_ranks_by_and_lands_on():
     assert Budget(macs=10, params=5).cost() == ("macs", 10)
     assert Budget(params=5, model_bytes=100).cost() == ("params", 5)
-    assert Budget(latency_ms=2.0, latency_batch=1).cost() == ("macs", None)  # ranked by MACs, stopped when measured
+    assert Budget(latency_ms=2.0, latency_batch=1).cost() == ("latency_ms", 2.0)  # test_latency_table
     assert Budget(int8_model_bytes=1000).cost() == ("params", None)
 
 

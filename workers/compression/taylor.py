@@ -34,9 +34,10 @@ from workers.data.datasets import Splits, normalize
 from workers.data.streaming import batches as split_batches
 from workers.data.streaming import device_of, epoch_order
 from workers.evaluation.evaluate import Built
+from workers.measurement.latency import LatencyCost
 from workers.models.depgraph import channel_groups, dependency_graph, pruning_group, shrink_graph
 from workers.models.inputs import InputSpec, in_layout
-from workers.models.surgery import ScoreTable, prune_groups, shrink, width_keys
+from workers.models.surgery import ScoreTable, prune_groups, shrink, width_keys, width_step
 from workers.models.zoo import ResNet
 from workers.training.train import largest_side, training_memory_format
 
@@ -159,14 +160,28 @@ def taylor_prune(model: nn.Module, splits: Splits, step: Step | int, batches: in
         return shrink_graph(model, example, widths={key: len(scores[key]) - n for key, n in plan.items()},
                             scores=scores)
 
-    costs = group_costs(model, cost, splits.inputs) if cost and step.cost_power else None
+    count = counter(cost, splits.inputs, model, next(model.parameters()).device) \
+        if cost and (step.cost_power or limit is not None) else None
+    costs = None
+    if count is not None and step.cost_power:
+        costs = group_costs(model, cost, splits.inputs, _cost_steps(model, cost, step, full, splits.inputs, slices),
+                            count)
     order = removal_order(scores, slices, step, costs, full)
     chunks = chunks_for(order, step.count)
-    if limit is None:
+    if limit is None or count is None:
         return cut(prefix(order, chunks)), prefix(order, chunks)
-    count = counter(cost, splits.inputs)
     plan = _toward(order, chunks, lambda p: count(cut(p)), limit, steps_left)
     return cut(plan), plan
+
+
+def _cost_steps(model: nn.Module, cost: str, step: Step, full: Mapping[str, int] | None, inputs: InputSpec,
+                slices: Mapping[str, int]) -> dict[str, int] | None:
+    """Positions a group's cost is priced over: one for counted costs (linear in the width), a hardware
+    multiple for latency (kernels compute channels in blocks: one channel alone may save nothing)."""
+    if LatencyCost.parse(cost) is None:
+        return None
+    widths = full or group_widths(model, inputs)
+    return {key: width_step(width // slices.get(key, 1), step.round_to) for key, width in widths.items()}
 
 
 def _toward(order: list[tuple[str, int]], chunks: int, size: Callable[[dict[str, int]], int], limit: float,

@@ -58,6 +58,38 @@ class LatencyProbe:
         return f"torch on the worker's device, batch {self.batch}"
 
 
+INT8 = "int8_"  # a latency cost's prefix: the int8 model's latency (ONNX Runtime only)
+
+
+@dataclass(frozen=True)
+class LatencyCost:
+    """Latency as a step's cost: a probe (backend, batch, threads), of the fp32 model or of its int8 model."""
+
+    probe: LatencyProbe
+    int8: bool = False
+
+    @property
+    def name(self) -> str:
+        """The cost's name in a spec: the probe's result column, "int8_"-prefixed for the int8 model."""
+        return (INT8 if self.int8 else "") + self.probe.column
+
+    @classmethod
+    def parse(cls, name: str) -> LatencyCost | None:
+        """The latency cost a name stands for (`name`'s inverse); None for a counted cost (macs, params)."""
+        int8, rest = name.startswith(INT8), name.removeprefix(INT8)
+        if rest == "latency_ms":
+            probe = LatencyProbe("torch", 1)
+        elif found := re.fullmatch(r"latency_b(\d+)_ms", rest):
+            probe = LatencyProbe("torch", int(found[1]))
+        elif found := re.fullmatch(r"ort_latency_b(\d+)_t(\d+)_ms", rest):
+            probe = LatencyProbe("onnxruntime", int(found[1]), int(found[2]))
+        else:
+            return None
+        if int8 and probe.backend != "onnxruntime":
+            raise ValueError(f"cost {name!r}: an int8 model's latency is timed with ONNX Runtime")
+        return cls(probe, int8)
+
+
 # Column names of probes, for readers that meet them in rows and reports (a latency, milliseconds).
 PROBE_COLUMN = re.compile(r"^(ort_latency_b\d+_t\d+_ms|latency_b\d+_ms)$")
 

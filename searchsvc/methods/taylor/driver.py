@@ -109,10 +109,11 @@ def iteration_spec(job: TrialJob, sample: dict[str, Any], parent: str | None, pr
     count = prune_count(sample["filters_per_iteration"], job.teacher_channels) if prune else 0
     return CandidateSpec(arch=job.arch, teacher=job.teacher_hash, dataset=job.dataset, train=train,
                          method="taylor", init=parent, seed=job.seed,
-                         params=step_params(job.search, count, steps_left))
+                         params=step_params(job.search, count, steps_left, job.measures))
 
 
-def step_params(search: TaylorSearch, count: int, steps_left: int = 1) -> tuple[tuple[str, int | float | str], ...]:
+def step_params(search: TaylorSearch, count: int, steps_left: int = 1, measures: Measures = Measures()
+                ) -> tuple[tuple[str, int | float | str], ...]:
     """What a pruning step needs beyond its parent: its channel count and ranking, and with a budget the cost it
     ranks by (workers.compression.costs) and, when that cost is itself limited, the limit it goes toward with
     `steps_left` steps to go (each at least its share of the way, the last reaching it)."""
@@ -122,7 +123,8 @@ def step_params(search: TaylorSearch, count: int, steps_left: int = 1) -> tuple[
     if search.max_ratio < 1:  # absent at 1, as in every spec stored before the floor existed
         params.append(("max_ratio", search.max_ratio))
     if search.budget is not None and count:
-        cost, limit = search.budget.cost()
+        quantize = measures.quantize
+        cost, limit = search.budget.cost(quantize.threads if quantize is not None else 1)
         params += [("cost", cost), ("cost_power", search.cost_power)]
         if limit is not None:
             params += [("limit", limit), ("steps_left", steps_left)]

@@ -1,0 +1,121 @@
+"""Latency per layer: each convolution and linear layer of a model timed alone on a budget's backend, so a pruning
+step prices a cut in milliseconds without timing whole models.
+
+Why a table: a budgeted step weighs dozens of cuts (workers.compression.taylor lands by bisection; a ranking per
+unit of cost prices every group), and what a chunk of channels saves is below a whole model's run-to-run noise on
+a CPU. A layer alone is timed once per configuration (its repr — type, widths, kernel, stride, groups — and its
+input shape) and reused by every cut that leaves it so.
+
+What it sees that MACs do not (measured on this project's 2-core AVX-512 VM, benchmarks/README.md "int8 after
+pruning"): ONNX Runtime's fp32 convolutions compute channels in blocks of 16, so an 8-wide layer costs nearly a
+16-wide one's time; its int8 convolution at 28 x 28 px and batch 256 costs about 6 ms at 8 channels and at 16 (a
+per-pixel cost dominates), where a 64-wide one at 7 x 7 px costs 1.4 ms.
+
+A cut model's latency is predicted as the parent's measured latency times the ratio of their table sums: the
+layers the table leaves out (activations, additions, pooling, attention's products) are taken to scale with the
+layers around them. The stored figure of a candidate is always measured, never predicted.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from workers.compression.quantize import QuantizeConfig, quantize_onnx
+from workers.measurement import ort
+from workers.measurement.latency import (
+    LARGE_BATCH,
+    LARGE_BATCH_REPEATS,
+    REPEATS,
+    LatencyCost,
+    LatencyProbe,
+    time_probe,
+)
+from workers.measurement.measure import latency_ms
+from workers.models.inputs import InputSpec
+
+TIMED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
+
+
+def layer_inputs(model: nn.Module, inputs: InputSpec) -> list[tuple[nn.Module, tuple[int, ...]]]:
+    """Each timed layer the model calls as a module, with the shape of one example's input to it (no batch)."""
+    seen: list[tuple[nn.Module, tuple[int, ...]]] = []
+    hooks = [m.register_forward_hook(lambda m, args, _out: seen.append((m, tuple(args[0].shape[1:]))))
+             for m in model.modules() if isinstance(m, TIMED)]
+    try:
+        with torch.no_grad():
+            model.eval()(inputs.example(model))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+class LayerTable:
+    """Milliseconds of layers alone on one latency cost's backend, timed once per configuration."""
+
+    def __init__(self, cost: LatencyCost, device: torch.device) -> None:
+        self.cost, self.device = cost, device
+        self.times: dict[tuple[str, tuple[int, ...]], float] = {}
+
+    def layer_ms(self, layer: nn.Module, shape: tuple[int, ...]) -> float:
+        """One layer's median time at the probe's batch on an input of `shape` (one example's), milliseconds."""
+        key = (repr(layer), shape)
+        if key not in self.times:
+            self.times[key] = self._time(copy.deepcopy(layer).float().eval(), InputSpec(shape))
+        return self.times[key]
+
+    def model_ms(self, model: nn.Module, inputs: InputSpec) -> float:
+        """The sum of the table over the model's timed layers, milliseconds."""
+        return sum(self.layer_ms(layer, shape) for layer, shape in layer_inputs(model, inputs))
+
+    def _time(self, layer: nn.Module, spec: InputSpec) -> float:
+        probe = self.cost.probe
+        if probe.backend == "torch":
+            with torch.no_grad():
+                return latency_ms(layer.to(self.device), self.device, spec, probe.batch, _repeats(probe))
+        return ort.latency_ms(_onnx(layer, spec, self.cost.int8), spec, probe.batch, probe.threads or 1,
+                              _repeats(probe))
+
+
+class LatencyCounter:
+    """A model's predicted latency on a cost's backend: the parent's measured latency scaled by the table
+    (`parent_ms` × table(model) / table(parent)), milliseconds. The table is shared by every cut it prices."""
+
+    def __init__(self, parent: nn.Module, cost: LatencyCost, inputs: InputSpec, device: torch.device) -> None:
+        self.table, self.inputs = LayerTable(cost, device), inputs
+        self.parent_ms = measured_ms(parent, cost, inputs, device)
+        self.parent_table = self.table.model_ms(parent, inputs)
+
+    def __call__(self, model: nn.Module) -> float:
+        return self.parent_ms * self.table.model_ms(model, self.inputs) / max(self.parent_table, 1e-9)
+
+
+def measured_ms(model: nn.Module, cost: LatencyCost, inputs: InputSpec, device: torch.device) -> float:
+    """The whole model's latency on the cost's probe (its int8 model's, for an int8 cost), milliseconds. A model
+    the backend cannot run raises: a latency budget cannot be priced without it."""
+    if not cost.int8:
+        measured = time_probe(model, cost.probe, device, inputs)
+        if measured is None:
+            raise RuntimeError(f"{cost.probe.describe()}: the model could not be timed (see the warning above)")
+        return measured
+    return ort.latency_ms(_onnx(model, inputs, True), inputs, cost.probe.batch, cost.probe.threads or 1,
+                          _repeats(cost.probe))
+
+
+def _onnx(model: nn.Module, inputs: InputSpec, int8: bool) -> bytes:
+    """The model as ONNX for ONNX Runtime; `int8`: quantized as `quantize:` does, its ranges calibrated on random
+    inputs (what is wanted is its time, not its accuracy)."""
+    exported = ort.onnx_bytes(model, inputs)
+    if not int8:
+        return exported
+    calibration = np.random.default_rng(0).standard_normal((8, *inputs.shape), dtype=np.float32)
+    return quantize_onnx(exported, calibration, QuantizeConfig(calibration_batches=1, calibration_batch_size=8))
+
+
+def _repeats(probe: LatencyProbe) -> int:
+    """Passes a median is taken over: fewer at large batches (workers.measurement.latency)."""
+    return LARGE_BATCH_REPEATS if probe.batch >= LARGE_BATCH else REPEATS
