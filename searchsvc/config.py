@@ -19,6 +19,7 @@ from storage import DEFAULT_STORE
 from workers.compression.quantize import QuantizeConfig
 from workers.data.datasets import DatasetConfig
 from workers.evaluation.resources import Resources
+from workers.training.task import TaskConfig
 from workers.training.teacher import TeacherConfig
 from workers.training.train import TrainConfig
 
@@ -48,6 +49,19 @@ class JobConfig:
     seed: int = field(default=0, metadata={"min": 0, "max": MAX_SEED, "help": "seed of the search"})
     quantize: QuantizeConfig | None = field(default=None, metadata={
         "omit_default": True, "help": "int8: every kept candidate also quantized and measured (docs/quantization.md)"})
+    task: TaskConfig | None = field(default=None, metadata={
+        "omit_default": True, "help": "your own loss, metric and prediction (workers/training/task.py); null: "
+                                      "classification with cross-entropy and top-1 accuracy"})
+
+    def __post_init__(self) -> None:
+        # The teacher and every candidate train on the task and are judged by it: it travels in their recipes
+        # (so in the teacher's and every candidate's hash, left out when it is the default).
+        task = None if self.task is None or self.task.default else self.task
+        for section in ("train", "teacher"):
+            given = getattr(self, section).task
+            if given is not None and given != task:
+                raise ValueError(f"{section}.task: set from the top-level task: section; write the task there")
+            object.__setattr__(self, section, dataclasses.replace(getattr(self, section), task=task))
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:

@@ -275,6 +275,8 @@ def reference_data(spec: CandidateSpec) -> dict:
                          ("bad_files", "stop")):
         if data["dataset"][key] == default:
             del data["dataset"][key]
+    if data["train"]["task"] is None:  # the task (issue 37) travels in the recipe, absent for classification
+        del data["train"]["task"]
     return data
 
 

@@ -19,6 +19,7 @@ layers around them. The stored figure of a candidate is always measured, never p
 from __future__ import annotations
 
 import copy
+import time
 
 import numpy as np
 import torch
@@ -26,15 +27,7 @@ from torch import nn
 
 from workers.compression.quantize import QuantizeConfig, quantize_onnx
 from workers.measurement import ort
-from workers.measurement.latency import (
-    LARGE_BATCH,
-    LARGE_BATCH_REPEATS,
-    REPEATS,
-    LatencyCost,
-    LatencyProbe,
-    time_probe,
-)
-from workers.measurement.measure import latency_ms
+from workers.measurement.latency import LARGE_BATCH, LARGE_BATCH_REPEATS, REPEATS, LatencyCost
 from workers.models.inputs import InputSpec
 
 TIMED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
@@ -62,7 +55,7 @@ class LayerTable:
         self.times: dict[tuple[str, tuple[int, ...]], float] = {}
 
     def layer_ms(self, layer: nn.Module, shape: tuple[int, ...]) -> float:
-        """One layer's median time at the probe's batch on an input of `shape` (one example's), milliseconds."""
+        """One layer's time (`least_ms`) at the probe's batch on an input of `shape` (one example's), ms."""
         key = (repr(layer), shape)
         if key not in self.times:
             self.times[key] = self._time(copy.deepcopy(layer).float().eval(), InputSpec(shape))
@@ -73,12 +66,7 @@ class LayerTable:
         return sum(self.layer_ms(layer, shape) for layer, shape in layer_inputs(model, inputs))
 
     def _time(self, layer: nn.Module, spec: InputSpec) -> float:
-        probe = self.cost.probe
-        if probe.backend == "torch":
-            with torch.no_grad():
-                return latency_ms(layer.to(self.device), self.device, spec, probe.batch, _repeats(probe))
-        return ort.latency_ms(_onnx(layer, spec, self.cost.int8), spec, probe.batch, probe.threads or 1,
-                              _repeats(probe))
+        return least_ms(layer, spec, self.cost, self.device)
 
 
 class LatencyCounter:
@@ -95,15 +83,37 @@ class LatencyCounter:
 
 
 def measured_ms(model: nn.Module, cost: LatencyCost, inputs: InputSpec, device: torch.device) -> float:
-    """The whole model's latency on the cost's probe (its int8 model's, for an int8 cost), milliseconds. A model
-    the backend cannot run raises: a latency budget cannot be priced without it."""
-    if not cost.int8:
-        measured = time_probe(model, cost.probe, device, inputs)
-        if measured is None:
-            raise RuntimeError(f"{cost.probe.describe()}: the model could not be timed (see the warning above)")
-        return measured
-    return ort.latency_ms(_onnx(model, inputs, True), inputs, cost.probe.batch, cost.probe.threads or 1,
-                          _repeats(cost.probe))
+    """The whole model's latency on the cost's probe (its int8 model's, for an int8 cost), milliseconds: the
+    parent a step's predictions scale from. A model the backend cannot run raises (ONNX export, the quantizer)."""
+    return least_ms(model, inputs, cost, device)
+
+
+def least_ms(module: nn.Module, inputs: InputSpec, cost: LatencyCost, device: torch.device) -> float:
+    """The least wall time of `repeats` forward passes of `module` on the cost's backend, batch and threads,
+    milliseconds. The least, not the median: on a shared machine interference only adds time, and a table whose
+    entries are timed minutes apart must not carry each moment's load into the comparison of two cuts."""
+    probe = cost.probe
+    repeats = (LARGE_BATCH_REPEATS if probe.batch >= LARGE_BATCH else REPEATS) + 2
+    if probe.backend == "torch":
+        module = module.to(device).eval()
+        x = inputs.batch(probe.batch, device, random=True)
+
+        def run() -> None:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                module(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+    else:
+        session = ort.session(_onnx(module, inputs, cost.int8), probe.threads or 1)
+        feed = {ort.INPUT: np.random.default_rng(0).standard_normal((probe.batch, *inputs.shape), dtype=np.float32)}
+        run = lambda: session.run([ort.OUTPUT], feed)  # noqa: E731
+    run()  # warm-up: first-call allocations and kernel choices
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - started) * 1000.0)
+    return min(times)
 
 
 def _onnx(model: nn.Module, inputs: InputSpec, int8: bool) -> bytes:
@@ -114,8 +124,3 @@ def _onnx(model: nn.Module, inputs: InputSpec, int8: bool) -> bytes:
         return exported
     calibration = np.random.default_rng(0).standard_normal((8, *inputs.shape), dtype=np.float32)
     return quantize_onnx(exported, calibration, QuantizeConfig(calibration_batches=1, calibration_batch_size=8))
-
-
-def _repeats(probe: LatencyProbe) -> int:
-    """Passes a median is taken over: fewer at large batches (workers.measurement.latency)."""
-    return LARGE_BATCH_REPEATS if probe.batch >= LARGE_BATCH else REPEATS

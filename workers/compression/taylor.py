@@ -25,10 +25,10 @@ import copy
 from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from workers.compression.costs import counter, group_costs
+from workers.compression.latency_table import LatencyCounter
 from workers.compression.ranking import Step, chunks_for, prefix, removal_order
 from workers.data.datasets import Splits, normalize
 from workers.data.streaming import batches as split_batches
@@ -39,6 +39,7 @@ from workers.models.depgraph import channel_groups, dependency_graph, pruning_gr
 from workers.models.inputs import InputSpec, in_layout
 from workers.models.surgery import ScoreTable, prune_groups, shrink, width_keys, width_step
 from workers.models.zoo import ResNet
+from workers.training.task import Task
 from workers.training.train import largest_side, training_memory_format
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from workers.evaluation.spec import CandidateSpec
 
 LANDING_CHOICES = 32  # chunks after the one that crosses a budget, tried in its place (one cut each)
+LATENCY_HEADROOM = 0.97  # a latency limit is landed on at this share of it (predictions are least times)
 
 
 def count_filters(model: nn.Module) -> int:
@@ -54,7 +56,7 @@ def count_filters(model: nn.Module) -> int:
 
 
 def taylor_scores(model: ResNet, splits: Splits, batches: int, batch_size: int,
-                  seed: int = 0) -> dict[str, torch.Tensor]:
+                  seed: int = 0, task: Task | None = None) -> dict[str, torch.Tensor]:
     """Θ per group key (on the CPU) from `batches` training batches; the model is unchanged.
 
     Runs in eval mode (batch-norm uses its running statistics, as the pruned model will), on the
@@ -82,7 +84,7 @@ def taylor_scores(model: ResNet, splits: Splits, batches: int, batch_size: int,
     totals = {g.key: torch.zeros(widths[g.key], device=device_of(splits.train)) for g in groups}
     seen = 0
     try:
-        for _ in _loss_batches(model, splits, batches, batch_size, seed):
+        for _ in _loss_batches(model, splits, batches, batch_size, seed, task):
             for g in groups:
                 totals[g.key] += sum(sums[m] for m in g.members).sum(0).abs()
             seen += 1
@@ -100,20 +102,23 @@ def prunable_channels(model: nn.Module, inputs: InputSpec) -> int:
     return sum(group_widths(model, inputs).values())
 
 
-def _loss_batches(model: nn.Module, splits: Splits, batches: int, batch_size: int, seed: int):
-    """Yield after each training batch's loss.backward() (eval mode: batch-norm as the pruned model uses it)."""
+def _loss_batches(model: nn.Module, splits: Splits, batches: int, batch_size: int, seed: int,
+                  task: Task | None = None):
+    """Yield after each training batch's loss.backward() — the task's loss, cross-entropy by default (eval mode:
+    batch-norm as the pruned model uses it)."""
+    task = task or Task()
     train = splits.train
     order = epoch_order(train, torch.Generator().manual_seed(seed))[:batches * batch_size]
     layout = training_memory_format(model, device_of(train), batch_size, largest_side(splits.inputs))
     model.to(memory_format=layout)
     for _, images, labels in split_batches(train, batch_size, order.to(device_of(train))):
         x = in_layout(normalize(images, splits.mean, splits.std), layout)
-        F.cross_entropy(model(x), labels).backward()
+        task.loss(model(x), labels).backward()
         yield
 
 
 def graph_taylor_scores(model: nn.Module, splits: Splits, batches: int, batch_size: int, seed: int = 0,
-                        slices: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+                        slices: dict[str, int] | None = None, task: Task | None = None) -> dict[str, torch.Tensor]:
     """Θ per dependency-graph group of a user's network (on the CPU); the model is unchanged.
     `slices`, if given, receives each group's slices (what `plan_removal` needs), from the same graph."""
     example = splits.inputs.example(model)
@@ -125,7 +130,7 @@ def graph_taylor_scores(model: nn.Module, splits: Splits, batches: int, batch_si
     model.eval()
     model.zero_grad(set_to_none=True)
     try:
-        seen = sum(1 for _ in _loss_batches(model, splits, batches, batch_size, seed))  # gradients add up
+        seen = sum(1 for _ in _loss_batches(model, splits, batches, batch_size, seed, task))  # gradients add up
         importance = tp.importance.GroupTaylorImportance(normalizer=None)
         scores = {g.key: (importance(pruning_group(tp, graph, model, g.key)).float() / max(seen, 1)).cpu()
                   for g in groups}
@@ -137,19 +142,19 @@ def graph_taylor_scores(model: nn.Module, splits: Splits, batches: int, batch_si
 
 def taylor_prune(model: nn.Module, splits: Splits, step: Step | int, batches: int, batch_size: int, seed: int = 0,
                  full: Mapping[str, int] | None = None, cost: str | None = None, limit: float | None = None,
-                 steps_left: int = 1) -> tuple[nn.Module, dict[str, int]]:
+                 steps_left: int = 1, task: Task | None = None) -> tuple[nn.Module, dict[str, int]]:
     """Remove the least important channels as `step` asks (a count, or a Step with its normalisation, multiples
     and count): a real smaller network (CPU, eval mode) and the plan (group key → channels removed). `full`: the
     teacher's channels per group (what `round_to` is decided on); `cost` (macs or params): what `step.cost_power`
     weighs in the ranking; with `limit` the step goes toward it: at least its share of the way with `steps_left`
     steps to go (the last one reaches it), and where it would pass the limit, only as far as the fewest chunks
     within it (landing just under a budget). Zoo ResNets are ranked and cut by their architecture, any other
-    network through its dependency graph."""
+    network through its dependency graph. Importance is the first-order Taylor term of the `task`'s loss."""
     step = step if isinstance(step, Step) else Step(step)
     zoo = hasattr(model, "arch")
     slices: dict[str, int] = {}
-    scores = taylor_scores(model, splits, batches, batch_size, seed) if zoo else \
-        graph_taylor_scores(model, splits, batches, batch_size, seed, slices)
+    scores = taylor_scores(model, splits, batches, batch_size, seed, task) if zoo else \
+        graph_taylor_scores(model, splits, batches, batch_size, seed, slices, task)
     example = splits.inputs.example(model)
 
     def cut(plan: dict[str, int]) -> nn.Module:
@@ -170,6 +175,8 @@ def taylor_prune(model: nn.Module, splits: Splits, step: Step | int, batches: in
     chunks = chunks_for(order, step.count)
     if limit is None or count is None:
         return cut(prefix(order, chunks)), prefix(order, chunks)
+    if isinstance(count, LatencyCounter):  # predicted from the least of a few passes; a candidate's stored
+        limit *= LATENCY_HEADROOM           # latency is a median of more: land a little under the limit
     plan = _toward(order, chunks, lambda p: count(cut(p)), limit, steps_left)
     return cut(plan), plan
 
@@ -246,5 +253,5 @@ def taylor_step(parent: nn.Module, spec: "CandidateSpec", ctx: "EvalContext") ->
         if (step.round_to > 1 or step.max_ratio < 1) and step.count else None  # a fine-tune step cuts nothing
     student, plan = taylor_prune(model, ctx.splits, step, int(params["importance_batches"]), spec.train.batch_size,
                                  spec.seed, full, None if cost is None else str(cost),
-                                 None if limit is None else float(limit), left)
+                                 None if limit is None else float(limit), left, Task(spec.train.task))
     return Built(student, {"pruned": plan, "filters": count_filters(student), "parent_filters": count_filters(parent)})

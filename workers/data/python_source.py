@@ -6,8 +6,10 @@ Dataset of `(input, target)` pairs — map-style (`__len__` and `__getitem__`) o
 a numpy array or a PIL image: uint8 images ([C, H, W] of any height and width, or [H, W] for one channel; PIL's
 H x W x C is turned around) are normalised as every image source is; floating-point inputs of any shape ([C, H, W]
 images, [F] feature vectors, [C, L] sequences) are taken as the model takes them (the user's transform normalised
-them). A target is an integer class. Every input of the data has one shape and one dtype: the example input that
-tracing, MACs, latency and export run on is one of that shape (workers.models.inputs).
+them). A target is an integer class, or — for dense prediction with a `task:` (workers.training.task) — a tensor
+per example (a [H, W] mask of classes as integers, or floats), one shape for the whole data, held in memory (a
+streamed split reads its targets up front as classes). Every input of the data has one shape and one dtype: the
+example input that tracing, MACs, latency and export run on is one of that shape (workers.models.inputs).
 
 `decode` reads every example once into resident tensors (the in-memory fast path, DESIGN: data on the device),
 refusing in one line, before decoding it all, data whose decoded size passes streaming.MEMORY_SHARE of the memory
@@ -117,7 +119,10 @@ def stream(splits: Mapping[str, Any], factory: str, workers: int) -> Loaded:
                                  f"(__len__ and __getitem__), or dataset.in_memory: true")
         if not len(dataset):
             raise SearchsvcError(f"{KEY}: split {name!r} is empty")
-        x, _ = _example(dataset, name, 0)
+        x, y = _example(dataset, name, 0)
+        if isinstance(y, torch.Tensor):
+            raise SearchsvcError(f"{KEY}: split {name!r} has a tensor per example as its target; dense targets are "
+                                 f"held in memory (dataset.in_memory: true), streamed splits take class targets")
         first = x if first is None else first
         _same_kind(x, first, name, 0)
         unread = Streamed(Converted(dataset, name, _pair), torch.zeros(len(dataset), dtype=torch.int64),
@@ -128,7 +133,7 @@ def stream(splits: Mapping[str, Any], factory: str, workers: int) -> Loaded:
                   sources={name: f"python {factory} {name!r} (streamed)" for name in streamed})
 
 
-def _example(dataset: Any, split: str, index: int) -> tuple[torch.Tensor, int]:
+def _example(dataset: Any, split: str, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
     try:
         item = dataset[index]
     except Exception as err:  # noqa: BLE001 — the user's dataset: reading an example raised
@@ -167,23 +172,28 @@ def _decode(dataset: Any, split: str, first: torch.Tensor | None, available: int
     size = len(dataset) if hasattr(dataset, "__len__") else None
     inputs: list[torch.Tensor] = []  # an iterable split's inputs, stacked at the end (its size is not known)
     out: torch.Tensor | None = None  # a map-style split's, each written into its row: the split held once
-    targets: list[int] = []
-    held = sum(x.numel() * x.element_size() for x, _ in done.values())
+    dense: torch.Tensor | None = None  # a map-style split's dense targets, alike
+    targets: list[int | torch.Tensor] = []
+    held = sum(x.numel() * x.element_size() + y.numel() * y.element_size() for x, y in done.values())
     try:
         for index, item in enumerate(_items(dataset)):
             x, y = _pair(item, split, index)
             first = x if first is None else first
             _same_kind(x, first, split, index)
+            if targets:
+                _same_target(y, targets[0], split, index)
             if index == 0 and size is not None:
-                streaming.check_fits(held + size * x.numel() * x.element_size(), available, STREAM_HINT)
-            held += x.numel() * x.element_size()
+                streaming.check_fits(held + size * _bytes(x, y), available, STREAM_HINT)
+            held += _bytes(x, y)
             if index % 1024 == 0:
                 streaming.check_fits(held, available, STREAM_HINT)
             if size is None:
                 inputs.append(x)
             else:
-                out = torch.empty((size, *x.shape), dtype=x.dtype) if out is None else out
-                out[index] = x
+                out = _into(out, size, x, index)
+            if isinstance(y, torch.Tensor) and size is not None:  # a dense target: into its row, as the input
+                dense = _into(dense, size, y, index)
+                y = dense[index]
             targets.append(y)
     except SearchsvcError:
         raise
@@ -192,11 +202,27 @@ def _decode(dataset: Any, split: str, first: torch.Tensor | None, available: int
                              f"{type(err).__name__}: {err}") from None
     if not targets:
         raise SearchsvcError(f"{KEY}: split {split!r} is empty")
-    return (out if out is not None else torch.stack(inputs), torch.tensor(targets, dtype=torch.int64)), first
+    if isinstance(targets[0], torch.Tensor):
+        stacked = dense if dense is not None else torch.stack(targets)
+    else:
+        stacked = torch.tensor(targets, dtype=torch.int64)
+    return (out if out is not None else torch.stack(inputs), stacked), first
 
 
-def _pair(item: Any, split: str, index: int) -> tuple[torch.Tensor, int]:
-    """An example as (input tensor, class); SearchsvcError naming the example if it is neither."""
+def _into(rows: torch.Tensor | None, size: int, value: torch.Tensor, index: int) -> torch.Tensor:
+    """`value` written into row `index` of `rows` ([size, *value.shape], made at the first row)."""
+    rows = torch.empty((size, *value.shape), dtype=value.dtype) if rows is None else rows
+    rows[index] = value
+    return rows
+
+
+def _bytes(x: torch.Tensor, y: int | torch.Tensor) -> int:
+    """What one example holds decoded: its input and, for a dense target, the target's tensor."""
+    return x.numel() * x.element_size() + (y.numel() * y.element_size() if isinstance(y, torch.Tensor) else 0)
+
+
+def _pair(item: Any, split: str, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+    """An example as (input tensor, class or dense target); SearchsvcError naming the example if it is neither."""
     if not isinstance(item, (tuple, list)) or len(item) != 2:
         raise SearchsvcError(f"{KEY}: split {split!r} example {index} is a {type(item).__name__}, not an "
                              f"(input, target) pair")
@@ -232,15 +258,40 @@ def _input(value: Any, split: str, index: int) -> torch.Tensor:
     return value
 
 
-def _target(value: Any, split: str, index: int) -> int:
+def _target(value: Any, split: str, index: int) -> int | torch.Tensor:
+    """A class (an integer >= 0), or a dense target: a tensor of more than one value (integers >= 0 as int64 —
+    classes per position — or finite floats as float32)."""
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value.copy())
+    if isinstance(value, torch.Tensor) and value.numel() > 1:
+        return _dense_target(value, split, index)
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
         value = int(value.item())
     elif isinstance(value, np.integer):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise SearchsvcError(f"{KEY}: split {split!r} example {index}: the target {value!r} is not a class "
-                             f"(an integer >= 0)")
+                             f"(an integer >= 0) or a tensor per example")
     return value
+
+
+def _dense_target(value: torch.Tensor, split: str, index: int) -> torch.Tensor:
+    where = f"{KEY}: split {split!r} example {index}: the target"
+    if value.is_floating_point():
+        if not torch.isfinite(value).all():
+            raise SearchsvcError(f"{where} holds NaN or infinity")
+        return value.float().contiguous()
+    if value.dtype == torch.bool or value.min() < 0:
+        raise SearchsvcError(f"{where} holds {'booleans' if value.dtype == torch.bool else 'negative values'}; a "
+                             f"dense target of classes holds integers >= 0")
+    return value.to(torch.int64).contiguous()
+
+
+def _same_target(y: int | torch.Tensor, first: int | torch.Tensor, split: str, index: int) -> None:
+    kind = lambda t: (t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else "a class"  # noqa: E731
+    if kind(y) != kind(first):
+        raise SearchsvcError(f"{KEY}: split {split!r} example {index}: the target is {kind(y)}, the split's first "
+                             f"{kind(first)}: every target must be of one kind and shape")
 
 
 def _same_kind(x: torch.Tensor, first: torch.Tensor, split: str, index: int) -> None:

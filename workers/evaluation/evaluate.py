@@ -49,6 +49,7 @@ from workers.models.surgery import InvalidTransform, derive_arch, shrink
 from workers.models.user_model import ModelSource, construct
 from workers.models.zoo import Model, arch_from_data, build_model, load_state_bytes, read_state_bytes, state_dict_bytes
 from workers.training.distill import distill_loss_fn, inference_copy, teacher_logits
+from workers.training.task import Task
 from workers.training.teacher import Teacher, checked_source, load_teacher, load_train_logits
 from workers.training.train import LossFn, TrainCallback, augments, recalibrate_batchnorm, train_model
 
@@ -100,7 +101,8 @@ class EvalContext:
             self._logits = load_train_logits(self.store, self.teacher.teacher_hash, self.device)
         if self._logits is None or len(self._logits) != count(self.splits.train):
             self.teacher.model.to(self.device, memory_format=torch.channels_last)
-            self._logits = teacher_logits(self.teacher.model, self.splits.train, self.splits.mean, self.splits.std)
+            self._logits = teacher_logits(self.teacher.model, self.splits.train, self.splits.mean, self.splits.std,
+                                          output=self.teacher.task.output)
         return self._logits
 
 
@@ -248,7 +250,8 @@ def _measured(spec: CandidateSpec, ctx: EvalContext, built: Built, history: list
     # The last epoch evaluated this very model on both splits: its figures are the candidate's.
     accuracies = ({"accuracy": history[-1]["test_accuracy"], "val_accuracy": history[-1]["val_accuracy"]}
                   if unchanged and history else None)
-    measured = measure(student, ctx.splits, ctx.device, timed=built.keep_model, accuracies=accuracies)
+    measured = measure(student, ctx.splits, ctx.device, timed=built.keep_model, accuracies=accuracies,
+                       task=Task(spec.train.task))
     if built.keep_model:
         extra.update(measure_probes(student, ctx.measures.probes, ctx.device, ctx.splits.inputs))
     # A zoo model records what was built; a user's network is rebuilt from its teacher's constructor and the
@@ -296,13 +299,15 @@ def complete(metrics: CandidateMetrics, ctx: EvalContext, model: torch.nn.Module
 
 
 def _loss_fn(spec: CandidateSpec, ctx: EvalContext) -> LossFn | None:
-    """Cross-entropy (None), or distillation from the teacher: live when augmenting, else cached logits."""
-    distill = spec.train.distill
+    """The task's loss (None), or distillation from the teacher: live when augmenting or matching every output
+    (`task.distill_on: outputs`), else cached logits (the teacher's prediction)."""
+    distill, task = spec.train.distill, Task(spec.train.task)
     if distill.alpha == 0:
         return None
-    if augments(spec.train, ctx.splits.inputs):  # the teacher must see the same augmented batch
-        return distill_loss_fn(distill, teacher=ctx.live_teacher())
-    return distill_loss_fn(distill, cached=ctx.train_logits())
+    # The teacher must see the same augmented batch; every output of it is not cached.
+    if augments(spec.train, ctx.splits.inputs) or task.config.distill_on == "outputs":
+        return distill_loss_fn(distill, teacher=ctx.live_teacher(), task=task)
+    return distill_loss_fn(distill, cached=ctx.train_logits(), task=task)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from workers.data.datasets import Splits
 from workers.models.inputs import InputSpec
 from workers.models.zoo import state_dict_bytes
+from workers.training.task import Task
 from workers.training.train import evaluate_split
 
 
@@ -88,17 +89,19 @@ def latency_ms(model: nn.Module, device: torch.device, inputs: InputSpec, batch:
 
 
 def measure(model: nn.Module, splits: Splits, device: torch.device, latency_repeats: int = 10,
-            large_batch: int = 256, timed: bool = True, accuracies: dict[str, float] | None = None) -> dict[str, Any]:
+            large_batch: int = 256, timed: bool = True, accuracies: dict[str, float] | None = None,
+            task: Task | None = None) -> dict[str, Any]:
     """Accuracy on the test split, params, MACs, latency at batch 1 and `large_batch`, model bytes.
 
     `splits` must already be on `device`. Large-batch latency uses a third of the repeats: it is the
     slow one on a CPU and its median is stable sooner. `timed=False` skips the latencies and bytes
     (a sensitivity point only needs accuracy). `accuracies` (accuracy, val_accuracy) are this model's,
-    already measured (by the last training epoch): the splits are not evaluated again.
+    already measured (by the last training epoch): the splits are not evaluated again. With a `task`, the
+    accuracies are its metric's values.
     """
     inputs = splits.inputs
-    accuracies = accuracies or {"accuracy": evaluate_split(model, splits.test, splits.mean, splits.std),
-                                "val_accuracy": evaluate_split(model, splits.val, splits.mean, splits.std)}
+    accuracies = accuracies or {"accuracy": evaluate_split(model, splits.test, splits.mean, splits.std, task=task),
+                                "val_accuracy": evaluate_split(model, splits.val, splits.mean, splits.std, task=task)}
     counted = {
         **accuracies,
         "params": count_parameters(model),

@@ -186,9 +186,10 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], where: str
     return model
 
 
-def check_outputs(model: nn.Module, inputs: InputSpec, num_classes: int | None) -> None:
+def check_outputs(model: nn.Module, inputs: InputSpec, num_classes: int | None, dense: bool = False) -> None:
     """One forward pass at the dataset's shape: it must run and give `num_classes` logits per example (None: any
-    number, when only the files know the classes)."""
+    number, when only the files know the classes). `dense` (a `task:`): the outputs may be a tensor, or a dict or
+    tuple of tensors, each with the batch first (a [N, C, H, W] mask of logits per example, say)."""
     model.eval()
     try:
         with torch.no_grad():
@@ -196,6 +197,14 @@ def check_outputs(model: nn.Module, inputs: InputSpec, num_classes: int | None) 
     except Exception as err:  # noqa: BLE001 — the user's model: whatever it raises is one line
         raise SearchsvcError(f"teacher.model: fails on inputs of shape {inputs} (the data's; {first_line(err)}); "
                              f"see dataset.channels and dataset.image_size") from None
+    if dense:
+        from workers.training.task import output_tensors
+
+        tensors = output_tensors(out) if isinstance(out, (torch.Tensor, dict, tuple, list)) else {}
+        if not tensors or any(t.dim() < 2 or t.shape[0] != 2 for t in tensors.values()):
+            raise SearchsvcError(f"teacher.model: gives {type(out).__name__} outputs for 2 examples; a task's "
+                                 f"network returns a tensor (or a dict or tuple of them) with the batch first")
+        return
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2 or \
             (num_classes is not None and out.shape[1] != num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from core.errors import SearchsvcError
-from core.records import MAX_SEED, canonical_json, to_data
+from core.records import MAX_SEED, canonical_json, from_data, to_data
 from storage import ArtifactStore, CorruptArtifactError, WriteConflictError, layout
 from workers.data.datasets import DatasetConfig, Splits
 from workers.evaluation.spec import short_hash
@@ -34,6 +34,7 @@ from workers.models.zoo import (
     state_dict_bytes,
 )
 from workers.training.distill import teacher_logits
+from workers.training.task import Task, TaskConfig
 from workers.training.train import MAX_LR, Recipe, evaluate_split, train_model
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,15 @@ class Teacher:
 
     @property
     def val_accuracy(self) -> float:
-        """Top-1 on the validation split: what candidates' rewards and stop rules compare against."""
+        """The task's metric (top-1 by default) on the validation split: what candidates' rewards and stop rules
+        compare against."""
         return float(self.meta["val_accuracy"])
+
+    @property
+    def task(self) -> TaskConfig:
+        """The task it was trained and judged on (its recipe's; classification for teachers stored before)."""
+        raw = (self.meta.get("config") or {}).get("task")
+        return from_data(TaskConfig, raw, source="teacher meta.json task") if raw else TaskConfig()
 
 
 def untrained_network(config: TeacherConfig) -> nn.Module:
@@ -167,12 +175,14 @@ def load_or_train_teacher(store: ArtifactStore, config: TeacherConfig, dataset: 
         history = train_model(model, splits, replace(config, epochs=epochs), device, seed=config.seed,
                               desc=f"teacher {config.base}", progress=progress)
         seconds = time.perf_counter() - started
+    task = Task(config.task)
     data = splits.to(device)
     model.to(device)
     meta = {
         "teacher_hash": key, **identity, "config": to_data(config), "dataset": data_identity(dataset),
-        "test_accuracy": history[-1]["test_accuracy"] if history else evaluate_split(model, data.test, data.mean, data.std),
-        "val_accuracy": evaluate_split(model, data.val, data.mean, data.std),
+        "test_accuracy": history[-1]["test_accuracy"] if history else evaluate_split(model, data.test, data.mean,
+                                                                                     data.std, task=task),
+        "val_accuracy": evaluate_split(model, data.val, data.mean, data.std, task=task),
         "train_seconds": seconds, "device": str(device), "history": history, "mean": data.mean, "std": data.std,
         **data.inputs.meta(), "num_classes": data.num_classes,
         **(extra_meta or {}),
@@ -197,7 +207,7 @@ def _untrained(config: TeacherConfig, splits: Splits, raw: bytes, sha256: str | 
     model = construct(source)
     if sha256 is not None:
         load_weights(model, read_weights(raw, config.weights), config.weights)
-    check_outputs(model, splits.inputs, splits.num_classes)
+    check_outputs(model, splits.inputs, splits.num_classes, dense=config.task is not None)
     return model, {"source": source.to_data(), "weights": config.weights}
 
 
@@ -287,7 +297,7 @@ def ensure_train_logits(store: ArtifactStore, teacher: Teacher, splits: Splits, 
     else:
         data = splits.to(device)
         teacher.model.to(device, memory_format=torch.channels_last)
-        logits = teacher_logits(teacher.model, data.train, data.mean, data.std).cpu()
+        logits = teacher_logits(teacher.model, data.train, data.mean, data.std, output=teacher.task.output).cpu()
         buffer = io.BytesIO()
         torch.save(logits, buffer)
         try:
@@ -309,7 +319,7 @@ def load_train_logits(store: ArtifactStore, key: str, device: torch.device | str
         logits = torch.load(io.BytesIO(raw), map_location=device, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):  # bytes torch cannot load
         logits = None
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+    if not isinstance(logits, torch.Tensor) or logits.ndim < 2 or not logits.is_floating_point():
         raise CorruptArtifactError(f"{store.uri_for(layout.teacher_train_logits(key))} is corrupt: not a "
-                                   f"(samples, classes) tensor of logits")
+                                   f"(samples, classes, ...) tensor of logits")
     return logits

@@ -24,6 +24,7 @@ from workers.data.streaming import batches as split_batches
 from workers.models.inputs import InputSpec, in_layout
 from workers.training.callbacks import Checkpointer, TrainCallback
 from workers.training.cuda_graph import GraphedStep
+from workers.training.task import Task, TaskConfig, prediction
 
 log = logging.getLogger(__name__)
 MIN_ONE_CYCLE_STEPS = 8  # below this, the one-cycle schedule has empty phases
@@ -49,6 +50,9 @@ class Recipe:
                                                             "images (other inputs are not augmented)"})
     max_images: int | None = field(default=None, metadata={
         "min": 1, "help": "images per epoch, a fresh random subset each epoch; null: the whole training split"})
+    task: TaskConfig | None = field(default=None, metadata={
+        "omit_default": True, "help": "copied from the top-level task: section (write it there): the loss trained "
+                                      "on and the metric judged by; null: classification"})
 
 
 @dataclass(frozen=True)
@@ -120,18 +124,26 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean:
 
 @torch.inference_mode()
 def evaluate_split(model: nn.Module, split: Split, mean: tuple[float, ...], std: tuple[float, ...],
-                   batch_size: int = 1024) -> float:
-    """Top-1 accuracy (0..1) of `model` on a split (resident on the model's device, or streamed to it)."""
+                   batch_size: int = 1024, task: Task | None = None) -> float:
+    """The task's metric of `model` on a split (resident on the model's device, or streamed to it): top-1 accuracy
+    (0..1) by default, else the task's torchmetrics metric accumulated over the batches."""
     if count(split) == 0:
         return float("nan")
     model.eval()
     device = device_of(split)
+    metric = task.metric() if task is not None else None
+    if metric is not None:
+        metric = metric.to(device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for _, images, labels in split_batches(split, batch_size):
             x = in_layout(normalize(images, mean, std), torch.channels_last)
-            correct += (model(x).argmax(1) == labels).sum()
-    return correct.item() / count(split)
+            outputs = model(x)
+            if metric is not None:
+                metric.update(task.predict(outputs).float(), labels)
+            else:
+                correct += (prediction(outputs).argmax(1) == labels).sum()
+    return float(metric.compute()) if metric is not None else correct.item() / count(split)
 
 
 @torch.no_grad()
@@ -242,7 +254,7 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
     model.to(device=device, memory_format=layout)
     optimizer, schedule = _optimizer(model, recipe, recipe.epochs * steps, callbacks)
     loop = _Loop(model, torch.compile(model) if compile_model else model, data, recipe, layout, optimizer, schedule,
-                 torch.Generator(device=device).manual_seed(seed), loss_fn, callbacks)
+                 torch.Generator(device=device).manual_seed(seed), loss_fn, callbacks, Task(recipe.task))
     if cuda_graph and not data.streamed and _graphable(device, recipe, compile_model, callbacks):
         loop.graphed = GraphedStep(model, loop.batch_loss, batch, device)
     bar = _progress_bar(recipe.epochs * steps, desc, progress)
@@ -260,7 +272,7 @@ def train_model(model: nn.Module, splits: Splits, recipe: Recipe, device: torch.
         started = time.perf_counter()
         mean_loss = loop.epoch(epoch, per_epoch, batch, bar)
         record = _epoch_record(model, data, recipe, epoch, mean_loss, steps * batch, time.perf_counter() - started,
-                               seed, batch, layout)
+                               seed, batch, layout, loop.task)
         record["cuda_graph"] = loop.graphed is not None and loop.graphed.replays > 0
         record["data_wait_s"] = loop.data_wait_s  # seconds the steps waited for their batches (streamed data)
         for cb in callbacks:
@@ -320,6 +332,7 @@ class _Loop:
     generator: torch.Generator
     loss_fn: LossFn | None
     callbacks: Sequence[TrainCallback]
+    task: Task  # the loss (without loss_fn) and the metric of the epoch records
     graphed: GraphedStep | None = None  # the step as a CUDA graph, once warmed up
     data_wait_s: float = 0.0  # the last epoch's seconds spent waiting for batches
 
@@ -327,7 +340,7 @@ class _Loop:
                   images: torch.Tensor) -> torch.Tensor:
         if self.loss_fn is not None:
             return self.loss_fn(logits, labels, index, images)
-        return F.cross_entropy(logits, labels, label_smoothing=self.recipe.label_smoothing)
+        return self.task.loss(logits, labels, self.recipe.label_smoothing)
 
     def epoch(self, epoch: int, per_epoch: int, batch: int, bar: tqdm) -> float:
         """Train one epoch (counted from 0) on a fresh random `per_epoch` images; return the mean loss."""
@@ -374,7 +387,7 @@ class _Loop:
         """Forward, loss (through the callbacks) and backward of the batch at `index`; the detached loss."""
         if images is None or labels is None:
             images, labels = take(self.data.train, index)
-        if self.recipe.augment:
+        if self.recipe.augment and labels.ndim == 1:  # dense targets (masks) would need the same crop and flip
             images = augment(images, self.generator)
         images = in_layout(normalize(images, self.data.mean, self.data.std), self.layout)
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
@@ -395,11 +408,11 @@ class _Loop:
 
 
 def _epoch_record(model: nn.Module, data: Splits, recipe: Recipe, epoch: int, mean_loss: float, images: int,
-                  seconds: float, seed: int, batch: int, layout: torch.memory_format) -> dict[str, Any]:
+                  seconds: float, seed: int, batch: int, layout: torch.memory_format, task: Task) -> dict[str, Any]:
     """After an epoch: batch-norm statistics re-estimated (if the recipe says so), both splits evaluated."""
     recalibrated = recalibrate_batchnorm(model, data, getattr(recipe, "bn_recalibration_batches", 0), batch,
                                          seed + epoch + 1, layout)
     return {"epoch": epoch + 1, "loss": mean_loss, "images_per_s": images / seconds,
-            "val_accuracy": evaluate_split(model, data.val, data.mean, data.std),
-            "test_accuracy": evaluate_split(model, data.test, data.mean, data.std),
+            "val_accuracy": evaluate_split(model, data.val, data.mean, data.std, task=task),
+            "test_accuracy": evaluate_split(model, data.test, data.mean, data.std, task=task),
             "seconds": seconds, "bn_recalibration_batches": recalibrated}
