@@ -31,6 +31,7 @@ from workers.data.datasets import DatasetConfig, load_dataset
 from workers.evaluation.evaluate import load_candidate_model
 from workers.evaluation.spec import CandidateSpec
 from workers.measurement.metrics import CandidateMetrics, stored_metrics
+from workers.training.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def quantize_candidate(store: ArtifactStore, spec_hash: str, config: QuantizeCon
         return QuantizeOutcome(fp32, stored, True, uri)
     spec = CandidateSpec.from_json(store.get_verified(layout.candidate(spec_hash), layout.SPEC).decode())
     splits = load_dataset(candidate_data(store, spec.dataset), getattr(store, "endpoint", None))
-    quantized = quantize_model(model, splits, config, eval_threads=os.cpu_count() or 1)
+    quantized = quantize_model(model, splits, config, eval_threads=os.cpu_count() or 1, task=Task(spec.train.task))
     return QuantizeOutcome(fp32, save_int8(store, spec_hash, config, quantized), False, uri)
 
 

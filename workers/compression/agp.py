@@ -43,6 +43,7 @@ from workers.measurement.summary import size_counts, weight_stats
 from workers.models.inputs import InputSpec
 from workers.models.thinning import group_of_weight, thin
 from workers.models.zoo import Model
+from workers.training.task import Task
 
 if TYPE_CHECKING:
     from workers.evaluation.evaluate import EvalContext
@@ -98,7 +99,7 @@ def qat_int8(model: Model, quantizer: LinearQuantAwareTraining, spec: "Candidate
     `int8-qat` folder, and its figures."""
     config = QuantizeConfig(per_channel=quantizer.per_channel_wts)
     quantized = quantize_model(model, ctx.splits, config, eval_threads=torch.get_num_threads(),
-                               fp32_layers=quantizer.fp32_layers(model), source="qat")
+                               fp32_layers=quantizer.fp32_layers(model), source="qat", task=Task(spec.train.task))
     settings = {"quantizer": asdict(quantizer), "calibration": asdict(config)}
     return save_int8(ctx.store, spec.spec_hash, QAT_KEY, quantized, settings)
 

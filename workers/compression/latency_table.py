@@ -27,7 +27,7 @@ from torch import nn
 
 from workers.compression.quantize import QuantizeConfig, quantize_onnx
 from workers.measurement import ort
-from workers.measurement.latency import LARGE_BATCH, LARGE_BATCH_REPEATS, REPEATS, LatencyCost
+from workers.measurement.latency import LARGE_BATCH, LARGE_BATCH_REPEATS, REPEATS, LatencyCost, time_probe
 from workers.models.inputs import InputSpec
 
 TIMED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
@@ -70,8 +70,9 @@ class LayerTable:
 
 
 class LatencyCounter:
-    """A model's predicted latency on a cost's backend: the parent's measured latency scaled by the table
-    (`parent_ms` × table(model) / table(parent)), milliseconds. The table is shared by every cut it prices."""
+    """A model's predicted latency on a cost's backend: the parent's measured latency (as candidates' are measured)
+    scaled by the table (`parent_ms` × table(model) / table(parent)), milliseconds. The table, of least times, is
+    shared by every cut it prices."""
 
     def __init__(self, parent: nn.Module, cost: LatencyCost, inputs: InputSpec, device: torch.device) -> None:
         self.table, self.inputs = LayerTable(cost, device), inputs
@@ -83,9 +84,16 @@ class LatencyCounter:
 
 
 def measured_ms(model: nn.Module, cost: LatencyCost, inputs: InputSpec, device: torch.device) -> float:
-    """The whole model's latency on the cost's probe (its int8 model's, for an int8 cost), milliseconds: the
-    parent a step's predictions scale from. A model the backend cannot run raises (ONNX export, the quantizer)."""
-    return least_ms(model, inputs, cost, device)
+    """The whole model's latency on the cost's probe as a candidate's stored figure is measured (the median of a
+    probe's passes; of its int8 model for an int8 cost), milliseconds: the parent a step's predictions scale
+    from, in the units the budget is judged in. A model the backend cannot run raises."""
+    if cost.int8:
+        return ort.latency_ms(_onnx(model, inputs, True), inputs, cost.probe.batch, cost.probe.threads or 1,
+                              LARGE_BATCH_REPEATS if cost.probe.batch >= LARGE_BATCH else REPEATS)
+    measured = time_probe(model, cost.probe, device, inputs)
+    if measured is None:
+        raise RuntimeError(f"{cost.probe.describe()}: the model could not be timed (see the warning above)")
+    return measured
 
 
 def least_ms(module: nn.Module, inputs: InputSpec, cost: LatencyCost, device: torch.device) -> float:

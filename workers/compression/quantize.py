@@ -34,6 +34,7 @@ from storage.base import json_bytes
 from workers.data.datasets import Splits, normalize
 from workers.data.streaming import Split, batches, count, epoch_order, take
 from workers.measurement import ort
+from workers.training.task import Task
 
 log = logging.getLogger(__name__)
 OTHER_WRITER_S = 30.0  # seconds to wait for another writer's int8 manifest: it is two writes ahead at most
@@ -176,19 +177,27 @@ def compact_names(model: bytes) -> bytes:
     return graph.SerializeToString()
 
 
-def accuracy(model: bytes, split: Split, splits: Splits, threads: int, chunk: int = 512) -> float:
-    """Top-1 (0..1) of an ONNX model run by ONNX Runtime on a split of `splits`, normalised a chunk at a time."""
+def accuracy(model: bytes, split: Split, splits: Splits, threads: int, chunk: int = 512, task: Task | None = None
+             ) -> float:
+    """The task's metric (top-1, 0..1, by default) of an ONNX model run by ONNX Runtime on a split of `splits`,
+    normalised a chunk at a time. The model's first output is its prediction (the exporter puts a dict's entries
+    in order: torchvision's segmentation networks give "out" first)."""
     runner = ort.session(model, threads)
+    metric = task.metric() if task is not None else None
     correct = 0
     for _, images, labels in batches(split, chunk):
         x = normalize(images, splits.mean, splits.std).cpu().numpy().astype(np.float32)
         logits = runner.run([ort.OUTPUT], {ort.INPUT: x})[0]
-        correct += int((logits.argmax(1) == labels.cpu().numpy()).sum())
-    return correct / max(1, count(split))
+        if metric is not None:
+            metric.update(torch.from_numpy(logits), labels.cpu())
+        else:
+            correct += int((logits.argmax(1) == labels.cpu().numpy()).sum())
+    return float(metric.compute()) if metric is not None else correct / max(1, count(split))
 
 
 def quantize_model(model: nn.Module, splits: Splits, config: QuantizeConfig, eval_threads: int = 2,
-                   repeats: int = 10, fp32_layers: tuple[str, ...] = (), source: str = "ptq") -> Quantized:
+                   repeats: int = 10, fp32_layers: tuple[str, ...] = (), source: str = "ptq",
+                   task: Task | None = None) -> Quantized:
     """Quantize `model` to int8 and measure it (`eval_threads`: ONNX Runtime's threads for the accuracy
     passes, which are not timed; `fp32_layers`: module names left in fp32; `source`: ptq, or qat for the
     end of quantization-aware training). Raises what export or the quantizer raise."""
@@ -198,8 +207,8 @@ def quantize_model(model: nn.Module, splits: Splits, config: QuantizeConfig, eva
     latency = lambda onnx, batch: ort.latency_ms(onnx, splits.inputs, batch, config.threads,  # noqa: E731
                                                  repeats if batch == 1 else max(1, repeats // 3))
     metrics = Int8Metrics(
-        int8_accuracy=accuracy(int8, splits.test, splits, eval_threads),
-        int8_val_accuracy=accuracy(int8, splits.val, splits, eval_threads),
+        int8_accuracy=accuracy(int8, splits.test, splits, eval_threads, task=task),
+        int8_val_accuracy=accuracy(int8, splits.val, splits, eval_threads, task=task),
         int8_latency_ms=latency(int8, 1), int8_latency_b256_ms=latency(int8, 256), int8_model_bytes=len(int8),
         fp32_ort_latency_ms=latency(fp32, 1), fp32_ort_latency_b256_ms=latency(fp32, 256), fp32_onnx_bytes=len(fp32),
         int8_threads=config.threads, int8_calibration_images=len(calibration), int8_source=source)

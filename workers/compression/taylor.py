@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from workers.evaluation.spec import CandidateSpec
 
 LANDING_CHOICES = 32  # chunks after the one that crosses a budget, tried in its place (one cut each)
-LATENCY_HEADROOM = 0.97  # a latency limit is landed on at this share of it (predictions are least times)
+LATENCY_HEADROOM = 0.97  # a latency limit is landed on at this share of it (measurements move run to run)
 
 
 def count_filters(model: nn.Module) -> int:
@@ -175,8 +175,10 @@ def taylor_prune(model: nn.Module, splits: Splits, step: Step | int, batches: in
     chunks = chunks_for(order, step.count)
     if limit is None or count is None:
         return cut(prefix(order, chunks)), prefix(order, chunks)
-    if isinstance(count, LatencyCounter):  # predicted from the least of a few passes; a candidate's stored
-        limit *= LATENCY_HEADROOM           # latency is a median of more: land a little under the limit
+    if isinstance(count, LatencyCounter):
+        # A measured latency moves a few percent between runs: land a little under the limit, and a step asked
+        # to prune (its parent measured over the limit) cuts something even where this measurement is under it.
+        limit = min(limit, count.parent_ms) * LATENCY_HEADROOM
     plan = _toward(order, chunks, lambda p: count(cut(p)), limit, steps_left)
     return cut(plan), plan
 

@@ -293,7 +293,7 @@ def complete(metrics: CandidateMetrics, ctx: EvalContext, model: torch.nn.Module
         config = ctx.measures.quantize
         figures = stored_int8(ctx.store, metrics.spec_hash, config) or unless_unquantizable(
             metrics.spec_hash, lambda: save_int8(ctx.store, metrics.spec_hash, config, quantize_model(
-                model.cpu(), ctx.splits, config, eval_threads=torch.get_num_threads())))
+                model.cpu(), ctx.splits, config, eval_threads=torch.get_num_threads(), task=Task(ctx.teacher.task))))
         extra.update(asdict(figures) if figures is not None else {})
     return replace(metrics, extra=extra)
 

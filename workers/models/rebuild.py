@@ -42,10 +42,20 @@ def rebuild_mismatch(model: nn.Module, fresh: nn.Module, removed: Iterable[str],
             ours, theirs = model.eval()(example), again(example)
     except Exception as err:  # noqa: BLE001 — a layer rebuild cannot size, a forward that fails: one line
         return f"cannot be rebuilt from its stored tensors ({type(err).__name__}: {first_line(err)})"
-    if not (isinstance(ours, torch.Tensor) and isinstance(theirs, torch.Tensor) and ours.shape == theirs.shape
-            and torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5)):
+    if not _same_outputs(ours, theirs):
         return "rebuilt from its stored tensors, it computes other outputs than the model trained"
     return None
+
+
+def _same_outputs(ours: object, theirs: object) -> bool:
+    """Equal outputs: tensors close, a dict's or tuple's (a task's network, issue 37) entry by entry."""
+    if isinstance(ours, torch.Tensor) and isinstance(theirs, torch.Tensor):
+        return ours.shape == theirs.shape and torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        return ours.keys() == theirs.keys() and all(_same_outputs(ours[k], theirs[k]) for k in ours)
+    if isinstance(ours, (tuple, list)) and isinstance(theirs, (tuple, list)):
+        return len(ours) == len(theirs) and all(_same_outputs(a, b) for a, b in zip(ours, theirs))
+    return False
 
 
 def _resize_attention(module: nn.MultiheadAttention, width: int) -> None:
