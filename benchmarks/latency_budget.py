@@ -32,6 +32,7 @@ from workers.training.teacher import load_teacher
 
 PROBE = LatencyProbe("onnxruntime", 256, 1)
 ROUNDS = 5  # alternating timing rounds at the end: each model's figure is the median of its rounds
+MAX_DROP = 20  # points: the stop rule must not end a trial before it reaches the limit (both reach it, then compare)
 
 
 def main() -> None:
@@ -52,7 +53,8 @@ def main() -> None:
     text = f"search.budget={{latency_ms: {limit}, latency_batch: {PROBE.batch}, latency_backend: onnxruntime}}"
     runs = {}
     for power in args.powers.split(","):
-        run = budget_compare.run_method("taylor", args.store, macs // 3, [text, f"search.cost_power={power}"])
+        run = budget_compare.run_method("taylor", args.store, macs // 3,
+                                        [text, f"search.cost_power={power}", f"search.stop.max_drop={MAX_DROP}"])
         pick = chosen(load_run(store, run["run_id"]), budget)
         run["chosen"] = None if pick is None else {k: pick.get(k) for k in (
             "spec_hash", "val_accuracy", "accuracy", "params", "macs", PROBE.column)}
