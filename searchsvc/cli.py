@@ -195,10 +195,10 @@ def _write_report(store: Any, run_id: str, output: Path, top: int = 10) -> None:
 
 
 def _print_run(result: Any) -> None:
-    print(f"run {result.run_id}: {result.status}; teacher {result.teacher_hash} test accuracy "
+    print(f"run {result.run_id}: {result.status}; teacher {result.teacher_hash} test {result.metric or 'accuracy'} "
           f"{result.teacher_accuracy:.4f}; {result.summary.get('evaluations', 0)} evaluations, "
           f"{result.summary.get('cache_hits', 0)} cache hits")
-    print(format_table(table_rows(result.table)))
+    print(format_table(table_rows(result.table), result.metric))
     print(f"store: {result.store_uri}   (searchsvc results --store {result.store_uri} --run {result.run_id})")
 
 
@@ -215,7 +215,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from searchsvc.reporting.table import read_results
+    from searchsvc.reporting.table import read_results, stored_record
 
     if args.top is not None and args.top < 1:
         raise SearchsvcError(f"--top: must be a positive integer, got {args.top}")
@@ -232,7 +232,7 @@ def cmd_results(args: argparse.Namespace) -> int:
         judged = [row for row in every if row.within_budget is not None]
         if judged:  # ranked first: the best model within the run's budget leads the table
             print(f"within budget (search.budget): {sum(bool(r.within_budget) for r in judged)} of {len(judged)}")
-        print(format_table(rows))
+        print(format_table(rows, stored_record(store, run_id).get("metric")))
     return 0
 
 

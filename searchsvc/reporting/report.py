@@ -18,6 +18,7 @@ from searchsvc.budget import Budget
 from searchsvc.reporting.plots import front_png, progress_png, schedule_png
 from searchsvc.reporting.rows import ResultRow, most_accurate, pareto_front, stored_rows
 from searchsvc.reporting.table import rank, results_table, stored_config, stored_record
+from searchsvc.reporting.text_table import metric_title
 from storage import ArtifactStore, layout
 from workers.measurement.latency import probe_columns
 from workers.measurement.measure import count_macs, count_parameters
@@ -106,6 +107,9 @@ def build_report(store: ArtifactStore, run_id: str, top: int = 10) -> str:
     gpus = float((config.get("resources") or {}).get("gpus_per_eval") or 0)
     ok = [r for r in rows if r.ok]
     summary = run_summary(record, rows, gpus) + budget_summary((config.get("search") or {}).get("budget"), ok)
+    metric = record.get("metric")
+    if metric:  # a task's metric (issue 37): the columns named accuracy hold it
+        summary = [["metric", f"{metric} (in every accuracy column)"], *summary]
     parts = [f"<h1>searchsvc run {escape(run_id)}</h1>", "<h2>Summary</h2>", table_html(["", ""], summary)]
     parts.append("<h2>Pareto fronts (test accuracy vs size and speed; ★ the teacher)</h2>"
                  "<p>Each front is chosen on validation accuracy and drawn at test accuracy, which only reports; "
@@ -116,7 +120,7 @@ def build_report(store: ArtifactStore, run_id: str, top: int = 10) -> str:
             front = pareto_front(points, metric)
             parts.append(img_html(front_png(points, front, metric, f"{title} ({unit})", teacher), f"accuracy vs {title}"))
     parts.append("</div>")
-    parts.append(f"<h2>Top {top}</h2>" + top_table(ok, top))
+    parts.append(f"<h2>Top {top}</h2>" + top_table(ok, top, metric))
     parts.append("<h2>The search over time</h2>" + img_html(progress_png(rows), "reward and accuracy per evaluation"))
     if record.get("method") in SCHEDULES and ok:
         parts.append("<h2>Sparsity schedule</h2>" + img_html(schedule_plot(store, ok, record["method"], top), "schedule"))
@@ -143,8 +147,9 @@ def ranked(rows: list[ResultRow]) -> list[ResultRow]:
     return [by_hash[spec_hash] for spec_hash in rank(results_table(rows))["spec_hash"].to_pylist()]
 
 
-def top_table(rows: list[ResultRow], top: int) -> str:
-    """The best `top` valid candidates by reward, with links to their kept models."""
+def top_table(rows: list[ResultRow], top: int, metric: str | None = None) -> str:
+    """The best `top` valid candidates by reward, with links to their kept models (`metric`: the task's, named in
+    the accuracy columns' titles)."""
     best = ranked(rows)[:top]
     columns = [c for c in TOP_COLUMNS if any(r.get(c[0]) is not None for r in best)]
     columns += probe_columns([r.to_data() for r in best])
@@ -155,7 +160,8 @@ def top_table(rows: list[ResultRow], top: int) -> str:
         link = row.artifact
         cells.append(f"<a href='{escape(link)}'>{layout.MODEL}</a>" if link else "-")
         body.append(cells)
-    return table_html(["#", "candidate", *(title for _, title, _ in columns), "artifact"], body, raw=True)
+    titles = (metric_title(title, metric) for _, title, _ in columns)
+    return table_html(["#", "candidate", *titles, "artifact"], body, raw=True)
 
 
 def table_html(header: list[str], rows: list, raw: bool = False) -> str:

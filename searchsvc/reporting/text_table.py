@@ -20,18 +20,26 @@ _INT8 = [("int8_accuracy", "int8 test acc", "{:.4f}"), ("int8_latency_ms", "int8
          ("int8_model_bytes", "int8 bytes", "{:,}")]
 
 
-def format_table(rows: list[ResultRow]) -> str:
-    """A plain-text table of result rows, ranked as given."""
+def format_table(rows: list[ResultRow], metric: str | None = None) -> str:
+    """A plain-text table of result rows, ranked as given; `metric`: the task's metric the accuracy columns hold
+    (their titles name it), None for top-1 accuracy."""
     if not rows:
         return "(no results yet)"
     optional = [c for c in _OPTIONAL if any(row.get(c[0]) is not None for row in rows)]
     int8 = [c for c in _INT8 if any(row.get(c[0]) is not None for row in rows)]
     probes = probe_columns([row.to_data() for row in rows])
     columns = _COLUMNS[:3] + optional + _COLUMNS[3:10] + probes + int8 + _COLUMNS[10:]
-    header = ["#"] + [title for _, title, _ in columns]
+    header = ["#"] + [metric_title(title, metric) for _, title, _ in columns]
     body = [[str(rank)] + ["-" if row.get(key) is None else fmt.format(row.get(key)) for key, _, fmt in columns]
             for rank, row in enumerate(rows, start=1)]
     return plain_table(header, body)
+
+
+def metric_title(title: str, metric: str | None) -> str:
+    """A column title with the task's metric for "acc"/"accuracy" ("val acc" → "val MulticlassJaccardIndex")."""
+    if metric is None:
+        return title
+    return title.replace(" accuracy", f" {metric}").replace(" acc", f" {metric}")
 
 
 def plain_table(header: list[str], body: list[list[str]]) -> str:

@@ -74,6 +74,7 @@ class RunResult:
     teacher_accuracy: float
     table: pa.Table
     summary: dict[str, Any]
+    metric: str | None = None  # the task's metric the accuracy columns hold; None: top-1 accuracy
 
 
 def new_run_id() -> str:
@@ -182,6 +183,8 @@ def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[
                                         extra_meta={"code_version": code_version()})
         record.update(teacher_hash=teacher.teacher_hash, teacher_accuracy=teacher.test_accuracy,
                       teacher_val_accuracy=teacher.val_accuracy, teacher_cached=teacher.cached)
+        if config.task is not None and not config.task.default:  # what the accuracy columns hold (issue 37)
+            record.update(metric=config.task.metric_name)
         store.put_json(record_key, record)
         config = _with_memory(config, splits, teacher, device, address)
         context = RunContext(config, store, run_id, splits, teacher, progress, address, resumed=resumed)
@@ -214,4 +217,5 @@ def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[
     summary = {"evaluations": len(context.rows), "cache_hits": 0, **context.summary}
     record.update(status=status, finished_at=_now(), wall_s=time.perf_counter() - started, **summary)
     store.put_json(record_key, record)
-    return RunResult(run_id, store.uri, status, teacher.teacher_hash, teacher.test_accuracy, table, summary)
+    return RunResult(run_id, store.uri, status, teacher.teacher_hash, teacher.test_accuracy, table, summary,
+                     record.get("metric"))

@@ -78,3 +78,24 @@ def feature_mlp(features: int = 16, num_classes: int = 4, hidden: int = 32) -> n
     """A network on feature vectors [features], not images: two hidden layers whose widths a search may cut."""
     return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                          nn.Linear(hidden, num_classes))
+
+
+class TinySegNet(nn.Module):
+    """A user's small segmentation network (issue 37): a class per pixel, returned as torchvision's segmentation
+    networks return it ({"out": [N, classes, H, W]}); one stride-2 stage and an upsampling back."""
+
+    def __init__(self, num_classes: int = 4, width: int = 16) -> None:
+        super().__init__()
+        self.encode = nn.Sequential(
+            nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, 2, 1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, 1, 1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.classify = nn.Conv2d(2 * width, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.classify(self.encode(x))
+        return {"out": nn.functional.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)}
+
+
+def tiny_segnet(num_classes: int = 4, width: int = 16) -> TinySegNet:
+    return TinySegNet(num_classes, width)

@@ -122,7 +122,7 @@ class Task:
         """The training loss: the user's on the raw outputs, else cross-entropy on the prediction."""
         if self._loss is None:
             return F.cross_entropy(self.predict(outputs), targets, label_smoothing=label_smoothing)
-        return self._loss(outputs, targets)
+        return scalar_loss(self._loss(outputs, targets), self.config.loss)
 
     def metric(self) -> Any:
         """A fresh metric (a torchmetrics Metric; None for the default top-1, counted without torchmetrics)."""
@@ -145,12 +145,18 @@ def _metric_factory(name: str) -> Callable[..., Any]:
     return named_callable(name, "task.metric", "not a dotted class path or package.module:factory")
 
 
-def checked_loss(value: Any, where: str) -> torch.Tensor:
-    """The loss a user's function returned, if it is a finite scalar tensor; else SearchsvcError naming task.loss."""
+def scalar_loss(value: Any, name: str | None) -> torch.Tensor:
+    """The loss a user's function returned, if it is one number in a tensor (its shape is checked, not its value:
+    reading it would wait for the device at every step; a loss that turns NaN ends training as diverged)."""
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
-        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise SearchsvcError(f"task.loss: returned {shape} {where}; expected a scalar tensor (reduce the loss, e.g. "
-                             f".mean())")
-    if not math.isfinite(float(value.detach())):
-        raise SearchsvcError(f"task.loss: returned {float(value.detach())} {where}; expected a finite number")
+        got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+        raise SearchsvcError(f"task.loss: {name} returned {got}; expected a scalar tensor (reduce it, e.g. .mean())")
+    return value.reshape(())
+
+
+def checked_metric(value: float, where: str) -> float:
+    """A metric's value, if finite; else SearchsvcError naming task.metric (a NaN score cannot rank anything)."""
+    if not math.isfinite(value):
+        raise SearchsvcError(f"task.metric: gave {value} {where}; a score must be a finite number (check "
+                             f"task.metric_kwargs, e.g. num_classes, against the targets)")
     return value

@@ -34,7 +34,7 @@ from workers.models.zoo import (
     state_dict_bytes,
 )
 from workers.training.distill import teacher_logits
-from workers.training.task import Task, TaskConfig
+from workers.training.task import Task, TaskConfig, checked_metric
 from workers.training.train import MAX_LR, Recipe, evaluate_split, train_model
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,8 @@ def load_or_train_teacher(store: ArtifactStore, config: TeacherConfig, dataset: 
         **(extra_meta or {}),
     }
     model.eval()
+    if config.task is not None:  # a score that is NaN on the teacher cannot rank any candidate: refused, not stored
+        checked_metric(meta["val_accuracy"], "on the teacher's validation split")
     _save(store, prefix, model, meta)
     log.info("teacher %s %s in %.0f s: test accuracy %.4f; stored at %s", key,
              "trained" if epochs else "evaluated as given", seconds, meta["test_accuracy"], store.uri_for(prefix))

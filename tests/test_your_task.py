@@ -1,0 +1,98 @@
+"""Issue 37: a segmentation task end to end — the example's shapes and masks (examples/segmentation.py), a user's
+segmentation network returning {"out": ...}, mean IoU from torchmetrics as the score — through grid and taylor;
+the metric recorded on val and test, the stored candidate reloaded in a fresh process giving the stored metric,
+and its ONNX export matching. The example's LR-ASPP network runs the same path (README: "Your own task")."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from searchsvc.cli import main
+from tests.test_user_data import _only_run, _rows
+
+REPO = Path(__file__).resolve().parent.parent
+TASK = {"metric": "torchmetrics.classification.MulticlassJaccardIndex", "metric_kwargs": {"num_classes": 4}}
+DATA = {"name": "python", "factory": "examples.segmentation:shapes", "in_memory": True,
+        "kwargs": {"train": 192, "val": 48, "test": 48, "size": 24}}
+TEACHER = {"model": "tests.user_models.nets:tiny_segnet", "kwargs": {"num_classes": 4}, "epochs": 3,
+           "batch_size": 32, "lr": 0.05, "augment": False}
+SEARCH = {
+    "grid": {"candidates": [{"scale": 0.5}]},
+    "taylor": {"iterations": 2, "filters_per_iteration": 0.2, "importance_batches": 2, "stop": {"max_drop": 100},
+               "tune": {"grace_period": 2}},
+}
+
+
+def _config(folder: Path, method: str) -> Path:
+    base = yaml.safe_load((REPO / "configs" / f"{method}-smoke.yaml").read_text())
+    base.update(dataset=DATA, teacher=TEACHER, task=TASK, search=SEARCH[method],
+                train={**base.get("train", {}), "epochs": 1, "batch_size": 32, "augment": False})
+    path = folder / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+def _reloaded_miou(store: Path, spec_hash: str) -> float:
+    """The candidate's test mean IoU computed in a fresh process from the store alone (load_candidate, the
+    dataset rebuilt from its factory)."""
+    code = f"""
+import torch, searchsvc
+from storage import open_store
+from torchmetrics.classification import MulticlassJaccardIndex
+from workers.data.datasets import DatasetConfig, load_dataset, normalize
+splits = load_dataset(DatasetConfig(name="python", factory={DATA["factory"]!r}, kwargs={DATA["kwargs"]!r}))
+model = searchsvc.load_candidate({spec_hash!r}, store=open_store({str(store)!r})).eval()
+images, masks = splits.test
+with torch.no_grad():
+    print(MulticlassJaccardIndex(num_classes=4)(model(normalize(images, splits.mean, splits.std))["out"], masks).item())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("method", ["grid", "taylor"])
+def test_segmentation_through_grid_and_taylor_is_scored_by_its_metric(method, tmp_path, ray_session):
+    store = tmp_path / "store"
+    assert main(["run", str(_config(tmp_path, method)), "--store", str(store), "--no-progress"]) == 0
+    run_id, record = _only_run(store)
+    assert record["metric"] == "MulticlassJaccardIndex"
+    rows = [r for r in _rows(store, run_id) if r["status"] == "ok"]
+    assert rows
+    row = rows[-1]
+    assert 0 < row["val_accuracy"] <= 1 and 0 < row["accuracy"] <= 1
+    assert row["accuracy"] == pytest.approx(_reloaded_miou(store, row["spec_hash"]), abs=2e-3)
+    path = tmp_path / "model.onnx"
+    assert main(["export", "--store", str(store), row["spec_hash"], "-o", str(path)]) == 0
+    import onnxruntime
+
+    import searchsvc
+    from storage import open_store
+
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        expected = searchsvc.load_candidate(row["spec_hash"], store=open_store(str(store))).eval()(x)["out"].numpy()
+    got = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})
+    np.testing.assert_allclose(got[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_loss_that_is_not_a_scalar_is_one_line(tmp_path, capsys):
+    config = yaml.safe_load(_config(tmp_path, "grid").read_text())
+    config["task"] = {**TASK, "loss": "tests.test_your_task:per_pixel_loss"}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path), "--store", str(tmp_path / "store"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "task.loss: tests.test_your_task:per_pixel_loss returned shape (" in err and "Traceback" not in err
+    assert not list((tmp_path / "store").glob("teachers/*/meta.json"))  # no teacher stored
+
+
+def per_pixel_loss(outputs: dict, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(outputs["out"], targets, reduction="none")  # not reduced
