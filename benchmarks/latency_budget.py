@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--store", required=True, help="artifact store (the teacher is reused from it)")
     parser.add_argument("--share", type=float, default=0.5, help="the limit as a share of the teacher's latency")
     parser.add_argument("--powers", default="0,1", help="search.cost_power values, comma-separated")
+    parser.add_argument("--limit-ms", type=float, default=None,
+                        help="the limit itself (a rerun that reuses a store's runs: the same limit, the same specs)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
     args = parser.parse_args()
     teacher_hash, macs = budget_compare.teacher_macs(args.store)
@@ -47,7 +49,7 @@ def main() -> None:
     teacher = load_teacher(store, teacher_hash)
     inputs = InputSpec.from_meta(teacher.meta)
     teacher_ms = time_probe(teacher.model, PROBE, torch.device("cpu"), inputs)
-    limit = round(args.share * teacher_ms, 1)
+    limit = args.limit_ms if args.limit_ms is not None else round(args.share * teacher_ms, 1)
     budget = Budget(latency_ms=limit, latency_batch=PROBE.batch, latency_backend="onnxruntime", latency_threads=1)
     print(f"teacher {teacher_hash}: {teacher_ms:.1f} ms ({PROBE.describe()}); limit {limit} ms", flush=True)
     text = f"search.budget={{latency_ms: {limit}, latency_batch: {PROBE.batch}, latency_backend: onnxruntime}}"
