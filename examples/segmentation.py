@@ -18,7 +18,8 @@ from torch.utils.data import TensorDataset
 COLOURS = torch.tensor([[200, 60, 60], [60, 200, 60], [60, 60, 200]])  # per shape class, jittered per shape
 
 
-def shapes(train: int = 512, val: int = 128, test: int = 128, size: int = 64, seed: int = 0) -> dict[str, TensorDataset]:
+def shapes(train: int = 512, val: int = 128, test: int = 128, size: int = 64, seed: int = 0
+           ) -> dict[str, TensorDataset]:
     """The three splits: uint8 images [3, size, size] and int64 masks [size, size] of 4 classes."""
     generator = torch.Generator().manual_seed(seed)
     return {name: TensorDataset(*_draw(count, size, generator)) for name, count in

@@ -63,7 +63,7 @@ def stored_model(store: ArtifactStore, model_hash: str) -> tuple[nn.Module, Inpu
 def export_model(model: nn.Module, path: str | Path, shape: InputSpec) -> Path:
     """Write ONNX (.onnx, dynamic batch) or TorchScript (.pt / .ts) depending on the file name."""
     path = Path(path)
-    example = torch.zeros(1, *shape.shape)
+    example = torch.zeros(1, *shape.shape, dtype=shape.dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".onnx":
         path.write_bytes(ort.onnx_bytes(model, shape))  # the model ONNX Runtime times and quantizes

@@ -127,6 +127,8 @@ def parse_config(raw: dict[str, Any], source: str = "") -> JobConfig:
         problems.extend(_user_code_problems(config.teacher.source))
     if not problems and config.dataset.factory is not None:  # its module imported in a child first
         problems.extend(_dataset_factory_problems(config.dataset.factory))
+    if not problems and config.task is not None:
+        problems.extend(_task_problems(config.task))
     if not problems:
         problems.extend(get_method(config.method).check_config(config))
     if problems:
@@ -141,6 +143,18 @@ def _user_code_problems(source: Any) -> list[str]:
 
     try:
         try_in_a_child(source)
+    except SearchsvcError as err:
+        return [str(err)]
+    return []
+
+
+def _task_problems(task: TaskConfig) -> list[str]:
+    """The task's loss imports, and its metric is made from its keyword arguments as a torchmetrics Metric (at
+    validate: a metric that cannot be made stops the run before a teacher trains)."""
+    from workers.training.task import Task
+
+    try:
+        Task(task).metric()
     except SearchsvcError as err:
         return [str(err)]
     return []

@@ -5,6 +5,7 @@ and its ONNX export matching. The example's LR-ASPP network runs the same path (
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,54 @@ def test_a_loss_that_is_not_a_scalar_is_one_line(tmp_path, capsys):
 
 def per_pixel_loss(outputs: dict, targets: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(outputs["out"], targets, reduction="none")  # not reduced
+
+
+TEXT = {"dataset": {"name": "python", "factory": "examples.text:sentiment", "in_memory": True,
+                    "kwargs": {"train": 256, "val": 64, "test": 64, "length": 16, "vocab": 64}},
+        "teacher": {"model": "examples.text:encoder", "epochs": 2, "batch_size": 64, "lr": 0.02,
+                    "kwargs": {"vocab": 64, "length": 16, "num_classes": 2, "dim": 32, "heads": 2, "layers": 2}},
+        "task": {"metric": "torchmetrics.classification.MulticlassF1Score",
+                 "metric_kwargs": {"num_classes": 2, "average": "macro"}}}
+TEXT_SEARCH = {"grid": {"candidates": [{"scale": 0.5}, {"remove": ["blocks.1"]}]}, "taylor": SEARCH["taylor"]}
+
+
+@pytest.mark.parametrize("method", ["grid", "taylor"])
+def test_text_classification_of_token_ids_through_grid_and_taylor(method, tmp_path, ray_session):
+    """Token ids [16] (int64, 0 pads) into a small BERT-style encoder (examples/text.py), scored by macro F1: the
+    inputs stay ids through training, MACs, latency, the rebuild check and ONNX export."""
+    base = yaml.safe_load((REPO / "configs" / f"{method}-smoke.yaml").read_text())
+    base.update(TEXT, search=TEXT_SEARCH[method], train={**base.get("train", {}), "epochs": 1, "batch_size": 64})
+    config = tmp_path / "text.yaml"
+    config.write_text(yaml.safe_dump(base))
+    store = tmp_path / "store"
+    assert main(["run", str(config), "--store", str(store), "--no-progress"]) == 0
+    run_id, record = _only_run(store)
+    assert record["metric"] == "MulticlassF1Score"
+    rows = _rows(store, run_id)
+    assert rows and all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
+    (meta,) = store.glob("teachers/*/meta.json")
+    assert json.loads(meta.read_text())["input_tokens"] == 64
+    row = min(rows, key=lambda r: r["params"])
+    import onnxruntime
+
+    import searchsvc
+    from storage import open_store
+
+    path = tmp_path / "model.onnx"
+    assert main(["export", "--store", str(store), row["spec_hash"], "-o", str(path)]) == 0
+    ids = torch.randint(1, 64, (3, 16))
+    ids[:, 10:] = 0  # padded sentences
+    with torch.no_grad():
+        expected = searchsvc.load_candidate(row["spec_hash"], store=open_store(str(store))).eval()(ids).numpy()
+    got = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": ids.numpy()})
+    np.testing.assert_allclose(got[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_metric_that_cannot_be_made_is_one_line_at_validate(tmp_path, capsys):
+    base = yaml.safe_load((REPO / "configs" / "grid-smoke.yaml").read_text())
+    base.update(TEXT, task={"metric": "torchmetrics.classification.BinaryF1Score", "metric_kwargs": {"classes": 2}})
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(base))
+    assert main(["validate", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "task.metric: torchmetrics.classification.BinaryF1Score(**task.metric_kwargs) raised ValueError" in err

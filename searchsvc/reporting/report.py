@@ -107,9 +107,9 @@ def build_report(store: ArtifactStore, run_id: str, top: int = 10) -> str:
     gpus = float((config.get("resources") or {}).get("gpus_per_eval") or 0)
     ok = [r for r in rows if r.ok]
     summary = run_summary(record, rows, gpus) + budget_summary((config.get("search") or {}).get("budget"), ok)
-    metric = record.get("metric")
-    if metric:  # a task's metric (issue 37): the columns named accuracy hold it
-        summary = [["metric", f"{metric} (in every accuracy column)"], *summary]
+    scored_by = record.get("metric")
+    if scored_by:  # a task's metric (issue 37): the columns named accuracy hold it
+        summary = [["metric", f"{scored_by} (in every accuracy column)"], *summary]
     parts = [f"<h1>searchsvc run {escape(run_id)}</h1>", "<h2>Summary</h2>", table_html(["", ""], summary)]
     parts.append("<h2>Pareto fronts (test accuracy vs size and speed; ★ the teacher)</h2>"
                  "<p>Each front is chosen on validation accuracy and drawn at test accuracy, which only reports; "
@@ -120,7 +120,7 @@ def build_report(store: ArtifactStore, run_id: str, top: int = 10) -> str:
             front = pareto_front(points, metric)
             parts.append(img_html(front_png(points, front, metric, f"{title} ({unit})", teacher), f"accuracy vs {title}"))
     parts.append("</div>")
-    parts.append(f"<h2>Top {top}</h2>" + top_table(ok, top, metric))
+    parts.append(f"<h2>Top {top}</h2>" + top_table(ok, top, scored_by))
     parts.append("<h2>The search over time</h2>" + img_html(progress_png(rows), "reward and accuracy per evaluation"))
     if record.get("method") in SCHEDULES and ok:
         parts.append("<h2>Sparsity schedule</h2>" + img_html(schedule_plot(store, ok, record["method"], top), "schedule"))

@@ -158,6 +158,11 @@ def _read_data(config: JobConfig, store: ArtifactStore) -> tuple[JobConfig, Spli
     return config, splits
 
 
+def scored_by(config: JobConfig) -> dict[str, str]:
+    """run.json's `metric` with a task (issue 37): what the accuracy columns hold; nothing for top-1 accuracy."""
+    return {"metric": config.task.metric_name} if config.task is not None and not config.task.default else {}
+
+
 def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[str, Any], progress: bool,
              address: str | None, resumed: bool) -> RunResult:
     stop_on_sigterm(deferred=True)
@@ -182,9 +187,8 @@ def _execute(config: JobConfig, store: ArtifactStore, run_id: str, record: dict[
         teacher = load_or_train_teacher(store, config.teacher, config.dataset, splits, device, progress=progress,
                                         extra_meta={"code_version": code_version()})
         record.update(teacher_hash=teacher.teacher_hash, teacher_accuracy=teacher.test_accuracy,
-                      teacher_val_accuracy=teacher.val_accuracy, teacher_cached=teacher.cached)
-        if config.task is not None and not config.task.default:  # what the accuracy columns hold (issue 37)
-            record.update(metric=config.task.metric_name)
+                      teacher_val_accuracy=teacher.val_accuracy, teacher_cached=teacher.cached,
+                      **scored_by(config))
         store.put_json(record_key, record)
         config = _with_memory(config, splits, teacher, device, address)
         context = RunContext(config, store, run_id, splits, teacher, progress, address, resumed=resumed)

@@ -189,7 +189,7 @@ def accuracy(model: bytes, split: Split, splits: Splits, threads: int, chunk: in
         x = normalize(images, splits.mean, splits.std).cpu().numpy().astype(np.float32)
         logits = runner.run([ort.OUTPUT], {ort.INPUT: x})[0]
         if metric is not None:
-            metric.update(torch.from_numpy(logits), labels.cpu())
+            task.update(metric, torch.from_numpy(logits), labels.cpu())
         else:
             correct += int((logits.argmax(1) == labels.cpu().numpy()).sum())
     return float(metric.compute()) if metric is not None else correct / max(1, count(split))

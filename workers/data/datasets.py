@@ -163,11 +163,12 @@ class Splits:
     std: tuple[float, ...]
     sources: dict[str, str] = field(default_factory=dict)  # split → where it came from (run.json)
     fingerprint: str | None = None  # what the files are (imagefolder, shards: DatasetConfig.fingerprint)
+    tokens: int | None = None  # inputs that are token ids: the vocabulary's size (the largest id + 1)
 
     @property
     def inputs(self) -> InputSpec:
         """One example's input as the model receives it (the training split's)."""
-        return InputSpec.of(streaming.input_shape(self.train))
+        return InputSpec(tuple(streaming.input_shape(self.train)), self.tokens)
 
     @property
     def streamed(self) -> bool:
@@ -180,7 +181,7 @@ class Splits:
         move = lambda split: split.to(device) if isinstance(split, streaming.Streamed) else \
             (split[0].to(device), split[1].to(device))  # noqa: E731
         return Splits(self.name, move(self.train), move(self.val), move(self.test), self.num_classes,
-                      self.mean, self.std, self.sources, self.fingerprint)
+                      self.mean, self.std, self.sources, self.fingerprint, self.tokens)
 
     def sizes(self) -> dict[str, int]:
         return {name: streaming.count(getattr(self, name)) for name in ("train", "val", "test")}
@@ -192,9 +193,11 @@ class Splits:
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 images → float, standardised per channel (runs on whatever device the images are on); floating-point
-    inputs (a python dataset's, normalised by the user's own transform) as they are."""
+    inputs (a python dataset's, normalised by the user's own transform) and token ids (integers) as they are."""
     if images.is_floating_point():
         return images.float()
+    if images.dtype != torch.uint8:  # token ids: the model embeds them
+        return images
     m, s = channel_stats_on(tuple(mean), tuple(std), images.device)
     return (images.float() / 255.0 - m) / s
 
@@ -238,14 +241,29 @@ def load_dataset(config: DatasetConfig, endpoint: str | None = None) -> Splits:
     train, val, test = (_pick(split, index, config) for split, index in (
         (loaded.train, train_index), (val_from, val_index), (loaded.test, test_index)))
     channels = streaming.input_shape(train)[0]
-    if config.mean is not None:  # the normalisation the model was trained with, not this data's own
+    tokens = _vocabulary(train, val, test)
+    if tokens is not None:  # token ids: nothing to normalise
+        mean, std = (0.0,), (1.0,)
+    elif config.mean is not None:  # the normalisation the model was trained with, not this data's own
         mean, std = _stated_stats(config, channels)
     elif _floating(train):  # inputs the user's code normalised: taken as they are
         mean, std = (0.0,) * channels, (1.0,) * channels
     else:
         mean, std = _channel_stats(_stats_sample(train))
     return Splits(config.name, train, val, test, loaded.classes, mean, std, _where(config, loaded),
-                  loaded.fingerprint)
+                  loaded.fingerprint, tokens)
+
+
+def _vocabulary(*splits: streaming.Split) -> int | None:
+    """The largest token id + 1 of integer inputs (token ids, held in memory), None for images and floats."""
+    first = splits[0]
+    dtype = first.dtype if isinstance(first, streaming.Streamed) else first[0].dtype
+    if dtype.is_floating_point or dtype == torch.uint8:
+        return None
+    if any(isinstance(split, streaming.Streamed) for split in splits):
+        raise SearchsvcError("dataset.in_memory: token ids are held in memory (their vocabulary is read from "
+                             "every example); set dataset.in_memory: true")
+    return 1 + max(int(split[0].max()) for split in splits if len(split[0]))
 
 
 STATS_SAMPLE = 4096  # streamed training images the channel statistics are taken from (all of a smaller split)

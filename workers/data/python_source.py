@@ -250,8 +250,10 @@ def _input(value: Any, split: str, index: int) -> torch.Tensor:
         raise SearchsvcError(f"{KEY}: split {split!r} example {index}: an input of shape {tuple(value.shape)}; "
                              f"expected one or more values per example")
     if not value.is_floating_point():
-        raise SearchsvcError(f"{KEY}: split {split!r} example {index}: inputs of dtype {value.dtype}; expected "
-                             f"uint8 images or floating-point inputs")
+        if value.dtype == torch.bool or value.min() < 0:
+            raise SearchsvcError(f"{KEY}: split {split!r} example {index}: inputs of dtype {value.dtype}; expected "
+                                 f"uint8 images, floating-point inputs or token ids (integers >= 0)")
+        return value.to(torch.int64).contiguous()  # token ids
     value = value.float().contiguous()
     if not torch.isfinite(value).all():
         raise SearchsvcError(f"{KEY}: split {split!r} example {index}: the input holds NaN or infinity")

@@ -93,7 +93,8 @@ def activation_bytes(model: nn.Module, image: torch.Tensor) -> int:
         device = parameter.device if parameter is not None else torch.device("cpu")
         model.eval()
         with torch.no_grad():
-            model(image.to(device).float())
+            x = image.to(device)
+            model(x if x.dtype == torch.int64 else x.float())  # token ids stay ids
     finally:
         model.train(training)
         for hook in hooks:

@@ -35,7 +35,7 @@ def onnx_bytes(model: nn.Module, inputs: InputSpec) -> bytes:
     """The model as an ONNX file's bytes: fp32, on the CPU, eval mode, batch axis dynamic. The model itself is
     left where it was (a copy is exported)."""
     cpu = copy.deepcopy(model).float().cpu().eval()
-    example = torch.zeros(1, *inputs.shape)
+    example = torch.zeros(1, *inputs.shape, dtype=inputs.dtype)
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad(), unfused_attention():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter warns that it is legacy
@@ -58,12 +58,20 @@ def session(model: bytes, threads: int) -> Any:
     return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
 
+def random_batch(inputs: InputSpec, batch: int) -> np.ndarray:
+    """`batch` random examples as ONNX Runtime takes them: standard normal float32, or int64 token ids."""
+    rng = np.random.default_rng(0)
+    if inputs.tokens is not None:
+        return rng.integers(0, inputs.tokens, (batch, *inputs.shape), dtype=np.int64)
+    return rng.standard_normal((batch, *inputs.shape), dtype=np.float32)
+
+
 def latency_ms(model: bytes, inputs: InputSpec, batch: int, threads: int, repeats: int, warmup: int = 2
                ) -> float:
     """Median wall time of one ONNX Runtime forward pass of `model` (ONNX bytes) at `batch` on `threads`
     CPU threads, milliseconds."""
     runner = session(model, threads)
-    x = np.random.default_rng(0).standard_normal((batch, *inputs.shape), dtype=np.float32)
+    x = random_batch(inputs, batch)
     times = []
     for step in range(warmup + repeats):
         started = time.perf_counter()

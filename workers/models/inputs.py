@@ -2,7 +2,8 @@
 
 Tracing, the dependency graph, MACs, latency, summaries and ONNX export all run the model on an example input;
 `InputSpec` is the one description of it they share: an example's shape without the batch dimension — [C, H, W]
-for images of any size and aspect, [F] for feature vectors, [C, L] for sequences — as the data loader delivers it.
+for images of any size and aspect, [F] for feature vectors, [C, L] for sequences, [L] token ids of a vocabulary
+of `tokens` (integers, e.g. a text model's input) — as the data loader delivers it.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from torch import nn
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One example's input as the model receives it: `shape` without the batch dimension, floating point."""
+    """One example's input as the model receives it: `shape` without the batch dimension; floating point, or
+    with `tokens` int64 token ids below it."""
 
     shape: tuple[int, ...]
+    tokens: int | None = None  # the vocabulary's size when the inputs are token ids
 
     def __post_init__(self) -> None:
         if not self.shape or any(not isinstance(n, int) or n < 1 for n in self.shape):
@@ -40,7 +43,7 @@ class InputSpec:
         """The input a stored teacher was trained on: its `input_shape`, or (stored before inputs of any shape)
         its `in_channels` (else `channels`) and square `image_size` (default 32 px)."""
         if meta.get("input_shape"):
-            return cls.of(meta["input_shape"])
+            return cls(tuple(int(n) for n in meta["input_shape"]), meta.get("input_tokens"))
         return cls.image(int(meta.get("in_channels") or channels or 3), int(meta.get("image_size", 32)))
 
     @property
@@ -51,7 +54,12 @@ class InputSpec:
     @property
     def is_image(self) -> bool:
         """[C, H, W]: what convolutions, crops, flips and channels_last apply to."""
-        return len(self.shape) == 3
+        return len(self.shape) == 3 and self.tokens is None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What a batch of it holds: int64 token ids, else float32."""
+        return torch.int64 if self.tokens is not None else torch.float32
 
     @property
     def values(self) -> int:
@@ -61,18 +69,25 @@ class InputSpec:
     def meta(self) -> dict[str, Any]:
         """As a teacher's stored meta records it (in_channels and image_size kept for older readers)."""
         record: dict[str, Any] = {"input_shape": list(self.shape), "in_channels": self.channels}
+        if self.tokens is not None:
+            record["input_tokens"] = self.tokens
         if self.is_image and self.shape[1] == self.shape[2]:
             record["image_size"] = self.shape[2]
         return record
 
     def __str__(self) -> str:
-        return "x".join(str(n) for n in self.shape)
+        shape = "x".join(str(n) for n in self.shape)
+        return shape if self.tokens is None else f"{shape} token ids (< {self.tokens})"
 
     def batch(self, size: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
               random: bool = False, seed: int = 0) -> torch.Tensor:
         """`size` examples: zeros, or standard normal values from `seed` (timing: no all-zero shortcuts);
-        channels_last for images (the layout training and timing use)."""
+        channels_last for images (the layout training and timing use). Token ids: zeros or random ids, int64."""
         shape = (size, *self.shape)
+        if self.tokens is not None:
+            generator = torch.Generator().manual_seed(seed)
+            ids = torch.randint(0, self.tokens, shape, generator=generator) if random else torch.zeros(shape)
+            return ids.to(device=device, dtype=torch.int64)
         if random:
             x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=dtype)
         else:
@@ -80,8 +95,11 @@ class InputSpec:
         return in_layout(x)
 
     def example(self, model: nn.Module, size: int = 1) -> torch.Tensor:
-        """Zero examples on the model's device and in its dtype: what tracing and counting run on."""
+        """Zero examples on the model's device and in its dtype: what tracing and counting run on. Token ids are
+        ones, not zeros: id 0 is commonly padding, and a sequence of padding alone attends to nothing (NaN)."""
         probe = next(model.parameters())
+        if self.tokens is not None:
+            return torch.ones(size, *self.shape, device=probe.device, dtype=torch.int64)
         return torch.zeros(size, *self.shape, device=probe.device, dtype=probe.dtype)
 
 

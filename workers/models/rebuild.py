@@ -24,10 +24,18 @@ LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, n
           nn.MultiheadAttention)  # the layers whose shape attributes `rebuild` sets itself
 
 
+class Skip(nn.Identity):
+    """A removed unit: passes its first input on, whatever else it is called with (a transformer block that also
+    takes a padding mask); an `nn.Identity`, so the graph reads it as a shortcut."""
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return x
+
+
 def remove_units(model: nn.Module, removed: Iterable[str]) -> nn.Module:
     """`model` with each named unit replaced by identity (in place)."""
     for name in removed:
-        model.set_submodule(name, nn.Identity())
+        model.set_submodule(name, Skip())
     return model
 
 

@@ -128,13 +128,29 @@ class Task:
         """A fresh metric (a torchmetrics Metric; None for the default top-1, counted without torchmetrics)."""
         if self._metric is None:
             return None
-        made = self._metric(**self.config.metric_kwargs)
+        try:
+            made = self._metric(**self.config.metric_kwargs)
+        except Exception as err:  # noqa: BLE001 — the user's metric and its keyword arguments
+            raise SearchsvcError(f"task.metric: {self.config.metric}(**task.metric_kwargs) raised "
+                                 f"{type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
         from torchmetrics import Metric
 
         if not isinstance(made, Metric):
             raise SearchsvcError(f"task.metric: {self.config.metric} made a {type(made).__name__}, not a "
                                  f"torchmetrics Metric (one with update() and compute())")
         return made
+
+
+    def update(self, metric: Any, outputs: Outputs, targets: torch.Tensor) -> None:
+        """`metric.update` with the prediction (float) and the targets; what it raises (shapes it cannot take) is
+        one line naming task.metric."""
+        predicted = self.predict(outputs).float()
+        try:
+            metric.update(predicted, targets)
+        except Exception as err:  # noqa: BLE001 — the user's metric on the user's outputs
+            raise SearchsvcError(f"task.metric: {self.config.metric} cannot score predictions of shape "
+                                 f"{tuple(predicted.shape)} against targets of shape {tuple(targets.shape)} "
+                                 f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
 
 
 def _metric_factory(name: str) -> Callable[..., Any]:

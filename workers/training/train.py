@@ -140,7 +140,7 @@ def evaluate_split(model: nn.Module, split: Split, mean: tuple[float, ...], std:
             x = in_layout(normalize(images, mean, std), torch.channels_last)
             outputs = model(x)
             if metric is not None:
-                metric.update(task.predict(outputs).float(), labels)
+                task.update(metric, outputs, labels)
             else:
                 correct += (prediction(outputs).argmax(1) == labels).sum()
     return float(metric.compute()) if metric is not None else correct.item() / count(split)
