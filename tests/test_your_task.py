@@ -148,3 +148,25 @@ def test_a_metric_that_cannot_be_made_is_one_line_at_validate(tmp_path, capsys):
     assert main(["validate", str(config)]) == 2
     err = capsys.readouterr().err
     assert "task.metric: torchmetrics.classification.BinaryF1Score(**task.metric_kwargs) raised ValueError" in err
+
+
+def test_a_teacher_whose_norms_average_slowly_is_judged_with_statistics_of_its_trained_weights(tmp_path):
+    """Batch norms at momentum 0.01 (torchvision's MobileNetV3, the LR-ASPP example) still hold nearly their
+    initial statistics after a short training; the teacher's are re-estimated before it is evaluated and stored."""
+    from storage import open_store
+    from workers.data.datasets import DatasetConfig, load_dataset, normalize
+    from workers.training.task import TaskConfig
+    from workers.training.teacher import TeacherConfig, load_or_train_teacher
+
+    dataset = DatasetConfig(name="python", factory=DATA["factory"], kwargs=DATA["kwargs"], in_memory=True)
+    splits = load_dataset(dataset)
+    config = TeacherConfig(model=TEACHER["model"], kwargs={"num_classes": 4, "momentum": 0.01}, epochs=1,
+                           batch_size=32, augment=False, task=TaskConfig(**TASK))
+    teacher = load_or_train_teacher(open_store(str(tmp_path / "store")), config, dataset, splits,
+                                    torch.device("cpu"), progress=False)
+    first, norm = teacher.model.encode[0], teacher.model.encode[1]
+    with torch.no_grad():
+        activations = first(normalize(splits.train[0][:256], splits.mean, splits.std))
+    # Six steps at momentum 0.01 leave the variance near its initial 1 (0.95 where the batches' is 0.2 to 0.9);
+    # re-estimated, it is the batches'.
+    assert torch.allclose(norm.running_var, activations.var((0, 2, 3)), rtol=0.1)

@@ -97,5 +97,10 @@ class TinySegNet(nn.Module):
         return {"out": nn.functional.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)}
 
 
-def tiny_segnet(num_classes: int = 4, width: int = 16) -> TinySegNet:
-    return TinySegNet(num_classes, width)
+def tiny_segnet(num_classes: int = 4, width: int = 16, momentum: float = 0.1) -> TinySegNet:
+    """`momentum`: the batch norms' (torchvision's MobileNetV3 uses 0.01)."""
+    net = TinySegNet(num_classes, width)
+    for norm in net.modules():
+        if isinstance(norm, nn.BatchNorm2d):
+            norm.momentum = momentum
+    return net

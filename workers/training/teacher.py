@@ -35,7 +35,15 @@ from workers.models.zoo import (
 )
 from workers.training.distill import teacher_logits
 from workers.training.task import Task, TaskConfig, checked_metric
-from workers.training.train import MAX_LR, Recipe, evaluate_split, train_model
+from workers.training.train import (
+    DEFAULT_BN_RECALIBRATION_BATCHES,
+    MAX_LR,
+    Recipe,
+    evaluate_split,
+    recalibrate_batchnorm,
+    slow_norms,
+    train_model,
+)
 
 log = logging.getLogger(__name__)
 TEACHER_FORMAT = 1  # bump when the saved layout or the training code changes what a teacher is
@@ -168,20 +176,24 @@ def load_or_train_teacher(store: ArtifactStore, config: TeacherConfig, dataset: 
         return teacher
     model, identity = _untrained(config, splits, raw, sha256)
     epochs = 0 if sha256 is not None and not config.finetune_epochs else config.finetune_epochs or config.epochs
-    history, seconds = [], 0.0
+    history, seconds, recalibrated = [], 0.0, False
     if epochs:
         log.info("training teacher %s (%s, %d epochs) on %s", key, config.base, epochs, device)
         started = time.perf_counter()
         history = train_model(model, splits, replace(config, epochs=epochs), device, seed=config.seed,
                               desc=f"teacher {config.base}", progress=progress)
         seconds = time.perf_counter() - started
+        if slow_norms(model):  # statistics that lag the trained weights: re-estimated before it is judged
+            recalibrate_batchnorm(model, splits.to(device), DEFAULT_BN_RECALIBRATION_BATCHES, config.batch_size,
+                                  config.seed)
+            recalibrated = True  # the epochs' figures were taken with the lagging statistics: measured again below
     task = Task(config.task)
     data = splits.to(device)
     model.to(device)
     meta = {
         "teacher_hash": key, **identity, "config": to_data(config), "dataset": data_identity(dataset),
-        "test_accuracy": history[-1]["test_accuracy"] if history else evaluate_split(model, data.test, data.mean,
-                                                                                     data.std, task=task),
+        "test_accuracy": history[-1]["test_accuracy"] if history and not recalibrated else
+        evaluate_split(model, data.test, data.mean, data.std, task=task),
         "val_accuracy": evaluate_split(model, data.val, data.mean, data.std, task=task),
         "train_seconds": seconds, "device": str(device), "history": history, "mean": data.mean, "std": data.std,
         **data.inputs.meta(), "num_classes": data.num_classes,
