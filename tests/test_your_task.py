@@ -1,7 +1,8 @@
-"""Issue 37: a segmentation task end to end (grid, taylor, rigl) and text of token ids (grid, taylor) — the example's shapes and masks (examples/segmentation.py), a user's
-segmentation network returning {"out": ...}, mean IoU from torchmetrics as the score — through grid and taylor;
-the metric recorded on val and test, the stored candidate reloaded in a fresh process giving the stored metric,
-and its ONNX export matching. The example's LR-ASPP network runs the same path (README: "Your own task")."""
+"""Issue 37: your own task end to end — segmentation (the example's shapes and masks, a user's network returning
+{"out": ...}, mean IoU from torchmetrics as the score) through grid, taylor and rigl, and text of token ids (the
+example's sentences and BERT-style encoder, macro F1) through grid and taylor: the metric recorded on val and test,
+the stored candidate reloaded in a fresh process giving the stored metric, its ONNX export matching, and the task's
+mistakes as one line. The example's LR-ASPP network runs the same path (README: "Your own task")."""
 
 from __future__ import annotations
 

@@ -203,8 +203,8 @@ def load_or_train_teacher(store: ArtifactStore, config: TeacherConfig, dataset: 
     if config.task is not None:  # a score that is NaN on the teacher cannot rank any candidate: refused, not stored
         checked_metric(meta["val_accuracy"], "on the teacher's validation split")
     _save(store, prefix, model, meta)
-    log.info("teacher %s %s in %.0f s: test accuracy %.4f; stored at %s", key,
-             "trained" if epochs else "evaluated as given", seconds, meta["test_accuracy"], store.uri_for(prefix))
+    log.info("teacher %s %s in %.0f s: test %s %.4f; stored at %s", key, "trained" if epochs else "evaluated as given",
+             seconds, task.config.metric_name, meta["test_accuracy"], store.uri_for(prefix))
     return Teacher(model, key, meta, cached=False)
 
 
