@@ -143,3 +143,18 @@ def test_evaluation_reports_the_tasks_metric_over_every_batch():
     expected = MulticlassJaccardIndex(num_classes=3)(model(x)["out"], masks).item()
     assert got == pytest.approx(expected, rel=1e-5)
     assert 0 <= got <= 1
+
+
+def test_teacher_outputs_are_cached_only_where_they_fit(monkeypatch):
+    """A mask of logits per pixel for every training example may not fit memory: then the teacher runs live."""
+    from workers.data.datasets import DatasetConfig, load_dataset
+    from workers.training import distill
+
+    splits = load_dataset(DatasetConfig(name="python", factory="examples.segmentation:shapes", in_memory=True,
+                                        kwargs={"train": 64, "val": 16, "test": 16, "size": 8}))
+    teacher = PerPixel()
+    needed = len(splits.train[0]) * 3 * 8 * 8 * 4  # float32 logits of 3 classes per pixel
+    monkeypatch.setattr(distill, "available_memory", lambda: int(needed / distill.CACHE_SHARE))
+    assert distill.cache_fits(teacher, splits, None)
+    monkeypatch.setattr(distill, "available_memory", lambda: int(needed / distill.CACHE_SHARE) - 1)
+    assert not distill.cache_fits(teacher, splits, None)

@@ -31,6 +31,7 @@ from workers.evaluation.spec import CandidateSpec
 from workers.measurement.measure import count_parameters
 from workers.measurement.metrics import CandidateMetrics
 from workers.measurement.run_measures import run_columns
+from workers.training.distill import cache_fits
 from workers.training.teacher import ensure_train_logits
 from workers.training.train import augments, resolve_device
 
@@ -192,8 +193,9 @@ class Recorder:
 
 def prepare_teacher_logits(context: RunContext) -> None:
     """Compute the teacher's training-split logits once, before workers look them up (distillation only)."""
-    train = context.config.train
-    if train.distill.alpha > 0 and not augments(train, context.splits.inputs):
+    train, task = context.config.train, context.teacher.task
+    if train.distill.alpha > 0 and not augments(train, context.splits.inputs) and task.distill_on == "prediction" \
+            and cache_fits(context.teacher.model, context.splits, task.output):
         ensure_train_logits(context.store, context.teacher, context.splits, resolve_device(context.config.device))
 
 

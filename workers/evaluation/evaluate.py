@@ -48,7 +48,7 @@ from workers.models.rebuild import rebuild, rebuild_mismatch
 from workers.models.surgery import InvalidTransform, derive_arch, shrink
 from workers.models.user_model import ModelSource, construct
 from workers.models.zoo import Model, arch_from_data, build_model, load_state_bytes, read_state_bytes, state_dict_bytes
-from workers.training.distill import distill_loss_fn, inference_copy, teacher_logits
+from workers.training.distill import cache_fits, distill_loss_fn, inference_copy, teacher_logits
 from workers.training.task import Task
 from workers.training.teacher import Teacher, checked_source, load_teacher, load_train_logits
 from workers.training.train import LossFn, TrainCallback, augments, recalibrate_batchnorm, train_model
@@ -304,8 +304,9 @@ def _loss_fn(spec: CandidateSpec, ctx: EvalContext) -> LossFn | None:
     distill, task = spec.train.distill, Task(spec.train.task)
     if distill.alpha == 0:
         return None
-    # The teacher must see the same augmented batch; every output of it is not cached.
-    if augments(spec.train, ctx.splits.inputs) or task.config.distill_on == "outputs":
+    # The teacher must see the same augmented batch; every output of it is not cached, nor outputs too large to.
+    if augments(spec.train, ctx.splits.inputs) or task.config.distill_on == "outputs" or \
+            not cache_fits(ctx.teacher.model, ctx.splits, task.config.output):
         return distill_loss_fn(distill, teacher=ctx.live_teacher(), task=task)
     return distill_loss_fn(distill, cached=ctx.train_logits(), task=task)
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.errors import SearchsvcError
-from workers.data.datasets import normalize
-from workers.data.streaming import Split, batches, device_of
+from workers.data.datasets import Splits, normalize
+from workers.data.streaming import Split, available_memory, batches, count, device_of
 from workers.models.inputs import in_layout
 from workers.training.task import Outputs, Task, output_tensors, prediction
 from workers.training.train import DistillConfig, LossFn
@@ -95,6 +95,19 @@ def teacher_logits(teacher: nn.Module, split: Split | torch.Tensor, mean: tuple[
             outputs = teacher(in_layout(normalize(images, mean, std), torch.channels_last))
             chunks.append(prediction(outputs, output).float())
     return torch.cat(chunks)
+
+
+CACHE_SHARE = 0.25  # of the memory available: the most the teacher's cached outputs for the training split may take
+
+
+@torch.inference_mode()
+def cache_fits(teacher: nn.Module, splits: Splits, output: str | int | None = None) -> bool:
+    """Whether the teacher's prediction for every training example fits CACHE_SHARE of the memory available: a
+    class vector always does; a mask of logits per pixel (segmentation) may not, and then the teacher runs live."""
+    teacher.eval()
+    example = splits.inputs.example(teacher)
+    per_example = prediction(teacher(example), output).numel() * 4  # float32
+    return count(splits.train) * per_example <= CACHE_SHARE * available_memory()
 
 
 def inference_copy(teacher: nn.Module, device: torch.device) -> nn.Module:
