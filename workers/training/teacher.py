@@ -119,7 +119,7 @@ class Teacher:
     def task(self) -> TaskConfig:
         """The task it was trained and judged on (its recipe's; classification for teachers stored before)."""
         raw = (self.meta.get("config") or {}).get("task")
-        return from_data(TaskConfig, raw, source="teacher meta.json task") if raw else TaskConfig()
+        return from_data(TaskConfig, raw, source="the teacher's recorded task") if raw else TaskConfig()
 
 
 def untrained_network(config: TeacherConfig) -> nn.Module:
