@@ -76,3 +76,27 @@ def encoder(vocab: int = 256, length: int = 32, num_classes: int = 2, dim: int =
             layers: int = 2) -> Encoder:
     """The network factory (`teacher: {model: examples.text:encoder, kwargs: {...}}`)."""
     return Encoder(vocab, length, num_classes, dim, heads, layers)
+
+
+class HuggingFaceBert(nn.Module):
+    """A Hugging Face `transformers` BERT classifier built from a config (no download), taking token ids alone: it
+    masks the padding (id 0) itself and returns the logits."""
+
+    def __init__(self, vocab: int, length: int, num_classes: int, dim: int, heads: int, layers: int) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertForSequenceClassification
+
+        config = BertConfig(vocab_size=vocab, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads,
+                            intermediate_size=4 * dim, max_position_embeddings=length, num_labels=num_classes,
+                            attn_implementation="eager")
+        self.bert = BertForSequenceClassification(config)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids=ids, attention_mask=(ids != 0).long()).logits
+
+
+def hf_bert(vocab: int = 256, length: int = 32, num_classes: int = 2, dim: int = 64, heads: int = 4,
+            layers: int = 2) -> HuggingFaceBert:
+    """The network factory of a Hugging Face BERT (`teacher: {model: examples.text:hf_bert}`; pip install
+    transformers)."""
+    return HuggingFaceBert(vocab, length, num_classes, dim, heads, layers)

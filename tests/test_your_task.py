@@ -171,3 +171,48 @@ def test_a_teacher_whose_norms_average_slowly_is_judged_with_statistics_of_its_t
     # Six steps at momentum 0.01 leave the variance near its initial 1 (0.95 where the batches' is 0.2 to 0.9);
     # re-estimated, it is the batches'.
     assert torch.allclose(norm.running_var, activations.var((0, 2, 3)), rtol=0.1)
+
+
+def test_a_hugging_face_bert_from_a_config_trains_with_adamw_and_is_cut_by_grid(tmp_path, ray_session):
+    """transformers' BertForSequenceClassification (built from a BertConfig: nothing downloaded), trained with
+    AdamW: grid's `scale` cuts it through the dependency graph into a smaller BERT that rebuilds and exports."""
+    base = yaml.safe_load((REPO / "configs" / "your-task-text-hf.yaml").read_text())
+    base["dataset"]["kwargs"] = {"train": 256, "val": 64, "test": 64, "length": 16, "vocab": 64}
+    base["teacher"].update(epochs=2, kwargs={"vocab": 64, "length": 16, "num_classes": 2, "dim": 32, "heads": 2,
+                                             "layers": 1})
+    base["train"]["epochs"] = 1
+    base["search"] = {"candidates": [{"scale": 0.5}]}
+    config = tmp_path / "hf.yaml"
+    config.write_text(yaml.safe_dump(base))
+    store = tmp_path / "store"
+    assert main(["run", str(config), "--store", str(store), "--no-progress"]) == 0
+    run_id, _ = _only_run(store)
+    (row,) = _rows(store, run_id)
+    assert row["status"] == "ok", row.get("error")
+    assert row["compression"] > 1.5  # fewer parameters than the teacher
+    import onnxruntime
+
+    import searchsvc
+    from storage import open_store
+
+    path = tmp_path / "bert.onnx"
+    assert main(["export", "--store", str(store), row["spec_hash"], "-o", str(path)]) == 0
+    ids = torch.randint(1, 64, (3, 16))
+    ids[:, 12:] = 0
+    with torch.no_grad():
+        expected = searchsvc.load_candidate(row["spec_hash"], store=open_store(str(store))).eval()(ids).numpy()
+    got = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": ids.numpy()})
+    np.testing.assert_allclose(got[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_adamw_is_a_recipe_setting_absent_from_hashes_at_its_default():
+    from dataclasses import replace
+
+    from core.records import canonical_json
+    from workers.training.train import TrainConfig, _optimizer
+
+    assert "optimizer" not in canonical_json(TrainConfig())
+    assert '"optimizer":"adamw"' in canonical_json(TrainConfig(optimizer="adamw"))
+    model = torch.nn.Linear(2, 2)
+    assert isinstance(_optimizer(model, replace(TrainConfig(), optimizer="adamw"), 10, ())[0], torch.optim.AdamW)
+    assert isinstance(_optimizer(model, TrainConfig(), 10, ())[0], torch.optim.SGD)

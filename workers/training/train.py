@@ -37,13 +37,16 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 
 @dataclass(frozen=True)
 class Recipe:
-    """How a network is trained (SGD with Nesterov momentum, one-cycle learning rate)."""
+    """How a network is trained (SGD with Nesterov momentum, or AdamW; one-cycle learning rate)."""
 
     epochs: int = field(default=1, metadata={"min": 1, "help": "passes over the training split"})
     batch_size: int = field(default=256, metadata={"min": 1, "help": "images per step"})
     lr: float = field(default=0.05, metadata={"gt": 0, "max": MAX_LR,
                                               "help": "peak learning rate of the one-cycle schedule"})
     momentum: float = field(default=0.9, metadata={"min": 0, "lt": 1, "help": "SGD (Nesterov) momentum"})
+    optimizer: Literal["sgd", "adamw"] = field(default="sgd", metadata={
+        "omit_default": True, "help": "sgd (Nesterov momentum) or adamw (decoupled weight decay; what transformers "
+                                      "such as a Hugging Face BERT train with: SGD leaves them at the class prior)"})
     weight_decay: float = field(default=5e-4, metadata={"min": 0, "max": MAX_WEIGHT_DECAY, "help": "L2 weight decay"})
     label_smoothing: float = field(default=0.0, metadata={"min": 0, "lt": 1, "help": "cross-entropy smoothing"})
     augment: bool = field(default=True, metadata={"help": "random crop (pad 1/8 of the height) and horizontal flip of "
@@ -308,9 +311,12 @@ def _graphable(device: torch.device, recipe: Recipe, compile_model: bool,
 
 def _optimizer(model: nn.Module, recipe: Recipe, total: int,
                callbacks: Sequence[TrainCallback]) -> tuple[torch.optim.Optimizer, Any]:
-    """SGD with Nesterov momentum and the one-cycle learning rate over `total` steps."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                nesterov=recipe.momentum > 0, weight_decay=recipe.weight_decay)
+    """SGD with Nesterov momentum (or AdamW) and the one-cycle learning rate over `total` steps."""
+    if recipe.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                    nesterov=recipe.momentum > 0, weight_decay=recipe.weight_decay)
     if total >= MIN_ONE_CYCLE_STEPS and not any(cb.controls_lr for cb in callbacks):
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=total,
                                                        pct_start=0.25, anneal_strategy="linear")
