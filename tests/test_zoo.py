@@ -277,6 +277,8 @@ def reference_data(spec: CandidateSpec) -> dict:
             del data["dataset"][key]
     if data["train"]["task"] is None:  # the task (issue 37) travels in the recipe, absent for classification
         del data["train"]["task"]
+    if data["train"]["optimizer"] == "sgd":  # added with issue 37: absent at its default
+        del data["train"]["optimizer"]
     return data
 
 
