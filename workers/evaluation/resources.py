@@ -66,14 +66,31 @@ def estimate_memory_mib(model: nn.Module, splits: object, batch_size: int, on_gp
     training batch's activations."""
     held = [split for split in (splits.train, splits.val, splits.test) if not isinstance(split, Streamed)]
     data = sum(t.numel() * t.element_size() for pair in held for t in pair)
-    data += count(splits.train) * splits.num_classes * 4  # the teacher's logits, float32
+    image = take(splits.val, torch.arange(1))[0]
+    data += count(splits.train) * _prediction_values(model, image) * 4  # the teacher's cached outputs, float32
     if isinstance(splits.train, Streamed):  # the batches decoded ahead, and the one in use
         per_example = splits.train.nbytes() // len(splits.train)
         data += (splits.train.workers * splits.train.prefetch + 2) * batch_size * per_example
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    image = take(splits.val, torch.arange(1))[0]
     step = 0 if on_gpu else ACTIVATION_COPIES * batch_size * activation_bytes(model, image)
     return WORKER_MIB + math.ceil((data + MODEL_COPIES * weights + step) / MIB)
+
+
+def _prediction_values(model: nn.Module, image: torch.Tensor) -> int:
+    """Values of the model's prediction for one example: its classes, or a mask of logits per pixel (a task's
+    dense outputs), as distillation caches them."""
+    from workers.training.task import prediction
+
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            x = image.to(device)
+            return prediction(model(x if x.dtype == torch.int64 else x.float())).numel()
+    finally:
+        model.train(training)
 
 
 def activation_bytes(model: nn.Module, image: torch.Tensor) -> int:
