@@ -110,10 +110,6 @@ class Task:
             if self.config.loss else None
         self._metric = _metric_factory(self.config.metric) if self.config.metric else None
 
-    @property
-    def default(self) -> bool:
-        return self.config.default
-
     def predict(self, outputs: Outputs) -> torch.Tensor:
         """The prediction among the network's outputs (`task.output`)."""
         return prediction(outputs, self.config.output)
