@@ -71,6 +71,11 @@ def test_segmentation_through_each_method_is_scored_by_its_metric(method, tmp_pa
     row = rows[-1]
     assert 0 < row["val_accuracy"] <= 1 and 0 < row["accuracy"] <= 1
     assert row["accuracy"] == pytest.approx(_reloaded_miou(store, row["spec_hash"]), abs=2e-3)
+    pages = {"report": tmp_path / "report.html", "compare": tmp_path / "compare.html"}
+    assert main(["report", "--store", str(store), "--run", run_id, "-o", str(pages["report"])]) == 0
+    assert main(["compare", "--store", str(store), "--run", run_id, "-o", str(pages["compare"])]) == 0
+    for page in pages.values():  # the metric names the accuracy columns
+        assert "val MulticlassJaccardIndex" in page.read_text()
     path = tmp_path / "model.onnx"
     assert main(["export", "--store", str(store), row["spec_hash"], "-o", str(path)]) == 0
     import onnxruntime

@@ -22,6 +22,7 @@ from searchsvc.reporting.plots import overlay_png
 from searchsvc.reporting.report import FRONTS, STYLE, escape, gpu_hours_of, img_html, table_html, teacher_point
 from searchsvc.reporting.rows import ResultRow, most_accurate, stored_rows
 from searchsvc.reporting.table import stored_config, stored_record
+from searchsvc.reporting.text_table import metric_title
 from storage import ArtifactStore, check_id, layout
 
 BudgetChoice = tuple[str, Budget | None]  # (label, the budget; None: any size)
@@ -180,9 +181,11 @@ def choices_table(views: list[RunView], budgets: list[BudgetChoice]) -> str:
                     "-" if row.get("int8_accuracy") is None else f"{row.get('int8_accuracy'):.2%}",
                     _count(row.get("int8_model_bytes"))] if int8 else [])
             body.append([label, view.label, *figures])
-    return table_html(["budget", "run", "model", "val accuracy", "test accuracy", "params (non-zero)",
-                       "MACs (non-zero)", "latency ms (batch 1; a latency budget: at its setting)"]
-                      + (["int8 test accuracy", "int8 bytes"] if int8 else []), body)
+    titles = ["budget", "run", "model", "val accuracy", "test accuracy", "params (non-zero)", "MACs (non-zero)",
+              "latency ms (batch 1; a latency budget: at its setting)"] + (["int8 test accuracy", "int8 bytes"]
+                                                                          if int8 else [])
+    scored_by = views[0].record.get("metric")  # a task's metric (runs of one teacher share it)
+    return table_html([metric_title(title, scored_by) for title in titles], body)
 
 
 def _count(value: Any) -> str:
