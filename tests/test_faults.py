@@ -22,10 +22,19 @@ pytestmark = pytest.mark.s3
 
 
 @pytest.fixture(scope="module")
-def own_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+def own_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """An S3 server of this module's own: these tests stop and restart it."""
     with running_s3_server(tmp_path_factory.mktemp("weed-faults")) as server:
         yield server
+
+
+@pytest.fixture
+def own_s3(own_s3_server: S3Server) -> S3Server:
+    """The module's server, running at the start of each test (a test that failed while it was stopped does not
+    fail the next one too)."""
+    if own_s3_server.process is None or own_s3_server.process.poll() is not None:
+        own_s3_server.start()
+    return own_s3_server
 
 
 def run_env(server: S3Server, tmp_path: Path, retry_s: float) -> dict[str, str]:
@@ -117,8 +126,9 @@ def test_s3_down_for_good_keeps_the_result_locally_and_resume_uploads_it(own_s3,
     spool = tmp_path / "spool"
     kept = sorted(p.relative_to(spool).as_posix() for p in spool.rglob("*") if p.is_file())
     assert any(f"runs/{run_id}/evals/" in k for k in kept), kept
+    # A worker's save that met the outage is kept too, when one came before the driver gave up (a candidate that
+    # takes longer than the 5 s retry window to train is not reached: it is evaluated on resume, as none was stored).
     kept_candidates = {k.split("/")[2] for k in kept if "/candidates/" in k}
-    assert kept_candidates  # the store went down between two results: the next one was a worker's save
 
     own_s3.start()
     resumed = searchsvc("resume", "--store", f"s3://{bucket}/faults", "--s3-endpoint", own_s3.endpoint,
@@ -173,3 +183,28 @@ def test_taylor_with_s3_down_for_good_stops_cleanly_and_resumes(own_s3, tmp_path
     assert len({r["spec_hash"] for r in rows}) == 4  # each once
     for row in rows:
         store.verify(f"candidates/{row['spec_hash']}")
+
+
+def test_a_workers_save_that_meets_the_outage_hands_its_files_back_to_be_kept(own_s3, tmp_path, monkeypatch):
+    """The worker side of "nothing finished is lost", without the race of a whole run: a candidate's save into a
+    store that went down raises UnsavedResult carrying every file (spec, model, metrics), which the driver keeps
+    (the run tests above) and resume uploads."""
+    import torch
+
+    from workers.data.datasets import DatasetConfig
+    from workers.evaluation.evaluate import CandidateMetrics, UnsavedResult, save_candidate
+    from workers.evaluation.spec import CandidateSpec
+    from workers.training.train import TrainConfig
+
+    bucket = own_s3.new_bucket()
+    env = run_env(own_s3, tmp_path, retry_s=1)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, env[name])
+    store = S3Store(bucket, "faults", endpoint=own_s3.endpoint, retry_window_s=1.0)
+    spec = CandidateSpec(arch="tiny_cnn", teacher="0" * 16, dataset=DatasetConfig(name="synthetic"),
+                         train=TrainConfig())
+    store.list("candidates/")  # reached once: from here an outage is waited out, then reported
+    own_s3.stop()
+    with pytest.raises(UnsavedResult) as raised:
+        save_candidate(store, spec, torch.nn.Linear(2, 2), CandidateMetrics(spec.spec_hash, "ok", accuracy=0.5))
+    assert sorted(name.rsplit("/", 1)[-1] for name in raised.value.files) == ["metrics.json", "model.pt", "spec.json"]
