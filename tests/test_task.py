@@ -103,8 +103,12 @@ def test_dense_targets_are_decoded_into_one_tensor_and_mixed_targets_are_one_lin
     images = torch.randint(0, 255, (6, 3, 8, 8), dtype=torch.uint8)
     masks = torch.randint(0, 3, (6, 8, 8))
     loaded = decode({"train": TensorDataset(images, masks), "test": TensorDataset(images[:2], masks[:2])}, "f")
-    assert loaded.train[1].shape == (6, 8, 8) and loaded.train[1].dtype == torch.int64
-    assert torch.equal(loaded.train[1], masks) and loaded.classes == int(masks.max()) + 1
+    assert loaded.train[1].shape == (6, 8, 8) and loaded.train[1].dtype == torch.uint8  # a byte a pixel
+    assert torch.equal(loaded.train[1].long(), masks) and loaded.classes == int(masks.max()) + 1
+    wide = masks.clone()
+    wide[3, 0, 0] = 300  # a class past 255: the split is held as int64 from then on, earlier rows kept
+    loaded = decode({"train": TensorDataset(images, wide), "test": TensorDataset(images[:2], masks[:2])}, "f")
+    assert loaded.train[1].dtype == torch.int64 and torch.equal(loaded.train[1], wide)
 
     class Mixed(torch.utils.data.Dataset):
         def __len__(self) -> int:

@@ -174,14 +174,15 @@ def _decode(dataset: Any, split: str, first: torch.Tensor | None, available: int
     out: torch.Tensor | None = None  # a map-style split's, each written into its row: the split held once
     dense: torch.Tensor | None = None  # a map-style split's dense targets, alike
     targets: list[int | torch.Tensor] = []
+    first_target: int | torch.Tensor | None = None  # as read: what every other target must match
     held = sum(x.numel() * x.element_size() + y.numel() * y.element_size() for x, y in done.values())
     try:
         for index, item in enumerate(_items(dataset)):
             x, y = _pair(item, split, index)
             first = x if first is None else first
             _same_kind(x, first, split, index)
-            if targets:
-                _same_target(y, targets[0], split, index)
+            first_target = y if first_target is None else first_target
+            _same_target(y, first_target, split, index)
             if index == 0 and size is not None:
                 streaming.check_fits(held + size * _bytes(x, y), available, STREAM_HINT)
             held += _bytes(x, y)
@@ -192,7 +193,7 @@ def _decode(dataset: Any, split: str, first: torch.Tensor | None, available: int
             else:
                 out = _into(out, size, x, index)
             if isinstance(y, torch.Tensor) and size is not None:  # a dense target: into its row, as the input
-                dense = _into(dense, size, y, index)
+                dense = _into_target(dense, size, y, index)
                 y = dense[index]
             targets.append(y)
     except SearchsvcError:
@@ -203,10 +204,28 @@ def _decode(dataset: Any, split: str, first: torch.Tensor | None, available: int
     if not targets:
         raise SearchsvcError(f"{KEY}: split {split!r} is empty")
     if isinstance(targets[0], torch.Tensor):
-        stacked = dense if dense is not None else torch.stack(targets)
+        stacked = dense if dense is not None else _narrowest(torch.stack(targets))
     else:
         stacked = torch.tensor(targets, dtype=torch.int64)
     return (out if out is not None else torch.stack(inputs), stacked), first
+
+
+def _into_target(rows: torch.Tensor | None, size: int, value: torch.Tensor, index: int) -> torch.Tensor:
+    """A dense target into row `index` of `rows`: classes below 256 held as uint8 (a mask costs a byte a pixel,
+    not eight; the loss widens each batch), widened to int64 at the first larger class; floats as they are."""
+    if rows is None:
+        rows = torch.empty((size, *value.shape), dtype=_narrowest(value).dtype)
+    elif rows.dtype == torch.uint8 and int(value.max()) > 255:
+        rows = rows.to(torch.int64)
+    rows[index] = value
+    return rows
+
+
+def _narrowest(targets: torch.Tensor) -> torch.Tensor:
+    """Integer targets as uint8 where every class is below 256."""
+    if targets.is_floating_point() or not len(targets) or int(targets.max()) > 255:
+        return targets
+    return targets.to(torch.uint8)
 
 
 def _into(rows: torch.Tensor | None, size: int, value: torch.Tensor, index: int) -> torch.Tensor:

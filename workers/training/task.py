@@ -115,7 +115,9 @@ class Task:
         return prediction(outputs, self.config.output)
 
     def loss(self, outputs: Outputs, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-        """The training loss: the user's on the raw outputs, else cross-entropy on the prediction."""
+        """The training loss: the user's on the raw outputs, else cross-entropy on the prediction (class targets
+        held narrower — a mask of uint8 — are widened to int64 here, a batch at a time)."""
+        targets = wide(targets)
         if self._loss is None:
             return F.cross_entropy(self.predict(outputs), targets, label_smoothing=label_smoothing)
         return scalar_loss(self._loss(outputs, targets), self.config.loss)
@@ -140,13 +142,18 @@ class Task:
     def update(self, metric: Any, outputs: Outputs, targets: torch.Tensor) -> None:
         """`metric.update` with the prediction (float) and the targets; what it raises (shapes it cannot take) is
         one line naming task.metric."""
-        predicted = self.predict(outputs).float()
+        predicted, targets = self.predict(outputs).float(), wide(targets)
         try:
             metric.update(predicted, targets)
         except Exception as err:  # noqa: BLE001 — the user's metric on the user's outputs
             raise SearchsvcError(f"task.metric: {self.config.metric} cannot score predictions of shape "
                                  f"{tuple(predicted.shape)} against targets of shape {tuple(targets.shape)} "
                                  f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+
+
+def wide(targets: torch.Tensor) -> torch.Tensor:
+    """Class targets as int64 (what losses and metrics take); floats and int64 as they are."""
+    return targets if targets.is_floating_point() or targets.dtype == torch.int64 else targets.long()
 
 
 def _metric_factory(name: str) -> Callable[..., Any]:
