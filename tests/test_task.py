@@ -162,3 +162,16 @@ def test_teacher_outputs_are_cached_only_where_they_fit(monkeypatch):
     assert distill.cache_fits(teacher, splits, None)
     monkeypatch.setattr(distill, "available_memory", lambda: int(needed / distill.CACHE_SHARE) - 1)
     assert not distill.cache_fits(teacher, splits, None)
+
+
+def test_an_iterable_splits_dense_targets_are_stacked_as_a_map_style_ones_are():
+    images = torch.randint(0, 255, (5, 3, 4, 4), dtype=torch.uint8)
+    masks = torch.randint(0, 3, (5, 4, 4))
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(images, masks))
+
+    loaded = decode({"train": Stream(), "test": TensorDataset(images, masks)}, "f")
+    assert loaded.train[1].dtype == loaded.test[1].dtype == torch.uint8
+    assert torch.equal(loaded.train[1].long(), masks) and torch.equal(loaded.test[1].long(), masks)

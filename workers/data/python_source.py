@@ -173,7 +173,7 @@ def _decode(dataset: Any, split: str, first: torch.Tensor | None, available: int
     inputs: list[torch.Tensor] = []  # an iterable split's inputs, stacked at the end (its size is not known)
     out: torch.Tensor | None = None  # a map-style split's, each written into its row: the split held once
     dense: torch.Tensor | None = None  # a map-style split's dense targets, alike
-    targets: list[int | torch.Tensor] = []
+    targets: list[int | torch.Tensor | None] = []
     first_target: int | torch.Tensor | None = None  # as read: what every other target must match
     held = sum(x.numel() * x.element_size() + y.numel() * y.element_size() for x, y in done.values())
     try:
@@ -194,7 +194,7 @@ def _decode(dataset: Any, split: str, first: torch.Tensor | None, available: int
                 out = _into(out, size, x, index)
             if isinstance(y, torch.Tensor) and size is not None:  # a dense target: into its row, as the input
                 dense = _into_target(dense, size, y, index)
-                y = dense[index]
+                y = None  # held in `dense` (a view per example would cost an object each)
             targets.append(y)
     except SearchsvcError:
         raise
@@ -203,8 +203,10 @@ def _decode(dataset: Any, split: str, first: torch.Tensor | None, available: int
                              f"{type(err).__name__}: {err}") from None
     if not targets:
         raise SearchsvcError(f"{KEY}: split {split!r} is empty")
-    if isinstance(targets[0], torch.Tensor):
-        stacked = dense if dense is not None else _narrowest(torch.stack(targets))
+    if dense is not None:
+        stacked = dense
+    elif isinstance(targets[0], torch.Tensor):  # an iterable split's dense targets
+        stacked = _narrowest(torch.stack(targets))
     else:
         stacked = torch.tensor(targets, dtype=torch.int64)
     return (out if out is not None else torch.stack(inputs), stacked), first
