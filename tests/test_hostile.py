@@ -438,7 +438,10 @@ def test_a_signal_during_validate_ends_it_without_a_traceback(signum, code, says
     time.sleep(3.0)  # the imports done, the candidates being validated (about 7 s in all)
     process.send_signal(signum)
     out, err = process.communicate(timeout=60)
-    assert process.returncode == code, (process.returncode, err[-2000:])
+    # Ended by SIGINT itself after its one line (a fresh clone under load saw -2 once: the signal met the interpreter
+    # as it finished) is what a shell reports as 130 too; anything else is not.
+    codes = {code, -signal.SIGINT} if signum == signal.SIGINT else {code}
+    assert process.returncode in codes, (process.returncode, err[-2000:])
     assert "Traceback" not in err and says in err, err[-2000:]
 
 
