@@ -152,12 +152,12 @@ def _task_problems(task: TaskConfig) -> list[str]:
     """The task's loss imports, and its metric is made from its keyword arguments as a torchmetrics Metric (at
     validate: a metric that cannot be made stops the run before a teacher trains)."""
     from core.user_code import import_module_safely
-    from workers.training.task import Task
+    from workers.training.task import Task, as_reference
 
     try:
         for key, name in (("task.loss", task.loss), ("task.metric", task.metric)):
-            module = (name or "").partition(":")[0] if ":" in (name or "") else (name or "").rpartition(".")[0]
-            if module:  # a module that exits or hangs on import ends a child, not this process
+            module, sep, _ = as_reference(name or "").partition(":")
+            if sep and module:  # a module that exits or hangs on import ends a child, not this process
                 import_module_safely(module, key)
         Task(task).metric()
     except SearchsvcError as err:

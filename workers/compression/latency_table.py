@@ -27,7 +27,7 @@ from torch import nn
 
 from workers.compression.quantize import QuantizeConfig, quantize_onnx
 from workers.measurement import ort
-from workers.measurement.latency import LARGE_BATCH, LARGE_BATCH_REPEATS, REPEATS, LatencyCost, time_probe
+from workers.measurement.latency import LatencyCost, time_probe
 from workers.models.inputs import InputSpec
 
 TIMED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
@@ -58,15 +58,12 @@ class LayerTable:
         """One layer's time (`least_ms`) at the probe's batch on an input of `shape` (one example's), ms."""
         key = (repr(layer), shape)
         if key not in self.times:
-            self.times[key] = self._time(copy.deepcopy(layer).float().eval(), InputSpec(shape))
+            self.times[key] = least_ms(copy.deepcopy(layer).float().eval(), InputSpec(shape), self.cost, self.device)
         return self.times[key]
 
     def model_ms(self, model: nn.Module, inputs: InputSpec) -> float:
         """The sum of the table over the model's timed layers, milliseconds."""
         return sum(self.layer_ms(layer, shape) for layer, shape in layer_inputs(model, inputs))
-
-    def _time(self, layer: nn.Module, spec: InputSpec) -> float:
-        return least_ms(layer, spec, self.cost, self.device)
 
 
 class LatencyCounter:
@@ -89,7 +86,7 @@ def measured_ms(model: nn.Module, cost: LatencyCost, inputs: InputSpec, device: 
     from, in the units the budget is judged in. A model the backend cannot run raises."""
     if cost.int8:
         return ort.latency_ms(_onnx(model, inputs, True), inputs, cost.probe.batch, cost.probe.threads or 1,
-                              LARGE_BATCH_REPEATS if cost.probe.batch >= LARGE_BATCH else REPEATS)
+                              cost.probe.repeats)
     measured = time_probe(model, cost.probe, device, inputs)
     if measured is None:
         raise RuntimeError(f"{cost.probe.describe()}: the model could not be timed (see the warning above)")
@@ -101,7 +98,7 @@ def least_ms(module: nn.Module, inputs: InputSpec, cost: LatencyCost, device: to
     milliseconds. The least, not the median: on a shared machine interference only adds time, and a table whose
     entries are timed minutes apart must not carry each moment's load into the comparison of two cuts."""
     probe = cost.probe
-    repeats = (LARGE_BATCH_REPEATS if probe.batch >= LARGE_BATCH else REPEATS) + 2
+    repeats = probe.repeats + 2
     if probe.backend == "torch":
         module = module.to(device).eval()
         x = inputs.batch(probe.batch, device, random=True)

@@ -51,6 +51,11 @@ class LatencyProbe:
         """Measured for every kept candidate anyway (torch at batch 1 or 256): nothing extra to do."""
         return self.backend == "torch" and self.batch in STANDARD_COLUMNS
 
+    @property
+    def repeats(self) -> int:
+        """Passes a timing of this probe takes: fewer at large batches, whose medians settle sooner."""
+        return LARGE_BATCH_REPEATS if self.batch >= LARGE_BATCH else REPEATS
+
     def describe(self) -> str:
         """The setting as words: "ONNX Runtime on 1 CPU thread, batch 1"."""
         if self.backend == "onnxruntime":
@@ -114,7 +119,7 @@ def time_probe(model: nn.Module, probe: LatencyProbe, device: torch.device, inpu
     """The latency of `model` at `probe`, milliseconds (torch: on `device`). None when ONNX cannot export the
     model or ONNX Runtime cannot run it: a warning, and a budget on it counts the candidate as not measured,
     never within."""
-    repeats = LARGE_BATCH_REPEATS if probe.batch >= LARGE_BATCH else REPEATS
+    repeats = probe.repeats
     if probe.backend == "torch":
         from workers.measurement.measure import latency_ms
 

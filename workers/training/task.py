@@ -156,12 +156,16 @@ def wide(targets: torch.Tensor) -> torch.Tensor:
     return targets if targets.is_floating_point() or targets.dtype == torch.int64 else targets.long()
 
 
+def as_reference(name: str) -> str:
+    """"package.module:attr" of a dotted class path ("torchmetrics.classification.MulticlassJaccardIndex"), or of a
+    reference already in that form."""
+    module, _, attr = name.rpartition(".")
+    return name if ":" in name or not module else f"{module}:{attr}"
+
+
 def _metric_factory(name: str) -> Callable[..., Any]:
     """The class or factory `name` names: "package.module.Class" (a torchmetrics path) or "package.module:factory"."""
-    if ":" not in name:
-        module, _, attr = name.rpartition(".")
-        name = f"{module}:{attr}" if module else name
-    return named_callable(name, "task.metric", "not a dotted class path or package.module:factory")
+    return named_callable(as_reference(name), "task.metric", "not a dotted class path or package.module:factory")
 
 
 def scalar_loss(value: Any, name: str | None) -> torch.Tensor:
