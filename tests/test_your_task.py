@@ -114,12 +114,15 @@ TEXT = {"dataset": {"name": "python", "factory": "examples.text:sentiment", "in_
 TEXT_SEARCH = {"grid": {"candidates": [{"scale": 0.5}, {"remove": ["blocks.1"]}]}, "taylor": SEARCH["taylor"]}
 
 
-@pytest.mark.parametrize("method", ["grid", "taylor"])
-def test_text_classification_of_token_ids_through_grid_and_taylor(method, tmp_path, ray_session):
+@pytest.mark.parametrize("method,masks", [("grid", True), ("taylor", False)])
+def test_text_classification_of_token_ids_through_grid_and_taylor(method, masks, tmp_path, ray_session):
     """Token ids [16] (int64, 0 pads) into a small BERT-style encoder (examples/text.py), scored by macro F1: the
-    inputs stay ids through training, MACs, latency, the rebuild check and ONNX export."""
+    inputs stay ids through training, MACs, latency, the rebuild check and ONNX export — given with their attention
+    masks as a tokenizer does (a dict per example: the network called with both as keyword arguments, the ONNX file
+    taking both by name), or alone."""
     base = yaml.safe_load((REPO / "configs" / f"{method}-smoke.yaml").read_text())
     base.update(TEXT, search=TEXT_SEARCH[method], train={**base.get("train", {}), "epochs": 1, "batch_size": 64})
+    base["dataset"] = {**TEXT["dataset"], "kwargs": {**TEXT["dataset"]["kwargs"], "masks": masks}}
     config = tmp_path / "text.yaml"
     config.write_text(yaml.safe_dump(base))
     store = tmp_path / "store"
@@ -130,6 +133,7 @@ def test_text_classification_of_token_ids_through_grid_and_taylor(method, tmp_pa
     assert rows and all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
     (meta,) = store.glob("teachers/*/meta.json")
     assert json.loads(meta.read_text())["input_tokens"] == 64
+    assert json.loads(meta.read_text()).get("input_parts") == (["input_ids", "attention_mask"] if masks else None)
     row = min(rows, key=lambda r: r["params"])
     import onnxruntime
 
@@ -140,9 +144,12 @@ def test_text_classification_of_token_ids_through_grid_and_taylor(method, tmp_pa
     assert main(["export", "--store", str(store), row["spec_hash"], "-o", str(path)]) == 0
     ids = torch.randint(1, 64, (3, 16))
     ids[:, 10:] = 0  # padded sentences
+    mask = (ids != 0).long()
+    model = searchsvc.load_candidate(row["spec_hash"], store=open_store(str(store))).eval()
     with torch.no_grad():
-        expected = searchsvc.load_candidate(row["spec_hash"], store=open_store(str(store))).eval()(ids).numpy()
-    got = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": ids.numpy()})
+        expected = (model(input_ids=ids, attention_mask=mask) if masks else model(ids)).numpy()
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()} if masks else {"images": ids.numpy()}
+    got = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
     np.testing.assert_allclose(got[0], expected, rtol=1e-4, atol=1e-5)
 
 
@@ -204,9 +211,13 @@ def test_a_hugging_face_bert_from_a_config_trains_with_adamw_and_is_cut_by_grid(
     assert main(["export", "--store", str(store), row["spec_hash"], "-o", str(path)]) == 0
     ids = torch.randint(1, 64, (3, 16))
     ids[:, 12:] = 0
-    with torch.no_grad():
-        expected = searchsvc.load_candidate(row["spec_hash"], store=open_store(str(store))).eval()(ids).numpy()
-    got = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": ids.numpy()})
+    mask = (ids != 0).long()
+    model = searchsvc.load_candidate(row["spec_hash"], store=open_store(str(store))).eval()
+    with torch.no_grad():  # the stored BERT as Hugging Face's own class, called as transformers' users call it
+        expected = model(input_ids=ids, attention_mask=mask).logits.numpy()
+    assert type(model).__name__ == "BertForSequenceClassification"
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    got = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
     np.testing.assert_allclose(got[0], expected, rtol=1e-4, atol=1e-5)
 
 

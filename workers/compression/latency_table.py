@@ -110,7 +110,7 @@ def least_ms(module: nn.Module, inputs: InputSpec, cost: LatencyCost, device: to
                 torch.cuda.synchronize(device)
     else:
         session = ort.session(_onnx(module, inputs, cost.int8), probe.threads or 1)
-        feed = {ort.INPUT: ort.random_batch(inputs, probe.batch)}
+        feed = ort.random_batch(inputs, probe.batch)
         run = lambda: session.run([ort.OUTPUT], feed)  # noqa: E731
     run()  # warm-up: first-call allocations and kernel choices
     times = []

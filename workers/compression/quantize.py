@@ -34,6 +34,7 @@ from storage.base import json_bytes
 from workers.data.datasets import Splits, normalize
 from workers.data.streaming import Split, batches, count, epoch_order, take
 from workers.measurement import ort
+from workers.models.inputs import InputSpec
 from workers.training.task import Task
 
 log = logging.getLogger(__name__)
@@ -98,15 +99,21 @@ class Quantized:
 
 def calibration_images(splits: Splits, config: QuantizeConfig) -> np.ndarray:
     """`calibration_batches` × `calibration_batch_size` training images (a seeded random choice), normalised as
-    training normalises them, float32 on the CPU: what the activation ranges are taken from."""
+    training normalises them, float32 on the CPU (token ids: int64): what the activation ranges are taken from."""
     order = epoch_order(splits.train, torch.Generator().manual_seed(config.seed))
     images = take(splits.train, order[:config.calibration_batches * config.calibration_batch_size])[0]
-    return normalize(images, splits.mean, splits.std).cpu().numpy().astype(np.float32)
+    return _array(normalize(images, splits.mean, splits.std))
 
 
-def quantize_onnx(fp32: bytes, calibration: np.ndarray, config: QuantizeConfig, fp32_layers: tuple[str, ...] = ()
-                  ) -> bytes:
-    """The int8 ONNX model of `fp32` (ONNX bytes), calibrated on `calibration` (N, C, H, W, normalised);
+def _array(batch: torch.Tensor) -> np.ndarray:
+    """A batch on the CPU as ONNX Runtime takes it: float32, or int64 token ids as they are."""
+    return batch.cpu().numpy() if batch.dtype == torch.int64 else batch.cpu().float().numpy()
+
+
+def quantize_onnx(fp32: bytes, calibration: np.ndarray, config: QuantizeConfig, fp32_layers: tuple[str, ...] = (),
+                  inputs: InputSpec | None = None) -> bytes:
+    """The int8 ONNX model of `fp32` (ONNX bytes), calibrated on `calibration` (N, C, H, W, normalised; `inputs`:
+    what the examples are, where they are not images — token ids of several parts are fed part by part);
     `fp32_layers` (module names) stay in fp32."""
     import onnx
     from onnxruntime.quantization import (
@@ -126,7 +133,7 @@ def quantize_onnx(fp32: bytes, calibration: np.ndarray, config: QuantizeConfig, 
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             start = next(self.starts, None)
-            return None if start is None else {ort.INPUT: calibration[start:start + batch]}
+            return None if start is None else ort.feeds(inputs, calibration[start:start + batch])
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
@@ -162,7 +169,7 @@ def compact_names(model: bytes) -> bytes:
     import onnx
 
     graph = onnx.load_from_string(model)
-    kept = {ort.INPUT, ort.OUTPUT}
+    kept = {ort.OUTPUT, *(info.name for info in graph.graph.input)}
     names: dict[str, str] = {}
     short = lambda name: name if name in kept or not name else names.setdefault(name, f"t{len(names)}")  # noqa: E731
     for node in graph.graph.node:
@@ -186,8 +193,8 @@ def accuracy(model: bytes, split: Split, splits: Splits, threads: int, chunk: in
     metric = task.metric() if task is not None else None
     correct = 0
     for _, images, labels in batches(split, chunk):
-        x = normalize(images, splits.mean, splits.std).cpu().numpy().astype(np.float32)
-        logits = runner.run([ort.OUTPUT], {ort.INPUT: x})[0]
+        x = _array(normalize(images, splits.mean, splits.std))
+        logits = runner.run([ort.OUTPUT], ort.feeds(splits.inputs, x))[0]
         if metric is not None:
             task.update(metric, torch.from_numpy(logits), labels.cpu())
         else:
@@ -203,7 +210,7 @@ def quantize_model(model: nn.Module, splits: Splits, config: QuantizeConfig, eva
     end of quantization-aware training). Raises what export or the quantizer raise."""
     fp32 = ort.onnx_bytes(model, splits.inputs)
     calibration = calibration_images(splits, config)
-    int8 = quantize_onnx(fp32, calibration, config, fp32_layers)
+    int8 = quantize_onnx(fp32, calibration, config, fp32_layers, splits.inputs)
     latency = lambda onnx, batch: ort.latency_ms(onnx, splits.inputs, batch, config.threads,  # noqa: E731
                                                  repeats if batch == 1 else max(1, repeats // 3))
     metrics = Int8Metrics(

@@ -268,14 +268,14 @@ SPEC_OPTIONS = ("alpha", "delta", "dense_allocation", "grad_accumulation_n", "ig
                 "sparsity_distribution", "static_topo")
 
 
-def fresh_weights(model: nn.Module, source: ModelSource | None = None) -> nn.Module:
+def fresh_weights(model: nn.Module, source: ModelSource | None = None, inputs: InputSpec | None = None) -> nn.Module:
     """The same network with freshly initialised weights (CPU): a zoo model rebuilt from its architecture, a
-    user's network built again by its constructor (`source`: its own initialisation, every parameter included),
-    else copied with every layer's own `reset_parameters` run."""
+    user's network built again by its constructor (`source`: its own initialisation, every parameter included;
+    taking `inputs` as the teacher does), else copied with every layer's own `reset_parameters` run."""
     if hasattr(model, "arch"):
         return build_model(model.arch)
     if source is not None:
-        fresh = construct(source)
+        fresh = construct(source, inputs)
         shapes = {k: v.shape for k, v in model.state_dict().items()}
         if {k: v.shape for k, v in fresh.state_dict().items()} == shapes:
             return fresh
@@ -306,7 +306,7 @@ def rigl_step(parent: nn.Module, spec: "CandidateSpec", ctx: "EvalContext") -> B
     else:
         torch.manual_seed(spec.seed)
         source = ctx.teacher.meta.get("source")  # verified against the teacher's key when it was loaded
-        model = fresh_weights(parent, ModelSource.from_data(source) if source else None).train()
+        model = fresh_weights(parent, ModelSource.from_data(source) if source else None, ctx.splits.inputs).train()
     callback = RigLCallback(float(params["t_end_fraction"]), seed=spec.seed,
                             **{k: params[k] for k in SPEC_OPTIONS})
 

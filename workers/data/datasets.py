@@ -164,11 +164,12 @@ class Splits:
     sources: dict[str, str] = field(default_factory=dict)  # split → where it came from (run.json)
     fingerprint: str | None = None  # what the files are (imagefolder, shards: DatasetConfig.fingerprint)
     tokens: int | None = None  # inputs that are token ids: the vocabulary's size (the largest id + 1)
+    parts: tuple[str, ...] | None = None  # inputs of several parts, packed [P, L]: the model's keyword arguments
 
     @property
     def inputs(self) -> InputSpec:
         """One example's input as the model receives it (the training split's)."""
-        return InputSpec(tuple(streaming.input_shape(self.train)), self.tokens)
+        return InputSpec(tuple(streaming.input_shape(self.train)), self.tokens, self.parts)
 
     @property
     def streamed(self) -> bool:
@@ -181,7 +182,7 @@ class Splits:
         move = lambda split: split.to(device) if isinstance(split, streaming.Streamed) else \
             (split[0].to(device), split[1].to(device))  # noqa: E731
         return Splits(self.name, move(self.train), move(self.val), move(self.test), self.num_classes,
-                      self.mean, self.std, self.sources, self.fingerprint, self.tokens)
+                      self.mean, self.std, self.sources, self.fingerprint, self.tokens, self.parts)
 
     def sizes(self) -> dict[str, int]:
         return {name: streaming.count(getattr(self, name)) for name in ("train", "val", "test")}
@@ -251,7 +252,7 @@ def load_dataset(config: DatasetConfig, endpoint: str | None = None) -> Splits:
     else:
         mean, std = _channel_stats(_stats_sample(train))
     return Splits(config.name, train, val, test, loaded.classes, mean, std, _where(config, loaded),
-                  loaded.fingerprint, tokens)
+                  loaded.fingerprint, tokens, loaded.parts)
 
 
 def _vocabulary(*splits: streaming.Split) -> int | None:

@@ -6,9 +6,11 @@ Dataset of `(input, target)` pairs — map-style (`__len__` and `__getitem__`) o
 a numpy array or a PIL image: uint8 images ([C, H, W] of any height and width, or [H, W] for one channel; PIL's
 H x W x C is turned around) are normalised as every image source is; floating-point inputs of any shape ([C, H, W]
 images, [F] feature vectors, [C, L] sequences) are taken as the model takes them (the user's transform normalised
-them). A target is an integer class, or — for dense prediction with a `task:` (workers.training.task) — a tensor
-per example (a [H, W] mask of classes as integers, or floats), one shape for the whole data, held in memory (a
-streamed split reads its targets up front as classes). Every input of the data has one shape and one dtype: the
+them); integer inputs are token ids, alone ([L]) or as a dict of parts of one shape, as a tokenizer returns them
+(`{"input_ids": ..., "attention_mask": ...}`: the model is called with them as keyword arguments). A target is an
+integer class, or — for dense prediction with a `task:` (workers.training.task) — a tensor per example (a [H, W]
+mask of classes as integers, or floats), one shape for the whole data, held in memory (a streamed split reads its
+targets up front as classes). Every input of the data has one shape and one dtype: the
 example input that tracing, MACs, latency and export run on is one of that shape (workers.models.inputs).
 
 `decode` reads every example once into resident tensors (the in-memory fast path, DESIGN: data on the device),
@@ -34,6 +36,7 @@ from workers.data.streaming import Converted, Streamed, batches
 SPLITS = ("train", "val", "test")
 KEY = "dataset.factory"
 Pair = tuple[torch.Tensor, torch.Tensor]  # inputs [N, ...], targets [N]
+Names = tuple[str, ...] | None  # a dict input's keys; None: a tensor input
 TARGET_BATCH = 256  # examples per batch of the pass that reads a streamed dataset's targets
 
 
@@ -79,13 +82,14 @@ def decode(splits: Mapping[str, Any], factory: str) -> Loaded:
     available = streaming.available_memory()
     decoded: dict[str, Pair] = {}
     first: torch.Tensor | None = None
+    names: Names = None
     for name in SPLITS:
         if splits.get(name) is None:
             continue
-        decoded[name], first = _decode(splits[name], name, first, available, decoded)
+        decoded[name], first, names = _decode(splits[name], name, (first, names), available, decoded)
     classes = 1 + max(int(y.max()) for _, y in decoded.values())
     return Loaded(decoded["train"], decoded["test"], classes, val=decoded.get("val"),
-                  sources={name: f"python {factory} {name!r}" for name in decoded})
+                  sources={name: f"python {factory} {name!r}" for name in decoded}, parts=names)
 
 
 def decoded_bytes(splits: Mapping[str, Any]) -> int | None:
@@ -166,9 +170,11 @@ def _items(dataset: Any) -> Iterable[Any]:
     return (dataset[i] for i in range(len(dataset)))
 
 
-def _decode(dataset: Any, split: str, first: torch.Tensor | None, available: int,
-            done: dict[str, Pair]) -> tuple[Pair, torch.Tensor]:
-    """One split as (inputs [N, ...], targets [N]); `first`: the data's first input (shape and dtype to match)."""
+def _decode(dataset: Any, split: str, seen: tuple[torch.Tensor | None, Names], available: int,
+            done: dict[str, Pair]) -> tuple[Pair, torch.Tensor, Names]:
+    """One split as (inputs [N, ...], targets [N]); `seen`: the data's first input (shape and dtype to match) and
+    its parts' names (a dict input's keys, the same in every example), both None before the first split."""
+    first, names = seen
     size = len(dataset) if hasattr(dataset, "__len__") else None
     inputs: list[torch.Tensor] = []  # an iterable split's inputs, stacked at the end (its size is not known)
     out: torch.Tensor | None = None  # a map-style split's, each written into its row: the split held once
@@ -179,8 +185,10 @@ def _decode(dataset: Any, split: str, first: torch.Tensor | None, available: int
     try:
         for index, item in enumerate(_items(dataset)):
             x, y = _pair(item, split, index)
-            first = x if first is None else first
+            if first is None:
+                first, names = x, part_names(item[0])
             _same_kind(x, first, split, index)
+            _same_parts(item[0], names, split, index)
             first_target = y if first_target is None else first_target
             _same_target(y, first_target, split, index)
             if index == 0 and size is not None:
@@ -209,7 +217,7 @@ def _decode(dataset: Any, split: str, first: torch.Tensor | None, available: int
         stacked = _narrowest(torch.stack(targets))
     else:
         stacked = torch.tensor(targets, dtype=torch.int64)
-    return (out if out is not None else torch.stack(inputs), stacked), first
+    return (out if out is not None else torch.stack(inputs), stacked), first, names
 
 
 def _into_target(rows: torch.Tensor | None, size: int, value: torch.Tensor, index: int) -> torch.Tensor:
@@ -250,7 +258,36 @@ def _pair(item: Any, split: str, index: int) -> tuple[torch.Tensor, int | torch.
     return _input(item[0], split, index), _target(item[1], split, index)
 
 
+def part_names(value: Any) -> Names:
+    """A dict input's keys, in its order (the model's keyword arguments); None for a tensor."""
+    return tuple(str(name) for name in value) if isinstance(value, Mapping) else None
+
+
+def _same_parts(value: Any, names: Names, split: str, index: int) -> None:
+    if part_names(value) != names:
+        raise SearchsvcError(f"{KEY}: split {split!r} example {index}: the input's parts are {part_names(value)}, the "
+                             f"data's first input's {names}: every input must have the same keys in the same order")
+
+
+def _parts(value: Mapping[Any, Any], split: str, index: int) -> torch.Tensor:
+    """A dict of token-id tensors of one shape (a tokenizer's input_ids, attention_mask, token_type_ids), packed
+    [P, L] in the dict's order: every data path then holds one tensor per example (workers.models.inputs)."""
+    where = f"{KEY}: split {split!r} example {index}"
+    if not value or not all(isinstance(name, str) and name.isidentifier() for name in value):
+        raise SearchsvcError(f"{where}: a dict input maps keyword argument names to tensors, got keys {list(value)}")
+    as_ints = lambda t: t.long() if isinstance(t, torch.Tensor) and t.dtype == torch.bool else t  # noqa: E731 — a bool mask
+    parts = {name: _input(as_ints(part), split, index) for name, part in value.items()}
+    shapes = {tuple(t.shape) for t in parts.values()}
+    if any(t.dtype != torch.int64 for t in parts.values()) or len(shapes) != 1:
+        kinds = ", ".join(f"{name} {t.dtype} {tuple(t.shape)}" for name, t in parts.items())
+        raise SearchsvcError(f"{where}: a dict input's parts are integer tensors of one shape (token ids, attention "
+                             f"mask, token type ids), got {kinds}")
+    return torch.stack(list(parts.values()))
+
+
 def _input(value: Any, split: str, index: int) -> torch.Tensor:
+    if isinstance(value, Mapping):
+        return _parts(value, split, index)
     if hasattr(value, "mode") and hasattr(value, "size") and not isinstance(value, (torch.Tensor, np.ndarray)):
         array = np.asarray(value)  # a PIL image: H x W (x C), uint8
         value = torch.from_numpy(array.copy()).permute(2, 0, 1) if array.ndim == 3 else torch.from_numpy(array.copy())

@@ -49,6 +49,7 @@ class Loaded:
     val: Split | None = None
     sources: dict[str, str] = field(default_factory=dict)
     fingerprint: str | None = None  # what the files are (folders.Files.fingerprint); None: the config names the data
+    parts: tuple[str, ...] | None = None  # inputs of several named parts (a dict per example), packed [P, ...]
 
     @classmethod
     def of(cls, raw: Raw) -> Loaded:

@@ -44,6 +44,7 @@ from workers.measurement.measure import measure
 from workers.measurement.metrics import CandidateMetrics, stored_metrics, verified_metrics
 from workers.measurement.run_measures import Measures
 from workers.models.depgraph import shrink_graph
+from workers.models.inputs import InputSpec
 from workers.models.rebuild import rebuild, rebuild_mismatch
 from workers.models.surgery import InvalidTransform, derive_arch, shrink
 from workers.models.user_model import ModelSource, construct
@@ -259,7 +260,7 @@ def _measured(spec: CandidateSpec, ctx: EvalContext, built: Built, history: list
     arch = to_data(student.arch) if hasattr(student, "arch") else None
     if built.keep_model and arch is None and "source" in ctx.teacher.meta:
         student = student.cpu()  # where it is kept anyway; the rebuild is on the CPU
-        fresh = construct(ModelSource.from_data(ctx.teacher.meta["source"]))
+        fresh = construct(ModelSource.from_data(ctx.teacher.meta["source"]), ctx.splits.inputs)
         probe = ctx.splits.inputs.example(student)
         reason = rebuild_mismatch(student, fresh, spec.removed, probe)
         if reason is not None:
@@ -355,7 +356,7 @@ def load_candidate_model(store: ArtifactStore, spec_hash: str) -> Model:
         return load_state_bytes(build_model(arch), raw, where).eval()
     meta = json.loads(store.get_verified(layout.teacher(spec.teacher), layout.META))
     if "source" in meta:  # a user's network: its constructor, its units removed, layers at the stored shapes
-        model = construct(checked_source(store, spec.teacher, meta))
+        model = construct(checked_source(store, spec.teacher, meta), InputSpec.from_meta(meta))
         try:
             return rebuild(model, spec.removed, read_state_bytes(raw, where))
         except (InvalidTransform, RuntimeError, AttributeError) as err:  # tensors that fit no such structure

@@ -26,7 +26,7 @@ from torch import nn
 from core.errors import SearchsvcError, first_line
 from core.names import did_you_mean
 from core.user_code import import_module_safely, named_callable, try_once_in_child
-from workers.models.inputs import InputSpec
+from workers.models.inputs import InputSpec, keyword_inputs
 from workers.models.zoo import load_tensors
 
 TORCHVISION = "torchvision:"
@@ -98,8 +98,9 @@ def _timm_constructor(name: str) -> Callable[..., nn.Module]:
     return lambda **kwargs: timm.create_model(name, pretrained=False, **kwargs)
 
 
-def construct(source: ModelSource) -> nn.Module:
-    """A fresh instance of the user's model (random weights), on the CPU."""
+def construct(source: ModelSource, inputs: InputSpec | None = None) -> nn.Module:
+    """A fresh instance of the user's model (random weights), on the CPU; taking `inputs`' packed parts as its
+    keyword arguments where the data has several (workers.models.inputs.keyword_inputs)."""
     if "weights" in source.kwargs and source.model.startswith(TORCHVISION):
         raise SearchsvcError("teacher.kwargs.weights: torchvision's pretrained weights are downloaded, and runs "
                              "download nothing; save them once and give the file as teacher.weights")
@@ -115,7 +116,7 @@ def construct(source: ModelSource) -> nn.Module:
                              f"{type(err).__name__}: {err}") from None
     if not isinstance(model, nn.Module):
         raise SearchsvcError(f"teacher.model: {source.model} returned {type(model).__name__}, not a torch nn.Module")
-    return model
+    return keyword_inputs(model, inputs)
 
 
 def read_weights(raw: bytes, where: str) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ from core.records import MAX_SEED, canonical_json, from_data, to_data
 from storage import ArtifactStore, CorruptArtifactError, WriteConflictError, layout
 from workers.data.datasets import DatasetConfig, Splits
 from workers.evaluation.spec import short_hash
+from workers.models.inputs import InputSpec
 from workers.models.user_model import ModelSource, check_outputs, construct, load_weights, read_weights, weights_file
 from workers.models.zoo import (
     Model,
@@ -218,7 +219,7 @@ def _untrained(config: TeacherConfig, splits: Splits, raw: bytes, sha256: str | 
         arch = model_arch(config.arch, splits.inputs.channels, splits.num_classes)
         return build_model(arch), {"arch": to_data(arch)}
     source = replace(config.source, weights_sha256=sha256)
-    model = construct(source)
+    model = construct(source, splits.inputs)
     if sha256 is not None:
         load_weights(model, read_weights(raw, config.weights), config.weights)
     check_outputs(model, splits.inputs, splits.num_classes, dense=config.task is not None)
@@ -241,7 +242,7 @@ def load_teacher(store: ArtifactStore, key: str, device: torch.device | str = "c
     prefix = layout.teacher(key)
     meta = json.loads(store.get_verified(prefix, layout.META))
     if "source" in meta:  # the user's own network: its constructor, then the stored weights
-        model = construct(checked_source(store, key, meta))
+        model = construct(checked_source(store, key, meta), InputSpec.from_meta(meta))
     else:
         model = build_model(arch_from_data(meta["arch"], source=store.uri_for(layout.teacher_meta(key))))
     raw = store.get_verified(prefix, layout.MODEL)
