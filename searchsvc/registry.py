@@ -101,7 +101,7 @@ def cut_problems(config: JobConfig) -> list[str]:
     if config.teacher.source is None or shape is None:
         return []
     model = construct(config.teacher.source)
-    check_outputs(model, shape, num_classes=None, dense=config.task is not None)  # one that cannot run says so
+    check_outputs(model, shape, num_classes=None, task=config.task)  # one that cannot run says so
     problem = cut_problem(model, construct(config.teacher.source), shape.example(model))
     return [f"teacher.model: {config.teacher.model} {problem}"] if problem else []
 

@@ -105,6 +105,38 @@ def per_pixel_loss(outputs: dict, targets: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(outputs["out"], targets, reduction="none")  # not reduced
 
 
+def test_a_prediction_distillation_cannot_match_is_one_line(tmp_path, capsys):
+    """A network whose named prediction is a mask of class ids (integers): nothing to match or score."""
+    config = yaml.safe_load(_config(tmp_path, "grid").read_text())
+    config["teacher"] = {**config["teacher"], "model": "tests.test_your_task:labelling_segnet"}
+    config["task"] = {**TASK, "output": "labels"}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path), "--store", str(tmp_path / "store"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "task.output: the prediction is a torch.int64 tensor; distillation matches" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not list((tmp_path / "store").glob("teachers/*/meta.json"))
+
+
+class LabellingSegNet(torch.nn.Module):
+    """The test segmentation network, also returning its argmax labels."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        from tests.user_models.nets import tiny_segnet
+
+        self.net = tiny_segnet(num_classes)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.net(x)["out"]
+        return {"out": out, "labels": out.argmax(1)}
+
+
+def labelling_segnet(num_classes: int = 4) -> LabellingSegNet:
+    return LabellingSegNet(num_classes)
+
+
 TEXT = {"dataset": {"name": "python", "factory": "examples.text:sentiment", "in_memory": True,
                     "kwargs": {"train": 256, "val": 64, "test": 64, "length": 16, "vocab": 64}},
         "teacher": {"model": "examples.text:encoder", "epochs": 2, "batch_size": 64, "lr": 0.02,

@@ -187,10 +187,11 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], where: str
     return model
 
 
-def check_outputs(model: nn.Module, inputs: InputSpec, num_classes: int | None, dense: bool = False) -> None:
+def check_outputs(model: nn.Module, inputs: InputSpec, num_classes: int | None, task: Any = None) -> None:
     """One forward pass at the dataset's shape: it must run and give `num_classes` logits per example (None: any
-    number, when only the files know the classes). `dense` (a `task:`): the outputs may be a tensor, or a dict or
-    tuple of tensors, each with the batch first (a [N, C, H, W] mask of logits per example, say)."""
+    number, when only the files know the classes). With a `task:` (its TaskConfig) the outputs may be a tensor, or
+    a dict or tuple of tensors, each with the batch first (a [N, C, H, W] mask of logits per example, say), and the
+    prediction among them floating point: what the metric scores and distillation matches."""
     model.eval()
     try:
         with torch.no_grad():
@@ -198,13 +199,18 @@ def check_outputs(model: nn.Module, inputs: InputSpec, num_classes: int | None, 
     except Exception as err:  # noqa: BLE001 — the user's model: whatever it raises is one line
         raise SearchsvcError(f"teacher.model: fails on inputs of shape {inputs} (the data's; {first_line(err)}); "
                              f"see dataset.channels and dataset.image_size") from None
-    if dense:
-        from workers.training.task import output_tensors
+    if task is not None:
+        from workers.training.task import output_tensors, prediction
 
         tensors = output_tensors(out) if isinstance(out, (torch.Tensor, dict, tuple, list)) else {}
         if not tensors or any(t.dim() < 2 or t.shape[0] != 2 for t in tensors.values()):
             raise SearchsvcError(f"teacher.model: gives {type(out).__name__} outputs for 2 examples; a task's "
                                  f"network returns a tensor (or a dict or tuple of them) with the batch first")
+        predicted = prediction(out, task.output)
+        if not isinstance(predicted, torch.Tensor) or not predicted.is_floating_point():
+            kind = f"{predicted.dtype} tensor" if isinstance(predicted, torch.Tensor) else type(predicted).__name__
+            raise SearchsvcError(f"task.output: the prediction is a {kind}; distillation matches (and the metric "
+                                 f"scores) floating-point scores per example — name the output that holds them")
         return
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2 or \
             (num_classes is not None and out.shape[1] != num_classes):

@@ -222,7 +222,7 @@ def _untrained(config: TeacherConfig, splits: Splits, raw: bytes, sha256: str | 
     model = construct(source, splits.inputs)
     if sha256 is not None:
         load_weights(model, read_weights(raw, config.weights), config.weights)
-    check_outputs(model, splits.inputs, splits.num_classes, dense=config.task is not None)
+    check_outputs(model, splits.inputs, splits.num_classes, config.task)
     return model, {"source": source.to_data(), "weights": config.weights}
 
 
