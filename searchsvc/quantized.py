@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from core.records import RecordError
 from searchsvc.config import parse_config
 from searchsvc.reporting.table import stored_config
+from searchsvc.reporting.text_table import metric_title
 from storage import ArtifactStore, CorruptArtifactError, KeyNotFoundError, layout
 from workers.compression.quantize import (
     Int8Metrics,
@@ -44,6 +45,7 @@ class QuantizeOutcome:
     int8: Int8Metrics
     stored_already: bool  # the int8 model of these settings was in the store: nothing was quantized
     uri: str  # the stored int8 ONNX model
+    metric: str | None = None  # the task's metric where it is not top-1 accuracy (what the two accuracies hold)
 
 
 def quantize_candidate(store: ArtifactStore, spec_hash: str, config: QuantizeConfig) -> QuantizeOutcome:
@@ -52,13 +54,14 @@ def quantize_candidate(store: ArtifactStore, spec_hash: str, config: QuantizeCon
     model = load_candidate_model(store, spec_hash)  # every file checked; refuses a candidate with no model
     fp32 = stored_metrics(store, spec_hash)
     uri = store.uri_for(layout.file_in(int8_prefix(spec_hash, config), layout.INT8_MODEL))
+    spec = CandidateSpec.from_json(store.get_verified(layout.candidate(spec_hash), layout.SPEC).decode())
+    metric = spec.train.task.metric_name if spec.train.task is not None and spec.train.task.metric else None
     stored = stored_int8(store, spec_hash, config)
     if stored is not None:
-        return QuantizeOutcome(fp32, stored, True, uri)
-    spec = CandidateSpec.from_json(store.get_verified(layout.candidate(spec_hash), layout.SPEC).decode())
+        return QuantizeOutcome(fp32, stored, True, uri, metric)
     splits = load_dataset(candidate_data(store, spec.dataset), getattr(store, "endpoint", None))
     quantized = quantize_model(model, splits, config, eval_threads=os.cpu_count() or 1, task=Task(spec.train.task))
-    return QuantizeOutcome(fp32, save_int8(store, spec_hash, config, quantized), False, uri)
+    return QuantizeOutcome(fp32, save_int8(store, spec_hash, config, quantized), False, uri, metric)
 
 
 def candidate_data(store: ArtifactStore, data: DatasetConfig) -> DatasetConfig:
@@ -84,8 +87,8 @@ def comparison_rows(outcome: QuantizeOutcome) -> list[list[str]]:
     pct = lambda v: "-" if v is None else f"{v:.2%}"  # noqa: E731
     ms = lambda v: f"{v:.3f}"  # noqa: E731
     threads = f"{int8.int8_threads} CPU thread{'s' if int8.int8_threads != 1 else ''}"
-    return [["test accuracy", pct(fp32.accuracy), pct(int8.int8_accuracy)],
-            ["val accuracy", pct(fp32.val_accuracy), pct(int8.int8_val_accuracy)],
+    return [[metric_title("test accuracy", outcome.metric), pct(fp32.accuracy), pct(int8.int8_accuracy)],
+            [metric_title("val accuracy", outcome.metric), pct(fp32.val_accuracy), pct(int8.int8_val_accuracy)],
             [f"latency ms, batch 1 (ONNX Runtime, {threads})", ms(int8.fp32_ort_latency_ms), ms(int8.int8_latency_ms)],
             [f"latency ms, batch 256 (ONNX Runtime, {threads})", ms(int8.fp32_ort_latency_b256_ms),
              ms(int8.int8_latency_b256_ms)],

