@@ -32,8 +32,6 @@ def test_a_task_travels_in_both_recipes_and_a_second_copy_is_refused():
     assert config.train.task == config.teacher.task == config.task
     with pytest.raises(ConfigError, match="train.task: set from the top-level task: section"):
         parse_config({"method": "grid", "train": {"task": {"metric": JACCARD}}})
-    with pytest.raises(ConfigError, match="higher_is_better: false is not supported yet"):
-        parse_config({"method": "grid", "task": {"higher_is_better": False}})
 
 
 def test_the_metric_is_a_torchmetrics_class_or_a_factory_and_nothing_else():
@@ -147,6 +145,31 @@ def test_evaluation_reports_the_tasks_metric_over_every_batch():
     expected = MulticlassJaccardIndex(num_classes=3)(model(x)["out"], masks).item()
     assert got == pytest.approx(expected, rel=1e-5)
     assert 0 <= got <= 1
+
+
+def test_an_error_rate_is_scored_as_one_minus_it_and_a_metric_off_the_scale_is_one_line():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).eval()
+    x, labels = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    error = Task(TaskConfig(metric="torchmetrics.classification.MulticlassHammingDistance",
+                            metric_kwargs={"num_classes": 3, "average": "micro"}, higher_is_better=False))
+    assert error.config.metric_name == "1-MulticlassHammingDistance"
+    top1 = evaluate_split(model, (x, labels), (0.0,), (1.0,))
+    assert evaluate_split(model, (x, labels), (0.0,), (1.0,), task=error) == pytest.approx(top1)  # 1 - error rate
+    percent = Task(TaskConfig(metric="tests.test_task:percent_accuracy"))
+    with pytest.raises(SearchsvcError, match=r"task.metric: tests.test_task:percent_accuracy gave \d+.*a score is a "
+                                             r"fraction in \[0, 1\]"):
+        evaluate_split(model, (x, labels), (0.0,), (1.0,), task=percent)
+
+
+def percent_accuracy():
+    from torchmetrics.classification import MulticlassAccuracy
+
+    class Percent(MulticlassAccuracy):
+        def compute(self) -> torch.Tensor:
+            return 100 * super().compute()
+
+    return Percent(num_classes=3, average="micro")
 
 
 def test_teacher_outputs_are_cached_only_where_they_fit(monkeypatch):

@@ -207,7 +207,7 @@ def accuracy(model: bytes, split: Split, splits: Splits, threads: int, chunk: in
             task.update(metric, torch.from_numpy(logits), labels.cpu())
         else:
             correct += int((logits.argmax(1) == labels.cpu().numpy()).sum())
-    return float(metric.compute()) if metric is not None else correct / max(1, count(split))
+    return task.score(metric) if metric is not None else correct / max(1, count(split))
 
 
 def quantize_model(model: nn.Module, splits: Splits, config: QuantizeConfig, eval_threads: int = 2,

@@ -6,6 +6,7 @@ of its outputs is the prediction.
       metric: torchmetrics.classification.MulticlassJaccardIndex   # a torchmetrics Metric class, or
                                          # package.module:factory returning one; default top-1 accuracy
       metric_kwargs: {num_classes: 4}
+      higher_is_better: true             # false for an error rate: the score is 1 - the metric
       output: out                        # a dict output's key (or a tuple's index) holding the prediction
       distill_on: prediction             # prediction | outputs: what a student matches of the teacher's outputs
 
@@ -13,7 +14,9 @@ The default task is classification exactly as before (cross-entropy with `train.
 a config without `task:` keeps every stored hash. With a task, the metric's value on the validation split decides
 (rewards, ASHA, stop rules, budgets' "most accurate") and on the test split reports; it is stored in the columns
 `val_accuracy` and `accuracy` (the names stay, so old stores and every reader keep working; the report names the
-metric). torchmetrics is the ecosystem's standard for metrics that accumulate over batches (mIoU, mAP, F1).
+metric). A score is a fraction in [0, 1], higher better — what rewards (a ratio to the teacher's), stop rules in
+points and every table assume: a metric where lower is better (an error rate, `higher_is_better: false`) is scored
+as 1 - its value and named "1-<metric>"; a metric off that scale is one line at the teacher. torchmetrics is the ecosystem's standard for metrics that accumulate over batches (mIoU, mAP, F1).
 
 Outputs need not be one logit vector: a dict (torchvision segmentation's {"out": ..., "aux": ...}), a tuple, a
 tensor per pixel. The loss gets the raw outputs; the metric and distillation the prediction (`output`), or, with
@@ -33,6 +36,7 @@ from core.errors import SearchsvcError
 from core.user_code import named_callable
 
 Outputs = Any  # a tensor, a dict of tensors or a tuple of them: what the network's forward returns
+SLACK = 1e-6  # a metric's rounding past 0 or 1 (float32 sums) that is still a fraction
 
 
 @dataclass(frozen=True)
@@ -47,18 +51,13 @@ class TaskConfig:
     metric_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
         "omit_default": True, "help": "keyword arguments of the metric's constructor, e.g. {num_classes: 4}"})
     higher_is_better: bool = field(default=True, metadata={
-        "help": "whether a larger metric is better (false: not yet — give a metric where higher is better)"})
+        "help": "whether a larger metric is better; false (an error rate): the score is 1 - the metric"})
     output: str | int | None = field(default=None, metadata={
         "help": "which entry of a dict (key) or tuple (index) output is the prediction; default: 'out' of a dict, "
                 "the first of a tuple"})
     distill_on: Literal["prediction", "outputs"] = field(default="prediction", metadata={
         "help": "prediction: a student matches the teacher's prediction (per position for dense outputs); "
                 "outputs: every output tensor both share (a dict's heads, a tuple's entries)"})
-
-    def __post_init__(self) -> None:
-        if not self.higher_is_better:
-            raise ValueError("higher_is_better: false is not supported yet (every decision takes the larger score "
-                             "as better); give a metric where higher is better")
 
     def __hash__(self) -> int:  # `metric_kwargs` is a dict: hashed by its items, so specs stay hashable
         return hash((self.loss, self.metric, tuple(sorted(self.metric_kwargs.items())), self.higher_is_better,
@@ -71,8 +70,10 @@ class TaskConfig:
 
     @property
     def metric_name(self) -> str:
-        """The metric as the report names it: "accuracy", or the metric class's or factory's name."""
-        return "accuracy" if self.metric is None else self.metric.replace(":", ".").rsplit(".", 1)[-1]
+        """The score as the report names it: "accuracy", the metric class's or factory's name, or "1-" that name
+        where lower is better."""
+        name = "accuracy" if self.metric is None else self.metric.replace(":", ".").rsplit(".", 1)[-1]
+        return name if self.higher_is_better else f"1-{name}"
 
 
 def prediction(outputs: Outputs, output: str | int | None = None) -> torch.Tensor:
@@ -138,6 +139,18 @@ class Task:
                                  f"torchmetrics Metric (one with update() and compute())")
         return made
 
+
+    def score(self, metric: Any) -> float:
+        """The score of an accumulated metric: its value, a fraction in [0, 1] (what every column and decision
+        holds, higher better), or 1 - its value where lower is better; SearchsvcError naming task.metric if it is
+        not a fraction (NaN passes: checked_metric names it)."""
+        value = float(metric.compute())
+        if not -SLACK <= value <= 1 + SLACK:
+            raise SearchsvcError(f"task.metric: {self.config.metric} gave {value:.6g}; a score is a fraction in [0, 1] "
+                                 f"(accuracy, mean IoU, F1, an error rate with higher_is_better: false) — give a "
+                                 f"metric on that scale (e.g. percent / 100)")
+        value = min(max(value, 0.0), 1.0)
+        return value if self.config.higher_is_better else 1.0 - value
 
     def update(self, metric: Any, outputs: Outputs, targets: torch.Tensor) -> None:
         """`metric.update` with the prediction (float) and the targets; what it raises (shapes it cannot take) is

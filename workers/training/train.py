@@ -146,7 +146,7 @@ def evaluate_split(model: nn.Module, split: Split, mean: tuple[float, ...], std:
                 task.update(metric, outputs, labels)
             else:
                 correct += (prediction(outputs).argmax(1) == labels).sum()
-    return float(metric.compute()) if metric is not None else correct.item() / count(split)
+    return task.score(metric) if metric is not None else correct.item() / count(split)
 
 
 @torch.no_grad()
