@@ -88,7 +88,8 @@ def structure(name: str, size: int) -> dict[str, Any]:
     import torchvision
 
     from workers.measurement.measure import count_macs, count_parameters
-    from workers.models.depgraph import channel_groups, removable_units, shrink_graph
+    from workers.models.cutting import shrink_graph
+    from workers.models.depgraph import channel_groups, removable_units
     from workers.models.inputs import InputSpec
     from workers.models.rebuild import rebuild, remove_units
     from workers.models.user_model import constructor

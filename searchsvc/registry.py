@@ -94,7 +94,7 @@ def cut_problems(config: JobConfig) -> list[str]:
     """A user's network that cannot be cut and rebuilt exactly is refused here, with the layer and why, rather
     than searched into candidates that fail or that `load_candidate` and `export` could not load."""
     from workers.data.datasets import input_shape
-    from workers.models.depgraph import cut_problem
+    from workers.models.cutting import cut_problem
     from workers.models.user_model import check_outputs, construct
 
     shape = input_shape(config.dataset)

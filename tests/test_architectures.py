@@ -21,7 +21,8 @@ import torchvision
 from core.errors import SearchsvcError
 from workers.measurement import ort
 from workers.measurement.measure import count_macs
-from workers.models.depgraph import channel_groups, removable_units, shrink_graph
+from workers.models.cutting import shrink_graph
+from workers.models.depgraph import channel_groups, removable_units
 from workers.models.inputs import InputSpec
 from workers.models.rebuild import rebuild, rebuild_mismatch, remove_units
 from workers.models.user_model import ModelSource, construct, constructor

@@ -15,7 +15,8 @@ from workers.compression.costs import counter, group_costs
 from workers.compression.ranking import Step, chunk_sizes, plan_removal, removal_order
 from workers.compression.taylor import group_widths, taylor_prune
 from workers.data.datasets import DatasetConfig, SyntheticConfig, load_dataset
-from workers.models.depgraph import channel_groups, shrink_graph
+from workers.models.cutting import shrink_graph
+from workers.models.depgraph import channel_groups
 from workers.models.inputs import InputSpec
 from workers.models.surgery import derive_arch, width_keys
 from workers.models.zoo import build_model, create_model

@@ -24,12 +24,13 @@ from core.records import to_data
 from searchsvc.cli import main
 from searchsvc.config import load_config
 from storage import LocalStore
-from tests.user_models.nets import scaled_cnn, small_resnet
+from tests.user_models.nets import plain_cnn, scaled_cnn, small_resnet
 from workers.compression.pruners import channel_keep
 from workers.compression.ranking import plan_removal
 from workers.data.datasets import DatasetConfig, SyntheticConfig, load_dataset
 from workers.measurement.measure import count_macs, count_parameters
-from workers.models.depgraph import channel_groups, removable_units, shrink_graph, slice_positions
+from workers.models.cutting import shrink_graph
+from workers.models.depgraph import channel_groups, removable_units, slice_positions
 from workers.models.inputs import InputSpec
 from workers.models.rebuild import rebuild, remove_units
 from workers.models.surgery import InvalidTransform
@@ -252,13 +253,45 @@ BAD = {
 }
 
 
-def test_n2n_on_a_network_without_removable_blocks_is_refused_at_validate(user_weights, capsys):
-    config = write_config(user_weights, {"model": "tests.user_models.nets:plain_cnn"}, name="plain.yaml")
+def test_n2n_on_a_network_with_nothing_removable_is_refused_at_validate(user_weights, capsys):
+    """An MLP whose one hidden layer reads the image itself: without it the classifier would read 256 values
+    where it reads 32, and the image cannot be cut."""
+    config = write_config(user_weights, {"model": "tests.user_models.nets:mlp"}, name="mlp.yaml")
     capsys.readouterr()
     assert main(["validate", str(config), "--set", "method=n2n", "--set", "search={max_evaluations: 4}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "has none that can go" in err, err
     assert main(["validate", str(config)]) == 0  # grid takes it
+
+
+def test_n2n_removes_and_shrinks_the_layers_of_a_plain_network(user_weights, tmp_path, ray_session):
+    """No skip connection anywhere: the agent acts on its single layers (issue 38)."""
+    from workers.models.structure import structure_of
+
+    units = structure_of(plain_cnn(4), InputSpec.image(1, 16))
+    assert units.names == ("0", "2") and units.inner == {"0": {"0": 8}, "2": {"2": 8}}
+    config = write_config(user_weights, {"model": "tests.user_models.nets:plain_cnn"}, name="plain.yaml")
+    store_dir = tmp_path / "store"
+    assert main(["run", str(config), "--store", str(store_dir), "--no-progress", "--set", "method=n2n",
+                 "--set", "search={agent: random, max_evaluations: 6, num_envs: 2, shrink_share: 0.5, top_k: 0}"]) == 0
+    rows = searchsvc.results(LocalStore(store_dir)).to_pylist()
+    assert rows and all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
+    teacher_params = count_parameters(plain_cnn(4))
+    removed = [r for r in rows if r["removed"] != "[]"]
+    assert removed and all(r["params"] < teacher_params for r in removed)
+    # the shrink stage on a removal result that kept a layer (which one the random agent found best varies)
+    from dataclasses import replace
+
+    from searchsvc.methods.n2n.env import shrink_stage
+    from workers.evaluation.spec import CandidateSpec
+
+    spec = CandidateSpec.from_json((next(store_dir.glob("candidates/*/spec.json"))).read_text())
+    shrunk = shrink_stage(replace(spec, removed=("0",), widths=()), units.inner, (0.5,)).make_spec(np.array([0]))
+    assert shrunk.removed == ("0",) and dict(shrunk.widths) == {"2": 4}
+    example = InputSpec.image(1, 16).example(plain_cnn(4))
+    model = shrink_graph(plain_cnn(4), example, shrunk.removed, shrunk.widths)
+    assert model[2].out_channels == 4 and count_parameters(model) < count_parameters(
+        shrink_graph(plain_cnn(4), example, ("0",)))
 
 
 @pytest.mark.parametrize("case", sorted(BAD))

@@ -43,7 +43,7 @@ def broken(**kwargs: object) -> nn.Module:
 
 
 def plain_cnn(num_classes: int = 4) -> nn.Module:
-    """No skip connection anywhere: nothing the N2N agent could remove."""
+    """No skip connection anywhere: the N2N agent acts on its single layers (issue 38)."""
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
 

@@ -26,7 +26,8 @@ from torch import nn
 from workers.compression.latency_table import LatencyCounter
 from workers.measurement.latency import LatencyCost
 from workers.measurement.measure import count_macs, count_parameters
-from workers.models.depgraph import channel_groups, shrink_graph
+from workers.models.cutting import shrink_graph
+from workers.models.depgraph import channel_groups
 from workers.models.inputs import InputSpec
 from workers.models.surgery import derive_arch, prune_groups, width_keys
 from workers.models.zoo import build_model

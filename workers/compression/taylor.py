@@ -35,7 +35,8 @@ from workers.data.streaming import batches as split_batches
 from workers.data.streaming import device_of, epoch_order
 from workers.evaluation.evaluate import Built
 from workers.measurement.latency import LatencyCost
-from workers.models.depgraph import channel_groups, dependency_graph, pruning_group, shrink_graph
+from workers.models.cutting import shrink_graph
+from workers.models.depgraph import channel_groups, dependency_graph, pruning_group
 from workers.models.inputs import InputSpec, in_layout
 from workers.models.surgery import ScoreTable, prune_groups, shrink, width_keys, width_step
 from workers.models.zoo import ResNet

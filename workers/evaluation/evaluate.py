@@ -43,7 +43,7 @@ from workers.measurement.latency import measure_probes
 from workers.measurement.measure import measure
 from workers.measurement.metrics import CandidateMetrics, stored_metrics, verified_metrics
 from workers.measurement.run_measures import Measures
-from workers.models.depgraph import shrink_graph
+from workers.models.cutting import shrink_graph
 from workers.models.inputs import InputSpec
 from workers.models.rebuild import rebuild, rebuild_mismatch
 from workers.models.surgery import InvalidTransform, derive_arch, shrink

@@ -13,14 +13,11 @@ structure is read from the model itself:
   convolutions or attention heads has `slices`: the same positions leave every group or head, so `groups`
   and `num_heads` stay and each head narrows (`workers.models.custom_layers` says why for attention).
 
-`shrink_graph` cuts the smaller network (units removed, each group down to its width, keeping the
-channels of largest L1 magnitude in their original order, so keeping all reproduces the teacher exactly).
-`workers.models.rebuild` makes the same structure again from the constructor and the stored tensors.
+`prune_groups` cuts groups to their widths through the graph; `workers.models.cutting` builds a candidate with it.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import operator
@@ -32,9 +29,7 @@ import torch
 from torch import fx, nn
 
 from core.errors import SearchsvcError, first_line
-from workers.models.branches import branch_problem, forward_with_hooks
-from workers.models.rebuild import LAYERS, follow_counts, own_shapes, rebuild_mismatch, remove_units
-from workers.models.surgery import InvalidTransform
+from workers.models.branches import forward_with_hooks
 
 log = logging.getLogger(__name__)
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
@@ -225,75 +220,6 @@ def slice_positions(score: torch.Tensor, width: int, slices: int = 1) -> list[in
     return sorted(s * per + p for s in range(slices) for p in kept)
 
 
-def shrink_graph(teacher: nn.Module, example: torch.Tensor, removed: Iterable[str] = (),
-                 widths: Mapping[str, int] | Iterable = (), scores: Mapping[str, torch.Tensor] | None = None,
-                 ) -> nn.Module:
-    """The smaller network on the CPU (eval mode), initialised from the teacher's weights; InvalidTransform if
-    a unit or width key is unknown or a width is out of range. `scores` (group root → one score per channel,
-    e.g. Taylor importance) choose the kept channels instead of their L1 magnitude."""
-    model, traced, groups = _without_units(teacher, example, removed)
-    _cut_channels(model, traced, groups, _resolve(groups, dict(widths)), scores or {})
-    return model
-
-
-def _without_units(teacher: nn.Module, example: torch.Tensor, removed: Iterable[str],
-                   units: tuple[str, ...] | None = None) -> tuple[nn.Module, tuple, list[ChannelGroup]]:
-    """A copy of the teacher on the CPU (eval mode) with the named units removed, its dependency graph (one
-    graph serves the groups and the surgery) and its channel groups. `units`: the teacher's removable units
-    when the caller has traced them."""
-    removed = tuple(removed)
-    model = copy.deepcopy(teacher).cpu().eval()
-    example = example.cpu()
-    units = removable_units(model, example) if units is None else units
-    unknown = sorted(set(removed) - set(units))
-    if unknown:
-        raise InvalidTransform(f"unknown units to remove: {unknown}; removable: {list(units)}")
-    remove_units(model, removed)
-    traced = dependency_graph(model, example)
-    return model, traced, channel_groups(model, example, traced)
-
-
-def _cut_channels(model: nn.Module, traced: tuple, groups: list[ChannelGroup], chosen: Mapping[str, int],
-                  scores: Mapping[str, torch.Tensor]) -> None:
-    """Cut each chosen group (root → width) of `model` in place; then the counts of the layers Torch-Pruning
-    does not keep follow their tensors (VisionTransformer.hidden_dim, head_dim)."""
-    from workers.models.custom_layers import head_width, keep_temperature, settle
-
-    if not chosen:
-        return
-    slices = {g.key: g.slices for g in groups}
-    before = own_shapes(model)
-    heads = {module: width for module in model.modules() if (width := head_width(module))}
-    _prune(model, traced, {key: (width, slices[key]) for key, width in chosen.items()}, scores)
-    after = own_shapes(model)
-    for name, module in model.named_modules():  # Torch-Pruning keeps the counts of the layers it knows
-        if not isinstance(module, LAYERS) and after[name] != before[name]:
-            follow_counts(module, before[name], after[name])
-        settle(module)
-    for module, width in heads.items():
-        keep_temperature(module, width)
-
-
-def _resolve(groups: list[ChannelGroup], widths: Mapping[str, int]) -> dict[str, int]:
-    """Width keys (a group's root, or any layer whose outputs it prunes) → {root: width}, checked."""
-    by_output = {name: group for group in groups for name in group.outputs}
-    by_key = {group.key: group for group in groups}
-    chosen: dict[str, int] = {}
-    for key, width in widths.items():
-        group = by_output.get(key)
-        if group is None:
-            raise InvalidTransform(f"unknown width key {key!r}; keys: {[g.key for g in groups]}")
-        if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= group.channels:
-            raise InvalidTransform(f"width of {key} must be an integer in [1, {group.channels}], got {width!r}")
-        if chosen.get(group.key, width) != width:
-            raise InvalidTransform(f"width keys {key!r} and {group.key!r} set one channel group to two widths")
-        chosen[group.key] = width
-    # a sliced group (grouped convolutions) keeps a multiple of its slices: the nearest, at least one per slice
-    chosen = {key: max(by_key[key].slices, round(width / by_key[key].slices) * by_key[key].slices)
-              for key, width in chosen.items()}
-    return {key: width for key, width in chosen.items() if width < by_key[key].channels}
-
-
 def pruning_group(tp, graph, model: nn.Module, key: str, idxs: Iterable[int] | None = None):
     """The dependency-graph group rooted at layer `key`: its output channels `idxs` (all by default)."""
     root = model.get_submodule(key)
@@ -302,7 +228,7 @@ def pruning_group(tp, graph, model: nn.Module, key: str, idxs: Iterable[int] | N
                                    else list(idxs))
 
 
-def _prune(model: nn.Module, traced: tuple, widths: Mapping[str, tuple[int, int]],
+def prune_groups(model: nn.Module, traced: tuple, widths: Mapping[str, tuple[int, int]],
            scores: Mapping[str, torch.Tensor]) -> None:
     """Prune each group rooted at a key down to its (width, slices), keeping the channels of highest score
     (default: the group's L1 magnitude), through `traced` = (torch_pruning, the model's graph); the weights
@@ -314,51 +240,3 @@ def _prune(model: nn.Module, traced: tuple, widths: Mapping[str, tuple[int, int]
             score = scores[key] if key in scores else magnitude(pruning_group(tp, graph, model, key))
             keep = set(slice_positions(score, width, slices))
             pruning_group(tp, graph, model, key, [i for i in range(len(score)) if i not in keep]).prune()
-
-
-def cut_problem(model: nn.Module, fresh: nn.Module, example: torch.Tensor) -> str | None:
-    """Why searchsvc cannot search over `model` (None: it can), found before a run: its structure is traced,
-    its first removable unit removed and every channel group halved, and the result must come back from its
-    tensors in `fresh` (a new instance of its constructor) computing the same outputs. One line naming the
-    layer or operation that fails."""
-    try:
-        units = removable_units(model, example)
-        branch = None if units else branch_problem(model, example)  # units found: fx traced it
-        if branch:
-            return branch
-        small, traced, groups = _without_units(model, example, units[:1], units)
-        halves = {g.key: max(g.slices, g.channels // 2) for g in groups}
-        _cut_channels(small, traced, groups, _resolve(groups, halves), {})
-    except SearchsvcError as err:  # the caller names teacher.model: said once
-        return str(err).removeprefix("teacher.model: ")
-    except Exception as err:  # noqa: BLE001 — an operation the tracer or Torch-Pruning cannot follow: one line
-        return f"cannot be cut ({type(err).__name__}: {first_line(err)})"
-    failing = failing_layer(small, example)
-    return failing or rebuild_mismatch(small, fresh, units[:1], example)
-
-
-def failing_layer(model: nn.Module, example: torch.Tensor) -> str | None:
-    """None if `model` runs on `example`; else which layer fails, and how (the innermost one still running)."""
-    running: list[str] = []
-
-    def enter(name: str):
-        def hook(_module: nn.Module, _args: tuple) -> None:
-            running.append(name)
-        return hook
-
-    def leave(_module: nn.Module, _args: tuple, _output: object) -> None:  # returns None: the output stays
-        running.pop()
-
-    layers = [(name, m) for name, m in model.named_modules() if name]
-    handles = [m.register_forward_pre_hook(enter(name)) for name, m in layers]
-    handles += [m.register_forward_hook(leave) for _, m in layers]
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    except Exception as err:  # noqa: BLE001 — whatever the user's layer raises
-        where = f"{running[-1]} ({type(model.get_submodule(running[-1])).__name__})" if running else "its forward"
-        return f"cannot be cut: cut, {where} fails ({type(err).__name__}: {first_line(err)})"
-    finally:
-        for handle in handles:
-            handle.remove()
-    return None

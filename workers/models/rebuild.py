@@ -1,6 +1,6 @@
 """A stored candidate of a user's network made again: its constructor, its units removed, every layer at the
 shapes of its stored tensors, the tensors loaded. The store holds tensors only, never a pickled module, so
-this is how `load_candidate`, `export` and a taylor step's parent come back (`depgraph.shrink_graph` cut them).
+this is how `load_candidate`, `export` and a taylor step's parent come back (`cutting.shrink_graph` cut them).
 
 Layers torch describes (conv, linear, norms, nn.MultiheadAttention) take the sizes of their tensors; a module
 of the user's or torchvision's own whose tensors changed along one dimension (a layer scale, a class token)

@@ -4,19 +4,24 @@
     units.names        # blocks removal may replace by identity, forward order
     units.rows[name]   # the block's layer descriptor (the N2N agent's observation row)
     units.inner[name]  # width key → channels inside the block (what the shrink stage scales)
+    units.members[name]   # a layer unit's modules (the layer, its norm): what a candidate's `removed` lists
 
 A zoo model describes itself (`ResNet.describe`, `surgery.width_keys`); a user's network is traced
-(`workers.models.depgraph`). The search code above this module cannot tell them apart.
+(`workers.models.depgraph`): its blocks with a skip connection, or — a network with none (VGG, AlexNet, a plain
+CNN) — its single layers (`workers.models.layer_removal`: a conv or linear layer with the norm after it). The
+search code above this module cannot tell them apart.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
-from workers.models.depgraph import channel_groups, module_shapes, removable_units
+from workers.models.depgraph import ChannelGroup, channel_groups, module_shapes, removable_units
 from workers.models.inputs import InputSpec
+from workers.models.layer_removal import removable_layers
 from workers.models.surgery import removable_blocks, width_keys
 from workers.models.zoo import LayerDescriptor, LayerType
 
@@ -28,6 +33,7 @@ class Units:
     names: tuple[str, ...]
     rows: dict[str, LayerDescriptor]
     inner: dict[str, dict[str, int]]
+    members: dict[str, tuple[str, ...]] = field(default_factory=dict)  # a layer unit → its modules (layer, norm)
 
 
 def structure_of(teacher: nn.Module, inputs: InputSpec) -> Units:
@@ -40,10 +46,33 @@ def structure_of(teacher: nn.Module, inputs: InputSpec) -> Units:
     names = removable_units(teacher, example)
     groups = channel_groups(teacher, example)
     shapes, _ = module_shapes(teacher, example)
+    if not names:
+        return _layers(teacher, example, groups)
     inner = {name: {g.key: g.channels for g in groups if all(o.startswith(name + ".") for o in g.outputs)}
              for name in names}
     rows = {n: _descriptor(teacher, n, i, shapes[n][1][1]) for i, n in enumerate(names)}
     return Units(names, rows, inner)
+
+
+def _layers(teacher: nn.Module, example: torch.Tensor, groups: list[ChannelGroup]) -> Units:
+    """A network with no block to remove: its removable single layers, each also shrunk by its own width."""
+    members = removable_layers(teacher, example)
+    names = tuple(members)
+    widths = {g.key: g.channels for g in groups}
+    inner = {name: {name: widths[name]} if name in widths else {} for name in names}
+    rows = {name: _layer_descriptor(teacher.get_submodule(name), name, i) for i, name in enumerate(names)}
+    return Units(names, rows, inner, members)
+
+
+def _layer_descriptor(layer: nn.Module, name: str, index: int) -> LayerDescriptor:
+    """A conv or linear layer as the paper's agent sees it: position, kind, filters, kernel, stride, padding,
+    bytes of its fp32 parameters."""
+    memory = 4 * sum(p.numel() for p in layer.parameters())
+    if isinstance(layer, nn.Conv2d):
+        padding = layer.padding[0] if isinstance(layer.padding, tuple) else 0  # "same": counted as 0
+        return LayerDescriptor(name, index, index + 1, LayerType.CONV, layer.out_channels, layer.kernel_size[0],
+                               layer.stride[0], padding, memory, True)
+    return LayerDescriptor(name, index, index + 1, LayerType.LINEAR, layer.out_features, 1, 1, 0, memory, True)
 
 
 def _descriptor(teacher: nn.Module, name: str, index: int, channels: int) -> LayerDescriptor:

@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from workers.models.cutting import shrink_graph
 from workers.models.depgraph import channel_groups as graph_groups
-from workers.models.depgraph import shrink_graph
 from workers.models.surgery import ScoreTable, prune_groups, shrink
 from workers.models.zoo import PlainArch, PlainCNN, build_model
 

@@ -15,8 +15,9 @@ if TYPE_CHECKING:
 
 
 def check_n2n(config: JobConfig) -> list[str]:
-    """n2n on a user's network needs a block to remove: traced here, at validate, when the data's shape is known
-    (after `registry.cut_problems` has run the model on that shape and cut it)."""
+    """n2n on a user's network needs a unit to remove — a block with a skip, else a single layer (VGG, AlexNet): found
+    here, at validate, when the data's shape is known (after `registry.cut_problems` has run the model on that shape
+    and cut it)."""
     from workers.data.datasets import input_shape
     from workers.models.branches import fx_trace_error
     from workers.models.structure import structure_of
@@ -28,9 +29,9 @@ def check_n2n(config: JobConfig) -> list[str]:
     model = construct(config.teacher.source)
     if not structure_of(model, shape).names:
         untraced = fx_trace_error(model)  # then no block is found at all: the tracer's error says why
-        why = f"torch.fx cannot trace it ({untraced})" if untraced else "a block whose input and output shapes " \
-            "match, with a skip connection"
-        return [f"teacher.model: method n2n removes blocks, and {config.teacher.model} has none that can go ({why}); "
+        why = f"torch.fx cannot trace it ({untraced}), and " if untraced else ""
+        return [f"teacher.model: method n2n removes blocks or layers, and {config.teacher.model} has none that can "
+                f"go ({why}no conv or linear layer but the classifier can be removed with the network still running); "
                 "use method grid or taylor"]
     return []
 

@@ -188,8 +188,9 @@ def run_n2n(context: RunContext) -> None:
         state = context.store.get_json(state_key)
     units = structure_of(teacher, context.splits.inputs)
     if not units.names:
-        raise SearchsvcError(f"method n2n: {context.config.teacher.base} has no removable block (a block whose input "
-                             f"and output shapes match, with a skip connection): use method grid")
+        raise SearchsvcError(f"method n2n: {context.config.teacher.base} has no removable unit (a block whose input "
+                             f"and output shapes match, with a skip connection, or a conv or linear layer whose "
+                             f"removal leaves a network that runs): use method grid")
     evaluator = Evaluator(context, search.reward, total=search.max_evaluations, reward_size=search.reward_size,
                           penalise_over_budget=True)
     try:
@@ -197,7 +198,7 @@ def run_n2n(context: RunContext) -> None:
             if name in state["done"] or budgets[name] == 0:
                 continue
             if name == "removal":
-                stage = removal_stage(units.names, base)
+                stage = removal_stage(units.names, base, units.members)
             else:
                 stage = shrink_stage(_best_removal(evaluator, base), units.inner, search.width_scales,
                                      search.round_to)

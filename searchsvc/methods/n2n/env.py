@@ -1,9 +1,10 @@
 """The N2N environment (Ashok et al., 2018): observe the teacher's layers, act on all of them at once.
 
 An episode is one step. The observation is the teacher's layer descriptors, one row of 8 numbers per
-removable block (start, end, type, filters, kernel, stride, padding, memory), each column scaled to
-[0, 1]. The action is one choice per block:
-- removal stage: keep (0) or remove (1) each block, `MultiDiscrete([2] * n)`;
+removable unit — a block with a skip connection, or in a network without any (VGG, AlexNet) a single conv or
+linear layer (start, end, type, filters, kernel, stride, padding, memory), each column scaled to
+[0, 1]. The action is one choice per unit:
+- removal stage: keep (0) or remove (1) each unit, `MultiDiscrete([2] * n)`;
 - shrink stage:  an index into `width_scales` for each block kept by the best removal result.
 The reward comes from evaluating the candidate on the actor pool.
 
@@ -14,7 +15,7 @@ they train concurrently (gymnasium's default vectorisation would step them one a
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import gymnasium as gym
 import numpy as np
@@ -46,12 +47,15 @@ class Stage:
         return gym.spaces.MultiDiscrete([self.choices] * len(self.blocks))
 
 
-def removal_stage(blocks: tuple[str, ...], base: CandidateSpec) -> Stage:
-    """Remove (1) or keep (0) each block of the teacher."""
+def removal_stage(blocks: tuple[str, ...], base: CandidateSpec, members: Mapping[str, tuple[str, ...]] | None = None
+                  ) -> Stage:
+    """Remove (1) or keep (0) each unit of the teacher: a block by its name, a layer with its norm (`members`:
+    Units.members)."""
+    members = members or {}
 
     def make(action: np.ndarray) -> CandidateSpec:
-        removed = tuple(name for name, a in zip(blocks, action) if int(a) == 1)
-        return replace(base, removed=removed)
+        chosen = [name for name, a in zip(blocks, action) if int(a) == 1]
+        return replace(base, removed=tuple(m for name in chosen for m in members.get(name, (name,))))
 
     return Stage(blocks, 2, make)
 
