@@ -5,9 +5,12 @@ it still reads. The smaller networks are real (fewer parameters), rebuild from t
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 from torchvision.models import vgg11, vgg11_bn
 
@@ -56,6 +59,8 @@ def test_removed_vgg_layers_build_a_smaller_network_that_rebuilds_and_exports(tm
     # TorchScript: torch's ONNX exporter cannot export VGG's adaptive pooling of a 1x1 map (32 px) to 7x7
     traced = torch.jit.load(str(export_model(small, tmp_path / "small.pt", SMALL)))
     np.testing.assert_allclose(traced(x).detach().numpy(), expected, rtol=1e-4, atol=1e-4)
+    # it trains: VGG's ReLU(inplace=True) after a removed conv would overwrite what the ReLU before needs
+    small.train()(x).sum().backward()
 
 
 def test_a_plain_networks_removed_layers_export_to_onnx():
@@ -102,3 +107,31 @@ def test_a_narrowing_layer_goes_by_cutting_the_layer_before_it_and_a_shape_chang
         shrink_graph(model, example, ["features.2"])
     with pytest.raises(InvalidTransform, match="unknown units to remove: \\['nowhere'\\]"):
         shrink_graph(model, example, ["nowhere"])
+
+
+def test_n2n_removes_and_shrinks_layers_of_the_zoos_plain_network(tmp_path, ray_session):
+    """simplenet_cifar (Distiller's: two 5x5 convs, three linear layers): each candidate is recorded as the
+    architecture it has (widths and removed layers), and comes back from it."""
+    import searchsvc
+    from searchsvc.cli import main
+    from storage import open_store
+
+    config = tmp_path / "plain.yaml"
+    config.write_text(yaml.safe_dump({
+        "method": "n2n", "dataset": {"name": "synthetic", "synthetic": {
+            "num_classes": 4, "channels": 3, "image_size": 32, "train_size": 512, "test_size": 128}},
+        "teacher": {"arch": "simplenet_cifar", "epochs": 3, "batch_size": 128, "augment": False},
+        "train": {"epochs": 1, "batch_size": 128, "augment": False},
+        "search": {"agent": "random", "max_evaluations": 8, "num_envs": 4, "shrink_share": 0.5, "top_k": 0},
+        "resources": {"gpus_per_eval": 0, "cpus_per_eval": 1}}))
+    store = tmp_path / "store"
+    assert main(["run", str(config), "--store", str(store), "--no-progress"]) == 0
+    rows = searchsvc.results(open_store(str(store))).to_pylist()
+    assert rows and all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
+    removed = [r for r in rows if r["removed"] != "[]"]
+    assert removed and all(r["compression"] > 1 for r in removed)
+    for row in removed[:2]:
+        metrics = json.loads((store / "candidates" / row["spec_hash"] / "metrics.json").read_text())
+        assert metrics["arch"]["skipped"] == json.loads(row["removed"])  # conv1, conv2 or fc2
+        model = searchsvc.load_candidate(row["spec_hash"], store=open_store(str(store)))
+        assert sum(p.numel() for p in model.parameters()) == row["params"]

@@ -48,7 +48,16 @@ from workers.models.inputs import InputSpec
 from workers.models.rebuild import rebuild, rebuild_mismatch
 from workers.models.surgery import InvalidTransform, derive_arch, shrink
 from workers.models.user_model import ModelSource, construct
-from workers.models.zoo import Model, arch_from_data, build_model, load_state_bytes, read_state_bytes, state_dict_bytes
+from workers.models.zoo import (
+    Model,
+    PlainCNN,
+    ResNet,
+    arch_from_data,
+    build_model,
+    load_state_bytes,
+    read_state_bytes,
+    state_dict_bytes,
+)
 from workers.training.distill import cache_fits, distill_loss_fn, inference_copy, teacher_logits
 from workers.training.task import Task
 from workers.training.teacher import Teacher, checked_source, load_teacher, load_train_logits
@@ -334,9 +343,11 @@ def build_student(spec: CandidateSpec, ctx: EvalContext) -> Built:
                          f"worker has {ctx.builder}")
     if spec.init is not None:
         return Built(parent)
-    if not hasattr(parent, "arch"):  # a user's network: its structure traced, cut through its dependency graph
-        example = ctx.splits.inputs.example(parent)
-        return Built(shrink_graph(parent, example, spec.removed, spec.widths))
+    if not isinstance(parent, ResNet):  # a user's network or a plain zoo net: cut through its dependency graph
+        small = shrink_graph(parent, ctx.splits.inputs.example(parent), spec.removed, spec.widths)
+        if isinstance(small, PlainCNN):  # the zoo's: what was built is recorded as an architecture
+            small.arch = small.described()
+        return Built(small)
     return Built(shrink(parent, spec.removed, spec.widths))
 
 

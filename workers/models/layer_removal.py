@@ -28,7 +28,7 @@ from torch import nn
 
 from workers.models.branches import forward_with_hooks
 from workers.models.depgraph import PRUNABLE, dependency_graph, module_shapes, prune_groups
-from workers.models.rebuild import Skip
+from workers.models.rebuild import remove_units
 from workers.models.surgery import InvalidTransform
 
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
@@ -78,8 +78,7 @@ def remove_layers(model: nn.Module, layers: Iterable[tuple[str, ...]], example: 
         read, written = _widths(layer)
         if read != written:
             _square(model, name, read, written, example)
-        for member in members:
-            model.set_submodule(member, Skip())
+        remove_units(model, members)
     return model
 
 

@@ -33,9 +33,19 @@ class Skip(nn.Identity):
 
 
 def remove_units(model: nn.Module, removed: Iterable[str]) -> nn.Module:
-    """`model` with each named unit replaced by identity (in place)."""
+    """`model` with each named unit replaced by identity (in place), its activations no longer in place."""
+    removed = tuple(removed)
     for name in removed:
         model.set_submodule(name, Skip())
+    return not_in_place(model) if removed else model
+
+
+def not_in_place(model: nn.Module) -> nn.Module:
+    """Every `inplace` activation of `model` made out of place (the same values): after a removed layer, VGG's
+    ReLU(inplace=True) would overwrite the previous ReLU's output, which that one's backward still needs."""
+    for module in model.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
     return model
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import io
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
 import torch
@@ -189,6 +189,8 @@ class PlainArch:
     fcs: tuple[int, ...]  # output features of fc1, fc2, ... (the classifier comes after them)
     kernel: int = 5
     pooled: int = 5  # spatial side after the last pool (32x32 CIFAR input: 5, as in Distiller)
+    skipped: tuple[str, ...] = field(default=(), metadata={  # layers an n2n candidate removed: identity there
+        "omit_default": True})
 
     def layer_names(self) -> list[str]:
         """Module names in forward order, classifier last: conv1, conv2, fc1, fc2, fc3."""
@@ -203,15 +205,33 @@ class PlainCNN(nn.Module):
         self.arch = arch
         cin = arch.in_channels
         for index, width in enumerate(arch.convs, start=1):
-            self.add_module(f"conv{index}", nn.Conv2d(cin, width, arch.kernel))
-            cin = width
+            skipped = f"conv{index}" in arch.skipped  # removed: what it read passes on, pooled as before
+            self.add_module(f"conv{index}", nn.Identity() if skipped else nn.Conv2d(cin, width, arch.kernel))
+            cin = cin if skipped else width
         self.pool = nn.MaxPool2d(2, 2)
         self.last_pool = nn.AdaptiveMaxPool2d(arch.pooled)
         features = cin * arch.pooled * arch.pooled
         for index, width in enumerate((*arch.fcs, arch.num_classes), start=1):
-            self.add_module(f"fc{index}", nn.Linear(features, width))
-            features = width
-        self.act = nn.ReLU(inplace=True)
+            skipped = f"fc{index}" in arch.skipped
+            self.add_module(f"fc{index}", nn.Identity() if skipped else nn.Linear(features, width))
+            features = features if skipped else width
+        self.act = nn.ReLU()  # not in place: after a removed layer it would overwrite a tensor backward still needs
+
+    def described(self) -> PlainArch:
+        """The architecture this network has now: after a cut (workers.models.cutting), its widths and the layers
+        it removed, read from its modules."""
+        widths: list[int] = []
+        flowing = self.arch.in_channels
+        for name in self.arch.layer_names()[:-1]:
+            if name == "fc1":  # the pooled maps (an MLP: the pooled image) flattened
+                flowing = flowing * self.arch.pooled * self.arch.pooled
+            module = getattr(self, name)
+            flowing = module.out_channels if isinstance(module, nn.Conv2d) else \
+                module.out_features if isinstance(module, nn.Linear) else flowing
+            widths.append(flowing)
+        skipped = tuple(n for n in self.arch.layer_names() if not isinstance(getattr(self, n), (nn.Conv2d, nn.Linear)))
+        convs = len(self.arch.convs)
+        return replace(self.arch, convs=tuple(widths[:convs]), fcs=tuple(widths[convs:]), skipped=skipped)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         count = len(self.arch.convs)

@@ -22,22 +22,26 @@ def check_n2n(config: JobConfig) -> list[str]:
     from workers.models.branches import fx_trace_error
     from workers.models.structure import structure_of
     from workers.models.user_model import construct
+    from workers.models.zoo import build_model, is_residual, list_models, model_arch
 
     shape = input_shape(config.dataset)
-    if config.teacher.source is None or shape is None:
+    arch = config.teacher.arch
+    if shape is None or (config.teacher.source is None and (arch not in list_models() or is_residual(arch))):
         return []
-    model = construct(config.teacher.source)
+    model = construct(config.teacher.source) if config.teacher.source is not None else \
+        build_model(model_arch(arch, shape.channels, 2))  # a plain zoo net: its layers (any class count)
     if not structure_of(model, shape).names:
         untraced = fx_trace_error(model)  # then no block is found at all: the tracer's error says why
         why = f"torch.fx cannot trace it ({untraced}), and " if untraced else ""
-        return [f"teacher.model: method n2n removes blocks or layers, and {config.teacher.model} has none that can "
+        key = "teacher.model" if config.teacher.source is not None else "teacher.arch"
+        return [f"{key}: method n2n removes blocks or layers, and {config.teacher.base} has none that can "
                 f"go ({why}no conv or linear layer but the classifier can be removed with the network still running); "
                 "use method grid or taylor"]
     return []
 
 
 @register_method("n2n", "RLlib PPO agent removes and shrinks layers of the teacher",
-                 driver="searchsvc.methods.n2n.driver:run_n2n", residual_only=True, check=check_n2n, user_models=True,
+                 driver="searchsvc.methods.n2n.driver:run_n2n", check=check_n2n, user_models=True,
                  cuts=True)
 @dataclass(frozen=True)
 class N2NSearch(SearchSection):
