@@ -74,6 +74,19 @@ def test_shrink_action_scales_the_kept_blocks_inner_widths():
     assert stage.make_spec(np.array([2, 2])).widths == ()  # scale 1.0 everywhere: the base itself
 
 
+def test_continuous_shrinkage_takes_any_ratio_per_unit_bounded_below_and_rounded():
+    """The paper's shrinkage: a ratio of each kept unit's widths, not one of a few scales."""
+    base = CandidateSpec(**{**BASE.__dict__, "removed": ("a.1",)})
+    inner = {"a.0": {"a.0": 64}, "a.1": {"a.1": 64}, "b.0": {"b.0.conv": 128, "b.0.fc": 10}}
+    stage = shrink_stage(base, inner, (), round_to=8, min_ratio=0.25)
+    space = stage.action_space()
+    assert stage.blocks == ("a.0", "b.0") and space.shape == (2,) and space.low.tolist() == [0.25, 0.25]
+    assert dict(stage.make_spec(np.array([0.3, 0.61], np.float32)).widths) == {"a.0": 24, "b.0.conv": 80,
+                                                                                 "b.0.fc": 8}  # 10 wide: steps of 4
+    assert dict(stage.make_spec(np.array([-3.0, 2.0])).widths) == {"a.0": 16}  # clipped to [0.25, 1]
+    assert stage.make_spec(np.array([1.0, 1.0])) == base
+
+
 def test_single_env_episode_is_one_step():
     calls = []
     stage = removal_stage(("a", "b"), BASE)

@@ -110,8 +110,9 @@ def test_a_narrowing_layer_goes_by_cutting_the_layer_before_it_and_a_shape_chang
 
 
 def test_n2n_removes_and_shrinks_layers_of_the_zoos_plain_network(tmp_path, ray_session):
-    """simplenet_cifar (Distiller's: two 5x5 convs, three linear layers): each candidate is recorded as the
-    architecture it has (widths and removed layers), and comes back from it."""
+    """simplenet_cifar (Distiller's: two 5x5 convs, three linear layers), PPO with the paper's continuous
+    shrinkage: each candidate is recorded as the architecture it has (widths and removed layers), and comes back
+    from it."""
     import searchsvc
     from searchsvc.cli import main
     from storage import open_store
@@ -122,7 +123,8 @@ def test_n2n_removes_and_shrinks_layers_of_the_zoos_plain_network(tmp_path, ray_
             "num_classes": 4, "channels": 3, "image_size": 32, "train_size": 512, "test_size": 128}},
         "teacher": {"arch": "simplenet_cifar", "epochs": 3, "batch_size": 128, "augment": False},
         "train": {"epochs": 1, "batch_size": 128, "augment": False},
-        "search": {"agent": "random", "max_evaluations": 8, "num_envs": 4, "shrink_share": 0.5, "top_k": 0},
+        "search": {"agent": "ppo", "max_evaluations": 8, "num_envs": 4, "iteration_evaluations": 4,
+                   "shrink_share": 0.5, "shrink_ratios": "continuous", "min_ratio": 0.25, "top_k": 0},
         "resources": {"gpus_per_eval": 0, "cpus_per_eval": 1}}))
     store = tmp_path / "store"
     assert main(["run", str(config), "--store", str(store), "--no-progress"]) == 0

@@ -59,6 +59,11 @@ class N2NSearch(SearchSection):
     shrink_share: float = field(default=0.4, metadata={"gt": 0, "lt": 1, "help": "share of the budget for shrinkage"})
     width_scales: tuple[float, ...] = field(default=(0.25, 0.5, 0.75, 1.0), metadata={
         "help": "inner-width multipliers the shrink stage chooses from, each in (0, 1]"})
+    shrink_ratios: Literal["scales", "continuous"] = field(default="scales", metadata={
+        "omit_default": True, "help": "scales: one of width_scales per kept unit; continuous: the paper's — any "
+                                      "ratio in [min_ratio, 1] per kept unit, rounded to round_to"})
+    min_ratio: float = field(default=0.1, metadata={
+        "omit_default": True, "gt": 0, "max": 1, "help": "the smallest width ratio of continuous shrinkage"})
     round_to: int = round_to_field()
     checkpoint_every: int = field(default=1, metadata={"min": 1, "help": "PPO iterations between checkpoints"})
     top_k: int = field(default=5, metadata={"min": 0, "help": "best networks to fine-tune at the end"})

@@ -201,7 +201,7 @@ def run_n2n(context: RunContext) -> None:
                 stage = removal_stage(units.names, base, units.members)
             else:
                 stage = shrink_stage(_best_removal(evaluator, base), units.inner, search.width_scales,
-                                     search.round_to)
+                                     search.round_to, search.min_ratio if search.shrink_ratios == "continuous" else None)
                 if not stage.blocks:  # the best removal kept no block: nothing left to shrink
                     log.info("n2n: the best removal result keeps no block; skipping the shrink stage")
                     continue

@@ -5,7 +5,8 @@ removable unit — a block with a skip connection, or in a network without any (
 linear layer (start, end, type, filters, kernel, stride, padding, memory), each column scaled to
 [0, 1]. The action is one choice per unit:
 - removal stage: keep (0) or remove (1) each unit, `MultiDiscrete([2] * n)`;
-- shrink stage:  an index into `width_scales` for each block kept by the best removal result.
+- shrink stage:  an index into `width_scales` for each unit kept by the best removal result, or (the paper's
+  continuous shrinkage, `shrink_ratios: continuous`) a ratio in [min_ratio, 1] for each, `Box(min_ratio, 1, n)`.
 The reward comes from evaluating the candidate on the actor pool.
 
 `CompressionVectorEnv` holds K such episodes and sends all K candidates to the pool in one call, so
@@ -40,10 +41,13 @@ class Stage:
     """What the actions mean: which blocks are acted on and how an action becomes a candidate."""
 
     blocks: tuple[str, ...]  # block names, one per action entry
-    choices: int  # options per entry (2 for removal)
+    choices: int  # options per entry (2 for removal); 0: a continuous ratio in [low, 1] per entry
     make_spec: Callable[[np.ndarray], CandidateSpec]
+    low: float = 0.0  # the smallest ratio of a continuous stage
 
-    def action_space(self) -> gym.spaces.MultiDiscrete:
+    def action_space(self) -> gym.spaces.MultiDiscrete | gym.spaces.Box:
+        if self.choices == 0:
+            return gym.spaces.Box(self.low, 1.0, (len(self.blocks),), np.float32)
         return gym.spaces.MultiDiscrete([self.choices] * len(self.blocks))
 
 
@@ -61,21 +65,27 @@ def removal_stage(blocks: tuple[str, ...], base: CandidateSpec, members: Mapping
 
 
 def shrink_stage(base: CandidateSpec, inner: dict[str, dict[str, int]], scales: tuple[float, ...],
-                 round_to: int = 1) -> Stage:
-    """Scale the inner widths of each block the removal result kept (`inner`: block → width key → the
-    teacher's channels) by one of `scales`, rounded up to the group's step (surgery.round_width of the teacher's
-    width and `round_to`)."""
+                 round_to: int = 1, min_ratio: float | None = None) -> Stage:
+    """Scale the inner widths of each unit the removal result kept (`inner`: unit → width key → the teacher's
+    channels) by one of `scales` — or, with `min_ratio` (the paper's continuous shrinkage), by the action's own
+    ratio, clipped to [min_ratio, 1] — rounded up to the group's step (surgery.round_width of the teacher's width
+    and `round_to`)."""
     blocks = tuple(name for name, widths in inner.items() if name not in base.removed and widths)
+
+    def ratio(a: float) -> float:
+        return scales[int(a)] if min_ratio is None else float(np.clip(a, min_ratio, 1.0))
 
     def make(action: np.ndarray) -> CandidateSpec:
         widths = {}
         for name, a in zip(blocks, action):
             for key, channels in inner[name].items():
-                width = round_width(max(1, round(channels * scales[int(a)])), round_to, channels)
+                width = round_width(max(1, round(channels * ratio(a))), round_to, channels)
                 if width != channels:  # the teacher's own width is no transformation
                     widths[key] = width
         return replace(base, widths=tuple(widths.items()))
 
+    if min_ratio is not None:
+        return Stage(blocks, 0, make, low=min_ratio)
     return Stage(blocks, len(scales), make)
 
 
