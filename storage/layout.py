@@ -45,6 +45,7 @@ N2N_STATE = "n2n.json"  # under state/: the stages n2n has done and their histor
 TUNE_EXPERIMENT = "tune"  # under state/: Tune's experiment folder
 PPO_CHECKPOINT = "checkpoint"  # under state/<stage>/: RLlib's checkpoint folder of an n2n stage
 RLLIB_CHECKPOINT = "rllib_checkpoint.json"  # RLlib's own file in it, written with the checkpoint
+POLICY, POLICY_WEIGHTS = "policy", "policy.pt"  # under state/<stage>/: the stage's trained policy, its weights
 SENSITIVITY_TABLE, SENSITIVITY_SCHEDULE = "sensitivity.csv", "sensitivity.agp.yaml"
 # candidates/<spec_hash>/ and teachers/<teacher_hash>/
 SPEC, MODEL, METRICS, META = "spec.json", "model.pt", "metrics.json", "meta.json"
@@ -128,6 +129,12 @@ def run_state(run_id: str, name: str) -> str:
 def ppo_checkpoint(run_id: str, stage: str) -> str:
     """runs/<run_id>/state/<stage>/checkpoint: the folder RLlib checkpoints an n2n stage's PPO to."""
     return file_in(run_state(run_id, stage), PPO_CHECKPOINT)
+
+
+def trained_policy(run_id: str, stage: str) -> str:
+    """runs/<run_id>/state/<stage>/policy: an n2n stage's trained policy (POLICY_WEIGHTS + manifest), written
+    once the stage is done: what `search.policy_from` starts another run from."""
+    return file_in(run_state(run_id, stage), POLICY)
 
 
 def reports_prefix(run_id: str) -> str:

@@ -65,6 +65,12 @@ class N2NSearch(SearchSection):
     min_ratio: float = field(default=0.1, metadata={
         "omit_default": True, "gt": 0, "max": 1, "help": "the smallest width ratio of continuous shrinkage"})
     round_to: int = round_to_field()
+    policy: Literal["units", "mlp"] = field(default="units", metadata={
+        "help": "PPO's network: units (one network per layer descriptor, as the paper's: transferable to a teacher "
+                "of another depth) or mlp (RLlib's default over all descriptors at once)"})
+    policy_from: str | None = field(default=None, metadata={
+        "omit_default": True, "help": "a run id in this store whose trained n2n policy starts this search (policy "
+                                      "transfer, e.g. from a ResNet-18 teacher to a ResNet-34); needs policy: units"})
     checkpoint_every: int = field(default=1, metadata={"min": 1, "help": "PPO iterations between checkpoints"})
     top_k: int = field(default=5, metadata={"min": 0, "help": "best networks to fine-tune at the end"})
     finetune_epochs: int = field(default=0, metadata={"min": 0, "help": "epochs of distillation for the top-k"})
@@ -74,6 +80,8 @@ class N2NSearch(SearchSection):
                                       "or latency_ms (at the budget's latency setting, else torch at batch 1)"})
 
     def __post_init__(self) -> None:
+        if self.policy_from is not None and (self.policy != "units" or self.agent != "ppo"):
+            raise ValueError("policy_from: a policy transfers to agent: ppo with policy: units")
         if self.shrink and not self.width_scales:
             raise ValueError("width_scales: the shrink stage needs at least one scale (or set shrink: false)")
         for i, scale in enumerate(self.width_scales):

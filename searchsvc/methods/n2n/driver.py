@@ -4,9 +4,10 @@ Two stages, as in the paper: an agent first chooses which blocks of the teacher 
 much to shrink each block the best removal result kept. Every action is a candidate the actor pool
 distills and scores; the reward trades compression against accuracy (`searchsvc.rewards`).
 
-The agent is RLlib PPO on the new API stack (RLlib 2.x has no A3C) with an MLP over the flattened
-layer descriptors, or `random` as the baseline. The budget counts candidates trained in this run:
-cache hits are free and still rewarded, so the agent can revisit good networks cheaply.
+The agent is RLlib PPO on the new API stack (RLlib 2.x has no A3C) with a policy that reads one unit's
+descriptor at a time (`policy.UnitPolicy`: transferable to a teacher of another depth, `search.policy_from`) or
+RLlib's MLP over the flattened descriptors, or `random` as the baseline. The budget counts candidates trained
+in this run: cache hits are free and still rewarded, so the agent can revisit good networks cheaply.
 """
 
 from __future__ import annotations
@@ -118,15 +119,15 @@ def run_random(session: StageBudget, seed: int) -> None:
         session.evaluate([session.stage.make_spec(space.sample()) for _ in range(session.search.num_envs)])
 
 
-def run_ppo(session: StageBudget, seed: int, checkpoints: str, restore: bool) -> list[dict[str, Any]]:
-    """PPO on the vector env until the stage's budget is spent; returns per-iteration summaries.
-
-    The algorithm is checkpointed to the store under `checkpoints` every `checkpoint_every`
-    iterations; with `restore`, training continues from the last checkpoint there.
-    """
+def _ppo_config(session: StageBudget, seed: int) -> Any:
+    """RLlib PPO on the stage's vector env in this process, with the unit policy (searchsvc.methods.n2n.policy)
+    or RLlib's default MLP."""
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.connectors.env_to_module import FlattenObservations
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
     from ray.tune.registry import register_env
+
+    from searchsvc.methods.n2n.policy import UnitPolicy
 
     register_env(ENV_NAME, make_env)
     search = session.search
@@ -145,7 +146,23 @@ def run_ppo(session: StageBudget, seed: int, checkpoints: str, restore: bool) ->
         .fault_tolerance(restart_failed_env_runners=True, restart_failed_sub_environments=False)
         .debugging(seed=seed)
     )
-    algo = config.build_algo()
+    if search.policy == "units":
+        config = config.rl_module(rl_module_spec=RLModuleSpec(module_class=UnitPolicy))
+    return config
+
+
+def run_ppo(session: StageBudget, seed: int, checkpoints: str, restore: bool, transfer: bytes | None = None,
+            trained: str | None = None) -> list[dict[str, Any]]:
+    """PPO on the vector env until the stage's budget is spent; returns per-iteration summaries.
+
+    The algorithm is checkpointed to the store under `checkpoints` every `checkpoint_every`
+    iterations; with `restore`, training continues from the last checkpoint there. `transfer`: another run's
+    trained policy (policy.load_policy) to start from; `trained`: where this stage's policy is stored when done.
+    """
+    from searchsvc.methods.n2n.policy import load_policy, policy_weights
+
+    search = session.search
+    algo = _ppo_config(session, seed).build_algo()
     store = session.evaluator.context.store
     history: list[dict[str, Any]] = []
     try:
@@ -154,6 +171,9 @@ def run_ppo(session: StageBudget, seed: int, checkpoints: str, restore: bool) ->
                 store.get_tree(checkpoints, folder)
                 algo.restore_from_path(folder)
             log.info("n2n: PPO restored from %s", store.uri_for(checkpoints))
+        elif transfer is not None:
+            load_policy(algo, transfer, f"run {search.policy_from}")
+            log.info("n2n: PPO starts from run %s's trained policy", search.policy_from)
         while not session.exhausted():
             with one_line_logs(RLLIB_LOGGERS):  # a failed env step: RLlib's own traceback in one line (--debug: all)
                 result = algo.train()
@@ -166,6 +186,10 @@ def run_ppo(session: StageBudget, seed: int, checkpoints: str, restore: bool) ->
                 with tempfile.TemporaryDirectory() as folder:
                     algo.save_to_path(folder)
                     store.put_tree(checkpoints, folder)
+        if trained is not None:  # the stage is done: its policy, for other runs to start from
+            raw = policy_weights(algo)
+            store.put_bytes(layout.file_in(trained, layout.POLICY_WEIGHTS), raw)
+            store.write_manifest(trained, {layout.POLICY_WEIGHTS: raw})
     finally:
         algo.stop()
     return history
@@ -191,6 +215,11 @@ def run_n2n(context: RunContext) -> None:
         raise SearchsvcError(f"method n2n: {context.config.teacher.base} has no removable unit (a block whose input "
                              f"and output shapes match, with a skip connection, or a conv or linear layer whose "
                              f"removal leaves a network that runs): use method grid")
+    source = search.policy_from
+    if source is not None and not any(context.store.exists(layout.manifest(layout.trained_policy(source, stage)))
+                                       for stage in ("removal", "shrink")):
+        raise SearchsvcError(f"search.policy_from: run {source} in {context.store.uri} has no trained n2n policy (a "
+                             f"finished PPO stage with policy: units)")
     evaluator = Evaluator(context, search.reward, total=search.max_evaluations, reward_size=search.reward_size,
                           penalise_over_budget=True)
     try:
@@ -200,15 +229,16 @@ def run_n2n(context: RunContext) -> None:
             if name == "removal":
                 stage = removal_stage(units.names, base, units.members)
             else:
+                continuous = search.min_ratio if search.shrink_ratios == "continuous" else None
                 stage = shrink_stage(_best_removal(evaluator, base), units.inner, search.width_scales,
-                                     search.round_to, search.min_ratio if search.shrink_ratios == "continuous" else None)
+                                     search.round_to, continuous)
                 if not stage.blocks:  # the best removal kept no block: nothing left to shrink
                     log.info("n2n: the best removal result keeps no block; skipping the shrink stage")
                     continue
-            session = StageBudget(evaluator, search, budgets[name], deadline, stage, observation_rows(units, stage.blocks),
-                              trained=_trained_in_stage(evaluator, name))
-            state["history"][name] = _run_stage(session, context.config.seed + len(state["done"]),
-                                                layout.ppo_checkpoint(context.run_id, name), context.resumed)
+            session = StageBudget(evaluator, search, budgets[name], deadline, stage,
+                                  observation_rows(units, stage.blocks), trained=_trained_in_stage(evaluator, name))
+            state["history"][name] = _run_stage(session, context.config.seed + len(state["done"]), context.run_id,
+                                                name, context.resumed)
             state["done"].append(name)
             context.store.put_json(state_key, state)
         if search.top_k and search.finetune_epochs:
@@ -241,11 +271,26 @@ def _trained_in_stage(evaluator: Evaluator, stage: str) -> int:
                and (r.widths == "{}") == (stage == "removal"))
 
 
-def _run_stage(session: StageBudget, seed: int, checkpoints: str, restore: bool) -> list[dict[str, Any]]:
+def _run_stage(session: StageBudget, seed: int, run_id: str, stage: str, restore: bool) -> list[dict[str, Any]]:
     if session.search.agent == "random":
         run_random(session, seed)
         return [{"trained": session.trained}]
-    return run_ppo(session, seed, checkpoints, restore)
+    return run_ppo(session, seed, layout.ppo_checkpoint(run_id, stage), restore,
+                   _transferred(session, stage), layout.trained_policy(run_id, stage))
+
+
+def _transferred(session: StageBudget, stage: str) -> bytes | None:
+    """The trained policy of `stage` in the run `search.policy_from` names (None: none is asked for, or that run
+    has none for this stage — then this stage starts fresh, said in the log)."""
+    source = session.search.policy_from
+    if source is None:
+        return None
+    store = session.evaluator.context.store
+    prefix = layout.trained_policy(source, stage)
+    if not store.exists(layout.manifest(prefix)):
+        log.info("n2n: run %s has no trained %s policy; this stage starts fresh", source, stage)
+        return None
+    return store.get_verified(prefix, layout.POLICY_WEIGHTS)
 
 
 def _best_removal(evaluator: Evaluator, base: CandidateSpec) -> CandidateSpec:
