@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # (script, arguments of its tiny mode, keys its JSON must have > 0), the longest first
 CASES = [
-    ("n2n_agents.py", ["--seeds", "0", "--budget", "4", "--iteration", "4", "--config", "configs/n2n-smoke.yaml",
+    ("n2n_agents.py", ["--seeds", "0", "--budgets", "4", "--iteration", "4", "--config", "configs/n2n-smoke.yaml",
                        "--set", "teacher.epochs=1", "--set", "dataset.synthetic.train_size=256"], ["budget"]),
     ("evals_per_hour.py", ["--teacher", "tiny_cnn", "--images", "256", "--batch", "64", "--candidates", "1",
                            "--shares", "0.5"], ["best_evals_per_hour"]),  # 2 actors: the packed layout
