@@ -21,6 +21,7 @@ conv before a fixed-size flatten, the first layer of a network whose input canno
 from __future__ import annotations
 
 import copy
+import gc
 from typing import Iterable
 
 import torch
@@ -113,6 +114,8 @@ def removable_layers(model: nn.Module, example: torch.Tensor) -> dict[str, tuple
             runs = False
         if runs:
             found[name] = members
+        del trial
+        gc.collect()  # the dependency graph holds the copy in reference cycles: one copy alive at a time, not all
     return found
 
 
