@@ -137,3 +137,16 @@ def test_n2n_removes_and_shrinks_layers_of_the_zoos_plain_network(tmp_path, ray_
         assert metrics["arch"]["skipped"] == json.loads(row["removed"])  # conv1, conv2 or fc2
         model = searchsvc.load_candidate(row["spec_hash"], store=open_store(str(store)))
         assert sum(p.numel() for p in model.parameters()) == row["params"]
+
+
+def test_the_shrink_stage_starts_from_the_widths_a_removal_left():
+    """Removing a narrowing layer cuts the layer before it: the shrink stage scales that layer's new width, not
+    the teacher's (a scale of the teacher's 16 would ask for more channels than the 8 left)."""
+    from workers.models.structure import widths_after
+
+    model = Narrowing().eval()
+    inputs = InputSpec.image(1, 16)
+    units = structure_of(model, inputs)
+    after = widths_after(model, inputs, units.members["features.2"], units.inner)
+    assert units.inner["features.0"] == {"features.0": 16} and after["features.0"] == {"features.0": 8}
+    assert after["features.5"] == units.inner["features.5"]  # untouched by that removal

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from workers.models.cutting import shrink_graph
 from workers.models.depgraph import ChannelGroup, channel_groups, module_shapes, removable_units
 from workers.models.inputs import InputSpec
 from workers.models.layer_removal import removable_layers
@@ -52,6 +53,19 @@ def structure_of(teacher: nn.Module, inputs: InputSpec) -> Units:
              for name in names}
     rows = {n: _descriptor(teacher, n, i, shapes[n][1][1]) for i, n in enumerate(names)}
     return Units(names, rows, inner)
+
+
+def widths_after(teacher: nn.Module, inputs: InputSpec, removed: tuple[str, ...], inner: dict[str, dict[str, int]]
+                 ) -> dict[str, dict[str, int]]:
+    """`inner` (unit → width key → the teacher's channels) as the network with `removed` gone has them: removing a
+    single layer cuts a neighbour's group to its own narrower side (workers.models.layer_removal), so a kept unit
+    may start narrower than in the teacher. A zoo model's removals change no other width."""
+    if hasattr(teacher, "describe") or not removed:
+        return inner
+    example = inputs.example(teacher)
+    now = {g.key: g.channels for g in channel_groups(shrink_graph(teacher, example, removed), example.cpu())}
+    return {unit: {key: min(channels, now.get(key, channels)) for key, channels in widths.items()}
+            for unit, widths in inner.items()}
 
 
 def _layers(teacher: nn.Module, example: torch.Tensor, groups: list[ChannelGroup]) -> Units:

@@ -40,7 +40,7 @@ from searchsvc.sweeps.logs import one_line_logs
 from storage import layout
 from workers.evaluation.spec import CandidateSpec
 from workers.measurement.metrics import stored_metrics
-from workers.models.structure import structure_of
+from workers.models.structure import structure_of, widths_after
 
 log = logging.getLogger(__name__)
 ENV_NAME = "searchsvc-n2n"
@@ -230,8 +230,9 @@ def run_n2n(context: RunContext) -> None:
                 stage = removal_stage(units.names, base, units.members)
             else:
                 continuous = search.min_ratio if search.shrink_ratios == "continuous" else None
-                stage = shrink_stage(_best_removal(evaluator, base), units.inner, search.width_scales,
-                                     search.round_to, continuous)
+                best = _best_removal(evaluator, base)
+                inner = widths_after(teacher, context.splits.inputs, best.removed, units.inner)
+                stage = shrink_stage(best, inner, search.width_scales, search.round_to, continuous)
                 if not stage.blocks:  # the best removal kept no block: nothing left to shrink
                     log.info("n2n: the best removal result keeps no block; skipping the shrink stage")
                     continue
