@@ -97,19 +97,23 @@ def _square(model: nn.Module, name: str, read: int, written: int, example: torch
 
 
 def removable_layers(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[str, ...]]:
-    """The layers (`layer_members`) whose removal, tried one at a time on a copy, leaves a network that runs on
-    `example` with the same output shape; name → members."""
-    model = model.cpu().eval()
-    example = example.cpu()
-    with torch.no_grad():
-        expected = _shapes(model(example))
+    """The layers (`layer_members`) whose removal, tried one at a time on a CPU copy, leaves a network that runs on
+    `example` with the same output shape; name → members. `model` itself is left as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            expected = _shapes(model(example))
+        candidates = layer_members(model, example)
+    finally:
+        model.train(was_training)
     found: dict[str, tuple[str, ...]] = {}
-    for name, members in layer_members(model, example).items():
-        trial = copy.deepcopy(model)
+    for name, members in candidates.items():
+        trial = copy.deepcopy(model).cpu().eval()
         try:
-            remove_layers(trial, [members], example)
+            remove_layers(trial, [members], example.cpu())
             with torch.no_grad():
-                runs = _shapes(trial(example)) == expected
+                runs = _shapes(trial(example.cpu())) == expected
         except Exception:  # noqa: BLE001 — a layer whose removal fails, however: not offered
             runs = False
         if runs:

@@ -38,11 +38,12 @@ class UnitPolicy(TorchRLModule, ValueFunctionAPI):
     def setup(self) -> None:
         units = self.observation_space.shape[0] // ROW
         space = self.action_space
-        if isinstance(space, gym.spaces.MultiDiscrete):
+        self.continuous = not isinstance(space, gym.spaces.MultiDiscrete)  # a ratio per unit (Box)
+        if self.continuous:  # TorchDiagGaussian's inputs: a mean and a log-std per unit
+            self.per_unit = 2
+        else:
             self.per_unit = int(space.nvec[0])
             self.action_dist_cls = TorchMultiCategorical.get_partial_dist_cls(input_lens=[self.per_unit] * units)
-        else:  # a ratio per unit (Box): TorchDiagGaussian's means, then log-stds
-            self.per_unit = 2
         hidden = int(self.model_config.get("hidden", HIDDEN))
         self.rows = nn.Sequential(nn.Linear(ROW, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
         self.head = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.Tanh(), nn.Linear(hidden, self.per_unit))
@@ -56,7 +57,7 @@ class UnitPolicy(TorchRLModule, ValueFunctionAPI):
 
     def _inputs(self, rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         out = self.head(torch.cat([rows, context.unsqueeze(1).expand_as(rows)], -1))  # [B, n, per_unit]
-        if self.per_unit == 2 and not isinstance(self.action_space, gym.spaces.MultiDiscrete):
+        if self.continuous:
             return torch.cat([out[..., 0], out[..., 1]], -1)  # all means, then all log-stds
         return out.flatten(1)  # unit by unit: the multi-categorical's input_lens
 
