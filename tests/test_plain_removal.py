@@ -48,9 +48,10 @@ def test_removed_vgg_layers_build_a_smaller_network_that_rebuilds_and_exports(tm
     # features.4 widens (64 -> 128): its output group is cut to 64; features.11 is square (256 -> 256)
     removed = ("features.4", "features.5", "features.11", "features.12")  # each conv with its batch norm
     example = SMALL.example(teacher)
-    small = shrink_graph(teacher, example, removed, {"features.25": 256})
+    small = shrink_graph(teacher, example, removed, {"features.25": 256}, kernels={"features.8": 1})
     assert _params(small) < _params(teacher) - 2_000_000
     assert small.features[8].in_channels == 64  # the conv after the removed one reads what features.4 read
+    assert small.features[8].kernel_size == (1, 1) and small.features[8].padding == (0, 0)  # its kernel's centre
     assert small.features[25].out_channels == 256 and small.classifier[0].in_features == 256 * 49
     assert rebuild_mismatch(small, vgg11_bn(num_classes=10), removed, example) is None
     x = torch.randn(2, 3, 32, 32)
@@ -124,7 +125,8 @@ def test_n2n_removes_and_shrinks_layers_of_the_zoos_plain_network(tmp_path, ray_
         "teacher": {"arch": "simplenet_cifar", "epochs": 3, "batch_size": 128, "augment": False},
         "train": {"epochs": 1, "batch_size": 128, "augment": False},
         "search": {"agent": "ppo", "max_evaluations": 8, "num_envs": 4, "iteration_evaluations": 4,
-                   "shrink_share": 0.5, "shrink_ratios": "continuous", "min_ratio": 0.25, "top_k": 0},
+                   "shrink_share": 0.5, "shrink_ratios": "continuous", "min_ratio": 0.1, "shrink_kernels": True,
+                   "top_k": 0},
         "resources": {"gpus_per_eval": 0, "cpus_per_eval": 1}}))
     store = tmp_path / "store"
     assert main(["run", str(config), "--store", str(store), "--no-progress"]) == 0
@@ -137,6 +139,26 @@ def test_n2n_removes_and_shrinks_layers_of_the_zoos_plain_network(tmp_path, ray_
         assert metrics["arch"]["skipped"] == json.loads(row["removed"])  # conv1, conv2 or fc2
         model = searchsvc.load_candidate(row["spec_hash"], store=open_store(str(store)))
         assert sum(p.numel() for p in model.parameters()) == row["params"]
+    # a 5x5 kernel cut by the shrink stage's ratio comes back from the architecture recorded
+    from dataclasses import replace
+
+    from searchsvc.methods.n2n.env import shrink_stage
+    from workers.evaluation.spec import CandidateSpec
+    from workers.models.cutting import shrink_graph as cut
+    from workers.models.zoo import build_model, model_arch
+
+    spec = CandidateSpec.from_json(next(store.glob("candidates/*/spec.json")).read_text())
+    units = structure_of(build_model(model_arch("simplenet_cifar", 3, 4)), SMALL)
+    assert units.kernels == {"conv1": 5, "conv2": 5}
+    shrunk = shrink_stage(replace(spec, removed=("fc2",), widths=()), units.inner, (), 1, 0.1, units.kernels
+                          ).make_spec(np.array([1.0, 0.5, 1.0], np.float32))
+    assert dict(shrunk.kernels) == {"conv2": 3} and dict(shrunk.widths) == {"conv2": 8}
+    teacher = build_model(model_arch("simplenet_cifar", 3, 4)).eval()
+    small = cut(teacher, SMALL.example(teacher), shrunk.removed, shrunk.widths, kernels=shrunk.kernels)
+    again = build_model(small.described())
+    again.load_state_dict(small.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(again.eval()(x), small(x))
 
 
 def test_the_shrink_stage_starts_from_the_widths_a_removal_left():

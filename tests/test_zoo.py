@@ -279,6 +279,8 @@ def reference_data(spec: CandidateSpec) -> dict:
         del data["train"]["task"]
     if data["train"]["optimizer"] == "sgd":  # added with issue 37: absent at its default
         del data["train"]["optimizer"]
+    if not data["kernels"]:  # added with issue 38 (kernel shrinkage): absent when no kernel is cut
+        del data["kernels"]
     return data
 
 
@@ -322,6 +324,7 @@ CHANGES = {
     "schedule": "0011223344556677",
     "seed": 1,
     "params": (("lr", 0.1),),
+    "kernels": (("layer1.0.conv1", 1),),
 }
 
 

@@ -344,10 +344,13 @@ def build_student(spec: CandidateSpec, ctx: EvalContext) -> Built:
     if spec.init is not None:
         return Built(parent)
     if not isinstance(parent, ResNet):  # a user's network or a plain zoo net: cut through its dependency graph
-        small = shrink_graph(parent, ctx.splits.inputs.example(parent), spec.removed, spec.widths)
+        small = shrink_graph(parent, ctx.splits.inputs.example(parent), spec.removed, spec.widths,
+                             kernels=spec.kernels)
         if isinstance(small, PlainCNN):  # the zoo's: what was built is recorded as an architecture
             small.arch = small.described()
         return Built(small)
+    if spec.kernels:
+        raise InvalidTransform("kernel sizes are cut in networks without skips and users' own, not the zoo's ResNets")
     return Built(shrink(parent, spec.removed, spec.widths))
 
 

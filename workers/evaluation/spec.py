@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from core.records import canonical_json, from_data
 from storage import layout
@@ -38,6 +38,8 @@ class CandidateSpec:
     schedule: str | None = None  # hash of a pruning schedule (agp / rigl)
     seed: int = 0
     params: tuple[tuple[str, bool | int | float | str], ...] = ()  # method hyper-parameters, sorted by key
+    kernels: tuple[tuple[str, int], ...] = field(default=(), metadata={  # (conv name, odd kernel size), sorted
+        "omit_default": True})
 
     def __post_init__(self) -> None:
         # Where the files are is not what the candidate is: the same data from another folder (or
@@ -47,6 +49,7 @@ class CandidateSpec:
         object.__setattr__(self, "removed", tuple(sorted(self.removed)))
         object.__setattr__(self, "widths", tuple(sorted((str(k), v) for k, v in self.widths)))
         object.__setattr__(self, "params", tuple(sorted(self.params)))
+        object.__setattr__(self, "kernels", tuple(sorted((str(k), v) for k, v in self.kernels)))
 
     def canonical_json(self) -> str:
         """Sorted keys, no whitespace: what the hash is taken of."""

@@ -25,12 +25,35 @@ from workers.models.surgery import InvalidTransform
 
 def shrink_graph(teacher: nn.Module, example: torch.Tensor, removed: Iterable[str] = (),
                  widths: Mapping[str, int] | Iterable = (), scores: Mapping[str, torch.Tensor] | None = None,
-                 ) -> nn.Module:
+                 kernels: Mapping[str, int] | Iterable = ()) -> nn.Module:
     """The smaller network on the CPU (eval mode), initialised from the teacher's weights; InvalidTransform if
     a unit or width key is unknown or a width is out of range. `scores` (group root → one score per channel,
     e.g. Taylor importance) choose the kept channels instead of their L1 magnitude."""
     model, traced, groups = _without_units(teacher, example, removed)
     _cut_channels(model, traced, groups, _resolve(groups, dict(widths)), scores or {})
+    cut_kernels(model, dict(kernels))
+    return model
+
+
+def cut_kernels(model: nn.Module, kernels: Mapping[str, int]) -> nn.Module:
+    """Each named conv's kernel cut to its odd size (the N2N paper's shrinkage of a layer's configuration): the
+    centre of the teacher's kernel kept, the padding smaller by as much, so the output keeps its size where the
+    padding allows. InvalidTransform naming a conv that cannot be cut so."""
+    for name, size in kernels.items():
+        conv = model.get_submodule(name) if name in dict(model.named_modules()) else None
+        if not isinstance(conv, nn.Conv2d) or conv.kernel_size[0] != conv.kernel_size[1] or conv.dilation != (1, 1):
+            raise InvalidTransform(f"kernel of {name}: not a conv with a square, undilated kernel")
+        full = conv.kernel_size[0]
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= full or (full - size) % 2:
+            raise InvalidTransform(f"kernel of {name} must be odd-centred in [1, {full}], got {size!r}")
+        if size == full:
+            continue
+        trim = (full - size) // 2
+        with torch.no_grad():
+            conv.weight = nn.Parameter(conv.weight[:, :, trim:trim + size, trim:trim + size].clone())
+        conv.kernel_size = (size, size)
+        if not isinstance(conv.padding, str):  # "same" keeps the size by itself
+            conv.padding = tuple(max(0, p - trim) for p in conv.padding)
     return model
 
 

@@ -141,6 +141,11 @@ def _resize(name: str, module: nn.Module, state: Mapping[str, torch.Tensor]) -> 
     weight = stored.get("weight")
     if isinstance(module, nn.modules.conv._ConvNd) and weight is not None:
         depthwise = module.groups == module.in_channels == module.out_channels and module.groups > 1
+        if tuple(weight.shape[2:]) != tuple(module.kernel_size):  # a cut kernel (cutting.cut_kernels): its padding
+            trims = [(k - s) // 2 for k, s in zip(module.kernel_size, weight.shape[2:])]
+            if not isinstance(module.padding, str):
+                module.padding = tuple(max(0, p - t) for p, t in zip(module.padding, trims))
+            module.kernel_size = tuple(weight.shape[2:])
         module.out_channels = weight.shape[0]
         module.groups = weight.shape[0] if depthwise else module.groups
         module.in_channels = weight.shape[1] * module.groups

@@ -5,6 +5,7 @@
     units.rows[name]   # the block's layer descriptor (the N2N agent's observation row)
     units.inner[name]  # width key → channels inside the block (what the shrink stage scales)
     units.members[name]   # a layer unit's modules (the layer, its norm): what a candidate's `removed` lists
+    units.kernels[name]   # a conv layer unit's kernel size (what the shrink stage may cut too)
 
 A zoo model describes itself (`ResNet.describe`, `surgery.width_keys`); a user's network is traced
 (`workers.models.depgraph`): its blocks with a skip connection, or — a network with none (VGG, AlexNet, a plain
@@ -35,6 +36,7 @@ class Units:
     rows: dict[str, LayerDescriptor]
     inner: dict[str, dict[str, int]]
     members: dict[str, tuple[str, ...]] = field(default_factory=dict)  # a layer unit → its modules (layer, norm)
+    kernels: dict[str, int] = field(default_factory=dict)  # a conv layer unit → its kernel size, where above 1
 
 
 def structure_of(teacher: nn.Module, inputs: InputSpec) -> Units:
@@ -75,7 +77,10 @@ def _layers(teacher: nn.Module, example: torch.Tensor, groups: list[ChannelGroup
     widths = {g.key: g.channels for g in groups}
     inner = {name: {name: widths[name]} if name in widths else {} for name in names}
     rows = {name: _layer_descriptor(teacher.get_submodule(name), name, i) for i, name in enumerate(names)}
-    return Units(names, rows, inner, members)
+    convs = {name: teacher.get_submodule(name) for name in names}
+    kernels = {name: conv.kernel_size[0] for name, conv in convs.items() if isinstance(conv, nn.Conv2d)
+               and conv.kernel_size[0] == conv.kernel_size[1] > 1 and conv.dilation == (1, 1)}
+    return Units(names, rows, inner, members, kernels)
 
 
 def _layer_descriptor(layer: nn.Module, name: str, index: int) -> LayerDescriptor:

@@ -191,6 +191,8 @@ class PlainArch:
     pooled: int = 5  # spatial side after the last pool (32x32 CIFAR input: 5, as in Distiller)
     skipped: tuple[str, ...] = field(default=(), metadata={  # layers an n2n candidate removed: identity there
         "omit_default": True})
+    kernels: tuple[int, ...] = field(default=(), metadata={  # each conv's kernel where a candidate cut one; () all
+        "omit_default": True})                                # are `kernel`
 
     def layer_names(self) -> list[str]:
         """Module names in forward order, classifier last: conv1, conv2, fc1, fc2, fc3."""
@@ -206,7 +208,8 @@ class PlainCNN(nn.Module):
         cin = arch.in_channels
         for index, width in enumerate(arch.convs, start=1):
             skipped = f"conv{index}" in arch.skipped  # removed: what it read passes on, pooled as before
-            self.add_module(f"conv{index}", nn.Identity() if skipped else nn.Conv2d(cin, width, arch.kernel))
+            kernel = arch.kernels[index - 1] if arch.kernels else arch.kernel
+            self.add_module(f"conv{index}", nn.Identity() if skipped else nn.Conv2d(cin, width, kernel))
             cin = cin if skipped else width
         self.pool = nn.MaxPool2d(2, 2)
         self.last_pool = nn.AdaptiveMaxPool2d(arch.pooled)
@@ -231,7 +234,10 @@ class PlainCNN(nn.Module):
             widths.append(flowing)
         skipped = tuple(n for n in self.arch.layer_names() if not isinstance(getattr(self, n), (nn.Conv2d, nn.Linear)))
         convs = len(self.arch.convs)
-        return replace(self.arch, convs=tuple(widths[:convs]), fcs=tuple(widths[convs:]), skipped=skipped)
+        layers = [getattr(self, f"conv{i + 1}") for i in range(convs)]
+        kernels = tuple(m.kernel_size[0] if isinstance(m, nn.Conv2d) else self.arch.kernel for m in layers)
+        return replace(self.arch, convs=tuple(widths[:convs]), fcs=tuple(widths[convs:]), skipped=skipped,
+                       kernels=kernels if any(k != self.arch.kernel for k in kernels) else ())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         count = len(self.arch.convs)

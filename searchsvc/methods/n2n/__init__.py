@@ -64,6 +64,9 @@ class N2NSearch(SearchSection):
                                       "ratio in [min_ratio, 1] per kept unit, rounded to round_to"})
     min_ratio: float = field(default=0.1, metadata={
         "omit_default": True, "gt": 0, "max": 1, "help": "the smallest width ratio of continuous shrinkage"})
+    shrink_kernels: bool = field(default=False, metadata={
+        "omit_default": True, "help": "also cut a conv layer unit's kernel by its ratio (odd sizes, the centre "
+                                      "kept; networks without skips and users' own, as the paper's VGG)"})
     round_to: int = round_to_field()
     policy: Literal["units", "mlp"] = field(default="units", metadata={
         "help": "PPO's network: units (one network per layer descriptor, as the paper's: transferable to a teacher "

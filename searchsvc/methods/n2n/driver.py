@@ -232,7 +232,8 @@ def run_n2n(context: RunContext) -> None:
                 continuous = search.min_ratio if search.shrink_ratios == "continuous" else None
                 best = _best_removal(evaluator, base)
                 inner = widths_after(teacher, context.splits.inputs, best.removed, units.inner)
-                stage = shrink_stage(best, inner, search.width_scales, search.round_to, continuous)
+                stage = shrink_stage(best, inner, search.width_scales, search.round_to, continuous,
+                                     units.kernels if search.shrink_kernels else None)
                 if not stage.blocks:  # the best removal kept no block: nothing left to shrink
                     log.info("n2n: the best removal result keeps no block; skipping the shrink stage")
                     continue

@@ -15,6 +15,7 @@ they train concurrently (gymnasium's default vectorisation would step them one a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
@@ -65,28 +66,37 @@ def removal_stage(blocks: tuple[str, ...], base: CandidateSpec, members: Mapping
 
 
 def shrink_stage(base: CandidateSpec, inner: dict[str, dict[str, int]], scales: tuple[float, ...],
-                 round_to: int = 1, min_ratio: float | None = None) -> Stage:
+                 round_to: int = 1, min_ratio: float | None = None, kernels: Mapping[str, int] | None = None) -> Stage:
     """Scale the inner widths of each unit the removal result kept (`inner`: unit → width key → the teacher's
     channels) by one of `scales` — or, with `min_ratio` (the paper's continuous shrinkage), by the action's own
     ratio, clipped to [min_ratio, 1] — rounded up to the group's step (surgery.round_width of the teacher's width
-    and `round_to`)."""
+    and `round_to`). `kernels` (a conv layer unit → its kernel size): the kernel shrinks by the same ratio, rounded
+    up to an odd size (a 3x3 becomes 1x1 at a third and below; a 5x5 3x3 at three fifths, 1x1 at a fifth)."""
     blocks = tuple(name for name, widths in inner.items() if name not in base.removed and widths)
 
     def ratio(a: float) -> float:
         return scales[int(a)] if min_ratio is None else float(np.clip(a, min_ratio, 1.0))
 
     def make(action: np.ndarray) -> CandidateSpec:
-        widths = {}
+        widths, cut = {}, {}
         for name, a in zip(blocks, action):
             for key, channels in inner[name].items():
                 width = round_width(max(1, round(channels * ratio(a))), round_to, channels)
                 if width != channels:  # the teacher's own width is no transformation
                     widths[key] = width
-        return replace(base, widths=tuple(widths.items()))
+            full = (kernels or {}).get(name)
+            if full is not None and odd_kernel(full, ratio(a)) != full:
+                cut[name] = odd_kernel(full, ratio(a))
+        return replace(base, widths=tuple(widths.items()), kernels=tuple(cut.items()))
 
     if min_ratio is not None:
         return Stage(blocks, 0, make, low=min_ratio)
     return Stage(blocks, len(scales), make)
+
+
+def odd_kernel(full: int, ratio: float) -> int:
+    """`full` × `ratio`, rounded up to an odd size (a kernel cut around its centre), at most `full`."""
+    return min(full, max(1, 2 * math.ceil((full * ratio - 1) / 2) + 1))
 
 
 class CompressionEnv(gym.Env):
