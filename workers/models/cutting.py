@@ -41,8 +41,9 @@ def cut_kernels(model: nn.Module, kernels: Mapping[str, int]) -> nn.Module:
     padding allows. InvalidTransform naming a conv that cannot be cut so."""
     for name, size in kernels.items():
         conv = model.get_submodule(name) if name in dict(model.named_modules()) else None
-        if not isinstance(conv, nn.Conv2d) or conv.kernel_size[0] != conv.kernel_size[1] or conv.dilation != (1, 1):
-            raise InvalidTransform(f"kernel of {name}: not a conv with a square, undilated kernel")
+        if not isinstance(conv, nn.Conv2d) or conv.kernel_size[0] != conv.kernel_size[1] or conv.dilation != (1, 1) \
+                or conv.padding_mode != "zeros":  # other modes pad by a copy of `padding` taken at construction
+            raise InvalidTransform(f"kernel of {name}: not a conv with a square, undilated, zero-padded kernel")
         full = conv.kernel_size[0]
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= full or (full - size) % 2:
             raise InvalidTransform(f"kernel of {name} must be odd-centred in [1, {full}], got {size!r}")

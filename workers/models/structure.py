@@ -79,7 +79,8 @@ def _layers(teacher: nn.Module, example: torch.Tensor, groups: list[ChannelGroup
     rows = {name: _layer_descriptor(teacher.get_submodule(name), name, i) for i, name in enumerate(names)}
     convs = {name: teacher.get_submodule(name) for name in names}
     kernels = {name: conv.kernel_size[0] for name, conv in convs.items() if isinstance(conv, nn.Conv2d)
-               and conv.kernel_size[0] == conv.kernel_size[1] > 1 and conv.dilation == (1, 1)}
+               and conv.kernel_size[0] == conv.kernel_size[1] > 1 and conv.dilation == (1, 1)
+               and conv.padding_mode == "zeros"}
     return Units(names, rows, inner, members, kernels)
 
 
