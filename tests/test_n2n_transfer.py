@@ -14,7 +14,7 @@ from torchvision.models import resnet18, resnet34
 
 from searchsvc.cli import main
 from searchsvc.methods.n2n.env import observation_rows
-from searchsvc.methods.n2n.policy import UnitPolicy
+from searchsvc.methods.n2n.policy import UnitPolicy, temper
 from workers.models.inputs import InputSpec
 from workers.models.structure import structure_of
 
@@ -45,6 +45,33 @@ def test_a_resnet18_policy_loads_into_a_resnet34_search_and_proposes_from_its_we
     torch.testing.assert_close(logits, by_hand)  # the proposals come from the transferred weights
     ratios = _policy(len(large.names), gym.spaces.Box(0.1, 1.0, (len(large.names),), np.float32))
     assert ratios.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS].shape == (1, 2 * len(large.names))
+
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_a_tempered_policy_keeps_its_preferences_and_explores_more(continuous):
+    """search.transfer_temperature: logits (a ratio's log-std) divided by T, the order of preferences kept."""
+    units = 5
+    space = gym.spaces.Box(0.1, 1.0, (units,), np.float32) if continuous else gym.spaces.MultiDiscrete([2] * units)
+    trained = _policy(units, space)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.normal_()
+    obs = {Columns.OBS: torch.rand(1, units * 8)}
+    sure = trained.forward_inference(obs)[Columns.ACTION_DIST_INPUTS]
+    tempered = _policy(units, space)
+    tempered.load_state_dict(temper(trained.state_dict(), 4.0, continuous))
+    soft = tempered.forward_inference(obs)[Columns.ACTION_DIST_INPUTS]
+    if continuous:  # means, then log-stds
+        torch.testing.assert_close(soft[:, :units], sure[:, :units])
+        torch.testing.assert_close(soft[:, units:], sure[:, units:] / 4)
+    else:
+        dist = trained.action_dist_cls.from_logits
+        assert (dist(soft).entropy() > dist(sure).entropy()).all()
+        torch.testing.assert_close(soft, sure / 4)  # the same preferences, less sure of them
+    as_trained = temper(trained.state_dict(), 1.0, continuous)
+    assert all(torch.equal(as_trained[k], v) for k, v in trained.state_dict().items())
 
 
 SMOKE = {"dataset": {"name": "synthetic", "synthetic": {"num_classes": 4, "channels": 1, "image_size": 16,

@@ -33,6 +33,7 @@ from workers.models.branches import forward_with_hooks
 
 log = logging.getLogger(__name__)
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
+_UNTRACEABLE: set[str] = set()  # model classes whose trace failure was logged as a warning
 PRUNABLE = (nn.Conv2d, nn.Linear)  # root layers of a channel group
 
 
@@ -73,8 +74,10 @@ def removable_units(model: nn.Module, example: torch.Tensor) -> tuple[str, ...]:
     try:
         traced = fx.symbolic_trace(model)
     except Exception as err:  # noqa: BLE001 — data-dependent control flow and the like: no units, said once
-        log.warning("torch.fx cannot trace %s (%s): no block of it can be removed", type(model).__name__,
-                    first_line(err))
+        name = type(model).__name__  # every candidate build traces its teacher again: warned once per process
+        log.log(logging.DEBUG if name in _UNTRACEABLE else logging.WARNING,
+                "torch.fx cannot trace %s (%s): no block of it can be removed", name, first_line(err))
+        _UNTRACEABLE.add(name)
         return ()
     shapes, _ = module_shapes(model, example)
     modules = dict(traced.named_modules())

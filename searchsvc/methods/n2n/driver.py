@@ -172,7 +172,7 @@ def run_ppo(session: StageBudget, seed: int, checkpoints: str, restore: bool, tr
                 algo.restore_from_path(folder)
             log.info("n2n: PPO restored from %s", store.uri_for(checkpoints))
         elif transfer is not None:
-            load_policy(algo, transfer, f"run {search.policy_from}")
+            load_policy(algo, transfer, f"run {search.policy_from}", search.transfer_temperature)
             log.info("n2n: PPO starts from run %s's trained policy", search.policy_from)
         while not session.exhausted():
             with one_line_logs(RLLIB_LOGGERS):  # a failed env step: RLlib's own traceback in one line (--debug: all)

@@ -30,6 +30,7 @@ from core.errors import SearchsvcError
 
 ROW = 8  # numbers per unit descriptor (workers.models.zoo.LayerDescriptor.as_row)
 HIDDEN = 64  # width of the row encoder and heads
+LAST = "head.2"  # the head's last layer: its outputs are the action distribution's inputs (UnitPolicy.setup)
 
 
 class UnitPolicy(TorchRLModule, ValueFunctionAPI):
@@ -83,9 +84,10 @@ def policy_weights(algo: Any) -> bytes:
     return buffer.getvalue()
 
 
-def load_policy(algo: Any, raw: bytes, where: str) -> None:
-    """Start `algo`'s policy from stored weights (`policy_weights`); SearchsvcError naming search.policy_from if
-    they are not a policy of this kind (another network, or another number of choices per unit)."""
+def load_policy(algo: Any, raw: bytes, where: str, temperature: float = 1.0) -> None:
+    """Start `algo`'s policy from stored weights (`policy_weights`), softened by `temperature` (`temper`);
+    SearchsvcError naming search.policy_from if they are not a policy of this kind (another network, or another
+    number of choices per unit)."""
     try:
         stored = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 — a damaged file: whatever torch raises
@@ -98,6 +100,21 @@ def load_policy(algo: Any, raw: bytes, where: str) -> None:
         raise SearchsvcError(f"search.policy_from: {where} is not a policy of this search's kind (first "
                              f"difference: {differ[0]}); transfer needs search.policy: units and the same actions "
                              f"per unit (shrink_ratios, width_scales)")
+    stored = temper(stored, temperature, algo.get_module().continuous)
     weights = {"default_policy": {key: value.numpy() for key, value in stored.items()}}
     # the learner's module, then synced to the env runner that proposes (Algorithm.set_weights is deprecated)
     algo.set_state({"learner_group": {"learner": {"rl_module": weights}}})
+
+
+def temper(weights: dict[str, torch.Tensor], temperature: float, continuous: bool) -> dict[str, torch.Tensor]:
+    """A trained policy made less sure of itself, so that on a new teacher it still explores: its action logits
+    divided by `temperature` (the order of its preferences kept); for continuous ratios the means are kept and
+    the log-stds divided likewise (std → std^(1/T), towards a fresh policy's 1). Without it, a policy trained to
+    convergence on a small teacher proposes the same few networks on the large one."""
+    if temperature == 1.0:
+        return weights
+    weight, bias = weights[f"{LAST}.weight"].clone(), weights[f"{LAST}.bias"].clone()
+    rows = slice(1, 2) if continuous else slice(None)  # the head's outputs per unit: (mean, log-std) or logits
+    weight[rows] /= temperature
+    bias[rows] /= temperature
+    return {**weights, f"{LAST}.weight": weight, f"{LAST}.bias": bias}
