@@ -41,6 +41,7 @@ from common import write_result  # noqa: E402
 from torch import nn  # noqa: E402
 
 CONFIG = HERE.parent / "configs" / "quickstart.yaml"
+CURVE_AT = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # where the JSON samples the mean best-reward curve
 BASE = ("dataset.subset=0.1", "train.max_images=1000", "search.num_envs=4", "search.shrink=false", "search.top_k=0")
 
 
@@ -127,8 +128,9 @@ def replay(landscape: dict, agent: str, seed: int, budget: int, args: argparse.N
 
     search = replace(N2NSearch(), agent="ppo" if agent.startswith("ppo") else "random", max_evaluations=budget,
                      iteration_evaluations=args.iteration, num_envs=4, shrink=False, top_k=0, checkpoint_every=10**6,
-                     policy_from="source" if transfer is not None else None,
-                     transfer_temperature=args.temperature)
+                     policy_from="source" if transfer is not None else None)
+    if args.temperature is not None:
+        search = replace(search, transfer_temperature=args.temperature)
     stage = removal_stage(tuple(landscape["blocks"]), CandidateSpec.from_json(landscape["base"]),
                           {b: tuple(m) for b, m in landscape["members"].items()})
     with tempfile.TemporaryDirectory() as folder:
@@ -143,11 +145,11 @@ def replay(landscape: dict, agent: str, seed: int, budget: int, args: argparse.N
             trained = layout.trained_policy("replay", "removal")
             driver.run_ppo(session, seed, layout.ppo_checkpoint("replay", "removal"), False, transfer, trained)
             policy = store.get_bytes(layout.file_in(trained, layout.POLICY_WEIGHTS))
-    curve, best = [], 0.0
-    for entry in evaluator.order:
-        best = max(best, entry["reward"] if entry["status"] == "ok" else 0.0)
-        curve.append(best)
-    return {"reward": best, "evaluations": len(curve), "steps": session.steps, "best_after_each": curve}, policy
+    rewards = [entry["reward"] if entry["status"] == "ok" else 0.0 for entry in evaluator.order]
+    curve = [max(rewards[:i + 1]) for i in range(len(rewards))]
+    last = rewards[-max(1, len(rewards) // 4):]  # what the agent proposes once it has learnt what it can
+    return {"reward": max(rewards), "evaluations": len(curve), "steps": session.steps,
+            "last_quarter_mean_reward": sum(last) / len(last), "best_after_each": curve}, policy
 
 
 def to_reach(curve: list[float], target: float) -> int | None:
@@ -159,12 +161,18 @@ def summarise(runs: dict[str, dict[int, dict]], seeds: list[int], optimum: float
     """Mean best rewards, wins / ties / losses of each PPO variant against random, evaluations to random's best."""
     out: dict = {f"{a}_mean_best_reward": statistics.mean(runs[a][s]["reward"] for s in seeds) for a in runs}
     out.update({f"{a}_found_optimum": sum(runs[a][s]["reward"] >= optimum for s in seeds) for a in runs})
+    out.update({f"{a}_last_quarter_mean_reward": statistics.mean(runs[a][s]["last_quarter_mean_reward"] for s in seeds)
+                for a in runs})
     for agent in (a for a in runs if a != "random"):
         pairs = [(runs[agent][s]["reward"], runs["random"][s]["reward"]) for s in seeds]
         out[f"{agent}_vs_random"] = {"wins": sum(a > b for a, b in pairs), "ties": sum(a == b for a, b in pairs),
                                      "losses": sum(a < b for a, b in pairs)}
         reach = {s: to_reach(runs[agent][s]["best_after_each"], runs["random"][s]["reward"]) for s in seeds}
         out[f"{agent}_evaluations_to_random_best"] = reach
+    for agent in runs:  # the curve: mean best reward after k distinct candidates (the run's best once it stopped)
+        out[f"{agent}_mean_best_after"] = {k: statistics.mean(
+            runs[agent][s]["best_after_each"][min(k, len(runs[agent][s]["best_after_each"])) - 1] for s in seeds)
+            for k in CURVE_AT if k <= max(len(runs[agent][s]["best_after_each"]) for s in seeds)}
     for agent in runs:  # how fast each gets to the table's best: evaluations, None where it never did
         out[f"{agent}_evaluations_to_optimum"] = {s: to_reach(runs[agent][s]["best_after_each"], optimum)
                                                   for s in seeds}
@@ -173,6 +181,8 @@ def summarise(runs: dict[str, dict[int, dict]], seeds: list[int], optimum: float
 
 def compare(args: argparse.Namespace) -> Path:
     import ray
+
+    from searchsvc.methods.n2n import N2NSearch
 
     landscape = json.loads((Path(args.out) / f"n2n_landscape_{args.name}.json").read_text())
     source = json.loads((Path(args.out) / f"n2n_landscape_{args.source}.json").read_text()) if args.source else None
@@ -195,6 +205,7 @@ def compare(args: argparse.Namespace) -> Path:
     return write_result(args.out, f"n2n_agents_table_{args.name}", {
         "benchmark": "n2n_agents_table", "landscape": args.name, "source": args.source, "budgets": args.budgets,
         "seeds": args.seeds, "agents": args.agents, "iteration": args.iteration, "candidates": landscape["candidates"],
+        "transfer_temperature": args.temperature or N2NSearch().transfer_temperature,
         "optimum": optimum, "results": results})
 
 
@@ -208,7 +219,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)), help="compare: seeds (0..9)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[128, 256], help="compare: distinct candidates")
     parser.add_argument("--iteration", type=int, default=16, help="compare: PPO candidates per iteration")
-    parser.add_argument("--temperature", type=float, default=1.0, help="compare: search.transfer_temperature")
+    parser.add_argument("--temperature", type=float, help="compare: search.transfer_temperature (default: n2n's)")
     parser.add_argument("--agents", nargs="+", default=["ppo", "ppo_transfer", "random"], help="compare: agents")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder of the tables and results")
     args = parser.parse_args()

@@ -102,3 +102,32 @@ def test_code_version_is_dirty_for_changed_code_not_for_benchmark_results(tmp_pa
     with open(clone / "searchsvc" / "version.py", "a") as handle:
         handle.write("# changed\n")
     assert version() == commit + "-dirty"
+
+
+def test_n2n_landscape_fills_a_table_then_replays_the_agents_on_it(tmp_path):
+    """Issue 38's agent comparison at many seeds: every removal of tiny_cnn (2 blocks, 4 networks) distilled once,
+    then PPO, PPO from a transferred policy and random search on that table, each within its budget."""
+    def bench(*args: str) -> None:
+        done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "n2n_landscape.py"), *args, "--out",
+                               str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    bench("fill", "--name", "tiny", "--config", "configs/n2n-smoke.yaml", "--set", "dataset.subset=null", "--set",
+          "teacher.epochs=1", "--set", "dataset.synthetic.train_size=256")
+    landscape = json.loads((tmp_path / "n2n_landscape_tiny.json").read_text())
+    assert landscape["blocks"] == ["layer1.0", "layer2.0"] and landscape["candidates"] == 4
+    assert sorted(landscape["table"]) == ["", "layer1.0", "layer1.0|layer2.0", "layer2.0"]
+    assert all(entry["status"] == "ok" and entry["compression"] >= 1 for entry in landscape["table"].values())
+    assert landscape["table"]["layer1.0|layer2.0"]["compression"] > landscape["table"]["layer1.0"]["compression"]
+    bench("compare", "--name", "tiny", "--source", "tiny", "--budgets", "2", "--seeds", "0", "1", "--iteration", "2",
+          "--temperature", "2")
+    result = json.loads((tmp_path / "n2n_agents_table_tiny.json").read_text())
+    optimum = max(e["reward"] for e in landscape["table"].values() if e["status"] == "ok")
+    assert result["optimum"] == optimum and result["code_version"]
+    runs = result["results"]["2"]["runs"]
+    assert set(runs) == {"ppo", "ppo_transfer", "random"}
+    for agent in runs.values():
+        for run in agent.values():
+            curve = run["best_after_each"]
+            assert 1 <= run["evaluations"] == len(curve) <= 2 and curve == sorted(curve) and run["reward"] == curve[-1]
+    assert set(result["results"]["2"]["ppo_vs_random"]) == {"wins", "ties", "losses"}

@@ -74,10 +74,11 @@ class N2NSearch(SearchSection):
     policy_from: str | None = field(default=None, metadata={
         "omit_default": True, "help": "a run id in this store whose trained n2n policy starts this search (policy "
                                       "transfer, e.g. from a ResNet-18 teacher to a ResNet-34); needs policy: units"})
-    transfer_temperature: float = field(default=1.0, metadata={
+    transfer_temperature: float = field(default=6.0, metadata={
         "omit_default": True, "min": 1, "help": "the transferred policy's logits are divided by this (its log-stds "
                                                 "too, for continuous ratios) so that it still explores on the new "
-                                                "teacher; 1: as trained"})
+                                                "teacher; 1: as trained (it then proposes a few networks again "
+                                                "and again)"})
     checkpoint_every: int = field(default=1, metadata={"min": 1, "help": "PPO iterations between checkpoints"})
     top_k: int = field(default=5, metadata={"min": 0, "help": "best networks to fine-tune at the end"})
     finetune_epochs: int = field(default=0, metadata={"min": 0, "help": "epochs of distillation for the top-k"})
