@@ -110,8 +110,8 @@ class TableEvaluator:
             if spec.spec_hash not in self.rows:
                 self.order.append(entry)
                 self.rows[spec.spec_hash] = SimpleNamespace(spec_hash=spec.spec_hash, reward=entry["reward"],
-                                                            ok=entry["status"] == "ok", **{
-                                                                "compression": entry["compression"]})
+                                                            ok=entry["status"] == "ok",
+                                                            compression=entry["compression"])
             rows.append(self.rows[spec.spec_hash])
         return rows
 
