@@ -139,7 +139,7 @@ def _ppo_config(session: StageBudget, seed: int) -> Any:
                      gym_env_vectorize_mode="vector_entry_point", rollout_fragment_length="auto",
                      env_to_module_connector=lambda env, spaces=None, device=None: FlattenObservations())
         # Every sample is a distilled network, so each is reused hard: 10 passes of minibatches of 8 at lr 3e-3
-        # (PPO's clip bounds each iteration's change). RLlib's 4 passes at 3e-4 left the policy near uniform after
+        # (PPO's clip bounds each iteration's change). The former 4 passes at 3e-4 left the policy near uniform after
         # 128 evaluations (benchmarks/n2n_landscape.py: mean reward of the last quarter's proposals 0.451 against
         # 0.465 now and random search's 0.431, 20 seeds on ResNet-20's table).
         .training(train_batch_size_per_learner=batch, minibatch_size=min(batch, 8), num_epochs=10, lr=3e-3,
