@@ -19,7 +19,15 @@ from core.errors import SearchsvcError, first_line
 from workers.models.branches import branch_problem
 from workers.models.depgraph import ChannelGroup, channel_groups, dependency_graph, prune_groups, removable_units
 from workers.models.layer_removal import layer_members, remove_layers
-from workers.models.rebuild import LAYERS, follow_counts, own_shapes, rebuild_mismatch, remove_units
+from workers.models.rebuild import (
+    LAYERS,
+    follow_counts,
+    kernel_cuttable,
+    own_shapes,
+    rebuild_mismatch,
+    remove_units,
+    set_kernel,
+)
 from workers.models.surgery import InvalidTransform
 
 
@@ -39,10 +47,10 @@ def cut_kernels(model: nn.Module, kernels: Mapping[str, int]) -> nn.Module:
     """Each named conv's kernel cut to its odd size (the N2N paper's shrinkage of a layer's configuration): the
     centre of the teacher's kernel kept, the padding smaller by as much, so the output keeps its size where the
     padding allows. InvalidTransform naming a conv that cannot be cut so."""
+    modules = dict(model.named_modules())
     for name, size in kernels.items():
-        conv = model.get_submodule(name) if name in dict(model.named_modules()) else None
-        if not isinstance(conv, nn.Conv2d) or conv.kernel_size[0] != conv.kernel_size[1] or conv.dilation != (1, 1) \
-                or conv.padding_mode != "zeros":  # other modes pad by a copy of `padding` taken at construction
+        conv = modules.get(name)
+        if not kernel_cuttable(conv):
             raise InvalidTransform(f"kernel of {name}: not a conv with a square, undilated, zero-padded kernel")
         full = conv.kernel_size[0]
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= full or (full - size) % 2:
@@ -52,9 +60,7 @@ def cut_kernels(model: nn.Module, kernels: Mapping[str, int]) -> nn.Module:
         trim = (full - size) // 2
         with torch.no_grad():
             conv.weight = nn.Parameter(conv.weight[:, :, trim:trim + size, trim:trim + size].clone())
-        conv.kernel_size = (size, size)
-        if not isinstance(conv.padding, str):  # "same" keeps the size by itself
-            conv.padding = tuple(max(0, p - trim) for p in conv.padding)
+        set_kernel(conv, (size, size))
     return model
 
 

@@ -132,6 +132,22 @@ def follow_counts(module: nn.Module, old: Mapping[str, tuple], new: Mapping[str,
     return bool(sizes)
 
 
+def kernel_cuttable(module: nn.Module) -> bool:
+    """A conv whose kernel can be cut around its centre (cutting.cut_kernels): square, undilated, zero-padded
+    (other padding modes pad by a copy of `padding` taken at construction)."""
+    return (isinstance(module, nn.Conv2d) and module.kernel_size[0] == module.kernel_size[1]
+            and module.dilation == (1, 1) and module.padding_mode == "zeros")
+
+
+def set_kernel(conv: nn.modules.conv._ConvNd, kernel: tuple[int, ...]) -> None:
+    """`conv`'s kernel size set to `kernel` (a centred cut of its own), its padding smaller by as much as each side
+    lost, so the output keeps its size where the padding allows ("same" keeps it by itself)."""
+    trims = [(k - s) // 2 for k, s in zip(conv.kernel_size, kernel)]
+    if not isinstance(conv.padding, str):
+        conv.padding = tuple(max(0, p - t) for p, t in zip(conv.padding, trims))
+    conv.kernel_size = tuple(kernel)
+
+
 def _resize(name: str, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Give one layer the shapes of its stored tensors (only what channel pruning changes)."""
     prefix = f"{name}." if name else ""
@@ -141,11 +157,8 @@ def _resize(name: str, module: nn.Module, state: Mapping[str, torch.Tensor]) -> 
     weight = stored.get("weight")
     if isinstance(module, nn.modules.conv._ConvNd) and weight is not None:
         depthwise = module.groups == module.in_channels == module.out_channels and module.groups > 1
-        if tuple(weight.shape[2:]) != tuple(module.kernel_size):  # a cut kernel (cutting.cut_kernels): its padding
-            trims = [(k - s) // 2 for k, s in zip(module.kernel_size, weight.shape[2:])]
-            if not isinstance(module.padding, str):
-                module.padding = tuple(max(0, p - t) for p, t in zip(module.padding, trims))
-            module.kernel_size = tuple(weight.shape[2:])
+        if tuple(weight.shape[2:]) != tuple(module.kernel_size):  # a cut kernel (cutting.cut_kernels)
+            set_kernel(module, tuple(weight.shape[2:]))
         module.out_channels = weight.shape[0]
         module.groups = weight.shape[0] if depthwise else module.groups
         module.in_channels = weight.shape[1] * module.groups

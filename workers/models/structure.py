@@ -24,6 +24,7 @@ from workers.models.cutting import shrink_graph
 from workers.models.depgraph import ChannelGroup, channel_groups, module_shapes, removable_units
 from workers.models.inputs import InputSpec
 from workers.models.layer_removal import removable_layers
+from workers.models.rebuild import kernel_cuttable
 from workers.models.surgery import removable_blocks, width_keys
 from workers.models.zoo import LayerDescriptor, LayerType
 
@@ -78,9 +79,8 @@ def _layers(teacher: nn.Module, example: torch.Tensor, groups: list[ChannelGroup
     inner = {name: {name: widths[name]} if name in widths else {} for name in names}
     rows = {name: _layer_descriptor(teacher.get_submodule(name), name, i) for i, name in enumerate(names)}
     convs = {name: teacher.get_submodule(name) for name in names}
-    kernels = {name: conv.kernel_size[0] for name, conv in convs.items() if isinstance(conv, nn.Conv2d)
-               and conv.kernel_size[0] == conv.kernel_size[1] > 1 and conv.dilation == (1, 1)
-               and conv.padding_mode == "zeros"}
+    kernels = {name: conv.kernel_size[0] for name, conv in convs.items()
+               if kernel_cuttable(conv) and conv.kernel_size[0] > 1}
     return Units(names, rows, inner, members, kernels)
 
 
