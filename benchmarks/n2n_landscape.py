@@ -38,6 +38,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.g
 
 import numpy as np  # noqa: E402
 from common import write_result  # noqa: E402
+from n2n_agents import compare as compare_agents  # noqa: E402
+from n2n_agents import to_reach  # noqa: E402
 from torch import nn  # noqa: E402
 
 CONFIG = HERE.parent / "configs" / "quickstart.yaml"
@@ -146,36 +148,26 @@ def replay(landscape: dict, agent: str, seed: int, budget: int, args: argparse.N
             driver.run_ppo(session, seed, layout.ppo_checkpoint("replay", "removal"), False, transfer, trained)
             policy = store.get_bytes(layout.file_in(trained, layout.POLICY_WEIGHTS))
     rewards = [entry["reward"] if entry["status"] == "ok" else 0.0 for entry in evaluator.order]
-    curve = [max(rewards[:i + 1]) for i in range(len(rewards))]
+    curve = list(itertools.accumulate(rewards, max))
     last = rewards[-max(1, len(rewards) // 4):]  # what the agent proposes once it has learnt what it can
     return {"reward": max(rewards), "evaluations": len(curve), "steps": session.steps,
             "last_quarter_mean_reward": sum(last) / len(last), "best_after_each": curve}, policy
 
 
-def to_reach(curve: list[float], target: float) -> int | None:
-    """Evaluations a run needed to reach `target` (None: it never did)."""
-    return next((i + 1 for i, value in enumerate(curve) if value >= target), None)
-
-
 def summarise(runs: dict[str, dict[int, dict]], seeds: list[int], optimum: float) -> dict:
-    """Mean best rewards, wins / ties / losses of each PPO variant against random, evaluations to random's best."""
-    out: dict = {f"{a}_mean_best_reward": statistics.mean(runs[a][s]["reward"] for s in seeds) for a in runs}
-    out.update({f"{a}_found_optimum": sum(runs[a][s]["reward"] >= optimum for s in seeds) for a in runs})
-    out.update({f"{a}_last_quarter_mean_reward": statistics.mean(runs[a][s]["last_quarter_mean_reward"] for s in seeds)
-                for a in runs})
-    for agent in (a for a in runs if a != "random"):
-        pairs = [(runs[agent][s]["reward"], runs["random"][s]["reward"]) for s in seeds]
-        out[f"{agent}_vs_random"] = {"wins": sum(a > b for a, b in pairs), "ties": sum(a == b for a, b in pairs),
-                                     "losses": sum(a < b for a, b in pairs)}
-        reach = {s: to_reach(runs[agent][s]["best_after_each"], runs["random"][s]["reward"]) for s in seeds}
-        out[f"{agent}_evaluations_to_random_best"] = reach
-    for agent in runs:  # the curve: mean best reward after k distinct candidates (the run's best once it stopped)
-        out[f"{agent}_mean_best_after"] = {k: statistics.mean(
-            runs[agent][s]["best_after_each"][min(k, len(runs[agent][s]["best_after_each"])) - 1] for s in seeds)
-            for k in CURVE_AT if k <= max(len(runs[agent][s]["best_after_each"]) for s in seeds)}
-    for agent in runs:  # how fast each gets to the table's best: evaluations, None where it never did
-        out[f"{agent}_evaluations_to_optimum"] = {s: to_reach(runs[agent][s]["best_after_each"], optimum)
-                                                  for s in seeds}
+    """n2n_agents' comparison (mean best rewards, wins / ties / losses against random, evaluations to random's
+    best), plus what a table can tell: who found its best, how good the late proposals were, the mean curve."""
+    out = compare_agents(runs, seeds)
+    for agent, by_seed in runs.items():
+        curves = [by_seed[s]["best_after_each"] for s in seeds]
+        out[f"{agent}_found_optimum"] = sum(by_seed[s]["reward"] >= optimum for s in seeds)
+        out[f"{agent}_last_quarter_mean_reward"] = statistics.mean(by_seed[s]["last_quarter_mean_reward"]
+                                                                   for s in seeds)
+        # the curve: mean best reward after k distinct candidates (a run's final best once it has stopped)
+        out[f"{agent}_mean_best_after"] = {k: statistics.mean(c[min(k, len(c)) - 1] for c in curves)
+                                           for k in CURVE_AT if k <= max(map(len, curves))}
+        # how fast each gets to the table's best: evaluations, None where it never did
+        out[f"{agent}_evaluations_to_optimum"] = {s: to_reach(c, optimum) for s, c in zip(seeds, curves)}
     return out
 
 
