@@ -80,13 +80,14 @@ def shrink_stage(base: CandidateSpec, inner: dict[str, dict[str, int]], scales: 
     def make(action: np.ndarray) -> CandidateSpec:
         widths, cut = {}, {}
         for name, a in zip(blocks, action):
+            r = ratio(a)
             for key, channels in inner[name].items():
-                width = round_width(max(1, round(channels * ratio(a))), round_to, channels)
+                width = round_width(max(1, round(channels * r)), round_to, channels)
                 if width != channels:  # the teacher's own width is no transformation
                     widths[key] = width
             full = (kernels or {}).get(name)
-            if full is not None and odd_kernel(full, ratio(a)) != full:
-                cut[name] = odd_kernel(full, ratio(a))
+            if full is not None and (size := odd_kernel(full, r)) != full:
+                cut[name] = size
         return replace(base, widths=tuple(widths.items()), kernels=tuple(cut.items()))
 
     if min_ratio is not None:
