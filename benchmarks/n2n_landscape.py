@@ -215,6 +215,10 @@ def main() -> None:
     parser.add_argument("--agents", nargs="+", default=["ppo", "ppo_transfer", "random"], help="compare: agents")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder of the tables and results")
     args = parser.parse_args()
+    for name in [args.name, args.source] if args.mode == "compare" else []:
+        table = Path(args.out) / f"n2n_landscape_{name}.json"
+        if name and not table.is_file():
+            parser.error(f"no table {table}: fill it first (n2n_landscape.py fill --name {name})")
     print(f"→ {fill(args) if args.mode == 'fill' else compare(args)}")
 
 
